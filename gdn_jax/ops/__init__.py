@@ -1,0 +1,30 @@
+"""GDN ops on a slot-indexed state pool (DESIGN.md, "The op API").
+
+    state = GDNState.create(num_slots, H, HV, K, V, t_max)       # bf16 pool by default
+    o, state = decode(q, k, v, a, b, A_log, dt_bias, state, slots)
+    o, state, inter = verify(..., state, slots, mode="replay")   # or "intermediate"
+    state = commit(state, slots, num_accepted, inter)            # inter None in replay mode
+
+`gdn_jax.ops.reference` holds the plain-JAX math (recurrent and chunked) every path is tested against.
+"""
+
+from gdn_jax.ops.api import commit, decode, flush, prefill, reset, verify
+from gdn_jax.ops.reference import (
+    chunk_gated_delta_rule,
+    gating,
+    recurrent_gated_delta_rule,
+)
+from gdn_jax.ops.state import GDNState
+
+__all__ = [
+    "GDNState",
+    "chunk_gated_delta_rule",
+    "commit",
+    "decode",
+    "flush",
+    "gating",
+    "prefill",
+    "recurrent_gated_delta_rule",
+    "reset",
+    "verify",
+]

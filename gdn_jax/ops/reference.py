@@ -1,0 +1,185 @@
+"""The gated delta rule in plain JAX (XLA): the reference every kernel is held against.
+
+Pure functions on whole arrays, no state pool and no slots (`gdn_jax.ops.api` adds those). Every
+path computes in fp32 whatever the input dtype, and every matrix product runs at
+`Precision.HIGHEST` (a GPU's default TF32 would break the fp32 tolerances).
+
+Shapes (DESIGN.md): `q, k: [B, T, H, K]`, `v: [B, T, HV, V]`, `g, beta: [B, T, HV]` (fp32),
+`state: [B, HV, V, K]` fp32 (K contiguous, the pool layout; Hugging Face keeps `[B, HV, K, V]`).
+Value head `hv` reads key head `hv // (HV // H)` (repeat-interleave).
+
+Per token:
+    S = exp(g) * S
+    S = S + outer(beta * (v - S k), k)
+    o = S q                      (q, k l2-normalised, q scaled by K**-0.5)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.scipy.linalg import solve_triangular
+
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+CHUNK_SIZE = 64
+
+
+def gating(a, b, A_log, dt_bias):
+    """The GDN gates, in fp32.
+
+    a, b: [..., HV] any float dtype; A_log, dt_bias: [HV].
+    Returns g (log decay, <= 0) and beta, both [..., HV] fp32.
+    """
+    g = -jnp.exp(A_log.astype(_F32)) * jax.nn.softplus(a.astype(_F32) + dt_bias.astype(_F32))
+    beta = jax.nn.sigmoid(b.astype(_F32))
+    return g, beta
+
+
+def l2norm(x, eps: float = 1e-6):
+    """x * rsqrt(sum(x * x) + eps) over the last axis, in fp32 (eps inside the root, as HF and fla)."""
+    x = x.astype(_F32)
+    return x * lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def prepare_k(k, num_v_heads: int):
+    """l2-normalise and GVA-expand (repeat-interleave): [B, T, H, K] -> [B, T, HV, K] fp32."""
+    return jnp.repeat(l2norm(k), num_v_heads // k.shape[2], axis=2)
+
+
+def prepare_qk(q, k, num_v_heads: int):
+    """`prepare_k` for both, q also scaled by K**-0.5: two [B, T, HV, K] fp32 arrays."""
+    return prepare_k(q, num_v_heads) * (q.shape[-1] ** -0.5), prepare_k(k, num_v_heads)
+
+
+def recurrence(q, k, v, g, beta, state, *, return_states: bool = False):
+    """Token-by-token recurrence on prepared inputs (the oracle form).
+
+    q: [B, T, HV, K] fp32 prepared, or None (state only); k: [B, T, HV, K] fp32 prepared;
+    v: [B, T, HV, V]; g, beta: [B, T, HV] fp32; state: [B, HV, V, K] fp32.
+    Returns (o [B, T, HV, V] fp32 or None, final state [B, HV, V, K] fp32,
+    states [B, T, HV, V, K] fp32 after each token if return_states else None).
+    """
+    v = v.astype(_F32)
+
+    def step(S, x):
+        q_t, k_t, v_t, g_t, b_t = x
+        S = S * jnp.exp(g_t)[..., None, None]
+        kv = jnp.einsum("bhvk,bhk->bhv", S, k_t, precision=_HI)
+        delta = (v_t - kv) * b_t[..., None]
+        S = S + delta[..., :, None] * k_t[..., None, :]
+        o_t = None if q_t is None else jnp.einsum("bhvk,bhk->bhv", S, q_t, precision=_HI)
+        return S, (o_t, S if return_states else None)
+
+    time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
+    xs = tuple(map(time_major, (q, k, v, g, beta)))
+    if q is None:
+        xs = (None,) + xs[1:]
+    S, (o, states) = lax.scan(step, state.astype(_F32), xs)
+    return (time_major(o), S, time_major(states))
+
+
+def _chunk_scan(q, k, v, g, beta, state, chunk_size: int):
+    """Chunked (WY) form on prepared inputs whose T is a multiple of chunk_size.
+
+    Same contract as `recurrence` without return_states; padded steps must carry g = beta = 0.
+    """
+    B, T, HV, K = k.shape
+    V = v.shape[-1]
+    C, N = chunk_size, T // chunk_size
+
+    def to_chunks(x):  # [B, T, HV, ...] -> [B, HV, N, C, ...]
+        x = x.reshape((B, N, C, HV) + x.shape[3:])
+        return jnp.moveaxis(x, 3, 1)
+
+    q, k, v, g, beta = map(to_chunks, (q, k, v.astype(_F32), g, beta))
+    gc = jnp.cumsum(g, axis=-1)  # [B, HV, N, C] inclusive cumulative log decay
+    causal = jnp.tril(jnp.ones((C, C), dtype=bool))
+    # Mask before exp: the upper triangle holds positive exponents that could overflow.
+    decay = jnp.exp(jnp.where(causal, gc[..., :, None] - gc[..., None, :], -jnp.inf))
+    k_beta = k * beta[..., None]
+    v_beta = v * beta[..., None]
+    strict = jnp.tril(jnp.ones((C, C), dtype=bool), -1)
+    A = jnp.where(strict, jnp.einsum("...ik,...jk->...ij", k_beta, k, precision=_HI) * decay, 0.0)
+    L = A + jnp.eye(C, dtype=_F32)
+    u = solve_triangular(L, v_beta, lower=True, unit_diagonal=True)  # [B, HV, N, C, V]
+    w = solve_triangular(L, k_beta * jnp.exp(gc)[..., None], lower=True, unit_diagonal=True)
+    intra = jnp.einsum("...ik,...jk->...ij", q, k, precision=_HI) * decay  # diagonal included
+    q_dec = q * jnp.exp(gc)[..., None]
+    gl = gc[..., -1:]  # [B, HV, N, 1]
+    k_dec = k * jnp.exp(gl - gc)[..., None]
+    chunk_decay = jnp.exp(gl)[..., None]  # [B, HV, N, 1, 1]
+
+    def step(S, x):  # S: [B, HV, V, K]
+        q_c, k_c, u_c, w_c, intra_c, cd = x
+        v_new = u_c - jnp.einsum("bhck,bhvk->bhcv", w_c, S, precision=_HI)
+        o_c = jnp.einsum("bhck,bhvk->bhcv", q_c, S, precision=_HI) + jnp.einsum(
+            "bhij,bhjv->bhiv", intra_c, v_new, precision=_HI
+        )
+        S = S * cd + jnp.einsum("bhcv,bhck->bhvk", v_new, k_c, precision=_HI)
+        return S, o_c
+
+    chunk_major = lambda x: jnp.moveaxis(x, 2, 0)
+    xs = tuple(map(chunk_major, (q_dec, k_dec, u, w, intra, chunk_decay)))
+    S, o = lax.scan(step, state.astype(_F32), xs)  # o: [N, B, HV, C, V]
+    o = jnp.transpose(o, (1, 0, 3, 2, 4)).reshape(B, T, HV, V)
+    return o, S
+
+
+def _valid_mask(lengths, B: int, T: int):
+    """[B, T] bool: position t of row i is real iff t < lengths[i] (all real when lengths is None)."""
+    if lengths is None:
+        return jnp.ones((B, T), dtype=bool)
+    return jnp.arange(T)[None, :] < jnp.asarray(lengths)[:, None]
+
+
+def _mask_tokens(mask, q, k, v, g, beta):
+    """Zero padded positions; g = beta = 0 makes a step the identity on the state, exactly."""
+    m = mask[..., None]
+    zero = lambda x: None if x is None else jnp.where(m[..., None], x, 0)
+    return zero(q), zero(k), zero(v), jnp.where(m, g, 0.0), jnp.where(m, beta, 0.0)
+
+
+def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, lengths=None,
+                               return_states: bool = False):
+    """Gated delta rule, token by token (`lax.scan`).
+
+    q, k: [B, T, H, K]; v: [B, T, HV, V]; g, beta: [B, T, HV] (use `gating`);
+    initial_state: [B, HV, V, K] (zeros when None); lengths: [B] int, row i uses its first
+    lengths[i] tokens (padded positions leave the state alone and output zeros).
+    Returns (o [B, T, HV, V] fp32, final state [B, HV, V, K] fp32, and with return_states the
+    state after every token [B, T, HV, V, K] fp32, else None).
+    """
+    B, T, HV, V = v.shape
+    K = k.shape[-1]
+    if initial_state is None:
+        initial_state = jnp.zeros((B, HV, V, K), _F32)
+    mask = _valid_mask(lengths, B, T)
+    q, k, v, g, beta = _mask_tokens(mask, q, k, v, g.astype(_F32), beta.astype(_F32))
+    qp, kp = prepare_qk(q, k, HV)
+    o, S, states = recurrence(qp, kp, v, g, beta, initial_state, return_states=return_states)
+    return jnp.where(mask[..., None, None], o, 0.0), S, states
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, lengths=None,
+                           chunk_size: int = CHUNK_SIZE):
+    """Gated delta rule in the chunked (WY) form: the prefill path.
+
+    Same arguments and results as `recurrent_gated_delta_rule` (no per-token states).
+    T is padded to a multiple of chunk_size inside.
+    """
+    B, T, HV, V = v.shape
+    K = k.shape[-1]
+    if initial_state is None:
+        initial_state = jnp.zeros((B, HV, V, K), _F32)
+    mask = _valid_mask(lengths, B, T)
+    q, k, v, g, beta = _mask_tokens(mask, q, k, v, g.astype(_F32), beta.astype(_F32))
+    qp, kp = prepare_qk(q, k, HV)
+    pad = -T % chunk_size
+    if pad:
+        widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
+        qp, kp, v, g, beta = (jnp.pad(x, widths(x)) for x in (qp, kp, v, g, beta))
+    o, S = _chunk_scan(qp, kp, v, g, beta, initial_state, chunk_size)
+    o = o[:, :T]
+    return jnp.where(mask[..., None, None], o, 0.0), S
