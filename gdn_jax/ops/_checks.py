@@ -32,11 +32,11 @@ def fail(op: str, arg: str, expected: str, given) -> None:
 
 
 def _shape(x):
-    return tuple(getattr(x, "shape", np.shape(x)))
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
 def _dtype(x):
-    return jnp.dtype(getattr(x, "dtype", np.asarray(x).dtype))
+    return jnp.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype
 
 
 def _check_shape(op, arg, x, expected: tuple, names: str):
