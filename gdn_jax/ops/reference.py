@@ -16,6 +16,8 @@ Per token:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -141,6 +143,7 @@ def _mask_tokens(mask, q, k, v, g, beta):
     return zero(q), zero(k), zero(v), jnp.where(m, g, 0.0), jnp.where(m, beta, 0.0)
 
 
+@functools.partial(jax.jit, static_argnames="return_states")
 def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, lengths=None,
                                return_states: bool = False):
     """Gated delta rule, token by token (`lax.scan`).
@@ -162,6 +165,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, lengths=
     return jnp.where(mask[..., None, None], o, 0.0), S, states
 
 
+@functools.partial(jax.jit, static_argnames="chunk_size")
 def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, lengths=None,
                            chunk_size: int = CHUNK_SIZE):
     """Gated delta rule in the chunked (WY) form: the prefill path.

@@ -1,0 +1,244 @@
+"""The op API (decode, verify, commit, flush, reset, prefill) on a slot pool, against the oracle.
+
+Every state buffer starts random (pending candidates included), outputs are compared with the
+float64 oracle run token by token, padding rows must output zeros, and every slot not named by a
+real row must be bit-identical after the call (whole pool and all candidate buffers).
+
+Tolerances (normwise relative, see gdn_cases.rel_err): fp32 pool 1e-5. bf16 pool: each stored
+state is rounded once (<= 2^-9 relative per element), and a state read back was rounded at its
+last store, so one call is within BF16_EPS and R rounds within R * BF16_EPS (decay only shrinks
+earlier errors). bf16 outputs add one rounding of their own.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_cases import BF16_EPS, OraclePool, f64, random_state, rel_err, slot_batch, tokens
+from gdn_jax import ops
+
+FP32_TOL = 1e-5
+NUM_SLOTS, T_MAX = 7, 5
+DIMS = dict(H=2, HV=4, K=16, V=32)
+
+
+def _setup(seed, B_real=3, T=1, pool_dtype=jnp.float32, input_dtype=jnp.float32, dims=DIMS):
+    rng = np.random.default_rng(seed)
+    H, HV, K, V = dims["H"], dims["HV"], dims["K"], dims["V"]
+    st = random_state(rng, NUM_SLOTS, H, HV, K, V, T_MAX, pool_dtype, input_dtype)
+    slots = slot_batch(rng, B_real, NUM_SLOTS)
+    tok = tokens(rng, slots.shape[0], T, H, HV, K, V, input_dtype)
+    return rng, st, slots, tok
+
+
+def _real_rows(slots):
+    s = np.asarray(slots)
+    return [(i, int(x)) for i, x in enumerate(s) if 0 <= x < NUM_SLOTS]
+
+
+def _assert_untouched(before, after, slots, fields=("pool", "cand_k", "cand_v", "cand_g",
+                                                    "cand_beta", "count")):
+    used = {s for _, s in _real_rows(slots)}
+    other = [s for s in range(NUM_SLOTS) if s not in used]
+    for name in fields:
+        x, y = np.asarray(getattr(before, name)), np.asarray(getattr(after, name))
+        np.testing.assert_array_equal(x[other], y[other], err_msg=f"{name} of an unnamed slot")
+
+
+def _tol(pool_dtype, rounds=1):
+    return FP32_TOL if pool_dtype == jnp.float32 else rounds * BF16_EPS
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_decode(pool_dtype):
+    rng, st, slots, tok = _setup(0, pool_dtype=pool_dtype)
+    mirror = OraclePool(st)
+    o, new = ops.decode(*tok.args(), st, slots)
+    assert o.shape == tok.v.shape and o.dtype == tok.q.dtype
+    for i, s in _real_rows(slots):
+        ref_o, ref_S, _, _ = mirror.run(s, tok, i)
+        assert rel_err(o[i], ref_o) <= _tol(pool_dtype)
+        assert rel_err(new.pool[s], ref_S) <= _tol(pool_dtype)
+        assert int(new.count[s]) == 0
+    pad = [i for i, s in enumerate(np.asarray(slots)) if not 0 <= s < NUM_SLOTS]
+    assert (np.asarray(o)[pad] == 0).all()
+    _assert_untouched(st, new, slots)
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 4, T_MAX])
+def test_verify_intermediate(T, pool_dtype):
+    rng, st, slots, tok = _setup(1, T=T, pool_dtype=pool_dtype)
+    mirror = OraclePool(st)
+    o, new, inter = ops.verify(*tok.args(), st, slots, mode="intermediate")
+    assert inter.shape == (slots.shape[0], T, 4, 32, 16) and inter.dtype == pool_dtype
+    for i, s in _real_rows(slots):
+        ref_o, _, ref_states, _ = mirror.run(s, tok, i)
+        assert rel_err(o[i], ref_o) <= _tol(pool_dtype)
+        assert rel_err(inter[i], ref_states) <= _tol(pool_dtype)
+    pad = [i for i, s in enumerate(np.asarray(slots)) if not 0 <= s < NUM_SLOTS]
+    assert (np.asarray(o)[pad] == 0).all() and (np.asarray(inter)[pad] == 0).all()
+    _assert_untouched(st, new, slots[:0])  # intermediate mode leaves every slot alone
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("T", [1, 3, T_MAX])
+def test_verify_replay(T, pool_dtype):
+    rng, st, slots, tok = _setup(2, T=T, pool_dtype=pool_dtype)
+    mirror = OraclePool(st)
+    o, new, inter = ops.verify(*tok.args(), st, slots, mode="replay")
+    assert inter is None
+    g, beta = tok.gates64()
+    for i, s in _real_rows(slots):
+        ref_o, _, _, S0 = mirror.run(s, tok, i)
+        assert rel_err(o[i], ref_o) <= _tol(pool_dtype)
+        assert rel_err(new.pool[s], S0) <= _tol(pool_dtype)  # the folded state, written once
+        assert int(new.count[s]) == 0
+        np.testing.assert_array_equal(np.asarray(new.cand_k[s, :T]), np.asarray(tok.k[i]))
+        np.testing.assert_array_equal(np.asarray(new.cand_v[s, :T]), np.asarray(tok.v[i]))
+        np.testing.assert_allclose(f64(new.cand_g[s, :T]), g[i], rtol=2e-6)
+        np.testing.assert_allclose(f64(new.cand_beta[s, :T]), beta[i], rtol=2e-6)
+        # positions past T are identity steps: no stale token can ever be folded
+        assert (np.asarray(new.cand_g[s, T:]) == 0).all()
+        assert (np.asarray(new.cand_beta[s, T:]) == 0).all()
+    _assert_untouched(st, new, slots)
+
+
+def _run_rounds(mode, pool_dtype, seed, rounds=4):
+    """Several verify + commit rounds with random accepted counts, then flush; mirrors them."""
+    rng, st, slots, _ = _setup(seed, pool_dtype=pool_dtype)
+    mirror = OraclePool(st)
+    start = st
+    for _ in range(rounds):
+        T = int(rng.integers(1, T_MAX + 1))
+        tok = tokens(rng, slots.shape[0], T, DIMS["H"], DIMS["HV"], DIMS["K"], DIMS["V"],
+                     A_log=None)
+        n = jnp.asarray(rng.integers(0, T + 1, slots.shape[0]), jnp.int32)
+        o, st, inter = ops.verify(*tok.args(), st, slots, mode=mode)
+        st = ops.commit(st, slots, n, inter)
+        for i, s in _real_rows(slots):
+            ref_o, _, states, S0 = mirror.run(s, tok, i)
+            assert rel_err(o[i], ref_o) <= _tol(pool_dtype, rounds)
+            # the oracle keeps only the accepted tokens
+            g, beta = tok.gates64()
+            k = int(n[i])
+            if k:
+                mirror.pool[s] = states[k - 1]
+            else:
+                mirror.pool[s] = S0
+            mirror.count[s] = 0
+    st = ops.flush(st, slots)
+    for i, s in _real_rows(slots):
+        assert rel_err(st.pool[s], mirror.pool[s]) <= _tol(pool_dtype, rounds)
+        assert int(st.count[s]) == 0
+    _assert_untouched(start, st, slots)
+    return st
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("mode", ["replay", "intermediate"])
+def test_rounds_equal_accepted_tokens_only(mode, pool_dtype):
+    _run_rounds(mode, pool_dtype, seed=3)
+
+
+def test_replay_and_intermediate_agree():
+    a = _run_rounds("replay", jnp.float32, seed=4)
+    b = _run_rounds("intermediate", jnp.float32, seed=4)
+    assert rel_err(a.pool, f64(b.pool)) <= FP32_TOL
+
+
+def test_decode_folds_pending_after_replay_commit():
+    """verify (replay) -> commit -> decode: the decode folds the accepted tokens, then its own."""
+    rng, st, slots, tok = _setup(5, T=3)
+    mirror = OraclePool(st)
+    n = jnp.asarray(rng.integers(0, 4, slots.shape[0]), jnp.int32)
+    _, st, _ = ops.verify(*tok.args(), st, slots, mode="replay")
+    st = ops.commit(st, slots, n)
+    step = tokens(rng, slots.shape[0], 1, DIMS["H"], DIMS["HV"], DIMS["K"], DIMS["V"])
+    o, st = ops.decode(*step.args(), st, slots)
+    for i, s in _real_rows(slots):
+        _, _, states, S0 = mirror.run(s, tok, i)
+        mirror.pool[s] = states[int(n[i]) - 1] if int(n[i]) else S0
+        mirror.count[s] = 0
+        ref_o, ref_S, _, _ = mirror.run(s, step, i)
+        assert rel_err(o[i], ref_o) <= FP32_TOL
+        assert rel_err(st.pool[s], ref_S) <= FP32_TOL
+
+
+def test_commit_zero_accepted_keeps_state():
+    rng, st, slots, tok = _setup(6, T=4)
+    for mode in ("replay", "intermediate"):
+        _, s1, inter = ops.verify(*tok.args(), st, slots, mode=mode)
+        s2 = ops.commit(s1, slots, jnp.zeros(slots.shape, jnp.int32), inter)
+        s2 = ops.flush(s2, slots)
+        ref = ops.flush(st, slots)
+        np.testing.assert_allclose(f64(s2.pool), f64(ref.pool), rtol=0, atol=1e-6)
+
+
+def test_reset_zeroes_only_its_slots():
+    rng, st, slots, _ = _setup(7)
+    new = ops.reset(st, slots)
+    for _, s in _real_rows(slots):
+        assert (np.asarray(new.pool[s]) == 0).all() and int(new.count[s]) == 0
+    _assert_untouched(st, new, slots)
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_prefill_ragged(pool_dtype):
+    T = 70
+    rng, st, slots, tok = _setup(8, B_real=4, T=T, pool_dtype=pool_dtype)
+    lengths = rng.integers(0, T + 1, slots.shape[0])
+    lengths[:2] = T, 0  # a full row and an empty one
+    lengths = jnp.asarray(lengths, jnp.int32)
+    mirror = OraclePool(st)
+    o, new = ops.prefill(*tok.args(), st, slots, lengths)
+    for i, s in _real_rows(slots):
+        n = int(lengths[i])
+        ref_o, ref_S, _, _ = mirror.run(s, tok, i, length=n)
+        assert rel_err(new.pool[s], ref_S) <= _tol(pool_dtype)
+        if n:
+            assert rel_err(o[i, :n], ref_o) <= _tol(pool_dtype)
+        assert (np.asarray(o[i, n:]) == 0).all()
+        assert int(new.count[s]) == 0
+    pad = [i for i, s in enumerate(np.asarray(slots)) if not 0 <= s < NUM_SLOTS]
+    assert (np.asarray(o)[pad] == 0).all()
+    _assert_untouched(st, new, slots)
+
+
+def test_bf16_inputs_and_outputs():
+    rng, st, slots, tok = _setup(9, T=4, pool_dtype=jnp.bfloat16, input_dtype=jnp.bfloat16)
+    mirror = OraclePool(st)
+    o, new, _ = ops.verify(*tok.args(), st, slots, mode="replay")
+    assert o.dtype == jnp.bfloat16
+    for i, s in _real_rows(slots):
+        ref_o, _, _, _ = mirror.run(s, tok, i)
+        assert rel_err(o[i], ref_o) <= 2 * BF16_EPS
+
+
+def test_under_jit_with_donated_state():
+    """The README's call pattern: the ops inside jax.jit, the state donated, chained rounds."""
+    rng, st, slots, tok = _setup(10, T=3)
+    expected_o, expected = ops.verify(*tok.args(), st, slots, mode="replay")[:2]
+    n = jnp.full(slots.shape, 2, jnp.int32)
+    expected = ops.commit(expected, slots, n)
+
+    @jax.jit
+    def round_(tok_args, state, slots, n):
+        o, state, inter = ops.verify(*tok_args, state, slots, mode="replay")
+        return o, ops.commit(state, slots, n, inter)
+
+    round_ = jax.jit(round_, donate_argnames="state")
+    o, got = round_(tok.args(), st, slots, n)
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(expected_o))
+    for name in ("pool", "count", "cand_k"):
+        np.testing.assert_array_equal(np.asarray(getattr(got, name)),
+                                      np.asarray(getattr(expected, name)))
+
+
+def test_duplicate_slots_raise_eagerly_but_not_under_jit():
+    rng, st, _, tok = _setup(11)
+    slots = jnp.asarray([1, 2, 1, -1, -1], jnp.int32)  # padding may repeat, real slots may not
+    with pytest.raises(ValueError, match=r"slots.*\[1\] named more than once"):
+        ops.decode(*tok.args(), st, slots)
+    jax.jit(ops.decode)(*tok.args(), st, slots)  # undefined result, but no error under jit
