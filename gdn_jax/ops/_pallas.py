@@ -1,0 +1,59 @@
+"""The ops on the Pallas kernels of `gdn_jax.kernels`: the kernels move the state, XLA the rest.
+
+The kernels read the pending candidates and read/write the pool; the small per-slot bookkeeping
+(count := 0, this call's tokens stored as the new replay candidates) is an XLA scatter here, since
+inside a kernel other programs of the same row would still be reading the old values.
+Jitted without donation: the caller's own `jax.jit(..., donate_argnames="state")` makes the
+kernels' `input_output_aliases` update the pool in place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from gdn_jax import kernels
+from gdn_jax.ops import dispatch, reference
+from gdn_jax.ops._slots import clear_count, slot_index, store_candidates
+
+_STATIC = ("interpret", "mode")
+
+
+def _tuning(op, state, B, T=1):
+    return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, T=T)
+
+
+def _pending(state):
+    return (state.cand_k, state.cand_v, state.cand_g, state.cand_beta, state.count)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, interpret=False):
+    cfg = _tuning("decode", state, q.shape[0])
+    o, pool = kernels.decode(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots,
+                             interpret=interpret, **cfg)
+    _, _, scatter = slot_index(slots, state.num_slots)
+    return o, clear_count(state.replace(pool=pool), scatter)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, interpret=False):
+    cfg = _tuning("verify", state, q.shape[0], q.shape[1])
+    args = (q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots)
+    if mode == "intermediate":
+        o, inter = kernels.verify_intermediate(*args, interpret=interpret, **cfg)
+        return o, state, inter
+    o, pool = kernels.verify_replay(*args, interpret=interpret, **cfg)
+    _, _, scatter = slot_index(slots, state.num_slots)
+    g, beta = reference.gating(a, b, A_log, dt_bias)
+    state = clear_count(state.replace(pool=pool), scatter)
+    return o, store_candidates(state, scatter, k, v, g, beta), None
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def flush(state, slots, *, interpret=False):
+    cfg = _tuning("flush", state, slots.shape[0])
+    pool = kernels.fold(state.pool, *_pending(state), slots, interpret=interpret, **cfg)
+    _, _, scatter = slot_index(slots, state.num_slots)
+    return clear_count(state.replace(pool=pool), scatter)

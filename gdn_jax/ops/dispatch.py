@@ -1,0 +1,150 @@
+"""Which implementation runs each op on which device: one table, read from the device's capability.
+
+Backends:
+  "xla"        the reference path (`gdn_jax.ops.reference`): any platform, any shape.
+  "triton"     Pallas kernels through the Triton lowering (`gdn_jax.kernels`): NVIDIA GPUs from
+               SM80 up, T <= 8.
+  "interpret"  the same Pallas kernels run by the Pallas interpreter: any platform, slow; for tests
+               of the kernel path on machines without a GPU.
+
+The table maps (platform, compute-capability major) to the backends to try, in order, for each op;
+the first that can take the call's shape runs. A user forces one with the `backend=` argument of
+an op or the GDN_JAX_BACKEND environment variable (the argument wins); a forced backend that cannot
+run raises a ValueError naming the device, its capability and the backends that can. Ops without
+a kernel (commit, reset, prefill) always run XLA; the environment variable leaves them alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+
+ENV_VAR = "GDN_JAX_BACKEND"
+BACKENDS = ("xla", "triton", "interpret")
+KERNEL_OPS = ("decode", "verify", "flush")  # ops with a kernel; the rest are XLA scatters
+MAX_KERNEL_T = 8
+_log = logging.getLogger("gdn_jax.dispatch")
+_logged: set = set()
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    platform: str  # "gpu" for CUDA, else jax's platform name
+    capability: tuple[int, int] | None  # (major, minor) on CUDA, else None
+    kind: str
+
+    @classmethod
+    def of(cls, device=None) -> "Device":
+        device = device or jax.devices()[0]
+        cap = getattr(device, "compute_capability", None)
+        parsed = None
+        if device.platform == "gpu" and isinstance(cap, str) and cap[:1].isdigit():
+            major, _, minor = cap.partition(".")
+            parsed = (int(major), int(minor or 0))
+        return cls(device.platform, parsed, getattr(device, "device_kind", device.platform))
+
+    def __str__(self):
+        cap = "" if self.capability is None else f", capability {'.'.join(map(str, self.capability))}"
+        return f"{self.kind} ({self.platform}{cap})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    backend: str
+    reason: str
+
+
+def preferences(device: Device) -> tuple[str, ...]:
+    """The table: backends to try in order on this device (the first able to run wins)."""
+    if device.platform != "gpu" or device.capability is None:
+        return ("xla",)  # CPU, TPU, ROCm: the reference
+    major = device.capability[0]
+    if major in (8, 12):  # Ampere/Ada, consumer Blackwell (no wgmma, no tcgen05): portable kernels
+        return ("triton", "xla")
+    if major == 9:  # Hopper: Triton until a Mosaic GPU path is measured faster (bench/results)
+        return ("triton", "xla")
+    if major in (10, 11):  # datacenter Blackwell: the kernels that ran and passed on H100
+        return ("triton", "xla")
+    return ("xla",)  # pre-Ampere
+
+
+def why_not(backend: str, device: Device, op: str, T: int) -> str | None:
+    """None when `backend` can run `op` with T tokens on `device`, else the reason it cannot."""
+    if backend == "xla":
+        return None
+    if op not in KERNEL_OPS:
+        return f"{op} has no {backend} kernel"
+    if T > MAX_KERNEL_T:
+        return f"the kernels take T <= {MAX_KERNEL_T}, got T = {T}"
+    if backend == "interpret":
+        return None
+    if backend == "triton":
+        if device.platform != "gpu" or device.capability is None:
+            return "the Triton kernels need an NVIDIA GPU"
+        if device.capability < (8, 0):
+            return "the Triton kernels need compute capability >= 8.0"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def select(op: str, *, T: int = 1, backend: str | None = None, device=None) -> Choice:
+    """The backend that runs `op` (T tokens per row) on `device` (default: the first device)."""
+    forced = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or None
+    if forced is not None and forced not in BACKENDS + ("auto",):
+        source = "backend" if backend not in (None, "auto") else ENV_VAR
+        raise ValueError(f"{op}: {source} expected one of {('auto',) + BACKENDS}, got {forced!r}")
+    dev = Device.of(device)
+    if op not in KERNEL_OPS:
+        # commit, reset and prefill are XLA on every backend: the environment variable does not
+        # apply to them, and an explicit kernel backend is an error rather than a silent no-op.
+        if backend not in (None, "auto", "xla"):
+            raise ValueError(f"{op}: backend {backend!r} cannot run on {dev}: {op} has no "
+                             f"{backend} kernel; backends that can: ['xla']")
+        return _logged_choice(op, dev, Choice("xla", f"{op} has no kernel"))
+    if forced not in (None, "auto"):
+        reason = why_not(forced, dev, op, T)
+        if reason is not None:
+            able = [b for b in BACKENDS if why_not(b, dev, op, T) is None]
+            raise ValueError(f"{op}: backend {forced!r} cannot run on {dev}: {reason}; "
+                             f"backends that can: {able}")
+        return _logged_choice(op, dev, Choice(forced, "forced"))
+    for name in preferences(dev):
+        if why_not(name, dev, op, T) is None:
+            return _logged_choice(op, dev, Choice(name, "table"))
+    raise AssertionError("the xla backend runs everything")  # pragma: no cover
+
+
+def _logged_choice(op: str, dev: Device, choice: Choice) -> Choice:
+    key = (op, dev, choice)
+    if key not in _logged:
+        _logged.add(key)
+        _log.debug("gdn_jax %s on %s: %s (%s)", op, dev, choice.backend, choice.reason)
+    return choice
+
+
+def describe_dispatch(device=None) -> str:
+    """What runs for each op on `device` (default: the first device), as printable lines."""
+    dev = Device.of(device)
+    lines = [f"gdn_jax dispatch on {dev}:"]
+    for op, T in (("decode", 1), ("verify", 4), ("flush", 1), ("commit", 1), ("reset", 1),
+                  ("prefill", 512)):
+        choice = select(op, T=T, device=device)
+        lines.append(f"  {op:8s} -> {choice.backend}")
+    return "\n".join(lines)
+
+
+# Kernel tuning: (state dtype name, op) -> launch parameters, by batch bucket. Values from the
+# H100 sweep in bench/results (pallas-gpu.md section 8 for the starting points).
+_TUNING = {
+    "bfloat16": dict(block_v=32, num_warps=2, num_stages=1),
+    "float32": dict(block_v=32, num_warps=4, num_stages=1),
+}
+
+
+def tuning(op: str, *, state_dtype, B: int, T: int = 1, device=None) -> dict:
+    """Launch parameters (block_v, num_warps, num_stages) of `op`'s kernel for this call."""
+    return dict(_TUNING[jnp.dtype(state_dtype).name])
