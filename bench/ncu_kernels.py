@@ -1,0 +1,237 @@
+"""Kernel time of the GDN kernels (and fla's, side by side) from Nsight Compute, on the GPU runner.
+
+Run under ncu, which this script starts itself:
+
+    python bench/ncu_kernels.py --out DIR [--fla] [--quick]
+
+It re-runs itself as `ncu ... python bench/ncu_kernels.py --worker`, profiling only the launches
+between cudaProfilerStart/Stop (each case: compile and warm up first, then --reps launches), with
+`--cache-control all --clock-control none` (caches flushed before each launch, clocks as found).
+Then it maps ncu's rows back to the cases in order and writes DIR/ncu_kernels.json with each
+case's median kernel duration, DRAM throughput, registers per thread and achieved occupancy, the
+byte model, GB/s, and % of the copy bandwidth measured in the same run (torch `copy_`, 1 GiB).
+
+Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf16 and fp32 pools.
+  decode            T = 1, nothing pending
+  replay3+T         3 pending candidates folded, then T tokens (T = 4 by default)
+  intermediate T    nothing pending, T states written
+  fla T             fla's fused_recurrent_gated_delta_rule over T tokens from a state of the pool's
+                    dtype (it writes its final state in fp32), batch-indexed, no slots
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+H, HV, K, V = 16, 32, 128, 128
+PENDING = 3
+METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
+           "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active")
+
+
+def cases(args):
+    batches = (8, 256) if args.quick else (1, 8, 32, 128, 256)
+    out = []
+    for dtype in ("bfloat16", "float32"):
+        for B in batches:
+            out.append(dict(impl="gdn", op="decode", B=B, T=1, dtype=dtype))
+            for T in args.tokens:
+                out.append(dict(impl="gdn", op="replay", B=B, T=T, dtype=dtype))
+                out.append(dict(impl="gdn", op="intermediate", B=B, T=T, dtype=dtype))
+            if args.fla:
+                for T in (1,) + tuple(args.tokens):
+                    out.append(dict(impl="fla", op=f"fla", B=B, T=T, dtype=dtype))
+    return out
+
+
+def byte_model(c):
+    """Unique bytes a perfect kernel moves: state once in and once out (or T times out), I/O."""
+    sb = 2 if c["dtype"] == "bfloat16" else 4
+    B, T = c["B"], c["T"]
+    state = B * HV * V * K * sb
+    tokens = B * T * (2 * H * K + HV * V + 2 * HV) * 2 + B * T * HV * V * 2  # q,k,v,a,b in; o out
+    if c["op"] == "intermediate":
+        return state + T * state + tokens
+    if c["op"] == "replay":
+        pend = B * PENDING * (H * K + HV * V) * 2 + B * PENDING * HV * 8
+        return 2 * state + tokens + pend
+    if c["op"] == "fla":  # reads the state in its dtype, writes fp32
+        return state + B * HV * V * K * 4 + tokens
+    return 2 * state + tokens
+
+
+def _profiler(on: bool):
+    import ctypes
+
+    lib = ctypes.CDLL("libcudart.so") if False else None
+    import torch
+
+    (torch.cuda.profiler.start if on else torch.cuda.profiler.stop)()
+
+
+def worker(args):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from gdn_jax import ops
+
+    rng = np.random.default_rng(0)
+    results = []
+    for c in cases(args):
+        B, T, dtype = c["B"], c["T"], jnp.dtype(c["dtype"])
+        mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
+        q, k, v, a, b = mk(B, T, H, K), mk(B, T, H, K), mk(B, T, HV, V), mk(B, T, HV), mk(B, T, HV)
+        A_log = jnp.asarray(rng.uniform(-3, 0.5, HV), jnp.float32)
+        dt = jnp.asarray(rng.standard_normal(HV), jnp.float32)
+        if c["impl"] == "fla":
+            from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
+
+            t = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda()
+            tq, tk, tv = t(q).bfloat16(), t(k).bfloat16(), t(v).bfloat16()
+            g = -torch.exp(t(A_log)) * torch.nn.functional.softplus(t(a) + t(dt))
+            beta = torch.sigmoid(t(b))
+            tdt = torch.bfloat16 if c["dtype"] == "bfloat16" else torch.float32
+            h0 = (0.3 * torch.randn(B, HV, K, V, device="cuda")).to(tdt)
+
+            def run():
+                return fused_recurrent_gated_delta_rule(tq, tk, tv, g, beta, initial_state=h0,
+                                                        output_final_state=True,
+                                                        use_qk_l2norm_in_kernel=True)
+            for _ in range(2):
+                run()
+            torch.cuda.synchronize()
+            _profiler(True)
+            for _ in range(args.reps):
+                run()
+            torch.cuda.synchronize()
+            _profiler(False)
+            results.append(c)
+            continue
+        st = ops.GDNState.create(B, H, HV, K, V, 8, dtype=dtype, input_dtype=jnp.bfloat16)
+        st = st.replace(pool=(0.3 * jax.random.normal(jax.random.key(1), st.pool.shape)).astype(dtype),
+                        cand_k=mk(B, 8, H, K), cand_v=mk(B, 8, HV, V),
+                        cand_g=jnp.full((B, 8, HV), -0.1, jnp.float32),
+                        cand_beta=jnp.full((B, 8, HV), 0.5, jnp.float32),
+                        count=jnp.full((B,), PENDING if c["op"] == "replay" else 0, jnp.int32))
+        slots = jnp.asarray(rng.permutation(B), jnp.int32)
+        if c["op"] == "decode":
+            f = jax.jit(lambda st: ops.decode(q, k, v, a, b, A_log, dt, st, slots,
+                                              backend="triton")[1], donate_argnums=0)
+        else:
+            mode = c["op"]
+
+            def step(st, mode=mode):
+                o, st2, inter = ops.verify(q, k, v, a, b, A_log, dt, st, slots, mode=mode,
+                                           backend="triton")
+                # keep the pending count for the next replay launch; inter must stay alive
+                st2 = st2.replace(count=st.count)
+                return st2 if inter is None else (st2, inter[0, 0, 0, 0, 0])
+            f = jax.jit(step, donate_argnums=0)
+        out = f(st)
+        st = out if not isinstance(out, tuple) else out[0]
+        jax.block_until_ready(st)
+        _profiler(True)
+        for _ in range(args.reps):
+            out = f(st)
+            st = out if not isinstance(out, tuple) else out[0]
+            jax.block_until_ready(st)
+        _profiler(False)
+        results.append(c)
+    with open(os.path.join(args.out, "ncu_cases.json"), "w") as fh:
+        json.dump(results, fh)
+
+
+def copy_bandwidth():
+    import torch
+
+    n = 2**30
+    x = torch.empty(n // 4, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        s.record()
+        for _ in range(10):
+            y.copy_(x)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / 10)
+    return 2 * n / statistics.median(times) / 1e9
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for ncu_kernels.json and the raw CSV")
+    p.add_argument("--fla", action="store_true", help="also profile fla's fused_recurrent kernel")
+    p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
+    p.add_argument("--tokens", default="4", help="verify T values, comma-separated (default 4)")
+    p.add_argument("--reps", type=int, default=3, help="profiled launches per case (median)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.tokens = tuple(int(x) for x in args.tokens.split(","))
+    os.makedirs(args.out, exist_ok=True)
+    if args.worker:
+        return worker(args)
+
+    import jax
+    import torch
+
+    bw = copy_bandwidth()
+    torch.cuda.empty_cache()
+    raw = os.path.join(args.out, "ncu_raw.csv")
+    cmd = ["ncu", "--cache-control", "all", "--clock-control", "none", "--profile-from-start",
+           "off", "--kernel-name", "regex:gdn_|fused_recurrent", "--metrics", ",".join(METRICS),
+           "--csv", "--page", "raw", "--log-file", raw,
+           sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
+           "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps)]
+    cmd += ["--fla"] * args.fla + ["--quick"] * args.quick
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    with open(os.path.join(args.out, "ncu_cases.json")) as fh:
+        done = json.load(fh)
+    text = open(raw).read()
+    rows = list(csv.DictReader(io.StringIO(text[text.index('"ID"'):])))
+    rows = [r for r in rows if r.get("Kernel Name") and not r["ID"].startswith("=")]
+    rows = [r for r in rows if r["ID"].isdigit()]
+    if len(rows) != len(done) * args.reps:
+        print(f"warning: {len(rows)} profiled launches for {len(done)} cases x {args.reps}")
+    table = []
+    for i, c in enumerate(done):
+        mine = rows[i * args.reps:(i + 1) * args.reps]
+        num = lambda key: statistics.median(float(r[key].replace(",", "")) for r in mine)
+        dur_ns = num("gpu__time_duration.sum")
+        nbytes = byte_model(c)
+        c.update(kernel=mine[0]["Kernel Name"][:60], kernel_us=dur_ns / 1e3,
+                 dram_pct=num(METRICS[1]), regs=num(METRICS[2]), occupancy_pct=num(METRICS[3]),
+                 bytes=nbytes, GBps=nbytes / dur_ns, pct_copy=100 * nbytes / dur_ns / bw)
+        table.append(c)
+    dev = jax.devices()[0]
+    result = dict(device=dev.device_kind, capability=getattr(dev, "compute_capability", None),
+                  jax=jax.__version__, copy_GBps=bw, copy_method="torch copy_ 1 GiB fp32, read+write",
+                  ncu="--cache-control all --clock-control none", reps=args.reps, cases=table)
+    with open(os.path.join(args.out, "ncu_kernels.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"{dev.device_kind}, jax {jax.__version__}, copy {bw:.0f} GB/s")
+    print(f"{'impl':4s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
+          f"{'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
+    for c in table:
+        print(f"{c['impl']:4s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
+              f"{c['kernel_us']:10.1f} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
+              f"{c['regs']:5.0f} {c['occupancy_pct']:5.1f}")
+
+
+if __name__ == "__main__":
+    main()
