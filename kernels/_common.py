@@ -185,13 +185,20 @@ def store_state(pool_ref, r: Row, S):
     pool_ref[r.slot, r.hv, r.cols, :] = S.astype(pool_ref.dtype)
 
 
-def fold_pending(S, pend: PendingRefs, r: Row, t_max: int):
-    """Apply the slot's count[slot] accepted candidates (positions t < count) to S [BV, K].
+def pending_count(pend: PendingRefs, r: Row, t_max: int, num_slots: int):
+    """count[slot] clipped to 0..T_max; 0 for a padding row.
+
+    The slot is clamped for this one scalar read, so it is safe outside `pl.when(r.valid)`.
+    """
+    n = pend.count[jnp.clip(r.slot, 0, num_slots - 1)].astype(jnp.int32)
+    return jnp.where(r.valid, jnp.clip(n, 0, t_max), 0)
+
+
+def fold_pending(S, pend: PendingRefs, r: Row, n):
+    """Apply the slot's first n candidates (the accepted, pending ones) to S [BV, K] fp32.
 
     A loop with a data-dependent trip count, so a slot with nothing pending costs no math.
-    Returns (S, n) with n the number of candidates folded (count clipped to 0..T_max).
     """
-    n = jnp.clip(pend.count[r.slot].astype(jnp.int32), 0, t_max)
 
     def step(t, S):
         k = rec.l2norm(pend.cand_k[r.slot, t, r.hk, :].astype(_F32))
@@ -200,4 +207,4 @@ def fold_pending(S, pend: PendingRefs, r: Row, t_max: int):
         beta = pend.cand_beta[r.slot, t, r.hv].astype(_F32)
         return rec.update(S, k, v, g, beta)
 
-    return lax.fori_loop(0, n, step, S), n
+    return lax.fori_loop(0, n, step, S)

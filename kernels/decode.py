@@ -28,7 +28,7 @@ def _decode_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_lo
     @pl.when(r.valid)
     def _():
         S = cm.load_state(pool_ref, r)                      # [BV, K] fp32
-        S, _ = cm.fold_pending(S, pend, r, t_max)
+        S = cm.fold_pending(S, pend, r, cm.pending_count(pend, r, t_max, num_slots))
         q, k, v, g, beta = cm.load_token(tok, r, 0)
         S = rec.update(S, k, v, g, beta)
         o_ref[r.b, 0, r.hv, r.cols] = rec.readout(S, q).astype(o_ref.dtype)
