@@ -66,3 +66,6 @@ def test_decode_lowers_across_tuning(block_v, num_warps, num_stages, cuda_loweri
     text = _lower(decode, args, "NVIDIA H100 80GB HBM3", cuda_lowering, block_v=block_v,
                   num_warps=num_warps, num_stages=num_stages)
     assert TRITON_CALL in text
+    # the Triton compiler params reach the custom call (Triton, never Mosaic GPU)
+    assert f"num_warps = {num_warps} : i32" in text
+    assert f"num_stages = {num_stages} : i32" in text
