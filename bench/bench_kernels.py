@@ -135,16 +135,17 @@ def copy_bandwidth(gib: float, smoke: bool):
 
 
 def make_inputs(B, T, pool_dtype, pending, dims, seed=0):
+    """Random inputs made on the device (jax.random: no host RNG for the 0.5 GiB pools)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
 
     h, hv, k, v = dims
-    rng = np.random.default_rng(seed)
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), 16))
     bf = jnp.bfloat16
 
     def normal(*s, scale=1.0, dtype=bf):
-        return jnp.asarray(scale * rng.standard_normal(s, dtype=np.float32), dtype)
+        return (scale * jax.random.normal(next(keys), s, jnp.float32)).astype(dtype)
 
     n = B  # one slot per row
     t_max = max(8, pending)
@@ -156,7 +157,7 @@ def make_inputs(B, T, pool_dtype, pending, dims, seed=0):
                  cand_g=-jnp.abs(normal(n, t_max, hv, scale=0.1, dtype=jnp.float32)),
                  cand_beta=jax.nn.sigmoid(normal(n, t_max, hv, dtype=jnp.float32)),
                  count=jnp.full((n,), pending, jnp.int32),
-                 slots=jnp.asarray(rng.permutation(n), jnp.int32))
+                 slots=jnp.asarray(np.random.default_rng(seed).permutation(n), jnp.int32))
     return tokens, state
 
 
