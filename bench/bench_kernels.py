@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--num-warps", type=int, default=4, help="kernel num_warps (default 4)")
     p.add_argument("--num-stages", type=int, default=1, help="kernel num_stages (default 1)")
     p.add_argument("--tune", action="store_true",
-                   help="also sweep block_v x num_warps for decode and replay T=4 at B=256")
+                   help="also sweep block_v {16,32,64} x num_warps {1,2,4,8} for decode and replay "
+                        "T=4 at the largest B (about 3 more minutes)")
     p.add_argument("--chain", type=int, default=20, help="calls per timed program (n; >= 20)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per shape")
     p.add_argument("--copy-gib", type=float, default=1.0, help="size of the copy for bandwidth")
@@ -320,8 +321,9 @@ def main(argv=None):
                     for warps in (1, 2, 4, 8):
                         cfg = dict(block_v=min(block_v, dims[3]), num_warps=warps,
                                    num_stages=args.num_stages)
-                        if cfg != tuning:
-                            plan.append((op, pool_dtype, B, T, cfg))
+                        entry = (op, pool_dtype, B, T, cfg)
+                        if cfg != tuning and entry not in plan:
+                            plan.append(entry)
 
     results, t_start = [], time.perf_counter()
     header = (f"{'op':<13}{'pool':<9}{'B':>5}{'T':>3} {'bv':>4}{'w':>3}{'us/call':>10}"
