@@ -41,7 +41,7 @@ def _decode_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_lo
 
 def _decode_call(dims: cm.Dims, config: TuningConfig, interpret: bool, *args):
     B, _, H, HV, _, V, N, t_max = dims
-    pool = args[-1]
+    q, pool = args[2], args[-1]  # args: (slots, count, q, ..., pool)
     kernel = functools.partial(_decode_kernel, num_slots=N, t_max=t_max, group=HV // H,
                                block_v=config.block_v)
     return pallas_call(
@@ -50,7 +50,7 @@ def _decode_call(dims: cm.Dims, config: TuningConfig, interpret: bool, *args):
         config=config,
         interpret=interpret,
         grid=(B, HV, V // config.block_v),
-        out_shape=(jax.ShapeDtypeStruct((B, 1, HV, V), args[2].dtype),
+        out_shape=(jax.ShapeDtypeStruct((B, 1, HV, V), q.dtype),
                    jax.ShapeDtypeStruct(pool.shape, pool.dtype)),
         input_output_aliases={len(args) - 1: 1},
     )(*args)

@@ -85,8 +85,8 @@ def _replay_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_lo
 
 def _verify_call(kernel, mode: str, dims: cm.Dims, config: TuningConfig, interpret: bool, *args):
     B, T, H, HV, K, V, N, t_max = dims
-    pool = args[-1]
-    o = jax.ShapeDtypeStruct((B, T, HV, V), args[2].dtype)
+    q, pool = args[2], args[-1]  # args: (slots, count, q, ..., pool)
+    o = jax.ShapeDtypeStruct((B, T, HV, V), q.dtype)
     if mode == "intermediate":
         out_shape = (o, jax.ShapeDtypeStruct((B, T, HV, V, K), pool.dtype))
         aliases = {}
