@@ -1,0 +1,210 @@
+"""What the decode / verify / fold kernels share: argument checks, and thin facades over refs.
+
+Kernels take every array as a whole-array ref (no BlockSpec) and index it with the row's slot in
+the body: a GPU BlockSpec cannot read a slot table (no scalar prefetch on GPU). Grid:
+(B, HV, V // block_v); program (b, hv, iv) owns the tile pool[slot, hv, iv*BV:(iv+1)*BV, :].
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _recurrence as rec
+
+_F32 = jnp.float32
+POOL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+MAX_T = 8  # verify unrolls its tokens in Python
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument checks (trace time; ValueError naming the op and the argument)
+
+
+class Dims(NamedTuple):
+    B: int
+    T: int
+    H: int
+    HV: int
+    K: int
+    V: int
+    num_slots: int
+    t_max: int
+
+
+def _fail(op, arg, expected, got):
+    raise ValueError(f"{op}: {arg} expected {expected}, got {got}")
+
+
+def _shape_is(op, arg, x, expected, names):
+    if tuple(x.shape) != tuple(expected):
+        _fail(op, arg, f"shape {names} = {tuple(expected)}", f"shape {tuple(x.shape)}")
+
+
+def _is_pow2(n):
+    return n >= 1 and not n & (n - 1)
+
+
+def check_pool(op, pool, cand_k, cand_v, cand_g, cand_beta, count, *, H=None, HV=None, K=None,
+               V=None):
+    """pool [N, HV, V, K] bf16|fp32 and the replay buffers that go with it."""
+    if pool.ndim != 4:
+        _fail(op, "pool", "rank 4 [num_slots, HV, V, K]", f"shape {pool.shape}")
+    N, hv, v, k = pool.shape
+    if jnp.dtype(pool.dtype) not in POOL_DTYPES:
+        _fail(op, "pool", "dtype bfloat16 or float32", f"dtype {pool.dtype}")
+    for name, want, got in (("HV", HV, hv), ("V", V, v), ("K", K, k)):
+        if want is not None and want != got:
+            _fail(op, "pool", f"{name} = {want} from the inputs ([num_slots, HV, V, K])",
+                  f"shape {pool.shape}")
+    if cand_k.ndim != 4:
+        _fail(op, "cand_k", "rank 4 [num_slots, T_max, H, K]", f"shape {cand_k.shape}")
+    t_max, h = cand_k.shape[1], cand_k.shape[2]
+    if H is not None and h != H:
+        _fail(op, "cand_k", f"H = {H} from the inputs", f"shape {cand_k.shape}")
+    if hv % h:
+        _fail(op, "cand_k", f"H (cand_k.shape[2]) dividing HV = {hv}", f"H = {h}")
+    _shape_is(op, "cand_k", cand_k, (N, t_max, h, k), "[num_slots, T_max, H, K]")
+    _shape_is(op, "cand_v", cand_v, (N, t_max, hv, v), "[num_slots, T_max, HV, V]")
+    _shape_is(op, "cand_g", cand_g, (N, t_max, hv), "[num_slots, T_max, HV]")
+    _shape_is(op, "cand_beta", cand_beta, (N, t_max, hv), "[num_slots, T_max, HV]")
+    _shape_is(op, "count", count, (N,), "[num_slots]")
+    for name, x in (("cand_k", cand_k), ("cand_v", cand_v), ("cand_g", cand_g),
+                    ("cand_beta", cand_beta)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            _fail(op, name, "a floating dtype", f"dtype {x.dtype}")
+    if not jnp.issubdtype(count.dtype, jnp.integer):
+        _fail(op, "count", "an integer dtype (int32)", f"dtype {count.dtype}")
+    for name, d in (("K", k), ("V", v)):
+        if not _is_pow2(d):
+            _fail(op, f"{name} (pool.shape)", "a power of two (Triton blocks)", d)
+    return N, h, hv, v, k, t_max
+
+
+def check_slots(op, slots, B):
+    _shape_is(op, "slots", slots, (B,), "[B]")
+    if not jnp.issubdtype(slots.dtype, jnp.integer):
+        _fail(op, "slots", "an integer dtype (int32)", f"dtype {slots.dtype}")
+
+
+def check_tokens(op, q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
+                 count, slots, *, t_lo, t_hi) -> Dims:
+    """Shapes and dtypes of a decode / verify call (T in t_lo..t_hi)."""
+    if q.ndim != 4:
+        _fail(op, "q", "rank 4 [B, T, H, K]", f"shape {q.shape}")
+    B, T, H, K = q.shape
+    _shape_is(op, "k", k, (B, T, H, K), "[B, T, H, K]")
+    if v.ndim != 4 or v.shape[:2] != (B, T):
+        _fail(op, "v", f"shape [B, T, HV, V] with B, T = {(B, T)}", f"shape {v.shape}")
+    HV, V = v.shape[2:]
+    if HV % H:
+        _fail(op, "v", f"HV (v.shape[2]) a multiple of H = {H}", f"HV = {HV}")
+    _shape_is(op, "a", a, (B, T, HV), "[B, T, HV]")
+    _shape_is(op, "b", b, (B, T, HV), "[B, T, HV]")
+    _shape_is(op, "A_log", A_log, (HV,), "[HV]")
+    _shape_is(op, "dt_bias", dt_bias, (HV,), "[HV]")
+    for name, x in (("q", q), ("k", k), ("v", v), ("a", a), ("b", b), ("A_log", A_log),
+                    ("dt_bias", dt_bias)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            _fail(op, name, "a floating dtype", f"dtype {x.dtype}")
+    if not t_lo <= T <= t_hi:
+        _fail(op, "T (q.shape[1])", f"{t_lo}..{t_hi}", T)
+    N, *_, t_max = check_pool(op, pool, cand_k, cand_v, cand_g, cand_beta, count, H=H, HV=HV,
+                              K=K, V=V)
+    check_slots(op, slots, B)
+    return Dims(B, T, H, HV, K, V, N, t_max)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ref facades (inside kernels)
+
+
+class TokenRefs(NamedTuple):
+    """This call's tokens: whole-array refs."""
+
+    q: object        # [B, T, H, K]
+    k: object        # [B, T, H, K]
+    v: object        # [B, T, HV, V]
+    a: object        # [B, T, HV]
+    b: object        # [B, T, HV]
+    A_log: object    # [HV]
+    dt_bias: object  # [HV]
+
+
+class PendingRefs(NamedTuple):
+    """The replay buffers of the pool: whole-array refs."""
+
+    count: object      # [num_slots] int32
+    cand_k: object     # [num_slots, T_max, H, K] raw k
+    cand_v: object     # [num_slots, T_max, HV, V]
+    cand_g: object     # [num_slots, T_max, HV] fp32
+    cand_beta: object  # [num_slots, T_max, HV] fp32
+
+
+class Row(NamedTuple):
+    """Where this program works: batch row b, value head hv (key head hk), V block cols."""
+
+    b: jax.Array
+    hv: jax.Array
+    hk: jax.Array
+    cols: pl.Slice
+    slot: jax.Array   # int32 scalar, only meaningful where valid
+    valid: jax.Array  # bool scalar: 0 <= slot < num_slots
+
+
+def this_row(slots_ref, *, num_slots: int, group: int, block_v: int) -> Row:
+    """Program ids -> Row. group = HV // H (GVA: value head hv reads key head hv // group)."""
+    b, hv, iv = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    slot = slots_ref[b].astype(jnp.int32)
+    valid = (slot >= 0) & (slot < num_slots)
+    return Row(b, hv, hv // group, pl.ds(iv * block_v, block_v), slot, valid)
+
+
+def load_token(tok: TokenRefs, r: Row, t: int):
+    """Token t of row r, prepared in fp32: q [K] (normalised, scaled), k [K] (normalised),
+    v [BV], g, beta scalars."""
+    q = rec.prepare_q(tok.q[r.b, t, r.hk, :].astype(_F32))
+    k = rec.l2norm(tok.k[r.b, t, r.hk, :].astype(_F32))
+    v = tok.v[r.b, t, r.hv, r.cols].astype(_F32)
+    g, beta = rec.gates(tok.a[r.b, t, r.hv].astype(_F32), tok.b[r.b, t, r.hv].astype(_F32),
+                        tok.A_log[r.hv].astype(_F32), tok.dt_bias[r.hv].astype(_F32))
+    return q, k, v, g, beta
+
+
+def load_state(pool_ref, r: Row):
+    """The tile pool[slot, hv, cols, :] in fp32: [BV, K]."""
+    return pool_ref[r.slot, r.hv, r.cols, :].astype(_F32)
+
+
+def store_state(pool_ref, r: Row, S):
+    """Round the tile once into the pool's dtype and store it at pool[slot, hv, cols, :]."""
+    pool_ref[r.slot, r.hv, r.cols, :] = S.astype(pool_ref.dtype)
+
+
+def pending_count(pend: PendingRefs, r: Row, t_max: int, num_slots: int):
+    """count[slot] clipped to 0..T_max; 0 for a padding row.
+
+    The slot is clamped for this one scalar read, so it is safe outside `pl.when(r.valid)`.
+    """
+    n = pend.count[jnp.clip(r.slot, 0, num_slots - 1)].astype(jnp.int32)
+    return jnp.where(r.valid, jnp.clip(n, 0, t_max), 0)
+
+
+def fold_pending(S, pend: PendingRefs, r: Row, n):
+    """Apply the slot's first n candidates (the accepted, pending ones) to S [BV, K] fp32.
+
+    A loop with a data-dependent trip count, so a slot with nothing pending costs no math.
+    """
+
+    def step(t, S):
+        k = rec.l2norm(pend.cand_k[r.slot, t, r.hk, :].astype(_F32))
+        v = pend.cand_v[r.slot, t, r.hv, r.cols].astype(_F32)
+        g = pend.cand_g[r.slot, t, r.hv].astype(_F32)
+        beta = pend.cand_beta[r.slot, t, r.hv].astype(_F32)
+        return rec.update(S, k, v, g, beta)
+
+    return lax.fori_loop(0, n, step, S)

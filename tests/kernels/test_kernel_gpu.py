@@ -1,0 +1,86 @@
+"""The kernels compiled for the GPU (no interpreter) at the real shapes: HV = 32, H = 16,
+K = V = 128, B up to 256, T up to 8, against the XLA reference (Precision.HIGHEST) on the same GPU.
+
+Run with `pytest -m gpu tests/kernels` on the GPU runner; elsewhere every test skips.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from gdn_jax.kernels import decode, fold, verify_intermediate, verify_replay
+
+pytestmark = pytest.mark.gpu
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+REAL = dict(H=16, group=2, K=128)
+
+
+@pytest.mark.parametrize("B, pool_dtype, in_dtype, block_v, num_warps", [
+    (256, BF16, BF16, 32, 4),
+    (256, F32, BF16, 64, 4),
+    (8, F32, F32, 32, 4),
+    (1, BF16, BF16, 8, 1),
+])
+def test_decode_gpu(B, pool_dtype, in_dtype, block_v, num_warps, on_gpu, make_case, reference,
+                    assert_rows, assert_named_slots, assert_untouched):
+    case = make_case(seed=B, B=B, T=1, t_max=4, pool_dtype=pool_dtype, in_dtype=in_dtype, **REAL)
+    o, pool = decode(*case.kernel_args(), block_v=block_v, num_warps=num_warps)
+    o_ref, pool_ref = reference(case, "decode")
+    assert_rows("o", case, o, o_ref)
+    assert_named_slots("pool", case, pool, pool_ref)
+    assert_untouched(case, pool)
+
+
+@pytest.mark.parametrize("B, T, pool_dtype, in_dtype, block_v", [
+    (64, 8, BF16, BF16, 32),
+    (256, 2, F32, F32, 32),
+    (3, 5, F32, BF16, 16),
+])
+def test_verify_intermediate_gpu(B, T, pool_dtype, in_dtype, block_v, on_gpu, make_case,
+                                 reference, assert_rows):
+    case = make_case(seed=B + T, B=B, T=T, t_max=8, pool_dtype=pool_dtype, in_dtype=in_dtype,
+                     **REAL)
+    o, inter = verify_intermediate(*case.kernel_args(), block_v=block_v)
+    o_ref, inter_ref = reference(case, "intermediate")
+    assert_rows("o", case, o, o_ref)
+    assert_rows("inter", case, inter, inter_ref)
+
+
+@pytest.mark.parametrize("B, T, pool_dtype, in_dtype, block_v", [
+    (256, 4, BF16, BF16, 32),
+    (128, 8, F32, F32, 32),
+    (32, 1, BF16, F32, 64),
+])
+def test_verify_replay_gpu(B, T, pool_dtype, in_dtype, block_v, on_gpu, make_case, reference,
+                           assert_rows, assert_named_slots, assert_untouched):
+    case = make_case(seed=B * T, B=B, T=T, t_max=8, pool_dtype=pool_dtype, in_dtype=in_dtype,
+                     **REAL)
+    o, pool = verify_replay(*case.kernel_args(), block_v=block_v)
+    o_ref, pool_ref = reference(case, "replay")
+    assert_rows("o", case, o, o_ref)
+    assert_named_slots("pool", case, pool, pool_ref)
+    assert_untouched(case, pool)
+
+
+@pytest.mark.parametrize("pool_dtype", [BF16, F32])
+def test_fold_gpu(pool_dtype, on_gpu, make_case, reference, assert_named_slots,
+                  assert_untouched):
+    case = make_case(seed=5, B=64, T=1, t_max=8, pool_dtype=pool_dtype, in_dtype=BF16, **REAL)
+    pool = fold(jnp.array(case.pool, copy=True), *case.pending, case.slots)
+    assert_named_slots("pool", case, pool, reference(case, "fold"))
+    assert_untouched(case, pool)
+
+
+@pytest.mark.parametrize("block_v", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("num_warps", [1, 2, 4, 8])
+def test_decode_tuning_grid_gpu(block_v, num_warps, on_gpu, make_case, reference, assert_rows,
+                                assert_named_slots):
+    """Every tuning point the benchmark may pick compiles and is correct."""
+    case = make_case(seed=block_v + num_warps, B=8, T=1, t_max=4, pool_dtype=BF16,
+                     in_dtype=BF16, **REAL)
+    o, pool = decode(*case.kernel_args(), block_v=block_v, num_warps=num_warps)
+    o_ref, pool_ref = reference(case, "decode")
+    assert_rows("o", case, o, o_ref)
+    assert_named_slots("pool", case, pool, pool_ref)
