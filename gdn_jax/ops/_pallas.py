@@ -17,7 +17,6 @@ from gdn_jax import kernels
 from gdn_jax.ops import dispatch, reference
 from gdn_jax.ops._slots import clear_count, slot_index, store_candidates
 
-_STATIC = ("interpret", "mode")
 
 
 def _tuning(op, state, B, T=1):
@@ -28,7 +27,7 @@ def _pending(state):
     return (state.cand_k, state.cand_v, state.cand_g, state.cand_beta, state.count)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames="interpret")
 def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, interpret=False):
     cfg = _tuning("decode", state, q.shape[0])
     o, pool = kernels.decode(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots,
@@ -37,7 +36,7 @@ def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, interpret=False):
     return o, clear_count(state.replace(pool=pool), scatter)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=("mode", "interpret"))
 def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, interpret=False):
     cfg = _tuning("verify", state, q.shape[0], q.shape[1])
     args = (q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots)
@@ -51,7 +50,7 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, interpret=False
     return o, store_candidates(state, scatter, k, v, g, beta), None
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames="interpret")
 def flush(state, slots, *, interpret=False):
     cfg = _tuning("flush", state, slots.shape[0])
     pool = kernels.fold(state.pool, *_pending(state), slots, interpret=interpret, **cfg)

@@ -4,6 +4,9 @@ Every state buffer starts random (pending candidates included), outputs are comp
 float64 oracle run token by token, padding rows must output zeros, and every slot not named by a
 real row must be bit-identical after the call (whole pool and all candidate buffers).
 
+Every test runs twice: on the XLA path, and on the Pallas kernels in interpret mode (the
+GDN_JAX_BACKEND override), so the kernel path's slot bookkeeping is held to the same contract.
+
 Tolerances (normwise relative, see gdn_cases.rel_err): fp32 pool 1e-5. bf16 pool: each stored
 state is rounded once (<= 2^-9 relative per element), and a state read back was rounded at its
 last store, so one call is within BF16_EPS and R rounds within R * BF16_EPS (decay only shrinks
@@ -17,10 +20,17 @@ import pytest
 
 from gdn_cases import BF16_EPS, OraclePool, f64, random_state, rel_err, slot_batch, tokens
 from gdn_jax import ops
+from gdn_jax.ops import dispatch
 
 FP32_TOL = 1e-5
 NUM_SLOTS, T_MAX = 7, 5
 DIMS = dict(H=2, HV=4, K=16, V=32)
+
+
+@pytest.fixture(autouse=True, params=["xla", "interpret"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_VAR, request.param)
+    return request.param
 
 
 def _setup(seed, B_real=3, T=1, pool_dtype=jnp.float32, input_dtype=jnp.float32, dims=DIMS):
