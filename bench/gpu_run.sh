@@ -4,8 +4,8 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-pip install -q --no-deps .wheels/*.whl >/dev/null 2>&1 || true
-pip install -q --no-deps -e . >/dev/null 2>&1
+python -m pip install -q --no-deps .wheels/*.whl 2>&1 | grep -v WARNING | tail -n 3
+python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING | tail -n 3
 python -c "import jax; d=jax.devices()[0]; print(jax.__version__, d.device_kind, d.compute_capability)"
 what=${1:-all}
 if [[ $what == tests || $what == all ]]; then

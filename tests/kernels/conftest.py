@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_jax.ops import api
+from gdn_jax.ops import _xla
+from gdn_jax.ops.reference import gating
 from gdn_jax.ops.state import GDNState
 
 FP32_RTOL = 1e-5
@@ -97,7 +98,7 @@ def _make_case(seed, *, B, T, H, group, K, V=None, pool_dtype, in_dtype=jnp.floa
     gates_a, gates_b = normal(N, t_max, HV), normal(N, t_max, HV)
     A_log = rng.uniform(-1.0, 0.5, HV).astype(np.float32)
     dt_bias = rng.uniform(-0.5, 0.5, HV).astype(np.float32)
-    cand_g, cand_beta = (np.array(x) for x in api.reference.gating(
+    cand_g, cand_beta = (np.array(x) for x in gating(
         jnp.asarray(gates_a), jnp.asarray(gates_b), jnp.asarray(A_log), jnp.asarray(dt_bias)))
     pool = 0.5 * normal(N, HV, V, K)
     cand_k, cand_v = normal(N, t_max, H, K), normal(N, t_max, HV, V)
@@ -130,11 +131,11 @@ def _reference(case: Case, op: str):
     """
     st = case.state()
     if op == "decode":
-        o, st = api._decode_xla(*case.tokens, st, case.slots)
+        o, st = _xla.decode(*case.tokens, st, case.slots)
         return o, st.pool
     if op == "fold":
-        return api._flush_xla(st, case.slots).pool
-    o, st, inter = api._verify_xla(*case.tokens, st, case.slots, mode=op)
+        return _xla.flush(st, case.slots).pool
+    o, st, inter = _xla.verify(*case.tokens, st, case.slots, mode=op)
     return (o, inter) if op == "intermediate" else (o, st.pool)
 
 
