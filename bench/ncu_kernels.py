@@ -39,6 +39,8 @@ METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
 
 
 def cases(args):
+    if args.sweep:
+        return sweep_cases()
     batches = (8, 256) if args.quick else (1, 8, 32, 128, 256)
     out = []
     for dtype in ("bfloat16", "float32"):
@@ -50,6 +52,21 @@ def cases(args):
             if args.fla:
                 for T in (1,) + tuple(args.tokens):
                     out.append(dict(impl="fla", op=f"fla", B=B, T=T, dtype=dtype))
+    return out
+
+
+def sweep_cases():
+    """Tuning sweep: block_v x num_warps for decode and replay 3+4 at B = 32 and 256."""
+    out = []
+    for op in ("decode", "replay", "intermediate"):
+        for dtype in ("bfloat16", "float32"):
+            for B in (32, 256):
+                if op == "intermediate" and (B == 32 or dtype == "float32"):
+                    continue
+                for bv in (8, 16, 32, 64):
+                    for w in (1, 2, 4):
+                        out.append(dict(impl="gdn", op=op, B=B, T=1 if op == "decode" else 4,
+                                        dtype=dtype, block_v=bv, num_warps=w, num_stages=1))
     return out
 
 
@@ -82,7 +99,8 @@ def worker(args):
     import numpy as np
     import torch
 
-    from gdn_jax import ops
+    from gdn_jax import kernels, ops
+    from gdn_jax.ops import dispatch
 
     rng = np.random.default_rng(0)
     results = []
@@ -122,27 +140,30 @@ def worker(args):
                         cand_beta=jnp.full((B, 8, HV), 0.5, jnp.float32),
                         count=jnp.full((B,), PENDING if c["op"] == "replay" else 0, jnp.int32))
         slots = jnp.asarray(rng.permutation(B), jnp.int32)
-        if c["op"] == "decode":
-            f = jax.jit(lambda st: ops.decode(q, k, v, a, b, A_log, dt, st, slots,
-                                              backend="triton")[1], donate_argnums=0)
+        cfg = {key: c[key] for key in ("block_v", "num_warps", "num_stages", "form") if key in c}
+        if not cfg:
+            cfg = dispatch.tuning(c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype,
+                                  B=B, T=T)
+        c.update(cfg)
+        kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
+                  "intermediate": kernels.verify_intermediate}[c["op"]]
+        toks = (q, k, v, a, b, A_log, dt)
+        pend = (st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count)
+        if c["op"] == "intermediate":  # pool only read; inter is the output
+            f = jax.jit(lambda pool: (pool, kernel(*toks, pool, *pend, slots, **cfg)[1][0, 0, 0, 0]))
         else:
-            mode = c["op"]
-
-            def step(st, mode=mode):
-                o, st2, inter = ops.verify(q, k, v, a, b, A_log, dt, st, slots, mode=mode,
-                                           backend="triton")
-                # keep the pending count for the next replay launch; inter must stay alive
-                st2 = st2.replace(count=st.count)
-                return st2 if inter is None else (st2, inter[0, 0, 0, 0, 0])
-            f = jax.jit(step, donate_argnums=0)
-        out = f(st)
-        st = out if not isinstance(out, tuple) else out[0]
-        jax.block_until_ready(st)
+            f = jax.jit(lambda pool: (kernel(*toks, pool, *pend, slots, **cfg)[1], 0),
+                        donate_argnums=0)
+        pool = st.pool
+        try:
+            pool, _ = jax.block_until_ready(f(pool))
+        except Exception as e:  # noqa: BLE001 - a config that does not compile: record, go on
+            c["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            results.append(c)
+            continue
         _profiler(True)
         for _ in range(args.reps):
-            out = f(st)
-            st = out if not isinstance(out, tuple) else out[0]
-            jax.block_until_ready(st)
+            pool, _ = jax.block_until_ready(f(pool))
         _profiler(False)
         results.append(c)
     with open(os.path.join(args.out, "ncu_cases.json"), "w") as fh:
@@ -176,6 +197,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
     p.add_argument("--tokens", default="4", help="verify T values, comma-separated (default 4)")
     p.add_argument("--reps", type=int, default=3, help="profiled launches per case (median)")
+    p.add_argument("--sweep", action="store_true",
+                   help="tuning sweep (block_v x num_warps) instead of the standard cases")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
@@ -194,7 +217,7 @@ def main(argv=None):
            "--csv", "--page", "raw", "--log-file", raw,
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps)]
-    cmd += ["--fla"] * args.fla + ["--quick"] * args.quick
+    cmd += ["--fla"] * args.fla + ["--quick"] * args.quick + ["--sweep"] * args.sweep
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     with open(os.path.join(args.out, "ncu_cases.json")) as fh:
@@ -203,10 +226,15 @@ def main(argv=None):
     rows = list(csv.DictReader(io.StringIO(text[text.index('"ID"'):])))
     rows = [r for r in rows if r.get("Kernel Name") and not r["ID"].startswith("=")]
     rows = [r for r in rows if r["ID"].isdigit()]
-    if len(rows) != len(done) * args.reps:
-        print(f"warning: {len(rows)} profiled launches for {len(done)} cases x {args.reps}")
     table = []
-    for i, c in enumerate(done):
+    ran = [c for c in done if "error" not in c]
+    if len(rows) != len(ran) * args.reps:
+        raise SystemExit(f"{len(rows)} profiled launches for {len(ran)} cases x {args.reps}: "
+                         "cannot map them; see ncu_raw.csv")
+    for c in done:
+        if "error" in c:
+            table.append(c)
+    for i, c in enumerate(ran):
         mine = rows[i * args.reps:(i + 1) * args.reps]
         num = lambda key: statistics.median(float(r[key].replace(",", "")) for r in mine)
         dur_ns = num("gpu__time_duration.sum")
@@ -222,10 +250,15 @@ def main(argv=None):
     with open(os.path.join(args.out, "ncu_kernels.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print(f"{dev.device_kind}, jax {jax.__version__}, copy {bw:.0f} GB/s")
-    print(f"{'impl':4s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
+    print(f"{'cfg':7s} {'impl':4s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
           f"{'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
     for c in table:
-        print(f"{c['impl']:4s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
+        if "error" in c:
+            print(f"{c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
+                  f"{c.get('num_warps')}: {c['error'][:80]}")
+            continue
+        cfg = f"bv{c['block_v']}w{c['num_warps']}" if "block_v" in c else ""
+        print(f"{cfg:7s} {c['impl']:4s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
               f"{c['kernel_us']:10.1f} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
               f"{c['regs']:5.0f} {c['occupancy_pct']:5.1f}")
 
