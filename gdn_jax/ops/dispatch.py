@@ -137,14 +137,25 @@ def describe_dispatch(device=None) -> str:
     return "\n".join(lines)
 
 
-# Kernel tuning: (state dtype name, op) -> launch parameters, by batch bucket. Values from the
-# H100 sweep in bench/results (pallas-gpu.md section 8 for the starting points).
+# Kernel tuning, from the ncu sweep on an H100 (bench/results/ncu_sweep-h100-2026-11-25.json:
+# block_v x num_warps for decode and replay 3+4 at B = 32 and 256, intermediate at B = 256).
+# One warp per program with a small tile wins almost everywhere: many programs in flight hide the
+# latency of the per-token reductions. Keyed by (op, state dtype, large batch: B >= 128).
 _TUNING = {
-    "bfloat16": dict(block_v=32, num_warps=2, num_stages=1),
-    "float32": dict(block_v=32, num_warps=4, num_stages=1),
+    ("decode", "bfloat16", True): (32, 1),   # 201.6 us at B = 256 (89.5% of copy)
+    ("decode", "bfloat16", False): (16, 1),  # 24.6 us at B = 32
+    ("decode", "float32", True): (32, 2),    # 386.7 us at B = 256 (92.8%)
+    ("decode", "float32", False): (16, 1),   # 46.7 us at B = 32
+    ("verify", "bfloat16", True): (16, 1),   # replay 3+4: 510 us; intermediate T=4: 600 us
+    ("verify", "bfloat16", False): (16, 1),  # replay 3+4: 64.3 us at B = 32
+    ("verify", "float32", True): (8, 1),     # replay 3+4: 680 us at B = 256
+    ("verify", "float32", False): (8, 1),    # replay 3+4: 83.8 us at B = 32
 }
+_LARGE_BATCH = 128
 
 
 def tuning(op: str, *, state_dtype, B: int, T: int = 1, device=None) -> dict:
     """Launch parameters (block_v, num_warps, num_stages) of `op`'s kernel for this call."""
-    return dict(_TUNING[jnp.dtype(state_dtype).name])
+    key_op = "decode" if op == "decode" else "verify"  # flush folds like a verify
+    block_v, num_warps = _TUNING[(key_op, jnp.dtype(state_dtype).name, B >= _LARGE_BATCH)]
+    return dict(block_v=block_v, num_warps=num_warps, num_stages=1)
