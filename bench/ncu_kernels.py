@@ -143,7 +143,7 @@ def worker(args):
         cfg = {key: c[key] for key in ("block_v", "num_warps", "num_stages", "form") if key in c}
         if not cfg:
             cfg = dispatch.tuning(c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype,
-                                  B=B, T=T)
+                                  B=B, V=V, T=T)
         c.update(cfg)
         kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
                   "intermediate": kernels.verify_intermediate}[c["op"]]

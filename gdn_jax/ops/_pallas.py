@@ -20,7 +20,7 @@ from gdn_jax.ops._slots import clear_count, slot_index, store_candidates
 
 
 def _tuning(op, state, B, T=1):
-    return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, T=T)
+    return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, V=state.pool.shape[2], T=T)
 
 
 def _pending(state):

@@ -154,8 +154,8 @@ _TUNING = {
 _LARGE_BATCH = 128
 
 
-def tuning(op: str, *, state_dtype, B: int, T: int = 1, device=None) -> dict:
+def tuning(op: str, *, state_dtype, B: int, V: int, T: int = 1, device=None) -> dict:
     """Launch parameters (block_v, num_warps, num_stages) of `op`'s kernel for this call."""
     key_op = "decode" if op == "decode" else "verify"  # flush folds like a verify
     block_v, num_warps = _TUNING[(key_op, jnp.dtype(state_dtype).name, B >= _LARGE_BATCH)]
-    return dict(block_v=block_v, num_warps=num_warps, num_stages=1)
+    return dict(block_v=min(block_v, V), num_warps=num_warps, num_stages=1)

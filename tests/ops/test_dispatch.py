@@ -76,3 +76,12 @@ def test_describe_dispatch_lists_every_op():
     assert "NVIDIA H100 80GB HBM3 (gpu, capability 9.0)" in text
     for op in ("decode", "verify", "flush", "commit", "reset", "prefill"):
         assert op in text
+
+
+def test_tuning_fits_the_head_dim():
+    for op in ("decode", "verify", "flush"):
+        for dtype in ("bfloat16", "float32"):
+            for B in (1, 256):
+                for V in (16, 128):
+                    cfg = dispatch.tuning(op, state_dtype=dtype, B=B, V=V)
+                    assert V % cfg["block_v"] == 0 and cfg["num_warps"] >= 1
