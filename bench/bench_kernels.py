@@ -61,8 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--batches", default=None, help="comma-separated B values (overrides)")
     p.add_argument("--tokens", default=None, help="comma-separated T values (overrides)")
     p.add_argument("--dtypes", default="bfloat16,float32", help="pool dtypes")
-    p.add_argument("--block-v", type=int, default=32, help="kernel block_v (default 32)")
-    p.add_argument("--num-warps", type=int, default=4, help="kernel num_warps (default 4)")
+    p.add_argument("--block-v", type=int, default=None,
+                   help="kernel block_v (default: gdn_jax's dispatch tuning for the shape)")
+    p.add_argument("--num-warps", type=int, default=None,
+                   help="kernel num_warps (default: gdn_jax's dispatch tuning for the shape)")
     p.add_argument("--num-stages", type=int, default=1, help="kernel num_stages (default 1)")
     p.add_argument("--tune", action="store_true",
                    help="also sweep block_v {16,32,64} x num_warps {1,2,4,8} for decode and replay "
@@ -301,8 +303,17 @@ def main(argv=None):
     tokens = _ints(args.tokens, (1, 2) if args.smoke else (QUICK_TOKENS if args.quick else TOKENS))
     dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
     ops = args.ops.split(",")
-    bv = min(args.block_v, dims[3])
-    tuning = dict(block_v=bv, num_warps=args.num_warps, num_stages=args.num_stages)
+    from gdn_jax.ops import dispatch
+
+    def tuning_for(op, pool_dtype, B):
+        cfg = dispatch.tuning("decode" if op == "decode" else "verify", state_dtype=pool_dtype,
+                              B=B, V=dims[3])
+        if args.block_v is not None:
+            cfg["block_v"] = min(args.block_v, dims[3])
+        if args.num_warps is not None:
+            cfg["num_warps"] = args.num_warps
+        cfg["num_stages"] = args.num_stages
+        return cfg
     dev = jax.devices()[0]
     print(f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}; "
           f"copy {copy['GBps']:.0f} GB/s [{copy['method']}]", flush=True)
@@ -312,7 +323,7 @@ def main(argv=None):
         for pool_dtype in dtypes:
             for B in batches:
                 for T in ((1,) if op == "decode" else tokens):
-                    plan.append((op, pool_dtype, B, T, tuning))
+                    plan.append((op, pool_dtype, B, T, tuning_for(op, pool_dtype, B)))
     if args.tune:
         B = max(batches)
         for op, T in (("decode", 1), ("replay", 4)):
@@ -322,7 +333,7 @@ def main(argv=None):
                         cfg = dict(block_v=min(block_v, dims[3]), num_warps=warps,
                                    num_stages=args.num_stages)
                         entry = (op, pool_dtype, B, T, cfg)
-                        if cfg != tuning and entry not in plan:
+                        if cfg != tuning_for(op, pool_dtype, B) and entry not in plan:
                             plan.append(entry)
 
     results, t_start = [], time.perf_counter()
