@@ -318,16 +318,16 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, precision=HIGH
             del hf
             for p, value in zip(entry.paths, values):
                 var = _variable(model, p)
-                want = tuple(var.value.shape)
+                want = tuple(var.get_value().shape)
                 if tuple(value.shape) != want:
                     raise ValueError(f"load_pretrained: {entry.keys[0]}{' ...' * (len(entry.keys) > 1)}"
                                      f" gives shape {tuple(value.shape)} for parameter "
                                      f"{'.'.join(map(str, p))}, which has shape {want}")
-                var.value = jnp.asarray(np.asarray(value).astype(param_dtype))
+                var.set_value(jnp.asarray(np.asarray(value).astype(param_dtype)))
     finally:
         reader.close()
     leftovers = [p for p, v in nnx.to_flat_state(nnx.state(model))
-                 if isinstance(v.value, jax.ShapeDtypeStruct)]
+                 if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if leftovers:  # a mapping bug, not a user error
         raise RuntimeError(f"load_pretrained: parameters not loaded: {leftovers}")
     return model
@@ -352,7 +352,7 @@ def save_pretrained(model: Qwen3NextForCausalLM, path, *, max_shard_bytes: int =
         json.dump(raw, f, indent=2, sort_keys=True)
     shards, current, size = [], {}, 0
     for entry in _entries(config, model.mtp is not None):
-        params = [np.asarray(_variable(model, p).value) for p in entry.paths]
+        params = [np.asarray(_variable(model, p).get_value()) for p in entry.paths]
         for key, array in zip(entry.keys, entry.save(params)):
             array = np.ascontiguousarray(array if dtype is None else
                                          array.astype(jnp.dtype(dtype)))
