@@ -167,8 +167,8 @@ class ModelConfig:
             tie_default = d.get("tie_word_embeddings")
             d = dict(d["text_config"])
             d.setdefault("model_type", _WRAPPERS[model_type])
-            if tie_default is not None:
-                d.setdefault("tie_word_embeddings", tie_default)
+            if tie_default is not None:  # the wrapper's flag ties the LM head of its model
+                d["tie_word_embeddings"] = tie_default
             model_type = d["model_type"]
         if model_type not in FAMILIES:
             raise ValueError(f"ModelConfig: model_type expected one of "
