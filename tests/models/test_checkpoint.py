@@ -32,13 +32,15 @@ CONFIGS = {
 
 
 def random_model(config, param_dtype=jnp.float32, seed=0):
-    """A model whose every parameter is random (the default init zeroes the (1 + w) norms)."""
-    model = Qwen3NextForCausalLM(config, dtype=param_dtype, rngs=nnx.Rngs(seed))
+    """A model whose every parameter is random (the default init zeroes the (1 + w) norms).
+
+    Built abstractly and filled from NumPy (no per-shape compiles of jax.random)."""
+    model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(config, dtype=param_dtype,
+                                                        rngs=nnx.Rngs(seed)))
     state = nnx.state(model, nnx.Param)
     leaves, treedef = jax.tree.flatten(state)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [(jax.random.normal(k, x.shape, jnp.float32) * 0.2).astype(x.dtype)
-              for k, x in zip(keys, leaves)]
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray((rng.standard_normal(x.shape) * 0.2).astype(x.dtype)) for x in leaves]
     nnx.update(model, jax.tree.unflatten(treedef, leaves))
     return model
 
