@@ -1,0 +1,14 @@
+"""Qwen3-Next / Qwen3.5 models: config, the causal LM with its MTP head, HF checkpoint I/O."""
+
+from gdn_jax.models.checkpoint import load_pretrained, save_pretrained
+from gdn_jax.models.config import ModelConfig
+from gdn_jax.models.qwen3_next import (
+    DecoderLayer,
+    ModelCache,
+    ModelOutput,
+    MTPHead,
+    Qwen3NextForCausalLM,
+)
+
+__all__ = ["DecoderLayer", "MTPHead", "ModelCache", "ModelConfig", "ModelOutput",
+           "Qwen3NextForCausalLM", "load_pretrained", "save_pretrained"]

@@ -1,0 +1,289 @@
+"""Qwen3-Next / Qwen3.5 causal LM (text) with its MTP head, in Flax NNX.
+
+    h = embed(tokens)
+    for each layer: h = h + mixer(input_layernorm(h))       # GatedDeltaNet or gated Attention
+                    h = h + mlp(post_attention_layernorm(h)) # dense MLP or SparseMoE
+    hidden = norm(h);  logits = lm_head(hidden)              # lm_head tied to embed or not
+
+MTP head (one draft step):
+    x = fc(cat[pre_fc_norm_embedding(embed(next_token)), pre_fc_norm_hidden(hidden)])
+    x = full-attention decoder layer (own KV cache);  h_out = norm(x);  logits = lm_head(h_out)
+
+Usage:
+
+    model = Qwen3NextForCausalLM.from_pretrained("path/to/hf_dir", dtype=jnp.bfloat16)
+    cache = model.init_cache(num_slots=8, max_len=4096, t_max=4, state_dtype=jnp.bfloat16)
+    cache = model.reset(cache, slots)                          # fresh sequences
+    out = model(tokens, cache, slots, mode="prefill", lengths=lengths)   # ragged prompts
+    out = model(next_tok[:, None], out.cache, slots, mode="decode")
+    out = model(draft_tokens, out.cache, slots, mode="verify")  # T tokens, not committed
+    cache = model.commit(out.cache, slots, num_accepted)        # keep the first n (a count)
+
+Every call takes `slots` [B] int32 (a slot < 0 or >= num_slots is a padding row) and returns
+`ModelOutput(logits [B, T, vocab] fp32, hidden [B, T, hidden] (post final norm), cache)`.
+Positions come from the cache (tokens committed so far), so prefill can continue a sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn_jax.models.config import ModelConfig
+from gdn_jax.modules._linear import HIGHEST, linear
+from gdn_jax.modules.attention import Attention
+from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache
+from gdn_jax.modules.gated_deltanet import MODES, GatedDeltaNet
+from gdn_jax.modules.mlp import MLP, SparseMoE
+from gdn_jax.modules.norms import RMSNorm
+
+_F32 = jnp.float32
+
+
+class ModelOutput(NamedTuple):
+    logits: jax.Array  # [B, T, vocab] fp32
+    hidden: jax.Array  # [B, T, hidden] in dtype, after the final norm (the MTP head's input)
+    cache: "ModelCache"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCache:
+    """The whole model's cache (a pytree): one entry per decoder layer (GDNCache for
+    linear_attention, KVCache for full_attention), and one KVCache per MTP layer."""
+
+    layers: tuple
+    mtp: tuple = ()
+
+    def replace(self, **changes) -> "ModelCache":
+        return dataclasses.replace(self, **changes)
+
+
+jax.tree_util.register_dataclass(ModelCache, data_fields=["layers", "mtp"], meta_fields=[])
+
+
+def _check_mode(mode: str, T: int, lengths):
+    if mode not in MODES:
+        raise ValueError(f"mode expected one of {MODES}, got {mode!r}")
+    if mode == "decode" and T != 1:
+        raise ValueError(f"decode takes one token per row ([B, 1]), got T = {T}")
+    if mode != "prefill" and lengths is not None:
+        raise ValueError(f"lengths is for prefill only (mode {mode!r})")
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm decoder layer: a token mixer (GDN or attention) and a feed-forward block."""
+
+    def __init__(self, config: ModelConfig, layer_type: str, moe: bool, *, dtype=jnp.float32,
+                 param_dtype=jnp.float32, precision=HIGHEST, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(
+                c.hidden_size, c.linear_num_key_heads, c.linear_num_value_heads,
+                c.linear_key_head_dim, c.linear_value_head_dim, c.linear_conv_kernel_dim,
+                eps=c.rms_norm_eps, **kw)
+        elif layer_type == "full_attention":
+            self.self_attn = Attention(
+                c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                rotary_dim=c.rotary_dim, rope_theta=c.rope_theta, eps=c.rms_norm_eps, **kw)
+        else:
+            raise ValueError(f"DecoderLayer: unknown layer_type {layer_type!r}")
+        if moe:
+            self.mlp = SparseMoE(c.hidden_size, c.num_experts, c.num_experts_per_tok,
+                                 c.moe_intermediate_size, c.shared_expert_intermediate_size,
+                                 norm_topk_prob=c.norm_topk_prob, **kw)
+        else:
+            self.mlp = MLP(c.hidden_size, c.intermediate_size, **kw)
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps,
+                                                param_dtype=param_dtype)
+
+    def init_cache(self, num_slots: int, max_len: int, *, t_max: int, state_dtype,
+                   commit_mode: str):
+        if self.layer_type == "linear_attention":
+            return self.linear_attn.init_cache(num_slots, t_max=t_max, state_dtype=state_dtype,
+                                               commit_mode=commit_mode)
+        return self.self_attn.init_cache(num_slots, max_len)
+
+    def __call__(self, x, cache, slots, *, mode: str, lengths=None):
+        """x: [B, T, hidden] -> (x, cache)."""
+        h = self.input_layernorm(x)
+        if self.layer_type == "linear_attention":
+            h, cache = self.linear_attn(h, cache, slots, mode=mode, lengths=lengths)
+        else:
+            h, cache = self.self_attn(h, cache, slots, lengths=lengths,
+                                      advance=mode != "verify")
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
+
+    def commit(self, cache, slots, num_accepted):
+        if self.layer_type == "linear_attention":
+            return GatedDeltaNet.commit(cache, slots, num_accepted)
+        return cache.commit(slots, num_accepted)
+
+    def reset(self, cache, slots):
+        if self.layer_type == "linear_attention":
+            return GatedDeltaNet.reset(cache, slots)
+        return cache.reset(slots)
+
+
+class MTPHead(nnx.Module):
+    """Multi-token-prediction head (`mtp.*`): fc, two input norms, full-attention decoder
+    layers with their own KV caches, a final norm. Shares embed_tokens and lm_head."""
+
+    def __init__(self, config: ModelConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 precision=HIGHEST, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.fc = linear(2 * c.hidden_size, c.hidden_size, **kw)
+        self.pre_fc_norm_embedding = RMSNorm(c.hidden_size, eps=c.rms_norm_eps,
+                                             param_dtype=param_dtype)
+        self.pre_fc_norm_hidden = RMSNorm(c.hidden_size, eps=c.rms_norm_eps,
+                                          param_dtype=param_dtype)
+        self.layers = nnx.List([DecoderLayer(c, "full_attention", c.mtp_is_moe, **kw)
+                                for _ in range(c.mtp_num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, embedded, hidden, cache: KVCache, slots, *, layer: int, mode: str,
+                 lengths=None):
+        """embedded: embed(next tokens) [B, T, hidden]; hidden: target hidden [B, T, hidden].
+        Returns (h_out [B, T, hidden] after mtp.norm, cache)."""
+        x = jnp.concatenate([self.pre_fc_norm_embedding(embedded),
+                             self.pre_fc_norm_hidden(hidden.astype(embedded.dtype))], axis=-1)
+        x, cache = self.layers[layer](self.fc(x), cache, slots, mode=mode, lengths=lengths)
+        return self.norm(x), cache
+
+
+class Qwen3NextForCausalLM(nnx.Module):
+    """Qwen3-Next / Qwen3.5 text causal LM (module docstring). `dtype` is the compute dtype
+    (activations, KV cache, conv window), `param_dtype` the weights' storage dtype."""
+
+    def __init__(self, config: ModelConfig, *, with_mtp: bool | None = None, dtype=jnp.float32,
+                 param_dtype=None, precision=HIGHEST, rngs: nnx.Rngs):
+        c = config
+        param_dtype = dtype if param_dtype is None else param_dtype
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        if with_mtp is None:
+            with_mtp = c.mtp_num_hidden_layers > 0
+        if with_mtp and c.mtp_num_hidden_layers < 1:
+            c = dataclasses.replace(c, mtp_num_hidden_layers=1, raw=c.raw)
+        self.config = c
+        self.dtype, self.precision = dtype, precision
+        self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype,
+                                      param_dtype=param_dtype,
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(c, t, c.is_moe_layer(i), **kw)
+                                for i, t in enumerate(c.layer_types)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
+        self.lm_head = None if c.tie_word_embeddings else linear(c.hidden_size, c.vocab_size,
+                                                                 **kw)
+        self.mtp = MTPHead(c, **kw) if with_mtp else None
+
+    # ---- construction
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, precision=HIGHEST,
+                        with_mtp: bool | None = None) -> "Qwen3NextForCausalLM":
+        """Load a HF checkpoint directory (see `gdn_jax.models.checkpoint.load_pretrained`)."""
+        from gdn_jax.models.checkpoint import load_pretrained
+        return load_pretrained(path, dtype=dtype, param_dtype=param_dtype, precision=precision,
+                               with_mtp=with_mtp)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        """Write config.json and safetensors (see `gdn_jax.models.checkpoint.save_pretrained`)."""
+        from gdn_jax.models.checkpoint import save_pretrained
+        save_pretrained(self, path, **kwargs)
+
+    def init_cache(self, num_slots: int, max_len: int, *, t_max: int = 4,
+                   state_dtype=jnp.bfloat16, commit_mode: str = "replay") -> ModelCache:
+        """A zeroed cache for `num_slots` sequences of up to `max_len` tokens, verify calls of up
+        to `t_max` tokens, GDN state pools in `state_dtype` (bf16 or fp32), and the commit mode
+        ("replay" or "intermediate", DESIGN.md) of every GDN layer."""
+        if commit_mode not in COMMIT_MODES:
+            raise ValueError(f"init_cache: commit_mode expected one of {COMMIT_MODES}, got "
+                             f"{commit_mode!r}")
+        layers = tuple(layer.init_cache(num_slots, max_len, t_max=t_max, state_dtype=state_dtype,
+                                        commit_mode=commit_mode) for layer in self.layers)
+        mtp = () if self.mtp is None else tuple(
+            layer.init_cache(num_slots, max_len, t_max=t_max, state_dtype=state_dtype,
+                             commit_mode=commit_mode) for layer in self.mtp.layers)
+        return ModelCache(layers=layers, mtp=mtp)
+
+    # ---- forward
+
+    def embed(self, tokens):
+        """tokens: [B, T] int -> [B, T, hidden] in dtype."""
+        return self.embed_tokens(tokens)
+
+    def logits(self, hidden):
+        """hidden: [B, T, hidden] -> [B, T, vocab] fp32 (tied: embed_tokens.embedding^T)."""
+        if self.lm_head is None:
+            w = self.embed_tokens.embedding[...].astype(self.dtype)
+            out = jnp.einsum("bth,vh->btv", hidden, w, precision=self.precision)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(_F32)
+
+    def __call__(self, tokens, cache: ModelCache, slots, *, mode: str = "prefill",
+                 lengths=None) -> ModelOutput:
+        """tokens: [B, T] int32; slots: [B] int32; mode "prefill" (lengths [B]: real tokens per
+        row, right padding), "decode" (T = 1) or "verify" (T in 1..t_max, not committed: call
+        `commit`). Returns ModelOutput(logits, hidden, cache)."""
+        _check_mode(mode, tokens.shape[1], lengths)
+        if len(cache.layers) != len(self.layers):
+            raise ValueError(f"cache has {len(cache.layers)} layers, the model "
+                             f"{len(self.layers)}: make it with model.init_cache")
+        x = self.embed(tokens)
+        new = []
+        for layer, c in zip(self.layers, cache.layers):
+            x, c = layer(x, c, slots, mode=mode, lengths=lengths)
+            new.append(c)
+        hidden = self.norm(x)
+        return ModelOutput(self.logits(hidden), hidden, cache.replace(layers=tuple(new)))
+
+    def commit(self, cache: ModelCache, slots, num_accepted) -> ModelCache:
+        """Keep the first num_accepted[i] (a count, 0..T) tokens of row i's last verify call, in
+        every decoder layer (GDN state and conv window, KV lengths)."""
+        layers = tuple(layer.commit(c, slots, num_accepted)
+                       for layer, c in zip(self.layers, cache.layers))
+        return cache.replace(layers=layers)
+
+    def reset(self, cache: ModelCache, slots) -> ModelCache:
+        """Empty the slots (state, conv window, KV lengths, MTP KV lengths) for new sequences."""
+        layers = tuple(layer.reset(c, slots) for layer, c in zip(self.layers, cache.layers))
+        mtp = tuple(c.reset(slots) for c in cache.mtp)
+        return cache.replace(layers=layers, mtp=mtp)
+
+    # ---- MTP head
+
+    def mtp_forward(self, next_tokens, hidden, cache: ModelCache, slots, *, mode: str = "decode",
+                    lengths=None, layer: int = 0) -> ModelOutput:
+        """One MTP draft step with MTP layer `layer` (chained drafting: step % num layers).
+
+        next_tokens: [B, T] int32, the token after each position of `hidden`; hidden: [B, T,
+        hidden] target hidden after the final norm (or the previous step's MTP hidden). Modes as
+        `__call__` on the MTP layer's own KV cache (positions = its committed length).
+        Returns ModelOutput(logits, h_out (after mtp.norm), cache).
+        """
+        if self.mtp is None:
+            raise ValueError("mtp_forward: this model has no MTP head (load with with_mtp=True "
+                             "from a checkpoint that has mtp.* weights)")
+        _check_mode(mode, next_tokens.shape[1], lengths)
+        if not 0 <= layer < len(self.mtp.layers):
+            raise ValueError(f"mtp_forward: layer expected 0..{len(self.mtp.layers) - 1}, got "
+                             f"{layer}")
+        h, c = self.mtp(self.embed(next_tokens), hidden, cache.mtp[layer], slots, layer=layer,
+                        mode=mode, lengths=lengths)
+        mtp = cache.mtp[:layer] + (c,) + cache.mtp[layer + 1:]
+        return ModelOutput(self.logits(h), h, cache.replace(mtp=mtp))
+
+    def commit_mtp(self, cache: ModelCache, slots, num_accepted, *, layer: int = 0) -> ModelCache:
+        """Keep the first num_accepted[i] tokens of row i's last MTP verify call."""
+        mtp = list(cache.mtp)
+        mtp[layer] = mtp[layer].commit(slots, num_accepted)
+        return cache.replace(mtp=tuple(mtp))

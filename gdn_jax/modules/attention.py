@@ -1,0 +1,96 @@
+"""Gated full attention of Qwen3-Next / Qwen3.5 with a slot-indexed KV cache.
+
+    q, gate = per-head split of q_proj(x) ([B, T, nH, 2 * hd]: first hd query, next hd gate)
+    q = rope(q_norm(q)); k = rope(k_norm(k_proj(x))); v = v_proj(x)      (partial NeoX RoPE)
+    o = softmax(q k^T * hd**-0.5 + causal) v     (GQA: head h reads kv head h // (nH / nKV))
+    y = o_proj(o * sigmoid(gate))
+
+Positions come from the cache: row i's token t sits at `lengths[slot_i] + t`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gdn_jax.modules._linear import HIGHEST, linear
+from gdn_jax.modules.cache import KVCache, slot_index
+from gdn_jax.modules.norms import RMSNorm
+from gdn_jax.modules.rope import apply_rope, rope_cos_sin
+
+_F32 = jnp.float32
+
+
+class Attention(nnx.Module):
+    """Gated GQA attention (module docstring). Parameters as HF: q_proj [hidden, nH * 2 * hd]
+    (per-head [query | gate]), k_proj / v_proj [hidden, nKV * hd], o_proj [nH * hd, hidden],
+    q_norm / k_norm (1 + w) over hd."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
+                 rotary_dim: int, rope_theta: float, eps: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32, precision=HIGHEST, rngs: nnx.Rngs):
+        if num_heads % num_kv_heads:
+            raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of "
+                             f"num_kv_heads ({num_kv_heads})")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.rotary_dim, self.rope_theta = rotary_dim, rope_theta
+        self.dtype, self.precision = dtype, precision
+        self.q_proj = linear(hidden_size, num_heads * head_dim * 2, **kw)
+        self.k_proj = linear(hidden_size, num_kv_heads * head_dim, **kw)
+        self.v_proj = linear(hidden_size, num_kv_heads * head_dim, **kw)
+        self.o_proj = linear(num_heads * head_dim, hidden_size, **kw)
+        self.q_norm = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+        self.k_norm = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
+
+    def init_cache(self, num_slots: int, max_len: int) -> KVCache:
+        return KVCache.create(num_slots, max_len, self.num_kv_heads, self.head_dim,
+                              dtype=self.dtype)
+
+    def __call__(self, x, cache: KVCache, slots, *, lengths=None, advance: bool = True):
+        """x: [B, T, hidden]; slots: [B] int32; lengths: [B] int32 real tokens per row (None: T).
+
+        Writes the rows' real k/v at positions lengths[slot] + t and attends causally over the
+        slot's cache. advance=True (prefill, decode) commits them (lengths[slot] += lengths[i]);
+        advance=False (verify) leaves lengths alone for `KVCache.commit`.
+        Returns (y [B, T, hidden] in dtype, cache). Outputs at padded positions are unspecified.
+        """
+        B, T, _ = x.shape
+        nH, nKV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        gather, valid, scatter = slot_index(slots, cache.num_slots)
+        n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+        start = jnp.where(valid, cache.lengths[gather], 0)
+        pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+
+        qg = self.q_proj(x).reshape(B, T, nH, 2 * hd)
+        q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, nH * hd)
+        q = self.q_norm(q)
+        k = self.k_norm(self.k_proj(x).reshape(B, T, nKV, hd))
+        v = self.v_proj(x).reshape(B, T, nKV, hd)
+        cos, sin = rope_cos_sin(pos, self.rotary_dim, self.rope_theta)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+        real = valid[:, None] & (jnp.arange(T)[None, :] < n[:, None])
+        col = jnp.where(real, pos, cache.max_len)  # out of range: dropped
+        row = jnp.broadcast_to(scatter[:, None], (B, T))
+        ck = cache.k.at[row, col].set(k.astype(cache.k.dtype), mode="drop")
+        cv = cache.v.at[row, col].set(v.astype(cache.v.dtype), mode="drop")
+
+        keys, values = ck[gather], cv[gather]  # [B, L, nKV, hd]
+        qh = q.reshape(B, T, nKV, nH // nKV, hd)
+        scores = jnp.einsum("btngd,bsnd->bngts", qh, keys.astype(q.dtype),
+                            precision=self.precision, preferred_element_type=_F32)
+        scores = scores * (hd ** -0.5)
+        causal = jnp.arange(cache.max_len)[None, None, :] <= pos[:, :, None]  # [B, T, L]
+        scores = jnp.where(causal[:, None, None], scores, jnp.finfo(_F32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+        o = jnp.einsum("bngts,bsnd->btngd", probs, values.astype(q.dtype),
+                       precision=self.precision)
+        o = o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate)
+        y = self.o_proj(o)
+
+        new_len = cache.lengths
+        if advance:
+            new_len = new_len.at[scatter].add(jnp.where(valid, n, 0), mode="drop")
+        return y, cache.replace(k=ck, v=cv, lengths=new_len)

@@ -1,0 +1,170 @@
+"""The Gated DeltaNet layer (Qwen3-Next / Qwen3.5 `linear_attn`), on `gdn_jax.ops`.
+
+    [q | k | v | z] = in_proj_qkvz(x)      [b | a] = in_proj_ba(x)        (flat, head-major)
+    [q | k | v] = silu(causal depthwise conv, width W, over the pre-conv [q | k | v] channels)
+    o = gated delta rule (gdn_jax.ops: prefill / decode / verify), gating fused in the op
+    y = out_proj(GatedRMSNorm(o, z))        (per value head, over V)
+
+Internal projection order is flat: `in_proj_qkvz` kernel [hidden, 2*H*K + 2*HV*V] with columns
+[q (H heads) | k (H heads) | v (HV heads) | z (HV heads)], `in_proj_ba` [hidden, 2*HV] with
+[b | a]. Qwen3.5's split `in_proj_qkv/z/b/a` concatenate into it; Qwen3-Next's per-key-head
+interleaved `in_proj_qkvz`/`in_proj_ba` are permuted into it once, at load
+(`gdn_jax.models.checkpoint`). One code path after that.
+
+Modes (each row of the batch names its slot; see `gdn_jax.modules.cache`):
+  "prefill": ragged prompts (`lengths`), continuing from the slot's state and conv window.
+  "decode":  one token.
+  "verify":  T tokens (1..T_max) from the slot's state, not committed: `commit` keeps the first
+             num_accepted of them (GDN state per the cache's commit mode, conv window by count).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from gdn_jax import ops
+from gdn_jax.modules._linear import HIGHEST, linear
+from gdn_jax.modules.cache import GDNCache, slot_index
+from gdn_jax.modules.norms import GatedRMSNorm
+
+_F32 = jnp.float32
+MODES = ("prefill", "decode", "verify")
+
+
+def causal_conv(xp, weight):
+    """Depthwise causal conv over a window-prefixed input, then SiLU, in fp32.
+
+    xp: [B, W - 1 + T, C] (the W - 1 previous inputs, then T new ones); weight: [W, C] with
+    weight[W - 1] multiplying the current token (PyTorch's conv1d weight[:, 0, :] transposed).
+    Returns [B, T, C] fp32.
+    """
+    W = weight.shape[0]
+    T = xp.shape[1] - (W - 1)
+    xp, w = xp.astype(_F32), weight.astype(_F32)
+    y = sum(xp[:, j:j + T] * w[j] for j in range(W))
+    return jax.nn.silu(y)
+
+
+def _windows(xp, starts, width: int):
+    """Per-row slice xp[i, starts[i] : starts[i] + width] -> [B, width, C]."""
+    return jax.vmap(lambda r, s: lax.dynamic_slice_in_dim(r, s, width, axis=0))(xp, starts)
+
+
+class GatedDeltaNet(nnx.Module):
+    """One GDN layer (module docstring).
+
+    Parameters: in_proj_qkvz [hidden, 2*H*K + 2*HV*V]; in_proj_ba [hidden, 2*HV];
+    conv_weight [W, 2*H*K + HV*V]; A_log, dt_bias [HV]; norm.weight [V]; out_proj [HV*V, hidden].
+    """
+
+    def __init__(self, hidden_size: int, num_k_heads: int, num_v_heads: int, head_k_dim: int,
+                 head_v_dim: int, conv_kernel: int = 4, *, eps: float = 1e-6, dtype=jnp.float32,
+                 param_dtype=jnp.float32, precision=HIGHEST, rngs: nnx.Rngs):
+        if num_v_heads % num_k_heads:
+            raise ValueError(f"GatedDeltaNet: num_v_heads ({num_v_heads}) must be a multiple of "
+                             f"num_k_heads ({num_k_heads})")
+        if conv_kernel < 1:
+            raise ValueError(f"GatedDeltaNet: conv_kernel must be >= 1, got {conv_kernel}")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
+        self.H, self.HV, self.K, self.V, self.W = (num_k_heads, num_v_heads, head_k_dim,
+                                                   head_v_dim, conv_kernel)
+        self.dtype = dtype
+        key_dim, value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
+        self.conv_dim = 2 * key_dim + value_dim
+        self.in_proj_qkvz = linear(hidden_size, 2 * key_dim + 2 * value_dim, **kw)
+        self.in_proj_ba = linear(hidden_size, 2 * num_v_heads, **kw)
+        bound = conv_kernel ** -0.5
+        self.conv_weight = nnx.Param(jax.random.uniform(
+            rngs.params(), (conv_kernel, self.conv_dim), param_dtype, -bound, bound))
+        self.dt_bias = nnx.Param(jnp.ones((num_v_heads,), param_dtype))
+        self.A_log = nnx.Param(jnp.log(jax.random.uniform(
+            rngs.params(), (num_v_heads,), _F32, 1.0, 16.0)).astype(param_dtype))
+        self.norm = GatedRMSNorm(head_v_dim, eps=eps, param_dtype=param_dtype)
+        self.out_proj = linear(value_dim, hidden_size, **kw)
+
+    def init_cache(self, num_slots: int, *, t_max: int, state_dtype=jnp.bfloat16,
+                   commit_mode: str = "replay") -> GDNCache:
+        return GDNCache.create(num_slots, self.H, self.HV, self.K, self.V, self.W, t_max=t_max,
+                               state_dtype=state_dtype, dtype=self.dtype, commit_mode=commit_mode)
+
+    def __call__(self, x, cache: GDNCache, slots, *, mode: str = "prefill", lengths=None):
+        """x: [B, T, hidden]; slots: [B] int32; lengths: [B] int32 (prefill only; None: T).
+
+        Returns (y [B, T, hidden] in dtype, cache). Outputs at padded positions are unspecified.
+        """
+        if mode not in MODES:
+            raise ValueError(f"GatedDeltaNet: mode expected one of {MODES}, got {mode!r}")
+        B, T, _ = x.shape
+        if mode == "decode" and T != 1:
+            raise ValueError(f"GatedDeltaNet: decode takes one token per row, got T = {T}")
+        if mode == "verify" and not 1 <= T <= cache.t_max:
+            raise ValueError(f"GatedDeltaNet: verify takes 1..T_max = {cache.t_max} tokens, got "
+                             f"T = {T}")
+        if mode != "prefill" and lengths is not None:
+            raise ValueError(f"GatedDeltaNet: lengths is for prefill only (mode {mode!r})")
+        H, HV, K, V, W = self.H, self.HV, self.K, self.V, self.W
+        key_dim, value_dim = H * K, HV * V
+        gather, valid, scatter = slot_index(slots, cache.num_slots)
+
+        qkvz = self.in_proj_qkvz(x)
+        mixed, z = qkvz[..., :self.conv_dim], qkvz[..., self.conv_dim:]
+        ba = self.in_proj_ba(x)
+        b, a = ba[..., :HV], ba[..., HV:]
+
+        window = cache.conv[gather, :W - 1]  # [B, W - 1, C], committed inputs
+        xp = jnp.concatenate([window, mixed.astype(cache.conv.dtype)], axis=1)
+        conv_out = causal_conv(xp, self.conv_weight[...]).astype(self.dtype)
+        q = conv_out[..., :key_dim].reshape(B, T, H, K)
+        k = conv_out[..., key_dim:2 * key_dim].reshape(B, T, H, K)
+        v = conv_out[..., 2 * key_dim:].reshape(B, T, HV, V)
+        A_log, dt_bias = self.A_log[...], self.dt_bias[...]
+
+        if mode == "verify":
+            o, state, inter = ops.verify(q, k, v, a, b, A_log, dt_bias, cache.state, slots,
+                                         mode=cache.commit_mode)
+            pad = cache.t_max - T
+            conv = cache.conv.at[scatter].set(jnp.pad(xp, [(0, 0), (0, pad), (0, 0)]),
+                                              mode="drop")
+            new_inter = cache.inter
+            if inter is not None:
+                new_inter = cache.inter.at[scatter, :T].set(inter, mode="drop")
+            cache = cache.replace(state=state, conv=conv, inter=new_inter)
+        else:
+            if mode == "decode":
+                o, state = ops.decode(q, k, v, a, b, A_log, dt_bias, cache.state, slots)
+                n = jnp.ones((B,), jnp.int32)
+            else:
+                n = (jnp.full((B,), T, jnp.int32) if lengths is None
+                     else jnp.asarray(lengths, jnp.int32))
+                o, state = ops.prefill(q, k, v, a, b, A_log, dt_bias, cache.state, slots, n)
+            conv = cache.conv.at[scatter, :W - 1].set(_windows(xp, n, W - 1), mode="drop")
+            cache = cache.replace(state=state, conv=conv)
+
+        o = self.norm(o.astype(self.dtype), z.reshape(B, T, HV, V))
+        return self.out_proj(o.reshape(B, T, value_dim)), cache
+
+    @staticmethod
+    def commit(cache: GDNCache, slots, num_accepted) -> GDNCache:
+        """Keep the first num_accepted[i] (0..T) tokens of row i's last verify call.
+
+        The GDN state commits per the cache's mode (`gdn_jax.ops.commit`); the conv window
+        becomes rows n..n+W-2 of the verify's [window | T inputs].
+        """
+        gather, _, scatter = slot_index(slots, cache.num_slots)
+        n = jnp.asarray(num_accepted).astype(jnp.int32)
+        width = cache.conv.shape[1] - cache.t_max  # W - 1
+        window = _windows(cache.conv[gather], n, width)
+        conv = cache.conv.at[scatter, :width].set(window, mode="drop")
+        inter = None if cache.inter is None else cache.inter[gather]
+        state = ops.commit(cache.state, slots, n, inter)
+        return cache.replace(state=state, conv=conv)
+
+    @staticmethod
+    def reset(cache: GDNCache, slots) -> GDNCache:
+        """Zero the slots' state and conv window for new sequences."""
+        _, _, scatter = slot_index(slots, cache.num_slots)
+        conv = cache.conv.at[scatter].set(0, mode="drop")
+        return cache.replace(state=ops.reset(cache.state, slots), conv=conv)

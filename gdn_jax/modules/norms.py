@@ -1,0 +1,48 @@
+"""RMS norms of Qwen3-Next / Qwen3.5.
+
+`RMSNorm`: `x * rsqrt(mean(x^2) + eps) * (1 + w)` in fp32, cast back to x's dtype (the weight is
+zero-initialised: `1 + w`, Gemma style). Used for the layer norms, the final norm, q/k norms and
+the MTP norms.
+`GatedRMSNorm`: the GDN output norm, `w * norm(x)` (plain `w`, initialised to ones), then
+`* silu(z)`; the gate multiply runs in fp32 (as transformers).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def _normalize(x, eps: float):
+    x = x.astype(_F32)
+    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+class RMSNorm(nnx.Module):
+    """`(1 + w)` RMSNorm over the last axis. x: [..., dim] any float dtype -> same shape and dtype."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x):
+        y = _normalize(x, self.eps) * (1.0 + self.weight[...].astype(_F32))
+        return y.astype(x.dtype)
+
+
+class GatedRMSNorm(nnx.Module):
+    """GDN output norm: x, z: [..., dim] -> `w * norm(x)` (rounded to x's dtype) `* silu(z)`."""
+
+    def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype=jnp.float32):
+        self.eps = eps
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x, z):
+        dtype = x.dtype
+        y = self.weight[...] * _normalize(x, self.eps).astype(dtype)
+        y = y.astype(_F32) * jax.nn.silu(z.astype(_F32))
+        return y.astype(dtype)
