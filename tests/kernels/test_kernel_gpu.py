@@ -15,6 +15,7 @@ pytestmark = pytest.mark.gpu
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 REAL = dict(H=16, group=2, K=128)
+FORMS = pytest.mark.parametrize("form", ["sequential", "gram"])
 
 
 @pytest.mark.parametrize("B, pool_dtype, in_dtype, block_v, num_warps", [
@@ -38,11 +39,12 @@ def test_decode_gpu(B, pool_dtype, in_dtype, block_v, num_warps, on_gpu, make_ca
     (256, 2, F32, F32, 32),
     (3, 5, F32, BF16, 16),
 ])
-def test_verify_intermediate_gpu(B, T, pool_dtype, in_dtype, block_v, on_gpu, make_case,
+@FORMS
+def test_verify_intermediate_gpu(B, T, pool_dtype, in_dtype, block_v, form, on_gpu, make_case,
                                  reference, assert_rows):
     case = make_case(seed=B + T, B=B, T=T, t_max=8, pool_dtype=pool_dtype, in_dtype=in_dtype,
                      **REAL)
-    o, inter = verify_intermediate(*case.kernel_args(), block_v=block_v)
+    o, inter = verify_intermediate(*case.kernel_args(), block_v=block_v, form=form)
     o_ref, inter_ref = reference(case, "intermediate")
     assert_rows("o", case, o, o_ref)
     assert_rows("inter", case, inter, inter_ref)
@@ -53,11 +55,12 @@ def test_verify_intermediate_gpu(B, T, pool_dtype, in_dtype, block_v, on_gpu, ma
     (128, 8, F32, F32, 32),
     (32, 1, BF16, F32, 64),
 ])
-def test_verify_replay_gpu(B, T, pool_dtype, in_dtype, block_v, on_gpu, make_case, reference,
-                           assert_rows, assert_named_slots, assert_untouched):
+@FORMS
+def test_verify_replay_gpu(B, T, pool_dtype, in_dtype, block_v, form, on_gpu, make_case,
+                           reference, assert_rows, assert_named_slots, assert_untouched):
     case = make_case(seed=B * T, B=B, T=T, t_max=8, pool_dtype=pool_dtype, in_dtype=in_dtype,
                      **REAL)
-    o, pool = verify_replay(*case.kernel_args(), block_v=block_v)
+    o, pool = verify_replay(*case.kernel_args(), block_v=block_v, form=form)
     o_ref, pool_ref = reference(case, "replay")
     assert_rows("o", case, o, o_ref)
     assert_named_slots("pool", case, pool, pool_ref)
