@@ -41,7 +41,7 @@ METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
 
 def cases(args):
     if args.sweep:
-        return sweep_cases(args.forms)
+        return sweep_cases()
     batches = (8, 256) if args.quick else (1, 8, 32, 128, 256)
     out = []
     for dtype in ("bfloat16", "float32"):
@@ -58,25 +58,18 @@ def cases(args):
     return out
 
 
-def sweep_cases(forms):
-    """Tuning sweep: block_v x num_warps for decode (with "sequential" in forms) and for replay
-    3+4 at B = 32 and 256 and intermediate T = 4 at B = 256, in each verify form."""
+def sweep_cases():
+    """Tuning sweep: block_v x num_warps for decode and replay 3+4 at B = 32 and 256."""
     out = []
     for op in ("decode", "replay", "intermediate"):
-        for form in (("sequential",) if op == "decode" else forms):
-            if op == "decode" and "sequential" not in forms:
-                continue
-            for dtype in ("bfloat16", "float32"):
-                for B in (32, 256):
-                    if op == "intermediate" and (B == 32 or dtype == "float32"):
-                        continue
-                    for bv in ((8, 16, 32, 64) if form == "sequential" else (16, 32, 64)):
-                        for w in (1, 2, 4):
-                            c = dict(impl="gdn", op=op, B=B, T=1 if op == "decode" else 4,
-                                     dtype=dtype, block_v=bv, num_warps=w, num_stages=1)
-                            if op != "decode":
-                                c["form"] = form
-                            out.append(c)
+        for dtype in ("bfloat16", "float32"):
+            for B in (32, 256):
+                if op == "intermediate" and (B == 32 or dtype == "float32"):
+                    continue
+                for bv in (8, 16, 32, 64):
+                    for w in (1, 2, 4):
+                        out.append(dict(impl="gdn", op=op, B=B, T=1 if op == "decode" else 4,
+                                        dtype=dtype, block_v=bv, num_warps=w, num_stages=1))
     return out
 
 
