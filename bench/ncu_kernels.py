@@ -2,7 +2,7 @@
 
 Run under ncu, which this script starts itself:
 
-    python bench/ncu_kernels.py --out DIR [--fla] [--quick] [--forms sequential,gram]
+    python bench/ncu_kernels.py --out DIR [--fla] [--quick]
 
 It re-runs itself as `ncu ... python bench/ncu_kernels.py --worker`, profiling only the launches
 between cudaProfilerStart/Stop (each case: compile and warm up first, then --reps launches), with
@@ -15,7 +15,6 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
   decode            T = 1, nothing pending
   replay3+T         3 pending candidates folded, then T tokens (T = 4 by default)
   intermediate T    nothing pending, T states written
-                    (replay and intermediate once per verify form of --forms: TuningConfig.form)
   fla T             fla's fused_recurrent_gated_delta_rule over T tokens from a state of the pool's
                     dtype (it writes its final state in fp32), batch-indexed, no slots
 """
@@ -48,10 +47,8 @@ def cases(args):
         for B in batches:
             out.append(dict(impl="gdn", op="decode", B=B, T=1, dtype=dtype))
             for T in args.tokens:
-                for form in args.forms:
-                    out.append(dict(impl="gdn", op="replay", B=B, T=T, dtype=dtype, form=form))
-                    out.append(dict(impl="gdn", op="intermediate", B=B, T=T, dtype=dtype,
-                                    form=form))
+                out.append(dict(impl="gdn", op="replay", B=B, T=T, dtype=dtype))
+                out.append(dict(impl="gdn", op="intermediate", B=B, T=T, dtype=dtype))
             if args.fla:
                 for T in (1,) + tuple(args.tokens):
                     out.append(dict(impl="fla", op=f"fla", B=B, T=T, dtype=dtype))
@@ -143,12 +140,10 @@ def worker(args):
                         cand_beta=jnp.full((B, 8, HV), 0.5, jnp.float32),
                         count=jnp.full((B,), PENDING if c["op"] == "replay" else 0, jnp.int32))
         slots = jnp.asarray(rng.permutation(B), jnp.int32)
-        cfg = dispatch.tuning(c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype,
-                              B=B, V=V, T=T)  # the shipped tuning, unless the case names one
-        cfg.update({key: c[key] for key in ("block_v", "num_warps", "num_stages", "form")
-                    if key in c})
-        if c["op"] == "decode":
-            cfg.pop("form", None)
+        cfg = {key: c[key] for key in ("block_v", "num_warps", "num_stages", "form") if key in c}
+        if not cfg:
+            cfg = dispatch.tuning(c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype,
+                                  B=B, V=V, T=T)
         c.update(cfg)
         kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
                   "intermediate": kernels.verify_intermediate}[c["op"]]
@@ -201,18 +196,12 @@ def main(argv=None):
     p.add_argument("--fla", action="store_true", help="also profile fla's fused_recurrent kernel")
     p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
     p.add_argument("--tokens", default="4", help="verify T values, comma-separated (default 4)")
-    p.add_argument("--forms", default="sequential",
-                   help="verify forms (TuningConfig.form), comma-separated: sequential,gram")
     p.add_argument("--reps", type=int, default=3, help="profiled launches per case (median)")
     p.add_argument("--sweep", action="store_true",
                    help="tuning sweep (block_v x num_warps) instead of the standard cases")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
-    args.forms = tuple(args.forms.split(","))
-    bad = set(args.forms) - {"sequential", "gram"}
-    if bad:
-        p.error(f"--forms: unknown {sorted(bad)}")
     os.makedirs(args.out, exist_ok=True)
     if args.worker:
         return worker(args)
@@ -227,8 +216,7 @@ def main(argv=None):
            "off", "--kernel-name", "regex:gdn_|fused_recurrent", "--metrics", ",".join(METRICS),
            "--csv", "--page", "raw", "--log-file", raw,
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
-           "--tokens", ",".join(map(str, args.tokens)), "--forms", ",".join(args.forms),
-           "--reps", str(args.reps)]
+           "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps)]
     cmd += ["--fla"] * args.fla + ["--quick"] * args.quick + ["--sweep"] * args.sweep
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -262,16 +250,15 @@ def main(argv=None):
     with open(os.path.join(args.out, "ncu_kernels.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print(f"{dev.device_kind}, jax {jax.__version__}, copy {bw:.0f} GB/s")
-    print(f"{'cfg':7s} {'impl':4s} {'op':13s} {'form':10s} {'dtype':9s} {'B':>4s} {'T':>2s} "
-          f"{'kernel us':>10s} {'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
+    print(f"{'cfg':7s} {'impl':4s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
+          f"{'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
     for c in table:
         if "error" in c:
-            print(f"{c['op']:13s} {c.get('form', '-'):10s} {c['dtype']:9s} {c['B']:4d} "
-                  f"{c.get('block_v')} {c.get('num_warps')}: {c['error'][:80]}")
+            print(f"{c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
+                  f"{c.get('num_warps')}: {c['error'][:80]}")
             continue
         cfg = f"bv{c['block_v']}w{c['num_warps']}" if "block_v" in c else ""
-        print(f"{cfg:7s} {c['impl']:4s} {c['op']:13s} {c.get('form', '-'):10s} {c['dtype']:9s} "
-              f"{c['B']:4d} {c['T']:2d} "
+        print(f"{cfg:7s} {c['impl']:4s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
               f"{c['kernel_us']:10.1f} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
               f"{c['regs']:5.0f} {c['occupancy_pct']:5.1f}")
 

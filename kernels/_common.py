@@ -13,9 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
 
-from . import _gram as gm
 from . import _recurrence as rec
 
 _F32 = jnp.float32
@@ -210,58 +208,3 @@ def fold_pending(S, pend: PendingRefs, r: Row, n):
         return rec.update(S, k, v, g, beta)
 
     return lax.fori_loop(0, n, step, S)
-
-
-def _rows_load(ref, idx, mask, shape):
-    """Masked gather of `shape` from ref.at[idx] (every index an array broadcasting to `shape`,
-    or a scalar), fp32; masked-off lanes read nothing and give 0 (so NaN in stale candidates
-    never enters)."""
-    m = jnp.broadcast_to(mask, shape)
-    return pltriton.load(ref.at[idx], mask=m, other=0).astype(_F32)
-
-
-def load_chunk(tok: TokenRefs, pend: PendingRefs, r: Row, n_pending, *, T: int, t_max: int,
-               block_v: int):
-    """The chunk of `_gram.py` for row r: T new tokens after the slot's T_max candidate slots,
-    of which the first n_pending are live (the rest identity steps).
-
-    Returns (X [NP, K] prepared, V [NP, BV], g [NP], beta [NP], Layout), all fp32. Each row
-    block is one masked gather per source (q, pending k, new k; pending v, new v; ...):
-    row indices are clipped into range, and the mask keeps only the rows a source owns.
-    """
-    K = tok.q.shape[-1]
-    NP = gm.num_rows(T, t_max)
-    lay = gm.layout(T, t_max, NP)
-    rows = jnp.arange(NP, dtype=jnp.int32)
-    tq = jnp.clip(rows, 0, T - 1)                       # q rows -> new token
-    tp = jnp.clip(rows - T, 0, t_max - 1)               # pending k rows -> candidate slot
-    tn = jnp.clip(rows - T - t_max, 0, T - 1)           # new k rows -> new token
-    live_p = lay.is_p & (rows - T < n_pending)
-    kc = jnp.arange(K, dtype=jnp.int32)[None, :]
-    vc = r.cols.start + jnp.arange(block_v, dtype=jnp.int32)[None, :]
-    col = lambda x: x[:, None]
-
-    X = (_rows_load(tok.q, (r.b, col(tq), r.hk, kc), col(lay.is_q), (NP, K))
-         + _rows_load(pend.cand_k, (r.slot, col(tp), r.hk, kc), col(live_p), (NP, K))
-         + _rows_load(tok.k, (r.b, col(tn), r.hk, kc), col(lay.is_n), (NP, K)))
-    V = (_rows_load(pend.cand_v, (r.slot, col(tp), r.hv, vc), col(live_p), (NP, block_v))
-         + _rows_load(tok.v, (r.b, col(tn), r.hv, vc), col(lay.is_n), (NP, block_v)))
-    g_p = _rows_load(pend.cand_g, (r.slot, tp, r.hv), live_p, (NP,))
-    beta_p = _rows_load(pend.cand_beta, (r.slot, tp, r.hv), live_p, (NP,))
-    g_n, beta_n = rec.gates(_rows_load(tok.a, (r.b, tn, r.hv), lay.is_n, (NP,)),
-                            _rows_load(tok.b, (r.b, tn, r.hv), lay.is_n, (NP,)),
-                            tok.A_log[r.hv].astype(_F32), tok.dt_bias[r.hv].astype(_F32))
-    g = jnp.where(lay.is_n, g_n, g_p)
-    beta = jnp.where(lay.is_n, beta_n, beta_p)
-    return gm.prepare_rows(X, lay), V, g, beta, lay
-
-
-def store_rows(ref, r: Row, Y, n_rows: int, *, block_v: int):
-    """o[b, t, hv, cols] := Y[t] for t < n_rows (Y [NP, BV]), one masked scatter. Rows past
-    n_rows index past the end of the T axis: masked, so never written (in interpret mode the
-    scatter drops them)."""
-    NP = Y.shape[0]
-    rows = jnp.arange(NP, dtype=jnp.int32)[:, None]
-    vc = r.cols.start + jnp.arange(block_v, dtype=jnp.int32)[None, :]
-    mask = jnp.broadcast_to(rows < n_rows, Y.shape)
-    pltriton.store(ref.at[r.b, rows, r.hv, vc], Y.astype(ref.dtype), mask=mask)

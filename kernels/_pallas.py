@@ -23,9 +23,6 @@ TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
 warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
 
 
-FORMS = ("sequential", "gram")
-
-
 def _is_pow2(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and not n & (n - 1)
 
@@ -38,17 +35,11 @@ class TuningConfig:
                 a power of two dividing V. The grid is (B, HV, V // block_v).
     num_warps:  warps per program (power of two, 1..32).
     num_stages: Triton software-pipelining depth; only loops (the pending-candidate fold) use it.
-    form:       how verify runs its tokens (decode and fold ignore it):
-                "sequential": one dependent token step after another on the state tile;
-                "gram": all reductions against the loaded state in one product, the in-chunk
-                interactions as small [NP, NP] products (`_gram.py`); needs block_v >= 16 and
-                K >= 16 (Triton's dot).
     """
 
     block_v: int = 32
     num_warps: int = 4
     num_stages: int = 1
-    form: str = "sequential"
 
     def __post_init__(self):
         if not _is_pow2(self.block_v):
@@ -58,19 +49,11 @@ class TuningConfig:
                              f"got {self.num_warps=}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:
             raise ValueError(f"TuningConfig: num_stages must be an int >= 1, got {self.num_stages=}")
-        if self.form not in FORMS:
-            raise ValueError(f"TuningConfig: form must be one of {FORMS}, got {self.form=}")
 
     def check_head_dim(self, op: str, V: int) -> None:
         """block_v must tile V exactly (no masked tail: every load is a power-of-two block)."""
         if self.block_v > V or V % self.block_v:
             raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
-
-    def check_form(self, op: str, K: int) -> None:
-        """The gram form multiplies [*, K] x [K, block_v] tiles with Triton's dot (dims >= 16)."""
-        if self.form == "gram" and (self.block_v < 16 or K < 16):
-            raise ValueError(f"{op}: form='gram' needs block_v >= 16 and K >= 16 (Triton dot), "
-                             f"got {self.block_v=}, {K=}")
 
 
 def pallas_call(kernel, *, name: str, config: TuningConfig, interpret: bool, **kwargs):

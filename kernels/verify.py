@@ -7,13 +7,8 @@
   The caller stores this call's tokens as the slot's new candidates (in XLA: writing them here
   would race with other programs of the same row still reading the old ones).
 
-Both fold the slot's pending candidates into the starting state first. Two forms (TuningConfig):
-- "sequential": tokens unrolled in Python (static T), the state tile stays in fp32 registers
-  across all of them; the pending candidates run in a loop of count[slot] steps.
-- "gram": the T_max candidate slots (those past count[slot] masked to identity steps) and the
-  T tokens form one chunk; every reduction against the loaded state is one product, the
-  in-chunk interactions are small products, and each stored state is the loaded one scaled plus
-  one product (`_gram.py` has the math).
+Both fold the slot's pending candidates into the starting state first. Tokens are unrolled in
+Python (static T), the state tile stays in fp32 registers across all of them.
 """
 
 from __future__ import annotations
@@ -25,11 +20,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _common as cm
-from . import _gram as gm
 from . import _recurrence as rec
 from ._pallas import TuningConfig, pallas_call
 
-_STATICS = ("block_v", "num_warps", "num_stages", "form", "interpret")
+_STATICS = ("block_v", "num_warps", "num_stages", "interpret")
 
 
 def _intermediate_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref,
@@ -89,80 +83,9 @@ def _replay_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_lo
             o_ref[r.b, t, r.hv, r.cols] = jnp.zeros((block_v,), o_ref.dtype)
 
 
-def _gram_common(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref,
-                 cand_k_ref, cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, *, num_slots,
-                 t_max, group, block_v, T, precision):
-    tok = cm.TokenRefs(q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref)
-    pend = cm.PendingRefs(count_ref, cand_k_ref, cand_v_ref, cand_g_ref, cand_beta_ref)
-    r = cm.this_row(slots_ref, num_slots=num_slots, group=group, block_v=block_v)
-    n = cm.pending_count(pend, r, t_max, num_slots)
-
-    def solve():
-        S0 = cm.load_state(pool_ref, r)                      # [BV, K] fp32
-        X, V, g, beta, lay = cm.load_chunk(tok, pend, r, n, T=T, t_max=t_max, block_v=block_v)
-        sol = gm.solve(S0, X, V, g, beta, lay, n_tokens=t_max + T, precision=precision)
-        state = lambda last_tok: gm.state_after(S0, X, sol.U, g, sol.G, lay, last_tok,
-                                                precision=precision)
-        return sol, state
-
-    return r, n, solve
-
-
-def _intermediate_gram_kernel(*refs, num_slots, t_max, group, block_v, T, precision):
-    *ins, o_ref, inter_ref = refs
-    r, _, solve = _gram_common(*ins, num_slots=num_slots, t_max=t_max, group=group,
-                               block_v=block_v, T=T, precision=precision)
-
-    @pl.when(r.valid)
-    def _():
-        sol, state = solve()
-        cm.store_rows(o_ref, r, sol.Y, T, block_v=block_v)  # q rows 0..T-1 hold o
-        for t in range(T):                                   # new token t is chunk token t_max + t
-            inter_ref[r.b, t, r.hv, r.cols, :] = state(t_max + t).astype(inter_ref.dtype)
-
-    @pl.when(jnp.logical_not(r.valid))
-    def _():  # padding row: zero outputs and zero intermediate states
-        for t in range(T):
-            o_ref[r.b, t, r.hv, r.cols] = jnp.zeros((block_v,), o_ref.dtype)
-            inter_ref[r.b, t, r.hv, r.cols, :] = jnp.zeros(
-                (block_v, inter_ref.shape[-1]), inter_ref.dtype)
-
-
-def _replay_gram_kernel(*refs, num_slots, t_max, group, block_v, T, precision):
-    *ins, o_ref, pool_out_ref = refs
-    r, n, solve = _gram_common(*ins, num_slots=num_slots, t_max=t_max, group=group,
-                               block_v=block_v, T=T, precision=precision)
-
-    @pl.when(r.valid)
-    def _():
-        sol, state = solve()
-        cm.store_rows(o_ref, r, sol.Y, T, block_v=block_v)
-
-        # Nothing pending: the pool already holds S0 exactly (pool -> fp32 -> pool is exact).
-        @pl.when(n > 0)
-        def _():
-            cm.store_state(pool_out_ref, r, state(t_max - 1))  # after the pending slots
-
-    @pl.when(jnp.logical_not(r.valid))
-    def _():
-        for t in range(T):
-            o_ref[r.b, t, r.hv, r.cols] = jnp.zeros((block_v,), o_ref.dtype)
-
-
-_KERNELS = {("intermediate", "sequential"): _intermediate_kernel,
-            ("intermediate", "gram"): _intermediate_gram_kernel,
-            ("replay", "sequential"): _replay_kernel,
-            ("replay", "gram"): _replay_gram_kernel}
-
-
-def _verify_call(mode: str, dims: cm.Dims, config: TuningConfig, interpret: bool, *args):
+def _verify_call(kernel, mode: str, dims: cm.Dims, config: TuningConfig, interpret: bool, *args):
     B, T, H, HV, K, V, N, t_max = dims
     q, pool = args[2], args[-1]  # args: (slots, count, q, ..., pool)
-    kernel = _KERNELS[mode, config.form]
-    statics = dict(num_slots=N, t_max=t_max, group=HV // H, block_v=config.block_v, T=T)
-    if config.form == "gram":
-        statics["precision"] = gm.state_precision(pool.dtype, q.dtype)
-    form = "" if config.form == "sequential" else f"_{config.form}"
     o = jax.ShapeDtypeStruct((B, T, HV, V), q.dtype)
     if mode == "intermediate":
         out_shape = (o, jax.ShapeDtypeStruct((B, T, HV, V, K), pool.dtype))
@@ -171,8 +94,9 @@ def _verify_call(mode: str, dims: cm.Dims, config: TuningConfig, interpret: bool
         out_shape = (o, jax.ShapeDtypeStruct(pool.shape, pool.dtype))
         aliases = {len(args) - 1: 1}
     return pallas_call(
-        functools.partial(kernel, **statics),
-        name=f"gdn_verify_{mode}{form}_t{T}_bv{config.block_v}_w{config.num_warps}",
+        functools.partial(kernel, num_slots=N, t_max=t_max, group=HV // H,
+                          block_v=config.block_v, T=T),
+        name=f"gdn_verify_{mode}_t{T}_bv{config.block_v}_w{config.num_warps}",
         config=config,
         interpret=interpret,
         grid=(B, HV, V // config.block_v),
@@ -198,8 +122,7 @@ _ARGS_DOC = """
       slots:     [B] int32: row i works on pool[slots[i]]. A slot < 0 or >= num_slots makes the
                  row padding: nothing read, nothing written to the pool, zero outputs. Real slots
                  must be distinct.
-      block_v, num_warps, num_stages, form: tuning (see `TuningConfig`); block_v must divide
-                 V; form "sequential" (default) or "gram" (block_v >= 16, K >= 16).
+      block_v, num_warps, num_stages: tuning (see `TuningConfig`); block_v must divide V.
       interpret: run the Pallas interpreter (CPU tests).
 """
 
@@ -222,13 +145,12 @@ def _documented(summary: str, returns: str):
     """)
 def verify_intermediate(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
                         count, slots, *, block_v: int = 32, num_warps: int = 4,
-                        num_stages: int = 1, form: str = "sequential", interpret: bool = False):
+                        num_stages: int = 1, interpret: bool = False):
     dims = cm.check_tokens("verify_intermediate", q, k, v, a, b, A_log, dt_bias, pool, cand_k,
                            cand_v, cand_g, cand_beta, count, slots, t_lo=1, t_hi=cm.MAX_T)
-    config = TuningConfig(block_v, num_warps, num_stages, form)
+    config = TuningConfig(block_v, num_warps, num_stages)
     config.check_head_dim("verify_intermediate", dims.V)
-    config.check_form("verify_intermediate", dims.K)
-    return _verify_call("intermediate", dims, config, interpret, slots, count,
+    return _verify_call(_intermediate_kernel, "intermediate", dims, config, interpret, slots, count,
                         q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
 
 
@@ -247,12 +169,11 @@ def verify_intermediate(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, can
     """)
 def verify_replay(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta, count,
                   slots, *, block_v: int = 32, num_warps: int = 4, num_stages: int = 1,
-                  form: str = "sequential", interpret: bool = False):
+                  interpret: bool = False):
     dims = cm.check_tokens("verify_replay", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
                            cand_g, cand_beta, count, slots, t_lo=1, t_hi=cm.MAX_T)
-    config = TuningConfig(block_v, num_warps, num_stages, form)
+    config = TuningConfig(block_v, num_warps, num_stages)
     config.check_head_dim("verify_replay", dims.V)
-    config.check_form("verify_replay", dims.K)
-    return _verify_call("replay", dims, config, interpret, slots, count, q, k, v,
+    return _verify_call(_replay_kernel, "replay", dims, config, interpret, slots, count, q, k, v,
                         a, b, A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
 

@@ -15,7 +15,6 @@ pytestmark = pytest.mark.gpu
 
 F32, BF16 = jnp.float32, jnp.bfloat16
 REAL = dict(H=16, group=2, K=128)
-FORMS = pytest.mark.parametrize("form", ["sequential", "gram"])
 
 
 @pytest.mark.parametrize("B, pool_dtype, in_dtype, block_v, num_warps", [
@@ -39,12 +38,11 @@ def test_decode_gpu(B, pool_dtype, in_dtype, block_v, num_warps, on_gpu, make_ca
     (256, 2, F32, F32, 32),
     (3, 5, F32, BF16, 16),
 ])
-@FORMS
-def test_verify_intermediate_gpu(B, T, pool_dtype, in_dtype, block_v, form, on_gpu, make_case,
+def test_verify_intermediate_gpu(B, T, pool_dtype, in_dtype, block_v, on_gpu, make_case,
                                  reference, assert_rows):
     case = make_case(seed=B + T, B=B, T=T, t_max=8, pool_dtype=pool_dtype, in_dtype=in_dtype,
                      **REAL)
-    o, inter = verify_intermediate(*case.kernel_args(), block_v=block_v, form=form)
+    o, inter = verify_intermediate(*case.kernel_args(), block_v=block_v)
     o_ref, inter_ref = reference(case, "intermediate")
     assert_rows("o", case, o, o_ref)
     assert_rows("inter", case, inter, inter_ref)
@@ -55,12 +53,11 @@ def test_verify_intermediate_gpu(B, T, pool_dtype, in_dtype, block_v, form, on_g
     (128, 8, F32, F32, 32),
     (32, 1, BF16, F32, 64),
 ])
-@FORMS
-def test_verify_replay_gpu(B, T, pool_dtype, in_dtype, block_v, form, on_gpu, make_case,
-                           reference, assert_rows, assert_named_slots, assert_untouched):
+def test_verify_replay_gpu(B, T, pool_dtype, in_dtype, block_v, on_gpu, make_case, reference,
+                           assert_rows, assert_named_slots, assert_untouched):
     case = make_case(seed=B * T, B=B, T=T, t_max=8, pool_dtype=pool_dtype, in_dtype=in_dtype,
                      **REAL)
-    o, pool = verify_replay(*case.kernel_args(), block_v=block_v, form=form)
+    o, pool = verify_replay(*case.kernel_args(), block_v=block_v)
     o_ref, pool_ref = reference(case, "replay")
     assert_rows("o", case, o, o_ref)
     assert_named_slots("pool", case, pool, pool_ref)

@@ -54,38 +54,6 @@ def test_token_kernels_lower_for_cuda(op, pool_dtype, kind, cuda_lowering):
 
 
 @pytest.mark.parametrize("kind", DEVICES)
-@pytest.mark.parametrize("pool_dtype, in_dtype", [(jnp.bfloat16, jnp.bfloat16),
-                                                  (jnp.float32, jnp.bfloat16),
-                                                  (jnp.bfloat16, jnp.float32)],
-                         ids=["bf16pool-bf16in", "f32pool-bf16in", "bf16pool-f32in"])
-@pytest.mark.parametrize("op", ["verify_intermediate", "verify_replay"])
-def test_gram_verify_lowers_for_cuda(op, pool_dtype, in_dtype, kind, cuda_lowering):
-    """form="gram" (its dots at TF32 for all-bf16 results, IEEE fp32 otherwise): chunk rows
-    NP = 16 (T = T_MAX = 4)."""
-    fn = {"verify_intermediate": verify_intermediate, "verify_replay": verify_replay}[op]
-    args = _token_args(T, in_dtype) + _pool_args(pool_dtype, in_dtype)
-    text = _lower(fn, args, kind, cuda_lowering, block_v=32, num_warps=4, form="gram")
-    assert TRITON_CALL in text and f"gdn_verify_{op[7:]}_gram" in text
-    if op == "verify_replay":
-        assert "tf.aliasing_output" in text
-
-
-@pytest.mark.parametrize("T_new, t_max, block_v, num_warps", [(8, 8, 16, 2), (4, 8, 64, 4),
-                                                              (1, 2, 128, 8)])
-def test_gram_verify_lowers_across_shapes(T_new, t_max, block_v, num_warps, cuda_lowering):
-    """Chunk rows NP = 32 (T = 8 after 8 candidate slots) and 16, block_v 16..128."""
-    S = jax.ShapeDtypeStruct
-    bf = jnp.bfloat16
-    args = _token_args(T_new, bf) + (
-        S((NUM_SLOTS, HV, V, K), bf), S((NUM_SLOTS, t_max, H, K), bf),
-        S((NUM_SLOTS, t_max, HV, V), bf), S((NUM_SLOTS, t_max, HV), jnp.float32),
-        S((NUM_SLOTS, t_max, HV), jnp.float32), S((NUM_SLOTS,), jnp.int32), S((B,), jnp.int32))
-    text = _lower(verify_replay, args, "NVIDIA H100 80GB HBM3", cuda_lowering, block_v=block_v,
-                  num_warps=num_warps, form="gram")
-    assert TRITON_CALL in text and f"num_warps = {num_warps} : i32" in text
-
-
-@pytest.mark.parametrize("kind", DEVICES)
 def test_fold_lowers_for_cuda(kind, cuda_lowering):
     text = _lower(fold, _pool_args(jnp.bfloat16, jnp.bfloat16), kind, cuda_lowering, block_v=64,
                   num_warps=2)

@@ -6,15 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_jax.kernels import TuningConfig, verify_intermediate, verify_replay
+from gdn_jax.kernels import verify_intermediate, verify_replay
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
-FORMS = pytest.mark.parametrize("form", ["sequential", "gram"])
-
-
-def _block_v(block_v, form):
-    """The gram form's products need block_v >= 16 (Triton dot): smaller cases run it at 16."""
-    return max(block_v, 16) if form == "gram" else block_v
 
 
 def _case(B, H, group, K, T, pool, inp, bv):
@@ -45,14 +39,11 @@ def _seed(dims, bv):
     return dims["B"] * 1000 + dims["K"] * 10 + dims["T"] + bv
 
 
-@FORMS
 @pytest.mark.parametrize("dims, block_v", INTERMEDIATE_CASES)
-def test_verify_intermediate_matches_reference(dims, block_v, form, make_case, reference,
-                                               assert_rows):
+def test_verify_intermediate_matches_reference(dims, block_v, make_case, reference, assert_rows):
     case = make_case(seed=_seed(dims, block_v), t_max=8, **dims)
     pool_bits = np.asarray(case.pool.astype(F32)).copy()
-    o, inter = verify_intermediate(*case.kernel_args(), block_v=_block_v(block_v, form),
-                                   form=form, interpret=True)
+    o, inter = verify_intermediate(*case.kernel_args(), block_v=block_v, interpret=True)
     o_ref, inter_ref = reference(case, "intermediate")
     assert o.dtype == case.q.dtype and inter.dtype == case.pool.dtype
     assert_rows("o", case, o, o_ref)
@@ -60,13 +51,11 @@ def test_verify_intermediate_matches_reference(dims, block_v, form, make_case, r
     np.testing.assert_array_equal(np.asarray(case.pool.astype(F32)), pool_bits)
 
 
-@FORMS
 @pytest.mark.parametrize("dims, block_v", REPLAY_CASES)
-def test_verify_replay_matches_reference(dims, block_v, form, make_case, reference, assert_rows,
+def test_verify_replay_matches_reference(dims, block_v, make_case, reference, assert_rows,
                                          assert_named_slots, assert_untouched):
     case = make_case(seed=_seed(dims, block_v), t_max=8, **dims)
-    o, pool = verify_replay(*case.kernel_args(), block_v=_block_v(block_v, form), form=form,
-                            interpret=True)
+    o, pool = verify_replay(*case.kernel_args(), block_v=block_v, interpret=True)
     o_ref, pool_ref = reference(case, "replay")
     assert o.dtype == case.q.dtype and pool.dtype == case.pool.dtype
     assert_rows("o", case, o, o_ref)
@@ -74,13 +63,11 @@ def test_verify_replay_matches_reference(dims, block_v, form, make_case, referen
     assert_untouched(case, pool)
 
 
-@FORMS
-def test_verify_replay_then_intermediate_agree(form, make_case, assert_close):
+def test_verify_replay_then_intermediate_agree(make_case, assert_close):
     """Replay's outputs equal intermediate's; replay's pool is the fold of the pending tokens."""
     case = make_case(seed=11, B=3, T=4, H=2, group=2, K=16, pool_dtype=F32, poison=False)
-    bv = _block_v(8, form)
-    o_i, _ = verify_intermediate(*case.kernel_args(), block_v=bv, form=form, interpret=True)
-    o_r, _ = verify_replay(*case.kernel_args(), block_v=bv, form=form, interpret=True)
+    o_i, _ = verify_intermediate(*case.kernel_args(), block_v=8, interpret=True)
+    o_r, _ = verify_replay(*case.kernel_args(), block_v=8, interpret=True)
     assert_close("o replay vs intermediate", o_r, o_i)
 
 
@@ -94,14 +81,3 @@ def test_verify_rejects_bad_arguments(fn, make_case):
     args[9] = args[9][:, :, :, :8]  # cand_v with the wrong V
     with pytest.raises(ValueError, match="cand_v expected shape"):
         fn(*args, interpret=True)
-    with pytest.raises(ValueError, match="form must be one of"):
-        fn(*case.kernel_args(), form="chunk", interpret=True)
-    with pytest.raises(ValueError, match=r"form='gram' needs block_v >= 16"):
-        fn(*case.kernel_args(), block_v=8, form="gram", interpret=True)
-
-
-def test_tuning_config_form():
-    assert TuningConfig().form == "sequential"
-    assert TuningConfig(form="gram") != TuningConfig()
-    with pytest.raises(ValueError, match="form"):
-        TuningConfig(form="Gram")
