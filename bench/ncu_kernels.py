@@ -56,17 +56,20 @@ def cases(args):
 
 
 def sweep_cases():
-    """Tuning sweep: block_v x num_warps for decode and replay 3+4 at B = 32 and 256."""
+    """Tuning sweep: block_v x num_warps (x num_stages for the pending-candidate loop of replay)
+    for decode and replay 3+4 at B = 32 and 256, and intermediate T = 4 at B = 256."""
     out = []
     for op in ("decode", "replay", "intermediate"):
         for dtype in ("bfloat16", "float32"):
             for B in (32, 256):
                 if op == "intermediate" and (B == 32 or dtype == "float32"):
                     continue
-                for bv in (8, 16, 32, 64):
-                    for w in (1, 2, 4):
-                        out.append(dict(impl="gdn", op=op, B=B, T=1 if op == "decode" else 4,
-                                        dtype=dtype, block_v=bv, num_warps=w, num_stages=1))
+                for bv in ((8, 16, 32, 64) if op == "decode" else (8, 16, 32)):
+                    for w in (1, 2):
+                        for stages in ((1, 3) if op == "replay" else (1,)):
+                            out.append(dict(impl="gdn", op=op, B=B, T=1 if op == "decode" else 4,
+                                            dtype=dtype, block_v=bv, num_warps=w,
+                                            num_stages=stages))
     return out
 
 
@@ -250,15 +253,16 @@ def main(argv=None):
     with open(os.path.join(args.out, "ncu_kernels.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print(f"{dev.device_kind}, jax {jax.__version__}, copy {bw:.0f} GB/s")
-    print(f"{'cfg':7s} {'impl':4s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
+    print(f"{'cfg':9s} {'impl':4s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
           f"{'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
     for c in table:
         if "error" in c:
             print(f"{c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
                   f"{c.get('num_warps')}: {c['error'][:80]}")
             continue
-        cfg = f"bv{c['block_v']}w{c['num_warps']}" if "block_v" in c else ""
-        print(f"{cfg:7s} {c['impl']:4s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
+        cfg = (f"bv{c['block_v']}w{c['num_warps']}s{c.get('num_stages', 1)}"
+               if "block_v" in c else "")
+        print(f"{cfg:9s} {c['impl']:4s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
               f"{c['kernel_us']:10.1f} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
               f"{c['regs']:5.0f} {c['occupancy_pct']:5.1f}")
 
