@@ -44,26 +44,14 @@ def prepare_q(q):
 def update(S, k, v, g, beta):
     """One state step. S [BV, K]; k [K] (normalised); v [BV]; g, beta scalars -> S [BV, K].
 
-    The decay is folded into the rank-1 update (exp(g) S k == exp(g) (S k)), so the state is
-    touched by one reduction and one fused multiply-add per element.
     g = beta = 0 is an exact identity (exp(0) = 1, the update adds exact zeros).
     """
-    decay = jnp.exp(g)
+    S = S * jnp.exp(g)
     kb = k[None, :]                                   # [1, K]
-    u = (v - decay * jnp.sum(S * kb, axis=1)) * beta  # [BV]: beta * (v - exp(g) S k)
-    return decay * S + u[:, None] * kb
+    u = (v - jnp.sum(S * kb, axis=1)) * beta          # [BV]: beta * (v - S k)
+    return S + u[:, None] * kb
 
 
-def update_readout(S, q, k, v, g, beta):
-    """A token step with its output: (S' [BV, K], o = S' q [BV]).
-
-    o is taken from the OLD state, o = exp(g) (S q) + u (k . q), so the two reductions over K
-    (S k and S q) are independent of each other and of the update: no reduction waits on another.
-    """
-    decay = jnp.exp(g)
-    kb, qb = k[None, :], q[None, :]
-    sk = jnp.sum(S * kb, axis=1)                      # [BV], S k
-    sq = jnp.sum(S * qb, axis=1)                      # [BV], S q (independent of sk)
-    u = (v - decay * sk) * beta
-    o = decay * sq + u * jnp.sum(k * q)
-    return decay * S + u[:, None] * kb, o
+def readout(S, q):
+    """o = S q: S [BV, K], q [K] (prepared) -> [BV]."""
+    return jnp.sum(S * q[None, :], axis=1)

@@ -30,8 +30,8 @@ def _decode_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_lo
         S = cm.load_state(pool_ref, r)                      # [BV, K] fp32
         S = cm.fold_pending(S, pend, r, cm.pending_count(pend, r, t_max, num_slots))
         q, k, v, g, beta = cm.load_token(tok, r, 0)
-        S, o = rec.update_readout(S, q, k, v, g, beta)
-        o_ref[r.b, 0, r.hv, r.cols] = o.astype(o_ref.dtype)
+        S = rec.update(S, k, v, g, beta)
+        o_ref[r.b, 0, r.hv, r.cols] = rec.readout(S, q).astype(o_ref.dtype)
         cm.store_state(pool_out_ref, r, S)
 
     @pl.when(jnp.logical_not(r.valid))

@@ -41,8 +41,8 @@ def _intermediate_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref
         S = cm.fold_pending(S, pend, r, cm.pending_count(pend, r, t_max, num_slots))
         for t in range(T):
             q, k, v, g, beta = cm.load_token(tok, r, t)
-            S, o = rec.update_readout(S, q, k, v, g, beta)
-            o_ref[r.b, t, r.hv, r.cols] = o.astype(o_ref.dtype)
+            S = rec.update(S, k, v, g, beta)
+            o_ref[r.b, t, r.hv, r.cols] = rec.readout(S, q).astype(o_ref.dtype)
             inter_ref[r.b, t, r.hv, r.cols, :] = S.astype(inter_ref.dtype)
 
     @pl.when(jnp.logical_not(r.valid))
@@ -74,8 +74,8 @@ def _replay_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_lo
 
         for t in range(T):
             q, k, v, g, beta = cm.load_token(tok, r, t)
-            S, o = rec.update_readout(S, q, k, v, g, beta)
-            o_ref[r.b, t, r.hv, r.cols] = o.astype(o_ref.dtype)
+            S = rec.update(S, k, v, g, beta)
+            o_ref[r.b, t, r.hv, r.cols] = rec.readout(S, q).astype(o_ref.dtype)
 
     @pl.when(jnp.logical_not(r.valid))
     def _():
