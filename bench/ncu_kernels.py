@@ -173,25 +173,6 @@ def worker(args):
         json.dump(results, fh)
 
 
-def copy_bandwidth():
-    import torch
-
-    n = 2**30
-    x = torch.empty(n // 4, dtype=torch.float32, device="cuda")
-    y = torch.empty_like(x)
-    y.copy_(x)
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        s.record()
-        for _ in range(10):
-            y.copy_(x)
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / 10)
-    return 2 * n / statistics.median(times) / 1e9
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -212,7 +193,9 @@ def main(argv=None):
     import jax
     import torch
 
-    bw = copy_bandwidth()
+    from bench_kernels import copy_bandwidth  # one copy-bandwidth method for every bench
+
+    bw = copy_bandwidth(1.0, smoke=False)["GBps"]
     torch.cuda.empty_cache()
     raw = os.path.join(args.out, "ncu_raw.csv")
     cmd = ["ncu", "--cache-control", "all", "--clock-control", "none", "--profile-from-start",

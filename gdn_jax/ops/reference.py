@@ -143,6 +143,17 @@ def _mask_tokens(mask, q, k, v, g, beta):
     return zero(q), zero(k), zero(v), jnp.where(m, g, 0.0), jnp.where(m, beta, 0.0)
 
 
+def _prologue(q, k, v, g, beta, initial_state, lengths):
+    """Shared by both forms: default state, padded positions zeroed, q and k prepared."""
+    B, T, HV, V = v.shape
+    if initial_state is None:
+        initial_state = jnp.zeros((B, HV, V, k.shape[-1]), _F32)
+    mask = _valid_mask(lengths, B, T)
+    q, k, v, g, beta = _mask_tokens(mask, q, k, v, g.astype(_F32), beta.astype(_F32))
+    qp, kp = prepare_qk(q, k, HV)
+    return mask, qp, kp, v, g, beta, initial_state
+
+
 @functools.partial(jax.jit, static_argnames="return_states")
 def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, lengths=None,
                                return_states: bool = False):
@@ -154,13 +165,7 @@ def recurrent_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, lengths=
     Returns (o [B, T, HV, V] fp32, final state [B, HV, V, K] fp32, and with return_states the
     state after every token [B, T, HV, V, K] fp32, else None).
     """
-    B, T, HV, V = v.shape
-    K = k.shape[-1]
-    if initial_state is None:
-        initial_state = jnp.zeros((B, HV, V, K), _F32)
-    mask = _valid_mask(lengths, B, T)
-    q, k, v, g, beta = _mask_tokens(mask, q, k, v, g.astype(_F32), beta.astype(_F32))
-    qp, kp = prepare_qk(q, k, HV)
+    mask, qp, kp, v, g, beta, initial_state = _prologue(q, k, v, g, beta, initial_state, lengths)
     o, S, states = recurrence(qp, kp, v, g, beta, initial_state, return_states=return_states)
     return jnp.where(mask[..., None, None], o, 0.0), S, states
 
@@ -173,13 +178,8 @@ def chunk_gated_delta_rule(q, k, v, g, beta, initial_state=None, *, lengths=None
     Same arguments and results as `recurrent_gated_delta_rule` (no per-token states).
     T is padded to a multiple of chunk_size inside.
     """
-    B, T, HV, V = v.shape
-    K = k.shape[-1]
-    if initial_state is None:
-        initial_state = jnp.zeros((B, HV, V, K), _F32)
-    mask = _valid_mask(lengths, B, T)
-    q, k, v, g, beta = _mask_tokens(mask, q, k, v, g.astype(_F32), beta.astype(_F32))
-    qp, kp = prepare_qk(q, k, HV)
+    T = v.shape[1]
+    mask, qp, kp, v, g, beta, initial_state = _prologue(q, k, v, g, beta, initial_state, lengths)
     pad = -T % chunk_size
     if pad:
         widths = lambda x: [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)
