@@ -192,7 +192,7 @@ class _Carry(NamedTuple):
 
 def _emit(carry: _Carry, emitted, count, max_new, cfg: SpecConfig):
     """Append emitted[:, :count] ([B, W] int32) to the live rows' output, truncated at the first
-    stop token and at max_new; returns (buf, n_out, done)."""
+    stop token and at max_new; returns (buf, n_out, done, count kept [B] (0 for rows done))."""
     W = emitted.shape[1]
     live = ~carry.done
     idx = jnp.arange(W)[None, :]
@@ -210,7 +210,7 @@ def _emit(carry: _Carry, emitted, count, max_new, cfg: SpecConfig):
         carry.buf, emitted, carry.n_out)  # beyond n_out + count: overwritten later or masked
     n_out = carry.n_out + count
     done = carry.done | (live & hit) | (n_out >= max_new)
-    return buf, n_out, done
+    return buf, n_out, done, count
 
 
 def _core(graphdef, params, prompts, prompt_lengths, max_new, key, cache, slots, *,
@@ -245,7 +245,7 @@ def _core(graphdef, params, prompts, prompt_lengths, max_new, key, cache, slots,
                    done=jnp.zeros((B,), bool), pending=first, mtp_tok=mtp_tok, mtp_hid=mtp_hid,
                    mtp_n=jnp.ones((B,), _I32), rounds=jnp.zeros((), _I32), row_rounds=zeros,
                    accepted=zeros)
-    buf, n_out, done = _emit(carry, first[:, None], jnp.ones((B,), _I32), max_new, cfg)
+    buf, n_out, done, _ = _emit(carry, first[:, None], jnp.ones((B,), _I32), max_new, cfg)
     carry = carry._replace(buf=buf, n_out=n_out, done=done)
 
     def cond(c: _Carry):
@@ -284,13 +284,17 @@ def _core(graphdef, params, prompts, prompt_lengths, max_new, key, cache, slots,
             # 3. verify [pending, drafts] with the target
             out = model(jnp.concatenate([c.pending[:, None], drafts], axis=1), cache,
                         live_slots, mode="verify")
-            # 4. accept and commit
+            # 4. accept, emit, commit what was kept (all n_acc + 1 tokens unless the row stopped
+            #    inside the run: then exactly the tokens it emitted, so the final cache holds
+            #    prompt + output[:-1] as plain decoding leaves it)
             n_acc, nxt = accept_drafts(out.logits, drafts, q, jax.random.fold_in(rkey, d), cfg)
-            cache = model.commit(out.cache, live_slots, n_acc + 1)
             emitted = jnp.where(jnp.arange(T)[None, :] < n_acc[:, None],
                                 jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
+            buf, n_out, done, kept = _emit(c, emitted, n_acc + 1, max_new, cfg)
+            cache = model.commit(out.cache, live_slots, kept)
             c = c._replace(mtp_tok=emitted, mtp_hid=out.hidden, mtp_n=n_acc + 1)
-        buf, n_out, done = _emit(c, emitted, n_acc + 1, max_new, cfg)
+        if d == 0:
+            buf, n_out, done, _ = _emit(c, emitted, n_acc + 1, max_new, cfg)
         return c._replace(
             cache=cache, buf=buf, n_out=n_out, done=done, pending=nxt, rounds=c.rounds + 1,
             row_rounds=c.row_rounds + live.astype(_I32),
