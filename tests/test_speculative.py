@@ -238,7 +238,7 @@ def _chi2_critical(df, z=3.09):  # Wilson-Hilferty, one-sided p ~ 0.001
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 6, 0.9)])
 def test_sampling_keeps_target_distribution(temperature, top_k, top_p):
-    V, d, n = 16, 2, 3000
+    V, d, n = 16, 2, 2000
     model = _model(_config(vocab=V), seed=3)
     prompt = np.array([3, 7, 1], np.int32)
     kw = dict(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -251,22 +251,27 @@ def test_sampling_keeps_target_distribution(temperature, top_k, top_p):
     np.testing.assert_array_equal(out.tokens, again.tokens)  # reproducible for a key
     assert 1.05 < out.accept_length < d + 1 - 0.05  # acceptance and rejection both exercised
 
-    # exact target marginals of tokens 2 and 3 by enumeration of tokens 1 (and 2)
+    # exact target marginals of tokens 2 and 3 by enumeration of tokens 1 (and 2), one prefill
     graphdef, params = nnx.split(model)
-
-    @jax.jit
-    def probs(params, seqs):
-        m = nnx.merge(graphdef, params)
-        cache = m.init_cache(seqs.shape[0], seqs.shape[1], t_max=1, state_dtype=jnp.float32)
-        o = m(seqs, cache, jnp.arange(seqs.shape[0], dtype=jnp.int32), mode="prefill")
-        return S.sampling_probs(o.logits[:, -1], temperature, top_k, top_p)
-
-    p1 = np.asarray(probs(params, jnp.asarray(prompt[None])))[0].astype(np.float64)
-    s2 = np.concatenate([np.tile(prompt, (V, 1)), np.arange(V)[:, None]], 1)
-    p2 = np.asarray(probs(params, jnp.asarray(s2))).astype(np.float64)  # [x1, x2]
+    P = len(prompt)
+    s1 = np.pad(prompt[None], ((0, 0), (0, 2)))
+    s2 = np.concatenate([np.tile(prompt, (V, 1)), np.arange(V)[:, None], np.zeros((V, 1), int)], 1)
     s3 = np.concatenate([np.tile(prompt, (V * V, 1)), np.repeat(np.arange(V), V)[:, None],
                          np.tile(np.arange(V), V)[:, None]], 1)
-    p3 = np.asarray(probs(params, jnp.asarray(s3))).astype(np.float64).reshape(V, V, V)
+    seqs = jnp.asarray(np.concatenate([s1, s2, s3]), jnp.int32)
+    lens = jnp.asarray([P] + [P + 1] * V + [P + 2] * V * V, jnp.int32)
+
+    def probs(params, seqs, lens):
+        m = nnx.merge(graphdef, params)
+        cache = m.init_cache(seqs.shape[0], seqs.shape[1], t_max=1, state_dtype=jnp.float32)
+        o = m(seqs, cache, jnp.arange(seqs.shape[0], dtype=jnp.int32), mode="prefill",
+              lengths=lens)
+        return S.sampling_probs(o.logits[jnp.arange(seqs.shape[0]), lens - 1], temperature,
+                                top_k, top_p)
+
+    pr = np.asarray(jax.jit(probs).lower(params, seqs, lens).compile(FAST)(params, seqs, lens),
+                    np.float64)
+    p1, p2, p3 = pr[0], pr[1:V + 1], pr[V + 1:].reshape(V, V, V)
     marg2 = p1 @ p2
     marg3 = np.einsum("a,ab,abc->c", p1, p2, p3)
     for pos, marg in ((1, marg2), (2, marg3)):
@@ -337,10 +342,10 @@ def test_mtp_verify_commit_matches_stepwise(model, n):
 
 
 def _primitives(jaxpr, out):
+    """Names of every primitive in jaxpr and the jaxprs nested in its equations."""
     for eqn in jaxpr.eqns:
         out.append(eqn.primitive.name)
-        for sub in jax.core.jaxprs_in_params(eqn.params) if hasattr(
-                jax.core, "jaxprs_in_params") else _subjaxprs(eqn.params):
+        for sub in _subjaxprs(eqn.params):
             _primitives(sub, out)
     return out
 
@@ -360,7 +365,7 @@ def test_one_program_no_host_round_trip(model, plain):
     top = [e.primitive.name for e in jaxpr.jaxpr.eqns]
     assert top.count("while") == 1
     names = _primitives(jaxpr.jaxpr, [])
-    assert names.count("while") >= 1
+    assert len(names) > 3 * len(top)  # the loop body was walked
     assert not [p for p in names if "callback" in p or "infeed" in p or "outfeed" in p]
     # the compiled program runs with every host <-> device transfer disallowed
     kw = dict(num_draft=3, max_new_tokens=N_NEW, temperature=0.0, top_k=0, top_p=1.0,
