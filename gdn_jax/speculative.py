@@ -213,6 +213,56 @@ def _emit(carry: _Carry, emitted, count, max_new, cfg: SpecConfig):
     return buf, n_out, done, count
 
 
+def _round(model, c: _Carry, slots, max_new, key_loop, cfg: SpecConfig) -> _Carry:
+    """One round of the loop (module docstring) for the rows not done; the while-loop body."""
+    d, T = cfg.num_draft, cfg.num_draft + 1
+    zeros = jnp.zeros(slots.shape, _I32)
+    rkey = jax.random.fold_in(key_loop, c.rounds)
+    live = ~c.done
+    live_slots = jnp.where(live, slots, -1)
+    cache = c.cache
+    if d == 0:
+        out = model(c.pending[:, None], cache, live_slots, mode="decode")
+        nxt, _ = _draw(out.logits[:, 0], rkey, cfg)
+        n_acc, cache = zeros, out.cache
+        buf, n_out, done, _ = _emit(c, nxt[:, None], n_acc + 1, max_new, cfg)
+    else:
+        # 1. MTP extend over the pairs accepted last round; draft 1 from the last pair
+        m = model.mtp_forward(c.mtp_tok, c.mtp_hid, cache, live_slots, mode="verify")
+        cache = model.commit_mtp(m.cache, live_slots, c.mtp_n)
+        mtp_lengths = cache.mtp[0].lengths
+        logits, h = _pick(m.logits, c.mtp_n - 1), _pick(m.hidden, c.mtp_n - 1)
+        drafts, qs = [], []
+        for j in range(d):
+            if j > 0:  # 2. chained draft steps (provisional KV entries)
+                m = model.mtp_forward(drafts[-1][:, None], h[:, None], cache, live_slots,
+                                      mode="decode")
+                logits, h, cache = m.logits[:, 0], m.hidden[:, 0], m.cache
+            x, q = _draw(logits, jax.random.fold_in(rkey, j), cfg)
+            drafts.append(x)
+            qs.append(q)
+        mtp = (cache.mtp[0].replace(lengths=mtp_lengths),) + cache.mtp[1:]
+        cache = cache.replace(mtp=mtp)
+        drafts = jnp.stack(drafts, axis=1)  # [B, d]
+        q = None if cfg.greedy else jnp.stack(qs, axis=1)
+        # 3. verify [pending, drafts] with the target
+        out = model(jnp.concatenate([c.pending[:, None], drafts], axis=1), cache,
+                    live_slots, mode="verify")
+        # 4. accept, emit, commit what was kept (all n_acc + 1 tokens unless the row stopped
+        #    inside the run: then exactly the tokens it emitted, so the final cache holds
+        #    prompt + output[:-1] as plain decoding leaves it)
+        n_acc, nxt = accept_drafts(out.logits, drafts, q, jax.random.fold_in(rkey, d), cfg)
+        emitted = jnp.where(jnp.arange(T)[None, :] < n_acc[:, None],
+                            jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
+        buf, n_out, done, kept = _emit(c, emitted, n_acc + 1, max_new, cfg)
+        cache = model.commit(out.cache, live_slots, kept)
+        c = c._replace(mtp_tok=emitted, mtp_hid=out.hidden, mtp_n=n_acc + 1)
+    return c._replace(
+        cache=cache, buf=buf, n_out=n_out, done=done, pending=nxt, rounds=c.rounds + 1,
+        row_rounds=c.row_rounds + live.astype(_I32),
+        accepted=c.accepted + jnp.where(live, n_acc, 0))
+
+
 def _core(graphdef, params, prompts, prompt_lengths, max_new, key, cache, slots, *,
           cfg: SpecConfig):
     model = nnx.merge(graphdef, params)
@@ -252,53 +302,7 @@ def _core(graphdef, params, prompts, prompt_lengths, max_new, key, cache, slots,
         return jnp.any(~c.done) & (c.rounds < N)
 
     def body(c: _Carry):
-        rkey = jax.random.fold_in(key_loop, c.rounds)
-        live = ~c.done
-        live_slots = jnp.where(live, slots, -1)
-        cache = c.cache
-        if d == 0:
-            out = model(c.pending[:, None], cache, live_slots, mode="decode")
-            nxt, _ = _draw(out.logits[:, 0], rkey, cfg)
-            n_acc = zeros
-            emitted = nxt[:, None]
-            cache = out.cache
-        else:
-            # 1. MTP extend over the pairs accepted last round; draft 1 from the last pair
-            m = model.mtp_forward(c.mtp_tok, c.mtp_hid, cache, live_slots, mode="verify")
-            cache = model.commit_mtp(m.cache, live_slots, c.mtp_n)
-            mtp_lengths = cache.mtp[0].lengths
-            logits, h = _pick(m.logits, c.mtp_n - 1), _pick(m.hidden, c.mtp_n - 1)
-            drafts, qs = [], []
-            for j in range(d):
-                if j > 0:  # 2. chained draft steps (provisional KV entries)
-                    m = model.mtp_forward(drafts[-1][:, None], h[:, None], cache, live_slots,
-                                          mode="decode")
-                    logits, h, cache = m.logits[:, 0], m.hidden[:, 0], m.cache
-                x, q = _draw(logits, jax.random.fold_in(rkey, j), cfg)
-                drafts.append(x)
-                qs.append(q)
-            mtp = (cache.mtp[0].replace(lengths=mtp_lengths),) + cache.mtp[1:]
-            cache = cache.replace(mtp=mtp)
-            drafts = jnp.stack(drafts, axis=1)  # [B, d]
-            q = None if cfg.greedy else jnp.stack(qs, axis=1)
-            # 3. verify [pending, drafts] with the target
-            out = model(jnp.concatenate([c.pending[:, None], drafts], axis=1), cache,
-                        live_slots, mode="verify")
-            # 4. accept, emit, commit what was kept (all n_acc + 1 tokens unless the row stopped
-            #    inside the run: then exactly the tokens it emitted, so the final cache holds
-            #    prompt + output[:-1] as plain decoding leaves it)
-            n_acc, nxt = accept_drafts(out.logits, drafts, q, jax.random.fold_in(rkey, d), cfg)
-            emitted = jnp.where(jnp.arange(T)[None, :] < n_acc[:, None],
-                                jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
-            buf, n_out, done, kept = _emit(c, emitted, n_acc + 1, max_new, cfg)
-            cache = model.commit(out.cache, live_slots, kept)
-            c = c._replace(mtp_tok=emitted, mtp_hid=out.hidden, mtp_n=n_acc + 1)
-        if d == 0:
-            buf, n_out, done, _ = _emit(c, emitted, n_acc + 1, max_new, cfg)
-        return c._replace(
-            cache=cache, buf=buf, n_out=n_out, done=done, pending=nxt, rounds=c.rounds + 1,
-            row_rounds=c.row_rounds + live.astype(_I32),
-            accepted=c.accepted + jnp.where(live, n_acc, 0))
+        return _round(model, c, slots, max_new, key_loop, cfg)
 
     c = lax.while_loop(cond, body, carry)
     tokens = jnp.where(jnp.arange(N)[None, :] < c.n_out[:, None], c.buf[:, :N], cfg.pad_id)
