@@ -140,6 +140,13 @@ def test_greedy_real_mtp_head_matches_plain(model, plain):
     out = gen(model, PROMPTS, LENGTHS, num_draft=3, max_new_tokens=N_NEW)
     np.testing.assert_array_equal(out.tokens, plain.tokens)
     _assert_same_cache(out.cache, plain.cache, np.asarray(LENGTHS) + N_NEW - 1)
+    # per-row max_new_tokens (same compiled program: the bound is max(max_new_tokens))
+    limits = np.array([N_NEW, 5, 9])
+    out = gen(model, PROMPTS, LENGTHS, num_draft=3, max_new_tokens=limits, pad_id=-1)
+    np.testing.assert_array_equal(out.lengths, limits)
+    for b, n in enumerate(limits):
+        np.testing.assert_array_equal(out.tokens[b, :n], plain.tokens[b, :n])
+        assert (out.tokens[b, n:] == -1).all()
 
 
 def test_bf16_state_identical_share(model):
