@@ -1,0 +1,273 @@
+"""Time a plain decode step, the MTP verify forward and a whole speculative round (gdn_jax.speculative).
+
+    python bench/bench_speculative.py --out DIR              # B = 1, 8, 32 (~2-4 min on an H100)
+    python bench/bench_speculative.py --out DIR --quick      # B = 1, 8, fewer repetitions
+    python bench/bench_speculative.py --out DIR --layers 8   # more layers (3 GDN : 1 attention)
+    python bench/bench_speculative.py --out DIR --smoke      # tiny model on CPU (checks the script)
+
+Model: random weights, dense Qwen3-Next-shaped (the `qwen3_5_text` family, dense MLP): hidden 2048,
+GDN H = 16, HV = 32, K = V = 128, conv 4; gated attention 16 heads, 2 KV heads, head dim 256;
+MLP 5120; vocab 151936 (untied LM head); one MTP layer. `--layers` decoder layers, every 4th a
+full-attention layer (at least one of each kind). bf16 weights, activations and GDN state;
+replay commit mode; the ops' default backend (Pallas kernels on a GPU). Every row starts with
+`--context` tokens in its KV caches (random GDN state: zeros; the numbers do not depend on it).
+
+What is timed, per B (d = --draft, default 3):
+- decode: one plain decode step of the target: one token, all layers, LM head, argmax.
+- verify: the target over d + 1 tokens from the cache (GDN verify path), LM head, greedy
+          acceptance and the commit; drafts are not computed (fixed shifts of the last token).
+- round:  one whole speculative round as `generate` runs it: the MTP extend (d + 1 pairs) and
+          d - 1 chained MTP steps (d draft steps), the verify, acceptance, commit, bookkeeping.
+A jitted `lax.fori_loop` runs n such calls, each taking the token (and cache) the last produced,
+the cache carried and donated. The trip count is a runtime argument, so one executable runs n and
+2n calls; per call = (t(2n) - t(n)) / n, the median over --reps (dispatch and sync cancel). The
+naive t(n) / n is recorded too. Target (issue #6): verify <= 1.3 x decode for B <= 32.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax import lax  # noqa: E402
+
+from gdn_jax import speculative as S  # noqa: E402
+from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM  # noqa: E402
+from gdn_jax.modules.cache import GDNCache, KVCache  # noqa: E402
+
+BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 8)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", default="bench/results", help="directory for the JSON results")
+    p.add_argument("--quick", action="store_true", help=f"B in {QUICK_BATCHES}, 3 reps")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny model (hidden 64, HV 4, K = V = 16, vocab 256) on any device; "
+                        "the numbers mean nothing")
+    p.add_argument("--layers", type=int, default=4,
+                   help="decoder layers (every 4th full attention; default 4 = 3 GDN + 1 attn)")
+    p.add_argument("--batches", default=None, help="comma-separated B values (overrides)")
+    p.add_argument("--draft", type=int, default=3, help="d, drafts per round (default 3)")
+    p.add_argument("--context", type=int, default=512, help="tokens already in the KV caches")
+    p.add_argument("--chain", type=int, default=20, help="calls per timed program (n; >= 20)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement")
+    args = p.parse_args(argv)
+    if args.layers < 2:
+        p.error("--layers must be >= 2 (one layer of each kind)")
+    if args.draft < 1:
+        p.error("--draft must be >= 1")
+    if args.chain < 20 and not args.smoke:
+        p.error("--chain must be >= 20")
+    return args
+
+
+def model_config(layers: int, smoke: bool) -> ModelConfig:
+    types = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)]
+    if "full_attention" not in types:
+        types[-1] = "full_attention"
+    if smoke:
+        dims = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                    head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                    linear_key_head_dim=16, linear_value_head_dim=16, intermediate_size=128)
+    else:
+        dims = dict(vocab_size=151936, hidden_size=2048, num_attention_heads=16,
+                    num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+                    linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+                    intermediate_size=5120)
+    return ModelConfig(model_type="qwen3_5_text", num_hidden_layers=layers, layer_types=types,
+                       mtp_num_hidden_layers=1, tie_word_embeddings=False, **dims)
+
+
+def random_model(config: ModelConfig, dtype) -> Qwen3NextForCausalLM:
+    """Built abstractly, every parameter drawn on the device in one jitted call (std 0.02)."""
+    model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    shapes = [(x.shape, x.dtype) for x in leaves]
+
+    @jax.jit
+    def draw(key):
+        keys = jax.random.split(key, len(shapes))
+        return [(0.02 * jax.random.normal(k, s, jnp.float32)).astype(t)
+                for k, (s, t) in zip(keys, shapes)]
+
+    nnx.update(model, jax.tree.unflatten(treedef, draw(jax.random.key(0))))
+    return model
+
+
+def set_context(cache, context: int):
+    """Every slot holds `context` committed tokens in every KV cache; nothing pending."""
+    def fix(c):
+        if isinstance(c, KVCache):
+            return c.replace(lengths=jnp.full_like(c.lengths, context))
+        if isinstance(c, GDNCache):
+            return c.replace(state=c.state.replace(count=jnp.zeros_like(c.state.count)))
+        return c
+    is_leaf = lambda c: isinstance(c, (KVCache, GDNCache))  # noqa: E731
+    return jax.tree.map(fix, cache, is_leaf=is_leaf)
+
+
+_reset = jax.jit(set_context, static_argnums=(1,), donate_argnums=(0,))
+
+
+def chains(graphdef, d: int, vocab: int, buf_tokens: int):
+    """The three timed programs: f(params, n, cache, tok) -> (cache, tok)."""
+
+    def decode(params, n, cache, tok):
+        model = nnx.merge(graphdef, params)
+        slots = jnp.arange(tok.shape[0], dtype=jnp.int32)
+
+        def body(_, carry):
+            cache, tok = carry
+            out = model(tok[:, None], cache, slots, mode="decode")
+            return out.cache, jnp.argmax(out.logits[:, 0], -1).astype(jnp.int32)
+        return lax.fori_loop(0, n, body, (cache, tok))
+
+    def verify(params, n, cache, tok):
+        model = nnx.merge(graphdef, params)
+        slots = jnp.arange(tok.shape[0], dtype=jnp.int32)
+
+        def body(_, carry):
+            cache, tok = carry
+            drafts = (tok[:, None] + jnp.arange(1, d + 1)[None, :]) % vocab
+            out = model(jnp.concatenate([tok[:, None], drafts], 1), cache, slots, mode="verify")
+            best = jnp.argmax(out.logits, -1).astype(jnp.int32)  # [B, d + 1]
+            ok = jnp.cumprod((drafts == best[:, :d]).astype(jnp.int32), axis=1)
+            n_acc = jnp.sum(ok, axis=1)
+            cache = model.commit(out.cache, slots, n_acc + 1)
+            return cache, jnp.take_along_axis(best, n_acc[:, None], 1)[:, 0]
+        return lax.fori_loop(0, n, body, (cache, tok))
+
+    cfg = S.SpecConfig(num_draft=d, max_new_tokens=buf_tokens)
+
+    def round_(params, n, cache, tok):
+        model = nnx.merge(graphdef, params)
+        B = tok.shape[0]
+        slots = jnp.arange(B, dtype=jnp.int32)
+        hidden = model.config.hidden_size
+        zeros = jnp.zeros((B,), jnp.int32)
+        c = S._Carry(cache=cache, buf=jnp.zeros((B, buf_tokens + d + 1), jnp.int32),
+                     n_out=zeros, done=jnp.zeros((B,), bool), pending=tok,
+                     mtp_tok=jnp.zeros((B, d + 1), jnp.int32).at[:, 0].set(tok),
+                     mtp_hid=jnp.zeros((B, d + 1, hidden), model.dtype),
+                     mtp_n=jnp.ones((B,), jnp.int32), rounds=jnp.zeros((), jnp.int32),
+                     row_rounds=zeros, accepted=zeros)
+        max_new = jnp.full((B,), buf_tokens, jnp.int32)
+        key = jax.random.key(0)
+        c = lax.fori_loop(0, n, lambda _, c: S._round(model, c, slots, max_new, key, cfg), c)
+        return c.cache, c.pending
+
+    return {"decode": decode, "verify": verify, "round": round_}
+
+
+def time_chain(fn, params, cache, tok, n: int, reps: int, context: int):
+    """Per-call seconds: median of (t(2n) - t(n)) / n, and the naive median t(n) / n."""
+    run = jax.jit(fn, donate_argnums=(2,))
+
+    def timed(calls):
+        nonlocal cache
+        cache = jax.block_until_ready(_reset(cache, context))
+        t = time.perf_counter()
+        cache, out = run(params, jnp.int32(calls), cache, tok)
+        jax.block_until_ready((cache, out))
+        return time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    timed(n)  # compile + warm up
+    compile_s = time.perf_counter() - t0
+    diffs, naive = [], []
+    for _ in range(reps):
+        t1, t2 = timed(n), timed(2 * n)
+        diffs.append((t2 - t1) / n)
+        naive.append(t1 / n)
+    return statistics.median(diffs), statistics.median(naive), compile_s, cache
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.perf_counter()
+    dev = jax.devices()[0]
+    batches = (tuple(int(b) for b in args.batches.split(",")) if args.batches
+               else QUICK_BATCHES if args.quick else BATCHES)
+    reps = 3 if args.quick else args.reps
+    chain = 4 if args.smoke and args.chain >= 20 else args.chain
+    d = args.draft
+    dtype = jnp.bfloat16
+    config = model_config(args.layers, args.smoke)
+    model = random_model(config, dtype)
+    graphdef, params = nnx.split(model)
+    progs = chains(graphdef, d, config.vocab_size, buf_tokens=2 * chain * (d + 1) + 1)
+    max_len = args.context + 2 * chain * (d + 1) + 2 * (d + 1)
+    kind = dev.device_kind.replace(" ", "_") if dev.platform == "gpu" else dev.platform
+    print(f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}, layers {config.layer_types}, "
+          f"d = {d}, context {args.context}, chain {chain}, reps {reps}", flush=True)
+
+    rows = []
+    for B in batches:
+        cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=dtype,
+                                 commit_mode="replay")
+        tok = jnp.asarray(np.random.default_rng(B).integers(0, config.vocab_size, B), jnp.int32)
+        row = {"B": B}
+        for name in ("decode", "verify", "round"):
+            per, naive, comp, cache = time_chain(progs[name], params, cache, tok, chain, reps,
+                                                 args.context)
+            row[name] = {"per_call_ms": per * 1e3, "naive_ms": naive * 1e3,
+                         "compile_s": round(comp, 2)}
+            print(f"  B={B:<3} {name:<7} {per * 1e3:9.3f} ms/call  (naive {naive * 1e3:.3f}, "
+                  f"compile+first {comp:.1f} s)", flush=True)
+        dec = row["decode"]["per_call_ms"]
+        row["verify_over_decode"] = row["verify"]["per_call_ms"] / dec
+        row["round_over_decode"] = row["round"]["per_call_ms"] / dec
+        rows.append(row)
+        del cache
+
+    print(f"\n{'B':>4} {'decode ms':>10} {'verify ms':>10} {'round ms':>10} {'verify/dec':>11} "
+          f"{'round/dec':>10}   (d = {d}; a round pays off above round/dec tokens per round)")
+    for r in rows:
+        print(f"{r['B']:>4} {r['decode']['per_call_ms']:>10.3f} {r['verify']['per_call_ms']:>10.3f} "
+              f"{r['round']['per_call_ms']:>10.3f} {r['verify_over_decode']:>11.2f} "
+              f"{r['round_over_decode']:>10.2f}")
+    ok = all(r["verify_over_decode"] <= 1.3 for r in rows if r["B"] <= 32)
+    print(f"target verify <= 1.3 x decode for B <= 32: {'met' if ok else 'NOT met'}")
+
+    report = {
+        "bench": "bench_speculative",
+        "device": {"kind": dev.device_kind, "platform": dev.platform,
+                   "compute_capability": getattr(dev, "compute_capability", None)},
+        "jax": jax.__version__, "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "settings": {"layers": list(config.layer_types), "hidden": config.hidden_size,
+                     "vocab": config.vocab_size, "HV": config.linear_num_value_heads,
+                     "K": config.linear_key_head_dim, "V": config.linear_value_head_dim,
+                     "dtype": "bfloat16", "state_dtype": "bfloat16", "commit_mode": "replay",
+                     "draft": d, "context": args.context, "max_len": max_len, "chain": chain,
+                     "reps": reps, "smoke": args.smoke, "argv": sys.argv[1:]},
+        "method": "per call = median over reps of (t(2n) - t(n)) / n, fori_loop chain, cache "
+                  "donated; naive = median t(n) / n",
+        "results": rows,
+        "verify_target_met": ok,
+        "total_s": round(time.perf_counter() - t_start, 1),
+    }
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"bench_speculative-{kind}{'-smoke' if args.smoke else ''}.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    print(f"wrote {path} (total {report['total_s']} s)")
+
+
+if __name__ == "__main__":
+    main()
