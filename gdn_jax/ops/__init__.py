@@ -9,6 +9,7 @@
 """
 
 from gdn_jax.ops.api import commit, decode, flush, prefill, reset, verify
+from gdn_jax.ops.dispatch import describe_dispatch
 from gdn_jax.ops.reference import (
     chunk_gated_delta_rule,
     gating,
@@ -21,6 +22,7 @@ __all__ = [
     "chunk_gated_delta_rule",
     "commit",
     "decode",
+    "describe_dispatch",
     "flush",
     "gating",
     "prefill",
