@@ -1,7 +1,19 @@
-"""Suite-wide settings: GPU tests skip with a stated reason where JAX sees no NVIDIA GPU."""
+"""Suite-wide settings: GPU tests skip with a stated reason where JAX sees no NVIDIA GPU.
 
-import jax
-import pytest
+Eight host (CPU) devices for the tensor-parallel tests (tests/models/test_tensor_parallel.py):
+`--xla_force_host_platform_device_count=8` is added to XLA_FLAGS here, before jax is imported,
+unless XLA_FLAGS already sets a device count. It only affects the CPU platform; every other test
+keeps running on the first device.
+"""
+
+import os
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count=8").strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 
 def _gpu_reason():

@@ -9,6 +9,7 @@ from gdn_jax.models.qwen3_next import (
     MTPHead,
     Qwen3NextForCausalLM,
 )
+from gdn_jax.models.sharding import shard_model
 
 __all__ = ["DecoderLayer", "MTPHead", "ModelCache", "ModelConfig", "ModelOutput",
-           "Qwen3NextForCausalLM", "load_pretrained", "save_pretrained"]
+           "Qwen3NextForCausalLM", "load_pretrained", "save_pretrained", "shard_model"]

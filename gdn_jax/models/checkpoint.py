@@ -32,11 +32,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from gdn_jax.models.config import ModelConfig
 from gdn_jax.models.qwen3_next import Qwen3NextForCausalLM
+from gdn_jax.models.sharding import (attach_mesh, canonical, check_config, param_specs,
+                                     permutations)
+from gdn_jax.modules.sharding import auto_mesh, tp_size
 from gdn_jax.modules._linear import HIGHEST
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -265,15 +269,21 @@ def _variable(model, path):
 
 
 def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, precision=HIGHEST,
-                    with_mtp: bool | None = None) -> Qwen3NextForCausalLM:
+                    with_mtp: bool | None = None, mesh=None) -> Qwen3NextForCausalLM:
     """Build a Qwen3NextForCausalLM from a HF directory (module docstring).
 
     dtype: compute dtype; param_dtype: weight dtype (default: dtype), every tensor is cast to it.
     with_mtp: None builds the MTP head iff the checkpoint has `mtp.*` weights; True requires
     them; False ignores them.
+    mesh: a jax Mesh with a "tp" axis (tensor parallelism over heads, `gdn_jax.models.sharding`):
+    head counts are checked first, and each tensor goes straight to its NamedSharding.
     """
     path = os.fspath(path)
     config = ModelConfig.from_pretrained(path)
+    mesh = auto_mesh(mesh)
+    tp = tp_size(mesh)
+    if mesh is not None:
+        check_config(config, tp)
     param_dtype = jnp.dtype(dtype if param_dtype is None else param_dtype)
     key_files = {}
     for key, file in _key_files(path).items():
@@ -310,6 +320,14 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, precision=HIGH
     model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(
         config, with_mtp=with_mtp, dtype=dtype, param_dtype=param_dtype, precision=precision,
         rngs=nnx.Rngs(0)))
+    place = lambda path, value: jnp.asarray(value)
+    if mesh is not None:
+        specs, perms = param_specs(model, mesh), permutations(model, tp)
+
+        def place(path, value):
+            if path in perms:
+                value = value[..., perms[path]]
+            return jax.device_put(value, NamedSharding(mesh, specs[path]))
     reader = _Reader()
     try:
         for entry in entries:
@@ -323,13 +341,15 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, precision=HIGH
                     raise ValueError(f"load_pretrained: {entry.keys[0]}{' ...' * (len(entry.keys) > 1)}"
                                      f" gives shape {tuple(value.shape)} for parameter "
                                      f"{'.'.join(map(str, p))}, which has shape {want}")
-                var.set_value(jnp.asarray(np.asarray(value).astype(param_dtype)))
+                var.set_value(place(tuple(p), np.asarray(value).astype(param_dtype)))
     finally:
         reader.close()
     leftovers = [p for p, v in nnx.to_flat_state(nnx.state(model))
                  if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if leftovers:  # a mapping bug, not a user error
         raise RuntimeError(f"load_pretrained: parameters not loaded: {leftovers}")
+    if mesh is not None:
+        attach_mesh(model, mesh)
     return model
 
 
@@ -352,7 +372,8 @@ def save_pretrained(model: Qwen3NextForCausalLM, path, *, max_shard_bytes: int =
         json.dump(raw, f, indent=2, sort_keys=True)
     shards, current, size = [], {}, 0
     for entry in _entries(config, model.mtp is not None):
-        params = [np.asarray(_variable(model, p).get_value()) for p in entry.paths]
+        params = [canonical(model, p, np.asarray(_variable(model, p).get_value()))
+                  for p in entry.paths]
         for key, array in zip(entry.keys, entry.save(params)):
             array = np.ascontiguousarray(array if dtype is None else
                                          array.astype(jnp.dtype(dtype)))

@@ -164,7 +164,7 @@ class Qwen3NextForCausalLM(nnx.Module):
     (activations, KV cache, conv window), `param_dtype` the weights' storage dtype."""
 
     def __init__(self, config: ModelConfig, *, with_mtp: bool | None = None, dtype=jnp.float32,
-                 param_dtype=None, precision=HIGHEST, rngs: nnx.Rngs):
+                 param_dtype=None, precision=HIGHEST, mesh=None, rngs: nnx.Rngs):
         c = config
         param_dtype = dtype if param_dtype is None else param_dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
@@ -183,16 +183,30 @@ class Qwen3NextForCausalLM(nnx.Module):
         self.lm_head = None if c.tie_word_embeddings else linear(c.hidden_size, c.vocab_size,
                                                                  **kw)
         self.mtp = MTPHead(c, **kw) if with_mtp else None
+        # mesh: tensor parallelism over heads (a jax Mesh with a "tp" axis; README "Multi-GPU").
+        # Built on one device, then sharded (`gdn_jax.models.sharding.shard_model`).
+        self.mesh = None
+        if mesh is not None:
+            from gdn_jax.models.sharding import shard_model
+            shard_model(self, mesh)
 
     # ---- construction
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=jnp.float32, param_dtype=None, precision=HIGHEST,
-                        with_mtp: bool | None = None) -> "Qwen3NextForCausalLM":
-        """Load a HF checkpoint directory (see `gdn_jax.models.checkpoint.load_pretrained`)."""
+                        with_mtp: bool | None = None, mesh=None) -> "Qwen3NextForCausalLM":
+        """Load a HF checkpoint directory (see `gdn_jax.models.checkpoint.load_pretrained`).
+        mesh: a jax Mesh with a "tp" axis: every tensor is placed straight onto its shards."""
         from gdn_jax.models.checkpoint import load_pretrained
         return load_pretrained(path, dtype=dtype, param_dtype=param_dtype, precision=precision,
-                               with_mtp=with_mtp)
+                               with_mtp=with_mtp, mesh=mesh)
+
+    def tp_param_specs(self) -> dict:
+        """Embedding and LM head split by vocab over "tp" (the other params: their modules)."""
+        from jax.sharding import PartitionSpec as P
+
+        from gdn_jax.modules.sharding import TP
+        return {("embed_tokens", "embedding"): P(TP, None), ("lm_head", "kernel"): P(None, TP)}
 
     def save_pretrained(self, path, **kwargs) -> None:
         """Write config.json and safetensors (see `gdn_jax.models.checkpoint.save_pretrained`)."""
@@ -207,18 +221,44 @@ class Qwen3NextForCausalLM(nnx.Module):
         if commit_mode not in COMMIT_MODES:
             raise ValueError(f"init_cache: commit_mode expected one of {COMMIT_MODES}, got "
                              f"{commit_mode!r}")
-        layers = tuple(layer.init_cache(num_slots, max_len, t_max=t_max, state_dtype=state_dtype,
-                                        commit_mode=commit_mode) for layer in self.layers)
-        mtp = () if self.mtp is None else tuple(
-            layer.init_cache(num_slots, max_len, t_max=t_max, state_dtype=state_dtype,
-                             commit_mode=commit_mode) for layer in self.mtp.layers)
-        return ModelCache(layers=layers, mtp=mtp)
+
+        def make():
+            layers = tuple(layer.init_cache(num_slots, max_len, t_max=t_max,
+                                            state_dtype=state_dtype, commit_mode=commit_mode)
+                           for layer in self.layers)
+            mtp = () if self.mtp is None else tuple(
+                layer.init_cache(num_slots, max_len, t_max=t_max, state_dtype=state_dtype,
+                                 commit_mode=commit_mode) for layer in self.mtp.layers)
+            return ModelCache(layers=layers, mtp=mtp)
+
+        if self.mesh is None:
+            return make()
+        # On a mesh: each device allocates only its shard (never the whole pool on one device).
+        from gdn_jax.models.sharding import cache_shardings
+        return jax.jit(make, out_shardings=cache_shardings(self, jax.eval_shape(make)))()
 
     # ---- forward
 
     def embed(self, tokens):
         """tokens: [B, T] int -> [B, T, hidden] in dtype."""
-        return self.embed_tokens(tokens)
+        if self.mesh is None:
+            return self.embed_tokens(tokens)
+        # Vocab-split table: each shard looks up the tokens in its rows, zeros elsewhere; one psum.
+        from jax.sharding import PartitionSpec as P
+
+        from gdn_jax.modules.sharding import TP, psum, tp_map
+        emb = self.embed_tokens
+
+        def local(table, tokens):
+            rows = table.shape[0]
+            idx = tokens - jax.lax.axis_index(TP) * rows
+            inside = (idx >= 0) & (idx < rows)
+            x = jnp.take(table, jnp.clip(idx, 0, rows - 1), axis=0)
+            return psum(jnp.where(inside[..., None], x, jnp.zeros((), x.dtype)))
+
+        out = tp_map(self.mesh, local, (P(TP, None), P()), P())(emb.embedding[...],
+                                                                  jnp.asarray(tokens))
+        return out.astype(emb.dtype)
 
     def logits(self, hidden):
         """hidden: [B, T, hidden] -> [B, T, vocab] fp32 (tied: embed_tokens.embedding^T)."""

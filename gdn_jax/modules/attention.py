@@ -10,13 +10,17 @@ Positions come from the cache: row i's token t sits at `lengths[slot_i] + t`.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
-from gdn_jax.modules._linear import HIGHEST, linear
-from gdn_jax.modules.cache import KVCache, slot_index
-from gdn_jax.modules.norms import RMSNorm
+from gdn_jax.modules._linear import HIGHEST, dense, linear
+from gdn_jax.modules.cache import KVCache, kv_cache_specs, slot_index
+from gdn_jax.modules.norms import RMSNorm, rms_norm
+from gdn_jax.modules.sharding import TP, psum, tp_map, tp_size
 from gdn_jax.modules.rope import apply_rope, rope_cos_sin
 
 _F32 = jnp.float32
@@ -41,6 +45,7 @@ class Attention(nnx.Module):
         self.k_proj = linear(hidden_size, num_kv_heads * head_dim, **kw)
         self.v_proj = linear(hidden_size, num_kv_heads * head_dim, **kw)
         self.o_proj = linear(num_heads * head_dim, hidden_size, **kw)
+        self.mesh = None  # a ("tp",) Mesh, set by gdn_jax.models.sharding.shard_model
         self.q_norm = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
 
@@ -57,40 +62,93 @@ class Attention(nnx.Module):
         Returns (y [B, T, hidden] in dtype, cache). Outputs at padded positions are unspecified.
         """
         B, T, _ = x.shape
-        nH, nKV, hd = self.num_heads, self.num_kv_heads, self.head_dim
-        gather, valid, scatter = slot_index(slots, cache.num_slots)
         n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-        start = jnp.where(valid, cache.lengths[gather], 0)
-        pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+        slots = jnp.asarray(slots, jnp.int32)
+        params = dict(q=self.q_proj.kernel[...], k=self.k_proj.kernel[...],
+                      v=self.v_proj.kernel[...], o=self.o_proj.kernel[...],
+                      q_norm=self.q_norm.weight[...], k_norm=self.k_norm.weight[...])
+        tp = tp_size(self.mesh)
+        kv_split = self.num_kv_heads % tp == 0
+        body = functools.partial(
+            _attention_body, num_heads=self.num_heads // tp,
+            num_kv_heads=self.num_kv_heads // tp if kv_split else self.num_kv_heads,
+            head_dim=self.head_dim, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
+            eps=self.q_norm.eps, dtype=self.dtype, precision=self.precision, advance=advance,
+            tp=tp if self.mesh is not None else None, kv_split=kv_split)
+        if self.mesh is None:
+            return body(params, x, cache, slots, n)
+        specs = self.tp_param_specs()
+        p_specs = {name: specs[(attr, leaf)] for name, (attr, leaf) in (
+            ("q", ("q_proj", "kernel")), ("k", ("k_proj", "kernel")), ("v", ("v_proj", "kernel")),
+            ("o", ("o_proj", "kernel")), ("q_norm", ("q_norm", "weight")),
+            ("k_norm", ("k_norm", "weight")))}
+        c_specs = kv_cache_specs(kv_split)
+        return tp_map(self.mesh, body, (p_specs, P(), c_specs, P(), P()),
+                      (P(), c_specs))(params, x, cache, slots, n)
 
-        qg = self.q_proj(x).reshape(B, T, nH, 2 * hd)
-        q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, nH * hd)
-        q = self.q_norm(q)
-        k = self.k_norm(self.k_proj(x).reshape(B, T, nKV, hd))
-        v = self.v_proj(x).reshape(B, T, nKV, hd)
-        cos, sin = rope_cos_sin(pos, self.rotary_dim, self.rope_theta)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    def kv_heads_split(self, tp: int) -> bool:
+        """Whether the KV heads (projections and cache) split over tp devices (else replicated:
+        fewer KV heads than devices)."""
+        return self.num_kv_heads % tp == 0
 
-        real = valid[:, None] & (jnp.arange(T)[None, :] < n[:, None])
-        col = jnp.where(real, pos, cache.max_len)  # out of range: dropped
-        row = jnp.broadcast_to(scatter[:, None], (B, T))
-        ck = cache.k.at[row, col].set(k.astype(cache.k.dtype), mode="drop")
-        cv = cache.v.at[row, col].set(v.astype(cache.v.dtype), mode="drop")
+    def tp_param_specs(self) -> dict:
+        """PartitionSpecs on a ("tp",) mesh: q heads (with their gates) and o_proj rows split;
+        k / v heads split, or replicated when fewer than the devices; q/k norms replicated."""
+        tp = tp_size(self.mesh)
+        kv = P(None, TP) if self.kv_heads_split(tp) else P()
+        return {("q_proj", "kernel"): P(None, TP), ("k_proj", "kernel"): kv,
+                ("v_proj", "kernel"): kv, ("o_proj", "kernel"): P(TP, None),
+                ("q_norm", "weight"): P(), ("k_norm", "weight"): P()}
 
-        keys, values = ck[gather], cv[gather]  # [B, L, nKV, hd]
-        qh = q.reshape(B, T, nKV, nH // nKV, hd)
-        scores = jnp.einsum("btngd,bsnd->bngts", qh, keys.astype(q.dtype),
-                            precision=self.precision, preferred_element_type=_F32)
-        scores = scores * (hd ** -0.5)
-        causal = jnp.arange(cache.max_len)[None, None, :] <= pos[:, :, None]  # [B, T, L]
-        scores = jnp.where(causal[:, None, None], scores, jnp.finfo(_F32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        o = jnp.einsum("bngts,bsnd->btngd", probs, values.astype(q.dtype),
-                       precision=self.precision)
-        o = o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate)
-        y = self.o_proj(o)
 
-        new_len = cache.lengths
-        if advance:
-            new_len = new_len.at[scatter].add(jnp.where(valid, n, 0), mode="drop")
-        return y, cache.replace(k=ck, v=cv, lengths=new_len)
+def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, head_dim,
+                    rotary_dim, rope_theta, eps, dtype, precision, advance, tp, kv_split):
+    """Attention on local heads (module docstring). tp None: one device, no reduction. Under
+    shard_map (tp devices): p holds this shard's q heads and o_proj rows; with kv_split its KV
+    heads, else all KV heads (replicated; this shard reads the one its q heads share)."""
+    B, T, _ = x.shape
+    nH, nKV, hd = num_heads, num_kv_heads, head_dim
+    mm = functools.partial(dense, dtype=dtype, precision=precision)
+    gather, valid, scatter = slot_index(slots, cache.num_slots)
+    start = jnp.where(valid, cache.lengths[gather], 0)
+    pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+
+    qg = mm(x, p["q"]).reshape(B, T, nH, 2 * hd)
+    q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, nH * hd)
+    q = rms_norm(q, p["q_norm"], eps)
+    k = rms_norm(mm(x, p["k"]).reshape(B, T, nKV, hd), p["k_norm"], eps)
+    v = mm(x, p["v"]).reshape(B, T, nKV, hd)
+    cos, sin = rope_cos_sin(pos, rotary_dim, rope_theta)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    real = valid[:, None] & (jnp.arange(T)[None, :] < n[:, None])
+    col = jnp.where(real, pos, cache.max_len)  # out of range: dropped
+    row = jnp.broadcast_to(scatter[:, None], (B, T))
+    ck = cache.k.at[row, col].set(k.astype(cache.k.dtype), mode="drop")
+    cv = cache.v.at[row, col].set(v.astype(cache.v.dtype), mode="drop")
+
+    keys, values = ck[gather], cv[gather]  # [B, L, nKV, hd]
+    if tp is not None and not kv_split:
+        # Replicated KV heads (fewer than devices): this shard's nH q heads all read KV head
+        # (d * nH) // (global group size), global group = tp * nH / nKV.
+        kv_head = (jax.lax.axis_index(TP) * nH) // (tp * nH // nKV)
+        keys = jax.lax.dynamic_slice_in_dim(keys, kv_head, 1, axis=2)
+        values = jax.lax.dynamic_slice_in_dim(values, kv_head, 1, axis=2)
+    n_read = keys.shape[2]
+    qh = q.reshape(B, T, n_read, nH // n_read, hd)
+    scores = jnp.einsum("btngd,bsnd->bngts", qh, keys.astype(q.dtype),
+                        precision=precision, preferred_element_type=_F32)
+    scores = scores * (hd ** -0.5)
+    causal = jnp.arange(cache.max_len)[None, None, :] <= pos[:, :, None]  # [B, T, L]
+    scores = jnp.where(causal[:, None, None], scores, jnp.finfo(_F32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    o = jnp.einsum("bngts,bsnd->btngd", probs, values.astype(q.dtype), precision=precision)
+    o = o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate)
+    y = mm(o, p["o"])
+    if tp is not None:
+        y = psum(y)
+
+    new_len = cache.lengths
+    if advance:
+        new_len = new_len.at[scatter].add(jnp.where(valid, n, 0), mode="drop")
+    return y, cache.replace(k=ck, v=cv, lengths=new_len)

@@ -120,3 +120,26 @@ class GDNCache:
 
 jax.tree_util.register_dataclass(KVCache, data_fields=["k", "v", "lengths"], meta_fields=[])
 jax.tree_util.register_dataclass(GDNCache, data_fields=["state", "conv", "inter"], meta_fields=[])
+
+
+def gdn_cache_specs(cache: GDNCache):
+    """PartitionSpecs of a GDNCache on a ("tp",) mesh (a pytree like the cache): everything per
+    head is split by head (pool and candidates on H / HV, the conv window on its tp-blocked
+    channels, inter on HV); count is replicated."""
+    from jax.sharding import PartitionSpec as P
+
+    from gdn_jax.modules.sharding import TP
+    head2 = P(None, None, TP)
+    state = GDNState(pool=P(None, TP), cand_k=head2, cand_v=head2, cand_g=head2,
+                     cand_beta=head2, count=P())
+    return GDNCache(state=state, conv=head2, inter=None if cache.inter is None else head2)
+
+
+def kv_cache_specs(sharded_heads: bool):
+    """PartitionSpecs of a KVCache: k / v split by KV head, or replicated when the KV heads are
+    fewer than the devices."""
+    from jax.sharding import PartitionSpec as P
+
+    from gdn_jax.modules.sharding import TP
+    kv = P(None, None, TP) if sharded_heads else P()
+    return KVCache(k=kv, v=kv, lengths=P())

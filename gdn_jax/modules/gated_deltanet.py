@@ -20,15 +20,19 @@ Modes (each row of the batch names its slot; see `gdn_jax.modules.cache`):
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from gdn_jax import ops
-from gdn_jax.modules._linear import HIGHEST, linear
-from gdn_jax.modules.cache import GDNCache, slot_index
-from gdn_jax.modules.norms import GatedRMSNorm
+from gdn_jax.modules._linear import HIGHEST, dense, linear
+from gdn_jax.modules.cache import GDNCache, gdn_cache_specs, slot_index
+from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
+from gdn_jax.modules.sharding import TP, blocked_permutation, psum, tp_map, tp_size
 
 _F32 = jnp.float32
 MODES = ("prefill", "decode", "verify")
@@ -53,6 +57,54 @@ def _windows(xp, starts, width: int):
     return jax.vmap(lambda r, s: lax.dynamic_slice_in_dim(r, s, width, axis=0))(xp, starts)
 
 
+def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, eps, reduce):
+    """The layer on local heads (all of them on one device, a shard's under `shard_map`):
+    params p (bare arrays, flat [q | k | v | z] layout of the local heads), x [B, T, hidden],
+    n [B] tokens per row (prefill lengths; ones otherwise). reduce: psum the out_proj partial
+    sums over "tp". Returns (y, cache)."""
+    H, HV, K, V, W = dims
+    B, T, _ = x.shape
+    key_dim, value_dim = H * K, HV * V
+    conv_dim = 2 * key_dim + value_dim
+    _, _, scatter = slot_index(slots, cache.num_slots)
+    gather = slot_index(slots, cache.num_slots)[0]
+    mm = functools.partial(dense, dtype=dtype, precision=precision)
+
+    qkvz = mm(x, p["qkvz"])
+    mixed, z = qkvz[..., :conv_dim], qkvz[..., conv_dim:]
+    ba = mm(x, p["ba"])
+    b, a = ba[..., :HV], ba[..., HV:]
+
+    window = cache.conv[gather, :W - 1]  # [B, W - 1, C], committed inputs
+    xp = jnp.concatenate([window, mixed.astype(cache.conv.dtype)], axis=1)
+    conv_out = causal_conv(xp, p["conv"]).astype(dtype)
+    q = conv_out[..., :key_dim].reshape(B, T, H, K)
+    k = conv_out[..., key_dim:2 * key_dim].reshape(B, T, H, K)
+    v = conv_out[..., 2 * key_dim:].reshape(B, T, HV, V)
+    A_log, dt_bias = p["A_log"], p["dt_bias"]
+
+    if mode == "verify":
+        o, state, inter = ops.verify(q, k, v, a, b, A_log, dt_bias, cache.state, slots,
+                                     mode=cache.commit_mode)
+        pad = cache.t_max - T
+        conv = cache.conv.at[scatter].set(jnp.pad(xp, [(0, 0), (0, pad), (0, 0)]), mode="drop")
+        new_inter = cache.inter
+        if inter is not None:
+            new_inter = cache.inter.at[scatter, :T].set(inter, mode="drop")
+        cache = cache.replace(state=state, conv=conv, inter=new_inter)
+    else:
+        if mode == "decode":
+            o, state = ops.decode(q, k, v, a, b, A_log, dt_bias, cache.state, slots)
+        else:
+            o, state = ops.prefill(q, k, v, a, b, A_log, dt_bias, cache.state, slots, n)
+        conv = cache.conv.at[scatter, :W - 1].set(_windows(xp, n, W - 1), mode="drop")
+        cache = cache.replace(state=state, conv=conv)
+
+    o = gated_rms_norm(o.astype(dtype), z.reshape(B, T, HV, V), p["norm"], eps)
+    y = mm(o.reshape(B, T, value_dim), p["out"])
+    return (psum(y) if reduce else y), cache
+
+
 class GatedDeltaNet(nnx.Module):
     """One GDN layer (module docstring).
 
@@ -72,6 +124,9 @@ class GatedDeltaNet(nnx.Module):
         self.H, self.HV, self.K, self.V, self.W = (num_k_heads, num_v_heads, head_k_dim,
                                                    head_v_dim, conv_kernel)
         self.dtype = dtype
+        # mesh: a Mesh with a "tp" axis (set by gdn_jax.models.sharding.shard_model, which also
+        # puts the projections in the tp-blocked layout), or None for one device.
+        self.mesh = None
         key_dim, value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
         self.conv_dim = 2 * key_dim + value_dim
         self.in_proj_qkvz = linear(hidden_size, 2 * key_dim + 2 * value_dim, **kw)
@@ -105,46 +160,47 @@ class GatedDeltaNet(nnx.Module):
                              f"T = {T}")
         if mode != "prefill" and lengths is not None:
             raise ValueError(f"GatedDeltaNet: lengths is for prefill only (mode {mode!r})")
-        H, HV, K, V, W = self.H, self.HV, self.K, self.V, self.W
-        key_dim, value_dim = H * K, HV * V
-        gather, valid, scatter = slot_index(slots, cache.num_slots)
-
-        qkvz = self.in_proj_qkvz(x)
-        mixed, z = qkvz[..., :self.conv_dim], qkvz[..., self.conv_dim:]
-        ba = self.in_proj_ba(x)
-        b, a = ba[..., :HV], ba[..., HV:]
-
-        window = cache.conv[gather, :W - 1]  # [B, W - 1, C], committed inputs
-        xp = jnp.concatenate([window, mixed.astype(cache.conv.dtype)], axis=1)
-        conv_out = causal_conv(xp, self.conv_weight[...]).astype(self.dtype)
-        q = conv_out[..., :key_dim].reshape(B, T, H, K)
-        k = conv_out[..., key_dim:2 * key_dim].reshape(B, T, H, K)
-        v = conv_out[..., 2 * key_dim:].reshape(B, T, HV, V)
-        A_log, dt_bias = self.A_log[...], self.dt_bias[...]
-
-        if mode == "verify":
-            o, state, inter = ops.verify(q, k, v, a, b, A_log, dt_bias, cache.state, slots,
-                                         mode=cache.commit_mode)
-            pad = cache.t_max - T
-            conv = cache.conv.at[scatter].set(jnp.pad(xp, [(0, 0), (0, pad), (0, 0)]),
-                                              mode="drop")
-            new_inter = cache.inter
-            if inter is not None:
-                new_inter = cache.inter.at[scatter, :T].set(inter, mode="drop")
-            cache = cache.replace(state=state, conv=conv, inter=new_inter)
+        if mode == "prefill":
+            n = (jnp.full((B,), T, jnp.int32) if lengths is None
+                 else jnp.asarray(lengths, jnp.int32))
         else:
-            if mode == "decode":
-                o, state = ops.decode(q, k, v, a, b, A_log, dt_bias, cache.state, slots)
-                n = jnp.ones((B,), jnp.int32)
-            else:
-                n = (jnp.full((B,), T, jnp.int32) if lengths is None
-                     else jnp.asarray(lengths, jnp.int32))
-                o, state = ops.prefill(q, k, v, a, b, A_log, dt_bias, cache.state, slots, n)
-            conv = cache.conv.at[scatter, :W - 1].set(_windows(xp, n, W - 1), mode="drop")
-            cache = cache.replace(state=state, conv=conv)
+            n = jnp.ones((B,), jnp.int32)
+        slots = jnp.asarray(slots, jnp.int32)
+        params = dict(qkvz=self.in_proj_qkvz.kernel[...], ba=self.in_proj_ba.kernel[...],
+                      conv=self.conv_weight[...], A_log=self.A_log[...],
+                      dt_bias=self.dt_bias[...], norm=self.norm.weight[...],
+                      out=self.out_proj.kernel[...])
+        tp = tp_size(self.mesh)
+        dims = (self.H // tp, self.HV // tp, self.K, self.V, self.W)
+        body = functools.partial(_gdn_body, mode=mode, dims=dims, dtype=self.dtype,
+                                 precision=self.out_proj.precision, eps=self.norm.eps,
+                                 reduce=self.mesh is not None)
+        if self.mesh is None:
+            return body(params, x, cache, slots, n)
+        specs = self.tp_param_specs()
+        p_specs = dict(qkvz=specs[("in_proj_qkvz", "kernel")], ba=specs[("in_proj_ba", "kernel")],
+                       conv=specs[("conv_weight",)], A_log=specs[("A_log",)],
+                       dt_bias=specs[("dt_bias",)], norm=specs[("norm", "weight")],
+                       out=specs[("out_proj", "kernel")])
+        c_specs = gdn_cache_specs(cache)
+        return tp_map(self.mesh, body, (p_specs, P(), c_specs, P(), P()),
+                      (P(), c_specs))(params, x, cache, slots, n)
 
-        o = self.norm(o.astype(self.dtype), z.reshape(B, T, HV, V))
-        return self.out_proj(o.reshape(B, T, value_dim)), cache
+    def tp_param_specs(self) -> dict:
+        """PartitionSpec of each parameter on a ("tp",) mesh, by path from this module: the
+        projections split by head group (columns tp-blocked, see `gdn_jax.modules.sharding`),
+        out_proj by rows (value heads), the per-head vectors by head."""
+        col, row = P(None, TP), P(TP, None)
+        return {("in_proj_qkvz", "kernel"): col, ("in_proj_ba", "kernel"): col,
+                ("conv_weight",): col, ("A_log",): P(TP), ("dt_bias",): P(TP),
+                ("norm", "weight"): P(), ("out_proj", "kernel"): row}
+
+    def tp_permutations(self, tp: int) -> dict:
+        """Column permutations (flat -> tp-blocked layout) of the parameters that have one."""
+        HK, HVV = self.H * self.K, self.HV * self.V
+        return {("in_proj_qkvz", "kernel"): blocked_permutation([HK, HK, HVV, HVV], tp),
+                ("in_proj_ba", "kernel"): blocked_permutation([self.HV, self.HV], tp),
+                ("conv_weight",): blocked_permutation([HK, HK, HVV], tp)}
 
     @staticmethod
     def commit(cache: GDNCache, slots, num_accepted) -> GDNCache:

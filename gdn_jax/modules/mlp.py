@@ -10,12 +10,16 @@ expert, so each token computes only its top-k experts.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
-from gdn_jax.modules._linear import HIGHEST, linear
+from gdn_jax.modules._linear import HIGHEST, dense, linear
+from gdn_jax.modules.sharding import TP, psum, tp_map
 
 _F32 = jnp.float32
 
@@ -29,9 +33,33 @@ class MLP(nnx.Module):
         self.gate_proj = linear(hidden_size, intermediate_size, **kw)
         self.up_proj = linear(hidden_size, intermediate_size, **kw)
         self.down_proj = linear(intermediate_size, hidden_size, **kw)
+        self.mesh = None  # a ("tp",) Mesh, set by gdn_jax.models.sharding.shard_model
+
+    def _params(self):
+        return dict(gate=self.gate_proj.kernel[...], up=self.up_proj.kernel[...],
+                    down=self.down_proj.kernel[...])
+
+    def _mm(self):
+        lin = self.down_proj
+        return functools.partial(dense, dtype=lin.dtype, precision=lin.precision)
+
+    def tp_param_specs(self) -> dict:
+        """Column split of gate / up, row split of down (the intermediate dim over "tp")."""
+        return {("gate_proj", "kernel"): P(None, TP), ("up_proj", "kernel"): P(None, TP),
+                ("down_proj", "kernel"): P(TP, None)}
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        body = functools.partial(_mlp_body, mm=self._mm())
+        if self.mesh is None:
+            return body(self._params(), x)
+        specs = {"gate": P(None, TP), "up": P(None, TP), "down": P(TP, None)}
+        return tp_map(self.mesh, lambda p, x: psum(body(p, x)), (specs, P()), P())(
+            self._params(), x)
+
+
+def _mlp_body(p, x, *, mm):
+    """SwiGLU on (a shard of) the intermediate dim; partial sums when sharded."""
+    return mm(jax.nn.silu(mm(x, p["gate"])) * mm(x, p["up"]), p["down"])
 
 
 class SparseMoE(nnx.Module):
@@ -58,6 +86,7 @@ class SparseMoE(nnx.Module):
         self.experts_down_proj = nnx.Param(init(rngs.params(), (E, I, H), param_dtype))
         self.shared_expert = MLP(hidden_size, shared_intermediate_size, **kw)
         self.shared_expert_gate = linear(hidden_size, 1, **kw)
+        self.mesh = None  # a ("tp",) Mesh, set by gdn_jax.models.sharding.shard_model
 
     def route(self, x):
         """x: [N, hidden] -> (weights [N, k] in x's dtype, expert ids [N, k] int32)."""
@@ -82,10 +111,50 @@ class SparseMoE(nnx.Module):
         y = mm(h, self.experts_down_proj) * weights.reshape(-1)[order][:, None]
         return jnp.zeros((N, H), y.dtype).at[token].add(y)
 
+    def tp_param_specs(self) -> dict:
+        """Every expert's intermediate dim split over "tp" (gate / up by columns, down by rows);
+        router and shared-expert gate replicated (the shared expert is an MLP: its own specs)."""
+        return {("gate", "kernel"): P(), ("shared_expert_gate", "kernel"): P(),
+                ("experts_gate_proj",): P(None, None, TP), ("experts_up_proj",): P(None, None, TP),
+                ("experts_down_proj",): P(None, TP, None)}
+
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        weights, ids = self.route(x)
-        routed = self._experts(x, weights, ids)
-        shared = jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return (routed + shared).reshape(shape)
+        p = dict(router=self.gate.kernel[...], shared_gate=self.shared_expert_gate.kernel[...],
+                 eg=self.experts_gate_proj[...], eu=self.experts_up_proj[...],
+                 ed=self.experts_down_proj[...], shared=self.shared_expert._params())
+        body = functools.partial(
+            _moe_body, mm=functools.partial(dense, dtype=self.dtype, precision=self.precision),
+            shared_mm=self.shared_expert._mm(), top_k=self.top_k, norm_topk_prob=self.norm_topk_prob,
+            num_experts=self.num_experts, dtype=self.dtype, precision=self.precision)
+        if self.mesh is None:
+            return body(p, x).reshape(shape)
+        specs = dict(router=P(), shared_gate=P(), eg=P(None, None, TP), eu=P(None, None, TP),
+                     ed=P(None, TP, None),
+                     shared={"gate": P(None, TP), "up": P(None, TP), "down": P(TP, None)})
+        out = tp_map(self.mesh, lambda p, x: psum(body(p, x)), (specs, P()), P())(p, x)
+        return out.reshape(shape)
+
+
+def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype, precision):
+    """SparseMoE on x [N, hidden] with (a shard of) every expert's intermediate dim: the routed
+    and shared outputs are linear in the down projections, so shards return partial sums."""
+    N, H = x.shape
+    logits = mm(x, p["router"])
+    probs = jax.nn.softmax(logits.astype(_F32), axis=-1)
+    top_w, top_i = lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    weights, ids = top_w.astype(logits.dtype), top_i.astype(jnp.int32)
+    flat = ids.reshape(-1)  # [N*k]
+    order = jnp.argsort(flat, stable=True)
+    token = order // top_k
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    xs = x[token].astype(dtype)
+    rmm = lambda a, w: lax.ragged_dot(a, w.astype(dtype), sizes, precision=precision)
+    h = jax.nn.silu(rmm(xs, p["eg"])) * rmm(xs, p["eu"])
+    y = rmm(h, p["ed"]) * weights.reshape(-1)[order][:, None]
+    routed = jnp.zeros((N, H), y.dtype).at[token].add(y)
+    shared = jax.nn.sigmoid(mm(x, p["shared_gate"])) * _mlp_body(p["shared"], x, mm=shared_mm)
+    return routed + shared

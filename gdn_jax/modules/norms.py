@@ -30,8 +30,13 @@ class RMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.zeros((dim,), param_dtype))
 
     def __call__(self, x):
-        y = _normalize(x, self.eps) * (1.0 + self.weight[...].astype(_F32))
-        return y.astype(x.dtype)
+        return rms_norm(x, self.weight[...], self.eps)
+
+
+def rms_norm(x, weight, eps: float):
+    """`RMSNorm` on a bare weight array."""
+    y = _normalize(x, eps) * (1.0 + weight.astype(_F32))
+    return y.astype(x.dtype)
 
 
 class GatedRMSNorm(nnx.Module):
@@ -42,7 +47,12 @@ class GatedRMSNorm(nnx.Module):
         self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x, z):
-        dtype = x.dtype
-        y = self.weight[...] * _normalize(x, self.eps).astype(dtype)
-        y = y.astype(_F32) * jax.nn.silu(z.astype(_F32))
-        return y.astype(dtype)
+        return gated_rms_norm(x, z, self.weight[...], self.eps)
+
+
+def gated_rms_norm(x, z, weight, eps: float):
+    """`GatedRMSNorm` on a bare weight array."""
+    dtype = x.dtype
+    y = weight * _normalize(x, eps).astype(dtype)
+    y = y.astype(_F32) * jax.nn.silu(z.astype(_F32))
+    return y.astype(dtype)
