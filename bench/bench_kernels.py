@@ -13,7 +13,7 @@ bf16 and fp32 pool, bf16 inputs; one slot per row (num_slots = B, slots a random
 
 Timing: one jitted program runs a `lax.fori_loop` of n calls, each call's output o fed in as the
 next call's v (so no call can be merged or dropped), the pool carried and donated. The trip count
-is static (two executables, n and 2n calls: a runtime count makes XLA:GPU sync the loop predicate
+is static (two executables, n and 2n calls: a runtime count can make XLA:GPU sync the loop predicate
 to the host every iteration, which the 2026-11-25 results still include); the per-call time is
 (t(2n) - t(n)) / n, medians over --reps, which removes dispatch and sync overhead. The naive
 t(n) / n is reported too. This is wall-clock: for kernel time use ncu (pallas-gpu.md section 11).
@@ -190,7 +190,7 @@ def chained(op, tuning, interpret):
         return lax.fori_loop(0, n, body, (pool, v, jnp.zeros((), jnp.float32)))
 
     # n is static: with a trip count known at compile time XLA:GPU need not bring the loop
-    # predicate back to the host after every call (a runtime count costs a sync per iteration).
+    # predicate back to the host after every call (a runtime count may cost a sync per iteration).
     return jax.jit(run, static_argnums=(1,), donate_argnums=(0,))
 
 

@@ -24,6 +24,7 @@ from gdn_jax import ops
 from gdn_jax import speculative as S
 from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM
 from gdn_jax.modules.cache import GDNCache
+from tiny_models import randomize
 
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 _COMPILED = {}
@@ -38,19 +39,9 @@ def _config(vocab=64, **kw):
         intermediate_size=48, mtp_num_hidden_layers=1, **kw)
 
 
-def _randomize(model, seed, scale=0.3):
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    leaves = [jnp.asarray((rng.standard_normal(x.shape) * scale).astype(x.dtype))
-              for x in leaves]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
-    return model
-
-
 def _model(config, seed=0, cls=Qwen3NextForCausalLM, **kw):
     model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0), **kw))
-    return _randomize(model, seed)
+    return randomize(model, seed, scale=0.3)
 
 
 def gen(model, prompts, lengths, **kw):

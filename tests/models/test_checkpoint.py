@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM, load_pretrained, save_pretrained
+from gdn_jax.models import ModelConfig, load_pretrained, save_pretrained
+from tiny_models import random_model
 
 _COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                layer_types=("linear_attention", "full_attention"), num_attention_heads=4,
@@ -29,20 +29,6 @@ CONFIGS = {
                            moe_intermediate_size=16, shared_expert_intermediate_size=24,
                            mtp_num_hidden_layers=1, **_COMMON),
 }
-
-
-def random_model(config, param_dtype=jnp.float32, seed=0):
-    """A model whose every parameter is random (the default init zeroes the (1 + w) norms).
-
-    Built abstractly and filled from NumPy (no per-shape compiles of jax.random)."""
-    model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(config, dtype=param_dtype,
-                                                        rngs=nnx.Rngs(seed)))
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    leaves = [jnp.asarray((rng.standard_normal(x.shape) * 0.2).astype(x.dtype)) for x in leaves]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
-    return model
 
 
 def _params(model):
@@ -68,7 +54,7 @@ def test_round_trip(name, tmp_path):
 
 
 def test_round_trip_bf16(tmp_path):
-    model = random_model(CONFIGS["next-moe"], param_dtype=jnp.bfloat16)
+    model = random_model(CONFIGS["next-moe"], dtype=jnp.bfloat16)
     save_pretrained(model, tmp_path)
     back = load_pretrained(tmp_path, dtype=jnp.bfloat16)
     assert back.layers[0].linear_attn.in_proj_qkvz.kernel.get_value().dtype == jnp.bfloat16

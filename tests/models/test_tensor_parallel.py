@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from gdn_jax.models import (ModelConfig, Qwen3NextForCausalLM, load_pretrained, save_pretrained,
                             shard_model)
+from tiny_models import random_model
 
 # Head counts divide 8; 2 KV heads: split at TP = 2, replicated at TP = 4 and 8.
 CONFIG = ModelConfig(
@@ -40,13 +41,7 @@ def _mesh(tp):
 
 
 def _random_model(seed=0):
-    model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(CONFIG, rngs=nnx.Rngs(seed)))
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    leaves = [jnp.asarray((rng.standard_normal(x.shape) * 0.2).astype(x.dtype)) for x in leaves]
-    nnx.update(model, jax.tree.unflatten(treedef, leaves))
-    return model
+    return random_model(CONFIG, seed)
 
 
 def _program(graphdef):
