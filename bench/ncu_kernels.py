@@ -51,7 +51,7 @@ def cases(args):
                 out.append(dict(impl="gdn", op="intermediate", B=B, T=T, dtype=dtype))
             if args.fla:
                 for T in (1,) + tuple(args.tokens):
-                    out.append(dict(impl="fla", op=f"fla", B=B, T=T, dtype=dtype))
+                    out.append(dict(impl="fla", op="fla", B=B, T=T, dtype=dtype))
     return out
 
 
@@ -146,7 +146,7 @@ def worker(args):
         cfg = {key: c[key] for key in ("block_v", "num_warps", "num_stages", "form") if key in c}
         if not cfg:
             cfg = dispatch.tuning(c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype,
-                                  B=B, V=V, T=T)
+                                  B=B, V=V)
         c.update(cfg)
         kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
                   "intermediate": kernels.verify_intermediate}[c["op"]]

@@ -5,9 +5,6 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-JAX_VERSION = tuple(int(p) for p in jax.__version__.split(".")[:3] if p.isdigit())
-
-
 def concrete_value(x):
     """x as a NumPy array when its value is known at trace time (an eager call), else None."""
     if isinstance(x, jax.core.Tracer):

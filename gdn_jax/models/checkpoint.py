@@ -320,8 +320,9 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, precision=HIGH
     model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(
         config, with_mtp=with_mtp, dtype=dtype, param_dtype=param_dtype, precision=precision,
         rngs=nnx.Rngs(0)))
-    place = lambda path, value: jnp.asarray(value)
-    if mesh is not None:
+    if mesh is None:
+        place = lambda path, value: jnp.asarray(value)
+    else:
         specs, perms = param_specs(model, mesh), permutations(model, tp)
 
         def place(path, value):

@@ -32,14 +32,16 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from gdn_jax.models.config import ModelConfig
 from gdn_jax.modules._linear import HIGHEST, linear
 from gdn_jax.modules.attention import Attention
-from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache
+from gdn_jax.modules.cache import COMMIT_MODES, KVCache
 from gdn_jax.modules.gated_deltanet import MODES, GatedDeltaNet
 from gdn_jax.modules.mlp import MLP, SparseMoE
 from gdn_jax.modules.norms import RMSNorm
+from gdn_jax.modules.sharding import TP, psum, tp_map
 
 _F32 = jnp.float32
 
@@ -203,9 +205,6 @@ class Qwen3NextForCausalLM(nnx.Module):
 
     def tp_param_specs(self) -> dict:
         """Embedding and LM head split by vocab over "tp" (the other params: their modules)."""
-        from jax.sharding import PartitionSpec as P
-
-        from gdn_jax.modules.sharding import TP
         return {("embed_tokens", "embedding"): P(TP, None), ("lm_head", "kernel"): P(None, TP)}
 
     def save_pretrained(self, path, **kwargs) -> None:
@@ -244,9 +243,6 @@ class Qwen3NextForCausalLM(nnx.Module):
         if self.mesh is None:
             return self.embed_tokens(tokens)
         # Vocab-split table: each shard looks up the tokens in its rows, zeros elsewhere; one psum.
-        from jax.sharding import PartitionSpec as P
-
-        from gdn_jax.modules.sharding import TP, psum, tp_map
         emb = self.embed_tokens
 
         def local(table, tokens):

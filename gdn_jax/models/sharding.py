@@ -29,10 +29,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from gdn_jax.models.config import ModelConfig
-from gdn_jax.modules.attention import Attention
 from gdn_jax.modules.cache import GDNCache, KVCache, gdn_cache_specs, kv_cache_specs
 from gdn_jax.modules.gated_deltanet import GatedDeltaNet
-from gdn_jax.modules.sharding import TP, auto_mesh, check_divides, tp_size
+from gdn_jax.modules.sharding import auto_mesh, check_divides, tp_size
 
 
 def check_config(config: ModelConfig, tp: int) -> None:

@@ -22,7 +22,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from gdn_jax.modules.sharding import TP
 from gdn_jax.ops import GDNState
 
 COMMIT_MODES = ("replay", "intermediate")
@@ -126,9 +128,6 @@ def gdn_cache_specs(cache: GDNCache):
     """PartitionSpecs of a GDNCache on a ("tp",) mesh (a pytree like the cache): everything per
     head is split by head (pool and candidates on H / HV, the conv window on its tp-blocked
     channels, inter on HV); count is replicated."""
-    from jax.sharding import PartitionSpec as P
-
-    from gdn_jax.modules.sharding import TP
     head2 = P(None, None, TP)
     state = GDNState(pool=P(None, TP), cand_k=head2, cand_v=head2, cand_g=head2,
                      cand_beta=head2, count=P())
@@ -138,8 +137,5 @@ def gdn_cache_specs(cache: GDNCache):
 def kv_cache_specs(sharded_heads: bool):
     """PartitionSpecs of a KVCache: k / v split by KV head, or replicated when the KV heads are
     fewer than the devices."""
-    from jax.sharding import PartitionSpec as P
-
-    from gdn_jax.modules.sharding import TP
     kv = P(None, None, TP) if sharded_heads else P()
     return KVCache(k=kv, v=kv, lengths=P())

@@ -19,8 +19,8 @@ from gdn_jax.ops._slots import clear_count, slot_index, store_candidates
 
 
 
-def _tuning(op, state, B, T=1):
-    return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, V=state.pool.shape[2], T=T)
+def _tuning(op, state, B):
+    return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, V=state.pool.shape[2])
 
 
 def _pending(state):
@@ -38,7 +38,7 @@ def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, interpret=False):
 
 @functools.partial(jax.jit, static_argnames=("mode", "interpret"))
 def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, interpret=False):
-    cfg = _tuning("verify", state, q.shape[0], q.shape[1])
+    cfg = _tuning("verify", state, q.shape[0])
     args = (q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots)
     if mode == "intermediate":
         o, inter = kernels.verify_intermediate(*args, interpret=interpret, **cfg)

@@ -154,7 +154,7 @@ _TUNING = {
 _LARGE_BATCH = 128
 
 
-def tuning(op: str, *, state_dtype, B: int, V: int, T: int = 1, device=None) -> dict:
+def tuning(op: str, *, state_dtype, B: int, V: int) -> dict:
     """Launch parameters (block_v, num_warps, num_stages) of `op`'s kernel for this call."""
     key_op = "decode" if op == "decode" else "verify"  # flush folds like a verify
     block_v, num_warps = _TUNING[(key_op, jnp.dtype(state_dtype).name, B >= _LARGE_BATCH)]
