@@ -1,18 +1,28 @@
-"""Time a plain decode step, the MTP verify forward and a whole speculative round (gdn_jax.speculative).
+"""Time a plain decode step, the MTP verify forward and a whole speculative round (gdn_jax.speculative),
+on one GPU or tensor-parallel over several.
 
     python bench/bench_speculative.py --out DIR              # B = 1, 8, 32 (~2-4 min on an H100)
     python bench/bench_speculative.py --out DIR --quick      # B = 1, 8, fewer repetitions
     python bench/bench_speculative.py --out DIR --layers 8   # more layers (3 GDN : 1 attention)
+    python bench/bench_speculative.py --out DIR --tp 1,2,4 --family qwen3_next --batches 1,32 --no-comm
     python bench/bench_speculative.py --out DIR --smoke      # tiny model on CPU (checks the script)
 
-Model: random weights, dense Qwen3-Next-shaped (the `qwen3_5_text` family, dense MLP): hidden 2048,
-GDN H = 16, HV = 32, K = V = 128, conv 4; gated attention 16 heads, 2 KV heads, head dim 256;
-MLP 5120; vocab 151936 (untied LM head); one MTP layer. `--layers` decoder layers, every 4th a
-full-attention layer (at least one of each kind). bf16 weights, activations and GDN state;
-replay commit mode; the ops' default backend (Pallas kernels on a GPU). Every row starts with
-`--context` tokens in its KV caches (random GDN state: zeros; the numbers do not depend on it).
+Model: random weights at full width. `--family qwen3_5_text` (default): dense Qwen3.5-shaped, MLP
+5120. `--family qwen3_next`: Qwen3-Next-shaped, a sparse MoE block in every layer (`--experts`,
+default 512, top 10, expert width 512, shared expert 512). Both: hidden 2048, GDN H = 16, HV = 32,
+K = V = 128, conv 4; gated attention 16 heads, 2 KV heads, head dim 256; vocab 151936 (untied LM
+head); one MTP layer. `--layers` decoder layers, every 4th a full-attention layer (at least one of
+each kind). bf16 weights, activations and GDN state; replay commit mode; the ops' default backend
+(Pallas kernels on a GPU). Every row starts with `--context` tokens in its KV caches (random GDN
+state: zeros; the numbers do not depend on it).
 
-What is timed, per B (d = --draft, default 3):
+`--tp 1,2,4`: each value runs the model on a ("tp",) mesh of the first tp devices
+(gdn_jax.models.shard_model; TP = 1: the first device alone). `--no-comm` also times decode and
+round at each TP > 1 with the blocks' all-reduces removed (every `psum` of the head-parallel blocks
+and the embedding replaced by the identity: wrong numbers, the same local work): the difference is
+the time the collectives take (and what they keep from overlapping).
+
+What is timed, per (TP, B) (d = --draft, default 3):
 - decode: one plain decode step of the target: one token, all layers, LM head, argmax.
 - verify: the target over d + 1 tokens from the cache (GDN verify path), LM head, greedy
           acceptance and the commit; drafts are not computed (fixed shifts of the last token).
@@ -21,12 +31,17 @@ What is timed, per B (d = --draft, default 3):
 A jitted `lax.fori_loop` runs n such calls, each taking the token (and cache) the last produced,
 the cache carried and donated. The trip count is a runtime argument, so one executable runs n and
 2n calls; per call = (t(2n) - t(n)) / n, the median over --reps (dispatch and sync cancel). The
-naive t(n) / n is recorded too. Target (issue #6): verify <= 1.3 x decode for B <= 32.
+naive t(n) / n is recorded too. Tokens/s: plain decoding B / decode; speculative B * L / round at
+an accept length of L tokens per round (random weights accept nothing, so L is the model's
+property: L = round / decode is the break-even). Target (issue #6): verify <= 1.3 x decode, B <= 32.
+The JSON (written after every row) has the devices, jax, the copy bandwidth of device 0 and the
+settings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -43,7 +58,7 @@ from flax import nnx  # noqa: E402
 from jax import lax  # noqa: E402
 
 from gdn_jax import speculative as S  # noqa: E402
-from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM  # noqa: E402
+from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM, shard_model  # noqa: E402
 from gdn_jax.modules.cache import GDNCache, KVCache  # noqa: E402
 
 BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 8)
@@ -65,6 +80,13 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=512, help="tokens already in the KV caches")
     p.add_argument("--chain", type=int, default=20, help="calls per timed program (n; >= 20)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement")
+    p.add_argument("--family", default="qwen3_5_text", choices=("qwen3_5_text", "qwen3_next"),
+                   help="dense Qwen3.5-shaped (default) or Qwen3-Next-shaped (MoE)")
+    p.add_argument("--experts", type=int, default=512, help="routed experts (qwen3_next)")
+    p.add_argument("--tp", default="1", help="comma-separated tensor-parallel sizes (devices)")
+    p.add_argument("--no-comm", action="store_true",
+                   help="also time decode and round without the blocks' all-reduces (TP > 1)")
+    p.add_argument("--copy-gib", type=float, default=1.0, help="size of the bandwidth copy")
     args = p.parse_args(argv)
     if args.layers < 2:
         p.error("--layers must be >= 2 (one layer of each kind)")
@@ -75,7 +97,8 @@ def parse_args(argv=None):
     return args
 
 
-def model_config(layers: int, smoke: bool) -> ModelConfig:
+def model_config(layers: int, smoke: bool, family: str = "qwen3_5_text",
+                 experts: int = 512) -> ModelConfig:
     types = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)]
     if "full_attention" not in types:
         types[-1] = "full_attention"
@@ -83,12 +106,18 @@ def model_config(layers: int, smoke: bool) -> ModelConfig:
         dims = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                     linear_key_head_dim=16, linear_value_head_dim=16, intermediate_size=128)
+        moe = dict(num_experts=min(experts, 8), num_experts_per_tok=2, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=32)
     else:
         dims = dict(vocab_size=151936, hidden_size=2048, num_attention_heads=16,
                     num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
                     linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
                     intermediate_size=5120)
-    return ModelConfig(model_type="qwen3_5_text", num_hidden_layers=layers, layer_types=types,
+        moe = dict(num_experts=experts, num_experts_per_tok=min(10, experts),
+                   moe_intermediate_size=512, shared_expert_intermediate_size=512)
+    if family == "qwen3_next":
+        dims.update(moe)
+    return ModelConfig(model_type=family, num_hidden_layers=layers, layer_types=types,
                        mtp_num_hidden_layers=1, tie_word_embeddings=False, **dims)
 
 
@@ -122,6 +151,23 @@ def set_context(cache, context: int):
 
 
 _reset = jax.jit(set_context, static_argnums=(1,), donate_argnums=(0,))
+
+
+@contextlib.contextmanager
+def no_block_collectives():
+    """Trace with every explicit psum of the head-parallel blocks and the vocab-split embedding
+    replaced by the identity (the modules import `psum` by name: patch each)."""
+    from gdn_jax.models import qwen3_next
+    from gdn_jax.modules import attention, gated_deltanet, mlp
+    mods = (qwen3_next, attention, gated_deltanet, mlp)
+    saved = [m.psum for m in mods]
+    for m in mods:
+        m.psum = lambda x: x
+    try:
+        yield
+    finally:
+        for m, f in zip(mods, saved):
+            m.psum = f
 
 
 def chains(graphdef, d: int, vocab: int, buf_tokens: int):
@@ -176,7 +222,7 @@ def chains(graphdef, d: int, vocab: int, buf_tokens: int):
 
 def time_chain(fn, params, cache, tok, n: int, reps: int, context: int):
     """Per-call seconds: median of (t(2n) - t(n)) / n, and the naive median t(n) / n."""
-    run = jax.jit(fn, donate_argnums=(2,))
+    run = jax.jit(lambda *a: fn(*a), donate_argnums=(2,))  # a fresh trace per call
 
     def timed(calls):
         nonlocal cache
@@ -197,73 +243,121 @@ def time_chain(fn, params, cache, tok, n: int, reps: int, context: int):
     return statistics.median(diffs), statistics.median(naive), compile_s, cache
 
 
+def build(config, dtype, tp: int):
+    """The random model on the first tp devices (sharded over heads when tp > 1)."""
+    devices = jax.devices()
+    if tp > len(devices):
+        raise SystemExit(f"--tp {tp}: only {len(devices)} devices")
+    with jax.default_device(devices[0]):
+        model = random_model(config, dtype)
+    if tp > 1:
+        model = shard_model(model, jax.make_mesh((tp,), ("tp",), devices=devices[:tp]))
+    return model
+
+
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
+    from bench_kernels import copy_bandwidth
+    copy = copy_bandwidth(args.copy_gib, args.smoke)
     dev = jax.devices()[0]
     batches = (tuple(int(b) for b in args.batches.split(",")) if args.batches
                else QUICK_BATCHES if args.quick else BATCHES)
+    tps = tuple(int(t) for t in args.tp.split(","))
     reps = 3 if args.quick else args.reps
     chain = 4 if args.smoke and args.chain >= 20 else args.chain
     d = args.draft
     dtype = jnp.bfloat16
-    config = model_config(args.layers, args.smoke)
-    model = random_model(config, dtype)
-    graphdef, params = nnx.split(model)
-    progs = chains(graphdef, d, config.vocab_size, buf_tokens=2 * chain * (d + 1) + 1)
+    config = model_config(args.layers, args.smoke, args.family, args.experts)
+    buf_tokens = 2 * chain * (d + 1) + 1
     max_len = args.context + 2 * chain * (d + 1) + 2 * (d + 1)
     kind = dev.device_kind.replace(" ", "_") if dev.platform == "gpu" else dev.platform
-    print(f"{dev.device_kind} ({dev.platform}), jax {jax.__version__}, layers {config.layer_types}, "
-          f"d = {d}, context {args.context}, chain {chain}, reps {reps}", flush=True)
+    print(f"{len(jax.devices())} x {dev.device_kind} ({dev.platform}), jax {jax.__version__}, "
+          f"copy {copy['GBps']:.0f} GB/s, {args.family}, layers {config.layer_types}, d = {d}, "
+          f"context {args.context}, chain {chain}, reps {reps}, TP {tps}", flush=True)
 
-    rows = []
-    for B in batches:
-        cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=dtype,
-                                 commit_mode="replay")
-        tok = jnp.asarray(np.random.default_rng(B).integers(0, config.vocab_size, B), jnp.int32)
-        row = {"B": B}
-        for name in ("decode", "verify", "round"):
-            per, naive, comp, cache = time_chain(progs[name], params, cache, tok, chain, reps,
-                                                 args.context)
-            row[name] = {"per_call_ms": per * 1e3, "naive_ms": naive * 1e3,
-                         "compile_s": round(comp, 2)}
-            print(f"  B={B:<3} {name:<7} {per * 1e3:9.3f} ms/call  (naive {naive * 1e3:.3f}, "
-                  f"compile+first {comp:.1f} s)", flush=True)
-        dec = row["decode"]["per_call_ms"]
-        row["verify_over_decode"] = row["verify"]["per_call_ms"] / dec
-        row["round_over_decode"] = row["round"]["per_call_ms"] / dec
-        rows.append(row)
-        del cache
-
-    print(f"\n{'B':>4} {'decode ms':>10} {'verify ms':>10} {'round ms':>10} {'verify/dec':>11} "
-          f"{'round/dec':>10}   (d = {d}; a round pays off above round/dec tokens per round)")
-    for r in rows:
-        print(f"{r['B']:>4} {r['decode']['per_call_ms']:>10.3f} {r['verify']['per_call_ms']:>10.3f} "
-              f"{r['round']['per_call_ms']:>10.3f} {r['verify_over_decode']:>11.2f} "
-              f"{r['round_over_decode']:>10.2f}")
-    ok = all(r["verify_over_decode"] <= 1.3 for r in rows if r["B"] <= 32)
-    print(f"target verify <= 1.3 x decode for B <= 32: {'met' if ok else 'NOT met'}")
-
+    tag = f"-{args.family}" + (f"-tp{'_'.join(map(str, tps))}" if tps != (1,) else "")
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out,
+                        f"bench_speculative-{kind}{tag}{'-smoke' if args.smoke else ''}.json")
     report = {
         "bench": "bench_speculative",
-        "device": {"kind": dev.device_kind, "platform": dev.platform,
+        "device": {"kind": dev.device_kind, "platform": dev.platform, "count": len(jax.devices()),
+                   "names": [str(x) for x in jax.devices()],
                    "compute_capability": getattr(dev, "compute_capability", None)},
         "jax": jax.__version__, "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "settings": {"layers": list(config.layer_types), "hidden": config.hidden_size,
-                     "vocab": config.vocab_size, "HV": config.linear_num_value_heads,
-                     "K": config.linear_key_head_dim, "V": config.linear_value_head_dim,
-                     "dtype": "bfloat16", "state_dtype": "bfloat16", "commit_mode": "replay",
-                     "draft": d, "context": args.context, "max_len": max_len, "chain": chain,
-                     "reps": reps, "smoke": args.smoke, "argv": sys.argv[1:]},
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "copy_bandwidth": copy,
+        "settings": {"family": args.family, "layers": list(config.layer_types),
+                     "hidden": config.hidden_size, "vocab": config.vocab_size,
+                     "HV": config.linear_num_value_heads, "K": config.linear_key_head_dim,
+                     "V": config.linear_value_head_dim, "experts": config.num_experts,
+                     "top_k": config.num_experts_per_tok, "dtype": "bfloat16",
+                     "state_dtype": "bfloat16", "commit_mode": "replay", "draft": d,
+                     "context": args.context, "max_len": max_len, "chain": chain, "reps": reps,
+                     "tp": list(tps), "smoke": args.smoke, "argv": sys.argv[1:]},
         "method": "per call = median over reps of (t(2n) - t(n)) / n, fori_loop chain, cache "
-                  "donated; naive = median t(n) / n",
-        "results": rows,
-        "verify_target_met": ok,
-        "total_s": round(time.perf_counter() - t_start, 1),
+                  "donated; naive = median t(n) / n; no_comm: the blocks' psums traced as the "
+                  "identity",
+        "results": [],
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"bench_speculative-{kind}{'-smoke' if args.smoke else ''}.json")
+
+    rows = report["results"]
+    for tp in tps:
+        model = build(config, dtype, tp)
+        graphdef, params = nnx.split(model)
+        progs = chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens)
+        for B in batches:
+            cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=dtype,
+                                     commit_mode="replay")
+            tok = jnp.asarray(np.random.default_rng(B).integers(0, config.vocab_size, B),
+                              jnp.int32)
+            row = {"tp": tp, "B": B}
+            names = ["decode", "verify", "round"]
+            if args.no_comm and tp > 1:
+                names += ["decode_no_comm", "round_no_comm"]
+            for name in names:
+                base = name.split("_no_comm")[0]
+                ctx = no_block_collectives() if name != base else contextlib.nullcontext()
+                with ctx:
+                    per, naive, comp, cache = time_chain(progs[base], params, cache, tok, chain,
+                                                         reps, args.context)
+                row[name] = {"per_call_ms": per * 1e3, "naive_ms": naive * 1e3,
+                             "compile_s": round(comp, 2)}
+                print(f"  TP={tp} B={B:<3} {name:<15} {per * 1e3:9.3f} ms/call  (naive "
+                      f"{naive * 1e3:.3f}, compile+first {comp:.1f} s)", flush=True)
+            dec, rnd = row["decode"]["per_call_ms"], row["round"]["per_call_ms"]
+            row["verify_over_decode"] = row["verify"]["per_call_ms"] / dec
+            row["round_over_decode"] = rnd / dec
+            row["tokens_per_s"] = {"plain": B / dec * 1e3,
+                                   **{f"spec_L{L}": B * L / rnd * 1e3 for L in (1, 2, 3, 4)}}
+            for name in ("decode", "round"):
+                if f"{name}_no_comm" in row:
+                    t, t0 = row[name]["per_call_ms"], row[f"{name}_no_comm"]["per_call_ms"]
+                    row[f"{name}_comm_share"] = (t - t0) / t
+            rows.append(row)
+            report["total_s"] = round(time.perf_counter() - t_start, 1)
+            with open(path, "w") as f:  # after every row: a run cut short keeps what it measured
+                json.dump(report, f, indent=1)
+            del cache
+        del model, params, progs
+
+    print(f"\n{'TP':>3} {'B':>4} {'decode ms':>10} {'verify ms':>10} {'round ms':>10} "
+          f"{'verify/dec':>11} {'round/dec':>10} {'plain tok/s':>12} {'spec@L=2.5':>11} "
+          f"{'comm share':>11}   (d = {d})")
+    for r in rows:
+        share = r.get("decode_comm_share")
+        rnd_share = r.get("round_comm_share")
+        comm = ("" if share is None else f"{100 * share:.0f}%/{100 * rnd_share:.0f}%")
+        print(f"{r['tp']:>3} {r['B']:>4} {r['decode']['per_call_ms']:>10.3f} "
+              f"{r['verify']['per_call_ms']:>10.3f} {r['round']['per_call_ms']:>10.3f} "
+              f"{r['verify_over_decode']:>11.2f} {r['round_over_decode']:>10.2f} "
+              f"{r['tokens_per_s']['plain']:>12.0f} "
+              f"{r['B'] * 2.5 / r['round']['per_call_ms'] * 1e3:>11.0f} {comm:>11}")
+    print("comm share: decode/round time the blocks' all-reduces add (--no-comm)")
+    ok = all(r["verify_over_decode"] <= 1.3 for r in rows if r["B"] <= 32)
+    print(f"target verify <= 1.3 x decode for B <= 32: {'met' if ok else 'NOT met'}")
+    report["verify_target_met"] = ok
+    report["total_s"] = round(time.perf_counter() - t_start, 1)
     with open(path, "w") as f:
         json.dump(report, f, indent=1)
     print(f"wrote {path} (total {report['total_s']} s)")

@@ -449,11 +449,20 @@ def generate(model, prompts, prompt_lengths, *, num_draft: int = 3, max_new_toke
     return _core_jit(graphdef, *args, cfg=cfg)
 
 
+_DEFAULTS = dict(num_draft=3, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
+                 stop_tokens=(), pad_id=0, key=None, cache=None, slots=None, commit_mode="replay",
+                 state_dtype=jnp.bfloat16, max_len=None)
+
+
 def generate_jaxpr(model, prompts, prompt_lengths, **kwargs):
     """The ClosedJaxpr of the program `generate` runs for these arguments (for inspection: one
     while loop, no host callbacks)."""
-    cfg, graphdef, args = _prepare(model, prompts, prompt_lengths, **{
-        **dict(num_draft=3, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-               stop_tokens=(), pad_id=0, key=None, cache=None, slots=None,
-               commit_mode="replay", state_dtype=jnp.bfloat16, max_len=None), **kwargs})
+    cfg, graphdef, args = _prepare(model, prompts, prompt_lengths, **{**_DEFAULTS, **kwargs})
     return jax.make_jaxpr(functools.partial(_core, graphdef, cfg=cfg))(*args)
+
+
+def lower_generate(model, prompts, prompt_lengths, **kwargs):
+    """The `jax.stages.Lowered` program `generate` runs for these arguments (`.compile()
+    .as_text()` is the optimized HLO: its collectives on a mesh, its kernels)."""
+    cfg, graphdef, args = _prepare(model, prompts, prompt_lengths, **{**_DEFAULTS, **kwargs})
+    return _core_jit.lower(graphdef, *args, cfg=cfg)
