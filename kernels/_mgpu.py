@@ -1,0 +1,145 @@
+"""The one place that binds kernels to Pallas **Mosaic GPU** and hides its version differences.
+
+(`_pallas.py` is the Triton-bound counterpart.) The kernels use the form that lowers unchanged on
+jax 0.10.2, 0.11.2 and 0.12 (pallas-gpu.md section 1.3): `pl.run_state` turns the arrays into
+mutable GMEM refs (the pool is written in place) and `pl.core_map(plgpu.Mesh(...))` runs the
+body on a grid of CTAs, one warpgroup each, with Warpgroup lowering semantics set explicitly
+(0.10.x defaults to Lane). What differs between versions lives here:
+
+- importing `jax.experimental.pallas.mosaic_gpu` needs absl-py on 0.10.x (`unavailable()` says so);
+- `plgpu.load(ref, idx, ...)` on 0.10.x, `plgpu.load(ref, ...)` from 0.11 (`idx` removed in 0.12);
+- the GPU interpreter (`InterpretGPUParams`) is public from 0.11.2; on 0.10.x its `plgpu.load`
+  with a layout fails inside the interpreter, so interpret mode needs jax >= 0.11.2
+  (`interpret_unavailable()`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.experimental import pallas as pl
+
+try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    _IMPORT_ERROR: Exception | None = None
+except Exception as e:  # noqa: BLE001 - 0.10.x without absl-py raises ModuleNotFoundError
+    plgpu = None
+    _IMPORT_ERROR = e
+
+JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
+MIN_JAX = (0, 10, 2)
+MIN_JAX_INTERPRET = (0, 11, 2)
+
+
+def unavailable() -> str | None:
+    """None when Mosaic GPU kernels can be built with this jax, else why not."""
+    if JAX_VERSION < MIN_JAX:
+        return f"the Mosaic GPU kernels need jax >= {'.'.join(map(str, MIN_JAX))}, got {jax.__version__}"
+    if plgpu is None:
+        hint = " (jax 0.10.x needs absl-py for it: pip install absl-py)" if "absl" in str(
+            _IMPORT_ERROR) else ""
+        return f"jax.experimental.pallas.mosaic_gpu does not import: {_IMPORT_ERROR}{hint}"
+    return None
+
+
+def interpret_unavailable() -> str | None:
+    """None when the Mosaic GPU interpreter can run our kernels (on CPU), else why not."""
+    reason = unavailable()
+    if reason is None and JAX_VERSION < MIN_JAX_INTERPRET:
+        reason = (f"the Mosaic GPU interpreter runs these kernels from jax 0.11.2 (0.10.x: "
+                  f"plgpu.load with a layout fails inside it), got jax {jax.__version__}")
+    return reason
+
+
+def require(op: str, interpret: bool) -> None:
+    reason = interpret_unavailable() if interpret else unavailable()
+    if reason is not None:
+        raise NotImplementedError(f"{op}: {reason}")
+
+
+def interpret_params():
+    """The GPU interpreter's parameters: NaN for uninitialised memory, bounds checked."""
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:  # 0.11.0/0.11.1: not yet public
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+
+
+def _is_pow2(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and not n & (n - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Launch parameters of a Mosaic GPU kernel call (hashable: a static argument of `jax.jit`).
+
+    block_v:       rows of the [V, K] state one step owns (a [block_v, K] fp32 register tile in
+                   the WGMMA layout, so a multiple of 64: 64 or 128).
+    tiles_per_cta: tiles (b, hv, v-block) one CTA walks through in order; the grid is
+                   ceil(B * HV * V / block_v / tiles_per_cta) CTAs.
+    stages:        SMEM buffers per CTA (>= 2): the loads of the next stages - 1 tiles are in
+                   flight while a tile is computed and stored.
+    """
+
+    block_v: int = 64
+    tiles_per_cta: int = 4
+    stages: int = 2
+
+    def __post_init__(self):
+        if self.block_v not in (64, 128):
+            raise ValueError(f"MosaicConfig: block_v must be 64 or 128 (WGMMA layout rows), "
+                             f"got {self.block_v=}")
+        if not isinstance(self.tiles_per_cta, int) or self.tiles_per_cta < 1:
+            raise ValueError(f"MosaicConfig: tiles_per_cta must be an int >= 1, "
+                             f"got {self.tiles_per_cta=}")
+        if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
+            raise ValueError(f"MosaicConfig: stages must be an int in 2..4, got {self.stages=}")
+
+    def check_head_dims(self, op: str, K: int, V: int) -> None:
+        if V % self.block_v:
+            raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
+        if K % 64:
+            raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64, got {K=}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Version shims (inside kernels)
+
+
+def compiler_params():
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def load(ref, layout, *, interpret: bool):
+    """ref (SMEM or GMEM) -> array in `layout` (unoptimized path: small vectors, any width)."""
+    if interpret:  # the interpreter has no layouts
+        return ref[...]
+    if JAX_VERSION >= (0, 11, 0):
+        return plgpu.load(ref, layout=layout, optimized=False)
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
+def layout_cast(x, layout, *, interpret: bool):
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def smem_tile(shape, dtype, *, interpret: bool):
+    """An SMEM buffer [..., rows, cols] for a TMA'd tile: 128-byte swizzled so that the WGMMA
+    register layout reads and writes it without bank conflicts (plain under the interpreter)."""
+    if interpret:
+        return plgpu.SMEM(shape, dtype)
+    itemsize = jax.numpy.dtype(dtype).itemsize
+    swizzle = 128
+    transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def core_map(body, *, grid, name: str, interpret: bool):
+    """Run `body` on a 1-D grid of CTAs named "cta" (call inside `pl.run_state`)."""
+    mesh = plgpu.Mesh(grid=grid, grid_names=("cta",))
+    kwargs = dict(compiler_params=compiler_params(), name=name)
+    if interpret:
+        kwargs["interpret"] = interpret_params()
+    return pl.core_map(mesh, **kwargs)(body)
