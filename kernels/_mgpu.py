@@ -8,14 +8,16 @@ body on a grid of CTAs, one warpgroup each, with Warpgroup lowering semantics se
 
 - importing `jax.experimental.pallas.mosaic_gpu` needs absl-py on 0.10.x (`unavailable()` says so);
 - `plgpu.load(ref, idx, ...)` on 0.10.x, `plgpu.load(ref, ...)` from 0.11 (`idx` removed in 0.12);
-- the GPU interpreter (`InterpretGPUParams`) is public from 0.11.2; on 0.10.x its `plgpu.load`
-  with a layout fails inside the interpreter, so interpret mode needs jax >= 0.11.2
-  (`interpret_unavailable()`).
+- the GPU interpreter's `InterpretGPUParams` is public from 0.11.2 (private before);
+- `plgpu.load(..., layout=)` fails inside the interpreter on 0.10.x, and the interpreter knows no
+  layouts or swizzles anyway: under interpret the shims read refs plainly and use unswizzled SMEM.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import warnings
 
 import jax
 from jax.experimental import pallas as pl
@@ -29,7 +31,6 @@ except Exception as e:  # noqa: BLE001 - 0.10.x without absl-py raises ModuleNot
 
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
 MIN_JAX = (0, 10, 2)
-MIN_JAX_INTERPRET = (0, 11, 2)
 
 
 def unavailable() -> str | None:
@@ -43,17 +44,8 @@ def unavailable() -> str | None:
     return None
 
 
-def interpret_unavailable() -> str | None:
-    """None when the Mosaic GPU interpreter can run our kernels (on CPU), else why not."""
+def require(op: str) -> None:
     reason = unavailable()
-    if reason is None and JAX_VERSION < MIN_JAX_INTERPRET:
-        reason = (f"the Mosaic GPU interpreter runs these kernels from jax 0.11.2 (0.10.x: "
-                  f"plgpu.load with a layout fails inside it), got jax {jax.__version__}")
-    return reason
-
-
-def require(op: str, interpret: bool) -> None:
-    reason = interpret_unavailable() if interpret else unavailable()
     if reason is not None:
         raise NotImplementedError(f"{op}: {reason}")
 
@@ -61,7 +53,7 @@ def require(op: str, interpret: bool) -> None:
 def interpret_params():
     """The GPU interpreter's parameters: NaN for uninitialised memory, bounds checked."""
     params = getattr(plgpu, "InterpretGPUParams", None)
-    if params is None:  # 0.11.0/0.11.1: not yet public
+    if params is None:  # before 0.11.2: not yet public
         from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
     return params()
 
@@ -142,4 +134,28 @@ def core_map(body, *, grid, name: str, interpret: bool):
     kwargs = dict(compiler_params=compiler_params(), name=name)
     if interpret:
         kwargs["interpret"] = interpret_params()
-    return pl.core_map(mesh, **kwargs)(body)
+    with warnings.catch_warnings():  # 0.11+: "core_map is deprecated, use pl.kernel"; it is the
+        warnings.filterwarnings(    # form that works on 0.10.2 too (module docstring)
+            "ignore", message=".*core_map is deprecated", category=DeprecationWarning)
+        return pl.core_map(mesh, **kwargs)(body)
+
+
+@contextlib.contextmanager
+def target_arch(arch: tuple[int, int]):
+    """Lower Mosaic GPU kernels for compute capability `arch` on a machine without that GPU.
+
+    Mosaic GPU reads the target from the abstract device's `compute_capability`, which a
+    `jax.sharding.AbstractDevice` does not carry: it then falls back to sm_90. This swaps its
+    private arch inference (`core._infer_arch` on 0.10.x, `utils._infer_arch` from 0.11) for the
+    duration, so CPU lowering tests can target a B200 (10, 0). Tests only.
+    """
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    owner = mgpu_utils if hasattr(mgpu_utils, "_infer_arch") else mgpu_core
+    saved = owner._infer_arch
+    owner._infer_arch = lambda: tuple(arch)
+    try:
+        yield
+    finally:
+        owner._infer_arch = saved

@@ -58,10 +58,11 @@ def _decode_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
 
     def tile(w):
         """Tile w -> (b, hv, iv, slot, live): live = a real tile of a real row."""
+        in_range = w < total
+        w = jnp.where(in_range, w, 0)  # the last CTA's run may overshoot: read nothing there
         b, rest = w // (HV * NV), w % (HV * NV)
         hv, iv = rest // NV, rest % NV
-        in_range = w < total
-        slot = slots_ref[jnp.where(in_range, b, 0)].astype(jnp.int32)
+        slot = slots_ref[b].astype(jnp.int32)
         live = in_range & (slot >= 0) & (slot < N)
         return b, hv, iv, slot, live
 
@@ -179,13 +180,13 @@ def decode_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, can
       block_v, tiles_per_cta, stages: tuning (see `MosaicConfig`): block_v in {64, 128}
                  dividing V; K a multiple of 64; every TMA'd row (K, block_v elements of
                  q/k/v) a multiple of 16 bytes.
-      interpret: run the Mosaic GPU interpreter (CPU tests; jax >= 0.11.2).
+      interpret: run the Mosaic GPU interpreter (CPU tests).
 
     Returns:
       o:    [B, 1, HV, V] in q's dtype (zeros for padding rows).
       pool: the updated pool (same buffer when donated).
     """
-    mg.require("decode_mgpu", interpret)
+    mg.require("decode_mgpu")
     config = MosaicConfig(block_v, tiles_per_cta, stages)
     dims = cm.check_tokens("decode_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
                            cand_g, cand_beta, count, slots, t_lo=1, t_hi=1)
