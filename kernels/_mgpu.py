@@ -31,6 +31,7 @@ except Exception as e:  # noqa: BLE001 - 0.10.x without absl-py raises ModuleNot
 
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
 MIN_JAX = (0, 10, 2)
+SMEM_BYTES = 227 * 1024  # the most dynamic shared memory one CTA may have on H100 / B200
 
 
 def unavailable() -> str | None:
@@ -88,11 +89,23 @@ class MosaicConfig:
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"MosaicConfig: stages must be an int in 2..4, got {self.stages=}")
 
-    def check_head_dims(self, op: str, K: int, V: int) -> None:
+    def check_shapes(self, op: str, K: int, V: int, pool_dtype, in_dtype) -> None:
+        """The head dims this config can tile, and the SMEM it needs on one SM."""
         if V % self.block_v:
             raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
-        if K % 64:
-            raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64, got {K=}")
+        if K % 64 or K > 256:
+            raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to 256 "
+                             f"(WGMMA layout, one TMA box), got {K=}")
+        need = self.smem_bytes(K, pool_dtype, in_dtype)
+        if need > SMEM_BYTES:
+            raise ValueError(f"{op}: {self} needs {need} bytes of SMEM per CTA, more than the "
+                             f"{SMEM_BYTES} an SM90/SM100 CTA can have; lower stages or block_v")
+
+    def smem_bytes(self, K: int, pool_dtype, in_dtype) -> int:
+        """State stages, q/k/v stages and the o buffer (+ barriers): what one CTA allocates."""
+        ps, xs = jax.numpy.dtype(pool_dtype).itemsize, jax.numpy.dtype(in_dtype).itemsize
+        per_stage = self.block_v * K * ps + (2 * K + self.block_v) * xs
+        return self.stages * per_stage + self.block_v * xs + 8 * self.stages
 
 
 # ------------------------------------------------------------------------------------------------

@@ -178,8 +178,8 @@ def decode_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, can
       slots:     [B] int32; a slot < 0 or >= num_slots makes the row padding: nothing read,
                  nothing written, zero output. Real slots must be distinct.
       block_v, tiles_per_cta, stages: tuning (see `MosaicConfig`): block_v in {64, 128}
-                 dividing V; K a multiple of 64; every TMA'd row (K, block_v elements of
-                 q/k/v) a multiple of 16 bytes.
+                 dividing V; K a multiple of 64 up to 256; stages x the [block_v, K] tile
+                 within one CTA's SMEM (227 KiB).
       interpret: run the Mosaic GPU interpreter (CPU tests).
 
     Returns:
@@ -190,6 +190,6 @@ def decode_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, can
     config = MosaicConfig(block_v, tiles_per_cta, stages)
     dims = cm.check_tokens("decode_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
                            cand_g, cand_beta, count, slots, t_lo=1, t_hi=1)
-    config.check_head_dims("decode_mgpu", dims.K, dims.V)
+    config.check_shapes("decode_mgpu", dims.K, dims.V, pool.dtype, q.dtype)
     return _decode_call(dims, config, interpret, slots, count, q, k, v, a, b, A_log, dt_bias,
                         cand_k, cand_v, cand_g, cand_beta, pool)

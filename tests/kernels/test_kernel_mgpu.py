@@ -122,8 +122,11 @@ def test_decode_mgpu_rejects_bad_tuning(kwargs, match, make_case):
 @needs_mosaic
 def test_decode_mgpu_rejects_head_dims_it_cannot_take(make_case):
     case = make_case(seed=0, B=1, T=1, H=1, group=1, K=32, V=64, pool_dtype=F32)
-    with pytest.raises(ValueError, match="K a multiple of 64"):
+    with pytest.raises(ValueError, match="K a multiple of 64 up to 256"):
         jax.eval_shape(decode_mgpu, *case.kernel_args())
+    case = make_case(seed=0, B=1, T=1, H=1, group=1, K=256, V=128, pool_dtype=F32, unused=1)
+    with pytest.raises(ValueError, match="bytes of SMEM per CTA"):  # 4 x 128 KiB fp32 tiles
+        jax.eval_shape(lambda *a: decode_mgpu(*a, block_v=128, stages=4), *case.kernel_args())
 
 
 def test_mosaic_config_is_hashable_and_validated():
