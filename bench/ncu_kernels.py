@@ -15,6 +15,7 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
   decode            T = 1, nothing pending
   mosaic decode     the same call through the Mosaic GPU kernel (kernels/decode_mgpu.py), with
                     dispatch's Mosaic tuning; by default on capability >= 9.0 (--no-mosaic: off)
+  mosaic replay3+T  the same through kernels/verify_mgpu.py (block_v 64, 2 tiles/CTA, 2 stages)
   replay3+T         3 pending candidates folded, then T tokens (T = 4 by default)
   intermediate T    nothing pending, T states written
   fla T             fla's fused_recurrent_gated_delta_rule over T tokens from a state of the pool's
@@ -54,6 +55,9 @@ def cases(args):
                 out.append(dict(impl="mosaic", op="decode", B=B, T=1, dtype=dtype))
             for T in args.tokens:
                 out.append(dict(impl="gdn", op="replay", B=B, T=T, dtype=dtype))
+                if args.mosaic:
+                    out.append(dict(impl="mosaic", op="replay", B=B, T=T, dtype=dtype,
+                                    block_v=64, tiles_per_cta=2, stages=2))
                 out.append(dict(impl="gdn", op="intermediate", B=B, T=T, dtype=dtype))
             if args.fla:
                 for T in (1,) + tuple(args.tokens):
@@ -173,7 +177,7 @@ def worker(args):
         kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
                   "intermediate": kernels.verify_intermediate}[c["op"]]
         if c["impl"] == "mosaic":
-            kernel = kernels.decode_mgpu
+            kernel = {"decode": kernels.decode_mgpu, "replay": kernels.verify_replay_mgpu}[c["op"]]
         toks = (q, k, v, a, b, A_log, dt)
         pend = (st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count)
         if c["op"] == "intermediate":  # pool only read; inter is the output

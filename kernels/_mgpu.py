@@ -89,23 +89,24 @@ class MosaicConfig:
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"MosaicConfig: stages must be an int in 2..4, got {self.stages=}")
 
-    def check_shapes(self, op: str, K: int, V: int, pool_dtype, in_dtype) -> None:
+    def check_shapes(self, op: str, K: int, V: int, pool_dtype, in_dtype, T: int = 1) -> None:
         """The head dims this config can tile, and the SMEM it needs on one SM."""
         if V % self.block_v:
             raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
         if K % 64 or K > 256:
             raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to 256 "
                              f"(WGMMA layout, one TMA box), got {K=}")
-        need = self.smem_bytes(K, pool_dtype, in_dtype)
+        need = self.smem_bytes(K, pool_dtype, in_dtype, T)
         if need > SMEM_BYTES:
             raise ValueError(f"{op}: {self} needs {need} bytes of SMEM per CTA, more than the "
                              f"{SMEM_BYTES} an SM90/SM100 CTA can have; lower stages or block_v")
 
-    def smem_bytes(self, K: int, pool_dtype, in_dtype) -> int:
-        """State stages, q/k/v stages and the o buffer (+ barriers): what one CTA allocates."""
+    def smem_bytes(self, K: int, pool_dtype, in_dtype, T: int = 1) -> int:
+        """State stages, q/k/v stages (T tokens) and the o buffer (+ barriers): what one CTA
+        allocates."""
         ps, xs = jax.numpy.dtype(pool_dtype).itemsize, jax.numpy.dtype(in_dtype).itemsize
-        per_stage = self.block_v * K * ps + (2 * K + self.block_v) * xs
-        return self.stages * per_stage + self.block_v * xs + 8 * self.stages
+        per_stage = self.block_v * K * ps + T * (2 * K + self.block_v) * xs
+        return self.stages * per_stage + T * self.block_v * xs + 8 * self.stages
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """GDN decode as a Pallas **Mosaic GPU** kernel (Hopper and later): the state staged through SMEM
 by TMA, pipelined across the tiles a CTA walks through. Same contract as `decode.decode`.
 
-kernel body `_decode_body` -> launcher `_decode_call` -> public `decode_mgpu` (jitted, pool
-donated).
+kernel body `_tokens_body` -> launcher `tokens_call` -> public `decode_mgpu` (jitted, pool
+donated). `verify_mgpu.verify_replay_mgpu` runs the same body with T tokens (mode "replay").
 
 Work split: a tile is (b, hv, iv), the state rows pool[slot, hv, iv*BV:(iv+1)*BV, :] ([BV, K], K
 contiguous). The B * HV * (V // BV) tiles, in that order, are dealt out in runs of
@@ -43,11 +43,15 @@ def _layouts():
     return L.WGMMA, L.WGMMA.reduce(0), L.WGMMA.reduce(1)
 
 
-def _decode_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, name: str):
+def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, name: str,
+                 mode: str):
+    """The pipelined per-tile body of decode (mode "decode", T = 1: the state after the token
+    is stored) and replay verify (mode "replay": the folded state is stored, before the T tokens,
+    and only where something was folded)."""
     (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
      cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, o_ref) = refs
-    # GMEM refs. pool_ref: [N, HV, V, K] (written in place); o_ref: [B, 1, HV, V] (zeros in)
-    B, _, H, HV, K, V, N, t_max = dims
+    # GMEM refs. pool_ref: [N, HV, V, K] (written in place); o_ref: [B, T, HV, V] (zeros in)
+    B, T, H, HV, K, V, N, t_max = dims
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
     NV = V // BV
     total = B * HV * NV
@@ -67,7 +71,8 @@ def _decode_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
         return b, hv, iv, slot, live
 
     def body(st_smem, q_smem, k_smem, v_smem, o_smem, bars):
-        # st_smem [ST, BV, K] pool dtype; q_smem, k_smem [ST, K]; v_smem [ST, BV]; o_smem [BV]
+        # st_smem [ST, BV, K] pool dtype; q_smem, k_smem [ST, T, K]; v_smem [ST, T, BV];
+        # o_smem [T, BV]
         first = lax.axis_index("cta") * PER
 
         def issue(i):
@@ -79,9 +84,9 @@ def _decode_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
             def _():
                 bar = bars.at[s]
                 plgpu.copy_gmem_to_smem(pool_ref.at[slot, hv, cols, :], st_smem.at[s], bar)
-                plgpu.copy_gmem_to_smem(q_ref.at[b, 0, hk, :], q_smem.at[s], bar)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, 0, hk, :], k_smem.at[s], bar)
-                plgpu.copy_gmem_to_smem(v_ref.at[b, 0, hv, cols], v_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, :, hk, :], q_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :], k_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bar)
 
         for i in range(min(ST - 1, PER)):  # prologue: the first ST - 1 tiles in flight
             issue(i)
@@ -92,18 +97,15 @@ def _decode_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
             s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
 
             # Scalars first: their GMEM latency overlaps the TMA wait below.
-            g, beta = rec.gates(a_ref[b, 0, hv].astype(_F32), b_ref[b, 0, hv].astype(_F32),
-                                A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32),
-                                log1p=rec.log1p_kahan)
+            gates = [rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32),
+                               A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32),
+                               log1p=rec.log1p_kahan) for t in range(T)]
             n = jnp.where(live, jnp.clip(count_ref[jnp.clip(slot, 0, N - 1)], 0, t_max), 0)
 
             @pl.when(live)
             def _():
                 plgpu.barrier_wait(bars.at[s])
                 S = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
-                q = rec.prepare_q(mg.load(q_smem.at[s], KVEC, interpret=interpret).astype(_F32))
-                k = rec.l2norm(mg.load(k_smem.at[s], KVEC, interpret=interpret).astype(_F32))
-                v = mg.load(v_smem.at[s], VVEC, interpret=interpret).astype(_F32)
 
                 def fold(t, S):  # the slot's pending (accepted) candidates, no output
                     ck = mg.load(cand_k_ref.at[slot, t, hk, :], KVEC, interpret=interpret)
@@ -113,16 +115,36 @@ def _decode_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
                                       cand_beta_ref[slot, t, hv].astype(_F32))
 
                 S = lax.fori_loop(0, n, fold, S)
-                S = rec.update(S, k, v, g, beta)
-                o = rec.readout(S, q)
-                # The stores of tile i - 1 must have left SMEM before o_smem and the stage
-                # of tile i + ST - 1 (= that of tile i - 1) are overwritten.
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                st_smem[s] = S.astype(st_smem.dtype)
-                o_smem[...] = o.astype(o_smem.dtype)
+                # The stores of tile i - 1 must have left SMEM before o_smem and the stage of
+                # tile i + ST - 1 (= that of tile i - 1) are overwritten: wait as late as the
+                # first SMEM write allows (decode: after the math, so they overlap).
+                if mode == "replay":
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                    @pl.when(n > 0)  # nothing folded: the pool already holds S exactly
+                    def _():
+                        st_smem[s] = S.astype(st_smem.dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
+
+                outs = []
+                for t in range(T):
+                    q = rec.prepare_q(
+                        mg.load(q_smem.at[s, t], KVEC, interpret=interpret).astype(_F32))
+                    k = rec.l2norm(mg.load(k_smem.at[s, t], KVEC, interpret=interpret)
+                                   .astype(_F32))
+                    v = mg.load(v_smem.at[s, t], VVEC, interpret=interpret).astype(_F32)
+                    S = rec.update(S, k, v, *gates[t])
+                    outs.append(rec.readout(S, q))
+                if mode == "decode":
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    st_smem[s] = S.astype(st_smem.dtype)
+                for t, o in enumerate(outs):
+                    o_smem[t] = o.astype(o_smem.dtype)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
-                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, 0, hv, cols])
+                if mode == "decode":
+                    plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
 
             @pl.when(jnp.logical_not(live))
             def _():  # keep the invariant: stores before tile i are out of SMEM
@@ -142,21 +164,25 @@ def _decode_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
         pl.run_scoped(
             body,
             mg.smem_tile((ST, BV, K), pool_dtype, interpret=interpret),
-            mg.plgpu.SMEM((ST, K), q_ref.dtype),
-            mg.plgpu.SMEM((ST, K), k_ref.dtype),
-            mg.plgpu.SMEM((ST, BV), v_ref.dtype),
-            mg.plgpu.SMEM((BV,), in_dtype),
+            mg.plgpu.SMEM((ST, T, K), q_ref.dtype),
+            mg.plgpu.SMEM((ST, T, K), k_ref.dtype),
+            mg.plgpu.SMEM((ST, T, BV), v_ref.dtype),
+            mg.plgpu.SMEM((T, BV), in_dtype),
             mg.plgpu.Barrier(num_arrivals=4, num_barriers=ST),
         )
 
 
-def _decode_call(dims: cm.Dims, config: MosaicConfig, interpret: bool, *args):
-    B, _, _, HV, _, V, _, _ = dims
+def tokens_call(mode: str, dims: cm.Dims, config: MosaicConfig, interpret: bool, *args):
+    """Launch `_tokens_body` on (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v,
+    cand_g, cand_beta, pool) -> (o [B, T, HV, V], pool)."""
+    B, T, _, HV, _, V, _, _ = dims
     q = args[2]
-    name = f"gdn_decode_mgpu_bv{config.block_v}_t{config.tiles_per_cta}_s{config.stages}"
-    o = jnp.zeros((B, 1, HV, V), q.dtype)
+    kind = "decode" if mode == "decode" else f"verify_{mode}_t{T}"
+    name = f"gdn_{kind}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}_s{config.stages}"
+    o = jnp.zeros((B, T, HV, V), q.dtype)
     *_, pool, o = pl.run_state(functools.partial(
-        _decode_body, dims=dims, config=config, interpret=interpret, name=name))((*args, o))
+        _tokens_body, dims=dims, config=config, interpret=interpret, name=name,
+        mode=mode))((*args, o))
     return o, pool
 
 
@@ -191,5 +217,5 @@ def decode_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, can
     dims = cm.check_tokens("decode_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
                            cand_g, cand_beta, count, slots, t_lo=1, t_hi=1)
     config.check_shapes("decode_mgpu", dims.K, dims.V, pool.dtype, q.dtype)
-    return _decode_call(dims, config, interpret, slots, count, q, k, v, a, b, A_log, dt_bias,
-                        cand_k, cand_v, cand_g, cand_beta, pool)
+    return tokens_call("decode", dims, config, interpret, slots, count, q, k, v, a, b, A_log,
+                       dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.kernels import _mgpu, decode, decode_mgpu, fold, verify_intermediate, verify_replay
+from gdn_jax.kernels import (_mgpu, decode, decode_mgpu, fold, verify_intermediate, verify_replay,
+                             verify_replay_mgpu)
 
 pytestmark = pytest.mark.gpu
 
@@ -161,3 +162,22 @@ def test_decode_mgpu_chain_in_one_jit_gpu(on_hopper, make_case, reference, asser
     assert_rows("o step 1", case, o1, o1_ref)
     assert_rows("o step 2", case, o2, o2_ref)
     assert_named_slots("pool", case, pool, pool2)
+
+
+@pytest.mark.parametrize("B, T, pool_dtype, in_dtype, block_v, tiles_per_cta, stages", [
+    (256, 4, BF16, BF16, 64, 2, 2),
+    (128, 8, F32, F32, 64, 2, 2),
+    (32, 1, BF16, F32, 128, 1, 2),
+    (3, 5, F32, BF16, 64, 3, 3),
+])
+def test_verify_replay_mgpu_gpu(B, T, pool_dtype, in_dtype, block_v, tiles_per_cta, stages,
+                                on_hopper, make_case, reference, assert_rows, assert_named_slots,
+                                assert_untouched):
+    case = make_case(seed=B * T + 1, B=B, T=T, t_max=8, pool_dtype=pool_dtype,
+                     in_dtype=in_dtype, **REAL)
+    o, pool = verify_replay_mgpu(*case.kernel_args(), block_v=block_v,
+                                 tiles_per_cta=tiles_per_cta, stages=stages)
+    o_ref, pool_ref = reference(case, "replay")
+    assert_rows("o", case, o, o_ref)
+    assert_named_slots("pool", case, pool, pool_ref)
+    assert_untouched(case, pool)

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.kernels import _mgpu, decode, decode_mgpu, fold, verify_intermediate, verify_replay
+from gdn_jax.kernels import (_mgpu, decode, decode_mgpu, fold, verify_intermediate, verify_replay,
+                             verify_replay_mgpu)
 
 pytestmark = pytest.mark.lowering
 
@@ -108,3 +109,14 @@ def test_decode_mgpu_lowers_across_tuning(block_v, tiles_per_cta, stages, in_dty
                       tiles_per_cta=tiles_per_cta, stages=stages)
     assert MOSAIC_CALL in text
     assert f"gdn_decode_mgpu_bv{block_v}_t{tiles_per_cta}_s{stages}" in text
+
+
+@needs_mosaic
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("pool_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16pool", "f32pool"])
+def test_verify_replay_mgpu_lowers_for_cuda(pool_dtype, kind, cuda_lowering):
+    args = _token_args(T, jnp.bfloat16) + _pool_args(pool_dtype, jnp.bfloat16)
+    with _mgpu.target_arch(ARCHS[kind]):
+        text = _lower(verify_replay_mgpu, args, kind, cuda_lowering)
+    assert MOSAIC_CALL in text and "tf.aliasing_output" in text
+    assert f"gdn_verify_replay_t{T}_mgpu_bv64_t2_s2" in text

@@ -1,4 +1,5 @@
-"""The Mosaic GPU decode kernel (`decode_mgpu`) under the Mosaic GPU interpreter on CPU.
+"""The Mosaic GPU kernels (`decode_mgpu`, `verify_replay_mgpu`) under the Mosaic GPU interpreter
+on CPU.
 
 The interpreter simulates GMEM, SMEM, TMA copies and barriers, fills uninitialised memory with
 NaN and raises on out-of-bounds reads, but knows no register layouts or SMEM swizzles (those are
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 from gdn_cases import BF16_EPS, OraclePool, Tokens, rel_err
-from gdn_jax.kernels import MosaicConfig, _mgpu, decode_mgpu
+from gdn_jax.kernels import MosaicConfig, _mgpu, decode_mgpu, verify_replay_mgpu
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
@@ -53,10 +54,22 @@ def oracle_decode(case):
     return o, pool
 
 
-def check_against_oracle(case, o, pool):
+def oracle_replay(case):
+    """(o [B, T, HV, V], pool) in float64: pool[slot] := the folded state (before the tokens)."""
+    mirror = OraclePool(case.state())
+    tok = Tokens(*case.tokens)
+    o = np.zeros(case.v.shape)
+    pool = np.full(case.pool.shape, np.nan)
+    for i, s in enumerate(np.asarray(case.slots)):
+        if case.real[i]:
+            o[i], _, _, pool[s] = mirror.run(int(s), tok, i)
+    return o, pool
+
+
+def check_against_oracle(case, o, pool, oracle=oracle_decode):
     pool_tol = 1e-5 if case.pool.dtype == F32 else 2 * BF16_EPS
     o_tol = pool_tol + (0.0 if o.dtype == F32 else float(jnp.finfo(o.dtype).eps))
-    o_want, pool_want = oracle_decode(case)
+    o_want, pool_want = oracle(case)
     named = case.named_slots()
     assert rel_err(o[case.real], o_want[case.real]) <= o_tol
     assert rel_err(pool[named], pool_want[named]) <= pool_tol
@@ -76,6 +89,34 @@ def test_decode_mgpu_interpret(dims, tuning, make_case, reference, assert_rows,
     assert_named_slots("pool", case, pool, pool_ref)
     assert_untouched(case, pool)
     check_against_oracle(case, o, pool)
+
+
+REPLAY_CASES = [
+    pytest.param(dict(B=2, H=1, group=2, K=64, V=64, pool_dtype=BF16, in_dtype=BF16), 3,
+                 (64, 2, 2), id="B2-T3-H1-g2-K64-V64-bf16pool-bf16in-bv64-t2-s2"),
+    pytest.param(dict(B=1, H=1, group=2, K=64, V=128, pool_dtype=F32, in_dtype=F32), 4,
+                 (64, 3, 3), id="B1-T4-H1-g2-K64-V128-f32pool-f32in-bv64-t3-s3"),
+]
+
+
+@needs_mosaic
+@pytest.mark.parametrize("dims, T, tuning", REPLAY_CASES)
+def test_verify_replay_mgpu_interpret(dims, T, tuning, make_case, reference, assert_rows,
+                                      assert_named_slots, assert_untouched):
+    block_v, per, stages = tuning
+    case = make_case(seed=7 * T + dims["B"], T=T, t_max=max(3, T), **dims)
+    o, pool = verify_replay_mgpu(*case.kernel_args(), block_v=block_v, tiles_per_cta=per,
+                                 stages=stages, interpret=True)
+    o_ref, pool_ref = reference(case, "replay")
+    assert_rows("o", case, o, o_ref)
+    assert_named_slots("pool", case, pool, pool_ref)
+    assert_untouched(case, pool)
+    check_against_oracle(case, o, pool, oracle_replay)
+    # A named slot with nothing pending keeps its exact bits (not written).
+    count = np.asarray(case.count)
+    idle = np.array([s for s in case.named_slots() if count[s] == 0], np.int32)
+    np.testing.assert_array_equal(np.asarray(pool.astype(F32))[idle],
+                                  np.asarray(case.pool.astype(F32))[idle])
 
 
 @needs_mosaic
