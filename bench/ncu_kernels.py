@@ -2,7 +2,7 @@
 
 Run under ncu, which this script starts itself:
 
-    python bench/ncu_kernels.py --out DIR [--fla] [--quick]
+    python bench/ncu_kernels.py --out DIR [--fla] [--quick] [--no-mosaic] [--sweep-mosaic]
 
 It re-runs itself as `ncu ... python bench/ncu_kernels.py --worker`, profiling only the launches
 between cudaProfilerStart/Stop (each case: compile and warm up first, then --reps launches), with
@@ -13,6 +13,9 @@ byte model, GB/s, and % of the copy bandwidth measured in the same run (torch `c
 
 Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf16 and fp32 pools.
   decode            T = 1, nothing pending
+  mosaic decode     the same call through the Mosaic GPU kernel (kernels/decode_mgpu.py), with
+                    dispatch's Mosaic tuning; by default on capability >= 9.0 (--no-mosaic: off)
+  mosaic replay3+T  the same through kernels/verify_mgpu.py (block_v 64, 2 tiles/CTA, 2 stages)
   replay3+T         3 pending candidates folded, then T tokens (T = 4 by default)
   intermediate T    nothing pending, T states written
   fla T             fla's fused_recurrent_gated_delta_rule over T tokens from a state of the pool's
@@ -41,13 +44,20 @@ METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
 def cases(args):
     if args.sweep:
         return sweep_cases()
+    if args.sweep_mosaic:
+        return sweep_mosaic_cases()
     batches = (8, 256) if args.quick else (1, 8, 32, 128, 256)
     out = []
     for dtype in ("bfloat16", "float32"):
         for B in batches:
             out.append(dict(impl="gdn", op="decode", B=B, T=1, dtype=dtype))
+            if args.mosaic:
+                out.append(dict(impl="mosaic", op="decode", B=B, T=1, dtype=dtype))
             for T in args.tokens:
                 out.append(dict(impl="gdn", op="replay", B=B, T=T, dtype=dtype))
+                if args.mosaic:
+                    out.append(dict(impl="mosaic", op="replay", B=B, T=T, dtype=dtype,
+                                    block_v=64, tiles_per_cta=2, stages=2))
                 out.append(dict(impl="gdn", op="intermediate", B=B, T=T, dtype=dtype))
             if args.fla:
                 for T in (1,) + tuple(args.tokens):
@@ -70,6 +80,21 @@ def sweep_cases():
                             out.append(dict(impl="gdn", op=op, B=B, T=1 if op == "decode" else 4,
                                             dtype=dtype, block_v=bv, num_warps=w,
                                             num_stages=stages))
+    return out
+
+
+def sweep_mosaic_cases():
+    """Tuning sweep of the Mosaic GPU decode: block_v x tiles_per_cta x stages at B = 32, 256,
+    with the Triton decode (dispatch's tuning) first in each group as the baseline."""
+    out = []
+    for dtype in ("bfloat16", "float32"):
+        for B in (32, 256):
+            out.append(dict(impl="gdn", op="decode", B=B, T=1, dtype=dtype))
+            for bv in (64, 128):
+                for per in (1, 2, 4, 8):
+                    for stages in (2, 3):
+                        out.append(dict(impl="mosaic", op="decode", B=B, T=1, dtype=dtype,
+                                        block_v=bv, tiles_per_cta=per, stages=stages))
     return out
 
 
@@ -143,13 +168,16 @@ def worker(args):
                         cand_beta=jnp.full((B, 8, HV), 0.5, jnp.float32),
                         count=jnp.full((B,), PENDING if c["op"] == "replay" else 0, jnp.int32))
         slots = jnp.asarray(rng.permutation(B), jnp.int32)
-        cfg = {key: c[key] for key in ("block_v", "num_warps", "num_stages", "form") if key in c}
+        keys = ("block_v", "tiles_per_cta", "stages", "num_warps", "num_stages", "form")
+        cfg = {key: c[key] for key in keys if key in c}
         if not cfg:
             cfg = dispatch.tuning(c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype,
-                                  B=B, V=V)
+                                  B=B, V=V, backend="mosaic" if c["impl"] == "mosaic" else "triton")
         c.update(cfg)
         kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
                   "intermediate": kernels.verify_intermediate}[c["op"]]
+        if c["impl"] == "mosaic":
+            kernel = {"decode": kernels.decode_mgpu, "replay": kernels.verify_replay_mgpu}[c["op"]]
         toks = (q, k, v, a, b, A_log, dt)
         pend = (st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count)
         if c["op"] == "intermediate":  # pool only read; inter is the output
@@ -183,6 +211,11 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="profiled launches per case (median)")
     p.add_argument("--sweep", action="store_true",
                    help="tuning sweep (block_v x num_warps) instead of the standard cases")
+    p.add_argument("--no-mosaic", dest="mosaic", action="store_false",
+                   help="leave out the Mosaic GPU decode (on by default where it can run)")
+    p.add_argument("--sweep-mosaic", action="store_true",
+                   help="tuning sweep of the Mosaic GPU decode (block_v x tiles_per_cta x "
+                        "stages) instead of the standard cases")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
@@ -192,6 +225,13 @@ def main(argv=None):
 
     import jax
     import torch
+
+    from gdn_jax.ops import dispatch
+
+    why = dispatch.why_not("mosaic", dispatch.Device.of(), "decode", 1, K=K, V=V)
+    if args.mosaic and why is not None:
+        print(f"Mosaic GPU decode left out: {why}", flush=True)
+        args.mosaic = False
 
     from bench_kernels import copy_bandwidth  # one copy-bandwidth method for every bench
 
@@ -204,6 +244,7 @@ def main(argv=None):
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps)]
     cmd += ["--fla"] * args.fla + ["--quick"] * args.quick + ["--sweep"] * args.sweep
+    cmd += ["--no-mosaic"] * (not args.mosaic) + ["--sweep-mosaic"] * args.sweep_mosaic
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     with open(os.path.join(args.out, "ncu_cases.json")) as fh:
@@ -236,16 +277,20 @@ def main(argv=None):
     with open(os.path.join(args.out, "ncu_kernels.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print(f"{dev.device_kind}, jax {jax.__version__}, copy {bw:.0f} GB/s")
-    print(f"{'cfg':9s} {'impl':4s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
+    print(f"{'cfg':11s} {'impl':6s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
           f"{'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
     for c in table:
         if "error" in c:
-            print(f"{c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
-                  f"{c.get('num_warps')}: {c['error'][:80]}")
+            print(f"{c['impl']:6s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
+                  f"{c.get('num_warps', c.get('tiles_per_cta'))}: {c['error'][:80]}")
             continue
-        cfg = (f"bv{c['block_v']}w{c['num_warps']}s{c.get('num_stages', 1)}"
-               if "block_v" in c else "")
-        print(f"{cfg:9s} {c['impl']:4s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
+        if "tiles_per_cta" in c:
+            cfg = f"bv{c['block_v']}t{c['tiles_per_cta']}s{c['stages']}"
+        elif "block_v" in c:
+            cfg = f"bv{c['block_v']}w{c['num_warps']}s{c.get('num_stages', 1)}"
+        else:
+            cfg = ""
+        print(f"{cfg:11s} {c['impl']:6s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
               f"{c['kernel_us']:10.1f} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
               f"{c['regs']:5.0f} {c['occupancy_pct']:5.1f}")
 

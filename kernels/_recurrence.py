@@ -3,6 +3,8 @@
 One program owns the tile S [BV, K] fp32 of one value head's state (rows: a block of V, columns:
 all of K, contiguous in the pool). Every reduction runs over K with multiply + sum (Triton's
 `dot` wants 2-D operands of >= 16 and would use TF32 for fp32). All inputs are fp32 already.
+Vectors are broadcast with `lax.broadcast_in_dim` (not `x[:, None]`): both the Triton and the
+Mosaic GPU lowering take it, and Mosaic's layout inference fails on the reshape form.
 
 Per token (DESIGN.md):
     S = exp(g) * S
@@ -19,14 +21,22 @@ _F32 = jnp.float32
 L2NORM_EPS = 1e-6
 
 
-def softplus(x):
+def log1p_kahan(y):
+    """log(1 + y) to a few ulp without a log1p primitive (Mosaic GPU lowers none): Kahan's
+    log(u) * y / (u - 1) with u = 1 + y, and y itself where u rounds to 1."""
+    u = 1.0 + y
+    d = u - 1.0
+    return jnp.where(d == 0.0, y, jnp.log(u) * (y / jnp.where(d == 0.0, 1.0, d)))
+
+
+def softplus(x, log1p=jnp.log1p):
     """log(1 + exp(x)) without overflow (max(x, 0) + log1p(exp(-|x|)))."""
-    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+    return jnp.maximum(x, 0.0) + log1p(jnp.exp(-jnp.abs(x)))
 
 
-def gates(a, b, A_log, dt_bias):
+def gates(a, b, A_log, dt_bias, *, log1p=jnp.log1p):
     """Scalars (fp32) -> (g, beta): g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)."""
-    g = -jnp.exp(A_log) * softplus(a + dt_bias)
+    g = -jnp.exp(A_log) * softplus(a + dt_bias, log1p)
     beta = 1.0 / (1.0 + jnp.exp(-b))
     return g, beta
 
@@ -47,11 +57,11 @@ def update(S, k, v, g, beta):
     g = beta = 0 is an exact identity (exp(0) = 1, the update adds exact zeros).
     """
     S = S * jnp.exp(g)
-    kb = k[None, :]                                   # [1, K]
+    kb = lax.broadcast_in_dim(k, S.shape, (1,))       # [BV, K]
     u = (v - jnp.sum(S * kb, axis=1)) * beta          # [BV]: beta * (v - S k)
-    return S + u[:, None] * kb
+    return S + lax.broadcast_in_dim(u, S.shape, (0,)) * kb
 
 
 def readout(S, q):
     """o = S q: S [BV, K], q [K] (prepared) -> [BV]."""
-    return jnp.sum(S * q[None, :], axis=1)
+    return jnp.sum(S * lax.broadcast_in_dim(q, S.shape, (1,)), axis=1)

@@ -19,19 +19,24 @@ from gdn_jax.ops._slots import clear_count, slot_index, store_candidates
 
 
 
-def _tuning(op, state, B):
-    return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, V=state.pool.shape[2])
+def _tuning(op, state, B, backend="triton"):
+    return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, V=state.pool.shape[2],
+                           backend=backend)
 
 
 def _pending(state):
     return (state.cand_k, state.cand_v, state.cand_g, state.cand_beta, state.count)
 
 
-@functools.partial(jax.jit, static_argnames="interpret")
-def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, interpret=False):
-    cfg = _tuning("decode", state, q.shape[0])
-    o, pool = kernels.decode(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots,
-                             interpret=interpret, **cfg)
+@functools.partial(jax.jit, static_argnames=("interpret", "mosaic"))
+def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, interpret=False, mosaic=False):
+    """mosaic: the Mosaic GPU kernel (`kernels.decode_mgpu`) instead of the Triton one; with
+    interpret, run by the Mosaic GPU interpreter."""
+    backend = "mosaic" if mosaic else "triton"
+    kernel = kernels.decode_mgpu if mosaic else kernels.decode
+    cfg = _tuning("decode", state, q.shape[0], backend)
+    o, pool = kernel(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots,
+                     interpret=interpret, **cfg)
     _, _, scatter = slot_index(slots, state.num_slots)
     return o, clear_count(state.replace(pool=pool), scatter)
 

@@ -23,13 +23,17 @@ from gdn_jax.ops.state import GDNState
 MODES = ("replay", "intermediate")
 
 
-def _backend(op: str, backend: str | None, T: int = 1):
-    """The implementation module for this call: `_xla`, or `_pallas` with its interpret flag."""
-    choice = dispatch.select(op, T=T, backend=backend)
+def _backend(op: str, backend: str | None, T: int = 1, K: int | None = None,
+             V: int | None = None):
+    """The implementation module for this call: `_xla`, or `_pallas` with its flags."""
+    choice = dispatch.select(op, T=T, K=K, V=V, backend=backend)
     if choice.backend == "xla":
         return _xla, {}
     from gdn_jax.ops import _pallas  # the kernels are imported only where they run
-    return _pallas, {"interpret": choice.backend == "interpret"}
+    kw = {"interpret": choice.backend == "interpret"}
+    if choice.backend == "mosaic":  # only decode has a Mosaic GPU kernel (dispatch.MOSAIC_OPS)
+        kw["mosaic"] = True
+    return _pallas, kw
 
 
 def _check_mode(op: str, mode: str) -> None:
@@ -53,7 +57,7 @@ def decode(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, backend: st
     """
     slots = jnp.asarray(slots)
     _checks.check_tokens("decode", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1, t_max=1)
-    impl, kw = _backend("decode", backend)
+    impl, kw = _backend("decode", backend, K=q.shape[-1], V=v.shape[-1])
     return impl.decode(q, k, v, a, b, A_log, dt_bias, state, slots, **kw)
 
 
@@ -78,7 +82,7 @@ def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str =
     if mode == "replay" and k.dtype != state.input_dtype:
         _checks.fail("verify", "k, v", f"the state's input dtype {state.input_dtype} (replay mode "
                      "stores them as candidates; set GDNState.create(input_dtype=...))", k.dtype)
-    impl, kw = _backend("verify", backend, T=q.shape[1])
+    impl, kw = _backend("verify", backend, T=q.shape[1], K=q.shape[-1], V=v.shape[-1])
     return impl.verify(q, k, v, a, b, A_log, dt_bias, state, slots, mode=mode, **kw)
 
 
@@ -115,7 +119,7 @@ def flush(state: GDNState, slots, *, backend: str | None = None):
     _checks.check_state("flush", state)
     slots = jnp.asarray(slots)
     _checks.check_slots("flush", slots, _checks.batch_size("flush", slots), state.num_slots)
-    impl, kw = _backend("flush", backend)
+    impl, kw = _backend("flush", backend, K=state.pool.shape[3], V=state.pool.shape[2])
     return impl.flush(state, slots, **kw)
 
 

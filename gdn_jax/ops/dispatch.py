@@ -4,6 +4,9 @@ Backends:
   "xla"        the reference path (`gdn_jax.ops.reference`): any platform, any shape.
   "triton"     Pallas kernels through the Triton lowering (`gdn_jax.kernels`): NVIDIA GPUs from
                SM80 up, T <= 8.
+  "mosaic"     Pallas Mosaic GPU kernels (`gdn_jax.kernels.decode_mgpu`): decode only, Hopper and
+               datacenter Blackwell (capability 9.x, 10.x, 11.x), K and V multiples of 64.
+               Opt-in (forced) until the H100 benchmark shows it faster than Triton.
   "interpret"  the same Pallas kernels run by the Pallas interpreter: any platform, slow; for tests
                of the kernel path on machines without a GPU.
 
@@ -24,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 ENV_VAR = "GDN_JAX_BACKEND"
-BACKENDS = ("xla", "triton", "interpret")
+BACKENDS = ("xla", "triton", "mosaic", "interpret")
+MOSAIC_OPS = ("decode",)  # ops with a Mosaic GPU kernel
 KERNEL_OPS = ("decode", "verify", "flush")  # ops with a kernel; the rest are XLA scatters
 MAX_KERNEL_T = 8
 _log = logging.getLogger("gdn_jax.dispatch")
@@ -72,8 +76,10 @@ def preferences(device: Device) -> tuple[str, ...]:
     return ("xla",)  # pre-Ampere
 
 
-def why_not(backend: str, device: Device, op: str, T: int) -> str | None:
-    """None when `backend` can run `op` with T tokens on `device`, else the reason it cannot."""
+def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = None,
+            V: int | None = None) -> str | None:
+    """None when `backend` can run `op` with T tokens (head dims K, V where known) on `device`,
+    else the reason it cannot."""
     if backend == "xla":
         return None
     if op not in KERNEL_OPS:
@@ -88,11 +94,31 @@ def why_not(backend: str, device: Device, op: str, T: int) -> str | None:
         if device.capability < (8, 0):
             return "the Triton kernels need compute capability >= 8.0"
         return None
+    if backend == "mosaic":
+        return _mosaic_why_not(device, op, K, V)
     return f"unknown backend {backend!r}"
 
 
-def select(op: str, *, T: int = 1, backend: str | None = None, device=None) -> Choice:
-    """The backend that runs `op` (T tokens per row) on `device` (default: the first device)."""
+def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None) -> str | None:
+    if op not in MOSAIC_OPS:
+        return f"there is no Mosaic GPU kernel for {op} yet (Mosaic GPU runs {MOSAIC_OPS} only)"
+    if device.platform != "gpu" or device.capability is None:
+        return "the Mosaic GPU kernels need an NVIDIA GPU"
+    if device.capability[0] not in (9, 10, 11):
+        return ("the Mosaic GPU kernels need compute capability 9.x (Hopper) or 10.x/11.x "
+                "(datacenter Blackwell): TMA, and a Mosaic GPU target")
+    for name, d in (("K", K), ("V", V)):
+        if d is not None and d % 64:
+            return f"the Mosaic GPU kernels take {name} a multiple of 64 (WGMMA layout), got {d}"
+    from gdn_jax.kernels import _mgpu  # jax version, and whether Mosaic GPU imports at all
+
+    return _mgpu.unavailable()
+
+
+def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
+           backend: str | None = None, device=None) -> Choice:
+    """The backend that runs `op` (T tokens per row, head dims K and V where known) on `device`
+    (default: the first device)."""
     forced = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or None
     if forced is not None and forced not in BACKENDS + ("auto",):
         source = "backend" if backend not in (None, "auto") else ENV_VAR
@@ -106,14 +132,14 @@ def select(op: str, *, T: int = 1, backend: str | None = None, device=None) -> C
                              f"{backend} kernel; backends that can: ['xla']")
         return _logged_choice(op, dev, Choice("xla", f"{op} has no kernel"))
     if forced not in (None, "auto"):
-        reason = why_not(forced, dev, op, T)
+        reason = why_not(forced, dev, op, T, K=K, V=V)
         if reason is not None:
-            able = [b for b in BACKENDS if why_not(b, dev, op, T) is None]
+            able = [b for b in BACKENDS if why_not(b, dev, op, T, K=K, V=V) is None]
             raise ValueError(f"{op}: backend {forced!r} cannot run on {dev}: {reason}; "
                              f"backends that can: {able}")
         return _logged_choice(op, dev, Choice(forced, "forced"))
     for name in preferences(dev):
-        if why_not(name, dev, op, T) is None:
+        if why_not(name, dev, op, T, K=K, V=V) is None:
             return _logged_choice(op, dev, Choice(name, "table"))
     raise AssertionError("the xla backend runs everything")  # pragma: no cover
 
@@ -153,9 +179,23 @@ _TUNING = {
 }
 _LARGE_BATCH = 128
 
+# Mosaic GPU decode (kernels/decode_mgpu.py): block_v, tiles_per_cta, stages. Not measured yet:
+# a starting point for the H100 benchmark (bench/ncu_kernels.py --mosaic), which sweeps them.
+_MOSAIC_TUNING = {
+    ("decode", "bfloat16", True): (64, 4, 2),
+    ("decode", "bfloat16", False): (64, 1, 2),
+    ("decode", "float32", True): (64, 4, 2),
+    ("decode", "float32", False): (64, 1, 2),
+}
 
-def tuning(op: str, *, state_dtype, B: int, V: int) -> dict:
-    """Launch parameters (block_v, num_warps, num_stages) of `op`'s kernel for this call."""
+
+def tuning(op: str, *, state_dtype, B: int, V: int, backend: str = "triton") -> dict:
+    """Launch parameters of `op`'s kernel for this call: (block_v, num_warps, num_stages) for
+    the Triton kernels, (block_v, tiles_per_cta, stages) for the Mosaic GPU decode."""
+    if backend == "mosaic":
+        block_v, per, stages = _MOSAIC_TUNING[(op, jnp.dtype(state_dtype).name,
+                                               B >= _LARGE_BATCH)]
+        return dict(block_v=min(block_v, V), tiles_per_cta=per, stages=stages)
     key_op = "decode" if op == "decode" else "verify"  # flush folds like a verify
     block_v, num_warps = _TUNING[(key_op, jnp.dtype(state_dtype).name, B >= _LARGE_BATCH)]
     return dict(block_v=min(block_v, V), num_warps=num_warps, num_stages=1)

@@ -2,6 +2,11 @@
 
 This runs the whole Pallas -> Triton IR lowering (pallas-gpu.md section 3.3) at the real shapes
 (HV = 32, K = V = 128, B = 8, T = 4). It does not run ptxas: no spills, no timings.
+
+The Mosaic GPU decode lowers through Mosaic's layout inference and its dialect lowering (TMA
+descriptors, SMEM swizzles, register layouts), which run in Python at lowering time; what is left
+(LLVM, ptxas) runs when XLA compiles. Mosaic takes its target from the device's capability, which
+an abstract device lacks, so `_mgpu.target_arch` sets it: sm_90 for the H100, sm_100 for the B200.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.kernels import decode, fold, verify_intermediate, verify_replay
+from gdn_jax.kernels import (_mgpu, decode, decode_mgpu, fold, verify_intermediate, verify_replay,
+                             verify_replay_mgpu)
 
 pytestmark = pytest.mark.lowering
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_CALL = "mosaic_gpu"  # the custom call target: mosaic_gpu (0.10) / mosaic_gpu_v2
 B, H, HV, K, V, T, NUM_SLOTS, T_MAX = 8, 16, 32, 128, 128, 4, 12, 4
 DEVICES = [pytest.param("NVIDIA H100 80GB HBM3", id="H100"), pytest.param("NVIDIA B200", id="B200")]
 
@@ -69,3 +76,47 @@ def test_decode_lowers_across_tuning(block_v, num_warps, num_stages, cuda_loweri
     # the Triton compiler params reach the custom call (Triton, never Mosaic GPU)
     assert f"num_warps = {num_warps} : i32" in text
     assert f"num_stages = {num_stages} : i32" in text
+
+
+_NO_MOSAIC = _mgpu.unavailable()
+needs_mosaic = pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))
+ARCHS = {"NVIDIA H100 80GB HBM3": (9, 0), "NVIDIA B200": (10, 0)}
+
+
+@needs_mosaic
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("pool_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16pool", "f32pool"])
+def test_decode_mgpu_lowers_for_cuda(pool_dtype, kind, cuda_lowering):
+    args = _token_args(1, jnp.bfloat16) + _pool_args(pool_dtype, jnp.bfloat16)
+    with _mgpu.target_arch(ARCHS[kind]):
+        text = _lower(decode_mgpu, args, kind, cuda_lowering)
+    assert MOSAIC_CALL in text and TRITON_CALL not in text
+    assert "tf.aliasing_output" in text  # the pool is donated and written in place
+    assert "gdn_decode_mgpu_bv64_t4_s2" in text  # the kernel's name (ncu filters on gdn_)
+
+
+@needs_mosaic
+@pytest.mark.parametrize("block_v, tiles_per_cta, stages, in_dtype", [
+    (64, 1, 2, jnp.float32), (128, 3, 3, jnp.bfloat16), (64, 8, 4, jnp.float16),
+    (128, 16, 2, jnp.bfloat16),
+])
+def test_decode_mgpu_lowers_across_tuning(block_v, tiles_per_cta, stages, in_dtype,
+                                          cuda_lowering):
+    args = _token_args(1, in_dtype) + _pool_args(jnp.float32, in_dtype)
+    kind = "NVIDIA H100 80GB HBM3"
+    with _mgpu.target_arch(ARCHS[kind]):
+        text = _lower(decode_mgpu, args, kind, cuda_lowering, block_v=block_v,
+                      tiles_per_cta=tiles_per_cta, stages=stages)
+    assert MOSAIC_CALL in text
+    assert f"gdn_decode_mgpu_bv{block_v}_t{tiles_per_cta}_s{stages}" in text
+
+
+@needs_mosaic
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("pool_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16pool", "f32pool"])
+def test_verify_replay_mgpu_lowers_for_cuda(pool_dtype, kind, cuda_lowering):
+    args = _token_args(T, jnp.bfloat16) + _pool_args(pool_dtype, jnp.bfloat16)
+    with _mgpu.target_arch(ARCHS[kind]):
+        text = _lower(verify_replay_mgpu, args, kind, cuda_lowering)
+    assert MOSAIC_CALL in text and "tf.aliasing_output" in text
+    assert f"gdn_verify_replay_t{T}_mgpu_bv64_t2_s2" in text

@@ -85,3 +85,60 @@ def test_tuning_fits_the_head_dim():
                 for V in (16, 128):
                     cfg = dispatch.tuning(op, state_dtype=dtype, B=B, V=V)
                     assert V % cfg["block_v"] == 0 and cfg["num_warps"] >= 1
+
+
+# ------------------------------------------------------------------------------------------------
+# The Mosaic GPU backend: opt-in (never in the table yet), decode only, capability 9.x-11.x.
+
+
+@pytest.fixture
+def mosaic_imports(monkeypatch):
+    """Mosaic GPU available whatever this jax is (the version check is tested on its own)."""
+    from gdn_jax.kernels import _mgpu
+
+    monkeypatch.setattr(_mgpu, "unavailable", lambda: None)
+    return _mgpu
+
+
+@pytest.mark.parametrize("cap", ["9.0", "10.0", "10.3"])
+def test_mosaic_is_opt_in_for_decode(cap, mosaic_imports, monkeypatch):
+    dev = FakeDevice("gpu", cap, "NVIDIA H100 80GB HBM3")
+    assert dispatch.select("decode", device=dev).backend == "triton"  # not in the table yet
+    assert dispatch.select("decode", backend="mosaic", K=128, V=128, device=dev).backend == "mosaic"
+    monkeypatch.setenv(dispatch.ENV_VAR, "mosaic")
+    assert dispatch.select("decode", K=128, V=128, device=dev).backend == "mosaic"
+
+
+def test_mosaic_refusals_say_why(mosaic_imports):
+    h100 = FakeDevice("gpu", "9.0", "NVIDIA H100 80GB HBM3")
+    with pytest.raises(ValueError, match=r"verify: backend 'mosaic' cannot run on NVIDIA H100 "
+                                         r".*no Mosaic GPU kernel for verify yet.*backends that "
+                                         r"can: \['xla', 'triton', 'interpret'\]"):
+        dispatch.select("verify", backend="mosaic", T=4, device=h100)
+    with pytest.raises(ValueError, match=r"K a multiple of 64 \(WGMMA layout\), got 96"):
+        dispatch.select("decode", backend="mosaic", K=96, V=128, device=h100)
+    a100 = FakeDevice("gpu", "8.0", "NVIDIA A100")
+    with pytest.raises(ValueError, match=r"NVIDIA A100 \(gpu, capability 8.0\): the Mosaic GPU "
+                                         r"kernels need compute capability 9.x"):
+        dispatch.select("decode", backend="mosaic", device=a100)
+    with pytest.raises(ValueError, match="the Mosaic GPU kernels need an NVIDIA GPU"):
+        dispatch.select("decode", backend="mosaic", device=FakeDevice("cpu", None, "cpu"))
+    with pytest.raises(ValueError, match="capability 9.x"):
+        dispatch.select("decode", backend="mosaic", device=FakeDevice("gpu", "12.0", "RTX 5090"))
+
+
+def test_mosaic_needs_a_jax_it_imports_on(mosaic_imports, monkeypatch):
+    monkeypatch.setattr(mosaic_imports, "unavailable",
+                        lambda: "the Mosaic GPU kernels need jax >= 0.10.2, got 0.9.0")
+    with pytest.raises(ValueError, match=r"need jax >= 0.10.2, got 0.9.0"):
+        dispatch.select("decode", backend="mosaic", device=FakeDevice("gpu", "9.0", "H100"))
+
+
+def test_mosaic_tuning_fits_the_head_dim():
+    from gdn_jax.kernels import MosaicConfig
+
+    for dtype in ("bfloat16", "float32"):
+        for B in (1, 256):
+            for V in (64, 128, 256):
+                cfg = dispatch.tuning("decode", state_dtype=dtype, B=B, V=V, backend="mosaic")
+                MosaicConfig(**cfg).check_shapes("decode", 128, V, dtype, "bfloat16")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_cases import BF16_EPS, OraclePool, random_state, rel_err, tokens
+from gdn_cases import BF16_EPS, OraclePool, random_state, rel_err, slot_batch, tokens
 from gdn_jax import ops
 
 pytestmark = pytest.mark.gpu
@@ -58,3 +58,27 @@ def test_prefill_fp32():
         ref_o, ref_S, _, _ = mirror.run(s, tok, i, length=n)
         assert rel_err(o[i, :n], ref_o) <= 1e-5
         assert rel_err(st.pool[s], ref_S) <= 1e-5
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_decode_mosaic_backend(pool_dtype):
+    """ops.decode forced onto the Mosaic GPU kernel (Hopper and later), pending candidates folded."""
+    from gdn_jax.ops import dispatch
+
+    why = dispatch.why_not("mosaic", dispatch.Device.of(), "decode", 1, K=K, V=V)
+    if why is not None:
+        pytest.skip(why)
+    rng = np.random.default_rng(2)
+    st = random_state(rng, NUM_SLOTS, H, HV, K, V, T_MAX, pool_dtype, jnp.bfloat16)
+    slots = slot_batch(rng, 32, NUM_SLOTS)
+    mirror = OraclePool(st)
+    tol = 1e-5 if pool_dtype == jnp.float32 else 2 * BF16_EPS
+    step = tokens(rng, slots.shape[0], 1, H, HV, K, V, jnp.bfloat16)
+    o, st = ops.decode(*step.args(), st, slots, backend="mosaic")
+    for i, s in _real_rows(slots):
+        ref_o, ref_S, _, _ = mirror.run(s, step, i)
+        assert rel_err(o[i], ref_o) <= tol + BF16_EPS
+        assert rel_err(st.pool[s], ref_S) <= tol
+        assert int(st.count[s]) == 0
+    pad = [i for i, s in enumerate(np.asarray(slots)) if not 0 <= s < NUM_SLOTS]
+    assert not np.asarray(o[np.asarray(pad)].astype(jnp.float32)).any()

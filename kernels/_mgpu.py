@@ -1,0 +1,175 @@
+"""The one place that binds kernels to Pallas **Mosaic GPU** and hides its version differences.
+
+(`_pallas.py` is the Triton-bound counterpart.) The kernels use the form that lowers unchanged on
+jax 0.10.2, 0.11.2 and 0.12 (pallas-gpu.md section 1.3): `pl.run_state` turns the arrays into
+mutable GMEM refs (the pool is written in place) and `pl.core_map(plgpu.Mesh(...))` runs the
+body on a grid of CTAs, one warpgroup each, with Warpgroup lowering semantics set explicitly
+(0.10.x defaults to Lane). What differs between versions lives here:
+
+- importing `jax.experimental.pallas.mosaic_gpu` needs absl-py on 0.10.x (`unavailable()` says so);
+- `plgpu.load(ref, idx, ...)` on 0.10.x, `plgpu.load(ref, ...)` from 0.11 (`idx` removed in 0.12);
+- the GPU interpreter's `InterpretGPUParams` is public from 0.11.2 (private before);
+- `plgpu.load(..., layout=)` fails inside the interpreter on 0.10.x, and the interpreter knows no
+  layouts or swizzles anyway: under interpret the shims read refs plainly and use unswizzled SMEM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+
+import jax
+from jax.experimental import pallas as pl
+
+try:
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    _IMPORT_ERROR: Exception | None = None
+except Exception as e:  # noqa: BLE001 - 0.10.x without absl-py raises ModuleNotFoundError
+    plgpu = None
+    _IMPORT_ERROR = e
+
+JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
+MIN_JAX = (0, 10, 2)
+SMEM_BYTES = 227 * 1024  # the most dynamic shared memory one CTA may have on H100 / B200
+
+
+def unavailable() -> str | None:
+    """None when Mosaic GPU kernels can be built with this jax, else why not."""
+    if JAX_VERSION < MIN_JAX:
+        return f"the Mosaic GPU kernels need jax >= {'.'.join(map(str, MIN_JAX))}, got {jax.__version__}"
+    if plgpu is None:
+        hint = " (jax 0.10.x needs absl-py for it: pip install absl-py)" if "absl" in str(
+            _IMPORT_ERROR) else ""
+        return f"jax.experimental.pallas.mosaic_gpu does not import: {_IMPORT_ERROR}{hint}"
+    return None
+
+
+def require(op: str) -> None:
+    reason = unavailable()
+    if reason is not None:
+        raise NotImplementedError(f"{op}: {reason}")
+
+
+def interpret_params():
+    """The GPU interpreter's parameters: NaN for uninitialised memory, bounds checked."""
+    params = getattr(plgpu, "InterpretGPUParams", None)
+    if params is None:  # before 0.11.2: not yet public
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams as params
+    return params()
+
+
+def _is_pow2(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and not n & (n - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+    """Launch parameters of a Mosaic GPU kernel call (hashable: a static argument of `jax.jit`).
+
+    block_v:       rows of the [V, K] state one step owns (a [block_v, K] fp32 register tile in
+                   the WGMMA layout, so a multiple of 64: 64 or 128).
+    tiles_per_cta: tiles (b, hv, v-block) one CTA walks through in order; the grid is
+                   ceil(B * HV * V / block_v / tiles_per_cta) CTAs.
+    stages:        SMEM buffers per CTA (>= 2): the loads of the next stages - 1 tiles are in
+                   flight while a tile is computed and stored.
+    """
+
+    block_v: int = 64
+    tiles_per_cta: int = 4
+    stages: int = 2
+
+    def __post_init__(self):
+        if self.block_v not in (64, 128):
+            raise ValueError(f"MosaicConfig: block_v must be 64 or 128 (WGMMA layout rows), "
+                             f"got {self.block_v=}")
+        if not isinstance(self.tiles_per_cta, int) or self.tiles_per_cta < 1:
+            raise ValueError(f"MosaicConfig: tiles_per_cta must be an int >= 1, "
+                             f"got {self.tiles_per_cta=}")
+        if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
+            raise ValueError(f"MosaicConfig: stages must be an int in 2..4, got {self.stages=}")
+
+    def check_shapes(self, op: str, K: int, V: int, pool_dtype, in_dtype, T: int = 1) -> None:
+        """The head dims this config can tile, and the SMEM it needs on one SM."""
+        if V % self.block_v:
+            raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
+        if K % 64 or K > 256:
+            raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to 256 "
+                             f"(WGMMA layout, one TMA box), got {K=}")
+        need = self.smem_bytes(K, pool_dtype, in_dtype, T)
+        if need > SMEM_BYTES:
+            raise ValueError(f"{op}: {self} needs {need} bytes of SMEM per CTA, more than the "
+                             f"{SMEM_BYTES} an SM90/SM100 CTA can have; lower stages or block_v")
+
+    def smem_bytes(self, K: int, pool_dtype, in_dtype, T: int = 1) -> int:
+        """State stages, q/k/v stages (T tokens) and the o buffer (+ barriers): what one CTA
+        allocates."""
+        ps, xs = jax.numpy.dtype(pool_dtype).itemsize, jax.numpy.dtype(in_dtype).itemsize
+        per_stage = self.block_v * K * ps + T * (2 * K + self.block_v) * xs
+        return self.stages * per_stage + T * self.block_v * xs + 8 * self.stages
+
+
+# ------------------------------------------------------------------------------------------------
+# Version shims (inside kernels)
+
+
+def compiler_params():
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+
+
+def load(ref, layout, *, interpret: bool):
+    """ref (SMEM or GMEM) -> array in `layout` (unoptimized path: small vectors, any width)."""
+    if interpret:  # the interpreter has no layouts
+        return ref[...]
+    if JAX_VERSION >= (0, 11, 0):
+        return plgpu.load(ref, layout=layout, optimized=False)
+    return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
+def layout_cast(x, layout, *, interpret: bool):
+    return x if interpret else plgpu.layout_cast(x, layout)
+
+
+def smem_tile(shape, dtype, *, interpret: bool):
+    """An SMEM buffer [..., rows, cols] for a TMA'd tile: 128-byte swizzled so that the WGMMA
+    register layout reads and writes it without bank conflicts (plain under the interpreter)."""
+    if interpret:
+        return plgpu.SMEM(shape, dtype)
+    itemsize = jax.numpy.dtype(dtype).itemsize
+    swizzle = 128
+    transforms = (plgpu.TilingTransform((8, swizzle // itemsize)),
+                  plgpu.SwizzleTransform(swizzle))
+    return plgpu.SMEM(shape, dtype, transforms=transforms)
+
+
+def core_map(body, *, grid, name: str, interpret: bool):
+    """Run `body` on a 1-D grid of CTAs named "cta" (call inside `pl.run_state`)."""
+    mesh = plgpu.Mesh(grid=grid, grid_names=("cta",))
+    kwargs = dict(compiler_params=compiler_params(), name=name)
+    if interpret:
+        kwargs["interpret"] = interpret_params()
+    with warnings.catch_warnings():  # 0.11+: "core_map is deprecated, use pl.kernel"; it is the
+        warnings.filterwarnings(    # form that works on 0.10.2 too (module docstring)
+            "ignore", message=".*core_map is deprecated", category=DeprecationWarning)
+        return pl.core_map(mesh, **kwargs)(body)
+
+
+@contextlib.contextmanager
+def target_arch(arch: tuple[int, int]):
+    """Lower Mosaic GPU kernels for compute capability `arch` on a machine without that GPU.
+
+    Mosaic GPU reads the target from the abstract device's `compute_capability`, which a
+    `jax.sharding.AbstractDevice` does not carry: it then falls back to sm_90. This swaps its
+    private arch inference (`core._infer_arch` on 0.10.x, `utils._infer_arch` from 0.11) for the
+    duration, so CPU lowering tests can target a B200 (10, 0). Tests only.
+    """
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    owner = mgpu_utils if hasattr(mgpu_utils, "_infer_arch") else mgpu_core
+    saved = owner._infer_arch
+    owner._infer_arch = lambda: tuple(arch)
+    try:
+        yield
+    finally:
+        owner._infer_arch = saved

@@ -1,0 +1,221 @@
+"""GDN decode as a Pallas **Mosaic GPU** kernel (Hopper and later): the state staged through SMEM
+by TMA, pipelined across the tiles a CTA walks through. Same contract as `decode.decode`.
+
+kernel body `_tokens_body` -> launcher `tokens_call` -> public `decode_mgpu` (jitted, pool
+donated). `verify_mgpu.verify_replay_mgpu` runs the same body with T tokens (mode "replay").
+
+Work split: a tile is (b, hv, iv), the state rows pool[slot, hv, iv*BV:(iv+1)*BV, :] ([BV, K], K
+contiguous). The B * HV * (V // BV) tiles, in that order, are dealt out in runs of
+`tiles_per_cta` to a 1-D grid of CTAs (one warpgroup each). A CTA keeps `stages` SMEM buffers:
+while it computes tile i, the TMA loads of tiles i+1 .. i+stages-1 are in flight and the store of
+tile i-1 drains. Per tile:
+
+    TMA  pool tile, q, k (key head hv // group), v block -> SMEM stage s (one barrier, 4 arrivals)
+    regs S = SMEM tile in fp32 (WGMMA layout: [BV, K], BV a multiple of 64); fold the slot's
+         pending candidates; S = exp(g) S; S += (beta (v - S k)) k^T; o = S q
+    SMEM S (rounded once to the pool's dtype), o -> TMA store to pool[slot] and o[b]
+
+A padding row (slot < 0 or >= num_slots) issues no load and no store; its output stays zero (the
+output buffer starts zeroed). Everything version-specific is in `_mgpu.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _common as cm
+from . import _mgpu as mg
+from . import _recurrence as rec
+from ._mgpu import MosaicConfig
+
+_F32 = jnp.float32
+
+
+def _layouts():
+    L = mg.plgpu.Layout
+    # S [BV, K] in WGMMA; a K-vector broadcasts along rows (reduce(0)), a V-vector along
+    # columns (reduce(1)).
+    return L.WGMMA, L.WGMMA.reduce(0), L.WGMMA.reduce(1)
+
+
+def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, name: str,
+                 mode: str):
+    """The pipelined per-tile body of decode (mode "decode", T = 1: the state after the token
+    is stored) and replay verify (mode "replay": the folded state is stored, before the T tokens,
+    and only where something was folded)."""
+    (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
+     cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, o_ref) = refs
+    # GMEM refs. pool_ref: [N, HV, V, K] (written in place); o_ref: [B, T, HV, V] (zeros in)
+    B, T, H, HV, K, V, N, t_max = dims
+    BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
+    NV = V // BV
+    total = B * HV * NV
+    grid = pl.cdiv(total, PER)
+    group = HV // H
+    WG, KVEC, VVEC = _layouts() if not interpret else (None, None, None)
+    plgpu = mg.plgpu
+
+    def tile(w):
+        """Tile w -> (b, hv, iv, slot, live): live = a real tile of a real row."""
+        in_range = w < total
+        w = jnp.where(in_range, w, 0)  # the last CTA's run may overshoot: read nothing there
+        b, rest = w // (HV * NV), w % (HV * NV)
+        hv, iv = rest // NV, rest % NV
+        slot = slots_ref[b].astype(jnp.int32)
+        live = in_range & (slot >= 0) & (slot < N)
+        return b, hv, iv, slot, live
+
+    def body(st_smem, q_smem, k_smem, v_smem, o_smem, bars):
+        # st_smem [ST, BV, K] pool dtype; q_smem, k_smem [ST, T, K]; v_smem [ST, T, BV];
+        # o_smem [T, BV]
+        first = lax.axis_index("cta") * PER
+
+        def issue(i):
+            """Start the TMA loads of this CTA's tile i into stage i % ST (if it is live)."""
+            b, hv, iv, slot, live = tile(first + i)
+            s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
+
+            @pl.when(live)
+            def _():
+                bar = bars.at[s]
+                plgpu.copy_gmem_to_smem(pool_ref.at[slot, hv, cols, :], st_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, :, hk, :], q_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :], k_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bar)
+
+        for i in range(min(ST - 1, PER)):  # prologue: the first ST - 1 tiles in flight
+            issue(i)
+
+        @pl.loop(0, PER)
+        def _(i):
+            b, hv, iv, slot, live = tile(first + i)
+            s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
+
+            # Scalars first: their GMEM latency overlaps the TMA wait below.
+            gates = [rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32),
+                               A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32),
+                               log1p=rec.log1p_kahan) for t in range(T)]
+            n = jnp.where(live, jnp.clip(count_ref[jnp.clip(slot, 0, N - 1)], 0, t_max), 0)
+
+            @pl.when(live)
+            def _():
+                plgpu.barrier_wait(bars.at[s])
+                S = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
+
+                def fold(t, S):  # the slot's pending (accepted) candidates, no output
+                    ck = mg.load(cand_k_ref.at[slot, t, hk, :], KVEC, interpret=interpret)
+                    cv = mg.load(cand_v_ref.at[slot, t, hv, cols], VVEC, interpret=interpret)
+                    return rec.update(S, rec.l2norm(ck.astype(_F32)), cv.astype(_F32),
+                                      cand_g_ref[slot, t, hv].astype(_F32),
+                                      cand_beta_ref[slot, t, hv].astype(_F32))
+
+                S = lax.fori_loop(0, n, fold, S)
+                # The stores of tile i - 1 must have left SMEM before o_smem and the stage of
+                # tile i + ST - 1 (= that of tile i - 1) are overwritten: wait as late as the
+                # first SMEM write allows (decode: after the math, so they overlap).
+                if mode == "replay":
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                    @pl.when(n > 0)  # nothing folded: the pool already holds S exactly
+                    def _():
+                        st_smem[s] = S.astype(st_smem.dtype)
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
+
+                outs = []
+                for t in range(T):
+                    q = rec.prepare_q(
+                        mg.load(q_smem.at[s, t], KVEC, interpret=interpret).astype(_F32))
+                    k = rec.l2norm(mg.load(k_smem.at[s, t], KVEC, interpret=interpret)
+                                   .astype(_F32))
+                    v = mg.load(v_smem.at[s, t], VVEC, interpret=interpret).astype(_F32)
+                    S = rec.update(S, k, v, *gates[t])
+                    outs.append(rec.readout(S, q))
+                if mode == "decode":
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    st_smem[s] = S.astype(st_smem.dtype)
+                for t, o in enumerate(outs):
+                    o_smem[t] = o.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                if mode == "decode":
+                    plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
+
+            @pl.when(jnp.logical_not(live))
+            def _():  # keep the invariant: stores before tile i are out of SMEM
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+            if PER > ST - 1:
+                @pl.when(i + ST - 1 < PER)
+                def _():
+                    issue(i + ST - 1)
+
+        plgpu.wait_smem_to_gmem(0)
+
+    pool_dtype, in_dtype = pool_ref.dtype, o_ref.dtype
+
+    @functools.partial(mg.core_map, grid=(grid,), name=name, interpret=interpret)
+    def _():
+        pl.run_scoped(
+            body,
+            mg.smem_tile((ST, BV, K), pool_dtype, interpret=interpret),
+            mg.plgpu.SMEM((ST, T, K), q_ref.dtype),
+            mg.plgpu.SMEM((ST, T, K), k_ref.dtype),
+            mg.plgpu.SMEM((ST, T, BV), v_ref.dtype),
+            mg.plgpu.SMEM((T, BV), in_dtype),
+            mg.plgpu.Barrier(num_arrivals=4, num_barriers=ST),
+        )
+
+
+def tokens_call(mode: str, dims: cm.Dims, config: MosaicConfig, interpret: bool, *args):
+    """Launch `_tokens_body` on (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v,
+    cand_g, cand_beta, pool) -> (o [B, T, HV, V], pool)."""
+    B, T, _, HV, _, V, _, _ = dims
+    q = args[2]
+    kind = "decode" if mode == "decode" else f"verify_{mode}_t{T}"
+    name = f"gdn_{kind}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}_s{config.stages}"
+    o = jnp.zeros((B, T, HV, V), q.dtype)
+    *_, pool, o = pl.run_state(functools.partial(
+        _tokens_body, dims=dims, config=config, interpret=interpret, name=name,
+        mode=mode))((*args, o))
+    return o, pool
+
+
+@functools.partial(jax.jit, static_argnames=("block_v", "tiles_per_cta", "stages", "interpret"),
+                   donate_argnames=("pool",))
+def decode_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta, count,
+                slots, *, block_v: int = 64, tiles_per_cta: int = 4, stages: int = 2,
+                interpret: bool = False):
+    """One GDN decode step per row, in place on the slot's state (Pallas, Mosaic GPU lowering).
+
+    Arguments, semantics and results as `gdn_jax.kernels.decode` (the Triton kernel):
+      q, k:      [B, 1, H, K] bf16 | fp16 | fp32, raw (l2norm and the K**-0.5 scale are fused).
+      v:         [B, 1, HV, V]; HV a multiple of H (GVA: value head hv reads key head
+                 hv // (HV // H)).
+      a, b:      [B, 1, HV] raw gate inputs; A_log, dt_bias: [HV] (gating fused, in fp32).
+      pool:      [num_slots, HV, V, K] bf16 | fp32 (K contiguous). Donated: updated in place.
+      cand_k, cand_v, cand_g, cand_beta, count: the replay buffers; the count[slot] pending
+                 candidates are folded first (only read here; the caller sets count := 0).
+      slots:     [B] int32; a slot < 0 or >= num_slots makes the row padding: nothing read,
+                 nothing written, zero output. Real slots must be distinct.
+      block_v, tiles_per_cta, stages: tuning (see `MosaicConfig`): block_v in {64, 128}
+                 dividing V; K a multiple of 64 up to 256; stages x the [block_v, K] tile
+                 within one CTA's SMEM (227 KiB).
+      interpret: run the Mosaic GPU interpreter (CPU tests).
+
+    Returns:
+      o:    [B, 1, HV, V] in q's dtype (zeros for padding rows).
+      pool: the updated pool (same buffer when donated).
+    """
+    mg.require("decode_mgpu")
+    config = MosaicConfig(block_v, tiles_per_cta, stages)
+    dims = cm.check_tokens("decode_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
+                           cand_g, cand_beta, count, slots, t_lo=1, t_hi=1)
+    config.check_shapes("decode_mgpu", dims.K, dims.V, pool.dtype, q.dtype)
+    return tokens_call("decode", dims, config, interpret, slots, count, q, k, v, a, b, A_log,
+                       dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
