@@ -1,0 +1,131 @@
+"""Where a model step's time goes: the GPU kernels of decode, verify and a speculative round, from
+JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.profiler.ProfileData).
+
+    python bench/profile_step.py --out DIR                       # dense, B = 1 and 32
+    python bench/profile_step.py --out DIR --family qwen3_next --experts 512 --batches 1
+    python bench/profile_step.py --out DIR --smoke               # tiny model on CPU (the script)
+
+The model and the chained programs are bench_speculative.py's (same flags). Each program runs
+--calls chained calls in one jit under `jax.profiler.trace`; every kernel event of the GPU planes
+is summed by name and divided by the calls: kernel time per call, by kernel, beside the wall time
+per call, so the gap (launches, host syncs, idle) shows. Kernels of every GPU are counted (with
+TP the per-device sums are divided by the device count). On CPU the device planes are absent and
+the table is empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+import bench_speculative as bs  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", default="bench/results", help="directory for the JSON results")
+    p.add_argument("--smoke", action="store_true", help="tiny model, any device")
+    p.add_argument("--family", default="qwen3_5_text", choices=("qwen3_5_text", "qwen3_next"))
+    p.add_argument("--experts", type=int, default=512, help="routed experts (qwen3_next)")
+    p.add_argument("--layers", type=int, default=4, help="decoder layers (3 GDN : 1 attention)")
+    p.add_argument("--batches", default="1,32", help="comma-separated B values")
+    p.add_argument("--tp", type=int, default=1, help="devices of the ('tp',) mesh")
+    p.add_argument("--draft", type=int, default=3, help="d, drafts per round")
+    p.add_argument("--context", type=int, default=512, help="tokens already in the KV caches")
+    p.add_argument("--calls", type=int, default=10, help="chained calls per traced program")
+    p.add_argument("--top", type=int, default=12, help="kernels listed per program")
+    return p.parse_args(argv)
+
+
+LINES: set = set()  # the GPU planes' line names seen (printed: which were counted)
+
+
+def kernel_times(trace_dir: str) -> tuple[dict, int]:
+    """{kernel name: total ns} over the GPU planes of the trace in trace_dir, and the plane count."""
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    totals: dict = collections.defaultdict(float)
+    planes = 0
+    for path in paths:
+        data = jax.profiler.ProfileData.from_file(path)
+        for plane in data.planes:
+            if not plane.name.startswith("/device:GPU:"):
+                continue
+            planes += 1
+            for line in plane.lines:
+                LINES.add(line.name)
+                if "stream" not in line.name.lower():  # skip the XLA-op / module summary lines
+                    continue
+                for event in line.events:
+                    totals[event.name] += event.duration_ns
+    return dict(totals), planes
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    dev = jax.devices()[0]
+    d = args.draft
+    config = bs.model_config(args.layers, args.smoke, args.family, args.experts)
+    model = bs.build(config, jnp.bfloat16, args.tp)
+    graphdef, params = nnx.split(model)
+    calls = args.calls
+    buf_tokens = calls * (d + 1) + 1
+    max_len = args.context + calls * (d + 1) + 2 * (d + 1)
+    progs = bs.chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens)
+    print(f"{dev.device_kind}, jax {jax.__version__}, {args.family}, TP {args.tp}, calls {calls}",
+          flush=True)
+    results = []
+    for B in (int(b) for b in args.batches.split(",")):
+        cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=jnp.bfloat16)
+        tok = jnp.asarray(np.random.default_rng(B).integers(0, config.vocab_size, B), jnp.int32)
+        for name in ("decode", "verify", "round"):
+            run = jax.jit(progs[name], donate_argnums=(2,))
+            cache = bs._reset(cache, args.context)
+            cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))  # compile
+            cache = jax.block_until_ready(bs._reset(cache, args.context))
+            with tempfile.TemporaryDirectory() as tmp:
+                with jax.profiler.trace(tmp):
+                    t0 = time.perf_counter()
+                    cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))
+                    wall = time.perf_counter() - t0
+                totals, planes = kernel_times(tmp)
+            per = {k: v / calls / max(planes, 1) / 1e3 for k, v in totals.items()}  # us per call
+            busy = sum(per.values())
+            top = sorted(per.items(), key=lambda kv: -kv[1])[:args.top]
+            row = {"B": B, "program": name, "wall_us_per_call": wall / calls * 1e6,
+                   "kernel_us_per_call": busy, "top": top}
+            results.append(row)
+            print(f"\nB={B} {name}: wall {wall / calls * 1e6:9.1f} us/call, kernels "
+                  f"{busy:9.1f} us/call ({len(per)} distinct)")
+            for k, v in top:
+                print(f"   {v:9.1f} us  {k[:110]}")
+        del cache
+    print(f"GPU plane lines seen: {sorted(LINES)} (those with 'stream' counted)")
+    os.makedirs(args.out, exist_ok=True)
+    kind = dev.device_kind.replace(" ", "_") if dev.platform == "gpu" else dev.platform
+    path = os.path.join(args.out, f"profile_step-{kind}-{args.family}-tp{args.tp}"
+                                  f"{'-smoke' if args.smoke else ''}.json")
+    with open(path, "w") as f:
+        json.dump({"bench": "profile_step", "device": dev.device_kind, "jax": jax.__version__,
+                   "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
+                   "argv": sys.argv[1:], "results": results}, f, indent=1)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
