@@ -24,9 +24,9 @@ MODES = ("replay", "intermediate")
 
 
 def _backend(op: str, backend: str | None, T: int = 1, K: int | None = None,
-             V: int | None = None):
+             V: int | None = None, B: int | None = None):
     """The implementation module for this call: `_xla`, or `_pallas` with its flags."""
-    choice = dispatch.select(op, T=T, K=K, V=V, backend=backend)
+    choice = dispatch.select(op, T=T, K=K, V=V, B=B, backend=backend)
     if choice.backend == "xla":
         return _xla, {}
     from gdn_jax.ops import _pallas  # the kernels are imported only where they run
@@ -57,7 +57,7 @@ def decode(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, backend: st
     """
     slots = jnp.asarray(slots)
     _checks.check_tokens("decode", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1, t_max=1)
-    impl, kw = _backend("decode", backend, K=q.shape[-1], V=v.shape[-1])
+    impl, kw = _backend("decode", backend, K=q.shape[-1], V=v.shape[-1], B=q.shape[0])
     return impl.decode(q, k, v, a, b, A_log, dt_bias, state, slots, **kw)
 
 
@@ -82,7 +82,8 @@ def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str =
     if mode == "replay" and k.dtype != state.input_dtype:
         _checks.fail("verify", "k, v", f"the state's input dtype {state.input_dtype} (replay mode "
                      "stores them as candidates; set GDNState.create(input_dtype=...))", k.dtype)
-    impl, kw = _backend("verify", backend, T=q.shape[1], K=q.shape[-1], V=v.shape[-1])
+    impl, kw = _backend("verify", backend, T=q.shape[1], K=q.shape[-1], V=v.shape[-1],
+                          B=q.shape[0])
     return impl.verify(q, k, v, a, b, A_log, dt_bias, state, slots, mode=mode, **kw)
 
 

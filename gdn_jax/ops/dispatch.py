@@ -6,12 +6,13 @@ Backends:
                SM80 up, T <= 8.
   "mosaic"     Pallas Mosaic GPU kernels (`gdn_jax.kernels.decode_mgpu`): decode only, Hopper and
                datacenter Blackwell (capability 9.x, 10.x, 11.x), K and V multiples of 64.
-               Opt-in (forced) until the H100 benchmark shows it faster than Triton.
+               The Hopper default for decode at B >= 128, where the H100 benchmark measured it
+               faster than Triton; elsewhere forced only.
   "interpret"  the same Pallas kernels run by the Pallas interpreter: any platform, slow; for tests
                of the kernel path on machines without a GPU.
 
-The table maps (platform, compute-capability major) to the backends to try, in order, for each op;
-the first that can take the call's shape runs. A user forces one with the `backend=` argument of
+The table maps (platform, compute-capability major, op, batch bucket) to the backends to try, in
+order; the first that can take the call's shape runs. A user forces one with the `backend=` argument of
 an op or the GDN_JAX_BACKEND environment variable (the argument wins); a forced backend that cannot
 run raises a ValueError naming the device, its capability and the backends that can. Ops without
 a kernel (commit, reset, prefill) always run XLA; the environment variable leaves them alone.
@@ -62,17 +63,24 @@ class Choice:
     reason: str
 
 
-def preferences(device: Device) -> tuple[str, ...]:
-    """The table: backends to try in order on this device (the first able to run wins)."""
+def preferences(device: Device, op: str = "decode", B: int | None = None) -> tuple[str, ...]:
+    """The table: backends to try in order for `op` at batch B (None: unknown) on this device (the
+    first able to run wins)."""
     if device.platform != "gpu" or device.capability is None:
         return ("xla",)  # CPU, TPU, ROCm: the reference
     major = device.capability[0]
     if major in (8, 12):  # Ampere/Ada, consumer Blackwell (no wgmma, no tcgen05): portable kernels
         return ("triton", "xla")
-    if major == 9:  # Hopper: Triton until a Mosaic GPU path is measured faster (bench/results)
+    if major == 9:
+        # Hopper: the Mosaic GPU decode where the H100 benchmark measured it faster
+        # (bench/results/ncu_kernels-h100-2026-11-26.json, B = 256: bf16 state 189.7 us = 95.0% of
+        # copy vs Triton's 200.8 us = 89.8%; fp32 375.8 vs 388.2 us). At B = 8 Triton wins
+        # (9.7 vs 10.9 us): small batches, and B not measured in between, stay on Triton.
+        if op == "decode" and B is not None and B >= _LARGE_BATCH:
+            return ("mosaic", "triton", "xla")
         return ("triton", "xla")
-    if major in (10, 11):  # datacenter Blackwell: the kernels that ran and passed on H100
-        return ("triton", "xla")
+    if major in (10, 11):  # datacenter Blackwell: the kernels that ran and passed on H100; no
+        return ("triton", "xla")  # Blackwell benchmark yet to promote Mosaic there
     return ("xla",)  # pre-Ampere
 
 
@@ -116,9 +124,9 @@ def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None) -> st
 
 
 def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
-           backend: str | None = None, device=None) -> Choice:
-    """The backend that runs `op` (T tokens per row, head dims K and V where known) on `device`
-    (default: the first device)."""
+           B: int | None = None, backend: str | None = None, device=None) -> Choice:
+    """The backend that runs `op` (B rows of T tokens, head dims K and V, where known) on
+    `device` (default: the first device)."""
     forced = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or None
     if forced is not None and forced not in BACKENDS + ("auto",):
         source = "backend" if backend not in (None, "auto") else ENV_VAR
@@ -138,7 +146,7 @@ def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
             raise ValueError(f"{op}: backend {forced!r} cannot run on {dev}: {reason}; "
                              f"backends that can: {able}")
         return _logged_choice(op, dev, Choice(forced, "forced"))
-    for name in preferences(dev):
+    for name in preferences(dev, op, B):
         if why_not(name, dev, op, T, K=K, V=V) is None:
             return _logged_choice(op, dev, Choice(name, "table"))
     raise AssertionError("the xla backend runs everything")  # pragma: no cover
@@ -156,10 +164,12 @@ def describe_dispatch(device=None) -> str:
     """What runs for each op on `device` (default: the first device), as printable lines."""
     dev = Device.of(device)
     lines = [f"gdn_jax dispatch on {dev}:"]
-    for op, T in (("decode", 1), ("verify", 4), ("flush", 1), ("commit", 1), ("reset", 1),
-                  ("prefill", 512)):
-        choice = select(op, T=T, device=device)
-        lines.append(f"  {op:8s} -> {choice.backend}")
+    for op, T, B in (("decode", 1, 1), ("decode", 1, _LARGE_BATCH), ("verify", 4, None),
+                     ("flush", 1, None), ("commit", 1, None), ("reset", 1, None),
+                     ("prefill", 512, None)):
+        choice = select(op, T=T, B=B, device=device)
+        where = "" if B is None else f" (B {'<' if B < _LARGE_BATCH else '>='} {_LARGE_BATCH})"
+        lines.append(f"  {op + where:18s} -> {choice.backend}")
     return "\n".join(lines)
 
 
@@ -179,8 +189,9 @@ _TUNING = {
 }
 _LARGE_BATCH = 128
 
-# Mosaic GPU decode (kernels/decode_mgpu.py): block_v, tiles_per_cta, stages. Not measured yet:
-# a starting point for the H100 benchmark (bench/ncu_kernels.py --mosaic), which sweeps them.
+# Mosaic GPU decode (kernels/decode_mgpu.py): block_v, tiles_per_cta, stages. B >= 128: measured
+# on the H100 (bench/results/ncu_kernels-h100-2026-11-26.json: 95.0% / 95.4% of copy at B = 256,
+# bf16 / fp32 state); B < 128 (forced only): not tuned (`bench/ncu_kernels.py --sweep-mosaic`).
 _MOSAIC_TUNING = {
     ("decode", "bfloat16", True): (64, 4, 2),
     ("decode", "bfloat16", False): (64, 1, 2),

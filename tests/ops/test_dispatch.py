@@ -101,12 +101,27 @@ def mosaic_imports(monkeypatch):
 
 
 @pytest.mark.parametrize("cap", ["9.0", "10.0", "10.3"])
-def test_mosaic_is_opt_in_for_decode(cap, mosaic_imports, monkeypatch):
+def test_mosaic_forced_for_decode(cap, mosaic_imports, monkeypatch):
     dev = FakeDevice("gpu", cap, "NVIDIA H100 80GB HBM3")
-    assert dispatch.select("decode", device=dev).backend == "triton"  # not in the table yet
+    assert dispatch.select("decode", B=8, device=dev).backend == "triton"
     assert dispatch.select("decode", backend="mosaic", K=128, V=128, device=dev).backend == "mosaic"
     monkeypatch.setenv(dispatch.ENV_VAR, "mosaic")
     assert dispatch.select("decode", K=128, V=128, device=dev).backend == "mosaic"
+
+
+def test_mosaic_is_the_hopper_default_for_large_batch_decode(mosaic_imports, monkeypatch):
+    """The bucket the H100 benchmark measured Mosaic faster in (B >= 128); Triton elsewhere, and
+    on Blackwell (no Blackwell benchmark yet); Triton again when Mosaic cannot take the shape or
+    the jax."""
+    h100, b200 = FakeDevice("gpu", "9.0", "H100"), FakeDevice("gpu", "10.0", "B200")
+    assert dispatch.select("decode", B=256, K=128, V=128, device=h100).backend == "mosaic"
+    assert dispatch.select("decode", B=127, K=128, V=128, device=h100).backend == "triton"
+    assert dispatch.select("decode", K=128, V=128, device=h100).backend == "triton"  # B unknown
+    assert dispatch.select("verify", T=4, B=256, device=h100).backend == "triton"
+    assert dispatch.select("decode", B=256, K=128, V=128, device=b200).backend == "triton"
+    assert dispatch.select("decode", B=256, K=96, V=128, device=h100).backend == "triton"
+    monkeypatch.setattr(mosaic_imports, "unavailable", lambda: "no Mosaic GPU on this jax")
+    assert dispatch.select("decode", B=256, K=128, V=128, device=h100).backend == "triton"
 
 
 def test_mosaic_refusals_say_why(mosaic_imports):
