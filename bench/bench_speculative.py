@@ -87,6 +87,9 @@ def parse_args(argv=None):
     p.add_argument("--no-comm", action="store_true",
                    help="also time decode and round without the blocks' all-reduces (TP > 1)")
     p.add_argument("--copy-gib", type=float, default=1.0, help="size of the bandwidth copy")
+    p.add_argument("--moe", default="auto", choices=("auto", "grouped"),
+                   help="MoE experts: the model's choice (auto) or always the grouped matmuls "
+                        "(lax.ragged_dot), the baseline of the gathered path")
     args = p.parse_args(argv)
     if args.layers < 2:
         p.error("--layers must be >= 2 (one layer of each kind)")
@@ -258,6 +261,9 @@ def build(config, dtype, tp: int):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
+    if args.moe == "grouped":
+        from gdn_jax.modules import mlp
+        mlp._gather_experts = lambda *a: False
     from bench_kernels import copy_bandwidth
     copy = copy_bandwidth(args.copy_gib, args.smoke)
     dev = jax.devices()[0]
@@ -276,7 +282,8 @@ def main(argv=None):
           f"copy {copy['GBps']:.0f} GB/s, {args.family}, layers {config.layer_types}, d = {d}, "
           f"context {args.context}, chain {chain}, reps {reps}, TP {tps}", flush=True)
 
-    tag = f"-{args.family}" + (f"-tp{'_'.join(map(str, tps))}" if tps != (1,) else "")
+    tag = (f"-{args.family}" + (f"-tp{'_'.join(map(str, tps))}" if tps != (1,) else "")
+           + ("-grouped" if args.moe == "grouped" else ""))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out,
                         f"bench_speculative-{kind}{tag}{'-smoke' if args.smoke else ''}.json")
@@ -287,7 +294,7 @@ def main(argv=None):
                    "compute_capability": getattr(dev, "compute_capability", None)},
         "jax": jax.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "copy_bandwidth": copy,
-        "settings": {"family": args.family, "layers": list(config.layer_types),
+        "settings": {"family": args.family, "moe": args.moe, "layers": list(config.layer_types),
                      "hidden": config.hidden_size, "vocab": config.vocab_size,
                      "HV": config.linear_num_value_heads, "K": config.linear_key_head_dim,
                      "V": config.linear_value_head_dim, "experts": config.num_experts,

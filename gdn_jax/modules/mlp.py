@@ -4,8 +4,9 @@ SparseMoE (Qwen3-Next / Qwen3.5-MoE):
     probs = softmax(x @ W_router) in fp32; top-k; renormalise (norm_topk_prob); cast to x's dtype
     routed = sum_k w_k * down_e(silu(gate_e x) * up_e x)
     out = routed + sigmoid(x @ w_shared_gate) * shared_expert(x)
-The routed experts run as grouped matmuls (`lax.ragged_dot`) over the token-expert pairs sorted by
-expert, so each token computes only its top-k experts.
+Each token computes only its top-k experts: as grouped matmuls (`lax.ragged_dot`) over the
+token-expert pairs sorted by expert, or, for few tokens (decode, verify at small batch), as
+matrix-vector products with the chosen experts' weights gathered (`_gather_experts` says why).
 """
 
 from __future__ import annotations
@@ -88,29 +89,6 @@ class SparseMoE(nnx.Module):
         self.shared_expert_gate = linear(hidden_size, 1, **kw)
         self.mesh = None  # a ("tp",) Mesh, set by gdn_jax.models.sharding.shard_model
 
-    def route(self, x):
-        """x: [N, hidden] -> (weights [N, k] in x's dtype, expert ids [N, k] int32)."""
-        logits = self.gate(x)
-        probs = jax.nn.softmax(logits.astype(_F32), axis=-1)
-        top_w, top_i = lax.top_k(probs, self.top_k)
-        if self.norm_topk_prob:
-            top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-        return top_w.astype(logits.dtype), top_i.astype(jnp.int32)
-
-    def _experts(self, x, weights, ids):
-        """Grouped matmuls over the (token, expert) pairs sorted by expert."""
-        N, H = x.shape
-        flat = ids.reshape(-1)  # [N*k]
-        order = jnp.argsort(flat, stable=True)
-        token = order // self.top_k
-        sizes = jnp.bincount(flat, length=self.num_experts).astype(jnp.int32)
-        xs = x[token].astype(self.dtype)
-        mm = lambda a, w: lax.ragged_dot(a, w[...].astype(self.dtype), sizes,
-                                          precision=self.precision)
-        h = jax.nn.silu(mm(xs, self.experts_gate_proj)) * mm(xs, self.experts_up_proj)
-        y = mm(h, self.experts_down_proj) * weights.reshape(-1)[order][:, None]
-        return jnp.zeros((N, H), y.dtype).at[token].add(y)
-
     def tp_param_specs(self) -> dict:
         """Every expert's intermediate dim split over "tp" (gate / up by columns, down by rows);
         router and shared-expert gate replicated (the shared expert is an MLP: its own specs)."""
@@ -140,21 +118,51 @@ class SparseMoE(nnx.Module):
 def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype, precision):
     """SparseMoE on x [N, hidden] with (a shard of) every expert's intermediate dim: the routed
     and shared outputs are linear in the down projections, so shards return partial sums."""
-    N, H = x.shape
     logits = mm(x, p["router"])
     probs = jax.nn.softmax(logits.astype(_F32), axis=-1)
     top_w, top_i = lax.top_k(probs, top_k)
     if norm_topk_prob:
         top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
     weights, ids = top_w.astype(logits.dtype), top_i.astype(jnp.int32)
+    gather = _gather_experts(x.shape[0], top_k, num_experts)
+    routed = (_routed_gathered if gather else _routed_ragged)(p, x.astype(dtype), weights, ids, num_experts=num_experts, dtype=dtype,
+                       precision=precision)
+    shared = jax.nn.sigmoid(mm(x, p["shared_gate"])) * _mlp_body(p["shared"], x, mm=shared_mm)
+    return routed + shared
+
+
+def _gather_experts(tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether to gather the chosen experts' weights rather than run the grouped matmuls.
+
+    XLA's GPU ragged_dot reads every expert's weights whatever the routing (on an H100, a
+    Qwen3-Next layer's 512 experts: ~1 ms per decode step at any batch; bench/results/
+    profile_step-h100-qwen3_next-2026-11-26.json). Gathering moves each chosen (token, expert)
+    pair's weights about three times (gather read and write, matmul read), so it wins while the
+    pairs are at most a quarter of the experts: decode and verify at small batch."""
+    return 4 * tokens * top_k <= num_experts
+
+
+def _routed_ragged(p, x, weights, ids, *, num_experts, dtype, precision):
+    """Grouped matmuls (`lax.ragged_dot`) over the (token, expert) pairs sorted by expert.
+    x [N, hidden] in dtype, weights / ids [N, k] -> [N, hidden]."""
+    N, H = x.shape
     flat = ids.reshape(-1)  # [N*k]
     order = jnp.argsort(flat, stable=True)
-    token = order // top_k
+    token = order // ids.shape[1]
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    xs = x[token].astype(dtype)
+    xs = x[token]
     rmm = lambda a, w: lax.ragged_dot(a, w.astype(dtype), sizes, precision=precision)
     h = jax.nn.silu(rmm(xs, p["eg"])) * rmm(xs, p["eu"])
     y = rmm(h, p["ed"]) * weights.reshape(-1)[order][:, None]
-    routed = jnp.zeros((N, H), y.dtype).at[token].add(y)
-    shared = jax.nn.sigmoid(mm(x, p["shared_gate"])) * _mlp_body(p["shared"], x, mm=shared_mm)
-    return routed + shared
+    return jnp.zeros((N, H), y.dtype).at[token].add(y)
+
+
+def _routed_gathered(p, x, weights, ids, *, num_experts, dtype, precision):
+    """Each token's k chosen experts' weights gathered ([N, k, hidden, I]) and applied as batched
+    matrix-vector products. Same arguments and result as `_routed_ragged`."""
+    del num_experts
+    ein = functools.partial(jnp.einsum, precision=precision)
+    gate, up, down = (p[name][ids].astype(dtype) for name in ("eg", "eu", "ed"))
+    h = jax.nn.silu(ein("nh,nkhi->nki", x, gate)) * ein("nh,nkhi->nki", x, up)
+    y = ein("nki,nkih->nkh", h, down)
+    return ein("nk,nkh->nh", weights.astype(y.dtype), y)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from gdn_jax.modules import (
@@ -65,10 +66,16 @@ def test_partial_neox_rope():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_sparse_moe_matches_dense_transcription():
-    E, k, H, I, S = 5, 2, 12, 8, 6
+@pytest.mark.parametrize("E, batch, gathered", [(5, (2, 7), False), (64, (1, 3), True)],
+                         ids=["grouped", "gathered"])
+def test_sparse_moe_matches_dense_transcription(E, batch, gathered):
+    """Both ways of running the experts: grouped matmuls (many tokens) and gathered weights (few
+    tokens per expert: decode)."""
+    from gdn_jax.modules import mlp
+    k, H, I, S = 2, 12, 8, 6
+    assert mlp._gather_experts(int(np.prod(batch)), k, E) == gathered
     moe = _randomize(SparseMoE(H, E, k, I, S, rngs=nnx.Rngs(0)))
-    x = RNG.standard_normal((2, 7, H))
+    x = RNG.standard_normal((*batch, H))
     got = moe(jnp.asarray(x, jnp.float32))
     p = {n: _np(v.get_value()) for n, v in [
         ("router", moe.gate.kernel), ("g", moe.experts_gate_proj), ("u", moe.experts_up_proj),
