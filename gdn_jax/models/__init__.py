@@ -2,6 +2,7 @@
 
 from gdn_jax.models.checkpoint import load_pretrained, save_pretrained
 from gdn_jax.models.config import ModelConfig
+from gdn_jax.models.embedded import embedded_path, load_embedded
 from gdn_jax.models.qwen3_next import (
     DecoderLayer,
     ModelCache,
@@ -12,4 +13,5 @@ from gdn_jax.models.qwen3_next import (
 from gdn_jax.models.sharding import shard_model
 
 __all__ = ["DecoderLayer", "MTPHead", "ModelCache", "ModelConfig", "ModelOutput",
-           "Qwen3NextForCausalLM", "load_pretrained", "save_pretrained", "shard_model"]
+           "Qwen3NextForCausalLM", "embedded_path", "load_embedded", "load_pretrained",
+           "save_pretrained", "shard_model"]
