@@ -134,12 +134,14 @@ def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype,
 def _gather_experts(tokens: int, top_k: int, num_experts: int) -> bool:
     """Whether to gather the chosen experts' weights rather than run the grouped matmuls.
 
-    XLA's GPU ragged_dot reads every expert's weights whatever the routing (on an H100, a
-    Qwen3-Next layer's 512 experts: ~1 ms per decode step at any batch; bench/results/
-    profile_step-h100-qwen3_next-2026-11-26.json). Gathering moves each chosen (token, expert)
-    pair's weights about three times (gather read and write, matmul read), so it wins while the
-    pairs are at most a quarter of the experts: decode and verify at small batch."""
-    return 4 * tokens * top_k <= num_experts
+    XLA's GPU ragged_dot reads every expert's weights whatever the routing (a Qwen3-Next layer's
+    512 experts: ~0.8 ms per decode step at any batch; bench/results/profile_step-h100-qwen3_next-
+    2026-11-26.json), while gathering costs in proportion to the (token, expert) pairs. Measured
+    on an H200 (4 Qwen3-Next layers, 512 experts, top 10; bench/results/bench_speculative-h200-
+    qwen3_next-moe-2026-11-26.json): 10 pairs (decode, B = 1) 1.18 vs 3.77 ms a step, 40 pairs
+    (verify of 4 tokens) 2.75 vs 4.01 ms, 80 pairs (decode, B = 8) 5.02 vs 4.39 ms. So: gather up
+    to num_experts / 8 pairs."""
+    return 8 * tokens * top_k <= num_experts
 
 
 def _routed_ragged(p, x, weights, ids, *, num_experts, dtype, precision):
