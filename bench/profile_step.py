@@ -16,13 +16,10 @@ the table is empty.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -33,6 +30,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import bench_speculative as bs  # noqa: E402
+from gdn_jax.profiling import kernel_trace  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,29 +49,6 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=10, help="chained calls per traced program")
     p.add_argument("--top", type=int, default=12, help="kernels listed per program")
     return p.parse_args(argv)
-
-
-LINES: set = set()  # the GPU planes' line names seen (printed: which were counted)
-
-
-def kernel_times(trace_dir: str) -> tuple[dict, int]:
-    """{kernel name: total ns} over the GPU planes of the trace in trace_dir, and the plane count."""
-    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
-    totals: dict = collections.defaultdict(float)
-    planes = 0
-    for path in paths:
-        data = jax.profiler.ProfileData.from_file(path)
-        for plane in data.planes:
-            if not plane.name.startswith("/device:GPU:"):
-                continue
-            planes += 1
-            for line in plane.lines:
-                LINES.add(line.name)
-                if "stream" not in line.name.lower():  # skip the XLA-op / module summary lines
-                    continue
-                for event in line.events:
-                    totals[event.name] += event.duration_ns
-    return dict(totals), planes
 
 
 def main(argv=None):
@@ -98,13 +73,11 @@ def main(argv=None):
             cache = bs._reset(cache, args.context)
             cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))  # compile
             cache = jax.block_until_ready(bs._reset(cache, args.context))
-            with tempfile.TemporaryDirectory() as tmp:
-                with jax.profiler.trace(tmp):
-                    t0 = time.perf_counter()
-                    cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))
-                    wall = time.perf_counter() - t0
-                totals, planes = kernel_times(tmp)
-            per = {k: v / calls / max(planes, 1) / 1e3 for k, v in totals.items()}  # us per call
+            with kernel_trace() as trace:
+                t0 = time.perf_counter()
+                cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))
+                wall = time.perf_counter() - t0
+            per = {k: v / calls / max(trace.gpus, 1) / 1e3 for k, v in trace.totals.items()}
             busy = sum(per.values())
             top = sorted(per.items(), key=lambda kv: -kv[1])[:args.top]
             row = {"B": B, "program": name, "wall_us_per_call": wall / calls * 1e6,
@@ -115,7 +88,6 @@ def main(argv=None):
             for k, v in top:
                 print(f"   {v:9.1f} us  {k[:110]}")
         del cache
-    print(f"GPU plane lines seen: {sorted(LINES)} (those with 'stream' counted)")
     os.makedirs(args.out, exist_ok=True)
     kind = dev.device_kind.replace(" ", "_") if dev.platform == "gpu" else dev.platform
     path = os.path.join(args.out, f"profile_step-{kind}-{args.family}-tp{args.tp}"

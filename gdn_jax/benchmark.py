@@ -4,8 +4,10 @@ Per-call time: one jitted program runs a `lax.fori_loop` of n calls, each call's
 the next call's v (no call can be merged or dropped), the state carried and donated. The trip
 count is static (two executables, n and 2n calls) and per call = (t(2n) - t(n)) / n, the median
 over reps: dispatch, sync and the fixed cost of a program cancel. That is wall-clock per call
-inside a jitted loop, the glue around a kernel included; for the kernel alone use Nsight Compute
-(`bench/ncu_kernels.py`).
+inside a jitted loop, the glue around a kernel included. Beside it, on a GPU, the kernel time per
+call: the GPU's busy time in one traced run of the n-call program (`gdn_jax.profiling`, JAX's
+profiler), over n: every kernel of a call (the op's Pallas kernel and XLA's bookkeeping), without
+the gaps between them. Nsight Compute's per-kernel numbers: `bench/ncu_kernels.py`.
 
 Bytes per call (what a perfect kernel moves): the state read once and written once, plus the
 token inputs and the outputs; replay verify also reads the T pending candidates it folds and
@@ -25,6 +27,7 @@ import numpy as np
 from jax import lax
 
 from gdn_jax import ops
+from gdn_jax.profiling import kernel_trace
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +123,13 @@ def time_op(op: str, B: int, shape: Shape, state_dtype, *, T: int = 4, calls: in
         per.append((t2 - t1) / calls)
         naive.append(t1 / calls)
     t = max(statistics.median(per), 1e-9)
+    with kernel_trace() as trace:
+        timed(calls)
+    busy = trace.busy_ns()
     nbytes = _bytes(op, B, T, shape, state_dtype)
     return {"op": op, "B": B, "T": T, "state_dtype": jnp.dtype(state_dtype).name,
             "per_call_us": t * 1e6, "naive_us": statistics.median(naive) * 1e6,
+            "kernel_us": None if busy is None else busy / calls / 1e3,
             "bytes": nbytes, "GBps": nbytes / t / 1e9}
 
 
@@ -133,14 +140,16 @@ def run(batches, shape: Shape, state_dtype, *, T: int = 4, calls: int = 20, reps
     copy = copy_bandwidth(copy_bytes)
     report(f"device {device.device_kind} ({device.platform}); shape H={shape.H} HV={shape.HV} "
            f"K={shape.K} V={shape.V}; state {jnp.dtype(state_dtype).name}; copy {copy:.0f} GB/s")
-    report(f"{'op':>8} {'B':>5} {'T':>3} {'per call':>12} {'naive':>12} {'GB/s':>8} {'% copy':>7}")
+    report(f"{'op':>8} {'B':>5} {'T':>3} {'per call':>12} {'kernels':>12} {'naive':>12} "
+           f"{'GB/s':>8} {'% copy':>7}")
     rows = []
     for B in batches:
         for op in ("decode", "verify"):
             r = time_op(op, B, shape, state_dtype, T=T, calls=calls, reps=reps)
             r["pct_copy"] = 100 * r["GBps"] / copy
             rows.append(r)
-            report(f"{op:>8} {B:>5} {r['T']:>3} {r['per_call_us']:>9.1f} us "
+            kernels = "-" if r["kernel_us"] is None else f"{r['kernel_us']:.1f} us"
+            report(f"{op:>8} {B:>5} {r['T']:>3} {r['per_call_us']:>9.1f} us {kernels:>12} "
                    f"{r['naive_us']:>9.1f} us {r['GBps']:>8.1f} {r['pct_copy']:>6.1f}%")
     return {"device": f"{device.device_kind} ({device.platform})", "copy_GBps": copy,
             "shape": dataclasses.asdict(shape), "results": rows}

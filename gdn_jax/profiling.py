@@ -1,0 +1,59 @@
+"""GPU kernel time from JAX's own profiler: no Nsight tools, no TensorBoard.
+
+    with kernel_trace() as trace:
+        jax.block_until_ready(f(x))
+    trace.totals  # {kernel name: ns}, every GPU of the process
+    trace.busy_ns()  # their sum per GPU
+
+The trace's XSpace is read with `jax.profiler.ProfileData`; the kernels are the events of the
+"Stream" lines of the `/device:GPU:N` planes (the XLA-op and module lines summarise them). On CPU
+there are no such planes: the totals stay empty and `busy_ns()` is None.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import glob
+import os
+import tempfile
+
+import jax
+
+
+@dataclasses.dataclass
+class KernelTrace:
+    totals: dict = dataclasses.field(default_factory=dict)  # kernel name -> ns, all GPUs
+    gpus: int = 0  # device planes seen
+
+    def busy_ns(self) -> float | None:
+        """Kernel time summed over kernels, per GPU (None where no GPU plane was traced)."""
+        return sum(self.totals.values()) / self.gpus if self.gpus else None
+
+
+def read_trace(trace_dir: str) -> KernelTrace:
+    """The kernel totals of the profile(s) written under trace_dir."""
+    totals: dict = collections.defaultdict(float)
+    gpus = 0
+    for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
+        for plane in jax.profiler.ProfileData.from_file(path).planes:
+            if not plane.name.startswith("/device:GPU:"):
+                continue
+            gpus += 1
+            for line in plane.lines:
+                if "stream" in line.name.lower():
+                    for event in line.events:
+                        totals[event.name] += event.duration_ns
+    return KernelTrace(dict(totals), gpus)
+
+
+@contextlib.contextmanager
+def kernel_trace():
+    """Profile the block; on exit the yielded KernelTrace holds its GPU kernels."""
+    trace = KernelTrace()
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp):
+            yield trace
+        result = read_trace(tmp)
+    trace.totals, trace.gpus = result.totals, result.gpus
