@@ -18,7 +18,6 @@ from gdn_jax.ops import dispatch, reference
 from gdn_jax.ops._slots import clear_count, slot_index, store_candidates
 
 
-
 def _tuning(op, state, B, backend="triton"):
     return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, V=state.pool.shape[2],
                            backend=backend)
@@ -41,14 +40,16 @@ def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, interpret=False, mosa
     return o, clear_count(state.replace(pool=pool), scatter)
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "interpret"))
-def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, interpret=False):
-    cfg = _tuning("verify", state, q.shape[0])
+@functools.partial(jax.jit, static_argnames=("mode", "interpret", "mosaic"))
+def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, interpret=False, mosaic=False):
+    """mosaic (replay mode only, dispatch checks): `kernels.verify_replay_mgpu`."""
+    cfg = _tuning("verify", state, q.shape[0], "mosaic" if mosaic else "triton")
     args = (q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots)
     if mode == "intermediate":
         o, inter = kernels.verify_intermediate(*args, interpret=interpret, **cfg)
         return o, state, inter
-    o, pool = kernels.verify_replay(*args, interpret=interpret, **cfg)
+    kernel = kernels.verify_replay_mgpu if mosaic else kernels.verify_replay
+    o, pool = kernel(*args, interpret=interpret, **cfg)
     _, _, scatter = slot_index(slots, state.num_slots)
     g, beta = reference.gating(a, b, A_log, dt_bias)
     state = clear_count(state.replace(pool=pool), scatter)

@@ -24,14 +24,14 @@ MODES = ("replay", "intermediate")
 
 
 def _backend(op: str, backend: str | None, T: int = 1, K: int | None = None,
-             V: int | None = None, B: int | None = None):
+             V: int | None = None, B: int | None = None, mode: str | None = None):
     """The implementation module for this call: `_xla`, or `_pallas` with its flags."""
-    choice = dispatch.select(op, T=T, K=K, V=V, B=B, backend=backend)
+    choice = dispatch.select(op, T=T, K=K, V=V, B=B, mode=mode, backend=backend)
     if choice.backend == "xla":
         return _xla, {}
     from gdn_jax.ops import _pallas  # the kernels are imported only where they run
     kw = {"interpret": choice.backend == "interpret"}
-    if choice.backend == "mosaic":  # only decode has a Mosaic GPU kernel (dispatch.MOSAIC_OPS)
+    if choice.backend == "mosaic":  # decode and replay verify (dispatch.MOSAIC_OPS)
         kw["mosaic"] = True
     return _pallas, kw
 
@@ -83,7 +83,7 @@ def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str =
         _checks.fail("verify", "k, v", f"the state's input dtype {state.input_dtype} (replay mode "
                      "stores them as candidates; set GDNState.create(input_dtype=...))", k.dtype)
     impl, kw = _backend("verify", backend, T=q.shape[1], K=q.shape[-1], V=v.shape[-1],
-                          B=q.shape[0])
+                        B=q.shape[0], mode=mode)
     return impl.verify(q, k, v, a, b, A_log, dt_bias, state, slots, mode=mode, **kw)
 
 

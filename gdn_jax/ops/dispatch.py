@@ -4,10 +4,11 @@ Backends:
   "xla"        the reference path (`gdn_jax.ops.reference`): any platform, any shape.
   "triton"     Pallas kernels through the Triton lowering (`gdn_jax.kernels`): NVIDIA GPUs from
                SM80 up, T <= 8.
-  "mosaic"     Pallas Mosaic GPU kernels (`gdn_jax.kernels.decode_mgpu`): decode only, Hopper and
-               datacenter Blackwell (capability 9.x, 10.x, 11.x), K and V multiples of 64.
-               The Hopper default for decode at B >= 128, where the H100 benchmark measured it
-               faster than Triton; elsewhere forced only.
+  "mosaic"     Pallas Mosaic GPU kernels (`gdn_jax.kernels.decode_mgpu`, `verify_mgpu`): decode
+               and replay-mode verify, Hopper and datacenter Blackwell (capability 9.x, 10.x,
+               11.x), K and V multiples of 64. The Hopper default for decode at B >= 128 and for
+               replay verify, where the H100 benchmark measured it faster than Triton; elsewhere
+               forced only.
   "interpret"  the same Pallas kernels run by the Pallas interpreter: any platform, slow; for tests
                of the kernel path on machines without a GPU.
 
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 
 ENV_VAR = "GDN_JAX_BACKEND"
 BACKENDS = ("xla", "triton", "mosaic", "interpret")
-MOSAIC_OPS = ("decode",)  # ops with a Mosaic GPU kernel
+MOSAIC_OPS = ("decode", "verify")  # ops with a Mosaic GPU kernel (verify: replay mode only)
 KERNEL_OPS = ("decode", "verify", "flush")  # ops with a kernel; the rest are XLA scatters
 MAX_KERNEL_T = 8
 _log = logging.getLogger("gdn_jax.dispatch")
@@ -76,7 +77,10 @@ def preferences(device: Device, op: str = "decode", B: int | None = None) -> tup
         # (bench/results/ncu_kernels-h100-2026-11-26.json, B = 256: bf16 state 189.7 us = 95.0% of
         # copy vs Triton's 200.8 us = 89.8%; fp32 375.8 vs 388.2 us). At B = 8 Triton wins
         # (9.7 vs 10.9 us): small batches, and B not measured in between, stay on Triton.
-        if op == "decode" and B is not None and B >= _LARGE_BATCH:
+        # Replay verify (3 pending + T = 4): Mosaic as fast or faster at both measured batches
+        # (B = 256: bf16 492.7 vs 506.1 us, fp32 606.0 vs 678.0; B = 8: bf16 19.1 vs 19.5,
+        # fp32 21.7 vs 30.0); intermediate mode has no Mosaic kernel and falls to Triton.
+        if (op == "decode" and B is not None and B >= _LARGE_BATCH) or op == "verify":
             return ("mosaic", "triton", "xla")
         return ("triton", "xla")
     if major in (10, 11):  # datacenter Blackwell: the kernels that ran and passed on H100; no
@@ -85,9 +89,9 @@ def preferences(device: Device, op: str = "decode", B: int | None = None) -> tup
 
 
 def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = None,
-            V: int | None = None) -> str | None:
-    """None when `backend` can run `op` with T tokens (head dims K, V where known) on `device`,
-    else the reason it cannot."""
+            V: int | None = None, mode: str | None = None) -> str | None:
+    """None when `backend` can run `op` with T tokens (head dims K, V and the verify mode where
+    known) on `device`, else the reason it cannot."""
     if backend == "xla":
         return None
     if op not in KERNEL_OPS:
@@ -103,13 +107,16 @@ def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = No
             return "the Triton kernels need compute capability >= 8.0"
         return None
     if backend == "mosaic":
-        return _mosaic_why_not(device, op, K, V)
+        return _mosaic_why_not(device, op, K, V, mode)
     return f"unknown backend {backend!r}"
 
 
-def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None) -> str | None:
-    if op not in MOSAIC_OPS:
-        return f"there is no Mosaic GPU kernel for {op} yet (Mosaic GPU runs {MOSAIC_OPS} only)"
+def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None,
+                    mode: str | None) -> str | None:
+    if op not in MOSAIC_OPS or (op == "verify" and mode != "replay"):
+        what = f"{op} ({mode} mode)" if op == "verify" else op
+        return (f"there is no Mosaic GPU kernel for {what} yet (Mosaic GPU runs decode and "
+                "replay-mode verify)")
     if device.platform != "gpu" or device.capability is None:
         return "the Mosaic GPU kernels need an NVIDIA GPU"
     if device.capability[0] not in (9, 10, 11):
@@ -124,9 +131,10 @@ def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None) -> st
 
 
 def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
-           B: int | None = None, backend: str | None = None, device=None) -> Choice:
-    """The backend that runs `op` (B rows of T tokens, head dims K and V, where known) on
-    `device` (default: the first device)."""
+           B: int | None = None, mode: str | None = None, backend: str | None = None,
+           device=None) -> Choice:
+    """The backend that runs `op` (B rows of T tokens, head dims K and V, verify mode "replay" |
+    "intermediate", where known) on `device` (default: the first device)."""
     forced = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or None
     if forced is not None and forced not in BACKENDS + ("auto",):
         source = "backend" if backend not in (None, "auto") else ENV_VAR
@@ -140,14 +148,14 @@ def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
                              f"{backend} kernel; backends that can: ['xla']")
         return _logged_choice(op, dev, Choice("xla", f"{op} has no kernel"))
     if forced not in (None, "auto"):
-        reason = why_not(forced, dev, op, T, K=K, V=V)
+        reason = why_not(forced, dev, op, T, K=K, V=V, mode=mode)
         if reason is not None:
-            able = [b for b in BACKENDS if why_not(b, dev, op, T, K=K, V=V) is None]
+            able = [b for b in BACKENDS if why_not(b, dev, op, T, K=K, V=V, mode=mode) is None]
             raise ValueError(f"{op}: backend {forced!r} cannot run on {dev}: {reason}; "
                              f"backends that can: {able}")
         return _logged_choice(op, dev, Choice(forced, "forced"))
     for name in preferences(dev, op, B):
-        if why_not(name, dev, op, T, K=K, V=V) is None:
+        if why_not(name, dev, op, T, K=K, V=V, mode=mode) is None:
             return _logged_choice(op, dev, Choice(name, "table"))
     raise AssertionError("the xla backend runs everything")  # pragma: no cover
 
@@ -164,12 +172,14 @@ def describe_dispatch(device=None) -> str:
     """What runs for each op on `device` (default: the first device), as printable lines."""
     dev = Device.of(device)
     lines = [f"gdn_jax dispatch on {dev}:"]
-    for op, T, B in (("decode", 1, 1), ("decode", 1, _LARGE_BATCH), ("verify", 4, None),
-                     ("flush", 1, None), ("commit", 1, None), ("reset", 1, None),
-                     ("prefill", 512, None)):
-        choice = select(op, T=T, B=B, device=device)
-        where = "" if B is None else f" (B {'<' if B < _LARGE_BATCH else '>='} {_LARGE_BATCH})"
-        lines.append(f"  {op + where:18s} -> {choice.backend}")
+    rows = (("decode", 1, 1, None), ("decode", 1, _LARGE_BATCH, None), ("verify", 4, None, "replay"),
+            ("verify", 4, None, "intermediate"), ("flush", 1, None, None), ("commit", 1, None, None),
+            ("reset", 1, None, None), ("prefill", 512, None, None))
+    for op, T, B, mode in rows:
+        choice = select(op, T=T, B=B, mode=mode, K=128, V=128, device=device)
+        where = (f" (B {'<' if B < _LARGE_BATCH else '>='} {_LARGE_BATCH})" if B is not None
+                 else f" ({mode})" if mode else "")
+        lines.append(f"  {op + where:21s} -> {choice.backend}")
     return "\n".join(lines)
 
 
@@ -193,6 +203,10 @@ _LARGE_BATCH = 128
 # on the H100 (bench/results/ncu_kernels-h100-2026-11-26.json: 95.0% / 95.4% of copy at B = 256,
 # bf16 / fp32 state); B < 128 (forced only): not tuned (`bench/ncu_kernels.py --sweep-mosaic`).
 _MOSAIC_TUNING = {
+    ("verify", "bfloat16", True): (64, 2, 2),  # replay 3 + 4: 492.7 us at B = 256
+    ("verify", "bfloat16", False): (64, 2, 2),  # 19.1 us at B = 8
+    ("verify", "float32", True): (64, 2, 2),  # 606.0 us at B = 256
+    ("verify", "float32", False): (64, 2, 2),  # 21.7 us at B = 8
     ("decode", "bfloat16", True): (64, 4, 2),
     ("decode", "bfloat16", False): (64, 1, 2),
     ("decode", "float32", True): (64, 4, 2),

@@ -109,15 +109,21 @@ def test_mosaic_forced_for_decode(cap, mosaic_imports, monkeypatch):
     assert dispatch.select("decode", K=128, V=128, device=dev).backend == "mosaic"
 
 
-def test_mosaic_is_the_hopper_default_for_large_batch_decode(mosaic_imports, monkeypatch):
-    """The bucket the H100 benchmark measured Mosaic faster in (B >= 128); Triton elsewhere, and
+def test_mosaic_is_the_hopper_default_where_measured_faster(mosaic_imports, monkeypatch):
+    """Decode at B >= 128 and replay verify, where the H100 benchmark measured Mosaic faster;
+    Triton elsewhere, and
     on Blackwell (no Blackwell benchmark yet); Triton again when Mosaic cannot take the shape or
     the jax."""
     h100, b200 = FakeDevice("gpu", "9.0", "H100"), FakeDevice("gpu", "10.0", "B200")
     assert dispatch.select("decode", B=256, K=128, V=128, device=h100).backend == "mosaic"
     assert dispatch.select("decode", B=127, K=128, V=128, device=h100).backend == "triton"
     assert dispatch.select("decode", K=128, V=128, device=h100).backend == "triton"  # B unknown
-    assert dispatch.select("verify", T=4, B=256, device=h100).backend == "triton"
+    assert dispatch.select("verify", T=4, B=256, device=h100).backend == "triton"  # mode unknown
+    for B in (1, 256):  # replay verify: Mosaic at both measured batches; intermediate: Triton
+        assert dispatch.select("verify", T=4, B=B, mode="replay", device=h100).backend == "mosaic"
+        assert dispatch.select("verify", T=4, B=B, mode="intermediate",
+                               device=h100).backend == "triton"
+    assert dispatch.select("verify", T=4, mode="replay", device=b200).backend == "triton"
     assert dispatch.select("decode", B=256, K=128, V=128, device=b200).backend == "triton"
     assert dispatch.select("decode", B=256, K=96, V=128, device=h100).backend == "triton"
     monkeypatch.setattr(mosaic_imports, "unavailable", lambda: "no Mosaic GPU on this jax")
@@ -127,9 +133,11 @@ def test_mosaic_is_the_hopper_default_for_large_batch_decode(mosaic_imports, mon
 def test_mosaic_refusals_say_why(mosaic_imports):
     h100 = FakeDevice("gpu", "9.0", "NVIDIA H100 80GB HBM3")
     with pytest.raises(ValueError, match=r"verify: backend 'mosaic' cannot run on NVIDIA H100 "
-                                         r".*no Mosaic GPU kernel for verify yet.*backends that "
-                                         r"can: \['xla', 'triton', 'interpret'\]"):
-        dispatch.select("verify", backend="mosaic", T=4, device=h100)
+                                         r".*no Mosaic GPU kernel for verify \(intermediate mode\) "
+                                         r"yet.*backends that can: \['xla', 'triton', 'interpret'\]"):
+        dispatch.select("verify", backend="mosaic", T=4, mode="intermediate", device=h100)
+    with pytest.raises(ValueError, match=r"no Mosaic GPU kernel for flush yet"):
+        dispatch.select("flush", backend="mosaic", device=h100)
     with pytest.raises(ValueError, match=r"K a multiple of 64 \(WGMMA layout\), got 96"):
         dispatch.select("decode", backend="mosaic", K=96, V=128, device=h100)
     a100 = FakeDevice("gpu", "8.0", "NVIDIA A100")
