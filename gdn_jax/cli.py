@@ -246,9 +246,14 @@ def cmd_generate(args) -> int:
         n_tokens = int(lens.sum())
         accept = float(out.accept_length)
         timing = "compiled program"
-    backend = dispatch.select("verify" if d else "decode", T=d + 1).backend
+    dims = dict(B=len(texts), K=model.config.linear_key_head_dim,
+                V=model.config.linear_value_head_dim)
+    backend = f"decode {dispatch.select('decode', **dims).backend}"
+    if d:
+        verify = dispatch.select("verify", T=d + 1, mode="replay", **dims).backend
+        backend += f", verify {verify}"
     print(f"[gdn-jax] {n_tokens} tokens in {seconds:.2f} s ({n_tokens / seconds:.1f} tokens/s, "
-          f"{timing}); mean accept length {accept:.2f} (num_draft {d}); backend {backend} on "
+          f"{timing}); mean accept length {accept:.2f} (num_draft {d}); backends: {backend} on "
           f"{device.device_kind} ({device.platform}); model {model_dir}", file=sys.stderr)
     return 0
 
