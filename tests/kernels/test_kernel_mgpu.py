@@ -41,35 +41,25 @@ MGPU_CASES = [
 ]
 
 
-def oracle_decode(case):
-    """(o [B, 1, HV, V], pool [N, HV, V, K]) in float64 from tests/oracle.py; NaN where no real
-    row writes."""
+def oracle(case, mode="decode"):
+    """(o [B, T, HV, V], pool [N, HV, V, K]) in float64 from tests/oracle.py; NaN where no real
+    row writes. The pool takes the state after the tokens (decode) or the folded state before
+    them (replay)."""
     mirror = OraclePool(case.state())
     tok = Tokens(*case.tokens)
     o = np.zeros(case.v.shape)
     pool = np.full(case.pool.shape, np.nan)
     for i, s in enumerate(np.asarray(case.slots)):
         if case.real[i]:
-            o[i], pool[s], _, _ = mirror.run(int(s), tok, i)
+            o[i], S, _, S0 = mirror.run(int(s), tok, i)
+            pool[s] = S if mode == "decode" else S0
     return o, pool
 
 
-def oracle_replay(case):
-    """(o [B, T, HV, V], pool) in float64: pool[slot] := the folded state (before the tokens)."""
-    mirror = OraclePool(case.state())
-    tok = Tokens(*case.tokens)
-    o = np.zeros(case.v.shape)
-    pool = np.full(case.pool.shape, np.nan)
-    for i, s in enumerate(np.asarray(case.slots)):
-        if case.real[i]:
-            o[i], _, _, pool[s] = mirror.run(int(s), tok, i)
-    return o, pool
-
-
-def check_against_oracle(case, o, pool, oracle=oracle_decode):
+def check_against_oracle(case, o, pool, mode="decode"):
     pool_tol = 1e-5 if case.pool.dtype == F32 else 2 * BF16_EPS
     o_tol = pool_tol + (0.0 if o.dtype == F32 else float(jnp.finfo(o.dtype).eps))
-    o_want, pool_want = oracle(case)
+    o_want, pool_want = oracle(case, mode)
     named = case.named_slots()
     assert rel_err(o[case.real], o_want[case.real]) <= o_tol
     assert rel_err(pool[named], pool_want[named]) <= pool_tol
@@ -111,7 +101,7 @@ def test_verify_replay_mgpu_interpret(dims, T, tuning, make_case, reference, ass
     assert_rows("o", case, o, o_ref)
     assert_named_slots("pool", case, pool, pool_ref)
     assert_untouched(case, pool)
-    check_against_oracle(case, o, pool, oracle_replay)
+    check_against_oracle(case, o, pool, "replay")
     # A named slot with nothing pending keeps its exact bits (not written).
     count = np.asarray(case.count)
     idle = np.array([s for s in case.named_slots() if count[s] == 0], np.int32)

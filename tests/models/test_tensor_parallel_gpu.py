@@ -21,8 +21,6 @@ Shapes: the real GDN head dims (K = V = 128), fewer heads (H = 4, HV = 8), hidde
 
 from __future__ import annotations
 
-import re
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,6 +29,7 @@ from flax import nnx
 
 from gdn_jax.models import ModelConfig, shard_model
 from gdn_jax.speculative import generate, lower_generate
+from hlo import collectives
 from tiny_models import random_model
 
 pytestmark = pytest.mark.gpu
@@ -178,21 +177,6 @@ def test_speculative_loop_tokens(tp):
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
 
 
-def _collectives(hlo):
-    """[(op, result shapes)] of every collective instruction in an HLO text."""
-    found = []
-    for line in hlo.splitlines():
-        m = re.search(r"\s(all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute)"
-                      r"(?:-start)?\(", line)
-        if m:
-            lhs = line.split("=", 1)[1] if "=" in line else line
-            lhs = lhs[:lhs.find(m.group(1))]
-            shapes = [tuple(int(d) for d in s.split(",") if d)
-                      for s in re.findall(r"\w+\[([\d,]*)\]", lhs)]
-            found.append((m.group(1), shapes))
-    return found
-
-
 @pytest.mark.parametrize("tp", [2, 4])
 def test_collectives_in_the_compiled_programs(tp):
     """The decode step: 2 all-reduces per decoder layer + 1 (the vocab-split embedding), no other
@@ -208,7 +192,7 @@ def test_collectives_in_the_compiled_programs(tp):
 
     hlo = jax.jit(decode).lower(params, jnp.zeros((B, 1), jnp.int32), cache,
                                 jnp.asarray(SLOTS)).compile().as_text()
-    ops = [op for op, _ in _collectives(hlo)]
+    ops = [op for op, _ in collectives(hlo)]
     assert ops.count("all-reduce") == 2 * config.num_hidden_layers + 1, ops
     assert set(ops) == {"all-reduce"}, ops
     assert _TRITON in hlo
@@ -217,6 +201,6 @@ def test_collectives_in_the_compiled_programs(tp):
     loop = lower_generate(model, prompts, lengths, num_draft=3, max_new_tokens=16,
                           state_dtype=jnp.bfloat16).compile().as_text()
     vk = (config.linear_value_head_dim, config.linear_key_head_dim)
-    big = [(op, s) for op, shapes in _collectives(loop) for s in shapes if s[-2:] == vk]
+    big = [(op, s) for op, shapes in collectives(loop) for s in shapes if s[-2:] == vk]
     assert not big, f"collectives of state-sized tensors in the loop: {big}"
     assert _TRITON in loop
