@@ -53,6 +53,7 @@ def main(argv=None):
     from gdn_jax.models import Qwen3NextForCausalLM
     from gdn_jax.models.embedded import embedded_path
     from gdn_jax.speculative import generate
+    from gdn_jax.train.evaluate import encode_prompts
 
     from bench_kernels import copy_bandwidth
 
@@ -71,13 +72,8 @@ def main(argv=None):
 
     rows = []
     for B in (int(b) for b in args.batches.split(",")):
-        ids = [tok.encode(texts[i % len(texts)]).ids for i in range(B)]
-        P = max(map(len, ids))
-        prompts = np.zeros((B, P), np.int32)
-        for i, x in enumerate(ids):
-            prompts[i, :len(x)] = x
-        lengths = np.asarray([len(x) for x in ids], np.int32)
-        row = {"B": B, "prompt_tokens_max": P}
+        prompts, lengths = encode_prompts(tok, [texts[i % len(texts)] for i in range(B)])
+        row = {"B": B, "prompt_tokens_max": prompts.shape[1]}
         outs = {}
         for name, d in (("plain", 0), ("speculative", args.draft)):
             def run():

@@ -176,7 +176,7 @@ def describe_dispatch(device=None) -> str:
             ("verify", 4, None, "intermediate"), ("flush", 1, None, None), ("commit", 1, None, None),
             ("reset", 1, None, None), ("prefill", 512, None, None))
     for op, T, B, mode in rows:
-        choice = select(op, T=T, B=B, mode=mode, K=128, V=128, device=device)
+        choice = select(op, T=T, B=B, mode=mode, device=device)
         where = (f" (B {'<' if B < _LARGE_BATCH else '>='} {_LARGE_BATCH})" if B is not None
                  else f" ({mode})" if mode else "")
         lines.append(f"  {op + where:21s} -> {choice.backend}")
