@@ -2,7 +2,7 @@
 
 Run under ncu, which this script starts itself:
 
-    python bench/ncu_kernels.py --out DIR [--fla] [--quick] [--no-mosaic] [--sweep-mosaic]
+    python bench/ncu_kernels.py --out DIR [--fla] [--fla-jax] [--quick] [--no-mosaic] [--sweep-mosaic]
 
 It re-runs itself as `ncu ... python bench/ncu_kernels.py --worker`, profiling only the launches
 between cudaProfilerStart/Stop (each case: compile and warm up first, then --reps launches), with
@@ -20,6 +20,10 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
   intermediate T    nothing pending, T states written
   fla T             fla's fused_recurrent_gated_delta_rule over T tokens from a state of the pool's
                     dtype (it writes its final state in fp32), batch-indexed, no slots
+  fla-jax T         the same Triton kernel, the same flags and inputs, launched from a jitted JAX
+                    program through jax-triton (bench/fla_jax.py); first checked against
+                    gdn_jax.ops.reference at B = 8, T = 4 (fp32 and bf16 state; the errors go into
+                    the first fla-jax case's "check"). At T = 1 jax-triton makes T a constexpr.
 """
 
 from __future__ import annotations
@@ -59,9 +63,9 @@ def cases(args):
                     out.append(dict(impl="mosaic", op="replay", B=B, T=T, dtype=dtype,
                                     block_v=64, tiles_per_cta=2, stages=2))
                 out.append(dict(impl="gdn", op="intermediate", B=B, T=T, dtype=dtype))
-            if args.fla:
+            for impl in ("fla",) * args.fla + ("fla-jax",) * args.fla_jax:
                 for T in (1,) + tuple(args.tokens):
-                    out.append(dict(impl="fla", op="fla", B=B, T=T, dtype=dtype))
+                    out.append(dict(impl=impl, op="fla", B=B, T=T, dtype=dtype))
     return out
 
 
@@ -132,6 +136,7 @@ def worker(args):
 
     rng = np.random.default_rng(0)
     results = []
+    fla_jax_check = None  # None: not run yet; else the check's result or its error
     for c in cases(args):
         B, T, dtype = c["B"], c["T"], jnp.dtype(c["dtype"])
         mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
@@ -158,6 +163,32 @@ def worker(args):
             for _ in range(args.reps):
                 run()
             torch.cuda.synchronize()
+            _profiler(False)
+            results.append(c)
+            continue
+        if c["impl"] == "fla-jax":
+            from fla_jax import check_against_reference, fla_decode_jax
+
+            if fla_jax_check is None:  # once, before the first timing, outside the profiled range
+                try:
+                    fla_jax_check = [check_against_reference(state_dtype=d)
+                                     for d in ("float32", "bfloat16")]
+                    c["check"] = fla_jax_check
+                except Exception as e:  # noqa: BLE001 - a wrong or failing kernel: time nothing
+                    fla_jax_check = f"check failed: {type(e).__name__}: {str(e)[:300]}"
+                print(f"fla-jax vs gdn_jax.ops.reference: {fla_jax_check}", flush=True)
+            if isinstance(fla_jax_check, str):
+                c["error"] = fla_jax_check
+                results.append(c)
+                continue
+            h0 = (0.3 * jax.random.normal(jax.random.key(1), (B, HV, V, K))).astype(dtype)
+            f = jax.jit(fla_decode_jax)  # as the torch case: h0 only read, ht a new fp32 array
+            fargs = (q, k, v, a, b, A_log, dt, h0)
+            for _ in range(2):
+                jax.block_until_ready(f(*fargs))
+            _profiler(True)
+            for _ in range(args.reps):
+                jax.block_until_ready(f(*fargs))
             _profiler(False)
             results.append(c)
             continue
@@ -206,6 +237,9 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="directory for ncu_kernels.json and the raw CSV")
     p.add_argument("--fla", action="store_true", help="also profile fla's fused_recurrent kernel")
+    p.add_argument("--fla-jax", action="store_true",
+                   help="also profile fla's kernel launched from JAX through jax-triton "
+                        "(bench/fla_jax.py), after a check against the XLA reference")
     p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
     p.add_argument("--tokens", default="4", help="verify T values, comma-separated (default 4)")
     p.add_argument("--reps", type=int, default=3, help="profiled launches per case (median)")
@@ -228,6 +262,13 @@ def main(argv=None):
 
     from gdn_jax.ops import dispatch
 
+    if args.fla_jax:
+        from fla_jax import why_unavailable
+
+        why = why_unavailable()
+        if why is not None:
+            print(f"fla through jax-triton left out: {why}", flush=True)
+            args.fla_jax = False
     why = dispatch.why_not("mosaic", dispatch.Device.of(), "decode", 1, K=K, V=V)
     if args.mosaic and why is not None:
         print(f"Mosaic GPU decode left out: {why}", flush=True)
@@ -243,7 +284,7 @@ def main(argv=None):
            "--csv", "--page", "raw", "--log-file", raw,
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps)]
-    cmd += ["--fla"] * args.fla + ["--quick"] * args.quick + ["--sweep"] * args.sweep
+    cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
     cmd += ["--no-mosaic"] * (not args.mosaic) + ["--sweep-mosaic"] * args.sweep_mosaic
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
@@ -277,11 +318,11 @@ def main(argv=None):
     with open(os.path.join(args.out, "ncu_kernels.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print(f"{dev.device_kind}, jax {jax.__version__}, copy {bw:.0f} GB/s")
-    print(f"{'cfg':11s} {'impl':6s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
+    print(f"{'cfg':11s} {'impl':7s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
           f"{'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
     for c in table:
         if "error" in c:
-            print(f"{c['impl']:6s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
+            print(f"{c['impl']:7s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
                   f"{c.get('num_warps', c.get('tiles_per_cta'))}: {c['error'][:80]}")
             continue
         if "tiles_per_cta" in c:
@@ -290,7 +331,7 @@ def main(argv=None):
             cfg = f"bv{c['block_v']}w{c['num_warps']}s{c.get('num_stages', 1)}"
         else:
             cfg = ""
-        print(f"{cfg:11s} {c['impl']:6s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
+        print(f"{cfg:11s} {c['impl']:7s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
               f"{c['kernel_us']:10.1f} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
               f"{c['regs']:5.0f} {c['occupancy_pct']:5.1f}")
 
