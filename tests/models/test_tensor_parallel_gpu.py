@@ -28,6 +28,7 @@ import pytest
 from flax import nnx
 
 from gdn_jax.models import ModelConfig, shard_model
+from gdn_jax.ops import dispatch
 from gdn_jax.speculative import generate, lower_generate
 from hlo import collectives
 from tiny_models import random_model
@@ -51,7 +52,16 @@ SLOTS = np.array([2, 0, 5, -1], np.int32)  # the last row is padding
 B = len(SLOTS)
 REAL = SLOTS >= 0
 FP32_TOL, BF16_TOL, BF16_BAND = 1e-4, 5e-2, 0.25
-_TRITON = "__gpu$xla.gpu.triton"  # the custom call of a Pallas-Triton kernel
+# The custom calls of the Pallas kernels: Triton, and Mosaic GPU (mosaic_gpu / mosaic_gpu_v2).
+_CUSTOM_CALL = {"triton": "__gpu$xla.gpu.triton", "mosaic": "mosaic_gpu"}
+_HEADS = dict(K=_COMMON["linear_key_head_dim"], V=_COMMON["linear_value_head_dim"])
+
+
+def _ran_kernel(hlo, op, **select):
+    """`op`'s GDN kernel, as the dispatch picks it on this GPU, is a custom call of `hlo`."""
+    backend = dispatch.select(op, **_HEADS, **select).backend
+    assert backend in _CUSTOM_CALL, f"{op} dispatched to {backend}, not a kernel"
+    assert _CUSTOM_CALL[backend] in hlo, f"{op}: no {backend} kernel in the compiled program"
 
 
 def _gpus(n):
@@ -139,7 +149,8 @@ def test_fp32_tp_equals_one_gpu(family, tp):
     for name, ref in ref_logits.items():
         np.testing.assert_allclose(_real(name, logits[name]), _real(name, ref), rtol=FP32_TOL,
                                    atol=FP32_TOL, err_msg=f"{family} TP={tp} {name}")
-    assert _TRITON in hlo, "the GDN Pallas kernels did not run on the GPU"
+    _ran_kernel(hlo, "decode", B=B)
+    _ran_kernel(hlo, "verify", T=T_MAX, B=B, mode="replay")
     pool = cache.layers[0].state.pool
     assert {s.data.shape[1] for s in pool.addressable_shards} == {
         CONFIGS[family].linear_num_value_heads // tp}
@@ -160,7 +171,8 @@ def test_bf16_tp_close_to_one_gpu(family, tp):
         if CONFIGS[family].num_experts == 0:
             err = _normwise(got, _real(name, one[name]))
             assert err <= BF16_TOL, f"{family} TP={tp} {name}: {err:.3g} from bf16 TP=1"
-    assert _TRITON in hlo
+    _ran_kernel(hlo, "decode", B=B)
+    _ran_kernel(hlo, "verify", T=T_MAX, B=B, mode="replay")
     pool = cache.layers[0].state.pool
     assert pool.dtype == jnp.bfloat16 and len(pool.addressable_shards) == tp
 
@@ -195,7 +207,7 @@ def test_collectives_in_the_compiled_programs(tp):
     ops = [op for op, _ in collectives(hlo)]
     assert ops.count("all-reduce") == 2 * config.num_hidden_layers + 1, ops
     assert set(ops) == {"all-reduce"}, ops
-    assert _TRITON in hlo
+    _ran_kernel(hlo, "decode", B=B)
 
     prompts, lengths, _ = _inputs()
     loop = lower_generate(model, prompts, lengths, num_draft=3, max_new_tokens=16,
@@ -203,4 +215,4 @@ def test_collectives_in_the_compiled_programs(tp):
     vk = (config.linear_value_head_dim, config.linear_key_head_dim)
     big = [(op, s) for op, shapes in collectives(loop) for s in shapes if s[-2:] == vk]
     assert not big, f"collectives of state-sized tensors in the loop: {big}"
-    assert _TRITON in loop
+    _ran_kernel(loop, "verify", T=4, B=B, mode="replay")  # 3 drafts + the pending token
