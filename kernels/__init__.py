@@ -13,6 +13,7 @@ bound to Mosaic GPU and its differences across jax versions).
 
     o, pool = decode_mgpu(...same arguments as decode...)             # Mosaic GPU, SM90+
     o, pool = verify_replay_mgpu(...same arguments as verify_replay...)
+    o, inter = verify_intermediate_mgpu(...same arguments as verify_intermediate...)
 
 The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA).
 """
@@ -23,7 +24,7 @@ from .decode import decode
 from .decode_mgpu import decode_mgpu
 from .fold import fold
 from .verify import verify_intermediate, verify_replay
-from .verify_mgpu import verify_replay_mgpu
+from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
 
 __all__ = ["MosaicConfig", "TuningConfig", "decode", "decode_mgpu", "fold", "verify_intermediate",
-           "verify_replay", "verify_replay_mgpu"]
+           "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu"]

@@ -89,24 +89,27 @@ class MosaicConfig:
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"MosaicConfig: stages must be an int in 2..4, got {self.stages=}")
 
-    def check_shapes(self, op: str, K: int, V: int, pool_dtype, in_dtype, T: int = 1) -> None:
-        """The head dims this config can tile, and the SMEM it needs on one SM."""
+    def check_shapes(self, op: str, K: int, V: int, pool_dtype, in_dtype, T: int = 1,
+                     out_tiles: int = 0) -> None:
+        """The head dims this config can tile, and the SMEM it needs on one SM (with
+        `out_tiles` more [block_v, K] tiles staging state stores)."""
         if V % self.block_v:
             raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
         if K % 64 or K > 256:
             raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to 256 "
                              f"(WGMMA layout, one TMA box), got {K=}")
-        need = self.smem_bytes(K, pool_dtype, in_dtype, T)
+        need = self.smem_bytes(K, pool_dtype, in_dtype, T, out_tiles)
         if need > SMEM_BYTES:
             raise ValueError(f"{op}: {self} needs {need} bytes of SMEM per CTA, more than the "
                              f"{SMEM_BYTES} an SM90/SM100 CTA can have; lower stages or block_v")
 
-    def smem_bytes(self, K: int, pool_dtype, in_dtype, T: int = 1) -> int:
-        """State stages, q/k/v stages (T tokens) and the o buffer (+ barriers): what one CTA
-        allocates."""
+    def smem_bytes(self, K: int, pool_dtype, in_dtype, T: int = 1, out_tiles: int = 0) -> int:
+        """State stages, q/k/v stages (T tokens), the o buffer (+ barriers) and `out_tiles`
+        state-store tiles: what one CTA allocates."""
         ps, xs = jax.numpy.dtype(pool_dtype).itemsize, jax.numpy.dtype(in_dtype).itemsize
         per_stage = self.block_v * K * ps + T * (2 * K + self.block_v) * xs
-        return self.stages * per_stage + T * self.block_v * xs + 8 * self.stages
+        return (self.stages * per_stage + T * self.block_v * xs + 8 * self.stages
+                + out_tiles * self.block_v * K * ps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,6 +155,16 @@ def core_map(body, *, grid, name: str, interpret: bool):
         warnings.filterwarnings(    # form that works on 0.10.2 too (module docstring)
             "ignore", message=".*core_map is deprecated", category=DeprecationWarning)
         return pl.core_map(mesh, **kwargs)(body)
+
+
+def kernel(body, *, out_type, grid, name: str, interpret: bool):
+    """A kernel with fresh, uninitialised outputs: `body(*input_refs, *output_refs)` on a 1-D grid
+    of CTAs named "cta" (`plgpu.kernel`: the same keywords on 0.10.2, 0.11.2 and 0.12)."""
+    kwargs = dict(out_type=out_type, grid=grid, grid_names=("cta",), kernel_name=name,
+                  compiler_params=compiler_params())
+    if interpret:
+        kwargs["interpret"] = interpret_params()
+    return plgpu.kernel(body, **kwargs)
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 by TMA, pipelined across the tiles a CTA walks through. Same contract as `decode.decode`.
 
 kernel body `_tokens_body` -> launcher `tokens_call` -> public `decode_mgpu` (jitted, pool
-donated). `verify_mgpu.verify_replay_mgpu` runs the same body with T tokens (mode "replay").
+donated). `verify_mgpu` runs the same body with T tokens: mode "replay" (the folded state goes
+back to the pool) and mode "intermediate" (the pool is only read; the state after every token
+goes to a new buffer inter [B, T, HV, V, K] through a ring of SMEM tiles).
 
 Work split: a tile is (b, hv, iv), the state rows pool[slot, hv, iv*BV:(iv+1)*BV, :] ([BV, K], K
 contiguous). The B * HV * (V // BV) tiles, in that order, are dealt out in runs of
@@ -15,8 +17,10 @@ tile i-1 drains. Per tile:
          pending candidates; S = exp(g) S; S += (beta (v - S k)) k^T; o = S q
     SMEM S (rounded once to the pool's dtype), o -> TMA store to pool[slot] and o[b]
 
-A padding row (slot < 0 or >= num_slots) issues no load and no store; its output stays zero (the
-output buffer starts zeroed). Everything version-specific is in `_mgpu.py`.
+A padding row (slot < 0 or >= num_slots) issues no load; decode and replay store nothing for it
+(their output buffer starts zeroed); intermediate, whose outputs start uninitialised (a zeroed
+inter buffer would cost a memset as large as the states it holds), stores zero o and inter
+tiles. Everything version-specific is in `_mgpu.py`.
 """
 
 from __future__ import annotations
@@ -43,41 +47,43 @@ def _layouts():
     return L.WGMMA, L.WGMMA.reduce(0), L.WGMMA.reduce(1)
 
 
-def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, name: str,
-                 mode: str):
-    """The pipelined per-tile body of decode (mode "decode", T = 1: the state after the token
-    is stored) and replay verify (mode "replay": the folded state is stored, before the T tokens,
-    and only where something was folded)."""
+def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, mode: str):
+    """The pipelined per-CTA body of decode (mode "decode", T = 1: the state after the token
+    is stored), replay verify ("replay": the folded state is stored, before the T tokens, and
+    only where something was folded) and intermediate verify ("intermediate": the pool is only
+    read; every S_t goes to inter)."""
     (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
-     cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, o_ref) = refs
-    # GMEM refs. pool_ref: [N, HV, V, K] (written in place); o_ref: [B, T, HV, V] (zeros in)
+     cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, o_ref, *inter) = refs
+    # GMEM refs. pool_ref: [N, HV, V, K] (written in place, except in intermediate mode);
+    # o_ref: [B, T, HV, V] (zeros in, except in intermediate mode); inter: [B, T, HV, V, K]
+    inter_ref = inter[0] if mode == "intermediate" else None
     B, T, H, HV, K, V, N, t_max = dims
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
+    NB = store_ring(mode, config, dims, pool_ref.dtype, o_ref.dtype)
     NV = V // BV
     total = B * HV * NV
-    grid = pl.cdiv(total, PER)
     group = HV // H
     WG, KVEC, VVEC = _layouts() if not interpret else (None, None, None)
     plgpu = mg.plgpu
 
     def tile(w):
-        """Tile w -> (b, hv, iv, slot, live): live = a real tile of a real row."""
+        """Tile w -> (b, hv, iv, slot, in_range, live): live = a real tile of a real row."""
         in_range = w < total
         w = jnp.where(in_range, w, 0)  # the last CTA's run may overshoot: read nothing there
         b, rest = w // (HV * NV), w % (HV * NV)
         hv, iv = rest // NV, rest % NV
         slot = slots_ref[b].astype(jnp.int32)
         live = in_range & (slot >= 0) & (slot < N)
-        return b, hv, iv, slot, live
+        return b, hv, iv, slot, in_range, live
 
-    def body(st_smem, q_smem, k_smem, v_smem, o_smem, bars):
+    def body(st_smem, q_smem, k_smem, v_smem, o_smem, bars, *ring):
         # st_smem [ST, BV, K] pool dtype; q_smem, k_smem [ST, T, K]; v_smem [ST, T, BV];
-        # o_smem [T, BV]
+        # o_smem [T, BV]; ring (intermediate): [NB, BV, K] pool dtype, staging the S_t stores
         first = lax.axis_index("cta") * PER
 
         def issue(i):
             """Start the TMA loads of this CTA's tile i into stage i % ST (if it is live)."""
-            b, hv, iv, slot, live = tile(first + i)
+            b, hv, iv, slot, _, live = tile(first + i)
             s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
 
             @pl.when(live)
@@ -88,12 +94,31 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
                 plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :], k_smem.at[s], bar)
                 plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bar)
 
+        def store_state(i, t, S, b, hv, cols):
+            """inter[b, t, hv, cols] := S through ring buffer (i T + t) % NB. Stores leave in
+            ring order, so NB - 1 later stores (o's as well) mean this buffer's last one has
+            read its SMEM: wait for that, not for all."""
+            buf = (i * T + t) % NB
+            plgpu.wait_smem_to_gmem(NB - 1, wait_read_only=True)
+            ring[0][buf] = S.astype(ring[0].dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(ring[0].at[buf], inter_ref.at[b, t, hv, cols, :])
+
+        def store_outputs(outs, b, hv, cols, wait):
+            """o[b, :, hv, cols] := outs. The last o store must have read o_smem: `wait` stores
+            were issued after it in this tile."""
+            plgpu.wait_smem_to_gmem(wait, wait_read_only=True)
+            for t, o in enumerate(outs):
+                o_smem[t] = o.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
+
         for i in range(min(ST - 1, PER)):  # prologue: the first ST - 1 tiles in flight
             issue(i)
 
         @pl.loop(0, PER)
         def _(i):
-            b, hv, iv, slot, live = tile(first + i)
+            b, hv, iv, slot, in_range, live = tile(first + i)
             s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
 
             # Scalars first: their GMEM latency overlaps the TMA wait below.
@@ -136,19 +161,29 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
                     v = mg.load(v_smem.at[s, t], VVEC, interpret=interpret).astype(_F32)
                     S = rec.update(S, k, v, *gates[t])
                     outs.append(rec.readout(S, q))
+                    if mode == "intermediate":
+                        store_state(i, t, S, b, hv, cols)
                 if mode == "decode":
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     st_smem[s] = S.astype(st_smem.dtype)
-                for t, o in enumerate(outs):
-                    o_smem[t] = o.astype(o_smem.dtype)
-                plgpu.commit_smem()
-                if mode == "decode":
+                    plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
-                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
+                store_outputs(outs, b, hv, cols, wait=T if mode == "intermediate" else 0)
 
-            @pl.when(jnp.logical_not(live))
-            def _():  # keep the invariant: stores before tile i are out of SMEM
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            if mode == "intermediate":
+                @pl.when(in_range & jnp.logical_not(live))
+                def _():  # a padding row: zero o and inter (the buffers start uninitialised)
+                    zero = jnp.zeros((BV, K), _F32) if interpret else plgpu.layout_cast(
+                        jnp.zeros((BV, K), _F32), WG)
+                    for t in range(T):
+                        store_state(i, t, zero, b, hv, cols)
+                    vzero = jnp.zeros((BV,), _F32) if interpret else plgpu.layout_cast(
+                        jnp.zeros((BV,), _F32), VVEC)
+                    store_outputs([vzero] * T, b, hv, cols, wait=T)
+            else:
+                @pl.when(jnp.logical_not(live))
+                def _():  # keep the invariant: stores before tile i are out of SMEM
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
             if PER > ST - 1:
                 @pl.when(i + ST - 1 < PER)
@@ -158,31 +193,52 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
         plgpu.wait_smem_to_gmem(0)
 
     pool_dtype, in_dtype = pool_ref.dtype, o_ref.dtype
+    ring = ([mg.smem_tile((NB, BV, K), pool_dtype, interpret=interpret)]
+            if mode == "intermediate" else [])
+    pl.run_scoped(
+        body,
+        mg.smem_tile((ST, BV, K), pool_dtype, interpret=interpret),
+        mg.plgpu.SMEM((ST, T, K), q_ref.dtype),
+        mg.plgpu.SMEM((ST, T, K), k_ref.dtype),
+        mg.plgpu.SMEM((ST, T, BV), v_ref.dtype),
+        mg.plgpu.SMEM((T, BV), in_dtype),
+        mg.plgpu.Barrier(num_arrivals=4, num_barriers=ST),
+        *ring,
+    )
 
-    @functools.partial(mg.core_map, grid=(grid,), name=name, interpret=interpret)
-    def _():
-        pl.run_scoped(
-            body,
-            mg.smem_tile((ST, BV, K), pool_dtype, interpret=interpret),
-            mg.plgpu.SMEM((ST, T, K), q_ref.dtype),
-            mg.plgpu.SMEM((ST, T, K), k_ref.dtype),
-            mg.plgpu.SMEM((ST, T, BV), v_ref.dtype),
-            mg.plgpu.SMEM((T, BV), in_dtype),
-            mg.plgpu.Barrier(num_arrivals=4, num_barriers=ST),
-        )
+
+def store_ring(mode: str, config: MosaicConfig, dims: cm.Dims, pool_dtype, in_dtype) -> int:
+    """SMEM tiles staging intermediate mode's S_t stores (0 in the other modes): as many as fit
+    beside the load stages, up to min(T, 4) (more stores in flight before one must drain)."""
+    if mode != "intermediate":
+        return 0
+    fits = [n for n in range(1, min(dims.T, 4) + 1)
+            if config.smem_bytes(dims.K, pool_dtype, in_dtype, dims.T, out_tiles=n)
+            <= mg.SMEM_BYTES]
+    return max(fits, default=1)  # 1 not fitting is caught by check_shapes
 
 
 def tokens_call(mode: str, dims: cm.Dims, config: MosaicConfig, interpret: bool, *args):
     """Launch `_tokens_body` on (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v,
-    cand_g, cand_beta, pool) -> (o [B, T, HV, V], pool)."""
-    B, T, _, HV, _, V, _, _ = dims
-    q = args[2]
+    cand_g, cand_beta, pool) -> (o [B, T, HV, V], pool), or (o, inter [B, T, HV, V, K]) in
+    intermediate mode."""
+    B, T, _, HV, K, V, _, _ = dims
+    q, pool = args[2], args[-1]
     kind = "decode" if mode == "decode" else f"verify_{mode}_t{T}"
     name = f"gdn_{kind}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}_s{config.stages}"
-    o = jnp.zeros((B, T, HV, V), q.dtype)
-    *_, pool, o = pl.run_state(functools.partial(
-        _tokens_body, dims=dims, config=config, interpret=interpret, name=name,
-        mode=mode))((*args, o))
+    grid = (pl.cdiv(B * HV * (V // config.block_v), config.tiles_per_cta),)
+    body = functools.partial(_tokens_body, dims=dims, config=config, interpret=interpret,
+                             mode=mode)
+    o = jax.ShapeDtypeStruct((B, T, HV, V), q.dtype)
+    if mode == "intermediate":  # the pool is only read: plain inputs, uninitialised outputs
+        inter = jax.ShapeDtypeStruct((B, T, HV, V, K), pool.dtype)
+        return mg.kernel(lambda *refs: body(refs), out_type=(o, inter), grid=grid, name=name,
+                         interpret=interpret)(*args)
+
+    def stateful(refs):  # the arrays as GMEM refs: the pool is written in place
+        mg.core_map(lambda: body(refs), grid=grid, name=name, interpret=interpret)
+
+    *_, pool, o = pl.run_state(stateful)((*args, jnp.zeros(o.shape, o.dtype)))
     return o, pool
 
 

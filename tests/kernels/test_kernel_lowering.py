@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.kernels import (_mgpu, decode, decode_mgpu, fold, verify_intermediate, verify_replay,
-                             verify_replay_mgpu)
+from gdn_jax.kernels import (_mgpu, decode, decode_mgpu, fold, verify_intermediate,
+                             verify_intermediate_mgpu, verify_replay, verify_replay_mgpu)
 
 pytestmark = pytest.mark.lowering
 
@@ -120,3 +120,16 @@ def test_verify_replay_mgpu_lowers_for_cuda(pool_dtype, kind, cuda_lowering):
         text = _lower(verify_replay_mgpu, args, kind, cuda_lowering)
     assert MOSAIC_CALL in text and "tf.aliasing_output" in text
     assert f"gdn_verify_replay_t{T}_mgpu_bv64_t2_s2" in text
+
+
+@needs_mosaic
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("pool_dtype, T", [(jnp.bfloat16, T), (jnp.float32, 8)],
+                         ids=["bf16pool-T4", "f32pool-T8"])
+def test_verify_intermediate_mgpu_lowers_for_cuda(pool_dtype, T, kind, cuda_lowering):
+    """fp32 at T = 8: the largest SMEM ring (4 fp32 tiles beside 2 load stages) still fits."""
+    args = _token_args(T, jnp.bfloat16) + _pool_args(pool_dtype, jnp.bfloat16)
+    with _mgpu.target_arch(ARCHS[kind]):
+        text = _lower(verify_intermediate_mgpu, args, kind, cuda_lowering)
+    assert MOSAIC_CALL in text and "tf.aliasing_output" not in text  # the pool is only read
+    assert f"gdn_verify_intermediate_t{T}_mgpu_bv64_t2_s2" in text

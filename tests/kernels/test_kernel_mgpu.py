@@ -1,4 +1,4 @@
-"""The Mosaic GPU kernels (`decode_mgpu`, `verify_replay_mgpu`) under the Mosaic GPU interpreter
+"""The Mosaic GPU kernels (`decode_mgpu`, `verify_replay_mgpu`, `verify_intermediate_mgpu`) under the Mosaic GPU interpreter
 on CPU.
 
 The interpreter simulates GMEM, SMEM, TMA copies and barriers, fills uninitialised memory with
@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 
 from gdn_cases import BF16_EPS, OraclePool, Tokens, rel_err
-from gdn_jax.kernels import MosaicConfig, _mgpu, decode_mgpu, verify_replay_mgpu
+from gdn_jax.kernels import (MosaicConfig, _mgpu, decode_mgpu, verify_intermediate,
+                             verify_intermediate_mgpu, verify_replay_mgpu)
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
@@ -107,6 +108,52 @@ def test_verify_replay_mgpu_interpret(dims, T, tuning, make_case, reference, ass
     idle = np.array([s for s in case.named_slots() if count[s] == 0], np.int32)
     np.testing.assert_array_equal(np.asarray(pool.astype(F32))[idle],
                                   np.asarray(case.pool.astype(F32))[idle])
+
+
+INTERMEDIATE_CASES = [
+    # T = 3 over a 2-tile ring (fp32 pool, K = 128): ring slots wrap inside a tile and across tiles
+    pytest.param(dict(B=2, H=1, group=2, K=64, V=64, pool_dtype=BF16, in_dtype=BF16), 3,
+                 (64, 3, 2), id="B2-T3-H1-g2-K64-V64-bf16pool-bf16in-bv64-t3-s2"),
+    pytest.param(dict(B=1, H=1, group=2, K=64, V=128, pool_dtype=F32, in_dtype=F16), 5,
+                 (64, 2, 3), id="B1-T5-H1-g2-K64-V128-f32pool-f16in-bv64-t2-s3"),
+    pytest.param(dict(B=1, H=2, group=1, K=128, V=64, pool_dtype=F32, in_dtype=BF16), 1,
+                 (64, 1, 2), id="B1-T1-H2-g1-K128-V64-f32pool-bf16in-bv64-t1-s2"),
+]
+
+
+@needs_mosaic
+@pytest.mark.parametrize("dims, T, tuning", INTERMEDIATE_CASES)
+def test_verify_intermediate_mgpu_interpret(dims, T, tuning, make_case, reference, assert_rows):
+    """o and every S_t against the reference and the oracle; padding rows zero (the outputs
+    start as NaN under the interpreter, so an unwritten tile fails); the pool keeps its bits."""
+    block_v, per, stages = tuning
+    case = make_case(seed=5 * T + dims["K"], T=T, t_max=max(3, T), **dims)
+    pool_bits = np.asarray(case.pool.astype(F32)).copy()
+    o, inter = verify_intermediate_mgpu(*case.kernel_args(), block_v=block_v, tiles_per_cta=per,
+                                        stages=stages, interpret=True)
+    assert o.dtype == case.q.dtype and inter.dtype == case.pool.dtype
+    o_ref, inter_ref = reference(case, "intermediate")
+    assert_rows("o", case, o, o_ref)
+    assert_rows("inter", case, inter, inter_ref)
+    np.testing.assert_array_equal(np.asarray(case.pool.astype(F32)), pool_bits)
+    # The last intermediate state is the state after all T tokens: the oracle's.
+    o_want, pool_want = oracle(case, "decode")
+    tol = 1e-5 if case.pool.dtype == F32 else 2 * BF16_EPS
+    real, slots = case.real, np.asarray(case.slots)
+    assert rel_err(inter[real, -1], pool_want[slots[real]]) <= tol
+    assert rel_err(o[real], o_want[real]) <= tol + (
+        0.0 if o.dtype == F32 else float(jnp.finfo(o.dtype).eps))
+
+
+@needs_mosaic
+def test_verify_intermediate_mgpu_matches_triton_kernel_interpret(make_case):
+    """The Mosaic and Triton intermediate kernels agree on the same call (both interpreted)."""
+    case = make_case(seed=3, B=2, T=4, H=1, group=2, K=64, V=64, t_max=4, pool_dtype=F32,
+                     in_dtype=F32)
+    o_m, inter_m = verify_intermediate_mgpu(*case.kernel_args(), interpret=True)
+    o_t, inter_t = verify_intermediate(*case.kernel_args(), block_v=32, interpret=True)
+    np.testing.assert_allclose(np.asarray(o_m), np.asarray(o_t), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(inter_m), np.asarray(inter_t), rtol=1e-5, atol=1e-5)
 
 
 @needs_mosaic
