@@ -2,7 +2,8 @@
 
 Run under ncu, which this script starts itself:
 
-    python bench/ncu_kernels.py --out DIR [--fla] [--fla-jax] [--quick] [--no-mosaic] [--sweep-mosaic]
+    python bench/ncu_kernels.py --out DIR [--fla] [--fla-jax] [--quick] [--no-mosaic]
+                                          [--sweep-mosaic decode,replay,intermediate]
 
 It re-runs itself as `ncu ... python bench/ncu_kernels.py --worker`, profiling only the launches
 between cudaProfilerStart/Stop (each case: compile and warm up first, then --reps launches), with
@@ -15,9 +16,10 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
   decode            T = 1, nothing pending
   mosaic decode     the same call through the Mosaic GPU kernel (kernels/decode_mgpu.py), with
                     dispatch's Mosaic tuning; by default on capability >= 9.0 (--no-mosaic: off)
-  mosaic replay3+T  the same through kernels/verify_mgpu.py (block_v 64, 2 tiles/CTA, 2 stages)
   replay3+T         3 pending candidates folded, then T tokens (T = 4 by default)
   intermediate T    nothing pending, T states written
+  mosaic replay3+T, mosaic intermediate T
+                    the same through kernels/verify_mgpu.py, with dispatch's Mosaic tuning
   fla T             fla's fused_recurrent_gated_delta_rule over T tokens from a state of the pool's
                     dtype (it writes its final state in fp32), batch-indexed, no slots
   fla-jax T         the same Triton kernel, the same flags and inputs, launched from a jitted JAX
@@ -49,7 +51,8 @@ def cases(args):
     if args.sweep:
         return sweep_cases()
     if args.sweep_mosaic:
-        return sweep_mosaic_cases()
+        return sweep_mosaic_cases(tuple(args.sweep_mosaic.split(",")),
+                                  tuple(int(x) for x in args.sweep_batches.split(",")))
     batches = (8, 256) if args.quick else (1, 8, 32, 128, 256)
     out = []
     for dtype in ("bfloat16", "float32"):
@@ -58,11 +61,10 @@ def cases(args):
             if args.mosaic:
                 out.append(dict(impl="mosaic", op="decode", B=B, T=1, dtype=dtype))
             for T in args.tokens:
-                out.append(dict(impl="gdn", op="replay", B=B, T=T, dtype=dtype))
-                if args.mosaic:
-                    out.append(dict(impl="mosaic", op="replay", B=B, T=T, dtype=dtype,
-                                    block_v=64, tiles_per_cta=2, stages=2))
-                out.append(dict(impl="gdn", op="intermediate", B=B, T=T, dtype=dtype))
+                for op in ("replay", "intermediate"):
+                    out.append(dict(impl="gdn", op=op, B=B, T=T, dtype=dtype))
+                    if args.mosaic:
+                        out.append(dict(impl="mosaic", op=op, B=B, T=T, dtype=dtype))
             for impl in ("fla",) * args.fla + ("fla-jax",) * args.fla_jax:
                 for T in (1,) + tuple(args.tokens):
                     out.append(dict(impl=impl, op="fla", B=B, T=T, dtype=dtype))
@@ -87,18 +89,21 @@ def sweep_cases():
     return out
 
 
-def sweep_mosaic_cases():
-    """Tuning sweep of the Mosaic GPU decode: block_v x tiles_per_cta x stages at B = 32, 256,
-    with the Triton decode (dispatch's tuning) first in each group as the baseline."""
+def sweep_mosaic_cases(ops=("decode", "replay", "intermediate"), batches=(32, 256)):
+    """Tuning sweep of the Mosaic GPU kernels: block_v x tiles_per_cta x stages for decode,
+    replay 3+4 and intermediate T = 4 at B = 32 and 256, with the Triton kernel (dispatch's
+    tuning) first in each group as the baseline."""
     out = []
-    for dtype in ("bfloat16", "float32"):
-        for B in (32, 256):
-            out.append(dict(impl="gdn", op="decode", B=B, T=1, dtype=dtype))
-            for bv in (64, 128):
-                for per in (1, 2, 4, 8):
-                    for stages in (2, 3):
-                        out.append(dict(impl="mosaic", op="decode", B=B, T=1, dtype=dtype,
-                                        block_v=bv, tiles_per_cta=per, stages=stages))
+    for op in ops:
+        T = 1 if op == "decode" else 4
+        for dtype in ("bfloat16", "float32"):
+            for B in batches:
+                out.append(dict(impl="gdn", op=op, B=B, T=T, dtype=dtype))
+                for bv in (64, 128):
+                    for per in (1, 2, 4, 8):
+                        for stages in (2, 3):
+                            out.append(dict(impl="mosaic", op=op, B=B, T=T, dtype=dtype,
+                                            block_v=bv, tiles_per_cta=per, stages=stages))
     return out
 
 
@@ -203,12 +208,14 @@ def worker(args):
         cfg = {key: c[key] for key in keys if key in c}
         if not cfg:
             cfg = dispatch.tuning(c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype,
-                                  B=B, V=V, backend="mosaic" if c["impl"] == "mosaic" else "triton")
+                                  B=B, V=V, backend="mosaic" if c["impl"] == "mosaic" else "triton",
+                                  mode=None if c["op"] == "decode" else c["op"])
         c.update(cfg)
         kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
                   "intermediate": kernels.verify_intermediate}[c["op"]]
         if c["impl"] == "mosaic":
-            kernel = {"decode": kernels.decode_mgpu, "replay": kernels.verify_replay_mgpu}[c["op"]]
+            kernel = {"decode": kernels.decode_mgpu, "replay": kernels.verify_replay_mgpu,
+                      "intermediate": kernels.verify_intermediate_mgpu}[c["op"]]
         toks = (q, k, v, a, b, A_log, dt)
         pend = (st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count)
         if c["op"] == "intermediate":  # pool only read; inter is the output
@@ -246,10 +253,13 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true",
                    help="tuning sweep (block_v x num_warps) instead of the standard cases")
     p.add_argument("--no-mosaic", dest="mosaic", action="store_false",
-                   help="leave out the Mosaic GPU decode (on by default where it can run)")
-    p.add_argument("--sweep-mosaic", action="store_true",
-                   help="tuning sweep of the Mosaic GPU decode (block_v x tiles_per_cta x "
-                        "stages) instead of the standard cases")
+                   help="leave out the Mosaic GPU kernels (on by default where they can run)")
+    p.add_argument("--sweep-mosaic", default=None, metavar="OPS",
+                   help="tuning sweep of the Mosaic GPU kernels (block_v x tiles_per_cta x "
+                        "stages) for OPS, comma-separated of decode, replay, intermediate, "
+                        "instead of the standard cases")
+    p.add_argument("--sweep-batches", default="32,256",
+                   help="B values of --sweep-mosaic, comma-separated (default 32,256)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
@@ -285,7 +295,9 @@ def main(argv=None):
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps)]
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
-    cmd += ["--no-mosaic"] * (not args.mosaic) + ["--sweep-mosaic"] * args.sweep_mosaic
+    cmd += ["--no-mosaic"] * (not args.mosaic)
+    if args.sweep_mosaic:
+        cmd += ["--sweep-mosaic", args.sweep_mosaic, "--sweep-batches", args.sweep_batches]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     with open(os.path.join(args.out, "ncu_cases.json")) as fh:

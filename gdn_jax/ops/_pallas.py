@@ -18,9 +18,9 @@ from gdn_jax.ops import dispatch, reference
 from gdn_jax.ops._slots import clear_count, slot_index, store_candidates
 
 
-def _tuning(op, state, B, backend="triton"):
+def _tuning(op, state, B, backend="triton", mode=None):
     return dispatch.tuning(op, state_dtype=state.pool.dtype, B=B, V=state.pool.shape[2],
-                           backend=backend)
+                           backend=backend, mode=mode)
 
 
 def _pending(state):
@@ -42,11 +42,12 @@ def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, interpret=False, mosa
 
 @functools.partial(jax.jit, static_argnames=("mode", "interpret", "mosaic"))
 def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, interpret=False, mosaic=False):
-    """mosaic (replay mode only, dispatch checks): `kernels.verify_replay_mgpu`."""
-    cfg = _tuning("verify", state, q.shape[0], "mosaic" if mosaic else "triton")
+    """mosaic: the Mosaic GPU kernels (`kernels.verify_replay_mgpu`, `verify_intermediate_mgpu`)."""
+    cfg = _tuning("verify", state, q.shape[0], "mosaic" if mosaic else "triton", mode)
     args = (q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots)
     if mode == "intermediate":
-        o, inter = kernels.verify_intermediate(*args, interpret=interpret, **cfg)
+        kernel = kernels.verify_intermediate_mgpu if mosaic else kernels.verify_intermediate
+        o, inter = kernel(*args, interpret=interpret, **cfg)
         return o, state, inter
     kernel = kernels.verify_replay_mgpu if mosaic else kernels.verify_replay
     o, pool = kernel(*args, interpret=interpret, **cfg)

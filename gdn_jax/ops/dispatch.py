@@ -5,15 +5,14 @@ Backends:
   "triton"     Pallas kernels through the Triton lowering (`gdn_jax.kernels`): NVIDIA GPUs from
                SM80 up, T <= 8.
   "mosaic"     Pallas Mosaic GPU kernels (`gdn_jax.kernels.decode_mgpu`, `verify_mgpu`): decode
-               and replay-mode verify, Hopper and datacenter Blackwell (capability 9.x, 10.x,
-               11.x), K and V multiples of 64. The Hopper default for decode at B >= 128 and for
-               replay verify, where the H100 benchmark measured it faster than Triton; elsewhere
-               forced only.
+               and verify in both modes, Hopper and datacenter Blackwell (capability 9.x, 10.x,
+               11.x), K and V multiples of 64. The Hopper default where the H100 benchmark
+               measured it faster than Triton (`preferences`); elsewhere forced only.
   "interpret"  the same Pallas kernels run by the Pallas interpreter: any platform, slow; for tests
                of the kernel path on machines without a GPU.
 
-The table maps (platform, compute-capability major, op, batch bucket) to the backends to try, in
-order; the first that can take the call's shape runs. A user forces one with the `backend=` argument of
+The table maps (platform, compute-capability major, op, verify mode, batch bucket) to the
+backends to try, in order; the first that can take the call's shape runs. A user forces one with the `backend=` argument of
 an op or the GDN_JAX_BACKEND environment variable (the argument wins); a forced backend that cannot
 run raises a ValueError naming the device, its capability and the backends that can. Ops without
 a kernel (commit, reset, prefill) always run XLA; the environment variable leaves them alone.
@@ -30,7 +29,7 @@ import jax.numpy as jnp
 
 ENV_VAR = "GDN_JAX_BACKEND"
 BACKENDS = ("xla", "triton", "mosaic", "interpret")
-MOSAIC_OPS = ("decode", "verify")  # ops with a Mosaic GPU kernel (verify: replay mode only)
+MOSAIC_OPS = ("decode", "verify")  # ops with a Mosaic GPU kernel (verify: both modes)
 KERNEL_OPS = ("decode", "verify", "flush")  # ops with a kernel; the rest are XLA scatters
 MAX_KERNEL_T = 8
 _log = logging.getLogger("gdn_jax.dispatch")
@@ -64,9 +63,10 @@ class Choice:
     reason: str
 
 
-def preferences(device: Device, op: str = "decode", B: int | None = None) -> tuple[str, ...]:
-    """The table: backends to try in order for `op` at batch B (None: unknown) on this device (the
-    first able to run wins)."""
+def preferences(device: Device, op: str = "decode", B: int | None = None,
+                mode: str | None = None) -> tuple[str, ...]:
+    """The table: backends to try in order for `op` at batch B (None: unknown; verify: in `mode`)
+    on this device (the first able to run wins)."""
     if device.platform != "gpu" or device.capability is None:
         return ("xla",)  # CPU, TPU, ROCm: the reference
     major = device.capability[0]
@@ -79,8 +79,9 @@ def preferences(device: Device, op: str = "decode", B: int | None = None) -> tup
         # (9.7 vs 10.9 us): small batches, and B not measured in between, stay on Triton.
         # Replay verify (3 pending + T = 4): Mosaic as fast or faster at both measured batches
         # (B = 256: bf16 492.7 vs 506.1 us, fp32 606.0 vs 678.0; B = 8: bf16 19.1 vs 19.5,
-        # fp32 21.7 vs 30.0); intermediate mode has no Mosaic kernel and falls to Triton.
-        if (op == "decode" and B is not None and B >= _LARGE_BATCH) or op == "verify":
+        # fp32 21.7 vs 30.0). Intermediate verify: Triton until the Mosaic kernel is measured.
+        if ((op == "decode" and B is not None and B >= _LARGE_BATCH)
+                or (op == "verify" and mode == "replay")):
             return ("mosaic", "triton", "xla")
         return ("triton", "xla")
     if major in (10, 11):  # datacenter Blackwell: the kernels that ran and passed on H100; no
@@ -113,10 +114,9 @@ def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = No
 
 def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None,
                     mode: str | None) -> str | None:
-    if op not in MOSAIC_OPS or (op == "verify" and mode != "replay"):
-        what = f"{op} ({mode} mode)" if op == "verify" else op
-        return (f"there is no Mosaic GPU kernel for {what} yet (Mosaic GPU runs decode and "
-                "replay-mode verify)")
+    if op not in MOSAIC_OPS:
+        return (f"there is no Mosaic GPU kernel for {op} (Mosaic GPU runs "
+                f"{' and '.join(MOSAIC_OPS)})")
     if device.platform != "gpu" or device.capability is None:
         return "the Mosaic GPU kernels need an NVIDIA GPU"
     if device.capability[0] not in (9, 10, 11):
@@ -154,7 +154,7 @@ def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
             raise ValueError(f"{op}: backend {forced!r} cannot run on {dev}: {reason}; "
                              f"backends that can: {able}")
         return _logged_choice(op, dev, Choice(forced, "forced"))
-    for name in preferences(dev, op, B):
+    for name in preferences(dev, op, B, mode):
         if why_not(name, dev, op, T, K=K, V=V, mode=mode) is None:
             return _logged_choice(op, dev, Choice(name, "table"))
     raise AssertionError("the xla backend runs everything")  # pragma: no cover
@@ -211,14 +211,21 @@ _MOSAIC_TUNING = {
     ("decode", "bfloat16", False): (64, 1, 2),
     ("decode", "float32", True): (64, 4, 2),
     ("decode", "float32", False): (64, 1, 2),
+    ("verify_intermediate", "bfloat16", True): (64, 2, 2),  # not yet measured
+    ("verify_intermediate", "bfloat16", False): (64, 2, 2),
+    ("verify_intermediate", "float32", True): (64, 2, 2),
+    ("verify_intermediate", "float32", False): (64, 2, 2),
 }
 
 
-def tuning(op: str, *, state_dtype, B: int, V: int, backend: str = "triton") -> dict:
-    """Launch parameters of `op`'s kernel for this call: (block_v, num_warps, num_stages) for
-    the Triton kernels, (block_v, tiles_per_cta, stages) for the Mosaic GPU decode."""
+def tuning(op: str, *, state_dtype, B: int, V: int, backend: str = "triton",
+           mode: str | None = None) -> dict:
+    """Launch parameters of `op`'s kernel for this call (verify: in `mode`): (block_v,
+    num_warps, num_stages) for the Triton kernels, (block_v, tiles_per_cta, stages) for the
+    Mosaic GPU ones."""
     if backend == "mosaic":
-        block_v, per, stages = _MOSAIC_TUNING[(op, jnp.dtype(state_dtype).name,
+        key_op = "verify_intermediate" if op == "verify" and mode == "intermediate" else op
+        block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name,
                                                B >= _LARGE_BATCH)]
         return dict(block_v=min(block_v, V), tiles_per_cta=per, stages=stages)
     key_op = "decode" if op == "decode" else "verify"  # flush folds like a verify

@@ -7,10 +7,11 @@ Run with `pytest -m gpu tests/kernels` on the GPU runner; elsewhere every test s
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from gdn_jax.kernels import (_mgpu, decode, decode_mgpu, fold, verify_intermediate, verify_replay,
-                             verify_replay_mgpu)
+from gdn_jax.kernels import (_mgpu, decode, decode_mgpu, fold, verify_intermediate,
+                             verify_intermediate_mgpu, verify_replay, verify_replay_mgpu)
 
 pytestmark = pytest.mark.gpu
 
@@ -186,3 +187,24 @@ def test_verify_replay_mgpu_gpu(B, T, pool_dtype, in_dtype, block_v, tiles_per_c
     assert_rows("o", case, o, o_ref)
     assert_named_slots("pool", case, pool, pool_ref)
     assert_untouched(case, pool)
+
+
+@pytest.mark.parametrize("B, T, pool_dtype, in_dtype, block_v, tiles_per_cta, stages", [
+    (256, 4, BF16, BF16, 64, 2, 2),
+    (64, 8, F32, BF16, 64, 2, 2),   # T = 8, fp32: a 4-tile ring, wrapping twice per tile
+    (32, 3, BF16, F32, 128, 1, 2),
+    (3, 5, F32, F32, 64, 3, 3),     # padding rows and an overshooting last CTA
+])
+def test_verify_intermediate_mgpu_gpu(B, T, pool_dtype, in_dtype, block_v, tiles_per_cta, stages,
+                                      on_hopper, make_case, reference, assert_rows):
+    """Every S_t and o_t; padding rows zero (outputs start uninitialised: garbage on a GPU)."""
+    case = make_case(seed=B * T + 2, B=B, T=T, t_max=8, pool_dtype=pool_dtype,
+                     in_dtype=in_dtype, **REAL)
+    pool_before = jnp.array(case.pool, copy=True)
+    o, inter = verify_intermediate_mgpu(*case.kernel_args(), block_v=block_v,
+                                        tiles_per_cta=tiles_per_cta, stages=stages)
+    o_ref, inter_ref = reference(case, "intermediate")
+    assert_rows("o", case, o, o_ref)
+    assert_rows("inter", case, inter, inter_ref)
+    np.testing.assert_array_equal(np.asarray(case.pool.astype(F32)),  # NaN poison included
+                                  np.asarray(pool_before.astype(F32)))

@@ -184,6 +184,24 @@ def test_ops_decode_mosaic_path_interpret(make_case):
     assert rel_err(st.pool[named], np.asarray(st_ref.pool[named].astype(F32))) <= 2 * BF16_EPS
 
 
+@needs_mosaic
+def test_ops_verify_intermediate_mosaic_path_interpret(make_case):
+    """gdn_jax.ops' kernel path with the Mosaic intermediate verify: o and inter as XLA's, the
+    state untouched."""
+    from gdn_jax.ops import _pallas, _xla
+
+    case = make_case(seed=6, B=2, T=2, H=1, group=2, K=64, pool_dtype=F32, in_dtype=F32,
+                     t_max=2, poison=False)
+    o, st, inter = _pallas.verify(*case.tokens, case.state(), case.slots, mode="intermediate",
+                                  interpret=True, mosaic=True)
+    o_ref, _, inter_ref = _xla.verify(*case.tokens, case.state(), case.slots,
+                                      mode="intermediate")
+    np.testing.assert_array_equal(np.asarray(st.pool), np.asarray(case.pool))
+    real = case.real
+    assert rel_err(o[real], np.asarray(o_ref[real], np.float64)) <= 1e-5
+    assert rel_err(inter[real], np.asarray(inter_ref[real], np.float64)) <= 1e-5
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(block_v=32), "block_v must be 64 or 128"),
     (dict(block_v=128), "block_v must divide V"),

@@ -132,11 +132,13 @@ def test_mosaic_is_the_hopper_default_where_measured_faster(mosaic_imports, monk
 
 def test_mosaic_refusals_say_why(mosaic_imports):
     h100 = FakeDevice("gpu", "9.0", "NVIDIA H100 80GB HBM3")
-    with pytest.raises(ValueError, match=r"verify: backend 'mosaic' cannot run on NVIDIA H100 "
-                                         r".*no Mosaic GPU kernel for verify \(intermediate mode\) "
-                                         r"yet.*backends that can: \['xla', 'triton', 'interpret'\]"):
-        dispatch.select("verify", backend="mosaic", T=4, mode="intermediate", device=h100)
-    with pytest.raises(ValueError, match=r"no Mosaic GPU kernel for flush yet"):
+    for mode in ("replay", "intermediate"):  # both verify modes have a Mosaic kernel
+        assert dispatch.select("verify", backend="mosaic", T=4, mode=mode,
+                               device=h100).backend == "mosaic"
+    with pytest.raises(ValueError, match=r"flush: backend 'mosaic' cannot run on NVIDIA H100 "
+                                         r".*no Mosaic GPU kernel for flush \(Mosaic GPU runs "
+                                         r"decode and verify\).*backends that can: "
+                                         r"\['xla', 'triton', 'interpret'\]"):
         dispatch.select("flush", backend="mosaic", device=h100)
     with pytest.raises(ValueError, match=r"K a multiple of 64 \(WGMMA layout\), got 96"):
         dispatch.select("decode", backend="mosaic", K=96, V=128, device=h100)
@@ -163,5 +165,9 @@ def test_mosaic_tuning_fits_the_head_dim():
     for dtype in ("bfloat16", "float32"):
         for B in (1, 256):
             for V in (64, 128, 256):
-                cfg = dispatch.tuning("decode", state_dtype=dtype, B=B, V=V, backend="mosaic")
-                MosaicConfig(**cfg).check_shapes("decode", 128, V, dtype, "bfloat16")
+                for op, mode, T in (("decode", None, 1), ("verify", "replay", 8),
+                                    ("verify", "intermediate", 8)):
+                    cfg = dispatch.tuning(op, state_dtype=dtype, B=B, V=V, backend="mosaic",
+                                          mode=mode)
+                    MosaicConfig(**cfg).check_shapes(op, 128, V, dtype, "bfloat16", T=T,
+                                                     out_tiles=1 if mode == "intermediate" else 0)

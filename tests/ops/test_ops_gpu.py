@@ -22,7 +22,15 @@ def _real_rows(slots):
 
 @pytest.mark.parametrize("pool_dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("mode", ["replay", "intermediate"])
-def test_verify_commit_decode(mode, pool_dtype):
+@pytest.mark.parametrize("backend", [None, "triton", "mosaic"], ids=["auto", "triton", "mosaic"])
+def test_verify_commit_decode(backend, mode, pool_dtype):
+    """verify on the given backend (None: the dispatch's choice), then commit and decode."""
+    from gdn_jax.ops import dispatch
+
+    why = backend and dispatch.why_not(backend, dispatch.Device.of(), "verify", 4, K=K, V=V,
+                                       mode=mode)
+    if why:
+        pytest.skip(why)
     rng = np.random.default_rng(0)
     st = random_state(rng, NUM_SLOTS, H, HV, K, V, T_MAX, pool_dtype, jnp.bfloat16)
     slots = jnp.asarray(np.concatenate([rng.permutation(NUM_SLOTS)[:6], [-1, NUM_SLOTS]]),
@@ -30,7 +38,7 @@ def test_verify_commit_decode(mode, pool_dtype):
     mirror = OraclePool(st)
     tol = 1e-5 if pool_dtype == jnp.float32 else 2 * BF16_EPS
     tok = tokens(rng, slots.shape[0], 4, H, HV, K, V, jnp.bfloat16)
-    o, st, inter = ops.verify(*tok.args(), st, slots, mode=mode)
+    o, st, inter = ops.verify(*tok.args(), st, slots, mode=mode, backend=backend)
     n = jnp.asarray(rng.integers(0, 5, slots.shape[0]), jnp.int32)
     st = ops.commit(st, slots, n, inter)
     step = tokens(rng, slots.shape[0], 1, H, HV, K, V, jnp.bfloat16)
