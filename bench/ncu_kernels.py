@@ -161,9 +161,14 @@ def worker(args):
                     tq, tk, tv, ta, beta=tb, initial_state=h0, output_final_state=True,
                     use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=t(A_log),
                     dt_bias=t(dt), use_beta_sigmoid_in_kernel=True, state_v_first=True)
-            for _ in range(2):
-                run()
-            torch.cuda.synchronize()
+            try:
+                for _ in range(2):
+                    run()
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - fla or Triton cannot run here: record it
+                c["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                results.append(c)
+                continue
             _profiler(True)
             for _ in range(args.reps):
                 run()
