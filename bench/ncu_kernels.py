@@ -53,7 +53,7 @@ def cases(args):
     if args.sweep_mosaic:
         return sweep_mosaic_cases(tuple(args.sweep_mosaic.split(",")),
                                   tuple(int(x) for x in args.sweep_batches.split(",")))
-    batches = (8, 256) if args.quick else (1, 8, 32, 128, 256)
+    batches = (args.batches or ((8, 256) if args.quick else (1, 8, 32, 128, 256)))
     out = []
     for dtype in ("bfloat16", "float32"):
         for B in batches:
@@ -253,6 +253,8 @@ def main(argv=None):
                    help="also profile fla's kernel launched from JAX through jax-triton "
                         "(bench/fla_jax.py), after a check against the XLA reference")
     p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
+    p.add_argument("--batches", default=None,
+                   help="B values of the standard cases, comma-separated (overrides --quick)")
     p.add_argument("--tokens", default="4", help="verify T values, comma-separated (default 4)")
     p.add_argument("--reps", type=int, default=3, help="profiled launches per case (median)")
     p.add_argument("--sweep", action="store_true",
@@ -268,6 +270,7 @@ def main(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
+    args.batches = args.batches and tuple(int(x) for x in args.batches.split(","))
     os.makedirs(args.out, exist_ok=True)
     if args.worker:
         return worker(args)
@@ -300,6 +303,8 @@ def main(argv=None):
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps)]
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
+    if args.batches:
+        cmd += ["--batches", ",".join(map(str, args.batches))]
     cmd += ["--no-mosaic"] * (not args.mosaic)
     if args.sweep_mosaic:
         cmd += ["--sweep-mosaic", args.sweep_mosaic, "--sweep-batches", args.sweep_batches]
