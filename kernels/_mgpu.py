@@ -90,25 +90,29 @@ class MosaicConfig:
             raise ValueError(f"MosaicConfig: stages must be an int in 2..4, got {self.stages=}")
 
     def check_shapes(self, op: str, K: int, V: int, pool_dtype, in_dtype, T: int = 1,
-                     out_tiles: int = 0) -> None:
-        """The head dims this config can tile, and the SMEM it needs on one SM (with
-        `out_tiles` more [block_v, K] tiles staging state stores)."""
+                     out_tiles: int = 0, pending: int = 0, cand_dtype=None) -> None:
+        """The head dims this config can tile, and the SMEM it needs on one SM (see
+        `smem_bytes`)."""
         if V % self.block_v:
             raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
         if K % 64 or K > 256:
             raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to 256 "
                              f"(WGMMA layout, one TMA box), got {K=}")
-        need = self.smem_bytes(K, pool_dtype, in_dtype, T, out_tiles)
+        need = self.smem_bytes(K, pool_dtype, in_dtype, T, out_tiles, pending, cand_dtype)
         if need > SMEM_BYTES:
             raise ValueError(f"{op}: {self} needs {need} bytes of SMEM per CTA, more than the "
                              f"{SMEM_BYTES} an SM90/SM100 CTA can have; lower stages or block_v")
 
-    def smem_bytes(self, K: int, pool_dtype, in_dtype, T: int = 1, out_tiles: int = 0) -> int:
-        """State stages, q/k/v stages (T tokens), the o buffer (+ barriers) and `out_tiles`
-        state-store tiles: what one CTA allocates."""
+    def smem_bytes(self, K: int, pool_dtype, in_dtype, T: int = 1, out_tiles: int = 0,
+                   pending: int = 0, cand_dtype=None) -> int:
+        """What one CTA allocates: per stage the state tile, T tokens' q/k/v and `pending`
+        candidates' k/v (in `cand_dtype`, default in_dtype); the o buffer; `out_tiles`
+        [block_v, K] tiles staging state stores; the barriers."""
         ps, xs = jax.numpy.dtype(pool_dtype).itemsize, jax.numpy.dtype(in_dtype).itemsize
-        per_stage = self.block_v * K * ps + T * (2 * K + self.block_v) * xs
-        return (self.stages * per_stage + T * self.block_v * xs + 8 * self.stages
+        cs = jax.numpy.dtype(cand_dtype or in_dtype).itemsize
+        per_stage = (self.block_v * K * ps + T * (2 * K + self.block_v) * xs
+                     + pending * (K + self.block_v) * cs)
+        return (self.stages * per_stage + T * self.block_v * xs + 16 * self.stages
                 + out_tiles * self.block_v * K * ps)
 
 

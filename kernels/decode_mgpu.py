@@ -59,7 +59,9 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
     inter_ref = inter[0] if mode == "intermediate" else None
     B, T, H, HV, K, V, N, t_max = dims
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
-    NB = store_ring(mode, config, dims, pool_ref.dtype, o_ref.dtype)
+    NB = store_ring(mode, config, dims, pool_ref.dtype, o_ref.dtype,
+                    max(jnp.dtype(cand_k_ref.dtype), jnp.dtype(cand_v_ref.dtype),
+                        key=lambda d: d.itemsize))
     NV = V // BV
     total = B * HV * NV
     group = HV // H
@@ -76,8 +78,13 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
         live = in_range & (slot >= 0) & (slot < N)
         return b, hv, iv, slot, in_range, live
 
-    def body(st_smem, q_smem, k_smem, v_smem, o_smem, bars, *ring):
+    def pending(slot, live):
+        """How many of the slot's candidates are pending (0 for a padding row)."""
+        return jnp.where(live, jnp.clip(count_ref[jnp.clip(slot, 0, N - 1)], 0, t_max), 0)
+
+    def body(st_smem, q_smem, k_smem, v_smem, ck_smem, cv_smem, o_smem, bars, pbars, *ring):
         # st_smem [ST, BV, K] pool dtype; q_smem, k_smem [ST, T, K]; v_smem [ST, T, BV];
+        # ck_smem [ST, t_max, K], cv_smem [ST, t_max, BV]: the slot's pending candidates;
         # o_smem [T, BV]; ring (intermediate): [NB, BV, K] pool dtype, staging the S_t stores
         first = lax.axis_index("cta") * PER
 
@@ -94,6 +101,14 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
                 plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :], k_smem.at[s], bar)
                 plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bar)
 
+            # The pending candidates too (all t_max rows: a TMA box has a static shape), so
+            # the fold reads SMEM instead of waiting on GMEM at every step.
+            @pl.when(pending(slot, live) > 0)
+            def _():
+                bar = pbars.at[s]
+                plgpu.copy_gmem_to_smem(cand_k_ref.at[slot, :, hk, :], ck_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(cand_v_ref.at[slot, :, hv, cols], cv_smem.at[s], bar)
+
         def store_state(i, t, S, b, hv, cols):
             """inter[b, t, hv, cols] := S through ring buffer (i T + t) % NB. Stores leave in
             ring order, so NB - 1 later stores (o's as well) mean this buffer's last one has
@@ -104,48 +119,70 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(ring[0].at[buf], inter_ref.at[b, t, hv, cols, :])
 
-        def store_outputs(outs, b, hv, cols, wait):
-            """o[b, :, hv, cols] := outs. The last o store must have read o_smem: `wait` stores
-            were issued after it in this tile."""
-            plgpu.wait_smem_to_gmem(wait, wait_read_only=True)
+        def store_outputs(outs, b, hv, cols, wait, state=None):
+            """o[b, :, hv, cols] := outs (after `state` = (SMEM tile, pool tile), if given).
+            The last o store must have read o_smem: `wait` stores were issued after it in this
+            tile (None: the caller has waited)."""
+            if wait is not None:
+                plgpu.wait_smem_to_gmem(wait, wait_read_only=True)
             for t, o in enumerate(outs):
                 o_smem[t] = o.astype(o_smem.dtype)
             plgpu.commit_smem()
+            if state is not None:
+                plgpu.copy_smem_to_gmem(*state)
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
 
         for i in range(min(ST - 1, PER)):  # prologue: the first ST - 1 tiles in flight
             issue(i)
 
+        def issue_ahead(i):
+            if PER > ST - 1:
+                @pl.when(i + ST - 1 < PER)
+                def _():
+                    issue(i + ST - 1)
+
         @pl.loop(0, PER)
         def _(i):
             b, hv, iv, slot, in_range, live = tile(first + i)
             s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
+            if mode != "decode":
+                # Verify: the loads of tile i + ST - 1 go out before this tile's math, into the
+                # stage of tile i - 1, whose SMEM only replay's folded-state store still reads
+                # (o's store, issued after it, may stay in flight).
+                if mode == "replay":
+                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                issue_ahead(i)
 
             # Scalars first: their GMEM latency overlaps the TMA wait below.
             gates = [rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32),
                                A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32),
                                log1p=rec.log1p_kahan) for t in range(T)]
-            n = jnp.where(live, jnp.clip(count_ref[jnp.clip(slot, 0, N - 1)], 0, t_max), 0)
+            n = pending(slot, live)
+
+            def gate(t):  # candidate t's gate and beta (fp32, already applied), clipped index
+                t = jnp.minimum(t, t_max - 1)
+                return (cand_g_ref[slot, t, hv].astype(_F32),
+                        cand_beta_ref[slot, t, hv].astype(_F32))
 
             @pl.when(live)
             def _():
                 plgpu.barrier_wait(bars.at[s])
                 S = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
 
-                def fold(t, S):  # the slot's pending (accepted) candidates, no output
-                    ck = mg.load(cand_k_ref.at[slot, t, hk, :], KVEC, interpret=interpret)
-                    cv = mg.load(cand_v_ref.at[slot, t, hv, cols], VVEC, interpret=interpret)
-                    return rec.update(S, rec.l2norm(ck.astype(_F32)), cv.astype(_F32),
-                                      cand_g_ref[slot, t, hv].astype(_F32),
-                                      cand_beta_ref[slot, t, hv].astype(_F32))
+                @pl.when(n > 0)
+                def _():
+                    plgpu.barrier_wait(pbars.at[s])
 
-                S = lax.fori_loop(0, n, fold, S)
-                # The stores of tile i - 1 must have left SMEM before o_smem and the stage of
-                # tile i + ST - 1 (= that of tile i - 1) are overwritten: wait as late as the
-                # first SMEM write allows (decode: after the math, so they overlap).
+                def fold(t, carry):  # the slot's pending (accepted) candidates, no output
+                    S, g, beta = carry
+                    nxt = gate(t + 1)  # loaded a step ahead: off the update's critical path
+                    ck = mg.load(ck_smem.at[s, t], KVEC, interpret=interpret)
+                    cv = mg.load(cv_smem.at[s, t], VVEC, interpret=interpret)
+                    S = rec.update(S, rec.l2norm(ck.astype(_F32)), cv.astype(_F32), g, beta)
+                    return (S, *nxt)
+
+                S, _, _ = lax.fori_loop(0, n, fold, (S, *gate(0)))
                 if mode == "replay":
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
                     @pl.when(n > 0)  # nothing folded: the pool already holds S exactly
                     def _():
                         st_smem[s] = S.astype(st_smem.dtype)
@@ -163,12 +200,13 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
                     outs.append(rec.readout(S, q))
                     if mode == "intermediate":
                         store_state(i, t, S, b, hv, cols)
-                if mode == "decode":
+                if mode == "decode":  # one wait (after the math) frees the stage and o_smem
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                     st_smem[s] = S.astype(st_smem.dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
-                store_outputs(outs, b, hv, cols, wait=T if mode == "intermediate" else 0)
+                    store_outputs(outs, b, hv, cols, wait=None,
+                                  state=(st_smem.at[s], pool_ref.at[slot, hv, cols, :]))
+                else:  # replay: its folded-state store, if any, left before the token math
+                    store_outputs(outs, b, hv, cols, wait=T if mode == "intermediate" else 0)
 
             if mode == "intermediate":
                 @pl.when(in_range & jnp.logical_not(live))
@@ -180,15 +218,15 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
                     vzero = jnp.zeros((BV,), _F32) if interpret else plgpu.layout_cast(
                         jnp.zeros((BV,), _F32), VVEC)
                     store_outputs([vzero] * T, b, hv, cols, wait=T)
-            else:
+            if mode == "decode":
+                # Decode stores the state from its stage after the math: the next loads go out
+                # after it (other CTAs on the SM overlap them), into the stage of tile i - 1,
+                # whose stores the wait before this tile's own stores has drained.
                 @pl.when(jnp.logical_not(live))
-                def _():  # keep the invariant: stores before tile i are out of SMEM
+                def _():  # keep that invariant on padding tiles too
                     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-            if PER > ST - 1:
-                @pl.when(i + ST - 1 < PER)
-                def _():
-                    issue(i + ST - 1)
+                issue_ahead(i)
 
         plgpu.wait_smem_to_gmem(0)
 
@@ -201,21 +239,34 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
         mg.plgpu.SMEM((ST, T, K), q_ref.dtype),
         mg.plgpu.SMEM((ST, T, K), k_ref.dtype),
         mg.plgpu.SMEM((ST, T, BV), v_ref.dtype),
+        mg.plgpu.SMEM((ST, t_max, K), cand_k_ref.dtype),
+        mg.plgpu.SMEM((ST, t_max, BV), cand_v_ref.dtype),
         mg.plgpu.SMEM((T, BV), in_dtype),
         mg.plgpu.Barrier(num_arrivals=4, num_barriers=ST),
+        mg.plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         *ring,
     )
 
 
-def store_ring(mode: str, config: MosaicConfig, dims: cm.Dims, pool_dtype, in_dtype) -> int:
+def store_ring(mode: str, config: MosaicConfig, dims: cm.Dims, pool_dtype, in_dtype,
+               cand_dtype) -> int:
     """SMEM tiles staging intermediate mode's S_t stores (0 in the other modes): as many as fit
     beside the load stages, up to min(T, 4) (more stores in flight before one must drain)."""
     if mode != "intermediate":
         return 0
     fits = [n for n in range(1, min(dims.T, 4) + 1)
-            if config.smem_bytes(dims.K, pool_dtype, in_dtype, dims.T, out_tiles=n)
-            <= mg.SMEM_BYTES]
-    return max(fits, default=1)  # 1 not fitting is caught by check_shapes
+            if config.smem_bytes(dims.K, pool_dtype, in_dtype, dims.T, out_tiles=n,
+                                 pending=dims.t_max, cand_dtype=cand_dtype) <= mg.SMEM_BYTES]
+    return max(fits, default=1)  # 1 not fitting is caught by check_config
+
+
+def check_config(op: str, mode: str, config: MosaicConfig, dims: cm.Dims, q, pool, cand_k,
+                 cand_v) -> None:
+    """The head dims `config` can tile and the SMEM one CTA needs for this call (trace time)."""
+    cand = max(jnp.dtype(cand_k.dtype), jnp.dtype(cand_v.dtype), key=lambda d: d.itemsize)
+    ring = store_ring(mode, config, dims, pool.dtype, q.dtype, cand)
+    config.check_shapes(op, dims.K, dims.V, pool.dtype, q.dtype, T=dims.T, out_tiles=ring,
+                        pending=dims.t_max, cand_dtype=cand)
 
 
 def tokens_call(mode: str, dims: cm.Dims, config: MosaicConfig, interpret: bool, *args):
@@ -272,6 +323,6 @@ def decode_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, can
     config = MosaicConfig(block_v, tiles_per_cta, stages)
     dims = cm.check_tokens("decode_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
                            cand_g, cand_beta, count, slots, t_lo=1, t_hi=1)
-    config.check_shapes("decode_mgpu", dims.K, dims.V, pool.dtype, q.dtype)
+    check_config("decode_mgpu", "decode", config, dims, q, pool, cand_k, cand_v)
     return tokens_call("decode", dims, config, interpret, slots, count, q, k, v, a, b, A_log,
                        dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)

@@ -20,7 +20,7 @@ import jax
 from . import _common as cm
 from . import _mgpu as mg
 from ._mgpu import MosaicConfig
-from .decode_mgpu import store_ring, tokens_call
+from .decode_mgpu import check_config, tokens_call
 
 
 @functools.partial(jax.jit, static_argnames=("block_v", "tiles_per_cta", "stages", "interpret"),
@@ -41,7 +41,7 @@ def verify_replay_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand
     config = MosaicConfig(block_v, tiles_per_cta, stages)
     dims = cm.check_tokens("verify_replay_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k,
                            cand_v, cand_g, cand_beta, count, slots, t_lo=1, t_hi=cm.MAX_T)
-    config.check_shapes("verify_replay_mgpu", dims.K, dims.V, pool.dtype, q.dtype, T=dims.T)
+    check_config("verify_replay_mgpu", "replay", config, dims, q, pool, cand_k, cand_v)
     return tokens_call("replay", dims, config, interpret, slots, count, q, k, v, a, b, A_log,
                        dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
 
@@ -63,7 +63,7 @@ def verify_intermediate_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v
     dims = cm.check_tokens("verify_intermediate_mgpu", q, k, v, a, b, A_log, dt_bias, pool,
                            cand_k, cand_v, cand_g, cand_beta, count, slots, t_lo=1,
                            t_hi=cm.MAX_T)
-    config.check_shapes("verify_intermediate_mgpu", dims.K, dims.V, pool.dtype, q.dtype, T=dims.T,
-                        out_tiles=store_ring("intermediate", config, dims, pool.dtype, q.dtype))
+    check_config("verify_intermediate_mgpu", "intermediate", config, dims, q, pool, cand_k,
+                 cand_v)
     return tokens_call("intermediate", dims, config, interpret, slots, count, q, k, v, a, b,
                        A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
