@@ -73,15 +73,14 @@ def preferences(device: Device, op: str = "decode", B: int | None = None,
     if major in (8, 12):  # Ampere/Ada, consumer Blackwell (no wgmma, no tcgen05): portable kernels
         return ("triton", "xla")
     if major == 9:
-        # Hopper: the Mosaic GPU decode where the H100 benchmark measured it faster
-        # (bench/results/ncu_kernels-h100-2026-11-26.json, B = 256: bf16 state 189.7 us = 95.0% of
-        # copy vs Triton's 200.8 us = 89.8%; fp32 375.8 vs 388.2 us). At B = 8 Triton wins
-        # (9.7 vs 10.9 us): small batches, and B not measured in between, stay on Triton.
-        # Replay verify (3 pending + T = 4): Mosaic as fast or faster at both measured batches
-        # (B = 256: bf16 492.7 vs 506.1 us, fp32 606.0 vs 678.0; B = 8: bf16 19.1 vs 19.5,
-        # fp32 21.7 vs 30.0). Intermediate verify: Triton until the Mosaic kernel is measured.
-        if ((op == "decode" and B is not None and B >= _LARGE_BATCH)
-                or (op == "verify" and mode == "replay")):
+        # Hopper: Mosaic GPU where the H100 benchmark measured it faster than Triton
+        # (ncu kernel time, bench/results/ncu_kernels-h100-final-2026-11-26.json, B = 8, 32,
+        # 256, bf16 and fp32 state). Decode: faster from B = 256 (bf16 191 vs 201 us, fp32
+        # 376 vs 388), slower at B = 8 and 32 (bf16 10.8 vs 9.6 us, 26.7 vs 24.5): B >= 128
+        # only. Verify, both modes: faster at every measured B and dtype (replay 3 + 4, bf16,
+        # B = 256: 352 vs 510 us; intermediate T = 4: 483 vs 599).
+        if (op == "decode" and B is not None and B >= _LARGE_BATCH) or (
+                op == "verify" and mode in ("replay", "intermediate")):
             return ("mosaic", "triton", "xla")
         return ("triton", "xla")
     if major in (10, 11):  # datacenter Blackwell: the kernels that ran and passed on H100; no
@@ -199,22 +198,24 @@ _TUNING = {
 }
 _LARGE_BATCH = 128
 
-# Mosaic GPU decode (kernels/decode_mgpu.py): block_v, tiles_per_cta, stages. B >= 128: measured
-# on the H100 (bench/results/ncu_kernels-h100-2026-11-26.json: 95.0% / 95.4% of copy at B = 256,
-# bf16 / fp32 state); B < 128 (forced only): not tuned (`bench/ncu_kernels.py --sweep-mosaic`).
+# Mosaic GPU kernels (kernels/decode_mgpu.py, verify_mgpu.py): block_v, tiles_per_cta, stages,
+# from the H100 ncu sweeps (bench/results/ncu_sweep_mosaic*-h100-2026-11-26*.json; replay 3 + 4
+# and intermediate T = 4). A [128, K] tile halves replay's per-tile work (gates, l2norms, the
+# fold's loads) against its rows where the bf16 state leaves room for two CTAs per SM; fp32 tiles
+# of 128 rows fit one CTA per SM and lose. Three stages also drop to one CTA per SM: two win.
 _MOSAIC_TUNING = {
-    ("verify", "bfloat16", True): (64, 2, 2),  # replay 3 + 4: 492.7 us at B = 256
-    ("verify", "bfloat16", False): (64, 2, 2),  # 19.1 us at B = 8
-    ("verify", "float32", True): (64, 2, 2),  # 606.0 us at B = 256
-    ("verify", "float32", False): (64, 2, 2),  # 21.7 us at B = 8
-    ("decode", "bfloat16", True): (64, 4, 2),
-    ("decode", "bfloat16", False): (64, 1, 2),
-    ("decode", "float32", True): (64, 4, 2),
+    ("decode", "bfloat16", True): (64, 4, 2),    # 191.1 us at B = 256 (94.4% of copy)
+    ("decode", "bfloat16", False): (64, 1, 2),   # forced only: Triton is the small-B default
+    ("decode", "float32", True): (64, 4, 2),     # 375.5 us (95.5%)
     ("decode", "float32", False): (64, 1, 2),
-    ("verify_intermediate", "bfloat16", True): (64, 2, 2),  # not yet measured
-    ("verify_intermediate", "bfloat16", False): (64, 2, 2),
-    ("verify_intermediate", "float32", True): (64, 2, 2),
-    ("verify_intermediate", "float32", False): (64, 2, 2),
+    ("verify", "bfloat16", True): (128, 4, 2),   # replay: 351.6 us at B = 256 (bv64: 455.9)
+    ("verify", "bfloat16", False): (128, 1, 2),  # 57.7 us at B = 32; t1 keeps B = 8 on all SMs
+    ("verify", "float32", True): (64, 4, 2),     # 539.6 us at B = 256 (bv128: 597.2)
+    ("verify", "float32", False): (64, 4, 2),    # 72.2 us at B = 32
+    ("verify_intermediate", "bfloat16", True): (64, 2, 2),   # 483.2 us at B = 256 (94.0%)
+    ("verify_intermediate", "bfloat16", False): (64, 2, 2),  # 62.9 us at B = 32, 17.0 at B = 8
+    ("verify_intermediate", "float32", True): (64, 2, 2),    # 945.2 us (95.2%)
+    ("verify_intermediate", "float32", False): (64, 2, 2),   # 124.8 us at B = 32
 }
 
 

@@ -172,6 +172,7 @@ def test_decode_mgpu_chain_in_one_jit_gpu(on_hopper, make_case, reference, asser
 
 @pytest.mark.parametrize("B, T, pool_dtype, in_dtype, block_v, tiles_per_cta, stages", [
     (256, 4, BF16, BF16, 64, 2, 2),
+    (256, 4, BF16, BF16, 128, 4, 2),  # the dispatch's bf16 tuning at B >= 128
     (128, 8, F32, F32, 64, 2, 2),
     (32, 1, BF16, F32, 128, 1, 2),
     (3, 5, F32, BF16, 64, 3, 3),

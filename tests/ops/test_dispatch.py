@@ -110,19 +110,17 @@ def test_mosaic_forced_for_decode(cap, mosaic_imports, monkeypatch):
 
 
 def test_mosaic_is_the_hopper_default_where_measured_faster(mosaic_imports, monkeypatch):
-    """Decode at B >= 128 and replay verify, where the H100 benchmark measured Mosaic faster;
-    Triton elsewhere, and
-    on Blackwell (no Blackwell benchmark yet); Triton again when Mosaic cannot take the shape or
-    the jax."""
+    """Decode at B >= 128 and verify in both modes, where the H100 benchmark measured Mosaic
+    faster; Triton elsewhere, and on Blackwell (no Blackwell benchmark yet); Triton again when
+    Mosaic cannot take the shape or the jax."""
     h100, b200 = FakeDevice("gpu", "9.0", "H100"), FakeDevice("gpu", "10.0", "B200")
     assert dispatch.select("decode", B=256, K=128, V=128, device=h100).backend == "mosaic"
     assert dispatch.select("decode", B=127, K=128, V=128, device=h100).backend == "triton"
     assert dispatch.select("decode", K=128, V=128, device=h100).backend == "triton"  # B unknown
     assert dispatch.select("verify", T=4, B=256, device=h100).backend == "triton"  # mode unknown
-    for B in (1, 256):  # replay verify: Mosaic at both measured batches; intermediate: Triton
-        assert dispatch.select("verify", T=4, B=B, mode="replay", device=h100).backend == "mosaic"
-        assert dispatch.select("verify", T=4, B=B, mode="intermediate",
-                               device=h100).backend == "triton"
+    for B in (1, 256):
+        for mode in ("replay", "intermediate"):
+            assert dispatch.select("verify", T=4, B=B, mode=mode, device=h100).backend == "mosaic"
     assert dispatch.select("verify", T=4, mode="replay", device=b200).backend == "triton"
     assert dispatch.select("decode", B=256, K=128, V=128, device=b200).backend == "triton"
     assert dispatch.select("decode", B=256, K=96, V=128, device=h100).backend == "triton"
