@@ -200,7 +200,7 @@ _LARGE_BATCH = 128
 
 # Mosaic GPU kernels (kernels/decode_mgpu.py, verify_mgpu.py): block_v, tiles_per_cta, stages,
 # from the H100 ncu sweeps (bench/results/ncu_sweep_mosaic*-h100-2026-11-26*.json; replay 3 + 4
-# and intermediate T = 4). A [128, K] tile halves replay's per-tile work (gates, l2norms, the
+# and intermediate T = 4) and runs at B = 8 (ncu_kernels-h100-{pending-tma,final}-2026-11-26*). A [128, K] tile halves replay's per-tile work (gates, l2norms, the
 # fold's loads) against its rows where the bf16 state leaves room for two CTAs per SM; fp32 tiles
 # of 128 rows fit one CTA per SM and lose. Three stages also drop to one CTA per SM: two win.
 _MOSAIC_TUNING = {
@@ -211,7 +211,7 @@ _MOSAIC_TUNING = {
     ("verify", "bfloat16", True): (128, 4, 2),   # replay: 351.6 us at B = 256 (bv64: 455.9)
     ("verify", "bfloat16", False): (128, 1, 2),  # 57.7 us at B = 32; t1 keeps B = 8 on all SMs
     ("verify", "float32", True): (64, 4, 2),     # 539.6 us at B = 256 (bv128: 597.2)
-    ("verify", "float32", False): (64, 4, 2),    # 72.2 us at B = 32
+    ("verify", "float32", False): (64, 2, 2),    # 23.1 us at B = 8, 82.0 at B = 32 (t4: 32.6, 72.2)
     ("verify_intermediate", "bfloat16", True): (64, 2, 2),   # 483.2 us at B = 256 (94.0%)
     ("verify_intermediate", "bfloat16", False): (64, 2, 2),  # 62.9 us at B = 32, 17.0 at B = 8
     ("verify_intermediate", "float32", True): (64, 2, 2),    # 945.2 us (95.2%)
