@@ -8,13 +8,17 @@ goes to a new buffer inter [B, T, HV, V, K] through a ring of SMEM tiles).
 
 Work split: a tile is (b, hv, iv), the state rows pool[slot, hv, iv*BV:(iv+1)*BV, :] ([BV, K], K
 contiguous). The B * HV * (V // BV) tiles, in that order, are dealt out in runs of
-`tiles_per_cta` to a 1-D grid of CTAs (one warpgroup each). A CTA keeps `stages` SMEM buffers:
-while it computes tile i, the TMA loads of tiles i+1 .. i+stages-1 are in flight and the store of
-tile i-1 drains. Per tile:
+`tiles_per_cta` to a 1-D grid of CTAs (one warpgroup each). A CTA keeps `stages` SMEM buffers
+and issues tile i + stages - 1's loads into the stage of tile i - 1: verify before tile i's math
+(only replay's folded-state store, issued early in tile i - 1, must have left that stage), decode
+after it (its state store leaves from the stage at the end of the tile, so with 2 stages the
+overlap comes from the other CTAs on the SM). Per tile:
 
-    TMA  pool tile, q, k (key head hv // group), v block -> SMEM stage s (one barrier, 4 arrivals)
+    TMA  pool tile, q, k (key head hv // group), v block -> SMEM stage s (one barrier, 4
+         arrivals); where count[slot] > 0 also the slot's t_max candidate k, v rows (a second
+         barrier, 2 arrivals), so the fold reads SMEM
     regs S = SMEM tile in fp32 (WGMMA layout: [BV, K], BV a multiple of 64); fold the slot's
-         pending candidates; S = exp(g) S; S += (beta (v - S k)) k^T; o = S q
+         pending candidates; per token S = exp(g) S; S += (beta (v - S k)) k^T; o = S q
     SMEM S (rounded once to the pool's dtype), o -> TMA store to pool[slot] and o[b]
 
 A padding row (slot < 0 or >= num_slots) issues no load; decode and replay store nothing for it
@@ -60,8 +64,7 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
     B, T, H, HV, K, V, N, t_max = dims
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
     NB = store_ring(mode, config, dims, pool_ref.dtype, o_ref.dtype,
-                    max(jnp.dtype(cand_k_ref.dtype), jnp.dtype(cand_v_ref.dtype),
-                        key=lambda d: d.itemsize))
+                    _cand_dtype(cand_k_ref, cand_v_ref))
     NV = V // BV
     total = B * HV * NV
     group = HV // H
@@ -248,6 +251,11 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
     )
 
 
+def _cand_dtype(cand_k, cand_v):
+    """The wider of the candidates' dtypes: what sizes their SMEM stages."""
+    return max(jnp.dtype(cand_k.dtype), jnp.dtype(cand_v.dtype), key=lambda d: d.itemsize)
+
+
 def store_ring(mode: str, config: MosaicConfig, dims: cm.Dims, pool_dtype, in_dtype,
                cand_dtype) -> int:
     """SMEM tiles staging intermediate mode's S_t stores (0 in the other modes): as many as fit
@@ -263,7 +271,7 @@ def store_ring(mode: str, config: MosaicConfig, dims: cm.Dims, pool_dtype, in_dt
 def check_config(op: str, mode: str, config: MosaicConfig, dims: cm.Dims, q, pool, cand_k,
                  cand_v) -> None:
     """The head dims `config` can tile and the SMEM one CTA needs for this call (trace time)."""
-    cand = max(jnp.dtype(cand_k.dtype), jnp.dtype(cand_v.dtype), key=lambda d: d.itemsize)
+    cand = _cand_dtype(cand_k, cand_v)
     ring = store_ring(mode, config, dims, pool.dtype, q.dtype, cand)
     config.check_shapes(op, dims.K, dims.V, pool.dtype, q.dtype, T=dims.T, out_tiles=ring,
                         pending=dims.t_max, cand_dtype=cand)
