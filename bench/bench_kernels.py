@@ -4,6 +4,7 @@
     python bench/bench_kernels.py --out DIR --quick    # a few shapes
     python bench/bench_kernels.py --out DIR --fla      # also fla's fused_recurrent (torch)
     python bench/bench_kernels.py --out DIR --smoke    # tiny shapes in interpret mode (CPU check)
+    python bench/bench_kernels.py --out DIR --backends triton,mosaic   # both kernel families
 
 Shapes: H = 16, HV = 32, K = V = 128 (Qwen3-Next), B in {1, 8, 32, 128, 256}, T in {1, 2, 4, 8},
 bf16 and fp32 pool, bf16 inputs; one slot per row (num_slots = B, slots a random permutation).
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes (HV=4, K=V=16, B<=2) in interpret mode: checks the script "
                         "on a CPU; the numbers mean nothing")
+    p.add_argument("--backends", default="triton",
+                   help="comma-separated kernel families: triton (gdn_jax.kernels' Pallas-Triton "
+                        "kernels), mosaic (the Mosaic GPU ones; --smoke runs them at K = V = 64)")
     p.add_argument("--ops", default="decode,replay,intermediate",
                    help="comma-separated subset of decode,replay,intermediate")
     p.add_argument("--batches", default=None, help="comma-separated B values (overrides)")
@@ -152,15 +156,20 @@ def make_inputs(B, T, pool_dtype, pending, dims, seed=0):
     return tokens, state
 
 
-def chained(op, tuning, interpret):
-    """jit(f)(pool, n, v, rest...) running n (static) calls of `op` in a fori_loop, pool donated."""
+def chained(op, tuning, interpret, backend="triton"):
+    """jit(f)(pool, n, v, rest...) running n (static) calls of `op` (on `backend`'s kernel) in a
+    fori_loop, pool donated."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    from gdn_jax.kernels import decode, verify_intermediate, verify_replay
+    from gdn_jax import kernels
 
-    fn = {"decode": decode, "replay": verify_replay, "intermediate": verify_intermediate}[op]
+    fn = {("triton", "decode"): kernels.decode, ("triton", "replay"): kernels.verify_replay,
+          ("triton", "intermediate"): kernels.verify_intermediate,
+          ("mosaic", "decode"): kernels.decode_mgpu,
+          ("mosaic", "replay"): kernels.verify_replay_mgpu,
+          ("mosaic", "intermediate"): kernels.verify_intermediate_mgpu}[(backend, op)]
 
     def run(pool, n, v, q, k, a, b, A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, count,
             slots):
@@ -198,12 +207,12 @@ def byte_model(op, B, T, pool_dtype, in_itemsize, pending, dims):
     return moved + tokens + outputs + cands
 
 
-def time_op(op, B, T, pool_dtype, tuning, args, dims):
+def time_op(op, B, T, pool_dtype, tuning, args, dims, backend="triton"):
     import jax
 
     pending = PENDING_REPLAY if op == "replay" else 0
     tokens, state = make_inputs(B, T, pool_dtype, pending, dims)
-    f = chained(op, tuning, args.smoke)
+    f = chained(op, tuning, args.smoke, backend)
     rest = (tokens["q"], tokens["k"], tokens["a"], tokens["b"], tokens["A_log"],
             tokens["dt_bias"], state["cand_k"], state["cand_v"], state["cand_g"],
             state["cand_beta"], state["count"], state["slots"])
@@ -226,8 +235,8 @@ def time_op(op, B, T, pool_dtype, tuning, args, dims):
     if per_call <= 0:  # noise beat the difference (tiny shapes): fall back to the naive figure
         per_call = m1 / n
     nbytes = byte_model(op, B, T, pool_dtype, 2, pending, dims)
-    return {"op": op, "pool_dtype": str(jax.numpy.dtype(pool_dtype)), "B": B, "T": T,
-            "pending": pending, "tuning": tuning, "per_call_us": per_call * 1e6,
+    return {"op": op, "backend": backend, "pool_dtype": str(jax.numpy.dtype(pool_dtype)), "B": B,
+            "T": T, "pending": pending, "tuning": tuning, "per_call_us": per_call * 1e6,
             "naive_per_call_us": m1 / n * 1e6, "t_n_s": t1, "t_2n_s": t2, "chain": n,
             "first_call_s": t_compile, "bytes": nbytes, "GBps": nbytes / per_call / 1e9}
 
@@ -287,7 +296,10 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
 
-    dims = (1, 4, 16, 16) if args.smoke else (H, HV, K, V)
+    backends = args.backends.split(",")
+    # Smoke: tiny heads, K = V = 64 where a Mosaic kernel (K, V multiples of 64) is in the run.
+    dims = ((1, 4, 64 if "mosaic" in backends else 16, 64 if "mosaic" in backends else 16)
+            if args.smoke else (H, HV, K, V))
     batches = _ints(args.batches, (1, 2) if args.smoke else
                     (QUICK_BATCHES if args.quick else BATCHES))
     tokens = _ints(args.tokens, (1, 2) if args.smoke else (QUICK_TOKENS if args.quick else TOKENS))
@@ -295,9 +307,12 @@ def main(argv=None):
     ops = args.ops.split(",")
     from gdn_jax.ops import dispatch
 
-    def tuning_for(op, pool_dtype, B):
+    def tuning_for(op, pool_dtype, B, backend="triton"):
         cfg = dispatch.tuning("decode" if op == "decode" else "verify", state_dtype=pool_dtype,
-                              B=B, V=dims[3])
+                              B=B, V=dims[3], backend=backend,
+                              mode=None if op == "decode" else op)
+        if backend == "mosaic":  # the Mosaic kernels take their own (block_v, tiles, stages)
+            return cfg
         if args.block_v is not None:
             cfg["block_v"] = min(args.block_v, dims[3])
         if args.num_warps is not None:
@@ -313,7 +328,9 @@ def main(argv=None):
         for pool_dtype in dtypes:
             for B in batches:
                 for T in ((1,) if op == "decode" else tokens):
-                    plan.append((op, pool_dtype, B, T, tuning_for(op, pool_dtype, B)))
+                    for backend in backends:
+                        plan.append((op, pool_dtype, B, T, tuning_for(op, pool_dtype, B, backend),
+                                     backend))
     if args.tune:
         B = max(batches)
         for op, T in (("decode", 1), ("replay", 4)):
@@ -322,26 +339,29 @@ def main(argv=None):
                     for warps in (1, 2, 4, 8):
                         cfg = dict(block_v=min(block_v, dims[3]), num_warps=warps,
                                    num_stages=args.num_stages)
-                        entry = (op, pool_dtype, B, T, cfg)
+                        entry = (op, pool_dtype, B, T, cfg, "triton")
                         if cfg != tuning_for(op, pool_dtype, B) and entry not in plan:
                             plan.append(entry)
 
     results, t_start = [], time.perf_counter()
-    header = (f"{'op':<13}{'pool':<9}{'B':>5}{'T':>3} {'bv':>4}{'w':>3}{'us/call':>10}"
+    header = (f"{'op':<13}{'kernel':<7}{'pool':<9}{'B':>5}{'T':>3} {'tuning':>10}{'us/call':>10}"
               f"{'naive':>9}{'GB/s':>8}{'%copy':>7}")
     print(header)
-    for op, pool_dtype, B, T, cfg in plan:
+    for op, pool_dtype, B, T, cfg, backend in plan:
         try:
-            r = time_op(op, B, T, pool_dtype, cfg, args, dims)
+            r = time_op(op, B, T, pool_dtype, cfg, args, dims, backend)
         except Exception as e:  # noqa: BLE001 - record and go on with the sweep
-            r = {"op": op, "pool_dtype": str(pool_dtype), "B": B, "T": T, "tuning": cfg,
-                 "error": f"{type(e).__name__}: {e}"[:500]}
-            print(f"{op:<13}{str(pool_dtype):<9}{B:>5}{T:>3}  ERROR {r['error'][:80]}", flush=True)
+            r = {"op": op, "backend": backend, "pool_dtype": str(pool_dtype), "B": B, "T": T,
+                 "tuning": cfg, "error": f"{type(e).__name__}: {e}"[:500]}
+            print(f"{op:<13}{backend:<7}{str(pool_dtype):<9}{B:>5}{T:>3}  ERROR "
+                  f"{r['error'][:80]}", flush=True)
             results.append(r)
             continue
         r["pct_copy"] = 100 * r["GBps"] / copy["GBps"]
         results.append(r)
-        print(f"{op:<13}{r['pool_dtype']:<9}{B:>5}{T:>3} {cfg['block_v']:>4}{cfg['num_warps']:>3}"
+        knobs = (f"bv{cfg['block_v']}t{cfg['tiles_per_cta']}s{cfg['stages']}"
+                 if backend == "mosaic" else f"bv{cfg['block_v']}w{cfg['num_warps']}")
+        print(f"{op:<13}{backend:<7}{r['pool_dtype']:<9}{B:>5}{T:>3} {knobs:>10}"
               f"{r['per_call_us']:>10.1f}{r['naive_per_call_us']:>9.1f}{r['GBps']:>8.0f}"
               f"{r['pct_copy']:>6.0f}%", flush=True)
 
