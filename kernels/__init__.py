@@ -21,10 +21,11 @@ The caller owns `count` and the candidates (set count := 0, store new candidates
 from ._mgpu import MosaicConfig
 from ._pallas import TuningConfig
 from .decode import decode
+from .decode_mgpu import check_config as check_mosaic_config
 from .decode_mgpu import decode_mgpu
 from .fold import fold
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
 
-__all__ = ["MosaicConfig", "TuningConfig", "decode", "decode_mgpu", "fold", "verify_intermediate",
+__all__ = ["MosaicConfig", "TuningConfig", "check_mosaic_config", "decode", "decode_mgpu", "fold", "verify_intermediate",
            "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu"]

@@ -64,6 +64,8 @@ def check_pool(op, pool, cand_k, cand_v, cand_g, cand_beta, count, *, H=None, HV
     if cand_k.ndim != 4:
         _fail(op, "cand_k", "rank 4 [num_slots, T_max, H, K]", f"shape {cand_k.shape}")
     t_max, h = cand_k.shape[1], cand_k.shape[2]
+    if t_max < 1:
+        _fail(op, "cand_k", "T_max >= 1 ([num_slots, T_max, H, K])", f"shape {cand_k.shape}")
     if H is not None and h != H:
         _fail(op, "cand_k", f"H = {H} from the inputs", f"shape {cand_k.shape}")
     if hv % h:

@@ -32,6 +32,9 @@ except Exception as e:  # noqa: BLE001 - 0.10.x without absl-py raises ModuleNot
 JAX_VERSION = tuple(int(x) for x in jax.__version__.split(".")[:3] if x.isdigit())
 MIN_JAX = (0, 10, 2)
 SMEM_BYTES = 227 * 1024  # the most dynamic shared memory one CTA may have on H100 / B200
+SMEM_ALIGNMENT = 1024  # Pallas Mosaic GPU starts every scoped SMEM buffer at a 1 KiB boundary
+MAX_K = 256  # one TMA box row
+REDUCTION_SCRATCH_BYTES = 2048  # CompilerParams.reduction_scratch_bytes' default, reserved too
 
 
 def unavailable() -> str | None:
@@ -95,7 +98,7 @@ class MosaicConfig:
         `smem_bytes`)."""
         if V % self.block_v:
             raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
-        if K % 64 or K > 256:
+        if K % 64 or K > MAX_K:
             raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to 256 "
                              f"(WGMMA layout, one TMA box), got {K=}")
         need = self.smem_bytes(K, pool_dtype, in_dtype, T, out_tiles, pending, cand_dtype)
@@ -105,15 +108,17 @@ class MosaicConfig:
 
     def smem_bytes(self, K: int, pool_dtype, in_dtype, T: int = 1, out_tiles: int = 0,
                    pending: int = 0, cand_dtype=None) -> int:
-        """What one CTA allocates: per stage the state tile, T tokens' q/k/v and `pending`
-        candidates' k/v (in `cand_dtype`, default in_dtype); the o buffer; `out_tiles`
-        [block_v, K] tiles staging state stores; the barriers."""
+        """What one CTA allocates, laid out as Pallas does (every scoped buffer rounded up to
+        `SMEM_ALIGNMENT`, plus the reduction scratch): per stage the state tile, T tokens'
+        q/k/v and `pending` candidates' k/v (in `cand_dtype`, default in_dtype); the o buffer;
+        `out_tiles` [block_v, K] tiles staging state stores; two barrier arrays."""
         ps, xs = jax.numpy.dtype(pool_dtype).itemsize, jax.numpy.dtype(in_dtype).itemsize
         cs = jax.numpy.dtype(cand_dtype or in_dtype).itemsize
-        per_stage = (self.block_v * K * ps + T * (2 * K + self.block_v) * xs
-                     + pending * (K + self.block_v) * cs)
-        return (self.stages * per_stage + T * self.block_v * xs + 16 * self.stages
-                + out_tiles * self.block_v * K * ps)
+        BV, ST = self.block_v, self.stages
+        buffers = [ST * BV * K * ps, ST * T * K * xs, ST * T * K * xs, ST * T * BV * xs,
+                   ST * pending * K * cs, ST * pending * BV * cs, T * BV * xs,
+                   out_tiles * BV * K * ps, 8 * ST, 8 * ST, REDUCTION_SCRATCH_BYTES]
+        return sum(-(-n // SMEM_ALIGNMENT) * SMEM_ALIGNMENT for n in buffers if n)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -208,8 +208,18 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
                     st_smem[s] = S.astype(st_smem.dtype)
                     store_outputs(outs, b, hv, cols, wait=None,
                                   state=(st_smem.at[s], pool_ref.at[slot, hv, cols, :]))
-                else:  # replay: its folded-state store, if any, left before the token math
-                    store_outputs(outs, b, hv, cols, wait=T if mode == "intermediate" else 0)
+                elif mode == "replay":  # after tile i - 1's o store: this tile's folded
+                    @pl.when(n > 0)     # state store, if any, which may stay in flight
+                    def _():
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+
+                    @pl.when(n == 0)
+                    def _():
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+                    store_outputs(outs, b, hv, cols, wait=None)
+                else:  # intermediate: T ring stores since tile i - 1's o store
+                    store_outputs(outs, b, hv, cols, wait=T)
 
             if mode == "intermediate":
                 @pl.when(in_range & jnp.logical_not(live))

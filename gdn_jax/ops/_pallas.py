@@ -23,6 +23,22 @@ def _tuning(op, state, B, backend="triton", mode=None):
                            backend=backend, mode=mode)
 
 
+def mosaic_misfit(op, mode, q, v, state):
+    """None when this call fits the Mosaic GPU kernel with the dispatch's tuning, else why not
+    (the SMEM its tile, candidates and state-store ring need; dispatch then passes it over)."""
+    from gdn_jax.kernels._common import Dims
+
+    B, T, H, K = q.shape
+    dims = Dims(B, T, H, v.shape[2], K, v.shape[3], state.pool.shape[0], state.cand_k.shape[1])
+    config = kernels.MosaicConfig(**_tuning(op, state, B, "mosaic", mode))
+    try:
+        kernels.check_mosaic_config(op, mode or "decode", config, dims, q, state.pool,
+                                    state.cand_k, state.cand_v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _pending(state):
     return (state.cand_k, state.cand_v, state.cand_g, state.cand_beta, state.count)
 

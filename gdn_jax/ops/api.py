@@ -24,9 +24,10 @@ MODES = ("replay", "intermediate")
 
 
 def _backend(op: str, backend: str | None, T: int = 1, K: int | None = None,
-             V: int | None = None, B: int | None = None, mode: str | None = None):
+             V: int | None = None, B: int | None = None, mode: str | None = None,
+             fits=None):
     """The implementation module for this call: `_xla`, or `_pallas` with its flags."""
-    choice = dispatch.select(op, T=T, K=K, V=V, B=B, mode=mode, backend=backend)
+    choice = dispatch.select(op, T=T, K=K, V=V, B=B, mode=mode, backend=backend, fits=fits)
     if choice.backend == "xla":
         return _xla, {}
     from gdn_jax.ops import _pallas  # the kernels are imported only where they run
@@ -34,6 +35,16 @@ def _backend(op: str, backend: str | None, T: int = 1, K: int | None = None,
     if choice.backend == "mosaic":  # decode and replay verify (dispatch.MOSAIC_OPS)
         kw["mosaic"] = True
     return _pallas, kw
+
+
+def _mosaic_fits(op: str, mode: str | None, q, v, state):
+    """`fits=` for dispatch.select: the Mosaic GPU kernel takes this call's whole shape."""
+    def fits(name):
+        if name != "mosaic":
+            return None
+        from gdn_jax.ops import _pallas  # only where Mosaic GPU can run at all
+        return _pallas.mosaic_misfit(op, mode, q, v, state)
+    return fits
 
 
 def _check_mode(op: str, mode: str) -> None:
@@ -57,7 +68,8 @@ def decode(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, backend: st
     """
     slots = jnp.asarray(slots)
     _checks.check_tokens("decode", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1, t_max=1)
-    impl, kw = _backend("decode", backend, K=q.shape[-1], V=v.shape[-1], B=q.shape[0])
+    impl, kw = _backend("decode", backend, K=q.shape[-1], V=v.shape[-1], B=q.shape[0],
+                        fits=_mosaic_fits("decode", None, q, v, state))
     return impl.decode(q, k, v, a, b, A_log, dt_bias, state, slots, **kw)
 
 
@@ -83,7 +95,7 @@ def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str =
         _checks.fail("verify", "k, v", f"the state's input dtype {state.input_dtype} (replay mode "
                      "stores them as candidates; set GDNState.create(input_dtype=...))", k.dtype)
     impl, kw = _backend("verify", backend, T=q.shape[1], K=q.shape[-1], V=v.shape[-1],
-                        B=q.shape[0], mode=mode)
+                        B=q.shape[0], mode=mode, fits=_mosaic_fits("verify", mode, q, v, state))
     return impl.verify(q, k, v, a, b, A_log, dt_bias, state, slots, mode=mode, **kw)
 
 

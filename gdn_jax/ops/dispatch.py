@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,8 @@ def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None,
     for name, d in (("K", K), ("V", V)):
         if d is not None and d % 64:
             return f"the Mosaic GPU kernels take {name} a multiple of 64 (WGMMA layout), got {d}"
+    if K is not None and K > 256:
+        return f"the Mosaic GPU kernels take K up to 256 (one TMA box row), got {K}"
     from gdn_jax.kernels import _mgpu  # jax version, and whether Mosaic GPU imports at all
 
     return _mgpu.unavailable()
@@ -131,9 +134,14 @@ def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None,
 
 def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
            B: int | None = None, mode: str | None = None, backend: str | None = None,
-           device=None) -> Choice:
+           device=None, fits: Callable[[str], str | None] | None = None) -> Choice:
     """The backend that runs `op` (B rows of T tokens, head dims K and V, verify mode "replay" |
-    "intermediate", where known) on `device` (default: the first device)."""
+    "intermediate", where known) on `device` (default: the first device).
+
+    fits: backend -> None, or why this call's full shape (dtypes, T_max, ...) does not fit that
+    backend's kernel (the SMEM a Mosaic GPU tile needs, say); such a backend is passed over, or
+    refused if forced.
+    """
     forced = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or None
     if forced is not None and forced not in BACKENDS + ("auto",):
         source = "backend" if backend not in (None, "auto") else ENV_VAR
@@ -146,15 +154,19 @@ def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
             raise ValueError(f"{op}: backend {backend!r} cannot run on {dev}: {op} has no "
                              f"{backend} kernel; backends that can: ['xla']")
         return _logged_choice(op, dev, Choice("xla", f"{op} has no kernel"))
+
+    def reason(name):
+        return why_not(name, dev, op, T, K=K, V=V, mode=mode) or (fits and fits(name))
+
     if forced not in (None, "auto"):
-        reason = why_not(forced, dev, op, T, K=K, V=V, mode=mode)
-        if reason is not None:
-            able = [b for b in BACKENDS if why_not(b, dev, op, T, K=K, V=V, mode=mode) is None]
-            raise ValueError(f"{op}: backend {forced!r} cannot run on {dev}: {reason}; "
+        why = reason(forced)
+        if why:
+            able = [b for b in BACKENDS if not reason(b)]
+            raise ValueError(f"{op}: backend {forced!r} cannot run on {dev}: {why}; "
                              f"backends that can: {able}")
         return _logged_choice(op, dev, Choice(forced, "forced"))
     for name in preferences(dev, op, B, mode):
-        if why_not(name, dev, op, T, K=K, V=V, mode=mode) is None:
+        if not reason(name):
             return _logged_choice(op, dev, Choice(name, "table"))
     raise AssertionError("the xla backend runs everything")  # pragma: no cover
 

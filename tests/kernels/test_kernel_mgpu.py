@@ -111,7 +111,7 @@ def test_verify_replay_mgpu_interpret(dims, T, tuning, make_case, reference, ass
 
 
 INTERMEDIATE_CASES = [
-    # T = 3 over a 2-tile ring (fp32 pool, K = 128): ring slots wrap inside a tile and across tiles
+    # T = 3: a 3-tile ring that wraps across tiles; T = 5: a 4-tile ring that wraps inside a tile
     pytest.param(dict(B=2, H=1, group=2, K=64, V=64, pool_dtype=BF16, in_dtype=BF16), 3,
                  (64, 3, 2), id="B2-T3-H1-g2-K64-V64-bf16pool-bf16in-bv64-t3-s2"),
     pytest.param(dict(B=1, H=1, group=2, K=64, V=128, pool_dtype=F32, in_dtype=F16), 5,
@@ -196,7 +196,6 @@ def test_ops_verify_intermediate_mosaic_path_interpret(make_case):
                                   interpret=True, mosaic=True)
     o_ref, _, inter_ref = _xla.verify(*case.tokens, case.state(), case.slots,
                                       mode="intermediate")
-    np.testing.assert_array_equal(np.asarray(st.pool), np.asarray(case.pool))
     real = case.real
     assert rel_err(o[real], np.asarray(o_ref[real], np.float64)) <= 1e-5
     assert rel_err(inter[real], np.asarray(inter_ref[real], np.float64)) <= 1e-5

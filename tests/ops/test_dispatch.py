@@ -158,14 +158,41 @@ def test_mosaic_needs_a_jax_it_imports_on(mosaic_imports, monkeypatch):
 
 
 def test_mosaic_tuning_fits_the_head_dim():
-    from gdn_jax.kernels import MosaicConfig
+    """Every Mosaic tuning entry fits one CTA's SMEM (as Pallas lays it out) at the real head
+    dims with the largest T and T_max and fp32 inputs and candidates."""
+    import jax
 
+    from gdn_jax.kernels import MosaicConfig, check_mosaic_config
+    from gdn_jax.kernels._common import Dims
+
+    S = jax.ShapeDtypeStruct
+    T = T_MAX = 8
     for dtype in ("bfloat16", "float32"):
         for B in (1, 256):
-            for V in (64, 128, 256):
-                for op, mode, T in (("decode", None, 1), ("verify", "replay", 8),
-                                    ("verify", "intermediate", 8)):
+            for V in (64, 128):
+                for op, mode in (("decode", None), ("verify", "replay"),
+                                 ("verify", "intermediate")):
+                    t = 1 if op == "decode" else T
                     cfg = dispatch.tuning(op, state_dtype=dtype, B=B, V=V, backend="mosaic",
                                           mode=mode)
-                    MosaicConfig(**cfg).check_shapes(op, 128, V, dtype, "bfloat16", T=T,
-                                                     out_tiles=1 if mode == "intermediate" else 0)
+                    check_mosaic_config(op, mode or "decode", MosaicConfig(**cfg),
+                                        Dims(B, t, 16, 32, 128, V, B, T_MAX),
+                                        S((B, t, 16, 128), "float32"), S((B, 32, V, 128), dtype),
+                                        S((B, T_MAX, 16, 128), "float32"),
+                                        S((B, T_MAX, 32, V), "float32"))
+
+
+def test_a_shape_mosaic_cannot_fit_falls_back(mosaic_imports):
+    """fits= (the call's full shape against the kernel's SMEM): the table passes Mosaic over;
+    forcing it raises with the reason."""
+    h100 = FakeDevice("gpu", "9.0", "NVIDIA H100 80GB HBM3")
+    misfit = lambda name: "needs 240000 bytes of SMEM" if name == "mosaic" else None
+    kw = dict(T=8, B=256, K=128, V=128, mode="intermediate", device=h100)
+    assert dispatch.select("verify", **kw).backend == "mosaic"
+    assert dispatch.select("verify", fits=misfit, **kw).backend == "triton"
+    with pytest.raises(ValueError, match=r"backend 'mosaic' cannot run on .*needs 240000 bytes "
+                                         r"of SMEM; backends that can: \['xla', 'triton', "
+                                         r"'interpret'\]"):
+        dispatch.select("verify", backend="mosaic", fits=misfit, **kw)
+    with pytest.raises(ValueError, match=r"K up to 256 \(one TMA box row\), got 512"):
+        dispatch.select("decode", backend="mosaic", K=512, V=128, device=h100)
