@@ -10,7 +10,7 @@ Work split: a tile is (b, hv, iv), the state rows pool[slot, hv, iv*BV:(iv+1)*BV
 contiguous). The B * HV * (V // BV) tiles, in that order, are dealt out in runs of
 `tiles_per_cta` to a 1-D grid of CTAs (one warpgroup each). A CTA keeps `stages` SMEM buffers
 and issues tile i + stages - 1's loads into the stage of tile i - 1: verify before tile i's math
-(only replay's folded-state store, issued early in tile i - 1, must have left that stage), decode
+(replay's folded-state store from that stage was drained at the end of tile i - 1), decode
 after it (its state store leaves from the stage at the end of the tile, so with 2 stages the
 overlap comes from the other CTAs on the SM). Per tile:
 
@@ -150,10 +150,8 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
             s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
             if mode != "decode":
                 # Verify: the loads of tile i + ST - 1 go out before this tile's math, into the
-                # stage of tile i - 1, whose SMEM only replay's folded-state store still reads
-                # (o's store, issued after it, may stay in flight).
-                if mode == "replay":
-                    plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                # stage of tile i - 1, which no store reads any more (replay's folded-state store
+                # from it was drained before tile i - 1's o store).
                 issue_ahead(i)
 
             # Scalars first: their GMEM latency overlaps the TMA wait below.
@@ -208,16 +206,9 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
                     st_smem[s] = S.astype(st_smem.dtype)
                     store_outputs(outs, b, hv, cols, wait=None,
                                   state=(st_smem.at[s], pool_ref.at[slot, hv, cols, :]))
-                elif mode == "replay":  # after tile i - 1's o store: this tile's folded
-                    @pl.when(n > 0)     # state store, if any, which may stay in flight
-                    def _():
-                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-
-                    @pl.when(n == 0)
-                    def _():
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-                    store_outputs(outs, b, hv, cols, wait=None)
+                elif mode == "replay":  # all stores drained: tile i - 1's o store, and this
+                    # tile's folded-state store (issued before the token math, so long done)
+                    store_outputs(outs, b, hv, cols, wait=0)
                 else:  # intermediate: T ring stores since tile i - 1's o store
                     store_outputs(outs, b, hv, cols, wait=T)
 
