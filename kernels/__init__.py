@@ -1,9 +1,9 @@
 """Pallas GPU kernels for GDN decode and MTP verify (installed as `gdn_jax.kernels`).
 
 Depends on jax only: no Flax, no model code, nothing from the rest of gdn_jax. The kernels below
-are lowered through Pallas-Triton (`_pallas.py` is the one place that knows it); `decode_mgpu` is
-the same decode as a Pallas Mosaic GPU kernel for Hopper and later (`_mgpu.py` holds what is
-bound to Mosaic GPU and its differences across jax versions).
+are lowered through Pallas-Triton (`_pallas.py` is the one place that knows it); the `*_mgpu`
+ones are the same decode and verify as Pallas Mosaic GPU kernels for Hopper and later (`_mgpu.py`
+holds what is bound to Mosaic GPU and its differences across jax versions).
 
     o, pool = decode(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
                      count, slots)
@@ -27,5 +27,6 @@ from .fold import fold
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
 
-__all__ = ["MosaicConfig", "TuningConfig", "check_mosaic_config", "decode", "decode_mgpu", "fold", "verify_intermediate",
-           "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu"]
+__all__ = ["MosaicConfig", "TuningConfig", "check_mosaic_config", "decode", "decode_mgpu", "fold",
+           "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
+           "verify_replay_mgpu"]

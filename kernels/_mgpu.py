@@ -99,7 +99,7 @@ class MosaicConfig:
         if V % self.block_v:
             raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
         if K % 64 or K > MAX_K:
-            raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to 256 "
+            raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to {MAX_K} "
                              f"(WGMMA layout, one TMA box), got {K=}")
         need = self.smem_bytes(K, pool_dtype, in_dtype, T, out_tiles, pending, cand_dtype)
         if need > SMEM_BYTES:

@@ -215,12 +215,10 @@ def _tokens_body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool, 
             if mode == "intermediate":
                 @pl.when(in_range & jnp.logical_not(live))
                 def _():  # a padding row: zero o and inter (the buffers start uninitialised)
-                    zero = jnp.zeros((BV, K), _F32) if interpret else plgpu.layout_cast(
-                        jnp.zeros((BV, K), _F32), WG)
+                    zero = mg.layout_cast(jnp.zeros((BV, K), _F32), WG, interpret=interpret)
                     for t in range(T):
                         store_state(i, t, zero, b, hv, cols)
-                    vzero = jnp.zeros((BV,), _F32) if interpret else plgpu.layout_cast(
-                        jnp.zeros((BV,), _F32), VVEC)
+                    vzero = mg.layout_cast(jnp.zeros((BV,), _F32), VVEC, interpret=interpret)
                     store_outputs([vzero] * T, b, hv, cols, wait=T)
             if mode == "decode":
                 # Decode stores the state from its stage after the math: the next loads go out

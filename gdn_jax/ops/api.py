@@ -32,7 +32,7 @@ def _backend(op: str, backend: str | None, T: int = 1, K: int | None = None,
         return _xla, {}
     from gdn_jax.ops import _pallas  # the kernels are imported only where they run
     kw = {"interpret": choice.backend == "interpret"}
-    if choice.backend == "mosaic":  # decode and replay verify (dispatch.MOSAIC_OPS)
+    if choice.backend == "mosaic":  # decode and verify (dispatch.MOSAIC_OPS)
         kw["mosaic"] = True
     return _pallas, kw
 

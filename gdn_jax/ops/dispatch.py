@@ -12,9 +12,9 @@ Backends:
                of the kernel path on machines without a GPU.
 
 The table maps (platform, compute-capability major, op, verify mode, batch bucket) to the
-backends to try, in order; the first that can take the call's shape runs. A user forces one with the `backend=` argument of
-an op or the GDN_JAX_BACKEND environment variable (the argument wins); a forced backend that cannot
-run raises a ValueError naming the device, its capability and the backends that can. Ops without
+backends to try, in order; the first that can take the call's shape runs. A user forces one with
+the `backend=` argument of an op or the GDN_JAX_BACKEND environment variable (the argument wins);
+a forced backend that cannot run raises a ValueError naming the device, its capability and the backends that can. Ops without
 a kernel (commit, reset, prefill) always run XLA; the environment variable leaves them alone.
 """
 
@@ -90,9 +90,9 @@ def preferences(device: Device, op: str = "decode", B: int | None = None,
 
 
 def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = None,
-            V: int | None = None, mode: str | None = None) -> str | None:
-    """None when `backend` can run `op` with T tokens (head dims K, V and the verify mode where
-    known) on `device`, else the reason it cannot."""
+            V: int | None = None) -> str | None:
+    """None when `backend` can run `op` with T tokens (head dims K, V where known) on `device`,
+    else the reason it cannot."""
     if backend == "xla":
         return None
     if op not in KERNEL_OPS:
@@ -108,12 +108,11 @@ def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = No
             return "the Triton kernels need compute capability >= 8.0"
         return None
     if backend == "mosaic":
-        return _mosaic_why_not(device, op, K, V, mode)
+        return _mosaic_why_not(device, op, K, V)
     return f"unknown backend {backend!r}"
 
 
-def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None,
-                    mode: str | None) -> str | None:
+def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None) -> str | None:
     if op not in MOSAIC_OPS:
         return (f"there is no Mosaic GPU kernel for {op} (Mosaic GPU runs "
                 f"{' and '.join(MOSAIC_OPS)})")
@@ -122,13 +121,13 @@ def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None,
     if device.capability[0] not in (9, 10, 11):
         return ("the Mosaic GPU kernels need compute capability 9.x (Hopper) or 10.x/11.x "
                 "(datacenter Blackwell): TMA, and a Mosaic GPU target")
+    from gdn_jax.kernels import _mgpu  # its limits; the jax version and whether Mosaic GPU imports
+
     for name, d in (("K", K), ("V", V)):
         if d is not None and d % 64:
             return f"the Mosaic GPU kernels take {name} a multiple of 64 (WGMMA layout), got {d}"
-    if K is not None and K > 256:
-        return f"the Mosaic GPU kernels take K up to 256 (one TMA box row), got {K}"
-    from gdn_jax.kernels import _mgpu  # jax version, and whether Mosaic GPU imports at all
-
+    if K is not None and K > _mgpu.MAX_K:
+        return f"the Mosaic GPU kernels take K up to {_mgpu.MAX_K} (one TMA box row), got {K}"
     return _mgpu.unavailable()
 
 
@@ -156,7 +155,7 @@ def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
         return _logged_choice(op, dev, Choice("xla", f"{op} has no kernel"))
 
     def reason(name):
-        return why_not(name, dev, op, T, K=K, V=V, mode=mode) or (fits and fits(name))
+        return why_not(name, dev, op, T, K=K, V=V) or (fits and fits(name))
 
     if forced not in (None, "auto"):
         why = reason(forced)
@@ -212,8 +211,8 @@ _LARGE_BATCH = 128
 
 # Mosaic GPU kernels (kernels/decode_mgpu.py, verify_mgpu.py): block_v, tiles_per_cta, stages,
 # from the H100 ncu sweeps (bench/results/ncu_sweep_mosaic*-h100-2026-11-26*.json; replay 3 + 4
-# and intermediate T = 4) and runs at B = 8 (ncu_kernels-h100-{pending-tma,final}-2026-11-26*). A [128, K] tile halves replay's per-tile work (gates, l2norms, the
-# fold's loads) against its rows where the bf16 state leaves room for two CTAs per SM; fp32 tiles
+# and intermediate T = 4) and runs at B = 8 (ncu_kernels-h100-{pending-tma,final}-2026-11-26*).
+# A [128, K] tile halves replay's per-tile work (gates, l2norms, the fold's loads) against its rows where the bf16 state leaves room for two CTAs per SM; fp32 tiles
 # of 128 rows fit one CTA per SM and lose. Three stages also drop to one CTA per SM: two win.
 _MOSAIC_TUNING = {
     ("decode", "bfloat16", True): (64, 4, 2),    # 191.1 us at B = 256 (94.4% of copy)

@@ -1,5 +1,5 @@
-"""The Mosaic GPU kernels (`decode_mgpu`, `verify_replay_mgpu`, `verify_intermediate_mgpu`) under the Mosaic GPU interpreter
-on CPU.
+"""The Mosaic GPU kernels (`decode_mgpu`, `verify_replay_mgpu`, `verify_intermediate_mgpu`) under
+the Mosaic GPU interpreter on CPU.
 
 The interpreter simulates GMEM, SMEM, TMA copies and barriers, fills uninitialised memory with
 NaN and raises on out-of-bounds reads, but knows no register layouts or SMEM swizzles (those are

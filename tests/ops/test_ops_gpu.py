@@ -27,8 +27,7 @@ def test_verify_commit_decode(backend, mode, pool_dtype):
     """verify on the given backend (None: the dispatch's choice), then commit and decode."""
     from gdn_jax.ops import dispatch
 
-    why = backend and dispatch.why_not(backend, dispatch.Device.of(), "verify", 4, K=K, V=V,
-                                       mode=mode)
+    why = backend and dispatch.why_not(backend, dispatch.Device.of(), "verify", 4, K=K, V=V)
     if why:
         pytest.skip(why)
     rng = np.random.default_rng(0)
