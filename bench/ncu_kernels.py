@@ -2,15 +2,18 @@
 
 Run under ncu, which this script starts itself:
 
-    python bench/ncu_kernels.py --out DIR [--fla] [--fla-jax] [--quick] [--no-mosaic]
+    python bench/ncu_kernels.py --out DIR [--fla] [--fla-jax] [--flashinfer] [--quick] [--no-mosaic]
                                           [--sweep-mosaic decode,replay,intermediate]
 
 It re-runs itself as `ncu ... python bench/ncu_kernels.py --worker`, profiling only the launches
 between cudaProfilerStart/Stop (each case: compile and warm up first, then --reps launches), with
 `--cache-control all --clock-control none` (caches flushed before each launch, clocks as found).
-Then it maps ncu's rows back to the cases in order and writes DIR/ncu_kernels.json with each
-case's median kernel duration, DRAM throughput, registers per thread and achieved occupancy, the
-byte model, GB/s, and % of the copy bandwidth measured in the same run (torch `copy_`, 1 GiB).
+Every profiled launch is preceded by a one-thread marker kernel (`ncu_case_mark`), so ncu's rows
+map back to the launches whatever kernels a call runs. DIR/ncu_kernels.json has, per case: the
+median over launches of the call's summed kernel time (`call_us`: every kernel of one call, glue
+included) and of its longest kernel (`kernel_us`, with that kernel's DRAM throughput, registers
+per thread and achieved occupancy), the byte model, GB/s and % of the copy bandwidth measured in
+the same run (torch `copy_`, 1 GiB), both from `call_us`.
 
 Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf16 and fp32 pools.
   decode            T = 1, nothing pending
@@ -26,6 +29,13 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
                     program through jax-triton (bench/fla_jax.py); first checked against
                     gdn_jax.ops.reference at B = 8, T = 4 (fp32 and bf16 state; the errors go into
                     the first fla-jax case's "check"). At T = 1 jax-triton makes T a constexpr.
+  flashinfer ...    FlashInfer 0.7.2.post1's CuTe DSL kernels from torch (bench/flashinfer_gdn.py; carried
+                    by bench/flashinfer_carry.py), bf16 pool only, no padding rows: decode (T = 1),
+                    intermediate T (MTP verify writing [B, T, HV, V, K] bf16 states, pool read only)
+                    and ring T (its verify + flush over a 32-slot ring, T in {4, 8}) in three
+                    phases: fold 20% (ring fill uniform over 0..flush_min-1, a fifth of the rows at
+                    flush_min..16, folding), fold 0% and fold 100%. First checked against the float64
+                    oracle (tests/oracle.py) at B = 4; the errors go into the first case's "check".
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 H, HV, K, V = 16, 32, 128, 128
 PENDING = 3
+RING_FOLD_SHARES = (0.2, 0.0, 1.0)  # FlashInfer's published steady state first, then both ends
 METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
            "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active")
 
@@ -55,7 +66,7 @@ def cases(args):
                                   tuple(int(x) for x in args.sweep_batches.split(",")))
     batches = (args.batches or ((8, 256) if args.quick else (1, 8, 32, 128, 256)))
     out = []
-    for dtype in ("bfloat16", "float32"):
+    for dtype in args.dtypes:
         for B in batches:
             out.append(dict(impl="gdn", op="decode", B=B, T=1, dtype=dtype))
             if args.mosaic:
@@ -68,6 +79,13 @@ def cases(args):
             for impl in ("fla",) * args.fla + ("fla-jax",) * args.fla_jax:
                 for T in (1,) + tuple(args.tokens):
                     out.append(dict(impl=impl, op="fla", B=B, T=T, dtype=dtype))
+            if args.flashinfer and dtype == "bfloat16":
+                out.append(dict(impl="flashinfer", op="decode", B=B, T=1, dtype=dtype))
+                for T in (t for t in args.tokens if t in (4, 8)):
+                    out.append(dict(impl="flashinfer", op="intermediate", B=B, T=T, dtype=dtype))
+                    for share in RING_FOLD_SHARES:
+                        out.append(dict(impl="flashinfer", op="ring", B=B, T=T, dtype=dtype,
+                                        fold_share=share))
     return out
 
 
@@ -120,7 +138,54 @@ def byte_model(c):
         return 2 * state + tokens + pend
     if c["op"] == "fla":  # reads the state in its dtype, writes fp32
         return state + B * HV * V * K * 4 + tokens
+    if c["op"] == "ring":  # state read, ring window read, T entries appended, folding rows' state
+        entry = H * K * 2 + HV * V * 2 + HV * 4  # normalised k, corrected u (bf16), log decay (fp32)
+        return (state + B * c["mean_fill"] * entry + B * T * entry + c["fold_share"] * state
+                + tokens)
     return 2 * state + tokens
+
+
+def _marker():
+    """A one-thread Triton kernel launched before every profiled call (see the module docstring)."""
+    import torch
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def ncu_case_mark(x_ptr):
+        tl.store(x_ptr, tl.load(x_ptr) + 1)
+
+    buf = torch.zeros(1, dtype=torch.int32, device="cuda")
+
+    def mark():
+        ncu_case_mark[(1,)](buf)
+        torch.cuda.synchronize()
+
+    return mark
+
+
+def _flashinfer_case(c, fi, rng):
+    """The case's FlashInfer call as a closure over fresh inputs (bench/flashinfer_gdn.py)."""
+    import torch
+
+    B, T = c["B"], c["T"]
+    x = fi.tokens(B, T, seed=int(rng.integers(1 << 30)))
+    pool = (0.3 * torch.randn(B, HV, V, K, device="cuda")).to(torch.bfloat16)
+    slots = torch.as_tensor(rng.permutation(B), dtype=torch.int32, device="cuda")
+    if c["op"] == "decode":
+        return lambda: fi.decode(x, pool, slots)
+    if c["op"] == "intermediate":
+        inter = torch.empty(B, T, HV, V, K, dtype=torch.bfloat16, device="cuda")
+        return lambda: fi.intermediate(x, pool, slots, inter)
+    flush_min = 16 - T + 1  # FlashInfer's default: fold when the window cannot take T more
+    folding = rng.permutation(B) < round(c["fold_share"] * B)
+    fill = np.where(folding, rng.integers(flush_min, 17, B), rng.integers(0, flush_min, B))
+    c["mean_fill"] = float(fill.mean())
+    hist = torch.as_tensor(fill, dtype=torch.int32, device="cuda")
+    base = torch.as_tensor(rng.integers(0, fi.RING_SLOTS, B), dtype=torch.int32, device="cuda")
+    rings = fi.new_ring(B)
+    fi.fill_ring(rings, hist, base, slots)
+    return lambda: fi.ring_verify(x, pool, slots, rings, hist, base)
 
 
 def _profiler(on: bool):
@@ -141,7 +206,9 @@ def worker(args):
 
     rng = np.random.default_rng(0)
     results = []
+    mark = _marker()
     fla_jax_check = None  # None: not run yet; else the check's result or its error
+    fi_check = None
     for c in cases(args):
         B, T, dtype = c["B"], c["T"], jnp.dtype(c["dtype"])
         mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
@@ -171,8 +238,40 @@ def worker(args):
                 continue
             _profiler(True)
             for _ in range(args.reps):
+                mark()
                 run()
-            torch.cuda.synchronize()
+                torch.cuda.synchronize()
+            _profiler(False)
+            results.append(c)
+            continue
+        if c["impl"] == "flashinfer":
+            import flashinfer_gdn as fi
+
+            if fi_check is None:  # once, before the first timing, outside the profiled range
+                try:
+                    fi_check = fi.check_against_oracle()
+                    c["check"] = fi_check
+                except Exception as e:  # noqa: BLE001 - a wrong or failing kernel: time nothing
+                    fi_check = f"check failed: {type(e).__name__}: {str(e)[:600]}"
+                print(f"flashinfer vs the float64 oracle: {fi_check}", flush=True)
+            if isinstance(fi_check, str):
+                c["error"] = fi_check
+                results.append(c)
+                continue
+            try:
+                run = _flashinfer_case(c, fi, rng)
+                for _ in range(2):
+                    run()
+                torch.cuda.synchronize()
+            except Exception as e:  # noqa: BLE001 - record it and go on
+                c["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+                results.append(c)
+                continue
+            _profiler(True)
+            for _ in range(args.reps):
+                mark()
+                run()
+                torch.cuda.synchronize()
             _profiler(False)
             results.append(c)
             continue
@@ -198,6 +297,7 @@ def worker(args):
                 jax.block_until_ready(f(*fargs))
             _profiler(True)
             for _ in range(args.reps):
+                mark()
                 jax.block_until_ready(f(*fargs))
             _profiler(False)
             results.append(c)
@@ -223,8 +323,9 @@ def worker(args):
                       "intermediate": kernels.verify_intermediate_mgpu}[c["op"]]
         toks = (q, k, v, a, b, A_log, dt)
         pend = (st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count)
-        if c["op"] == "intermediate":  # pool only read; inter is the output
-            f = jax.jit(lambda pool: (pool, kernel(*toks, pool, *pend, slots, **cfg)[1][0, 0, 0, 0]))
+        if c["op"] == "intermediate":  # pool only read; inter is the output (no slice of it:
+            # that would add a kernel to the call)
+            f = jax.jit(lambda pool: (pool, kernel(*toks, pool, *pend, slots, **cfg)[1]))
         else:
             f = jax.jit(lambda pool: (kernel(*toks, pool, *pend, slots, **cfg)[1], 0),
                         donate_argnums=0)
@@ -237,11 +338,38 @@ def worker(args):
             continue
         _profiler(True)
         for _ in range(args.reps):
+            mark()
             pool, _ = jax.block_until_ready(f(pool))
         _profiler(False)
         results.append(c)
     with open(os.path.join(args.out, "ncu_cases.json"), "w") as fh:
         json.dump(results, fh)
+
+
+def flashinfer_over_ours(table):
+    """FlashInfer's call time over ours at each B (bf16 pool; > 1: ours is faster). Ours is the
+    backend dispatch picks on this device for that op, B and verify mode: plain decode vs its
+    decode, intermediate T vs its MTP verify, and replay (3 pending + T) vs its ring verify in the
+    steady state (fold 20%; its fold 0% and 100% phases are in the cases)."""
+    from gdn_jax.ops import dispatch
+
+    impl_of = {"triton": "gdn", "mosaic": "mosaic"}
+    ok = [c for c in table if "error" not in c]
+    rows = []
+    for c in ok:
+        if c["impl"] != "flashinfer" or c.get("fold_share", 0.2) != 0.2:
+            continue
+        op, mode = {"decode": ("decode", None), "intermediate": ("verify", "intermediate"),
+                    "ring": ("verify", "replay")}[c["op"]]
+        backend = dispatch.select(op, T=c["T"], K=K, V=V, B=c["B"], mode=mode).backend
+        ours_op = "replay" if c["op"] == "ring" else c["op"]
+        ours = [o for o in ok if o["impl"] == impl_of.get(backend) and o["op"] == ours_op
+                and o["B"] == c["B"] and o["T"] == c["T"] and o["dtype"] == c["dtype"]]
+        if ours:
+            rows.append(dict(B=c["B"], T=c["T"], what=f"{c['op']} vs our {ours_op}",
+                             ours=f"{backend}", flashinfer_us=c["call_us"],
+                             ours_us=ours[0]["call_us"], ratio=c["call_us"] / ours[0]["call_us"]))
+    return rows
 
 
 def main(argv=None):
@@ -252,9 +380,14 @@ def main(argv=None):
     p.add_argument("--fla-jax", action="store_true",
                    help="also profile fla's kernel launched from JAX through jax-triton "
                         "(bench/fla_jax.py), after a check against the XLA reference")
+    p.add_argument("--flashinfer", action="store_true",
+                   help="also profile FlashInfer's GDN decode, MTP verify and ring verify "
+                        "(bench/flashinfer_gdn.py; bf16 pool), after a check against the oracle")
     p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
     p.add_argument("--batches", default=None,
                    help="B values of the standard cases, comma-separated (overrides --quick)")
+    p.add_argument("--dtypes", default="bfloat16,float32",
+                   help="state dtypes of the standard cases, comma-separated (default both)")
     p.add_argument("--tokens", default="4", help="verify T values, comma-separated (default 4)")
     p.add_argument("--reps", type=int, default=3, help="profiled launches per case (median)")
     p.add_argument("--sweep", action="store_true",
@@ -270,6 +403,7 @@ def main(argv=None):
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
+    args.dtypes = tuple(args.dtypes.split(","))
     args.batches = args.batches and tuple(int(x) for x in args.batches.split(","))
     os.makedirs(args.out, exist_ok=True)
     if args.worker:
@@ -287,6 +421,13 @@ def main(argv=None):
         if why is not None:
             print(f"fla through jax-triton left out: {why}", flush=True)
             args.fla_jax = False
+    if args.flashinfer:
+        from flashinfer_gdn import why_unavailable as fi_why
+
+        why = fi_why()
+        if why is not None:
+            print(f"FlashInfer left out: {why}", flush=True)
+            args.flashinfer = False
     why = dispatch.why_not("mosaic", dispatch.Device.of(), "decode", 1, K=K, V=V)
     if args.mosaic and why is not None:
         print(f"Mosaic GPU decode left out: {why}", flush=True)
@@ -298,11 +439,13 @@ def main(argv=None):
     torch.cuda.empty_cache()
     raw = os.path.join(args.out, "ncu_raw.csv")
     cmd = ["ncu", "--cache-control", "all", "--clock-control", "none", "--profile-from-start",
-           "off", "--kernel-name", "regex:gdn_|fused_recurrent", "--metrics", ",".join(METRICS),
+           "off", "--metrics", ",".join(METRICS),
            "--csv", "--page", "raw", "--log-file", raw,
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
-           "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps)]
+           "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps),
+           "--dtypes", ",".join(args.dtypes)]
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
+    cmd += ["--flashinfer"] * args.flashinfer
     if args.batches:
         cmd += ["--batches", ",".join(map(str, args.batches))]
     cmd += ["--no-mosaic"] * (not args.mosaic)
@@ -316,45 +459,61 @@ def main(argv=None):
     rows = list(csv.DictReader(io.StringIO(text[text.index('"ID"'):])))
     rows = [r for r in rows if r.get("Kernel Name") and not r["ID"].startswith("=")]
     rows = [r for r in rows if r["ID"].isdigit()]
+    launches = []  # one list of ncu rows per profiled call, split at the marker kernels
+    for r in rows:
+        if "ncu_case_mark" in r["Kernel Name"]:
+            launches.append([])
+        elif launches:
+            launches[-1].append(r)
     table = []
     ran = [c for c in done if "error" not in c]
-    if len(rows) != len(ran) * args.reps:
-        raise SystemExit(f"{len(rows)} profiled launches for {len(ran)} cases x {args.reps}: "
-                         "cannot map them; see ncu_raw.csv")
+    if len(launches) != len(ran) * args.reps or not all(launches):
+        raise SystemExit(f"{len(launches)} marked launches for {len(ran)} cases x {args.reps} "
+                         "(or a launch without kernels): cannot map them; see ncu_raw.csv")
     for c in done:
         if "error" in c:
             table.append(c)
+    val = lambda r, key: float(r[key].replace(",", ""))
     for i, c in enumerate(ran):
-        mine = rows[i * args.reps:(i + 1) * args.reps]
-        num = lambda key: statistics.median(float(r[key].replace(",", "")) for r in mine)
-        dur_ns = num("gpu__time_duration.sum")
+        mine = launches[i * args.reps:(i + 1) * args.reps]
+        main_rows = [max(launch, key=lambda r: val(r, METRICS[0])) for launch in mine]
+        num = lambda key: statistics.median(val(r, key) for r in main_rows)
+        call_ns = statistics.median(sum(val(r, METRICS[0]) for r in launch) for launch in mine)
         nbytes = byte_model(c)
-        c.update(kernel=mine[0]["Kernel Name"][:60], kernel_us=dur_ns / 1e3,
+        c.update(kernel=main_rows[0]["Kernel Name"][:60], kernel_us=num(METRICS[0]) / 1e3,
+                 call_us=call_ns / 1e3, kernels_per_call=len(mine[0]),
                  dram_pct=num(METRICS[1]), regs=num(METRICS[2]), occupancy_pct=num(METRICS[3]),
-                 bytes=nbytes, GBps=nbytes / dur_ns, pct_copy=100 * nbytes / dur_ns / bw)
+                 bytes=nbytes, GBps=nbytes / call_ns, pct_copy=100 * nbytes / call_ns / bw)
         table.append(c)
     dev = jax.devices()[0]
     result = dict(device=dev.device_kind, capability=getattr(dev, "compute_capability", None),
                   jax=jax.__version__, copy_GBps=bw, copy_method="torch copy_ 1 GiB fp32, read+write",
                   ncu="--cache-control all --clock-control none", reps=args.reps, cases=table)
+    if args.flashinfer:
+        result["flashinfer_over_ours"] = flashinfer_over_ours(table)
+        for row in result["flashinfer_over_ours"]:
+            print(f"FlashInfer / ours, B = {row['B']:3d}, {row['what']}: {row['flashinfer_us']:.1f} / "
+                  f"{row['ours_us']:.1f} us ({row['ours']}) = {row['ratio']:.2f}")
     with open(os.path.join(args.out, "ncu_kernels.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print(f"{dev.device_kind}, jax {jax.__version__}, copy {bw:.0f} GB/s")
-    print(f"{'cfg':11s} {'impl':7s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
-          f"{'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
+    print(f"{'cfg':11s} {'impl':10s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
+          f"{'call us':>8s} {'n':>2s} {'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
     for c in table:
         if "error" in c:
-            print(f"{c['impl']:7s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
+            print(f"{c['impl']:10s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c.get('block_v')} "
                   f"{c.get('num_warps', c.get('tiles_per_cta'))}: {c['error'][:80]}")
             continue
         if "tiles_per_cta" in c:
             cfg = f"bv{c['block_v']}t{c['tiles_per_cta']}s{c['stages']}"
         elif "block_v" in c:
             cfg = f"bv{c['block_v']}w{c['num_warps']}s{c.get('num_stages', 1)}"
+        elif "fold_share" in c:
+            cfg = f"fold{100 * c['fold_share']:.0f}%"
         else:
             cfg = ""
-        print(f"{cfg:11s} {c['impl']:7s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
-              f"{c['kernel_us']:10.1f} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
+        print(f"{cfg:11s} {c['impl']:10s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
+              f"{c['kernel_us']:10.1f} {c['call_us']:8.1f} {c['kernels_per_call']:2d} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
               f"{c['regs']:5.0f} {c['occupancy_pct']:5.1f}")
 
 
