@@ -48,6 +48,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -86,6 +87,8 @@ def cases(args):
                     for share in RING_FOLD_SHARES:
                         out.append(dict(impl="flashinfer", op="ring", B=B, T=T, dtype=dtype,
                                         fold_share=share))
+    if args.impls:
+        out = [c for c in out if c["impl"] in args.impls]
     return out
 
 
@@ -209,7 +212,10 @@ def worker(args):
     mark = _marker()
     fla_jax_check = None  # None: not run yet; else the check's result or its error
     fi_check = None
-    for c in cases(args):
+    todo = cases(args)
+    t0 = time.time()
+    for i, c in enumerate(todo):
+        print(f"[{time.time() - t0:6.1f} s] case {i + 1}/{len(todo)}: {c}", flush=True)
         B, T, dtype = c["B"], c["T"], jnp.dtype(c["dtype"])
         mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
         q, k, v, a, b = mk(B, T, H, K), mk(B, T, H, K), mk(B, T, HV, V), mk(B, T, HV), mk(B, T, HV)
@@ -383,6 +389,9 @@ def main(argv=None):
     p.add_argument("--flashinfer", action="store_true",
                    help="also profile FlashInfer's GDN decode, MTP verify and ring verify "
                         "(bench/flashinfer_gdn.py; bf16 pool), after a check against the oracle")
+    p.add_argument("--impls", default=None,
+                   help="keep only these implementations of the standard cases, comma-separated "
+                        "(gdn = our Triton, mosaic, fla, fla-jax, flashinfer)")
     p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
     p.add_argument("--batches", default=None,
                    help="B values of the standard cases, comma-separated (overrides --quick)")
@@ -404,6 +413,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
     args.dtypes = tuple(args.dtypes.split(","))
+    args.impls = args.impls and tuple(args.impls.split(","))
     args.batches = args.batches and tuple(int(x) for x in args.batches.split(","))
     os.makedirs(args.out, exist_ok=True)
     if args.worker:
@@ -443,7 +453,7 @@ def main(argv=None):
            "--csv", "--page", "raw", "--log-file", raw,
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps),
-           "--dtypes", ",".join(args.dtypes)]
+           "--dtypes", ",".join(args.dtypes)] + ["--impls", ",".join(args.impls)] * bool(args.impls)
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
     cmd += ["--flashinfer"] * args.flashinfer
     if args.batches:
