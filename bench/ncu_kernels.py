@@ -169,6 +169,7 @@ def _marker():
 
 def _flashinfer_case(c, fi, rng):
     """The case's FlashInfer call as a closure over fresh inputs (bench/flashinfer_gdn.py)."""
+    import numpy as np
     import torch
 
     B, T = c["B"], c["T"]
