@@ -6,61 +6,38 @@ is the yardstick: our bf16 logits must stay within BF16_FACTOR times transformer
 positions. bf16 keeps 8 significand bits (unit roundoff 2**-9 = 2e-3 per rounding); a few
 layers of roundings put both runs at the 1e-2 level, so a factor 2 leaves room for our extra
 bf16 state rounding without hiding a real bug (a wrong weight or gate gives errors of order 1).
+Both transformers runs are read from the committed fixtures (tests/hf_fixtures.py).
 """
 
 from __future__ import annotations
-
-import copy
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+import hf_fixtures as F
+from model_runner import Runner
 
-import hf_models as H  # noqa: E402
-from model_runner import Runner  # noqa: E402
-
-from gdn_jax.models import Qwen3NextForCausalLM  # noqa: E402
+from gdn_jax.models import Qwen3NextForCausalLM
 
 BF16_FACTOR, FLOOR, MIN_ARGMAX_AGREEMENT = 2.0, 1e-2, 0.9
 SLOTS = (1, 0)
 
 
-@torch.no_grad()
-def _hf_run(hf, prompts, steps):
-    """Prefill logits per prompt, then cached decode logits per step: a list per prompt."""
-    out = []
-    for p, s in zip(prompts, steps):
-        o = hf(torch.tensor([p]), use_cache=True)
-        logits = [o.logits[0].float()]
-        for t in s:
-            o = hf(torch.tensor([[int(t)]]), cache=o.cache, use_cache=True)
-            logits.append(o.logits[0].float())
-        out.append(torch.cat(logits).numpy())
-    return out
+@pytest.mark.parametrize("spec", F.BF16_SPECS, ids=lambda s: s.id)
+def test_bf16_close_to_fp32_transformers(spec, record_property):
+    ref = F.reference(spec)
+    lengths = F.BF16["prompt_lengths"]
+    steps = ref["bf16_steps"]
+    rows = [n + steps.shape[1] for n in lengths]  # prefill positions, then one per decode step
+    want = [ref["bf16_fp32_logits"][i, :n] for i, n in enumerate(rows)]
+    base = [ref["bf16_hf_bf16_logits"][i, :n] for i, n in enumerate(rows)]
 
-
-@pytest.mark.parametrize("spec", [H.SPECS[0], H.SPECS[3]], ids=lambda s: s.id)
-def test_bf16_close_to_fp32_transformers(spec, tmp_path, record_property):
-    hf = H.make_hf_model(spec, seed=6)
-    hf.save_pretrained(tmp_path)
-    hf_bf16 = copy.deepcopy(hf).to(torch.bfloat16)
-    rng = np.random.default_rng(7)
-    V = hf.config.vocab_size
-    prompts = [rng.integers(0, V, n).tolist() for n in (9, 5)]
-    steps = rng.integers(0, V, (2, 4))
-    want = _hf_run(hf, prompts, steps)
-    base = _hf_run(hf_bf16, prompts, steps)
-
-    runner = Runner(Qwen3NextForCausalLM.from_pretrained(tmp_path, dtype=jnp.bfloat16))
+    runner = Runner(Qwen3NextForCausalLM.from_pretrained(spec.dir, dtype=jnp.bfloat16))
     cache = runner.model.init_cache(2, 24, t_max=2, state_dtype=jnp.bfloat16)
-    toks = np.zeros((2, 9), np.int32)
-    for i, p in enumerate(prompts):
-        toks[i, :len(p)] = p
-    out = runner(toks, cache, SLOTS, mode="prefill", lengths=[9, 5])
-    got = [[np.asarray(out.logits[i, :len(p)])] for i, p in enumerate(prompts)]
+    toks = ref["bf16_prompts"]
+    out = runner(toks, cache, SLOTS, mode="prefill", lengths=list(lengths))
+    got = [[np.asarray(out.logits[i, :n])] for i, n in enumerate(lengths)]
     cache = out.cache
     for t in range(steps.shape[1]):
         out = runner(steps[:, t:t + 1], cache, SLOTS, mode="decode")
@@ -69,8 +46,8 @@ def test_bf16_close_to_fp32_transformers(spec, tmp_path, record_property):
             got[i].append(np.asarray(out.logits[i]))
     got = [np.concatenate(g) for g in got]
 
-    ours = max(H.rel_err(g, w) for g, w in zip(got, want))
-    theirs = max(H.rel_err(b, w) for b, w in zip(base, want))
+    ours = max(F.rel_err(g, w) for g, w in zip(got, want))
+    theirs = max(F.rel_err(b, w) for b, w in zip(base, want))
     agree = np.mean(np.concatenate([g.argmax(-1) == w.argmax(-1) for g, w in zip(got, want)]))
     record_property("bf16", dict(ours=ours, transformers_bf16=theirs, argmax=agree))
     print(f"\nbf16 rel err: ours {ours:.3g}, transformers bf16 {theirs:.3g}; argmax {agree:.3f}")

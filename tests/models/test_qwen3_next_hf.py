@@ -1,10 +1,12 @@
 """Qwen3-Next / Qwen3.5 models loaded from transformers checkpoints match transformers (fp32).
 
-Tiny random models of both families (dense and MoE, GVA 1 and 2, both layer types), saved with
-`save_pretrained` and loaded by gdn-jax. fp32 state, matmuls at Precision.HIGHEST. Our batched
-ragged prefill is compared per prompt with transformers (whose right-padded batches corrupt its
-linear-attention state), decode and verify with transformers' cached path, and the state after a
-commit (rollback to the accepted count) with a transformers recompute of the kept sequence.
+Tiny random models of both families (dense and MoE, GVA 1 and 2, both layer types), saved by
+transformers' `save_pretrained` and loaded by gdn-jax, against transformers' logits: both read
+from the committed fixtures (tests/hf_fixtures.py; no torch needed). fp32 state, matmuls at
+Precision.HIGHEST. Our batched ragged prefill is compared per prompt with transformers (whose
+right-padded batches corrupt its linear-attention state), decode and verify with transformers'
+cached path, and the state after a commit (rollback to the accepted count) with a transformers
+recompute of the kept sequence.
 """
 
 from __future__ import annotations
@@ -13,32 +15,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("transformers")
-torch = pytest.importorskip("torch")
+import hf_fixtures as F
+from model_runner import Runner
 
-import hf_models as H  # noqa: E402
-from model_runner import Runner  # noqa: E402
-
-from gdn_jax.models import Qwen3NextForCausalLM  # noqa: E402
+from gdn_jax.models import Qwen3NextForCausalLM
 
 RTOL = 1e-4  # max |ours - HF| / max |HF| over the logits compared
-PROMPT_LENGTHS = (7, 3, 5)
 SLOTS = (3, 0, 2, -1)  # the last row is padding
 NUM_SLOTS, MAX_LEN, T_MAX = 4, 40, 4
+assert len(SLOTS) == F.DECODE["rows"] == F.VERIFY["rows"]
 
 
-@pytest.fixture(scope="module", params=H.SPECS, ids=lambda s: s.id)
-def pair(request, tmp_path_factory):
+@pytest.fixture(scope="module", params=F.SPECS, ids=lambda s: s.id)
+def pair(request):
     spec = request.param
-    hf = H.make_hf_model(spec, seed=1)
-    path = tmp_path_factory.mktemp(spec.id)
-    hf.save_pretrained(path)
-    model = Qwen3NextForCausalLM.from_pretrained(path, dtype=jnp.float32)
-    return hf, Runner(model)
+    model = Qwen3NextForCausalLM.from_pretrained(spec.dir, dtype=jnp.float32)
+    return F.reference(spec), Runner(model)
 
 
-def _prompts(rng, vocab):
-    return [rng.integers(0, vocab, n).tolist() for n in PROMPT_LENGTHS]
+def _prompts(padded, lengths):
+    return [padded[i, :n].tolist() for i, n in enumerate(lengths)]
 
 
 def _padded(seqs, T=None):
@@ -56,69 +52,51 @@ def _prefill(runner, prompts, commit_mode="replay"):
     return runner(_padded(prompts), cache, SLOTS, mode="prefill", lengths=lengths)
 
 
-@torch.no_grad()
-def _hf_cached(hf, ids, cache=None):
-    out = hf(torch.tensor([ids]), cache=cache, use_cache=True)
-    return out.logits[0].numpy(), out.cache
-
-
 def test_prefill_and_decode_match_transformers(pair, record_property):
-    hf, runner = pair
-    rng = np.random.default_rng(0)
-    prompts = _prompts(rng, hf.config.vocab_size)
+    ref, runner = pair
+    prompts = _prompts(ref["decode_prompts"], F.DECODE["prompt_lengths"])
     out = _prefill(runner, prompts)
     errs = {"prefill": 0.0, "decode": 0.0}
-    hf_caches = []
     for i, p in enumerate(prompts):
-        want, c = _hf_cached(hf, p)
-        hf_caches.append(c)
-        errs["prefill"] = max(errs["prefill"], H.rel_err(out.logits[i, :len(p)], want))
+        want = ref["decode_prefill_logits"][i, :len(p)]
+        errs["prefill"] = max(errs["prefill"], F.rel_err(out.logits[i, :len(p)], want))
     cache = out.cache
-    for _ in range(4):
-        nxt = rng.integers(0, hf.config.vocab_size, len(SLOTS))
+    for t, nxt in enumerate(ref["decode_tokens"]):
         out = runner(nxt[:, None], cache, SLOTS, mode="decode")
         cache = out.cache
         for i in range(len(prompts)):
-            want, hf_caches[i] = _hf_cached(hf, [int(nxt[i])], hf_caches[i])
-            errs["decode"] = max(errs["decode"], H.rel_err(out.logits[i], want))
+            want = ref["decode_logits"][t, i]
+            errs["decode"] = max(errs["decode"], F.rel_err(out.logits[i], want[None]))
     record_property("max_rel_err", errs)
-    print(f"\n{pair[0].__class__.__name__} {errs}")
+    print(f"\n{errs}")
     assert errs["prefill"] <= RTOL and errs["decode"] <= RTOL, errs
 
 
 @pytest.mark.parametrize("commit_mode", ["replay", "intermediate"])
 def test_verify_and_rollback_match_transformers(pair, commit_mode, record_property):
-    hf, runner = pair
-    V = hf.config.vocab_size
-    rng = np.random.default_rng(1)
-    seqs = _prompts(rng, V)
+    ref, runner = pair
+    seqs = _prompts(ref["verify_prompts"], F.VERIFY["prompt_lengths"])
     out = _prefill(runner, seqs, commit_mode)
     cache = out.cache
     # one decode step, so verify starts from a cache that has seen both paths
-    nxt = rng.integers(0, V, len(SLOTS))
+    nxt = ref["verify_next"]
     cache = runner(nxt[:, None], cache, SLOTS, mode="decode").cache
     seqs = [s + [int(nxt[i])] for i, s in enumerate(seqs)]
     errs = {"verify_cached": 0.0, "verify_after_commit": 0.0, "decode_after_commit": 0.0}
-    for round_, accepted in enumerate(([3, 1, 0, 2], [2, 3, 1, 0])):
-        draft = rng.integers(0, V, (len(SLOTS), 3))
+    for round_, accepted in enumerate(F.VERIFY["accepted"]):
+        draft = ref["verify_drafts"][round_]
         out = runner(draft, cache, SLOTS, mode="verify")
-        for i, s in enumerate(seqs):
-            if round_ == 0:  # transformers' cached multi-token path from the prompt's state
-                _, c = _hf_cached(hf, s)
-                want, _ = _hf_cached(hf, draft[i].tolist(), c)
-                key = "verify_cached"
-            else:  # after a rollback: transformers recomputes the kept sequence
-                want = H.hf_logits(hf, s + draft[i].tolist())[-3:]
-                key = "verify_after_commit"
-            errs[key] = max(errs[key], H.rel_err(out.logits[i], want))
+        # round 0: transformers' cached multi-token path from the prompt's state;
+        # round 1 (after a rollback): transformers recomputed the kept sequence
+        key = "verify_cached" if round_ == 0 else "verify_after_commit"
+        for i in range(len(seqs)):
+            errs[key] = max(errs[key], F.rel_err(out.logits[i], ref["verify_logits"][round_, i]))
         cache = runner.commit(out.cache, SLOTS, accepted)
         seqs = [s + draft[i, :accepted[i]].tolist() for i, s in enumerate(seqs)]
-    nxt = rng.integers(0, V, len(SLOTS))
-    out = runner(nxt[:, None], cache, SLOTS, mode="decode")
-    for i, s in enumerate(seqs):
-        want = H.hf_logits(hf, s + [int(nxt[i])])[-1]
-        errs["decode_after_commit"] = max(errs["decode_after_commit"],
-                                          H.rel_err(out.logits[i, 0], want))
+    out = runner(ref["verify_final"][:, None], cache, SLOTS, mode="decode")
+    for i in range(len(seqs)):
+        errs["decode_after_commit"] = max(errs["decode_after_commit"], F.rel_err(
+            out.logits[i, 0], ref["verify_decode_logits"][i]))
     # KV lengths follow the kept tokens; the padding row's slot -1 touched nothing
     attn = [c for c in out.cache.layers if hasattr(c, "lengths")][0]
     want_len = np.zeros(NUM_SLOTS, np.int32)
