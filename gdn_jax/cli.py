@@ -366,8 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0: off")
     g.add_argument("--top-p", type=float, default=1.0, help="1: off")
     g.add_argument("--num-draft-tokens", type=int, default=None,
-                   help="MTP drafts per round, 0..7 (0: plain decoding; default 3 on a GPU, 0 "
-                        "elsewhere, where speculation is slower than plain decoding)")
+                   help="MTP drafts per round (0: plain decoding; a verify call takes the "
+                        "drafts + 1 <= gdn_jax.ops.dispatch.MAX_KERNEL_T tokens; default 3 on a "
+                        "GPU, 0 elsewhere, where speculation is slower than plain decoding)")
     g.add_argument("--state-dtype", choices=DTYPES, default="bfloat16",
                    help="GDN state storage (default bfloat16)")
     g.add_argument("--dtype", choices=DTYPES, default=None,

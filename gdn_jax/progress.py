@@ -9,8 +9,8 @@ second or two says so, on a terminal or not.
     steps.update(25, loss="3.21")                 # `every_s` seconds and at the end
     steps.close()
 
-GDN_JAX_PROGRESS=0 in the environment (or enabled=False) silences both. Output goes to stderr, so stdout stays the
-generated text.
+GDN_JAX_PROGRESS=0 in the environment (or enabled=False) silences both. Output goes to stderr,
+so stdout stays the generated text.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class Steps:
         self.total, self.label, self.unit, self.every_s = total, label, unit, every_s
         self.file = sys.stderr if file is None else file
         self.enabled = _enabled(enabled)
-        self.n = 0
+        self.n = self.shown = 0
         self.postfix: dict = {}
         self.t0 = self.last = time.perf_counter()
         self.bar = None
@@ -108,6 +108,7 @@ class Steps:
                         f"{_clock(elapsed)} elapsed{eta}{post}{note}\n")
         self.file.flush()
         self.last = time.perf_counter()
+        self.shown = self.n
 
     def update(self, n: int = 1, **postfix) -> None:
         self.n += n
@@ -122,6 +123,6 @@ class Steps:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        elif self.enabled:
-            self._line("done")
+        elif self.enabled and self.shown != self.n:
+            self._line()
         self.enabled = False

@@ -1,4 +1,4 @@
-"""`python -m gdn_jax.train ...`: training's own entry point (`gdn-jax train ...` reaches the same)."""
+"""`python -m gdn_jax.train ...`: training's own entry point (`gdn-jax train ...` reaches it)."""
 
 import sys
 

@@ -21,9 +21,11 @@ _FIELDS = (("steps", int), ("batch", int), ("seq_len", int), ("seed", int), ("lr
            ("vocab_size", int), ("hidden_size", int), ("num_layers", int), ("eval_tokens", int),
            ("num_prompts", int))
 # The shipped model's run (its training_record.json): 89.6 s of steps, 121 s in all, on one H100.
+# The README's "Training" section says the same (tests/test_cli.py checks both).
+H100_TIME = "about 2 minutes"
 DESCRIPTION = (
-    "Train the embedded model on the running Python's standard library (gdn_jax.train). The "
-    "defaults take about 2 minutes on one H100 (the shipped model: 90 s of steps, 121 s with "
+    f"Train the embedded model on the running Python's standard library (gdn_jax.train). The "
+    f"defaults take {H100_TIME} on one H100 (the shipped model: 90 s of steps, 121 s with "
     "evaluation); on a CPU, hours. The corpus is this Python's stdlib, so a Python other than "
     "the shipped model's 3.12.3 trains on different files and gives different weights; "
     "training_record.json records the Python version and how the corpus differs.")

@@ -234,7 +234,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     t_start = time.perf_counter()
     phases = Progress(8, enabled=progress)
-    with phases.phase("read the corpus (this Python's stdlib)"):
+    with phases.phase("read the corpus"):
         corpus = Corpus.from_stdlib(cfg.corpus_root)
         train_texts = corpus.read(corpus.train)
         held_out = corpus.read(corpus.held_out) if corpus.held_out else []
