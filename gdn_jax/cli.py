@@ -6,12 +6,15 @@
     gdn-jax train    --out DIR [--steps N --batch B --seq-len T --seed S]
 
 `generate` defaults to the embedded model (`gdn_jax.models.embedded_path()`) and its first held-out
-prompt. Errors the user can fix (a missing directory, a bad config, a prompt too long for the
-cache, a bad option value) print one line, `gdn-jax: error: ...`, on stderr and exit with 2;
-anything else is a bug and keeps its traceback.
+prompt (a model directory without prompts.json: `gdn_jax.text.DEFAULT_PROMPT`). Errors the user
+can fix (a missing directory, a bad config, a prompt too long for the cache, a bad option value)
+print one line, `gdn-jax: error: ...`, on stderr and exit with 2; anything else is a bug and
+keeps its traceback.
 
-jax is imported inside the commands: `train` must set XLA_FLAGS (deterministic GPU reductions)
-before jax starts, and `--help` should not pay for it.
+`train` is training's own command line (`gdn_jax.train.command`, also `python -m
+gdn_jax.train`), reached only when called: this module imports nothing of `gdn_jax.train` (nor
+optax), so `generate` loads nothing of training. jax is imported inside the commands, so
+`--help` does not pay for it.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import json
 import os
 import sys
 import time
+
+from gdn_jax.text import MIN_TOKENS, REPEATS
 
 EXIT_USAGE = 2
 DTYPES = ("bfloat16", "float32")
@@ -32,13 +37,6 @@ class CLIError(Exception):
 
 # ------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False,
-                disable=not sys.stderr.isatty() and os.environ.get("GDN_JAX_PROGRESS") != "1",
-                bar_format="{desc}: {n_fmt}/{total_fmt} {postfix}")
 
 
 def _load_prompts_file(path: str) -> list[str]:
@@ -91,73 +89,78 @@ def _load_tokenizer(model_dir: str):
         raise CLIError(f"cannot read {path}: {e}") from None
 
 
-def _stop_tokens(model_dir: str, tokenizer) -> tuple[int, ...]:
-    """eos_token_id of config.json (an int or a list; generation_config.json's too), else the
-    embedded tokenizer's EOS."""
-    ids = []
-    for name in ("config.json", "generation_config.json"):
-        path = os.path.join(model_dir, name)
-        if os.path.isfile(path):
-            with open(path) as f:
-                eos = json.load(f).get("eos_token_id")
-            ids += eos if isinstance(eos, list) else [] if eos is None else [eos]
-    if not ids:
-        from gdn_jax.train.tokenizer import eos_id
-        eos = eos_id(tokenizer)
-        ids = [] if eos is None else [eos]
-    return tuple(sorted({int(i) for i in ids}))
-
-
 # ------------------------------------------------------------------------------------------------
 # generate
 
 
 def _generate_stream(model, prompts, lengths, *, chunk: int, max_new: int, stop, key, write,
-                     **kw):
+                     repeats: int, **kw):
     """--stream: `generate` in chunks of `chunk` tokens. Each chunk re-prefills the prompt plus
     the tokens so far (right-padded to one width, so one compiled program serves every chunk)
-    and generates `chunk` more; `write(text)` gets the new text after every chunk. Greedy output
-    is plain greedy decoding's, as unstreamed; sampling draws from the same distribution with a
-    key folded per chunk (so not the unstreamed tokens). Returns (ids, accepted, rounds)."""
+    and generates `chunk` more; `write(ids)` gets the new tokens after every chunk. Greedy output
+    is plain greedy decoding's, as unstreamed, and stops at the same repetition loop
+    (`gdn_jax.text.repetition_end` is a property of prefixes); sampling draws from the same
+    distribution with a key folded per chunk (so not the unstreamed tokens).
+    Returns (ids, generated, accepted, rounds, stopped at a repetition loop)."""
     import jax
     import numpy as np
 
     from gdn_jax import speculative
+    from gdn_jax.text import repetition_end
     P0 = prompts.shape[1]
     width = P0 + max_new
     buf = np.zeros((1, width), np.int32)
     buf[0, :P0] = prompts[0]
     n = int(lengths[0])
-    out, accepted, rounds = [], 0, 0
+    out, generated, accepted, rounds = [], 0, 0, 0
     for c in range(-(-max_new // chunk)):
         res = speculative.generate(model, buf, np.asarray([n], np.int32), max_new_tokens=chunk,
                                    key=jax.random.fold_in(key, c), stop_tokens=stop,
                                    max_len=width + chunk + kw["num_draft"], **kw)
         new = np.asarray(res.tokens[0, :int(res.lengths[0])]).tolist()[:max_new - len(out)]
+        generated += len(new)
         accepted += int(res.accepted[0])
         rounds += int(res.row_rounds[0])
+        end = repetition_end(out + new, repeats=repeats) if repeats else None
+        if end is not None:
+            new = new[:end - len(out)]
         write(new)
         out += new
         buf[0, n:n + len(new)] = new
         n += len(new)
-        if len(out) >= max_new or (new and new[-1] in stop):
+        if end is not None or len(out) >= max_new or (new and new[-1] in stop):
             break
-    return out, accepted, rounds
+    return out, generated, accepted, rounds, end is not None
+
+
+DIM, RESET = "\033[2m", "\033[0m"
+SEPARATOR = "----- completion -----"
+
+
+def _show_prompt(text: str, *, tty: bool) -> None:
+    """The prompt before its completion: dimmed on a terminal (the completion continues it on
+    the same line), else followed by the SEPARATOR line."""
+    if tty:
+        sys.stdout.write(DIM + text + RESET)
+    else:
+        sys.stdout.write(text + ("" if text.endswith("\n") else "\n") + SEPARATOR + "\n")
+    sys.stdout.flush()
+
+
+def _default_num_draft(platform: str) -> int:
+    """--num-draft-tokens when not given: 3 on a GPU, 0 (plain decoding) elsewhere, where a
+    speculative round costs more than the tokens it saves (README "The command line")."""
+    return 3 if platform == "gpu" else 0
 
 
 def cmd_generate(args) -> int:
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from gdn_jax import speculative
-    from gdn_jax.ops import dispatch
-    from gdn_jax.train.evaluate import encode_prompts
+    from gdn_jax.ops.dispatch import MAX_KERNEL_T  # imports jax
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.num_draft_tokens < 0:
-        raise CLIError(f"--num-draft-tokens must be >= 0 (0: plain decoding), got "
+    if args.num_draft_tokens is not None and not 0 <= args.num_draft_tokens < MAX_KERNEL_T:
+        raise CLIError(f"--num-draft-tokens must be in 0..{MAX_KERNEL_T - 1} (0: plain decoding; "
+                       f"a verify call takes the drafts + 1 <= {MAX_KERNEL_T} tokens), got "
                        f"{args.num_draft_tokens}")
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
@@ -167,17 +170,34 @@ def cmd_generate(args) -> int:
         raise CLIError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.stream_chunk < 1:
         raise CLIError(f"--stream-chunk must be >= 1, got {args.stream_chunk}")
+    if args.stop_repeats < 0 or args.stop_repeats == 1:
+        raise CLIError(f"--stop-repeats must be 0 (off) or >= 2, got {args.stop_repeats}")
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from gdn_jax import speculative
+    from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM
+    from gdn_jax.ops import dispatch
+    from gdn_jax.progress import Progress
+    from gdn_jax.text import DEFAULT_PROMPT, cut_repetition, encode_prompts, stop_tokens
+
+    # The model first: a broken config.json must not hide behind a missing prompt.
     model_dir = _model_dir(args.model)
+    config = ModelConfig.from_pretrained(model_dir)
     tokenizer = _load_tokenizer(model_dir)
+    stop = stop_tokens(model_dir, tokenizer)
     if args.prompt is not None:
         texts = [args.prompt]
     elif args.prompts_file is not None:
         texts = _load_prompts_file(args.prompts_file)
+    elif os.path.isfile(os.path.join(model_dir, "prompts.json")):
+        texts = _load_prompts_file(os.path.join(model_dir, "prompts.json"))[:1]
     else:
-        default = os.path.join(model_dir, "prompts.json")
-        if not os.path.isfile(default):
-            raise CLIError(f"give --prompt or --prompts-file ({model_dir} has no prompts.json)")
-        texts = _load_prompts_file(default)[:1]
+        texts = [DEFAULT_PROMPT]
+        print(f"[gdn-jax] {model_dir} has no prompts.json: a default prompt (--prompt TEXT to "
+              "give one)", file=sys.stderr)
     if args.stream and len(texts) != 1:
         raise CLIError(f"--stream takes one prompt, got {len(texts)}")
     try:
@@ -185,9 +205,9 @@ def cmd_generate(args) -> int:
     except ValueError as e:
         raise CLIError(f"--prompt: {e}") from None
 
-    from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM
-    config = ModelConfig.from_pretrained(model_dir)
-    d = args.num_draft_tokens
+    device = jax.devices()[0]
+    d = (_default_num_draft(device.platform) if args.num_draft_tokens is None
+         else args.num_draft_tokens)
     need = prompts.shape[1] + args.max_new_tokens + d
     limit = args.max_len or config.max_position_embeddings
     if need > limit:
@@ -195,32 +215,34 @@ def cmd_generate(args) -> int:
         raise CLIError(f"the prompt ({prompts.shape[1]} tokens) + --max-new-tokens "
                        f"({args.max_new_tokens}) + --num-draft-tokens ({d}) = {need} tokens "
                        f"exceed the cache: {what} = {limit}")
-    device = jax.devices()[0]
     dtype = args.dtype or ("bfloat16" if device.platform == "gpu" else "float32")
-    bar = _progress(3, "load")
-    model = Qwen3NextForCausalLM.from_pretrained(model_dir, dtype=jnp.dtype(dtype),
-                                                 with_mtp=True if d > 0 else None)
-    bar.update(1)
-    stop = _stop_tokens(model_dir, tokenizer)
+    progress = Progress(1 if args.stream else 3)
+    with progress.phase("load the model"):
+        model = Qwen3NextForCausalLM.from_pretrained(model_dir, dtype=jnp.dtype(dtype),
+                                                     with_mtp=True if d > 0 else None)
     key = jax.random.key(args.seed)
     kw = dict(num_draft=d, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               state_dtype=jnp.dtype(args.state_dtype))
+    tty = sys.stdout.isatty()
+    stopped = []  # rows cut at a repetition loop
     if args.stream:
-        bar.close()
-        printed = []
+        progress.close()
+        print("[gdn-jax] generate, streamed (the first chunk compiles first)", file=sys.stderr)
+        if not args.no_prompt:
+            _show_prompt(texts[0], tty=tty)
 
         def write(new):
-            printed.extend(new)
             sys.stdout.write(tokenizer.decode(new))
             sys.stdout.flush()
 
         t = time.perf_counter()
-        ids, accepted, rounds = _generate_stream(
+        ids, n_tokens, accepted, rounds, cut = _generate_stream(
             model, prompts, lengths, chunk=args.stream_chunk, max_new=args.max_new_tokens,
-            stop=stop, key=key, write=write, **kw)
+            stop=stop, key=key, write=write, repeats=args.stop_repeats, **kw)
         seconds = time.perf_counter() - t
         sys.stdout.write("\n")
-        n_tokens = len(ids)
+        if cut:
+            stopped.append(0)
         accept = (accepted + rounds) / rounds if rounds else 1.0
         timing = "including compilation"
     else:
@@ -228,24 +250,35 @@ def cmd_generate(args) -> int:
             return speculative.generate(model, prompts, lengths, max_new_tokens=args.max_new_tokens,
                                         key=key, stop_tokens=stop, max_len=args.max_len, **kw)
 
-        bar.set_description("compile")
-        jax.block_until_ready(run().tokens)  # compiles; the timed run below reuses the program
-        bar.update(1)
-        bar.set_description("generate")
-        t = time.perf_counter()
-        out = run()
-        jax.block_until_ready(out.tokens)
-        seconds = time.perf_counter() - t
-        bar.update(1)
-        bar.close()
+        with progress.phase("compile (a first run)"):
+            jax.block_until_ready(run().tokens)  # the timed run below reuses the program
+        with progress.phase("generate"):
+            t = time.perf_counter()
+            out = run()
+            jax.block_until_ready(out.tokens)
+            seconds = time.perf_counter() - t
+        progress.close()
         toks, lens = np.asarray(out.tokens), np.asarray(out.lengths)
         for i in range(len(texts)):
             if len(texts) > 1:
                 print(f"--- [{i}]")
-            print(tokenizer.decode(toks[i, :lens[i]].tolist()))
+            ids = toks[i, :lens[i]].tolist()
+            if args.stop_repeats:
+                shown = cut_repetition(ids, repeats=args.stop_repeats)
+                if len(shown) < len(ids):
+                    stopped.append(i)
+                ids = shown
+            if not args.no_prompt:
+                _show_prompt(texts[i], tty=tty)
+            print(tokenizer.decode(ids))
         n_tokens = int(lens.sum())
         accept = float(out.accept_length)
         timing = "compiled program"
+    if stopped:
+        print(f"[gdn-jax] stopped at a repetition loop (a block of tokens {args.stop_repeats} "
+              f"times in a row; --stop-repeats 0 shows everything): "
+              f"{'row' if len(stopped) == 1 else 'rows'} {', '.join(map(str, stopped))}",
+              file=sys.stderr)
     dims = dict(B=len(texts), K=model.config.linear_key_head_dim,
                 V=model.config.linear_value_head_dim)
     backend = f"decode {dispatch.select('decode', **dims).backend}"
@@ -310,28 +343,6 @@ def cmd_info(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    # Deterministic reductions on GPU (scatter-add in the embedding gradient, among others):
-    # must be in XLA_FLAGS before jax initialises its backend.
-    flag = "--xla_gpu_deterministic_ops=true"
-    if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
-    from gdn_jax.train import TrainConfig, train
-    fields = ("out", "seed", "steps", "batch", "seq_len", "lr", "vocab_size", "hidden_size",
-              "num_layers", "eval_tokens", "num_prompts")
-    try:
-        cfg = TrainConfig(**{f: getattr(args, f) for f in fields})
-    except ValueError as e:
-        raise CLIError(str(e).replace("TrainConfig: ", "--").replace("_", "-", 1)) from None
-    record = train(cfg)
-    q = record["quality"]
-    print(f"[gdn-jax] trained {cfg.steps} steps in {record['wall_time_s']['train']:.1f} s on "
-          f"{record['device']}; final loss {record['final_loss']:.3f}, held-out perplexity "
-          f"{q['perplexity']:.2f}, mean accept length {q['mean_accept_length']:.2f}; wrote "
-          f"{cfg.out}")
-    return 0
-
-
 # ------------------------------------------------------------------------------------------------
 # Parser
 
@@ -345,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--num-draft-tokens 0) as one jitted program.")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt text (default: the model's first prompts.json "
-                                      "prompt)")
+                                      "prompt, else a short Python function header)")
     src.add_argument("--prompts-file", help="a batch of prompts: JSON list of strings, "
                                             "prompts.json, or one prompt per line")
     g.add_argument("--model", help="a Hugging Face Qwen3-Next / Qwen3.5 directory with "
@@ -354,8 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     g.add_argument("--top-k", type=int, default=0, help="0: off")
     g.add_argument("--top-p", type=float, default=1.0, help="1: off")
-    g.add_argument("--num-draft-tokens", type=int, default=3,
-                   help="MTP drafts per round (0: plain decoding)")
+    g.add_argument("--num-draft-tokens", type=int, default=None,
+                   help="MTP drafts per round (0: plain decoding; a verify call takes the "
+                        "drafts + 1 <= gdn_jax.ops.dispatch.MAX_KERNEL_T tokens; default 3 on a "
+                        "GPU, 0 elsewhere, where speculation is slower than plain decoding)")
     g.add_argument("--state-dtype", choices=DTYPES, default="bfloat16",
                    help="GDN state storage (default bfloat16)")
     g.add_argument("--dtype", choices=DTYPES, default=None,
@@ -368,6 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print tokens as chunks of rounds finish (one prompt; see --stream-chunk)")
     g.add_argument("--stream-chunk", type=int, default=16,
                    help="tokens per streamed chunk (each chunk re-prefills prompt + output)")
+    g.add_argument("--stop-repeats", type=int, default=REPEATS,
+                   help=f"stop a row once a block of tokens repeats this many times in a row "
+                        f"(at least {MIN_TOKENS} tokens; 0: off; default {REPEATS})")
+    g.add_argument("--no-prompt", action="store_true",
+                   help="print the completion only (default: the prompt first, dimmed on a "
+                        "terminal, else followed by a separator line)")
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="time this package's decode and verify ops on this device")
@@ -382,22 +401,19 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="device, capability and the dispatch table")
     i.set_defaults(func=cmd_info)
 
-    t = sub.add_parser("train", help="train the embedded model on the Python stdlib",
-                       description="Train the embedded model (gdn_jax.train); defaults take "
-                                   "about 3-5 minutes on one H100.")
-    from gdn_jax.train.config import TrainConfig  # no jax import
-    d = TrainConfig()
-    t.add_argument("--out", required=True, help="output directory")
-    for name, typ in (("steps", int), ("batch", int), ("seq_len", int), ("seed", int),
-                      ("lr", float), ("vocab_size", int), ("hidden_size", int),
-                      ("num_layers", int), ("eval_tokens", int), ("num_prompts", int)):
-        t.add_argument("--" + name.replace("_", "-"), dest=name, type=typ,
-                       default=getattr(d, name), help=f"default {getattr(d, name)}")
-    t.set_defaults(func=cmd_train)
+    # `train` is training's own command line (gdn_jax.train.command): main() hands it the
+    # arguments before this parser runs, so nothing of gdn_jax.train is imported here.
+    sub.add_parser("train", add_help=False,
+                   help="train the embedded model on this Python's stdlib (about 2 min on one "
+                        "H100; `gdn-jax train --help`)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from gdn_jax.train.command import main as train_main
+        return train_main(argv[1:], prog="gdn-jax train")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

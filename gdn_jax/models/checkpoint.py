@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import re
+import shutil
 from typing import Callable
 
 import jax
@@ -211,10 +212,16 @@ def _key_files(path: str) -> dict[str, str]:
     """HF key -> safetensors file (absolute) for a checkpoint directory."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"load_pretrained: {index} has no weight_map")
+        try:
+            with open(index, encoding="utf-8") as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"load_pretrained: {index} is not valid JSON ({e})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"load_pretrained: {index} has no weight_map (a JSON object of "
+                             "key -> shard file name)")
         files = sorted(set(weight_map.values()))
         missing = [f for f in files if not os.path.isfile(os.path.join(path, f))]
         if missing:
@@ -229,10 +236,19 @@ def _key_files(path: str) -> dict[str, str]:
                          f"{path}")
     out = {}
     for file in files:
-        with safe_open(file, framework="np") as f:
+        with _open(file) as f:
             for k in f.keys():
                 out[k] = file
     return out
+
+
+def _open(file: str):
+    """safe_open(file), with an error naming the file (a truncated or non-safetensors file
+    otherwise raises the Rust reader's bare message)."""
+    try:
+        return safe_open(file, framework="np")
+    except Exception as e:  # safetensors raises its own SafetensorError and OSError
+        raise ValueError(f"load_pretrained: cannot read {file} as safetensors ({e})") from None
 
 
 def _canonical(key: str) -> str | None:
@@ -252,8 +268,12 @@ class _Reader:
 
     def get(self, file: str, key: str) -> np.ndarray:
         if file not in self._open:
-            self._open[file] = safe_open(file, framework="np").__enter__()
-        return self._open[file].get_tensor(key)
+            self._open[file] = _open(file).__enter__()
+        try:
+            return self._open[file].get_tensor(key)
+        except Exception as e:  # a key the index names but the shard lacks, a truncated file
+            raise ValueError(f"load_pretrained: cannot read tensor {key} from {file} ({e})") \
+                from None
 
     def close(self):
         for handle in self._open.values():
@@ -351,16 +371,65 @@ def load_pretrained(path, *, dtype=jnp.float32, param_dtype=None, precision=HIGH
         raise RuntimeError(f"load_pretrained: parameters not loaded: {leftovers}")
     if mesh is not None:
         attach_mesh(model, mesh)
+    # Where it came from, so that save_pretrained can carry the tokenizer and generation
+    # settings along (a plain attribute: static, not a parameter).
+    model.pretrained_path = os.path.abspath(path)
     return model
 
 
+# Files of a HF directory that are not weights or config.json: the tokenizer and the generation
+# settings. save_pretrained copies those present from the directory the model was loaded from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "vocab.json", "merges.txt", "added_tokens.json")
+GENERATION_FILES = ("generation_config.json",)
+
+
+def _copy_files(src_dir: str, dst_dir: str, names) -> None:
+    for name in names:
+        src, dst = os.path.join(src_dir, name), os.path.join(dst_dir, name)
+        if os.path.isfile(src) and not (os.path.exists(dst) and os.path.samefile(src, dst)):
+            shutil.copyfile(src, dst)
+
+
+def _write_tokenizer(model, path: str, tokenizer) -> None:
+    """save_pretrained's tokenizer= (see there)."""
+    source = getattr(model, "pretrained_path", None)
+    if tokenizer is False:
+        names = ()
+    elif tokenizer is None:
+        names = TOKENIZER_FILES
+    elif isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = os.fspath(tokenizer)
+        if os.path.isdir(tokenizer):
+            _copy_files(tokenizer, path, TOKENIZER_FILES)
+        elif os.path.isfile(tokenizer):
+            shutil.copyfile(tokenizer, os.path.join(path, "tokenizer.json"))
+        else:
+            raise ValueError(f"save_pretrained: tokenizer= {tokenizer!r} is neither a "
+                             "tokenizer.json file nor a directory")
+        names = ()
+    elif hasattr(tokenizer, "save") and hasattr(tokenizer, "to_str"):  # tokenizers.Tokenizer
+        tokenizer.save(os.path.join(path, "tokenizer.json"))
+        names = ()
+    else:
+        raise ValueError(f"save_pretrained: tokenizer= expected None, False, a path or a "
+                         f"tokenizers.Tokenizer, got {type(tokenizer).__name__}")
+    if source is not None and os.path.isdir(source):
+        _copy_files(source, path, tuple(names) + GENERATION_FILES)
+
+
 def save_pretrained(model: Qwen3NextForCausalLM, path, *, max_shard_bytes: int = 5 << 30,
-                    dtype=None) -> None:
-    """Write config.json and safetensors (sharded with an index above max_shard_bytes).
+                    dtype=None, tokenizer=None) -> None:
+    """Write config.json and safetensors (sharded with an index above max_shard_bytes), and the
+    tokenizer and generation settings, so that the directory loads and generates as it stands.
 
     Keys use the prefix the config implies (`model.language_model.` for a multimodal Qwen3.5
     config, else `model.`), per-expert MoE names, and `mtp.*` when the model has an MTP head.
     dtype: cast every tensor to it (default: keep the parameter dtypes).
+    tokenizer: None copies the tokenizer files (`TOKENIZER_FILES`) of the directory the model
+    was loaded from, if any; a `tokenizers.Tokenizer` is saved as tokenizer.json; a path copies
+    a tokenizer.json file or a directory's tokenizer files; False writes none.
+    generation_config.json is copied from the directory the model was loaded from, if present.
     """
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
@@ -371,6 +440,7 @@ def save_pretrained(model: Qwen3NextForCausalLM, path, *, max_shard_bytes: int =
         prefix = _MULTIMODAL_PREFIX
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(raw, f, indent=2, sort_keys=True)
+    _write_tokenizer(model, path, tokenizer)
     shards, current, size = [], {}, 0
     for entry in _entries(config, model.mtp is not None):
         params = [canonical(model, p, np.asarray(_variable(model, p).get_value()))

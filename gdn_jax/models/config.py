@@ -51,6 +51,14 @@ _USED = frozenset({
     "hidden_act", "attention_bias", "attn_output_gate", "use_sliding_window", "sliding_window",
     "mtp_num_hidden_layers", "num_nextn_predict_layers", "mtp_use_dedicated_embeddings",
 })
+# Numeric fields: a string or a list there is reported by name, not as a bare int() error.
+_NUMBERS = ("vocab_size", "hidden_size", "num_hidden_layers", "full_attention_interval",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "linear_num_key_heads",
+            "linear_num_value_heads", "linear_key_head_dim", "linear_value_head_dim",
+            "linear_conv_kernel_dim", "intermediate_size", "num_experts", "num_experts_per_tok",
+            "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
+            "rms_norm_eps", "rope_theta", "partial_rotary_factor", "max_position_embeddings",
+            "mtp_num_hidden_layers", "num_nextn_predict_layers")
 _ROPE_KEYS = frozenset({"rope_type", "type", "rope_theta", "partial_rotary_factor", "mrope_section",
                         "mrope_interleaved"})
 
@@ -215,6 +223,11 @@ class ModelConfig:
                                "linear_key_head_dim", "linear_value_head_dim") if k not in d]
         if missing:
             raise ValueError(f"ModelConfig: config is missing required fields {missing}")
+        bad = [f"{k}={d[k]!r}" for k in _NUMBERS
+               if d.get(k) is not None and (isinstance(d[k], bool)
+                                            or not isinstance(d[k], (int, float)))]
+        if bad:
+            raise ValueError(f"ModelConfig: fields expected numbers, got {', '.join(bad)}")
         n = int(d["num_hidden_layers"])
         layer_types = d.get("layer_types")
         if layer_types is None:
@@ -261,12 +274,26 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "ModelConfig":
-        """Read `config.json` from a HF model directory."""
+        """Read `config.json` from a HF model directory; every error names the file (and the
+        field, where one is at fault)."""
         file = os.path.join(path, "config.json")
         if not os.path.isfile(file):
             raise ValueError(f"ModelConfig.from_pretrained: no config.json in {os.fspath(path)!r}")
-        with open(file) as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(file, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"ModelConfig.from_pretrained: {file} is not valid JSON ({e})") \
+                from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"ModelConfig.from_pretrained: cannot read {file} ({e})") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"ModelConfig.from_pretrained: {file} must hold a JSON object, got "
+                             f"{type(d).__name__}")
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from None
 
     def to_dict(self) -> dict:
         """A HF config dict: the one parsed (`raw`) when there is one, else a new-layout dict."""

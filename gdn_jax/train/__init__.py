@@ -4,8 +4,10 @@
     record = train(TrainConfig(out="my_model", steps=2000))
 
 Modules: `config` (TrainConfig), `corpus` (the stdlib files), `tokenizer` (byte-level BPE),
-`loop` (model config, loss, optimizer, the run), `evaluate` (perplexity, accept length, prompts).
-This package imports jax lazily: `gdn-jax train` sets XLA_FLAGS before jax starts.
+`loop` (model config, loss, optimizer, the run), `evaluate` (perplexity, accept length, prompts),
+`command` (the command line: `python -m gdn_jax.train`, also reached as `gdn-jax train`).
+This package imports jax lazily: the command sets XLA_FLAGS before jax starts. Prompt encoding
+and EOS live in `gdn_jax.text`, shared with inference, which imports nothing of this package.
 """
 
 from gdn_jax.train.config import TrainConfig

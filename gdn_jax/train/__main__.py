@@ -1,7 +1,7 @@
-"""`python -m gdn_jax.train ...` is `gdn-jax train ...`."""
+"""`python -m gdn_jax.train ...`: training's own entry point (`gdn-jax train ...` reaches it)."""
 
 import sys
 
-from gdn_jax.cli import main
+from gdn_jax.train.command import main
 
-sys.exit(main(["train", *sys.argv[1:]]))
+sys.exit(main())

@@ -17,11 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from gdn_jax import speculative
+from gdn_jax.progress import Steps
+from gdn_jax.text import EOS, encode_prompts
 from gdn_jax.train.loop import losses
-from gdn_jax.train.tokenizer import EOS
 
 PROMPT_MIN_TOKENS, PROMPT_MAX_TOKENS = 64, 128
 EVAL_MAX_NEW_TOKENS = 64
@@ -69,26 +69,18 @@ def perplexity(model, stream: np.ndarray, *, seq_len: int = 512, max_tokens: int
     graphdef, params = nnx.split(model)
     fn = jax.jit(lambda p, w: losses(nnx.merge(graphdef, p), w))
     main, mtp, count = 0.0, 0.0, 0
-    for i in tqdm(range(0, n_win, batch), desc="perplexity", disable=not progress, leave=False):
+    steps = Steps(n_win, "evaluate: held-out perplexity", unit="window", enabled=progress,
+                  leave=False)
+    for i in range(0, n_win, batch):
         w = windows[i:i + batch]
         a, b = fn(params, jnp.asarray(w))
         main += float(a) * len(w)
         mtp += float(b) * len(w)
         count += len(w)
+        steps.update(len(w))
+    steps.close()
     return {"perplexity": math.exp(main / count), "mtp_perplexity": math.exp(mtp / count),
             "eval_tokens": int(count * seq_len), "seq_len": int(seq_len)}
-
-
-def encode_prompts(tokenizer, texts, pad_id: int = 0):
-    """Right-padded prompts [B, P] int32 and their lengths [B] int32."""
-    ids = [tokenizer.encode(t).ids for t in texts]
-    if any(len(x) == 0 for x in ids):
-        raise ValueError("a prompt encodes to no tokens (empty text)")
-    P = max(len(x) for x in ids)
-    prompts = np.full((len(ids), P), pad_id, np.int32)
-    for i, x in enumerate(ids):
-        prompts[i, :len(x)] = x
-    return prompts, np.asarray([len(x) for x in ids], np.int32)
 
 
 def accept_length(model, tokenizer, prompts: dict, *, num_draft: int = 3,

@@ -27,6 +27,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import platform
+import sys
 import time
 
 import jax
@@ -35,9 +37,10 @@ import numpy as np
 import optax
 from flax import nnx
 from jax import lax
-from tqdm.auto import tqdm
 
 from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM
+from gdn_jax.models.embedded import EMBEDDED_DIR
+from gdn_jax.progress import Progress, Steps
 from gdn_jax.train.config import TrainConfig
 from gdn_jax.train.corpus import Corpus
 from gdn_jax.train.tokenizer import EOS, train_tokenizer
@@ -181,6 +184,46 @@ def num_params(model) -> int:
 
 
 # ------------------------------------------------------------------------------------------------
+# The corpus against the shipped model's
+
+
+def corpus_difference(record: dict, reference_dir: str = EMBEDDED_DIR) -> dict:
+    """How this run's corpus (`Corpus.record()`) differs from the one the model in
+    `reference_dir` was trained on (its training_record.json): both Python versions and file
+    counts, whether the file lists are the same (sha256), and the held-out files each lacks.
+    The corpus is the running Python's stdlib, so another Python trains on other files."""
+    path = os.path.join(reference_dir, "training_record.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            ref = json.load(f)["corpus"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return {"reference": path, "unavailable": f"{type(e).__name__}: {e}"}
+    held, ref_held = set(record["held_out_files"]), set(ref.get("held_out_files", ()))
+    return {
+        "reference": path,
+        "python_version": ref.get("python_version"),
+        "num_files": ref.get("num_files"),
+        "file_list_sha256": ref.get("file_list_sha256"),
+        "same_file_list": ref.get("file_list_sha256") == record["file_list_sha256"],
+        "held_out_only_here": sorted(held - ref_held),
+        "held_out_only_there": sorted(ref_held - held),
+    }
+
+
+def corpus_note(record: dict) -> str:
+    """One line for the user: this corpus, and whether it is the shipped model's."""
+    here = f"Python {record['python_version']} stdlib, {record['num_files']} files"
+    diff = record.get("vs_embedded_model", {})
+    if "unavailable" in diff or not diff:
+        return here
+    if diff["same_file_list"]:
+        return f"{here} (the same file list as the shipped model's)"
+    return (f"{here}; the shipped model used Python {diff['python_version']}'s "
+            f"({diff['num_files']} files): a different corpus, so different weights "
+            "(training_record.json: corpus.vs_embedded_model)")
+
+
+# ------------------------------------------------------------------------------------------------
 # The whole run
 
 
@@ -190,24 +233,39 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     from gdn_jax.train import evaluate  # evaluate imports this module's helpers
 
     t_start = time.perf_counter()
-    corpus = Corpus.from_stdlib(cfg.corpus_root)
-    train_texts = corpus.read(corpus.train)
-    tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
-    stream = token_stream(tokenizer, train_texts)
-    held_out = corpus.read(corpus.held_out) if corpus.held_out else []
+    phases = Progress(8, enabled=progress)
+    with phases.phase("read the corpus"):
+        corpus = Corpus.from_stdlib(cfg.corpus_root)
+        train_texts = corpus.read(corpus.train)
+        held_out = corpus.read(corpus.held_out) if corpus.held_out else []
+        corpus_record = corpus.record()
+        corpus_record["vs_embedded_model"] = corpus_difference(corpus_record)
+    if progress:
+        print(f"[gdn-jax] corpus: {corpus_note(corpus_record)}", file=sys.stderr)
+    with phases.phase("train the tokenizer"):
+        tokenizer = train_tokenizer(train_texts, cfg.vocab_size)
+    with phases.phase("tokenize"):
+        stream = token_stream(tokenizer, train_texts)
     eos = tokenizer.token_to_id(EOS)
-    config = model_config(tokenizer.get_vocab_size(), cfg.hidden_size, cfg.num_layers,
-                          cfg.intermediate_size, eos_token_id=eos)
-    model = build_model(config, cfg.seed)
-    graphdef, params = nnx.split(model)
-    optimizer = make_optimizer(cfg)
-    opt_state = optimizer.init(params)
-    step = make_step(graphdef, optimizer, cfg.mtp_weight)
+    with phases.phase("build the model"):
+        config = model_config(tokenizer.get_vocab_size(), cfg.hidden_size, cfg.num_layers,
+                              cfg.intermediate_size, eos_token_id=eos)
+        model = build_model(config, cfg.seed)
+        graphdef, params = nnx.split(model)
+        optimizer = make_optimizer(cfg)
+        opt_state = optimizer.init(params)
+    with phases.phase("compile the training step"):
+        t_compile = time.perf_counter()
+        window = jnp.asarray(sample_windows(stream, cfg.seed, 0, cfg.batch, cfg.seq_len + 1))
+        step = make_step(graphdef, optimizer, cfg.mtp_weight).lower(
+            params, opt_state, window).compile()
+        compile_s = time.perf_counter() - t_compile
+    phases.close()
 
-    curve, pending, first_step_s = [], [], None
+    curve, pending, first_block_s = [], [], None
     t_train = time.perf_counter()
-    bar = tqdm(range(cfg.steps), desc="train", unit="step", disable=not progress, leave=True)
-    for s in bar:
+    bar = Steps(cfg.steps, "train", unit="step", enabled=progress)
+    for s in range(cfg.steps):
         window = jnp.asarray(sample_windows(stream, cfg.seed, s, cfg.batch, cfg.seq_len + 1))
         params, opt_state, main, mtp = step(params, opt_state, window)
         pending.append((s, main, mtp))
@@ -216,32 +274,38 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         if len(pending) == cfg.log_every or s == cfg.steps - 1:
             vals = [(i, float(a), float(b)) for i, a, b in pending]
             pending = []
-            if first_step_s is None:
-                first_step_s = time.perf_counter() - t_train  # includes the compile
+            if first_block_s is None:
+                first_block_s = time.perf_counter() - t_train
             main_mean = float(np.mean([v[1] for v in vals]))
             mtp_mean = float(np.mean([v[2] for v in vals]))
             curve.append({"step": vals[-1][0] + 1, "loss": main_mean, "mtp_loss": mtp_mean})
-            bar.set_postfix(loss=f"{main_mean:.3f}", mtp=f"{mtp_mean:.3f}")
+            bar.update(len(vals), loss=f"{main_mean:.3f}", mtp=f"{mtp_mean:.3f}")
     jax.block_until_ready(params)
+    bar.close()
     train_s = time.perf_counter() - t_train
 
     model = nnx.merge(graphdef, params)
-    os.makedirs(cfg.out, exist_ok=True)
-    model.save_pretrained(cfg.out, max_shard_bytes=MAX_SHARD_BYTES, dtype=jnp.bfloat16)
-    tokenizer.save(os.path.join(cfg.out, "tokenizer.json"))
-    prompts = evaluate.make_prompts(tokenizer, corpus, held_out, cfg.num_prompts, cfg.seed)
-    with open(os.path.join(cfg.out, "prompts.json"), "w") as f:
-        json.dump(prompts, f, indent=1)
+    with phases.phase("write the model, tokenizer and prompts"):
+        os.makedirs(cfg.out, exist_ok=True)
+        model.save_pretrained(cfg.out, max_shard_bytes=MAX_SHARD_BYTES, dtype=jnp.bfloat16,
+                              tokenizer=tokenizer)
+        prompts = evaluate.make_prompts(tokenizer, corpus, held_out, cfg.num_prompts, cfg.seed)
+        with open(os.path.join(cfg.out, "prompts.json"), "w") as f:
+            json.dump(prompts, f, indent=1)
     # Evaluate what ships: the bf16 weights just written, loaded back.
-    shipped = Qwen3NextForCausalLM.from_pretrained(cfg.out, dtype=jnp.float32)
+    with phases.phase("load the written weights back"):
+        shipped = Qwen3NextForCausalLM.from_pretrained(cfg.out, dtype=jnp.float32)
     held_stream = token_stream(tokenizer, held_out) if held_out else stream[-cfg.eval_tokens:]
-    quality = evaluate.evaluate(shipped, tokenizer, held_stream, prompts,
-                                eval_tokens=cfg.eval_tokens, seq_len=cfg.seq_len,
-                                progress=progress)
+    quality = evaluate.perplexity(shipped, held_stream, seq_len=cfg.seq_len,
+                                  max_tokens=cfg.eval_tokens, progress=progress)
+    with phases.phase(f"evaluate: mean accept length ({len(prompts['prompts'])} prompts, "
+                      "greedy, 3 drafts)"):
+        quality.update(evaluate.accept_length(shipped, tokenizer, prompts))
+    phases.close()
     device = jax.devices()[0]
     record = {
         "train_config": dataclasses.asdict(cfg),
-        "corpus": corpus.record(),
+        "corpus": corpus_record,
         "tokenizer": {"vocab_size": tokenizer.get_vocab_size(), "eos_id": eos,
                       "train_tokens": int(stream.size)},
         "model": {"config": config.to_dict(), "num_params": num_params(model),
@@ -250,13 +314,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         "final_loss": curve[-1]["loss"],
         "final_mtp_loss": curve[-1]["mtp_loss"],
         "quality": quality,
-        "wall_time_s": {"total": time.perf_counter() - t_start, "train": train_s,
-                        "first_log_block_incl_compile": first_step_s,
-                        "per_step_after_compile": (train_s - first_step_s) / max(
-                            1, cfg.steps - min(cfg.log_every, cfg.steps))
-                        if cfg.steps > cfg.log_every else None},
+        "wall_time_s": {"total": time.perf_counter() - t_start, "compile": compile_s,
+                        "train": train_s, "first_log_block": first_block_s,
+                        "per_step": train_s / cfg.steps},
         "device": f"{device.device_kind} ({device.platform})",
         "jax_version": jax.__version__,
+        "python_version": platform.python_version(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
     }
     with open(os.path.join(cfg.out, "training_record.json"), "w") as f:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-EOS = "<|endoftext|>"
+from gdn_jax.text import EOS, eos_id
+
+__all__ = ["EOS", "eos_id", "train_tokenizer"]
 
 
 def train_tokenizer(texts, vocab_size: int = 4096) -> Tokenizer:
@@ -26,7 +28,3 @@ def train_tokenizer(texts, vocab_size: int = 4096) -> Tokenizer:
     tok.train_from_iterator(texts, trainer)
     return tok
 
-
-def eos_id(tok: Tokenizer) -> int | None:
-    """The id of EOS in `tok`, or None (a tokenizer.json of another model may not have it)."""
-    return tok.token_to_id(EOS)

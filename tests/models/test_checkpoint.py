@@ -151,3 +151,60 @@ def test_save_writes_what_transformers_saved(spec, tmp_path):
     config = [ModelConfig.from_dict(json.loads((d / "config.json").read_text()))
               for d in (spec.dir, tmp_path)]
     assert config[0] == config[1]
+
+
+# ---- loader errors name the file and the field; save_pretrained carries the tokenizer
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"model_type": "qwen3_5_text",\n', "is not valid JSON"),
+    ('["not", "an", "object"]', "must hold a JSON object"),
+    (None, r"fields expected numbers, got hidden_size='wide'"),
+], ids=["truncated", "not-an-object", "string-field"])
+def test_config_errors_name_the_file(tmp_path, text, message):
+    save_pretrained(random_model(CONFIGS["q35-dense-tied"]), tmp_path)
+    config = tmp_path / "config.json"
+    if text is None:
+        cfg = json.loads(config.read_text())
+        cfg["hidden_size"] = "wide"
+        text = json.dumps(cfg)
+    config.write_text(text)
+    with pytest.raises(ValueError, match=message) as e:
+        load_pretrained(tmp_path)
+    assert str(config) in str(e.value)
+
+
+def test_weight_file_errors_name_the_file(tmp_path):
+    save_pretrained(random_model(CONFIGS["next-moe"]), tmp_path, max_shard_bytes=20_000)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:-10])
+    with pytest.raises(ValueError, match=f"{index} is not valid JSON"):
+        load_pretrained(tmp_path)
+    index.unlink()
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"cannot read {shard} as safetensors"):
+        load_pretrained(tmp_path)
+
+
+def test_save_pretrained_carries_tokenizer_and_generation_config(tmp_path):
+    src, out, given = tmp_path / "src", tmp_path / "out", tmp_path / "given"
+    save_pretrained(random_model(CONFIGS["q35-dense-tied"]), src)
+    assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
+    (src / "tokenizer.json").write_text('{"tok": 1}')
+    (src / "generation_config.json").write_text('{"eos_token_id": 3}')
+    model = load_pretrained(src)
+    assert model.pretrained_path == str(src)
+    save_pretrained(model, out)
+    assert (out / "tokenizer.json").read_text() == '{"tok": 1}'
+    assert (out / "generation_config.json").read_text() == '{"eos_token_id": 3}'
+    save_pretrained(model, out)  # saving over itself keeps the files
+    assert (out / "tokenizer.json").read_text() == '{"tok": 1}'
+    other = tmp_path / "other.json"
+    other.write_text('{"tok": 2}')
+    save_pretrained(model, given, tokenizer=str(other))
+    assert (given / "tokenizer.json").read_text() == '{"tok": 2}'
+    with pytest.raises(ValueError, match="tokenizer= .* is neither"):
+        save_pretrained(model, given, tokenizer=str(tmp_path / "nope.json"))
+    save_pretrained(model, tmp_path / "bare", tokenizer=False)
+    assert not (tmp_path / "bare" / "tokenizer.json").exists()

@@ -74,3 +74,18 @@ def test_config_errors_name_the_field():
         TrainConfig(seq_len=1)
     with pytest.raises(ValueError, match="hidden_size must be a multiple of 64"):
         TrainConfig(hidden_size=100)
+
+
+def test_corpus_difference_against_the_shipped_model(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    rec = Corpus.from_stdlib(str(tmp_path)).record()
+    diff = loop.corpus_difference(rec)
+    # The shipped model's corpus (its training_record.json) is another file list.
+    assert diff["python_version"] == "3.12.3" and diff["same_file_list"] is False
+    assert diff["num_files"] == 517 and len(diff["held_out_only_there"]) == 15
+    rec["vs_embedded_model"] = diff
+    note = loop.corpus_note(rec)
+    assert f"Python {rec['python_version']} stdlib, 1 files" in note and "3.12.3" in note
+    same = loop.corpus_difference({**rec, "file_list_sha256": diff["file_list_sha256"]})
+    assert same["same_file_list"] is True
+    assert "unavailable" in loop.corpus_difference(rec, reference_dir=str(tmp_path))
