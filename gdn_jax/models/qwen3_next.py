@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from gdn_jax.models.config import ModelConfig
 from gdn_jax.modules._linear import HIGHEST, linear
 from gdn_jax.modules.attention import Attention
-from gdn_jax.modules.cache import COMMIT_MODES, KVCache
+from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache
 from gdn_jax.modules.gated_deltanet import MODES, GatedDeltaNet
 from gdn_jax.modules.mlp import MLP, SparseMoE
 from gdn_jax.modules.norms import RMSNorm
@@ -62,6 +62,45 @@ class ModelCache:
 
     def replace(self, **changes) -> "ModelCache":
         return dataclasses.replace(self, **changes)
+
+    # What a decoding loop needs to know of the cache (gdn_jax.speculative asks these rather than
+    # looking at the per-layer cache types).
+
+    def _gdn(self) -> list:
+        return [c for c in self.layers if isinstance(c, GDNCache)]
+
+    @property
+    def t_max(self) -> int | None:
+        """The most tokens one verify call takes (the GDN layers' T_max); None without GDN
+        layers (attention alone has no verify limit)."""
+        gdn = self._gdn()
+        return min(c.t_max for c in gdn) if gdn else None
+
+    @property
+    def max_len(self) -> int | None:
+        """Tokens per slot of the KV caches (MTP ones included); None without any."""
+        kv = [c for c in self.layers if isinstance(c, KVCache)] + list(self.mtp)
+        return min(c.max_len for c in kv) if kv else None
+
+    @property
+    def commit_mode(self) -> str | None:
+        """The GDN layers' commit mode ("replay" | "intermediate"); None without GDN layers.
+        Raises ValueError when the layers disagree."""
+        modes = {c.commit_mode for c in self._gdn()}
+        if len(modes) > 1:
+            raise ValueError(f"cache: GDN layers in mixed commit modes {sorted(modes)}")
+        return modes.pop() if modes else None
+
+    @property
+    def state_dtype(self) -> str | None:
+        """The GDN state pools' dtype name ("bfloat16" | "float32"); None without GDN layers."""
+        gdn = self._gdn()
+        return gdn[0].state.pool.dtype.name if gdn else None
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the cache holds the MTP head's KV caches."""
+        return bool(self.mtp)
 
 
 jax.tree_util.register_dataclass(ModelCache, data_fields=["layers", "mtp"], meta_fields=[])
