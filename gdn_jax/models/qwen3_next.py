@@ -41,7 +41,7 @@ from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache
 from gdn_jax.modules.gated_deltanet import MODES, GatedDeltaNet
 from gdn_jax.modules.mlp import MLP, SparseMoE
 from gdn_jax.modules.norms import RMSNorm
-from gdn_jax.modules.sharding import TP, psum, tp_map
+from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
 
 _F32 = jnp.float32
 
@@ -215,14 +215,16 @@ class Qwen3NextForCausalLM(nnx.Module):
             c = dataclasses.replace(c, mtp_num_hidden_layers=1, raw=c.raw)
         self.config = c
         self.dtype, self.precision = dtype, precision
+        # On a ("tp",) mesh the embedding and the LM head split by vocab.
         self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype,
-                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+                                      embedding_metadata=tp_metadata(TP, None))
         self.layers = nnx.List([DecoderLayer(c, t, c.is_moe_layer(i), **kw)
                                 for i, t in enumerate(c.layer_types)])
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if c.tie_word_embeddings else linear(c.hidden_size, c.vocab_size,
-                                                                 **kw)
+                                                                 sharding=(None, TP), **kw)
         self.mtp = MTPHead(c, **kw) if with_mtp else None
         # mesh: tensor parallelism over heads (a jax Mesh with a "tp" axis; README "Multi-GPU").
         # Built on one device, then sharded (`gdn_jax.models.sharding.shard_model`).
@@ -241,10 +243,6 @@ class Qwen3NextForCausalLM(nnx.Module):
         from gdn_jax.models.checkpoint import load_pretrained
         return load_pretrained(path, dtype=dtype, param_dtype=param_dtype, precision=precision,
                                with_mtp=with_mtp, mesh=mesh)
-
-    def tp_param_specs(self) -> dict:
-        """Embedding and LM head split by vocab over "tp" (the other params: their modules)."""
-        return {("embed_tokens", "embedding"): P(TP, None), ("lm_head", "kernel"): P(None, TP)}
 
     def save_pretrained(self, path, **kwargs) -> None:
         """Write config.json and safetensors (see `gdn_jax.models.checkpoint.save_pretrained`)."""
@@ -284,15 +282,16 @@ class Qwen3NextForCausalLM(nnx.Module):
         # Vocab-split table: each shard looks up the tokens in its rows, zeros elsewhere; one psum.
         emb = self.embed_tokens
 
-        def local(table, tokens):
+        def local(p, tokens):
+            table = p["table"]
             rows = table.shape[0]
             idx = tokens - jax.lax.axis_index(TP) * rows
             inside = (idx >= 0) & (idx < rows)
             x = jnp.take(table, jnp.clip(idx, 0, rows - 1), axis=0)
             return psum(jnp.where(inside[..., None], x, jnp.zeros((), x.dtype)))
 
-        out = tp_map(self.mesh, local, (P(TP, None), P()), P())(emb.embedding[...],
-                                                                  jnp.asarray(tokens))
+        out = shard_call(self.mesh, local, dict(table=emb.embedding), (jnp.asarray(tokens),),
+                         (P(),), P())
         return out.astype(emb.dtype)
 
     def logits(self, hidden):
