@@ -13,12 +13,13 @@ bf16 and fp32 pool, bf16 inputs; one slot per row (num_slots = B, slots a random
 - intermediate: nothing pending; T states written to inter [B, T, HV, V, K].
 
 Timing: one jitted program runs a `lax.fori_loop` of n calls, each call's output o fed in as the
-next call's v (so no call can be merged or dropped), the pool carried and donated. The trip count
-is static (two executables, n and 2n calls: a runtime count can make XLA:GPU sync the loop predicate
-to the host every iteration, which the 2026-11-25 results still include); the per-call time is
-(t(2n) - t(n)) / n, medians over --reps, which removes dispatch and sync overhead
-(`gdn_jax.benchmark.time_chain`; where noise makes the difference <= 0, the whole chain of 2n
-calls over 2n, and the row says so). The naive t(n) / n is reported too. This is wall-clock: for kernel time use ncu (pallas-gpu.md section 11).
+next call's v (so no call can be merged or dropped), the pool carried and donated. The trip count is
+static (two executables, n and 2n calls: a runtime count can make XLA:GPU sync the loop predicate to
+the host every iteration, which the 2026-11-25 results still include); the per-call time is (t(2n) -
+t(n)) / n, medians over --reps, which removes dispatch and sync overhead
+(`gdn_jax.benchmark.time_chain`; where noise makes the difference <= 0, the whole chain of 2n calls
+over 2n, and the row says so). The naive t(n) / n is reported too. This is wall-clock: for kernel
+time use ncu (pallas-gpu.md section 11).
 
 Byte model per call (the unique bytes a perfect kernel moves): the state read once and written
 once (decode, replay with pending > 0) or written T times (intermediate: inter), plus the token

@@ -34,11 +34,11 @@ A jitted `lax.fori_loop` runs n such calls, each taking the token (and cache) th
 the cache carried and donated (the round: `gdn_jax.speculative.round_step` from
 `speculative.loop_state`). The trip count is a runtime argument, so one executable runs n and 2n
 calls; per call = (t(2n) - t(n)) / n, the median over --reps (dispatch and sync cancel;
-`gdn_jax.benchmark.time_chain`). The naive t(n) / n is recorded too. Tokens/s: plain decoding B / decode; speculative B * L / round at
-an accept length of L tokens per round (random weights accept nothing, so L is the model's
-property: L = round / decode is the break-even). Target (issue #6): verify <= 1.3 x decode, B <= 32.
-The JSON (written after every row) has the devices, jax, the copy bandwidth of device 0 and the
-settings.
+`gdn_jax.benchmark.time_chain`). The naive t(n) / n is recorded too. Tokens/s: plain decoding
+B / decode; speculative B * L / round at an accept length of L tokens per round (random weights
+accept nothing, so L is the model's property: L = round / decode is the break-even). Target
+(issue #6): verify <= 1.3 x decode, B <= 32. The JSON (written after every row) has the devices,
+jax, the copy bandwidth of device 0 and the settings.
 """
 
 from __future__ import annotations

@@ -103,8 +103,8 @@ class SparseMoE(nnx.Module):
                  shared=self.shared_expert._params())
         body = functools.partial(
             _moe_body, mm=functools.partial(dense, dtype=self.dtype, precision=self.precision),
-            shared_mm=self.shared_expert._mm(), top_k=self.top_k, norm_topk_prob=self.norm_topk_prob,
-            num_experts=self.num_experts, dtype=self.dtype, precision=self.precision,
+            shared_mm=self.shared_expert._mm(), top_k=self.top_k,
+            norm_topk_prob=self.norm_topk_prob, num_experts=self.num_experts, dtype=self.dtype, precision=self.precision,
             expert_path=_check_expert_path(self.expert_path))
         if self.mesh is not None:
             body = _summed(body)
