@@ -264,9 +264,9 @@ def legend(on_gpu: bool, *, calls: int, reps: int, min_seconds: float) -> list[s
             "  naive    t(n) / n: the whole chain over n, the program's fixed cost included",
             "  kernels  GPU busy time of one n-call run / n (JAX profiler), gaps excluded",
             "  GB/s     bytes a perfect kernel moves per call (state read + written once, inputs, "
-            "outputs) / kernel time",
+            "outputs) / kernel time (/ per call where no kernel was traced)",
             "  % copy   that GB/s over the copy bandwidth, both by kernel time (jitted x + 1 over "
-            "a large buffer)"]
+            "a large buffer); '-' where no kernel was traced"]
     return lines + [
         f"  per call a chain of n calls in one jitted loop (each call's output feeds the next, "
         f"state donated) timed whole with block_until_ready, / n; n doubled from {calls} until "
