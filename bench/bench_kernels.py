@@ -13,11 +13,13 @@ bf16 and fp32 pool, bf16 inputs; one slot per row (num_slots = B, slots a random
 - intermediate: nothing pending; T states written to inter [B, T, HV, V, K].
 
 Timing: one jitted program runs a `lax.fori_loop` of n calls, each call's output o fed in as the
-next call's v (so no call can be merged or dropped), the pool carried and donated. The trip count
-is static (two executables, n and 2n calls: a runtime count can make XLA:GPU sync the loop predicate
-to the host every iteration, which the 2026-11-25 results still include); the per-call time is
-(t(2n) - t(n)) / n, medians over --reps, which removes dispatch and sync overhead. The naive
-t(n) / n is reported too. This is wall-clock: for kernel time use ncu (pallas-gpu.md section 11).
+next call's v (so no call can be merged or dropped), the pool carried and donated. The trip count is
+static (two executables, n and 2n calls: a runtime count can make XLA:GPU sync the loop predicate to
+the host every iteration, which the 2026-11-25 results still include); the per-call time is (t(2n) -
+t(n)) / n, medians over --reps, which removes dispatch and sync overhead
+(`gdn_jax.benchmark.time_chain`; where noise makes the difference <= 0, the whole chain of 2n calls
+over 2n, and the row says so). The naive t(n) / n is reported too. This is wall-clock: for kernel
+time use ncu (pallas-gpu.md section 11).
 
 Byte model per call (the unique bytes a perfect kernel moves): the state read once and written
 once (decode, replay with pending > 0) or written T times (intermediate: inter), plus the token
@@ -209,6 +211,9 @@ def byte_model(op, B, T, pool_dtype, in_itemsize, pending, dims):
 
 def time_op(op, B, T, pool_dtype, tuning, args, dims, backend="triton"):
     import jax
+    import jax.numpy as jnp
+
+    from gdn_jax.benchmark import time_chain
 
     pending = PENDING_REPLAY if op == "replay" else 0
     tokens, state = make_inputs(B, T, pool_dtype, pending, dims)
@@ -216,29 +221,21 @@ def time_op(op, B, T, pool_dtype, tuning, args, dims, backend="triton"):
     rest = (tokens["q"], tokens["k"], tokens["a"], tokens["b"], tokens["A_log"],
             tokens["dt_bias"], state["cand_k"], state["cand_v"], state["cand_g"],
             state["cand_beta"], state["count"], state["slots"])
-    pool, v = state["pool"], tokens["v"]
     n = args.chain
 
-    def timed(calls):
-        nonlocal pool, v
-        t0 = time.perf_counter()
-        pool, v, acc = f(pool, calls, v, *rest)
-        jax.block_until_ready((pool, v, acc))
-        return time.perf_counter() - t0
+    def run(st, calls):
+        return f(st[0], calls, st[1], *rest)  # (pool, v, acc): the next call's inputs
 
-    t_compile = timed(n)  # compile + first run
-    timed(2 * n)
-    t1 = [timed(n) for _ in range(args.reps)]
-    t2 = [timed(2 * n) for _ in range(args.reps)]
-    m1, m2 = statistics.median(t1), statistics.median(t2)
-    per_call = (m2 - m1) / n
-    if per_call <= 0:  # noise beat the difference (tiny shapes): fall back to the naive figure
-        per_call = m1 / n
+    timing, _ = time_chain(run, (state["pool"], tokens["v"], jnp.zeros((), jnp.float32)),
+                           calls=n, reps=args.reps)
+    per_call = timing.per_call_s
     nbytes = byte_model(op, B, T, pool_dtype, 2, pending, dims)
     return {"op": op, "backend": backend, "pool_dtype": str(jax.numpy.dtype(pool_dtype)), "B": B,
             "T": T, "pending": pending, "tuning": tuning, "per_call_us": per_call * 1e6,
-            "naive_per_call_us": m1 / n * 1e6, "t_n_s": t1, "t_2n_s": t2, "chain": n,
-            "first_call_s": t_compile, "bytes": nbytes, "GBps": nbytes / per_call / 1e9}
+            "method": timing.method, "note": timing.note,
+            "naive_per_call_us": timing.whole_s * 1e6, "t_n_s": timing.t_n,
+            "t_2n_s": timing.t_2n, "chain": n, "first_call_s": timing.first_s, "bytes": nbytes,
+            "GBps": nbytes / per_call / 1e9}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -18,9 +18,11 @@ state: zeros; the numbers do not depend on it).
 
 `--tp 1,2,4`: each value runs the model on a ("tp",) mesh of the first tp devices
 (gdn_jax.models.shard_model; TP = 1: the first device alone). `--no-comm` also times decode and
-round at each TP > 1 with the blocks' all-reduces removed (every `psum` of the head-parallel blocks
-and the embedding replaced by the identity: wrong numbers, the same local work): the difference is
-the time the collectives take (and what they keep from overlapping).
+round at each TP > 1 with the blocks' all-reduces removed (traced under the benchmark-only
+`gdn_jax.modules.sharding.without_collectives`: every `psum` of the head-parallel blocks and the
+embedding is the identity; wrong numbers, the same local work): the difference is the time the
+collectives take (and what they keep from overlapping). `--moe grouped` sets every MoE block's
+expert path (`gdn_jax.modules.mlp.set_expert_path`).
 
 What is timed, per (TP, B) (d = --draft, default 3):
 - decode: one plain decode step of the target: one token, all layers, LM head, argmax.
@@ -29,13 +31,14 @@ What is timed, per (TP, B) (d = --draft, default 3):
 - round:  one whole speculative round as `generate` runs it: the MTP extend (d + 1 pairs) and
           d - 1 chained MTP steps (d draft steps), the verify, acceptance, commit, bookkeeping.
 A jitted `lax.fori_loop` runs n such calls, each taking the token (and cache) the last produced,
-the cache carried and donated. The trip count is a runtime argument, so one executable runs n and
-2n calls; per call = (t(2n) - t(n)) / n, the median over --reps (dispatch and sync cancel). The
-naive t(n) / n is recorded too. Tokens/s: plain decoding B / decode; speculative B * L / round at
-an accept length of L tokens per round (random weights accept nothing, so L is the model's
-property: L = round / decode is the break-even). Target (issue #6): verify <= 1.3 x decode, B <= 32.
-The JSON (written after every row) has the devices, jax, the copy bandwidth of device 0 and the
-settings.
+the cache carried and donated (the round: `gdn_jax.speculative.round_step` from
+`speculative.loop_state`). The trip count is a runtime argument, so one executable runs n and 2n
+calls; per call = (t(2n) - t(n)) / n, the median over --reps (dispatch and sync cancel;
+`gdn_jax.benchmark.time_chain`). The naive t(n) / n is recorded too. Tokens/s: plain decoding
+B / decode; speculative B * L / round at an accept length of L tokens per round (random weights
+accept nothing, so L is the model's property: L = round / decode is the break-even). Target
+(issue #6): verify <= 1.3 x decode, B <= 32. The JSON (written after every row) has the devices,
+jax, the copy bandwidth of device 0 and the settings.
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ import contextlib
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 
@@ -58,8 +60,11 @@ from flax import nnx  # noqa: E402
 from jax import lax  # noqa: E402
 
 from gdn_jax import speculative as S  # noqa: E402
+from gdn_jax.benchmark import time_chain  # noqa: E402
 from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM, shard_model  # noqa: E402
 from gdn_jax.modules.cache import GDNCache, KVCache  # noqa: E402
+from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
+from gdn_jax.modules.sharding import without_collectives  # noqa: E402
 
 BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 8)
 
@@ -156,23 +161,6 @@ def set_context(cache, context: int):
 _reset = jax.jit(set_context, static_argnums=(1,), donate_argnums=(0,))
 
 
-@contextlib.contextmanager
-def no_block_collectives():
-    """Trace with every explicit psum of the head-parallel blocks and the vocab-split embedding
-    replaced by the identity (the modules import `psum` by name: patch each)."""
-    from gdn_jax.models import qwen3_next
-    from gdn_jax.modules import attention, gated_deltanet, mlp
-    mods = (qwen3_next, attention, gated_deltanet, mlp)
-    saved = [m.psum for m in mods]
-    for m in mods:
-        m.psum = lambda x: x
-    try:
-        yield
-    finally:
-        for m, f in zip(mods, saved):
-            m.psum = f
-
-
 def chains(graphdef, d: int, vocab: int, buf_tokens: int):
     """The three timed programs: f(params, n, cache, tok) -> (cache, tok)."""
 
@@ -207,43 +195,30 @@ def chains(graphdef, d: int, vocab: int, buf_tokens: int):
         model = nnx.merge(graphdef, params)
         B = tok.shape[0]
         slots = jnp.arange(B, dtype=jnp.int32)
-        hidden = model.config.hidden_size
-        zeros = jnp.zeros((B,), jnp.int32)
-        c = S._Carry(cache=cache, buf=jnp.zeros((B, buf_tokens + d + 1), jnp.int32),
-                     n_out=zeros, done=jnp.zeros((B,), bool), pending=tok,
-                     mtp_tok=jnp.zeros((B, d + 1), jnp.int32).at[:, 0].set(tok),
-                     mtp_hid=jnp.zeros((B, d + 1, hidden), model.dtype),
-                     mtp_n=jnp.ones((B,), jnp.int32), rounds=jnp.zeros((), jnp.int32),
-                     row_rounds=zeros, accepted=zeros)
+        hidden = jnp.zeros((B, model.config.hidden_size), model.dtype)
+        state = S.loop_state(cache, tok, hidden, cfg)
         max_new = jnp.full((B,), buf_tokens, jnp.int32)
         key = jax.random.key(0)
-        c = lax.fori_loop(0, n, lambda _, c: S._round(model, c, slots, max_new, key, cfg), c)
-        return c.cache, c.pending
+        state = lax.fori_loop(
+            0, n, lambda _, c: S.round_step(model, c, slots, max_new, key, cfg), state)
+        return state.cache, state.pending
 
     return {"decode": decode, "verify": verify, "round": round_}
 
 
-def time_chain(fn, params, cache, tok, n: int, reps: int, context: int):
-    """Per-call seconds: median of (t(2n) - t(n)) / n, and the naive median t(n) / n."""
+def time_program(fn, params, cache, tok, n: int, reps: int, context: int):
+    """Per-call seconds of program fn (`gdn_jax.benchmark.time_chain`, by difference; every run
+    from `context` tokens): (timing, cache)."""
     run = jax.jit(lambda *a: fn(*a), donate_argnums=(2,))  # a fresh trace per call
 
-    def timed(calls):
-        nonlocal cache
-        cache = jax.block_until_ready(_reset(cache, context))
-        t = time.perf_counter()
-        cache, out = run(params, jnp.int32(calls), cache, tok)
-        jax.block_until_ready((cache, out))
-        return time.perf_counter() - t
+    def chain(state, calls):
+        return run(params, jnp.int32(calls), state[0], tok)
 
-    t0 = time.perf_counter()
-    timed(n)  # compile + warm up
-    compile_s = time.perf_counter() - t0
-    diffs, naive = [], []
-    for _ in range(reps):
-        t1, t2 = timed(n), timed(2 * n)
-        diffs.append((t2 - t1) / n)
-        naive.append(t1 / n)
-    return statistics.median(diffs), statistics.median(naive), compile_s, cache
+    def rewind(state):
+        return _reset(state[0], context), state[1]
+
+    timing, (cache, _) = time_chain(chain, (cache, tok), calls=n, reps=reps, setup=rewind)
+    return timing, cache
 
 
 def build(config, dtype, tp: int):
@@ -261,9 +236,6 @@ def build(config, dtype, tp: int):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.perf_counter()
-    if args.moe == "grouped":
-        from gdn_jax.modules import mlp
-        mlp._gather_experts = lambda *a: False
     from bench_kernels import copy_bandwidth
     copy = copy_bandwidth(args.copy_gib, args.smoke)
     dev = jax.devices()[0]
@@ -311,6 +283,8 @@ def main(argv=None):
     rows = report["results"]
     for tp in tps:
         model = build(config, dtype, tp)
+        if args.moe == "grouped":
+            set_expert_path(model, "grouped")
         graphdef, params = nnx.split(model)
         progs = chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens)
         for B in batches:
@@ -324,14 +298,17 @@ def main(argv=None):
                 names += ["decode_no_comm", "round_no_comm"]
             for name in names:
                 base = name.split("_no_comm")[0]
-                ctx = no_block_collectives() if name != base else contextlib.nullcontext()
+                ctx = without_collectives() if name != base else contextlib.nullcontext()
                 with ctx:
-                    per, naive, comp, cache = time_chain(progs[base], params, cache, tok, chain,
-                                                         reps, args.context)
+                    timing, cache = time_program(progs[base], params, cache, tok, chain, reps,
+                                                 args.context)
+                per, naive, comp = timing.per_call_s, timing.whole_s, timing.first_s
                 row[name] = {"per_call_ms": per * 1e3, "naive_ms": naive * 1e3,
-                             "compile_s": round(comp, 2)}
+                             "compile_s": round(comp, 2), "method": timing.method,
+                             "note": timing.note}
+                note = f" [{timing.note}]" if timing.note else ""
                 print(f"  TP={tp} B={B:<3} {name:<15} {per * 1e3:9.3f} ms/call  (naive "
-                      f"{naive * 1e3:.3f}, compile+first {comp:.1f} s)", flush=True)
+                      f"{naive * 1e3:.3f}, compile+first {comp:.1f} s){note}", flush=True)
             dec, rnd = row["decode"]["per_call_ms"], row["round"]["per_call_ms"]
             row["verify_over_decode"] = row["verify"]["per_call_ms"] / dec
             row["round_over_decode"] = rnd / dec

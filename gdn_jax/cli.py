@@ -306,6 +306,8 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def cmd_bench(args) -> int:
+    """Time decode and verify (`gdn_jax.benchmark.run`): per call, GB/s and, on a GPU, kernel
+    time and % of copy bandwidth; a legend under the table says what each column is."""
     import jax
     import jax.numpy as jnp
 
@@ -316,9 +318,14 @@ def cmd_bench(args) -> int:
         [1, 8, 32, 256] if on_gpu else [1, 8])
     if args.verify_tokens < 2:
         raise CLIError(f"--verify-tokens must be >= 2, got {args.verify_tokens}")
+    if args.calls < 1:
+        raise CLIError(f"--calls must be >= 1, got {args.calls}")
+    if args.reps < 1:
+        raise CLIError(f"--reps must be >= 1, got {args.reps}")
     result = benchmark.run(batches, shape, jnp.dtype(args.state_dtype), T=args.verify_tokens,
                            calls=args.calls, reps=args.reps,
-                           copy_bytes=(1 << 30) if on_gpu else (1 << 26))
+                           copy_bytes=(1 << 30) if on_gpu else (1 << 26),
+                           report=lambda line: print(line, flush=True))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

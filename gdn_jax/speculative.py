@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from typing import NamedTuple
 
 import jax
@@ -47,7 +48,7 @@ from flax import nnx
 from jax import lax
 
 from gdn_jax._compat import concrete_value
-from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache
+from gdn_jax.models.qwen3_next import COMMIT_MODES
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -263,6 +264,40 @@ def _round(model, c: _Carry, slots, max_new, key_loop, cfg: SpecConfig) -> _Carr
         accepted=c.accepted + jnp.where(live, n_acc, 0))
 
 
+def loop_state(cache, pending, hidden, cfg: SpecConfig) -> _Carry:
+    """The loop's state at the start of the first round, after a prefill (what `round_step`
+    takes and returns; its fields are the loop's business).
+
+    cache: the model cache after the prefill (target and MTP); pending: [B] int32, the first
+    token (drawn from the prefill, not yet run by the target); hidden: [B, hidden], the target's
+    hidden at the last prompt token (the MTP pair waiting for the first extend). Nothing is
+    emitted yet (`generate` emits `pending` itself); the output buffer holds
+    cfg.max_new_tokens + num_draft + 1 tokens per row.
+    """
+    B = pending.shape[0]
+    T = cfg.num_draft + 1
+    zeros = jnp.zeros((B,), _I32)
+    return _Carry(cache=cache, buf=jnp.full((B, cfg.max_new_tokens + T), cfg.pad_id, _I32),
+                  n_out=zeros, done=jnp.zeros((B,), bool), pending=pending,
+                  mtp_tok=jnp.zeros((B, T), _I32).at[:, 0].set(pending),
+                  mtp_hid=jnp.zeros((B, T) + hidden.shape[1:], hidden.dtype).at[:, 0].set(hidden),
+                  mtp_n=jnp.ones((B,), _I32), rounds=jnp.zeros((), _I32), row_rounds=zeros,
+                  accepted=zeros)
+
+
+def round_step(model, state: _Carry, slots, max_new, key, cfg: SpecConfig) -> _Carry:
+    """One round of the loop (module docstring), exactly as `generate`'s while loop runs it: the
+    public step for benchmarks and custom loops (chain it in a `lax.fori_loop` to time rounds).
+
+    model: the Qwen3NextForCausalLM (merged, inside the traced function); state: from
+    `loop_state` or the previous round; slots: [B] int32; max_new: [B] int32 tokens to emit per
+    row; key: the loop's PRNG key (each round folds in its round number); cfg: the SpecConfig.
+    Rows done (a stop token, max_new reached) are passed as padding. Returns the next state;
+    `state.cache` and `state.pending` (the token the target runs next) are the useful fields.
+    """
+    return _round(model, state, slots, max_new, key, cfg)
+
+
 def _core(graphdef, params, prompts, prompt_lengths, max_new, key, cache, slots, *,
           cfg: SpecConfig):
     model = nnx.merge(graphdef, params)
@@ -287,14 +322,7 @@ def _core(graphdef, params, prompts, prompt_lengths, max_new, key, cache, slots,
         shifted = jnp.concatenate([prompts[:, 1:], jnp.full((B, 1), cfg.pad_id, _I32)], axis=1)
         cache = model.mtp_forward(shifted, out.hidden, cache, slots, mode="prefill",
                                   lengths=prompt_lengths - 1).cache
-    mtp_tok = jnp.zeros((B, T), _I32).at[:, 0].set(first)
-    mtp_hid = jnp.zeros((B, T) + hidden_last.shape[1:], out.hidden.dtype).at[:, 0].set(hidden_last)
-
-    zeros = jnp.zeros((B,), _I32)
-    carry = _Carry(cache=cache, buf=jnp.full((B, N + T), cfg.pad_id, _I32), n_out=zeros,
-                   done=jnp.zeros((B,), bool), pending=first, mtp_tok=mtp_tok, mtp_hid=mtp_hid,
-                   mtp_n=jnp.ones((B,), _I32), rounds=jnp.zeros((), _I32), row_rounds=zeros,
-                   accepted=zeros)
+    carry = loop_state(cache, first, hidden_last, cfg)
     buf, n_out, done, _ = _emit(carry, first[:, None], jnp.ones((B,), _I32), max_new, cfg)
     carry = carry._replace(buf=buf, n_out=n_out, done=done)
 
@@ -302,7 +330,7 @@ def _core(graphdef, params, prompts, prompt_lengths, max_new, key, cache, slots,
         return jnp.any(~c.done) & (c.rounds < N)
 
     def body(c: _Carry):
-        return _round(model, c, slots, max_new, key_loop, cfg)
+        return round_step(model, c, slots, max_new, key_loop, cfg)
 
     c = lax.while_loop(cond, body, carry)
     tokens = jnp.where(jnp.arange(N)[None, :] < c.n_out[:, None], c.buf[:, :N], cfg.pad_id)
@@ -385,22 +413,21 @@ def _prepare(model, prompts, prompt_lengths, *, num_draft, max_new_tokens, tempe
         slots = jnp.asarray(slots).astype(_I32)
         if slots.shape != (B,):
             raise ValueError(f"generate: slots must be [B] = [{B}], got {slots.shape}")
-        gdn = [c for c in cache.layers if isinstance(c, GDNCache)]
-        kv = [c for c in cache.layers if isinstance(c, KVCache)] + list(cache.mtp)
-        if gdn and gdn[0].t_max < d + 1:
+        try:
+            t_max, cache_len, modes = cache.t_max, cache.max_len, cache.commit_mode
+        except ValueError as e:
+            raise ValueError(f"generate: {e}") from None
+        if t_max is not None and t_max < d + 1:
             raise ValueError(f"generate: num_draft + 1 = {d + 1} verify tokens exceed the cache's "
-                             f"t_max = {gdn[0].t_max} (model.init_cache(t_max=...))")
-        if kv and kv[0].max_len < need:
-            raise ValueError(f"generate: the cache holds {kv[0].max_len} tokens per slot; prompts "
+                             f"t_max = {t_max} (model.init_cache(t_max=...))")
+        if cache_len is not None and cache_len < need:
+            raise ValueError(f"generate: the cache holds {cache_len} tokens per slot; prompts "
                              f"of {P} + max_new_tokens {N} + num_draft {d} need {need}")
-        if d > 0 and not cache.mtp:
+        if d > 0 and not cache.has_mtp:
             raise ValueError("generate: the cache has no MTP KV cache (init_cache of a model "
                              "with an MTP head)")
-        modes = {c.commit_mode for c in gdn}
-        if len(modes) > 1:
-            raise ValueError(f"generate: GDN layers in mixed commit modes {sorted(modes)}")
-        commit_mode = modes.pop() if modes else commit_mode
-        state_dtype = gdn[0].state.pool.dtype.name if gdn else jnp.dtype(state_dtype).name
+        commit_mode = modes or commit_mode
+        state_dtype = cache.state_dtype or jnp.dtype(state_dtype).name
         max_len = 0
     if key is None:
         if temperature > 0:
@@ -449,9 +476,9 @@ def generate(model, prompts, prompt_lengths, *, num_draft: int = 3, max_new_toke
     return _core_jit(graphdef, *args, cfg=cfg)
 
 
-_DEFAULTS = dict(num_draft=3, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0,
-                 stop_tokens=(), pad_id=0, key=None, cache=None, slots=None, commit_mode="replay",
-                 state_dtype=jnp.bfloat16, max_len=None)
+# generate's keyword defaults, for the inspection entry points below.
+_DEFAULTS = {name: p.default for name, p in inspect.signature(generate).parameters.items()
+             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def generate_jaxpr(model, prompts, prompt_lengths, **kwargs):

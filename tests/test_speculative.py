@@ -7,7 +7,9 @@
 - a stop token inside an accepted run stops its row there, other rows go on;
 - rollback: the cache after generation equals plain decoding's (GDN state, conv window, KV);
 - MTP verify + commit_mtp equal step-by-step MTP decode;
-- the program is one while loop with no host callbacks and runs under transfer_guard("disallow").
+- the program is one while loop with no host callbacks and runs under transfer_guard("disallow");
+- layering: the loop imports only gdn_jax.models (and _compat), asking the model's cache what it
+  needs (t_max, max_len, commit mode, state dtype, MTP).
 
 Programs compile with XLA's backend optimisation off (CPU compile time dominates these tests).
 """
@@ -46,9 +48,7 @@ def _model(config, seed=0, cls=Qwen3NextForCausalLM, **kw):
 
 def gen(model, prompts, lengths, **kw):
     """generate() through a compile cache (one XLA compile per model graph, config and shapes)."""
-    kw = {**dict(num_draft=3, max_new_tokens=16, temperature=0.0, top_k=0, top_p=1.0,
-                 stop_tokens=(), pad_id=0, key=None, cache=None, slots=None,
-                 commit_mode="replay", state_dtype=jnp.float32, max_len=None), **kw}
+    kw = {**S._DEFAULTS, "max_new_tokens": 16, "state_dtype": jnp.float32, **kw}
     cfg, graphdef, args = S._prepare(model, prompts, lengths, **kw)
     sig = (graphdef, cfg, jax.tree.map(lambda x: (x.shape, x.dtype), args[1:]))
     if sig not in _COMPILED:
@@ -405,3 +405,45 @@ def test_bad_arguments(model):
                                                          rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="MTP head"):
         S.generate(no_mtp, PROMPTS, LENGTHS, num_draft=2)
+
+
+# ---- layering: the loop talks to the models layer only
+
+
+def test_loop_imports_only_models():
+    """gdn_jax.speculative imports nothing of gdn_jax.modules / ops / kernels directly: only
+    gdn_jax.models and gdn_jax._compat (its source's import statements)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(S))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or "")
+            if node.module == "gdn_jax":
+                imported |= {f"gdn_jax.{a.name}" for a in node.names}
+    ours = {m for m in imported if m.split(".")[0] == "gdn_jax"}
+    assert ours, imported
+    bad = {m for m in ours if not m.startswith(("gdn_jax.models", "gdn_jax._compat"))}
+    assert not bad, f"gdn_jax.speculative imports {sorted(bad)} (only gdn_jax.models, _compat)"
+
+
+def test_cache_answers_the_loop(model):
+    """ModelCache says what the loop checks: verify limit, KV length, commit mode, state dtype,
+    MTP caches; mixed commit modes are an error naming both."""
+    cache = model.init_cache(2, 20, t_max=3, state_dtype=jnp.float32, commit_mode="intermediate")
+    assert (cache.t_max, cache.max_len, cache.commit_mode, cache.state_dtype, cache.has_mtp) == (
+        3, 20, "intermediate", "float32", True)
+    other = model.init_cache(2, 20, t_max=3, commit_mode="replay")
+    assert (other.commit_mode, other.state_dtype) == ("replay", "bfloat16")
+    mixed = cache.replace(layers=(other.layers[0],) + cache.layers[1:])
+    with pytest.raises(ValueError, match=r"mixed commit modes \['intermediate', 'replay'\]"):
+        mixed.commit_mode
+    with pytest.raises(ValueError, match="generate: .*mixed commit modes"):
+        S.generate(model, PROMPTS[:2], LENGTHS[:2], num_draft=1, max_new_tokens=2, cache=mixed,
+                   slots=jnp.arange(2))
+    assert cache.replace(mtp=()).has_mtp is False
+    assert S._DEFAULTS["num_draft"] == 3 and S._DEFAULTS["commit_mode"] == "replay"

@@ -37,11 +37,11 @@ from jax.sharding import PartitionSpec as P
 from gdn_jax.models.config import ModelConfig
 from gdn_jax.modules._linear import HIGHEST, linear
 from gdn_jax.modules.attention import Attention
-from gdn_jax.modules.cache import COMMIT_MODES, KVCache
+from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache
 from gdn_jax.modules.gated_deltanet import MODES, GatedDeltaNet
 from gdn_jax.modules.mlp import MLP, SparseMoE
 from gdn_jax.modules.norms import RMSNorm
-from gdn_jax.modules.sharding import TP, psum, tp_map
+from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
 
 _F32 = jnp.float32
 
@@ -62,6 +62,45 @@ class ModelCache:
 
     def replace(self, **changes) -> "ModelCache":
         return dataclasses.replace(self, **changes)
+
+    # What a decoding loop needs to know of the cache (gdn_jax.speculative asks these rather than
+    # looking at the per-layer cache types).
+
+    def _gdn(self) -> list:
+        return [c for c in self.layers if isinstance(c, GDNCache)]
+
+    @property
+    def t_max(self) -> int | None:
+        """The most tokens one verify call takes (the GDN layers' T_max); None without GDN
+        layers (attention alone has no verify limit)."""
+        gdn = self._gdn()
+        return min(c.t_max for c in gdn) if gdn else None
+
+    @property
+    def max_len(self) -> int | None:
+        """Tokens per slot of the KV caches (MTP ones included); None without any."""
+        kv = [c for c in self.layers if isinstance(c, KVCache)] + list(self.mtp)
+        return min(c.max_len for c in kv) if kv else None
+
+    @property
+    def commit_mode(self) -> str | None:
+        """The GDN layers' commit mode ("replay" | "intermediate"); None without GDN layers.
+        Raises ValueError when the layers disagree."""
+        modes = {c.commit_mode for c in self._gdn()}
+        if len(modes) > 1:
+            raise ValueError(f"cache: GDN layers in mixed commit modes {sorted(modes)}")
+        return modes.pop() if modes else None
+
+    @property
+    def state_dtype(self) -> str | None:
+        """The GDN state pools' dtype name ("bfloat16" | "float32"); None without GDN layers."""
+        gdn = self._gdn()
+        return gdn[0].state.pool.dtype.name if gdn else None
+
+    @property
+    def has_mtp(self) -> bool:
+        """Whether the cache holds the MTP head's KV caches."""
+        return bool(self.mtp)
 
 
 jax.tree_util.register_dataclass(ModelCache, data_fields=["layers", "mtp"], meta_fields=[])
@@ -176,14 +215,16 @@ class Qwen3NextForCausalLM(nnx.Module):
             c = dataclasses.replace(c, mtp_num_hidden_layers=1, raw=c.raw)
         self.config = c
         self.dtype, self.precision = dtype, precision
+        # On a ("tp",) mesh the embedding and the LM head split by vocab.
         self.embed_tokens = nnx.Embed(c.vocab_size, c.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype,
-                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+                                      embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+                                      embedding_metadata=tp_metadata(TP, None))
         self.layers = nnx.List([DecoderLayer(c, t, c.is_moe_layer(i), **kw)
                                 for i, t in enumerate(c.layer_types)])
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=param_dtype)
         self.lm_head = None if c.tie_word_embeddings else linear(c.hidden_size, c.vocab_size,
-                                                                 **kw)
+                                                                 sharding=(None, TP), **kw)
         self.mtp = MTPHead(c, **kw) if with_mtp else None
         # mesh: tensor parallelism over heads (a jax Mesh with a "tp" axis; README "Multi-GPU").
         # Built on one device, then sharded (`gdn_jax.models.sharding.shard_model`).
@@ -202,10 +243,6 @@ class Qwen3NextForCausalLM(nnx.Module):
         from gdn_jax.models.checkpoint import load_pretrained
         return load_pretrained(path, dtype=dtype, param_dtype=param_dtype, precision=precision,
                                with_mtp=with_mtp, mesh=mesh)
-
-    def tp_param_specs(self) -> dict:
-        """Embedding and LM head split by vocab over "tp" (the other params: their modules)."""
-        return {("embed_tokens", "embedding"): P(TP, None), ("lm_head", "kernel"): P(None, TP)}
 
     def save_pretrained(self, path, **kwargs) -> None:
         """Write config.json and safetensors (see `gdn_jax.models.checkpoint.save_pretrained`)."""
@@ -245,15 +282,16 @@ class Qwen3NextForCausalLM(nnx.Module):
         # Vocab-split table: each shard looks up the tokens in its rows, zeros elsewhere; one psum.
         emb = self.embed_tokens
 
-        def local(table, tokens):
+        def local(p, tokens):
+            table = p["table"]
             rows = table.shape[0]
             idx = tokens - jax.lax.axis_index(TP) * rows
             inside = (idx >= 0) & (idx < rows)
             x = jnp.take(table, jnp.clip(idx, 0, rows - 1), axis=0)
             return psum(jnp.where(inside[..., None], x, jnp.zeros((), x.dtype)))
 
-        out = tp_map(self.mesh, local, (P(TP, None), P()), P())(emb.embedding[...],
-                                                                  jnp.asarray(tokens))
+        out = shard_call(self.mesh, local, dict(table=emb.embedding), (jnp.asarray(tokens),),
+                         (P(),), P())
         return out.astype(emb.dtype)
 
     def logits(self, hidden):

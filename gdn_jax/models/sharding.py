@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from gdn_jax.models.config import ModelConfig
 from gdn_jax.modules.cache import GDNCache, KVCache, gdn_cache_specs, kv_cache_specs
 from gdn_jax.modules.gated_deltanet import GatedDeltaNet
-from gdn_jax.modules.sharding import auto_mesh, check_divides, tp_size
+from gdn_jax.modules.sharding import auto_mesh, check_divides, param_spec, tp_size
 
 
 def check_config(config: ModelConfig, tp: int) -> None:
@@ -73,22 +73,17 @@ def attach_mesh(model, mesh: Mesh | None) -> None:
 
 
 def param_specs(model, mesh: Mesh) -> dict:
-    """Path (tuple from the model root, as nnx.to_flat_state) -> PartitionSpec, every Param."""
-    saved = [(node, node.mesh) for _, node in _modules(model) if hasattr(node, "mesh")]
-    attach_mesh(model, mesh)  # the specs depend on tp (replicated KV heads)
-    try:
-        specs = {}
-        for path, node in _modules(model):
-            if hasattr(node, "tp_param_specs"):
-                for rel, spec in node.tp_param_specs().items():
-                    specs[path + rel] = spec
-    finally:
-        for node, m in saved:
-            node.mesh = m
-    out = {}
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        out[tuple(path)] = specs.get(tuple(path), P())
-    return out
+    """Path (tuple from the model root, as nnx.to_flat_state) -> PartitionSpec, every Param: its
+    partition metadata (`gdn_jax.modules.sharding.param_spec`), or, for the specs that depend on
+    the device count, its module's `tp_param_specs(tp)`."""
+    tp = tp_size(mesh)
+    specs = {}
+    for path, node in _modules(model):
+        if hasattr(node, "tp_param_specs"):
+            for rel, spec in node.tp_param_specs(tp).items():
+                specs[path + rel] = spec
+    return {tuple(path): specs.get(tuple(path), param_spec(var))
+            for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def permutations(model, tp: int) -> dict:

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 from gdn_jax.modules._linear import HIGHEST, dense, linear
 from gdn_jax.modules.cache import KVCache, kv_cache_specs, slot_index
 from gdn_jax.modules.norms import RMSNorm, rms_norm
-from gdn_jax.modules.sharding import TP, psum, tp_map, tp_size
+from gdn_jax.modules.sharding import TP, psum, shard_call, tp_size
 from gdn_jax.modules.rope import apply_rope, rope_cos_sin
 
 _F32 = jnp.float32
@@ -41,10 +41,12 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rotary_dim, self.rope_theta = rotary_dim, rope_theta
         self.dtype, self.precision = dtype, precision
-        self.q_proj = linear(hidden_size, num_heads * head_dim * 2, **kw)
+        # On a ("tp",) mesh: q heads (with their gates) by columns, o_proj by rows; k / v split
+        # or replicated by the device count (tp_param_specs).
+        self.q_proj = linear(hidden_size, num_heads * head_dim * 2, sharding=(None, TP), **kw)
         self.k_proj = linear(hidden_size, num_kv_heads * head_dim, **kw)
         self.v_proj = linear(hidden_size, num_kv_heads * head_dim, **kw)
-        self.o_proj = linear(num_heads * head_dim, hidden_size, **kw)
+        self.o_proj = linear(num_heads * head_dim, hidden_size, sharding=(TP, None), **kw)
         self.mesh = None  # a ("tp",) Mesh, set by gdn_jax.models.sharding.shard_model
         self.q_norm = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
         self.k_norm = RMSNorm(head_dim, eps=eps, param_dtype=param_dtype)
@@ -64,41 +66,33 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
         slots = jnp.asarray(slots, jnp.int32)
-        params = dict(q=self.q_proj.kernel[...], k=self.k_proj.kernel[...],
-                      v=self.v_proj.kernel[...], o=self.o_proj.kernel[...],
-                      q_norm=self.q_norm.weight[...], k_norm=self.k_norm.weight[...])
+        params = dict(q=self.q_proj.kernel, k=self.k_proj.kernel, v=self.v_proj.kernel,
+                      o=self.o_proj.kernel, q_norm=self.q_norm.weight, k_norm=self.k_norm.weight)
         tp = tp_size(self.mesh)
-        kv_split = self.num_kv_heads % tp == 0
+        kv_split = self.kv_heads_split(tp)
         body = functools.partial(
             _attention_body, num_heads=self.num_heads // tp,
             num_kv_heads=self.num_kv_heads // tp if kv_split else self.num_kv_heads,
             head_dim=self.head_dim, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
             eps=self.q_norm.eps, dtype=self.dtype, precision=self.precision, advance=advance,
             tp=tp if self.mesh is not None else None, kv_split=kv_split)
-        if self.mesh is None:
-            return body(params, x, cache, slots, n)
-        specs = self.tp_param_specs()
-        p_specs = {name: specs[(attr, leaf)] for name, (attr, leaf) in (
-            ("q", ("q_proj", "kernel")), ("k", ("k_proj", "kernel")), ("v", ("v_proj", "kernel")),
-            ("o", ("o_proj", "kernel")), ("q_norm", ("q_norm", "weight")),
-            ("k_norm", ("k_norm", "weight")))}
+        specs = self.tp_param_specs(tp)
         c_specs = kv_cache_specs(kv_split)
-        return tp_map(self.mesh, body, (p_specs, P(), c_specs, P(), P()),
-                      (P(), c_specs))(params, x, cache, slots, n)
+        return shard_call(self.mesh, body, params, (x, cache, slots, n),
+                          (P(), c_specs, P(), P()), (P(), c_specs),
+                          overrides={"k": specs[("k_proj", "kernel")],
+                                     "v": specs[("v_proj", "kernel")]})
 
     def kv_heads_split(self, tp: int) -> bool:
         """Whether the KV heads (projections and cache) split over tp devices (else replicated:
         fewer KV heads than devices)."""
         return self.num_kv_heads % tp == 0
 
-    def tp_param_specs(self) -> dict:
-        """PartitionSpecs on a ("tp",) mesh: q heads (with their gates) and o_proj rows split;
-        k / v heads split, or replicated when fewer than the devices; q/k norms replicated."""
-        tp = tp_size(self.mesh)
+    def tp_param_specs(self, tp: int) -> dict:
+        """The PartitionSpecs that depend on the device count tp (the others ride on the
+        parameters' metadata): k / v heads split, or replicated when fewer than the devices."""
         kv = P(None, TP) if self.kv_heads_split(tp) else P()
-        return {("q_proj", "kernel"): P(None, TP), ("k_proj", "kernel"): kv,
-                ("v_proj", "kernel"): kv, ("o_proj", "kernel"): P(TP, None),
-                ("q_norm", "weight"): P(), ("k_norm", "weight"): P()}
+        return {("k_proj", "kernel"): kv, ("v_proj", "kernel"): kv}
 
 
 def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, head_dim,

@@ -32,7 +32,8 @@ from gdn_jax import ops
 from gdn_jax.modules._linear import HIGHEST, dense, linear
 from gdn_jax.modules.cache import GDNCache, gdn_cache_specs, slot_index
 from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
-from gdn_jax.modules.sharding import TP, blocked_permutation, psum, tp_map, tp_size
+from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
+                                      tp_size)
 
 _F32 = jnp.float32
 MODES = ("prefill", "decode", "verify")
@@ -129,16 +130,22 @@ class GatedDeltaNet(nnx.Module):
         self.mesh = None
         key_dim, value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
         self.conv_dim = 2 * key_dim + value_dim
-        self.in_proj_qkvz = linear(hidden_size, 2 * key_dim + 2 * value_dim, **kw)
-        self.in_proj_ba = linear(hidden_size, 2 * num_v_heads, **kw)
+        # On a ("tp",) mesh: the projections and the conv by key-head group (columns tp-blocked,
+        # `gdn_jax.modules.sharding`), out_proj by rows (value heads), the per-head vectors by
+        # head; the norm weight (per V) replicated.
+        col = dict(sharding=(None, TP))
+        self.in_proj_qkvz = linear(hidden_size, 2 * key_dim + 2 * value_dim, **col, **kw)
+        self.in_proj_ba = linear(hidden_size, 2 * num_v_heads, **col, **kw)
         bound = conv_kernel ** -0.5
         self.conv_weight = nnx.Param(jax.random.uniform(
-            rngs.params(), (conv_kernel, self.conv_dim), param_dtype, -bound, bound))
-        self.dt_bias = nnx.Param(jnp.ones((num_v_heads,), param_dtype))
+            rngs.params(), (conv_kernel, self.conv_dim), param_dtype, -bound, bound),
+            **tp_metadata(None, TP))
+        self.dt_bias = nnx.Param(jnp.ones((num_v_heads,), param_dtype), **tp_metadata(TP))
         self.A_log = nnx.Param(jnp.log(jax.random.uniform(
-            rngs.params(), (num_v_heads,), _F32, 1.0, 16.0)).astype(param_dtype))
+            rngs.params(), (num_v_heads,), _F32, 1.0, 16.0)).astype(param_dtype),
+            **tp_metadata(TP))
         self.norm = GatedRMSNorm(head_v_dim, eps=eps, param_dtype=param_dtype)
-        self.out_proj = linear(value_dim, hidden_size, **kw)
+        self.out_proj = linear(value_dim, hidden_size, sharding=(TP, None), **kw)
 
     def init_cache(self, num_slots: int, *, t_max: int, state_dtype=jnp.bfloat16,
                    commit_mode: str = "replay") -> GDNCache:
@@ -166,34 +173,17 @@ class GatedDeltaNet(nnx.Module):
         else:
             n = jnp.ones((B,), jnp.int32)
         slots = jnp.asarray(slots, jnp.int32)
-        params = dict(qkvz=self.in_proj_qkvz.kernel[...], ba=self.in_proj_ba.kernel[...],
-                      conv=self.conv_weight[...], A_log=self.A_log[...],
-                      dt_bias=self.dt_bias[...], norm=self.norm.weight[...],
-                      out=self.out_proj.kernel[...])
+        params = dict(qkvz=self.in_proj_qkvz.kernel, ba=self.in_proj_ba.kernel,
+                      conv=self.conv_weight, A_log=self.A_log, dt_bias=self.dt_bias,
+                      norm=self.norm.weight, out=self.out_proj.kernel)
         tp = tp_size(self.mesh)
         dims = (self.H // tp, self.HV // tp, self.K, self.V, self.W)
         body = functools.partial(_gdn_body, mode=mode, dims=dims, dtype=self.dtype,
                                  precision=self.out_proj.precision, eps=self.norm.eps,
                                  reduce=self.mesh is not None)
-        if self.mesh is None:
-            return body(params, x, cache, slots, n)
-        specs = self.tp_param_specs()
-        p_specs = dict(qkvz=specs[("in_proj_qkvz", "kernel")], ba=specs[("in_proj_ba", "kernel")],
-                       conv=specs[("conv_weight",)], A_log=specs[("A_log",)],
-                       dt_bias=specs[("dt_bias",)], norm=specs[("norm", "weight")],
-                       out=specs[("out_proj", "kernel")])
         c_specs = gdn_cache_specs(cache)
-        return tp_map(self.mesh, body, (p_specs, P(), c_specs, P(), P()),
-                      (P(), c_specs))(params, x, cache, slots, n)
-
-    def tp_param_specs(self) -> dict:
-        """PartitionSpec of each parameter on a ("tp",) mesh, by path from this module: the
-        projections split by head group (columns tp-blocked, see `gdn_jax.modules.sharding`),
-        out_proj by rows (value heads), the per-head vectors by head."""
-        col, row = P(None, TP), P(TP, None)
-        return {("in_proj_qkvz", "kernel"): col, ("in_proj_ba", "kernel"): col,
-                ("conv_weight",): col, ("A_log",): P(TP), ("dt_bias",): P(TP),
-                ("norm", "weight"): P(), ("out_proj", "kernel"): row}
+        return shard_call(self.mesh, body, params, (x, cache, slots, n),
+                          (P(), c_specs, P(), P()), (P(), c_specs))
 
     def tp_permutations(self, tp: int) -> dict:
         """Column permutations (flat -> tp-blocked layout) of the parameters that have one."""

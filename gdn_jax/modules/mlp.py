@@ -7,6 +7,8 @@ SparseMoE (Qwen3-Next / Qwen3.5-MoE):
 Each token computes only its top-k experts: as grouped matmuls (`lax.ragged_dot`) over the
 token-expert pairs sorted by expert, or, for few tokens (decode, verify at small batch), as
 matrix-vector products with the chosen experts' weights gathered (`_gather_experts` says why).
+`SparseMoE(expert_path=...)` (or `set_expert_path(model, ...)`) picks the path: "auto" (the
+default, by the token count), "gather" or "grouped".
 """
 
 from __future__ import annotations
@@ -20,9 +22,10 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from gdn_jax.modules._linear import HIGHEST, dense, linear
-from gdn_jax.modules.sharding import TP, psum, tp_map
+from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
 
 _F32 = jnp.float32
+EXPERT_PATHS = ("auto", "gather", "grouped")
 
 
 class MLP(nnx.Module):
@@ -31,31 +34,30 @@ class MLP(nnx.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, *, dtype=jnp.float32,
                  param_dtype=jnp.float32, precision=HIGHEST, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
-        self.gate_proj = linear(hidden_size, intermediate_size, **kw)
-        self.up_proj = linear(hidden_size, intermediate_size, **kw)
-        self.down_proj = linear(intermediate_size, hidden_size, **kw)
+        # On a ("tp",) mesh the intermediate dim splits: gate / up by columns, down by rows.
+        self.gate_proj = linear(hidden_size, intermediate_size, sharding=(None, TP), **kw)
+        self.up_proj = linear(hidden_size, intermediate_size, sharding=(None, TP), **kw)
+        self.down_proj = linear(intermediate_size, hidden_size, sharding=(TP, None), **kw)
         self.mesh = None  # a ("tp",) Mesh, set by gdn_jax.models.sharding.shard_model
 
     def _params(self):
-        return dict(gate=self.gate_proj.kernel[...], up=self.up_proj.kernel[...],
-                    down=self.down_proj.kernel[...])
+        """The parameters (nnx Variables) the body takes, by its names."""
+        return dict(gate=self.gate_proj.kernel, up=self.up_proj.kernel, down=self.down_proj.kernel)
 
     def _mm(self):
         lin = self.down_proj
         return functools.partial(dense, dtype=lin.dtype, precision=lin.precision)
 
-    def tp_param_specs(self) -> dict:
-        """Column split of gate / up, row split of down (the intermediate dim over "tp")."""
-        return {("gate_proj", "kernel"): P(None, TP), ("up_proj", "kernel"): P(None, TP),
-                ("down_proj", "kernel"): P(TP, None)}
-
     def __call__(self, x):
         body = functools.partial(_mlp_body, mm=self._mm())
-        if self.mesh is None:
-            return body(self._params(), x)
-        specs = {"gate": P(None, TP), "up": P(None, TP), "down": P(TP, None)}
-        return tp_map(self.mesh, lambda p, x: psum(body(p, x)), (specs, P()), P())(
-            self._params(), x)
+        if self.mesh is not None:
+            body = _summed(body)
+        return shard_call(self.mesh, body, self._params(), (x,), (P(),), P())
+
+
+def _summed(body):
+    """body, its output summed over the shards (the down projection's partial sums)."""
+    return lambda p, x: psum(body(p, x))
 
 
 def _mlp_body(p, x, *, mm):
@@ -74,48 +76,60 @@ class SparseMoE(nnx.Module):
 
     def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
                  shared_intermediate_size: int, *, norm_topk_prob: bool = True,
-                 dtype=jnp.float32, param_dtype=jnp.float32, precision=HIGHEST,
-                 rngs: nnx.Rngs):
+                 expert_path: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
+                 precision=HIGHEST, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, precision=precision, rngs=rngs)
         self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+        self.expert_path = _check_expert_path(expert_path)
         self.dtype, self.precision = dtype, precision
         self.gate = linear(hidden_size, num_experts, **kw)
         init = nnx.initializers.normal(0.02)
         E, H, I = num_experts, hidden_size, intermediate_size
-        self.experts_gate_proj = nnx.Param(init(rngs.params(), (E, H, I), param_dtype))
-        self.experts_up_proj = nnx.Param(init(rngs.params(), (E, H, I), param_dtype))
-        self.experts_down_proj = nnx.Param(init(rngs.params(), (E, I, H), param_dtype))
+        # On a ("tp",) mesh every expert's intermediate dim splits (gate / up by columns, down by
+        # rows); the router and the shared-expert gate stay replicated.
+        by_col, by_row = tp_metadata(None, None, TP), tp_metadata(None, TP, None)
+        self.experts_gate_proj = nnx.Param(init(rngs.params(), (E, H, I), param_dtype), **by_col)
+        self.experts_up_proj = nnx.Param(init(rngs.params(), (E, H, I), param_dtype), **by_col)
+        self.experts_down_proj = nnx.Param(init(rngs.params(), (E, I, H), param_dtype), **by_row)
         self.shared_expert = MLP(hidden_size, shared_intermediate_size, **kw)
         self.shared_expert_gate = linear(hidden_size, 1, **kw)
         self.mesh = None  # a ("tp",) Mesh, set by gdn_jax.models.sharding.shard_model
 
-    def tp_param_specs(self) -> dict:
-        """Every expert's intermediate dim split over "tp" (gate / up by columns, down by rows);
-        router and shared-expert gate replicated (the shared expert is an MLP: its own specs)."""
-        return {("gate", "kernel"): P(), ("shared_expert_gate", "kernel"): P(),
-                ("experts_gate_proj",): P(None, None, TP), ("experts_up_proj",): P(None, None, TP),
-                ("experts_down_proj",): P(None, TP, None)}
-
     def __call__(self, x):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
-        p = dict(router=self.gate.kernel[...], shared_gate=self.shared_expert_gate.kernel[...],
-                 eg=self.experts_gate_proj[...], eu=self.experts_up_proj[...],
-                 ed=self.experts_down_proj[...], shared=self.shared_expert._params())
+        p = dict(router=self.gate.kernel, shared_gate=self.shared_expert_gate.kernel,
+                 eg=self.experts_gate_proj, eu=self.experts_up_proj, ed=self.experts_down_proj,
+                 shared=self.shared_expert._params())
         body = functools.partial(
             _moe_body, mm=functools.partial(dense, dtype=self.dtype, precision=self.precision),
-            shared_mm=self.shared_expert._mm(), top_k=self.top_k, norm_topk_prob=self.norm_topk_prob,
-            num_experts=self.num_experts, dtype=self.dtype, precision=self.precision)
-        if self.mesh is None:
-            return body(p, x).reshape(shape)
-        specs = dict(router=P(), shared_gate=P(), eg=P(None, None, TP), eu=P(None, None, TP),
-                     ed=P(None, TP, None),
-                     shared={"gate": P(None, TP), "up": P(None, TP), "down": P(TP, None)})
-        out = tp_map(self.mesh, lambda p, x: psum(body(p, x)), (specs, P()), P())(p, x)
-        return out.reshape(shape)
+            shared_mm=self.shared_expert._mm(), top_k=self.top_k,
+            norm_topk_prob=self.norm_topk_prob, num_experts=self.num_experts, dtype=self.dtype, precision=self.precision,
+            expert_path=_check_expert_path(self.expert_path))
+        if self.mesh is not None:
+            body = _summed(body)
+        return shard_call(self.mesh, body, p, (x,), (P(),), P()).reshape(shape)
 
 
-def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype, precision):
+def _check_expert_path(path: str) -> str:
+    if path not in EXPERT_PATHS:
+        raise ValueError(f"SparseMoE: expert_path expected one of {EXPERT_PATHS}, got {path!r}")
+    return path
+
+
+def set_expert_path(model, path: str):
+    """Set the expert path of every SparseMoE in `model` (any nnx graph; in place; returns it):
+    "auto" (gathered for few tokens, grouped matmuls otherwise: `_gather_experts`), "gather" or
+    "grouped" (always that one). The outputs are the same up to rounding; the time is not."""
+    path = _check_expert_path(path)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, SparseMoE):
+            node.expert_path = path
+    return model
+
+
+def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype, precision,
+              expert_path="auto"):
     """SparseMoE on x [N, hidden] with (a shard of) every expert's intermediate dim: the routed
     and shared outputs are linear in the down projections, so shards return partial sums."""
     logits = mm(x, p["router"])
@@ -124,9 +138,11 @@ def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype,
     if norm_topk_prob:
         top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
     weights, ids = top_w.astype(logits.dtype), top_i.astype(jnp.int32)
-    gather = _gather_experts(x.shape[0], top_k, num_experts)
-    routed = (_routed_gathered if gather else _routed_ragged)(p, x.astype(dtype), weights, ids, num_experts=num_experts, dtype=dtype,
-                       precision=precision)
+    gather = (_gather_experts(x.shape[0], top_k, num_experts) if expert_path == "auto"
+              else expert_path == "gather")
+    routed = (_routed_gathered if gather else _routed_ragged)(
+        p, x.astype(dtype), weights, ids, num_experts=num_experts, dtype=dtype,
+        precision=precision)
     shared = jax.nn.sigmoid(mm(x, p["shared_gate"])) * _mlp_body(p["shared"], x, mm=shared_mm)
     return routed + shared
 

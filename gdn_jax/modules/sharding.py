@@ -12,12 +12,21 @@ Column layout: a projection whose columns are several head-major segments (GDN i
 devices, "tp-blocked": device d's block holds segment-by-segment the columns of its heads, so a
 plain contiguous split of the column axis hands each device whole key-head groups (key head g with
 its r = HV / H value heads). tp = 1 is the flat layout itself.
+
+Partition specs ride on the parameters: a head-parallel parameter carries Flax NNX partition
+metadata (`tp_metadata`: its per-axis mesh names, `out_sharding`), read back by `param_spec`; the
+few specs that depend on the device count (attention's k / v: split or replicated) come from the
+module's `tp_param_specs(tp)`. `shard_call` runs a block's per-shard body with those specs, and
+`gdn_jax.models.sharding` places every parameter by the same specs.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 TP = "tp"
@@ -68,8 +77,61 @@ def tp_map(mesh: Mesh, fn, in_specs, out_specs):
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
+def tp_metadata(*names) -> dict:
+    """Flax NNX metadata for a parameter split over the mesh: one name per axis (TP or None), e.g.
+    `nnx.Param(w, **tp_metadata(None, TP))` or `nnx.Linear(..., kernel_metadata=tp_metadata(TP,
+    None))`. Nothing is placed at creation (`eager_sharding` off): `shard_model` places it."""
+    return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+def param_spec(var) -> P:
+    """The PartitionSpec a parameter's metadata names (replicated without any)."""
+    names = var.get_metadata().get("out_sharding")
+    return P() if names is None else P(*names)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def shard_call(mesh: Mesh | None, body, params, args, arg_specs, out_specs, *, overrides=None):
+    """Run a block's body(arrays, *args) on one device (mesh None) or per shard under `tp_map`.
+
+    params: a (nested) dict of nnx.Variables; body gets their values in the same structure, and
+    on a mesh each one's shard by `param_spec` (overrides: {top-level key: PartitionSpec}, for the
+    specs that depend on the device count). arg_specs / out_specs: the other inputs' and the
+    outputs' specs, as `jax.shard_map` takes them.
+    """
+    arrays = jax.tree.map(lambda v: v[...], params, is_leaf=_is_var)
+    if mesh is None:
+        return body(arrays, *args)
+    specs = jax.tree.map(param_spec, params, is_leaf=_is_var)
+    specs = {**specs, **(overrides or {})}
+    return tp_map(mesh, body, (specs, *arg_specs), out_specs)(arrays, *args)
+
+
+_COLLECTIVES = [True]
+
+
+@contextlib.contextmanager
+def without_collectives():
+    """BENCHMARK ONLY -- the results are wrong by design. Inside the block, `psum` (every
+    all-reduce of the head-parallel blocks and the vocab-split embedding) traces as the identity,
+    so a program traced here does the same local work without the collectives: timing it beside
+    the real program shows what the all-reduces cost (bench/bench_speculative.py --no-comm).
+
+    It acts at trace time: trace (jit) a fresh function inside the block, since a cached
+    executable traced outside it keeps its collectives, and one traced inside keeps none."""
+    _COLLECTIVES.append(False)
+    try:
+        yield
+    finally:
+        _COLLECTIVES.pop()
+
+
 def psum(x):
-    return jax.lax.psum(x, TP)
+    """Sum over the "tp" axis (inside `tp_map`); the identity under `without_collectives`."""
+    return jax.lax.psum(x, TP) if _COLLECTIVES[-1] else x
 
 
 def auto_mesh(mesh: Mesh | None) -> Mesh | None:
