@@ -53,7 +53,7 @@ def main(argv=None):
     from gdn_jax.models import Qwen3NextForCausalLM
     from gdn_jax.models.embedded import embedded_path
     from gdn_jax.speculative import generate
-    from gdn_jax.train.evaluate import encode_prompts
+    from gdn_jax.text import encode_prompts
 
     from bench_kernels import copy_bandwidth
 
