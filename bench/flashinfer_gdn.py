@@ -133,6 +133,11 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _row(x, i):
+    """Row i of a tokens() dict (the per-head A_log and dt_bias as they are)."""
+    return {key: val[i] if val.ndim > 1 else val for key, val in x.items()}
+
+
 def _np(t):
     return t.float().cpu().numpy().astype(np.float64)
 
@@ -172,7 +177,7 @@ def check_against_oracle(B=4, seed=0, tol_o=2e-2, tol_state=1e-2, device="cuda")
     _sync(dev)
     eo, es = [], []
     for i in range(B):
-        xi = {key: val[i] if val.ndim > 1 else val for key, val in x.items()}
+        xi = _row(x, i)
         o_ref, S_ref, _ = ref(_np(before[slots[i]]), [(xi, None)])
         eo.append(rel(_np(o[i]), o_ref))
         es.append(rel(_np(pool[slots[i]]), S_ref))
@@ -189,7 +194,7 @@ def check_against_oracle(B=4, seed=0, tol_o=2e-2, tol_state=1e-2, device="cuda")
     _sync(dev)
     eo, es = [], []
     for i in range(B):
-        xi = {key: val[i] if val.ndim > 1 else val for key, val in x.items()}
+        xi = _row(x, i)
         o_ref, _, states = ref(_np(before[slots[i]]), [(xi, None)])
         eo.append(rel(_np(o[i]), o_ref))
         es.append(rel(_np(inter[i]), states))
@@ -211,17 +216,15 @@ def check_against_oracle(B=4, seed=0, tol_o=2e-2, tol_state=1e-2, device="cuda")
         o = ring_verify(xs[c], pool, slots, rings, hist, base, flush_min=1 if fold else None)
         _sync(dev)
         for i in range(B):
-            seq = [({key: val[i] if val.ndim > 1 else val for key, val in xs[j].items()},
-                    int(acc[j][i])) for j in range(c)]
-            xi = {key: val[i] if val.ndim > 1 else val for key, val in xs[c].items()}
+            seq = [(_row(xs[j], i), int(acc[j][i])) for j in range(c)]
+            xi = _row(xs[c], i)
             o_ref, _, _ = ref(_np(S0[slots[i]]), seq + [(xi, None)])
             eo.append(rel(_np(o[i]), o_ref))
         if c < 2:
             hist += torch.as_tensor(acc[c], dtype=torch.int32, device=dev)
     es = []
     for i in range(B):  # after the fold the pool holds the committed tokens of calls 0 and 1
-        seq = [({key: val[i] if val.ndim > 1 else val for key, val in xs[j].items()}, int(acc[j][i]))
-               for j in range(2)]
+        seq = [(_row(xs[j], i), int(acc[j][i])) for j in range(2)]
         _, S_ref, _ = ref(_np(S0[slots[i]]), seq)
         es.append(rel(_np(pool[slots[i]]), S_ref))
     out["ring"] = dict(o_err=max(eo), state_err=max(es), accepted=[a.tolist() for a in acc])

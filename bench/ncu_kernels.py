@@ -167,6 +167,43 @@ def _marker():
     return mark
 
 
+def _checked(checks, name, check, c):
+    """Run `check` once per worker (before its first timing, outside the profiled range; its result
+    goes into c["check"]). False, with c["error"] set, when it failed: a wrong or failing kernel
+    is not timed."""
+    if name not in checks:
+        try:
+            checks[name] = c["check"] = check()
+        except Exception as e:  # noqa: BLE001 - any failure means: time nothing of it
+            checks[name] = f"check failed: {type(e).__name__}: {str(e)[:600]}"
+        print(f"{name}: {checks[name]}", flush=True)
+    if isinstance(checks[name], str):
+        c["error"] = checks[name]
+        return False
+    return True
+
+
+def _profile_torch(c, make_run, reps, mark):
+    """Build a torch case's call, warm it up, then profile `reps` marked calls; a call that cannot
+    be built or run (fla or Triton failing here, say) is recorded in c["error"] instead."""
+    import torch
+
+    try:
+        run = make_run()
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 - record it and go on
+        c["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        return
+    _profiler(True)
+    for _ in range(reps):
+        mark()
+        run()
+        torch.cuda.synchronize()
+    _profiler(False)
+
+
 def _flashinfer_case(c, fi, rng):
     """The case's FlashInfer call as a closure over fresh inputs (bench/flashinfer_gdn.py)."""
     import numpy as np
@@ -211,8 +248,7 @@ def worker(args):
     rng = np.random.default_rng(0)
     results = []
     mark = _marker()
-    fla_jax_check = None  # None: not run yet; else the check's result or its error
-    fi_check = None
+    checks = {}  # a check's name -> its result, or why it failed
     todo = cases(args)
     t0 = time.time()
     for i, c in enumerate(todo):
@@ -235,66 +271,23 @@ def worker(args):
                     tq, tk, tv, ta, beta=tb, initial_state=h0, output_final_state=True,
                     use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=t(A_log),
                     dt_bias=t(dt), use_beta_sigmoid_in_kernel=True, state_v_first=True)
-            try:
-                for _ in range(2):
-                    run()
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - fla or Triton cannot run here: record it
-                c["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                results.append(c)
-                continue
-            _profiler(True)
-            for _ in range(args.reps):
-                mark()
-                run()
-                torch.cuda.synchronize()
-            _profiler(False)
+            _profile_torch(c, lambda: run, args.reps, mark)
             results.append(c)
             continue
         if c["impl"] == "flashinfer":
             import flashinfer_gdn as fi
 
-            if fi_check is None:  # once, before the first timing, outside the profiled range
-                try:
-                    fi_check = fi.check_against_oracle()
-                    c["check"] = fi_check
-                except Exception as e:  # noqa: BLE001 - a wrong or failing kernel: time nothing
-                    fi_check = f"check failed: {type(e).__name__}: {str(e)[:600]}"
-                print(f"flashinfer vs the float64 oracle: {fi_check}", flush=True)
-            if isinstance(fi_check, str):
-                c["error"] = fi_check
+            if not _checked(checks, "flashinfer vs the float64 oracle", fi.check_against_oracle, c):
                 results.append(c)
                 continue
-            try:
-                run = _flashinfer_case(c, fi, rng)
-                for _ in range(2):
-                    run()
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - record it and go on
-                c["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                results.append(c)
-                continue
-            _profiler(True)
-            for _ in range(args.reps):
-                mark()
-                run()
-                torch.cuda.synchronize()
-            _profiler(False)
+            _profile_torch(c, lambda: _flashinfer_case(c, fi, rng), args.reps, mark)
             results.append(c)
             continue
         if c["impl"] == "fla-jax":
             from fla_jax import check_against_reference, fla_decode_jax
 
-            if fla_jax_check is None:  # once, before the first timing, outside the profiled range
-                try:
-                    fla_jax_check = [check_against_reference(state_dtype=d)
-                                     for d in ("float32", "bfloat16")]
-                    c["check"] = fla_jax_check
-                except Exception as e:  # noqa: BLE001 - a wrong or failing kernel: time nothing
-                    fla_jax_check = f"check failed: {type(e).__name__}: {str(e)[:300]}"
-                print(f"fla-jax vs gdn_jax.ops.reference: {fla_jax_check}", flush=True)
-            if isinstance(fla_jax_check, str):
-                c["error"] = fla_jax_check
+            if not _checked(checks, "fla-jax vs gdn_jax.ops.reference", lambda: [
+                    check_against_reference(state_dtype=d) for d in ("float32", "bfloat16")], c):
                 results.append(c)
                 continue
             h0 = (0.3 * jax.random.normal(jax.random.key(1), (B, HV, V, K))).astype(dtype)
