@@ -31,6 +31,7 @@ imports with CUDA, else an XLA `x + 1` over 1 GiB: read + write bytes; the metho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -172,13 +173,14 @@ def chained(op, tuning, interpret, backend="triton"):
           ("mosaic", "decode"): kernels.decode_mgpu,
           ("mosaic", "replay"): kernels.verify_replay_mgpu,
           ("mosaic", "intermediate"): kernels.verify_intermediate_mgpu}[(backend, op)]
+    config = (kernels.MosaicConfig if backend == "mosaic" else kernels.TuningConfig)(**tuning)
 
     def run(pool, n, v, q, k, a, b, A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, count,
             slots):
         def body(_, carry):
             pool, v, acc = carry
             o, out = fn(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
-                        count, slots, interpret=interpret, **tuning)
+                        count, slots, interpret=interpret, config=config)
             if op == "intermediate":  # pool untouched; keep inter alive with a 1-element read
                 acc = acc + out[0, 0, 0, 0, 0].astype(jnp.float32)
             else:
@@ -305,9 +307,9 @@ def main(argv=None):
     from gdn_jax.ops import dispatch
 
     def tuning_for(op, pool_dtype, B, backend="triton"):
-        cfg = dispatch.tuning("decode" if op == "decode" else "verify", state_dtype=pool_dtype,
-                              B=B, V=dims[3], backend=backend,
-                              mode=None if op == "decode" else op)
+        cfg = dataclasses.asdict(dispatch.tuning(
+            "decode" if op == "decode" else "verify", state_dtype=pool_dtype, B=B, V=dims[3],
+            backend=backend, mode=None if op == "decode" else op))
         if backend == "mosaic":  # the Mosaic kernels take their own (block_v, tiles, stages)
             return cfg
         if args.block_v is not None:

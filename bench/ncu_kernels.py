@@ -41,6 +41,7 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import io
 import json
@@ -312,10 +313,13 @@ def worker(args):
         keys = ("block_v", "tiles_per_cta", "stages", "num_warps", "num_stages", "form")
         cfg = {key: c[key] for key in keys if key in c}
         if not cfg:
-            cfg = dispatch.tuning(c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype,
-                                  B=B, V=V, backend="mosaic" if c["impl"] == "mosaic" else "triton",
-                                  mode=None if c["op"] == "decode" else c["op"])
+            cfg = dataclasses.asdict(dispatch.tuning(
+                c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype, B=B, V=V,
+                backend="mosaic" if c["impl"] == "mosaic" else "triton",
+                mode=None if c["op"] == "decode" else c["op"]))
         c.update(cfg)
+        config = (kernels.MosaicConfig if c["impl"] == "mosaic" else kernels.TuningConfig)(
+            **{key: val for key, val in cfg.items() if key != "form"})
         kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
                   "intermediate": kernels.verify_intermediate}[c["op"]]
         if c["impl"] == "mosaic":
@@ -325,9 +329,9 @@ def worker(args):
         pend = (st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count)
         if c["op"] == "intermediate":  # pool only read; inter is the output (no slice of it:
             # that would add a kernel to the call)
-            f = jax.jit(lambda pool: (pool, kernel(*toks, pool, *pend, slots, **cfg)[1]))
+            f = jax.jit(lambda pool: (pool, kernel(*toks, pool, *pend, slots, config=config)[1]))
         else:
-            f = jax.jit(lambda pool: (kernel(*toks, pool, *pend, slots, **cfg)[1], 0),
+            f = jax.jit(lambda pool: (kernel(*toks, pool, *pend, slots, config=config)[1], 0),
                         donate_argnums=0)
         pool = st.pool
         try:

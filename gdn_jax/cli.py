@@ -154,13 +154,13 @@ def _default_num_draft(platform: str) -> int:
 
 
 def cmd_generate(args) -> int:
-    from gdn_jax.ops.dispatch import MAX_KERNEL_T  # imports jax
+    from gdn_jax.ops import MAX_T  # imports jax
 
     if args.max_new_tokens < 1:
         raise CLIError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    if args.num_draft_tokens is not None and not 0 <= args.num_draft_tokens < MAX_KERNEL_T:
-        raise CLIError(f"--num-draft-tokens must be in 0..{MAX_KERNEL_T - 1} (0: plain decoding; "
-                       f"a verify call takes the drafts + 1 <= {MAX_KERNEL_T} tokens), got "
+    if args.num_draft_tokens is not None and not 0 <= args.num_draft_tokens < MAX_T:
+        raise CLIError(f"--num-draft-tokens must be in 0..{MAX_T - 1} (0: plain decoding; "
+                       f"a verify call takes the drafts + 1 <= {MAX_T} tokens), got "
                        f"{args.num_draft_tokens}")
     if args.temperature < 0:
         raise CLIError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="1: off")
     g.add_argument("--num-draft-tokens", type=int, default=None,
                    help="MTP drafts per round (0: plain decoding; a verify call takes the "
-                        "drafts + 1 <= gdn_jax.ops.dispatch.MAX_KERNEL_T tokens; default 3 on a "
+                        "drafts + 1 <= gdn_jax.ops.MAX_T tokens; default 3 on a "
                         "GPU, 0 elsewhere, where speculation is slower than plain decoding)")
     g.add_argument("--state-dtype", choices=DTYPES, default="bfloat16",
                    help="GDN state storage (default bfloat16)")

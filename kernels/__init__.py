@@ -1,32 +1,53 @@
 """Pallas GPU kernels for GDN decode and MTP verify (installed as `gdn_jax.kernels`).
 
-Depends on jax only: no Flax, no model code, nothing from the rest of gdn_jax. The kernels below
-are lowered through Pallas-Triton (`_pallas.py` is the one place that knows it); the `*_mgpu`
-ones are the same decode and verify as Pallas Mosaic GPU kernels for Hopper and later (`_mgpu.py`
-holds what is bound to Mosaic GPU and its differences across jax versions).
+Depends on jax only: no Flax, no model code, nothing from the rest of gdn_jax. This module is the
+kernels' public face: callers (gdn_jax.ops, the benchmarks) use the names below and nothing
+private. The kernels without a suffix are lowered through Pallas-Triton (`_pallas.py` is the one
+place that knows it); the `*_mgpu` ones are the same decode and verify as Pallas Mosaic GPU
+kernels for Hopper and later (`_mgpu.py` holds what is bound to Mosaic GPU and its differences
+across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 
     o, pool = decode(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
-                     count, slots)
-    o, inter = verify_intermediate(...same arguments, T in 1..8...)   # pool untouched
-    o, pool = verify_replay(...same arguments...)                     # pool := folded state
-    pool = fold(pool, cand_k, cand_v, cand_g, cand_beta, count, slots)
+                     count, slots, config=TuningConfig(...))
+    o, inter = verify_intermediate(...same arguments, T in 1..MAX_T...)   # pool untouched
+    o, pool = verify_replay(...same arguments...)                         # pool := folded state
+    pool = fold(pool, cand_k, cand_v, cand_g, cand_beta, count, slots, config=TuningConfig(...))
 
-    o, pool = decode_mgpu(...same arguments as decode...)             # Mosaic GPU, SM90+
+    o, pool = decode_mgpu(...same arguments as decode..., config=MosaicConfig(...))  # SM90+
     o, pool = verify_replay_mgpu(...same arguments as verify_replay...)
     o, inter = verify_intermediate_mgpu(...same arguments as verify_intermediate...)
 
 The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA).
+Each kernel takes its launch parameters as one frozen, hashable config (a static argument).
+
+Limits: T <= MAX_T tokens per call; pool dtypes POOL_DTYPES; K and V powers of two (Triton
+blocks). The Mosaic GPU kernels also need what `mosaic_head_dims_misfit` and `mosaic_misfit`
+say (K, V multiples of 64, K <= MOSAIC_MAX_K, the SMEM of one CTA) and a jax that builds them
+(`mosaic_unavailable`).
 """
 
+from . import _mgpu
+from ._common import MAX_T, POOL_DTYPES, Dims, Dtypes
+from ._mgpu import MAX_K as MOSAIC_MAX_K
 from ._mgpu import MosaicConfig
+from ._mgpu import head_dims_misfit as mosaic_head_dims_misfit
 from ._pallas import TuningConfig
+from ._tokens_mgpu import MODES as MOSAIC_MODES
+from ._tokens_mgpu import misfit as mosaic_misfit
 from .decode import decode
-from .decode_mgpu import check_config as check_mosaic_config
 from .decode_mgpu import decode_mgpu
 from .fold import fold
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
 
-__all__ = ["MosaicConfig", "TuningConfig", "check_mosaic_config", "decode", "decode_mgpu", "fold",
+
+def mosaic_unavailable() -> str | None:
+    """None when this jax can build the Mosaic GPU kernels, else why not."""
+    return _mgpu.unavailable()
+
+
+__all__ = ["MAX_T", "MOSAIC_MAX_K", "MOSAIC_MODES", "POOL_DTYPES", "Dims", "Dtypes",
+           "MosaicConfig", "TuningConfig", "decode", "decode_mgpu", "fold",
+           "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
            "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
            "verify_replay_mgpu"]

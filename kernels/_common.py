@@ -17,15 +17,32 @@ from jax.experimental import pallas as pl
 from . import _recurrence as rec
 
 _F32 = jnp.float32
-POOL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
-MAX_T = 8  # verify unrolls its tokens in Python
+POOL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # the state pool's storage
+MAX_T = 8  # the most tokens one decode / verify call takes (verify unrolls them in Python)
 
 
 # ------------------------------------------------------------------------------------------------
 # Argument checks (trace time; ValueError naming the op and the argument)
 
 
+class Dtypes(NamedTuple):
+    """The storage dtypes of one call: the pool's, the tokens' (q, k, v, and o), and the replay
+    candidates' (the wider of cand_k and cand_v: what sizes their SMEM stages)."""
+
+    pool: jnp.dtype
+    tokens: jnp.dtype
+    candidates: jnp.dtype
+
+    @classmethod
+    def of(cls, q, pool, cand_k, cand_v) -> "Dtypes":
+        cand = max(jnp.dtype(cand_k.dtype), jnp.dtype(cand_v.dtype), key=lambda d: d.itemsize)
+        return cls(jnp.dtype(pool.dtype), jnp.dtype(q.dtype), cand)
+
+
 class Dims(NamedTuple):
+    """The sizes of one decode / verify call: B rows of T tokens, H key heads and HV value heads
+    of head dims K and V, on a pool of num_slots slots whose replay buffers hold t_max tokens."""
+
     B: int
     T: int
     H: int
@@ -45,8 +62,8 @@ def _shape_is(op, arg, x, expected, names):
         _fail(op, arg, f"shape {names} = {tuple(expected)}", f"shape {tuple(x.shape)}")
 
 
-def _is_pow2(n):
-    return n >= 1 and not n & (n - 1)
+def is_pow2(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and not n & (n - 1)
 
 
 def check_pool(op, pool, cand_k, cand_v, cand_g, cand_beta, count, *, H=None, HV=None, K=None,
@@ -82,7 +99,7 @@ def check_pool(op, pool, cand_k, cand_v, cand_g, cand_beta, count, *, H=None, HV
     if not jnp.issubdtype(count.dtype, jnp.integer):
         _fail(op, "count", "an integer dtype (int32)", f"dtype {count.dtype}")
     for name, d in (("K", k), ("V", v)):
-        if not _is_pow2(d):
+        if not is_pow2(d):
             _fail(op, f"{name} (pool.shape)", "a power of two (Triton blocks)", d)
     return N, h, hv, v, k, t_max
 

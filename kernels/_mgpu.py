@@ -34,6 +34,7 @@ MIN_JAX = (0, 10, 2)
 SMEM_BYTES = 227 * 1024  # the most dynamic shared memory one CTA may have on H100 / B200
 SMEM_ALIGNMENT = 1024  # Pallas Mosaic GPU starts every scoped SMEM buffer at a 1 KiB boundary
 MAX_K = 256  # one TMA box row
+HEAD_DIM_MULTIPLE = 64  # the WGMMA register layout's rows and columns
 REDUCTION_SCRATCH_BYTES = 2048  # CompilerParams.reduction_scratch_bytes' default, reserved too
 
 
@@ -62,8 +63,16 @@ def interpret_params():
     return params()
 
 
-def _is_pow2(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and not n & (n - 1)
+def head_dims_misfit(K: int | None = None, V: int | None = None) -> str | None:
+    """None when the Mosaic GPU kernels can tile head dims K and V (None: not known yet), else
+    why not. The one statement of their shape limits."""
+    for name, d in (("K", K), ("V", V)):
+        if d is not None and d % HEAD_DIM_MULTIPLE:
+            return (f"the Mosaic GPU kernels take {name} a multiple of {HEAD_DIM_MULTIPLE} "
+                    f"(WGMMA layout), got {name}={d}")
+    if K is not None and K > MAX_K:
+        return f"the Mosaic GPU kernels take K up to {MAX_K} (one TMA box row), got K={K}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,19 +101,20 @@ class MosaicConfig:
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"MosaicConfig: stages must be an int in 2..4, got {self.stages=}")
 
-    def check_shapes(self, op: str, K: int, V: int, pool_dtype, in_dtype, T: int = 1,
-                     out_tiles: int = 0, pending: int = 0, cand_dtype=None) -> None:
-        """The head dims this config can tile, and the SMEM it needs on one SM (see
-        `smem_bytes`)."""
+    def misfit(self, K: int, V: int, pool_dtype, in_dtype, T: int = 1, out_tiles: int = 0,
+               pending: int = 0, cand_dtype=None) -> str | None:
+        """None when this config can tile head dims K, V and its SMEM (see `smem_bytes`) fits
+        one CTA, else why not."""
         if V % self.block_v:
-            raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
-        if K % 64 or K > MAX_K:
-            raise ValueError(f"{op}: the Mosaic GPU kernels take K a multiple of 64 up to {MAX_K} "
-                             f"(WGMMA layout, one TMA box), got {K=}")
+            return f"block_v must divide V, got {self.block_v=}, {V=}"
+        why = head_dims_misfit(K)
+        if why:
+            return why
         need = self.smem_bytes(K, pool_dtype, in_dtype, T, out_tiles, pending, cand_dtype)
         if need > SMEM_BYTES:
-            raise ValueError(f"{op}: {self} needs {need} bytes of SMEM per CTA, more than the "
-                             f"{SMEM_BYTES} an SM90/SM100 CTA can have; lower stages or block_v")
+            return (f"{self} needs {need} bytes of SMEM per CTA, more than the {SMEM_BYTES} an "
+                    f"SM90/SM100 CTA can have; lower stages or block_v")
+        return None
 
     def smem_bytes(self, K: int, pool_dtype, in_dtype, T: int = 1, out_tiles: int = 0,
                    pending: int = 0, cand_dtype=None) -> int:

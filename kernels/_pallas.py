@@ -19,12 +19,10 @@ import warnings
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from ._common import is_pow2
+
 TRITON_DEPRECATION = "The Pallas Triton backend is deprecated"
 warnings.filterwarnings("ignore", message=TRITON_DEPRECATION, category=DeprecationWarning)
-
-
-def _is_pow2(n) -> bool:
-    return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and not n & (n - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +40,9 @@ class TuningConfig:
     num_stages: int = 1
 
     def __post_init__(self):
-        if not _is_pow2(self.block_v):
+        if not is_pow2(self.block_v):
             raise ValueError(f"TuningConfig: block_v must be a power of two, got {self.block_v=}")
-        if not _is_pow2(self.num_warps) or self.num_warps > 32:
+        if not is_pow2(self.num_warps) or self.num_warps > 32:
             raise ValueError(f"TuningConfig: num_warps must be a power of two in 1..32, "
                              f"got {self.num_warps=}")
         if not isinstance(self.num_stages, int) or self.num_stages < 1:

@@ -56,11 +56,10 @@ def _decode_call(dims: cm.Dims, config: TuningConfig, interpret: bool, *args):
     )(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "num_stages", "interpret"),
+@functools.partial(jax.jit, static_argnames=("config", "interpret"),
                    donate_argnames=("pool",))
 def decode(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta, count, slots,
-           *, block_v: int = 32, num_warps: int = 4, num_stages: int = 1,
-           interpret: bool = False):
+           *, config: TuningConfig = TuningConfig(), interpret: bool = False):
     """One GDN decode step per row, in place on the slot's state (Pallas, Triton lowering).
 
     Args:
@@ -77,7 +76,7 @@ def decode(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_bet
       slots:     [B] int32: row i works on pool[slots[i]]. A slot < 0 or >= num_slots makes the
                  row padding: nothing read, nothing written, zero output. Real slots must be
                  distinct (two rows on one slot race).
-      block_v, num_warps, num_stages: tuning (see `TuningConfig`); block_v must divide V.
+      config:    `TuningConfig` (block_v must divide V).
       interpret: run the Pallas interpreter (CPU tests).
 
     For each real row: S = pool[slot] in fp32; fold the count[slot] pending candidates (full token
@@ -88,7 +87,6 @@ def decode(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_bet
       o:    [B, 1, HV, V] in q's dtype (zeros for padding rows).
       pool: the updated pool (same buffer when donated).
     """
-    config = TuningConfig(block_v, num_warps, num_stages)
     dims = cm.check_tokens("decode", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g,
                            cand_beta, count, slots, t_lo=1, t_hi=1)
     config.check_head_dim("decode", dims.V)

@@ -45,10 +45,10 @@ def _fold_call(config: TuningConfig, interpret: bool, slots, count, cand_k, cand
     )(slots, count, cand_k, cand_v, cand_g, cand_beta, pool)
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "num_warps", "num_stages", "interpret"),
+@functools.partial(jax.jit, static_argnames=("config", "interpret"),
                    donate_argnames=("pool",))
-def fold(pool, cand_k, cand_v, cand_g, cand_beta, count, slots, *, block_v: int = 32,
-         num_warps: int = 4, num_stages: int = 1, interpret: bool = False):
+def fold(pool, cand_k, cand_v, cand_g, cand_beta, count, slots, *,
+         config: TuningConfig = TuningConfig(), interpret: bool = False):
     """Fold each row's pending candidates into pool[slot], in place (no tokens, no outputs).
 
     Args:
@@ -59,7 +59,7 @@ def fold(pool, cand_k, cand_v, cand_g, cand_beta, count, slots, *, block_v: int 
       count:     [num_slots] int32: candidates t < count[slot] are folded (only read here).
       slots:     [B] int32; a slot < 0 or >= num_slots is padding (nothing read or written).
                  Real slots must be distinct.
-      block_v, num_warps, num_stages: tuning (see `TuningConfig`); block_v must divide V.
+      config:    `TuningConfig` (block_v must divide V).
       interpret: run the Pallas interpreter (CPU tests).
 
     A slot with count 0 is neither read nor written (its state is already folded). The caller
@@ -72,6 +72,5 @@ def fold(pool, cand_k, cand_v, cand_g, cand_beta, count, slots, *, block_v: int 
     if slots.ndim != 1:
         raise ValueError(f"fold: slots expected rank 1 [B], got shape {slots.shape}")
     cm.check_slots("fold", slots, slots.shape[0])
-    config = TuningConfig(block_v, num_warps, num_stages)
     config.check_head_dim("fold", pool.shape[2])
     return _fold_call(config, interpret, slots, count, cand_k, cand_v, cand_g, cand_beta, pool)

@@ -23,7 +23,7 @@ from . import _common as cm
 from . import _recurrence as rec
 from ._pallas import TuningConfig, pallas_call
 
-_STATICS = ("block_v", "num_warps", "num_stages", "interpret")
+_STATICS = ("config", "interpret")
 
 
 def _intermediate_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref,
@@ -108,7 +108,7 @@ def _verify_call(kernel, mode: str, dims: cm.Dims, config: TuningConfig, interpr
 _ARGS_DOC = """
     Args:
       q, k:      [B, T, H, K] bf16 | fp16 | fp32, raw (l2norm and the K**-0.5 scale are fused);
-                 T in 1..8.
+                 T in 1..MAX_T (8).
       v:         [B, T, HV, V]; HV a multiple of H (GVA: value head hv reads key head
                  hv // (HV // H)).
       a, b:      [B, T, HV] raw gate inputs; A_log, dt_bias: [HV]. Fused in fp32:
@@ -122,7 +122,7 @@ _ARGS_DOC = """
       slots:     [B] int32: row i works on pool[slots[i]]. A slot < 0 or >= num_slots makes the
                  row padding: nothing read, nothing written to the pool, zero outputs. Real slots
                  must be distinct.
-      block_v, num_warps, num_stages: tuning (see `TuningConfig`); block_v must divide V.
+      config:    `TuningConfig` (block_v must divide V).
       interpret: run the Pallas interpreter (CPU tests).
 """
 
@@ -144,11 +144,10 @@ def _documented(summary: str, returns: str):
              Padding rows get zero o and zero inter.
     """)
 def verify_intermediate(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
-                        count, slots, *, block_v: int = 32, num_warps: int = 4,
-                        num_stages: int = 1, interpret: bool = False):
+                        count, slots, *, config: TuningConfig = TuningConfig(),
+                        interpret: bool = False):
     dims = cm.check_tokens("verify_intermediate", q, k, v, a, b, A_log, dt_bias, pool, cand_k,
                            cand_v, cand_g, cand_beta, count, slots, t_lo=1, t_hi=cm.MAX_T)
-    config = TuningConfig(block_v, num_warps, num_stages)
     config.check_head_dim("verify_intermediate", dims.V)
     return _verify_call(_intermediate_kernel, "intermediate", dims, config, interpret, slots, count,
                         q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
@@ -168,11 +167,9 @@ def verify_intermediate(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, can
       pool: the updated pool (same buffer when donated).
     """)
 def verify_replay(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta, count,
-                  slots, *, block_v: int = 32, num_warps: int = 4, num_stages: int = 1,
-                  interpret: bool = False):
+                  slots, *, config: TuningConfig = TuningConfig(), interpret: bool = False):
     dims = cm.check_tokens("verify_replay", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
                            cand_g, cand_beta, count, slots, t_lo=1, t_hi=cm.MAX_T)
-    config = TuningConfig(block_v, num_warps, num_stages)
     config.check_head_dim("verify_replay", dims.V)
     return _verify_call(_replay_kernel, "replay", dims, config, interpret, slots, count, q, k, v,
                         a, b, A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)

@@ -1,14 +1,19 @@
-"""GDN MTP verify in both commit modes as Pallas **Mosaic GPU** kernels: `decode_mgpu`'s pipelined
-body with T tokens. Same contracts as `verify.verify_replay` and `verify.verify_intermediate`.
+"""GDN MTP verify in both commit modes as Pallas **Mosaic GPU** kernels: the shared pipeline of
+`_tokens_mgpu` with T tokens. Same contracts as `verify.verify_replay` and
+`verify.verify_intermediate`.
 
 Per tile: TMA the pool tile and the row's T q/k/v into SMEM; fold the slot's pending candidates;
-then the T tokens in fp32 registers, their outputs staged through SMEM and stored by TMA.
-- replay: where anything was folded, the folded state (the state BEFORE this call's tokens) is
-  stored to the pool once. The caller stores this call's tokens as the slot's new candidates and
-  sets count := 0 (in XLA).
-- intermediate: the pool is only read; each S_t is rounded once to the pool's dtype and stored by
-  TMA to inter[b, t] from a ring of SMEM tiles, so the stores of tokens t and t + 1 overlap the
-  math of the next.
+then the mode's finish: the T tokens in fp32 registers, their outputs staged through SMEM and
+stored by TMA. Both issue the next tile's loads before the tile's math, into the stage of tile
+i - 1, which no store reads any more (each finish drains its stores before its o store).
+- replay (`_finish_replay`): where anything was folded, the folded state (the state BEFORE this
+  call's tokens) is stored to the pool once, before the token math. The caller stores this
+  call's tokens as the slot's new candidates and sets count := 0 (in XLA).
+- intermediate (`_finish_intermediate`): the pool is only read; each S_t is rounded once to the
+  pool's dtype and stored by TMA to inter[b, t] from a ring of SMEM tiles, so the stores of
+  tokens t and t + 1 overlap the math of the next. Its outputs start uninitialised (a zeroed
+  inter buffer would cost a memset as large as the states it holds), so a padding row stores
+  zero o and inter tiles (`_pad_intermediate`).
 """
 
 from __future__ import annotations
@@ -16,54 +21,98 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 from . import _common as cm
 from . import _mgpu as mg
+from . import _tokens_mgpu as tk
 from ._mgpu import MosaicConfig
-from .decode_mgpu import check_config, tokens_call
+
+_F32 = jnp.float32
+_VERIFY_CONFIG = MosaicConfig(tiles_per_cta=2)
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "tiles_per_cta", "stages", "interpret"),
-                   donate_argnames=("pool",))
+def _finish_replay(p: tk.Pipe, tile: tk.Tile, S, gates):
+    plgpu = mg.plgpu
+
+    @pl.when(tile.n > 0)  # nothing folded: the pool already holds S exactly
+    def _():
+        p.st_smem[tile.s] = S.astype(p.st_smem.dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(p.st_smem.at[tile.s],
+                                p.pool.at[tile.slot, tile.hv, tile.cols, :])
+
+    _, outs = tk.run_tokens(p, tile, S, gates)
+    # All stores drained: tile i - 1's o store, and this tile's folded-state store (issued
+    # before the token math, so long done).
+    tk.store_outputs(p, tile, outs, wait=0)
+
+
+def _finish_intermediate(p: tk.Pipe, tile: tk.Tile, S, gates):
+    _, outs = tk.run_tokens(p, tile, S, gates,
+                            after_token=lambda t, S: tk.store_state(p, tile, t, S))
+    tk.store_outputs(p, tile, outs, wait=p.T)  # T ring stores since tile i - 1's o store
+
+
+def _pad_intermediate(p: tk.Pipe, tile: tk.Tile):
+    WG, _, VVEC = p.layouts
+
+    @pl.when(tile.in_range & jnp.logical_not(tile.live))
+    def _():  # a padding row: zero o and inter (the buffers start uninitialised)
+        zero = mg.layout_cast(jnp.zeros((p.BV, p.K), _F32), WG, interpret=p.interpret)
+        for t in range(p.T):
+            tk.store_state(p, tile, t, zero)
+        vzero = mg.layout_cast(jnp.zeros((p.BV,), _F32), VVEC, interpret=p.interpret)
+        tk.store_outputs(p, tile, [vzero] * p.T, wait=p.T)
+
+
+REPLAY = tk.Mode("replay", finish=_finish_replay, pad=None, loads_first=True, writes_pool=True)
+INTERMEDIATE = tk.Mode("intermediate", finish=_finish_intermediate, pad=_pad_intermediate,
+                       loads_first=True, writes_pool=False)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"), donate_argnames=("pool",))
 def verify_replay_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
-                       count, slots, *, block_v: int = 64, tiles_per_cta: int = 2,
-                       stages: int = 2, interpret: bool = False):
-    """T verify tokens per row (T in 1..8); the pool takes the slot's folded state (replay mode).
+                       count, slots, *, config: MosaicConfig = _VERIFY_CONFIG,
+                       interpret: bool = False):
+    """T verify tokens per row (T in 1..MAX_T); the pool takes the slot's folded state (replay).
 
     Arguments as `gdn_jax.kernels.verify_replay` (q, k [B, T, H, K]; v [B, T, HV, V]; a, b
-    [B, T, HV]; ...), tuning as `decode_mgpu` (`MosaicConfig`).
+    [B, T, HV]; ...), config as `decode_mgpu` (`MosaicConfig`).
 
     The pool is donated and updated in place: pool[slot] := the folded state, written once and
     only where count[slot] > 0. Returns o [B, T, HV, V] in q's dtype (zeros for padding rows)
     and the pool.
     """
     mg.require("verify_replay_mgpu")
-    config = MosaicConfig(block_v, tiles_per_cta, stages)
     dims = cm.check_tokens("verify_replay_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k,
                            cand_v, cand_g, cand_beta, count, slots, t_lo=1, t_hi=cm.MAX_T)
-    check_config("verify_replay_mgpu", "replay", config, dims, q, pool, cand_k, cand_v)
-    return tokens_call("replay", dims, config, interpret, slots, count, q, k, v, a, b, A_log,
-                       dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
+    tk.check_fit("verify_replay_mgpu", "replay", dims, cm.Dtypes.of(q, pool, cand_k, cand_v),
+                 config)
+    return tk.tokens_call(REPLAY, dims, config, interpret, slots, count, q, k, v, a, b, A_log,
+                          dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
 
 
-@functools.partial(jax.jit, static_argnames=("block_v", "tiles_per_cta", "stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def verify_intermediate_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g,
-                             cand_beta, count, slots, *, block_v: int = 64, tiles_per_cta: int = 2,
-                             stages: int = 2, interpret: bool = False):
-    """T verify tokens per row (T in 1..8), keeping the state after each; the pool is only read.
+                             cand_beta, count, slots, *, config: MosaicConfig = _VERIFY_CONFIG,
+                             interpret: bool = False):
+    """T verify tokens per row (T in 1..MAX_T), keeping the state after each; the pool is only
+    read.
 
-    Arguments as `gdn_jax.kernels.verify_intermediate`, tuning as `decode_mgpu` (`MosaicConfig`;
-    the SMEM also holds up to min(T, 4) [block_v, K] tiles staging the state stores).
+    Arguments as `gdn_jax.kernels.verify_intermediate`, config as `decode_mgpu`
+    (`MosaicConfig`; the SMEM also holds up to min(T, 4) [block_v, K] tiles staging the state
+    stores).
 
     Returns o [B, T, HV, V] in q's dtype and inter [B, T, HV, V, K] in the pool's dtype
     (inter[i, t] = S_t rounded once); padding rows get zero o and zero inter.
     """
     mg.require("verify_intermediate_mgpu")
-    config = MosaicConfig(block_v, tiles_per_cta, stages)
     dims = cm.check_tokens("verify_intermediate_mgpu", q, k, v, a, b, A_log, dt_bias, pool,
                            cand_k, cand_v, cand_g, cand_beta, count, slots, t_lo=1,
                            t_hi=cm.MAX_T)
-    check_config("verify_intermediate_mgpu", "intermediate", config, dims, q, pool, cand_k,
-                 cand_v)
-    return tokens_call("intermediate", dims, config, interpret, slots, count, q, k, v, a, b,
-                       A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
+    tk.check_fit("verify_intermediate_mgpu", "intermediate", dims,
+                 cm.Dtypes.of(q, pool, cand_k, cand_v), config)
+    return tk.tokens_call(INTERMEDIATE, dims, config, interpret, slots, count, q, k, v, a, b,
+                          A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)

@@ -13,12 +13,12 @@ import pytest
 
 from gdn_jax.cli import SEPARATOR
 from gdn_jax.models import embedded_path, load_embedded
-from gdn_jax.ops.dispatch import MAX_KERNEL_T
+from gdn_jax.ops import MAX_T
 from gdn_jax.text import DEFAULT_PROMPT
 from gdn_jax.train.command import DESCRIPTION, H100_TIME
 
 CLI = [sys.executable, "-m", "gdn_jax.cli"]
-DRAFTS = MAX_KERNEL_T - 1  # the verify limit, from the one constant that says it
+DRAFTS = MAX_T - 1  # the verify limit, from the one constant that says it
 PROMPT = "def read_file(path):\n    with open(path) as f:\n"
 
 

@@ -139,8 +139,10 @@ class ModelConfig:
     @property
     def conv_dim(self) -> int:
         """Channels of the GDN conv: [q | k | v]."""
-        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + (
-            self.linear_num_value_heads * self.linear_value_head_dim)
+        from gdn_jax.modules.cache import conv_dim  # config stays importable without Flax
+
+        return conv_dim(self.linear_num_key_heads, self.linear_key_head_dim,
+                        self.linear_num_value_heads, self.linear_value_head_dim)
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         """Whether decoder layer `layer_idx` uses the sparse MoE block (else the dense MLP)."""

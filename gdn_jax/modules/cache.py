@@ -25,19 +25,15 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from gdn_jax.modules.sharding import TP
-from gdn_jax.ops import GDNState
+from gdn_jax.ops import COMMIT_MODES, GDNState, slot_index
 
-COMMIT_MODES = ("replay", "intermediate")
+__all__ = ["COMMIT_MODES", "GDNCache", "KVCache", "conv_dim", "gdn_cache_specs",
+           "kv_cache_specs", "slot_index"]
 
 
-def slot_index(slots, num_slots: int):
-    """(gather index clipped into range [B], valid [B] bool, scatter index [B]: padding -> num_slots).
-
-    Scatter with `mode="drop"`: the out-of-range index of a padding row writes nothing.
-    """
-    slots = jnp.asarray(slots).astype(jnp.int32)
-    valid = (slots >= 0) & (slots < num_slots)
-    return jnp.clip(slots, 0, num_slots - 1), valid, jnp.where(valid, slots, num_slots)
+def conv_dim(num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int) -> int:
+    """Channels of the GDN layer's causal conv: [q | k | v] = 2 H K + HV V."""
+    return 2 * num_k_heads * head_k_dim + num_v_heads * head_v_dim
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +92,8 @@ class GDNCache:
                              f"{commit_mode!r}")
         state = GDNState.create(num_slots, num_k_heads, num_v_heads, head_k_dim, head_v_dim,
                                 t_max, dtype=state_dtype, input_dtype=dtype)
-        conv_dim = 2 * num_k_heads * head_k_dim + num_v_heads * head_v_dim
-        conv = jnp.zeros((num_slots, conv_kernel - 1 + t_max, conv_dim), dtype)
+        channels = conv_dim(num_k_heads, head_k_dim, num_v_heads, head_v_dim)
+        conv = jnp.zeros((num_slots, conv_kernel - 1 + t_max, channels), dtype)
         inter = None
         if commit_mode == "intermediate":
             inter = jnp.zeros((num_slots, t_max, num_v_heads, head_v_dim, head_k_dim),

@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from gdn_jax import ops
 from gdn_jax.modules._linear import HIGHEST, dense, linear
-from gdn_jax.modules.cache import GDNCache, gdn_cache_specs, slot_index
+from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_index
 from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
                                       tp_size)
@@ -66,13 +66,12 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     H, HV, K, V, W = dims
     B, T, _ = x.shape
     key_dim, value_dim = H * K, HV * V
-    conv_dim = 2 * key_dim + value_dim
-    _, _, scatter = slot_index(slots, cache.num_slots)
-    gather = slot_index(slots, cache.num_slots)[0]
+    channels = conv_dim(H, K, HV, V)
+    gather, _, scatter = slot_index(slots, cache.num_slots)
     mm = functools.partial(dense, dtype=dtype, precision=precision)
 
     qkvz = mm(x, p["qkvz"])
-    mixed, z = qkvz[..., :conv_dim], qkvz[..., conv_dim:]
+    mixed, z = qkvz[..., :channels], qkvz[..., channels:]
     ba = mm(x, p["ba"])
     b, a = ba[..., :HV], ba[..., HV:]
 
@@ -129,7 +128,7 @@ class GatedDeltaNet(nnx.Module):
         # puts the projections in the tp-blocked layout), or None for one device.
         self.mesh = None
         key_dim, value_dim = num_k_heads * head_k_dim, num_v_heads * head_v_dim
-        self.conv_dim = 2 * key_dim + value_dim
+        self.conv_dim = conv_dim(num_k_heads, head_k_dim, num_v_heads, head_v_dim)
         # On a ("tp",) mesh: the projections and the conv by key-head group (columns tp-blocked,
         # `gdn_jax.modules.sharding`), out_proj by rows (value heads), the per-head vectors by
         # head; the norm weight (per V) replicated.

@@ -8,6 +8,8 @@
 `gdn_jax.ops.reference` holds the plain-JAX math (recurrent and chunked) every path is tested against.
 """
 
+from gdn_jax.kernels import MAX_T  # the most tokens one decode / verify call takes on a GPU
+from gdn_jax.ops._slots import slot_index
 from gdn_jax.ops.api import commit, decode, flush, prefill, reset, verify
 from gdn_jax.ops.dispatch import describe_dispatch
 from gdn_jax.ops.reference import (
@@ -15,10 +17,12 @@ from gdn_jax.ops.reference import (
     gating,
     recurrent_gated_delta_rule,
 )
-from gdn_jax.ops.state import GDNState
+from gdn_jax.ops.state import COMMIT_MODES, GDNState
 
 __all__ = [
+    "COMMIT_MODES",
     "GDNState",
+    "MAX_T",
     "chunk_gated_delta_rule",
     "commit",
     "decode",
@@ -28,5 +32,6 @@ __all__ = [
     "prefill",
     "recurrent_gated_delta_rule",
     "reset",
+    "slot_index",
     "verify",
 ]

@@ -7,24 +7,14 @@ are checked only where concrete (an eager call): under jit a bad value cannot ra
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax.numpy as jnp
 import numpy as np
 
 from gdn_jax import _compat
+from gdn_jax.kernels import Dims
 from gdn_jax.ops.state import INPUT_DTYPES, POOL_DTYPES, GDNState
 
 _MIN_HEAD_DIM, _MAX_HEAD_DIM = 16, 256
-
-
-class Dims(NamedTuple):
-    B: int
-    T: int
-    H: int
-    HV: int
-    K: int
-    V: int
 
 
 def fail(op: str, arg: str, expected: str, given) -> None:
@@ -152,4 +142,4 @@ def check_tokens(op: str, q, k, v, a, b, A_log, dt_bias, state, slots, *, t_min:
         hi = "" if t_max is None else f"..{t_max}"
         fail(op, "T (q.shape[1])", f"{t_min}{hi}" + (" (the state's T_max)" if t_max else ""), T)
     check_slots(op, slots, B, state.num_slots)
-    return Dims(B, T, H, HV, K, V)
+    return Dims(B, T, H, HV, K, V, state.num_slots, state.t_max)

@@ -13,8 +13,10 @@ from gdn_jax.ops.state import GDNState
 
 
 def slot_index(slots, num_slots: int):
-    """(gather index [B] clipped into range, valid [B] bool, scatter index [B])."""
-    slots = slots.astype(jnp.int32)
+    """(gather index [B] clipped into range, valid [B] bool, scatter index [B]: padding ->
+    num_slots). Scatter with `mode="drop"`: the out-of-range index of a padding row writes
+    nothing."""
+    slots = jnp.asarray(slots).astype(jnp.int32)
     valid = (slots >= 0) & (slots < num_slots)
     return jnp.clip(slots, 0, num_slots - 1), valid, jnp.where(valid, slots, num_slots)
 

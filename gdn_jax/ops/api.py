@@ -17,39 +17,25 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from gdn_jax import kernels
 from gdn_jax.ops import _checks, _xla, dispatch
-from gdn_jax.ops.state import GDNState
+from gdn_jax.ops.state import COMMIT_MODES, GDNState
 
-MODES = ("replay", "intermediate")
-
-
-def _backend(op: str, backend: str | None, T: int = 1, K: int | None = None,
-             V: int | None = None, B: int | None = None, mode: str | None = None,
-             fits=None):
-    """The implementation module for this call: `_xla`, or `_pallas` with its flags."""
-    choice = dispatch.select(op, T=T, K=K, V=V, B=B, mode=mode, backend=backend, fits=fits)
+def _run(op: str, choice: dispatch.Choice, *args, **kwargs):
+    """Run `op` on the implementation `choice` names: `_xla`, or `_pallas` with the choice."""
     if choice.backend == "xla":
-        return _xla, {}
-    from gdn_jax.ops import _pallas  # the kernels are imported only where they run
-    kw = {"interpret": choice.backend == "interpret"}
-    if choice.backend == "mosaic":  # decode and verify (dispatch.MOSAIC_OPS)
-        kw["mosaic"] = True
-    return _pallas, kw
+        return getattr(_xla, op)(*args, **kwargs)
+    from gdn_jax.ops import _pallas  # the kernel paths are imported only where they run
+    return getattr(_pallas, op)(*args, choice=choice, **kwargs)
 
 
-def _mosaic_fits(op: str, mode: str | None, q, v, state):
-    """`fits=` for dispatch.select: the Mosaic GPU kernel takes this call's whole shape."""
-    def fits(name):
-        if name != "mosaic":
-            return None
-        from gdn_jax.ops import _pallas  # only where Mosaic GPU can run at all
-        return _pallas.mosaic_misfit(op, mode, q, v, state)
-    return fits
+def _dtypes(q, state: GDNState) -> kernels.Dtypes:
+    return kernels.Dtypes.of(q, state.pool, state.cand_k, state.cand_v)
 
 
 def _check_mode(op: str, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"{op}: mode expected one of {MODES}, got {mode!r}")
+    if mode not in COMMIT_MODES:
+        raise ValueError(f"{op}: mode expected one of {COMMIT_MODES}, got {mode!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -67,10 +53,10 @@ def decode(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, backend: st
     >>> o, state = step(q, k, v, a, b, A_log, dt_bias, state, slots)  # doctest: +SKIP
     """
     slots = jnp.asarray(slots)
-    _checks.check_tokens("decode", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1, t_max=1)
-    impl, kw = _backend("decode", backend, K=q.shape[-1], V=v.shape[-1], B=q.shape[0],
-                        fits=_mosaic_fits("decode", None, q, v, state))
-    return impl.decode(q, k, v, a, b, A_log, dt_bias, state, slots, **kw)
+    dims = _checks.check_tokens("decode", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1,
+                                t_max=1)
+    choice = dispatch.select("decode", dims=dims, dtypes=_dtypes(q, state), backend=backend)
+    return _run("decode", choice, q, k, v, a, b, A_log, dt_bias, state, slots)
 
 
 def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str = "replay",
@@ -89,14 +75,14 @@ def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str =
     """
     _check_mode("verify", mode)
     slots = jnp.asarray(slots)
-    _checks.check_tokens("verify", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1,
-                         t_max=state.t_max if isinstance(state, GDNState) else None)
+    dims = _checks.check_tokens("verify", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1,
+                                t_max=state.t_max if isinstance(state, GDNState) else None)
     if mode == "replay" and k.dtype != state.input_dtype:
         _checks.fail("verify", "k, v", f"the state's input dtype {state.input_dtype} (replay mode "
                      "stores them as candidates; set GDNState.create(input_dtype=...))", k.dtype)
-    impl, kw = _backend("verify", backend, T=q.shape[1], K=q.shape[-1], V=v.shape[-1],
-                        B=q.shape[0], mode=mode, fits=_mosaic_fits("verify", mode, q, v, state))
-    return impl.verify(q, k, v, a, b, A_log, dt_bias, state, slots, mode=mode, **kw)
+    choice = dispatch.select("verify", dims=dims, dtypes=_dtypes(q, state), mode=mode,
+                             backend=backend)
+    return _run("verify", choice, q, k, v, a, b, A_log, dt_bias, state, slots, mode=mode)
 
 
 def commit(state: GDNState, slots, num_accepted, inter=None, *, backend: str | None = None):
@@ -132,8 +118,10 @@ def flush(state: GDNState, slots, *, backend: str | None = None):
     _checks.check_state("flush", state)
     slots = jnp.asarray(slots)
     _checks.check_slots("flush", slots, _checks.batch_size("flush", slots), state.num_slots)
-    impl, kw = _backend("flush", backend, K=state.pool.shape[3], V=state.pool.shape[2])
-    return impl.flush(state, slots, **kw)
+    choice = dispatch.select("flush", K=state.pool.shape[3], V=state.pool.shape[2],
+                             B=slots.shape[0], backend=backend, dtypes=kernels.Dtypes(
+                                 state.dtype, state.input_dtype, state.input_dtype))
+    return _run("flush", choice, state, slots)
 
 
 def reset(state: GDNState, slots):

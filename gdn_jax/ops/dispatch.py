@@ -23,16 +23,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from gdn_jax import kernels
 
 ENV_VAR = "GDN_JAX_BACKEND"
 BACKENDS = ("xla", "triton", "mosaic", "interpret")
 MOSAIC_OPS = ("decode", "verify")  # ops with a Mosaic GPU kernel (verify: both modes)
 KERNEL_OPS = ("decode", "verify", "flush")  # ops with a kernel; the rest are XLA scatters
-MAX_KERNEL_T = 8
 _log = logging.getLogger("gdn_jax.dispatch")
 _logged: set = set()
 
@@ -60,8 +60,13 @@ class Device:
 
 @dataclasses.dataclass(frozen=True)
 class Choice:
+    """The backend that runs a call, with the frozen launch config of its kernel: a
+    `kernels.TuningConfig` (triton, interpret), a `kernels.MosaicConfig` (mosaic) or None (xla).
+    Hashable (the reason aside): the ops pass it to their jitted kernel path as one static."""
+
     backend: str
-    reason: str
+    config: kernels.TuningConfig | kernels.MosaicConfig | None = None
+    reason: str = dataclasses.field(default="", compare=False)
 
 
 def preferences(device: Device, op: str = "decode", B: int | None = None,
@@ -97,8 +102,8 @@ def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = No
         return None
     if op not in KERNEL_OPS:
         return f"{op} has no {backend} kernel"
-    if T > MAX_KERNEL_T:
-        return f"the kernels take T <= {MAX_KERNEL_T}, got T = {T}"
+    if T > kernels.MAX_T:
+        return f"the kernels take T <= {kernels.MAX_T}, got T = {T}"
     if backend == "interpret":
         return None
     if backend == "triton":
@@ -121,26 +126,24 @@ def _mosaic_why_not(device: Device, op: str, K: int | None, V: int | None) -> st
     if device.capability[0] not in (9, 10, 11):
         return ("the Mosaic GPU kernels need compute capability 9.x (Hopper) or 10.x/11.x "
                 "(datacenter Blackwell): TMA, and a Mosaic GPU target")
-    from gdn_jax.kernels import _mgpu  # its limits; the jax version and whether Mosaic GPU imports
-
-    for name, d in (("K", K), ("V", V)):
-        if d is not None and d % 64:
-            return f"the Mosaic GPU kernels take {name} a multiple of 64 (WGMMA layout), got {d}"
-    if K is not None and K > _mgpu.MAX_K:
-        return f"the Mosaic GPU kernels take K up to {_mgpu.MAX_K} (one TMA box row), got {K}"
-    return _mgpu.unavailable()
+    return kernels.mosaic_head_dims_misfit(K, V) or kernels.mosaic_unavailable()
 
 
-def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
-           B: int | None = None, mode: str | None = None, backend: str | None = None,
-           device=None, fits: Callable[[str], str | None] | None = None) -> Choice:
-    """The backend that runs `op` (B rows of T tokens, head dims K and V, verify mode "replay" |
-    "intermediate", where known) on `device` (default: the first device).
+def select(op: str, *, dims: kernels.Dims | None = None, dtypes: kernels.Dtypes | None = None,
+           mode: str | None = None, backend: str | None = None, device=None, T: int = 1,
+           K: int | None = None, V: int | None = None, B: int | None = None) -> Choice:
+    """The backend that runs `op` on `device` (default: the first device), with its kernel's
+    launch config (`Choice`).
 
-    fits: backend -> None, or why this call's full shape (dtypes, T_max, ...) does not fit that
-    backend's kernel (the SMEM a Mosaic GPU tile needs, say); such a backend is passed over, or
-    refused if forced.
+    dims:   the call's sizes (`kernels.Dims`; the ops pass them). Without dims, T, K, V and B
+            say what is known (None: unknown), for `describe_dispatch` and what-if questions.
+    dtypes: the call's storage dtypes (`kernels.Dtypes`; default: bf16 throughout). With dims,
+            a backend whose kernel cannot take the call's whole shape (the SMEM a Mosaic GPU
+            tile needs, `kernels.mosaic_misfit`) is passed over, or refused if forced.
+    mode:   verify's mode, "replay" | "intermediate".
     """
+    if dims is not None:
+        T, K, V, B = dims.T, dims.K, dims.V, dims.B
     forced = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR) or None
     if forced is not None and forced not in BACKENDS + ("auto",):
         source = "backend" if backend not in (None, "auto") else ENV_VAR
@@ -152,10 +155,20 @@ def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
         if backend not in (None, "auto", "xla"):
             raise ValueError(f"{op}: backend {backend!r} cannot run on {dev}: {op} has no "
                              f"{backend} kernel; backends that can: ['xla']")
-        return _logged_choice(op, dev, Choice("xla", f"{op} has no kernel"))
+        return _logged_choice(op, dev, Choice("xla", None, f"{op} has no kernel"))
+    dtypes = dtypes or _DEFAULT_DTYPES
+
+    def config(name):
+        if name == "xla":
+            return None
+        return tuning(op, "mosaic" if name == "mosaic" else "triton", state_dtype=dtypes.pool,
+                      B=B if B is not None else 1, V=V if V is not None else 128, mode=mode)
 
     def reason(name):
-        return why_not(name, dev, op, T, K=K, V=V) or (fits and fits(name))
+        why = why_not(name, dev, op, T, K=K, V=V)
+        if why or name != "mosaic" or dims is None:
+            return why
+        return kernels.mosaic_misfit(mode or "decode", dims, dtypes, config(name))
 
     if forced not in (None, "auto"):
         why = reason(forced)
@@ -163,15 +176,15 @@ def select(op: str, *, T: int = 1, K: int | None = None, V: int | None = None,
             able = [b for b in BACKENDS if not reason(b)]
             raise ValueError(f"{op}: backend {forced!r} cannot run on {dev}: {why}; "
                              f"backends that can: {able}")
-        return _logged_choice(op, dev, Choice(forced, "forced"))
+        return _logged_choice(op, dev, Choice(forced, config(forced), "forced"))
     for name in preferences(dev, op, B, mode):
         if not reason(name):
-            return _logged_choice(op, dev, Choice(name, "table"))
+            return _logged_choice(op, dev, Choice(name, config(name), "table"))
     raise AssertionError("the xla backend runs everything")  # pragma: no cover
 
 
 def _logged_choice(op: str, dev: Device, choice: Choice) -> Choice:
-    key = (op, dev, choice)
+    key = (op, dev, choice.backend, choice.config, choice.reason)
     if key not in _logged:
         _logged.add(key)
         _log.debug("gdn_jax %s on %s: %s (%s)", op, dev, choice.backend, choice.reason)
@@ -208,6 +221,7 @@ _TUNING = {
     ("verify", "float32", False): (8, 1),    # replay 3+4: 83.8 us at B = 32
 }
 _LARGE_BATCH = 128
+_DEFAULT_DTYPES = kernels.Dtypes(*(jnp.dtype(jnp.bfloat16),) * 3)
 
 # Mosaic GPU kernels (kernels/decode_mgpu.py, verify_mgpu.py): block_v, tiles_per_cta, stages,
 # from the H100 ncu sweeps (bench/results/ncu_sweep_mosaic*-h100-2026-11-26*.json; replay 3 + 4
@@ -230,16 +244,16 @@ _MOSAIC_TUNING = {
 }
 
 
-def tuning(op: str, *, state_dtype, B: int, V: int, backend: str = "triton",
-           mode: str | None = None) -> dict:
-    """Launch parameters of `op`'s kernel for this call (verify: in `mode`): (block_v,
-    num_warps, num_stages) for the Triton kernels, (block_v, tiles_per_cta, stages) for the
-    Mosaic GPU ones."""
+def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
+           mode: str | None = None) -> kernels.TuningConfig | kernels.MosaicConfig:
+    """The launch config of `op`'s kernel for this call (verify: in `mode`): a
+    `kernels.TuningConfig` for the Triton kernels (and the interpreter), a `kernels.MosaicConfig`
+    for the Mosaic GPU ones."""
+    large = B >= _LARGE_BATCH
     if backend == "mosaic":
         key_op = "verify_intermediate" if op == "verify" and mode == "intermediate" else op
-        block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name,
-                                               B >= _LARGE_BATCH)]
-        return dict(block_v=min(block_v, V), tiles_per_cta=per, stages=stages)
+        block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name, large)]
+        return kernels.MosaicConfig(min(block_v, V), per, stages)
     key_op = "decode" if op == "decode" else "verify"  # flush folds like a verify
-    block_v, num_warps = _TUNING[(key_op, jnp.dtype(state_dtype).name, B >= _LARGE_BATCH)]
-    return dict(block_v=min(block_v, V), num_warps=num_warps, num_stages=1)
+    block_v, num_warps = _TUNING[(key_op, jnp.dtype(state_dtype).name, large)]
+    return kernels.TuningConfig(min(block_v, V), num_warps, num_stages=1)

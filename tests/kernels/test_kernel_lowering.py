@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.kernels import (_mgpu, decode, decode_mgpu, fold, verify_intermediate,
-                             verify_intermediate_mgpu, verify_replay, verify_replay_mgpu)
+from gdn_jax.kernels import (MosaicConfig, TuningConfig, _mgpu, decode, decode_mgpu, fold,
+                             mosaic_unavailable, verify_intermediate, verify_intermediate_mgpu,
+                             verify_replay, verify_replay_mgpu)
 
 pytestmark = pytest.mark.lowering
 
@@ -54,7 +55,7 @@ def test_token_kernels_lower_for_cuda(op, pool_dtype, kind, cuda_lowering):
           "verify_replay": verify_replay}[op]
     args = _token_args(1 if op == "decode" else T, jnp.bfloat16) + _pool_args(pool_dtype,
                                                                                jnp.bfloat16)
-    text = _lower(fn, args, kind, cuda_lowering, block_v=32, num_warps=4)
+    text = _lower(fn, args, kind, cuda_lowering, config=TuningConfig(32, 4))
     assert TRITON_CALL in text
     if op != "verify_intermediate":  # the pool is donated and aliased to the kernel's output
         assert "tf.aliasing_output" in text
@@ -62,23 +63,23 @@ def test_token_kernels_lower_for_cuda(op, pool_dtype, kind, cuda_lowering):
 
 @pytest.mark.parametrize("kind", DEVICES)
 def test_fold_lowers_for_cuda(kind, cuda_lowering):
-    text = _lower(fold, _pool_args(jnp.bfloat16, jnp.bfloat16), kind, cuda_lowering, block_v=64,
-                  num_warps=2)
+    text = _lower(fold, _pool_args(jnp.bfloat16, jnp.bfloat16), kind, cuda_lowering,
+                  config=TuningConfig(64, 2))
     assert TRITON_CALL in text and "tf.aliasing_output" in text
 
 
 @pytest.mark.parametrize("block_v, num_warps, num_stages", [(8, 1, 1), (16, 2, 2), (128, 8, 3)])
 def test_decode_lowers_across_tuning(block_v, num_warps, num_stages, cuda_lowering):
     args = _token_args(1, jnp.float32) + _pool_args(jnp.float32, jnp.float32)
-    text = _lower(decode, args, "NVIDIA H100 80GB HBM3", cuda_lowering, block_v=block_v,
-                  num_warps=num_warps, num_stages=num_stages)
+    text = _lower(decode, args, "NVIDIA H100 80GB HBM3", cuda_lowering,
+                  config=TuningConfig(block_v, num_warps, num_stages))
     assert TRITON_CALL in text
     # the Triton compiler params reach the custom call (Triton, never Mosaic GPU)
     assert f"num_warps = {num_warps} : i32" in text
     assert f"num_stages = {num_stages} : i32" in text
 
 
-_NO_MOSAIC = _mgpu.unavailable()
+_NO_MOSAIC = mosaic_unavailable()
 needs_mosaic = pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))
 ARCHS = {"NVIDIA H100 80GB HBM3": (9, 0), "NVIDIA B200": (10, 0)}
 
@@ -105,8 +106,8 @@ def test_decode_mgpu_lowers_across_tuning(block_v, tiles_per_cta, stages, in_dty
     args = _token_args(1, in_dtype) + _pool_args(jnp.float32, in_dtype)
     kind = "NVIDIA H100 80GB HBM3"
     with _mgpu.target_arch(ARCHS[kind]):
-        text = _lower(decode_mgpu, args, kind, cuda_lowering, block_v=block_v,
-                      tiles_per_cta=tiles_per_cta, stages=stages)
+        text = _lower(decode_mgpu, args, kind, cuda_lowering,
+                      config=MosaicConfig(block_v, tiles_per_cta, stages))
     assert MOSAIC_CALL in text
     assert f"gdn_decode_mgpu_bv{block_v}_t{tiles_per_cta}_s{stages}" in text
 

@@ -2,8 +2,10 @@
 
 import dataclasses
 
+import jax.numpy as jnp
 import pytest
 
+from gdn_jax import kernels
 from gdn_jax.ops import dispatch
 
 
@@ -84,7 +86,8 @@ def test_tuning_fits_the_head_dim():
             for B in (1, 256):
                 for V in (16, 128):
                     cfg = dispatch.tuning(op, state_dtype=dtype, B=B, V=V)
-                    assert V % cfg["block_v"] == 0 and cfg["num_warps"] >= 1
+                    assert isinstance(cfg, kernels.TuningConfig)
+                    assert V % cfg.block_v == 0 and cfg.num_warps >= 1
 
 
 # ------------------------------------------------------------------------------------------------
@@ -94,10 +97,8 @@ def test_tuning_fits_the_head_dim():
 @pytest.fixture
 def mosaic_imports(monkeypatch):
     """Mosaic GPU available whatever this jax is (the version check is tested on its own)."""
-    from gdn_jax.kernels import _mgpu
-
-    monkeypatch.setattr(_mgpu, "unavailable", lambda: None)
-    return _mgpu
+    monkeypatch.setattr(kernels, "mosaic_unavailable", lambda: None)
+    return kernels
 
 
 @pytest.mark.parametrize("cap", ["9.0", "10.0", "10.3"])
@@ -124,7 +125,7 @@ def test_mosaic_is_the_hopper_default_where_measured_faster(mosaic_imports, monk
     assert dispatch.select("verify", T=4, mode="replay", device=b200).backend == "triton"
     assert dispatch.select("decode", B=256, K=128, V=128, device=b200).backend == "triton"
     assert dispatch.select("decode", B=256, K=96, V=128, device=h100).backend == "triton"
-    monkeypatch.setattr(mosaic_imports, "unavailable", lambda: "no Mosaic GPU on this jax")
+    monkeypatch.setattr(mosaic_imports, "mosaic_unavailable", lambda: "no Mosaic GPU on this jax")
     assert dispatch.select("decode", B=256, K=128, V=128, device=h100).backend == "triton"
 
 
@@ -138,7 +139,7 @@ def test_mosaic_refusals_say_why(mosaic_imports):
                                          r"decode and verify\).*backends that can: "
                                          r"\['xla', 'triton', 'interpret'\]"):
         dispatch.select("flush", backend="mosaic", device=h100)
-    with pytest.raises(ValueError, match=r"K a multiple of 64 \(WGMMA layout\), got 96"):
+    with pytest.raises(ValueError, match=r"K a multiple of 64 \(WGMMA layout\), got K=96"):
         dispatch.select("decode", backend="mosaic", K=96, V=128, device=h100)
     a100 = FakeDevice("gpu", "8.0", "NVIDIA A100")
     with pytest.raises(ValueError, match=r"NVIDIA A100 \(gpu, capability 8.0\): the Mosaic GPU "
@@ -151,7 +152,7 @@ def test_mosaic_refusals_say_why(mosaic_imports):
 
 
 def test_mosaic_needs_a_jax_it_imports_on(mosaic_imports, monkeypatch):
-    monkeypatch.setattr(mosaic_imports, "unavailable",
+    monkeypatch.setattr(mosaic_imports, "mosaic_unavailable",
                         lambda: "the Mosaic GPU kernels need jax >= 0.10.2, got 0.9.0")
     with pytest.raises(ValueError, match=r"need jax >= 0.10.2, got 0.9.0"):
         dispatch.select("decode", backend="mosaic", device=FakeDevice("gpu", "9.0", "H100"))
@@ -160,39 +161,57 @@ def test_mosaic_needs_a_jax_it_imports_on(mosaic_imports, monkeypatch):
 def test_mosaic_tuning_fits_the_head_dim():
     """Every Mosaic tuning entry fits one CTA's SMEM (as Pallas lays it out) at the real head
     dims with the largest T and T_max and fp32 inputs and candidates."""
-    import jax
-
-    from gdn_jax.kernels import MosaicConfig, check_mosaic_config
-    from gdn_jax.kernels._common import Dims
-
-    S = jax.ShapeDtypeStruct
-    T = T_MAX = 8
+    T = T_MAX = kernels.MAX_T
+    f32 = jnp.dtype("float32")
     for dtype in ("bfloat16", "float32"):
         for B in (1, 256):
             for V in (64, 128):
                 for op, mode in (("decode", None), ("verify", "replay"),
                                  ("verify", "intermediate")):
                     t = 1 if op == "decode" else T
-                    cfg = dispatch.tuning(op, state_dtype=dtype, B=B, V=V, backend="mosaic",
-                                          mode=mode)
-                    check_mosaic_config(op, mode or "decode", MosaicConfig(**cfg),
-                                        Dims(B, t, 16, 32, 128, V, B, T_MAX),
-                                        S((B, t, 16, 128), "float32"), S((B, 32, V, 128), dtype),
-                                        S((B, T_MAX, 16, 128), "float32"),
-                                        S((B, T_MAX, 32, V), "float32"))
+                    cfg = dispatch.tuning(op, "mosaic", state_dtype=dtype, B=B, V=V, mode=mode)
+                    assert isinstance(cfg, kernels.MosaicConfig)
+                    why = kernels.mosaic_misfit(mode or "decode",
+                                                kernels.Dims(B, t, 16, 32, 128, V, B, T_MAX),
+                                                kernels.Dtypes(jnp.dtype(dtype), f32, f32), cfg)
+                    assert why is None, (op, mode, dtype, B, V, why)
+
+
+def _dims(B=256, T=8, K=128, V=128, t_max=8):
+    return kernels.Dims(B, T, 16, 32, K, V, B, t_max)
 
 
 def test_a_shape_mosaic_cannot_fit_falls_back(mosaic_imports):
-    """fits= (the call's full shape against the kernel's SMEM): the table passes Mosaic over;
-    forcing it raises with the reason."""
+    """With the call's dims and dtypes, the table passes Mosaic over where its SMEM does not fit
+    (here: fp32 pool, fp32 inputs and candidates, T = T_max = 8, K = 256); forcing it raises
+    with the reason. The choice carries the tuning config of the backend it names."""
     h100 = FakeDevice("gpu", "9.0", "NVIDIA H100 80GB HBM3")
-    misfit = lambda name: "needs 240000 bytes of SMEM" if name == "mosaic" else None
-    kw = dict(T=8, B=256, K=128, V=128, mode="intermediate", device=h100)
-    assert dispatch.select("verify", **kw).backend == "mosaic"
-    assert dispatch.select("verify", fits=misfit, **kw).backend == "triton"
-    with pytest.raises(ValueError, match=r"backend 'mosaic' cannot run on .*needs 240000 bytes "
-                                         r"of SMEM; backends that can: \['xla', 'triton', "
+    f32 = jnp.dtype("float32")
+    fits = dict(dims=_dims(), dtypes=kernels.Dtypes(f32, f32, f32), mode="intermediate",
+                device=h100)
+    choice = dispatch.select("verify", **fits)
+    assert choice.backend == "mosaic"
+    assert choice.config == dispatch.tuning("verify", "mosaic", state_dtype=f32, B=256, V=128,
+                                            mode="intermediate")
+    big = dict(fits, dims=_dims(K=256))
+    why = kernels.mosaic_misfit("intermediate", big["dims"], big["dtypes"], choice.config)
+    assert why and "bytes of SMEM" in why
+    choice = dispatch.select("verify", **big)
+    assert choice.backend == "triton" and isinstance(choice.config, kernels.TuningConfig)
+    with pytest.raises(ValueError, match=r"backend 'mosaic' cannot run on .*bytes of SMEM per "
+                                         r"CTA.*; backends that can: \['xla', 'triton', "
                                          r"'interpret'\]"):
-        dispatch.select("verify", backend="mosaic", fits=misfit, **kw)
-    with pytest.raises(ValueError, match=r"K up to 256 \(one TMA box row\), got 512"):
+        dispatch.select("verify", backend="mosaic", **big)
+    with pytest.raises(ValueError, match=r"K up to 256 \(one TMA box row\), got K=512"):
         dispatch.select("decode", backend="mosaic", K=512, V=128, device=h100)
+
+
+def test_the_choice_is_one_hashable_static():
+    """The choice (backend + frozen config) is what the kernel path jits on: equal choices
+    hash alike whatever their reason."""
+    h100 = FakeDevice("gpu", "9.0", "NVIDIA H100 80GB HBM3")
+    a = dispatch.select("decode", dims=_dims(B=8, T=1), device=h100)
+    b = dispatch.select("decode", dims=_dims(B=8, T=1), backend="triton", device=h100)
+    assert a.reason == "table" and b.reason == "forced"
+    assert a == b and hash(a) == hash(b)
+    assert dispatch.select("decode", backend="xla", device=h100).config is None

@@ -123,3 +123,37 @@ def test_bf16_inputs_computed_in_fp32():
     o, S = chunk_gated_delta_rule(tok.q, tok.k, tok.v, g, beta, S0)
     assert rel_err(o, ref_o) <= FP32_TOL
     assert rel_err(S, ref_S) <= FP32_TOL
+
+
+# ------------------------------------------------------------------------------------------------
+# unit_lower_inverse: (I + A)^-1 for strictly lower triangular A, against numpy in float64
+
+
+@pytest.mark.parametrize("C", [1, 2, 8, 16, 64])
+@pytest.mark.parametrize("scale", [0.25, 1.0, 2.0], ids=["well", "mid", "ill"])
+def test_unit_lower_inverse_matches_float64(C, scale):
+    """Random strictly lower A with entries up to `scale`: at scale 2 and C = 64, I + A has a
+    condition number beyond 1e10 (the inverse's entries grow exponentially down the rows).
+    Normwise error within a small multiple of fp32's unit roundoff times the condition number,
+    and at most 1e-5 where that bound is looser; exact zeros above the diagonal, ones on it."""
+    from gdn_jax.ops.reference import unit_lower_inverse
+
+    rng = np.random.default_rng(C * 10 + int(scale * 4))
+    A = np.tril(rng.uniform(-scale, scale, (3, 2, C, C)), -1).astype(np.float32)
+    X = np.asarray(unit_lower_inverse(jnp.asarray(A)), np.float64)
+    assert X.shape == A.shape
+    M = np.eye(C) + A.astype(np.float64)
+    want = np.linalg.inv(M)
+    err = np.linalg.norm(X - want, axis=(-2, -1)) / np.linalg.norm(want, axis=(-2, -1))
+    cond = np.linalg.cond(M)
+    assert (err <= np.minimum(1e-5, 64 * 2.0 ** -24 * cond) + 1e-12).all(), (err.max(),
+                                                                             cond.max())
+    np.testing.assert_array_equal(np.triu(X, 1), 0.0)
+    np.testing.assert_array_equal(np.diagonal(X, axis1=-2, axis2=-1), 1.0)
+
+
+def test_unit_lower_inverse_rejects_a_size_not_a_power_of_two():
+    from gdn_jax.ops.reference import unit_lower_inverse
+
+    with pytest.raises(ValueError, match="C must be a power of two, got 12"):
+        unit_lower_inverse(jnp.zeros((12, 12), jnp.float32))

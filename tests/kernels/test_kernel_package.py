@@ -1,0 +1,28 @@
+"""`gdn_jax.kernels` depends on jax only, and says its public face in `__all__`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import gdn_jax.kernels as kernels
+
+
+def test_importing_the_kernels_loads_jax_and_nothing_above_them():
+    code = ("import sys, gdn_jax.kernels; mods = sorted(sys.modules); "
+            "print('jax' in mods); "
+            "print([m for m in mods if m.split('.')[0] in ('flax', 'optax', 'torch') "
+            "or m.startswith(('gdn_jax.ops', 'gdn_jax.modules', 'gdn_jax.models', "
+            "'gdn_jax.speculative', 'gdn_jax.cli', 'gdn_jax.train'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.stdout.split("\n")[:2] == ["True", "[]"], out.stdout + out.stderr
+
+
+def test_the_public_face_is_complete():
+    for name in kernels.__all__:
+        assert hasattr(kernels, name), name
+        assert not name.startswith("_"), name
+    assert kernels.MAX_T == 8 and kernels.MOSAIC_MAX_K == 256
+    assert set(kernels.MOSAIC_MODES) == {"decode", "replay", "intermediate"}
