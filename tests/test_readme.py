@@ -142,6 +142,8 @@ PRELUDES = {
     "Multi-GPU (tensor parallel)": (_tp_prelude, {"max_len=4096": "max_len=16"}, _tp_check),
 }
 BLOCKS = python_blocks(README.read_text())
+# Blocks that take more than about 10 s on a 2-core CPU (eager model calls compile op by op).
+SLOW = {"The models", "Speculative decoding"}
 
 
 def test_the_readme_has_python_blocks_and_every_prelude_its_block():
@@ -149,6 +151,7 @@ def test_the_readme_has_python_blocks_and_every_prelude_its_block():
     assert len(keys) >= 4, keys
     assert not set(PRELUDES) - set(keys), f"preludes for blocks the README no longer has: " \
         f"{sorted(set(PRELUDES) - set(keys))}"
+    assert SLOW <= set(keys), sorted(SLOW - set(keys))
 
 
 def test_python_blocks_parser():
@@ -176,7 +179,9 @@ def test_python_blocks_parser():
         python_blocks("```python\nx = 1\n")
 
 
-@pytest.mark.parametrize("key, code, skip", BLOCKS, ids=[k for k, _, _ in BLOCKS])
+@pytest.mark.parametrize("key, code, skip", [
+    pytest.param(*block, id=block[0], marks=[pytest.mark.slow] if block[0] in SLOW else [])
+    for block in BLOCKS])
 def test_readme_block_runs(key, code, skip, tmp_path, monkeypatch):
     if skip is not None:
         pytest.skip(f"marked in the README: {skip}")

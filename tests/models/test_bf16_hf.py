@@ -43,6 +43,7 @@ def _hf_run(hf, prompts, steps):
 
 
 @pytest.mark.parametrize("spec", [H.SPECS[0], H.SPECS[3]], ids=lambda s: s.id)
+@pytest.mark.slow
 def test_bf16_close_to_fp32_transformers(spec, tmp_path, record_property):
     hf = H.make_hf_model(spec, seed=6)
     hf.save_pretrained(tmp_path)

@@ -76,6 +76,7 @@ def mtp_pair(request, tmp_path_factory):
     return hf, ref, Runner(model), path
 
 
+@pytest.mark.slow
 def test_mtp_head_matches_transcription(mtp_pair, record_property):
     hf, ref, runner, _ = mtp_pair
     V = hf.config.vocab_size

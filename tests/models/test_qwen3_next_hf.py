@@ -62,6 +62,7 @@ def _hf_cached(hf, ids, cache=None):
     return out.logits[0].numpy(), out.cache
 
 
+@pytest.mark.slow
 def test_prefill_and_decode_match_transformers(pair, record_property):
     hf, runner = pair
     rng = np.random.default_rng(0)
@@ -87,6 +88,7 @@ def test_prefill_and_decode_match_transformers(pair, record_property):
 
 
 @pytest.mark.parametrize("commit_mode", ["replay", "intermediate"])
+@pytest.mark.slow
 def test_verify_and_rollback_match_transformers(pair, commit_mode, record_property):
     hf, runner = pair
     V = hf.config.vocab_size
