@@ -1,10 +1,11 @@
 """Every ```python block of README.md runs, on CPU at tiny shapes.
 
 Blocks are keyed by the README section they sit in (its `## ` heading; "Heading #2" for a second
-block there). A block runs in a fresh namespace after its prelude below, which defines the names
-the block leaves to the reader (`tokens`, `q`, a model) at tiny shapes; `SUBS` swaps a block's
-full-size literals (a checkpoint path, B = 8 with 128-wide heads) for tiny ones, and each swapped
-text must still be in the block. A block with no prelude runs as it stands. A block that cannot run
+block there). A block runs in a fresh namespace after its prelude (`PRELUDES` below), which
+defines the names the block leaves to the reader (`tokens`, `q`, a model) at tiny shapes; the
+entry also swaps the block's full-size literals (B = 8 with 128-wide heads) for tiny ones, each
+of which must still be in the block, and "path/to/hf_dir" becomes a tiny saved checkpoint. A
+block with no prelude runs as it stands. A block that cannot run
 here is marked in the README by an HTML comment on the line just before it:
 
     <!-- readme-test: skip (needs GPUs) -->
@@ -188,7 +189,7 @@ def test_readme_block_runs(key, code, skip, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a block may write files ("out_dir")
     prelude, subs, check = PRELUDES.get(key, (lambda _: {}, {}, None))
     for old, new in subs.items():
-        assert old in code, f"README block {key!r} no longer has {old!r}: update tests/test_readme.py"
+        assert old in code, f"README block {key!r} no longer has {old!r}: update its PRELUDES entry"
         code = code.replace(old, new)
     ns = {"__name__": f"readme_{key}"}
     ns.update(prelude(tmp_path))
