@@ -6,7 +6,7 @@ all of K, contiguous in the pool). Every reduction runs over K with multiply + s
 Vectors are broadcast with `lax.broadcast_in_dim` (not `x[:, None]`): both the Triton and the
 Mosaic GPU lowering take it, and Mosaic's layout inference fails on the reshape form.
 
-Per token (DESIGN.md):
+Per token (README, "Design"; `gdn_jax.ops.reference` is the plain-JAX form):
     S = exp(g) * S
     S = S + outer(beta * (v - S k), k)
     o = S q                                  (the UPDATED state)

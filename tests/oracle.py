@@ -1,6 +1,6 @@
-"""An independent float64 NumPy oracle, written from DESIGN.md's math contract as plain loops.
+"""An independent float64 NumPy oracle: plain loops from the math in the README's "Design".
 
-It shares no code with gdn_jax. The state layout is DESIGN.md's `[HV, V, K]` per sequence.
+It shares no code with gdn_jax. The state layout is the pool's `[HV, V, K]` per sequence.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ def generate(*args):
     return r.stdout
 
 
+@pytest.mark.slow
 def test_generate_is_reproducible_for_a_seed():
     args = ("--temperature", "0.8", "--top-k", "20", "--seed", "3")
     first = generate(*args)
@@ -40,6 +41,7 @@ def test_generate_is_reproducible_for_a_seed():
     assert generate(*args) == first
 
 
+@pytest.mark.slow
 def test_plain_and_speculative_greedy_agree():
     # fp32 state: plain and speculative greedy decoding are then the same tokens (README).
     spec = generate("--num-draft-tokens", "3", "--state-dtype", "float32")
@@ -170,6 +172,7 @@ def test_info():
     assert "decode" in r.stdout and "capability" in r.stdout
 
 
+@pytest.mark.slow
 def test_packaged_weights_load_from_a_non_editable_install(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     target = tmp_path / "site"

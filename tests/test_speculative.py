@@ -111,6 +111,7 @@ def _assert_same_cache(got, want, lengths):
 
 @pytest.mark.parametrize("commit_mode", ["replay", "intermediate"])
 @pytest.mark.parametrize("d", [1, 3, 5])
+@pytest.mark.slow
 def test_greedy_matches_plain(model, plain, table, d, commit_mode):
     """An MTP head right at about 2/3 of the positions: partial acceptance in most rounds."""
     out = gen(_oracle(model, table, "mixed"), PROMPTS, LENGTHS, num_draft=d, max_new_tokens=N_NEW, commit_mode=commit_mode)
@@ -126,6 +127,7 @@ def test_greedy_matches_plain(model, plain, table, d, commit_mode):
     _assert_same_cache(out.cache, plain.cache, np.asarray(LENGTHS) + N_NEW - 1)
 
 
+@pytest.mark.slow
 def test_greedy_real_mtp_head_matches_plain(model, plain):
     """The model's own (random) MTP head drafts: same output, same cache."""
     out = gen(model, PROMPTS, LENGTHS, num_draft=3, max_new_tokens=N_NEW)
@@ -140,6 +142,7 @@ def test_greedy_real_mtp_head_matches_plain(model, plain):
         assert (out.tokens[b, n:] == -1).all()
 
 
+@pytest.mark.slow
 def test_bf16_state_identical_share(model):
     """bf16 pools: plain decoding rounds the state once per token, replay once per round, so
     greedy outputs may part after a near tie. The share of identical tokens must stay high."""
@@ -205,6 +208,7 @@ def test_oracle_accept_length(model, plain, table, shift, per_round):
         assert out.accept_length == 1.0 and out.rounds == N_NEW - 1
 
 
+@pytest.mark.slow
 def test_stop_token_inside_accepted_run(model, plain, table):
     """Row 0 stops exactly at a stop token met in the middle of a fully accepted run (always-
     agreeing MTP, d = 3: rounds emit output[1:5], [5:9], ...); the other rows go on."""
@@ -235,6 +239,7 @@ def _chi2_critical(df, z=3.09):  # Wilson-Hilferty, one-sided p ~ 0.001
 
 
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.8, 6, 0.9)])
+@pytest.mark.slow
 def test_sampling_keeps_target_distribution(temperature, top_k, top_p):
     V, d, n = 16, 2, 2000
     model = _model(_config(vocab=V), seed=3)

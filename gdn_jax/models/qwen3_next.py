@@ -115,6 +115,19 @@ def _check_mode(mode: str, T: int, lengths):
         raise ValueError(f"lengths is for prefill only (mode {mode!r})")
 
 
+def _check_mtp_inputs(next_tokens, hidden, hidden_size: int):
+    """Pairs (token t + 1, hidden at t): one hidden per token, before anything is traced."""
+    tok, hid = tuple(jnp.shape(next_tokens)), tuple(jnp.shape(hidden))
+    if len(tok) != 2:
+        raise ValueError(f"mtp_forward: next_tokens expected shape [B, T], got shape {tok}")
+    if hid != tok + (hidden_size,):
+        raise ValueError(
+            f"mtp_forward: hidden expected shape [B, T, hidden] = {tok + (hidden_size,)} (one "
+            f"hidden per token of next_tokens, shape {tok}), got shape {hid}; after a verify "
+            "call pass the hidden at each row's last kept position, "
+            "out.hidden[rows, num_accepted - 1][:, None]")
+
+
 class DecoderLayer(nnx.Module):
     """Pre-norm decoder layer: a token mixer (GDN or attention) and a feed-forward block."""
 
@@ -253,7 +266,7 @@ class Qwen3NextForCausalLM(nnx.Module):
                    state_dtype=jnp.bfloat16, commit_mode: str = "replay") -> ModelCache:
         """A zeroed cache for `num_slots` sequences of up to `max_len` tokens, verify calls of up
         to `t_max` tokens, GDN state pools in `state_dtype` (bf16 or fp32), and the commit mode
-        ("replay" or "intermediate", DESIGN.md) of every GDN layer."""
+        ("replay" or "intermediate", README "Design") of every GDN layer."""
         if commit_mode not in COMMIT_MODES:
             raise ValueError(f"init_cache: commit_mode expected one of {COMMIT_MODES}, got "
                              f"{commit_mode!r}")
@@ -347,6 +360,7 @@ class Qwen3NextForCausalLM(nnx.Module):
         if self.mtp is None:
             raise ValueError("mtp_forward: this model has no MTP head (load with with_mtp=True "
                              "from a checkpoint that has mtp.* weights)")
+        _check_mtp_inputs(next_tokens, hidden, self.config.hidden_size)
         _check_mode(mode, next_tokens.shape[1], lengths)
         if not 0 <= layer < len(self.mtp.layers):
             raise ValueError(f"mtp_forward: layer expected 0..{len(self.mtp.layers) - 1}, got "

@@ -1,4 +1,4 @@
-"""GDN ops on a slot-indexed state pool (DESIGN.md, "The op API").
+"""GDN ops on a slot-indexed state pool (README, "The ops" and "Design").
 
     state = GDNState.create(num_slots, H, HV, K, V, t_max)       # bf16 pool by default
     o, state = decode(q, k, v, a, b, A_log, dt_bias, state, slots)

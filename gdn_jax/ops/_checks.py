@@ -139,7 +139,16 @@ def check_tokens(op: str, q, k, v, a, b, A_log, dt_bias, state, slots, *, t_min:
         _check_float(op, name, x)
     check_state(op, state, H=H, HV=HV, K=K, V=V)
     if T < t_min or (t_max is not None and T > t_max):
-        hi = "" if t_max is None else f"..{t_max}"
-        fail(op, "T (q.shape[1])", f"{t_min}{hi}" + (" (the state's T_max)" if t_max else ""), T)
+        # Name where the bound comes from: decode's single token is the op's own limit, not the
+        # state's T_max (which only bounds verify).
+        if t_max is None:
+            expected = f"{t_min} or more"
+        elif t_min == t_max == 1:
+            expected = f"{t_max} ({op} takes one token per row; verify takes 1..{state.t_max}, " \
+                       "the state's T_max)"
+        else:
+            expected = f"{t_min}..{t_max}" + (" (the state's T_max)"
+                                              if t_max == state.t_max else "")
+        fail(op, "T (q.shape[1])", expected, T)
     check_slots(op, slots, B, state.num_slots)
     return Dims(B, T, H, HV, K, V, state.num_slots, state.t_max)

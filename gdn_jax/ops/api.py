@@ -1,4 +1,4 @@
-"""The GDN ops on a slot-indexed state pool: one contract for every backend (DESIGN.md, "The op API").
+"""The GDN ops on a slot-indexed state pool: one contract for every backend (README, "The ops").
 
 Every op checks its arguments (shapes, dtypes, and slot/count values where concrete) and raises a
 ValueError before anything runs, then calls the jitted implementation `dispatch` picks for the

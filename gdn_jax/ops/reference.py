@@ -4,7 +4,7 @@ Pure functions on whole arrays, no state pool and no slots (`gdn_jax.ops.api` ad
 path computes in fp32 whatever the input dtype, and every matrix product runs at
 `Precision.HIGHEST` (a GPU's default TF32 would break the fp32 tolerances).
 
-Shapes (DESIGN.md): `q, k: [B, T, H, K]`, `v: [B, T, HV, V]`, `g, beta: [B, T, HV]` (fp32),
+Shapes (README, "The ops"): `q, k: [B, T, H, K]`, `v: [B, T, HV, V]`, `g, beta: [B, T, HV]` (fp32),
 `state: [B, HV, V, K]` fp32 (K contiguous, the pool layout; Hugging Face keeps `[B, HV, K, V]`).
 Value head `hv` reads key head `hv // (HV // H)` (repeat-interleave).
 

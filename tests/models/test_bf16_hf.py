@@ -25,6 +25,7 @@ SLOTS = (1, 0)
 
 
 @pytest.mark.parametrize("spec", F.BF16_SPECS, ids=lambda s: s.id)
+@pytest.mark.slow
 def test_bf16_close_to_fp32_transformers(spec, record_property):
     ref = F.reference(spec)
     lengths = F.BF16["prompt_lengths"]

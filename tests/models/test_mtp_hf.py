@@ -43,6 +43,7 @@ def mtp_pair(request, tmp_path_factory):
     return F.reference(spec), Runner(model), path
 
 
+@pytest.mark.slow
 def test_mtp_head_matches_transcription(mtp_pair, record_property):
     ref, runner, _ = mtp_pair
     lengths = list(F.MTP["prompt_lengths"])

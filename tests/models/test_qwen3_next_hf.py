@@ -52,6 +52,7 @@ def _prefill(runner, prompts, commit_mode="replay"):
     return runner(_padded(prompts), cache, SLOTS, mode="prefill", lengths=lengths)
 
 
+@pytest.mark.slow
 def test_prefill_and_decode_match_transformers(pair, record_property):
     ref, runner = pair
     prompts = _prompts(ref["decode_prompts"], F.DECODE["prompt_lengths"])
@@ -73,6 +74,7 @@ def test_prefill_and_decode_match_transformers(pair, record_property):
 
 
 @pytest.mark.parametrize("commit_mode", ["replay", "intermediate"])
+@pytest.mark.slow
 def test_verify_and_rollback_match_transformers(pair, commit_mode, record_property):
     ref, runner = pair
     seqs = _prompts(ref["verify_prompts"], F.VERIFY["prompt_lengths"])

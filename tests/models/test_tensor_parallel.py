@@ -92,6 +92,7 @@ _TP8 = pytest.param(8, marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, _TP8])
+@pytest.mark.slow
 def test_tp_matches_one_device(tp, reference):
     ref_out, ref_cache = reference
     model = shard_model(_random_model(), _mesh(tp))
@@ -125,6 +126,7 @@ def test_tp_matches_one_device(tp, reference):
         assert kv == (P(None, None, "tp") if CONFIG.num_key_value_heads % tp == 0 else P())
 
 
+@pytest.mark.slow
 def test_tp_kernel_path_interpret(reference, monkeypatch):
     """The Pallas kernels (run by the interpreter) inside the TP = 2 shard_map: each shard's kernel
     sees its local heads and slots; the one-device XLA logits and tokens come out. (On GPUs:
@@ -206,6 +208,7 @@ def test_heads_not_dividing_devices(field, value, tp, tmp_path):
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
+@pytest.mark.slow
 def test_speculative_loop_on_the_mesh(tp):
     """gdn_jax.speculative.generate runs unchanged on a sharded model: the same greedy tokens."""
     from gdn_jax.speculative import generate
@@ -220,6 +223,7 @@ def test_speculative_loop_on_the_mesh(tp):
     np.testing.assert_array_equal(np.asarray(out.lengths), np.asarray(ref.lengths))
 
 
+@pytest.mark.slow
 def test_tp8_prefill_and_decode_logits():
     """TP = 8 (replicated KV heads) in separate programs: prefill and a greedy decode loop give one
     device's logits. (The single program of test_tp_matches_one_device stalls at TP = 8 on 2 cores.)"""

@@ -50,6 +50,7 @@ def test_causal_conv_matches_numpy():
                                atol=1e-5)
 
 
+@pytest.mark.slow
 def test_ragged_prefill_equals_single_prompts(layer):
     x = _x(0, 2, 7)
     y, cache = layer(x, _cache(layer), jnp.array([2, 0]), lengths=jnp.array([7, 4]))
@@ -61,6 +62,7 @@ def test_ragged_prefill_equals_single_prompts(layer):
     assert not np.any(np.asarray(cache.state.pool[1])) and not np.any(np.asarray(cache.conv[1]))
 
 
+@pytest.mark.slow
 def test_prefill_in_two_pieces(layer):
     x = _x(1, 1, 9)
     y, c = layer(x, _cache(layer), jnp.array([1]))
@@ -72,6 +74,7 @@ def test_prefill_in_two_pieces(layer):
 
 
 @pytest.mark.parametrize("mode", ["replay", "intermediate"])
+@pytest.mark.slow
 def test_verify_commit_equals_decode_steps(layer, mode):
     x, draft = _x(2, 2, 5), _x(3, 2, 3)
     slots = jnp.array([0, 2])

@@ -68,6 +68,7 @@ def test_partial_neox_rope():
 
 @pytest.mark.parametrize("E, batch, gathered", [(5, (2, 7), False), (64, (1, 3), True)],
                          ids=["grouped", "gathered"])
+@pytest.mark.slow
 def test_sparse_moe_matches_dense_transcription(E, batch, gathered):
     """Both ways of running the experts: grouped matmuls (many tokens) and gathered weights (few
     tokens per expert: decode)."""
@@ -97,6 +98,7 @@ def test_sparse_moe_matches_dense_transcription(E, batch, gathered):
     np.testing.assert_allclose(got.reshape(-1, H), want, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_gated_attention_with_cache():
     H, nH, nKV, hd = 16, 4, 2, 16
     attn = _randomize(Attention(H, nH, nKV, hd, rotary_dim=8, rope_theta=100.0,

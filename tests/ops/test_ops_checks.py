@@ -80,8 +80,10 @@ def test_t_above_t_max_and_decode_t(case):
     long = tokens(np.random.default_rng(2), B, T_MAX + 1, H, HV, K, V)
     with pytest.raises(ValueError, match=r"verify: T \(q.shape\[1\]\) expected 1..4 \(the state's T_max\), got 5"):
         ops.verify(*long.args(), st, slots)
-    with pytest.raises(ValueError, match=r"decode: T \(q.shape\[1\]\) expected 1..1"):
-        ops.decode(*tok.args(), st, slots)
+    # decode's limit is its own one token, not the state's T_max (which bounds verify).
+    with pytest.raises(ValueError, match=r"decode: T \(q.shape\[1\]\) expected 1 \(decode takes one "
+                       r"token per row; verify takes 1..4, the state's T_max\), got 2"):
+        ops.decode(*tokens(np.random.default_rng(3), B, 2, H, HV, K, V).args(), st, slots)
 
 
 def test_mode_and_backend(case):

@@ -79,6 +79,7 @@ def test_gating_matches_oracle():
 
 
 @pytest.mark.parametrize("form", ["recurrent", "chunked"])
+@pytest.mark.slow
 def test_split_sequence_equals_one_call(form):
     tok, S0, (g, beta), _ = _case(130, 2, 4, 32, 32, seed=2)
     run = {

@@ -32,6 +32,7 @@ def _run(seed):
     return np.asarray(out), params
 
 
+@pytest.mark.slow
 def test_steps_lower_loss_and_are_deterministic():
     a, pa = _run(0)
     b, pb = _run(0)
