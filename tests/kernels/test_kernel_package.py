@@ -9,14 +9,17 @@ import sys
 import gdn_jax.kernels as kernels
 
 
-def test_importing_the_kernels_loads_jax_and_nothing_above_them():
+def test_importing_the_kernels_loads_jax_and_nothing_above_them(tmp_path):
     code = ("import sys, gdn_jax.kernels; mods = sorted(sys.modules); "
             "print('jax' in mods); "
             "print([m for m in mods if m.split('.')[0] in ('flax', 'optax', 'torch') "
             "or m.startswith(('gdn_jax.ops', 'gdn_jax.modules', 'gdn_jax.models', "
             "'gdn_jax.speculative', 'gdn_jax.cli', 'gdn_jax.train'))])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    # Run outside the checkout: `python -c` puts the working directory first on sys.path, where
+    # the source folder gdn_jax/ has no kernels/ (it is mapped there at install time).
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["True", "[]"], out.stdout + out.stderr
 
 
