@@ -13,6 +13,9 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     o, pool = verify_replay(...same arguments...)                         # pool := folded state
     pool = fold(pool, cand_k, cand_v, cand_g, cand_beta, count, slots, config=TuningConfig(...))
 
+    o, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring mode:
+                                         # pool written only where the committed ring folds
+
     o, pool = decode_mgpu(...same arguments as decode..., config=MosaicConfig(...))  # SM90+
     o, pool = verify_replay_mgpu(...same arguments as verify_replay...)
     o, inter = verify_intermediate_mgpu(...same arguments as verify_intermediate...)
@@ -37,6 +40,7 @@ from ._tokens_mgpu import misfit as mosaic_misfit
 from .decode import decode
 from .decode_mgpu import decode_mgpu
 from .fold import fold
+from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
 
@@ -46,8 +50,9 @@ def mosaic_unavailable() -> str | None:
     return _mgpu.unavailable()
 
 
-__all__ = ["MAX_T", "MOSAIC_MAX_K", "MOSAIC_MODES", "POOL_DTYPES", "Dims", "Dtypes",
+__all__ = ["MAX_T", "MOSAIC_MAX_K", "MOSAIC_MODES", "POOL_DTYPES", "RING_MAX_T", "RING_MIN",
+           "Dims", "Dtypes",
            "MosaicConfig", "TuningConfig", "decode", "decode_mgpu", "fold",
            "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
            "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
-           "verify_replay_mgpu"]
+           "verify_replay_mgpu", "verify_ring"]

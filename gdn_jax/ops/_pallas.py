@@ -19,7 +19,8 @@ import jax
 
 from gdn_jax import kernels
 from gdn_jax.ops import reference
-from gdn_jax.ops._slots import clear_count, slot_index, store_candidates
+from gdn_jax.ops._slots import (clear_count, ring_start, set_ring_count, slot_index,
+                                store_candidates, store_ring)
 
 _TRITON = {"decode": kernels.decode, "replay": kernels.verify_replay,
            "intermediate": kernels.verify_intermediate}
@@ -58,6 +59,19 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, choice, interpr
     g, beta = reference.gating(a, b, A_log, dt_bias)
     state = clear_count(state.replace(pool=pool), scatter)
     return o, store_candidates(state, scatter, k, v, g, beta), None
+
+
+@functools.partial(jax.jit, static_argnames=("reserve", "choice", "interpret"))
+def ring(q, k, v, a, b, A_log, dt_bias, state, slots, *, reserve, choice, interpret=False):
+    """Ring mode: decode (reserve 1) and verify (reserve T_max), one kernel (`kernels.ring`)."""
+    o, pool = kernels.verify_ring(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state),
+                                  slots, reserve=reserve, config=choice.config,
+                                  interpret=interpret or choice.backend == "interpret")
+    gather, valid, scatter = slot_index(slots, state.num_slots)
+    _, start = ring_start(state, gather, valid, reserve)
+    g, beta = reference.gating(a, b, A_log, dt_bias)
+    state = store_ring(state.replace(pool=pool), scatter, start, k, v, g, beta, reserve)
+    return o, set_ring_count(state, scatter, start, reserve == 1)
 
 
 @functools.partial(jax.jit, static_argnames=("choice", "interpret"))

@@ -52,3 +52,36 @@ def store_candidates(state: GDNState, scatter, k, v, g, beta) -> GDNState:
         cand_g=state.cand_g.at[scatter].set(padded(g), mode="drop"),
         cand_beta=state.cand_beta.at[scatter].set(padded(beta), mode="drop"),
     )
+
+
+def ring_start(state: GDNState, gather, valid, reserve: int):
+    """Where each row's tokens go in its slot's ring, and whether the call folds first.
+
+    Returns (fold [B] bool: count + reserve > W, the committed tokens are folded into the pool by
+    this call; start [B] int32: 0 after a fold, else count)."""
+    count = jnp.clip(state.count[gather], 0, state.ring_size)
+    fold = valid & (count + reserve > state.ring_size)
+    return fold, jnp.where(fold, 0, count)
+
+
+def store_ring(state: GDNState, scatter, start, k, v, g, beta, reserve: int) -> GDNState:
+    """Append a call's T tokens to each row's ring at [start, start + T); entries T..reserve - 1
+    past them get g = beta = 0 (an exact identity step: a commit past T folds nothing stale).
+
+    k: [B, T, H, K]; v: [B, T, HV, V] (stored in the state's input dtype); g, beta: [B, T, HV]
+    fp32; start: [B] int32 with start + reserve <= W (`ring_start`)."""
+    T = k.shape[1]
+    pad = max(reserve, T) - T
+    padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    pos = start[:, None] + jnp.arange(T + pad, dtype=jnp.int32)[None, :]  # [B, T + pad]
+    rows = scatter[:, None]
+    put = lambda buf, x: buf.at[rows, pos].set(x.astype(buf.dtype), mode="drop")
+    return state.replace(cand_k=put(state.cand_k, padded(k)), cand_v=put(state.cand_v, padded(v)),
+                         cand_g=put(state.cand_g, padded(g)),
+                         cand_beta=put(state.cand_beta, padded(beta)))
+
+
+def set_ring_count(state: GDNState, scatter, start, decode: bool) -> GDNState:
+    """count := start after a ring call: its tokens are candidates until `commit` (decode's one
+    token is committed by the call itself: count := start + 1)."""
+    return state.replace(count=state.count.at[scatter].set(start + int(decode), mode="drop"))

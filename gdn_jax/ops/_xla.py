@@ -11,8 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from gdn_jax.ops import reference
-from gdn_jax.ops._slots import (clear_count, slot_index, store_candidates, store_state,
-                                zero_padding_rows)
+from gdn_jax.ops._slots import (clear_count, ring_start, set_ring_count, slot_index,
+                                store_candidates, store_ring, store_state, zero_padding_rows)
 from gdn_jax.ops.state import GDNState
 
 _F32 = jnp.float32
@@ -21,7 +21,7 @@ _F32 = jnp.float32
 def _folded_state(state: GDNState, gather):
     """The fp32 state of each row's slot with its pending (accepted, unfolded) candidates applied."""
     S = state.pool[gather].astype(_F32)  # [B, HV, V, K]
-    pending = jnp.arange(state.t_max)[None, :] < state.count[gather][:, None]  # [B, T_max]
+    pending = jnp.arange(state.ring_size)[None, :] < state.count[gather][:, None]  # [B, W]
     g = jnp.where(pending[..., None], state.cand_g[gather], 0.0)
     beta = jnp.where(pending[..., None], state.cand_beta[gather], 0.0)
     k = reference.prepare_k(state.cand_k[gather], state.pool.shape[1])
@@ -53,6 +53,30 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, mode):
     # replay: the pool takes the folded state; this call's tokens become the new candidates
     state = store_candidates(store_state(state, scatter, S0), scatter, k, v, g, beta)
     return o, state, None
+
+
+@functools.partial(jax.jit, static_argnames="reserve")
+def ring(q, k, v, a, b, A_log, dt_bias, state, slots, reserve):
+    """Ring mode, decode (reserve 1: the token is committed) and verify (reserve T_max)."""
+    gather, valid, scatter = slot_index(slots, state.num_slots)
+    g, beta = reference.gating(a, b, A_log, dt_bias)
+    S0 = _folded_state(state, gather)
+    qp, kp = reference.prepare_qk(q, k, v.shape[2])
+    o, _, _ = reference.recurrence(qp, kp, v, g, beta, S0)
+    fold, start = ring_start(state, gather, valid, reserve)
+    pool = state.pool.at[jnp.where(fold, scatter, state.num_slots)].set(
+        S0.astype(state.pool.dtype), mode="drop")
+    state = store_ring(state.replace(pool=pool), scatter, start, k, v, g, beta, reserve)
+    return zero_padding_rows(valid, o.astype(q.dtype)), set_ring_count(state, scatter, start,
+                                                                       reserve == 1)
+
+
+@jax.jit
+def commit_ring(state, slots, num_accepted):
+    _, _, scatter = slot_index(slots, state.num_slots)
+    n = jnp.clip(num_accepted.astype(jnp.int32), 0, state.t_max)
+    count = jnp.minimum(state.count.at[scatter].add(n, mode="drop"), state.ring_size)
+    return state.replace(count=count)
 
 
 @jax.jit

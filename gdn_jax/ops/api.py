@@ -33,9 +33,34 @@ def _dtypes(q, state: GDNState) -> kernels.Dtypes:
     return kernels.Dtypes.of(q, state.pool, state.cand_k, state.cand_v)
 
 
-def _check_mode(op: str, mode: str) -> None:
-    if mode not in COMMIT_MODES:
-        raise ValueError(f"{op}: mode expected one of {COMMIT_MODES}, got {mode!r}")
+def _verify_mode(state, mode: str | None) -> str:
+    """The mode a verify runs in: the state's commit mode unless given. replay and intermediate
+    share one state layout and may be chosen per call; a ring state runs only in ring mode."""
+    if mode is not None and mode not in COMMIT_MODES:
+        raise ValueError(f"verify: mode expected one of {COMMIT_MODES}, got {mode!r}")
+    if not isinstance(state, GDNState):
+        return mode or "replay"  # check_tokens names the bad state
+    if mode is None:
+        return state.commit_mode
+    if (mode == "ring") != (state.commit_mode == "ring"):
+        raise ValueError(f"verify: mode expected the state's commit mode "
+                         f"{state.commit_mode!r} (GDNState.create(commit_mode=...)), got {mode!r}")
+    return mode
+
+
+def _ring(op, q, k, v, a, b, A_log, dt_bias, state, slots, dims, backend, reserve):
+    """decode and verify on a ring-mode state: one path, `reserve` ring entries per call."""
+    if k.dtype != state.input_dtype or v.dtype != state.input_dtype:
+        _checks.fail(op, "k, v", f"the state's input dtype {state.input_dtype} (ring mode keeps "
+                     "them in the ring; set GDNState.create(input_dtype=...))",
+                     f"{k.dtype}, {v.dtype}")
+    choice = dispatch.select(op, dims=dims, dtypes=_dtypes(q, state), mode="ring",
+                             backend=backend)
+    if choice.backend == "xla":
+        return _xla.ring(q, k, v, a, b, A_log, dt_bias, state, slots, reserve=reserve)
+    from gdn_jax.ops import _pallas
+    return _pallas.ring(q, k, v, a, b, A_log, dt_bias, state, slots, reserve=reserve,
+                        choice=choice)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -48,6 +73,9 @@ def decode(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, backend: st
     q, k: [B, 1, H, K]; v: [B, 1, HV, V] (bf16, fp16 or fp32, one dtype); a, b: [B, 1, HV];
     A_log, dt_bias: [HV]; state: GDNState; slots: [B] int32 (negative or >= num_slots: padding).
     Returns o: [B, 1, HV, V] in q's dtype, and the new state (count := 0 for the rows' slots).
+    On a ring-mode state decode is output-only: the token runs after the ring's committed ones
+    and is appended to the ring, committed (count += 1); the pool is written only when the ring
+    is full (the committed tokens are folded first, count := 1).
 
     >>> step = jax.jit(decode, donate_argnames="state")
     >>> o, state = step(q, k, v, a, b, A_log, dt_bias, state, slots)  # doctest: +SKIP
@@ -55,15 +83,18 @@ def decode(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, backend: st
     slots = jnp.asarray(slots)
     dims = _checks.check_tokens("decode", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1,
                                 t_max=1)
+    if state.commit_mode == "ring":
+        return _ring("decode", q, k, v, a, b, A_log, dt_bias, state, slots, dims, backend, 1)
     choice = dispatch.select("decode", dims=dims, dtypes=_dtypes(q, state), backend=backend)
     return _run("decode", choice, q, k, v, a, b, A_log, dt_bias, state, slots)
 
 
-def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str = "replay",
+def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str | None = None,
            backend: str | None = None):
     """T tokens per row from the slot's state (MTP verify): the outputs of every token.
 
-    Inputs as `decode` with T in 1..state.t_max. Returns (o, state, inter):
+    Inputs as `decode` with T in 1..state.t_max. mode: the state's commit mode by default.
+    Returns (o, state, inter):
       o: [B, T, HV, V] in q's dtype;
       mode="replay": the pool takes the slot's folded state (one write) and this call's T tokens
         become the slot's candidates with count := 0; `commit` then says how many are kept.
@@ -71,12 +102,19 @@ def verify(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, *, mode: str =
       mode="intermediate": state is returned unchanged (pool untouched) and
         inter: [B, T, HV, V, K] in the pool's dtype holds the state after each token;
         `commit(state, slots, num_accepted, inter)` copies the accepted one into the pool.
+      mode="ring": the pool is read, not written (unless the ring folds: where count + T_max
+        would pass the ring size W, the committed ring tokens are folded into the pool first);
+        this call's tokens are appended to the ring after the committed ones, and `commit` keeps
+        num_accepted of them (count += n). inter is None.
     Padding rows get zero o and zero inter.
     """
-    _check_mode("verify", mode)
+    mode = _verify_mode(state, mode)
     slots = jnp.asarray(slots)
     dims = _checks.check_tokens("verify", q, k, v, a, b, A_log, dt_bias, state, slots, t_min=1,
                                 t_max=state.t_max if isinstance(state, GDNState) else None)
+    if mode == "ring":
+        return (*_ring("verify", q, k, v, a, b, A_log, dt_bias, state, slots, dims, backend,
+                       state.t_max), None)
     if mode == "replay" and k.dtype != state.input_dtype:
         _checks.fail("verify", "k, v", f"the state's input dtype {state.input_dtype} (replay mode "
                      "stores them as candidates; set GDNState.create(input_dtype=...))", k.dtype)
@@ -90,6 +128,7 @@ def commit(state: GDNState, slots, num_accepted, inter=None, *, backend: str | N
 
     inter given (intermediate mode): pool[slots[i]] := inter[i, n - 1] for rows with n >= 1.
     inter None (replay mode): count[slots[i]] := n; the next op on the slot folds them in.
+    inter None (ring mode): count[slots[i]] += n; they stay in the ring until it folds.
     slots, num_accepted: [B] int32. (sglang and FlashInfer pass the index n - 1: add one.)
     """
     _checks.check_state("commit", state)
@@ -99,6 +138,8 @@ def commit(state: GDNState, slots, num_accepted, inter=None, *, backend: str | N
         _checks.check_slots("commit", slots, B, state.num_slots)
         _checks.check_counts("commit", "num_accepted", num_accepted, B, 0, state.t_max)
         dispatch.select("commit", backend=backend)
+        if state.commit_mode == "ring":
+            return _xla.commit_ring(state, slots, num_accepted)
         return _xla.commit_replay(state, slots, num_accepted)
     S, HV, V, K = state.pool.shape
     if inter.ndim != 5 or inter.shape[2:] != (HV, V, K):
@@ -114,7 +155,8 @@ def commit(state: GDNState, slots, num_accepted, inter=None, *, backend: str | N
 
 
 def flush(state: GDNState, slots, *, backend: str | None = None):
-    """Fold the slots' pending candidates into the pool; count := 0. slots: [B] int32."""
+    """Fold the slots' pending candidates (ring mode: committed ring tokens) into the pool;
+    count := 0. slots: [B] int32."""
     _checks.check_state("flush", state)
     slots = jnp.asarray(slots)
     _checks.check_slots("flush", slots, _checks.batch_size("flush", slots), state.num_slots)

@@ -76,6 +76,8 @@ def preferences(device: Device, op: str = "decode", B: int | None = None,
     if device.platform != "gpu" or device.capability is None:
         return ("xla",)  # CPU, TPU, ROCm: the reference
     major = device.capability[0]
+    if mode == "ring":  # decode and verify in ring mode: one Triton kernel (tensor-core dots),
+        return ("triton", "xla")  # the same on every NVIDIA GPU from SM80; no Mosaic GPU kernel
     if major in (8, 12):  # Ampere/Ada, consumer Blackwell (no wgmma, no tcgen05): portable kernels
         return ("triton", "xla")
     if major == 9:
@@ -95,14 +97,19 @@ def preferences(device: Device, op: str = "decode", B: int | None = None,
 
 
 def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = None,
-            V: int | None = None) -> str | None:
-    """None when `backend` can run `op` with T tokens (head dims K, V where known) on `device`,
-    else the reason it cannot."""
+            V: int | None = None, mode: str | None = None) -> str | None:
+    """None when `backend` can run `op` with T tokens (head dims K, V where known; verify and
+    decode in `mode`) on `device`, else the reason it cannot."""
     if backend == "xla":
         return None
     if op not in KERNEL_OPS:
         return f"{op} has no {backend} kernel"
-    if T > kernels.MAX_T:
+    if mode == "ring":
+        if T > kernels.RING_MAX_T:
+            return f"the ring kernel takes T <= {kernels.RING_MAX_T}, got T = {T}"
+        if backend == "mosaic":
+            return "there is no Mosaic GPU kernel for ring mode (its kernel is Triton's)"
+    elif T > kernels.MAX_T:
         return f"the kernels take T <= {kernels.MAX_T}, got T = {T}"
     if backend == "interpret":
         return None
@@ -140,7 +147,8 @@ def select(op: str, *, dims: kernels.Dims | None = None, dtypes: kernels.Dtypes 
     dtypes: the call's storage dtypes (`kernels.Dtypes`; default: bf16 throughout). With dims,
             a backend whose kernel cannot take the call's whole shape (the SMEM a Mosaic GPU
             tile needs, `kernels.mosaic_misfit`) is passed over, or refused if forced.
-    mode:   verify's mode, "replay" | "intermediate".
+    mode:   verify's mode, "replay" | "intermediate" | "ring" (decode: "ring" on a ring-mode
+            state, else None).
     """
     if dims is not None:
         T, K, V, B = dims.T, dims.K, dims.V, dims.B
@@ -165,7 +173,7 @@ def select(op: str, *, dims: kernels.Dims | None = None, dtypes: kernels.Dtypes 
                       B=B if B is not None else 1, V=V if V is not None else 128, mode=mode)
 
     def reason(name):
-        why = why_not(name, dev, op, T, K=K, V=V)
+        why = why_not(name, dev, op, T, K=K, V=V, mode=mode)
         if why or name != "mosaic" or dims is None:
             return why
         return kernels.mosaic_misfit(mode or "decode", dims, dtypes, config(name))
@@ -196,7 +204,8 @@ def describe_dispatch(device=None) -> str:
     dev = Device.of(device)
     lines = [f"gdn_jax dispatch on {dev}:"]
     rows = (("decode", 1, 1, None), ("decode", 1, _LARGE_BATCH, None), ("verify", 4, None, "replay"),
-            ("verify", 4, None, "intermediate"), ("flush", 1, None, None), ("commit", 1, None, None),
+            ("verify", 4, None, "intermediate"), ("verify", 4, None, "ring"),
+            ("decode", 1, None, "ring"), ("flush", 1, None, None), ("commit", 1, None, None),
             ("reset", 1, None, None), ("prefill", 512, None, None))
     for op, T, B, mode in rows:
         choice = select(op, T=T, B=B, mode=mode, device=device)
@@ -221,6 +230,14 @@ _TUNING = {
     ("verify", "float32", False): (8, 1),    # replay 3+4: 83.8 us at B = 32
 }
 _LARGE_BATCH = 128
+# The ring kernel (kernels/ring.py), decode and verify: block_v, num_warps. Keyed by (state
+# dtype, large batch).
+_RING_TUNING = {
+    ("bfloat16", True): (64, 4),
+    ("bfloat16", False): (64, 4),
+    ("float32", True): (64, 4),
+    ("float32", False): (64, 4),
+}
 _DEFAULT_DTYPES = kernels.Dtypes(*(jnp.dtype(jnp.bfloat16),) * 3)
 
 # Mosaic GPU kernels (kernels/decode_mgpu.py, verify_mgpu.py): block_v, tiles_per_cta, stages,
@@ -250,6 +267,9 @@ def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
     `kernels.TuningConfig` for the Triton kernels (and the interpreter), a `kernels.MosaicConfig`
     for the Mosaic GPU ones."""
     large = B >= _LARGE_BATCH
+    if mode == "ring":
+        block_v, num_warps = _RING_TUNING[(jnp.dtype(state_dtype).name, large)]
+        return kernels.TuningConfig(min(block_v, V), num_warps, num_stages=1)
     if backend == "mosaic":
         key_op = "verify_intermediate" if op == "verify" and mode == "intermediate" else op
         block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name, large)]

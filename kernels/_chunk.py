@@ -1,0 +1,156 @@
+"""The matrix (WY) form of the gated delta rule over a short run of tokens, on one program's tile.
+
+Pure array functions (no refs): the ring kernel's math, also run as plain JAX in the tests. A run
+is a ring of W committed tokens (R) followed by TP new tokens (N), both from the state S0 [BV, K]
+(rows: a block of V, columns: K). Dead tokens (ring entries past the committed count, new rows
+past T) enter with a zero key scale, g = 0 and beta = 0: an exact identity step.
+
+Keys and queries enter raw (the input dtype) with their l2-norm scales apart, so every product
+with the state, `raw @ S0^T`, is exact on tensor cores for a bf16 pool and bf16 inputs (the
+product of two bf16 numbers is exact in the fp32 accumulator). The token-by-token recurrence
+over the run is, with G the inclusive cumulative log decay and k_i = rk_i kraw_i:
+
+    A = strict_lower(beta_i k_i . k_j exp(G_i - G_j)),  X = (I + A)^-1
+    v_new = X (beta v - beta exp(G) k S0^T)                    the delta rule's corrected values
+    o_i = exp(G_i) q_i S0^T + sum_{j <= i} (q_i . k_j) exp(G_i - G_j) v_new_j
+    S_R = exp(G_W) S0 + sum_{j in R} exp(G_W - G_j) v_new_j k_j^T   (the fold of the ring)
+
+X is block lower triangular in (R, N): X_RR and X_NN by substitution, X_NR = -X_NN A_NR X_RR.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+from jax import lax
+
+from ._recurrence import L2NORM_EPS
+
+_F32 = jnp.float32
+_HI = lax.Precision.HIGHEST
+
+
+class Precisions(NamedTuple):
+    """How the products run: `p16` for operands of one 16-bit dtype (exact products, fp32
+    accumulation), `p32` for fp32 operands. Each is a jax precision or a `lax.DotAlgorithmPreset`
+    (the Triton lowering maps BF16_BF16_F32 to the tensor cores, TF32_TF32_F32_X3 to three TF32
+    passes, F32_F32_F32 to exact fp32 FMAs); the interpreter takes HIGHEST for both."""
+
+    p16: object = _HI
+    p32: object = _HI
+
+
+class Run(NamedTuple):
+    """One side of the run (the ring or the new tokens): M rows."""
+
+    k: object      # [M, K] raw keys (input dtype)
+    rk: object     # [M] fp32 key scale (l2-norm; 0 for a dead row)
+    v: object      # [M, BV] fp32 values
+    g: object      # [M] fp32 log decay (0 for a dead row)
+    beta: object   # [M] fp32 (0 for a dead row)
+
+
+def rsqrt_norm(x):
+    """[M, K] -> [M] fp32: rsqrt(sum(x^2) + eps) per row (the l2-norm scale)."""
+    x = x.astype(_F32)
+    return lax.rsqrt(jnp.sum(x * x, axis=1) + L2NORM_EPS)
+
+
+def _col(x, shape):  # x[i] along rows
+    return lax.broadcast_in_dim(x, shape, (0,))
+
+
+def _row(x, shape):  # x[j] along columns
+    return lax.broadcast_in_dim(x, shape, (1,))
+
+
+def _iotas(m, n):
+    return (lax.broadcasted_iota(jnp.int32, (m, n), 0), lax.broadcasted_iota(jnp.int32, (m, n), 1))
+
+
+def dot(a, b, prec: Precisions, *, trans_b=False, trans_a=False):
+    """a @ b (a^T, b^T as asked) with an fp32 result. Operands of one 16-bit dtype run at
+    prec.p16; anything else is cast to fp32 and runs at prec.p32."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
+    if a.dtype == b.dtype and jnp.dtype(a.dtype).itemsize == 2:
+        precision = prec.p16
+    else:
+        a, b, precision = a.astype(_F32), b.astype(_F32), prec.p32
+    return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
+
+
+def unit_lower_inverse(A):
+    """(I + A)^-1 for A [M, M] fp32 strictly lower triangular, by forward substitution: row i of
+    the inverse is e_i - sum_{j < i} A[i, j] row_j (rows extracted with masks: a register tile
+    has no dynamic indexing)."""
+    M = A.shape[0]
+    rows, cols = _iotas(M, M)
+    X = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
+
+    def step(i, X):
+        a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0)        # [M]: A[i, j] over j
+        x_i = -jnp.sum(_col(a_i, (M, M)) * X, axis=0)              # -sum_j A[i, j] X[j, :]
+        x_i = x_i + jnp.where(cols[0] == i, 1.0, 0.0)
+        return jnp.where(rows == i, _row(x_i, (M, M)), X)
+
+    return lax.fori_loop(1, M, step, X)
+
+
+def _decayed(gram, scale_i, scale_j, G_i, G_j, mask):
+    """gram[i, j] * scale_i * scale_j * exp(G_i - G_j) where mask, else 0 (masked before exp: the
+    other triangle's exponents are positive and could overflow)."""
+    shape = gram.shape
+    diff = jnp.where(mask, _col(G_i, shape) - _row(G_j, shape), 0.0)
+    out = gram * _col(scale_i, shape) * _row(scale_j, shape) * jnp.exp(diff)
+    return jnp.where(mask, out, 0.0)
+
+
+def ring_then_tokens(S0, ring: Run, new: Run, q, rq, prec: Precisions):
+    """Outputs of the new tokens after the ring, and what the ring's fold needs.
+
+    S0: [BV, K] the state tile (the pool's dtype, or fp32); ring: W rows; new: TP rows;
+    q: [TP, K] raw queries (input dtype), rq: [TP] fp32 (l2-norm scale times K**-0.5; 0 for dead
+    rows). Returns (o [TP, BV] fp32, v_new of the ring [W, BV] fp32, G of the
+    ring [W] fp32, its total log decay (scalar)).
+    """
+    W, TP = ring.k.shape[0], new.k.shape[0]
+    GR = jnp.cumsum(ring.g)
+    g_tot = jnp.sum(ring.g)
+    GN = g_tot + jnp.cumsum(new.g)
+
+    # Gram matrices of raw keys / queries: one dtype, exact for bf16 and fp16 inputs.
+    gram = lambda x, y: dot(x, y, prec, trans_b=True)
+    rr_rows, rr_cols = _iotas(W, W)
+    nn_rows, nn_cols = _iotas(TP, TP)
+    every = jnp.ones((TP, W), bool)
+    A_RR = _decayed(gram(ring.k, ring.k), ring.beta * ring.rk, ring.rk, GR, GR, rr_cols < rr_rows)
+    A_NR = _decayed(gram(new.k, ring.k), new.beta * new.rk, ring.rk, GN, GR, every)
+    A_NN = _decayed(gram(new.k, new.k), new.beta * new.rk, new.rk, GN, GN, nn_cols < nn_rows)
+    X_RR, X_NN = unit_lower_inverse(A_RR), unit_lower_inverse(A_NN)
+    X_NR = -dot(X_NN, dot(A_NR, X_RR, prec), prec)
+
+    # The one product with the state: [k_R; k_N; q] @ S0^T (three dots of one operand).
+    state = lambda x: dot(x, S0, prec, trans_b=True)
+    P_R, P_N, P_Q = state(ring.k), state(new.k), state(q)
+
+    def corrected(run: Run, G, P):  # beta v - beta exp(G) k S0^T, per row
+        shape = P.shape
+        return (_col(run.beta, shape) * run.v
+                - _col(run.beta * jnp.exp(G) * run.rk, shape) * P)
+
+    Z_R, Z_N = corrected(ring, GR, P_R), corrected(new, GN, P_N)
+    v_R = dot(X_RR, Z_R, prec)
+    v_N = dot(X_NR, Z_R, prec) + dot(X_NN, Z_N, prec)
+
+    M_QR = _decayed(gram(q, ring.k), rq, ring.rk, GN, GR, every)
+    M_QN = _decayed(gram(q, new.k), rq, new.rk, GN, GN, nn_cols <= nn_rows)
+    o = (_col(jnp.exp(GN) * rq, P_Q.shape) * P_Q + dot(M_QR, v_R, prec) + dot(M_QN, v_N, prec))
+    return o, v_R, GR, g_tot
+
+
+def fold_ring(S0, ring: Run, v_R, GR, g_tot, prec: Precisions):
+    """The state after the ring: exp(G_W) S0 + sum_j exp(G_W - G_j) v_new_j k_j^T, [BV, K] fp32."""
+    weights = v_R * _col(jnp.exp(g_tot - GR) * ring.rk, v_R.shape)          # [W, BV]
+    update = dot(weights, ring.k, prec, trans_a=True)                       # [BV, K]
+    return jnp.exp(g_tot) * S0.astype(_F32) + update

@@ -1,0 +1,174 @@
+"""GDN verify (and decode) in ring mode: T tokens from the state and the slot's ring, in matrix form.
+
+The pool holds each slot's folded state; the ring (the candidate buffers, W entries) holds the
+raw inputs of `count[slot]` committed tokens not yet folded. One program per (row, value head, V
+block) reads its state tile once, runs the ring and then this call's T tokens in the WY form of
+`_chunk` (Gram matrices of the raw keys and queries, two triangular solves, one product of the
+state with the [k_ring; k_new; q] tile), and writes the T outputs. The pool is written only when
+the call folds: when count + reserve > W (this call's tokens would not fit after the committed
+ones), the ring's committed tokens are folded into the pool, in this same launch. The caller
+then appends the tokens to the ring (at 0 after a fold, else at count) and sets count (in XLA:
+other programs of the row still read the ring here).
+
+kernel body `_ring_kernel` -> launcher `_ring_call` -> public `verify_ring` (jitted, pool donated).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _chunk as ch
+from . import _common as cm
+from . import _recurrence as rec
+from ._pallas import TuningConfig, pallas_call
+
+_F32 = jnp.float32
+RING_MAX_T = 16  # the most tokens one ring call takes: the new-token tile's rows
+RING_MIN = 16  # the smallest ring (W): matrix operands have >= 16 rows on the tensor cores
+_TILE = RING_MAX_T
+
+# Tensor cores for every product (exact for 16-bit operands, three TF32 passes for fp32 ones:
+# about fp32's accuracy); the interpreter runs them at HIGHEST.
+_GPU = ch.Precisions(p16=lax.DotAlgorithmPreset.BF16_BF16_F32,
+                     p32=lax.DotAlgorithmPreset.TF32_TF32_F32_X3)
+_GPU_F16 = _GPU._replace(p16=lax.DotAlgorithmPreset.F16_F16_F32)
+
+
+def _select_rows(rows, t, x, tile):
+    """tile with row t replaced by the vector x."""
+    return jnp.where(rows == t, lax.broadcast_in_dim(x, tile.shape, (1,)), tile)
+
+
+def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref,
+                 dt_bias_ref, cand_k_ref, cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref,
+                 o_ref, pool_out_ref, *, num_slots, ring, group, block_v, T, reserve, prec):
+    # pool_ref / pool_out_ref: [num_slots, HV, V, K], the same buffer (aliased); o_ref: [B, T, HV, V]
+    tok = cm.TokenRefs(q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref)
+    pend = cm.PendingRefs(count_ref, cand_k_ref, cand_v_ref, cand_g_ref, cand_beta_ref)
+    r = cm.this_row(slots_ref, num_slots=num_slots, group=group, block_v=block_v)
+    K = q_ref.shape[-1]
+
+    @pl.when(r.valid)
+    def _():
+        n = cm.pending_count(pend, r, ring, num_slots)
+        live = lax.broadcasted_iota(jnp.int32, (ring,), 0) < n
+        kR = cand_k_ref[r.slot, :, r.hk, :]                               # [W, K] raw
+        rR = jnp.where(live, ch.rsqrt_norm(kR), 0.0)
+        vR = jnp.where(lax.broadcast_in_dim(live, (ring, block_v), (0,)),
+                       cand_v_ref[r.slot, :, r.hv, r.cols].astype(_F32), 0.0)
+        ring_run = ch.Run(kR, rR, vR, jnp.where(live, cand_g_ref[r.slot, :, r.hv], 0.0),
+                          jnp.where(live, cand_beta_ref[r.slot, :, r.hv], 0.0))
+
+        # This call's tokens, one row each of the [_TILE, ...] tiles (rows T..: dead).
+        rows_k = lax.broadcasted_iota(jnp.int32, (_TILE, K), 0)
+        rows_v = lax.broadcasted_iota(jnp.int32, (_TILE, block_v), 0)
+        idx = lax.broadcasted_iota(jnp.int32, (_TILE,), 0)
+        qN = jnp.zeros((_TILE, K), q_ref.dtype)
+        kN = jnp.zeros((_TILE, K), k_ref.dtype)
+        vN = jnp.zeros((_TILE, block_v), _F32)
+        zero = jnp.zeros((_TILE,), _F32)
+        rq, rk, gN, bN = zero, zero, zero, zero
+        for t in range(T):
+            q_t, k_t = q_ref[r.b, t, r.hk, :], k_ref[r.b, t, r.hk, :]
+            qN, kN = _select_rows(rows_k, t, q_t, qN), _select_rows(rows_k, t, k_t, kN)
+            vN = _select_rows(rows_v, t, v_ref[r.b, t, r.hv, r.cols].astype(_F32), vN)
+            q32, k32 = q_t.astype(_F32), k_t.astype(_F32)
+            g, beta = rec.gates(a_ref[r.b, t, r.hv].astype(_F32), b_ref[r.b, t, r.hv].astype(_F32),
+                                A_log_ref[r.hv].astype(_F32), dt_bias_ref[r.hv].astype(_F32))
+            at = idx == t
+            rq = jnp.where(at, lax.rsqrt(jnp.sum(q32 * q32) + rec.L2NORM_EPS) * K ** -0.5, rq)
+            rk = jnp.where(at, lax.rsqrt(jnp.sum(k32 * k32) + rec.L2NORM_EPS), rk)
+            gN, bN = jnp.where(at, g, gN), jnp.where(at, beta, bN)
+        new_run = ch.Run(kN, rk, vN, gN, bN)
+
+        S0 = pool_ref[r.slot, r.hv, r.cols, :]                            # [BV, K], pool dtype
+        if S0.dtype != kR.dtype:  # mixed dtypes: the state products run in fp32
+            S0 = S0.astype(_F32)
+        o, v_R, GR, g_tot = ch.ring_then_tokens(S0, ring_run, new_run, qN, rq, prec)
+        for t in range(T):
+            o_t = jnp.sum(jnp.where(rows_v == t, o, 0.0), axis=0)
+            o_ref[r.b, t, r.hv, r.cols] = o_t.astype(o_ref.dtype)
+
+        @pl.when((n > 0) & (n + reserve > ring))
+        def _():
+            cm.store_state(pool_out_ref, r, ch.fold_ring(S0, ring_run, v_R, GR, g_tot, prec))
+
+    @pl.when(jnp.logical_not(r.valid))
+    def _():
+        for t in range(T):
+            o_ref[r.b, t, r.hv, r.cols] = jnp.zeros((block_v,), o_ref.dtype)
+
+
+def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: int, *args):
+    B, T, H, HV, K, V, N, ring = dims
+    q, pool = args[2], args[-1]  # args: (slots, count, q, ..., pool)
+    if interpret:
+        prec = ch.Precisions()
+    else:
+        prec = _GPU_F16 if jnp.dtype(q.dtype) == jnp.float16 else _GPU
+    kernel = functools.partial(_ring_kernel, num_slots=N, ring=ring, group=HV // H,
+                               block_v=config.block_v, T=T, reserve=reserve, prec=prec)
+    return pallas_call(
+        kernel,
+        name=f"gdn_verify_ring{ring}_t{T}_bv{config.block_v}_w{config.num_warps}",
+        config=config,
+        interpret=interpret,
+        grid=(B, HV, V // config.block_v),
+        out_shape=(jax.ShapeDtypeStruct((B, T, HV, V), q.dtype),
+                   jax.ShapeDtypeStruct(pool.shape, pool.dtype)),
+        input_output_aliases={len(args) - 1: 1},
+    )(*args)
+
+
+@functools.partial(jax.jit, static_argnames=("reserve", "config", "interpret"),
+                   donate_argnames=("pool",))
+def verify_ring(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta, count,
+                slots, *, reserve: int, config: TuningConfig = TuningConfig(block_v=64),
+                interpret: bool = False):
+    """T tokens per row after the slot's ring of committed tokens (ring mode; decode is T = 1).
+
+    Args:
+      q, k:      [B, T, H, K] bf16 | fp16 | fp32, raw; T in 1..RING_MAX_T (16).
+      v:         [B, T, HV, V]; HV a multiple of H.
+      a, b:      [B, T, HV] raw gate inputs; A_log, dt_bias: [HV] (gating fused, as `decode`).
+      pool:      [num_slots, HV, V, K] bf16 | fp32, the folded state. Donated: updated in place.
+      cand_k:    [num_slots, W, H, K] the ring's raw keys, in k's dtype; W a power of two >= 16.
+      cand_v:    [num_slots, W, HV, V] in v's dtype.
+      cand_g, cand_beta: [num_slots, W, HV] fp32 (gating applied).
+      count:     [num_slots] int32: ring entries t < count[slot] are committed, not yet folded.
+      slots:     [B] int32 (negative or >= num_slots: padding; real slots distinct).
+      reserve:   ring entries this call's tokens will take (T_max for verify, 1 for decode):
+                 the call folds where count + reserve > W.
+      config:    `TuningConfig` (block_v >= 16 dividing V).
+
+    For each real row: o = the outputs of the T tokens run after the count[slot] committed ring
+    tokens from pool[slot]. Where count[slot] > 0 and count[slot] + reserve > W, pool[slot] :=
+    the state after the ring (rounded once); elsewhere the pool is not written. count and the
+    ring are only read: the caller appends this call's tokens and sets count.
+
+    Returns:
+      o:    [B, T, HV, V] in q's dtype (zeros for padding rows).
+      pool: the updated pool (same buffer when donated).
+    """
+    dims = cm.check_tokens("verify_ring", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
+                           cand_g, cand_beta, count, slots, t_lo=1, t_hi=RING_MAX_T)
+    ring = dims.t_max
+    if ring < RING_MIN or ring & (ring - 1):
+        raise ValueError(f"verify_ring: cand_k expected a ring of W entries, W a power of two "
+                         f">= {RING_MIN} ([num_slots, W, H, K]), got W = {ring}")
+    if not 1 <= reserve <= ring:
+        raise ValueError(f"verify_ring: reserve expected 1..W = {ring}, got {reserve}")
+    if cand_k.dtype != k.dtype or cand_v.dtype != v.dtype:
+        raise ValueError(f"verify_ring: cand_k, cand_v expected the dtypes of k, v "
+                         f"({k.dtype}, {v.dtype}), got {cand_k.dtype}, {cand_v.dtype}")
+    config.check_head_dim("verify_ring", dims.V)
+    if config.block_v < 16:
+        raise ValueError(f"verify_ring: block_v expected >= 16 (a matrix operand), got "
+                         f"{config.block_v}")
+    return _ring_call(dims, config, interpret, reserve, slots, count, q, k, v, a, b, A_log,
+                      dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
