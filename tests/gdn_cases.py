@@ -94,6 +94,39 @@ class OraclePool:
         return o, S, states, S0
 
 
+class RingMirror:
+    """float64 mirror of a ring-mode GDNState."""
+
+    def __init__(self, st: GDNState):
+        self.W = st.ring_size
+        self.true = f64(st.pool).copy()   # the state with the committed ring tokens applied
+        self.pool = f64(st.pool).copy()   # what the pool holds (the state at the last fold)
+        self.count = np.asarray(st.count).astype(int)
+        assert not self.count.any(), "the mirror starts from an empty ring"
+        self.pending = {}                 # slot -> states after each of the last call's tokens
+
+    def call(self, slot, tok, row, reserve, decode=False):
+        """A verify (or decode) on `slot`: (o [T, HV, V] float64, folded: bool)."""
+        folded = self.count[slot] + reserve > self.W
+        if folded:
+            if self.count[slot]:
+                self.pool[slot] = self.true[slot]
+            self.count[slot] = 0
+        g, beta = tok.gates64()
+        o, S, states = oracle.run(self.true[slot], f64(tok.q[row]), f64(tok.k[row]),
+                                  f64(tok.v[row]), g[row], beta[row])
+        if decode:
+            self.true[slot], self.count[slot] = S, self.count[slot] + 1
+        else:
+            self.pending[slot] = states
+        return o, folded
+
+    def commit(self, slot, n):
+        if n:
+            self.true[slot] = self.pending[slot][n - 1]
+        self.count[slot] += n
+
+
 def rel_err(x, ref):
     """max |x - ref| / max |ref|: the normwise relative error the tolerances are stated in."""
     x, ref = f64(x), np.asarray(ref, np.float64)
