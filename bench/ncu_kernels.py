@@ -23,6 +23,11 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
   intermediate T    nothing pending, T states written
   mosaic replay3+T, mosaic intermediate T
                     the same through kernels/verify_mgpu.py, with dispatch's Mosaic tuning
+  ring T, ring-decode  (--ring) ring mode through the jitted op (gdn_jax.ops.verify / decode on a
+                    ring-mode state, the ring kernel plus its XLA appends), ring W = 16 (T <= 8)
+                    or 32 (T = 16): verify in three phases: fold 20% (committed counts uniform
+                    over 0..W - T, a fifth of the rows past it, folding), fold 0% and fold 100%;
+                    decode in its steady state (counts uniform over 1..W: one row in W folds)
   fla T             fla's fused_recurrent_gated_delta_rule over T tokens from a state of the pool's
                     dtype (it writes its final state in fp32), batch-indexed, no slots
   fla-jax T         the same Triton kernel, the same flags and inputs, launched from a jitted JAX
@@ -63,6 +68,8 @@ METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
 def cases(args):
     if args.sweep:
         return sweep_cases()
+    if args.sweep_ring:
+        return sweep_ring_cases(tuple(int(x) for x in args.sweep_batches.split(",")))
     if args.sweep_mosaic:
         return sweep_mosaic_cases(tuple(args.sweep_mosaic.split(",")),
                                   tuple(int(x) for x in args.sweep_batches.split(",")))
@@ -78,6 +85,13 @@ def cases(args):
                     out.append(dict(impl="gdn", op=op, B=B, T=T, dtype=dtype))
                     if args.mosaic:
                         out.append(dict(impl="mosaic", op=op, B=B, T=T, dtype=dtype))
+            if args.ring:
+                out.append(dict(impl="gdn", op="ring-decode", B=B, T=1, dtype=dtype,
+                                ring=16, fold_share=1 / 16))
+                for T in args.tokens:
+                    for share in RING_FOLD_SHARES:
+                        out.append(dict(impl="gdn", op="ring", B=B, T=T, dtype=dtype,
+                                        ring=32 if T > 8 else 16, fold_share=share))
             for impl in ("fla",) * args.fla + ("fla-jax",) * args.fla_jax:
                 for T in (1,) + tuple(args.tokens):
                     out.append(dict(impl=impl, op="fla", B=B, T=T, dtype=dtype))
@@ -91,6 +105,15 @@ def cases(args):
     if args.impls:
         out = [c for c in out if c["impl"] in args.impls]
     return out
+
+
+def sweep_ring_cases(batches=(32, 256)):
+    """Tuning sweep of the ring kernel: block_v x num_warps, verify T = 4 at fold 20%, both
+    state dtypes."""
+    return [dict(impl="gdn", op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2,
+                 block_v=bv, num_warps=w, num_stages=1)
+            for dtype in ("bfloat16", "float32") for B in batches
+            for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
 
 
 def sweep_cases():
@@ -142,6 +165,12 @@ def byte_model(c):
         return 2 * state + tokens + pend
     if c["op"] == "fla":  # reads the state in its dtype, writes fp32
         return state + B * HV * V * K * 4 + tokens
+    if c["op"] in ("ring", "ring-decode") and c["impl"] == "gdn":
+        # state read, the committed ring entries read (raw k in H heads, v, g and beta), T
+        # entries appended, the folding rows' state written
+        entry = H * K * 2 + HV * V * 2 + HV * 8
+        return (state + B * c["mean_fill"] * entry + B * T * entry + c["fold_share"] * state
+                + tokens)
     if c["op"] == "ring":  # state read, ring window read, T entries appended, folding rows' state
         entry = H * K * 2 + HV * V * 2 + HV * 4  # normalised k, corrected u (bf16), log decay (fp32)
         return (state + B * c["mean_fill"] * entry + B * T * entry + c["fold_share"] * state
@@ -230,6 +259,74 @@ def _flashinfer_case(c, fi, rng):
     return lambda: fi.ring_verify(x, pool, slots, rings, hist, base)
 
 
+def ring_counts(rng, B, W, reserve, fold_share):
+    """Committed counts in a ring-mode steady state: a share of the rows folds (count past
+    W - reserve), the rest spread uniformly over 0..W - reserve."""
+    import numpy as np
+
+    folding = rng.random(B) < fold_share
+    if fold_share in (0.0, 1.0):
+        folding[:] = fold_share == 1.0
+    low = rng.integers(1 if reserve == 1 else 0, W - reserve + 1, B)
+    high = rng.integers(W - reserve + 1, W + 1, B)
+    return np.where(folding, high, low).astype(np.int32)
+
+
+def _ring_case(c, args, mark, rng, mk, toks):
+    """A ring-mode case through the jitted op, the state donated; the counts are set to the
+    phase's before every call (so the phase holds), the ring holds random committed tokens."""
+    import jax
+    import jax.numpy as jnp
+
+    from gdn_jax import kernels, ops
+    from gdn_jax.ops import dispatch
+
+    B, T, W, dtype = c["B"], c["T"], c["ring"], jnp.dtype(c["dtype"])
+    decode = c["op"] == "ring-decode"
+    st = ops.GDNState.create(B, H, HV, K, V, max(T, 4), dtype=dtype, input_dtype=jnp.bfloat16,
+                             commit_mode="ring", ring_size=W)
+    st = st.replace(pool=(0.3 * jax.random.normal(jax.random.key(1), st.pool.shape)).astype(dtype),
+                    cand_k=mk(B, W, H, K), cand_v=mk(B, W, HV, V),
+                    cand_g=jnp.full((B, W, HV), -0.05, jnp.float32),
+                    cand_beta=jnp.full((B, W, HV), 0.5, jnp.float32))
+    counts = ring_counts(rng, B, W, 1 if decode else st.t_max, c["fold_share"])
+    c["mean_fill"] = float(counts.mean())
+    count = jnp.asarray(counts)
+    slots = jnp.arange(B, dtype=jnp.int32)[jnp.asarray(rng.permutation(B))]
+    if "block_v" in c:
+        choice = dispatch.Choice("triton", kernels.TuningConfig(c["block_v"], c["num_warps"]))
+        backend = None
+    else:
+        choice = None
+        c.update(dataclasses.asdict(dispatch.tuning("verify", state_dtype=dtype, B=B, V=V,
+                                                    mode="ring")))
+        backend = "triton"
+
+    def call(st, count):
+        st = st.replace(count=count)
+        if choice is not None:  # a swept config: the op's kernel path with that config
+            from gdn_jax.ops import _pallas
+            o, st = _pallas.ring(*toks, st, slots, reserve=1 if decode else st.t_max,
+                                 choice=choice)
+        elif decode:
+            o, st = ops.decode(*toks, st, slots, backend=backend)
+        else:
+            o, st, _ = ops.verify(*toks, st, slots, backend=backend)
+        return st, o
+
+    f = jax.jit(call, donate_argnums=0)
+    try:
+        st, _ = jax.block_until_ready(f(st, count))
+    except Exception as e:  # noqa: BLE001 - a config that does not compile: record, go on
+        c["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        return
+    _profiler(True)
+    for _ in range(args.reps):
+        mark()
+        st, _ = jax.block_until_ready(f(st, count))
+    _profiler(False)
+
+
 def _profiler(on: bool):
     """cudaProfilerStart/Stop: ncu runs with --profile-from-start off, so only these launches."""
     import torch
@@ -301,6 +398,10 @@ def worker(args):
                 mark()
                 jax.block_until_ready(f(*fargs))
             _profiler(False)
+            results.append(c)
+            continue
+        if c["op"] in ("ring", "ring-decode"):
+            _ring_case(c, args, mark, rng, mk, (q, k, v, a, b, A_log, dt))
             results.append(c)
             continue
         st = ops.GDNState.create(B, H, HV, K, V, 8, dtype=dtype, input_dtype=jnp.bfloat16)
@@ -416,7 +517,13 @@ def main(argv=None):
                         "stages) for OPS, comma-separated of decode, replay, intermediate, "
                         "instead of the standard cases")
     p.add_argument("--sweep-batches", default="32,256",
-                   help="B values of --sweep-mosaic, comma-separated (default 32,256)")
+                   help="B values of --sweep-mosaic and --sweep-ring, comma-separated "
+                        "(default 32,256)")
+    p.add_argument("--ring", action="store_true",
+                   help="also profile ring mode (verify in three fold phases, decode's cycle)")
+    p.add_argument("--sweep-ring", action="store_true",
+                   help="tuning sweep of the ring kernel (block_v x num_warps) instead of the "
+                        "standard cases")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
@@ -463,7 +570,8 @@ def main(argv=None):
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps),
            "--dtypes", ",".join(args.dtypes)] + ["--impls", ",".join(args.impls)] * bool(args.impls)
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
-    cmd += ["--flashinfer"] * args.flashinfer
+    cmd += ["--flashinfer"] * args.flashinfer + ["--ring"] * args.ring
+    cmd += ["--sweep-ring", "--sweep-batches", args.sweep_batches] * args.sweep_ring
     if args.batches:
         cmd += ["--batches", ",".join(map(str, args.batches))]
     cmd += ["--no-mosaic"] * (not args.mosaic)
