@@ -80,21 +80,22 @@ def dot(a, b, prec: Precisions, *, trans_b=False, trans_a=False):
     return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=_F32)
 
 
-def unit_lower_inverse(A):
-    """(I + A)^-1 for A [M, M] fp32 strictly lower triangular, by forward substitution: row i of
-    the inverse is e_i - sum_{j < i} A[i, j] row_j (rows extracted with masks: a register tile
-    has no dynamic indexing)."""
+def unit_lower_inverse(A, prec: Precisions):
+    """(I + A)^-1 for A [M, M] fp32 strictly lower triangular, M a power of two: the blocked
+    recursive inversion with matrix products only. With D_b the block-diagonal inverse of
+    blocks of size b (D_1 = I), D_2b = D_b - D_b E_b D_b, E_b the entries of A in the lower-left
+    b x b block of each 2b x 2b diagonal block ([[X11, 0], [L21, X22]]^-1 has the lower-left
+    block -X22 L21 X11). Masks stand in for block slices (a register tile has no slicing)."""
     M = A.shape[0]
     rows, cols = _iotas(M, M)
-    X = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
-
-    def step(i, X):
-        a_i = jnp.sum(jnp.where(rows == i, A, 0.0), axis=0)        # [M]: A[i, j] over j
-        x_i = -jnp.sum(_col(a_i, (M, M)) * X, axis=0)              # -sum_j A[i, j] X[j, :]
-        x_i = x_i + jnp.where(cols[0] == i, 1.0, 0.0)
-        return jnp.where(rows == i, _row(x_i, (M, M)), X)
-
-    return lax.fori_loop(1, M, step, X)
+    D = jnp.where(rows == cols, 1.0, 0.0).astype(_F32)
+    b = 1
+    while b < M:
+        lower_left = ((rows // (2 * b)) == (cols // (2 * b))) & ((rows // b) % 2 == 1) & (
+            (cols // b) % 2 == 0)
+        D = D - dot(D, dot(jnp.where(lower_left, A, 0.0), D, prec), prec)
+        b *= 2
+    return D
 
 
 def _decayed(gram, scale_i, scale_j, G_i, G_j, mask):
@@ -127,7 +128,7 @@ def ring_then_tokens(S0, ring: Run, new: Run, q, rq, prec: Precisions):
     A_RR = _decayed(gram(ring.k, ring.k), ring.beta * ring.rk, ring.rk, GR, GR, rr_cols < rr_rows)
     A_NR = _decayed(gram(new.k, ring.k), new.beta * new.rk, ring.rk, GN, GR, every)
     A_NN = _decayed(gram(new.k, new.k), new.beta * new.rk, new.rk, GN, GN, nn_cols < nn_rows)
-    X_RR, X_NN = unit_lower_inverse(A_RR), unit_lower_inverse(A_NN)
+    X_RR, X_NN = unit_lower_inverse(A_RR, prec), unit_lower_inverse(A_NN, prec)
     X_NR = -dot(X_NN, dot(A_NR, X_RR, prec), prec)
 
     # The one product with the state: [k_R; k_N; q] @ S0^T (three dots of one operand).

@@ -47,7 +47,8 @@ def _select_rows(rows, t, x, tile):
 def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref,
                  dt_bias_ref, cand_k_ref, cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref,
                  o_ref, pool_out_ref, *, num_slots, ring, group, block_v, T, reserve, prec):
-    # pool_ref / pool_out_ref: [num_slots, HV, V, K], the same buffer (aliased); o_ref: [B, T, HV, V]
+    # pool_ref / pool_out_ref: [num_slots, HV, V, K], the same buffer (aliased);
+    # o_ref: [B, _TILE, HV, V], the whole token tile (rows T..: dead tokens)
     tok = cm.TokenRefs(q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref)
     pend = cm.PendingRefs(count_ref, cand_k_ref, cand_v_ref, cand_g_ref, cand_beta_ref)
     r = cm.this_row(slots_ref, num_slots=num_slots, group=group, block_v=block_v)
@@ -71,28 +72,24 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
         qN = jnp.zeros((_TILE, K), q_ref.dtype)
         kN = jnp.zeros((_TILE, K), k_ref.dtype)
         vN = jnp.zeros((_TILE, block_v), _F32)
-        zero = jnp.zeros((_TILE,), _F32)
-        rq, rk, gN, bN = zero, zero, zero, zero
+        gN = bN = jnp.zeros((_TILE,), _F32)
         for t in range(T):
-            q_t, k_t = q_ref[r.b, t, r.hk, :], k_ref[r.b, t, r.hk, :]
-            qN, kN = _select_rows(rows_k, t, q_t, qN), _select_rows(rows_k, t, k_t, kN)
+            qN = _select_rows(rows_k, t, q_ref[r.b, t, r.hk, :], qN)
+            kN = _select_rows(rows_k, t, k_ref[r.b, t, r.hk, :], kN)
             vN = _select_rows(rows_v, t, v_ref[r.b, t, r.hv, r.cols].astype(_F32), vN)
-            q32, k32 = q_t.astype(_F32), k_t.astype(_F32)
             g, beta = rec.gates(a_ref[r.b, t, r.hv].astype(_F32), b_ref[r.b, t, r.hv].astype(_F32),
                                 A_log_ref[r.hv].astype(_F32), dt_bias_ref[r.hv].astype(_F32))
-            at = idx == t
-            rq = jnp.where(at, lax.rsqrt(jnp.sum(q32 * q32) + rec.L2NORM_EPS) * K ** -0.5, rq)
-            rk = jnp.where(at, lax.rsqrt(jnp.sum(k32 * k32) + rec.L2NORM_EPS), rk)
-            gN, bN = jnp.where(at, g, gN), jnp.where(at, beta, bN)
+            gN, bN = jnp.where(idx == t, g, gN), jnp.where(idx == t, beta, bN)
+        real = idx < T
+        rq = jnp.where(real, ch.rsqrt_norm(qN) * K ** -0.5, 0.0)
+        rk = jnp.where(real, ch.rsqrt_norm(kN), 0.0)
         new_run = ch.Run(kN, rk, vN, gN, bN)
 
         S0 = pool_ref[r.slot, r.hv, r.cols, :]                            # [BV, K], pool dtype
         if S0.dtype != kR.dtype:  # mixed dtypes: the state products run in fp32
             S0 = S0.astype(_F32)
         o, v_R, GR, g_tot = ch.ring_then_tokens(S0, ring_run, new_run, qN, rq, prec)
-        for t in range(T):
-            o_t = jnp.sum(jnp.where(rows_v == t, o, 0.0), axis=0)
-            o_ref[r.b, t, r.hv, r.cols] = o_t.astype(o_ref.dtype)
+        o_ref[r.b, :, r.hv, r.cols] = o.astype(o_ref.dtype)  # rows T..: dropped by the caller
 
         @pl.when((n > 0) & (n + reserve > ring))
         def _():
@@ -100,8 +97,7 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
 
     @pl.when(jnp.logical_not(r.valid))
     def _():
-        for t in range(T):
-            o_ref[r.b, t, r.hv, r.cols] = jnp.zeros((block_v,), o_ref.dtype)
+        o_ref[r.b, :, r.hv, r.cols] = jnp.zeros((_TILE, block_v), o_ref.dtype)
 
 
 def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: int, *args):
@@ -113,16 +109,19 @@ def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: in
         prec = _GPU_F16 if jnp.dtype(q.dtype) == jnp.float16 else _GPU
     kernel = functools.partial(_ring_kernel, num_slots=N, ring=ring, group=HV // H,
                                block_v=config.block_v, T=T, reserve=reserve, prec=prec)
-    return pallas_call(
+    o, pool = pallas_call(
         kernel,
         name=f"gdn_verify_ring{ring}_t{T}_bv{config.block_v}_w{config.num_warps}",
         config=config,
         interpret=interpret,
         grid=(B, HV, V // config.block_v),
-        out_shape=(jax.ShapeDtypeStruct((B, T, HV, V), q.dtype),
+        out_shape=(jax.ShapeDtypeStruct((B, _TILE, HV, V), q.dtype),
                    jax.ShapeDtypeStruct(pool.shape, pool.dtype)),
         input_output_aliases={len(args) - 1: 1},
     )(*args)
+    # The kernel stores its whole [_TILE, BV] output tile (a row-by-row store costs a reduction
+    # per row); the first T rows are this call's outputs.
+    return o[:, :T], pool
 
 
 @functools.partial(jax.jit, static_argnames=("reserve", "config", "interpret"),

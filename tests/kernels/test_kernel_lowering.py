@@ -17,7 +17,7 @@ import pytest
 
 from gdn_jax.kernels import (MosaicConfig, TuningConfig, _mgpu, decode, decode_mgpu, fold,
                              mosaic_unavailable, verify_intermediate, verify_intermediate_mgpu,
-                             verify_replay, verify_replay_mgpu)
+                             verify_replay, verify_replay_mgpu, verify_ring)
 
 pytestmark = pytest.mark.lowering
 
@@ -134,3 +134,21 @@ def test_verify_intermediate_mgpu_lowers_for_cuda(pool_dtype, T, kind, cuda_lowe
         text = _lower(verify_intermediate_mgpu, args, kind, cuda_lowering)
     assert MOSAIC_CALL in text and "tf.aliasing_output" not in text  # the pool is only read
     assert f"gdn_verify_intermediate_t{T}_mgpu_bv64_t2_s2" in text
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+@pytest.mark.parametrize("pool_dtype,in_dtype", [(jnp.bfloat16, jnp.bfloat16),
+                                                 (jnp.float32, jnp.bfloat16),
+                                                 (jnp.float32, jnp.float32)],
+                         ids=["bf16pool-bf16in", "f32pool-bf16in", "f32pool-f32in"])
+@pytest.mark.parametrize("T,ring", [(1, 16), (4, 16), (16, 32)])
+def test_ring_kernel_lowers_for_cuda(T, ring, pool_dtype, in_dtype, kind, cuda_lowering):
+    S = jax.ShapeDtypeStruct
+    pool = (S((NUM_SLOTS, HV, V, K), pool_dtype),
+            S((NUM_SLOTS, ring, H, K), in_dtype), S((NUM_SLOTS, ring, HV, V), in_dtype),
+            S((NUM_SLOTS, ring, HV), jnp.float32), S((NUM_SLOTS, ring, HV), jnp.float32),
+            S((NUM_SLOTS,), jnp.int32), S((B,), jnp.int32))
+    text = _lower(verify_ring, _token_args(T, in_dtype) + pool, kind, cuda_lowering,
+                  reserve=T, config=TuningConfig(64, 4))
+    assert TRITON_CALL in text
+    assert "tf.aliasing_output" in text or "jax.buffer_donor" in text
