@@ -568,7 +568,7 @@ def main(argv=None):
            "--csv", "--page", "raw", "--log-file", raw,
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps),
-           "--dtypes", ",".join(args.dtypes)] + ["--impls", ",".join(args.impls)] * bool(args.impls)
+           "--dtypes", ",".join(args.dtypes)] + (["--impls", ",".join(args.impls)] if args.impls else [])
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
     cmd += ["--flashinfer"] * args.flashinfer + ["--ring"] * args.ring
     cmd += ["--sweep-ring", "--sweep-batches", args.sweep_batches] * args.sweep_ring
