@@ -127,6 +127,19 @@ def test_greedy_matches_plain(model, plain, table, d, commit_mode):
     _assert_same_cache(out.cache, plain.cache, np.asarray(LENGTHS) + N_NEW - 1)
 
 
+@pytest.mark.parametrize("d", [1, 3])
+def test_greedy_matches_plain_in_ring_mode(model, plain, table, d):
+    """Ring commit mode: the GDN layers keep committed tokens in their rings (folding every few
+    rounds) and the tokens are plain decoding's. A broken ring raises acceptance rather than
+    lowering it, so the tokens are checked, not the accept length."""
+    out = gen(_oracle(model, table, "mixed"), PROMPTS, LENGTHS, num_draft=d,
+              max_new_tokens=N_NEW, commit_mode="ring")
+    np.testing.assert_array_equal(out.tokens, plain.tokens)
+    np.testing.assert_array_equal(out.lengths, [N_NEW] * 3)
+    assert out.cache.commit_mode == "ring"
+    assert 0 < out.accepted.sum() < d * out.row_rounds.sum()
+
+
 @pytest.mark.slow
 def test_greedy_real_mtp_head_matches_plain(model, plain):
     """The model's own (random) MTP head drafts: same output, same cache."""

@@ -8,12 +8,13 @@ read or written, as in `gdn_jax.ops`). Verify calls write their T tokens without
     k, v:    [num_slots, max_len, num_kv_heads, head_dim] in the compute dtype
     lengths: [num_slots] int32, tokens committed per slot (the next token's position)
 `GDNCache` (Gated DeltaNet layer):
-    state:   gdn_jax.ops.GDNState, pool [num_slots, HV, V, K] bf16 | fp32 (+ replay candidates)
+    state:   gdn_jax.ops.GDNState, pool [num_slots, HV, V, K] bf16 | fp32 (+ replay candidates,
+             or the ring of committed tokens in "ring" commit mode); it records the commit mode
     conv:    [num_slots, width - 1 + T_max, conv_dim] pre-conv [q | k | v] inputs; rows
              0..width-2 are the committed window; a verify writes window + its T inputs, and
              commit keeps rows n..n+width-2 (the window after n accepted tokens)
     inter:   [num_slots, T_max, HV, V, K] pool dtype, the per-token states of the last verify
-             ("intermediate" commit mode), or None ("replay" commit mode)
+             ("intermediate" commit mode), or None ("replay" and "ring" commit modes)
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class GDNCache:
             raise ValueError(f"GDNCache.create: commit_mode expected one of {COMMIT_MODES}, got "
                              f"{commit_mode!r}")
         state = GDNState.create(num_slots, num_k_heads, num_v_heads, head_k_dim, head_v_dim,
-                                t_max, dtype=state_dtype, input_dtype=dtype)
+                                t_max, dtype=state_dtype, input_dtype=dtype,
+                                commit_mode=commit_mode)
         channels = conv_dim(num_k_heads, head_k_dim, num_v_heads, head_v_dim)
         conv = jnp.zeros((num_slots, conv_kernel - 1 + t_max, channels), dtype)
         inter = None
@@ -102,7 +104,7 @@ class GDNCache:
 
     @property
     def commit_mode(self) -> str:
-        return "replay" if self.inter is None else "intermediate"
+        return self.state.commit_mode
 
     @property
     def num_slots(self) -> int:
@@ -125,8 +127,8 @@ def gdn_cache_specs(cache: GDNCache):
     head is split by head (pool and candidates on H / HV, the conv window on its tp-blocked
     channels, inter on HV); count is replicated."""
     head2 = P(None, None, TP)
-    state = GDNState(pool=P(None, TP), cand_k=head2, cand_v=head2, cand_g=head2,
-                     cand_beta=head2, count=P())
+    state = cache.state.replace(pool=P(None, TP), cand_k=head2, cand_v=head2, cand_g=head2,
+                                cand_beta=head2, count=P())
     return GDNCache(state=state, conv=head2, inter=None if cache.inter is None else head2)
 
 
