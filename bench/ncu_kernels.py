@@ -524,6 +524,13 @@ def main(argv=None):
     p.add_argument("--sweep-ring", action="store_true",
                    help="tuning sweep of the ring kernel (block_v x num_warps) instead of the "
                         "standard cases")
+    p.add_argument("--summarize", type=float, default=None, metavar="COPY_GBPS",
+                   help="only summarize an existing --out directory (its ncu_raw.csv and "
+                        "ncu_cases.json) with this copy bandwidth")
+    p.add_argument("--note", default=None, help="a note stored in the summary (--summarize)")
+    p.add_argument("--device", default=None,
+                   help="the device the cases ran on, and --jax its jax version (--summarize)")
+    p.add_argument("--jax", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
@@ -533,6 +540,9 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     if args.worker:
         return worker(args)
+    if args.summarize is not None:
+        return summarize(args.out, args.reps, args.summarize, note=args.note,
+                         device=args.device, jax_version=args.jax)
 
     import jax
     import torch
@@ -579,7 +589,18 @@ def main(argv=None):
         cmd += ["--sweep-mosaic", args.sweep_mosaic, "--sweep-batches", args.sweep_batches]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    with open(os.path.join(args.out, "ncu_cases.json")) as fh:
+    summarize(args.out, args.reps, bw, flashinfer=args.flashinfer)
+
+
+def summarize(out: str, reps: int, bw: float, *, flashinfer: bool = False,
+              note: str | None = None, device: str | None = None, jax_version: str | None = None):
+    """Map ncu's rows (out/ncu_raw.csv) to the cases the worker ran (out/ncu_cases.json), write
+    out/ncu_kernels.json and print the table. Also run alone (--summarize) on a directory whose
+    ncu run finished but whose parent did not (a runner call's time limit)."""
+    import jax
+
+    raw = os.path.join(out, "ncu_raw.csv")
+    with open(os.path.join(out, "ncu_cases.json")) as fh:
         done = json.load(fh)
     text = open(raw).read()
     rows = list(csv.DictReader(io.StringIO(text[text.index('"ID"'):])))
@@ -593,15 +614,15 @@ def main(argv=None):
             launches[-1].append(r)
     table = []
     ran = [c for c in done if "error" not in c]
-    if len(launches) != len(ran) * args.reps or not all(launches):
-        raise SystemExit(f"{len(launches)} marked launches for {len(ran)} cases x {args.reps} "
+    if len(launches) != len(ran) * reps or not all(launches):
+        raise SystemExit(f"{len(launches)} marked launches for {len(ran)} cases x {reps} "
                          "(or a launch without kernels): cannot map them; see ncu_raw.csv")
     for c in done:
         if "error" in c:
             table.append(c)
     val = lambda r, key: float(r[key].replace(",", ""))
     for i, c in enumerate(ran):
-        mine = launches[i * args.reps:(i + 1) * args.reps]
+        mine = launches[i * reps:(i + 1) * reps]
         main_rows = [max(launch, key=lambda r: val(r, METRICS[0])) for launch in mine]
         num = lambda key: statistics.median(val(r, key) for r in main_rows)
         call_ns = statistics.median(sum(val(r, METRICS[0]) for r in launch) for launch in mine)
@@ -612,18 +633,22 @@ def main(argv=None):
                  bytes=nbytes, GBps=nbytes / call_ns, pct_copy=100 * nbytes / call_ns / bw)
         table.append(c)
     dev = jax.devices()[0]
-    result = dict(device=dev.device_kind, capability=getattr(dev, "compute_capability", None),
-                  jax=jax.__version__, copy_GBps=bw, copy_method="torch copy_ 1 GiB fp32, read+write",
-                  ncu="--cache-control all --clock-control none", reps=args.reps, cases=table)
-    if args.flashinfer:
+    kind = device or dev.device_kind
+    result = dict(device=kind, capability=None if device else getattr(dev, "compute_capability", None),
+                  jax=jax_version or jax.__version__, copy_GBps=bw,
+                  copy_method="torch copy_ 1 GiB fp32, read+write",
+                  ncu="--cache-control all --clock-control none", reps=reps, cases=table)
+    if note:
+        result["note"] = note
+    if flashinfer:
         result["flashinfer_over_ours"] = flashinfer_over_ours(table)
         for row in result["flashinfer_over_ours"]:
             print(f"FlashInfer / ours, B = {row['B']:3d}, {row['what']}: {row['flashinfer_us']:.1f} / "
                   f"{row['ours_us']:.1f} us ({row['ours']}) = {row['ratio']:.2f} "
                   f"(call time: {row['ratio_call']:.2f})")
-    with open(os.path.join(args.out, "ncu_kernels.json"), "w") as fh:
+    with open(os.path.join(out, "ncu_kernels.json"), "w") as fh:
         json.dump(result, fh, indent=1)
-    print(f"{dev.device_kind}, jax {jax.__version__}, copy {bw:.0f} GB/s")
+    print(f"{kind}, jax {result['jax']}, copy {bw:.0f} GB/s")
     print(f"{'cfg':11s} {'impl':10s} {'op':13s} {'dtype':9s} {'B':>4s} {'T':>2s} {'kernel us':>10s} "
           f"{'call us':>8s} {'n':>2s} {'GB/s':>6s} {'%copy':>6s} {'dram%':>6s} {'regs':>5s} {'occ%':>5s}")
     for c in table:

@@ -88,7 +88,7 @@ def test_t_above_t_max_and_decode_t(case):
 
 def test_mode_and_backend(case):
     tok, st, slots = case
-    with pytest.raises(ValueError, match=r"verify: mode expected one of \('replay', 'intermediate'\), got 'fast'"):
+    with pytest.raises(ValueError, match=r"verify: mode expected one of \('replay', 'intermediate', 'ring'\), got 'fast'"):
         _verify(tok, st, slots, mode="fast")
     with pytest.raises(ValueError, match=r"decode: backend expected one of"):
         ops.decode(*tokens(np.random.default_rng(3), B, 1, H, HV, K, V).args(), st, slots,
