@@ -69,7 +69,8 @@ def cases(args):
     if args.sweep:
         return sweep_cases()
     if args.sweep_ring:
-        return sweep_ring_cases(tuple(int(x) for x in args.sweep_batches.split(",")))
+        return sweep_ring_cases(tuple(int(x) for x in args.sweep_batches.split(",")),
+                                args.dtypes)
     if args.sweep_mosaic:
         return sweep_mosaic_cases(tuple(args.sweep_mosaic.split(",")),
                                   tuple(int(x) for x in args.sweep_batches.split(",")))
@@ -104,16 +105,17 @@ def cases(args):
                                         fold_share=share))
     if args.impls:
         out = [c for c in out if c["impl"] in args.impls]
+    if args.ops:
+        out = [c for c in out if c["op"] in args.ops]
     return out
 
 
-def sweep_ring_cases(batches=(32, 256)):
-    """Tuning sweep of the ring kernel: block_v x num_warps, verify T = 4 at fold 20%, both
-    state dtypes."""
+def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32")):
+    """Tuning sweep of the ring kernel: block_v (the V rows of one step of its loop over the
+    state) x num_warps, verify T = 4 at fold 20%."""
     return [dict(impl="gdn", op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2,
                  block_v=bv, num_warps=w, num_stages=1)
-            for dtype in ("bfloat16", "float32") for B in batches
-            for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
+            for dtype in dtypes for B in batches for bv in (32, 64) for w in (4, 8)]
 
 
 def sweep_cases():
@@ -501,6 +503,9 @@ def main(argv=None):
     p.add_argument("--impls", default=None,
                    help="keep only these implementations of the standard cases, comma-separated "
                         "(gdn = our Triton, mosaic, fla, fla-jax, flashinfer)")
+    p.add_argument("--ops", default=None,
+                   help="keep only these ops of the standard cases, comma-separated (decode, "
+                        "replay, intermediate, ring, ring-decode, fla)")
     p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
     p.add_argument("--batches", default=None,
                    help="B values of the standard cases, comma-separated (overrides --quick)")
@@ -536,6 +541,7 @@ def main(argv=None):
     args.tokens = tuple(int(x) for x in args.tokens.split(","))
     args.dtypes = tuple(args.dtypes.split(","))
     args.impls = args.impls and tuple(args.impls.split(","))
+    args.ops = args.ops and tuple(args.ops.split(","))
     args.batches = args.batches and tuple(int(x) for x in args.batches.split(","))
     os.makedirs(args.out, exist_ok=True)
     if args.worker:
@@ -578,7 +584,8 @@ def main(argv=None):
            "--csv", "--page", "raw", "--log-file", raw,
            sys.executable, os.path.abspath(__file__), "--worker", "--out", args.out,
            "--tokens", ",".join(map(str, args.tokens)), "--reps", str(args.reps),
-           "--dtypes", ",".join(args.dtypes)] + (["--impls", ",".join(args.impls)] if args.impls else [])
+           "--dtypes", ",".join(args.dtypes)] + (["--impls", ",".join(args.impls)] if args.impls else []) + (
+        ["--ops", ",".join(args.ops)] if args.ops else [])
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
     cmd += ["--flashinfer"] * args.flashinfer + ["--ring"] * args.ring
     cmd += ["--sweep-ring", "--sweep-batches", args.sweep_batches] * args.sweep_ring
