@@ -111,11 +111,10 @@ def cases(args):
 
 
 def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32")):
-    """Tuning sweep of the ring kernel: block_v (the V rows of one step of its loop over the
-    state) x num_warps, verify T = 4 at fold 20%."""
+    """Tuning sweep of the ring kernel: block_v x num_warps, verify T = 4 at fold 20%."""
     return [dict(impl="gdn", op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2,
                  block_v=bv, num_warps=w, num_stages=1)
-            for dtype in dtypes for B in batches for bv in (32, 64) for w in (4, 8)]
+            for dtype in dtypes for B in batches for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
 
 
 def sweep_cases():

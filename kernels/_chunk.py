@@ -15,9 +15,7 @@ over the run is, with G the inclusive cumulative log decay and k_i = rk_i kraw_i
     o_i = exp(G_i) q_i S0^T + sum_{j <= i} (q_i . k_j) exp(G_i - G_j) v_new_j
     S_R = exp(G_W) S0 + sum_{j in R} exp(G_W - G_j) v_new_j k_j^T   (the fold of the ring)
 
-X is block lower triangular in (R, N): X_RR and X_NN by blocked doubling, X_NR = -X_NN A_NR X_RR.
-Only the products with S0 depend on the state: `token_algebra` runs once per value head, and
-`state_block` / `fold_block` once per block of V rows.
+X is block lower triangular in (R, N): X_RR and X_NN by substitution, X_NR = -X_NN A_NR X_RR.
 """
 
 from __future__ import annotations
@@ -41,6 +39,16 @@ class Precisions(NamedTuple):
 
     p16: object = _HI
     p32: object = _HI
+
+
+class Run(NamedTuple):
+    """One side of the run (the ring or the new tokens): M rows."""
+
+    k: object      # [M, K] raw keys (input dtype)
+    rk: object     # [M] fp32 key scale (l2-norm; 0 for a dead row)
+    v: object      # [M, BV] fp32 values
+    g: object      # [M] fp32 log decay (0 for a dead row)
+    beta: object   # [M] fp32 (0 for a dead row)
 
 
 def rsqrt_norm(x):
@@ -99,43 +107,20 @@ def _decayed(gram, scale_i, scale_j, G_i, G_j, mask):
     return jnp.where(mask, out, 0.0)
 
 
-class Keys(NamedTuple):
-    """One side of the run (the ring or the new tokens), without its values: M rows."""
+def ring_then_tokens(S0, ring: Run, new: Run, q, rq, prec: Precisions):
+    """Outputs of the new tokens after the ring, and what the ring's fold needs.
 
-    k: object      # [M, K] raw keys (input dtype)
-    rk: object     # [M] fp32 key scale (l2-norm; 0 for a dead row)
-    g: object      # [M] fp32 log decay (0 for a dead row)
-    beta: object   # [M] fp32 (0 for a dead row)
-
-
-class Algebra(NamedTuple):
-    """What the run's tokens contribute whatever the state (one value head, all of V).
-
-    With Z = beta v - c k_raw S0^T per row (the corrected values' right-hand side):
-        o   = d * (q_raw S0^T) + O_R Z_R + O_N Z_N      (the new tokens' outputs, [TP, BV])
-        S_R = exp(g_tot) S0 + (F Z_R)^T k_raw_R          (the ring folded)
+    S0: [BV, K] the state tile (the pool's dtype, or fp32); ring: W rows; new: TP rows;
+    q: [TP, K] raw queries (input dtype), rq: [TP] fp32 (l2-norm scale times K**-0.5; 0 for dead
+    rows). Returns (o [TP, BV] fp32, v_new of the ring [W, BV] fp32, G of the
+    ring [W] fp32, its total log decay (scalar)).
     """
-
-    O_R: object    # [TP, W]
-    O_N: object    # [TP, TP]
-    F: object      # [W, W]: diag(exp(g_tot - G_R) rk_R) X_RR
-    beta_R: object  # [W]
-    c_R: object    # [W]: beta exp(G) rk, ring rows
-    beta_N: object  # [TP]
-    c_N: object    # [TP]
-    d: object      # [TP]: exp(G) rq, new rows
-    g_tot: object  # scalar: the ring's total log decay
-
-
-def token_algebra(ring: Keys, new: Keys, q, rq, prec: Precisions) -> Algebra:
-    """The state-free part of a run of the ring then the new tokens.
-
-    q: [TP, K] raw queries (input dtype); rq: [TP] fp32 (l2-norm scale times K**-0.5; 0 for dead
-    rows). Gram matrices of raw keys and queries are exact on tensor cores for 16-bit inputs."""
     W, TP = ring.k.shape[0], new.k.shape[0]
     GR = jnp.cumsum(ring.g)
     g_tot = jnp.sum(ring.g)
     GN = g_tot + jnp.cumsum(new.g)
+
+    # Gram matrices of raw keys / queries: one dtype, exact for bf16 and fp16 inputs.
     gram = lambda x, y: dot(x, y, prec, trans_b=True)
     rr_rows, rr_cols = _iotas(W, W)
     nn_rows, nn_cols = _iotas(TP, TP)
@@ -145,34 +130,28 @@ def token_algebra(ring: Keys, new: Keys, q, rq, prec: Precisions) -> Algebra:
     A_NN = _decayed(gram(new.k, new.k), new.beta * new.rk, new.rk, GN, GN, nn_cols < nn_rows)
     X_RR, X_NN = unit_lower_inverse(A_RR, prec), unit_lower_inverse(A_NN, prec)
     X_NR = -dot(X_NN, dot(A_NR, X_RR, prec), prec)
+
+    # The one product with the state: [k_R; k_N; q] @ S0^T (three dots of one operand).
+    state = lambda x: dot(x, S0, prec, trans_b=True)
+    P_R, P_N, P_Q = state(ring.k), state(new.k), state(q)
+
+    def corrected(run: Run, G, P):  # beta v - beta exp(G) k S0^T, per row
+        shape = P.shape
+        return (_col(run.beta, shape) * run.v
+                - _col(run.beta * jnp.exp(G) * run.rk, shape) * P)
+
+    Z_R, Z_N = corrected(ring, GR, P_R), corrected(new, GN, P_N)
+    v_R = dot(X_RR, Z_R, prec)
+    v_N = dot(X_NR, Z_R, prec) + dot(X_NN, Z_N, prec)
+
     M_QR = _decayed(gram(q, ring.k), rq, ring.rk, GN, GR, every)
     M_QN = _decayed(gram(q, new.k), rq, new.rk, GN, GN, nn_cols <= nn_rows)
-    # o = d P_Q + M_QR v_R + M_QN v_N with v_R = X_RR Z_R, v_N = X_NR Z_R + X_NN Z_N
-    O_R = dot(M_QR, X_RR, prec) + dot(M_QN, X_NR, prec)
-    O_N = dot(M_QN, X_NN, prec)
-    F = _col(jnp.exp(g_tot - GR) * ring.rk, (W, W)) * X_RR
-    return Algebra(O_R, O_N, F, ring.beta, ring.beta * jnp.exp(GR) * ring.rk, new.beta,
-                   new.beta * jnp.exp(GN) * new.rk, jnp.exp(GN) * rq, g_tot)
+    o = (_col(jnp.exp(GN) * rq, P_Q.shape) * P_Q + dot(M_QR, v_R, prec) + dot(M_QN, v_N, prec))
+    return o, v_R, GR, g_tot
 
 
-def _corrected(beta, c, v, P):
-    """beta v - c P, per row: [M, BV] fp32."""
-    return _col(beta, P.shape) * v - _col(c, P.shape) * P
-
-
-def state_block(S0, kR, kN, q, vR, vN, alg: Algebra, prec: Precisions):
-    """The new tokens' outputs on one V block of the state, and the ring's corrected right-hand
-    side (for a fold). S0: [BV, K] (the pool's dtype, or fp32); kR [W, K], kN, q [TP, K] raw;
-    vR [W, BV], vN [TP, BV] fp32. Returns (o [TP, BV] fp32, Z_R [W, BV] fp32)."""
-    state = lambda x: dot(x, S0, prec, trans_b=True)  # [k_R; k_N; q] S0^T, three dots
-    P_R, P_N, P_Q = state(kR), state(kN), state(q)
-    Z_R = _corrected(alg.beta_R, alg.c_R, vR, P_R)
-    Z_N = _corrected(alg.beta_N, alg.c_N, vN, P_N)
-    o = _col(alg.d, P_Q.shape) * P_Q + dot(alg.O_R, Z_R, prec) + dot(alg.O_N, Z_N, prec)
-    return o, Z_R
-
-
-def fold_block(S0, kR, Z_R, alg: Algebra, prec: Precisions):
-    """One V block of the state after the ring: exp(g_tot) S0 + (F Z_R)^T k_R, [BV, K] fp32."""
-    update = dot(dot(alg.F, Z_R, prec), kR, prec, trans_a=True)   # [BV, K]
-    return jnp.exp(alg.g_tot) * S0.astype(_F32) + update
+def fold_ring(S0, ring: Run, v_R, GR, g_tot, prec: Precisions):
+    """The state after the ring: exp(G_W) S0 + sum_j exp(G_W - G_j) v_new_j k_j^T, [BV, K] fp32."""
+    weights = v_R * _col(jnp.exp(g_tot - GR) * ring.rk, v_R.shape)          # [W, BV]
+    update = dot(weights, ring.k, prec, trans_a=True)                       # [BV, K]
+    return jnp.exp(g_tot) * S0.astype(_F32) + update

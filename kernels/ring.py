@@ -1,11 +1,10 @@
 """GDN verify (and decode) in ring mode: T tokens from the state and the slot's ring, in matrix form.
 
 The pool holds each slot's folded state; the ring (the candidate buffers, W entries) holds the
-raw inputs of `count[slot]` committed tokens not yet folded. One program per (row, value head)
-runs the ring and then this call's T tokens in the WY form of `_chunk`: first the state-free
-algebra (Gram matrices of the raw keys and queries, two triangular inverses), once; then, block
-by block of V rows, one read of the state tile, its product with the [k_ring; k_new; q] tiles and
-the T outputs. The pool is written only when
+raw inputs of `count[slot]` committed tokens not yet folded. One program per (row, value head, V
+block) reads its state tile once, runs the ring and then this call's T tokens in the WY form of
+`_chunk` (Gram matrices of the raw keys and queries, two triangular solves, one product of the
+state with the [k_ring; k_new; q] tile), and writes the T outputs. The pool is written only when
 the call folds: when count + reserve > W (this call's tokens would not fit after the committed
 ones), the ring's committed tokens are folded into the pool, in this same launch. The caller
 then appends the tokens to the ring (at 0 after a fold, else at count) and sets count (in XLA:
@@ -50,65 +49,55 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
                  o_ref, pool_out_ref, *, num_slots, ring, group, block_v, T, reserve, prec):
     # pool_ref / pool_out_ref: [num_slots, HV, V, K], the same buffer (aliased);
     # o_ref: [B, _TILE, HV, V], the whole token tile (rows T..: dead tokens)
-    b, hv = pl.program_id(0), pl.program_id(1)
-    hk = hv // group
-    slot = slots_ref[b].astype(jnp.int32)
-    valid = (slot >= 0) & (slot < num_slots)
-    K, V = q_ref.shape[-1], v_ref.shape[-1]
+    tok = cm.TokenRefs(q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref)
+    pend = cm.PendingRefs(count_ref, cand_k_ref, cand_v_ref, cand_g_ref, cand_beta_ref)
+    r = cm.this_row(slots_ref, num_slots=num_slots, group=group, block_v=block_v)
+    K = q_ref.shape[-1]
 
-    @pl.when(valid)
+    @pl.when(r.valid)
     def _():
-        n = jnp.clip(count_ref[slot].astype(jnp.int32), 0, ring)
+        n = cm.pending_count(pend, r, ring, num_slots)
         live = lax.broadcasted_iota(jnp.int32, (ring,), 0) < n
-        kR = cand_k_ref[slot, :, hk, :]                                   # [W, K] raw
-        ring_keys = ch.Keys(kR, jnp.where(live, ch.rsqrt_norm(kR), 0.0),
-                            jnp.where(live, cand_g_ref[slot, :, hv], 0.0),
-                            jnp.where(live, cand_beta_ref[slot, :, hv], 0.0))
+        kR = cand_k_ref[r.slot, :, r.hk, :]                               # [W, K] raw
+        rR = jnp.where(live, ch.rsqrt_norm(kR), 0.0)
+        vR = jnp.where(lax.broadcast_in_dim(live, (ring, block_v), (0,)),
+                       cand_v_ref[r.slot, :, r.hv, r.cols].astype(_F32), 0.0)
+        ring_run = ch.Run(kR, rR, vR, jnp.where(live, cand_g_ref[r.slot, :, r.hv], 0.0),
+                          jnp.where(live, cand_beta_ref[r.slot, :, r.hv], 0.0))
 
-        # This call's tokens, one row each of the [_TILE, K] tiles (rows T..: dead).
+        # This call's tokens, one row each of the [_TILE, ...] tiles (rows T..: dead).
         rows_k = lax.broadcasted_iota(jnp.int32, (_TILE, K), 0)
+        rows_v = lax.broadcasted_iota(jnp.int32, (_TILE, block_v), 0)
         idx = lax.broadcasted_iota(jnp.int32, (_TILE,), 0)
         qN = jnp.zeros((_TILE, K), q_ref.dtype)
         kN = jnp.zeros((_TILE, K), k_ref.dtype)
+        vN = jnp.zeros((_TILE, block_v), _F32)
         gN = bN = jnp.zeros((_TILE,), _F32)
         for t in range(T):
-            qN = _select_rows(rows_k, t, q_ref[b, t, hk, :], qN)
-            kN = _select_rows(rows_k, t, k_ref[b, t, hk, :], kN)
-            g, beta = rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32),
-                                A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32))
+            qN = _select_rows(rows_k, t, q_ref[r.b, t, r.hk, :], qN)
+            kN = _select_rows(rows_k, t, k_ref[r.b, t, r.hk, :], kN)
+            vN = _select_rows(rows_v, t, v_ref[r.b, t, r.hv, r.cols].astype(_F32), vN)
+            g, beta = rec.gates(a_ref[r.b, t, r.hv].astype(_F32), b_ref[r.b, t, r.hv].astype(_F32),
+                                A_log_ref[r.hv].astype(_F32), dt_bias_ref[r.hv].astype(_F32))
             gN, bN = jnp.where(idx == t, g, gN), jnp.where(idx == t, beta, bN)
         real = idx < T
-        new_keys = ch.Keys(kN, jnp.where(real, ch.rsqrt_norm(kN), 0.0), gN, bN)
         rq = jnp.where(real, ch.rsqrt_norm(qN) * K ** -0.5, 0.0)
-        alg = ch.token_algebra(ring_keys, new_keys, qN, rq, prec)    # once per value head
-        folds = (n > 0) & (n + reserve > ring)
-        live_v = lax.broadcast_in_dim(live, (ring, block_v), (0,))
-        rows_v = lax.broadcasted_iota(jnp.int32, (_TILE, block_v), 0)
+        rk = jnp.where(real, ch.rsqrt_norm(kN), 0.0)
+        new_run = ch.Run(kN, rk, vN, gN, bN)
 
-        def block(iv, carry):  # V rows [iv * block_v, (iv + 1) * block_v) of the state
-            cols = pl.ds(pl.multiple_of(iv * block_v, block_v), block_v)
-            S0 = pool_ref[slot, hv, cols, :]                              # [BV, K], pool dtype
-            if S0.dtype != kR.dtype:  # mixed dtypes: the state products run in fp32
-                S0 = S0.astype(_F32)
-            vR = jnp.where(live_v, cand_v_ref[slot, :, hv, cols].astype(_F32), 0.0)
-            vN = jnp.zeros((_TILE, block_v), _F32)
-            for t in range(T):
-                vN = _select_rows(rows_v, t, v_ref[b, t, hv, cols].astype(_F32), vN)
-            o, Z_R = ch.state_block(S0, kR, kN, qN, vR, vN, alg, prec)
-            o_ref[b, :, hv, cols] = o.astype(o_ref.dtype)  # rows T..: dropped by the caller
+        S0 = pool_ref[r.slot, r.hv, r.cols, :]                            # [BV, K], pool dtype
+        if S0.dtype != kR.dtype:  # mixed dtypes: the state products run in fp32
+            S0 = S0.astype(_F32)
+        o, v_R, GR, g_tot = ch.ring_then_tokens(S0, ring_run, new_run, qN, rq, prec)
+        o_ref[r.b, :, r.hv, r.cols] = o.astype(o_ref.dtype)  # rows T..: dropped by the caller
 
-            @pl.when(folds)
-            def _():
-                S = ch.fold_block(S0, kR, Z_R, alg, prec)
-                pool_out_ref[slot, hv, cols, :] = S.astype(pool_out_ref.dtype)
+        @pl.when((n > 0) & (n + reserve > ring))
+        def _():
+            cm.store_state(pool_out_ref, r, ch.fold_ring(S0, ring_run, v_R, GR, g_tot, prec))
 
-            return carry
-
-        lax.fori_loop(0, V // block_v, block, 0)
-
-    @pl.when(jnp.logical_not(valid))
+    @pl.when(jnp.logical_not(r.valid))
     def _():
-        o_ref[b, :, hv, :] = jnp.zeros((_TILE, V), o_ref.dtype)
+        o_ref[r.b, :, r.hv, r.cols] = jnp.zeros((_TILE, block_v), o_ref.dtype)
 
 
 def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: int, *args):
@@ -125,7 +114,7 @@ def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: in
         name=f"gdn_verify_ring{ring}_t{T}_bv{config.block_v}_w{config.num_warps}",
         config=config,
         interpret=interpret,
-        grid=(B, HV),
+        grid=(B, HV, V // config.block_v),
         out_shape=(jax.ShapeDtypeStruct((B, _TILE, HV, V), q.dtype),
                    jax.ShapeDtypeStruct(pool.shape, pool.dtype)),
         input_output_aliases={len(args) - 1: 1},

@@ -230,12 +230,14 @@ _TUNING = {
     ("verify", "float32", False): (8, 1),    # replay 3+4: 83.8 us at B = 32
 }
 _LARGE_BATCH = 128
-# The ring kernel (kernels/ring.py), decode and verify: block_v (V rows per step of its loop
-# over the state; one program per value head), num_warps. Keyed by (state dtype, large batch).
+# The ring kernel (kernels/ring.py), decode and verify: block_v, num_warps. Keyed by (state
+# dtype, large batch). From the H200 sweep (bench/results/ncu_sweep_ring_v1-h200-2026-12-01.json,
+# verify T = 4, W = 16, fold 20%, B = 256): one program per value head wins, since each program
+# repeats the token algebra (Gram matrices, two triangular inverses) whatever its V block.
 _RING_TUNING = {
-    ("bfloat16", True): (32, 4),
-    ("bfloat16", False): (32, 4),
-    ("float32", True): (32, 4),
+    ("bfloat16", True): (128, 4),   # 653.7 us (bv64 w4: 904.9; bv32 w2: 939.6)
+    ("bfloat16", False): (128, 4),
+    ("float32", True): (32, 4),     # 3281.8 us (bv64 w8: 3927.1): spills at 255 registers
     ("float32", False): (32, 4),
 }
 _DEFAULT_DTYPES = kernels.Dtypes(*(jnp.dtype(jnp.bfloat16),) * 3)
