@@ -222,3 +222,22 @@ def test_drift_short_mild_decay():
     the oracle stays within the folds' roundings (the GPU runner runs the long version)."""
     _, mirror, folds = _rounds(8, jnp.bfloat16, jnp.bfloat16, rounds=30, mild=True)
     assert folds >= 3
+
+
+@pytest.mark.slow
+def test_drift_ring_at_most_replay(backend):
+    """bench/ring_drift.py's measurement, short: bf16 pool, mild decay, 384 committed tokens, the
+    same inputs and accepted counts in both modes. The ring rounds the pool once per fold, replay
+    once per round, so the ring's error against the fp32 reference must not exceed replay's
+    (the GPU runner runs 16K tokens at the real heads)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "bench" / "ring_drift.py"
+    spec = importlib.util.spec_from_file_location("ring_drift", path)
+    drift = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(drift)
+    result = drift.run(384, 2, (H, HV, K, V), backend, every=128)
+    assert result["finite"]
+    assert 0 < result["curve"][-1]["ring"] <= result["curve"][-1]["replay"]
+    assert result["ring_over_replay"] <= 1.0
