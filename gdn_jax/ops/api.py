@@ -141,6 +141,9 @@ def commit(state: GDNState, slots, num_accepted, inter=None, *, backend: str | N
         if state.commit_mode == "ring":
             return _xla.commit_ring(state, slots, num_accepted)
         return _xla.commit_replay(state, slots, num_accepted)
+    if state.commit_mode == "ring":
+        _checks.fail("commit", "inter", "None for a ring-mode state (its verify returns no inter)",
+                     f"an array of shape {getattr(inter, 'shape', '?')}")
     S, HV, V, K = state.pool.shape
     if inter.ndim != 5 or inter.shape[2:] != (HV, V, K):
         _checks.fail("commit", "inter", f"shape [B, T, HV, V, K] with (HV, V, K) = {(HV, V, K)}",

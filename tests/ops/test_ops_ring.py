@@ -155,6 +155,9 @@ def test_mode_must_match_the_state():
         ops.verify(*tok.args(), replay, slots, mode="ring")
     with pytest.raises(ValueError, match="input dtype"):
         ops.verify(*tokens(rng, 2, 2, H, HV, K, V, jnp.bfloat16).args(), st, slots)
+    with pytest.raises(ValueError, match="commit: inter expected None for a ring-mode state"):
+        ops.commit(st, slots, jnp.asarray([1, 1], jnp.int32),
+                   jnp.zeros((2, 2, HV, V, K), jnp.float32))
 
 
 def test_decode_is_output_only_until_the_ring_fills():
