@@ -1,0 +1,145 @@
+"""Registers, spills, dots and layout conversions of a Pallas-Triton kernel, compiled offline.
+
+    python bench/ptxas_stats.py [--kernel ring|decode|replay|intermediate] [--pool bfloat16]
+                                [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
+
+No GPU needed: the kernel is lowered for CUDA on this machine (an abstract H100, as the lowering
+tests do), its Triton IR is printed by jax's own MLIR (jax's Triton dialect), parsed by the pip
+`triton` package (`pip install triton`; 3.6 was used), taken through Triton's ttir -> ttgir ->
+llir -> ptx stages and assembled by the ptxas it ships (`ptxas -v`). It prints what decides a
+latency-bound kernel's occupancy before any device time is spent: registers per thread, spill
+bytes, the number of `tt.dot` and `ttg.convert_layout` ops. XLA's own Triton may schedule a little
+differently (2026-12-01: ring bv128 w4 255 registers here and in ncu on the H200, replay bv16 w1 128
+in both, decode bv32 w1 227 here against 168 there); the runner's ncu
+`launch__registers_per_thread` is the final word.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def triton_ir(fn, args, **kwargs) -> list[bytes]:
+    """The Triton IR (MLIR bytecode) of every Triton custom call in fn's CUDA lowering."""
+    import jax
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        lowered = fn.trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
+    found = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.custom_call":
+                        config = child.attributes["mhlo.backend_config"]
+                        found.append(bytes(config["ir"].value_bytes))
+                    walk(child.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    return found
+
+
+def compile_stats(ir: bytes, num_warps: int, arch: int = 90) -> dict:
+    """ir: MLIR bytecode from jax's Pallas-Triton lowering -> ptxas -v figures."""
+    import triton
+    from jax._src.lib.mlir import ir as jax_ir
+    from jax._src.pallas.triton.lowering import _new_ir_context
+    from triton._C.libtriton import ir as tir
+    from triton.backends.compiler import GPUTarget, Language
+    from triton.backends.nvidia.compiler import CUDABackend
+
+    with _new_ir_context():  # jax's MLIR reads its own bytecode; pip triton reads the text
+        text = jax_ir.Module.parse(ir).operation.get_asm()
+    text = re.sub(r"^module @[\w.]+", "module", text, count=1)
+    work = tempfile.mkdtemp()
+    path = os.path.join(work, "kernel.ttir")
+    with open(path, "w") as fh:
+        fh.write(text)
+    ctx = tir.context()
+    tir.load_dialects(ctx)
+    backend = CUDABackend(GPUTarget("cuda", arch, 32))
+    backend.load_dialects(ctx)
+    module = tir.parse_mlir_module(path, ctx)
+    module.context = ctx
+    options = backend.parse_options(dict(num_warps=num_warps, num_stages=1))
+    stages: dict = {}
+    backend.add_stages(stages, options, Language.TRITON)
+    src, metadata, out = module, {}, {}
+    for name, stage in stages.items():
+        if name == "cubin":
+            break
+        src = stage(src, metadata)
+        if name == "ttgir":
+            ttgir = str(src)
+            out.update(dots=ttgir.count("tt.dot"), convert_layouts=ttgir.count("ttg.convert_layout"),
+                       local_allocs=ttgir.count("ttg.local_alloc"))
+    ptx = os.path.join(work, "kernel.ptx")
+    with open(ptx, "w") as fh:
+        fh.write(src)
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    run = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", ptx, "-o",
+                          os.path.join(work, "kernel.cubin")], capture_output=True, text=True)
+    log = run.stdout + run.stderr
+    num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else None
+    out.update(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+               spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"))
+    return out
+
+
+def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
+    """(fn, args, kwargs) of one kernel at the benchmark's shapes (H = 16, HV = 32, K = V = 128)."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, ROOT)
+    from gdn_jax import kernels
+
+    B, H, HV, K, V, N = 8, 16, 32, 128, 128, 12
+    W = 16 if kernel != "ring" or T <= 8 else 32
+    W = W if kernel == "ring" else 8
+    T = 1 if kernel == "decode" else T
+    S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
+    args = (S((B, T, H, K), bf), S((B, T, H, K), bf), S((B, T, HV, V), bf), S((B, T, HV), bf),
+            S((B, T, HV), bf), S((HV,), f32), S((HV,), f32), S((N, HV, V, K), jnp.dtype(pool)),
+            S((N, W, H, K), bf), S((N, W, HV, V), bf), S((N, W, HV), f32), S((N, W, HV), f32),
+            S((N,), jnp.int32), S((B,), jnp.int32))
+    fn = {"ring": kernels.verify_ring, "decode": kernels.decode,
+          "replay": kernels.verify_replay, "intermediate": kernels.verify_intermediate}[kernel]
+    kwargs = dict(config=kernels.TuningConfig(block_v, num_warps))
+    if kernel == "ring":
+        kwargs["reserve"] = T
+    return fn, args, kwargs
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kernel", default="ring", choices=("ring", "decode", "replay", "intermediate"))
+    p.add_argument("--pool", default="bfloat16", help="the pool's dtype")
+    p.add_argument("--T", type=int, default=4, help="tokens per call (verify)")
+    p.add_argument("--block-v", type=int, default=128)
+    p.add_argument("--num-warps", type=int, default=4)
+    p.add_argument("--arch", type=int, default=90, help="SM version for ptxas (90: Hopper)")
+    args = p.parse_args(argv)
+    fn, call_args, kwargs = kernel_call(args.kernel, args.pool, args.T, args.block_v,
+                                        args.num_warps)
+    T = call_args[0].shape[1]
+    for ir in triton_ir(fn, call_args, **kwargs):
+        stats = compile_stats(ir, args.num_warps, args.arch)
+        print(f"{args.kernel} pool {args.pool} T {T} block_v {args.block_v} warps "
+              f"{args.num_warps}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+
+
+if __name__ == "__main__":
+    main()
