@@ -107,19 +107,24 @@ def _decayed(gram, scale_i, scale_j, G_i, G_j, mask):
     return jnp.where(mask, out, 0.0)
 
 
-def ring_then_tokens(S0, ring: Run, new: Run, q, rq, prec: Precisions):
-    """Outputs of the new tokens after the ring, and what the ring's fold needs.
+class _Solved(NamedTuple):
+    GR: object     # [W] cumulative log decay of the ring
+    GN: object     # [TP] of the new tokens (after the ring)
+    g_tot: object  # the ring's total log decay
+    X_RR: object   # [W, W] blocks of (I + A)^-1
+    X_NR: object   # [TP, W]
+    X_NN: object   # [TP, TP]
+    M_QR: object   # [TP, W] decayed q . k of the new queries with the ring's keys
+    M_QN: object   # [TP, TP] and with the new keys (causal, diagonal included)
 
-    S0: [BV, K] the state tile (the pool's dtype, or fp32); ring: W rows; new: TP rows;
-    q: [TP, K] raw queries (input dtype), rq: [TP] fp32 (l2-norm scale times K**-0.5; 0 for dead
-    rows). Returns (o [TP, BV] fp32, v_new of the ring [W, BV] fp32, G of the
-    ring [W] fp32, its total log decay (scalar)).
-    """
+
+def _solve(ring, new, q, rq, prec: Precisions) -> _Solved:
+    """The state-free algebra of a run: decays, the Gram matrices and (I + A)^-1 by blocks.
+    ring, new: `Run` or `Keys` (k, rk, g, beta are what is read)."""
     W, TP = ring.k.shape[0], new.k.shape[0]
     GR = jnp.cumsum(ring.g)
     g_tot = jnp.sum(ring.g)
     GN = g_tot + jnp.cumsum(new.g)
-
     # Gram matrices of raw keys / queries: one dtype, exact for bf16 and fp16 inputs.
     gram = lambda x, y: dot(x, y, prec, trans_b=True)
     rr_rows, rr_cols = _iotas(W, W)
@@ -130,6 +135,21 @@ def ring_then_tokens(S0, ring: Run, new: Run, q, rq, prec: Precisions):
     A_NN = _decayed(gram(new.k, new.k), new.beta * new.rk, new.rk, GN, GN, nn_cols < nn_rows)
     X_RR, X_NN = unit_lower_inverse(A_RR, prec), unit_lower_inverse(A_NN, prec)
     X_NR = -dot(X_NN, dot(A_NR, X_RR, prec), prec)
+    M_QR = _decayed(gram(q, ring.k), rq, ring.rk, GN, GR, every)
+    M_QN = _decayed(gram(q, new.k), rq, new.rk, GN, GN, nn_cols <= nn_rows)
+    return _Solved(GR, GN, g_tot, X_RR, X_NR, X_NN, M_QR, M_QN)
+
+
+def ring_then_tokens(S0, ring: Run, new: Run, q, rq, prec: Precisions):
+    """Outputs of the new tokens after the ring, and what the ring's fold needs.
+
+    S0: [BV, K] the state tile (the pool's dtype, or fp32); ring: W rows; new: TP rows;
+    q: [TP, K] raw queries (input dtype), rq: [TP] fp32 (l2-norm scale times K**-0.5; 0 for dead
+    rows). Returns (o [TP, BV] fp32, v_new of the ring [W, BV] fp32, G of the
+    ring [W] fp32, its total log decay (scalar)).
+    """
+    sol = _solve(ring, new, q, rq, prec)
+    GR, GN = sol.GR, sol.GN
 
     # The one product with the state: [k_R; k_N; q] @ S0^T (three dots of one operand).
     state = lambda x: dot(x, S0, prec, trans_b=True)
@@ -141,13 +161,11 @@ def ring_then_tokens(S0, ring: Run, new: Run, q, rq, prec: Precisions):
                 - _col(run.beta * jnp.exp(G) * run.rk, shape) * P)
 
     Z_R, Z_N = corrected(ring, GR, P_R), corrected(new, GN, P_N)
-    v_R = dot(X_RR, Z_R, prec)
-    v_N = dot(X_NR, Z_R, prec) + dot(X_NN, Z_N, prec)
-
-    M_QR = _decayed(gram(q, ring.k), rq, ring.rk, GN, GR, every)
-    M_QN = _decayed(gram(q, new.k), rq, new.rk, GN, GN, nn_cols <= nn_rows)
-    o = (_col(jnp.exp(GN) * rq, P_Q.shape) * P_Q + dot(M_QR, v_R, prec) + dot(M_QN, v_N, prec))
-    return o, v_R, GR, g_tot
+    v_R = dot(sol.X_RR, Z_R, prec)
+    v_N = dot(sol.X_NR, Z_R, prec) + dot(sol.X_NN, Z_N, prec)
+    o = (_col(jnp.exp(GN) * rq, P_Q.shape) * P_Q + dot(sol.M_QR, v_R, prec)
+         + dot(sol.M_QN, v_N, prec))
+    return o, v_R, GR, sol.g_tot
 
 
 def fold_ring(S0, ring: Run, v_R, GR, g_tot, prec: Precisions):
@@ -155,3 +173,66 @@ def fold_ring(S0, ring: Run, v_R, GR, g_tot, prec: Precisions):
     weights = v_R * _col(jnp.exp(g_tot - GR) * ring.rk, v_R.shape)          # [W, BV]
     update = dot(weights, ring.k, prec, trans_a=True)                       # [BV, K]
     return jnp.exp(g_tot) * S0.astype(_F32) + update
+
+
+# ------------------------------------------------------------------------------------------------
+# The split form: the state-free algebra once per (row, value head), batched ahead of the state
+# kernel (`token_algebra`), and the state kernel's part per V block (`state_block`, `fold_block`).
+
+
+class Keys(NamedTuple):
+    """One side of the run without its values: M rows (k raw, rk, g, beta as in `Run`)."""
+
+    k: object
+    rk: object
+    g: object
+    beta: object
+
+
+class Algebra(NamedTuple):
+    """What a run's tokens contribute whatever the state (one value head, all of V).
+
+    With Z = beta v - c (k_raw S0^T) per row (the corrected values' right-hand side):
+        o   = d (q_raw S0^T) + O_R Z_R + O_N Z_N      (the new tokens' outputs, [TP, BV])
+        S_R = exp(g_tot) S0 + (F Z_R)^T k_raw_R        (the ring folded)
+    """
+
+    O_R: object     # [TP, W]: M_QR X_RR + M_QN X_NR
+    O_N: object     # [TP, TP]: M_QN X_NN
+    F: object       # [W, W]: diag(exp(g_tot - G_R) rk_R) X_RR
+    beta_R: object  # [W]
+    c_R: object     # [W]: beta exp(G) rk of the ring's rows
+    beta_N: object  # [TP]
+    c_N: object     # [TP]
+    d: object       # [TP]: exp(G) rq of the new rows
+    g_tot: object   # scalar
+
+
+def token_algebra(ring: Keys, new: Keys, q, rq, prec: Precisions) -> Algebra:
+    """The state-free part of a run of the ring then the new tokens (q, rq as
+    `ring_then_tokens`)."""
+    W = ring.k.shape[0]
+    sol = _solve(ring, new, q, rq, prec)
+    O_R = dot(sol.M_QR, sol.X_RR, prec) + dot(sol.M_QN, sol.X_NR, prec)
+    O_N = dot(sol.M_QN, sol.X_NN, prec)
+    F = _col(jnp.exp(sol.g_tot - sol.GR) * ring.rk, (W, W)) * sol.X_RR
+    return Algebra(O_R, O_N, F, ring.beta, ring.beta * jnp.exp(sol.GR) * ring.rk, new.beta,
+                   new.beta * jnp.exp(sol.GN) * new.rk, jnp.exp(sol.GN) * rq, sol.g_tot)
+
+
+def state_block(S0, kR, kN, q, vR, vN, alg: Algebra, prec: Precisions):
+    """The new tokens' outputs on one V block of the state, and the ring's corrected right-hand
+    side (for a fold). S0: [BV, K] (the pool's dtype, or fp32); kR [W, K], kN, q [TP, K] raw;
+    vR [W, BV], vN [TP, BV] fp32. Returns (o [TP, BV] fp32, Z_R [W, BV] fp32)."""
+    state = lambda x: dot(x, S0, prec, trans_b=True)  # [k_R; k_N; q] S0^T, three dots
+    P_R, P_N, P_Q = state(kR), state(kN), state(q)
+    Z_R = _col(alg.beta_R, P_R.shape) * vR - _col(alg.c_R, P_R.shape) * P_R
+    Z_N = _col(alg.beta_N, P_N.shape) * vN - _col(alg.c_N, P_N.shape) * P_N
+    o = _col(alg.d, P_Q.shape) * P_Q + dot(alg.O_R, Z_R, prec) + dot(alg.O_N, Z_N, prec)
+    return o, Z_R
+
+
+def fold_block(S0, kR, Z_R, alg: Algebra, prec: Precisions):
+    """One V block of the state after the ring: exp(g_tot) S0 + (F Z_R)^T k_R, [BV, K] fp32."""
+    update = dot(dot(alg.F, Z_R, prec), kR, prec, trans_a=True)   # [BV, K]
+    return jnp.exp(alg.g_tot) * S0.astype(_F32) + update
