@@ -24,7 +24,8 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
   mosaic replay3+T, mosaic intermediate T
                     the same through kernels/verify_mgpu.py, with dispatch's Mosaic tuning
   ring T, ring-decode  (--ring) ring mode through the jitted op (gdn_jax.ops.verify / decode on a
-                    ring-mode state, the ring kernel plus its XLA appends), ring W = 16 (T <= 8)
+                    ring-mode state, the ring kernel plus its XLA appends; verify in both forms of
+                    the kernel, "fused" and "split"), ring W = 16 (T <= 8)
                     or 32 (T = 16): verify in three phases: fold 20% (committed counts uniform
                     over 0..W - T, a fifth of the rows past it, folding), fold 0% and fold 100%;
                     decode in its steady state (counts uniform over 1..W: one row in W folds)
@@ -90,9 +91,11 @@ def cases(args):
                 out.append(dict(impl="gdn", op="ring-decode", B=B, T=1, dtype=dtype,
                                 ring=16, fold_share=1 / 16))
                 for T in args.tokens:
-                    for share in RING_FOLD_SHARES:
-                        out.append(dict(impl="gdn", op="ring", B=B, T=T, dtype=dtype,
-                                        ring=32 if T > 8 else 16, fold_share=share))
+                    for form in ("fused", "split"):
+                        for share in RING_FOLD_SHARES:
+                            out.append(dict(impl="gdn", op="ring", B=B, T=T, dtype=dtype,
+                                            ring=32 if T > 8 else 16, fold_share=share,
+                                            form=form))
             for impl in ("fla",) * args.fla + ("fla-jax",) * args.fla_jax:
                 for T in (1,) + tuple(args.tokens):
                     out.append(dict(impl=impl, op="fla", B=B, T=T, dtype=dtype))
@@ -111,10 +114,13 @@ def cases(args):
 
 
 def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32")):
-    """Tuning sweep of the ring kernel: block_v x num_warps, verify T = 4 at fold 20%."""
+    """Tuning sweep of the ring kernel, both forms (fused: the whole algebra in the kernel;
+    split: the state-free algebra in XLA ahead of it): block_v x num_warps, verify T = 4 at
+    fold 20%."""
     return [dict(impl="gdn", op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2,
-                 block_v=bv, num_warps=w, num_stages=1)
-            for dtype in dtypes for B in batches for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
+                 block_v=bv, num_warps=w, num_stages=1, form=form)
+            for dtype in dtypes for B in batches for form in ("fused", "split")
+            for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
 
 
 def sweep_cases():
@@ -294,8 +300,12 @@ def _ring_case(c, args, mark, rng, mk, toks):
     c["mean_fill"] = float(counts.mean())
     count = jnp.asarray(counts)
     slots = jnp.arange(B, dtype=jnp.int32)[jnp.asarray(rng.permutation(B))]
-    if "block_v" in c:
-        choice = dispatch.Choice("triton", kernels.TuningConfig(c["block_v"], c["num_warps"]))
+    if "block_v" in c or c.get("form") == "split":
+        cfg = (c["block_v"], c["num_warps"]) if "block_v" in c else (
+            lambda t: (t.block_v, t.num_warps))(dispatch.tuning("verify", state_dtype=dtype, B=B,
+                                                                V=V, mode="ring"))
+        c.update(block_v=cfg[0], num_warps=cfg[1])
+        choice = dispatch.Choice("triton", kernels.TuningConfig(*cfg))
         backend = None
     else:
         choice = None
@@ -308,7 +318,7 @@ def _ring_case(c, args, mark, rng, mk, toks):
         if choice is not None:  # a swept config: the op's kernel path with that config
             from gdn_jax.ops import _pallas
             o, st = _pallas.ring(*toks, st, slots, reserve=1 if decode else st.t_max,
-                                 choice=choice)
+                                 choice=choice, split=c.get("form") == "split")
         elif decode:
             o, st = ops.decode(*toks, st, slots, backend=backend)
         else:

@@ -97,7 +97,8 @@ def compile_stats(ir: bytes, num_warps: int, arch: int = 90) -> dict:
     return out
 
 
-def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
+def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int,
+                split: bool = False):
     """(fn, args, kwargs) of one kernel at the benchmark's shapes (H = 16, HV = 32, K = V = 128)."""
     import jax
     import jax.numpy as jnp
@@ -118,7 +119,7 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
           "replay": kernels.verify_replay, "intermediate": kernels.verify_intermediate}[kernel]
     kwargs = dict(config=kernels.TuningConfig(block_v, num_warps))
     if kernel == "ring":
-        kwargs["reserve"] = T
+        kwargs.update(reserve=T, split=split)
     return fn, args, kwargs
 
 
@@ -131,9 +132,10 @@ def main(argv=None):
     p.add_argument("--block-v", type=int, default=128)
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--arch", type=int, default=90, help="SM version for ptxas (90: Hopper)")
+    p.add_argument("--split", action="store_true", help="the ring kernel's split form")
     args = p.parse_args(argv)
     fn, call_args, kwargs = kernel_call(args.kernel, args.pool, args.T, args.block_v,
-                                        args.num_warps)
+                                        args.num_warps, args.split)
     T = call_args[0].shape[1]
     for ir in triton_ir(fn, call_args, **kwargs):
         stats = compile_stats(ir, args.num_warps, args.arch)
