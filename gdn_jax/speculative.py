@@ -91,6 +91,16 @@ class SpecConfig:
     commit_mode: str = "replay"
     state_dtype: str = "bfloat16"
     max_len: int = 0
+    # Benchmarks only (`round_step`; `generate` never sets it): each row keeps a number of drafts
+    # drawn Binomial(d, (L - 1) / d) per round, whatever the target says, so that the mean accept
+    # length is L: a real run's commits, folds and KV growth on a model that accepts nothing.
+    forced_accept_length: float | None = None
+
+    def __post_init__(self):
+        L = self.forced_accept_length
+        if L is not None and not 1.0 <= L <= self.num_draft + 1:
+            raise ValueError(f"SpecConfig: forced_accept_length expected 1..num_draft + 1 = "
+                             f"{self.num_draft + 1}, got {L}")
 
     @property
     def greedy(self) -> bool:
@@ -163,6 +173,12 @@ def accept_drafts(target_logits, drafts, draft_probs, key, cfg: SpecConfig):
     total = jnp.sum(r, axis=-1, keepdims=True)
     r = jnp.where(total > 0, r / jnp.where(total > 0, total, 1.0), _pick(p, n))
     return n, _categorical(k_x, r)
+
+
+def _forced_accepts(key, B: int, d: int, accept_length: float):
+    """[B] int32 drafts kept, Binomial(d, (L - 1) / d): mean L - 1 (SpecConfig's benchmark knob)."""
+    p = (accept_length - 1.0) / d
+    return jnp.sum(jax.random.uniform(key, (B, d)) < p, axis=1).astype(_I32)
 
 
 def _draw(logits, key, cfg: SpecConfig):
@@ -253,6 +269,10 @@ def _round(model, c: _Carry, slots, max_new, key_loop, cfg: SpecConfig) -> _Carr
         #    inside the run: then exactly the tokens it emitted, so the final cache holds
         #    prompt + output[:-1] as plain decoding leaves it)
         n_acc, nxt = accept_drafts(out.logits, drafts, q, jax.random.fold_in(rkey, d), cfg)
+        if cfg.forced_accept_length is not None:
+            n_acc = _forced_accepts(jax.random.fold_in(rkey, d + 1), slots.shape[0], d,
+                                    cfg.forced_accept_length)
+            nxt = _pick(jnp.argmax(out.logits, axis=-1).astype(_I32), n_acc)
         emitted = jnp.where(jnp.arange(T)[None, :] < n_acc[:, None],
                             jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
         buf, n_out, done, kept = _emit(c, emitted, n_acc + 1, max_new, cfg)

@@ -21,11 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import lax
 
 from gdn_jax import ops
 from gdn_jax import speculative as S
 from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM
-from gdn_jax.modules.cache import GDNCache
+from gdn_jax.modules.cache import GDNCache, KVCache
 from tiny_models import randomize
 
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -465,3 +466,41 @@ def test_cache_answers_the_loop(model):
                    slots=jnp.arange(2))
     assert cache.replace(mtp=()).has_mtp is False
     assert S._DEFAULTS["num_draft"] == 3 and S._DEFAULTS["commit_mode"] == "replay"
+
+
+@pytest.mark.parametrize("commit_mode", ["replay", "ring"])
+def test_forced_accept_length(model, commit_mode):
+    """SpecConfig(forced_accept_length=L), the benchmarks' knob: rounds keep Binomial(d, (L-1)/d)
+    drafts per row whatever the target says, so the mean accept length is L, and the target's KV
+    caches grow by exactly the tokens kept."""
+    B, d, L, rounds, context = 8, 3, 3.39, 40, 5
+    cfg = S.SpecConfig(num_draft=d, max_new_tokens=rounds * (d + 1), forced_accept_length=L,
+                       commit_mode=commit_mode)
+    cache = model.init_cache(B, context + rounds * (d + 1) + d + 1, t_max=d + 1,
+                             state_dtype=jnp.float32, commit_mode=commit_mode)
+    cache = jax.tree.map(
+        lambda c: c.replace(lengths=jnp.full_like(c.lengths, context))
+        if isinstance(c, KVCache) else c, cache, is_leaf=lambda c: isinstance(c, KVCache))
+    slots = jnp.arange(B, dtype=jnp.int32)
+    pending = jnp.asarray(np.random.default_rng(0).integers(0, 64, B), jnp.int32)
+    state = S.loop_state(cache, pending, jnp.zeros((B, model.config.hidden_size), model.dtype),
+                         cfg)
+    max_new = jnp.full((B,), rounds * (d + 1), jnp.int32)
+    graphdef, params = nnx.split(model)
+
+    @jax.jit
+    def run(params, state):
+        m = nnx.merge(graphdef, params)
+        return lax.fori_loop(0, rounds, lambda _, c: S.round_step(m, c, slots, max_new,
+                                                                  jax.random.key(3), cfg), state)
+
+    out = run(params, state)
+    accepted, row_rounds = np.asarray(out.accepted), np.asarray(out.row_rounds)
+    assert (row_rounds == rounds).all()
+    mean = (accepted.sum() + row_rounds.sum()) / row_rounds.sum()
+    # 320 draws of a Binomial(3, 0.797): the mean's standard error is about 0.04
+    assert abs(mean - L) < 0.2, mean
+    kv = [c for c in out.cache.layers if isinstance(c, KVCache)]
+    np.testing.assert_array_equal(np.asarray(kv[0].lengths), context + accepted + rounds)
+    with pytest.raises(ValueError, match="forced_accept_length expected 1..num_draft"):
+        S.SpecConfig(num_draft=2, max_new_tokens=4, forced_accept_length=3.5)
