@@ -1,18 +1,19 @@
 """Time a plain decode step, the MTP verify forward and a whole speculative round (gdn_jax.speculative),
 on one GPU or tensor-parallel over several.
 
-    python bench/bench_speculative.py --out DIR              # B = 1, 8, 32 (~2-4 min on an H100)
+    python bench/bench_speculative.py --out DIR              # full depth (48), B = 1, 8, 32
     python bench/bench_speculative.py --out DIR --quick      # B = 1, 8, fewer repetitions
-    python bench/bench_speculative.py --out DIR --layers 8   # more layers (3 GDN : 1 attention)
+    python bench/bench_speculative.py --out DIR --layers 8   # fewer layers (3 GDN : 1 attention)
+    python bench/bench_speculative.py --out DIR --accept-length 3.39 --commit-mode ring
     python bench/bench_speculative.py --out DIR --tp 1,2,4 --family qwen3_next --batches 1,32 --no-comm
     python bench/bench_speculative.py --out DIR --smoke      # tiny model on CPU (checks the script)
 
 Model: random weights at full width. `--family qwen3_5_text` (default): dense Qwen3.5-shaped, MLP
 5120. `--family qwen3_next`: Qwen3-Next-shaped, a sparse MoE block in every layer (`--experts`,
 default 512, top 10, expert width 512, shared expert 512). Both: hidden 2048, GDN H = 16, HV = 32,
-K = V = 128, conv 4; gated attention 16 heads, 2 KV heads, head dim 256; vocab 151936 (untied LM
-head); one MTP layer. `--layers` decoder layers, every 4th a full-attention layer (at least one of
-each kind). bf16 weights, activations and GDN state; replay commit mode; the ops' default backend
+K = V = 128, conv 4; gated attention 16 heads, 2 KV heads, head dim 256; untied LM head; one MTP
+layer; vocab: Qwen3.5's 248320 (qwen3_5_text), Qwen3-Next's 151936 (qwen3_next). `--layers` decoder layers, every 4th a full-attention layer (at least one of
+each kind). bf16 weights, activations and GDN state; `--commit-mode` (replay by default); the ops' default backend
 (Pallas kernels on a GPU). Every row starts with `--context` tokens in its KV caches (random GDN
 state: zeros; the numbers do not depend on it).
 
@@ -35,8 +36,13 @@ the cache carried and donated (the round: `gdn_jax.speculative.round_step` from
 `speculative.loop_state`). The trip count is a runtime argument, so one executable runs n and 2n
 calls; per call = (t(2n) - t(n)) / n, the median over --reps (dispatch and sync cancel;
 `gdn_jax.benchmark.time_chain`). The naive t(n) / n is recorded too. Tokens/s: plain decoding
-B / decode; speculative B * L / round at an accept length of L tokens per round (random weights
-accept nothing, so L is the model's property: L = round / decode is the break-even). Target
+B / decode; speculative B * L / round, with L the mean accept length the rounds kept: forced to
+`--accept-length` (default 3.39; SpecConfig.forced_accept_length: Binomial(d, (L - 1) / d) drafts
+kept per row and round, so commits, folds and KV growth are a real run's; random weights accept
+nothing on their own). The byte floor of each step (`byte_floor`: weights without the embedding
+table, routed experts as touched under uniform routing, the GDN state and conv window per commit
+mode, the KV of the context; the round adds the MTP head and LM head per draft) over the copy
+bandwidth measured in the same run gives decode / floor and round / floor. Target
 (issue #6): verify <= 1.3 x decode, B <= 32. The JSON (written after every row) has the devices,
 jax, the copy bandwidth of device 0 and the settings.
 """
@@ -65,6 +71,7 @@ from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM, shard_model  # noq
 from gdn_jax.modules.cache import GDNCache, KVCache  # noqa: E402
 from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
 from gdn_jax.modules.sharding import without_collectives  # noqa: E402
+from gdn_jax.ops.state import default_ring_size  # noqa: E402
 
 BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 8)
 
@@ -78,8 +85,9 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny model (hidden 64, HV 4, K = V = 16, vocab 256) on any device; "
                         "the numbers mean nothing")
-    p.add_argument("--layers", type=int, default=4,
-                   help="decoder layers (every 4th full attention; default 4 = 3 GDN + 1 attn)")
+    p.add_argument("--layers", type=int, default=48,
+                   help="decoder layers (every 4th full attention; default 48 = 36 GDN + 12 "
+                        "attention, full depth)")
     p.add_argument("--batches", default=None, help="comma-separated B values (overrides)")
     p.add_argument("--draft", type=int, default=3, help="d, drafts per round (default 3)")
     p.add_argument("--context", type=int, default=512, help="tokens already in the KV caches")
@@ -92,6 +100,12 @@ def parse_args(argv=None):
     p.add_argument("--no-comm", action="store_true",
                    help="also time decode and round without the blocks' all-reduces (TP > 1)")
     p.add_argument("--copy-gib", type=float, default=1.0, help="size of the bandwidth copy")
+    p.add_argument("--accept-length", type=float, default=3.39,
+                   help="forced acceptance: rounds keep Binomial(d, (L - 1) / d) drafts per row "
+                        "so the mean accept length is L (SpecConfig.forced_accept_length; "
+                        "0: the model's own acceptance, none with random weights)")
+    p.add_argument("--commit-mode", default="replay", choices=("replay", "ring", "intermediate"),
+                   help="the GDN layers' commit mode (the speculative loop's default: replay)")
     p.add_argument("--moe", default="auto", choices=("auto", "grouped"),
                    help="MoE experts: the model's choice (auto) or always the grouped matmuls "
                         "(lax.ragged_dot), the baseline of the gathered path")
@@ -117,7 +131,9 @@ def model_config(layers: int, smoke: bool, family: str = "qwen3_5_text",
         moe = dict(num_experts=min(experts, 8), num_experts_per_tok=2, moe_intermediate_size=32,
                    shared_expert_intermediate_size=32)
     else:
-        dims = dict(vocab_size=151936, hidden_size=2048, num_attention_heads=16,
+        # vocabularies: Qwen3.5's 248320, Qwen3-Next's 151936
+        dims = dict(vocab_size=248320 if family == "qwen3_5_text" else 151936,
+                    hidden_size=2048, num_attention_heads=16,
                     num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
                     linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
                     intermediate_size=5120)
@@ -161,7 +177,73 @@ def set_context(cache, context: int):
 _reset = jax.jit(set_context, static_argnums=(1,), donate_argnums=(0,))
 
 
-def chains(graphdef, d: int, vocab: int, buf_tokens: int):
+def _param_bytes(model) -> dict:
+    """Parameter bytes by what a step reads: the target's layers, final norm and LM head (not the
+    embedding table: a step gathers B rows of it), the MTP head, and the routed experts apart
+    (per layer: bytes of one expert, number of experts)."""
+    out = {"target": 0, "mtp": 0, "experts": []}
+    state = nnx.state(model, nnx.Param)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        nbytes = int(np.prod(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
+        if name.startswith("embed_tokens"):
+            continue
+        part = "mtp" if name.startswith("mtp/") else "target"
+        if "/experts_" in name:  # [E, ...]: a step reads the experts its tokens route to
+            out["experts"].append((part, leaf.shape[0], nbytes // leaf.shape[0]))
+        else:
+            out[part] += nbytes
+    return out
+
+
+def _touched(E: int, top_k: int, tokens: int) -> float:
+    """Expected distinct experts of E that `tokens` tokens touch under uniform random routing."""
+    return E * (1.0 - (1.0 - top_k / E) ** tokens) if E else 0.0
+
+
+def byte_floor(model, config, B: int, context: int, d: int, commit_mode: str,
+               accept_length: float | None = None, state_bytes: int = 2) -> dict:
+    """Bytes a plain decode step and a speculative round must move (the step's byte floor):
+    weights (`_param_bytes`; routed experts: those touched, in expectation under uniform random
+    routing: 1 token per row for decode, d + 1 for the verify, 1 per MTP forward), the GDN state
+    and conv window read and written in `commit_mode`, and the KV of the used length (context).
+    The round reads the MTP head and the LM head once per draft (d forwards: the extend and
+    d - 1 chained steps)."""
+    c = config
+    pb = _param_bytes(model)
+    gdn_layers = sum(t == "linear_attention" for t in c.layer_types)
+    attn_layers = len(c.layer_types) - gdn_layers
+    lm_head = c.hidden_size * c.vocab_size * 2
+    pool = B * c.linear_num_value_heads * c.linear_value_head_dim * c.linear_key_head_dim * state_bytes
+    conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + (
+        c.linear_num_value_heads * c.linear_value_head_dim)
+    conv = B * conv_dim * (c.linear_conv_kernel_dim - 1) * 2
+    kv = 2 * B * context * c.num_key_value_heads * c.head_dim * 2  # one attention layer's K, V
+
+    def experts(part, tokens):
+        return sum(_touched(E, c.num_experts_per_tok, tokens) * per
+                   for p, E, per in pb["experts"] if p == part)
+
+    T = d + 1
+    L = accept_length or T
+    W = default_ring_size(T)
+    # GDN state per round, by commit mode (decode: one read and one write): replay reads and
+    # writes it once; intermediate reads it, writes T states and copies one back; ring reads it
+    # and writes it at a fold, once every (W - T) / L rounds
+    per_round = {"replay": 2.0, "intermediate": 1.0 + T + 2.0,
+                 "ring": 1.0 + min(1.0, L / (W - T))}[commit_mode]
+    decode = (pb["target"] + experts("target", B) + gdn_layers * (2 * pool + 2 * conv)
+              + attn_layers * kv)
+    round_ = (pb["target"] + experts("target", B * T) + gdn_layers * (per_round * pool + 2 * conv)
+              + attn_layers * kv
+              + d * (pb["mtp"] + lm_head + experts("mtp", B) + kv))
+    return {"decode_bytes": decode, "round_bytes": round_, "weights_target": pb["target"],
+            "weights_mtp": pb["mtp"], "lm_head": lm_head, "gdn_pool": pool, "kv_layer": kv,
+            "gdn_layers": gdn_layers, "attn_layers": attn_layers, "gdn_state_per_round": per_round}
+
+
+def chains(graphdef, d: int, vocab: int, buf_tokens: int, accept_length: float | None = None,
+           commit_mode: str = "replay"):
     """The three timed programs: f(params, n, cache, tok) -> (cache, tok)."""
 
     def decode(params, n, cache, tok):
@@ -189,7 +271,8 @@ def chains(graphdef, d: int, vocab: int, buf_tokens: int):
             return cache, jnp.take_along_axis(best, n_acc[:, None], 1)[:, 0]
         return lax.fori_loop(0, n, body, (cache, tok))
 
-    cfg = S.SpecConfig(num_draft=d, max_new_tokens=buf_tokens)
+    cfg = S.SpecConfig(num_draft=d, max_new_tokens=buf_tokens, commit_mode=commit_mode,
+                       forced_accept_length=accept_length)
 
     def round_(params, n, cache, tok):
         model = nnx.merge(graphdef, params)
@@ -201,24 +284,24 @@ def chains(graphdef, d: int, vocab: int, buf_tokens: int):
         key = jax.random.key(0)
         state = lax.fori_loop(
             0, n, lambda _, c: S.round_step(model, c, slots, max_new, key, cfg), state)
-        return state.cache, state.pending
+        return state.cache, state.pending, (state.accepted, state.row_rounds)
 
     return {"decode": decode, "verify": verify, "round": round_}
 
 
 def time_program(fn, params, cache, tok, n: int, reps: int, context: int):
     """Per-call seconds of program fn (`gdn_jax.benchmark.time_chain`, by difference; every run
-    from `context` tokens): (timing, cache)."""
+    from `context` tokens): (timing, cache, what else the last run returned)."""
     run = jax.jit(lambda *a: fn(*a), donate_argnums=(2,))  # a fresh trace per call
 
     def chain(state, calls):
         return run(params, jnp.int32(calls), state[0], tok)
 
     def rewind(state):
-        return _reset(state[0], context), state[1]
+        return (_reset(state[0], context),) + tuple(state[1:])
 
-    timing, (cache, _) = time_chain(chain, (cache, tok), calls=n, reps=reps, setup=rewind)
-    return timing, cache
+    timing, state = time_chain(chain, (cache, tok), calls=n, reps=reps, setup=rewind)
+    return timing, state[0], state[2:]
 
 
 def build(config, dtype, tp: int):
@@ -245,6 +328,9 @@ def main(argv=None):
     reps = 3 if args.quick else args.reps
     chain = 4 if args.smoke and args.chain >= 20 else args.chain
     d = args.draft
+    accept = args.accept_length or None
+    if accept is not None and not 1.0 <= accept <= d + 1:
+        raise SystemExit(f"--accept-length must be in 1..d + 1 = {d + 1} (or 0), got {accept}")
     dtype = jnp.bfloat16
     config = model_config(args.layers, args.smoke, args.family, args.experts)
     buf_tokens = 2 * chain * (d + 1) + 1
@@ -271,7 +357,8 @@ def main(argv=None):
                      "HV": config.linear_num_value_heads, "K": config.linear_key_head_dim,
                      "V": config.linear_value_head_dim, "experts": config.num_experts,
                      "top_k": config.num_experts_per_tok, "dtype": "bfloat16",
-                     "state_dtype": "bfloat16", "commit_mode": "replay", "draft": d,
+                     "state_dtype": "bfloat16", "commit_mode": args.commit_mode, "draft": d,
+                     "accept_length_forced": accept,
                      "context": args.context, "max_len": max_len, "chain": chain, "reps": reps,
                      "tp": list(tps), "smoke": args.smoke, "argv": sys.argv[1:]},
         "method": "per call = median over reps of (t(2n) - t(n)) / n, fori_loop chain, cache "
@@ -286,10 +373,11 @@ def main(argv=None):
         if args.moe == "grouped":
             set_expert_path(model, "grouped")
         graphdef, params = nnx.split(model)
-        progs = chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens)
+        progs = chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens,
+                       accept_length=accept, commit_mode=args.commit_mode)
         for B in batches:
             cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=dtype,
-                                     commit_mode="replay")
+                                     commit_mode=args.commit_mode)
             tok = jnp.asarray(np.random.default_rng(B).integers(0, config.vocab_size, B),
                               jnp.int32)
             row = {"tp": tp, "B": B}
@@ -300,8 +388,12 @@ def main(argv=None):
                 base = name.split("_no_comm")[0]
                 ctx = without_collectives() if name != base else contextlib.nullcontext()
                 with ctx:
-                    timing, cache = time_program(progs[base], params, cache, tok, chain, reps,
-                                                 args.context)
+                    timing, cache, extra = time_program(progs[base], params, cache, tok, chain,
+                                                        reps, args.context)
+                if base == "round" and extra:
+                    accepted, row_rounds = (np.asarray(x) for x in extra[0])
+                    row.setdefault("accept_length", float(
+                        (accepted.sum() + row_rounds.sum()) / max(1, row_rounds.sum())))
                 per, naive, comp = timing.per_call_s, timing.whole_s, timing.first_s
                 row[name] = {"per_call_ms": per * 1e3, "naive_ms": naive * 1e3,
                              "compile_s": round(comp, 2), "method": timing.method,
@@ -312,6 +404,16 @@ def main(argv=None):
             dec, rnd = row["decode"]["per_call_ms"], row["round"]["per_call_ms"]
             row["verify_over_decode"] = row["verify"]["per_call_ms"] / dec
             row["round_over_decode"] = rnd / dec
+            floor = byte_floor(model, config, B, args.context, d, args.commit_mode, accept)
+            gbps = copy["GBps"]
+            row["floor"] = {**floor, "decode_ms": floor["decode_bytes"] / gbps / 1e6,
+                            "round_ms": floor["round_bytes"] / gbps / 1e6}
+            row["decode_over_floor"] = dec / row["floor"]["decode_ms"]
+            row["round_over_floor"] = rnd / row["floor"]["round_ms"]
+            L = row.get("accept_length")
+            if accept and L:
+                row["spec_tokens_per_s"] = B * L / rnd * 1e3
+                row["spec_over_plain"] = row["spec_tokens_per_s"] / (B / dec * 1e3)
             row["tokens_per_s"] = {"plain": B / dec * 1e3,
                                    **{f"spec_L{L}": B * L / rnd * 1e3 for L in (1, 2, 3, 4)}}
             for name in ("decode", "round"):
@@ -325,18 +427,21 @@ def main(argv=None):
             del cache
         del model, params, progs
 
-    print(f"\n{'TP':>3} {'B':>4} {'decode ms':>10} {'verify ms':>10} {'round ms':>10} "
-          f"{'verify/dec':>11} {'round/dec':>10} {'plain tok/s':>12} {'spec@L=2.5':>11} "
-          f"{'comm share':>11}   (d = {d})")
+    print(f"\n{'TP':>3} {'B':>4} {'decode ms':>10} {'floor ms':>9} {'dec/floor':>9} "
+          f"{'verify ms':>10} {'round ms':>10} {'round/dec':>10} {'L':>5} {'plain tok/s':>12} "
+          f"{'spec tok/s':>11} {'spec/plain':>10} {'comm share':>11}   (d = {d})")
     for r in rows:
         share = r.get("decode_comm_share")
         rnd_share = r.get("round_comm_share")
         comm = ("" if share is None else f"{100 * share:.0f}%/{100 * rnd_share:.0f}%")
+        spec = r.get("spec_tokens_per_s")
         print(f"{r['tp']:>3} {r['B']:>4} {r['decode']['per_call_ms']:>10.3f} "
+              f"{r['floor']['decode_ms']:>9.3f} {r['decode_over_floor']:>9.2f} "
               f"{r['verify']['per_call_ms']:>10.3f} {r['round']['per_call_ms']:>10.3f} "
-              f"{r['verify_over_decode']:>11.2f} {r['round_over_decode']:>10.2f} "
+              f"{r['round_over_decode']:>10.2f} {r.get('accept_length', float('nan')):>5.2f} "
               f"{r['tokens_per_s']['plain']:>12.0f} "
-              f"{r['B'] * 2.5 / r['round']['per_call_ms'] * 1e3:>11.0f} {comm:>11}")
+              f"{spec if spec is not None else float('nan'):>11.0f} "
+              f"{r.get('spec_over_plain', float('nan')):>10.2f} {comm:>11}")
     print("comm share: decode/round time the blocks' all-reduces add (--no-comm)")
     ok = all(r["verify_over_decode"] <= 1.3 for r in rows if r["B"] <= 32)
     print(f"target verify <= 1.3 x decode for B <= 32: {'met' if ok else 'NOT met'}")
