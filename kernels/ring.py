@@ -10,7 +10,13 @@ ones), the ring's committed tokens are folded into the pool, in this same launch
 then appends the tokens to the ring (at 0 after a fold, else at count) and sets count (in XLA:
 other programs of the row still read the ring here).
 
-kernel body `_ring_kernel` -> launcher `_ring_call` -> public `verify_ring` (jitted, pool donated).
+The split form (`verify_ring(split=True)`, opt-in until the H200 has measured it) computes the
+state-free algebra (`_chunk.token_algebra`) once per (row, value head) in XLA ahead of the kernel
+(`_algebra`), leaving `_split_kernel` the products with the state: about 125 registers against
+the fused kernel's 255 (bench/ptxas_stats.py), for some 40 small XLA kernels per call.
+
+kernel bodies `_ring_kernel`, `_split_kernel` -> launcher `_ring_call` -> public `verify_ring`
+(jitted, pool donated).
 """
 
 from __future__ import annotations
