@@ -20,7 +20,7 @@ from flax import nnx
 
 from gdn_jax import speculative
 from gdn_jax.progress import Steps
-from gdn_jax.text import EOS, encode_prompts
+from gdn_jax.text import encode_prompts, eos_id
 from gdn_jax.train.loop import losses
 
 PROMPT_MIN_TOKENS, PROMPT_MAX_TOKENS = 64, 128
@@ -90,7 +90,7 @@ def accept_length(model, tokenizer, prompts: dict, *, num_draft: int = 3,
     texts = [p["text"] for p in prompts["prompts"]]
     toks, lengths = encode_prompts(tokenizer, texts)
     n = int(max_new_tokens or prompts.get("max_new_tokens", EVAL_MAX_NEW_TOKENS))
-    eos = tokenizer.token_to_id(EOS)
+    eos = eos_id(tokenizer)
     out = speculative.generate(model, toks, lengths, num_draft=num_draft, max_new_tokens=n,
                                temperature=0.0, stop_tokens=() if eos is None else (eos,),
                                state_dtype=state_dtype)
