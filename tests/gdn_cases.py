@@ -127,6 +127,23 @@ class RingMirror:
         self.count[slot] += n
 
 
+def real_rows(slots, num_slots):
+    """[(row, slot)] of the rows whose slot is real (0 <= slot < num_slots)."""
+    return [(i, int(s)) for i, s in enumerate(np.asarray(slots)) if 0 <= s < num_slots]
+
+
+STATE_FIELDS = ("pool", "cand_k", "cand_v", "cand_g", "cand_beta", "count")
+
+
+def assert_untouched(before, after, slots, num_slots, fields=STATE_FIELDS):
+    """Every slot no real row of `slots` names is bit-identical in each field of the state."""
+    used = {s for _, s in real_rows(slots, num_slots)}
+    other = [s for s in range(num_slots) if s not in used]
+    for name in fields:
+        x, y = np.asarray(getattr(before, name)), np.asarray(getattr(after, name))
+        np.testing.assert_array_equal(x[other], y[other], err_msg=f"{name} of an unnamed slot")
+
+
 def rel_err(x, ref):
     """max |x - ref| / max |ref|: the normwise relative error the tolerances are stated in."""
     x, ref = f64(x), np.asarray(ref, np.float64)

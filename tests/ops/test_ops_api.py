@@ -13,12 +13,15 @@ last store, so one call is within BF16_EPS and R rounds within R * BF16_EPS (dec
 earlier errors). bf16 outputs add one rounding of their own.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_cases import BF16_EPS, OraclePool, f64, random_state, rel_err, slot_batch, tokens
+from gdn_cases import (BF16_EPS, OraclePool, assert_untouched, f64, random_state, real_rows,
+                        rel_err, slot_batch, tokens)
 from gdn_jax import ops
 from gdn_jax.ops import dispatch
 
@@ -42,18 +45,8 @@ def _setup(seed, B_real=3, T=1, pool_dtype=jnp.float32, input_dtype=jnp.float32,
     return rng, st, slots, tok
 
 
-def _real_rows(slots):
-    s = np.asarray(slots)
-    return [(i, int(x)) for i, x in enumerate(s) if 0 <= x < NUM_SLOTS]
-
-
-def _assert_untouched(before, after, slots, fields=("pool", "cand_k", "cand_v", "cand_g",
-                                                    "cand_beta", "count")):
-    used = {s for _, s in _real_rows(slots)}
-    other = [s for s in range(NUM_SLOTS) if s not in used]
-    for name in fields:
-        x, y = np.asarray(getattr(before, name)), np.asarray(getattr(after, name))
-        np.testing.assert_array_equal(x[other], y[other], err_msg=f"{name} of an unnamed slot")
+_real_rows = functools.partial(real_rows, num_slots=NUM_SLOTS)
+_assert_untouched = functools.partial(assert_untouched, num_slots=NUM_SLOTS)
 
 
 def _tol(pool_dtype, rounds=1):

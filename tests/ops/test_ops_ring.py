@@ -15,13 +15,16 @@ ring keeps the raw inputs exactly, so R folds stay within R * BF16_EPS; outputs 
 rounding.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import oracle
-from gdn_cases import BF16_EPS, RingMirror, f64, rel_err, tokens
+from gdn_cases import (BF16_EPS, RingMirror, assert_untouched, f64, real_rows, rel_err,
+                        tokens)
 from gdn_jax import ops
 from gdn_jax.ops import dispatch
 
@@ -36,8 +39,8 @@ def backend(request, monkeypatch):
     return request.param
 
 
-def _real_rows(slots):
-    return [(i, int(s)) for i, s in enumerate(np.asarray(slots)) if 0 <= s < NUM_SLOTS]
+_real_rows = functools.partial(real_rows, num_slots=NUM_SLOTS)
+_assert_untouched = functools.partial(assert_untouched, num_slots=NUM_SLOTS)
 
 
 def _slots(rng, B_real=3):
@@ -51,15 +54,6 @@ def _state(rng, pool_dtype, input_dtype):
                              input_dtype=input_dtype, commit_mode="ring", ring_size=W)
     pool = jnp.asarray(0.5 * rng.standard_normal(st.pool.shape), jnp.float32).astype(pool_dtype)
     return st.replace(pool=pool)
-
-
-def _assert_untouched(before, after, slots, fields=("pool", "cand_k", "cand_v", "cand_g",
-                                                    "cand_beta", "count")):
-    used = {s for _, s in _real_rows(slots)}
-    other = [s for s in range(NUM_SLOTS) if s not in used]
-    for name in fields:
-        x, y = np.asarray(getattr(before, name)), np.asarray(getattr(after, name))
-        np.testing.assert_array_equal(x[other], y[other], err_msg=f"{name} of an unnamed slot")
 
 
 def _rounds(seed, pool_dtype, input_dtype, rounds, mild=False):
