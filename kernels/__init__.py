@@ -13,6 +13,9 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     o, pool = verify_replay(...same arguments...)                         # pool := folded state
     pool = fold(pool, cand_k, cand_v, cand_g, cand_beta, count, slots, config=TuningConfig(...))
 
+    y = project(x, w, config=ProjectionConfig(...))   # x [M <= PROJECTION_MAX_M, K] @ w [K, N]:
+                                         # the model's projections at the weight's read bandwidth
+
     o, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring mode:
                                          # pool written only where the committed ring folds
 
@@ -40,6 +43,9 @@ from ._tokens_mgpu import misfit as mosaic_misfit
 from .decode import decode
 from .decode_mgpu import decode_mgpu
 from .fold import fold
+from .projection import PROJECTION_MAX_M, ProjectionConfig, project
+from .projection import block_m as projection_block_m
+from .projection import misfit as projection_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
@@ -52,7 +58,8 @@ def mosaic_unavailable() -> str | None:
 
 __all__ = ["MAX_T", "MOSAIC_MAX_K", "MOSAIC_MODES", "POOL_DTYPES", "RING_MAX_T", "RING_MIN",
            "Dims", "Dtypes",
-           "MosaicConfig", "TuningConfig", "decode", "decode_mgpu", "fold",
-           "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
+           "MosaicConfig", "PROJECTION_MAX_M", "ProjectionConfig", "TuningConfig", "decode", "decode_mgpu", "fold",
+           "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
+           "projection_block_m", "projection_misfit",
            "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
            "verify_replay_mgpu", "verify_ring"]

@@ -54,8 +54,9 @@ class TuningConfig:
             raise ValueError(f"{op}: block_v must divide V, got {self.block_v=}, {V=}")
 
 
-def pallas_call(kernel, *, name: str, config: TuningConfig, interpret: bool, **kwargs):
-    """`pl.pallas_call` with the Triton compiler params of `config` (never Mosaic GPU)."""
+def pallas_call(kernel, *, name: str, config, interpret: bool, **kwargs):
+    """`pl.pallas_call` with the Triton compiler params of `config` (never Mosaic GPU): its
+    num_warps and num_stages (a TuningConfig, or any kernel's config that has them)."""
     return pl.pallas_call(
         kernel,
         name=name,

@@ -1,12 +1,15 @@
-"""The bias-free projection every module uses: `nnx.Linear` with kernel [in, out] (HF keeps
-[out, in]: the checkpoint loader transposes) and an explicit matmul precision."""
+"""The bias-free projection every module uses: `nnx.Linear`'s parameters (kernel [in, out]; HF
+keeps [out, in]: the checkpoint loader transposes) with an explicit matmul precision, computed by
+`gdn_jax.ops.projection.project` (the few-row kernel on a GPU, else XLA's dot)."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
 from gdn_jax.modules.sharding import tp_metadata
+from gdn_jax.ops.projection import project
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -16,14 +19,23 @@ def linear(in_features: int, out_features: int, *, dtype, param_dtype, precision
     """sharding: the kernel's mesh names per axis ((None, TP): by columns, (TP, None): by rows;
     `gdn_jax.modules.sharding.tp_metadata`), or None: replicated."""
     metadata = {} if sharding is None else tp_metadata(*sharding)
-    return nnx.Linear(in_features, out_features, use_bias=False, dtype=dtype,
+    return Linear(in_features, out_features, use_bias=False, dtype=dtype,
                       param_dtype=param_dtype, precision=precision,
                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
                       kernel_metadata=metadata)
 
 
+class Linear(nnx.Linear):
+    """`nnx.Linear` (bias-free here) whose product is `dense`: same parameters, same numbers in
+    XLA, the few-row kernel where it runs."""
+
+    def __call__(self, x):
+        return dense(x, self.kernel[...], dtype=self.dtype, precision=self.precision)
+
+
 def dense(x, kernel, *, dtype, precision):
     """What `nnx.Linear(use_bias=False)` computes, on a bare kernel array [in, out] (the
     per-shard bodies of the tensor-parallel blocks call it on their local kernels)."""
+    dtype = dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    return lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    return project(x, kernel, precision=precision)

@@ -1,0 +1,186 @@
+"""Each projection of a Qwen3.5-shaped step alone, against its byte floor: XLA's GEMM beside the
+few-row kernel (gdn_jax.ops.project / gdn_jax.kernels.project), at the row counts of decode and
+verify.
+
+    python bench/bench_projection.py --out DIR                    # the dispatch's configs
+    python bench/bench_projection.py --out DIR --sweep            # + a config sweep per case
+    python bench/bench_projection.py --out DIR --rows 1,32 --shapes out_proj,lm_head
+
+Shapes (hidden 2048; GDN H = 16, HV = 32, K = V = 128; attention 16 heads of 256, 2 KV heads;
+MLP 5120; vocab 248320), as [K, N] = [in, out]: in_proj_qkvz 2048 x 12288, in_proj_ba 2048 x 64,
+out_proj 4096 x 2048, q_proj 2048 x 8192 (with the output gate), k_proj / v_proj 2048 x 512,
+o_proj 4096 x 2048, gate_proj / up_proj 2048 x 5120, down_proj 5120 x 2048, lm_head
+2048 x 248320, mtp_fc 4096 x 2048.
+
+Each case runs one jitted program of L projections of the same rows through L distinct copies of
+the weight (L copies >= 3 x the 50 MB L2, so every weight comes from HBM), repeated --reps times
+under jax.profiler; its GPU kernel time (the padding, the kernel and the sum of the partials
+included) / (L x reps) is the figure, and weight bytes / figure its bandwidth, beside the copy
+bandwidth measured in the same run (`gdn_jax.benchmark.copy_bandwidth`). Paths: `xla` (the dot
+as the modules made it so far), `xla_cublas` (the same with XLA's Triton GEMM off for this one
+program, `compiler_options`), `kernel` (the dispatch's config), and with --sweep the best of a
+coordinate search over the kernel's config. JSON: DIR/bench_projection.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+
+from gdn_jax import kernels  # noqa: E402
+from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
+from gdn_jax.ops import projection  # noqa: E402
+from gdn_jax.profiling import kernel_trace  # noqa: E402
+
+SHAPES = {  # name: (K, N), [in, out]
+    "in_proj_qkvz": (2048, 12288), "in_proj_ba": (2048, 64), "out_proj": (4096, 2048),
+    "q_proj": (2048, 8192), "k_proj": (2048, 512), "o_proj": (4096, 2048),
+    "gate_proj": (2048, 5120), "down_proj": (5120, 2048), "lm_head": (2048, 248320),
+    "mtp_fc": (4096, 2048),
+}
+L2_BYTES = 50 << 20
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", required=True, help="directory for bench_projection.json")
+    p.add_argument("--rows", default="1,4,8,16,32,64,128", help="M values (B x T tokens)")
+    p.add_argument("--shapes", default=",".join(SHAPES), help="names from the list above")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--sweep", action="store_true", help="search the kernel's config per case")
+    p.add_argument("--sweep-rows", default="1,32,128", help="the rows --sweep searches at")
+    p.add_argument("--max-seconds", type=float, default=1e9,
+                   help="stop sweeping (not measuring) after this many seconds")
+    p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
+    return p.parse_args(argv)
+
+
+def _kernel_seconds(fn, args, reps):
+    """GPU kernel time of one call of fn(*args) (jitted), or wall time where no GPU was traced."""
+    jax.block_until_ready(fn(*args))
+    with kernel_trace() as trace:
+        for _ in range(reps):
+            jax.block_until_ready(fn(*args))
+    if trace.busy_ns():
+        return trace.busy_ns() / reps / 1e9
+    t = time.perf_counter()
+    for _ in range(reps):
+        jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - t) / reps
+
+
+def _program(proj):
+    return lambda x, ws: tuple(proj(x, w) for w in ws)
+
+
+def _xla(x, w):
+    return lax.dot_general(x, w, (((1,), (0,)), ((), ())))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    dev = jax.devices()[0]
+    copy = copy_bandwidth(1 << 30 if dev.platform == "gpu" else 1 << 24)
+    sms = projection._sm_count()
+    result = {"device": dev.device_kind, "jax": jax.__version__, "copy_gbps": copy,
+              "python": platform.python_version(), "sm_count": sms, "reps": args.reps,
+              "argv": sys.argv[1:], "cases": []}
+    rng = np.random.default_rng(0)
+    dtype = jnp.bfloat16
+    started = time.perf_counter()
+    print(f"{dev.device_kind}, jax {jax.__version__}, copy {copy:.0f} GB/s, {sms} SMs")
+    print(f"{'shape':14s} {'M':>4s} {'MB':>7s} {'xla us':>8s} {'cublas':>8s} {'kernel':>8s} "
+          f"{'GB/s':>6s} {'%copy':>6s} {'best':>8s} best config")
+    for name in args.shapes.split(","):
+        K, N = SHAPES[name]
+        nbytes = K * N * 2
+        copies = 1 if args.interpret else max(1, min(16, -(-3 * L2_BYTES // nbytes)))
+        ws = [jnp.asarray(rng.standard_normal((K, N), np.float32) * 0.02, dtype)
+              for _ in range(copies)]
+        for M in map(int, args.rows.split(",")):
+            x = jnp.asarray(rng.standard_normal((M, K), np.float32), dtype)
+            case = {"shape": name, "K": K, "N": N, "M": M, "copies": copies,
+                    "weight_bytes": nbytes}
+
+            def time_of(proj, options=None):
+                fn = jax.jit(_program(proj))
+                if options:
+                    fn = fn.lower(x, ws).compile(compiler_options=options)
+                return _kernel_seconds(fn, (x, ws), args.reps) / copies
+
+            case["xla_us"] = time_of(_xla) * 1e6
+            try:
+                case["xla_cublas_us"] = time_of(_xla, {"xla_gpu_enable_triton_gemm": False}) * 1e6
+            except Exception as e:  # noqa: BLE001 - an option this XLA lacks: report, go on
+                case["xla_cublas_us"], case["xla_cublas_error"] = None, repr(e)[:200]
+            config = projection.config_for(M, K, N, sm_count=sms)
+
+            def kernel_us(cfg):
+                return time_of(lambda x, w: kernels.project(x, w, config=cfg,
+                                                            interpret=args.interpret)) * 1e6
+
+            case["config"] = _cfg(config)
+            case["kernel_us"] = kernel_us(config)
+            best = (case["kernel_us"], config)
+            if args.sweep and M in map(int, args.sweep_rows.split(",")) \
+                    and time.perf_counter() - started < args.max_seconds:
+                best, tried = _sweep(config, K, N, M, kernel_us, best)
+                case["sweep"] = tried
+            case["best_us"], case["best_config"] = best[0], _cfg(best[1])
+            case["kernel_gbps"] = nbytes / case["kernel_us"] / 1e3
+            case["kernel_pct_copy"] = 100 * case["kernel_gbps"] / copy
+            case["floor_us"] = nbytes / copy / 1e3
+            result["cases"].append(case)
+            cub = case["xla_cublas_us"]
+            print(f"{name:14s} {M:4d} {nbytes / 1e6:7.1f} {case['xla_us']:8.1f} "
+                  f"{cub if cub is None else round(cub, 1)!s:>8s} {case['kernel_us']:8.1f} "
+                  f"{case['kernel_gbps']:6.0f} {case['kernel_pct_copy']:6.1f} "
+                  f"{best[0]:8.1f} {case['best_config']}", flush=True)
+            with open(os.path.join(args.out, "bench_projection.json"), "w") as f:
+                json.dump(result, f, indent=1)
+
+
+def _cfg(c):
+    return [c.block_n, c.block_k, c.splits, c.num_warps, c.num_stages]
+
+
+def _sweep(config, K, N, M, kernel_us, best):
+    """Coordinate search from the dispatch's config: each knob in turn, keeping the best."""
+    import dataclasses
+    tried = []
+    steps = K // 16
+    knobs = {"block_n": [16, 32, 64, 128, 256], "block_k": [32, 64, 128, 256],
+             "splits": [d for d in (1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 64) if steps % d == 0],
+             "num_stages": [2, 3, 4, 5, 6], "num_warps": [2, 4, 8]}
+    for knob, values in knobs.items():
+        for value in values:
+            cfg = dataclasses.replace(best[1], **{knob: value})
+            if cfg == best[1] or cfg.misfit(K, N):
+                continue
+            try:
+                us = kernel_us(cfg)
+            except Exception as e:  # noqa: BLE001 - out of SMEM or registers: skip the config
+                tried.append({"config": _cfg(cfg), "error": repr(e)[:160]})
+                continue
+            tried.append({"config": _cfg(cfg), "us": us})
+            if us < best[0]:
+                best = (us, cfg)
+    return best, tried
+
+
+if __name__ == "__main__":
+    main()

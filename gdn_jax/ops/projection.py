@@ -1,0 +1,102 @@
+"""`project(x, w)`: the bias-free projection `x @ w` every module makes, routed to the kernel that
+reads the weight at bandwidth when few rows go through it (`gdn_jax.kernels.project`), else XLA.
+
+    y = project(x, w, precision=lax.Precision.HIGHEST)   # x: [..., K], w: [K, N] -> [..., N]
+
+A decode or verify step is a chain of such projections over 1 to 128 rows (B x T tokens), where
+XLA's GEMM reads the weight at about a fifth of the copy bandwidth (bench/bench_projection.py).
+The kernel runs where all of these hold: a CUDA GPU of compute capability >= 8.0, bf16 or fp16
+x and w, at most `kernels.PROJECTION_MAX_M` rows, and a [K, N] weight its blocks tile
+(`kernels.projection_misfit`). Elsewhere -- CPU, fp32 (the kernel has no precision to honour),
+prefill-sized M -- it is `lax.dot_general` with the given precision, as before. The environment
+variable GDN_JAX_PROJECTION (else GDN_JAX_BACKEND, which steers the GDN ops too) set to "xla"
+keeps every projection in XLA; "interpret" runs the kernel in the Pallas interpreter where it fits
+(tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from gdn_jax import kernels
+from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
+from gdn_jax.ops.dispatch import Device
+
+ENV_VAR = "GDN_JAX_PROJECTION"
+
+_MIN_CAPABILITY = (8, 0)
+_BLOCK_N = 128
+_WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
+
+
+def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None = None):
+    """x: [..., K], w: [K, N] -> [..., N] in x's dtype (x and w share a dtype).
+
+    precision: XLA's, where XLA runs it (the kernel's bf16 / fp16 products are exact in fp32).
+    backend:   None | "auto" (dispatch), "xla", "triton" (the kernel; an error where it cannot
+               run), "interpret" (the kernel in the Pallas interpreter).
+    """
+    *lead, K = x.shape
+    if w.ndim != 2 or w.shape[0] != K:
+        raise ValueError(f"project: w [K, N] with K = {K} (x's last axis) expected, "
+                         f"got w{list(w.shape)}")
+    N = w.shape[1]
+    M = math.prod(lead)
+    choice = _select(M, K, N, x.dtype, w.dtype, backend)
+    if choice is None:
+        return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+    config, interpret = choice
+    y = kernels.project(x.reshape(M, K), w, config=config, interpret=interpret)
+    return y.reshape(*lead, N)
+
+
+def config_for(M: int, K: int, N: int, *, sm_count: int = 132) -> kernels.ProjectionConfig:
+    """The launch config for M rows of a [K, N] weight on a GPU of sm_count SMs (a heuristic fit
+    to the H200 sweep, bench/results/bench_projection-*.json): column blocks of 128 (fewer where N
+    has no such divisor), and K cut into the fewest slices that give `_WAVES` programs per SM,
+    while the fp32 partial sums stay small beside the weight."""
+    block_n = _BLOCK_N
+    while N % block_n and block_n > 16:
+        block_n //= 2
+    bm = kernels.projection_block_m(M)
+    block_k = 128 if bm <= 64 else 64
+    steps = max(1, K // block_k)
+    max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
+    want = -(-_WAVES * sm_count // max(1, N // block_n))
+    divisors = [d for d in range(1, steps + 1) if steps % d == 0 and d <= max_splits]
+    splits = next((d for d in divisors if d >= want), divisors[-1])
+    return kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
+                                    num_warps=8 if bm >= 128 else 4, num_stages=3)
+
+
+def _select(M, K, N, x_dtype, w_dtype, backend):
+    """(config, interpret) for the kernel, or None for XLA. An explicit backend is strict (an
+    error where it cannot run); the environment variable only steers: "xla" keeps every
+    projection in XLA, "interpret" runs the kernel in the interpreter where it fits."""
+    if backend not in (None, "auto", "xla", "triton", "interpret"):
+        raise ValueError(f"project: backend expected one of ['auto', 'xla', 'triton', "
+                         f"'interpret'], got {backend!r}")
+    wish = backend if backend not in (None, "auto") else (
+        os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))
+    if wish == "xla":
+        return None
+    dev = Device.of()
+    config = config_for(M, K, N, sm_count=_sm_count())
+    why = (f"x is {x_dtype} and w {w_dtype}" if jnp.dtype(x_dtype) != jnp.dtype(w_dtype)
+           else kernels.projection_misfit(M, K, N, x_dtype, config))
+    if wish != "interpret" and not why and not (
+            dev.platform == "gpu" and (dev.capability or (0, 0)) >= _MIN_CAPABILITY):
+        why = f"{dev} is not a CUDA GPU of compute capability >= 8.0"
+    if why and backend in ("triton", "interpret"):
+        raise ValueError(f"project: backend {backend!r} cannot take x [{M}, {K}] @ "
+                         f"w [{K}, {N}]: {why}")
+    return None if why else (config, wish == "interpret")
+
+
+def _sm_count() -> int:
+    return getattr(jax.devices()[0], "core_count", None) or 132

@@ -1,0 +1,132 @@
+"""A projection of few rows, `x @ w` for M <= PROJECTION_MAX_M rows, at the weight's read bandwidth.
+
+XLA lowers one-to-few-row bf16 projections as reductions or small GEMMs that read the weight at
+about a fifth of the copy bandwidth on an H200 (../shared/notes/verify-anchors.md, section 5).
+A decode step is nothing but such projections, so this kernel streams the weight once with many
+loads in flight: the grid is (N // block_n, splits), program (n, s) reduces its K / splits slice
+of the weight's column block [K / splits, block_n] against all M rows (padded to block_m >= 16,
+the tensor cores' smallest tile), in fp32, and writes an fp32 partial sum. The splits (split-K)
+put enough programs on the GPU when N is small (an out_proj has 2048 columns: 16 blocks of 128);
+the caller sums the partials and casts.
+
+    y = project(x, w, config=ProjectionConfig(block_n=128, block_k=128, splits=4))
+
+x: [M, K], w: [K, N] (the [in, out] kernel of `nnx.Linear`), both bf16 or fp16 (the products are
+exact in the fp32 accumulator; an fp32 projection stays with XLA, which can honour its precision).
+Returns [M, N] in x's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _pallas
+from ._common import is_pow2
+
+_F32 = jnp.float32
+PROJECTION_MAX_M = 128  # the most rows one call takes: all rows share one pass over the weight
+PROJECTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_MIN_BLOCK_M = 16  # the smallest M of a tensor-core tile (tl.dot)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectionConfig:
+    """Launch parameters of `project` (hashable: a static argument).
+
+    block_n:    columns of w per program (a power of two >= 16 dividing N).
+    block_k:    rows of w per loop step (a power of two >= 16).
+    splits:     K is cut into this many slices, one program each; K // splits must be a multiple
+                of block_k.
+    num_warps, num_stages: Triton's; the stages pipeline the loads of the loop over K.
+    """
+
+    block_n: int = 128
+    block_k: int = 128
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k"):
+            value = getattr(self, name)
+            if not is_pow2(value) or value < 16:
+                raise ValueError(f"ProjectionConfig: {name} must be a power of two >= 16, "
+                                 f"got {name}={value}")
+        if not isinstance(self.splits, int) or self.splits < 1:
+            raise ValueError(f"ProjectionConfig: splits must be an int >= 1, got {self.splits=}")
+
+    def misfit(self, K: int, N: int) -> str | None:
+        """Why this config cannot run a [K, N] weight, or None."""
+        if N % self.block_n:
+            return f"block_n={self.block_n} does not divide N={N}"
+        if K % self.splits or (K // self.splits) % self.block_k:
+            return (f"K={K} is not a multiple of splits * block_k = "
+                    f"{self.splits} * {self.block_k}")
+        return None
+
+
+def block_m(M: int) -> int:
+    """The padded row count of a call of M rows: the tile every program multiplies."""
+    return max(_MIN_BLOCK_M, 1 << (M - 1).bit_length())
+
+
+def misfit(M: int, K: int, N: int, dtype, config: ProjectionConfig) -> str | None:
+    """Why `project` cannot take these sizes, or None (the dispatcher's question)."""
+    if jnp.dtype(dtype) not in PROJECTION_DTYPES:
+        return f"dtype {jnp.dtype(dtype)} is not one of {[str(d) for d in PROJECTION_DTYPES]}"
+    if not 1 <= M <= PROJECTION_MAX_M:
+        return f"M={M} rows is outside 1..{PROJECTION_MAX_M}"
+    return config.misfit(K, N)
+
+
+def _kernel(x_ref, w_ref, o_ref, *, block_n: int, block_k: int, k_split: int):
+    """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n], in fp32."""
+    n, s = pl.program_id(0), pl.program_id(1)
+    cols = pl.ds(n * block_n, block_n)
+
+    def step(i, acc):
+        ks = pl.ds(s * k_split + i * block_k, block_k)
+        return acc + lax.dot_general(x_ref[:, ks], w_ref[ks, cols], (((1,), (0,)), ((), ())),
+                                     preferred_element_type=_F32)
+
+    acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros((x_ref.shape[0], block_n), _F32))
+    o_ref[s, :, cols] = acc
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = ProjectionConfig(),
+            interpret: bool = False) -> jax.Array:
+    """x: [M, K] bf16 | fp16, w: [K, N] same dtype -> [M, N] x.dtype (fp32 accumulation)."""
+    M, K = _check(x, w, config)
+    N = w.shape[1]
+    bm = block_m(M)
+    x = jnp.pad(x, ((0, bm - M), (0, 0))) if bm != M else x  # zero rows: exact, and dropped
+    partial = _pallas.pallas_call(
+        functools.partial(_kernel, block_n=config.block_n, block_k=config.block_k,
+                          k_split=K // config.splits),
+        name="gdn_projection",
+        config=config,  # pallas_call reads num_warps and num_stages
+        interpret=interpret,
+        grid=(N // config.block_n, config.splits),
+        out_shape=jax.ShapeDtypeStruct((config.splits, bm, N), _F32),
+    )(x, w)
+    return partial.sum(0)[:M].astype(x.dtype)
+
+
+def _check(x, w, config):
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+        raise ValueError(f"project: x [M, K] and w [K, N] expected, got x{list(x.shape)} "
+                         f"and w{list(w.shape)}")
+    if x.dtype != w.dtype:
+        raise ValueError(f"project: x and w must share a dtype, got {x.dtype} and {w.dtype}")
+    M, K = x.shape
+    why = misfit(M, K, w.shape[1], x.dtype, config)
+    if why:
+        raise ValueError(f"project: x{list(x.shape)} @ w{list(w.shape)} {x.dtype}: {why}")
+    return M, K
