@@ -4,6 +4,13 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
     python bench/profile_step.py --out DIR                       # dense, B = 1 and 32
     python bench/profile_step.py --out DIR --family qwen3_next --experts 512 --batches 1
     python bench/profile_step.py --out DIR --smoke               # tiny model on CPU (the script)
+    python bench/profile_step.py --out DIR --layers 48 --programs decode \
+        --variant xla:projection=xla --variant kernel --variant graphs:xla_gpu_graph_min_graph_size=1
+
+A --variant is `name[:setting;...]`, each setting `projection=xla|auto` (GDN_JAX_PROJECTION: the
+model's projections in XLA, or through the few-row kernel where it runs) or `KEY=VALUE`, an XLA
+option compiled into that variant's programs alone (`compiler_options`; e.g. the command-buffer
+options). Variants run one after another on the same model and caches.
 
 The model and the chained programs are bench_speculative.py's (same flags). Each program runs
 --calls chained calls in one jit under `jax.profiler.trace`; every kernel event of the GPU planes
@@ -48,7 +55,25 @@ def parse_args(argv=None):
     p.add_argument("--context", type=int, default=512, help="tokens already in the KV caches")
     p.add_argument("--calls", type=int, default=10, help="chained calls per traced program")
     p.add_argument("--top", type=int, default=12, help="kernels listed per program")
+    p.add_argument("--programs", default="decode,verify,round", help="which programs to trace")
+    p.add_argument("--variant", action="append", default=None,
+                   help="name[:projection=xla|auto;KEY=VALUE;...] (repeatable; docstring)")
     return p.parse_args(argv)
+
+
+def parse_variant(text: str):
+    """'name:projection=xla;k=v' -> (name, projection or None, {k: v})."""
+    name, _, rest = text.partition(":")
+    projection, options = None, {}
+    for item in filter(None, rest.split(";")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--variant {text!r}: {item!r} is not KEY=VALUE")
+        if key == "projection":
+            projection = value
+        else:
+            options[key] = {"true": True, "false": False}.get(value.lower(), value)
+    return name, projection, options
 
 
 def main(argv=None):
@@ -65,13 +90,23 @@ def main(argv=None):
     print(f"{dev.device_kind}, jax {jax.__version__}, {args.family}, TP {args.tp}, calls {calls}",
           flush=True)
     results = []
-    for B in (int(b) for b in args.batches.split(",")):
+    variants = [parse_variant(v) for v in (args.variant or ["default"])]
+    for B, (variant, projection, options) in ((int(b), v) for b in args.batches.split(",")
+                                             for v in variants):
+        if projection is None:
+            os.environ.pop("GDN_JAX_PROJECTION", None)
+        else:
+            os.environ["GDN_JAX_PROJECTION"] = projection
+        jax.clear_caches()  # the projection path is chosen at trace time: retrace every variant
         cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=jnp.bfloat16)
         tok = jnp.asarray(np.random.default_rng(B).integers(0, config.vocab_size, B), jnp.int32)
-        for name in ("decode", "verify", "round"):
-            run = jax.jit(progs[name], donate_argnums=(2,))
+        for name in args.programs.split(","):
             cache = bs._reset(cache, args.context)
-            cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))  # compile
+            t0 = time.perf_counter()
+            run = jax.jit(progs[name], donate_argnums=(2,)).lower(
+                params, jnp.int32(calls), cache, tok).compile(compiler_options=options or None)
+            compile_s = time.perf_counter() - t0
+            cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))  # warm
             cache = jax.block_until_ready(bs._reset(cache, args.context))
             with kernel_trace() as trace:
                 t0 = time.perf_counter()
@@ -80,11 +115,15 @@ def main(argv=None):
             per = {k: v / calls / max(trace.gpus, 1) / 1e3 for k, v in trace.totals.items()}
             busy = sum(per.values())
             top = sorted(per.items(), key=lambda kv: -kv[1])[:args.top]
-            row = {"B": B, "program": name, "wall_us_per_call": wall / calls * 1e6,
-                   "kernel_us_per_call": busy, "top": top}
+            launches = sum(trace.counts.values()) / calls / max(trace.gpus, 1)
+            row = {"B": B, "program": name, "variant": variant, "projection": projection,
+                   "options": options, "compile_s": compile_s,
+                   "wall_us_per_call": wall / calls * 1e6, "kernel_us_per_call": busy,
+                   "kernels_per_call": launches, "top": top}
             results.append(row)
-            print(f"\nB={B} {name}: wall {wall / calls * 1e6:9.1f} us/call, kernels "
-                  f"{busy:9.1f} us/call ({len(per)} distinct)")
+            print(f"\nB={B} {name} [{variant}]: wall {wall / calls * 1e6:9.1f} us/call, kernels "
+                  f"{busy:9.1f} us/call, {launches:.0f} kernels/call ({len(per)} distinct), "
+                  f"compiled in {compile_s:.0f} s", flush=True)
             for k, v in top:
                 print(f"   {v:9.1f} us  {k[:110]}")
         del cache

@@ -25,6 +25,7 @@ import jax
 @dataclasses.dataclass
 class KernelTrace:
     totals: dict = dataclasses.field(default_factory=dict)  # kernel name -> ns, all GPUs
+    counts: dict = dataclasses.field(default_factory=dict)  # kernel name -> launches, all GPUs
     gpus: int = 0  # device planes seen
 
     def busy_ns(self) -> float | None:
@@ -35,6 +36,7 @@ class KernelTrace:
 def read_trace(trace_dir: str) -> KernelTrace:
     """The kernel totals of the profile(s) written under trace_dir."""
     totals: dict = collections.defaultdict(float)
+    counts: dict = collections.defaultdict(int)
     gpus = 0
     for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
         for plane in jax.profiler.ProfileData.from_file(path).planes:
@@ -45,7 +47,8 @@ def read_trace(trace_dir: str) -> KernelTrace:
                 if "stream" in line.name.lower():
                     for event in line.events:
                         totals[event.name] += event.duration_ns
-    return KernelTrace(dict(totals), gpus)
+                        counts[event.name] += 1
+    return KernelTrace(dict(totals), dict(counts), gpus)
 
 
 @contextlib.contextmanager
@@ -56,4 +59,4 @@ def kernel_trace():
         with jax.profiler.trace(tmp):
             yield trace
         result = read_trace(tmp)
-    trace.totals, trace.gpus = result.totals, result.gpus
+    trace.totals, trace.counts, trace.gpus = result.totals, result.counts, result.gpus

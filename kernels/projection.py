@@ -5,9 +5,9 @@ about a fifth of the copy bandwidth on an H200 (../shared/notes/verify-anchors.m
 A decode step is nothing but such projections, so this kernel streams the weight once with many
 loads in flight: the grid is (N // block_n, splits), program (n, s) reduces its K / splits slice
 of the weight's column block [K / splits, block_n] against all M rows (padded to block_m >= 16,
-the tensor cores' smallest tile), in fp32, and writes an fp32 partial sum. The splits (split-K)
-put enough programs on the GPU when N is small (an out_proj has 2048 columns: 16 blocks of 128);
-the caller sums the partials and casts.
+the tensor cores' smallest tile), in fp32. The splits (split-K) put enough programs on the GPU
+when N is small (an out_proj has 2048 columns: 16 blocks of 128); each writes an fp32 partial sum,
+added in XLA. With one split the kernel writes the result itself.
 
     y = project(x, w, config=ProjectionConfig(block_n=128, block_k=128, splits=4))
 
@@ -86,7 +86,8 @@ def misfit(M: int, K: int, N: int, dtype, config: ProjectionConfig) -> str | Non
 
 
 def _kernel(x_ref, w_ref, o_ref, *, block_n: int, block_k: int, k_split: int):
-    """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n], in fp32."""
+    """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
+    accumulation; o is fp32 partial sums, or the result where there is one slice)."""
     n, s = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(n * block_n, block_n)
 
@@ -96,7 +97,7 @@ def _kernel(x_ref, w_ref, o_ref, *, block_n: int, block_k: int, k_split: int):
                                      preferred_element_type=_F32)
 
     acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros((x_ref.shape[0], block_n), _F32))
-    o_ref[s, :, cols] = acc
+    o_ref[s, :, cols] = acc.astype(o_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -107,16 +108,20 @@ def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = Projection
     N = w.shape[1]
     bm = block_m(M)
     x = jnp.pad(x, ((0, bm - M), (0, 0))) if bm != M else x  # zero rows: exact, and dropped
-    partial = _pallas.pallas_call(
+    # One slice writes the result in x's dtype; several write fp32 partial sums, which XLA adds
+    # (in the model that sum and the cast fuse into the consumer, as the row padding fuses into
+    # the producer).
+    out_dtype = x.dtype if config.splits == 1 else _F32
+    out = _pallas.pallas_call(
         functools.partial(_kernel, block_n=config.block_n, block_k=config.block_k,
                           k_split=K // config.splits),
         name="gdn_projection",
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
         grid=(N // config.block_n, config.splits),
-        out_shape=jax.ShapeDtypeStruct((config.splits, bm, N), _F32),
+        out_shape=jax.ShapeDtypeStruct((config.splits, bm, N), out_dtype),
     )(x, w)
-    return partial.sum(0)[:M].astype(x.dtype)
+    return out[0, :M] if config.splits == 1 else out.sum(0)[:M].astype(x.dtype)
 
 
 def _check(x, w, config):

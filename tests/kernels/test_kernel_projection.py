@@ -1,0 +1,100 @@
+"""The few-row projection kernel (`kernels.project`) against the float64 product.
+
+Random bf16 / fp16 x and w (never zeros: an unwritten column block or K slice would leave zeros
+or garbage where the reference is O(sqrt(K)), far outside the tolerance). The kernel's products
+of 16-bit inputs are exact in its fp32 accumulator, so the result is the float64 product rounded
+once into the dtype, up to the fp32 sums: |y - ref| <= eps_dtype * |ref| + K * 2**-23 * sum|x w|
+(one rounding of the output, half an ulp each way, and fp32 accumulation over K terms in any
+order). Small shapes run in the Pallas interpreter on CPU, the model's shapes on the GPU, and
+every config form lowers for CUDA (tests/kernels/test_kernel_lowering.py style).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_jax import kernels
+from gdn_jax.kernels import ProjectionConfig
+
+EPS = {jnp.bfloat16: 2.0 ** -8, jnp.float16: 2.0 ** -11}
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _case(seed, M, K, N, dtype):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+    w = jnp.asarray(rng.standard_normal((K, N)) * K ** -0.5, dtype)
+    return x, w
+
+
+def _assert_close(y, x, w, dtype):
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    ref = x64 @ w64
+    bound = EPS[dtype] * np.abs(ref) + x64.shape[1] * 2.0 ** -23 * (np.abs(x64) @ np.abs(w64))
+    err = np.abs(np.asarray(y, np.float64) - ref)
+    assert y.shape == ref.shape and y.dtype == jnp.dtype(dtype)
+    assert np.all(err <= bound), f"max excess {np.max(err - bound):.3g}, max err {err.max():.3g}"
+
+
+@pytest.mark.parametrize("M", [1, 5, 16, 33, 128])
+@pytest.mark.parametrize("config", [ProjectionConfig(32, 32, 1, 4, 1), ProjectionConfig(64, 16, 4, 2, 2),
+                                    ProjectionConfig(16, 32, 3, 1, 3)],
+                         ids=["one-slice", "split4", "split3"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
+def test_project_matches_float64_interpret(M, config, dtype):
+    K, N = 192 if config.splits == 3 else 128, 128
+    x, w = _case(M, M, K, N, dtype)
+    _assert_close(kernels.project(x, w, config=config, interpret=True), x, w, dtype)
+
+
+@pytest.mark.parametrize("x_shape, w_shape, dtype, config, match", [
+    ((4, 64), (32, 64), jnp.bfloat16, ProjectionConfig(32, 32), r"x \[M, K\] and w \[K, N\]"),
+    ((4, 64), (64, 64), jnp.float32, ProjectionConfig(32, 32), r"dtype float32"),
+    ((129, 64), (64, 64), jnp.bfloat16, ProjectionConfig(32, 32), r"M=129 rows is outside 1..128"),
+    ((4, 64), (64, 48), jnp.bfloat16, ProjectionConfig(32, 32), r"block_n=32 does not divide N=48"),
+    ((4, 64), (64, 64), jnp.bfloat16, ProjectionConfig(32, 32, 4), r"K=64 is not a multiple"),
+])
+def test_project_rejects_bad_input(x_shape, w_shape, dtype, config, match):
+    x, w = jnp.ones(x_shape, dtype), jnp.ones(w_shape, dtype)
+    with pytest.raises(ValueError, match=match):
+        kernels.project(x, w, config=config, interpret=True)
+
+
+def test_project_rejects_mixed_dtypes():
+    with pytest.raises(ValueError, match="x and w must share a dtype"):
+        kernels.project(jnp.ones((2, 64), jnp.bfloat16), jnp.ones((64, 64), jnp.float16),
+                        config=ProjectionConfig(32, 32), interpret=True)
+
+
+@pytest.mark.parametrize("field, value", [("block_n", 24), ("block_k", 8), ("splits", 0)])
+def test_config_rejects_bad_values(field, value):
+    with pytest.raises(ValueError, match=f"ProjectionConfig: {field}"):
+        ProjectionConfig(**{field: value})
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+@pytest.mark.parametrize("M, config", [(1, ProjectionConfig(128, 128, 8, 4, 3)),
+                                       (32, ProjectionConfig(64, 64, 2, 4, 4)),
+                                       (128, ProjectionConfig(128, 64, 1, 8, 3))])
+def test_project_lowers_for_cuda(kind, M, config, cuda_lowering):
+    x = jax.ShapeDtypeStruct((M, 2048), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16)
+    with cuda_lowering(kind):
+        text = kernels.project.trace(x, w, config=config).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in text
+
+
+# The model's shapes (bench/bench_projection.py), at the dispatch's configs, on the GPU.
+GPU_SHAPES = [(2048, 12288), (2048, 64), (4096, 2048), (2048, 512), (5120, 2048), (2048, 151936)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 32, 100, 128])
+@pytest.mark.parametrize("K, N", GPU_SHAPES, ids=[f"{k}x{n}" for k, n in GPU_SHAPES])
+def test_project_matches_float64_gpu(M, K, N, on_gpu):
+    from gdn_jax.ops.projection import config_for
+    config = config_for(M, K, N, sm_count=on_gpu.core_count)
+    x, w = _case(K + N + M, M, K, N, jnp.bfloat16)
+    _assert_close(kernels.project(x, w, config=config), x, w, jnp.bfloat16)
