@@ -19,7 +19,7 @@ included) / (L x reps) is the figure, and weight bytes / figure its bandwidth, b
 bandwidth measured in the same run (`gdn_jax.benchmark.copy_bandwidth`). Paths: `xla` (the dot
 as the modules made it so far), `xla_cublas` (the same with XLA's Triton GEMM off for this one
 program, `compiler_options`), `kernel` (the dispatch's config), and with --sweep the best of a
-coordinate search over the kernel's config (ranked by wall time, the winner profiled). JSON: DIR/bench_projection.json.
+coordinate search over the kernel's config (all of a grid in one profiled program, each config a kernel of its own name: the kernel alone). JSON: DIR/bench_projection.json.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--shapes", default=",".join(SHAPES), help="names from the list above")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="search the kernel's config per case")
-    p.add_argument("--sweep-rows", default="1,32,128", help="the rows --sweep searches at")
+    p.add_argument("--sweep-rows", default="16,64", help="the rows --sweep searches at")
     p.add_argument("--max-seconds", type=float, default=1e9,
                    help="stop sweeping (not measuring) after this many seconds")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
@@ -85,17 +85,6 @@ def _kernel_seconds(fn, args, reps, main=None):
     for _ in range(reps):
         jax.block_until_ready(fn(*args))
     return (time.perf_counter() - t) / reps
-
-
-def _wall_seconds(fn, args, reps):
-    """Median wall time of one call (the search's ranking: no profiler)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(max(reps, 5)):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def _program(proj):
@@ -132,12 +121,10 @@ def main(argv=None):
             case = {"shape": name, "K": K, "N": N, "M": M, "copies": copies,
                     "weight_bytes": nbytes}
 
-            def time_of(proj, options=None, wall=False):
+            def time_of(proj, options=None):
                 fn = jax.jit(_program(proj))
                 if options:
                     fn = fn.lower(x, ws).compile(compiler_options=options)
-                if wall:
-                    return _wall_seconds(fn, (x, ws), args.reps) / copies
                 return _kernel_seconds(fn, (x, ws), args.reps) / copies
 
             case["xla_us"] = time_of(_xla) * 1e6
@@ -147,10 +134,9 @@ def main(argv=None):
                 case["xla_cublas_us"], case["xla_cublas_error"] = None, repr(e)[:200]
             config = projection.config_for(M, K, N, sm_count=sms)
 
-            def kernel_us(cfg, wall=False):
+            def kernel_us(cfg):
                 return time_of(lambda x, w: kernels.project(x, w, config=cfg,
-                                                            interpret=args.interpret),
-                               wall=wall) * 1e6
+                                                            interpret=args.interpret)) * 1e6
 
             case["config"] = _cfg(config)
             case["kernel_us"] = kernel_us(config)
@@ -161,12 +147,7 @@ def main(argv=None):
             best = (case["kernel_us"], config)
             if args.sweep and M in map(int, args.sweep_rows.split(",")) \
                     and time.perf_counter() - started < args.max_seconds:
-                # the search ranks by wall time (a profile per config costs seconds); the
-                # winner is then profiled like the rest
-                best, tried = _sweep(config, K, N, M, lambda c: kernel_us(c, wall=True),
-                                     (kernel_us(config, wall=True), config))
-                best = (kernel_us(best[1]), best[1])
-                case["sweep"] = tried
+                best, case["sweep"] = _sweep(x, ws, K, N, M, args.reps, args.interpret, best)
             case["best_us"], case["best_config"] = best[0], _cfg(best[1])
             case["kernel_gbps"] = nbytes / case["kernel_us"] / 1e3
             case["kernel_pct_copy"] = 100 * case["kernel_gbps"] / copy
@@ -186,27 +167,38 @@ def _cfg(c):
     return [c.block_n, c.block_k, c.splits, c.num_warps, c.num_stages]
 
 
-def _sweep(config, K, N, M, kernel_us, best):
-    """Coordinate search from the dispatch's config: each knob in turn, keeping the best."""
+def _sweep(x, ws, K, N, M, reps, interpret, best):
+    """Every config of a grid around the dispatch's, in one program: each config is a kernel of
+    its own name, so one profile times them all (the kernel alone: the row padding and the
+    partial sums are not counted; more splits cost a larger sum after). Returns the best
+    (us, config) and the list of [config, us]."""
     import dataclasses
+    import itertools
+    base = projection.config_for(M, K, N, sm_count=projection._sm_count())
+    grid = []
+    for bn, bk, splits, stages in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8, 16),
+                                                    (3, 5)):
+        cfg = dataclasses.replace(base, block_n=bn, block_k=bk, splits=splits, num_stages=stages)
+        if not cfg.misfit(K, N):
+            grid.append(cfg)
+    names = [f"sweep{i}x" for i in range(len(grid))]
+
+    def program(x, ws):
+        return tuple(kernels.project(x, w, config=cfg, interpret=interpret, name=name)
+                     for cfg, name in zip(grid, names) for w in ws)
+
+    fn = jax.jit(program)
+    jax.block_until_ready(fn(x, ws))
+    with kernel_trace() as trace:
+        for _ in range(reps):
+            jax.block_until_ready(fn(x, ws))
     tried = []
-    steps = K // 16
-    knobs = {"block_n": [16, 32, 64, 128, 256], "block_k": [32, 64, 128, 256],
-             "splits": [d for d in (1, 2, 4, 5, 8, 10, 16, 20, 32, 40, 64) if steps % d == 0],
-             "num_stages": [2, 3, 4, 5, 6], "num_warps": [2, 4, 8]}
-    for knob, values in knobs.items():
-        for value in values:
-            cfg = dataclasses.replace(best[1], **{knob: value})
-            if cfg == best[1] or cfg.misfit(K, N):
-                continue
-            try:
-                us = kernel_us(cfg)
-            except Exception as e:  # noqa: BLE001 - out of SMEM or registers: skip the config
-                tried.append({"config": _cfg(cfg), "error": repr(e)[:160]})
-                continue
-            tried.append({"config": _cfg(cfg), "us": us})
-            if us < best[0]:
-                best = (us, cfg)
+    for cfg, name in zip(grid, names):
+        ns = sum(v for k, v in trace.totals.items() if k == name or k.startswith(name + "_"))
+        us = ns / max(trace.gpus, 1) / reps / len(ws) / 1e3
+        tried.append([_cfg(cfg), us])
+        if us and us < best[0]:
+            best = (us, cfg)
     return best, tried
 
 

@@ -4,8 +4,8 @@ XLA lowers one-to-few-row bf16 projections as reductions or small GEMMs that rea
 about a fifth of the copy bandwidth on an H200 (../shared/notes/verify-anchors.md, section 5).
 A decode step is nothing but such projections, so this kernel streams the weight once with many
 loads in flight: the grid is (N // block_n, splits), program (n, s) reduces its K / splits slice
-of the weight's column block [K / splits, block_n] against all M rows (padded to block_m >= 16,
-the tensor cores' smallest tile), in fp32. The splits (split-K) put enough programs on the GPU
+of the weight's column block [K / splits, block_n] against all M rows (a tile of block_m >= 16
+rows, the tensor cores' smallest, with the rows past M masked), in fp32. The splits (split-K) put enough programs on the GPU
 when N is small (an out_proj has 2048 columns: 16 blocks of 128); each writes an fp32 partial sum,
 added in XLA. With one split the kernel writes the result itself.
 
@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
 from ._common import is_pow2
@@ -85,43 +86,55 @@ def misfit(M: int, K: int, N: int, dtype, config: ProjectionConfig) -> str | Non
     return config.misfit(K, N)
 
 
-def _kernel(x_ref, w_ref, o_ref, *, block_n: int, block_k: int, k_split: int):
+def _kernel(x_ref, w_ref, o_ref, *, rows: int, block_m: int, block_n: int, block_k: int,
+            k_split: int):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
-    accumulation; o is fp32 partial sums, or the result where there is one slice)."""
+    accumulation; o is fp32 partial sums, or the result where there is one slice).
+
+    x and o hold `rows` real rows (fewer than the tile's block_m, or padded to it in the
+    interpreter): the tile's rows past them are masked, read as zeros and never stored."""
     n, s = pl.program_id(0), pl.program_id(1)
     cols = pl.ds(n * block_n, block_n)
+    tile_rows = pl.ds(0, block_m)
+    real = lax.broadcasted_iota(jnp.int32, (block_m, 1), 0) < rows
 
     def step(i, acc):
         ks = pl.ds(s * k_split + i * block_k, block_k)
-        return acc + lax.dot_general(x_ref[:, ks], w_ref[ks, cols], (((1,), (0,)), ((), ())),
+        x = plgpu.load(x_ref.at[tile_rows, ks], mask=real, other=0)
+        return acc + lax.dot_general(x, w_ref[ks, cols], (((1,), (0,)), ((), ())),
                                      preferred_element_type=_F32)
 
-    acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros((x_ref.shape[0], block_n), _F32))
-    o_ref[s, :, cols] = acc.astype(o_ref.dtype)
+    acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros((block_m, block_n), _F32))
+    plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
 def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = ProjectionConfig(),
-            interpret: bool = False) -> jax.Array:
-    """x: [M, K] bf16 | fp16, w: [K, N] same dtype -> [M, N] x.dtype (fp32 accumulation)."""
+            interpret: bool = False, name: str = "gdn_projection") -> jax.Array:
+    """x: [M, K] bf16 | fp16, w: [K, N] same dtype -> [M, N] x.dtype (fp32 accumulation).
+    name: the kernel's (what a profile shows)."""
     M, K = _check(x, w, config)
     N = w.shape[1]
     bm = block_m(M)
-    x = jnp.pad(x, ((0, bm - M), (0, 0))) if bm != M else x  # zero rows: exact, and dropped
-    # One slice writes the result in x's dtype; several write fp32 partial sums, which XLA adds
-    # (in the model that sum and the cast fuse into the consumer, as the row padding fuses into
-    # the producer).
+    # On the GPU the kernel's masked loads and stores read and write the M rows in place. The
+    # interpreter slices refs as XLA does (no access past the end), so there x and the output
+    # are padded to the tile's rows (zeros: the same products) and the pad is dropped after.
+    rows_held = bm if interpret else M
+    if rows_held != M:
+        x = jnp.pad(x, ((0, rows_held - M), (0, 0)))
     out_dtype = x.dtype if config.splits == 1 else _F32
     out = _pallas.pallas_call(
-        functools.partial(_kernel, block_n=config.block_n, block_k=config.block_k,
-                          k_split=K // config.splits),
-        name="gdn_projection",
+        functools.partial(_kernel, rows=M, block_m=bm, block_n=config.block_n,
+                          block_k=config.block_k, k_split=K // config.splits),
+        name=name,
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
         grid=(N // config.block_n, config.splits),
-        out_shape=jax.ShapeDtypeStruct((config.splits, bm, N), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((config.splits, rows_held, N), out_dtype),
     )(x, w)
-    return out[0, :M] if config.splits == 1 else out.sum(0)[:M].astype(x.dtype)
+    # several slices: fp32 partial sums, added (and cast) by XLA
+    out = out[0] if config.splits == 1 else out.sum(0).astype(x.dtype)
+    return out[:M] if rows_held != M else out
 
 
 def _check(x, w, config):
