@@ -179,7 +179,7 @@ def _sweep(x, ws, K, N, M, reps, interpret, best):
     for bn, bk, splits, stages in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8, 16),
                                                     (3, 5)):
         cfg = dataclasses.replace(base, block_n=bn, block_k=bk, splits=splits, num_stages=stages)
-        if not cfg.misfit(K, N):
+        if not cfg.misfit(K, N, M):
             grid.append(cfg)
     names = [f"sweep{i}x" for i in range(len(grid))]
 

@@ -34,6 +34,8 @@ _F32 = jnp.float32
 PROJECTION_MAX_M = 128  # the most rows one call takes: all rows share one pass over the weight
 PROJECTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _MIN_BLOCK_M = 16  # the smallest M of a tensor-core tile (tl.dot)
+_SMEM_BYTES = 160 * 1024  # what an SM80+ block may take (A100: 163 KB; H100/H200: 227 KB), less
+                          # Triton's own scratch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +64,16 @@ class ProjectionConfig:
         if not isinstance(self.splits, int) or self.splits < 1:
             raise ValueError(f"ProjectionConfig: splits must be an int >= 1, got {self.splits=}")
 
-    def misfit(self, K: int, N: int) -> str | None:
-        """Why this config cannot run a [K, N] weight, or None."""
+    def smem_bytes(self, M: int, itemsize: int = 2) -> int:
+        """The shared memory the pipelined loads take: num_stages tiles of x and of w."""
+        return self.num_stages * (block_m(M) + self.block_n) * self.block_k * itemsize
+
+    def misfit(self, K: int, N: int, M: int = 1) -> str | None:
+        """Why this config cannot run M rows of a [K, N] weight, or None."""
+        if self.smem_bytes(M) > _SMEM_BYTES:
+            return (f"{self.num_stages} stages of [{block_m(M)} + {self.block_n}, "
+                    f"{self.block_k}] tiles take {self.smem_bytes(M)} B of shared memory, "
+                    f"over {_SMEM_BYTES}")
         if N % self.block_n:
             return f"block_n={self.block_n} does not divide N={N}"
         if K % self.splits or (K // self.splits) % self.block_k:
@@ -83,7 +93,7 @@ def misfit(M: int, K: int, N: int, dtype, config: ProjectionConfig) -> str | Non
         return f"dtype {jnp.dtype(dtype)} is not one of {[str(d) for d in PROJECTION_DTYPES]}"
     if not 1 <= M <= PROJECTION_MAX_M:
         return f"M={M} rows is outside 1..{PROJECTION_MAX_M}"
-    return config.misfit(K, N)
+    return config.misfit(K, N, M)
 
 
 def _kernel(x_ref, w_ref, o_ref, *, rows: int, block_m: int, block_n: int, block_k: int,

@@ -6,12 +6,13 @@ reads the weight at bandwidth when few rows go through it (`gdn_jax.kernels.proj
 A decode or verify step is a chain of such projections over 1 to 128 rows (B x T tokens), where
 XLA's GEMM reads the weight at about a fifth of the copy bandwidth (bench/bench_projection.py).
 The kernel runs where all of these hold: a CUDA GPU of compute capability >= 8.0, bf16 or fp16
-x and w, at most `kernels.PROJECTION_MAX_M` rows, and a [K, N] weight its blocks tile
+x and w, at most `AUTO_MAX_M` rows (where it was measured faster in a model step; the kernel
+takes up to `kernels.PROJECTION_MAX_M` when asked for), and a [K, N] weight its blocks tile
 (`kernels.projection_misfit`). Elsewhere -- CPU, fp32 (the kernel has no precision to honour),
 prefill-sized M -- it is `lax.dot_general` with the given precision, as before. The environment
 variable GDN_JAX_PROJECTION (else GDN_JAX_BACKEND, which steers the GDN ops too) set to "xla"
-keeps every projection in XLA; "interpret" runs the kernel in the Pallas interpreter where it fits
-(tests).
+keeps every projection in XLA; "triton" runs the kernel wherever it fits (up to PROJECTION_MAX_M
+rows: benchmarks), "interpret" the same in the Pallas interpreter (tests).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from gdn_jax.ops.dispatch import Device
 ENV_VAR = "GDN_JAX_PROJECTION"
 
 _MIN_CAPABILITY = (8, 0)
+# The most rows the kernel takes by default. In a whole model step (bench/profile_step.py, H200,
+# 48 layers, bench/results/profile_step-h200-projection-2026-12-01.json) XLA lowers one-row
+# projections as reduce fusions (B = 1 decode: 6.14 ms of kernels; through the kernel 3.84 ms),
+# but from 4 rows on it emits Triton GEMM fusions that beat this kernel's first configs (B = 1
+# verify, 4 rows: 4.34 ms XLA vs 4.77; B = 32 decode: 6.12 vs 6.49; B = 32 verify, 128 rows: 9.94
+# vs 12.14). A `backend="triton"` call takes up to kernels.PROJECTION_MAX_M rows.
+AUTO_MAX_M = 1
 _BLOCK_N = 128
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
 
@@ -60,11 +68,9 @@ def config_for(M: int, K: int, N: int, *, sm_count: int = 132) -> kernels.Projec
     to the H200 sweep, bench/results/bench_projection-*.json): column blocks of 128 (fewer where N
     has no such divisor), and K cut into the fewest slices that give `_WAVES` programs per SM,
     while the fp32 partial sums stay small beside the weight."""
-    block_n = _BLOCK_N
-    while N % block_n and block_n > 16:
-        block_n //= 2
     bm = kernels.projection_block_m(M)
-    block_k = 128 if bm <= 64 else 64
+    block_n = _pow2_divisor(N, _BLOCK_N)
+    block_k = _pow2_divisor(K, 128 if bm <= 64 else 64)
     steps = max(1, K // block_k)
     max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
     want = -(-_WAVES * sm_count // max(1, N // block_n))
@@ -72,6 +78,14 @@ def config_for(M: int, K: int, N: int, *, sm_count: int = 132) -> kernels.Projec
     splits = next((d for d in divisors if d >= want), divisors[-1])
     return kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
                                     num_warps=8 if bm >= 128 else 4, num_stages=3)
+
+
+def _pow2_divisor(n: int, most: int) -> int:
+    """The largest power of two <= most that divides n, at least 16 (a misfit if none)."""
+    block = most
+    while n % block and block > 16:
+        block //= 2
+    return block
 
 
 def _select(M, K, N, x_dtype, w_dtype, backend):
@@ -95,6 +109,8 @@ def _select(M, K, N, x_dtype, w_dtype, backend):
     if why and backend in ("triton", "interpret"):
         raise ValueError(f"project: backend {backend!r} cannot take x [{M}, {K}] @ "
                          f"w [{K}, {N}]: {why}")
+    if not why and wish not in ("triton", "interpret") and M > AUTO_MAX_M:
+        why = f"M={M} rows: XLA's GEMM is faster above {AUTO_MAX_M}"
     return None if why else (config, wish == "interpret")
 
 

@@ -1,0 +1,115 @@
+"""`gdn_jax.ops.projection.project`: which path runs (the few-row kernel or XLA's dot), and that
+every path computes x @ w.
+
+The kernel's own accuracy is tests/kernels/test_kernel_projection.py's; here the op's dispatch
+is checked on CPU (XLA by default, the kernel in the interpreter when asked), with a GPU device
+faked where the question is what a GPU would run.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from gdn_jax import kernels
+from gdn_jax.ops import projection
+from gdn_jax.ops.dispatch import Device
+
+BF16_EPS = 2.0 ** -8
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(projection.ENV_VAR, raising=False)
+    monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
+
+
+def _xw(lead, K, N, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    return (jnp.asarray(rng.standard_normal((*lead, K)), dtype),
+            jnp.asarray(rng.standard_normal((K, N)) * K ** -0.5, dtype))
+
+
+def test_cpu_default_is_xlas_dot():
+    x, w = _xw((2, 3), 64, 32, jnp.float32)
+    y = projection.project(x, w, precision=lax.Precision.HIGHEST)
+    np.testing.assert_array_equal(
+        y, lax.dot_general(x, w, (((2,), (0,)), ((), ())), precision=lax.Precision.HIGHEST))
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (1, 1)])
+def test_interpret_kernel_keeps_leading_axes(lead):
+    x, w = _xw(lead, 128, 64, jnp.bfloat16, seed=len(lead))
+    y = projection.project(x, w, backend="interpret")
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert y.shape == (*lead, 64) and y.dtype == jnp.bfloat16
+    err = np.abs(np.asarray(y, np.float64) - ref)
+    assert np.all(err <= BF16_EPS * np.abs(ref) + 1e-3), err.max()
+
+
+@pytest.mark.parametrize("env, dtype, kernel", [("xla", jnp.bfloat16, False),
+                                                ("interpret", jnp.bfloat16, True),
+                                                ("interpret", jnp.float32, False)])
+def test_environment_steers_the_path(monkeypatch, env, dtype, kernel):
+    monkeypatch.setenv(projection.ENV_VAR, env)
+    calls = []
+    real = kernels.project
+    monkeypatch.setattr(kernels, "project", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x, w = _xw((4,), 64, 32, dtype)
+    projection.project(x, w)
+    assert bool(calls) == kernel
+    if kernel:
+        assert calls[0]["interpret"] is True
+
+
+def test_backend_argument_is_strict():
+    x, w = _xw((4,), 64, 32, jnp.bfloat16)
+    with pytest.raises(ValueError, match="backend 'triton' cannot take .* not a CUDA GPU"):
+        projection.project(x, w, backend="triton")
+    with pytest.raises(ValueError, match="backend expected one of"):
+        projection.project(x, w, backend="cuda-magic")
+    with pytest.raises(ValueError, match="backend 'interpret' cannot take .* dtype float32"):
+        projection.project(x.astype(jnp.float32), w.astype(jnp.float32), backend="interpret")
+    with pytest.raises(ValueError, match=r"w \[K, N\] with K = 64"):
+        projection.project(x, w.T)
+
+
+@pytest.fixture
+def fake_h200(monkeypatch):
+    monkeypatch.setattr(Device, "of", classmethod(lambda cls, d=None: Device("gpu", (9, 0), "H200")))
+
+
+@pytest.mark.parametrize("M, dtype, runs_kernel", [
+    (1, jnp.bfloat16, True),                     # one row: XLA makes it a reduce fusion
+    (projection.AUTO_MAX_M + 1, jnp.bfloat16, False),  # XLA's GEMM fusions win from here
+    (1, jnp.float32, False),                     # fp32 keeps XLA's precision
+])
+def test_gpu_dispatch_by_rows_and_dtype(fake_h200, M, dtype, runs_kernel):
+    choice = projection._select(M, 2048, 5120, jnp.dtype(dtype), jnp.dtype(dtype), None)
+    assert (choice is not None) == runs_kernel
+    if runs_kernel:
+        config, interpret = choice
+        assert not interpret and not kernels.projection_misfit(M, 2048, 5120, dtype, config)
+
+
+def test_gpu_backend_triton_takes_up_to_max_rows(fake_h200):
+    M = kernels.PROJECTION_MAX_M
+    assert projection._select(M, 2048, 5120, jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.bfloat16),
+                              "triton") is not None
+    with pytest.raises(ValueError, match=f"M={M + 1} rows is outside"):
+        projection._select(M + 1, 2048, 5120, jnp.dtype(jnp.bfloat16),
+                           jnp.dtype(jnp.bfloat16), "triton")
+
+
+@pytest.mark.parametrize("M, K, N", [(1, 4096, 2048), (1, 2048, 248320), (1, 2048, 64),
+                                     (16, 5120, 2048), (64, 2048, 12288), (128, 2048, 512),
+                                     (3, 1024, 96)])
+def test_config_for_fits_the_model_shapes(M, K, N):
+    config = projection.config_for(M, K, N)
+    assert kernels.projection_misfit(M, K, N, jnp.bfloat16, config) is None
+    # enough programs for the GPU, or K cut as far as the partial sums allow
+    programs = N // config.block_n * config.splits
+    assert programs >= 2 * 132 or config.splits == max(
+        d for d in range(1, K // config.block_k + 1)
+        if (K // config.block_k) % d == 0 and d <= max(1, K // (16 * kernels.projection_block_m(M))))
