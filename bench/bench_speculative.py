@@ -22,7 +22,7 @@ state: zeros; the numbers do not depend on it).
 round at each TP > 1 with the blocks' all-reduces removed (traced under the benchmark-only
 `gdn_jax.modules.sharding.without_collectives`: every `psum` of the head-parallel blocks and the
 embedding is the identity; wrong numbers, the same local work): the difference is the time the
-collectives take (and what they keep from overlapping). `--moe grouped` sets every MoE block's
+collectives take (and what they keep from overlapping). `--moe gather|grouped|pallas` sets every MoE block's
 expert path (`gdn_jax.modules.mlp.set_expert_path`).
 
 What is timed, per (TP, B) (d = --draft, default 3):
@@ -107,9 +107,10 @@ def parse_args(argv=None):
                         "0: the model's own acceptance, none with random weights)")
     p.add_argument("--commit-mode", default="replay", choices=("replay", "ring", "intermediate"),
                    help="the GDN layers' commit mode (the speculative loop's default: replay)")
-    p.add_argument("--moe", default="auto", choices=("auto", "grouped"),
-                   help="MoE experts: the model's choice (auto) or always the grouped matmuls "
-                        "(lax.ragged_dot), the baseline of the gathered path")
+    p.add_argument("--moe", default="auto", choices=("auto", "gather", "grouped", "pallas"),
+                   help="MoE experts (gdn_jax.modules.mlp.set_expert_path): the model's choice "
+                        "(auto), always gathered, always the grouped matmuls (lax.ragged_dot), "
+                        "or the grouped Pallas kernel (gdn_jax.ops.moe)")
     args = p.parse_args(argv)
     if args.layers < 2:
         p.error("--layers must be >= 2 (one layer of each kind)")
@@ -342,7 +343,7 @@ def main(argv=None):
           f"context {args.context}, chain {chain}, reps {reps}, TP {tps}", flush=True)
 
     tag = (f"-{args.family}" + (f"-tp{'_'.join(map(str, tps))}" if tps != (1,) else "")
-           + ("-grouped" if args.moe == "grouped" else ""))
+           + (f"-{args.moe}" if args.moe != "auto" else ""))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out,
                         f"bench_speculative-{kind}{tag}{'-smoke' if args.smoke else ''}.json")
@@ -371,8 +372,8 @@ def main(argv=None):
     rows = report["results"]
     for tp in tps:
         model = build(config, dtype, tp)
-        if args.moe == "grouped":
-            set_expert_path(model, "grouped")
+        if args.moe != "auto":
+            set_expert_path(model, args.moe)
         graphdef, params = nnx.split(model)
         progs = chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens,
                        accept_length=accept, commit_mode=args.commit_mode)

@@ -15,6 +15,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 
     y = project(x, w, config=ProjectionConfig(...))   # x [M <= PROJECTION_MAX_M, K] @ w [K, N]:
                                          # the model's projections at the weight's read bandwidth
+    h = grouped_matmul(x_rows, w_gate, block_expert, w_up=w_up, config=MoEConfig(...))
+                                         # MoE experts, each chosen expert read once per block
 
     o, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring mode:
                                          # pool written only where the committed ring folds
@@ -43,6 +45,7 @@ from ._tokens_mgpu import misfit as mosaic_misfit
 from .decode import decode
 from .decode_mgpu import decode_mgpu
 from .fold import fold
+from .moe import MOE_DTYPES, MoEConfig, grouped_matmul
 from .projection import PROJECTION_MAX_M, ProjectionConfig, project
 from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
@@ -56,10 +59,9 @@ def mosaic_unavailable() -> str | None:
     return _mgpu.unavailable()
 
 
-__all__ = ["MAX_T", "MOSAIC_MAX_K", "MOSAIC_MODES", "POOL_DTYPES", "RING_MAX_T", "RING_MIN",
-           "Dims", "Dtypes",
-           "MosaicConfig", "PROJECTION_MAX_M", "ProjectionConfig", "TuningConfig", "decode", "decode_mgpu", "fold",
-           "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
-           "projection_block_m", "projection_misfit",
-           "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
-           "verify_replay_mgpu", "verify_ring"]
+__all__ = ["MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K", "MOSAIC_MODES", "POOL_DTYPES",
+           "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN", "Dims", "Dtypes", "MoEConfig",
+           "MosaicConfig", "ProjectionConfig", "TuningConfig", "decode", "decode_mgpu", "fold",
+           "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
+           "project", "projection_block_m", "projection_misfit", "verify_intermediate",
+           "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu", "verify_ring"]

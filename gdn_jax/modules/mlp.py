@@ -8,7 +8,9 @@ Each token computes only its top-k experts: as grouped matmuls (`lax.ragged_dot`
 token-expert pairs sorted by expert, or, for few tokens (decode, verify at small batch), as
 matrix-vector products with the chosen experts' weights gathered (`_gather_experts` says why).
 `SparseMoE(expert_path=...)` (or `set_expert_path(model, ...)`) picks the path: "auto" (the
-default, by the token count), "gather" or "grouped".
+default, by the token count), "gather", "grouped", or "pallas": the pairs sorted into blocks of
+one expert each and run by the grouped Pallas kernel (`gdn_jax.ops.moe.routed`; bf16 / fp16,
+interpreted off the GPU), which reads each chosen expert's weights once per block.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from jax.sharding import PartitionSpec as P
 
 from gdn_jax.modules._linear import HIGHEST, dense, linear
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
+from gdn_jax.ops import moe as moe_ops
 
 _F32 = jnp.float32
-EXPERT_PATHS = ("auto", "gather", "grouped")
+EXPERT_PATHS = ("auto", "gather", "grouped", "pallas")
 
 
 class MLP(nnx.Module):
@@ -138,11 +141,15 @@ def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype,
     if norm_topk_prob:
         top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
     weights, ids = top_w.astype(logits.dtype), top_i.astype(jnp.int32)
-    gather = (_gather_experts(x.shape[0], top_k, num_experts) if expert_path == "auto"
-              else expert_path == "gather")
-    routed = (_routed_gathered if gather else _routed_ragged)(
-        p, x.astype(dtype), weights, ids, num_experts=num_experts, dtype=dtype,
-        precision=precision)
+    if expert_path == "pallas":
+        routed = _routed_pallas
+    elif (_gather_experts(x.shape[0], top_k, num_experts) if expert_path == "auto"
+          else expert_path == "gather"):
+        routed = _routed_gathered
+    else:
+        routed = _routed_ragged
+    routed = routed(p, x.astype(dtype), weights, ids, num_experts=num_experts, dtype=dtype,
+                    precision=precision)
     shared = jax.nn.sigmoid(mm(x, p["shared_gate"])) * _mlp_body(p["shared"], x, mm=shared_mm)
     return routed + shared
 
@@ -173,6 +180,16 @@ def _routed_ragged(p, x, weights, ids, *, num_experts, dtype, precision):
     h = jax.nn.silu(rmm(xs, p["eg"])) * rmm(xs, p["eu"])
     y = rmm(h, p["ed"]) * weights.reshape(-1)[order][:, None]
     return jnp.zeros((N, H), y.dtype).at[token].add(y)
+
+
+def _routed_pallas(p, x, weights, ids, *, num_experts, dtype, precision):
+    """The grouped Pallas kernel (`gdn_jax.ops.moe.routed`); its products are exact for 16-bit
+    weights, so precision has nothing to say. Same arguments and result as `_routed_ragged`."""
+    del num_experts, precision
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"SparseMoE: expert_path 'pallas' needs bf16 or fp16, got dtype {dtype}")
+    w = [p[name][...].astype(dtype) for name in ("eg", "eu", "ed")]
+    return moe_ops.routed(x, weights.astype(dtype), ids, *w)
 
 
 def _routed_gathered(p, x, weights, ids, *, num_experts, dtype, precision):

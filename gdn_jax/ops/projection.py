@@ -69,8 +69,8 @@ def config_for(M: int, K: int, N: int, *, sm_count: int = 132) -> kernels.Projec
     has no such divisor), and K cut into the fewest slices that give `_WAVES` programs per SM,
     while the fp32 partial sums stay small beside the weight."""
     bm = kernels.projection_block_m(M)
-    block_n = _pow2_divisor(N, _BLOCK_N)
-    block_k = _pow2_divisor(K, 128 if bm <= 64 else 64)
+    block_n = pow2_tile(N, _BLOCK_N)
+    block_k = pow2_tile(K, 128 if bm <= 64 else 64)
     steps = max(1, K // block_k)
     max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
     want = -(-_WAVES * sm_count // max(1, N // block_n))
@@ -80,8 +80,9 @@ def config_for(M: int, K: int, N: int, *, sm_count: int = 132) -> kernels.Projec
                                     num_warps=8 if bm >= 128 else 4, num_stages=3)
 
 
-def _pow2_divisor(n: int, most: int) -> int:
-    """The largest power of two <= most that divides n, at least 16 (a misfit if none)."""
+def pow2_tile(n: int, most: int) -> int:
+    """The largest power of two <= most that divides n, at least 16 (the kernel's misfit check
+    says so where none does): a block size for an axis of n."""
     block = most
     while n % block and block > 16:
         block //= 2

@@ -1,0 +1,190 @@
+"""The routed experts of a MoE block for decode and verify token counts: a grouped matmul that
+reads each chosen expert's weights once.
+
+XLA's GPU `ragged_dot` computes every expert whatever the routing; gathering the chosen experts'
+weights per (token, expert) pair re-reads an expert once per token that picked it. Here the
+pairs are sorted by expert and cut into blocks of `block_m` rows, each block one expert's
+(`plan`); program (g, n) multiplies block g's rows by the column block n of its expert's weight,
+streaming that weight once for all of the block's rows. A decode step of B tokens and top-k
+experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past the used ones
+(`block_expert` = -1) write zeros and read nothing.
+
+    blocks = plan(ids, num_experts, block_m)                    # XLA: sort, pad, gather rows
+    h = grouped_matmul(blocks.rows(x), w_gate, blocks.block_expert, w_up=w_up, config=...)
+    y = grouped_matmul(h, w_down, blocks.block_expert, config=...)
+    out = blocks.combine(y, weights, num_tokens)                 # XLA: weight, scatter-add
+
+With `w_up` the kernel computes silu(x @ w_gate) * (x @ w_up) (SwiGLU's first half) in one pass.
+x, weights: bf16 or fp16 (exact products, fp32 accumulation, one rounding of the result).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _pallas
+from ._common import is_pow2
+
+_F32 = jnp.float32
+MOE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Launch parameters of `grouped_matmul` (hashable: a static argument).
+
+    block_m: pair rows per block (>= 16, the tensor cores' smallest tile; a power of two). Each
+             block re-reads its expert's weights, so more rows per block suit more tokens.
+    block_n, block_k: the weight tile [block_k, block_n] (powers of two >= 16).
+    num_warps, num_stages: Triton's; the stages pipeline the loop over K.
+    """
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_m", "block_n", "block_k"):
+            value = getattr(self, name)
+            if not is_pow2(value) or value < 16:
+                raise ValueError(f"MoEConfig: {name} must be a power of two >= 16, "
+                                 f"got {name}={value}")
+
+    def misfit(self, K: int, N: int) -> str | None:
+        """Why this config cannot take an [E, K, N] expert weight, or None."""
+        if N % self.block_n:
+            return f"block_n={self.block_n} does not divide N={N}"
+        if K % self.block_k:
+            return f"block_k={self.block_k} does not divide K={K}"
+        return None
+
+
+class Blocks(NamedTuple):
+    """The (token, expert) pairs sorted by expert and padded into blocks (`plan`).
+
+    block_expert: [G] int32, the expert of each block (-1: unused).
+    row_token:    [G * block_m] int32, the token of each row (num_tokens on padding rows).
+    row_pair:     [G * block_m] int32, the flat pair index (token * k + j) of each row (-1: pad).
+    """
+
+    block_expert: jax.Array
+    row_token: jax.Array
+    row_pair: jax.Array
+
+    def rows(self, x: jax.Array) -> jax.Array:
+        """x [num_tokens, K] -> [G * block_m, K]: each row's token, zeros on padding rows."""
+        return jnp.take(x, self.row_token, axis=0, mode="fill", fill_value=0)
+
+    def combine(self, y: jax.Array, weights: jax.Array, num_tokens: int) -> jax.Array:
+        """y [G * block_m, N], weights [num_tokens, k] -> [num_tokens, N] (y's dtype): each
+        token's rows times their routing weights, summed (in fp32)."""
+        w = jnp.take(weights.reshape(-1).astype(_F32), self.row_pair, mode="fill", fill_value=0)
+        out = jnp.zeros((num_tokens, y.shape[1]), _F32)
+        out = out.at[self.row_token].add(y.astype(_F32) * w[:, None], mode="drop")
+        return out.astype(y.dtype)
+
+
+def num_blocks(pairs: int, num_experts: int, block_m: int) -> int:
+    """The most blocks `pairs` pairs can take: every used expert's last block may be partial."""
+    return -(-pairs // block_m) + min(num_experts, pairs)
+
+
+def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
+    """ids: [num_tokens, k] int32, each token's experts (in 0..num_experts - 1) -> `Blocks`."""
+    T, k = ids.shape
+    P = T * k
+    G = num_blocks(P, num_experts, block_m)
+    flat = ids.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True)                      # sorted position -> pair
+    expert = flat[order]
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    first = jnp.cumsum(sizes) - sizes                           # first sorted position per expert
+    blocks = -(-sizes // block_m)
+    block_end = jnp.cumsum(blocks)                              # one past each expert's blocks
+    rank = jnp.arange(P, dtype=jnp.int32) - first[expert]       # position within its expert
+    row = (block_end[expert] - blocks[expert] + rank // block_m) * block_m + rank % block_m
+    g = jnp.arange(G, dtype=jnp.int32)
+    block_expert = jnp.searchsorted(block_end, g, side="right").astype(jnp.int32)
+    block_expert = jnp.where(g < block_end[-1], block_expert, -1)
+    row_token = jnp.full((G * block_m,), T, jnp.int32).at[row].set(order // k)
+    row_pair = jnp.full((G * block_m,), -1, jnp.int32).at[row].set(order)
+    return Blocks(block_expert, row_token, row_pair)
+
+
+def _kernel(block_expert_ref, x_ref, w_ref, *rest, block_m, block_n, block_k, gated):
+    """Program (g, n): rows of block g times column block n of w[block_expert[g]]."""
+    w2_ref, o_ref = rest if gated else (None, rest[0])
+    g, n = pl.program_id(0), pl.program_id(1)
+    rows, cols = pl.ds(g * block_m, block_m), pl.ds(n * block_n, block_n)
+    e = block_expert_ref[g]
+
+    @pl.when(e >= 0)
+    def _():
+        def step(i, accs):
+            ks = pl.ds(i * block_k, block_k)
+            x = x_ref[rows, ks]
+            dot = lambda w_ref: lax.dot_general(x, w_ref[e, ks, cols], (((1,), (0,)), ((), ())),
+                                                preferred_element_type=_F32)
+            return tuple(a + dot(r) for a, r in zip(accs, (w_ref, w2_ref)[:len(accs)]))
+
+        zero = jnp.zeros((block_m, block_n), _F32)
+        accs = lax.fori_loop(0, x_ref.shape[1] // block_k, step, (zero, zero) if gated else (zero,))
+        out = jax.nn.silu(accs[0]) * accs[1] if gated else accs[0]
+        o_ref[rows, cols] = out.astype(o_ref.dtype)
+
+    @pl.when(e < 0)
+    def _():
+        o_ref[rows, cols] = jnp.zeros((block_m, block_n), o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
+                   w_up: jax.Array | None = None, config: MoEConfig = MoEConfig(),
+                   interpret: bool = False) -> jax.Array:
+    """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
+    in x's dtype: block g's rows @ w[block_expert[g]] (with w_up: silu(x @ w) * (x @ w_up));
+    zeros for blocks whose expert is -1."""
+    _check(x, w, w_up, block_expert, config)
+    N = w.shape[2]
+    G = block_expert.shape[0]
+    gated = w_up is not None
+    return _pallas.pallas_call(
+        functools.partial(_kernel, block_m=config.block_m, block_n=config.block_n,
+                          block_k=config.block_k, gated=gated),
+        name="gdn_moe_gate_up" if gated else "gdn_moe_down",
+        config=config,  # pallas_call reads num_warps and num_stages
+        interpret=interpret,
+        grid=(G, N // config.block_n),
+        out_shape=jax.ShapeDtypeStruct((x.shape[0], N), x.dtype),
+    )(block_expert, x, w, *((w_up,) if gated else ()))
+
+
+def _check(x, w, w_up, block_expert, config):
+    op = "grouped_matmul"
+    if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(f"{op}: x [rows, K] and w [E, K, N] expected, got x{list(x.shape)} and "
+                         f"w{list(w.shape)}")
+    if w_up is not None and w_up.shape != w.shape:
+        raise ValueError(f"{op}: w_up expected w's shape {list(w.shape)}, got {list(w_up.shape)}")
+    for name, a in (("w", w), ("w_up", w_up)):
+        if a is not None and a.dtype != x.dtype:
+            raise ValueError(f"{op}: {name} expected x's dtype {x.dtype}, got {a.dtype}")
+    if jnp.dtype(x.dtype) not in MOE_DTYPES:
+        raise ValueError(f"{op}: x expected one of {[str(d) for d in MOE_DTYPES]}, got {x.dtype}")
+    if block_expert.ndim != 1 or block_expert.dtype != jnp.int32 or \
+            x.shape[0] != block_expert.shape[0] * config.block_m:
+        raise ValueError(f"{op}: block_expert expected int32 [rows / block_m] = "
+                         f"[{x.shape[0] // config.block_m}], got {block_expert.dtype}"
+                         f"{list(block_expert.shape)}")
+    why = config.misfit(w.shape[1], w.shape[2])
+    if why:
+        raise ValueError(f"{op}: w{list(w.shape)}: {why}")

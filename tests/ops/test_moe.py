@@ -1,0 +1,96 @@
+"""`gdn_jax.ops.moe.routed` (the grouped Pallas kernel, in the interpreter on CPU) against the
+per-expert float64 sum, and SparseMoE's "pallas" expert path against its XLA paths.
+
+Routing is random with ties across tokens (two tokens on the same experts) and experts that get
+no token. Tolerance (bf16): the kernel rounds h = silu(x W_gate) * (x W_up) to bf16 once (the
+reference does the same in float64, so only h elements on a rounding boundary can differ, by one
+ulp: 2**-7 relative), rounds each expert's output once, and rounds the weighted sum once:
+|out - ref| <= 2**-7 * sum_j |w_j| (|h_j| @ |W_down|) + 2**-8 |ref|.
+"""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gdn_jax.modules.mlp import SparseMoE, set_expert_path
+from gdn_jax.ops import moe
+
+BF16 = jnp.bfloat16
+
+
+def _case(seed, T, k, E, H, I):
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(E, k, replace=False) for _ in range(T)])
+    if T > 1:
+        ids[1] = ids[0]
+    w = rng.random((T, k))
+    w /= w.sum(1, keepdims=True)
+    arr = lambda shape, s: jnp.asarray(rng.standard_normal(shape) * s, BF16)  # noqa: E731
+    return (arr((T, H), 1.0), jnp.asarray(w, BF16), jnp.asarray(ids, jnp.int32),
+            arr((E, H, I), H ** -0.5), arr((E, H, I), H ** -0.5), arr((E, I, H), I ** -0.5))
+
+
+def _reference(x, w, ids, wg, wu, wd):
+    f = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    T, H = x.shape
+    ref, scale = np.zeros((T, H)), np.zeros((T, H))
+    for t in range(T):
+        for j, e in enumerate(np.asarray(ids[t])):
+            g, u = f(x[t]) @ f(wg[e]), f(x[t]) @ f(wu[e])
+            h = f(jnp.asarray(g / (1 + np.exp(-g)) * u, BF16))  # the kernel's one rounding of h
+            ref[t] += f(w[t, j]) * (h @ f(wd[e]))
+            scale[t] += abs(f(w[t, j])) * (np.abs(h) @ np.abs(f(wd[e])))
+    return ref, scale
+
+
+def _assert_close(out, ref, scale):
+    err = np.abs(np.asarray(out, np.float64) - ref)
+    bound = 2.0 ** -7 * scale + 2.0 ** -8 * np.abs(ref)
+    assert np.all(err <= bound), f"max excess {np.max(err - bound):.3g}, max err {err.max():.3g}"
+
+
+@pytest.mark.parametrize("T, k, E", [(1, 10, 64), (12, 4, 8), (40, 2, 16)],
+                         ids=["decode-top10", "ties", "many-per-expert"])
+def test_routed_matches_per_expert_sum(T, k, E):
+    args = _case(T * E, T, k, E, 128, 64)
+    out = moe.routed(*args)
+    assert out.shape == (T, 128) and out.dtype == BF16
+    _assert_close(out, *_reference(*args))
+
+
+def test_routed_shards_sum_to_the_whole():
+    """Tensor parallel: each shard holds half of every expert's intermediate dim and returns its
+    partial sum; the halves add up to the whole."""
+    x, w, ids, wg, wu, wd = _case(3, 6, 3, 8, 128, 64)
+    halves = [moe.routed(x, w, ids, wg[..., s], wu[..., s], wd[:, s])
+              for s in (slice(0, 32), slice(32, 64))]
+    total = np.asarray(halves[0], np.float64) + np.asarray(halves[1], np.float64)
+    ref, scale = _reference(x, w, ids, wg, wu, wd)
+    _assert_close(total, ref, 2 * scale)
+
+
+def test_routed_rejects_bad_shapes():
+    x, w, ids, wg, wu, wd = _case(0, 4, 2, 8, 64, 32)
+    with pytest.raises(ValueError, match=r"ids and weights expected \[T, k\] with T = 4"):
+        moe.routed(x, w[:3], ids[:3], wg, wu, wd)
+    with pytest.raises(ValueError, match=r"expert weights expected \[E, H, I\]"):
+        moe.routed(x, w, ids, wg, wu, wd[:, :16])
+
+
+def test_sparse_moe_pallas_path_matches_grouped():
+    moe_block = SparseMoE(64, 8, 2, 32, 32, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((3, 5, 64)), BF16)
+    outs = {}
+    for path in ("grouped", "pallas"):
+        set_expert_path(moe_block, path)
+        outs[path] = np.asarray(moe_block(x), np.float64)
+    assert outs["pallas"].shape == (3, 5, 64)
+    np.testing.assert_allclose(outs["pallas"], outs["grouped"], rtol=2 ** -6,
+                               atol=2 ** -6 * np.abs(outs["grouped"]).max())
+
+
+def test_sparse_moe_pallas_path_needs_16_bit():
+    moe_block = SparseMoE(64, 8, 2, 32, 32, expert_path="pallas", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="expert_path 'pallas' needs bf16 or fp16"):
+        moe_block(jnp.ones((2, 64)))
