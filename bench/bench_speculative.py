@@ -9,11 +9,13 @@ on one GPU or tensor-parallel over several.
     python bench/bench_speculative.py --out DIR --smoke      # tiny model on CPU (checks the script)
 
 Model: random weights at full width. `--family qwen3_5_text` (default): dense Qwen3.5-shaped, MLP
-5120. `--family qwen3_next`: Qwen3-Next-shaped, a sparse MoE block in every layer (`--experts`,
-default 512, top 10, expert width 512, shared expert 512). Both: hidden 2048, GDN H = 16, HV = 32,
-K = V = 128, conv 4; gated attention 16 heads, 2 KV heads, head dim 256; untied LM head; one MTP
-layer; vocab: Qwen3.5's 248320 (qwen3_5_text), Qwen3-Next's 151936 (qwen3_next). `--layers` decoder layers, every 4th a full-attention layer (at least one of
-each kind). bf16 weights, activations and GDN state; `--commit-mode` (replay by default); the ops' default backend
+5120, 48 layers. `--family qwen3_next`: Qwen3-Next-80B-A3B-shaped, a sparse MoE block in every
+layer (`--experts`, default 512, top 10, expert width 512, shared expert 512), 48 layers.
+`--family qwen3_5_moe_text`: Qwen3.5-35B-A3B-shaped, MoE in every layer (256 experts, top 8, expert
+and shared expert 512), 40 layers. All: hidden 2048, GDN H = 16, HV = 32, K = V = 128, conv 4;
+gated attention 16 heads, 2 KV heads, head dim 256; untied LM head; one MTP layer; vocab: Qwen3.5's
+248320 (qwen3_5_*), Qwen3-Next's 151936 (qwen3_next). `--layers` decoder layers (default: the
+family's), every 4th a full-attention layer (at least one of each kind). bf16 weights, activations and GDN state; `--commit-mode` (replay by default); the ops' default backend
 (Pallas kernels on a GPU). Every row starts with `--context` tokens in its KV caches (random GDN
 state: zeros; the numbers do not depend on it).
 
@@ -31,7 +33,9 @@ What is timed, per (TP, B) (d = --draft, default 3):
           acceptance and the commit; drafts are not computed (fixed shifts of the last token).
 - round:  one whole speculative round as `generate` runs it: the MTP extend (d + 1 pairs) and
           d - 1 chained MTP steps (d draft steps), the verify, acceptance, commit, bookkeeping.
-A jitted `lax.fori_loop` runs n such calls, each taking the token (and cache) the last produced,
+A jitted `lax.fori_loop` runs n such calls, each taking the token (and cache) the last produced
+(MoE families: shifted by a random offset each step, so routing does not collapse onto a few
+experts; the round's tokens are the loop's own),
 the cache carried and donated (the round: `gdn_jax.speculative.round_step` from
 `speculative.loop_state`). The trip count is a runtime argument, so one executable runs n and 2n
 calls; per call = (t(2n) - t(n)) / n, the median over --reps (dispatch and sync cancel;
@@ -75,6 +79,10 @@ from gdn_jax.modules.sharding import without_collectives  # noqa: E402
 from gdn_jax.ops.state import default_ring_size  # noqa: E402
 
 BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 8)
+FAMILIES = ("qwen3_5_text", "qwen3_next", "qwen3_5_moe_text")
+FULL_DEPTH = {"qwen3_5_text": 48, "qwen3_next": 48, "qwen3_5_moe_text": 40}
+EXPERTS = {"qwen3_next": 512, "qwen3_5_moe_text": 256}  # the MoE families' routed experts
+TOP_K = {"qwen3_next": 10, "qwen3_5_moe_text": 8}
 
 
 def parse_args(argv=None):
@@ -86,17 +94,19 @@ def parse_args(argv=None):
     p.add_argument("--smoke", action="store_true",
                    help="tiny model (hidden 64, HV 4, K = V = 16, vocab 256) on any device; "
                         "the numbers mean nothing")
-    p.add_argument("--layers", type=int, default=48,
-                   help="decoder layers (every 4th full attention; default 48 = 36 GDN + 12 "
-                        "attention, full depth)")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (every 4th full attention; default: the family's full "
+                        "depth, 48 = 36 GDN + 12 attention, or 40 for qwen3_5_moe_text)")
     p.add_argument("--batches", default=None, help="comma-separated B values (overrides)")
     p.add_argument("--draft", type=int, default=3, help="d, drafts per round (default 3)")
     p.add_argument("--context", type=int, default=512, help="tokens already in the KV caches")
     p.add_argument("--chain", type=int, default=20, help="calls per timed program (n; >= 20)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions per measurement")
-    p.add_argument("--family", default="qwen3_5_text", choices=("qwen3_5_text", "qwen3_next"),
-                   help="dense Qwen3.5-shaped (default) or Qwen3-Next-shaped (MoE)")
-    p.add_argument("--experts", type=int, default=512, help="routed experts (qwen3_next)")
+    p.add_argument("--family", default="qwen3_5_text", choices=FAMILIES,
+                   help="dense Qwen3.5-shaped (default), Qwen3-Next-80B-shaped (MoE) or "
+                        "Qwen3.5-35B-A3B-shaped (MoE)")
+    p.add_argument("--experts", type=int, default=None,
+                   help="routed experts (MoE families; default 512 qwen3_next, 256 qwen3_5_moe_text)")
     p.add_argument("--tp", default="1", help="comma-separated tensor-parallel sizes (devices)")
     p.add_argument("--no-comm", action="store_true",
                    help="also time decode and round without the blocks' all-reduces (TP > 1)")
@@ -112,6 +122,7 @@ def parse_args(argv=None):
                         "(auto), always gathered, always the grouped matmuls (lax.ragged_dot), "
                         "or the grouped Pallas kernel (gdn_jax.ops.moe)")
     args = p.parse_args(argv)
+    args.layers = args.layers or FULL_DEPTH[args.family]
     if args.layers < 2:
         p.error("--layers must be >= 2 (one layer of each kind)")
     if args.draft < 1:
@@ -122,7 +133,7 @@ def parse_args(argv=None):
 
 
 def model_config(layers: int, smoke: bool, family: str = "qwen3_5_text",
-                 experts: int = 512) -> ModelConfig:
+                 experts: int | None = None) -> ModelConfig:
     types = ["full_attention" if i % 4 == 3 else "linear_attention" for i in range(layers)]
     if "full_attention" not in types:
         types[-1] = "full_attention"
@@ -130,18 +141,19 @@ def model_config(layers: int, smoke: bool, family: str = "qwen3_5_text",
         dims = dict(vocab_size=256, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                     head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
                     linear_key_head_dim=16, linear_value_head_dim=16, intermediate_size=128)
-        moe = dict(num_experts=min(experts, 8), num_experts_per_tok=2, moe_intermediate_size=32,
-                   shared_expert_intermediate_size=32)
+        moe = dict(num_experts=min(experts or 8, 8), num_experts_per_tok=2,
+                   moe_intermediate_size=32, shared_expert_intermediate_size=32)
     else:
         # vocabularies: Qwen3.5's 248320, Qwen3-Next's 151936
-        dims = dict(vocab_size=248320 if family == "qwen3_5_text" else 151936,
+        dims = dict(vocab_size=151936 if family == "qwen3_next" else 248320,
                     hidden_size=2048, num_attention_heads=16,
                     num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
                     linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
                     intermediate_size=5120)
-        moe = dict(num_experts=experts, num_experts_per_tok=min(10, experts),
+        E = experts or EXPERTS.get(family, 512)
+        moe = dict(num_experts=E, num_experts_per_tok=min(TOP_K.get(family, 10), E),
                    moe_intermediate_size=512, shared_expert_intermediate_size=512)
-    if family == "qwen3_next":
+    if family in EXPERTS:
         dims.update(moe)
     return ModelConfig(model_type=family, num_hidden_layers=layers, layer_types=types,
                        mtp_num_hidden_layers=1, tie_word_embeddings=False, **dims)
@@ -245,24 +257,34 @@ def byte_floor(model, config, B: int, context: int, d: int, commit_mode: str,
 
 
 def chains(graphdef, d: int, vocab: int, buf_tokens: int, accept_length: float | None = None,
-           commit_mode: str = "replay"):
-    """The three timed programs: f(params, n, cache, tok) -> (cache, tok)."""
+           commit_mode: str = "replay", random_tokens: bool = False):
+    """The three timed programs: f(params, n, cache, tok) -> (cache, tok).
+
+    random_tokens: decode and verify feed each step the argmax shifted by a random offset (a
+    random model's argmax chain can collapse onto a few tokens, and so route every step to the
+    same experts, which then come from L2); the argmax is still computed and used."""
+
+    def next_token(i, best):
+        if not random_tokens:
+            return best
+        shift = jax.random.randint(jax.random.fold_in(jax.random.key(1), i), best.shape, 0, vocab)
+        return ((best + shift) % vocab).astype(jnp.int32)
 
     def decode(params, n, cache, tok):
         model = nnx.merge(graphdef, params)
         slots = jnp.arange(tok.shape[0], dtype=jnp.int32)
 
-        def body(_, carry):
+        def body(i, carry):
             cache, tok = carry
             out = model(tok[:, None], cache, slots, mode="decode")
-            return out.cache, jnp.argmax(out.logits[:, 0], -1).astype(jnp.int32)
+            return out.cache, next_token(i, jnp.argmax(out.logits[:, 0], -1).astype(jnp.int32))
         return lax.fori_loop(0, n, body, (cache, tok))
 
     def verify(params, n, cache, tok):
         model = nnx.merge(graphdef, params)
         slots = jnp.arange(tok.shape[0], dtype=jnp.int32)
 
-        def body(_, carry):
+        def body(i, carry):
             cache, tok = carry
             drafts = (tok[:, None] + jnp.arange(1, d + 1)[None, :]) % vocab
             out = model(jnp.concatenate([tok[:, None], drafts], 1), cache, slots, mode="verify")
@@ -270,7 +292,7 @@ def chains(graphdef, d: int, vocab: int, buf_tokens: int, accept_length: float |
             ok = jnp.cumprod((drafts == best[:, :d]).astype(jnp.int32), axis=1)
             n_acc = jnp.sum(ok, axis=1)
             cache = model.commit(out.cache, slots, n_acc + 1)
-            return cache, jnp.take_along_axis(best, n_acc[:, None], 1)[:, 0]
+            return cache, next_token(i, jnp.take_along_axis(best, n_acc[:, None], 1)[:, 0])
         return lax.fori_loop(0, n, body, (cache, tok))
 
     cfg = S.SpecConfig(num_draft=d, max_new_tokens=buf_tokens, commit_mode=commit_mode,
@@ -376,7 +398,8 @@ def main(argv=None):
             set_expert_path(model, args.moe)
         graphdef, params = nnx.split(model)
         progs = chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens,
-                       accept_length=accept, commit_mode=args.commit_mode)
+                       accept_length=accept, commit_mode=args.commit_mode,
+                       random_tokens=config.num_experts > 0)
         for B in batches:
             cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=dtype,
                                      commit_mode=args.commit_mode)
