@@ -99,7 +99,11 @@ def test_renamed_key(tmp_path):
 
 
 def test_missing_shard(tmp_path):
-    save_pretrained(random_model(CONFIGS["next-moe"]), tmp_path, max_shard_bytes=20_000)
+    config = ModelConfig(model_type="qwen3_next", num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                         intermediate_size=48, mtp_num_hidden_layers=1,
+                         **{**_COMMON, "linear_num_key_heads": 4, "linear_num_value_heads": 8})
+    save_pretrained(random_model(config), tmp_path, max_shard_bytes=20_000)
     shards = sorted(tmp_path.glob("model-*.safetensors"))
     assert len(shards) > 2
     shards[1].unlink()
@@ -175,7 +179,11 @@ def test_config_errors_name_the_file(tmp_path, text, message):
 
 
 def test_weight_file_errors_name_the_file(tmp_path):
-    save_pretrained(random_model(CONFIGS["next-moe"]), tmp_path, max_shard_bytes=20_000)
+    config = ModelConfig(model_type="qwen3_next", num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                         intermediate_size=48, mtp_num_hidden_layers=1,
+                         **{**_COMMON, "linear_num_key_heads": 4, "linear_num_value_heads": 8})
+    save_pretrained(random_model(config), tmp_path, max_shard_bytes=20_000)
     index = tmp_path / "model.safetensors.index.json"
     index.write_text(index.read_text()[:-10])
     with pytest.raises(ValueError, match=f"{index} is not valid JSON"):
@@ -208,3 +216,36 @@ def test_save_pretrained_carries_tokenizer_and_generation_config(tmp_path):
         save_pretrained(model, given, tokenizer=str(tmp_path / "nope.json"))
     save_pretrained(model, tmp_path / "bare", tokenizer=False)
     assert not (tmp_path / "bare" / "tokenizer.json").exists()
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_sharded_load_puts_each_device_its_shards_only(tp, tmp_path):
+    """A sharded checkpoint loaded onto a ("tp",) mesh: each tensor goes from the file straight
+    to its NamedSharding, so a device holds the replicated parameters plus 1 / tp of the
+    head-parallel ones (the experts, the projections), never the whole model."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    config = ModelConfig(model_type="qwen3_next", num_experts=4, num_experts_per_tok=2,
+                         moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                         intermediate_size=48, mtp_num_hidden_layers=1,
+                         **{**_COMMON, "linear_num_key_heads": 4, "linear_num_value_heads": 8})
+    save_pretrained(random_model(config), tmp_path, max_shard_bytes=20_000)
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    mesh = jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp])
+    model = load_pretrained(tmp_path, mesh=mesh)
+    per_device = dict.fromkeys(mesh.devices.flat, 0)
+    total = replicated = 0
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        arr = var.get_value()
+        assert isinstance(arr.sharding, NamedSharding), path
+        assert set(arr.sharding.device_set) == set(mesh.devices.flat), path
+        total += arr.nbytes
+        split = "tp" in jax.tree.leaves(tuple(arr.sharding.spec))
+        replicated += 0 if split else arr.nbytes
+        for shard in arr.addressable_shards:
+            per_device[shard.device] += shard.data.nbytes
+    assert replicated < total / 2  # the test means something: most bytes split
+    for device, nbytes in per_device.items():
+        assert nbytes == replicated + (total - replicated) // tp, device
+    assert max(per_device.values()) < total
