@@ -74,6 +74,7 @@ from gdn_jax import speculative as S  # noqa: E402
 from gdn_jax.benchmark import time_chain  # noqa: E402
 from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM, shard_model  # noqa: E402
 from gdn_jax.modules.cache import GDNCache, KVCache  # noqa: E402
+from gdn_jax.modules.attention import set_attention_impl  # noqa: E402
 from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
 from gdn_jax.modules.sharding import without_collectives  # noqa: E402
 from gdn_jax.ops.state import default_ring_size  # noqa: E402
@@ -115,6 +116,9 @@ def parse_args(argv=None):
                    help="forced acceptance: rounds keep Binomial(d, (L - 1) / d) drafts per row "
                         "so the mean accept length is L (SpecConfig.forced_accept_length; "
                         "0: the model's own acceptance, none with random weights)")
+    p.add_argument("--attention", default="xla", choices=("xla", "pallas"),
+                   help="attention scores (gdn_jax.modules.attention.set_attention_impl): over "
+                        "the whole cache (xla) or each row's used length (pallas)")
     p.add_argument("--commit-mode", default="replay", choices=("replay", "ring", "intermediate"),
                    help="the GDN layers' commit mode (the speculative loop's default: replay)")
     p.add_argument("--moe", default="auto", choices=("auto", "gather", "grouped", "pallas"),
@@ -365,7 +369,8 @@ def main(argv=None):
           f"context {args.context}, chain {chain}, reps {reps}, TP {tps}", flush=True)
 
     tag = (f"-{args.family}" + (f"-tp{'_'.join(map(str, tps))}" if tps != (1,) else "")
-           + (f"-{args.moe}" if args.moe != "auto" else ""))
+           + (f"-{args.moe}" if args.moe != "auto" else "")
+           + ("-pallas_attention" if args.attention == "pallas" else ""))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out,
                         f"bench_speculative-{kind}{tag}{'-smoke' if args.smoke else ''}.json")
@@ -376,7 +381,7 @@ def main(argv=None):
                    "compute_capability": getattr(dev, "compute_capability", None)},
         "jax": jax.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "copy_bandwidth": copy,
-        "settings": {"family": args.family, "moe": args.moe, "layers": list(config.layer_types),
+        "settings": {"family": args.family, "moe": args.moe, "attention": args.attention, "layers": list(config.layer_types),
                      "hidden": config.hidden_size, "vocab": config.vocab_size,
                      "HV": config.linear_num_value_heads, "K": config.linear_key_head_dim,
                      "V": config.linear_value_head_dim, "experts": config.num_experts,
@@ -396,6 +401,7 @@ def main(argv=None):
         model = build(config, dtype, tp)
         if args.moe != "auto":
             set_expert_path(model, args.moe)
+        set_attention_impl(model, args.attention)
         graphdef, params = nnx.split(model)
         progs = chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens,
                        accept_length=accept, commit_mode=args.commit_mode,

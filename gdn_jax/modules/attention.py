@@ -6,6 +6,12 @@
     y = o_proj(o * sigmoid(gate))
 
 Positions come from the cache: row i's token t sits at `lengths[slot_i] + t`.
+
+`impl` (constructor argument, or `set_attention_impl(model, ...)`) picks how the scores are
+computed: "xla" (the default) gathers each row's whole cache and masks past its length;
+"pallas" reads each row's used length in place (`gdn_jax.ops.attention.decode_attention`: bf16 /
+fp16 caches; the Pallas interpreter off the GPU; under tensor parallelism only where the KV heads
+split over the devices).
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ from gdn_jax.modules.cache import KVCache, kv_cache_specs, slot_index
 from gdn_jax.modules.norms import RMSNorm, rms_norm
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_size
 from gdn_jax.modules.rope import apply_rope, rope_cos_sin
+from gdn_jax.ops import attention as attention_ops
 
 _F32 = jnp.float32
+IMPLS = ("xla", "pallas")
 
 
 class Attention(nnx.Module):
@@ -33,7 +41,8 @@ class Attention(nnx.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rotary_dim: int, rope_theta: float, eps: float = 1e-6, dtype=jnp.float32,
-                 param_dtype=jnp.float32, precision=HIGHEST, rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, precision=HIGHEST, impl: str = "xla",
+                 rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of "
                              f"num_kv_heads ({num_kv_heads})")
@@ -41,6 +50,7 @@ class Attention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.rotary_dim, self.rope_theta = rotary_dim, rope_theta
         self.dtype, self.precision = dtype, precision
+        self.impl = _check_impl(impl)
         # On a ("tp",) mesh: q heads (with their gates) by columns, o_proj by rows; k / v split
         # or replicated by the device count (tp_param_specs).
         self.q_proj = linear(hidden_size, num_heads * head_dim * 2, sharding=(None, TP), **kw)
@@ -75,7 +85,8 @@ class Attention(nnx.Module):
             num_kv_heads=self.num_kv_heads // tp if kv_split else self.num_kv_heads,
             head_dim=self.head_dim, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
             eps=self.q_norm.eps, dtype=self.dtype, precision=self.precision, advance=advance,
-            tp=tp if self.mesh is not None else None, kv_split=kv_split)
+            tp=tp if self.mesh is not None else None, kv_split=kv_split,
+            impl=_check_impl(self.impl))
         specs = self.tp_param_specs(tp)
         c_specs = kv_cache_specs(kv_split)
         return shard_call(self.mesh, body, params, (x, cache, slots, n),
@@ -95,8 +106,24 @@ class Attention(nnx.Module):
         return {("k_proj", "kernel"): kv, ("v_proj", "kernel"): kv}
 
 
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"Attention: impl expected one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def set_attention_impl(model, impl: str):
+    """Set `impl` of every Attention in `model` (any nnx graph; in place; returns it)."""
+    impl = _check_impl(impl)
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Attention):
+            node.impl = impl
+    return model
+
+
 def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, head_dim,
-                    rotary_dim, rope_theta, eps, dtype, precision, advance, tp, kv_split):
+                    rotary_dim, rope_theta, eps, dtype, precision, advance, tp, kv_split,
+                    impl="xla"):
     """Attention on local heads (module docstring). tp None: one device, no reduction. Under
     shard_map (tp devices): p holds this shard's q heads and o_proj rows; with kv_split its KV
     heads, else all KV heads (replicated; this shard reads the one its q heads share)."""
@@ -121,6 +148,28 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     ck = cache.k.at[row, col].set(k.astype(cache.k.dtype), mode="drop")
     cv = cache.v.at[row, col].set(v.astype(cache.v.dtype), mode="drop")
 
+    if impl == "pallas":
+        if tp is not None and not kv_split:
+            raise ValueError(f"Attention: impl 'pallas' needs the KV heads split over the "
+                             f"devices; {nKV} KV heads do not split over {tp}")
+        o = attention_ops.decode_attention(q, ck, cv, slots, pos)
+    else:
+        o = _xla_attention(q, ck, cv, gather, pos, nH=nH, nKV=nKV, hd=hd, precision=precision,
+                           tp=tp, kv_split=kv_split, max_len=cache.max_len)
+    o = o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate)
+    y = mm(o, p["o"])
+    if tp is not None:
+        y = psum(y)
+
+    new_len = cache.lengths
+    if advance:
+        new_len = new_len.at[scatter].add(jnp.where(valid, n, 0), mode="drop")
+    return y, cache.replace(k=ck, v=cv, lengths=new_len)
+
+
+def _xla_attention(q, ck, cv, gather, pos, *, nH, nKV, hd, precision, tp, kv_split, max_len):
+    """Scores over each row's whole cache, masked past its positions -> o [B, T, nH, hd]."""
+    B, T = pos.shape
     keys, values = ck[gather], cv[gather]  # [B, L, nKV, hd]
     if tp is not None and not kv_split:
         # Replicated KV heads (fewer than devices): this shard's nH q heads all read KV head
@@ -133,16 +182,8 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     scores = jnp.einsum("btngd,bsnd->bngts", qh, keys.astype(q.dtype),
                         precision=precision, preferred_element_type=_F32)
     scores = scores * (hd ** -0.5)
-    causal = jnp.arange(cache.max_len)[None, None, :] <= pos[:, :, None]  # [B, T, L]
+    causal = jnp.arange(max_len)[None, None, :] <= pos[:, :, None]  # [B, T, L]
     scores = jnp.where(causal[:, None, None], scores, jnp.finfo(_F32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
     o = jnp.einsum("bngts,bsnd->btngd", probs, values.astype(q.dtype), precision=precision)
-    o = o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate)
-    y = mm(o, p["o"])
-    if tp is not None:
-        y = psum(y)
-
-    new_len = cache.lengths
-    if advance:
-        new_len = new_len.at[scatter].add(jnp.where(valid, n, 0), mode="drop")
-    return y, cache.replace(k=ck, v=cv, lengths=new_len)
+    return o.reshape(B, T, nH, hd)

@@ -1,0 +1,60 @@
+"""`decode_attention(...)`: attention of decode / verify queries over a slot-indexed KV cache,
+reading each row's used length in place (`gdn_jax.kernels.decode_attention`), where XLA's path
+gathers and scores the whole max_len.
+
+    o = decode_attention(q, k_cache, v_cache, slots, pos)   # q [B, T, nH, hd] -> o, same shape
+
+Arguments as the kernel's (its docstring). `gdn_jax.modules.attention.Attention(impl="pallas")`
+calls it (bf16 / fp16 caches). On a CUDA GPU of compute capability >= 8.0 the kernel runs
+compiled; elsewhere (CPU tests) in the Pallas interpreter.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from gdn_jax import kernels
+from gdn_jax.ops.dispatch import Device
+from gdn_jax.ops.projection import pow2_tile
+
+_MIN_CAPABILITY = (8, 0)
+_BLOCK_L = 64
+_WAVES = 2
+
+
+def config_for(B: int, num_kv_heads: int, max_len: int, *, sm_count: int = 132):
+    """Key blocks of 64 positions (fewer for a shorter cache); the key axis cut into enough
+    splits to put `_WAVES` programs per SM, one block per split at most (splits past a row's
+    length return at once)."""
+    block_l = min(_BLOCK_L, 1 << (max_len.bit_length() - 1))
+    blocks = -(-max_len // block_l)
+    splits = max(1, min(blocks, -(-_WAVES * sm_count // (B * num_kv_heads))))
+    return kernels.AttentionConfig(block_l=block_l, splits=splits)
+
+
+def misfit(k_cache) -> str | None:
+    """Why the kernel cannot take this cache, or None."""
+    if k_cache.dtype not in kernels.ATTENTION_DTYPES:
+        return f"cache dtype {k_cache.dtype} (the kernel takes bf16 and fp16)"
+    if k_cache.shape[1] < 16:
+        return f"max_len {k_cache.shape[1]} < 16"
+    hd = k_cache.shape[3]
+    if pow2_tile(hd, hd) != hd:
+        return f"head_dim {hd} is not a power of two >= 16"
+    return None
+
+
+def decode_attention(q, k_cache, v_cache, slots, pos, *, interpret: bool | None = None):
+    """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted."""
+    if interpret is None:
+        dev = Device.of()
+        interpret = not (dev.platform == "gpu" and (dev.capability or (0, 0)) >= _MIN_CAPABILITY)
+    why = misfit(k_cache)
+    if why:
+        raise ValueError(f"decode_attention: the kernel cannot take this cache: {why}")
+    B = q.shape[0]
+    _, L, nKV, _ = k_cache.shape
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    return kernels.decode_attention(q, k_cache, v_cache, slots, pos,
+                                    config=config_for(B, nKV, L, sm_count=sms),
+                                    interpret=interpret)

@@ -1,0 +1,165 @@
+"""Decode and verify attention over a slot-indexed KV cache that reads only the used length.
+
+XLA's attention gathers each row's whole [max_len, ...] cache and scores every position, so a
+step costs max_len whatever the context. Here program (b, h, s) reads row b's slot in the cache
+in place, key blocks of KV head h from split s of the key axis, and stops at the row's last
+query position: a step reads what the rows have written (flash-decoding: an online softmax per
+program, the splits' partial results combined after).
+
+    o = decode_attention(q, k_cache, v_cache, slots, pos, config=AttentionConfig(...))
+
+q:       [B, T, nH, hd] (rope and norm applied), the query heads of KV head h are
+         h * G .. h * G + G - 1 with G = nH // nKV (GQA);
+k_cache, v_cache: [num_slots, max_len, nKV, hd], the new tokens' keys and values already in;
+slots:   [B] int32; a slot < 0 or >= num_slots is padding (nothing read, output zeros);
+pos:     [B, T] int32; query t of row b attends keys 0..pos[b, t] (causal, inclusive).
+Returns o [B, T, nH, hd] in q's dtype; scores in fp32 (scaled by hd ** -0.5), probabilities
+rounded to v's dtype for the product with v (as XLA's path does), accumulation in fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _pallas
+from ._common import is_pow2
+
+_F32 = jnp.float32
+_NEG = -1e30  # a finite -inf: exp(_NEG - m) is 0 and exp(_NEG - _NEG) is 1, never NaN
+ATTENTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # fp32: XLA (no TF32)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters of `decode_attention` (hashable: a static argument).
+
+    block_l:   key positions per loop step (a power of two >= 16, at most max_len).
+    splits:    the key axis is cut into this many parts, one program each (more programs for
+               long contexts; a part past a row's length costs one launch and nothing else).
+    num_warps, num_stages: Triton's.
+    """
+
+    block_l: int = 64
+    splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def __post_init__(self):
+        if not is_pow2(self.block_l) or self.block_l < 16:
+            raise ValueError(f"AttentionConfig: block_l must be a power of two >= 16, "
+                             f"got {self.block_l=}")
+        if not isinstance(self.splits, int) or self.splits < 1:
+            raise ValueError(f"AttentionConfig: splits must be an int >= 1, got {self.splits=}")
+
+
+def _rows(T: int, G: int) -> int:
+    """The query rows of one program (T tokens x G heads), padded for the tensor cores."""
+    return max(16, 1 << (T * G - 1).bit_length())
+
+
+def _kernel(slots_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_l: int,
+            chunk: int, scale: float):
+    """Program (b, h, s): rows [R, hd] of KV head h against keys [s * chunk, ...) of row b."""
+    b, h, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    max_len = k_ref.shape[1]
+    slot = slots_ref[b]
+    R, hd = q_ref.shape[2], q_ref.shape[3]
+    valid = (slot >= 0) & (slot < k_ref.shape[0])
+    pos = pos_ref[b, h, :]                                         # [R]; -1 on padding rows
+    start = s * chunk
+    stop = jnp.minimum(start + chunk, jnp.max(pos) + 1)
+    steps = jnp.where(valid, jnp.maximum(stop - start, 0) + block_l - 1, 0) // block_l
+    q = q_ref[b, h, :, :]                                           # [R, hd]
+    safe = jnp.where(valid, slot, 0)
+
+    def step(i, carry):
+        acc, m, l = carry
+        l0 = start + i * block_l
+        # A block that would run past max_len is read from max_len - block_l instead, its keys
+        # before l0 (counted by the step before) masked: every read stays inside the cache.
+        lc = jnp.minimum(l0, max_len - block_l)
+        keys = pl.ds(lc, block_l)
+        k = k_ref[safe, keys, h, :]                                 # [block_l, hd]
+        v = v_ref[safe, keys, h, :]
+        scores = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=_F32)
+        at = lc + lax.broadcasted_iota(jnp.int32, (R, block_l), 1)
+        scores = jnp.where((at >= l0) & (at <= pos[:, None]), scores * scale, _NEG)
+        m_new = jnp.maximum(m, jnp.max(scores, axis=1))
+        p = jnp.exp(scores - m_new[:, None])
+        alpha = jnp.exp(m - m_new)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                             preferred_element_type=_F32)
+        return acc * alpha[:, None] + pv, m_new, l * alpha + jnp.sum(p, axis=1)
+
+    acc, m, l = lax.fori_loop(0, steps, step, (jnp.zeros((R, hd), _F32),
+                                               jnp.full((R,), _NEG, _F32),
+                                               jnp.zeros((R,), _F32)))
+    o_ref[b, h, s, :, :] = acc
+    m_ref[b, h, s, :] = m
+    l_ref[b, h, s, :] = l
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def decode_attention(q, k_cache, v_cache, slots, pos, *,
+                     config: AttentionConfig = AttentionConfig(), interpret: bool = False):
+    """Module docstring."""
+    B, T, nH, hd = q.shape
+    S, L, nKV, _ = k_cache.shape
+    _check(q, k_cache, v_cache, slots, pos, config)
+    G = nH // nKV
+    R = _rows(T, G)
+    # [B, nKV, R, hd]: row t * G + g is token t of query head h * G + g; pad rows attend nothing
+    qr = q.reshape(B, T, nKV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, nKV, T * G, hd)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - T * G), (0, 0))).astype(k_cache.dtype)
+    pr = jnp.broadcast_to(pos.astype(jnp.int32)[:, None, :, None], (B, nKV, T, G))
+    pr = jnp.pad(pr.reshape(B, nKV, T * G), ((0, 0), (0, 0), (0, R - T * G)),
+                 constant_values=-1)
+    chunk = -(-L // (config.splits * config.block_l)) * config.block_l
+    out_shape = (jax.ShapeDtypeStruct((B, nKV, config.splits, R, hd), _F32),
+                 jax.ShapeDtypeStruct((B, nKV, config.splits, R), _F32),
+                 jax.ShapeDtypeStruct((B, nKV, config.splits, R), _F32))
+    acc, m, l = _pallas.pallas_call(
+        functools.partial(_kernel, block_l=config.block_l, chunk=chunk, scale=hd ** -0.5),
+        name="gdn_decode_attention",
+        config=config,  # pallas_call reads num_warps and num_stages
+        interpret=interpret,
+        grid=(B, nKV, config.splits),
+        out_shape=out_shape,
+    )(slots.astype(jnp.int32), pr, qr, k_cache, v_cache)
+    # the splits' online-softmax states, combined; a row with no key (padding) gives zeros
+    top = jnp.max(m, axis=2, keepdims=True)
+    w = jnp.exp(m - top)
+    num = jnp.sum(acc * w[..., None], axis=2)
+    den = jnp.sum(l * w, axis=2)
+    o = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1)[..., None], 0)
+    o = o[:, :, :T * G].reshape(B, nKV, T, G, hd).transpose(0, 2, 1, 3, 4)
+    return o.reshape(B, T, nH, hd).astype(q.dtype)
+
+
+def _check(q, k_cache, v_cache, slots, pos, config):
+    op = "decode_attention"
+    B, T, nH, hd = q.shape if q.ndim == 4 else (None,) * 4
+    if q.ndim != 4 or k_cache.ndim != 4 or k_cache.shape[3] != hd:
+        raise ValueError(f"{op}: q [B, T, nH, hd] and k_cache [num_slots, max_len, nKV, hd] "
+                         f"expected, got q{list(q.shape)} and k_cache{list(k_cache.shape)}")
+    if v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype:
+        raise ValueError(f"{op}: v_cache expected k_cache's {k_cache.dtype}"
+                         f"{list(k_cache.shape)}, got {v_cache.dtype}{list(v_cache.shape)}")
+    nKV, L = k_cache.shape[2], k_cache.shape[1]
+    if nH % nKV:
+        raise ValueError(f"{op}: q's {nH} heads must be a multiple of the cache's {nKV} KV heads")
+    if jnp.dtype(k_cache.dtype) not in ATTENTION_DTYPES:
+        raise ValueError(f"{op}: k_cache expected one of "
+                         f"{[str(d) for d in ATTENTION_DTYPES]}, got {k_cache.dtype}")
+    if slots.shape != (B,) or pos.shape != (B, T):
+        raise ValueError(f"{op}: slots [B] = [{B}] and pos [B, T] = [{B}, {T}] expected, got "
+                         f"slots{list(slots.shape)} and pos{list(pos.shape)}")
+    if L < config.block_l or not is_pow2(hd) or hd < 16:
+        raise ValueError(f"{op}: block_l={config.block_l} must be at most max_len={L} and "
+                         f"hd={hd} a power of two >= 16")

@@ -1,0 +1,61 @@
+"""Attention's two score paths agree: impl="pallas" (each row's used length read in place,
+`gdn_jax.ops.attention`, in the Pallas interpreter here) and impl="xla" (the whole cache
+gathered and masked), on a bf16 cache over prefill, decode and verify calls with ragged lengths,
+slots in any order and a padding row. Both round the probabilities to bf16 before the product
+with v, in different orders of summation: agreement within 2**-6 relative to the output's scale
+(a few bf16 ulps); a wrong key range or a stale key read moves outputs by O(1)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gdn_jax.modules import Attention, KVCache
+from gdn_jax.modules.attention import set_attention_impl
+
+BF16 = jnp.bfloat16
+
+
+def _attention(impl):
+    return Attention(64, 4, 2, 32, rotary_dim=16, rope_theta=1000.0, dtype=BF16,
+                     param_dtype=BF16, impl=impl, rngs=nnx.Rngs(0))
+
+
+def test_pallas_matches_xla_over_calls():
+    rng = np.random.default_rng(0)
+    steps = [(6, [6, 3, 5], True), (1, None, True), (4, None, False), (1, None, True)]
+    caches = {}
+    outs = {"xla": [], "pallas": []}
+    slots = jnp.asarray([2, -1, 0], jnp.int32)
+    xs = [jnp.asarray(rng.standard_normal((3, T, 64)), BF16) for T, _, _ in steps]
+    # stale data everywhere: neither path may read past a row's positions
+    stale = [jnp.asarray(rng.standard_normal((4, 37, 2, 32)) * 5, BF16) for _ in range(2)]
+    for impl in outs:
+        attn = _attention(impl)
+        cache = KVCache.create(4, 37, 2, 32, dtype=BF16).replace(k=stale[0], v=stale[1])
+        for x, (T, lengths, advance) in zip(xs, steps):
+            y, cache = attn(x, cache, slots, lengths=lengths, advance=advance)
+            outs[impl].append(np.asarray(y, np.float64))
+        caches[impl] = cache
+    for a, b, (T, lengths, _) in zip(outs["xla"], outs["pallas"], steps):
+        for row in (0, 2):  # row 1 is padding: unspecified
+            n = T if lengths is None else lengths[row]
+            np.testing.assert_allclose(b[row, :n], a[row, :n], rtol=0,
+                                       atol=2 ** -6 * np.abs(a[row, :n]).max())
+    np.testing.assert_array_equal(caches["xla"].lengths, caches["pallas"].lengths)
+
+
+def test_impl_is_checked_and_settable():
+    with pytest.raises(ValueError, match=r"impl expected one of \('xla', 'pallas'\)"):
+        _attention("cudnn")
+    attn = _attention("xla")
+    assert set_attention_impl(attn, "pallas") is attn and attn.impl == "pallas"
+    with pytest.raises(ValueError, match="impl expected one of"):
+        set_attention_impl(attn, "fast")
+
+
+def test_pallas_needs_a_16_bit_cache():
+    attn = _attention("pallas")
+    cache = KVCache.create(2, 32, 2, 32, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="the kernel cannot take this cache: cache dtype float32"):
+        attn(jnp.ones((1, 1, 64), BF16), cache, jnp.asarray([0], jnp.int32))
