@@ -7,7 +7,7 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
     python bench/profile_step.py --out DIR --layers 48 --programs decode \
         --variant xla:projection=xla --variant kernel --variant graphs:xla_gpu_graph_min_graph_size=1
 
-A --variant is `name[:setting;...]`, each setting `projection=xla|auto` (GDN_JAX_PROJECTION: the
+A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xla-gemm` (GDN_JAX_PROJECTION: the
 model's projections in XLA, or through the few-row kernel where it runs) or `KEY=VALUE`, an XLA
 option compiled into that variant's programs alone (`compiler_options`; e.g. the command-buffer
 options). Variants run one after another on the same model and caches.
@@ -57,7 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=12, help="kernels listed per program")
     p.add_argument("--programs", default="decode,verify,round", help="which programs to trace")
     p.add_argument("--variant", action="append", default=None,
-                   help="name[:projection=xla|auto;KEY=VALUE;...] (repeatable; docstring)")
+                   help="name[:projection=xla|auto|triton|xla-gemm;KEY=VALUE;...] (repeatable; "
+                        "docstring)")
     return p.parse_args(argv)
 
 

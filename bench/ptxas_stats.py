@@ -2,6 +2,8 @@
 
     python bench/ptxas_stats.py [--kernel ring|decode|replay|intermediate] [--pool bfloat16]
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
+    python bench/ptxas_stats.py --kernel projection|moe-gate-up|moe-down|attention [--T 4]
+        (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks)
 
 No GPU needed: the kernel is lowered for CUDA on this machine (an abstract H100, as the lowering
 tests do), its Triton IR is printed by jax's own MLIR (jax's Triton dialect), parsed by the pip
@@ -50,7 +52,7 @@ def triton_ir(fn, args, **kwargs) -> list[bytes]:
     return found
 
 
-def compile_stats(ir: bytes, num_warps: int, arch: int = 90) -> dict:
+def compile_stats(ir: bytes, num_warps: int, arch: int = 90, num_stages: int = 1) -> dict:
     """ir: MLIR bytecode from jax's Pallas-Triton lowering -> ptxas -v figures."""
     import triton
     from jax._src.lib.mlir import ir as jax_ir
@@ -72,7 +74,7 @@ def compile_stats(ir: bytes, num_warps: int, arch: int = 90) -> dict:
     backend.load_dialects(ctx)
     module = tir.parse_mlir_module(path, ctx)
     module.context = ctx
-    options = backend.parse_options(dict(num_warps=num_warps, num_stages=1))
+    options = backend.parse_options(dict(num_warps=num_warps, num_stages=num_stages))
     stages: dict = {}
     backend.add_stages(stages, options, Language.TRITON)
     src, metadata, out = module, {}, {}
@@ -92,7 +94,7 @@ def compile_stats(ir: bytes, num_warps: int, arch: int = 90) -> dict:
                           os.path.join(work, "kernel.cubin")], capture_output=True, text=True)
     log = run.stdout + run.stderr
     num = lambda pattern: int(m.group(1)) if (m := re.search(pattern, log)) else None
-    out.update(registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
+    out.update(shared=metadata.get("shared"), registers=num(r"Used (\d+) registers"), spill_stores=num(r"(\d+) bytes spill stores"),
                spill_loads=num(r"(\d+) bytes spill loads"), stack=num(r"(\d+) bytes stack frame"))
     return out
 
@@ -123,10 +125,44 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int,
     return fn, args, kwargs
 
 
+MODEL_KERNELS = ("projection", "moe-gate-up", "moe-down", "attention")
+
+
+def model_kernel_call(kernel: str, T: int):
+    """(fn, args, kwargs, config) of one of the model's kernels at Qwen3.5 shapes: the out_proj
+    at one row, the 35B-A3B experts (256, top 8) at B = 8, attention at B = 32 over 4K."""
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, ROOT)
+    from gdn_jax import kernels
+    from gdn_jax.ops import attention, moe, projection
+
+    S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    if kernel == "projection":
+        config = projection.config_for(1, 4096, 2048)
+        return kernels.project, (S((1, 4096), bf), S((4096, 2048), bf)), {}, config
+    if kernel.startswith("moe"):
+        pairs, E = 8 * 8, 256
+        K, N = (2048, 512) if kernel == "moe-gate-up" else (512, 2048)
+        config = moe.config_for(pairs, E, K, N)
+        G = kernels.moe.num_blocks(pairs, E, config.block_m)
+        w = S((E, K, N), bf)
+        kwargs = dict(w_up=w) if kernel == "moe-gate-up" else {}
+        return (kernels.grouped_matmul, (S((G * config.block_m, K), bf), w, S((G,), jnp.int32)),
+                kwargs, config)
+    B, L = 32, 4096
+    config = attention.config_for(B, 2, L, T * 8)
+    cache = S((B + 8, L, 2, 256), bf)
+    return (kernels.decode_attention, (S((B, T, 16, 256), bf), cache, cache,
+                                       S((B,), jnp.int32), S((B, T), jnp.int32)), {}, config)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--kernel", default="ring", choices=("ring", "decode", "replay", "intermediate"))
+    p.add_argument("--kernel", default="ring",
+                   choices=("ring", "decode", "replay", "intermediate") + MODEL_KERNELS)
     p.add_argument("--pool", default="bfloat16", help="the pool's dtype")
     p.add_argument("--T", type=int, default=4, help="tokens per call (verify)")
     p.add_argument("--block-v", type=int, default=128)
@@ -134,6 +170,12 @@ def main(argv=None):
     p.add_argument("--arch", type=int, default=90, help="SM version for ptxas (90: Hopper)")
     p.add_argument("--split", action="store_true", help="the ring kernel's split form")
     args = p.parse_args(argv)
+    if args.kernel in MODEL_KERNELS:
+        fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T)
+        for ir in triton_ir(fn, call_args, config=config, **kwargs):
+            stats = compile_stats(ir, config.num_warps, args.arch, config.num_stages)
+            print(f"{args.kernel} {config}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        return
     fn, call_args, kwargs = kernel_call(args.kernel, args.pool, args.T, args.block_v,
                                         args.num_warps, args.split)
     T = call_args[0].shape[1]

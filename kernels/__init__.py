@@ -44,7 +44,8 @@ from ._mgpu import head_dims_misfit as mosaic_head_dims_misfit
 from ._pallas import TuningConfig
 from ._tokens_mgpu import MODES as MOSAIC_MODES
 from ._tokens_mgpu import misfit as mosaic_misfit
-from .attention import ATTENTION_DTYPES, AttentionConfig, decode_attention
+from .attention import (ATTENTION_DTYPES, ATTENTION_MAX_ROWS, AttentionConfig,
+                        decode_attention)
 from .decode import decode
 from .decode_mgpu import decode_mgpu
 from .fold import fold
@@ -62,10 +63,10 @@ def mosaic_unavailable() -> str | None:
     return _mgpu.unavailable()
 
 
-__all__ = ["ATTENTION_DTYPES", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K", "MOSAIC_MODES",
-           "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN", "AttentionConfig", "Dims",
-           "Dtypes", "MoEConfig", "MosaicConfig", "ProjectionConfig", "TuningConfig", "decode",
-           "decode_attention", "decode_mgpu", "fold", "grouped_matmul", "mosaic_head_dims_misfit",
-           "mosaic_misfit", "mosaic_unavailable", "project", "projection_block_m",
-           "projection_misfit", "verify_intermediate", "verify_intermediate_mgpu",
-           "verify_replay", "verify_replay_mgpu", "verify_ring"]
+__all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
+           "MOSAIC_MODES", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN",
+           "AttentionConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig", "ProjectionConfig",
+           "TuningConfig", "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
+           "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
+           "projection_block_m", "projection_misfit", "verify_intermediate",
+           "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu", "verify_ring"]

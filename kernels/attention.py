@@ -13,6 +13,7 @@ q:       [B, T, nH, hd] (rope and norm applied), the query heads of KV head h ar
 k_cache, v_cache: [num_slots, max_len, nKV, hd], the new tokens' keys and values already in;
 slots:   [B] int32; a slot < 0 or >= num_slots is padding (nothing read, output zeros);
 pos:     [B, T] int32; query t of row b attends keys 0..pos[b, t] (causal, inclusive).
+T x nH / nKV <= ATTENTION_MAX_ROWS (decode and verify; a prefill's rows do not fit one program).
 Returns o [B, T, nH, hd] in q's dtype; scores in fp32 (scaled by hd ** -0.5), probabilities
 rounded to v's dtype for the product with v (as XLA's path does), accumulation in fp32.
 """
@@ -33,6 +34,7 @@ from ._common import is_pow2
 _F32 = jnp.float32
 _NEG = -1e30  # a finite -inf: exp(_NEG - m) is 0 and exp(_NEG - _NEG) is 1, never NaN
 ATTENTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # fp32: XLA (no TF32)
+ATTENTION_MAX_ROWS = 64  # T x (nH // nKV) query rows one program holds ([rows, hd] fp32 acc)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +162,9 @@ def _check(q, k_cache, v_cache, slots, pos, config):
     if slots.shape != (B,) or pos.shape != (B, T):
         raise ValueError(f"{op}: slots [B] = [{B}] and pos [B, T] = [{B}, {T}] expected, got "
                          f"slots{list(slots.shape)} and pos{list(pos.shape)}")
+    if T * (nH // nKV) > ATTENTION_MAX_ROWS:
+        raise ValueError(f"{op}: T x nH / nKV = {T} x {nH // nKV} query rows per KV head, over "
+                         f"ATTENTION_MAX_ROWS = {ATTENTION_MAX_ROWS} (prefill is XLA's)")
     if L < config.block_l or not is_pow2(hd) or hd < 16:
         raise ValueError(f"{op}: block_l={config.block_l} must be at most max_len={L} and "
                          f"hd={hd} a power of two >= 16")

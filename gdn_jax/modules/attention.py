@@ -9,9 +9,10 @@ Positions come from the cache: row i's token t sits at `lengths[slot_i] + t`.
 
 `impl` (constructor argument, or `set_attention_impl(model, ...)`) picks how the scores are
 computed: "xla" (the default) gathers each row's whole cache and masks past its length;
-"pallas" reads each row's used length in place (`gdn_jax.ops.attention.decode_attention`: bf16 /
-fp16 caches; the Pallas interpreter off the GPU; under tensor parallelism only where the KV heads
-split over the devices).
+"pallas" reads each row's used length in place for decode and verify calls
+(`gdn_jax.ops.attention.decode_attention`: bf16 / fp16 caches; the Pallas interpreter off the
+GPU; under tensor parallelism only where the KV heads split over the devices); a prefill's many
+query rows stay with XLA.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     ck = cache.k.at[row, col].set(k.astype(cache.k.dtype), mode="drop")
     cv = cache.v.at[row, col].set(v.astype(cache.v.dtype), mode="drop")
 
-    if impl == "pallas":
+    if impl == "pallas" and attention_ops.takes(T, nH, nKV):
         if tp is not None and not kv_split:
             raise ValueError(f"Attention: impl 'pallas' needs the KV heads split over the "
                              f"devices; {nKV} KV heads do not split over {tp}")

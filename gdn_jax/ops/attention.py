@@ -22,14 +22,22 @@ _BLOCK_L = 64
 _WAVES = 2
 
 
-def config_for(B: int, num_kv_heads: int, max_len: int, *, sm_count: int = 132):
+def config_for(B: int, num_kv_heads: int, max_len: int, rows: int = 8, *,
+               sm_count: int = 132):
     """Key blocks of 64 positions (fewer for a shorter cache); the key axis cut into enough
     splits to put `_WAVES` programs per SM, one block per split at most (splits past a row's
-    length return at once)."""
+    length return at once); 8 warps where a program holds more than 32 query rows."""
     block_l = min(_BLOCK_L, 1 << (max_len.bit_length() - 1))
     blocks = -(-max_len // block_l)
     splits = max(1, min(blocks, -(-_WAVES * sm_count // (B * num_kv_heads))))
-    return kernels.AttentionConfig(block_l=block_l, splits=splits)
+    return kernels.AttentionConfig(block_l=block_l, splits=splits,
+                                   num_warps=4 if rows <= 32 else 8)
+
+
+def takes(T: int, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether the kernel takes T tokens of num_heads query heads (decode and verify: yes;
+    a prefill's rows do not fit one program, and stay with XLA)."""
+    return T * (num_heads // num_kv_heads) <= kernels.ATTENTION_MAX_ROWS
 
 
 def misfit(k_cache) -> str | None:
@@ -52,9 +60,9 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *, interpret: bool | None 
     why = misfit(k_cache)
     if why:
         raise ValueError(f"decode_attention: the kernel cannot take this cache: {why}")
-    B = q.shape[0]
+    B, T, nH, _ = q.shape
     _, L, nKV, _ = k_cache.shape
     sms = getattr(jax.devices()[0], "core_count", None) or 132
-    return kernels.decode_attention(q, k_cache, v_cache, slots, pos,
-                                    config=config_for(B, nKV, L, sm_count=sms),
+    config = config_for(B, nKV, L, T * (nH // nKV), sm_count=sms)
+    return kernels.decode_attention(q, k_cache, v_cache, slots, pos, config=config,
                                     interpret=interpret)

@@ -47,7 +47,9 @@ def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None =
 
     precision: XLA's, where XLA runs it (the kernel's bf16 / fp16 products are exact in fp32).
     backend:   None | "auto" (dispatch), "xla", "triton" (the kernel; an error where it cannot
-               run), "interpret" (the kernel in the Pallas interpreter).
+               run), "interpret" (the kernel in the Pallas interpreter), "xla-gemm" (XLA, with a
+               one-row x padded to two rows: XLA then emits a GEMM where it would emit a
+               reduction; an experiment for benchmarks, GDN_JAX_PROJECTION=xla-gemm).
     """
     *lead, K = x.shape
     if w.ndim != 2 or w.shape[0] != K:
@@ -55,6 +57,13 @@ def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None =
                          f"got w{list(w.shape)}")
     N = w.shape[1]
     M = math.prod(lead)
+    wish = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR)
+    if wish == "xla-gemm":
+        if M != 1:
+            return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+        x2 = jnp.pad(x.reshape(1, K), ((0, 1), (0, 0)))
+        y = lax.dot_general(x2, w, (((1,), (0,)), ((), ())), precision=precision)
+        return y[:1].reshape(*lead, N)
     choice = _select(M, K, N, x.dtype, w.dtype, backend)
     if choice is None:
         return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
@@ -95,7 +104,7 @@ def _select(M, K, N, x_dtype, w_dtype, backend):
     projection in XLA, "interpret" runs the kernel in the interpreter where it fits."""
     if backend not in (None, "auto", "xla", "triton", "interpret"):
         raise ValueError(f"project: backend expected one of ['auto', 'xla', 'triton', "
-                         f"'interpret'], got {backend!r}")
+                         f"'interpret', 'xla-gemm'], got {backend!r}")
     wish = backend if backend not in (None, "auto") else (
         os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))
     if wish == "xla":

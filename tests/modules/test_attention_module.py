@@ -59,3 +59,12 @@ def test_pallas_needs_a_16_bit_cache():
     cache = KVCache.create(2, 32, 2, 32, dtype=jnp.float32)
     with pytest.raises(ValueError, match="the kernel cannot take this cache: cache dtype float32"):
         attn(jnp.ones((1, 1, 64), BF16), cache, jnp.asarray([0], jnp.int32))
+
+
+def test_prefill_rows_stay_with_xla():
+    """A prefill's T x nH / nKV query rows (here 40 x 2 > ATTENTION_MAX_ROWS) do not fit one
+    program: impl "pallas" runs XLA's path for them, bit for bit."""
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, 40, 64)), BF16)
+    ys = [_attention(impl)(x, KVCache.create(2, 48, 2, 32, dtype=BF16),
+                           jnp.asarray([1], jnp.int32))[0] for impl in ("xla", "pallas")]
+    np.testing.assert_array_equal(ys[0], ys[1])

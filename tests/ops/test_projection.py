@@ -63,6 +63,14 @@ def test_environment_steers_the_path(monkeypatch, env, dtype, kernel):
         assert calls[0]["interpret"] is True
 
 
+def test_xla_gemm_pads_one_row_and_matches_the_dot():
+    x, w = _xw((1, 1), 64, 32, jnp.float32)
+    y = projection.project(x, w, precision=lax.Precision.HIGHEST, backend="xla-gemm")
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    assert y.shape == (1, 1, 32)
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_backend_argument_is_strict():
     x, w = _xw((4,), 64, 32, jnp.bfloat16)
     with pytest.raises(ValueError, match="backend 'triton' cannot take .* not a CUDA GPU"):
