@@ -110,6 +110,17 @@ def _models_check(ns):
     assert (Path("out_dir") / "config.json").is_file()
 
 
+def _kernel_paths_prelude(tmp_path):
+    return dict(model=random_model(_TINY, seed=0, scale=0.2))
+
+
+def _kernel_paths_check(ns):
+    from gdn_jax.modules import Attention
+    from flax import nnx
+    impls = {n.impl for _, n in nnx.iter_graph(ns["model"]) if isinstance(n, Attention)}
+    assert impls == {"pallas"}
+
+
 def _speculative_prelude(tmp_path):
     return dict(model=random_model(_TINY, seed=0, scale=0.2),
                 prompts=jnp.array([[3, 14, 15, 9], [2, 6, 0, 0]], _I32),
@@ -138,6 +149,7 @@ PRELUDES = {
                 {"B, H, HV, K, V = 8, 16, 32, 128, 128": "B, H, HV, K, V = 2, 2, 4, 16, 16"},
                 _ops_check),
     "The models": (_models_prelude, {"max_len=4096": "max_len=16"}, _models_check),
+    "The models #2": (_kernel_paths_prelude, {}, _kernel_paths_check),
     "Speculative decoding": (_speculative_prelude, {"max_new_tokens=256": "max_new_tokens=8"},
                              _speculative_check),
     "Multi-GPU (tensor parallel)": (_tp_prelude, {"max_len=4096": "max_len=16"}, _tp_check),
