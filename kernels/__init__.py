@@ -53,6 +53,7 @@ from .moe import MOE_DTYPES, MoEConfig, grouped_matmul
 from .projection import PROJECTION_MAX_M, ProjectionConfig, project
 from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
+from .projection import smem_limit as projection_smem_limit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
@@ -68,5 +69,5 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "AttentionConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig", "ProjectionConfig",
            "TuningConfig", "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
            "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
-           "projection_block_m", "projection_misfit", "verify_intermediate",
+           "projection_block_m", "projection_misfit", "projection_smem_limit", "verify_intermediate",
            "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu", "verify_ring"]

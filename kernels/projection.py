@@ -82,6 +82,11 @@ class ProjectionConfig:
         return None
 
 
+def smem_limit() -> int:
+    """The shared memory a config may take (`ProjectionConfig.misfit`)."""
+    return _SMEM_BYTES
+
+
 def block_m(M: int) -> int:
     """The padded row count of a call of M rows: the tile every program multiplies."""
     return max(_MIN_BLOCK_M, 1 << (M - 1).bit_length())

@@ -17,6 +17,7 @@ rows: benchmarks), "interpret" the same in the Pallas interpreter (tests).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 
@@ -38,7 +39,7 @@ _MIN_CAPABILITY = (8, 0)
 # verify, 4 rows: 4.34 ms XLA vs 4.77; B = 32 decode: 6.12 vs 6.49; B = 32 verify, 128 rows: 9.94
 # vs 12.14). A `backend="triton"` call takes up to kernels.PROJECTION_MAX_M rows.
 AUTO_MAX_M = 1
-_BLOCK_N = 128
+_BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
 
 
@@ -73,20 +74,26 @@ def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None =
 
 
 def config_for(M: int, K: int, N: int, *, sm_count: int = 132) -> kernels.ProjectionConfig:
-    """The launch config for M rows of a [K, N] weight on a GPU of sm_count SMs (a heuristic fit
-    to the H200 sweep, bench/results/bench_projection-*.json): column blocks of 128 (fewer where N
-    has no such divisor), and K cut into the fewest slices that give `_WAVES` programs per SM,
-    while the fp32 partial sums stay small beside the weight."""
+    """The launch config for M rows of a [K, N] weight on a GPU of sm_count SMs, fit to the H200
+    sweep (bench/results/bench_projection-h200-sweep-2026-12-01.json, the kernel alone): column
+    blocks of 64, and K cut into as many slices as give about two programs per SM at 16 rows, one
+    from 64 rows on (their fp32 partial sums then cost more than the extra programs save), and no
+    more than keep the partials small beside the weight. At one row this picks within 6% of the
+    sweep's best for the out_proj, in_proj_qkvz, gate_proj and down_proj shapes."""
     bm = kernels.projection_block_m(M)
     block_n = pow2_tile(N, _BLOCK_N)
-    block_k = pow2_tile(K, 128 if bm <= 64 else 64)
+    block_k = pow2_tile(K, 128)
     steps = max(1, K // block_k)
     max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
-    want = -(-_WAVES * sm_count // max(1, N // block_n))
-    divisors = [d for d in range(1, steps + 1) if steps % d == 0 and d <= max_splits]
-    splits = next((d for d in divisors if d >= want), divisors[-1])
-    return kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
-                                    num_warps=8 if bm >= 128 else 4, num_stages=3)
+    want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, N // block_n))
+    splits = max(d for d in range(1, steps + 1)
+                 if steps % d == 0 and d <= max(1, min(want, max_splits)))
+    stages = 3 if bm <= 32 else 5
+    config = kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
+                                      num_warps=8 if bm >= 128 else 4, num_stages=stages)
+    while config.num_stages > 2 and config.smem_bytes(M) > kernels.projection_smem_limit():
+        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    return config
 
 
 def pow2_tile(n: int, most: int) -> int:
