@@ -30,7 +30,7 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA).
 Each kernel takes its launch parameters as one frozen, hashable config (a static argument).
 
-Limits: T <= MAX_T tokens per call; pool dtypes POOL_DTYPES; K and V powers of two (Triton
+Limits: T <= MAX_T tokens per call (the Mosaic GPU kernels: T, T_max <= MOSAIC_MAX_T); pool dtypes POOL_DTYPES; K and V powers of two (Triton
 blocks). The Mosaic GPU kernels also need what `mosaic_head_dims_misfit` and `mosaic_misfit`
 say (K, V multiples of 64, K <= MOSAIC_MAX_K, the SMEM of one CTA) and a jax that builds them
 (`mosaic_unavailable`).
@@ -42,6 +42,7 @@ from ._mgpu import MAX_K as MOSAIC_MAX_K
 from ._mgpu import MosaicConfig
 from ._mgpu import head_dims_misfit as mosaic_head_dims_misfit
 from ._pallas import TuningConfig
+from ._tokens_mgpu import MAX_T as MOSAIC_MAX_T
 from ._tokens_mgpu import MODES as MOSAIC_MODES
 from ._tokens_mgpu import misfit as mosaic_misfit
 from .attention import (ATTENTION_DTYPES, ATTENTION_MAX_ROWS, AttentionConfig,
@@ -65,9 +66,10 @@ def mosaic_unavailable() -> str | None:
 
 
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
-           "MOSAIC_MODES", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN",
-           "AttentionConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig", "ProjectionConfig",
-           "TuningConfig", "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
-           "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
-           "projection_block_m", "projection_misfit", "projection_smem_limit", "verify_intermediate",
-           "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu", "verify_ring"]
+           "MOSAIC_MAX_T", "MOSAIC_MODES", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T",
+           "RING_MIN", "AttentionConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig",
+           "ProjectionConfig", "TuningConfig", "decode", "decode_attention", "decode_mgpu",
+           "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
+           "mosaic_unavailable", "project", "projection_block_m", "projection_misfit",
+           "projection_smem_limit", "verify_intermediate", "verify_intermediate_mgpu",
+           "verify_replay", "verify_replay_mgpu", "verify_ring"]

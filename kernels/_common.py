@@ -18,7 +18,8 @@ from . import _recurrence as rec
 
 _F32 = jnp.float32
 POOL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))  # the state pool's storage
-MAX_T = 8  # the most tokens one decode / verify call takes (verify unrolls them in Python)
+MAX_T = 16  # the most tokens one decode / verify call takes (verify unrolls them in Python;
+            # the Mosaic GPU kernels take 8: _tokens_mgpu.MAX_T)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from ._mgpu import MosaicConfig
 
 _F32 = jnp.float32
 MODES = ("decode", "replay", "intermediate")
+MAX_T = 8  # the most tokens (and pending candidates) the Mosaic kernels have run with
 _MAX_RING = 4  # intermediate: at most this many S_t stores in flight
 
 
@@ -310,6 +311,9 @@ def misfit(mode: str, dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) ->
     A pure function of its arguments: dispatch asks it before choosing Mosaic GPU."""
     if mode not in MODES:
         raise ValueError(f"mosaic misfit: mode expected one of {MODES}, got {mode!r}")
+    if max(dims.T, dims.t_max) > MAX_T:
+        return (f"the Mosaic GPU kernels take T and T_max <= {MAX_T} (run on a GPU so far), "
+                f"got T = {dims.T}, T_max = {dims.t_max}")
     ring = store_ring(mode, config, dims, dtypes)
     return config.misfit(dims.K, dims.V, dtypes.pool, dtypes.tokens, T=dims.T, out_tiles=ring,
                          pending=dims.t_max, cand_dtype=dtypes.candidates)

@@ -1,4 +1,4 @@
-"""GDN MTP verify: T (1..8) tokens per row from the slot's state, in the two commit modes.
+"""GDN MTP verify: T (1..MAX_T = 16) tokens per row from the slot's state, in the two commit modes.
 
 - `verify_intermediate`: the pool is only read; the state after every token goes to a
   batch-indexed buffer inter [B, T, HV, V, K] (FlashInfer's MTP contract).
@@ -108,7 +108,7 @@ def _verify_call(kernel, mode: str, dims: cm.Dims, config: TuningConfig, interpr
 _ARGS_DOC = """
     Args:
       q, k:      [B, T, H, K] bf16 | fp16 | fp32, raw (l2norm and the K**-0.5 scale are fused);
-                 T in 1..MAX_T (8).
+                 T in 1..MAX_T (16).
       v:         [B, T, HV, V]; HV a multiple of H (GVA: value head hv reads key head
                  hv // (HV // H)).
       a, b:      [B, T, HV] raw gate inputs; A_log, dt_bias: [HV]. Fused in fp32:

@@ -3,7 +3,7 @@
 Backends:
   "xla"        the reference path (`gdn_jax.ops.reference`): any platform, any shape.
   "triton"     Pallas kernels through the Triton lowering (`gdn_jax.kernels`): NVIDIA GPUs from
-               SM80 up, T <= 8.
+               SM80 up, T <= kernels.MAX_T (16; the Mosaic GPU kernels 8).
   "mosaic"     Pallas Mosaic GPU kernels (`gdn_jax.kernels.decode_mgpu`, `verify_mgpu`): decode
                and verify in both modes, Hopper and datacenter Blackwell (capability 9.x, 10.x,
                11.x), K and V multiples of 64. The Hopper default where the H100 benchmark

@@ -99,6 +99,8 @@ CASES = [
     _t("intermediate", 64, 8, 16, 2, 128, BF16, BF16, 32),
     _t("intermediate", 256, 2, 16, 2, 128, F32, F32, 32),
     _t("intermediate", 3, 5, 16, 2, 128, F32, BF16, 16),
+    _t("intermediate", 2, 16, 1, 2, 16, F32, F32, 8, t_max=16),   # T up to MAX_T = 16
+    _t("intermediate", 32, 16, 16, 2, 128, BF16, BF16, 16, t_max=16),
     # Triton verify, replay
     _t("replay", 3, 2, 2, 2, 32, F32, F32, 16),
     _t("replay", 1, 8, 1, 1, 16, BF16, BF16, 16),
@@ -108,6 +110,9 @@ CASES = [
     _t("replay", 256, 4, 16, 2, 128, BF16, BF16, 32),
     _t("replay", 128, 8, 16, 2, 128, F32, F32, 32),
     _t("replay", 32, 1, 16, 2, 128, BF16, F32, 64),
+    _t("replay", 2, 16, 1, 1, 16, BF16, BF16, 16, t_max=16),        # T up to MAX_T = 16
+    _t("replay", 1, 12, 2, 1, 16, F32, F32, 8, t_max=16),
+    _t("replay", 64, 16, 16, 2, 128, BF16, BF16, 32, t_max=16),
     # Mosaic GPU decode (K, V multiples of 64; the last CTA overshoots where tiles % per != 0)
     _m("decode", 2, 1, 1, 2, 64, BF16, BF16, 64, 4, 2, V=64, t_max=3),
     _m("decode", 2, 1, 1, 2, 64, F32, F16, 64, 3, 3, V=128, t_max=3),

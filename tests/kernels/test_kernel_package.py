@@ -27,5 +27,5 @@ def test_the_public_face_is_complete():
     for name in kernels.__all__:
         assert hasattr(kernels, name), name
         assert not name.startswith("_"), name
-    assert kernels.MAX_T == 8 and kernels.MOSAIC_MAX_K == 256
+    assert kernels.MAX_T == 16 and kernels.MOSAIC_MAX_K == 256
     assert set(kernels.MOSAIC_MODES) == {"decode", "replay", "intermediate"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.kernels import TuningConfig, verify_intermediate, verify_replay
+from gdn_jax.kernels import MAX_T, TuningConfig, verify_intermediate, verify_replay
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 
@@ -21,8 +21,9 @@ def test_verify_replay_then_intermediate_agree(make_case, assert_close):
 
 @pytest.mark.parametrize("fn", [verify_intermediate, verify_replay])
 def test_verify_rejects_bad_arguments(fn, make_case):
-    case = make_case(seed=0, B=1, T=9, H=1, group=1, K=16, pool_dtype=F32, t_max=9)
-    with pytest.raises(ValueError, match=r"T \(q.shape\[1\]\) expected 1..8"):
+    case = make_case(seed=0, B=1, T=MAX_T + 1, H=1, group=1, K=16, pool_dtype=F32,
+                     t_max=MAX_T + 1)
+    with pytest.raises(ValueError, match=rf"T \(q.shape\[1\]\) expected 1..{MAX_T}"):
         fn(*case.kernel_args(), interpret=True)
     case = make_case(seed=0, B=1, T=2, H=1, group=1, K=16, pool_dtype=F32)
     args = list(case.kernel_args())

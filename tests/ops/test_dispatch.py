@@ -44,7 +44,12 @@ def test_table(platform, cap, backend):
 
 
 def test_shapes_a_kernel_cannot_take_fall_back():
-    assert dispatch.select("verify", T=9, device=FakeDevice("gpu", "9.0")).backend == "xla"
+    assert dispatch.select("verify", T=kernels.MAX_T + 1,
+                           device=FakeDevice("gpu", "9.0")).backend == "xla"
+    # the Mosaic kernels take T <= 8: from 9 to MAX_T verify on Hopper is Triton's
+    dims = kernels.Dims(8, 12, 16, 32, 128, 128, 8, 12)
+    assert dispatch.select("verify", dims=dims, mode="replay",
+                           device=FakeDevice("gpu", "9.0")).backend == "triton"
 
 
 def test_argument_and_environment_overrides(monkeypatch):
@@ -160,8 +165,8 @@ def test_mosaic_needs_a_jax_it_imports_on(mosaic_imports, monkeypatch):
 
 def test_mosaic_tuning_fits_the_head_dim():
     """Every Mosaic tuning entry fits one CTA's SMEM (as Pallas lays it out) at the real head
-    dims with the largest T and T_max and fp32 inputs and candidates."""
-    T = T_MAX = kernels.MAX_T
+    dims with the largest T and T_max they take and fp32 inputs and candidates."""
+    T = T_MAX = kernels.MOSAIC_MAX_T
     f32 = jnp.dtype("float32")
     for dtype in ("bfloat16", "float32"):
         for B in (1, 256):
