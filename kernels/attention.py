@@ -14,8 +14,9 @@ k_cache, v_cache: [num_slots, max_len, nKV, hd], the new tokens' keys and values
 slots:   [B] int32; a slot < 0 or >= num_slots is padding (nothing read, output zeros);
 pos:     [B, T] int32; query t of row b attends keys 0..pos[b, t] (causal, inclusive).
 T x nH / nKV <= ATTENTION_MAX_ROWS (decode and verify; a prefill's rows do not fit one program).
-Returns o [B, T, nH, hd] in q's dtype; scores in fp32 (scaled by hd ** -0.5), probabilities
-rounded to v's dtype for the product with v (as XLA's path does), accumulation in fp32.
+Returns o [B, T, nH, hd] in q's dtype; scores in fp32 (scaled by hd ** -0.5); the unnormalised
+probabilities exp(s - running max) are rounded to v's dtype for the product with v (XLA's path
+rounds the normalised ones), accumulation and the final normalisation in fp32.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *,
     B, T, nH, hd = q.shape
     S, L, nKV, _ = k_cache.shape
     _check(q, k_cache, v_cache, slots, pos, config)
+    if B == 0 or T == 0:  # nothing to launch (a grid of size 0 may not launch on a GPU)
+        return jnp.zeros(q.shape, q.dtype)
     G = nH // nKV
     R = _rows(T, G)
     # [B, nKV, R, hd]: row t * G + g is token t of query head h * G + g; pad rows attend nothing
@@ -134,7 +137,8 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *,
         grid=(B, nKV, config.splits),
         out_shape=out_shape,
     )(slots.astype(jnp.int32), pr, qr, k_cache, v_cache)
-    # the splits' online-softmax states, combined; a row with no key (padding) gives zeros
+    # the splits' online-softmax states, combined; a padding slot's rows (no key read) give
+    # zeros (the padding query rows past T x G are sliced off below)
     top = jnp.max(m, axis=2, keepdims=True)
     w = jnp.exp(m - top)
     num = jnp.sum(acc * w[..., None], axis=2)

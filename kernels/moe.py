@@ -15,7 +15,8 @@ experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past 
     out = blocks.combine(y, weights, num_tokens)                 # XLA: weight, scatter-add
 
 With `w_up` the kernel computes silu(x @ w_gate) * (x @ w_up) (SwiGLU's first half) in one pass.
-x, weights: bf16 or fp16 (exact products, fp32 accumulation, one rounding of the result).
+x, weights: bf16 or fp16 (exact products, fp32 accumulation; each call rounds its result to x's
+dtype once, so h is rounded between the two calls, and `combine` sums in fp32 and rounds again).
 """
 
 from __future__ import annotations
@@ -73,7 +74,8 @@ class Blocks(NamedTuple):
 
     block_expert: [G] int32, the expert of each block (-1: unused).
     row_token:    [G * block_m] int32, the token of each row (num_tokens on padding rows).
-    row_pair:     [G * block_m] int32, the flat pair index (token * k + j) of each row (-1: pad).
+    row_pair:     [G * block_m] int32, the flat pair index (token * k + j) of each row (T * k on
+                  padding rows: out of range, so a "fill" take reads its fill value).
     """
 
     block_expert: jax.Array
@@ -116,7 +118,7 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
     block_expert = jnp.searchsorted(block_end, g, side="right").astype(jnp.int32)
     block_expert = jnp.where(g < block_end[-1], block_expert, -1)
     row_token = jnp.full((G * block_m,), T, jnp.int32).at[row].set(order // k)
-    row_pair = jnp.full((G * block_m,), -1, jnp.int32).at[row].set(order)
+    row_pair = jnp.full((G * block_m,), P, jnp.int32).at[row].set(order)
     return Blocks(block_expert, row_token, row_pair)
 
 
@@ -156,6 +158,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     _check(x, w, w_up, block_expert, config)
     N = w.shape[2]
     G = block_expert.shape[0]
+    if G == 0:  # no pairs: nothing to launch (a grid of size 0 may not launch on a GPU)
+        return jnp.zeros((0, N), x.dtype)
     gated = w_up is not None
     return _pallas.pallas_call(
         functools.partial(_kernel, block_m=config.block_m, block_n=config.block_n,

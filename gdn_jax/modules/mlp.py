@@ -123,7 +123,7 @@ def _check_expert_path(path: str) -> str:
 def set_expert_path(model, path: str):
     """Set the expert path of every SparseMoE in `model` (any nnx graph; in place; returns it):
     "auto" (gathered for few tokens, grouped matmuls otherwise: `_gather_experts`), "gather" or
-    "grouped" (always that one). The outputs are the same up to rounding; the time is not."""
+    "grouped" (always that one), or "pallas" (the grouped Pallas kernel, `gdn_jax.ops.moe`). The outputs are the same up to rounding; the time is not."""
     path = _check_expert_path(path)
     for _, node in nnx.iter_graph(model):
         if isinstance(node, SparseMoE):

@@ -15,7 +15,6 @@ import jax
 
 from gdn_jax import kernels
 from gdn_jax.ops.dispatch import Device
-from gdn_jax.ops.projection import pow2_tile
 
 _MIN_CAPABILITY = (8, 0)
 _BLOCK_L = 64
@@ -47,7 +46,7 @@ def misfit(k_cache) -> str | None:
     if k_cache.shape[1] < 16:
         return f"max_len {k_cache.shape[1]} < 16"
     hd = k_cache.shape[3]
-    if pow2_tile(hd, hd) != hd:
+    if hd < 16 or hd & (hd - 1):
         return f"head_dim {hd} is not a power of two >= 16"
     return None
 

@@ -38,7 +38,8 @@ def test_plan_places_every_pair_once(T, k, E, block_m):
     G = moe.num_blocks(T * k, E, block_m)
     assert b.block_expert.shape == (G,) and b.row_token.shape == b.row_pair.shape == (G * block_m,)
     pair, token, expert = (np.asarray(a) for a in (b.row_pair, b.row_token, b.block_expert))
-    real = pair >= 0
+    real = pair < T * k
+    assert np.all(pair[~real] == T * k)                          # padding: out of range
     assert sorted(pair[real]) == list(range(T * k))              # each pair exactly once
     assert np.all(token[real] == pair[real] // k) and np.all(token[~real] == T)
     row_expert = np.repeat(expert, block_m)
@@ -94,6 +95,15 @@ def test_grouped_matmul_matches_float64_interpret(gated, dtype, config):
     assert y.shape == ref.shape and y.dtype == jnp.dtype(dtype)
     assert np.all(err <= bound), f"max excess {np.max(err - bound):.3g}"
     assert np.all(np.asarray(y[4 * config.block_m:]) == 0)  # the unused block: zeros
+
+
+def test_no_pairs_launch_nothing():
+    b = moe.plan(jnp.zeros((0, 2), jnp.int32), 8, 16)
+    assert b.block_expert.shape == (0,)
+    y = kernels.grouped_matmul(jnp.zeros((0, 64), jnp.bfloat16), jnp.ones((8, 64, 32), jnp.bfloat16),
+                               b.block_expert, config=MoEConfig(16, 32, 32), interpret=True)
+    assert y.shape == (0, 32)
+    assert b.combine(y, jnp.zeros((0, 2)), 0).shape == (0, 32)
 
 
 @pytest.mark.parametrize("kwargs, match", [
