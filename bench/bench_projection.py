@@ -41,6 +41,7 @@ from jax import lax  # noqa: E402
 from gdn_jax import kernels  # noqa: E402
 from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
 from gdn_jax.ops import projection  # noqa: E402
+from gdn_jax.ops.dispatch import sm_count  # noqa: E402
 from gdn_jax.profiling import kernel_trace  # noqa: E402
 
 SHAPES = {  # name: (K, N), [in, out]
@@ -100,7 +101,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     dev = jax.devices()[0]
     copy = copy_bandwidth(1 << 30 if dev.platform == "gpu" else 1 << 24)
-    sms = projection._sm_count()
+    sms = sm_count()
     result = {"device": dev.device_kind, "jax": jax.__version__, "copy_gbps": copy,
               "python": platform.python_version(), "sm_count": sms, "reps": args.reps,
               "argv": sys.argv[1:], "cases": []}
@@ -174,7 +175,7 @@ def _sweep(x, ws, K, N, M, reps, interpret, best):
     (us, config) and the list of [config, us]."""
     import dataclasses
     import itertools
-    base = projection.config_for(M, K, N, sm_count=projection._sm_count())
+    base = projection.config_for(M, K, N, sm_count=sm_count())
     grid = []
     for bn, bk, splits, stages in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8, 16),
                                                     (3, 5)):

@@ -67,6 +67,28 @@ def is_pow2(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and not n & (n - 1)
 
 
+MIN_DOT_ROWS = 16  # the smallest M of a tensor-core tile (tl.dot)
+
+
+def dot_rows(n: int) -> int:
+    """n rows padded to the tile a tensor-core dot multiplies: a power of two >= MIN_DOT_ROWS."""
+    return max(MIN_DOT_ROWS, 1 << (n - 1).bit_length())
+
+
+def check_launch_fields(config, tiles=(), counts=()) -> None:
+    """A launch config's checks: each field in `tiles` a power of two >= 16 (a Triton block),
+    each in `counts` an int >= 1; a ValueError naming the config class and the field."""
+    name = type(config).__name__
+    for field in tiles:
+        value = getattr(config, field)
+        if not is_pow2(value) or value < 16:
+            raise ValueError(f"{name}: {field} must be a power of two >= 16, got {field}={value}")
+    for field in counts:
+        value = getattr(config, field)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: {field} must be an int >= 1, got {field}={value}")
+
+
 def check_pool(op, pool, cand_k, cand_v, cand_g, cand_beta, count, *, H=None, HV=None, K=None,
                V=None):
     """pool [N, HV, V, K] bf16|fp32 and the replay buffers that go with it."""

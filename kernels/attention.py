@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _pallas
-from ._common import is_pow2
+from ._common import check_launch_fields, dot_rows, is_pow2
 
 _F32 = jnp.float32
 _NEG = -1e30  # a finite -inf: exp(_NEG - m) is 0 and exp(_NEG - _NEG) is 1, never NaN
@@ -54,16 +54,7 @@ class AttentionConfig:
     num_stages: int = 2
 
     def __post_init__(self):
-        if not is_pow2(self.block_l) or self.block_l < 16:
-            raise ValueError(f"AttentionConfig: block_l must be a power of two >= 16, "
-                             f"got {self.block_l=}")
-        if not isinstance(self.splits, int) or self.splits < 1:
-            raise ValueError(f"AttentionConfig: splits must be an int >= 1, got {self.splits=}")
-
-
-def _rows(T: int, G: int) -> int:
-    """The query rows of one program (T tokens x G heads), padded for the tensor cores."""
-    return max(16, 1 << (T * G - 1).bit_length())
+        check_launch_fields(self, tiles=("block_l",), counts=("splits",))
 
 
 def _kernel(slots_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, block_l: int,
@@ -118,7 +109,7 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *,
     if B == 0 or T == 0:  # nothing to launch (a grid of size 0 may not launch on a GPU)
         return jnp.zeros(q.shape, q.dtype)
     G = nH // nKV
-    R = _rows(T, G)
+    R = dot_rows(T * G)  # the query rows of one program, padded for the tensor cores
     # [B, nKV, R, hd]: row t * G + g is token t of query head h * G + g; pad rows attend nothing
     qr = q.reshape(B, T, nKV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, nKV, T * G, hd)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - T * G), (0, 0))).astype(k_cache.dtype)

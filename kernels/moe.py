@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _pallas
-from ._common import is_pow2
+from ._common import check_launch_fields
 
 _F32 = jnp.float32
 MOE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -54,11 +54,7 @@ class MoEConfig:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_m", "block_n", "block_k"):
-            value = getattr(self, name)
-            if not is_pow2(value) or value < 16:
-                raise ValueError(f"MoEConfig: {name} must be a power of two >= 16, "
-                                 f"got {name}={value}")
+        check_launch_fields(self, tiles=("block_m", "block_n", "block_k"))
 
     def misfit(self, K: int, N: int) -> str | None:
         """Why this config cannot take an [E, K, N] expert weight, or None."""

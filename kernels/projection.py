@@ -28,12 +28,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import is_pow2
+from ._common import check_launch_fields, dot_rows
 
 _F32 = jnp.float32
 PROJECTION_MAX_M = 128  # the most rows one call takes: all rows share one pass over the weight
 PROJECTION_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_MIN_BLOCK_M = 16  # the smallest M of a tensor-core tile (tl.dot)
 _SMEM_BYTES = 160 * 1024  # what an SM80+ block may take (A100: 163 KB; H100/H200: 227 KB), less
                           # Triton's own scratch
 
@@ -56,13 +55,7 @@ class ProjectionConfig:
     num_stages: int = 3
 
     def __post_init__(self):
-        for name in ("block_n", "block_k"):
-            value = getattr(self, name)
-            if not is_pow2(value) or value < 16:
-                raise ValueError(f"ProjectionConfig: {name} must be a power of two >= 16, "
-                                 f"got {name}={value}")
-        if not isinstance(self.splits, int) or self.splits < 1:
-            raise ValueError(f"ProjectionConfig: splits must be an int >= 1, got {self.splits=}")
+        check_launch_fields(self, tiles=("block_n", "block_k"), counts=("splits",))
 
     def smem_bytes(self, M: int, itemsize: int = 2) -> int:
         """The shared memory the pipelined loads take: num_stages tiles of x and of w."""
@@ -89,7 +82,7 @@ def smem_limit() -> int:
 
 def block_m(M: int) -> int:
     """The padded row count of a call of M rows: the tile every program multiplies."""
-    return max(_MIN_BLOCK_M, 1 << (M - 1).bit_length())
+    return dot_rows(M)
 
 
 def misfit(M: int, K: int, N: int, dtype, config: ProjectionConfig) -> str | None:

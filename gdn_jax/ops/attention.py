@@ -11,12 +11,9 @@ compiled; elsewhere (CPU tests) in the Pallas interpreter.
 
 from __future__ import annotations
 
-import jax
-
 from gdn_jax import kernels
-from gdn_jax.ops.dispatch import Device
+from gdn_jax.ops.dispatch import Device, sm_count
 
-_MIN_CAPABILITY = (8, 0)
 _BLOCK_L = 64
 _WAVES = 2
 
@@ -54,14 +51,12 @@ def misfit(k_cache) -> str | None:
 def decode_attention(q, k_cache, v_cache, slots, pos, *, interpret: bool | None = None):
     """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted."""
     if interpret is None:
-        dev = Device.of()
-        interpret = not (dev.platform == "gpu" and (dev.capability or (0, 0)) >= _MIN_CAPABILITY)
+        interpret = not Device.of().runs_triton
     why = misfit(k_cache)
     if why:
         raise ValueError(f"decode_attention: the kernel cannot take this cache: {why}")
     B, T, nH, _ = q.shape
     _, L, nKV, _ = k_cache.shape
-    sms = getattr(jax.devices()[0], "core_count", None) or 132
-    config = config_for(B, nKV, L, T * (nH // nKV), sm_count=sms)
+    config = config_for(B, nKV, L, T * (nH // nKV), sm_count=sm_count())
     return kernels.decode_attention(q, k_cache, v_cache, slots, pos, config=config,
                                     interpret=interpret)

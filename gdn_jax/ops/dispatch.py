@@ -33,6 +33,7 @@ ENV_VAR = "GDN_JAX_BACKEND"
 BACKENDS = ("xla", "triton", "mosaic", "interpret")
 MOSAIC_OPS = ("decode", "verify")  # ops with a Mosaic GPU kernel (verify: both modes)
 KERNEL_OPS = ("decode", "verify", "flush")  # ops with a kernel; the rest are XLA scatters
+_TRITON_CAPABILITY = (8, 0)
 _log = logging.getLogger("gdn_jax.dispatch")
 _logged: set = set()
 
@@ -56,6 +57,19 @@ class Device:
     def __str__(self):
         cap = "" if self.capability is None else f", capability {'.'.join(map(str, self.capability))}"
         return f"{self.kind} ({self.platform}{cap})"
+
+    @property
+    def runs_triton(self) -> bool:
+        """Whether the Pallas-Triton kernels compile here: an NVIDIA GPU from SM80."""
+        return self.platform == "gpu" and self.capability is not None \
+            and self.capability >= _TRITON_CAPABILITY
+
+
+def sm_count(device=None) -> int:
+    """The SMs of `device` (default: the first device); 132 (an H100 / H200) where jax does not
+    say, e.g. on CPU (the kernels' launch heuristics size their grids by it)."""
+    device = device or jax.devices()[0]
+    return getattr(device, "core_count", None) or 132
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +130,7 @@ def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = No
     if backend == "triton":
         if device.platform != "gpu" or device.capability is None:
             return "the Triton kernels need an NVIDIA GPU"
-        if device.capability < (8, 0):
+        if not device.runs_triton:
             return "the Triton kernels need compute capability >= 8.0"
         return None
     if backend == "mosaic":

@@ -18,7 +18,6 @@ from gdn_jax.kernels import moe as _moe
 from gdn_jax.ops.dispatch import Device
 from gdn_jax.ops.projection import pow2_tile
 
-_MIN_CAPABILITY = (8, 0)
 
 
 def config_for(pairs: int, num_experts: int, K: int, N: int) -> _moe.MoEConfig:
@@ -41,8 +40,7 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = No
                          f"H = {H}, got {list(w_gate.shape)}, {list(w_up.shape)}, "
                          f"{list(w_down.shape)}")
     if interpret is None:
-        dev = Device.of()
-        interpret = not (dev.platform == "gpu" and (dev.capability or (0, 0)) >= _MIN_CAPABILITY)
+        interpret = not Device.of().runs_triton
     P = ids.size
     up_cfg, down_cfg = config_for(P, E, H, I), config_for(P, E, I, H)
     blocks = _moe.plan(ids, E, up_cfg.block_m)

@@ -27,11 +27,10 @@ from jax import lax
 
 from gdn_jax import kernels
 from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
-from gdn_jax.ops.dispatch import Device
+from gdn_jax.ops.dispatch import Device, sm_count
 
 ENV_VAR = "GDN_JAX_PROJECTION"
 
-_MIN_CAPABILITY = (8, 0)
 # The most rows the kernel takes by default. In a whole model step (bench/profile_step.py, H200,
 # 48 layers, bench/results/profile_step-h200-projection-2026-12-01.json) XLA lowers one-row
 # projections as reduce fusions (B = 1 decode: 6.14 ms of kernels; through the kernel 3.84 ms),
@@ -117,11 +116,10 @@ def _select(M, K, N, x_dtype, w_dtype, backend):
     if wish == "xla":
         return None
     dev = Device.of()
-    config = config_for(M, K, N, sm_count=_sm_count())
+    config = config_for(M, K, N, sm_count=sm_count())
     why = (f"x is {x_dtype} and w {w_dtype}" if jnp.dtype(x_dtype) != jnp.dtype(w_dtype)
            else kernels.projection_misfit(M, K, N, x_dtype, config))
-    if wish != "interpret" and not why and not (
-            dev.platform == "gpu" and (dev.capability or (0, 0)) >= _MIN_CAPABILITY):
+    if wish != "interpret" and not why and not dev.runs_triton:
         why = f"{dev} is not a CUDA GPU of compute capability >= 8.0"
     if why and backend in ("triton", "interpret"):
         raise ValueError(f"project: backend {backend!r} cannot take x [{M}, {K}] @ "
@@ -130,6 +128,3 @@ def _select(M, K, N, x_dtype, w_dtype, backend):
         why = f"M={M} rows: XLA's GEMM is faster above {AUTO_MAX_M}"
     return None if why else (config, wish == "interpret")
 
-
-def _sm_count() -> int:
-    return getattr(jax.devices()[0], "core_count", None) or 132
