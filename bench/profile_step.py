@@ -8,7 +8,8 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
         --variant xla:projection=xla --variant kernel --variant graphs:xla_gpu_graph_min_graph_size=1
 
 A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xla-gemm` (GDN_JAX_PROJECTION: the
-model's projections in XLA, or through the few-row kernel where it runs) or `KEY=VALUE`, an XLA
+model's projections in XLA, or through the few-row kernel where it runs), `moe=auto|gather|grouped|pallas`
+(set_expert_path), `attention=xla|pallas` (set_attention_impl) or `KEY=VALUE`, an XLA
 option compiled into that variant's programs alone (`compiler_options`; e.g. the command-buffer
 options). Variants run one after another on the same model and caches.
 
@@ -37,6 +38,8 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import bench_speculative as bs  # noqa: E402
+from gdn_jax.modules.attention import set_attention_impl  # noqa: E402
+from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
 from gdn_jax.profiling import kernel_trace  # noqa: E402
 
 
@@ -57,24 +60,27 @@ def parse_args(argv=None):
     p.add_argument("--top", type=int, default=12, help="kernels listed per program")
     p.add_argument("--programs", default="decode,verify,round", help="which programs to trace")
     p.add_argument("--variant", action="append", default=None,
-                   help="name[:projection=xla|auto|triton|xla-gemm;KEY=VALUE;...] (repeatable; "
+                   help="name[:projection=...;moe=...;attention=...;KEY=VALUE;...] (repeatable; "
                         "docstring)")
     return p.parse_args(argv)
 
 
+_PATHS = ("projection", "moe", "attention")
+
+
 def parse_variant(text: str):
-    """'name:projection=xla;k=v' -> (name, projection or None, {k: v})."""
+    """'name:projection=xla;moe=pallas;k=v' -> (name, {path setting: value}, {XLA option: v})."""
     name, _, rest = text.partition(":")
-    projection, options = None, {}
+    paths, options = {}, {}
     for item in filter(None, rest.split(";")):
         key, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--variant {text!r}: {item!r} is not KEY=VALUE")
-        if key == "projection":
-            projection = value
+        if key in _PATHS:
+            paths[key] = value
         else:
             options[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return name, projection, options
+    return name, paths, options
 
 
 def main(argv=None):
@@ -83,22 +89,25 @@ def main(argv=None):
     d = args.draft
     config = bs.model_config(args.layers, args.smoke, args.family, args.experts)
     model = bs.build(config, jnp.bfloat16, args.tp)
-    graphdef, params = nnx.split(model)
     calls = args.calls
     buf_tokens = calls * (d + 1) + 1
     max_len = args.context + calls * (d + 1) + 2 * (d + 1)
-    progs = bs.chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens)
     print(f"{dev.device_kind}, jax {jax.__version__}, {args.family}, TP {args.tp}, calls {calls}",
           flush=True)
     results = []
     variants = [parse_variant(v) for v in (args.variant or ["default"])]
-    for B, (variant, projection, options) in ((int(b), v) for b in args.batches.split(",")
-                                             for v in variants):
+    for B, (variant, paths, options) in ((int(b), v) for b in args.batches.split(",")
+                                        for v in variants):
+        projection = paths.get("projection")
         if projection is None:
             os.environ.pop("GDN_JAX_PROJECTION", None)
         else:
             os.environ["GDN_JAX_PROJECTION"] = projection
-        jax.clear_caches()  # the projection path is chosen at trace time: retrace every variant
+        set_expert_path(model, paths.get("moe", "auto"))
+        set_attention_impl(model, paths.get("attention", "xla"))
+        graphdef, params = nnx.split(model)
+        progs = bs.chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens)
+        jax.clear_caches()  # every path is chosen at trace time: retrace every variant
         cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=jnp.bfloat16)
         tok = jnp.asarray(np.random.default_rng(B).integers(0, config.vocab_size, B), jnp.int32)
         for name in args.programs.split(","):
@@ -117,7 +126,7 @@ def main(argv=None):
             busy = sum(per.values())
             top = sorted(per.items(), key=lambda kv: -kv[1])[:args.top]
             launches = sum(trace.counts.values()) / calls / max(trace.gpus, 1)
-            row = {"B": B, "program": name, "variant": variant, "projection": projection,
+            row = {"B": B, "program": name, "variant": variant, **paths,
                    "options": options, "compile_s": compile_s,
                    "wall_us_per_call": wall / calls * 1e6, "kernel_us_per_call": busy,
                    "kernels_per_call": launches, "top": top}
