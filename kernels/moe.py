@@ -7,7 +7,10 @@ pairs are sorted by expert and cut into blocks of `block_m` rows, each block one
 (`plan`); program (g, n) multiplies block g's rows by the column block n of its expert's weight,
 streaming that weight once for all of the block's rows. A decode step of B tokens and top-k
 experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past the used ones
-(`block_expert` = -1) write zeros and read nothing.
+(`block_expert` = -1) write zeros and read nothing. For few pairs the sort, its scans and
+scatters cost more launches than the weights they save (a decode step at B = 1 has k distinct
+experts): `plan_pairs` gives every pair a block of its own instead, from index arithmetic alone,
+and an expert two tokens chose is read twice.
 
     blocks = plan(ids, num_experts, block_m)                    # XLA: sort, pad, gather rows
     h = grouped_matmul(blocks.rows(x), w_gate, blocks.block_expert, w_up=w_up, config=...)
@@ -116,6 +119,18 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
     row_token = jnp.full((G * block_m,), T, jnp.int32).at[row].set(order // k)
     row_pair = jnp.full((G * block_m,), P, jnp.int32).at[row].set(order)
     return Blocks(block_expert, row_token, row_pair)
+
+
+def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
+    """ids: [num_tokens, k] int32 -> `Blocks` of one pair each (row 0 of block p is pair p; the
+    other rows are padding): no sort, nothing but index arithmetic on a static layout."""
+    T, k = ids.shape
+    P = T * k
+    r = jnp.arange(P * block_m, dtype=jnp.int32)
+    lead = r % block_m == 0
+    return Blocks(block_expert=ids.reshape(-1).astype(jnp.int32),
+                  row_token=jnp.where(lead, r // (block_m * k), T),
+                  row_pair=jnp.where(lead, r // block_m, P))
 
 
 def _kernel(block_expert_ref, x_ref, w_ref, *rest, block_m, block_n, block_k, gated):

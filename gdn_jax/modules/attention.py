@@ -8,11 +8,14 @@
 Positions come from the cache: row i's token t sits at `lengths[slot_i] + t`.
 
 `impl` (constructor argument, or `set_attention_impl(model, ...)`) picks how the scores are
-computed: "xla" (the default) gathers each row's whole cache and masks past its length;
-"pallas" reads each row's used length in place for decode and verify calls
-(`gdn_jax.ops.attention.decode_attention`: bf16 / fp16 caches; the Pallas interpreter off the
-GPU; under tensor parallelism only where the KV heads split over the devices); a prefill's many
-query rows stay with XLA.
+computed: "xla" gathers each row's whole cache and masks past its length; "pallas" reads each
+row's used length in place for decode and verify calls (`gdn_jax.ops.attention.decode_attention`:
+bf16 / fp16 caches; the Pallas interpreter off the GPU; under tensor parallelism only where the
+KV heads split over the devices); a prefill's many query rows stay with XLA. "auto" (the
+default) is "pallas" where its kernel runs compiled (`gdn_jax.ops.attention.runs_compiled`) and
+"xla" elsewhere: on an H200 at 32K of context and B = 32 the XLA path spends 61 ms of kernel
+time per 48-layer decode step against 11 ms
+(bench/results/profile_step-h200-ctx32k-attention_paths-2026-12-01.json).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from gdn_jax.modules.rope import apply_rope, rope_cos_sin
 from gdn_jax.ops import attention as attention_ops
 
 _F32 = jnp.float32
-IMPLS = ("xla", "pallas")
+IMPLS = ("auto", "xla", "pallas")
 
 
 class Attention(nnx.Module):
@@ -42,7 +45,7 @@ class Attention(nnx.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *,
                  rotary_dim: int, rope_theta: float, eps: float = 1e-6, dtype=jnp.float32,
-                 param_dtype=jnp.float32, precision=HIGHEST, impl: str = "xla",
+                 param_dtype=jnp.float32, precision=HIGHEST, impl: str = "auto",
                  rngs: nnx.Rngs):
         if num_heads % num_kv_heads:
             raise ValueError(f"Attention: num_heads ({num_heads}) must be a multiple of "
@@ -124,7 +127,7 @@ def set_attention_impl(model, impl: str):
 
 def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, head_dim,
                     rotary_dim, rope_theta, eps, dtype, precision, advance, tp, kv_split,
-                    impl="xla"):
+                    impl="auto"):
     """Attention on local heads (module docstring). tp None: one device, no reduction. Under
     shard_map (tp devices): p holds this shard's q heads and o_proj rows; with kv_split its KV
     heads, else all KV heads (replicated; this shard reads the one its q heads share)."""
@@ -149,6 +152,9 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     ck = cache.k.at[row, col].set(k.astype(cache.k.dtype), mode="drop")
     cv = cache.v.at[row, col].set(v.astype(cache.v.dtype), mode="drop")
 
+    if impl == "auto":
+        fits = attention_ops.runs_compiled(ck) and (tp is None or kv_split)
+        impl = "pallas" if fits else "xla"
     if impl == "pallas" and attention_ops.takes(T, nH, nKV):
         if tp is not None and not kv_split:
             raise ValueError(f"Attention: impl 'pallas' needs the KV heads split over the "

@@ -48,6 +48,12 @@ def misfit(k_cache) -> str | None:
     return None
 
 
+def runs_compiled(k_cache) -> bool:
+    """Whether the kernel runs compiled here on this cache (a CUDA GPU of SM80+, a cache it
+    takes): where `Attention(impl="auto")` picks it."""
+    return Device.of().runs_triton and misfit(k_cache) is None
+
+
 def decode_attention(q, k_cache, v_cache, slots, pos, *, interpret: bool | None = None):
     """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted."""
     if interpret is None:

@@ -13,19 +13,44 @@ capability >= 8.0 the kernels run compiled; elsewhere (CPU tests) in the Pallas 
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+
 from gdn_jax import kernels
 from gdn_jax.kernels import moe as _moe
-from gdn_jax.ops.dispatch import Device
+from gdn_jax.ops.dispatch import Device, sm_count
 from gdn_jax.ops.projection import pow2_tile
 
 
 
-def config_for(pairs: int, num_experts: int, K: int, N: int) -> _moe.MoEConfig:
+def runs_compiled(dtype, hidden: int, intermediate: int) -> bool:
+    """Whether the kernels run compiled here for experts of this dtype and (shard) shape: a CUDA
+    GPU of SM80+, bf16 / fp16, dims that its tiles divide. `SparseMoE(expert_path="auto")` picks
+    them there."""
+    return (Device.of().runs_triton and jnp.dtype(dtype) in _moe.MOE_DTYPES
+            and hidden % 16 == 0 and intermediate % 16 == 0)
+
+
+def one_block_per_pair(pairs: int, num_experts: int) -> bool:
+    """Whether to give every pair its own block (`kernels.moe.plan_pairs`) rather than sort them
+    by expert (`kernels.moe.plan`). Uniformly routed, P pairs re-read about P / (2 E) of the
+    experts they touch; up to E / 4 pairs (a decode step at B <= 8 with 256 experts, top 8)
+    that is <= 1/8, and the sort's launches cost more."""
+    return 4 * pairs <= num_experts
+
+
+def config_for(pairs: int, num_experts: int, K: int, N: int, *,
+               sm_count: int = 132) -> _moe.MoEConfig:
     """Blocks of 16 pairs while experts get few tokens each (decode, verify), 64 beyond; the
-    widest weight tile up to [128, 64] that the expert's dims take."""
+    widest weight tile up to [128, 64] that the expert's dims take, its columns narrowed (to 32
+    at least) while the blocks are too few to give every SM two programs (a decode step at B = 1
+    has 8-10 blocks: 64 columns of a 512-wide expert would leave half the SMs idle)."""
     block_m = 16 if pairs <= 16 * num_experts else 64
-    return _moe.MoEConfig(block_m=block_m, block_n=pow2_tile(N, 64),
-                          block_k=pow2_tile(K, 128))
+    blocks = pairs if one_block_per_pair(pairs, num_experts) else \
+        _moe.num_blocks(pairs, num_experts, block_m)
+    block_n = pow2_tile(N, 64)
+    while block_n > 32 and N % (block_n // 2) == 0 and blocks * (N // block_n) < 2 * sm_count:
+        block_n //= 2
+    return _moe.MoEConfig(block_m=block_m, block_n=block_n, block_k=pow2_tile(K, 128))
 
 
 def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = None):
@@ -42,8 +67,10 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = No
     if interpret is None:
         interpret = not Device.of().runs_triton
     P = ids.size
-    up_cfg, down_cfg = config_for(P, E, H, I), config_for(P, E, I, H)
-    blocks = _moe.plan(ids, E, up_cfg.block_m)
+    sms = sm_count()
+    up_cfg, down_cfg = config_for(P, E, H, I, sm_count=sms), config_for(P, E, I, H, sm_count=sms)
+    blocks = (_moe.plan_pairs(ids, up_cfg.block_m) if one_block_per_pair(P, E)
+              else _moe.plan(ids, E, up_cfg.block_m))
     h = kernels.grouped_matmul(blocks.rows(x), w_gate, blocks.block_expert, w_up=w_up,
                                config=up_cfg, interpret=interpret)
     y = kernels.grouped_matmul(h, w_down, blocks.block_expert, config=down_cfg,

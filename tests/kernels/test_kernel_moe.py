@@ -50,6 +50,19 @@ def test_plan_places_every_pair_once(T, k, E, block_m):
                                                                    minlength=E))
 
 
+@pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (2, 2, 32)])
+def test_plan_pairs_gives_each_pair_a_block(T, k, block_m):
+    ids = _ids(np.random.default_rng(T), T, k, 64)
+    b = moe.plan_pairs(ids, block_m)
+    P = T * k
+    pair, token, expert = (np.asarray(a) for a in (b.row_pair, b.row_token, b.block_expert))
+    assert expert.shape == (P,) and pair.shape == token.shape == (P * block_m,)
+    lead = np.arange(P * block_m) % block_m == 0
+    assert np.all(pair[lead] == np.arange(P)) and np.all(pair[~lead] == P)
+    assert np.all(token[lead] == np.arange(P) // k) and np.all(token[~lead] == T)
+    assert np.all(expert == np.asarray(ids).reshape(-1))
+
+
 def _blocks_case(seed, G, block_m, E, K, N, dtype, used):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((G * block_m, K)), dtype)

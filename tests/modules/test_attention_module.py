@@ -12,6 +12,7 @@ from flax import nnx
 
 from gdn_jax.modules import Attention, KVCache
 from gdn_jax.modules.attention import set_attention_impl
+from gdn_jax.ops import attention as attention_ops
 
 BF16 = jnp.bfloat16
 
@@ -25,7 +26,7 @@ def test_pallas_matches_xla_over_calls():
     rng = np.random.default_rng(0)
     steps = [(6, [6, 3, 5], True), (1, None, True), (4, None, False), (1, None, True)]
     caches = {}
-    outs = {"xla": [], "pallas": []}
+    outs = {"xla": [], "pallas": [], "auto": []}
     slots = jnp.asarray([2, -1, 0], jnp.int32)
     xs = [jnp.asarray(rng.standard_normal((3, T, 64)), BF16) for T, _, _ in steps]
     # stale data everywhere: neither path may read past a row's positions
@@ -43,10 +44,14 @@ def test_pallas_matches_xla_over_calls():
             np.testing.assert_allclose(b[row, :n], a[row, :n], rtol=0,
                                        atol=2 ** -6 * np.abs(a[row, :n]).max())
     np.testing.assert_array_equal(caches["xla"].lengths, caches["pallas"].lengths)
+    # "auto" (the default) is the kernel only where it runs compiled: on CPU, XLA, bit for bit
+    want = "pallas" if attention_ops.runs_compiled(caches["xla"].k) else "xla"
+    for a, b in zip(outs["auto"], outs[want]):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_impl_is_checked_and_settable():
-    with pytest.raises(ValueError, match=r"impl expected one of \('xla', 'pallas'\)"):
+    with pytest.raises(ValueError, match=r"impl expected one of \('auto', 'xla', 'pallas'\)"):
         _attention("cudnn")
     attn = _attention("xla")
     assert set_attention_impl(attn, "pallas") is attn and attn.impl == "pallas"

@@ -50,9 +50,11 @@ def _assert_close(out, ref, scale):
     assert np.all(err <= bound), f"max excess {np.max(err - bound):.3g}, max err {err.max():.3g}"
 
 
-@pytest.mark.parametrize("T, k, E", [(1, 10, 64), (12, 4, 8), (40, 2, 16)],
-                         ids=["decode-top10", "ties", "many-per-expert"])
+@pytest.mark.parametrize("T, k, E", [(1, 10, 64), (4, 2, 64), (12, 4, 8), (40, 2, 16)],
+                         ids=["decode-top10", "ties-one-block-per-pair", "ties", "many-per-expert"])
 def test_routed_matches_per_expert_sum(T, k, E):
+    """The first two cases run a block per pair (`one_block_per_pair`), the others sorted blocks."""
+    assert moe.one_block_per_pair(T * k, E) == (T * k * 4 <= E)
     args = _case(T * E, T, k, E, 128, 64)
     out = moe.routed(*args)
     assert out.shape == (T, 128) and out.dtype == BF16
@@ -68,6 +70,17 @@ def test_routed_shards_sum_to_the_whole():
     total = np.asarray(halves[0], np.float64) + np.asarray(halves[1], np.float64)
     ref, scale = _reference(x, w, ids, wg, wu, wd)
     _assert_close(total, ref, 2 * scale)
+
+
+def test_config_narrows_columns_for_few_blocks():
+    """A decode step at B = 1 (8 blocks, 512-wide experts) gets 32 columns, so 128 programs; 16
+    blocks of a 2048-wide expert (512 programs) or many blocks keep 64; a dim that 32 does not
+    divide keeps what divides it."""
+    assert moe.config_for(8, 256, 2048, 512).block_n == 32
+    assert moe.config_for(16, 256, 512, 2048).block_n == 64
+    assert moe.config_for(1024, 256, 2048, 512).block_n == 64
+    assert moe.config_for(8, 256, 2048, 48).block_n == 16
+    assert not moe.runs_compiled(BF16, 2048, 512)  # CPU: SparseMoE's "auto" stays in XLA
 
 
 def test_routed_rejects_bad_shapes():
