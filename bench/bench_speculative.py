@@ -116,9 +116,10 @@ def parse_args(argv=None):
                    help="forced acceptance: rounds keep Binomial(d, (L - 1) / d) drafts per row "
                         "so the mean accept length is L (SpecConfig.forced_accept_length; "
                         "0: the model's own acceptance, none with random weights)")
-    p.add_argument("--attention", default="xla", choices=("xla", "pallas"),
-                   help="attention scores (gdn_jax.modules.attention.set_attention_impl): over "
-                        "the whole cache (xla) or each row's used length (pallas)")
+    p.add_argument("--attention", default="auto", choices=("auto", "xla", "pallas"),
+                   help="attention scores (gdn_jax.modules.attention.set_attention_impl): the "
+                        "model's choice (auto: pallas where its kernel runs compiled), over the "
+                        "whole cache (xla) or each row's used length (pallas)")
     p.add_argument("--commit-mode", default="replay", choices=("replay", "ring", "intermediate"),
                    help="the GDN layers' commit mode (the speculative loop's default: replay)")
     p.add_argument("--moe", default="auto", choices=("auto", "gather", "grouped", "pallas"),
@@ -221,7 +222,8 @@ def _touched(E: int, top_k: int, tokens: int) -> float:
 
 def byte_floor(model, config, B: int, context: int, d: int, commit_mode: str,
                accept_length: float | None = None, state_bytes: int = 2) -> dict:
-    """Bytes a plain decode step and a speculative round must move (the step's byte floor):
+    """Bytes a plain decode step, a verify forward and a speculative round must move (the step's
+    byte floor):
     weights (`_param_bytes`; routed experts: those touched, in expectation under uniform random
     routing: 1 token per row for decode, d + 1 for the verify, 1 per MTP forward), the GDN state
     and conv window read and written in `commit_mode`, and the KV of the used length (context).
@@ -252,10 +254,14 @@ def byte_floor(model, config, B: int, context: int, d: int, commit_mode: str,
                  "ring": 1.0 + min(1.0, L / (W - T))}[commit_mode]
     decode = (pb["target"] + experts("target", B) + gdn_layers * (2 * pool + 2 * conv)
               + attn_layers * kv)
+    # the verify forward alone: the state read (and, intermediate, T states written), no commit
+    verify = (pb["target"] + experts("target", B * T)
+              + gdn_layers * ({"intermediate": 1.0 + T}.get(commit_mode, 1.0) * pool + conv)
+              + attn_layers * kv)
     round_ = (pb["target"] + experts("target", B * T) + gdn_layers * (per_round * pool + 2 * conv)
               + attn_layers * kv
               + d * (pb["mtp"] + lm_head + experts("mtp", B) + kv))
-    return {"decode_bytes": decode, "round_bytes": round_, "weights_target": pb["target"],
+    return {"decode_bytes": decode, "verify_bytes": verify, "round_bytes": round_, "weights_target": pb["target"],
             "weights_mtp": pb["mtp"], "lm_head": lm_head, "gdn_pool": pool, "kv_layer": kv,
             "gdn_layers": gdn_layers, "attn_layers": attn_layers, "gdn_state_per_round": per_round}
 
@@ -370,7 +376,7 @@ def main(argv=None):
 
     tag = (f"-{args.family}" + (f"-tp{'_'.join(map(str, tps))}" if tps != (1,) else "")
            + (f"-{args.moe}" if args.moe != "auto" else "")
-           + ("-pallas_attention" if args.attention == "pallas" else ""))
+           + (f"-{args.attention}_attention" if args.attention != "auto" else ""))
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out,
                         f"bench_speculative-{kind}{tag}{'-smoke' if args.smoke else ''}.json")
@@ -437,9 +443,10 @@ def main(argv=None):
             row["round_over_decode"] = rnd / dec
             floor = byte_floor(model, config, B, args.context, d, args.commit_mode, accept)
             gbps = copy["GBps"]
-            row["floor"] = {**floor, "decode_ms": floor["decode_bytes"] / gbps / 1e6,
-                            "round_ms": floor["round_bytes"] / gbps / 1e6}
+            row["floor"] = {**floor, **{f"{k}_ms": floor[f"{k}_bytes"] / gbps / 1e6
+                                        for k in ("decode", "verify", "round")}}
             row["decode_over_floor"] = dec / row["floor"]["decode_ms"]
+            row["verify_over_floor"] = row["verify"]["per_call_ms"] / row["floor"]["verify_ms"]
             row["round_over_floor"] = rnd / row["floor"]["round_ms"]
             L = row.get("accept_length")
             if accept and L:

@@ -9,7 +9,7 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
 
 A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xla-gemm` (GDN_JAX_PROJECTION: the
 model's projections in XLA, or through the few-row kernel where it runs), `moe=auto|gather|grouped|pallas`
-(set_expert_path), `attention=xla|pallas` (set_attention_impl) or `KEY=VALUE`, an XLA
+(set_expert_path), `attention=auto|xla|pallas` (set_attention_impl) or `KEY=VALUE`, an XLA
 option compiled into that variant's programs alone (`compiler_options`; e.g. the command-buffer
 options). Variants run one after another on the same model and caches.
 
@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=10, help="chained calls per traced program")
     p.add_argument("--top", type=int, default=12, help="kernels listed per program")
     p.add_argument("--programs", default="decode,verify,round", help="which programs to trace")
+    p.add_argument("--hlo", action="store_true",
+                   help="also write each program's optimized HLO (the profile's kernel names are "
+                        "its fusions and custom calls)")
     p.add_argument("--variant", action="append", default=None,
                    help="name[:projection=...;moe=...;attention=...;KEY=VALUE;...] (repeatable; "
                         "docstring)")
@@ -104,7 +107,7 @@ def main(argv=None):
         else:
             os.environ["GDN_JAX_PROJECTION"] = projection
         set_expert_path(model, paths.get("moe", "auto"))
-        set_attention_impl(model, paths.get("attention", "xla"))
+        set_attention_impl(model, paths.get("attention", "auto"))
         graphdef, params = nnx.split(model)
         progs = bs.chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens)
         jax.clear_caches()  # every path is chosen at trace time: retrace every variant
@@ -116,11 +119,17 @@ def main(argv=None):
             run = jax.jit(progs[name], donate_argnums=(2,)).lower(
                 params, jnp.int32(calls), cache, tok).compile(compiler_options=options or None)
             compile_s = time.perf_counter() - t0
-            cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))  # warm
+            if args.hlo:
+                os.makedirs(args.out, exist_ok=True)
+                with open(os.path.join(args.out, f"hlo-{args.family}-B{B}-{name}-{variant}.txt"),
+                          "w") as f:
+                    f.write(run.as_text())
+            # every program returns the cache first (the round also its pending tokens, counts)
+            cache = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))[0]  # warm
             cache = jax.block_until_ready(bs._reset(cache, args.context))
             with kernel_trace() as trace:
                 t0 = time.perf_counter()
-                cache, _ = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))
+                cache = jax.block_until_ready(run(params, jnp.int32(calls), cache, tok))[0]
                 wall = time.perf_counter() - t0
             per = {k: v / calls / max(trace.gpus, 1) / 1e3 for k, v in trace.totals.items()}
             busy = sum(per.values())
