@@ -118,7 +118,7 @@ def _kernel_paths_check(ns):
     from gdn_jax.modules import Attention
     from flax import nnx
     impls = {n.impl for _, n in nnx.iter_graph(ns["model"]) if isinstance(n, Attention)}
-    assert impls == {"pallas"}
+    assert impls == {"xla"}
 
 
 def _speculative_prelude(tmp_path):
