@@ -8,7 +8,8 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
         --variant xla:projection=xla --variant kernel --variant graphs:xla_gpu_graph_min_graph_size=1
 
 A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xla-gemm` (GDN_JAX_PROJECTION: the
-model's projections in XLA, or through the few-row kernel where it runs), `moe=auto|gather|grouped|pallas`
+model's projections in XLA, or through the few-row kernel where it runs), `scatter=xla|auto`
+(GDN_JAX_SCATTER: the caches' writes by XLA's scatter or the row kernel), `moe=auto|gather|grouped|pallas`
 (set_expert_path), `attention=auto|xla|pallas` (set_attention_impl) or `KEY=VALUE`, an XLA
 option compiled into that variant's programs alone (`compiler_options`; e.g. the command-buffer
 options). Variants run one after another on the same model and caches.
@@ -63,12 +64,14 @@ def parse_args(argv=None):
                    help="also write each program's optimized HLO (the profile's kernel names are "
                         "its fusions and custom calls)")
     p.add_argument("--variant", action="append", default=None,
-                   help="name[:projection=...;moe=...;attention=...;KEY=VALUE;...] (repeatable; "
+                   help="name[:projection=...;scatter=...;moe=...;attention=...;KEY=VALUE;...] "
+                        "(repeatable; "
                         "docstring)")
     return p.parse_args(argv)
 
 
-_PATHS = ("projection", "moe", "attention")
+_ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER"}
+_PATHS = (*_ENV_PATHS, "moe", "attention")
 
 
 def parse_variant(text: str):
@@ -101,11 +104,11 @@ def main(argv=None):
     variants = [parse_variant(v) for v in (args.variant or ["default"])]
     for B, (variant, paths, options) in ((int(b), v) for b in args.batches.split(",")
                                         for v in variants):
-        projection = paths.get("projection")
-        if projection is None:
-            os.environ.pop("GDN_JAX_PROJECTION", None)
-        else:
-            os.environ["GDN_JAX_PROJECTION"] = projection
+        for setting, var in _ENV_PATHS.items():
+            if setting in paths:
+                os.environ[var] = paths[setting]
+            else:
+                os.environ.pop(var, None)
         set_expert_path(model, paths.get("moe", "auto"))
         set_attention_impl(model, paths.get("attention", "auto"))
         graphdef, params = nnx.split(model)

@@ -20,6 +20,9 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     h = grouped_matmul(x_rows, w_gate, block_expert, w_up=w_up, config=MoEConfig(...))
                                          # MoE experts, each chosen expert read once per block
 
+    table = scatter_rows(table, index, rows, config=ScatterConfig(...))
+                                         # table[index[i]] = rows[i] in place (cache bookkeeping)
+
     o, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring mode:
                                          # pool written only where the committed ring folds
 
@@ -56,6 +59,7 @@ from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
+from .scatter import ScatterConfig, scatter_rows
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
 
@@ -68,8 +72,8 @@ def mosaic_unavailable() -> str | None:
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
            "MOSAIC_MAX_T", "MOSAIC_MODES", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T",
            "RING_MIN", "AttentionConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig",
-           "ProjectionConfig", "TuningConfig", "decode", "decode_attention", "decode_mgpu",
+           "ProjectionConfig", "ScatterConfig", "TuningConfig", "decode", "decode_attention", "decode_mgpu",
            "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
            "mosaic_unavailable", "project", "projection_block_m", "projection_misfit",
-           "projection_smem_limit", "verify_intermediate", "verify_intermediate_mgpu",
+           "projection_smem_limit", "scatter_rows", "verify_intermediate", "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring"]

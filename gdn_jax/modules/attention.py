@@ -33,6 +33,7 @@ from gdn_jax.modules.norms import RMSNorm, rms_norm
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_size
 from gdn_jax.modules.rope import apply_rope, rope_cos_sin
 from gdn_jax.ops import attention as attention_ops
+from gdn_jax.ops.scatter import write_positions
 
 _F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas")
@@ -148,9 +149,8 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
 
     real = valid[:, None] & (jnp.arange(T)[None, :] < n[:, None])
     col = jnp.where(real, pos, cache.max_len)  # out of range: dropped
-    row = jnp.broadcast_to(scatter[:, None], (B, T))
-    ck = cache.k.at[row, col].set(k.astype(cache.k.dtype), mode="drop")
-    cv = cache.v.at[row, col].set(v.astype(cache.v.dtype), mode="drop")
+    ck = write_positions(cache.k, scatter, k, col)
+    cv = write_positions(cache.v, scatter, v, col)
 
     if impl == "auto":
         fits = attention_ops.runs_compiled(ck) and (tp is None or kv_split)

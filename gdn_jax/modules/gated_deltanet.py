@@ -31,6 +31,7 @@ from jax.sharding import PartitionSpec as P
 from gdn_jax import ops
 from gdn_jax.modules._linear import HIGHEST, dense, linear
 from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_index
+from gdn_jax.ops.scatter import write_positions, write_slots
 from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
                                       tp_size)
@@ -87,17 +88,17 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
         o, state, inter = ops.verify(q, k, v, a, b, A_log, dt_bias, cache.state, slots,
                                      mode=cache.commit_mode)
         pad = cache.t_max - T
-        conv = cache.conv.at[scatter].set(jnp.pad(xp, [(0, 0), (0, pad), (0, 0)]), mode="drop")
+        conv = write_slots(cache.conv, scatter, jnp.pad(xp, [(0, 0), (0, pad), (0, 0)]))
         new_inter = cache.inter
         if inter is not None:
-            new_inter = cache.inter.at[scatter, :T].set(inter, mode="drop")
+            new_inter = write_positions(cache.inter, scatter, inter)
         cache = cache.replace(state=state, conv=conv, inter=new_inter)
     else:
         if mode == "decode":
             o, state = ops.decode(q, k, v, a, b, A_log, dt_bias, cache.state, slots)
         else:
             o, state = ops.prefill(q, k, v, a, b, A_log, dt_bias, cache.state, slots, n)
-        conv = cache.conv.at[scatter, :W - 1].set(_windows(xp, n, W - 1), mode="drop")
+        conv = write_positions(cache.conv, scatter, _windows(xp, n, W - 1))
         cache = cache.replace(state=state, conv=conv)
 
     o = gated_rms_norm(o.astype(dtype), z.reshape(B, T, HV, V), p["norm"], eps)
@@ -202,7 +203,7 @@ class GatedDeltaNet(nnx.Module):
         n = jnp.asarray(num_accepted).astype(jnp.int32)
         width = cache.conv.shape[1] - cache.t_max  # W - 1
         window = _windows(cache.conv[gather], n, width)
-        conv = cache.conv.at[scatter, :width].set(window, mode="drop")
+        conv = write_positions(cache.conv, scatter, window)
         inter = None if cache.inter is None else cache.inter[gather]
         state = ops.commit(cache.state, slots, n, inter)
         return cache.replace(state=state, conv=conv)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from gdn_jax.ops.scatter import write_positions, write_slots
 from gdn_jax.ops.state import GDNState
 
 
@@ -33,7 +34,7 @@ def clear_count(state: GDNState, scatter) -> GDNState:
 
 def store_state(state: GDNState, scatter, S) -> GDNState:
     """pool[slot] := S (fp32 [B, HV, V, K], rounded once to the pool's dtype); count := 0."""
-    pool = state.pool.at[scatter].set(S.astype(state.pool.dtype), mode="drop")
+    pool = write_slots(state.pool, scatter, S)
     return clear_count(state.replace(pool=pool), scatter)
 
 
@@ -47,8 +48,8 @@ def store_candidates(state: GDNState, scatter, k, v, g, beta) -> GDNState:
     T, pad = k.shape[1], state.t_max - k.shape[1]
     padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return state.replace(
-        cand_k=state.cand_k.at[scatter, :T].set(k.astype(state.cand_k.dtype), mode="drop"),
-        cand_v=state.cand_v.at[scatter, :T].set(v.astype(state.cand_v.dtype), mode="drop"),
+        cand_k=write_positions(state.cand_k, scatter, k),
+        cand_v=write_positions(state.cand_v, scatter, v),
         cand_g=state.cand_g.at[scatter].set(padded(g), mode="drop"),
         cand_beta=state.cand_beta.at[scatter].set(padded(beta), mode="drop"),
     )
@@ -74,8 +75,7 @@ def store_ring(state: GDNState, scatter, start, k, v, g, beta, reserve: int) -> 
     pad = max(reserve, T) - T
     padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     pos = start[:, None] + jnp.arange(T + pad, dtype=jnp.int32)[None, :]  # [B, T + pad]
-    rows = scatter[:, None]
-    put = lambda buf, x: buf.at[rows, pos].set(x.astype(buf.dtype), mode="drop")
+    put = lambda buf, x: write_positions(buf, scatter, x, pos)
     return state.replace(cand_k=put(state.cand_k, padded(k)), cand_v=put(state.cand_v, padded(v)),
                          cand_g=put(state.cand_g, padded(g)),
                          cand_beta=put(state.cand_beta, padded(beta)))

@@ -110,3 +110,23 @@ def test_mode_errors(layer):
         layer(_x(0, 1, 5), _cache(layer), jnp.array([0]), mode="verify")
     with pytest.raises(ValueError, match="mode expected one of"):
         layer(_x(0, 1, 1), _cache(layer), jnp.array([0]), mode="generate")
+
+
+@pytest.mark.parametrize("mode", ["replay", "intermediate", "ring"])
+def test_row_kernel_writes_what_xla_writes(layer, mode, monkeypatch):
+    """The caches' writes through the row kernel (`gdn_jax.ops.scatter`, interpreted) leave every
+    buffer bit-identical to XLA's scatter over prefill, verify, commit and decode with padding."""
+    from gdn_jax.ops import scatter as scatter_ops
+
+    caches = {}
+    for path in ("xla", "interpret"):
+        monkeypatch.setenv(scatter_ops.ENV_VAR, path)
+        jax.clear_caches()
+        slots = jnp.array([2, -1, 0])
+        _, c = layer(_x(6, 3, 5), _cache(layer, mode), slots, lengths=jnp.array([5, 2, 3]))
+        _, c = layer(_x(7, 3, 3), c, slots, mode="verify")
+        c = GatedDeltaNet.commit(c, slots, jnp.array([2, 3, 1]))
+        _, c = layer(_x(8, 3, 1), c, slots, mode="decode")
+        caches[path] = jax.tree.map(np.asarray, c)
+    for a, b in zip(jax.tree.leaves(caches["xla"]), jax.tree.leaves(caches["interpret"])):
+        np.testing.assert_array_equal(a, b)

@@ -1,0 +1,94 @@
+"""Writes into slot-indexed buffers (the caches' conv windows, KV positions, replay candidates):
+`buf.at[slot, pos].set(x, mode="drop")`, through the row-copy kernel
+(`gdn_jax.kernels.scatter_rows`) where it runs compiled.
+
+    buf = write_slots(buf, scatter, x)            # buf[scatter[b]] = x[b]
+    buf = write_positions(buf, scatter, x, pos)   # buf[scatter[b], pos[b, t]] = x[b, t]
+
+`scatter` [B] int32 is `slot_index`'s scatter index: padding rows hold num_slots (out of range)
+and write nothing; so does a position outside [0, L). Indices must be distinct (a slot appears
+once per call). x is cast to buf's dtype.
+
+On an SM80+ GPU the kernel copies each row as one vector: XLA's scatter spends a thread and its
+index arithmetic on every element (16 us for the 3.7 MB of a B = 32 conv window on an H200,
+about 8x the copy). Elsewhere, and for rows too short for a block, it is XLA's scatter.
+`GDN_JAX_SCATTER` steers it: "xla" keeps XLA, "interpret" runs the kernel in the interpreter
+(tests).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+
+from gdn_jax import kernels
+from gdn_jax.ops.dispatch import Device
+
+ENV_VAR = "GDN_JAX_SCATTER"
+_MIN_BLOCK = 64  # below this the rows are short enough for XLA's scatter
+_MAX_BLOCK = 2048
+
+
+def write_slots(buf, scatter, x):
+    """buf [S, *row], scatter [B] int32, x [B, *row] -> buf with buf[scatter[b]] = x[b] (module
+    docstring)."""
+    x = x.astype(buf.dtype)
+    R = _row_size(buf.shape[1:])
+    mode = _mode(R)
+    if mode is None:
+        return buf.at[scatter].set(x, mode="drop")
+    S = buf.shape[0]
+    index = jnp.where((scatter >= 0) & (scatter < S), scatter, -1).astype(jnp.int32)
+    out = _scatter(buf.reshape(S, R), index, x.reshape(-1, R), mode)
+    return out.reshape(buf.shape)
+
+
+def write_positions(buf, scatter, x, pos=None):
+    """buf [S, L, *row], scatter [B] int32, x [B, T, *row], pos [B, T] int32 (None: 0..T-1) ->
+    buf with buf[scatter[b], pos[b, t]] = x[b, t] (module docstring)."""
+    B, T = x.shape[:2]
+    x = x.astype(buf.dtype)
+    S, L = buf.shape[:2]
+    R = _row_size(buf.shape[2:])
+    mode = _mode(R)
+    if mode is None:
+        if pos is None:
+            return buf.at[scatter, :T].set(x, mode="drop")
+        return buf.at[scatter[:, None], pos].set(x, mode="drop")
+    if pos is None:
+        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+    ok = (scatter[:, None] >= 0) & (scatter[:, None] < S) & (pos >= 0) & (pos < L)
+    index = jnp.where(ok, scatter[:, None] * L + pos, -1).astype(jnp.int32).reshape(-1)
+    out = _scatter(buf.reshape(S * L, R), index, x.reshape(B * T, R), mode)
+    return out.reshape(buf.shape)
+
+
+def _row_size(shape) -> int:
+    size = 1
+    for n in shape:
+        size *= n
+    return size
+
+
+def _block(R: int) -> int:
+    block = _MAX_BLOCK
+    while block >= _MIN_BLOCK and R % block:
+        block //= 2
+    return block
+
+
+def _mode(R: int) -> str | None:
+    """"compiled" or "interpret" where the kernel takes rows of R elements, else None (XLA)."""
+    wish = os.environ.get(ENV_VAR, "auto")
+    if wish == "xla" or _block(R) < _MIN_BLOCK:
+        return None
+    if wish == "interpret":
+        return "interpret"
+    return "compiled" if Device.of().runs_triton else None
+
+
+def _scatter(table, index, rows, mode):
+    config = kernels.ScatterConfig(block=_block(table.shape[1]))
+    return kernels.scatter_rows(table, index, rows, config=config,
+                                interpret=mode == "interpret")

@@ -1,0 +1,61 @@
+"""`gdn_jax.ops.scatter`: the cache writes through the row kernel (interpreted here:
+GDN_JAX_SCATTER=interpret) equal XLA's `.at[...].set(mode="drop")` bit for bit, with padding
+rows (scatter index num_slots), positions past the buffer and rows too short for the kernel."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_jax.ops import scatter as scatter_ops
+from gdn_jax.ops import slot_index
+
+
+@pytest.fixture
+def kernel_path(monkeypatch):
+    def use(path):
+        monkeypatch.setenv(scatter_ops.ENV_VAR, path)
+        jax.clear_caches()
+    return use
+
+
+def _bufs(seed, shape, B, T, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(seed)
+    buf = jnp.asarray(rng.standard_normal(shape), dtype)
+    x = jnp.asarray(rng.standard_normal((B, T) + shape[2:]) + 10, jnp.float32)
+    return buf, x
+
+
+@pytest.mark.parametrize("row", [(7, 64), (2, 4, 32), (3,)], ids=["conv", "kv", "short-xla"])
+def test_write_positions_equals_xla(row, kernel_path):
+    S, L, B, T = 6, 9, 4, 3
+    buf, x = _bufs(0, (S, L) + row, B, T)
+    _, _, scatter = slot_index(jnp.asarray([4, -1, 0, 2], jnp.int32), S)
+    pos = jnp.asarray([[0, 1, 2], [5, 6, 7], [7, 8, 9], [3, L + 4, 4]], jnp.int32)  # some >= L
+    outs = {}
+    for path in ("xla", "interpret"):
+        kernel_path(path)
+        outs[path] = (np.asarray(scatter_ops.write_positions(buf, scatter, x, pos)),
+                      np.asarray(scatter_ops.write_positions(buf, scatter, x)))
+    for a, b in zip(outs["xla"], outs["interpret"]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(outs["xla"][0], np.asarray(buf))  # something was written
+
+
+def test_write_slots_equals_xla(kernel_path):
+    S, B = 5, 3
+    buf, x = _bufs(1, (S, 4, 16, 8), B, 4)
+    _, _, scatter = slot_index(jnp.asarray([3, 7, 1], jnp.int32), S)  # 7: out of range
+    outs = {}
+    for path in ("xla", "interpret"):
+        kernel_path(path)
+        outs[path] = np.asarray(scatter_ops.write_slots(buf, scatter, x))
+    np.testing.assert_array_equal(outs["xla"], outs["interpret"])
+    np.testing.assert_array_equal(outs["xla"][[0, 2, 4]], np.asarray(buf)[[0, 2, 4]])
+
+
+def test_cpu_default_is_xla(monkeypatch):
+    monkeypatch.delenv(scatter_ops.ENV_VAR, raising=False)
+    assert scatter_ops._mode(8192) is None  # no GPU here: XLA's scatter
+    monkeypatch.setenv(scatter_ops.ENV_VAR, "interpret")
+    assert scatter_ops._mode(8192) == "interpret" and scatter_ops._mode(48) is None
