@@ -8,7 +8,7 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
         --variant xla:projection=xla --variant kernel --variant graphs:xla_gpu_graph_min_graph_size=1
 
 A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xla-gemm` (GDN_JAX_PROJECTION: the
-model's projections in XLA, or through the few-row kernel where it runs), `scatter=xla|auto`
+model's projections in XLA, or through the few-row kernel where it runs), `scatter=xla|pallas`
 (GDN_JAX_SCATTER: the caches' writes by XLA's scatter or the row kernel), `moe=auto|gather|grouped|pallas`
 (set_expert_path), `attention=auto|xla|pallas` (set_attention_impl) or `KEY=VALUE`, an XLA
 option compiled into that variant's programs alone (`compiler_options`; e.g. the command-buffer

@@ -1,6 +1,6 @@
 """Writes into slot-indexed buffers (the caches' conv windows, KV positions, replay candidates):
-`buf.at[slot, pos].set(x, mode="drop")`, through the row-copy kernel
-(`gdn_jax.kernels.scatter_rows`) where it runs compiled.
+`buf.at[slot, pos].set(x, mode="drop")`, by XLA's scatter or (opt-in, below) the row-copy
+kernel `gdn_jax.kernels.scatter_rows`.
 
     buf = write_slots(buf, scatter, x)            # buf[scatter[b]] = x[b]
     buf = write_positions(buf, scatter, x, pos)   # buf[scatter[b], pos[b, t]] = x[b, t]
@@ -9,11 +9,13 @@
 and write nothing; so does a position outside [0, L). Indices must be distinct (a slot appears
 once per call). x is cast to buf's dtype.
 
-On an SM80+ GPU the kernel copies each row as one vector: XLA's scatter spends a thread and its
-index arithmetic on every element (16 us for the 3.7 MB of a B = 32 conv window on an H200,
-about 8x the copy). Elsewhere, and for rows too short for a block, it is XLA's scatter.
-`GDN_JAX_SCATTER` steers it: "xla" keeps XLA, "interpret" runs the kernel in the interpreter
-(tests).
+XLA's GPU scatter spends a thread and its index arithmetic on every element: on an H200 a B = 32
+conv window write (3.7 MB) takes 16 us, about 8x the copy, and the caches' scatters add up to
+~1.4 ms of a 48-layer B = 32 verify step (bench/results/profile_step-h200-b32-auto_paths-
+2026-12-01.json). The kernel copies each row as one vector. It is opt-in until a model step on
+the GPU has measured it: `GDN_JAX_SCATTER=pallas` runs it compiled on an SM80+ GPU ("interpret":
+in the interpreter, for tests); unset or "xla", XLA's scatter, as rows too short for a block
+always are.
 """
 
 from __future__ import annotations
@@ -79,13 +81,16 @@ def _block(R: int) -> int:
 
 
 def _mode(R: int) -> str | None:
-    """"compiled" or "interpret" where the kernel takes rows of R elements, else None (XLA)."""
-    wish = os.environ.get(ENV_VAR, "auto")
+    """"compiled" or "interpret" where the kernel is asked for and takes rows of R elements,
+    else None (XLA)."""
+    wish = os.environ.get(ENV_VAR, "xla")
+    if wish not in ("xla", "pallas", "interpret"):
+        raise ValueError(f"{ENV_VAR}: expected xla, pallas or interpret, got {wish!r}")
     if wish == "xla" or _block(R) < _MIN_BLOCK:
         return None
     if wish == "interpret":
         return "interpret"
-    return "compiled" if Device.of().runs_triton else None
+    return "compiled" if Device.of().runs_triton else "interpret"
 
 
 def _scatter(table, index, rows, mode):

@@ -54,8 +54,29 @@ def test_write_slots_equals_xla(kernel_path):
     np.testing.assert_array_equal(outs["xla"][[0, 2, 4]], np.asarray(buf)[[0, 2, 4]])
 
 
-def test_cpu_default_is_xla(monkeypatch):
+def test_default_is_xla(monkeypatch):
     monkeypatch.delenv(scatter_ops.ENV_VAR, raising=False)
     assert scatter_ops._mode(8192) is None  # no GPU here: XLA's scatter
     monkeypatch.setenv(scatter_ops.ENV_VAR, "interpret")
     assert scatter_ops._mode(8192) == "interpret" and scatter_ops._mode(48) is None
+    monkeypatch.setenv(scatter_ops.ENV_VAR, "fast")
+    with pytest.raises(ValueError, match="GDN_JAX_SCATTER: expected xla, pallas or interpret"):
+        scatter_ops._mode(8192)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("row", [(7, 8192), (2, 256)], ids=["conv", "kv"])
+def test_compiled_kernel_equals_xla_gpu(row, kernel_path):
+    if not jax.devices()[0].platform == "gpu":
+        pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform!r}")
+    S, L, B, T = 40, 11, 32, 4
+    buf, x = _bufs(2, (S, L) + row, B, T)
+    slots = jnp.asarray(np.random.default_rng(3).permutation(S)[:B], jnp.int32).at[5].set(-1)
+    _, _, scatter = slot_index(slots, S)
+    rng = np.random.default_rng(4)  # distinct positions per row, some past L
+    pos = jnp.asarray(np.stack([rng.permutation(L + 3)[:T] for _ in range(B)]), jnp.int32)
+    outs = {}
+    for path in ("xla", "pallas"):
+        kernel_path(path)
+        outs[path] = np.asarray(jax.jit(scatter_ops.write_positions)(buf, scatter, x, pos))
+    np.testing.assert_array_equal(outs["xla"], outs["pallas"])
