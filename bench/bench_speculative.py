@@ -19,8 +19,9 @@ family's), every 4th a full-attention layer (at least one of each kind). bf16 we
 (Pallas kernels on a GPU). Every row starts with `--context` tokens in its KV caches (random GDN
 state: zeros; the numbers do not depend on it).
 
-`--tp 1,2,4`: each value runs the model on a ("tp",) mesh of the first tp devices
-(gdn_jax.models.shard_model; TP = 1: the first device alone). `--no-comm` also times decode and
+`--tp 1,2,4`: each value runs the model on a ("tp",) mesh of the first tp devices, its
+parameters drawn straight into their shards (the layout gdn_jax.models.shard_model gives; TP = 1:
+the first device alone). `--no-comm` also times decode and
 round at each TP > 1 with the blocks' all-reduces removed (traced under the benchmark-only
 `gdn_jax.modules.sharding.without_collectives`: every `psum` of the head-parallel blocks and the
 embedding is the identity; wrong numbers, the same local work): the difference is the time the
@@ -55,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import platform
@@ -65,18 +65,20 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax import lax  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
 
 from gdn_jax import speculative as S  # noqa: E402
 from gdn_jax.benchmark import time_chain  # noqa: E402
-from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM, shard_model  # noqa: E402
+from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM  # noqa: E402
+from gdn_jax.models.sharding import attach_mesh, check_config, param_specs  # noqa: E402
 from gdn_jax.modules.cache import GDNCache, KVCache  # noqa: E402
 from gdn_jax.modules.attention import set_attention_impl  # noqa: E402
 from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
-from gdn_jax.modules.sharding import without_collectives  # noqa: E402
+from gdn_jax.modules.sharding import tp_size, without_collectives  # noqa: E402
 from gdn_jax.ops.state import default_ring_size  # noqa: E402
 
 BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 8)
@@ -164,20 +166,33 @@ def model_config(layers: int, smoke: bool, family: str = "qwen3_5_text",
                        mtp_num_hidden_layers=1, tie_word_embeddings=False, **dims)
 
 
-def random_model(config: ModelConfig, dtype) -> Qwen3NextForCausalLM:
-    """Built abstractly, every parameter drawn on the device (std 0.02) by one small jitted draw
-    per distinct shape (one jit of all 48 layers' draws took 2 minutes to compile on the H200)."""
+def random_model(config: ModelConfig, dtype, mesh=None) -> Qwen3NextForCausalLM:
+    """Built abstractly, every parameter drawn where it lives (std 0.02) by one small jitted draw
+    per distinct shape (one jit of all 48 layers' draws took 2 minutes to compile on the H200):
+    on the default device, or, with a ("tp",) `mesh`, each straight into its shards (a model too
+    big for one device, Qwen3-Next-80B at TP = 2, is never whole on one). Random values need no
+    tp-blocked column permutation: the drawn layout is the sharded one."""
     model = nnx.eval_shape(lambda: Qwen3NextForCausalLM(config, dtype=dtype, rngs=nnx.Rngs(0)))
-    state = nnx.state(model, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    if mesh is not None:
+        check_config(config, tp_size(mesh))
+        specs = param_specs(model, mesh)
+    draws = {}
 
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def draw(key, shape, dtype):
-        return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+    def draw(path, shape, dtype):
+        where = None if mesh is None else NamedSharding(mesh, specs[tuple(path)])
+        fn = draws.get((shape, dtype, where))
+        if fn is None:
+            fn = draws[(shape, dtype, where)] = jax.jit(
+                lambda key: (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype),
+                out_shardings=where)
+        return fn
 
     key = jax.random.key(0)
-    drawn = [draw(jax.random.fold_in(key, i), x.shape, x.dtype) for i, x in enumerate(leaves)]
-    nnx.update(model, jax.tree.unflatten(treedef, drawn))
+    for i, (path, var) in enumerate(flat):
+        var.set_value(draw(path, var.shape, var.dtype)(jax.random.fold_in(key, i)))
+    if mesh is not None:
+        attach_mesh(model, mesh)
     return model
 
 
@@ -339,15 +354,14 @@ def time_program(fn, params, cache, tok, n: int, reps: int, context: int):
 
 
 def build(config, dtype, tp: int):
-    """The random model on the first tp devices (sharded over heads when tp > 1)."""
+    """The random model on the first tp devices (drawn into its head shards when tp > 1)."""
     devices = jax.devices()
     if tp > len(devices):
         raise SystemExit(f"--tp {tp}: only {len(devices)} devices")
-    with jax.default_device(devices[0]):
-        model = random_model(config, dtype)
     if tp > 1:
-        model = shard_model(model, jax.make_mesh((tp,), ("tp",), devices=devices[:tp]))
-    return model
+        return random_model(config, dtype, jax.make_mesh((tp,), ("tp",), devices=devices[:tp]))
+    with jax.default_device(devices[0]):
+        return random_model(config, dtype)
 
 
 def main(argv=None):

@@ -20,6 +20,7 @@ always are.
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax.numpy as jnp
@@ -36,7 +37,7 @@ def write_slots(buf, scatter, x):
     """buf [S, *row], scatter [B] int32, x [B, *row] -> buf with buf[scatter[b]] = x[b] (module
     docstring)."""
     x = x.astype(buf.dtype)
-    R = _row_size(buf.shape[1:])
+    R = math.prod(buf.shape[1:])
     mode = _mode(R)
     if mode is None:
         return buf.at[scatter].set(x, mode="drop")
@@ -52,7 +53,7 @@ def write_positions(buf, scatter, x, pos=None):
     B, T = x.shape[:2]
     x = x.astype(buf.dtype)
     S, L = buf.shape[:2]
-    R = _row_size(buf.shape[2:])
+    R = math.prod(buf.shape[2:])
     mode = _mode(R)
     if mode is None:
         if pos is None:
@@ -64,13 +65,6 @@ def write_positions(buf, scatter, x, pos=None):
     index = jnp.where(ok, scatter[:, None] * L + pos, -1).astype(jnp.int32).reshape(-1)
     out = _scatter(buf.reshape(S * L, R), index, x.reshape(B * T, R), mode)
     return out.reshape(buf.shape)
-
-
-def _row_size(shape) -> int:
-    size = 1
-    for n in shape:
-        size *= n
-    return size
 
 
 def _block(R: int) -> int:
