@@ -78,7 +78,7 @@ from gdn_jax.models.sharding import attach_mesh, check_config, param_specs  # no
 from gdn_jax.modules.cache import GDNCache, KVCache  # noqa: E402
 from gdn_jax.modules.attention import set_attention_impl  # noqa: E402
 from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
-from gdn_jax.modules.sharding import tp_size, without_collectives  # noqa: E402
+from gdn_jax.modules.sharding import auto_mesh, tp_size, without_collectives  # noqa: E402
 from gdn_jax.ops.state import default_ring_size  # noqa: E402
 
 BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 8)
@@ -359,7 +359,8 @@ def build(config, dtype, tp: int):
     if tp > len(devices):
         raise SystemExit(f"--tp {tp}: only {len(devices)} devices")
     if tp > 1:
-        return random_model(config, dtype, jax.make_mesh((tp,), ("tp",), devices=devices[:tp]))
+        mesh = auto_mesh(jax.make_mesh((tp,), ("tp",), devices=devices[:tp]))
+        return random_model(config, dtype, mesh)
     with jax.default_device(devices[0]):
         return random_model(config, dtype)
 

@@ -54,9 +54,10 @@ def test_random_model_is_drawn_into_its_shards():
         sys.path.remove(os.path.join(ROOT, "bench"))
     from flax import nnx
     from gdn_jax.models.sharding import param_specs
+    from gdn_jax.modules.sharding import auto_mesh
 
     config = bs.model_config(4, True, "qwen3_next")
-    mesh = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+    mesh = auto_mesh(jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2]))
     model = bs.random_model(config, jnp.bfloat16, mesh)
     specs = param_specs(model, mesh)
     split = 0

@@ -146,7 +146,10 @@ def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype,
     if norm_topk_prob:
         top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
     weights, ids = top_w.astype(logits.dtype), top_i.astype(jnp.int32)
-    if expert_path == "auto" and moe_ops.runs_compiled(dtype, x.shape[1], p["eg"].shape[2]):
+    # "auto" takes the kernel only where the experts are stored in the compute dtype: it reads
+    # every expert's weights as they are, so others would be cast whole on every call
+    if (expert_path == "auto" and p["eg"].dtype == jnp.dtype(dtype)
+            and moe_ops.runs_compiled(dtype, x.shape[1], p["eg"].shape[2])):
         expert_path = "pallas"
     if expert_path == "pallas":
         routed = _routed_pallas

@@ -15,7 +15,10 @@ conv window write (3.7 MB) takes 16 us, about 8x the copy, and the caches' scatt
 2026-12-01.json). The kernel copies each row as one vector. It is opt-in until a model step on
 the GPU has measured it: `GDN_JAX_SCATTER=pallas` runs it compiled on an SM80+ GPU ("interpret":
 in the interpreter, for tests); unset or "xla", XLA's scatter, as rows too short for a block
-always are.
+always are, and so is everything on a device that cannot compile the kernel. The variable is
+read when a program is traced. Under tensor parallelism the kernel has no partitioning rule:
+it belongs inside the blocks' `shard_map` (the layers' own writes), not on a sharded buffer
+outside one (`GatedDeltaNet.commit`, `reset` on a sharded model would gather it).
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ def write_slots(buf, scatter, x):
     """buf [S, *row], scatter [B] int32, x [B, *row] -> buf with buf[scatter[b]] = x[b] (module
     docstring)."""
     x = x.astype(buf.dtype)
+    S = buf.shape[0]
     R = math.prod(buf.shape[1:])
     mode = _mode(R)
-    if mode is None:
-        return buf.at[scatter].set(x, mode="drop")
-    S = buf.shape[0]
+    if mode is None:  # a negative index would wrap around: send it out of range too
+        return buf.at[jnp.where(scatter < 0, S, scatter)].set(x, mode="drop")
     index = jnp.where((scatter >= 0) & (scatter < S), scatter, -1).astype(jnp.int32)
     out = _scatter(buf.reshape(S, R), index, x.reshape(-1, R), mode)
     return out.reshape(buf.shape)
@@ -55,10 +58,11 @@ def write_positions(buf, scatter, x, pos=None):
     S, L = buf.shape[:2]
     R = math.prod(buf.shape[2:])
     mode = _mode(R)
-    if mode is None:
+    if mode is None:  # negative indices would wrap around: send them out of range too
+        scatter = jnp.where(scatter < 0, S, scatter)
         if pos is None:
             return buf.at[scatter, :T].set(x, mode="drop")
-        return buf.at[scatter[:, None], pos].set(x, mode="drop")
+        return buf.at[scatter[:, None], jnp.where(pos < 0, L, pos)].set(x, mode="drop")
     if pos is None:
         pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
     ok = (scatter[:, None] >= 0) & (scatter[:, None] < S) & (pos >= 0) & (pos < L)
@@ -84,7 +88,7 @@ def _mode(R: int) -> str | None:
         return None
     if wish == "interpret":
         return "interpret"
-    return "compiled" if Device.of().runs_triton else "interpret"
+    return "compiled" if Device.of().runs_triton else None  # no Triton here: XLA
 
 
 def _scatter(table, index, rows, mode):

@@ -31,7 +31,7 @@ def test_write_positions_equals_xla(row, kernel_path):
     S, L, B, T = 6, 9, 4, 3
     buf, x = _bufs(0, (S, L) + row, B, T)
     _, _, scatter = slot_index(jnp.asarray([4, -1, 0, 2], jnp.int32), S)
-    pos = jnp.asarray([[0, 1, 2], [5, 6, 7], [7, 8, 9], [3, L + 4, 4]], jnp.int32)  # some >= L
+    pos = jnp.asarray([[0, 1, 2], [5, 6, 7], [7, 8, 9], [3, L + 4, -1]], jnp.int32)  # >= L, < 0
     outs = {}
     for path in ("xla", "interpret"):
         kernel_path(path)
@@ -40,18 +40,24 @@ def test_write_positions_equals_xla(row, kernel_path):
     for a, b in zip(outs["xla"], outs["interpret"]):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(outs["xla"][0], np.asarray(buf))  # something was written
+    # nothing outside [0, L) and no padding row was written: rows 1, 3, 5 of the buffer and the
+    # positions of row 3 other than 3 and 4 are as they were
+    got, before = outs["xla"][0], np.asarray(buf)
+    np.testing.assert_array_equal(got[[1, 3, 5]], before[[1, 3, 5]])
+    np.testing.assert_array_equal(np.delete(got[2], [3, 4], axis=0), np.delete(before[2], [3, 4], axis=0))
 
 
 def test_write_slots_equals_xla(kernel_path):
     S, B = 5, 3
     buf, x = _bufs(1, (S, 4, 16, 8), B, 4)
-    _, _, scatter = slot_index(jnp.asarray([3, 7, 1], jnp.int32), S)  # 7: out of range
+    scatter = jnp.asarray([3, 7, -2], jnp.int32)  # 7, -2: out of range, write nothing
     outs = {}
     for path in ("xla", "interpret"):
         kernel_path(path)
         outs[path] = np.asarray(scatter_ops.write_slots(buf, scatter, x))
     np.testing.assert_array_equal(outs["xla"], outs["interpret"])
-    np.testing.assert_array_equal(outs["xla"][[0, 2, 4]], np.asarray(buf)[[0, 2, 4]])
+    np.testing.assert_array_equal(outs["xla"][[0, 1, 2, 4]], np.asarray(buf)[[0, 1, 2, 4]])
+    np.testing.assert_array_equal(outs["xla"][3], np.asarray(x[0], np.float32).astype(buf.dtype))
 
 
 def test_default_is_xla(monkeypatch):
@@ -59,6 +65,8 @@ def test_default_is_xla(monkeypatch):
     assert scatter_ops._mode(8192) is None  # no GPU here: XLA's scatter
     monkeypatch.setenv(scatter_ops.ENV_VAR, "interpret")
     assert scatter_ops._mode(8192) == "interpret" and scatter_ops._mode(48) is None
+    monkeypatch.setenv(scatter_ops.ENV_VAR, "pallas")  # asked for, but no Triton here: XLA
+    assert scatter_ops._mode(8192) == ("compiled" if jax.devices()[0].platform == "gpu" else None)
     monkeypatch.setenv(scatter_ops.ENV_VAR, "fast")
     with pytest.raises(ValueError, match="GDN_JAX_SCATTER: expected xla, pallas or interpret"):
         scatter_ops._mode(8192)
