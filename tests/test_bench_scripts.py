@@ -7,6 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each runs a benchmark script or builds a sharded model
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -43,7 +47,6 @@ def test_random_model_is_drawn_into_its_shards():
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import pytest
 
     if len(jax.devices()) < 2:
         pytest.skip("needs 2 devices (tests/conftest.py forces 8 CPU devices)")

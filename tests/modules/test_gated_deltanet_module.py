@@ -112,6 +112,7 @@ def test_mode_errors(layer):
         layer(_x(0, 1, 1), _cache(layer), jnp.array([0]), mode="generate")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["replay", "intermediate", "ring"])
 def test_row_kernel_writes_what_xla_writes(layer, mode, monkeypatch):
     """The caches' writes through the row kernel (`gdn_jax.ops.scatter`, interpreted) leave every
