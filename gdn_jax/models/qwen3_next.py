@@ -177,12 +177,12 @@ class DecoderLayer(nnx.Module):
 
     def commit(self, cache, slots, num_accepted):
         if self.layer_type == "linear_attention":
-            return GatedDeltaNet.commit(cache, slots, num_accepted)
+            return GatedDeltaNet.commit(cache, slots, num_accepted, mesh=self.linear_attn.mesh)
         return cache.commit(slots, num_accepted)
 
     def reset(self, cache, slots):
         if self.layer_type == "linear_attention":
-            return GatedDeltaNet.reset(cache, slots)
+            return GatedDeltaNet.reset(cache, slots, mesh=self.linear_attn.mesh)
         return cache.reset(slots)
 
 

@@ -31,10 +31,10 @@ from jax.sharding import PartitionSpec as P
 from gdn_jax import ops
 from gdn_jax.modules._linear import HIGHEST, dense, linear
 from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_index
-from gdn_jax.ops.scatter import write_positions, write_slots
 from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
-from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
-                                      tp_size)
+from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_map,
+                                      tp_metadata, tp_size)
+from gdn_jax.ops.scatter import write_positions, write_slots
 
 _F32 = jnp.float32
 MODES = ("prefill", "decode", "verify")
@@ -193,24 +193,41 @@ class GatedDeltaNet(nnx.Module):
                 ("conv_weight",): blocked_permutation([HK, HK, HVV], tp)}
 
     @staticmethod
-    def commit(cache: GDNCache, slots, num_accepted) -> GDNCache:
+    def commit(cache: GDNCache, slots, num_accepted, *, mesh=None) -> GDNCache:
         """Keep the first num_accepted[i] (0..T) tokens of row i's last verify call.
 
         The GDN state commits per the cache's mode (`gdn_jax.ops.commit`); the conv window
-        becomes rows n..n+W-2 of the verify's [window | T inputs].
+        becomes rows n..n+W-2 of the verify's [window | T inputs]. mesh: the layer's (`self.mesh`)
+        when the cache is split over it: each device then commits its own heads.
         """
-        gather, _, scatter = slot_index(slots, cache.num_slots)
         n = jnp.asarray(num_accepted).astype(jnp.int32)
-        width = cache.conv.shape[1] - cache.t_max  # W - 1
-        window = _windows(cache.conv[gather], n, width)
-        conv = write_positions(cache.conv, scatter, window)
-        inter = None if cache.inter is None else cache.inter[gather]
-        state = ops.commit(cache.state, slots, n, inter)
-        return cache.replace(state=state, conv=conv)
+        return _per_shard(mesh, _commit, cache, slots, n)
 
     @staticmethod
-    def reset(cache: GDNCache, slots) -> GDNCache:
-        """Zero the slots' state and conv window for new sequences."""
-        _, _, scatter = slot_index(slots, cache.num_slots)
-        conv = cache.conv.at[scatter].set(0, mode="drop")
-        return cache.replace(state=ops.reset(cache.state, slots), conv=conv)
+    def reset(cache: GDNCache, slots, *, mesh=None) -> GDNCache:
+        """Zero the slots' state and conv window for new sequences (mesh: as `commit`)."""
+        return _per_shard(mesh, _reset, cache, slots)
+
+
+def _commit(cache: GDNCache, slots, n) -> GDNCache:
+    gather, _, scatter = slot_index(slots, cache.num_slots)
+    width = cache.conv.shape[1] - cache.t_max  # W - 1
+    window = _windows(cache.conv[gather], n, width)
+    conv = write_positions(cache.conv, scatter, window)
+    inter = None if cache.inter is None else cache.inter[gather]
+    return cache.replace(state=ops.commit(cache.state, slots, n, inter), conv=conv)
+
+
+def _reset(cache: GDNCache, slots) -> GDNCache:
+    _, _, scatter = slot_index(slots, cache.num_slots)
+    conv = cache.conv.at[scatter].set(0, mode="drop")
+    return cache.replace(state=ops.reset(cache.state, slots), conv=conv)
+
+
+def _per_shard(mesh, fn, cache: GDNCache, *args) -> GDNCache:
+    """fn(cache, *args) on one device, or on each device's heads of a cache split over mesh (the
+    kernels inside see local arrays, and nothing is gathered)."""
+    if mesh is None:
+        return fn(cache, *args)
+    specs = gdn_cache_specs(cache)
+    return tp_map(mesh, fn, (specs,) + (P(),) * len(args), specs)(cache, *args)

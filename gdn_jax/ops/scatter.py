@@ -1,6 +1,6 @@
 """Writes into slot-indexed buffers (the caches' conv windows, KV positions, replay candidates):
-`buf.at[slot, pos].set(x, mode="drop")`, by XLA's scatter or (opt-in, below) the row-copy
-kernel `gdn_jax.kernels.scatter_rows`.
+`buf.at[slot, pos].set(x, mode="drop")`, by the row-copy kernel `gdn_jax.kernels.scatter_rows` on
+a GPU, XLA's scatter elsewhere (below).
 
     buf = write_slots(buf, scatter, x)            # buf[scatter[b]] = x[b]
     buf = write_positions(buf, scatter, x, pos)   # buf[scatter[b], pos[b, t]] = x[b, t]
@@ -11,14 +11,14 @@ once per call). x is cast to buf's dtype.
 
 XLA's GPU scatter spends a thread and its index arithmetic on every element: on an H200 a B = 32
 conv window write (3.7 MB) takes 16 us, about 8x the copy, and the caches' scatters add up to
-~1.4 ms of a 48-layer B = 32 verify step (bench/results/profile_step-h200-b32-auto_paths-
-2026-12-01.json). The kernel copies each row as one vector. It is opt-in until a model step on
-the GPU has measured it: `GDN_JAX_SCATTER=pallas` runs it compiled on an SM80+ GPU ("interpret":
-in the interpreter, for tests); unset or "xla", XLA's scatter, as rows too short for a block
-always are, and so is everything on a device that cannot compile the kernel. The variable is
-read when a program is traced. Under tensor parallelism the kernel has no partitioning rule:
-it belongs inside the blocks' `shard_map` (the layers' own writes), not on a sharded buffer
-outside one (`GatedDeltaNet.commit`, `reset` on a sharded model would gather it).
+~1.4 ms of a 48-layer B = 32 verify step. The kernel copies each row as one vector; measured in
+that step (bench/results/profile_step-h200-b32-scatter-2026-12-01.json, kernel time) it takes
+verify from 8.75 to 7.84 ms, the speculative round from 9.89 to 8.98 ms and decode from 5.16 to
+5.03 ms. So it is the default where it compiles (`GDN_JAX_SCATTER` unset or "auto": an SM80+ GPU
+with Triton); "xla" keeps XLA's scatter, "pallas" is "auto" spelled out, "interpret" runs it in the interpreter, for tests. Rows too short for a block always
+go to XLA. The variable is read when a program is traced. Under tensor parallelism the kernel
+has no partitioning rule: every write runs inside the blocks' `shard_map` on local heads (the
+layers' forward, `GatedDeltaNet.commit` / `reset` with the layer's mesh).
 """
 
 from __future__ import annotations
@@ -81,9 +81,9 @@ def _block(R: int) -> int:
 def _mode(R: int) -> str | None:
     """"compiled" or "interpret" where the kernel is asked for and takes rows of R elements,
     else None (XLA)."""
-    wish = os.environ.get(ENV_VAR, "xla")
-    if wish not in ("xla", "pallas", "interpret"):
-        raise ValueError(f"{ENV_VAR}: expected xla, pallas or interpret, got {wish!r}")
+    wish = os.environ.get(ENV_VAR, "auto")
+    if wish not in ("auto", "xla", "pallas", "interpret"):
+        raise ValueError(f"{ENV_VAR}: expected auto, xla, pallas or interpret, got {wish!r}")
     if wish == "xla" or _block(R) < _MIN_BLOCK:
         return None
     if wish == "interpret":

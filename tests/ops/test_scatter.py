@@ -60,15 +60,20 @@ def test_write_slots_equals_xla(kernel_path):
     np.testing.assert_array_equal(outs["xla"][3], np.asarray(x[0], np.float32).astype(buf.dtype))
 
 
-def test_default_is_xla(monkeypatch):
-    monkeypatch.delenv(scatter_ops.ENV_VAR, raising=False)
-    assert scatter_ops._mode(8192) is None  # no GPU here: XLA's scatter
+def test_default_is_the_kernel_where_it_compiles(monkeypatch):
+    compiled = "compiled" if jax.devices()[0].platform == "gpu" else None  # CPU: XLA's scatter
+    for wish in (None, "auto", "pallas"):
+        if wish is None:
+            monkeypatch.delenv(scatter_ops.ENV_VAR, raising=False)
+        else:
+            monkeypatch.setenv(scatter_ops.ENV_VAR, wish)
+        assert scatter_ops._mode(8192) == compiled and scatter_ops._mode(48) is None
+    monkeypatch.setenv(scatter_ops.ENV_VAR, "xla")
+    assert scatter_ops._mode(8192) is None
     monkeypatch.setenv(scatter_ops.ENV_VAR, "interpret")
     assert scatter_ops._mode(8192) == "interpret" and scatter_ops._mode(48) is None
-    monkeypatch.setenv(scatter_ops.ENV_VAR, "pallas")  # asked for, but no Triton here: XLA
-    assert scatter_ops._mode(8192) == ("compiled" if jax.devices()[0].platform == "gpu" else None)
     monkeypatch.setenv(scatter_ops.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match="GDN_JAX_SCATTER: expected xla, pallas or interpret"):
+    with pytest.raises(ValueError, match="GDN_JAX_SCATTER: expected auto, xla, pallas or interpret"):
         scatter_ops._mode(8192)
 
 
