@@ -65,7 +65,7 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax  # noqa: E402
-import jax.numpy as jnp
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax import lax  # noqa: E402
@@ -249,7 +249,8 @@ def byte_floor(model, config, B: int, context: int, d: int, commit_mode: str,
     gdn_layers = sum(t == "linear_attention" for t in c.layer_types)
     attn_layers = len(c.layer_types) - gdn_layers
     lm_head = c.hidden_size * c.vocab_size * 2
-    pool = B * c.linear_num_value_heads * c.linear_value_head_dim * c.linear_key_head_dim * state_bytes
+    pool = (B * c.linear_num_value_heads * c.linear_value_head_dim * c.linear_key_head_dim
+            * state_bytes)
     conv_dim = 2 * c.linear_num_key_heads * c.linear_key_head_dim + (
         c.linear_num_value_heads * c.linear_value_head_dim)
     conv = B * conv_dim * (c.linear_conv_kernel_dim - 1) * 2
@@ -276,7 +277,8 @@ def byte_floor(model, config, B: int, context: int, d: int, commit_mode: str,
     round_ = (pb["target"] + experts("target", B * T) + gdn_layers * (per_round * pool + 2 * conv)
               + attn_layers * kv
               + d * (pb["mtp"] + lm_head + experts("mtp", B) + kv))
-    return {"decode_bytes": decode, "verify_bytes": verify, "round_bytes": round_, "weights_target": pb["target"],
+    return {"decode_bytes": decode, "verify_bytes": verify, "round_bytes": round_,
+            "weights_target": pb["target"],
             "weights_mtp": pb["mtp"], "lm_head": lm_head, "gdn_pool": pool, "kv_layer": kv,
             "gdn_layers": gdn_layers, "attn_layers": attn_layers, "gdn_state_per_round": per_round}
 
@@ -402,7 +404,8 @@ def main(argv=None):
                    "compute_capability": getattr(dev, "compute_capability", None)},
         "jax": jax.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "copy_bandwidth": copy,
-        "settings": {"family": args.family, "moe": args.moe, "attention": args.attention, "layers": list(config.layer_types),
+        "settings": {"family": args.family, "moe": args.moe, "attention": args.attention,
+                     "layers": list(config.layer_types),
                      "hidden": config.hidden_size, "vocab": config.vocab_size,
                      "HV": config.linear_num_value_heads, "K": config.linear_key_head_dim,
                      "V": config.linear_value_head_dim, "experts": config.num_experts,

@@ -266,7 +266,7 @@ class Qwen3NextForCausalLM(nnx.Module):
                    state_dtype=jnp.bfloat16, commit_mode: str = "replay") -> ModelCache:
         """A zeroed cache for `num_slots` sequences of up to `max_len` tokens, verify calls of up
         to `t_max` tokens, GDN state pools in `state_dtype` (bf16 or fp32), and the commit mode
-        ("replay" or "intermediate", README "Design") of every GDN layer."""
+        (`COMMIT_MODES`: "replay", "intermediate" or "ring", README "Design") of every GDN layer."""
         if commit_mode not in COMMIT_MODES:
             raise ValueError(f"init_cache: commit_mode expected one of {COMMIT_MODES}, got "
                              f"{commit_mode!r}")

@@ -45,7 +45,7 @@ def store_candidates(state: GDNState, scatter, k, v, g, beta) -> GDNState:
     fp32. Positions T..T_max get g = beta = 0, an exact identity step, so a count past T can never
     fold a stale token.
     """
-    T, pad = k.shape[1], state.t_max - k.shape[1]
+    pad = state.t_max - k.shape[1]
     padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     return state.replace(
         cand_k=write_positions(state.cand_k, scatter, k),

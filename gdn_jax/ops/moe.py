@@ -21,7 +21,6 @@ from gdn_jax.ops.dispatch import Device, sm_count
 from gdn_jax.ops.projection import pow2_tile
 
 
-
 def runs_compiled(dtype, hidden: int, intermediate: int) -> bool:
     """Whether the kernels run compiled here for experts of this dtype and (shard) shape: a CUDA
     GPU of SM80+, bf16 / fp16, dims that its tiles divide. `SparseMoE(expert_path="auto")` picks

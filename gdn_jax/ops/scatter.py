@@ -15,10 +15,11 @@ conv window write (3.7 MB) takes 16 us, about 8x the copy, and the caches' scatt
 that step (bench/results/profile_step-h200-b32-scatter-2026-12-01.json, kernel time) it takes
 verify from 8.75 to 7.84 ms, the speculative round from 9.89 to 8.98 ms and decode from 5.16 to
 5.03 ms. So it is the default where it compiles (`GDN_JAX_SCATTER` unset or "auto": an SM80+ GPU
-with Triton); "xla" keeps XLA's scatter, "pallas" is "auto" spelled out, "interpret" runs it in the interpreter, for tests. Rows too short for a block always
-go to XLA. The variable is read when a program is traced. Under tensor parallelism the kernel
-has no partitioning rule: every write runs inside the blocks' `shard_map` on local heads (the
-layers' forward, `GatedDeltaNet.commit` / `reset` with the layer's mesh).
+with Triton); "xla" keeps XLA's scatter, "pallas" is "auto" spelled out, "interpret" runs the
+kernel in the interpreter, for tests. Rows too short for a block always go to XLA. The variable
+is read when a program is traced. Under tensor parallelism the kernel has no partitioning rule:
+every write runs inside the blocks' `shard_map` on local heads (the layers' forward,
+`GatedDeltaNet.commit` / `reset` with the layer's mesh).
 """
 
 from __future__ import annotations

@@ -45,8 +45,6 @@ def test_verify_intermediate_mgpu_matches_triton_kernel_interpret(make_case):
 @needs_mosaic
 def test_decode_mgpu_matches_triton_kernel_interpret(make_case):
     """The Mosaic and Triton kernels agree on the same call (both interpreted)."""
-    from gdn_jax.kernels import decode
-
     case = make_case(seed=21, B=2, T=1, H=1, group=2, K=64, pool_dtype=F32, in_dtype=F32,
                      t_max=2, poison=False)
     o_m, pool_m = decode_mgpu(*case.kernel_args(), interpret=True)

@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from gdn_jax.models import (ModelConfig, Qwen3NextForCausalLM, load_pretrained, save_pretrained,
                             shard_model)
+from gdn_jax.modules import gated_deltanet
 from hlo import collectives
 from tiny_models import random_model
 
@@ -132,12 +133,35 @@ def test_tp_kernel_path_interpret(reference, monkeypatch):
     sees its local heads and slots; the one-device XLA logits and tokens come out. (On GPUs:
     tests/models/test_tensor_parallel_gpu.py.)"""
     monkeypatch.setenv("GDN_JAX_BACKEND", "interpret")
+    monkeypatch.setenv("GDN_JAX_SCATTER", "interpret")  # the caches' writes, commit's included
     ref_out, _ = reference
     out, _ = _run(shard_model(_random_model(), _mesh(2)))
     np.testing.assert_array_equal(out["toks"], ref_out["toks"])
     for name in ("prefill", "decode", "verify", "last", "mtp"):
         np.testing.assert_allclose(np.asarray(out[name])[:2], np.asarray(ref_out[name])[:2],
                                    rtol=1e-5, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["commit", "reset"])
+def test_commit_and_reset_run_on_local_heads(method, monkeypatch):
+    """On a mesh, `commit` and `reset` write each device's own heads of the GDN caches (inside the
+    shard_map, where the caches' row kernel belongs), not the whole buffers."""
+    seen = []
+    write, op = gated_deltanet.write_positions, getattr(gated_deltanet.ops, method)
+    monkeypatch.setattr(gated_deltanet, "write_positions",
+                        lambda buf, *a: (seen.append(buf.shape), write(buf, *a))[1])
+    monkeypatch.setattr(gated_deltanet.ops, method,
+                        lambda state, *a: (seen.append(state.pool.shape), op(state, *a))[1])
+    model = shard_model(_random_model(), _mesh(2))
+    cache = model.init_cache(4, 16, t_max=3, state_dtype=jnp.float32)
+    if method == "commit":
+        model.commit(cache, jnp.asarray(SLOTS), jnp.array([2, 1, 0], jnp.int32))
+    else:
+        model.reset(cache, jnp.asarray(SLOTS))
+    local = cache.layers[0].state.pool.shape[1] // 2, cache.layers[0].conv.shape[2] // 2
+    assert seen, "nothing was written"
+    for shape in seen:  # the pool [S, HV, V, K] or the conv window [S, rows, channels]
+        assert shape[1] == local[0] if len(shape) == 4 else shape[2] == local[1], shape
 
 
 def test_decode_hlo_collectives():

@@ -6,7 +6,6 @@ is checked on CPU (XLA by default, the kernel in the interpreter when asked), wi
 faked where the question is what a GPU would run.
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
