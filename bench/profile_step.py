@@ -17,8 +17,9 @@ options). Variants run one after another on the same model and caches.
 The model and the chained programs are bench_speculative.py's (same flags). Each program runs
 --calls chained calls in one jit under `jax.profiler.trace`; every kernel event of the GPU planes
 is summed by name and divided by the calls: kernel time per call, by kernel, beside the wall time
-per call, so the gap (launches, host syncs, idle) shows. Kernels of every GPU are counted (with
-TP the per-device sums are divided by the device count). On CPU the device planes are absent and
+per call, so the gap (launches, host syncs, idle) shows, and summed by kind of work
+(`gdn_jax.profiling.kernel_category`: matmul, gdn, attention, moe, scatter, copy, other). Kernels of
+every GPU are counted (with TP the per-device sums are divided by the device count). On CPU the device planes are absent and
 the table is empty.
 """
 
@@ -41,7 +42,7 @@ from flax import nnx  # noqa: E402
 import bench_speculative as bs  # noqa: E402
 from gdn_jax.modules.attention import set_attention_impl  # noqa: E402
 from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
-from gdn_jax.profiling import kernel_trace  # noqa: E402
+from gdn_jax.profiling import by_category, kernel_trace  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -138,14 +139,18 @@ def main(argv=None):
             busy = sum(per.values())
             top = sorted(per.items(), key=lambda kv: -kv[1])[:args.top]
             launches = sum(trace.counts.values()) / calls / max(trace.gpus, 1)
+            kinds = {k: v for k, v in by_category(per).items() if v}
             row = {"B": B, "program": name, "variant": variant, **paths,
                    "options": options, "compile_s": compile_s,
                    "wall_us_per_call": wall / calls * 1e6, "kernel_us_per_call": busy,
-                   "kernels_per_call": launches, "top": top}
+                   "kernels_per_call": launches, "by_category_us": kinds, "top": top,
+                   "kernels_us": dict(sorted(per.items(), key=lambda kv: -kv[1]))}
             results.append(row)
             print(f"\nB={B} {name} [{variant}]: wall {wall / calls * 1e6:9.1f} us/call, kernels "
                   f"{busy:9.1f} us/call, {launches:.0f} kernels/call ({len(per)} distinct), "
                   f"compiled in {compile_s:.0f} s", flush=True)
+            if kinds:
+                print("   by kind (us): " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
             for k, v in top:
                 print(f"   {v:9.1f} us  {k[:110]}")
         del cache

@@ -4,6 +4,7 @@
         jax.block_until_ready(f(x))
     trace.totals  # {kernel name: ns}, every GPU of the process
     trace.busy_ns()  # their sum per GPU
+    by_category(trace.totals)  # {"matmul": ns, "gdn": ns, ...}: what kind of work the time is
 
 The trace's XSpace is read with `jax.profiler.ProfileData`; the kernels are the events of the
 "Stream" lines of the `/device:GPU:N` planes (the XLA-op and module lines summarise them). On CPU
@@ -49,6 +50,39 @@ def read_trace(trace_dir: str) -> KernelTrace:
                         totals[event.name] += event.duration_ns
                         counts[event.name] += 1
     return KernelTrace(dict(totals), dict(counts), gpus)
+
+
+# (category, name fragments), first match wins: our Pallas kernels by their names, then XLA's and
+# cuBLAS's kernels by what their names say they are.
+_CATEGORIES = (
+    ("attention", ("gdn_decode_attention",)),
+    ("moe", ("gdn_moe_",)),
+    ("scatter", ("gdn_scatter_rows", "scatter")),
+    ("matmul", ("gdn_projection", "gemm", "nvjet", "cutlass", "xmma", "splitkreduce", "cublas",
+                "dot")),
+    ("gdn", ("gdn_",)),
+    ("copy", ("concatenate", "slice", "transpose", "copy", "memcpy", "memset", "pad",
+              "dynamic_update")),
+)
+CATEGORIES = tuple(c for c, _ in _CATEGORIES) + ("other",)
+
+
+def kernel_category(name: str) -> str:
+    """The kind of work a kernel name is: one of CATEGORIES ("other": XLA's elementwise and
+    reduction fusions, and whatever the name does not tell)."""
+    low = name.lower()
+    for category, parts in _CATEGORIES:
+        if any(p in low for p in parts):
+            return category
+    return "other"
+
+
+def by_category(totals: dict) -> dict:
+    """{kernel name: time} -> {category: summed time}, every category of CATEGORIES present."""
+    out = dict.fromkeys(CATEGORIES, 0.0)
+    for name, t in totals.items():
+        out[kernel_category(name)] += t
+    return out
 
 
 @contextlib.contextmanager

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.profiling import kernel_trace
+from gdn_jax.profiling import CATEGORIES, by_category, kernel_category, kernel_trace
 
 
 def _work():
@@ -32,3 +32,27 @@ def test_kernels_of_a_program():
     assert trace.gpus >= 1
     assert trace.busy_ns() > 0
     assert len(trace.totals) >= 1, trace.totals
+
+
+@pytest.mark.parametrize("name, category", [
+    ("gemm_fusion_dot_364", "matmul"), ("nvjet_sm90_tst_192x64_64x6_1x2_h_bz_NNT", "matmul"),
+    ("void cublasLt::splitKreduce_kernel<32, 16, int>", "matmul"), ("gdn_projection", "matmul"),
+    ("gdn_decode_bv16_w1", "gdn"),
+    ("gdn_verify_replay_t4_mgpu_bv128_t1_s2_mosaic_gpu_kernel", "gdn"),
+    ("gdn_decode_attention", "attention"), ("gdn_moe_gate_up", "moe"),
+    ("gdn_scatter_rows", "scatter"), ("input_scatter_fusion_72", "scatter"),
+    ("input_concatenate_fusion_35", "copy"), ("loop_slice_fusion_3", "copy"),
+    ("memcpy32_post", "copy"), ("loop_add_fusion_94", "other"), ("fusion_2771", "other"),
+])
+def test_kernel_category(name, category):
+    """Kernel names from an H200 profile of the model step (bench/results/profile_step-h200-b32-
+    scatter-2026-12-01.json) and our kernels' names, sorted into the kinds of work."""
+    assert kernel_category(name) == category
+
+
+def test_by_category_sums_every_kernel():
+    totals = {"gemm_fusion_dot_1": 3.0, "nvjet_x": 2.0, "gdn_decode_bv16_w1": 4.0, "fusion_7": 1.5}
+    kinds = by_category(totals)
+    assert set(kinds) == set(CATEGORIES)
+    assert kinds["matmul"] == 5.0 and kinds["gdn"] == 4.0 and kinds["other"] == 1.5
+    assert sum(kinds.values()) == sum(totals.values())
