@@ -7,20 +7,21 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
     python bench/profile_step.py --out DIR --layers 48 --programs decode \
         --variant xla:projection=xla --variant kernel --variant graphs:xla_gpu_graph_min_graph_size=1
 
-A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xla-gemm` (GDN_JAX_PROJECTION: the
-model's projections in XLA, or through the few-row kernel where it runs), `scatter=xla|pallas`
-(GDN_JAX_SCATTER: the caches' writes by XLA's scatter or the row kernel), `moe=auto|gather|grouped|pallas`
-(set_expert_path), `attention=auto|xla|pallas` (set_attention_impl) or `KEY=VALUE`, an XLA
-option compiled into that variant's programs alone (`compiler_options`; e.g. the command-buffer
-options). Variants run one after another on the same model and caches.
+A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xla-gemm`
+(GDN_JAX_PROJECTION: the model's projections in XLA, or through the few-row kernel where it runs),
+`scatter=xla|auto` (GDN_JAX_SCATTER: the caches' writes by XLA's scatter or the row kernel),
+`moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
+(set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
+(`compiler_options`; e.g. the command-buffer options). Variants run one after another on the
+same model and caches.
 
 The model and the chained programs are bench_speculative.py's (same flags). Each program runs
 --calls chained calls in one jit under `jax.profiler.trace`; every kernel event of the GPU planes
 is summed by name and divided by the calls: kernel time per call, by kernel, beside the wall time
 per call, so the gap (launches, host syncs, idle) shows, and summed by kind of work
-(`gdn_jax.profiling.kernel_category`: matmul, gdn, attention, moe, scatter, copy, other). Kernels of
-every GPU are counted (with TP the per-device sums are divided by the device count). On CPU the device planes are absent and
-the table is empty.
+(`gdn_jax.profiling.kernel_category`: matmul, gdn, attention, moe, scatter, copy, other).
+Kernels of every GPU are counted (with TP the per-device sums are divided by the device count).
+On CPU the device planes are absent and the table is empty.
 """
 
 from __future__ import annotations

@@ -61,7 +61,7 @@ _CATEGORIES = (
     ("matmul", ("gdn_projection", "gemm", "nvjet", "cutlass", "xmma", "splitkreduce", "cublas",
                 "dot")),
     ("gdn", ("gdn_",)),
-    ("copy", ("concatenate", "slice", "transpose", "copy", "memcpy", "memset", "pad",
+    ("copy", ("concatenate", "slice", "transpose", "copy", "memcpy", "memset", "pad", "gather",
               "dynamic_update")),
 )
 CATEGORIES = tuple(c for c, _ in _CATEGORIES) + ("other",)

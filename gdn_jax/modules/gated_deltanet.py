@@ -201,11 +201,15 @@ class GatedDeltaNet(nnx.Module):
         when the cache is split over it: each device then commits its own heads.
         """
         n = jnp.asarray(num_accepted).astype(jnp.int32)
+        if mesh is not None:  # inside the map the ops' checks see tracers: check the values here
+            ops.check_slot_args("commit", cache.state, slots, num_accepted)
         return _per_shard(mesh, _commit, cache, slots, n)
 
     @staticmethod
     def reset(cache: GDNCache, slots, *, mesh=None) -> GDNCache:
         """Zero the slots' state and conv window for new sequences (mesh: as `commit`)."""
+        if mesh is not None:
+            ops.check_slot_args("reset", cache.state, slots)
         return _per_shard(mesh, _reset, cache, slots)
 
 

@@ -10,7 +10,7 @@
 
 from gdn_jax.kernels import MAX_T  # the most tokens one decode / verify call takes on a GPU
 from gdn_jax.ops._slots import slot_index
-from gdn_jax.ops.api import commit, decode, flush, prefill, reset, verify
+from gdn_jax.ops.api import check_slot_args, commit, decode, flush, prefill, reset, verify
 from gdn_jax.ops.dispatch import describe_dispatch
 from gdn_jax.ops.reference import (
     chunk_gated_delta_rule,
@@ -23,6 +23,7 @@ __all__ = [
     "COMMIT_MODES",
     "GDNState",
     "MAX_T",
+    "check_slot_args",
     "chunk_gated_delta_rule",
     "commit",
     "decode",

@@ -1,6 +1,8 @@
 """The XLA implementation of every op (the reference path): jitted, arguments already checked.
 
-Runs anywhere; compute in fp32, matrix products at Precision.HIGHEST (see `reference`).
+Runs anywhere; compute in fp32, matrix products at Precision.HIGHEST (see `reference`). The
+slot writes go through `gdn_jax.ops.scatter` (the row-copy kernel on an SM80+ GPU unless
+GDN_JAX_SCATTER or GDN_JAX_BACKEND says xla).
 """
 
 from __future__ import annotations

@@ -131,16 +131,14 @@ def commit(state: GDNState, slots, num_accepted, inter=None, *, backend: str | N
     inter None (ring mode): count[slots[i]] += n; they stay in the ring until it folds.
     slots, num_accepted: [B] int32. (sglang and FlashInfer pass the index n - 1: add one.)
     """
-    _checks.check_state("commit", state)
     slots, num_accepted = jnp.asarray(slots), jnp.asarray(num_accepted)
     if inter is None:
-        B = _checks.batch_size("commit", slots)
-        _checks.check_slots("commit", slots, B, state.num_slots)
-        _checks.check_counts("commit", "num_accepted", num_accepted, B, 0, state.t_max)
+        check_slot_args("commit", state, slots, num_accepted)
         dispatch.select("commit", backend=backend)
         if state.commit_mode == "ring":
             return _xla.commit_ring(state, slots, num_accepted)
         return _xla.commit_replay(state, slots, num_accepted)
+    _checks.check_state("commit", state)
     if state.commit_mode == "ring":
         _checks.fail("commit", "inter", "None for a ring-mode state (its verify returns no inter)",
                      f"an array of shape {getattr(inter, 'shape', '?')}")
@@ -160,9 +158,8 @@ def commit(state: GDNState, slots, num_accepted, inter=None, *, backend: str | N
 def flush(state: GDNState, slots, *, backend: str | None = None):
     """Fold the slots' pending candidates (ring mode: committed ring tokens) into the pool;
     count := 0. slots: [B] int32."""
-    _checks.check_state("flush", state)
     slots = jnp.asarray(slots)
-    _checks.check_slots("flush", slots, _checks.batch_size("flush", slots), state.num_slots)
+    check_slot_args("flush", state, slots)
     choice = dispatch.select("flush", K=state.pool.shape[3], V=state.pool.shape[2],
                              B=slots.shape[0], backend=backend, dtypes=kernels.Dtypes(
                                  state.dtype, state.input_dtype, state.input_dtype))
@@ -171,10 +168,23 @@ def flush(state: GDNState, slots, *, backend: str | None = None):
 
 def reset(state: GDNState, slots):
     """Zero the slots' pool entries and counts, for slots handed to new sequences."""
-    _checks.check_state("reset", state)
     slots = jnp.asarray(slots)
-    _checks.check_slots("reset", slots, _checks.batch_size("reset", slots), state.num_slots)
+    check_slot_args("reset", state, slots)
     return _xla.reset(state, slots)
+
+
+def check_slot_args(op: str, state: GDNState, slots, num_accepted=None) -> None:
+    """The checks `commit` (replay and ring modes), `flush` and `reset` make before anything runs:
+    the state, slots [B] int32 (distinct real slots), num_accepted [B] int32 in 0..t_max. Each
+    raises a ValueError naming op and the argument; values are checked where concrete. Callers
+    that run these ops per shard (`GatedDeltaNet.commit` on a mesh, where they see tracers) call
+    it first on the whole arrays."""
+    _checks.check_state(op, state)
+    slots = jnp.asarray(slots)
+    B = _checks.batch_size(op, slots)
+    _checks.check_slots(op, slots, B, state.num_slots)
+    if num_accepted is not None:
+        _checks.check_counts(op, "num_accepted", jnp.asarray(num_accepted), B, 0, state.t_max)
 
 
 def prefill(q, k, v, a, b, A_log, dt_bias, state: GDNState, slots, lengths=None, *,

@@ -16,10 +16,15 @@ that step (bench/results/profile_step-h200-b32-scatter-2026-12-01.json, kernel t
 verify from 8.75 to 7.84 ms, the speculative round from 9.89 to 8.98 ms and decode from 5.16 to
 5.03 ms. So it is the default where it compiles (`GDN_JAX_SCATTER` unset or "auto": an SM80+ GPU
 with Triton); "xla" keeps XLA's scatter, "pallas" is "auto" spelled out, "interpret" runs the
-kernel in the interpreter, for tests. Rows too short for a block always go to XLA. The variable
-is read when a program is traced. Under tensor parallelism the kernel has no partitioning rule:
-every write runs inside the blocks' `shard_map` on local heads (the layers' forward,
-`GatedDeltaNet.commit` / `reset` with the layer's mesh).
+kernel in the interpreter, for tests. Unset, GDN_JAX_BACKEND=xla or =interpret steers it as it
+steers the ops. Rows too short for a block always go to XLA. The variable is read when a program
+is traced.
+
+Under tensor parallelism the kernel has no partitioning rule: give it local arrays. The model
+does (its layers write inside their `shard_map`, and `GatedDeltaNet.commit` / `reset` run per
+shard given the layer's mesh); an op called on a head-sharded buffer outside a `shard_map`
+(`gdn_jax.ops` on a sharded `GDNState`, `GatedDeltaNet.commit` without `mesh`) would have XLA
+gather it: run those under `jax.shard_map`, or with GDN_JAX_SCATTER=xla.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import os
 import jax.numpy as jnp
 
 from gdn_jax import kernels
+from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
 from gdn_jax.ops.dispatch import Device
 
 ENV_VAR = "GDN_JAX_SCATTER"
@@ -82,7 +88,8 @@ def _block(R: int) -> int:
 def _mode(R: int) -> str | None:
     """"compiled" or "interpret" where the kernel is asked for and takes rows of R elements,
     else None (XLA)."""
-    wish = os.environ.get(ENV_VAR, "auto")
+    wish = os.environ.get(ENV_VAR) or {"xla": "xla", "interpret": "interpret"}.get(
+        os.environ.get(_BACKEND_VAR, ""), "auto")
     if wish not in ("auto", "xla", "pallas", "interpret"):
         raise ValueError(f"{ENV_VAR}: expected auto, xla, pallas or interpret, got {wish!r}")
     if wish == "xla" or _block(R) < _MIN_BLOCK:

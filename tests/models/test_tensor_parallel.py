@@ -142,8 +142,9 @@ def test_tp_kernel_path_interpret(reference, monkeypatch):
                                    rtol=1e-5, atol=1e-5, err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["commit", "reset"])
-def test_commit_and_reset_run_on_local_heads(method, monkeypatch):
+@pytest.mark.parametrize("method, commit_mode", [
+    ("commit", "replay"), ("commit", "intermediate"), ("commit", "ring"), ("reset", "replay")])
+def test_commit_and_reset_run_on_local_heads(method, commit_mode, monkeypatch):
     """On a mesh, `commit` and `reset` write each device's own heads of the GDN caches (inside the
     shard_map, where the caches' row kernel belongs), not the whole buffers."""
     seen = []
@@ -153,7 +154,7 @@ def test_commit_and_reset_run_on_local_heads(method, monkeypatch):
     monkeypatch.setattr(gated_deltanet.ops, method,
                         lambda state, *a: (seen.append(state.pool.shape), op(state, *a))[1])
     model = shard_model(_random_model(), _mesh(2))
-    cache = model.init_cache(4, 16, t_max=3, state_dtype=jnp.float32)
+    cache = model.init_cache(4, 16, t_max=3, state_dtype=jnp.float32, commit_mode=commit_mode)
     if method == "commit":
         model.commit(cache, jnp.asarray(SLOTS), jnp.array([2, 1, 0], jnp.int32))
     else:
@@ -162,6 +163,14 @@ def test_commit_and_reset_run_on_local_heads(method, monkeypatch):
     assert seen, "nothing was written"
     for shape in seen:  # the pool [S, HV, V, K] or the conv window [S, rows, channels]
         assert shape[1] == local[0] if len(shape) == 4 else shape[2] == local[1], shape
+
+
+def test_commit_on_the_mesh_checks_values():
+    """Per shard the ops see tracers, so the model checks the counts on the whole arrays first."""
+    model = shard_model(_random_model(), _mesh(2))
+    cache = model.init_cache(4, 16, t_max=3, state_dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"commit: num_accepted expected values in 0..3"):
+        model.commit(cache, jnp.asarray(SLOTS), jnp.array([7, 1, 0], jnp.int32))
 
 
 def test_decode_hlo_collectives():

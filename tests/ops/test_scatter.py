@@ -9,6 +9,7 @@ import pytest
 
 from gdn_jax.ops import scatter as scatter_ops
 from gdn_jax.ops import slot_index
+from gdn_jax.ops.dispatch import Device
 
 
 @pytest.fixture
@@ -60,8 +61,12 @@ def test_write_slots_equals_xla(kernel_path):
     np.testing.assert_array_equal(outs["xla"][3], np.asarray(x[0], np.float32).astype(buf.dtype))
 
 
-def test_default_is_the_kernel_where_it_compiles(monkeypatch):
-    compiled = "compiled" if jax.devices()[0].platform == "gpu" else None  # CPU: XLA's scatter
+@pytest.mark.parametrize("gpu", [True, False], ids=["h200", "cpu"])
+def test_default_is_the_kernel_where_it_compiles(gpu, monkeypatch):
+    device = Device("gpu", (9, 0), "H200") if gpu else Device("cpu", None, "cpu")
+    monkeypatch.setattr(Device, "of", classmethod(lambda cls, d=None: device))
+    monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
+    compiled = "compiled" if gpu else None  # no Triton: XLA's scatter
     for wish in (None, "auto", "pallas"):
         if wish is None:
             monkeypatch.delenv(scatter_ops.ENV_VAR, raising=False)
@@ -72,8 +77,12 @@ def test_default_is_the_kernel_where_it_compiles(monkeypatch):
     assert scatter_ops._mode(8192) is None
     monkeypatch.setenv(scatter_ops.ENV_VAR, "interpret")
     assert scatter_ops._mode(8192) == "interpret" and scatter_ops._mode(48) is None
+    monkeypatch.delenv(scatter_ops.ENV_VAR)  # unset: GDN_JAX_BACKEND steers it as it steers the ops
+    for backend, mode in (("xla", None), ("interpret", "interpret"), ("triton", compiled)):
+        monkeypatch.setenv("GDN_JAX_BACKEND", backend)
+        assert scatter_ops._mode(8192) == mode
     monkeypatch.setenv(scatter_ops.ENV_VAR, "fast")
-    with pytest.raises(ValueError, match="GDN_JAX_SCATTER: expected auto, xla, pallas or interpret"):
+    with pytest.raises(ValueError, match="GDN_JAX_SCATTER: expected auto, xla, pallas or"):
         scatter_ops._mode(8192)
 
 
