@@ -138,14 +138,15 @@ def main(argv=None):
                 wall = time.perf_counter() - t0
             per = {k: v / calls / max(trace.gpus, 1) / 1e3 for k, v in trace.totals.items()}
             busy = sum(per.values())
-            top = sorted(per.items(), key=lambda kv: -kv[1])[:args.top]
+            ranked = sorted(per.items(), key=lambda kv: -kv[1])
+            top = ranked[:args.top]
             launches = sum(trace.counts.values()) / calls / max(trace.gpus, 1)
             kinds = {k: v for k, v in by_category(per).items() if v}
             row = {"B": B, "program": name, "variant": variant, **paths,
                    "options": options, "compile_s": compile_s,
                    "wall_us_per_call": wall / calls * 1e6, "kernel_us_per_call": busy,
                    "kernels_per_call": launches, "by_category_us": kinds, "top": top,
-                   "kernels_us": dict(sorted(per.items(), key=lambda kv: -kv[1]))}
+                   "kernels_us": dict(ranked)}
             results.append(row)
             print(f"\nB={B} {name} [{variant}]: wall {wall / calls * 1e6:9.1f} us/call, kernels "
                   f"{busy:9.1f} us/call, {launches:.0f} kernels/call ({len(per)} distinct), "

@@ -57,7 +57,7 @@ def read_trace(trace_dir: str) -> KernelTrace:
 _CATEGORIES = (
     ("attention", ("gdn_decode_attention",)),
     ("moe", ("gdn_moe_",)),
-    ("scatter", ("gdn_scatter_rows", "scatter")),
+    ("scatter", ("scatter",)),  # gdn_scatter_rows and XLA's scatter fusions
     ("matmul", ("gdn_projection", "gemm", "nvjet", "cutlass", "xmma", "splitkreduce", "cublas",
                 "dot")),
     ("gdn", ("gdn_",)),

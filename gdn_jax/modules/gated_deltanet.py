@@ -32,8 +32,8 @@ from gdn_jax import ops
 from gdn_jax.modules._linear import HIGHEST, dense, linear
 from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_index
 from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
-from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_map,
-                                      tp_metadata, tp_size)
+from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
+                                      tp_size)
 from gdn_jax.ops.scatter import write_positions, write_slots
 
 _F32 = jnp.float32
@@ -203,17 +203,20 @@ class GatedDeltaNet(nnx.Module):
         n = jnp.asarray(num_accepted).astype(jnp.int32)
         if mesh is not None:  # inside the map the ops' checks see tracers: check the values here
             ops.check_slot_args("commit", cache.state, slots, num_accepted)
-        return _per_shard(mesh, _commit, cache, slots, n)
+        specs = gdn_cache_specs(cache)
+        return shard_call(mesh, _commit, {}, (cache, slots, n), (specs, P(), P()), specs)
 
     @staticmethod
     def reset(cache: GDNCache, slots, *, mesh=None) -> GDNCache:
         """Zero the slots' state and conv window for new sequences (mesh: as `commit`)."""
         if mesh is not None:
             ops.check_slot_args("reset", cache.state, slots)
-        return _per_shard(mesh, _reset, cache, slots)
+        specs = gdn_cache_specs(cache)
+        return shard_call(mesh, _reset, {}, (cache, slots), (specs, P()), specs)
 
 
-def _commit(cache: GDNCache, slots, n) -> GDNCache:
+def _commit(_params, cache: GDNCache, slots, n) -> GDNCache:
+    """`GatedDeltaNet.commit` on one device's heads (no parameters: `shard_call`'s first arg)."""
     gather, _, scatter = slot_index(slots, cache.num_slots)
     width = cache.conv.shape[1] - cache.t_max  # W - 1
     window = _windows(cache.conv[gather], n, width)
@@ -222,16 +225,9 @@ def _commit(cache: GDNCache, slots, n) -> GDNCache:
     return cache.replace(state=ops.commit(cache.state, slots, n, inter), conv=conv)
 
 
-def _reset(cache: GDNCache, slots) -> GDNCache:
+def _reset(_params, cache: GDNCache, slots) -> GDNCache:
+    """`GatedDeltaNet.reset` on one device's heads."""
     _, _, scatter = slot_index(slots, cache.num_slots)
     conv = cache.conv.at[scatter].set(0, mode="drop")
     return cache.replace(state=ops.reset(cache.state, slots), conv=conv)
 
-
-def _per_shard(mesh, fn, cache: GDNCache, *args) -> GDNCache:
-    """fn(cache, *args) on one device, or on each device's heads of a cache split over mesh (the
-    kernels inside see local arrays, and nothing is gathered)."""
-    if mesh is None:
-        return fn(cache, *args)
-    specs = gdn_cache_specs(cache)
-    return tp_map(mesh, fn, (specs,) + (P(),) * len(args), specs)(cache, *args)

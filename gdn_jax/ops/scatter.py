@@ -88,8 +88,10 @@ def _block(R: int) -> int:
 def _mode(R: int) -> str | None:
     """"compiled" or "interpret" where the kernel is asked for and takes rows of R elements,
     else None (XLA)."""
-    wish = os.environ.get(ENV_VAR) or {"xla": "xla", "interpret": "interpret"}.get(
-        os.environ.get(_BACKEND_VAR, ""), "auto")
+    wish = os.environ.get(ENV_VAR)
+    if not wish:  # GDN_JAX_BACKEND's xla and interpret steer the writes too
+        backend = os.environ.get(_BACKEND_VAR)
+        wish = backend if backend in ("xla", "interpret") else "auto"
     if wish not in ("auto", "xla", "pallas", "interpret"):
         raise ValueError(f"{ENV_VAR}: expected auto, xla, pallas or interpret, got {wish!r}")
     if wish == "xla" or _block(R) < _MIN_BLOCK:
