@@ -5,6 +5,7 @@ verify.
     python bench/bench_projection.py --out DIR                    # the dispatch's configs
     python bench/bench_projection.py --out DIR --sweep            # + a config sweep per case
     python bench/bench_projection.py --out DIR --rows 1,32 --shapes out_proj,lm_head
+    python bench/bench_projection.py --out DIR --rows 1 --groups   # + one launch per group
 
 Shapes (hidden 2048; GDN H = 16, HV = 32, K = V = 128; attention 16 heads of 256, 2 KV heads;
 MLP 5120; vocab 248320), as [K, N] = [in, out]: in_proj_qkvz 2048 x 12288, in_proj_ba 2048 x 64,
@@ -20,6 +21,12 @@ bandwidth measured in the same run (`gdn_jax.benchmark.copy_bandwidth`). Paths: 
 as the modules made it so far), `xla_cublas` (the same with XLA's Triton GEMM off for this one
 program, `compiler_options`), `kernel` (the dispatch's config), and with --sweep the best of a
 coordinate search over the kernel's config (all of a grid in one profiled program, each config a kernel of its own name: the kernel alone). JSON: DIR/bench_projection.json.
+
+--groups adds the projections of one input that the modules make as a group (`GROUPS`: GDN
+in_proj_qkvz + in_proj_ba, attention q / k / v, MLP gate / up, the 35B MoE's router with its
+shared expert's gate / up), each timed three ways over the group's bytes: XLA's dots, one kernel
+launch per weight (GDN_JAX_PROJECTION_GROUPS=off), and one launch for the group
+(`kernels.project_group`, GDN_JAX_PROJECTION_GROUPS=on). JSON: its "groups" list.
 """
 
 from __future__ import annotations
@@ -51,6 +58,10 @@ SHAPES = {  # name: (K, N), [in, out]
     "mtp_fc": (4096, 2048),
 }
 L2_BYTES = 50 << 20
+GROUPS = {  # name: (K, widths of the weights of one x)
+    "gdn_in": (2048, (12288, 64)), "attn_qkv": (2048, (8192, 512, 512)),
+    "mlp_gate_up": (2048, (5120, 5120)), "moe35b_router_shared": (2048, (256, 512, 512)),
+}
 
 
 def parse_args(argv=None):
@@ -65,6 +76,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep-rows", default="16,64", help="the rows --sweep searches at")
     p.add_argument("--max-seconds", type=float, default=1e9,
                    help="stop sweeping (not measuring) after this many seconds")
+    p.add_argument("--groups", action="store_true",
+                   help="also each group of projections of one x, in one launch and apart")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
     return p.parse_args(argv)
 
@@ -162,6 +175,48 @@ def main(argv=None):
                   f"{best[0]:8.1f} {case['best_config']}", flush=True)
             with open(os.path.join(args.out, "bench_projection.json"), "w") as f:
                 json.dump(result, f, indent=1)
+    if args.groups:
+        result["groups"] = _groups(args, rng, dtype, copy, sms)
+        with open(os.path.join(args.out, "bench_projection.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def _groups(args, rng, dtype, copy, sms):
+    """Each of GROUPS at each --rows: XLA, a launch per weight, one launch (module docstring)."""
+    print(f"\n{'group':22s} {'M':>4s} {'MB':>7s} {'xla us':>8s} {'apart':>8s} {'one':>8s} "
+          f"{'%copy':>6s} config")
+    cases = []
+    for name, (K, widths) in GROUPS.items():
+        nbytes = K * sum(widths) * 2
+        copies = 1 if args.interpret else max(1, min(16, -(-3 * L2_BYTES // nbytes)))
+        groups = [tuple(jnp.asarray(rng.standard_normal((K, n), np.float32) * 0.02, dtype)
+                        for n in widths) for _ in range(copies)]
+        for M in map(int, args.rows.split(",")):
+            if M > kernels.PROJECTION_MAX_M:
+                continue
+            x = jnp.asarray(rng.standard_normal((M, K), np.float32), dtype)
+            apart = [projection.config_for(M, K, n, sm_count=sms) for n in widths]
+            config = projection.config_for(M, K, widths, sm_count=sms)
+
+            def time_of(one_group):
+                fn = jax.jit(lambda x, gs: [one_group(x, ws) for ws in gs])
+                return _kernel_seconds(fn, (x, groups), args.reps) / copies * 1e6
+
+            case = {"group": name, "K": K, "widths": list(widths), "M": M, "copies": copies,
+                    "weight_bytes": nbytes, "config": _cfg(config),
+                    "xla_us": time_of(lambda x, ws: [_xla(x, w) for w in ws]),
+                    "apart_us": time_of(lambda x, ws: [
+                        kernels.project(x, w, config=c, interpret=args.interpret)
+                        for w, c in zip(ws, apart)]),
+                    "one_us": time_of(lambda x, ws: kernels.project_group(
+                        x, ws, config=config, interpret=args.interpret)),
+                    "floor_us": nbytes / copy / 1e3}
+            case["one_pct_copy"] = 100 * case["floor_us"] / case["one_us"]
+            cases.append(case)
+            print(f"{name:22s} {M:4d} {nbytes / 1e6:7.1f} {case['xla_us']:8.1f} "
+                  f"{case['apart_us']:8.1f} {case['one_us']:8.1f} {case['one_pct_copy']:6.1f} "
+                  f"{case['config']}", flush=True)
+    return cases
 
 
 def _cfg(c):

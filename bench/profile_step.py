@@ -10,6 +10,7 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
 A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xla-gemm`
 (GDN_JAX_PROJECTION: the model's projections in XLA, or through the few-row kernel where it runs),
 `scatter=xla|auto` (GDN_JAX_SCATTER: the caches' writes by XLA's scatter or the row kernel),
+`groups=on|off` (GDN_JAX_PROJECTION_GROUPS: a layer's projections of one input in one launch),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
 (set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
 (`compiler_options`; e.g. the command-buffer options). Variants run one after another on the
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-_ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER"}
+_ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
+              "groups": "GDN_JAX_PROJECTION_GROUPS"}
 _PATHS = (*_ENV_PATHS, "moe", "attention")
 
 

@@ -2,7 +2,8 @@
 
     python bench/ptxas_stats.py [--kernel ring|decode|replay|intermediate] [--pool bfloat16]
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
-    python bench/ptxas_stats.py --kernel projection|moe-gate-up|moe-down|attention [--T 4]
+    python bench/ptxas_stats.py --kernel projection|projection-group|moe-gate-up|moe-down|attention
+                                [--T 4]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks)
 
 No GPU needed: the kernel is lowered for CUDA on this machine (an abstract H100, as the lowering
@@ -125,7 +126,7 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int,
     return fn, args, kwargs
 
 
-MODEL_KERNELS = ("projection", "moe-gate-up", "moe-down", "attention")
+MODEL_KERNELS = ("projection", "projection-group", "moe-gate-up", "moe-down", "attention")
 
 
 def model_kernel_call(kernel: str, T: int):
@@ -142,6 +143,11 @@ def model_kernel_call(kernel: str, T: int):
     if kernel == "projection":
         config = projection.config_for(1, 4096, 2048)
         return kernels.project, (S((1, 4096), bf), S((4096, 2048), bf)), {}, config
+    if kernel == "projection-group":  # attention q / k / v of one row, one launch
+        widths = (8192, 512, 512)
+        config = projection.config_for(1, 2048, widths)
+        return (kernels.project_group, (S((1, 2048), bf), tuple(S((2048, n), bf) for n in widths)),
+                {}, config)
     if kernel.startswith("moe"):
         pairs, E = 8 * 8, 256
         K, N = (2048, 512) if kernel == "moe-gate-up" else (512, 2048)

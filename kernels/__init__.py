@@ -15,6 +15,7 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 
     y = project(x, w, config=ProjectionConfig(...))   # x [M <= PROJECTION_MAX_M, K] @ w [K, N]:
                                          # the model's projections at the weight's read bandwidth
+    q, k, v = project_group(x, (w_q, w_k, w_v), config=ProjectionConfig(...))  # one launch
     o = decode_attention(q, k_cache, v_cache, slots, pos, config=AttentionConfig(...))
                                          # attention over each row's used KV length, in place
     h = grouped_matmul(x_rows, w_gate, block_expert, w_up=w_up, config=MoEConfig(...))
@@ -54,7 +55,7 @@ from .decode import decode
 from .decode_mgpu import decode_mgpu
 from .fold import fold
 from .moe import MOE_DTYPES, MoEConfig, grouped_matmul
-from .projection import PROJECTION_MAX_M, ProjectionConfig, project
+from .projection import PROJECTION_MAX_M, ProjectionConfig, project, project_group
 from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
@@ -74,6 +75,6 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "RING_MIN", "AttentionConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig",
            "ProjectionConfig", "ScatterConfig", "TuningConfig", "decode", "decode_attention", "decode_mgpu",
            "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
-           "mosaic_unavailable", "project", "projection_block_m", "projection_misfit",
-           "projection_smem_limit", "scatter_rows", "verify_intermediate", "verify_intermediate_mgpu",
+           "mosaic_unavailable", "project", "project_group", "projection_block_m",
+           "projection_misfit", "projection_smem_limit", "scatter_rows", "verify_intermediate", "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring"]

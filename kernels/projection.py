@@ -10,16 +10,24 @@ when N is small (an out_proj has 2048 columns: 32 blocks of 64); each writes an 
 added in XLA. With one split the kernel writes the result itself.
 
     y = project(x, w, config=ProjectionConfig(block_n=128, block_k=128, splits=4))
+    q, k, v = project_group(x, (w_q, w_k, w_v), config=config)    # one launch, three weights
 
 x: [M, K], w: [K, N] (the [in, out] kernel of `nnx.Linear`), both bf16 or fp16 (the products are
 exact in the fp32 accumulator; an fp32 projection stays with XLA, which can honour its precision).
 Returns [M, N] in x's dtype.
+
+`project_group` takes several weights of one x (a layer's q / k / v, gate / up, in_proj_qkvz /
+in_proj_ba) in one launch: the grid's column blocks run over the weights one after another, each
+program streaming a block of one of them. A small weight then costs no launch of its own (k_proj,
+2 MB, reads at 12% of copy alone on the H200: bench/results/bench_projection-h200-2026-12-01.json)
+and the larger launch amortises the ramp and tail that keep 20-50 MB weights at 50-70% of copy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -85,38 +93,55 @@ def block_m(M: int) -> int:
     return dot_rows(M)
 
 
-def misfit(M: int, K: int, N: int, dtype, config: ProjectionConfig) -> str | None:
-    """Why `project` cannot take these sizes, or None (the dispatcher's question)."""
+def misfit(M: int, K: int, N, dtype, config: ProjectionConfig) -> str | None:
+    """Why `project` (N an int) or `project_group` (N the weights' widths) cannot take these
+    sizes, or None (the dispatcher's question)."""
     if jnp.dtype(dtype) not in PROJECTION_DTYPES:
         return f"dtype {jnp.dtype(dtype)} is not one of {[str(d) for d in PROJECTION_DTYPES]}"
     if not 1 <= M <= PROJECTION_MAX_M:
         return f"M={M} rows is outside 1..{PROJECTION_MAX_M}"
-    return config.misfit(K, N, M)
+    for n in (N,) if isinstance(N, int) else N:
+        why = config.misfit(K, n, M)
+        if why:
+            return why
+    return None
 
 
-def _kernel(x_ref, w_ref, o_ref, *, rows: int, block_m: int, block_n: int, block_k: int,
-            k_split: int):
+def _kernel(x_ref, *refs, rows: int, block_m: int, block_n: int, block_k: int, k_split: int,
+            offsets: tuple[int, ...]):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
-    accumulation; o is fp32 partial sums, or the result where there is one slice).
+    accumulation; o is fp32 partial sums, or the result where there is one slice), for the weight
+    whose columns hold block n: w_i fills o's columns offsets[i]:offsets[i + 1].
 
     x and o hold `rows` real rows (fewer than the tile's block_m, or padded to it in the
     interpreter): the tile's rows past them are masked, read as zeros and never stored."""
+    *w_refs, o_ref = refs
     n, s = pl.program_id(0), pl.program_id(1)
-    cols = pl.ds(n * block_n, block_n)
     tile_rows = pl.ds(0, block_m)
     real = lax.broadcasted_iota(jnp.int32, (block_m, 1), 0) < rows
     # The tile's rows may run past x's (M < block_m): a static slice Pallas lets through (its
     # bounds check passes a start of 0), every row past M masked. The CUDA lowering tests at
     # M = 1 pin this on each jax CI runs.
 
-    def step(i, acc):
-        ks = pl.ds(s * k_split + i * block_k, block_k)
-        x = plgpu.load(x_ref.at[tile_rows, ks], mask=real, other=0)
-        return acc + lax.dot_general(x, w_ref[ks, cols], (((1,), (0,)), ((), ())),
-                                     preferred_element_type=_F32)
+    def block(w_ref, first: int, col: int):  # this program's block of w_ref, o's columns at col
+        local = pl.ds((n - first) * block_n, block_n)
 
-    acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros((block_m, block_n), _F32))
-    plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
+        def step(i, acc):
+            ks = pl.ds(s * k_split + i * block_k, block_k)
+            x = plgpu.load(x_ref.at[tile_rows, ks], mask=real, other=0)
+            return acc + lax.dot_general(x, w_ref[ks, local], (((1,), (0,)), ((), ())),
+                                         preferred_element_type=_F32)
+
+        acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros((block_m, block_n), _F32))
+        cols = pl.ds(col + (n - first) * block_n, block_n)
+        plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
+
+    if len(w_refs) == 1:
+        block(w_refs[0], 0, 0)
+        return
+    for w_ref, (lo, hi) in zip(w_refs, itertools.pairwise(offsets)):  # one static branch each
+        first, last = lo // block_n, hi // block_n
+        pl.when((n >= first) & (n < last))(functools.partial(block, w_ref, first, lo))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
@@ -124,8 +149,25 @@ def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = Projection
             interpret: bool = False, name: str = "gdn_projection") -> jax.Array:
     """x: [M, K] bf16 | fp16, w: [K, N] same dtype -> [M, N] x.dtype (fp32 accumulation).
     name: the kernel's (what a profile shows)."""
-    M, K = _check(x, w, config)
-    N = w.shape[1]
+    return _launch(x, (w,), config, interpret, name)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
+def project_group(x: jax.Array, ws: tuple, *, config: ProjectionConfig = ProjectionConfig(),
+                  interpret: bool = False, name: str = "gdn_projection_group") -> tuple:
+    """x: [M, K] bf16 | fp16, ws: weights [K, N_i] of x's dtype (block_n divides every N_i) ->
+    (x @ w_i [M, N_i] x.dtype for each), in one launch. name: the kernel's."""
+    if not isinstance(ws, (tuple, list)) or not ws:
+        raise ValueError(f"project_group: ws must be a non-empty tuple of [K, N] weights, "
+                         f"got {type(ws).__name__}")
+    return _launch(x, tuple(ws), config, interpret, name)
+
+
+def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) -> tuple:
+    M, K = _check(x, ws, config)
+    widths = [w.shape[1] for w in ws]
+    offsets = tuple(itertools.accumulate([0, *widths]))
+    N = offsets[-1]
     bm = block_m(M)
     # On the GPU the kernel's masked loads and stores read and write the M rows in place. The
     # interpreter slices refs as XLA does (no access past the end), so there x and the output
@@ -136,26 +178,34 @@ def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = Projection
     out_dtype = x.dtype if config.splits == 1 else _F32
     out = _pallas.pallas_call(
         functools.partial(_kernel, rows=M, block_m=bm, block_n=config.block_n,
-                          block_k=config.block_k, k_split=K // config.splits),
+                          block_k=config.block_k, k_split=K // config.splits, offsets=offsets),
         name=name,
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
         grid=(N // config.block_n, config.splits),
         out_shape=jax.ShapeDtypeStruct((config.splits, rows_held, N), out_dtype),
-    )(x, w)
+    )(x, *ws)
     # several slices: fp32 partial sums, added (and cast) by XLA
     out = out[0] if config.splits == 1 else out.sum(0).astype(x.dtype)
-    return out[:M] if rows_held != M else out
+    if rows_held != M:
+        out = out[:M]
+    if len(ws) == 1:
+        return (out,)
+    return tuple(out[:, lo:hi] for lo, hi in itertools.pairwise(offsets))
 
 
-def _check(x, w, config):
-    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-        raise ValueError(f"project: x [M, K] and w [K, N] expected, got x{list(x.shape)} "
-                         f"and w{list(w.shape)}")
-    if x.dtype != w.dtype:
-        raise ValueError(f"project: x and w must share a dtype, got {x.dtype} and {w.dtype}")
+def _check(x, ws: tuple, config):
+    for i, w in enumerate(ws):
+        name = "w" if len(ws) == 1 else f"ws[{i}]"
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+            raise ValueError(f"project: x [M, K] and {name} [K, N] expected, got "
+                             f"x{list(x.shape)} and {name}{list(w.shape)}")
+        if x.dtype != w.dtype:
+            raise ValueError(f"project: x and {name} must share a dtype, got {x.dtype} and "
+                             f"{w.dtype}")
     M, K = x.shape
-    why = misfit(M, K, w.shape[1], x.dtype, config)
+    why = misfit(M, K, tuple(w.shape[1] for w in ws), x.dtype, config)
     if why:
-        raise ValueError(f"project: x{list(x.shape)} @ w{list(w.shape)} {x.dtype}: {why}")
+        shapes = " ".join(f"w{list(w.shape)}" for w in ws)
+        raise ValueError(f"project: x{list(x.shape)} @ {shapes} {x.dtype}: {why}")
     return M, K

@@ -1,6 +1,7 @@
 """The bias-free projection every module uses: `nnx.Linear`'s parameters (kernel [in, out]; HF
 keeps [out, in]: the checkpoint loader transposes) with an explicit matmul precision, computed by
-`gdn_jax.ops.projection.project` (the few-row kernel on a GPU, else XLA's dot)."""
+`gdn_jax.ops.projection.project` (the few-row kernel on a GPU, else XLA's dot); `dense_group`
+for the projections of one input (`gdn_jax.ops.projection.project_group`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from flax import nnx
 from jax import lax
 
 from gdn_jax.modules.sharding import tp_metadata
-from gdn_jax.ops.projection import project
+from gdn_jax.ops.projection import project, project_group
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -39,3 +40,11 @@ def dense(x, kernel, *, dtype, precision):
     dtype = dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
     return project(x, kernel, precision=precision)
+
+
+def dense_group(x, kernels, *, dtype, precision):
+    """`dense` of one x through each kernel [in, out_i] (a tuple), as one call where the few-row
+    kernel may take them in one launch (`gdn_jax.ops.projection.project_group`)."""
+    dtype = dtype or jnp.result_type(x, *kernels)
+    return project_group(x.astype(dtype), tuple(k.astype(dtype) for k in kernels),
+                         precision=precision)

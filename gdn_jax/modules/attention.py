@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gdn_jax.modules._linear import HIGHEST, dense, linear
+from gdn_jax.modules._linear import HIGHEST, dense, dense_group, linear
 from gdn_jax.modules.cache import KVCache, kv_cache_specs, slot_index
 from gdn_jax.modules.norms import RMSNorm, rms_norm
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_size
@@ -139,11 +139,12 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     start = jnp.where(valid, cache.lengths[gather], 0)
     pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
 
-    qg = mm(x, p["q"]).reshape(B, T, nH, 2 * hd)
+    qg, k, v = dense_group(x, (p["q"], p["k"], p["v"]), dtype=dtype, precision=precision)
+    qg = qg.reshape(B, T, nH, 2 * hd)
     q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, nH * hd)
     q = rms_norm(q, p["q_norm"], eps)
-    k = rms_norm(mm(x, p["k"]).reshape(B, T, nKV, hd), p["k_norm"], eps)
-    v = mm(x, p["v"]).reshape(B, T, nKV, hd)
+    k = rms_norm(k.reshape(B, T, nKV, hd), p["k_norm"], eps)
+    v = v.reshape(B, T, nKV, hd)
     cos, sin = rope_cos_sin(pos, rotary_dim, rope_theta)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 

@@ -29,7 +29,7 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from gdn_jax import ops
-from gdn_jax.modules._linear import HIGHEST, dense, linear
+from gdn_jax.modules._linear import HIGHEST, dense, dense_group, linear
 from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_index
 from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
@@ -71,9 +71,8 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     gather, _, scatter = slot_index(slots, cache.num_slots)
     mm = functools.partial(dense, dtype=dtype, precision=precision)
 
-    qkvz = mm(x, p["qkvz"])
+    qkvz, ba = dense_group(x, (p["qkvz"], p["ba"]), dtype=dtype, precision=precision)
     mixed, z = qkvz[..., :channels], qkvz[..., channels:]
-    ba = mm(x, p["ba"])
     b, a = ba[..., :HV], ba[..., HV:]
 
     window = cache.conv[gather, :W - 1]  # [B, W - 1, C], committed inputs

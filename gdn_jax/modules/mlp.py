@@ -27,7 +27,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from gdn_jax.modules._linear import HIGHEST, dense, linear
+from gdn_jax.modules._linear import HIGHEST, dense, dense_group, linear
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
 from gdn_jax.ops import moe as moe_ops
 
@@ -51,12 +51,13 @@ class MLP(nnx.Module):
         """The parameters (nnx Variables) the body takes, by its names."""
         return dict(gate=self.gate_proj.kernel, up=self.up_proj.kernel, down=self.down_proj.kernel)
 
-    def _mm(self):
+    def _proj(self):
+        """dense's keywords for this block's projections."""
         lin = self.down_proj
-        return functools.partial(dense, dtype=lin.dtype, precision=lin.precision)
+        return dict(dtype=lin.dtype, precision=lin.precision)
 
     def __call__(self, x):
-        body = functools.partial(_mlp_body, mm=self._mm())
+        body = functools.partial(_mlp_body, proj=self._proj())
         if self.mesh is not None:
             body = _summed(body)
         return shard_call(self.mesh, body, self._params(), (x,), (P(),), P())
@@ -67,9 +68,15 @@ def _summed(body):
     return lambda p, x: psum(body(p, x))
 
 
-def _mlp_body(p, x, *, mm):
-    """SwiGLU on (a shard of) the intermediate dim; partial sums when sharded."""
-    return mm(jax.nn.silu(mm(x, p["gate"])) * mm(x, p["up"]), p["down"])
+def _mlp_body(p, x, *, proj):
+    """SwiGLU on (a shard of) the intermediate dim; partial sums when sharded. proj: dense's
+    keywords."""
+    gate, up = dense_group(x, (p["gate"], p["up"]), **proj)
+    return _swiglu_down(gate, up, p["down"], proj)
+
+
+def _swiglu_down(gate, up, down, proj):
+    return dense(jax.nn.silu(gate) * up, down, **proj)
 
 
 class SparseMoE(nnx.Module):
@@ -109,8 +116,8 @@ class SparseMoE(nnx.Module):
                  eg=self.experts_gate_proj, eu=self.experts_up_proj, ed=self.experts_down_proj,
                  shared=self.shared_expert._params())
         body = functools.partial(
-            _moe_body, mm=functools.partial(dense, dtype=self.dtype, precision=self.precision),
-            shared_mm=self.shared_expert._mm(), top_k=self.top_k,
+            _moe_body, proj=dict(dtype=self.dtype, precision=self.precision),
+            shared_proj=self.shared_expert._proj(), top_k=self.top_k,
             norm_topk_prob=self.norm_topk_prob, num_experts=self.num_experts, dtype=self.dtype, precision=self.precision,
             expert_path=_check_expert_path(self.expert_path))
         if self.mesh is not None:
@@ -136,11 +143,20 @@ def set_expert_path(model, path: str):
     return model
 
 
-def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype, precision,
+def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dtype, precision,
               expert_path="auto"):
     """SparseMoE on x [N, hidden] with (a shard of) every expert's intermediate dim: the routed
-    and shared outputs are linear in the down projections, so shards return partial sums."""
-    logits = mm(x, p["router"])
+    and shared outputs are linear in the down projections, so shards return partial sums.
+    proj, shared_proj: dense's keywords for the router and shared gate, and for the shared
+    expert (the same unless changed after construction: then all four projections of x are one
+    group)."""
+    s = p["shared"]
+    if shared_proj == proj:
+        logits, shared_logit, s_gate, s_up = dense_group(
+            x, (p["router"], p["shared_gate"], s["gate"], s["up"]), **proj)
+    else:
+        logits, shared_logit = dense_group(x, (p["router"], p["shared_gate"]), **proj)
+        s_gate, s_up = dense_group(x, (s["gate"], s["up"]), **shared_proj)
     probs = jax.nn.softmax(logits.astype(_F32), axis=-1)
     top_w, top_i = lax.top_k(probs, top_k)
     if norm_topk_prob:
@@ -160,7 +176,7 @@ def _moe_body(p, x, *, mm, shared_mm, top_k, norm_topk_prob, num_experts, dtype,
         routed = _routed_ragged
     routed = routed(p, x.astype(dtype), weights, ids, num_experts=num_experts, dtype=dtype,
                     precision=precision)
-    shared = jax.nn.sigmoid(mm(x, p["shared_gate"])) * _mlp_body(p["shared"], x, mm=shared_mm)
+    shared = jax.nn.sigmoid(shared_logit) * _swiglu_down(s_gate, s_up, s["down"], shared_proj)
     return routed + shared
 
 

@@ -2,6 +2,7 @@
 reads the weight at bandwidth when few rows go through it (`gdn_jax.kernels.project`), else XLA.
 
     y = project(x, w, precision=lax.Precision.HIGHEST)   # x: [..., K], w: [K, N] -> [..., N]
+    q, k, v = project_group(x, (w_q, w_k, w_v))          # the projections of one x
 
 A decode or verify step is a chain of such projections over 1 to 128 rows (B x T tokens), where
 XLA's GEMM reads the weight at about a fifth of the copy bandwidth (bench/bench_projection.py).
@@ -13,6 +14,13 @@ prefill-sized M -- it is `lax.dot_general` with the given precision, as before. 
 variable GDN_JAX_PROJECTION (else GDN_JAX_BACKEND, which steers the GDN ops too) set to "xla"
 keeps every projection in XLA; "triton" runs the kernel wherever it fits (up to PROJECTION_MAX_M
 rows: benchmarks), "interpret" the same in the Pallas interpreter (tests).
+
+`project_group` is the modules' call for the projections that share an input (GDN in_proj_qkvz and
+in_proj_ba, attention q / k / v, MLP gate / up, the MoE router with the shared expert's). Each
+weight goes where `project` would send it; with GDN_JAX_PROJECTION_GROUPS=on the weights the
+kernel takes go through it in one launch (`kernels.project_group`). It is off by default until a
+GPU run has measured it in a model step (`bench/profile_step.py --variant g:groups=on`): XLA's
+paths, and so CPU results, are the same either way.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
 from gdn_jax.ops.dispatch import Device, sm_count
 
 ENV_VAR = "GDN_JAX_PROJECTION"
+GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
 
 # The most rows the kernel takes by default. In a whole model step (bench/profile_step.py, H200,
 # 48 layers, bench/results/profile_step-h200-projection-2026-12-01.json) XLA lowers one-row
@@ -72,19 +81,59 @@ def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None =
     return y.reshape(*lead, N)
 
 
-def config_for(M: int, K: int, N: int, *, sm_count: int = 132) -> kernels.ProjectionConfig:
-    """The launch config for M rows of a [K, N] weight on a GPU of sm_count SMs, fit to the H200
-    sweep (bench/results/bench_projection-h200-sweep-2026-12-01.json, the kernel alone): column
+def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = None) -> tuple:
+    """x: [..., K], ws: weights [K, N_i] -> (x @ w_i [..., N_i] for each), as `project` computes
+    each (same arguments). With GDN_JAX_PROJECTION_GROUPS=on, the weights the few-row kernel
+    takes run in one launch of it, the others (a width it cannot tile, say) as `project` runs
+    them; unset or "off", every weight is a `project` of its own."""
+    ws = tuple(ws)
+    if not ws:
+        raise ValueError("project_group: ws must hold at least one [K, N] weight")
+    *lead, K = x.shape
+    for i, w in enumerate(ws):
+        if w.ndim != 2 or w.shape[0] != K:
+            raise ValueError(f"project_group: ws[{i}] [K, N] with K = {K} (x's last axis) "
+                             f"expected, got ws[{i}]{list(w.shape)}")
+    out = [None] * len(ws)
+    M = math.prod(lead)
+    grouped = [i for i, w in enumerate(ws) if _grouping() and backend != "xla-gemm"
+               and _select(M, K, w.shape[1], x.dtype, w.dtype, backend, strict=False)]
+    choice = len(grouped) > 1 and _select(M, K, tuple(ws[i].shape[1] for i in grouped),
+                                          x.dtype, x.dtype, backend, strict=False)
+    if choice:
+        config, interpret = choice
+        ys = kernels.project_group(x.reshape(M, K), tuple(ws[i] for i in grouped),
+                                   config=config, interpret=interpret)
+        for i, y in zip(grouped, ys):
+            out[i] = y.reshape(*lead, y.shape[1])
+    for i, w in enumerate(ws):
+        if out[i] is None:
+            out[i] = project(x, w, precision=precision, backend=backend)
+    return tuple(out)
+
+
+def _grouping() -> bool:
+    wish = os.environ.get(GROUPS_VAR) or "off"
+    if wish not in ("on", "off"):
+        raise ValueError(f"{GROUPS_VAR}: expected on or off, got {wish!r}")
+    return wish == "on"
+
+
+def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionConfig:
+    """The launch config for M rows of a [K, N] weight (N an int; or the widths of a group's
+    weights, one launch) on a GPU of sm_count SMs, fit to the H200 sweep
+    (bench/results/bench_projection-h200-sweep-2026-12-01.json, the kernel alone): column
     blocks of 64, and K cut into as many slices as give about two programs per SM at 16 rows, one
     from 64 rows on (their fp32 partial sums then cost more than the extra programs save), and no
     more than keep the partials small beside the weight. At one row this picks within 6% of the
     sweep's best for the out_proj, in_proj_qkvz, gate_proj and down_proj shapes."""
+    widths = (N,) if isinstance(N, int) else tuple(N)
     bm = kernels.projection_block_m(M)
-    block_n = pow2_tile(N, _BLOCK_N)
+    block_n = min(pow2_tile(n, _BLOCK_N) for n in widths)
     block_k = pow2_tile(K, 128)
     steps = max(1, K // block_k)
     max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
-    want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, N // block_n))
+    want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, sum(widths) // block_n))
     splits = max(d for d in range(1, steps + 1)
                  if steps % d == 0 and d <= max(1, min(want, max_splits)))
     stages = 3 if bm <= 32 else 5
@@ -104,10 +153,11 @@ def pow2_tile(n: int, most: int) -> int:
     return block
 
 
-def _select(M, K, N, x_dtype, w_dtype, backend):
-    """(config, interpret) for the kernel, or None for XLA. An explicit backend is strict (an
-    error where it cannot run); the environment variable only steers: "xla" keeps every
-    projection in XLA, "interpret" runs the kernel in the interpreter where it fits."""
+def _select(M, K, N, x_dtype, w_dtype, backend, *, strict: bool = True):
+    """(config, interpret) for the kernel, or None for XLA (N: the width, or a group's widths).
+    An explicit backend is strict (an error where it cannot run; strict=False: None); the
+    environment variable only steers: "xla" keeps every projection in XLA, "interpret" runs the
+    kernel in the interpreter where it fits."""
     if backend not in (None, "auto", "xla", "triton", "interpret"):
         raise ValueError(f"project: backend expected one of ['auto', 'xla', 'triton', "
                          f"'interpret', 'xla-gemm'], got {backend!r}")
@@ -121,7 +171,7 @@ def _select(M, K, N, x_dtype, w_dtype, backend):
            else kernels.projection_misfit(M, K, N, x_dtype, config))
     if wish != "interpret" and not why and not dev.runs_triton:
         why = f"{dev} is not a CUDA GPU of compute capability >= 8.0"
-    if why and backend in ("triton", "interpret"):
+    if why and strict and backend in ("triton", "interpret"):
         raise ValueError(f"project: backend {backend!r} cannot take x [{M}, {K}] @ "
                          f"w [{K}, {N}]: {why}")
     if not why and wish not in ("triton", "interpret") and M > AUTO_MAX_M:

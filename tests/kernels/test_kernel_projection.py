@@ -48,6 +48,35 @@ def test_project_matches_float64_interpret(M, config, dtype):
     _assert_close(kernels.project(x, w, config=config, interpret=True), x, w, dtype)
 
 
+@pytest.mark.parametrize("M", [1, 5, 33])
+@pytest.mark.parametrize("config", [ProjectionConfig(32, 32, 1, 4, 1), ProjectionConfig(16, 16, 4, 2, 2)],
+                         ids=["one-slice", "split4"])
+def test_project_group_matches_float64_interpret(M, config):
+    """Weights of three widths in one launch: each output against its own float64 product (a
+    column block given to the wrong weight, or not written, is far outside the bound)."""
+    K, dtype = 128, jnp.bfloat16
+    x, _ = _case(M, M, K, 16, dtype)
+    ws = tuple(_case(M + n, 1, K, n, dtype)[1] for n in (96, 32, 64))
+    ys = kernels.project_group(x, ws, config=config, interpret=True)
+    assert len(ys) == len(ws)
+    for y, w in zip(ys, ws):
+        _assert_close(y, x, w, dtype)
+
+
+@pytest.mark.parametrize("ws_shapes, dtypes, match", [
+    (((64, 32), (32, 32)), (jnp.bfloat16, jnp.bfloat16), r"x \[M, K\] and ws\[1\] \[K, N\]"),
+    (((64, 32), (64, 32)), (jnp.bfloat16, jnp.float16), r"x and ws\[1\] must share a dtype"),
+    (((64, 32), (64, 48)), (jnp.bfloat16, jnp.bfloat16), r"block_n=32 does not divide N=48"),
+])
+def test_project_group_rejects_bad_input(ws_shapes, dtypes, match):
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    ws = tuple(jnp.ones(shape, dt) for shape, dt in zip(ws_shapes, dtypes))
+    with pytest.raises(ValueError, match=match):
+        kernels.project_group(x, ws, config=ProjectionConfig(32, 32), interpret=True)
+    with pytest.raises(ValueError, match="non-empty tuple"):
+        kernels.project_group(x, (), config=ProjectionConfig(32, 32), interpret=True)
+
+
 @pytest.mark.parametrize("x_shape, w_shape, dtype, config, match", [
     ((4, 64), (32, 64), jnp.bfloat16, ProjectionConfig(32, 32), r"x \[M, K\] and w \[K, N\]"),
     ((4, 64), (64, 64), jnp.float32, ProjectionConfig(32, 32), r"dtype float32"),
@@ -86,6 +115,16 @@ def test_project_lowers_for_cuda(kind, M, config, cuda_lowering):
     assert TRITON_CALL in text
 
 
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+def test_project_group_lowers_for_cuda(kind, cuda_lowering):
+    x = jax.ShapeDtypeStruct((1, 2048), jnp.bfloat16)
+    ws = tuple(jax.ShapeDtypeStruct((2048, n), jnp.bfloat16) for n in (8192, 512, 512))
+    with cuda_lowering(kind):
+        text = kernels.project_group.trace(x, ws, config=ProjectionConfig(64, 128, 2, 4, 3)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count(TRITON_CALL) == 1  # one launch for the three weights
+
+
 # The model's shapes (bench/bench_projection.py), at the dispatch's configs, on the GPU.
 GPU_SHAPES = [(2048, 12288), (2048, 64), (4096, 2048), (2048, 512), (5120, 2048), (2048, 151936)]
 
@@ -98,3 +137,21 @@ def test_project_matches_float64_gpu(M, K, N, on_gpu):
     config = config_for(M, K, N, sm_count=on_gpu.core_count)
     x, w = _case(K + N + M, M, K, N, jnp.bfloat16)
     _assert_close(kernels.project(x, w, config=config), x, w, jnp.bfloat16)
+
+
+# The model's groups of one input: GDN in_proj_qkvz + in_proj_ba, attention q / k / v, MLP gate /
+# up, the 35B MoE's router with its shared expert's gate / up.
+GPU_GROUPS = [(2048, (12288, 64)), (2048, (8192, 512, 512)), (2048, (5120, 5120)),
+              (2048, (256, 512, 512))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 4, 32])
+@pytest.mark.parametrize("K, widths", GPU_GROUPS, ids=["gdn_in", "attn_qkv", "mlp", "moe"])
+def test_project_group_matches_float64_gpu(M, K, widths, on_gpu):
+    from gdn_jax.ops.projection import config_for
+    config = config_for(M, K, widths, sm_count=on_gpu.core_count)
+    x, _ = _case(K + M, M, K, 16, jnp.bfloat16)
+    ws = tuple(_case(K + n + i, 1, K, n, jnp.bfloat16)[1] for i, n in enumerate(widths))
+    for y, w in zip(kernels.project_group(x, ws, config=config), ws):
+        _assert_close(y, x, w, jnp.bfloat16)

@@ -21,6 +21,7 @@ BF16_EPS = 2.0 ** -8
 @pytest.fixture(autouse=True)
 def _no_env(monkeypatch):
     monkeypatch.delenv(projection.ENV_VAR, raising=False)
+    monkeypatch.delenv(projection.GROUPS_VAR, raising=False)
     monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
 
 
@@ -127,3 +128,82 @@ def test_config_for_picks_the_sweeps_splits(M, K, N, splits):
     sweep-2026-12-01.json) for the model's out_proj, in_proj_qkvz, gate_proj, down_proj."""
     config = projection.config_for(M, K, N, sm_count=132)
     assert (config.block_n, config.splits) == (64, splits)
+
+
+def _spy(monkeypatch, name):
+    calls = []
+    real = getattr(kernels, name)
+    monkeypatch.setattr(kernels, name, lambda *a, **k: calls.append((a, k)) or real(*a, **k))
+    return calls
+
+
+def _group_case(lead=(1,), widths=(96, 32, 1, 64), K=128):
+    """One x and weights of several widths; the width 1 (a shared-expert gate) no kernel takes."""
+    rng = np.random.default_rng(sum(widths))
+    x = jnp.asarray(rng.standard_normal((*lead, K)), jnp.bfloat16)
+    return x, tuple(jnp.asarray(rng.standard_normal((K, n)) * K ** -0.5, jnp.bfloat16)
+                    for n in widths)
+
+
+@pytest.mark.parametrize("groups", [None, "off", "on"])
+def test_group_launches_once_when_on(monkeypatch, groups):
+    """GDN_JAX_PROJECTION_GROUPS=on: the weights the kernel takes in one launch, the others as
+    `project` runs them; off (the default): one `project` each, the same numbers as before."""
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    if groups:
+        monkeypatch.setenv(projection.GROUPS_VAR, groups)
+    group_calls, single_calls = _spy(monkeypatch, "project_group"), _spy(monkeypatch, "project")
+    x, ws = _group_case()
+    ys = projection.project_group(x, ws)
+    if groups == "on":
+        assert len(group_calls) == 1 and len(group_calls[0][0][1]) == 3
+        assert not single_calls  # the width-1 weight misfits the kernel: XLA's dot
+    else:
+        assert not group_calls and len(single_calls) == 3
+        for y, w in zip(ys, ws):
+            np.testing.assert_array_equal(y, projection.project(x, w))
+    for y, w in zip(ys, ws):
+        ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+        assert y.shape == (1, w.shape[1]) and y.dtype == jnp.bfloat16
+        err = np.abs(np.asarray(y, np.float64) - ref)
+        assert np.all(err <= BF16_EPS * np.abs(ref) + 1e-3), err.max()
+
+
+def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
+    """On a GPU (faked): one row runs the group's fitting weights in one launch; more rows stay
+    with XLA (AUTO_MAX_M), as `project` does."""
+    monkeypatch.setenv(projection.GROUPS_VAR, "on")
+    calls = []
+    monkeypatch.setattr(kernels, "project_group",
+                        lambda x, ws, **k: calls.append((x.shape, [w.shape for w in ws], k))
+                        or tuple(jnp.zeros((x.shape[0], w.shape[1]), x.dtype) for w in ws))
+    monkeypatch.setattr(kernels, "project", lambda x, w, **k: pytest.fail("a single launch"))
+    x, ws = _group_case(widths=(96, 32, 64))
+    projection.project_group(x, ws)
+    assert len(calls) == 1 and calls[0][1] == [(128, 96), (128, 32), (128, 64)]
+    config = calls[0][2]["config"]
+    assert not calls[0][2]["interpret"]
+    assert not kernels.projection_misfit(1, 128, (96, 32, 64), jnp.bfloat16, config)
+    calls.clear()
+    x2, _ = _group_case(lead=(projection.AUTO_MAX_M + 1,))
+    projection.project_group(x2, ws)
+    assert not calls
+
+
+def test_group_arguments_are_checked(monkeypatch):
+    x, ws = _group_case(widths=(32, 64))
+    with pytest.raises(ValueError, match=r"ws\[1\] \[K, N\] with K = 128"):
+        projection.project_group(x, (ws[0], ws[1].T))
+    with pytest.raises(ValueError, match="at least one"):
+        projection.project_group(x, ())
+    monkeypatch.setenv(projection.GROUPS_VAR, "yes")
+    with pytest.raises(ValueError, match="GDN_JAX_PROJECTION_GROUPS: expected on or off"):
+        projection.project_group(x, ws)
+
+
+def test_config_for_a_group_tiles_every_width():
+    config = projection.config_for(1, 2048, (12288, 64))
+    assert config.block_n == 64
+    assert kernels.projection_misfit(1, 2048, (12288, 64), jnp.bfloat16, config) is None
+    # the splits count the group's column blocks: fewer than either weight alone would want
+    assert config.splits <= projection.config_for(1, 2048, 12288).splits

@@ -1,0 +1,98 @@
+"""The modules' projections of one input as a group (`modules._linear.dense_group`): with
+GDN_JAX_PROJECTION_GROUPS=on each layer's projections of x run in one launch of the few-row
+kernel (here in the Pallas interpreter, one row: a decode at B = 1), and the layer's output is
+the one it gives with a launch per weight.
+
+The two differ only in the kernel's split of K (the group's config counts all its column blocks),
+so in the fp32 order of summation before each projection rounds to bf16: outputs agree within
+2**-6 of their scale (a few bf16 ulps through a layer). A column block routed to the wrong weight
+moves them by O(1).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gdn_jax import kernels
+from gdn_jax.modules import MLP, Attention, GatedDeltaNet, SparseMoE
+from gdn_jax.ops import projection
+
+BF16 = jnp.bfloat16
+HIDDEN = 64
+
+
+def _randomize(module, seed=0):
+    state = nnx.state(module, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    rng = np.random.default_rng(seed)
+    leaves = [jnp.asarray(rng.standard_normal(x.shape) * 0.3, x.dtype) for x in leaves]
+    nnx.update(module, jax.tree.unflatten(treedef, leaves))
+    return module
+
+
+def _mlp():
+    return MLP(HIDDEN, 96, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(0)), lambda m, x: m(x)
+
+
+def _moe():
+    moe = SparseMoE(HIDDEN, 16, 2, 32, 32, expert_path="gather", dtype=BF16, param_dtype=BF16,
+                    rngs=nnx.Rngs(0))
+    return moe, lambda m, x: m(x)
+
+
+def _attention():
+    attn = Attention(HIDDEN, 4, 2, 32, rotary_dim=16, rope_theta=1000.0, dtype=BF16,
+                     param_dtype=BF16, impl="xla", rngs=nnx.Rngs(0))
+
+    def run(m, x):
+        cache = m.init_cache(2, 8)
+        y, _ = m(x[:, None], cache, jnp.asarray([1], jnp.int32))
+        return y
+
+    return attn, run
+
+
+def _gdn():
+    gdn = GatedDeltaNet(HIDDEN, 2, 8, 16, 16, 4, dtype=BF16, param_dtype=BF16,  # ba: 16 wide
+                        rngs=nnx.Rngs(0))
+
+    def run(m, x):
+        cache = m.init_cache(2, t_max=4, state_dtype=jnp.float32)
+        y, _ = m(x[:, None], cache, jnp.asarray([0], jnp.int32), mode="decode")
+        return y
+
+    return gdn, run
+
+
+# layer, and the launches grouping saves: (the kernel's weights of x) - 1 (the MoE's shared-expert
+# gate, one column, is no kernel's)
+LAYERS = {"mlp": (_mlp, 1), "moe": (_moe, 2), "attention": (_attention, 2), "gdn": (_gdn, 1)}
+
+
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_groups_keep_the_layer_output(name, monkeypatch):
+    build, saved = LAYERS[name]
+    layer, run = build()
+    _randomize(layer)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((1, HIDDEN)), BF16)
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    launches = {}
+    for groups in ("off", "on"):
+        monkeypatch.setenv(projection.GROUPS_VAR, groups)
+        count = []
+        for fn in ("project", "project_group"):
+            real = getattr(kernels, fn)
+            monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _count=count, **k:
+                                _count.append(1) or _real(*a, **k))
+        y = np.asarray(run(layer, x), np.float64)
+        launches[groups] = (len(count), y)
+        monkeypatch.undo()
+        monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    (n_off, y_off), (n_on, y_on) = launches["off"], launches["on"]
+    assert n_off - n_on == saved
+    assert np.all(np.isfinite(y_on))
+    np.testing.assert_allclose(y_on, y_off, rtol=0, atol=2 ** -6 * np.abs(y_off).max())
