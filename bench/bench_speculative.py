@@ -340,6 +340,14 @@ def chains(graphdef, d: int, vocab: int, buf_tokens: int, accept_length: float |
     return {"decode": decode, "verify": verify, "round": round_}
 
 
+def _memory(dev) -> dict:
+    """The device's bytes in use and their peak so far (GiB), where its allocator says: what a
+    run that runs out of memory needs to be read against."""
+    stats = dev.memory_stats() or {}
+    return {f"{key}_gib": round(stats[key] / 2 ** 30, 2)
+            for key in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if key in stats}
+
+
 def time_program(fn, params, cache, tok, n: int, reps: int, context: int):
     """Per-call seconds of program fn (`gdn_jax.benchmark.time_chain`, by difference; every run
     from `context` tokens): (timing, cache, what else the last run returned)."""
@@ -452,7 +460,7 @@ def main(argv=None):
                 per, naive, comp = timing.per_call_s, timing.whole_s, timing.first_s
                 row[name] = {"per_call_ms": per * 1e3, "naive_ms": naive * 1e3,
                              "compile_s": round(comp, 2), "method": timing.method,
-                             "note": timing.note}
+                             "note": timing.note, **_memory(dev)}
                 note = f" [{timing.note}]" if timing.note else ""
                 print(f"  TP={tp} B={B:<3} {name:<15} {per * 1e3:9.3f} ms/call  (naive "
                       f"{naive * 1e3:.3f}, compile+first {comp:.1f} s){note}", flush=True)
