@@ -24,8 +24,7 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
   mosaic replay3+T, mosaic intermediate T
                     the same through kernels/verify_mgpu.py, with dispatch's Mosaic tuning
   ring T, ring-decode  (--ring) ring mode through the jitted op (gdn_jax.ops.verify / decode on a
-                    ring-mode state, the ring kernel plus its XLA appends; verify in both forms of
-                    the kernel, "fused" and "split"), ring W = 16 (T <= 8)
+                    ring-mode state, the ring kernel plus its XLA appends), ring W = 16 (T <= 8)
                     or 32 (T = 16): verify in three phases: fold 20% (committed counts uniform
                     over 0..W - T, a fifth of the rows past it, folding), fold 0% and fold 100%;
                     decode in its steady state (counts uniform over 1..W: one row in W folds)
@@ -91,11 +90,9 @@ def cases(args):
                 out.append(dict(impl="gdn", op="ring-decode", B=B, T=1, dtype=dtype,
                                 ring=16, fold_share=1 / 16))
                 for T in args.tokens:
-                    for form in ("fused", "split"):
-                        for share in RING_FOLD_SHARES:
-                            out.append(dict(impl="gdn", op="ring", B=B, T=T, dtype=dtype,
-                                            ring=32 if T > 8 else 16, fold_share=share,
-                                            form=form))
+                    for share in RING_FOLD_SHARES:
+                        out.append(dict(impl="gdn", op="ring", B=B, T=T, dtype=dtype,
+                                        ring=32 if T > 8 else 16, fold_share=share))
             for impl in ("fla",) * args.fla + ("fla-jax",) * args.fla_jax:
                 for T in (1,) + tuple(args.tokens):
                     out.append(dict(impl=impl, op="fla", B=B, T=T, dtype=dtype))
@@ -114,13 +111,10 @@ def cases(args):
 
 
 def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32")):
-    """Tuning sweep of the ring kernel, both forms (fused: the whole algebra in the kernel;
-    split: the state-free algebra in XLA ahead of it): block_v x num_warps, verify T = 4 at
-    fold 20%."""
+    """Tuning sweep of the ring kernel: block_v x num_warps, verify T = 4 at fold 20%."""
     return [dict(impl="gdn", op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2,
-                 block_v=bv, num_warps=w, num_stages=1, form=form)
-            for dtype in dtypes for B in batches for form in ("fused", "split")
-            for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
+                 block_v=bv, num_warps=w, num_stages=1)
+            for dtype in dtypes for B in batches for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
 
 
 def sweep_cases():
@@ -293,18 +287,15 @@ def _ring_case(c, args, mark, rng, mk, toks):
     st = ops.GDNState.create(B, H, HV, K, V, max(T, 4), dtype=dtype, input_dtype=jnp.bfloat16,
                              commit_mode="ring", ring_size=W)
     st = st.replace(pool=(0.3 * jax.random.normal(jax.random.key(1), st.pool.shape)).astype(dtype),
-                    cand_k=mk(B, W, H, K), cand_v=mk(B, W, HV, V),
+                    cand_k=mk(B, W, H, K), cand_v=mk(B, W, HV, V).astype(jnp.float32),
                     cand_g=jnp.full((B, W, HV), -0.05, jnp.float32),
                     cand_beta=jnp.full((B, W, HV), 0.5, jnp.float32))
     counts = ring_counts(rng, B, W, 1 if decode else st.t_max, c["fold_share"])
     c["mean_fill"] = float(counts.mean())
     count = jnp.asarray(counts)
     slots = jnp.arange(B, dtype=jnp.int32)[jnp.asarray(rng.permutation(B))]
-    if "block_v" in c or c.get("form") == "split":
-        cfg = (c["block_v"], c["num_warps"]) if "block_v" in c else (
-            lambda t: (t.block_v, t.num_warps))(dispatch.tuning("verify", state_dtype=dtype, B=B,
-                                                                V=V, mode="ring"))
-        c.update(block_v=cfg[0], num_warps=cfg[1])
+    if "block_v" in c:
+        cfg = (c["block_v"], c["num_warps"])
         choice = dispatch.Choice("triton", kernels.TuningConfig(*cfg))
         backend = None
     else:
@@ -318,7 +309,7 @@ def _ring_case(c, args, mark, rng, mk, toks):
         if choice is not None:  # a swept config: the op's kernel path with that config
             from gdn_jax.ops import _pallas
             o, st = _pallas.ring(*toks, st, slots, reserve=1 if decode else st.t_max,
-                                 choice=choice, split=c.get("form") == "split")
+                                 choice=choice)
         elif decode:
             o, st = ops.decode(*toks, st, slots, backend=backend)
         else:
@@ -422,7 +413,7 @@ def worker(args):
                         cand_beta=jnp.full((B, 8, HV), 0.5, jnp.float32),
                         count=jnp.full((B,), PENDING if c["op"] == "replay" else 0, jnp.int32))
         slots = jnp.asarray(rng.permutation(B), jnp.int32)
-        keys = ("block_v", "tiles_per_cta", "stages", "num_warps", "num_stages", "form")
+        keys = ("block_v", "tiles_per_cta", "stages", "num_warps", "num_stages")
         cfg = {key: c[key] for key in keys if key in c}
         if not cfg:
             cfg = dataclasses.asdict(dispatch.tuning(
@@ -431,7 +422,7 @@ def worker(args):
                 mode=None if c["op"] == "decode" else c["op"]))
         c.update(cfg)
         config = (kernels.MosaicConfig if c["impl"] == "mosaic" else kernels.TuningConfig)(
-            **{key: val for key, val in cfg.items() if key != "form"})
+            **cfg)
         kernel = {"decode": kernels.decode, "replay": kernels.verify_replay,
                   "intermediate": kernels.verify_intermediate}[c["op"]]
         if c["impl"] == "mosaic":

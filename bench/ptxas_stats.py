@@ -100,8 +100,7 @@ def compile_stats(ir: bytes, num_warps: int, arch: int = 90, num_stages: int = 1
     return out
 
 
-def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int,
-                split: bool = False):
+def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
     """(fn, args, kwargs) of one kernel at the benchmark's shapes (H = 16, HV = 32, K = V = 128)."""
     import jax
     import jax.numpy as jnp
@@ -116,13 +115,14 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int,
     S, bf, f32 = jax.ShapeDtypeStruct, jnp.bfloat16, jnp.float32
     args = (S((B, T, H, K), bf), S((B, T, H, K), bf), S((B, T, HV, V), bf), S((B, T, HV), bf),
             S((B, T, HV), bf), S((HV,), f32), S((HV,), f32), S((N, HV, V, K), jnp.dtype(pool)),
-            S((N, W, H, K), bf), S((N, W, HV, V), bf), S((N, W, HV), f32), S((N, W, HV), f32),
+            S((N, W, H, K), bf), S((N, W, HV, V), f32 if kernel == "ring" else bf),
+            S((N, W, HV), f32), S((N, W, HV), f32),
             S((N,), jnp.int32), S((B,), jnp.int32))
     fn = {"ring": kernels.verify_ring, "decode": kernels.decode,
           "replay": kernels.verify_replay, "intermediate": kernels.verify_intermediate}[kernel]
     kwargs = dict(config=kernels.TuningConfig(block_v, num_warps))
     if kernel == "ring":
-        kwargs.update(reserve=T, split=split)
+        kwargs.update(reserve=T)
     return fn, args, kwargs
 
 
@@ -174,7 +174,6 @@ def main(argv=None):
     p.add_argument("--block-v", type=int, default=128)
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--arch", type=int, default=90, help="SM version for ptxas (90: Hopper)")
-    p.add_argument("--split", action="store_true", help="the ring kernel's split form")
     args = p.parse_args(argv)
     if args.kernel in MODEL_KERNELS:
         fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T)
@@ -183,7 +182,7 @@ def main(argv=None):
             print(f"{args.kernel} {config}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
         return
     fn, call_args, kwargs = kernel_call(args.kernel, args.pool, args.T, args.block_v,
-                                        args.num_warps, args.split)
+                                        args.num_warps)
     T = call_args[0].shape[1]
     for ir in triton_ir(fn, call_args, **kwargs):
         stats = compile_stats(ir, args.num_warps, args.arch)

@@ -24,8 +24,9 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     table = scatter_rows(table, index, rows, config=ScatterConfig(...))
                                          # table[index[i]] = rows[i] in place (cache bookkeeping)
 
-    o, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring mode:
-                                         # pool written only where the committed ring folds
+    o, u, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring mode
+                                         # (cand_v: the ring's corrected values u, fp32): pool
+                                         # written only where the committed ring folds
 
     o, pool = decode_mgpu(...same arguments as decode..., config=MosaicConfig(...))  # SM90+
     o, pool = verify_replay_mgpu(...same arguments as verify_replay...)

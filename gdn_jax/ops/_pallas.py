@@ -61,19 +61,17 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, choice, interpr
     return o, store_candidates(state, scatter, k, v, g, beta), None
 
 
-@functools.partial(jax.jit, static_argnames=("reserve", "choice", "interpret", "split"))
-def ring(q, k, v, a, b, A_log, dt_bias, state, slots, *, reserve, choice, interpret=False,
-         split=False):
-    """Ring mode: decode (reserve 1) and verify (reserve T_max), one kernel (`kernels.ring`;
-    split: its split form, for the benchmarks until measured)."""
-    o, pool = kernels.verify_ring(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state),
-                                  slots, reserve=reserve, config=choice.config,
-                                  interpret=interpret or choice.backend == "interpret",
-                                  split=split)
+@functools.partial(jax.jit, static_argnames=("reserve", "choice", "interpret"))
+def ring(q, k, v, a, b, A_log, dt_bias, state, slots, *, reserve, choice, interpret=False):
+    """Ring mode: decode (reserve 1) and verify (reserve T_max), one kernel (`kernels.ring`)."""
+    o, u, pool = kernels.verify_ring(q, k, v, a, b, A_log, dt_bias, state.pool,
+                                     *_pending(state), slots, reserve=reserve,
+                                     config=choice.config,
+                                     interpret=interpret or choice.backend == "interpret")
     gather, valid, scatter = slot_index(slots, state.num_slots)
     _, start = ring_start(state, gather, valid, reserve)
     g, beta = reference.gating(a, b, A_log, dt_bias)
-    state = store_ring(state.replace(pool=pool), scatter, start, k, v, g, beta, reserve)
+    state = store_ring(state.replace(pool=pool), scatter, start, k, u, g, beta, reserve)
     return o, set_ring_count(state, scatter, start, reserve == 1)
 
 

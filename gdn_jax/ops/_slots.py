@@ -65,18 +65,19 @@ def ring_start(state: GDNState, gather, valid, reserve: int):
     return fold, jnp.where(fold, 0, count)
 
 
-def store_ring(state: GDNState, scatter, start, k, v, g, beta, reserve: int) -> GDNState:
+def store_ring(state: GDNState, scatter, start, k, u, g, beta, reserve: int) -> GDNState:
     """Append a call's T tokens to each row's ring at [start, start + T); entries T..reserve - 1
-    past them get g = beta = 0 (an exact identity step: a commit past T folds nothing stale).
+    past them get g = beta = 0 and u = 0 (an exact identity step: a commit past T folds nothing
+    stale).
 
-    k: [B, T, H, K]; v: [B, T, HV, V] (stored in the state's input dtype); g, beta: [B, T, HV]
-    fp32; start: [B] int32 with start + reserve <= W (`ring_start`)."""
+    k: [B, T, H, K]; u: [B, T, HV, V] fp32, the corrected values; g, beta: [B, T, HV] fp32;
+    start: [B] int32 with start + reserve <= W (`ring_start`)."""
     T = k.shape[1]
     pad = max(reserve, T) - T
     padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     pos = start[:, None] + jnp.arange(T + pad, dtype=jnp.int32)[None, :]  # [B, T + pad]
     put = lambda buf, x: write_positions(buf, scatter, x, pos)
-    return state.replace(cand_k=put(state.cand_k, padded(k)), cand_v=put(state.cand_v, padded(v)),
+    return state.replace(cand_k=put(state.cand_k, padded(k)), cand_v=put(state.cand_v, padded(u)),
                          cand_g=put(state.cand_g, padded(g)),
                          cand_beta=put(state.cand_beta, padded(beta)))
 

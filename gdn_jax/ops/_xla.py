@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from gdn_jax.ops import reference
 from gdn_jax.ops._slots import (clear_count, ring_start, set_ring_count, slot_index,
@@ -21,12 +22,23 @@ _F32 = jnp.float32
 
 
 def _folded_state(state: GDNState, gather):
-    """The fp32 state of each row's slot with its pending (accepted, unfolded) candidates applied."""
+    """The fp32 state of each row's slot with its pending (accepted, unfolded) candidates applied
+    (ring mode: the committed ring tokens, through their corrected values u)."""
     S = state.pool[gather].astype(_F32)  # [B, HV, V, K]
     pending = jnp.arange(state.ring_size)[None, :] < state.count[gather][:, None]  # [B, W]
     g = jnp.where(pending[..., None], state.cand_g[gather], 0.0)
-    beta = jnp.where(pending[..., None], state.cand_beta[gather], 0.0)
     k = reference.prepare_k(state.cand_k[gather], state.pool.shape[1])
+    if state.commit_mode == "ring":
+        # S_W = exp(G_W) S + sum_j exp(G_W - G_j) u_j k_j^T, token by token in that order
+        u = jnp.where(pending[..., None, None], state.cand_v[gather], 0.0)
+
+        def step(S, x):
+            k_t, u_t, g_t = x
+            return S * jnp.exp(g_t)[..., None, None] + u_t[..., :, None] * k_t[..., None, :], None
+
+        time_major = lambda x: jnp.moveaxis(x, 1, 0)  # noqa: E731
+        return lax.scan(step, S, (time_major(k), time_major(u), time_major(g)))[0]
+    beta = jnp.where(pending[..., None], state.cand_beta[gather], 0.0)
     _, S, _ = reference.recurrence(None, k, state.cand_v[gather], g, beta, S)
     return S
 
@@ -64,11 +76,12 @@ def ring(q, k, v, a, b, A_log, dt_bias, state, slots, reserve):
     g, beta = reference.gating(a, b, A_log, dt_bias)
     S0 = _folded_state(state, gather)
     qp, kp = reference.prepare_qk(q, k, v.shape[2])
-    o, _, _ = reference.recurrence(qp, kp, v, g, beta, S0)
+    o, _, u = reference.recurrence(qp, kp, v, g, beta, S0, return_deltas=True)
     fold, start = ring_start(state, gather, valid, reserve)
     pool = state.pool.at[jnp.where(fold, scatter, state.num_slots)].set(
         S0.astype(state.pool.dtype), mode="drop")
-    state = store_ring(state.replace(pool=pool), scatter, start, k, v, g, beta, reserve)
+    u = zero_padding_rows(valid, u)
+    state = store_ring(state.replace(pool=pool), scatter, start, k, u, g, beta, reserve)
     return zero_padding_rows(valid, o.astype(q.dtype)), set_ring_count(state, scatter, start,
                                                                        reserve == 1)
 

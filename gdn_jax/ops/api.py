@@ -163,6 +163,8 @@ def flush(state: GDNState, slots, *, backend: str | None = None):
     choice = dispatch.select("flush", K=state.pool.shape[3], V=state.pool.shape[2],
                              B=slots.shape[0], backend=backend, dtypes=kernels.Dtypes(
                                  state.dtype, state.input_dtype, state.input_dtype))
+    if state.commit_mode == "ring":  # a product of the ring's u (the fold kernel replays raw v)
+        return _xla.flush(state, slots)
     return _run("flush", choice, state, slots)
 
 

@@ -54,13 +54,15 @@ def prepare_qk(q, k, num_v_heads: int):
     return prepare_k(q, num_v_heads) * (q.shape[-1] ** -0.5), prepare_k(k, num_v_heads)
 
 
-def recurrence(q, k, v, g, beta, state, *, return_states: bool = False):
+def recurrence(q, k, v, g, beta, state, *, return_states: bool = False,
+               return_deltas: bool = False):
     """Token-by-token recurrence on prepared inputs (the oracle form).
 
     q: [B, T, HV, K] fp32 prepared, or None (state only); k: [B, T, HV, K] fp32 prepared;
     v: [B, T, HV, V]; g, beta: [B, T, HV] fp32; state: [B, HV, V, K] fp32.
-    Returns (o [B, T, HV, V] fp32 or None, final state [B, HV, V, K] fp32,
-    states [B, T, HV, V, K] fp32 after each token if return_states else None).
+    Returns (o [B, T, HV, V] fp32 or None, final state [B, HV, V, K] fp32, and third:
+    the states [B, T, HV, V, K] fp32 after each token if return_states, else each token's
+    corrected value u = beta (v - exp(g) S k) [B, T, HV, V] fp32 if return_deltas, else None).
     """
     v = v.astype(_F32)
 
@@ -71,7 +73,7 @@ def recurrence(q, k, v, g, beta, state, *, return_states: bool = False):
         delta = (v_t - kv) * b_t[..., None]
         S = S + delta[..., :, None] * k_t[..., None, :]
         o_t = None if q_t is None else jnp.einsum("bhvk,bhk->bhv", S, q_t, precision=_HI)
-        return S, (o_t, S if return_states else None)
+        return S, (o_t, S if return_states else delta if return_deltas else None)
 
     time_major = lambda x: None if x is None else jnp.moveaxis(x, 1, 0)
     xs = tuple(map(time_major, (q, k, v, g, beta)))

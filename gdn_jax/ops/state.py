@@ -9,11 +9,13 @@ The state records how a verify's accepted tokens reach the pool (`commit_mode`, 
   of them were accepted but not yet folded into the pool (`count`). The next op that touches the
   slot folds them in first, so the pool is read and written once per round whatever the number
   of verified tokens.
-- "ring": the candidate buffers are a per-slot ring of `ring_size` (W) raw tokens. Its first
-  `count` entries are committed tokens not yet folded; a verify reads the pool and those entries
-  (the pool is not written) and places its T tokens after them as candidates; `commit` keeps n of
-  them (count += n). A call whose T tokens would not fit after the committed ones folds those into
-  the pool first (one pool write every few rounds). Decode is a verify of one token that commits it.
+- "ring": the candidate buffers are a per-slot ring of `ring_size` (W) tokens, each kept as its
+  raw key, its log decay and its corrected value u (fp32, in `cand_v`: what the token adds to the
+  state, u = beta (v - exp(g) S k), which stays valid until the fold). Its first `count` entries
+  are committed tokens not yet folded; a verify reads the pool and those entries (the pool is not
+  written) and places its T tokens after them as candidates; `commit` keeps n of them
+  (count += n). A call whose T tokens would not fit after the committed ones folds those into the
+  pool first (one pool write every few rounds). Decode is a verify of one token that commits it.
 - "intermediate": a verify writes the state after every token to a caller's buffer and `commit`
   copies the accepted one into the pool (the candidate buffers are unused).
 """
@@ -39,7 +41,7 @@ class GDNState:
     pool:      [num_slots, HV, V, K] bf16 | fp32, the committed (folded) state
     cand_k:    [num_slots, W, H, K] input dtype, raw k of the candidates (replay: the last
                verify's, W = T_max) or of the ring (ring: W = ring_size)
-    cand_v:    [num_slots, W, HV, V] input dtype
+    cand_v:    [num_slots, W, HV, V] input dtype (ring: fp32, the tokens' corrected values u)
     cand_g:    [num_slots, W, HV] fp32 log decay (gating applied)
     cand_beta: [num_slots, W, HV] fp32
     count:     [num_slots] int32, accepted tokens not yet folded into pool (0..W)
@@ -110,7 +112,7 @@ class GDNState:
         return cls(
             pool=jnp.zeros((S, HV, V, K), dtype),
             cand_k=jnp.zeros((S, T, H, K), input_dtype),
-            cand_v=jnp.zeros((S, T, HV, V), input_dtype),
+            cand_v=jnp.zeros((S, T, HV, V), jnp.float32 if commit_mode == "ring" else input_dtype),
             cand_g=jnp.zeros((S, T, HV), jnp.float32),
             cand_beta=jnp.zeros((S, T, HV), jnp.float32),
             count=jnp.zeros((S,), jnp.int32),

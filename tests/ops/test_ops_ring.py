@@ -11,8 +11,8 @@ Every test runs on the XLA path and on the ring kernel in the Pallas interpreter
 
 Tolerances (normwise relative, gdn_cases.rel_err): fp32 pool and fp32 inputs 1e-5 (the kernel's
 interpreter runs its products at HIGHEST). bf16 pool: the pool is rounded once per fold and the
-ring keeps the raw inputs exactly, so R folds stay within R * BF16_EPS; outputs in bf16 add one
-rounding.
+ring keeps its corrected values in fp32 (nothing of it is rounded to bf16), so R folds stay within
+R * BF16_EPS; outputs in bf16 add one rounding.
 """
 
 import functools
