@@ -117,7 +117,7 @@ def _pow2_at_least(T: int) -> int:
 
 
 def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: int, *args):
-    B, T, H, HV, K, V, N, ring = dims
+    B, T, H, HV, _, V, N, ring = dims
     q, pool = args[2], args[-1]
     if interpret:
         prec = ch.Precisions()

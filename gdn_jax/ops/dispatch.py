@@ -245,9 +245,11 @@ _TUNING = {
 }
 _LARGE_BATCH = 128
 # The ring kernel (kernels/ring.py), decode and verify: block_v, num_warps. Keyed by (state
-# dtype, large batch). From the H200 sweep (bench/results/ncu_sweep_ring_v1-h200-2026-12-01.json,
-# verify T = 4, W = 16, fold 20%, B = 256): one program per value head wins, since each program
-# repeats the token algebra (Gram matrices, two triangular inverses) whatever its V block.
+# dtype, large batch). From the H200 sweep of the raw-input ring kernel
+# (bench/results/ncu_sweep_ring_v1-h200-2026-12-01.json, verify T = 4, W = 16, fold 20%, B = 256):
+# one program per value head won, since each program repeated the token algebra whatever its V
+# block. The u-form kernel (kernels/ring.py now) solves only the call's own tokens; it has not been
+# swept yet (`bench/ncu_kernels.py --sweep-ring`; offline, bf16 bv64 w8 takes 180 registers).
 _RING_TUNING = {
     ("bfloat16", True): (128, 4),   # 653.7 us (bv64 w4: 904.9; bv32 w2: 939.6)
     ("bfloat16", False): (128, 4),

@@ -11,11 +11,12 @@ moves them by O(1).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+
+from tiny_models import randomize
 
 from gdn_jax import kernels
 from gdn_jax.modules import MLP, Attention, GatedDeltaNet, SparseMoE
@@ -23,15 +24,6 @@ from gdn_jax.ops import projection
 
 BF16 = jnp.bfloat16
 HIDDEN = 64
-
-
-def _randomize(module, seed=0):
-    state = nnx.state(module, nnx.Param)
-    leaves, treedef = jax.tree.flatten(state)
-    rng = np.random.default_rng(seed)
-    leaves = [jnp.asarray(rng.standard_normal(x.shape) * 0.3, x.dtype) for x in leaves]
-    nnx.update(module, jax.tree.unflatten(treedef, leaves))
-    return module
 
 
 def _mlp():
@@ -77,7 +69,7 @@ LAYERS = {"mlp": (_mlp, 1), "moe": (_moe, 2), "attention": (_attention, 2), "gdn
 def test_groups_keep_the_layer_output(name, monkeypatch):
     build, saved = LAYERS[name]
     layer, run = build()
-    _randomize(layer)
+    randomize(layer, 0, 0.3)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, HIDDEN)), BF16)
     monkeypatch.setenv(projection.ENV_VAR, "interpret")
     launches = {}
