@@ -76,9 +76,10 @@ def check_state(op: str, state, *, H=None, HV=None, K=None, V=None) -> None:
     _check_shape(op, "state.cand_g", state.cand_g, (S, Tm, hv), "[num_slots, T_max, HV]")
     _check_shape(op, "state.cand_beta", state.cand_beta, (S, Tm, hv), "[num_slots, T_max, HV]")
     _check_shape(op, "state.count", state.count, (S,), "[num_slots]")
-    for name in ("cand_g", "cand_beta"):
+    for name in ("cand_g", "cand_beta") + (("cand_v",) if state.commit_mode == "ring" else ()):
         if _dtype(getattr(state, name)) != jnp.float32:
-            fail(op, f"state.{name}", "dtype float32", f"dtype {_dtype(getattr(state, name))}")
+            fail(op, f"state.{name}", "dtype float32" + " (ring mode: the corrected values u)" * (
+                name == "cand_v"), f"dtype {_dtype(getattr(state, name))}")
     if _dtype(state.count) != jnp.int32:
         fail(op, "state.count", "dtype int32", f"dtype {_dtype(state.count)}")
 

@@ -52,7 +52,7 @@ def _ring(op, q, k, v, a, b, A_log, dt_bias, state, slots, dims, backend, reserv
     """decode and verify on a ring-mode state: one path, `reserve` ring entries per call."""
     if k.dtype != state.input_dtype or v.dtype != state.input_dtype:
         _checks.fail(op, "k, v", f"the state's input dtype {state.input_dtype} (ring mode keeps "
-                     "them in the ring; set GDNState.create(input_dtype=...))",
+                     "k in the ring; set GDNState.create(input_dtype=...))",
                      f"{k.dtype}, {v.dtype}")
     choice = dispatch.select(op, dims=dims, dtypes=_dtypes(q, state), mode="ring",
                              backend=backend)

@@ -119,6 +119,7 @@ def test_state_records_mode_and_ring():
     st = ops.GDNState.create(4, H, HV, K, V, 4, commit_mode="ring")
     assert (st.commit_mode, st.t_max, st.ring_size) == ("ring", 4, 16)
     assert st.cand_k.shape == (4, 16, H, K)
+    assert st.cand_v.dtype == jnp.float32  # the ring's corrected values, whatever the inputs
     assert ops.GDNState.create(4, H, HV, K, V, 16, commit_mode="ring").ring_size == 32
     leaves, tree = jax.tree_util.tree_flatten(st)
     assert jax.tree_util.tree_unflatten(tree, leaves).commit_mode == "ring"
@@ -152,6 +153,9 @@ def test_mode_must_match_the_state():
     with pytest.raises(ValueError, match="commit: inter expected None for a ring-mode state"):
         ops.commit(st, slots, jnp.asarray([1, 1], jnp.int32),
                    jnp.zeros((2, 2, HV, V, K), jnp.float32))
+    # a ring whose u would be rounded to bf16 (a state built by hand) is refused
+    with pytest.raises(ValueError, match=r"state.cand_v expected dtype float32 \(ring mode"):
+        ops.verify(*tok.args(), st.replace(cand_v=st.cand_v.astype(jnp.bfloat16)), slots)
 
 
 def test_decode_is_output_only_until_the_ring_fills():
