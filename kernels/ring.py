@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 from . import _chunk as ch
 from . import _common as cm
@@ -72,12 +73,19 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
                  o_ref, u_ref, pool_out_ref, *, num_slots, ring, group, block_v, T, reserve,
                  prec):
     # pool_ref / pool_out_ref: [num_slots, HV, V, K], the same buffer (aliased); o_ref, u_ref:
-    # [B, _TILE, HV, V], the whole token tile (rows T..: dead tokens); cand_v_ref: the ring's u
+    # [B, _TILE, HV, V], the whole token tile (rows T..: never written); cand_v_ref: the ring's u
     del cand_beta_ref  # the ring's u hold their beta
     tok = cm.TokenRefs(q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref)
     pend = cm.PendingRefs(count_ref, cand_k_ref, cand_v_ref, cand_g_ref, None)
     r = cm.this_row(slots_ref, num_slots=num_slots, group=group, block_v=block_v)
     K = q_ref.shape[-1]
+
+    def store_rows(o, u):
+        # the tiles' first T rows, in one masked store each: the rows past T (dead tokens) are
+        # never written (at T = 4 a quarter of the tile's bytes), and the caller reads only T
+        real = lax.broadcasted_iota(jnp.int32, (_TILE, block_v), 0) < T
+        pltriton.store(o_ref.at[r.b, :, r.hv, r.cols], o.astype(o_ref.dtype), mask=real)
+        pltriton.store(u_ref.at[r.b, :, r.hv, r.cols], u, mask=real)
 
     def ring_and_state(n):  # the slot's ring (n committed) and its state tile, from the refs
         live = lax.broadcasted_iota(jnp.int32, (ring,), 0) < n
@@ -97,8 +105,7 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
         run, S0 = ring_and_state(n)
         new = _new_tokens(tok, r, T, K, lax.broadcasted_iota(jnp.int32, (_TILE, block_v), 0))
         o, u, GR, g_tot = ch.new_tokens(S0, run, new, prec, size=_pow2_at_least(T))
-        o_ref[r.b, :, r.hv, r.cols] = o.astype(o_ref.dtype)  # rows T..: dropped by the caller
-        u_ref[r.b, :, r.hv, r.cols] = u
+        store_rows(o, u)
 
         @pl.when((n > 0) & (n + reserve > ring))
         def _():
@@ -108,8 +115,7 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
 
     @pl.when(jnp.logical_not(r.valid))
     def _():
-        o_ref[r.b, :, r.hv, r.cols] = jnp.zeros((_TILE, block_v), o_ref.dtype)
-        u_ref[r.b, :, r.hv, r.cols] = jnp.zeros((_TILE, block_v), _F32)
+        store_rows(jnp.zeros((_TILE, block_v), _F32), jnp.zeros((_TILE, block_v), _F32))
 
 
 def _pow2_at_least(T: int) -> int:
@@ -136,8 +142,8 @@ def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: in
                    jax.ShapeDtypeStruct(pool.shape, pool.dtype)),
         input_output_aliases={len(args) - 1: 2},
     )(*args)
-    # The kernel stores its whole [_TILE, BV] output tiles (a row-by-row store costs a reduction
-    # per row); the first T rows are this call's.
+    # The outputs hold the kernel's whole [_TILE, BV] tiles, of which it writes the first T rows
+    # (a masked store: a row-by-row one would cost a reduction per row).
     return o[:, :T], u[:, :T], pool
 
 
