@@ -167,11 +167,13 @@ def byte_model(c):
     if c["op"] == "fla":  # reads the state in its dtype, writes fp32
         return state + B * HV * V * K * 4 + tokens
     if c["op"] in ("ring", "ring-decode") and c["impl"] == "gdn":
-        # state read, the committed ring entries read (raw k in H heads, v, g and beta), T
-        # entries appended, the folding rows' state written
-        entry = H * K * 2 + HV * V * 2 + HV * 8
-        return (state + B * c["mean_fill"] * entry + B * T * entry + c["fold_share"] * state
-                + tokens)
+        # state read, the committed ring entries read (raw k in H heads, u in fp32, g), T entries
+        # appended (k, u, g and beta: the ring's layout keeps a beta it no longer reads), the
+        # kernel's u out (fp32, read back by the append), the folding rows' state written
+        read = H * K * 2 + HV * V * 4 + HV * 4
+        append = H * K * 2 + HV * V * 4 + HV * 8
+        return (state + B * c["mean_fill"] * read + B * T * (append + 2 * HV * V * 4)
+                + c["fold_share"] * state + tokens)
     if c["op"] == "ring":  # state read, ring window read, T entries appended, folding rows' state
         entry = H * K * 2 + HV * V * 2 + HV * 4  # normalised k, corrected u (bf16), log decay (fp32)
         return (state + B * c["mean_fill"] * entry + B * T * entry + c["fold_share"] * state

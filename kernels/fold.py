@@ -1,5 +1,8 @@
 """GDN fold (the kernel behind `flush`): apply each slot's pending replay candidates to the pool.
 
+Replay candidates only: a ring-mode state's cand_v holds corrected values u, not raw v, and folds
+as one product of them (`gdn_jax.ops.flush` sends ring states to its XLA path).
+
 Decode without a token: kernel body `_fold_kernel` -> launcher `_fold_call` -> public `fold`.
 """
 

@@ -100,18 +100,35 @@ def misfit(M: int, K: int, N, dtype, config: ProjectionConfig) -> str | None:
         return f"dtype {jnp.dtype(dtype)} is not one of {[str(d) for d in PROJECTION_DTYPES]}"
     if not 1 <= M <= PROJECTION_MAX_M:
         return f"M={M} rows is outside 1..{PROJECTION_MAX_M}"
-    for n in (N,) if isinstance(N, int) else N:
-        why = config.misfit(K, n, M)
+    if isinstance(N, int):
+        return config.misfit(K, N, M)
+    for n in N:  # a group: each weight in blocks of its own (`group_block_n`)
+        bn = group_block_n(n, config.block_n)
+        if bn is None:
+            return (f"N={n} has no power-of-two block of 16..{config.block_n} columns dividing "
+                    f"it")
+        why = dataclasses.replace(config, block_n=bn).misfit(K, n, M)
         if why:
             return why
     return None
 
 
-def _kernel(x_ref, *refs, rows: int, block_m: int, block_n: int, block_k: int, k_split: int,
-            offsets: tuple[int, ...]):
+def group_block_n(n: int, block_n: int) -> int | None:
+    """The column block of an n-wide weight in a group launched with block_n: the largest power
+    of two <= block_n dividing n (so a narrow weight does not shrink the others' blocks), or None
+    below 16."""
+    bn = block_n
+    while n % bn and bn > 16:
+        bn //= 2
+    return bn if n % bn == 0 else None
+
+
+def _kernel(x_ref, *refs, rows: int, block_m: int, block_k: int, k_split: int,
+            blocks: tuple[tuple[int, int, int, int], ...]):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
     accumulation; o is fp32 partial sums, or the result where there is one slice), for the weight
-    whose columns hold block n: w_i fills o's columns offsets[i]:offsets[i + 1].
+    whose blocks hold n: blocks[i] = (first, last, block_n, col): w_i's column blocks of block_n
+    are programs first..last - 1, and fill o's columns from col on.
 
     x and o hold `rows` real rows (fewer than the tile's block_m, or padded to it in the
     interpreter): the tile's rows past them are masked, read as zeros and never stored."""
@@ -123,7 +140,7 @@ def _kernel(x_ref, *refs, rows: int, block_m: int, block_n: int, block_k: int, k
     # bounds check passes a start of 0), every row past M masked. The CUDA lowering tests at
     # M = 1 pin this on each jax CI runs.
 
-    def block(w_ref, first: int, col: int):  # this program's block of w_ref, o's columns at col
+    def block(w_ref, first: int, block_n: int, col: int):  # this program's block of w_ref
         local = pl.ds((n - first) * block_n, block_n)
 
         def step(i, acc):
@@ -137,11 +154,10 @@ def _kernel(x_ref, *refs, rows: int, block_m: int, block_n: int, block_k: int, k
         plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
 
     if len(w_refs) == 1:
-        block(w_refs[0], 0, 0)
+        block(w_refs[0], 0, blocks[0][2], 0)
         return
-    for w_ref, (lo, hi) in zip(w_refs, itertools.pairwise(offsets)):  # one static branch each
-        first, last = lo // block_n, hi // block_n
-        pl.when((n >= first) & (n < last))(functools.partial(block, w_ref, first, lo))
+    for w_ref, (first, last, block_n, col) in zip(w_refs, blocks):  # one static branch each
+        pl.when((n >= first) & (n < last))(functools.partial(block, w_ref, first, block_n, col))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
@@ -155,8 +171,9 @@ def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = Projection
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
 def project_group(x: jax.Array, ws: tuple, *, config: ProjectionConfig = ProjectionConfig(),
                   interpret: bool = False, name: str = "gdn_projection_group") -> tuple:
-    """x: [M, K] bf16 | fp16, ws: weights [K, N_i] of x's dtype (block_n divides every N_i) ->
-    (x @ w_i [M, N_i] x.dtype for each), in one launch. name: the kernel's."""
+    """x: [M, K] bf16 | fp16, ws: weights [K, N_i] of x's dtype -> (x @ w_i [M, N_i] x.dtype for
+    each), in one launch: each weight in column blocks of `group_block_n(N_i, config.block_n)`.
+    name: the kernel's."""
     if not isinstance(ws, (tuple, list)) or not ws:
         raise ValueError(f"project_group: ws must be a non-empty tuple of [K, N] weights, "
                          f"got {type(ws).__name__}")
@@ -168,6 +185,10 @@ def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) 
     widths = [w.shape[1] for w in ws]
     offsets = tuple(itertools.accumulate([0, *widths]))
     N = offsets[-1]
+    sizes = [config.block_n] if len(ws) == 1 else [group_block_n(n, config.block_n)
+                                                   for n in widths]
+    firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
+    blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))
     bm = block_m(M)
     # On the GPU the kernel's masked loads and stores read and write the M rows in place. The
     # interpreter slices refs as XLA does (no access past the end), so there x and the output
@@ -177,12 +198,12 @@ def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) 
         x = jnp.pad(x, ((0, rows_held - M), (0, 0)))
     out_dtype = x.dtype if config.splits == 1 else _F32
     out = _pallas.pallas_call(
-        functools.partial(_kernel, rows=M, block_m=bm, block_n=config.block_n,
-                          block_k=config.block_k, k_split=K // config.splits, offsets=offsets),
+        functools.partial(_kernel, rows=M, block_m=bm, block_k=config.block_k,
+                          k_split=K // config.splits, blocks=blocks),
         name=name,
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
-        grid=(N // config.block_n, config.splits),
+        grid=(firsts[-1], config.splits),
         out_shape=jax.ShapeDtypeStruct((config.splits, rows_held, N), out_dtype),
     )(x, *ws)
     # several slices: fp32 partial sums, added (and cast) by XLA
@@ -204,7 +225,8 @@ def _check(x, ws: tuple, config):
             raise ValueError(f"project: x and {name} must share a dtype, got {x.dtype} and "
                              f"{w.dtype}")
     M, K = x.shape
-    why = misfit(M, K, tuple(w.shape[1] for w in ws), x.dtype, config)
+    widths = tuple(w.shape[1] for w in ws)
+    why = misfit(M, K, widths[0] if len(ws) == 1 else widths, x.dtype, config)
     if why:
         shapes = " ".join(f"w{list(w.shape)}" for w in ws)
         raise ValueError(f"project: x{list(x.shape)} @ {shapes} {x.dtype}: {why}")

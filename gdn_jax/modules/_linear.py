@@ -45,6 +45,7 @@ def dense(x, kernel, *, dtype, precision):
 def dense_group(x, kernels, *, dtype, precision):
     """`dense` of one x through each kernel [in, out_i] (a tuple), as one call where the few-row
     kernel may take them in one launch (`gdn_jax.ops.projection.project_group`)."""
-    dtype = dtype or jnp.result_type(x, *kernels)
+    if dtype is None:  # each weight promotes x as `dense` does: no one dtype to group in
+        return tuple(dense(x, k, dtype=None, precision=precision) for k in kernels)
     return project_group(x.astype(dtype), tuple(k.astype(dtype) for k in kernels),
                          precision=precision)

@@ -96,7 +96,8 @@ def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = Non
                              f"expected, got ws[{i}]{list(w.shape)}")
     out = [None] * len(ws)
     M = math.prod(lead)
-    grouped = [i for i, w in enumerate(ws) if _grouping() and backend != "xla-gemm"
+    wish = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR)
+    grouped = [i for i, w in enumerate(ws) if _grouping() and wish != "xla-gemm"
                and _select(M, K, w.shape[1], x.dtype, w.dtype, backend, strict=False)]
     choice = len(grouped) > 1 and _select(M, K, tuple(ws[i].shape[1] for i in grouped),
                                           x.dtype, x.dtype, backend, strict=False)
@@ -129,11 +130,12 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     sweep's best for the out_proj, in_proj_qkvz, gate_proj and down_proj shapes."""
     widths = (N,) if isinstance(N, int) else tuple(N)
     bm = kernels.projection_block_m(M)
-    block_n = min(pow2_tile(n, _BLOCK_N) for n in widths)
+    block_n = max(pow2_tile(n, _BLOCK_N) for n in widths)  # a group's weights take <= (kernels)
     block_k = pow2_tile(K, 128)
     steps = max(1, K // block_k)
     max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
-    want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, sum(widths) // block_n))
+    column_blocks = sum(n // pow2_tile(n, _BLOCK_N) for n in widths)
+    want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, column_blocks))
     splits = max(d for d in range(1, steps + 1)
                  if steps % d == 0 and d <= max(1, min(want, max_splits)))
     stages = 3 if bm <= 32 else 5

@@ -72,7 +72,8 @@ class GDNState:
         """A zeroed state for `num_slots` sequences and verify calls of up to `t_max` tokens.
 
         dtype: the pool's storage dtype (bf16 or fp32); input_dtype: the dtype of the k and v
-        the model feeds (the replay candidates and the ring are kept in it).
+        the model feeds (the replay candidates and the ring's keys are kept in it; the ring's
+        corrected values are fp32).
         commit_mode: "replay" (default), "ring" or "intermediate" (module docstring).
         ring_size: W, ring mode only: a power of two >= max(16, t_max); default
         `default_ring_size(t_max)`.

@@ -49,11 +49,13 @@ def test_project_matches_float64_interpret(M, config, dtype):
 
 
 @pytest.mark.parametrize("M", [1, 5, 33])
-@pytest.mark.parametrize("config", [ProjectionConfig(32, 32, 1, 4, 1), ProjectionConfig(16, 16, 4, 2, 2)],
-                         ids=["one-slice", "split4"])
+@pytest.mark.parametrize("config", [ProjectionConfig(32, 32, 1, 4, 1), ProjectionConfig(16, 16, 4, 2, 2),
+                                    ProjectionConfig(64, 32, 2, 4, 1)],
+                         ids=["one-slice", "split4", "mixed-blocks"])
 def test_project_group_matches_float64_interpret(M, config):
     """Weights of three widths in one launch: each output against its own float64 product (a
-    column block given to the wrong weight, or not written, is far outside the bound)."""
+    column block given to the wrong weight, or not written, is far outside the bound). With
+    block_n 64 the 96-wide weight runs in blocks of 32, the others in their own."""
     K, dtype = 128, jnp.bfloat16
     x, _ = _case(M, M, K, 16, dtype)
     ws = tuple(_case(M + n, 1, K, n, dtype)[1] for n in (96, 32, 64))
@@ -66,7 +68,7 @@ def test_project_group_matches_float64_interpret(M, config):
 @pytest.mark.parametrize("ws_shapes, dtypes, match", [
     (((64, 32), (32, 32)), (jnp.bfloat16, jnp.bfloat16), r"x \[M, K\] and ws\[1\] \[K, N\]"),
     (((64, 32), (64, 32)), (jnp.bfloat16, jnp.float16), r"x and ws\[1\] must share a dtype"),
-    (((64, 32), (64, 48)), (jnp.bfloat16, jnp.bfloat16), r"block_n=32 does not divide N=48"),
+    (((64, 32), (64, 40)), (jnp.bfloat16, jnp.bfloat16), r"N=40 has no power-of-two block"),
 ])
 def test_project_group_rejects_bad_input(ws_shapes, dtypes, match):
     x = jnp.ones((2, 64), jnp.bfloat16)

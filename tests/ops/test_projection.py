@@ -188,6 +188,9 @@ def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
     x2, _ = _group_case(lead=(projection.AUTO_MAX_M + 1,))
     projection.project_group(x2, ws)
     assert not calls
+    monkeypatch.setenv(projection.ENV_VAR, "xla-gemm")  # as `project`: XLA, never the kernel
+    projection.project_group(x, ws)
+    assert not calls
 
 
 def test_group_arguments_are_checked(monkeypatch):
