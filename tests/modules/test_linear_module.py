@@ -1,5 +1,5 @@
 """The modules' projections of one input as a group (`modules._linear.dense_group`): with
-GDN_JAX_PROJECTION_GROUPS=on each layer's projections of x run in one launch of the few-row
+GDN_JAX_PROJECTION_GROUPS=on (the default) each layer's projections of x run in one launch of the few-row
 kernel (here in the Pallas interpreter, one row: a decode at B = 1), and the layer's output is
 the one it gives with a launch per weight.
 

@@ -147,15 +147,15 @@ def _group_case(lead=(1,), widths=(96, 32, 1, 64), K=128):
 
 @pytest.mark.parametrize("groups", [None, "off", "on"])
 def test_group_launches_once_when_on(monkeypatch, groups):
-    """GDN_JAX_PROJECTION_GROUPS=on: the weights the kernel takes in one launch, the others as
-    `project` runs them; off (the default): one `project` each, the same numbers as before."""
+    """GDN_JAX_PROJECTION_GROUPS on (the default): the weights the kernel takes in one launch,
+    the others as `project` runs them; off: one `project` each, the same numbers as before."""
     monkeypatch.setenv(projection.ENV_VAR, "interpret")
     if groups:
         monkeypatch.setenv(projection.GROUPS_VAR, groups)
     group_calls, single_calls = _spy(monkeypatch, "project_group"), _spy(monkeypatch, "project")
     x, ws = _group_case()
     ys = projection.project_group(x, ws)
-    if groups == "on":
+    if groups != "off":
         assert len(group_calls) == 1 and len(group_calls[0][0][1]) == 3
         assert not single_calls  # the width-1 weight misfits the kernel: XLA's dot
     else:
