@@ -23,6 +23,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 
     table = scatter_rows(table, index, rows, config=ScatterConfig(...))
                                          # table[index[i]] = rows[i] in place (cache bookkeeping)
+    (q, k, v), conv = conv_step(x, conv, weight, slots, widths=(HK, HK, HVV), config=ConvConfig())
+                                         # the GDN layer's causal conv for one token, in place
 
     o, u, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring mode
                                          # (cand_v: the ring's corrected values u, fp32): pool
@@ -52,6 +54,7 @@ from ._tokens_mgpu import MODES as MOSAIC_MODES
 from ._tokens_mgpu import misfit as mosaic_misfit
 from .attention import (ATTENTION_DTYPES, ATTENTION_MAX_ROWS, AttentionConfig,
                         decode_attention)
+from .conv import ConvConfig, conv_step
 from .decode import decode
 from .decode_mgpu import decode_mgpu
 from .fold import fold
@@ -73,8 +76,8 @@ def mosaic_unavailable() -> str | None:
 
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
            "MOSAIC_MAX_T", "MOSAIC_MODES", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T",
-           "RING_MIN", "AttentionConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig",
-           "ProjectionConfig", "ScatterConfig", "TuningConfig", "decode", "decode_attention", "decode_mgpu",
+           "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig",
+           "ProjectionConfig", "ScatterConfig", "TuningConfig", "conv_step", "decode", "decode_attention", "decode_mgpu",
            "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
            "mosaic_unavailable", "project", "project_group", "projection_block_m",
            "projection_misfit", "projection_smem_limit", "scatter_rows", "verify_intermediate", "verify_intermediate_mgpu",

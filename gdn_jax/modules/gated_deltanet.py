@@ -34,24 +34,11 @@ from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_inde
 from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
                                       tp_size)
+from gdn_jax.ops.conv import causal_conv, conv_step
 from gdn_jax.ops.scatter import write_positions, write_slots
 
 _F32 = jnp.float32
 MODES = ("prefill", "decode", "verify")
-
-
-def causal_conv(xp, weight):
-    """Depthwise causal conv over a window-prefixed input, then SiLU, in fp32.
-
-    xp: [B, W - 1 + T, C] (the W - 1 previous inputs, then T new ones); weight: [W, C] with
-    weight[W - 1] multiplying the current token (PyTorch's conv1d weight[:, 0, :] transposed).
-    Returns [B, T, C] fp32.
-    """
-    W = weight.shape[0]
-    T = xp.shape[1] - (W - 1)
-    xp, w = xp.astype(_F32), weight.astype(_F32)
-    y = sum(xp[:, j:j + T] * w[j] for j in range(W))
-    return jax.nn.silu(y)
 
 
 def _windows(xp, starts, width: int):
@@ -75,14 +62,20 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     mixed, z = qkvz[..., :channels], qkvz[..., channels:]
     b, a = ba[..., :HV], ba[..., HV:]
 
-    window = cache.conv[gather, :W - 1]  # [B, W - 1, C], committed inputs
-    xp = jnp.concatenate([window, mixed.astype(cache.conv.dtype)], axis=1)
-    conv_out = causal_conv(xp, p["conv"]).astype(dtype)
-    q = conv_out[..., :key_dim].reshape(B, T, H, K)
-    k = conv_out[..., key_dim:2 * key_dim].reshape(B, T, H, K)
-    v = conv_out[..., 2 * key_dim:].reshape(B, T, HV, V)
     A_log, dt_bias = p["A_log"], p["dt_bias"]
-
+    if mode == "decode":  # one launch for the conv and its window's shift where a GPU runs it
+        (q, k, v), conv = conv_step(mixed[:, 0], cache.conv, p["conv"], slots,
+                                    widths=(key_dim, key_dim, value_dim), dtype=dtype)
+        o, state = ops.decode(q.reshape(B, T, H, K), k.reshape(B, T, H, K),
+                              v.reshape(B, T, HV, V), a, b, A_log, dt_bias, cache.state, slots)
+        cache = cache.replace(state=state, conv=conv)
+    else:
+        window = cache.conv[gather, :W - 1]  # [B, W - 1, C], committed inputs
+        xp = jnp.concatenate([window, mixed.astype(cache.conv.dtype)], axis=1)
+        conv_out = causal_conv(xp, p["conv"]).astype(dtype)
+        q = conv_out[..., :key_dim].reshape(B, T, H, K)
+        k = conv_out[..., key_dim:2 * key_dim].reshape(B, T, H, K)
+        v = conv_out[..., 2 * key_dim:].reshape(B, T, HV, V)
     if mode == "verify":
         o, state, inter = ops.verify(q, k, v, a, b, A_log, dt_bias, cache.state, slots,
                                      mode=cache.commit_mode)
@@ -92,11 +85,8 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
         if inter is not None:
             new_inter = write_positions(cache.inter, scatter, inter)
         cache = cache.replace(state=state, conv=conv, inter=new_inter)
-    else:
-        if mode == "decode":
-            o, state = ops.decode(q, k, v, a, b, A_log, dt_bias, cache.state, slots)
-        else:
-            o, state = ops.prefill(q, k, v, a, b, A_log, dt_bias, cache.state, slots, n)
+    elif mode == "prefill":
+        o, state = ops.prefill(q, k, v, a, b, A_log, dt_bias, cache.state, slots, n)
         conv = write_positions(cache.conv, scatter, _windows(xp, n, W - 1))
         cache = cache.replace(state=state, conv=conv)
 

@@ -1,0 +1,88 @@
+"""The GDN layer's short causal conv (depthwise, width W, then SiLU) over slot-indexed windows.
+
+    y = causal_conv(xp, weight)                      # xp [B, W - 1 + T, C]: window, then T inputs
+    (q, k, v), conv = conv_step(x, conv, weight, slots, widths=(HK, HK, HVV), dtype=bf16)
+
+`conv_step` is one token per row (decode): the outputs split into `widths`, and each row's window
+(`conv[slot, :W - 1]`) shifted by the token. On an SM80+ GPU with Triton it is one launch of
+`gdn_jax.kernels.conv_step` (the conv window read and written in place; XLA spends five or six
+launches on it: that module's docstring); elsewhere XLA as `causal_conv` and the caches' writes.
+GDN_JAX_CONV=xla keeps XLA, "pallas" is the default "auto" spelled out, "interpret" runs the
+kernel in the Pallas interpreter (tests). Unset, GDN_JAX_BACKEND=xla or =interpret steers it as
+it steers the ops. Read when a program is traced.
+
+Slots as the caches': negative or >= num_slots is padding (nothing written). A padding row's
+outputs are zeros from the kernel and the conv of slot 0's window from XLA: the GDN ops ignore
+them (zero output for the row).
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+from gdn_jax import kernels
+from gdn_jax.ops._slots import slot_index
+from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
+from gdn_jax.ops.dispatch import Device
+from gdn_jax.ops.scatter import write_positions
+
+ENV_VAR = "GDN_JAX_CONV"
+_BLOCKS = (512, 256, 128, 64, 32, 16)
+
+
+def causal_conv(xp, weight):
+    """Depthwise causal conv over a window-prefixed input, then SiLU, in fp32.
+
+    xp: [B, W - 1 + T, C] (the W - 1 previous inputs, then T new ones); weight: [W, C] with
+    weight[W - 1] multiplying the current token (PyTorch's conv1d weight[:, 0, :] transposed).
+    Returns [B, T, C] fp32.
+    """
+    W = weight.shape[0]
+    T = xp.shape[1] - (W - 1)
+    xp, w = xp.astype(jnp.float32), weight.astype(jnp.float32)
+    y = sum(xp[:, j:j + T] * w[j] for j in range(W))
+    return jax.nn.silu(y)
+
+
+def conv_step(x, conv, weight, slots, *, widths, dtype=None):
+    """x: [B, C] one token per row; conv: [N, L, C] the slots' windows in rows 0..W-2 (oldest
+    first); weight: [W, C]; slots: [B] int32; widths: output widths summing to C; dtype: the
+    outputs' (default x's). Returns (outs, conv): outs[i] [B, widths[i]] the channel range i of
+    silu(conv), conv with each row's window shifted by its token (x cast to conv's dtype)."""
+    widths = tuple(int(n) for n in widths)
+    dtype = jnp.dtype(dtype or x.dtype)
+    slots = jnp.asarray(slots).astype(jnp.int32)
+    mode, block = _mode(widths)
+    if mode is not None:
+        return kernels.conv_step(x, conv, weight, slots, widths=widths, dtype=dtype,
+                                 config=kernels.ConvConfig(block=block),
+                                 interpret=mode == "interpret")
+    W = weight.shape[0]
+    gather, _, scatter = slot_index(slots, conv.shape[0])
+    xp = jnp.concatenate([conv[gather, :W - 1], x[:, None].astype(conv.dtype)], axis=1)
+    y = causal_conv(xp, weight)[:, 0].astype(dtype)
+    outs, lo = [], 0
+    for n in widths:
+        outs.append(y[:, lo:lo + n])
+        lo += n
+    return tuple(outs), write_positions(conv, scatter, xp[:, 1:])
+
+
+def _mode(widths) -> tuple[str | None, int]:
+    """("compiled" | "interpret", block) where the kernel is asked for and tiles the widths, else
+    (None, 0): XLA."""
+    wish = os.environ.get(ENV_VAR)
+    if not wish:
+        backend = os.environ.get(_BACKEND_VAR)
+        wish = backend if backend in ("xla", "interpret") else "auto"
+    if wish not in ("auto", "xla", "pallas", "interpret"):
+        raise ValueError(f"{ENV_VAR}: expected auto, xla, pallas or interpret, got {wish!r}")
+    block = next((b for b in _BLOCKS if all(n % b == 0 for n in widths)), 0)
+    if wish == "xla" or not block:
+        return None, 0
+    if wish == "interpret":
+        return "interpret", block
+    return ("compiled", block) if Device.of().runs_triton else (None, 0)

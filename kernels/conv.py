@@ -1,0 +1,143 @@
+"""The GDN layer's short causal conv for one token per row, in place on the slot's conv window:
+the decode step's conv in one launch.
+
+    outs, conv = conv_step(x, conv, weight, slots, widths=(H*K, H*K, HV*V), config=ConvConfig())
+    # x [B, C] (this token's pre-conv channels), conv [N, L, C] (rows 0..W-2 of a slot: its last
+    # W - 1 inputs, oldest first), weight [W, C]; outs[i] [B, widths[i]] = the channel range i
+    # of silu(sum_j window_j * weight[j] + x * weight[W - 1]); conv[slot, :W - 1] := the window
+    # shifted by one, x last
+
+In XLA the step is a concatenate, the conv's slices (one fusion per consumer of q, k, v) and the
+window's gather and scatter: five or six launches of a microsecond or two per GDN layer, about a
+tenth of a 48-layer B = 1 decode step (bench/results/profile_step-h200-qwen3_5_text-groups_on-
+2026-12-02.json). Here program (b, j) reads column block j of row b's window and token, writes its
+outputs (each block lies inside one of `widths`) and the shifted window: one launch, no gather,
+no scatter. The math is the fp32 sum of `gdn_jax.ops.conv.causal_conv`, term by term in the same
+order.
+
+Slots are distinct within a call; a negative or out-of-range slot is a padding row: nothing read
+or written in the conv buffer, zero outputs. The conv buffer is aliased to the result: inside a
+jit that donates it, nothing is copied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from . import _pallas
+from ._common import check_launch_fields
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvConfig:
+    """Launch parameters of `conv_step` (hashable: a static argument).
+
+    block: channels one program takes (a power of two >= 16 dividing every width).
+    num_warps, num_stages: Triton's (nothing loops: one stage).
+    """
+
+    block: int = 512
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        check_launch_fields(self, tiles=("block",))
+
+    def misfit(self, widths) -> str | None:
+        """Why this config cannot take outputs of these widths, or None."""
+        bad = [n for n in widths if n % self.block]
+        if bad:
+            return f"block={self.block} does not divide the output widths {bad}"
+        return None
+
+
+def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, block, starts, num_slots):
+    *out_refs, conv_ref = refs  # conv_ref: conv_in's buffer (aliased)
+    b, j = pl.program_id(0), pl.program_id(1)
+    s = slots_ref[b]
+    valid = (s >= 0) & (s < num_slots)
+    c0 = j * block
+    cols = pl.ds(c0, block)
+
+    def store(y):
+        for out_ref, (lo, hi) in zip(out_refs, starts):
+            @pl.when((c0 >= lo) & (c0 < hi))
+            def _():
+                out_ref[b, pl.ds(c0 - lo, block)] = y.astype(out_ref.dtype)
+
+    @pl.when(valid)
+    def _():
+        window = [conv_in[s, i, cols] for i in range(width - 1)]
+        x = x_ref[b, cols].astype(conv_ref.dtype)
+        acc = jnp.zeros((block,), jnp.float32)
+        for i, xi in enumerate((*window, x)):
+            acc = acc + xi.astype(jnp.float32) * w_ref[i, cols].astype(jnp.float32)
+        store(acc * jax.nn.sigmoid(acc))
+        for i, xi in enumerate((*window, x)[1:]):  # W = 1: no window to keep
+            conv_ref[s, i, cols] = xi
+
+    @pl.when(jnp.logical_not(valid))
+    def _():
+        store(jnp.zeros((block,), jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("widths", "dtype", "config", "interpret"))
+def conv_step(x: jax.Array, conv: jax.Array, weight: jax.Array, slots: jax.Array, *,
+              widths: tuple, dtype=None, config: ConvConfig = ConvConfig(),
+              interpret: bool = False):
+    """x: [B, C], conv: [N, L, C] with L >= W - 1, weight: [W, C], slots: [B] int32; widths:
+    output widths summing to C; dtype: the outputs' (default x's) -> (outs, conv) with outs[i]:
+    [B, widths[i]] (module docstring)."""
+    widths = tuple(int(n) for n in widths)
+    _check(x, conv, weight, slots, widths, config)
+    B, C = x.shape
+    N = conv.shape[0]
+    dtype = jnp.dtype(dtype or x.dtype)
+    if B == 0:  # nothing to run (a grid of size 0 may not launch on a GPU)
+        return tuple(jnp.zeros((0, n), dtype) for n in widths), conv
+    bounds = [0]
+    for n in widths:
+        bounds.append(bounds[-1] + n)
+    kernel = functools.partial(_kernel, width=weight.shape[0], block=config.block,
+                               starts=tuple(zip(bounds[:-1], bounds[1:])), num_slots=N)
+    *outs, conv = _pallas.pallas_call(
+        kernel,
+        name="gdn_conv_step",
+        config=config,
+        interpret=interpret,
+        grid=(B, C // config.block),
+        out_shape=(*(jax.ShapeDtypeStruct((B, n), dtype) for n in widths),
+                   jax.ShapeDtypeStruct(conv.shape, conv.dtype)),
+        input_output_aliases={3: len(widths)},
+    )(slots, x, weight, conv)
+    return tuple(outs), conv
+
+
+def _check(x, conv, weight, slots, widths, config):
+    op = "conv_step"
+    if x.ndim != 2:
+        raise ValueError(f"{op}: x expected [B, C], got x{list(x.shape)}")
+    B, C = x.shape
+    if conv.ndim != 3 or conv.shape[2] != C:
+        raise ValueError(f"{op}: conv expected [N, L, C] with C = {C} (x's channels), got "
+                         f"conv{list(conv.shape)}")
+    if weight.ndim != 2 or weight.shape[1] != C or weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight expected [W, C] with W >= 1 and C = {C}, got "
+                         f"weight{list(weight.shape)}")
+    if conv.shape[1] < weight.shape[0] - 1:
+        raise ValueError(f"{op}: conv expected at least W - 1 = {weight.shape[0] - 1} window "
+                         f"rows, got conv{list(conv.shape)}")
+    if slots.ndim != 1 or slots.dtype != jnp.int32 or slots.shape[0] != B:
+        raise ValueError(f"{op}: slots expected int32 [B] = [{B}], got "
+                         f"{slots.dtype}{list(slots.shape)}")
+    if sum(widths) != C or any(n <= 0 for n in widths):
+        raise ValueError(f"{op}: widths expected positive widths summing to C = {C}, got "
+                         f"{widths}")
+    why = config.misfit(widths)
+    if why:
+        raise ValueError(f"{op}: {why}")

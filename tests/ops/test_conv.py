@@ -1,0 +1,75 @@
+"""`ops.conv.conv_step`: XLA's path and the kernel's (in the interpreter) give the same outputs
+for real rows and the same conv buffer; the dispatch picks the kernel on a Triton GPU only where
+its block tiles the widths; GDN_JAX_CONV is checked.
+
+Tolerance between the two paths: both sum the same W fp32 products and round once to the output
+dtype, so they differ only by the fp32 summation order (XLA may contract into FMAs): one bf16
+ulp, 2**-8 relative, at the outputs' scale."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_jax import kernels
+from gdn_jax.ops import conv as conv_ops
+from gdn_jax.ops.dispatch import Device
+
+WIDTHS = (64, 64, 128)
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch):
+    monkeypatch.delenv(conv_ops.ENV_VAR, raising=False)
+    monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
+
+
+def _case(seed=0, N=5, L=7, W=4, B=4):
+    rng = np.random.default_rng(seed)
+    C = sum(WIDTHS)
+    conv = jnp.asarray(rng.standard_normal((N, L, C)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((B, C)), jnp.bfloat16)
+    weight = jnp.asarray(rng.standard_normal((W, C)) * 0.5, jnp.bfloat16)
+    slots = jnp.asarray([3, -1, 0, 4][:B], jnp.int32)
+    return x, conv, weight, slots
+
+
+def test_kernel_and_xla_agree(monkeypatch):
+    x, conv, weight, slots = _case()
+    results = {}
+    for mode in ("xla", "interpret"):
+        monkeypatch.setenv(conv_ops.ENV_VAR, mode)
+        results[mode] = conv_ops.conv_step(x, conv, weight, slots, widths=WIDTHS,
+                                           dtype=jnp.bfloat16)
+    (outs_x, conv_x), (outs_k, conv_k) = results["xla"], results["interpret"]
+    real = np.asarray(slots) >= 0
+    for ox, ok in zip(outs_x, outs_k):
+        ox, ok = np.asarray(ox, np.float64)[real], np.asarray(ok, np.float64)[real]
+        np.testing.assert_allclose(ok, ox, rtol=0, atol=2.0 ** -8 * max(1, np.abs(ox).max()))
+    np.testing.assert_array_equal(np.asarray(conv_k), np.asarray(conv_x))
+    changed = np.any(np.asarray(conv_x) != np.asarray(conv), axis=(1, 2))
+    assert list(np.flatnonzero(changed)) == [0, 3, 4]  # the real rows' slots, no other
+
+
+def test_kernel_runs_where_asked(monkeypatch):
+    calls = []
+    real = kernels.conv_step
+    monkeypatch.setattr(kernels, "conv_step",
+                        lambda *a, **k: calls.append(k["config"].block) or real(*a, **k))
+    x, conv, weight, slots = _case()
+    conv_ops.conv_step(x, conv, weight, slots, widths=WIDTHS)  # CPU: XLA
+    assert not calls
+    monkeypatch.setenv("GDN_JAX_BACKEND", "interpret")
+    conv_ops.conv_step(x, conv, weight, slots, widths=WIDTHS)
+    assert calls == [64]
+
+
+def test_gpu_dispatch(monkeypatch):
+    monkeypatch.setattr(Device, "of", classmethod(lambda cls, d=None: Device("gpu", (9, 0), "H200")))
+    assert conv_ops._mode((2048, 2048, 4096)) == ("compiled", 512)
+    assert conv_ops._mode((48, 80)) == ("compiled", 16)
+    assert conv_ops._mode((20, 44)) == (None, 0)  # no power-of-two block >= 16 tiles them
+    monkeypatch.setenv(conv_ops.ENV_VAR, "xla")
+    assert conv_ops._mode((2048, 2048, 4096)) == (None, 0)
+    monkeypatch.setenv(conv_ops.ENV_VAR, "sometimes")
+    with pytest.raises(ValueError, match="GDN_JAX_CONV: expected auto, xla, pallas or interpret"):
+        conv_ops._mode((64,))
