@@ -7,6 +7,7 @@ the body: a GPU BlockSpec cannot read a slot table (no scalar prefetch on GPU). 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -87,6 +88,23 @@ def check_launch_fields(config, tiles=(), counts=()) -> None:
         value = getattr(config, field)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: {field} must be an int >= 1, got {field}={value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockConfig:
+    """Launch parameters of a kernel whose programs each take one block of a row (hashable: a
+    static argument). Subclasses say what the block must tile (`misfit`).
+
+    block: elements one program takes (a power of two >= 16).
+    num_warps, num_stages: Triton's (nothing loops: one stage).
+    """
+
+    block: int = 2048
+    num_warps: int = 4
+    num_stages: int = 1
+
+    def __post_init__(self):
+        check_launch_fields(self, tiles=("block",))
 
 
 def check_pool(op, pool, cand_k, cand_v, cand_g, cand_beta, count, *, H=None, HV=None, K=None,

@@ -30,23 +30,15 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _pallas
-from ._common import check_launch_fields
+from ._common import BlockConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ConvConfig:
-    """Launch parameters of `conv_step` (hashable: a static argument).
-
-    block: channels one program takes (a power of two >= 16 dividing every width).
-    num_warps, num_stages: Triton's (nothing loops: one stage).
-    """
+class ConvConfig(BlockConfig):
+    """Launch parameters of `conv_step`: block, the channels one program takes, a power of two
+    >= 16 dividing every width; num_warps, num_stages (`BlockConfig`)."""
 
     block: int = 512
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def __post_init__(self):
-        check_launch_fields(self, tiles=("block",))
 
     def misfit(self, widths) -> str | None:
         """Why this config cannot take outputs of these widths, or None."""

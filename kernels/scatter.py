@@ -25,23 +25,13 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _pallas
-from ._common import check_launch_fields
+from ._common import BlockConfig
 
 
 @dataclasses.dataclass(frozen=True)
-class ScatterConfig:
-    """Launch parameters of `scatter_rows` (hashable: a static argument).
-
-    block: row elements one program copies (a power of two >= 16 dividing R).
-    num_warps, num_stages: Triton's (nothing loops: one stage).
-    """
-
-    block: int = 2048
-    num_warps: int = 4
-    num_stages: int = 1
-
-    def __post_init__(self):
-        check_launch_fields(self, tiles=("block",))
+class ScatterConfig(BlockConfig):
+    """Launch parameters of `scatter_rows`: block, the row elements one program copies, a power
+    of two >= 16 dividing R; num_warps, num_stages (`BlockConfig`)."""
 
     def misfit(self, R: int) -> str | None:
         """Why this config cannot take rows of R elements, or None."""

@@ -112,6 +112,17 @@ def test_mode_errors(layer):
         layer(_x(0, 1, 1), _cache(layer), jnp.array([0]), mode="generate")
 
 
+def _each_path(monkeypatch, var, run):
+    """run() with the environment variable var = "xla", then = "interpret" (programs retraced):
+    {path: run()'s result as numpy}."""
+    out = {}
+    for path in ("xla", "interpret"):
+        monkeypatch.setenv(var, path)
+        jax.clear_caches()
+        out[path] = jax.tree.map(np.asarray, run())
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["replay", "intermediate", "ring"])
 def test_row_kernel_writes_what_xla_writes(layer, mode, monkeypatch):
@@ -119,16 +130,14 @@ def test_row_kernel_writes_what_xla_writes(layer, mode, monkeypatch):
     buffer bit-identical to XLA's scatter over prefill, verify, commit and decode with padding."""
     from gdn_jax.ops import scatter as scatter_ops
 
-    caches = {}
-    for path in ("xla", "interpret"):
-        monkeypatch.setenv(scatter_ops.ENV_VAR, path)
-        jax.clear_caches()
+    def run():
         slots = jnp.array([2, -1, 0])
         _, c = layer(_x(6, 3, 5), _cache(layer, mode), slots, lengths=jnp.array([5, 2, 3]))
         _, c = layer(_x(7, 3, 3), c, slots, mode="verify")
         c = GatedDeltaNet.commit(c, slots, jnp.array([2, 3, 1]))
-        _, c = layer(_x(8, 3, 1), c, slots, mode="decode")
-        caches[path] = jax.tree.map(np.asarray, c)
+        return layer(_x(8, 3, 1), c, slots, mode="decode")[1]
+
+    caches = _each_path(monkeypatch, scatter_ops.ENV_VAR, run)
     for a, b in zip(jax.tree.leaves(caches["xla"]), jax.tree.leaves(caches["interpret"])):
         np.testing.assert_array_equal(a, b)
 
@@ -144,15 +153,15 @@ def test_conv_kernel_decodes_as_xla(layer, mode, monkeypatch):
 
     calls, real = [], kernels.conv_step
     monkeypatch.setattr(kernels, "conv_step", lambda *a, **k: calls.append(1) or real(*a, **k))
-    out = {}
-    for path in ("xla", "interpret"):
-        monkeypatch.setenv(conv_ops.ENV_VAR, path)
-        jax.clear_caches()
+
+    def run():
         slots = jnp.array([2, -1, 0])
         _, c = layer(_x(6, 3, 5), _cache(layer, mode), slots, lengths=jnp.array([5, 2, 3]))
         y, c = layer(_x(8, 3, 1), c, slots, mode="decode")
         y2, c = layer(_x(9, 3, 1), c, slots, mode="decode")
-        out[path] = jax.tree.map(np.asarray, (y, y2, c))
+        return y, y2, c
+
+    out = _each_path(monkeypatch, conv_ops.ENV_VAR, run)
     (y_x, y2_x, c_x), (y_k, y2_k, c_k) = out["xla"], out["interpret"]
     assert len(calls) == 2  # the interpreted path's two decode steps, and only those
     np.testing.assert_array_equal(c_k.conv, c_x.conv)
