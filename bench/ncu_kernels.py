@@ -70,7 +70,7 @@ def cases(args):
         return sweep_cases()
     if args.sweep_ring:
         return sweep_ring_cases(tuple(int(x) for x in args.sweep_batches.split(",")),
-                                args.dtypes)
+                                args.dtypes, args.sweep_configs)
     if args.sweep_mosaic:
         return sweep_mosaic_cases(tuple(args.sweep_mosaic.split(",")),
                                   tuple(int(x) for x in args.sweep_batches.split(",")))
@@ -110,11 +110,15 @@ def cases(args):
     return out
 
 
-def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32")):
-    """Tuning sweep of the ring kernel: block_v x num_warps, verify T = 4 at fold 20%."""
+def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32"), configs=None):
+    """Tuning sweep of the ring kernel: block_v x num_warps (or the given "bv:w,..." configs),
+    verify T = 4 at fold 20%. Each config is a fresh XLA compile of the ring kernel (tens of
+    seconds under ncu): a runner call of 600 s takes about six; sweep in chunks."""
+    pairs = ([tuple(int(x) for x in c.split(":")) for c in configs.split(",")] if configs else
+             [(bv, w) for bv in (16, 32, 64, 128) for w in (2, 4, 8)])
     return [dict(impl="gdn", op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2,
                  block_v=bv, num_warps=w, num_stages=1)
-            for dtype in dtypes for B in batches for bv in (16, 32, 64, 128) for w in (2, 4, 8)]
+            for dtype in dtypes for B in batches for bv, w in pairs]
 
 
 def sweep_cases():
@@ -531,6 +535,9 @@ def main(argv=None):
     p.add_argument("--sweep-ring", action="store_true",
                    help="tuning sweep of the ring kernel (block_v x num_warps) instead of the "
                         "standard cases")
+    p.add_argument("--sweep-configs", default=None, metavar="BV:W,...",
+                   help="--sweep-ring's block_v:num_warps pairs (default all twelve of "
+                        "16..128 x 2, 4, 8)")
     p.add_argument("--summarize", type=float, default=None, metavar="COPY_GBPS",
                    help="only summarize an existing --out directory (its ncu_raw.csv and "
                         "ncu_cases.json) with this copy bandwidth")
@@ -591,6 +598,8 @@ def main(argv=None):
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
     cmd += ["--flashinfer"] * args.flashinfer + ["--ring"] * args.ring
     cmd += ["--sweep-ring", "--sweep-batches", args.sweep_batches] * args.sweep_ring
+    if args.sweep_ring and args.sweep_configs:
+        cmd += ["--sweep-configs", args.sweep_configs]
     if args.batches:
         cmd += ["--batches", ",".join(map(str, args.batches))]
     cmd += ["--no-mosaic"] * (not args.mosaic)
