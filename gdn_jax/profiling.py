@@ -60,6 +60,7 @@ _CATEGORIES = (
     ("scatter", ("scatter",)),  # gdn_scatter_rows and XLA's scatter fusions
     ("matmul", ("gdn_projection", "gemm", "nvjet", "cutlass", "xmma", "splitkreduce", "cublas",
                 "dot")),
+    ("conv", ("gdn_conv_",)),  # the GDN layer's causal conv (kernels.conv_step)
     ("gdn", ("gdn_",)),
     ("copy", ("concatenate", "slice", "transpose", "copy", "memcpy", "memset", "pad", "gather",
               "dynamic_update")),

@@ -40,7 +40,7 @@ def test_kernels_of_a_program():
     ("gdn_decode_bv16_w1", "gdn"),
     ("gdn_verify_replay_t4_mgpu_bv128_t1_s2_mosaic_gpu_kernel", "gdn"),
     ("gdn_decode_attention", "attention"), ("gdn_moe_gate_up", "moe"),
-    ("gdn_scatter_rows", "scatter"), ("input_scatter_fusion_72", "scatter"),
+    ("gdn_conv_step", "conv"), ("gdn_scatter_rows", "scatter"), ("input_scatter_fusion_72", "scatter"),
     ("input_concatenate_fusion_35", "copy"), ("loop_slice_fusion_3", "copy"),
     ("memcpy32_post", "copy"), ("loop_add_fusion_94", "other"), ("fusion_2771", "other"),
 ])
