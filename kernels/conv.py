@@ -12,8 +12,8 @@ window's gather and scatter: five or six launches of a microsecond or two per GD
 program (b, j) reads column block j of row b's window and token, writes its outputs (each block
 lies inside one of `widths`) and the shifted window: one launch, no gather, no scatter. On an H200
 it took a 48-layer decode step from 3.52 to 3.38 ms of kernels at B = 1 and from 5.01 to 4.69 ms
-at B = 32 (bench/results/profile_step-h200-qwen3_5_text-conv_kernel-2026-12-02.json). The math is the fp32 sum of `gdn_jax.ops.conv.causal_conv`, term by term in the same
-order.
+at B = 32 (bench/results/profile_step-h200-qwen3_5_text-conv_kernel-2026-12-02.json). The math
+is the fp32 sum of `gdn_jax.ops.conv.causal_conv`, term by term in the same order.
 
 Slots are distinct within a call; a negative or out-of-range slot is a padding row: nothing read
 or written in the conv buffer, zero outputs. The conv buffer is aliased to the result: inside a

@@ -18,15 +18,12 @@ them (zero output for the row).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
 from gdn_jax import kernels
 from gdn_jax.ops._slots import slot_index
-from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
-from gdn_jax.ops.dispatch import Device
+from gdn_jax.ops.dispatch import kernel_mode
 from gdn_jax.ops.scatter import write_positions
 
 ENV_VAR = "GDN_JAX_CONV"
@@ -74,15 +71,6 @@ def conv_step(x, conv, weight, slots, *, widths, dtype=None):
 def _mode(widths) -> tuple[str | None, int]:
     """("compiled" | "interpret", block) where the kernel is asked for and tiles the widths, else
     (None, 0): XLA."""
-    wish = os.environ.get(ENV_VAR)
-    if not wish:
-        backend = os.environ.get(_BACKEND_VAR)
-        wish = backend if backend in ("xla", "interpret") else "auto"
-    if wish not in ("auto", "xla", "pallas", "interpret"):
-        raise ValueError(f"{ENV_VAR}: expected auto, xla, pallas or interpret, got {wish!r}")
+    mode = kernel_mode(ENV_VAR)
     block = next((b for b in _BLOCKS if all(n % b == 0 for n in widths)), 0)
-    if wish == "xla" or not block:
-        return None, 0
-    if wish == "interpret":
-        return "interpret", block
-    return ("compiled", block) if Device.of().runs_triton else (None, 0)
+    return (mode, block) if mode and block else (None, 0)

@@ -83,6 +83,24 @@ class Choice:
     reason: str = dataclasses.field(default="", compare=False)
 
 
+def kernel_mode(var: str) -> str | None:
+    """Where a cache-bookkeeping kernel steered by its own environment variable var
+    (GDN_JAX_SCATTER, GDN_JAX_CONV) runs: "compiled" on a GPU with Triton, "interpret" (the Pallas
+    interpreter, tests) where asked, None for XLA. var: auto (default) | pallas (the same) | xla |
+    interpret; unset, GDN_JAX_BACKEND's xla and interpret steer it too. Read at trace time."""
+    wish = os.environ.get(var)
+    if not wish:
+        backend = os.environ.get(ENV_VAR)
+        wish = backend if backend in ("xla", "interpret") else "auto"
+    if wish not in ("auto", "xla", "pallas", "interpret"):
+        raise ValueError(f"{var}: expected auto, xla, pallas or interpret, got {wish!r}")
+    if wish == "xla":
+        return None
+    if wish == "interpret":
+        return "interpret"
+    return "compiled" if Device.of().runs_triton else None  # no Triton here: XLA
+
+
 def preferences(device: Device, op: str = "decode", B: int | None = None,
                 mode: str | None = None) -> tuple[str, ...]:
     """The table: backends to try in order for `op` at batch B (None: unknown; verify: in `mode`)

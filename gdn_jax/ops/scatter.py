@@ -30,13 +30,11 @@ gather it: run those under `jax.shard_map`, or with GDN_JAX_SCATTER=xla.
 from __future__ import annotations
 
 import math
-import os
 
 import jax.numpy as jnp
 
 from gdn_jax import kernels
-from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
-from gdn_jax.ops.dispatch import Device
+from gdn_jax.ops.dispatch import kernel_mode
 
 ENV_VAR = "GDN_JAX_SCATTER"
 _MIN_BLOCK = 64  # below this the rows are short enough for XLA's scatter
@@ -88,17 +86,8 @@ def _block(R: int) -> int:
 def _mode(R: int) -> str | None:
     """"compiled" or "interpret" where the kernel is asked for and takes rows of R elements,
     else None (XLA)."""
-    wish = os.environ.get(ENV_VAR)
-    if not wish:  # GDN_JAX_BACKEND's xla and interpret steer the writes too
-        backend = os.environ.get(_BACKEND_VAR)
-        wish = backend if backend in ("xla", "interpret") else "auto"
-    if wish not in ("auto", "xla", "pallas", "interpret"):
-        raise ValueError(f"{ENV_VAR}: expected auto, xla, pallas or interpret, got {wish!r}")
-    if wish == "xla" or _block(R) < _MIN_BLOCK:
-        return None
-    if wish == "interpret":
-        return "interpret"
-    return "compiled" if Device.of().runs_triton else None  # no Triton here: XLA
+    mode = kernel_mode(ENV_VAR)
+    return mode if _block(R) >= _MIN_BLOCK else None
 
 
 def _scatter(table, index, rows, mode):
