@@ -60,20 +60,15 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 H, HV, K, V = 16, 32, 128, 128
 PENDING = 3
+_SWEEP_SMEM = 160 * 1024  # the state tiles' stages a Mosaic sweep case may take of the SM's 227 KiB
 RING_FOLD_SHARES = (0.2, 0.0, 1.0)  # FlashInfer's published steady state first, then both ends
 METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
            "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active")
 
 
 def cases(args):
-    if args.sweep:
-        return sweep_cases()
-    if args.sweep_ring:
-        return sweep_ring_cases(tuple(int(x) for x in args.sweep_batches.split(",")),
-                                args.dtypes, args.sweep_configs)
-    if args.sweep_mosaic:
-        return sweep_mosaic_cases(tuple(args.sweep_mosaic.split(",")),
-                                  tuple(int(x) for x in args.sweep_batches.split(",")))
+    if args.sweep or args.sweep_ring or args.sweep_mosaic:
+        return _sweep(args)
     batches = (args.batches or ((8, 256) if args.quick else (1, 8, 32, 128, 256)))
     out = []
     for dtype in args.dtypes:
@@ -110,6 +105,20 @@ def cases(args):
     return out
 
 
+def _sweep(args):
+    """The tuning sweep asked for, kept to --sweep-batches, --dtypes and --ops (each sweep lists
+    both dtypes and several ops and batches; a runner call of 600 s takes a few dozen cases)."""
+    batches = tuple(int(x) for x in args.sweep_batches.split(","))
+    if args.sweep:
+        out = sweep_cases()
+    elif args.sweep_ring:
+        out = sweep_ring_cases(batches, args.dtypes, args.sweep_configs)
+    else:
+        out = sweep_mosaic_cases(tuple(args.sweep_mosaic.split(",")), batches)
+    return [c for c in out if c["B"] in batches and c["dtype"] in args.dtypes
+            and (not args.ops or c["op"] in args.ops)]
+
+
 def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32"), configs=None):
     """Tuning sweep of the ring kernel: block_v x num_warps (or the given "bv:w,..." configs),
     verify T = 4 at fold 20%. Each config is a fresh XLA compile of the ring kernel (tens of
@@ -123,7 +132,8 @@ def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32"), configs=
 
 def sweep_cases():
     """Tuning sweep: block_v x num_warps (x num_stages for the pending-candidate loop of replay)
-    for decode and replay 3+4 at B = 32 and 256, and intermediate T = 4 at B = 256."""
+    for decode (1, 2 or 4 warps) and replay 3+4 at B = 32 and 256, and intermediate T = 4 at
+    B = 256."""
     out = []
     for op in ("decode", "replay", "intermediate"):
         for dtype in ("bfloat16", "float32"):
@@ -131,7 +141,7 @@ def sweep_cases():
                 if op == "intermediate" and (B == 32 or dtype == "float32"):
                     continue
                 for bv in ((8, 16, 32, 64) if op == "decode" else (8, 16, 32)):
-                    for w in (1, 2):
+                    for w in ((1, 2, 4) if op == "decode" else (1, 2)):
                         for stages in ((1, 3) if op == "replay" else (1,)):
                             out.append(dict(impl="gdn", op=op, B=B, T=1 if op == "decode" else 4,
                                             dtype=dtype, block_v=bv, num_warps=w,
@@ -140,7 +150,8 @@ def sweep_cases():
 
 
 def sweep_mosaic_cases(ops=("decode", "replay", "intermediate"), batches=(32, 256)):
-    """Tuning sweep of the Mosaic GPU kernels: block_v x tiles_per_cta x stages for decode,
+    """Tuning sweep of the Mosaic GPU kernels: block_v x tiles_per_cta x stages (decode: up to
+    four, where the state's stages fit _SWEEP_SMEM) for decode,
     replay 3+4 and intermediate T = 4 at B = 32 and 256, with the Triton kernel (dispatch's
     tuning) first in each group as the baseline."""
     out = []
@@ -151,7 +162,10 @@ def sweep_mosaic_cases(ops=("decode", "replay", "intermediate"), batches=(32, 25
                 out.append(dict(impl="gdn", op=op, B=B, T=T, dtype=dtype))
                 for bv in (64, 128):
                     for per in (1, 2, 4, 8) if op == "decode" else (1, 2, 4):
-                        for stages in (2, 3):
+                        for stages in (2, 3, 4) if op == "decode" else (2, 3):
+                            tile = bv * K * (2 if dtype == "bfloat16" else 4)
+                            if stages * tile > _SWEEP_SMEM:
+                                continue
                             out.append(dict(impl="mosaic", op=op, B=B, T=T, dtype=dtype,
                                             block_v=bv, tiles_per_cta=per, stages=stages))
     return out
@@ -510,13 +524,14 @@ def main(argv=None):
                    help="keep only these implementations of the standard cases, comma-separated "
                         "(gdn = our Triton, mosaic, fla, fla-jax, flashinfer)")
     p.add_argument("--ops", default=None,
-                   help="keep only these ops of the standard cases, comma-separated (decode, "
-                        "replay, intermediate, ring, ring-decode, fla)")
+                   help="keep only these ops (of the standard cases or a sweep), "
+                        "comma-separated (decode, replay, intermediate, ring, ring-decode, fla)")
     p.add_argument("--quick", action="store_true", help="B in {8, 256} only")
     p.add_argument("--batches", default=None,
                    help="B values of the standard cases, comma-separated (overrides --quick)")
     p.add_argument("--dtypes", default="bfloat16,float32",
-                   help="state dtypes of the standard cases, comma-separated (default both)")
+                   help="state dtypes (of the standard cases or a sweep), comma-separated "
+                        "(default both)")
     p.add_argument("--tokens", default="4", help="verify T values, comma-separated (default 4)")
     p.add_argument("--reps", type=int, default=3, help="profiled launches per case (median)")
     p.add_argument("--sweep", action="store_true",
@@ -528,8 +543,8 @@ def main(argv=None):
                         "stages) for OPS, comma-separated of decode, replay, intermediate, "
                         "instead of the standard cases")
     p.add_argument("--sweep-batches", default="32,256",
-                   help="B values of --sweep-mosaic and --sweep-ring, comma-separated "
-                        "(default 32,256)")
+                   help="B values of the tuning sweeps, comma-separated (default 32,256); "
+                        "--dtypes and --ops keep a sweep's cases too")
     p.add_argument("--ring", action="store_true",
                    help="also profile ring mode (verify in three fold phases, decode's cycle)")
     p.add_argument("--sweep-ring", action="store_true",
@@ -597,14 +612,16 @@ def main(argv=None):
         ["--ops", ",".join(args.ops)] if args.ops else [])
     cmd += ["--fla"] * args.fla + ["--fla-jax"] * args.fla_jax + ["--quick"] * args.quick + ["--sweep"] * args.sweep
     cmd += ["--flashinfer"] * args.flashinfer + ["--ring"] * args.ring
-    cmd += ["--sweep-ring", "--sweep-batches", args.sweep_batches] * args.sweep_ring
+    cmd += ["--sweep-ring"] * args.sweep_ring
+    cmd += ["--sweep-batches", args.sweep_batches] * bool(
+        args.sweep or args.sweep_ring or args.sweep_mosaic)
     if args.sweep_ring and args.sweep_configs:
         cmd += ["--sweep-configs", args.sweep_configs]
     if args.batches:
         cmd += ["--batches", ",".join(map(str, args.batches))]
     cmd += ["--no-mosaic"] * (not args.mosaic)
     if args.sweep_mosaic:
-        cmd += ["--sweep-mosaic", args.sweep_mosaic, "--sweep-batches", args.sweep_batches]
+        cmd += ["--sweep-mosaic", args.sweep_mosaic]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     summarize(args.out, args.reps, bw, flashinfer=args.flashinfer)
