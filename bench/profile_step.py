@@ -11,7 +11,7 @@ A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xl
 (GDN_JAX_PROJECTION: the model's projections in XLA, or through the few-row kernel where it runs),
 `scatter=xla|auto` (GDN_JAX_SCATTER: the caches' writes by XLA's scatter or the row kernel),
 `groups=on|off` (GDN_JAX_PROJECTION_GROUPS: a layer's projections of one input in one launch),
-`conv=auto|xla` (GDN_JAX_CONV: a decode step's GDN conv by the conv kernel or XLA),
+`conv=auto|xla` (GDN_JAX_CONV: the GDN conv of decode and verify by the conv kernel or XLA),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
 (set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
 (`compiler_options`; e.g. the command-buffer options). Variants run one after another on the

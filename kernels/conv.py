@@ -1,19 +1,23 @@
-"""The GDN layer's short causal conv for one token per row, in place on the slot's conv window:
-the decode step's conv in one launch.
+"""The GDN layer's short causal conv for T tokens per row, in place on the slot's conv rows:
+a decode or verify step's conv in one launch.
 
-    outs, conv = conv_step(x, conv, weight, slots, widths=(H*K, H*K, HV*V), config=ConvConfig())
-    # x [B, C] (this token's pre-conv channels), conv [N, L, C] (rows 0..W-2 of a slot: its last
-    # W - 1 inputs, oldest first), weight [W, C]; outs[i] [B, widths[i]] = the channel range i
-    # of silu(sum_j window_j * weight[j] + x * weight[W - 1]); conv[slot, :W - 1] := the window
-    # shifted by one, x last
+    outs, conv = conv_step(x, conv, weight, slots, widths=(H*K, H*K, HV*V), keep="window")
+    # x [B, T, C] (the tokens' pre-conv channels), conv [N, L, C] (rows 0..W-2 of a slot: its
+    # last W - 1 inputs, oldest first), weight [W, C]; outs[i] [B, T, widths[i]] = the channel
+    # range i of silu(sum_j xp[t + j] * weight[j]) over xp = [window; x]. keep="window"
+    # (decode): conv[slot, :W - 1] := the last W - 1 rows of xp. keep="all" (verify): conv[slot]
+    # := xp, zero-padded to L rows (the window stays; `commit` then picks the window of the
+    # accepted count)
 
 In XLA the step is a concatenate, the conv's slices (one fusion per consumer of q, k, v) and the
 window's gather and scatter: five or six launches of a microsecond or two per GDN layer. Here
-program (b, j) reads column block j of row b's window and token, writes its outputs (each block
-lies inside one of `widths`) and the shifted window: one launch, no gather, no scatter. On an H200
-it took a 48-layer decode step from 3.52 to 3.38 ms of kernels at B = 1 and from 5.01 to 4.69 ms
-at B = 32 (bench/results/profile_step-h200-qwen3_5_text-conv_kernel-2026-12-02.json). The math
-is the fp32 sum of `gdn_jax.ops.conv.causal_conv`, term by term in the same order.
+program (b, j) reads column block j of row b's window and tokens, writes its outputs (each block
+lies inside one of `widths`) and the slot's rows: one launch, no gather, no scatter. On an H200
+the decode step's (T = 1) took a 48-layer decode step from 3.52 to 3.38 ms of kernels at B = 1
+and from 5.01 to 4.69 ms at B = 32
+(bench/results/profile_step-h200-qwen3_5_text-conv_kernel-2026-12-02.json); verify's is
+unmeasured. The math is the fp32 sum of `gdn_jax.ops.conv.causal_conv`, term by term in the same
+order.
 
 Slots are distinct within a call; a negative or out-of-range slot is a padding row: nothing read
 or written in the conv buffer, zero outputs. The conv buffer is aliased to the result: inside a
@@ -48,7 +52,8 @@ class ConvConfig(BlockConfig):
         return None
 
 
-def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, block, starts, num_slots):
+def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block, starts,
+            num_slots):
     *out_refs, conv_ref = refs  # conv_ref: conv_in's buffer (aliased)
     b, j = pl.program_id(0), pl.program_id(1)
     s = slots_ref[b]
@@ -56,74 +61,87 @@ def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, block, starts, num_s
     c0 = j * block
     cols = pl.ds(c0, block)
 
-    def store(y):
+    def store(t, y):
         for out_ref, (lo, hi) in zip(out_refs, starts):
             @pl.when((c0 >= lo) & (c0 < hi))
             def _():
-                out_ref[b, pl.ds(c0 - lo, block)] = y.astype(out_ref.dtype)
+                out_ref[b, t, pl.ds(c0 - lo, block)] = y.astype(out_ref.dtype)
 
     @pl.when(valid)
     def _():
-        window = [conv_in[s, i, cols] for i in range(width - 1)]
-        x = x_ref[b, cols].astype(conv_ref.dtype)
-        acc = jnp.zeros((block,), jnp.float32)
-        for i, xi in enumerate((*window, x)):
-            acc = acc + xi.astype(jnp.float32) * w_ref[i, cols].astype(jnp.float32)
-        store(acc * jax.nn.sigmoid(acc))
-        for i, xi in enumerate((*window, x)[1:]):  # W = 1: no window to keep
-            conv_ref[s, i, cols] = xi
+        xs = [conv_in[s, i, cols] for i in range(width - 1)]  # the window, then the tokens
+        xs += [x_ref[b, t, cols].astype(conv_ref.dtype) for t in range(tokens)]
+        w = [w_ref[i, cols].astype(jnp.float32) for i in range(width)]
+        for t in range(tokens):
+            acc = jnp.zeros((block,), jnp.float32)
+            for i in range(width):
+                acc = acc + xs[t + i].astype(jnp.float32) * w[i]
+            store(t, acc * jax.nn.sigmoid(acc))
+        if keep == "window":  # the last W - 1 inputs (W = 1: nothing to keep)
+            for i, xi in enumerate(xs[tokens:]):
+                conv_ref[s, i, cols] = xi
+        else:  # the window stays; the tokens after it, zeros to the end of the slot's rows
+            for t in range(tokens):
+                conv_ref[s, width - 1 + t, cols] = xs[width - 1 + t]
+            for i in range(width - 1 + tokens, conv_ref.shape[1]):
+                conv_ref[s, i, cols] = jnp.zeros((block,), conv_ref.dtype)
 
     @pl.when(jnp.logical_not(valid))
     def _():
-        store(jnp.zeros((block,), jnp.float32))
+        for t in range(tokens):
+            store(t, jnp.zeros((block,), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("widths", "dtype", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("widths", "keep", "dtype", "config", "interpret"))
 def conv_step(x: jax.Array, conv: jax.Array, weight: jax.Array, slots: jax.Array, *,
-              widths: tuple, dtype=None, config: ConvConfig = ConvConfig(),
-              interpret: bool = False):
-    """x: [B, C], conv: [N, L, C] with L >= W - 1, weight: [W, C], slots: [B] int32; widths:
-    output widths summing to C; dtype: the outputs' (default x's) -> (outs, conv) with outs[i]:
-    [B, widths[i]] (module docstring)."""
+              widths: tuple, keep: str = "window", dtype=None,
+              config: ConvConfig = ConvConfig(), interpret: bool = False):
+    """x: [B, T, C], conv: [N, L, C], weight: [W, C], slots: [B] int32; widths: output widths
+    summing to C; keep: "window" (L >= W - 1) or "all" (L >= W - 1 + T); dtype: the outputs'
+    (default x's) -> (outs, conv) with outs[i]: [B, T, widths[i]] (module docstring)."""
     widths = tuple(int(n) for n in widths)
-    _check(x, conv, weight, slots, widths, config)
-    B, C = x.shape
+    _check(x, conv, weight, slots, widths, keep, config)
+    B, T, C = x.shape
     N = conv.shape[0]
     dtype = jnp.dtype(dtype or x.dtype)
-    if B == 0:  # nothing to run (a grid of size 0 may not launch on a GPU)
-        return tuple(jnp.zeros((0, n), dtype) for n in widths), conv
+    if B == 0 or T == 0:  # nothing to run (a grid of size 0 may not launch on a GPU)
+        return tuple(jnp.zeros((B, T, n), dtype) for n in widths), conv
     bounds = [0]
     for n in widths:
         bounds.append(bounds[-1] + n)
-    kernel = functools.partial(_kernel, width=weight.shape[0], block=config.block,
-                               starts=tuple(zip(bounds[:-1], bounds[1:])), num_slots=N)
+    kernel = functools.partial(_kernel, width=weight.shape[0], tokens=T, keep=keep,
+                               block=config.block, starts=tuple(zip(bounds[:-1], bounds[1:])),
+                               num_slots=N)
     *outs, conv = _pallas.pallas_call(
         kernel,
-        name="gdn_conv_step",
+        name=f"gdn_conv_{keep}_t{T}",
         config=config,
         interpret=interpret,
         grid=(B, C // config.block),
-        out_shape=(*(jax.ShapeDtypeStruct((B, n), dtype) for n in widths),
+        out_shape=(*(jax.ShapeDtypeStruct((B, T, n), dtype) for n in widths),
                    jax.ShapeDtypeStruct(conv.shape, conv.dtype)),
         input_output_aliases={3: len(widths)},
     )(slots, x, weight, conv)
     return tuple(outs), conv
 
 
-def _check(x, conv, weight, slots, widths, config):
+def _check(x, conv, weight, slots, widths, keep, config):
     op = "conv_step"
-    if x.ndim != 2:
-        raise ValueError(f"{op}: x expected [B, C], got x{list(x.shape)}")
-    B, C = x.shape
+    if x.ndim != 3:
+        raise ValueError(f"{op}: x expected [B, T, C], got x{list(x.shape)}")
+    B, T, C = x.shape
     if conv.ndim != 3 or conv.shape[2] != C:
         raise ValueError(f"{op}: conv expected [N, L, C] with C = {C} (x's channels), got "
                          f"conv{list(conv.shape)}")
     if weight.ndim != 2 or weight.shape[1] != C or weight.shape[0] < 1:
         raise ValueError(f"{op}: weight expected [W, C] with W >= 1 and C = {C}, got "
                          f"weight{list(weight.shape)}")
-    if conv.shape[1] < weight.shape[0] - 1:
-        raise ValueError(f"{op}: conv expected at least W - 1 = {weight.shape[0] - 1} window "
-                         f"rows, got conv{list(conv.shape)}")
+    if keep not in ("window", "all"):
+        raise ValueError(f"{op}: keep expected 'window' or 'all', got {keep!r}")
+    rows = weight.shape[0] - 1 + (T if keep == "all" else 0)
+    if conv.shape[1] < rows:
+        raise ValueError(f"{op}: conv expected at least {rows} rows per slot (W - 1"
+                         f"{' + T' if keep == 'all' else ''}), got conv{list(conv.shape)}")
     if slots.ndim != 1 or slots.dtype != jnp.int32 or slots.shape[0] != B:
         raise ValueError(f"{op}: slots expected int32 [B] = [{B}], got "
                          f"{slots.dtype}{list(slots.shape)}")

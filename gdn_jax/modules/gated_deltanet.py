@@ -35,7 +35,7 @@ from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
                                       tp_size)
 from gdn_jax.ops.conv import causal_conv, conv_step
-from gdn_jax.ops.scatter import write_positions, write_slots
+from gdn_jax.ops.scatter import write_positions
 
 _F32 = jnp.float32
 MODES = ("prefill", "decode", "verify")
@@ -63,29 +63,27 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     b, a = ba[..., :HV], ba[..., HV:]
 
     A_log, dt_bias = p["A_log"], p["dt_bias"]
-    if mode == "decode":  # one launch for the conv and its window's shift where a GPU runs it
-        (q, k, v), conv = conv_step(mixed[:, 0], cache.conv, p["conv"], slots,
-                                    widths=(key_dim, key_dim, value_dim), dtype=dtype)
-        o, state = ops.decode(q.reshape(B, T, H, K), k.reshape(B, T, H, K),
-                              v.reshape(B, T, HV, V), a, b, A_log, dt_bias, cache.state, slots)
-        cache = cache.replace(state=state, conv=conv)
-    else:
+    if mode == "prefill":  # ragged lengths: XLA
         window = cache.conv[gather, :W - 1]  # [B, W - 1, C], committed inputs
         xp = jnp.concatenate([window, mixed.astype(cache.conv.dtype)], axis=1)
-        conv_out = causal_conv(xp, p["conv"]).astype(dtype)
-        q = conv_out[..., :key_dim].reshape(B, T, H, K)
-        k = conv_out[..., key_dim:2 * key_dim].reshape(B, T, H, K)
-        v = conv_out[..., 2 * key_dim:].reshape(B, T, HV, V)
-    if mode == "verify":
+        q, k, v = jnp.split(causal_conv(xp, p["conv"]).astype(dtype),
+                            (key_dim, 2 * key_dim), axis=-1)
+    else:  # one launch for the conv and the slot's conv rows where a GPU runs it
+        (q, k, v), conv = conv_step(mixed, cache.conv, p["conv"], slots,
+                                    widths=(key_dim, key_dim, value_dim), dtype=dtype,
+                                    keep="window" if mode == "decode" else "all")
+    q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V)
+    if mode == "decode":
+        o, state = ops.decode(q, k, v, a, b, A_log, dt_bias, cache.state, slots)
+        cache = cache.replace(state=state, conv=conv)
+    elif mode == "verify":
         o, state, inter = ops.verify(q, k, v, a, b, A_log, dt_bias, cache.state, slots,
                                      mode=cache.commit_mode)
-        pad = cache.t_max - T
-        conv = write_slots(cache.conv, scatter, jnp.pad(xp, [(0, 0), (0, pad), (0, 0)]))
         new_inter = cache.inter
         if inter is not None:
             new_inter = write_positions(cache.inter, scatter, inter)
         cache = cache.replace(state=state, conv=conv, inter=new_inter)
-    elif mode == "prefill":
+    else:
         o, state = ops.prefill(q, k, v, a, b, A_log, dt_bias, cache.state, slots, n)
         conv = write_positions(cache.conv, scatter, _windows(xp, n, W - 1))
         cache = cache.replace(state=state, conv=conv)

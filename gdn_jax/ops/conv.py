@@ -1,10 +1,11 @@
 """The GDN layer's short causal conv (depthwise, width W, then SiLU) over slot-indexed windows.
 
     y = causal_conv(xp, weight)                      # xp [B, W - 1 + T, C]: window, then T inputs
-    (q, k, v), conv = conv_step(x, conv, weight, slots, widths=(HK, HK, HVV), dtype=bf16)
+    (q, k, v), conv = conv_step(x, conv, weight, slots, widths=(HK, HK, HVV), keep="window")
 
-`conv_step` is one token per row (decode): the outputs split into `widths`, and each row's window
-(`conv[slot, :W - 1]`) shifted by the token. On an SM80+ GPU with Triton it is one launch of
+`conv_step` is T tokens per row (decode, verify): the outputs split into `widths`, and each row's
+conv rows updated: keep="window" shifts the window (`conv[slot, :W - 1]`) by the tokens (decode),
+keep="all" stores the window and the tokens (verify: `commit` picks the accepted count's window). On an SM80+ GPU with Triton it is one launch of
 `gdn_jax.kernels.conv_step` (the conv window read and written in place; XLA spends five or six
 launches on it: that module's docstring); elsewhere XLA as `causal_conv` and the caches' writes.
 GDN_JAX_CONV=xla keeps XLA, "pallas" is the default "auto" spelled out, "interpret" runs the
@@ -24,7 +25,7 @@ import jax.numpy as jnp
 from gdn_jax import kernels
 from gdn_jax.ops._slots import slot_index
 from gdn_jax.ops.dispatch import kernel_mode
-from gdn_jax.ops.scatter import write_positions
+from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
 _BLOCKS = (512, 256, 128, 64, 32, 16)
@@ -44,28 +45,32 @@ def causal_conv(xp, weight):
     return jax.nn.silu(y)
 
 
-def conv_step(x, conv, weight, slots, *, widths, dtype=None):
-    """x: [B, C] one token per row; conv: [N, L, C] the slots' windows in rows 0..W-2 (oldest
-    first); weight: [W, C]; slots: [B] int32; widths: output widths summing to C; dtype: the
-    outputs' (default x's). Returns (outs, conv): outs[i] [B, widths[i]] the channel range i of
-    silu(conv), conv with each row's window shifted by its token (x cast to conv's dtype)."""
+def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None):
+    """x: [B, T, C] the rows' tokens; conv: [N, L, C] the slots' windows in rows 0..W-2 (oldest
+    first); weight: [W, C]; slots: [B] int32; widths: output widths summing to C; keep: "window"
+    (decode: each slot keeps its last W - 1 inputs) or "all" (verify: the window and the T
+    tokens, zero-padded to L rows); dtype: the outputs' (default x's). Returns (outs, conv):
+    outs[i] [B, T, widths[i]] the channel range i of silu(conv) (x cast to conv's dtype first)."""
     widths = tuple(int(n) for n in widths)
     dtype = jnp.dtype(dtype or x.dtype)
     slots = jnp.asarray(slots).astype(jnp.int32)
     mode, block = _mode(widths)
     if mode is not None:
-        return kernels.conv_step(x, conv, weight, slots, widths=widths, dtype=dtype,
+        return kernels.conv_step(x, conv, weight, slots, widths=widths, keep=keep, dtype=dtype,
                                  config=kernels.ConvConfig(block=block),
                                  interpret=mode == "interpret")
-    W = weight.shape[0]
+    W, T, L = weight.shape[0], x.shape[1], conv.shape[1]
     gather, _, scatter = slot_index(slots, conv.shape[0])
-    xp = jnp.concatenate([conv[gather, :W - 1], x[:, None].astype(conv.dtype)], axis=1)
-    y = causal_conv(xp, weight)[:, 0].astype(dtype)
+    xp = jnp.concatenate([conv[gather, :W - 1], x.astype(conv.dtype)], axis=1)
+    y = causal_conv(xp, weight).astype(dtype)
     outs, lo = [], 0
     for n in widths:
-        outs.append(y[:, lo:lo + n])
+        outs.append(y[..., lo:lo + n])
         lo += n
-    return tuple(outs), write_positions(conv, scatter, xp[:, 1:])
+    if keep == "window":
+        return tuple(outs), write_positions(conv, scatter, xp[:, T:])
+    return tuple(outs), write_slots(conv, scatter, jnp.pad(xp, [(0, 0), (0, L - xp.shape[1]),
+                                                                 (0, 0)]))
 
 
 def _mode(widths) -> tuple[str | None, int]:

@@ -1,7 +1,8 @@
-"""The decode step's causal conv (`kernels.conv_step`) against a float64 reference: each output
-channel range is silu(window . weight) of its slot's window and this token, every slot's window
-shifts by the token, padding rows read and write nothing (zero outputs), and every other entry
-of the conv buffer (other slots, rows past the window) is untouched bit for bit.
+"""The decode and verify steps' causal conv (`kernels.conv_step`) against a float64 reference:
+each output channel range is silu(window . weight) over its slot's window and the tokens; a
+slot's conv rows take the last W - 1 inputs (keep="window") or the window and the tokens,
+zero-padded (keep="all"); padding rows read and write nothing (zero outputs), and every other
+entry of the conv buffer (other slots, rows past the window) is untouched bit for bit.
 
 Tolerances: the kernel sums W fp32 products of inputs already in the conv buffer's dtype (exact
 in fp32 for bf16 inputs and weights) and rounds once to the output dtype: |err| <= 2 ulp of the
@@ -20,11 +21,11 @@ TRITON_CALL = "__gpu$xla.gpu.triton"
 TOL = {jnp.bfloat16: 2.0 ** -7, jnp.float32: 2.0 ** -20}
 
 
-def _case(seed, N, L, W, widths, B, dtype):
+def _case(seed, N, L, W, widths, B, dtype, T=1):
     rng = np.random.default_rng(seed)
     C = sum(widths)
     conv = jnp.asarray(rng.standard_normal((N, L, C)), dtype)
-    x = jnp.asarray(rng.standard_normal((B, C)), dtype)
+    x = jnp.asarray(rng.standard_normal((B, T, C)), dtype)
     weight = jnp.asarray(rng.standard_normal((W, C)) * W ** -0.5, dtype)
     slots = rng.permutation(N)[:B].astype(np.int32)
     slots[1::3] = -1  # padding rows
@@ -33,19 +34,23 @@ def _case(seed, N, L, W, widths, B, dtype):
     return x, conv, weight, jnp.asarray(slots)
 
 
-def _reference(x, conv, weight, slots, widths):
+def _reference(x, conv, weight, slots, widths, keep="window"):
     x, conv, w = (np.asarray(a, np.float64) for a in (x, conv, weight))
-    W = w.shape[0]
+    W, (B, T, C), L = w.shape[0], x.shape, conv.shape[1]
     out_conv = conv.copy()
     y = np.zeros(x.shape)
     for i, s in enumerate(np.asarray(slots)):
         if 0 <= s < conv.shape[0]:
-            xp = np.concatenate([conv[s, :W - 1], x[i:i + 1]], axis=0)  # [W, C]
-            pre = (xp * w).sum(0)
-            y[i] = pre / (1 + np.exp(-pre))
-            out_conv[s, :W - 1] = xp[1:]
+            xp = np.concatenate([conv[s, :W - 1], x[i]], axis=0)  # [W - 1 + T, C]
+            for t in range(T):
+                pre = (xp[t:t + W] * w).sum(0)
+                y[i, t] = pre / (1 + np.exp(-pre))
+            if keep == "window":
+                out_conv[s, :W - 1] = xp[T:]
+            else:
+                out_conv[s] = np.concatenate([xp, np.zeros((L - len(xp), C))], axis=0)
     bounds = np.cumsum((0,) + tuple(widths))
-    return [y[:, lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], out_conv
+    return [y[..., lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])], out_conv
 
 
 def _check(outs, conv_out, ref_outs, ref_conv, dtype):
@@ -58,16 +63,20 @@ def _check(outs, conv_out, ref_outs, ref_conv, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("N, L, W, widths, B, block", [
-    (6, 7, 4, (64, 64, 128), 5, 64),     # Qwen3.5's layout at small width, verify rows past W - 1
-    (4, 3, 4, (32, 32, 64), 4, 32),      # the window alone
-    (3, 2, 2, (16, 48), 3, 16),          # W = 2, two outputs
-    (2, 5, 1, (64,), 2, 64),             # W = 1: no window
+@pytest.mark.parametrize("N, L, W, widths, B, T, keep, block", [
+    (6, 7, 4, (64, 64, 128), 5, 1, "window", 64),  # Qwen3.5's layout, small: decode
+    (6, 7, 4, (64, 64, 128), 5, 4, "all", 64),     # verify at T = T_max
+    (6, 7, 4, (64, 64, 128), 4, 2, "all", 64),     # verify at T < T_max: zeros after
+    (4, 3, 4, (32, 32, 64), 4, 1, "window", 32),   # the window alone
+    (4, 5, 4, (32, 32, 64), 3, 3, "window", 32),   # shift by 3
+    (3, 2, 2, (16, 48), 3, 1, "window", 16),       # W = 2, two outputs
+    (2, 5, 1, (64,), 2, 1, "window", 64),          # W = 1: no window
+    (2, 5, 1, (64,), 2, 3, "all", 64),
 ])
-def test_conv_step_matches_reference_interpret(N, L, W, widths, B, block, dtype):
-    x, conv, weight, slots = _case(N + B + W, N, L, W, widths, B, dtype)
-    ref_outs, ref_conv = _reference(x, conv, weight, slots, widths)
-    outs, conv_out = kernels.conv_step(x, conv, weight, slots, widths=widths,
+def test_conv_step_matches_reference_interpret(N, L, W, widths, B, T, keep, block, dtype):
+    x, conv, weight, slots = _case(N + B + W + T, N, L, W, widths, B, dtype, T)
+    ref_outs, ref_conv = _reference(x, conv, weight, slots, widths, keep)
+    outs, conv_out = kernels.conv_step(x, conv, weight, slots, widths=widths, keep=keep,
                                        config=ConvConfig(block=block), interpret=True)
     _check(outs, conv_out, ref_outs, ref_conv, dtype)
     assert not np.any(np.asarray(outs[0])[1::3])  # padding rows: zero outputs
@@ -81,46 +90,51 @@ def test_conv_step_output_dtype():
 
 
 @pytest.mark.parametrize("change, match", [
-    (dict(x=(2, 3, 64)), r"x expected \[B, C\]"),
+    (dict(x=(2, 64)), r"x expected \[B, T, C\]"),
     (dict(conv=(4, 3, 32)), r"conv expected \[N, L, C\] with C = 64"),
     (dict(weight=(4, 32)), r"weight expected \[W, C\] with W >= 1 and C = 64"),
-    (dict(conv=(4, 2, 64)), r"conv expected at least W - 1 = 3 window rows"),
+    (dict(conv=(4, 2, 64)), r"conv expected at least 3 rows per slot \(W - 1\)"),
+    (dict(keep="all"), r"conv expected at least 5 rows per slot \(W - 1 \+ T\)"),
+    (dict(keep="some"), r"keep expected 'window' or 'all', got 'some'"),
     (dict(slots=(3,)), r"slots expected int32 \[B\] = \[2\]"),
     (dict(widths=(32, 16)), r"widths expected positive widths summing to C = 64"),
     (dict(widths=(48, 16)), r"block=32 does not divide the output widths \[48, 16\]"),
 ])
 def test_conv_step_rejects_bad_input(change, match):
-    shapes = dict(x=(2, 64), conv=(4, 3, 64), weight=(4, 64), slots=(2,), widths=(32, 32))
+    shapes = dict(x=(2, 2, 64), conv=(4, 3, 64), weight=(4, 64), slots=(2,), widths=(32, 32),
+                  keep="window")
     shapes.update(change)
     with pytest.raises(ValueError, match=match):
         kernels.conv_step(jnp.ones(shapes["x"], jnp.bfloat16),
                           jnp.ones(shapes["conv"], jnp.bfloat16),
                           jnp.ones(shapes["weight"], jnp.bfloat16),
                           jnp.zeros(shapes["slots"], jnp.int32), widths=shapes["widths"],
-                          config=ConvConfig(block=32), interpret=True)
+                          keep=shapes["keep"], config=ConvConfig(block=32), interpret=True)
 
 
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
-def test_conv_step_lowers_for_cuda(kind, cuda_lowering):
-    x = jax.ShapeDtypeStruct((32, 8192), jnp.bfloat16)
+@pytest.mark.parametrize("T, keep", [(1, "window"), (4, "all")])
+def test_conv_step_lowers_for_cuda(kind, T, keep, cuda_lowering):
+    x = jax.ShapeDtypeStruct((32, T, 8192), jnp.bfloat16)
     conv = jax.ShapeDtypeStruct((32, 7, 8192), jnp.bfloat16)
     weight = jax.ShapeDtypeStruct((4, 8192), jnp.bfloat16)
     slots = jax.ShapeDtypeStruct((32,), jnp.int32)
     with cuda_lowering(kind):
-        text = kernels.conv_step.trace(x, conv, weight, slots, widths=(2048, 2048, 4096)).lower(
-            lowering_platforms=("cuda",)).as_text()
+        text = kernels.conv_step.trace(x, conv, weight, slots, widths=(2048, 2048, 4096),
+                                       keep=keep).lower(lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in text
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("T, keep", [(1, "window"), (4, "all"), (2, "all")])
 @pytest.mark.parametrize("N, B", [(1, 1), (40, 32), (300, 256)])
-def test_conv_step_matches_reference_gpu(N, B, dtype, on_gpu):
+def test_conv_step_matches_reference_gpu(N, B, T, keep, dtype, on_gpu):
     widths = (2048, 2048, 4096)  # Qwen3.5's q | k | v channels, W = 4, T_max = 4
-    x, conv, weight, slots = _case(N + B, N, 7, 4, widths, B, dtype)
+    x, conv, weight, slots = _case(N + B, N, 7, 4, widths, B, dtype, T)
     if B == 1:
         slots = jnp.zeros((1,), jnp.int32)
-    ref_outs, ref_conv = _reference(x, conv, weight, slots, widths)
-    step = jax.jit(kernels.conv_step, static_argnames=("widths", "config"))
-    outs, conv_out = step(x, conv, weight, slots, widths=widths, config=ConvConfig())
+    ref_outs, ref_conv = _reference(x, conv, weight, slots, widths, keep)
+    step = jax.jit(kernels.conv_step, static_argnames=("widths", "keep", "config"))
+    outs, conv_out = step(x, conv, weight, slots, widths=widths, keep=keep, config=ConvConfig())
     _check(outs, conv_out, ref_outs, ref_conv, dtype)

@@ -142,12 +142,12 @@ def test_row_kernel_writes_what_xla_writes(layer, mode, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("mode", ["replay", "ring"])
-def test_conv_kernel_decodes_as_xla(layer, mode, monkeypatch):
-    """A decode step's conv through `kernels.conv_step` (`gdn_jax.ops.conv`, interpreted): the
-    same conv windows bit for bit, the same layer output and state to the fp32 summation order
-    of the conv (2**-16 of their scale: a few fp32 ulps carried through the layer), padding
-    row included."""
+@pytest.mark.parametrize("mode", ["replay", "intermediate", "ring"])
+def test_conv_kernel_steps_as_xla(layer, mode, monkeypatch):
+    """Decode and verify steps' conv through `kernels.conv_step` (`gdn_jax.ops.conv`,
+    interpreted), with a commit between: the same conv rows bit for bit, the same layer outputs
+    and state to the fp32 summation order of the conv (2**-16 of their scale: a few fp32 ulps
+    carried through the layer), padding row included."""
     from gdn_jax import kernels
     from gdn_jax.ops import conv as conv_ops
 
@@ -158,14 +158,15 @@ def test_conv_kernel_decodes_as_xla(layer, mode, monkeypatch):
         slots = jnp.array([2, -1, 0])
         _, c = layer(_x(6, 3, 5), _cache(layer, mode), slots, lengths=jnp.array([5, 2, 3]))
         y, c = layer(_x(8, 3, 1), c, slots, mode="decode")
-        y2, c = layer(_x(9, 3, 1), c, slots, mode="decode")
-        return y, y2, c
+        y2, c = layer(_x(9, 3, 3), c, slots, mode="verify")
+        c = GatedDeltaNet.commit(c, slots, jnp.array([2, 3, 1]))
+        y3, c = layer(_x(10, 3, 1), c, slots, mode="decode")
+        return (y, y2, y3), c
 
     out = _each_path(monkeypatch, conv_ops.ENV_VAR, run)
-    (y_x, y2_x, c_x), (y_k, y2_k, c_k) = out["xla"], out["interpret"]
-    assert len(calls) == 2  # the interpreted path's two decode steps, and only those
+    (ys_x, c_x), (ys_k, c_k) = out["xla"], out["interpret"]
+    assert len(calls) == 3  # the interpreted path's decode, verify, decode; and only those
     np.testing.assert_array_equal(c_k.conv, c_x.conv)
-    for a, b in zip((y_k, y2_k, *jax.tree.leaves(c_k.state)),
-                    (y_x, y2_x, *jax.tree.leaves(c_x.state))):
+    for a, b in zip((*ys_k, *jax.tree.leaves(c_k.state)), (*ys_x, *jax.tree.leaves(c_x.state))):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         np.testing.assert_allclose(a, b, rtol=0, atol=2.0 ** -16 * max(1.0, np.abs(b).max()))

@@ -1,5 +1,5 @@
 """`ops.conv.conv_step`: XLA's path and the kernel's (in the interpreter) give the same outputs
-for real rows and the same conv buffer; the dispatch picks the kernel on a Triton GPU only where
+for real rows and the same conv buffer, decode (keep="window") and verify (keep="all"); the dispatch picks the kernel on a Triton GPU only where
 its block tiles the widths; GDN_JAX_CONV is checked.
 
 Tolerance between the two paths: both sum the same W fp32 products and round once to the output
@@ -23,22 +23,23 @@ def _no_env(monkeypatch):
     monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
 
 
-def _case(seed=0, N=5, L=7, W=4, B=4):
+def _case(seed=0, N=5, L=7, W=4, B=4, T=1):
     rng = np.random.default_rng(seed)
     C = sum(WIDTHS)
     conv = jnp.asarray(rng.standard_normal((N, L, C)), jnp.bfloat16)
-    x = jnp.asarray(rng.standard_normal((B, C)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((B, T, C)), jnp.bfloat16)
     weight = jnp.asarray(rng.standard_normal((W, C)) * 0.5, jnp.bfloat16)
     slots = jnp.asarray([3, -1, 0, 4][:B], jnp.int32)
     return x, conv, weight, slots
 
 
-def test_kernel_and_xla_agree(monkeypatch):
-    x, conv, weight, slots = _case()
+@pytest.mark.parametrize("T, keep", [(1, "window"), (3, "all"), (2, "window")])
+def test_kernel_and_xla_agree(monkeypatch, T, keep):
+    x, conv, weight, slots = _case(T=T)
     results = {}
     for mode in ("xla", "interpret"):
         monkeypatch.setenv(conv_ops.ENV_VAR, mode)
-        results[mode] = conv_ops.conv_step(x, conv, weight, slots, widths=WIDTHS,
+        results[mode] = conv_ops.conv_step(x, conv, weight, slots, widths=WIDTHS, keep=keep,
                                            dtype=jnp.bfloat16)
     (outs_x, conv_x), (outs_k, conv_k) = results["xla"], results["interpret"]
     real = np.asarray(slots) >= 0
