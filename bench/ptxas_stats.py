@@ -2,7 +2,7 @@
 
     python bench/ptxas_stats.py [--kernel ring|decode|replay|intermediate] [--pool bfloat16]
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
-    python bench/ptxas_stats.py --kernel projection|projection-group|moe-gate-up|moe-down|attention
+    python bench/ptxas_stats.py --kernel projection|projection-group|moe-gate-up|moe-down|attention|conv
                                 [--T 4]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks)
 
@@ -126,7 +126,8 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
     return fn, args, kwargs
 
 
-MODEL_KERNELS = ("projection", "projection-group", "moe-gate-up", "moe-down", "attention")
+MODEL_KERNELS = ("projection", "projection-group", "moe-gate-up", "moe-down", "attention",
+                 "conv")
 
 
 def model_kernel_call(kernel: str, T: int):
@@ -148,6 +149,12 @@ def model_kernel_call(kernel: str, T: int):
         config = projection.config_for(1, 2048, widths)
         return (kernels.project_group, (S((1, 2048), bf), tuple(S((2048, n), bf) for n in widths)),
                 {}, config)
+    if kernel == "conv":  # the GDN conv of B = 32 rows: decode (T = 1) or verify
+        config = kernels.ConvConfig()
+        keep = "window" if T == 1 else "all"
+        return (kernels.conv_step, (S((32, T, 8192), bf), S((40, 3 + T, 8192), bf),
+                                    S((4, 8192), bf), S((32,), jnp.int32)),
+                dict(widths=(2048, 2048, 4096), keep=keep), config)
     if kernel.startswith("moe"):
         pairs, E = 8 * 8, 256
         K, N = (2048, 512) if kernel == "moe-gate-up" else (512, 2048)
