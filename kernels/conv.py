@@ -13,7 +13,7 @@ In XLA the step is a concatenate, the conv's slices (one fusion per consumer of 
 window's gather and scatter: five or six launches of a microsecond or two per GDN layer. Here
 program (b, j) reads column block j of row b's window and tokens, writes its outputs (each block
 lies inside one of `widths`) and the slot's rows: one launch, no gather, no scatter. On an H200
-the decode step's (T = 1) took a 48-layer decode step from 3.52 to 3.38 ms of kernels at B = 1
+at T = 1 it took a 48-layer decode step from 3.52 to 3.38 ms of kernels at B = 1
 and from 5.01 to 4.69 ms at B = 32
 (bench/results/profile_step-h200-qwen3_5_text-conv_kernel-2026-12-02.json); verify's is
 unmeasured. The math is the fp32 sum of `gdn_jax.ops.conv.causal_conv`, term by term in the same
