@@ -15,6 +15,11 @@ included) and of its longest kernel (`kernel_us`, with that kernel's DRAM throug
 per thread and achieved occupancy), the byte model, GB/s and % of the copy bandwidth measured in
 the same run (torch `copy_`, 1 GiB), both from `call_us`.
 
+`--timer jax` times the same cases in one process under JAX's profiler instead (CUPTI kernel
+durations, caches warm, no registers or occupancy): a tuning sweep of dozens of configs fits a
+runner call, where under ncu each case costs tens of seconds and ncu writes its CSV only at exit.
+Confirm a sweep's winner under ncu.
+
 Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf16 and fp32 pools.
   decode            T = 1, nothing pending
   mosaic decode     the same call through the Mosaic GPU kernel (kernels/decode_mgpu.py), with
@@ -234,7 +239,7 @@ def _checked(checks, name, check, c):
     return True
 
 
-def _profile_torch(c, make_run, reps, mark):
+def _profile_torch(c, make_run, reps, timer):
     """Build a torch case's call, warm it up, then profile `reps` marked calls; a call that cannot
     be built or run (fla or Triton failing here, say) is recorded in c["error"] instead."""
     import torch
@@ -247,12 +252,7 @@ def _profile_torch(c, make_run, reps, mark):
     except Exception as e:  # noqa: BLE001 - record it and go on
         c["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         return
-    _profiler(True)
-    for _ in range(reps):
-        mark()
-        run()
-        torch.cuda.synchronize()
-    _profiler(False)
+    timer.time(c, reps, lambda: (run(), torch.cuda.synchronize()))
 
 
 def _flashinfer_case(c, fi, rng):
@@ -293,7 +293,7 @@ def ring_counts(rng, B, W, reserve, fold_share):
     return np.where(folding, high, low).astype(np.int32)
 
 
-def _ring_case(c, args, mark, rng, mk, toks):
+def _ring_case(c, args, timer, rng, mk, toks):
     """A ring-mode case through the jitted op, the state donated; the counts are set to the
     phase's before every call (so the phase holds), the ring holds random committed tokens."""
     import jax
@@ -342,32 +342,63 @@ def _ring_case(c, args, mark, rng, mk, toks):
     except Exception as e:  # noqa: BLE001 - a config that does not compile: record, go on
         c["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         return
-    _profiler(True)
-    for _ in range(args.reps):
-        mark()
-        st, _ = jax.block_until_ready(f(st, count))
-    _profiler(False)
+    state = [st]
+
+    def launch():
+        state[0], _ = jax.block_until_ready(f(state[0], count))
+
+    timer.time(c, args.reps, launch)
 
 
-def _profiler(on: bool):
-    """cudaProfilerStart/Stop: ncu runs with --profile-from-start off, so only these launches."""
-    import torch
+class _Ncu:
+    """--timer ncu: the profiled launches between cudaProfilerStart/Stop (ncu runs with
+    --profile-from-start off), each after a marker kernel; ncu's rows are read by `summarize`."""
 
-    (torch.cuda.profiler.start if on else torch.cuda.profiler.stop)()
+    def __init__(self):
+        self.mark = _marker()
+
+    def time(self, c, reps, launch):
+        import torch
+
+        torch.cuda.profiler.start()
+        for _ in range(reps):
+            self.mark()
+            launch()
+        torch.cuda.profiler.stop()
+
+
+class _JaxProfiler:
+    """--timer jax: the launches under JAX's profiler (CUPTI kernel durations, caches as the
+    previous launch left them) in this process, no ncu: the kernel and call times go straight into
+    the case. For tuning sweeps, dozens of configs a minute; no registers, occupancy or DRAM %."""
+
+    def time(self, c, reps, launch):
+        from gdn_jax.profiling import kernel_trace
+
+        launch()  # after the compile and warm-up outside: nothing but the timed launches traced
+        with kernel_trace() as trace:
+            for _ in range(reps):
+                launch()
+        if not trace.totals:
+            c["error"] = "no GPU kernels in the trace"
+            return
+        name = max(trace.totals, key=trace.totals.get)
+        c.update(kernel=name[:60], kernel_us=trace.totals[name] / reps / 1e3,
+                 call_us=sum(trace.totals.values()) / reps / 1e3,
+                 kernels_per_call=round(sum(trace.counts.values()) / reps))
 
 
 def worker(args):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import torch
 
     from gdn_jax import kernels, ops
     from gdn_jax.ops import dispatch
 
     rng = np.random.default_rng(0)
     results = []
-    mark = _marker()
+    timer = _Ncu() if args.timer == "ncu" else _JaxProfiler()
     checks = {}  # a check's name -> its result, or why it failed
     todo = cases(args)
     t0 = time.time()
@@ -379,6 +410,7 @@ def worker(args):
         A_log = jnp.asarray(rng.uniform(-3, 0.5, HV), jnp.float32)
         dt = jnp.asarray(rng.standard_normal(HV), jnp.float32)
         if c["impl"] == "fla":
+            import torch
             from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule
 
             t = lambda x: torch.from_numpy(np.asarray(x.astype(jnp.float32))).cuda()
@@ -391,7 +423,7 @@ def worker(args):
                     tq, tk, tv, ta, beta=tb, initial_state=h0, output_final_state=True,
                     use_qk_l2norm_in_kernel=True, use_gate_in_kernel=True, A_log=t(A_log),
                     dt_bias=t(dt), use_beta_sigmoid_in_kernel=True, state_v_first=True)
-            _profile_torch(c, lambda: run, args.reps, mark)
+            _profile_torch(c, lambda: run, args.reps, timer)
             results.append(c)
             continue
         if c["impl"] == "flashinfer":
@@ -400,7 +432,7 @@ def worker(args):
             if not _checked(checks, "flashinfer vs the float64 oracle", fi.check_against_oracle, c):
                 results.append(c)
                 continue
-            _profile_torch(c, lambda: _flashinfer_case(c, fi, rng), args.reps, mark)
+            _profile_torch(c, lambda: _flashinfer_case(c, fi, rng), args.reps, timer)
             results.append(c)
             continue
         if c["impl"] == "fla-jax":
@@ -415,15 +447,11 @@ def worker(args):
             fargs = (q, k, v, a, b, A_log, dt, h0)
             for _ in range(2):
                 jax.block_until_ready(f(*fargs))
-            _profiler(True)
-            for _ in range(args.reps):
-                mark()
-                jax.block_until_ready(f(*fargs))
-            _profiler(False)
+            timer.time(c, args.reps, lambda: jax.block_until_ready(f(*fargs)))
             results.append(c)
             continue
         if c["op"] in ("ring", "ring-decode"):
-            _ring_case(c, args, mark, rng, mk, (q, k, v, a, b, A_log, dt))
+            _ring_case(c, args, timer, rng, mk, (q, k, v, a, b, A_log, dt))
             results.append(c)
             continue
         st = ops.GDNState.create(B, H, HV, K, V, 8, dtype=dtype, input_dtype=jnp.bfloat16)
@@ -463,12 +491,15 @@ def worker(args):
             c["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             results.append(c)
             continue
-        _profiler(True)
-        for _ in range(args.reps):
-            mark()
-            pool, _ = jax.block_until_ready(f(pool))
-        _profiler(False)
+        held = [pool]
+
+        def launch():
+            held[0], _ = jax.block_until_ready(f(held[0]))
+
+        timer.time(c, args.reps, launch)
         results.append(c)
+        with open(os.path.join(args.out, "ncu_cases.json"), "w") as fh:
+            json.dump(results, fh)  # after every case: what ran survives a runner's time limit
     with open(os.path.join(args.out, "ncu_cases.json"), "w") as fh:
         json.dump(results, fh)
 
@@ -553,6 +584,10 @@ def main(argv=None):
     p.add_argument("--sweep-configs", default=None, metavar="BV:W,...",
                    help="--sweep-ring's block_v:num_warps pairs (default all twelve of "
                         "16..128 x 2, 4, 8)")
+    p.add_argument("--timer", choices=("ncu", "jax"), default="ncu",
+                   help="ncu: kernel time from Nsight Compute, caches flushed (the figures "
+                        "quoted); jax: JAX's profiler in this process, no ncu (tuning sweeps: "
+                        "dozens of configs a minute, confirm the winner under ncu)")
     p.add_argument("--summarize", type=float, default=None, metavar="COPY_GBPS",
                    help="only summarize an existing --out directory (its ncu_raw.csv and "
                         "ncu_cases.json) with this copy bandwidth")
@@ -602,6 +637,15 @@ def main(argv=None):
 
     bw = copy_bandwidth(1.0, smoke=False)["GBps"]
     torch.cuda.empty_cache()
+    if args.timer == "jax":
+        worker(args)
+        with open(os.path.join(args.out, "ncu_cases.json")) as fh:
+            done = json.load(fh)
+        for c in done:
+            if "error" not in c:
+                _rate(c, c["call_us"] * 1e3, bw)
+        return _report(args.out, done, bw, args.reps, timer="jax profiler (CUPTI), warm caches",
+                       flashinfer=args.flashinfer)
     raw = os.path.join(args.out, "ncu_raw.csv")
     cmd = ["ncu", "--cache-control", "all", "--clock-control", "none", "--profile-from-start",
            "off", "--metrics", ",".join(METRICS),
@@ -632,8 +676,6 @@ def summarize(out: str, reps: int, bw: float, *, flashinfer: bool = False,
     """Map ncu's rows (out/ncu_raw.csv) to the cases the worker ran (out/ncu_cases.json), write
     out/ncu_kernels.json and print the table. Also run alone (--summarize) on a directory whose
     ncu run finished but whose parent did not (a runner call's time limit)."""
-    import jax
-
     raw = os.path.join(out, "ncu_raw.csv")
     with open(os.path.join(out, "ncu_cases.json")) as fh:
         done = json.load(fh)
@@ -661,18 +703,31 @@ def summarize(out: str, reps: int, bw: float, *, flashinfer: bool = False,
         main_rows = [max(launch, key=lambda r: val(r, METRICS[0])) for launch in mine]
         num = lambda key: statistics.median(val(r, key) for r in main_rows)
         call_ns = statistics.median(sum(val(r, METRICS[0]) for r in launch) for launch in mine)
-        nbytes = byte_model(c)
         c.update(kernel=main_rows[0]["Kernel Name"][:60], kernel_us=num(METRICS[0]) / 1e3,
                  call_us=call_ns / 1e3, kernels_per_call=len(mine[0]),
-                 dram_pct=num(METRICS[1]), regs=num(METRICS[2]), occupancy_pct=num(METRICS[3]),
-                 bytes=nbytes, GBps=nbytes / call_ns, pct_copy=100 * nbytes / call_ns / bw)
+                 dram_pct=num(METRICS[1]), regs=num(METRICS[2]), occupancy_pct=num(METRICS[3]))
+        _rate(c, call_ns, bw)
         table.append(c)
+    return _report(out, table, bw, reps, timer="ncu --cache-control all --clock-control none",
+                   flashinfer=flashinfer, note=note, device=device, jax_version=jax_version)
+
+
+def _rate(c, call_ns, bw):
+    nbytes = byte_model(c)
+    c.update(bytes=nbytes, GBps=nbytes / call_ns, pct_copy=100 * nbytes / call_ns / bw)
+
+
+def _report(out, table, bw, reps, *, timer, flashinfer=False, note=None, device=None,
+            jax_version=None):
+    """Write out/ncu_kernels.json and print the table."""
+    import jax
+
     dev = jax.devices()[0]
     kind = device or dev.device_kind
     result = dict(device=kind, capability=None if device else getattr(dev, "compute_capability", None),
                   jax=jax_version or jax.__version__, copy_GBps=bw,
                   copy_method="torch copy_ 1 GiB fp32, read+write",
-                  ncu="--cache-control all --clock-control none", reps=reps, cases=table)
+                  timer=timer, reps=reps, cases=table)
     if note:
         result["note"] = note
     if flashinfer:
@@ -700,8 +755,13 @@ def summarize(out: str, reps: int, bw: float, *, flashinfer: bool = False,
         else:
             cfg = ""
         print(f"{cfg:11s} {c['impl']:10s} {c['op']:13s} {c['dtype']:9s} {c['B']:4d} {c['T']:2d} "
-              f"{c['kernel_us']:10.1f} {c['call_us']:8.1f} {c['kernels_per_call']:2d} {c['GBps']:6.0f} {c['pct_copy']:6.1f} {c['dram_pct']:6.1f} "
-              f"{c['regs']:5.0f} {c['occupancy_pct']:5.1f}")
+              f"{c['kernel_us']:10.1f} {c['call_us']:8.1f} {c['kernels_per_call']:2d} "
+              f"{c['GBps']:6.0f} {c['pct_copy']:6.1f} {_num(c, 'dram_pct', 6, 1)} "
+              f"{_num(c, 'regs', 5, 0)} {_num(c, 'occupancy_pct', 5, 1)}")
+
+
+def _num(c, key, width, digits):
+    return f"{c[key]:{width}.{digits}f}" if key in c else "-".rjust(width)
 
 
 if __name__ == "__main__":
