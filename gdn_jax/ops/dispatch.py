@@ -276,15 +276,17 @@ _RING_TUNING = {
 }
 _DEFAULT_DTYPES = kernels.Dtypes(*(jnp.dtype(jnp.bfloat16),) * 3)
 
-# Mosaic GPU kernels (kernels/decode_mgpu.py, verify_mgpu.py): block_v, tiles_per_cta, stages,
-# from the H100 ncu sweeps (bench/results/ncu_sweep_mosaic*-h100-2026-11-26*.json; replay 3 + 4
+# Mosaic GPU kernels (kernels/decode_mgpu.py, verify_mgpu.py): block_v, tiles_per_cta, stages.
+# Decode at large B from the H200 sweep (bench/results/sweep_mosaic_decode-h200-2026-12-02.json,
+# JAX's profiler, B = 256: a third stage keeps two tiles' loads in flight, which the H200's
+# bandwidth needs; on the H100 two stages were enough); the rest from the H100 ncu sweeps (bench/results/ncu_sweep_mosaic*-h100-2026-11-26*.json; replay 3 + 4
 # and intermediate T = 4) and runs at B = 8 (ncu_kernels-h100-{pending-tma,final}-2026-11-26*).
 # A [128, K] tile halves replay's per-tile work (gates, l2norms, the fold's loads) against its rows where the bf16 state leaves room for two CTAs per SM; fp32 tiles
 # of 128 rows fit one CTA per SM and lose. Three stages also drop to one CTA per SM: two win.
 _MOSAIC_TUNING = {
-    ("decode", "bfloat16", True): (64, 4, 2),    # 191.1 us at B = 256 (94.4% of copy)
+    ("decode", "bfloat16", True): (64, 2, 3),    # H200: 145.9 us at B = 256 (t4 s2: 159.0)
     ("decode", "bfloat16", False): (64, 1, 2),   # forced only: Triton is the small-B default
-    ("decode", "float32", True): (64, 4, 2),     # 375.5 us (95.5%)
+    ("decode", "float32", True): (64, 2, 3),     # H200: 277.9 us (t4 s2: 288.6)
     ("decode", "float32", False): (64, 1, 2),
     ("verify", "bfloat16", True): (128, 4, 2),   # replay: 351.6 us at B = 256 (bv64: 455.9)
     ("verify", "bfloat16", False): (128, 1, 2),  # 57.7 us at B = 32; t1 keeps B = 8 on all SMs
