@@ -133,6 +133,17 @@ def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
                   row_pair=jnp.where(lead, r // block_m, P))
 
 
+def combine_pairs(y: jax.Array, weights: jax.Array, block_m: int) -> jax.Array:
+    """`Blocks.combine` for `plan_pairs` blocks, without a scatter: y [P * block_m, N] (row 0 of
+    block p is pair p = token * k + j), weights [num_tokens, k] -> [num_tokens, N] (y's dtype),
+    each token's k rows times their weights summed in fp32. One reduce where `combine` zeroes
+    an output and scatter-adds into it (two launches a layer at a decode step)."""
+    T, k = weights.shape
+    lead = y.reshape(T, k, block_m, y.shape[1])[:, :, 0].astype(_F32)
+    return jnp.einsum("tkn,tk->tn", lead, weights.astype(_F32),
+                      precision=lax.Precision.HIGHEST).astype(y.dtype)
+
+
 def _kernel(block_expert_ref, x_ref, w_ref, *rest, block_m, block_n, block_k, gated):
     """Program (g, n): rows of block g times column block n of w[block_expert[g]]."""
     w2_ref, o_ref = rest if gated else (None, rest[0])

@@ -63,6 +63,26 @@ def test_plan_pairs_gives_each_pair_a_block(T, k, block_m):
     assert np.all(expert == np.asarray(ids).reshape(-1))
 
 
+@pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (2, 2, 32)])
+def test_combine_pairs_equals_combine(T, k, block_m):
+    """For `plan_pairs` blocks the scatter-free sum gives `Blocks.combine`'s result; the padding
+    rows, poisoned with NaN, are never read."""
+    rng = np.random.default_rng(10 + T)
+    b = moe.plan_pairs(_ids(rng, T, k, 64), block_m)
+    N = 48
+    y = rng.standard_normal((T * k * block_m, N)).astype(np.float32)
+    y[np.arange(T * k * block_m) % block_m != 0] = np.nan
+    weights = jnp.asarray(rng.random((T, k)), jnp.float32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        yd = jnp.asarray(y, dtype)
+        want = np.asarray(b.combine(yd, weights, T), np.float32)
+        got = np.asarray(moe.combine_pairs(yd, weights, block_m), np.float32)
+        assert got.dtype == want.dtype and not np.isnan(want).any()
+        # fp32 sums of k products in another order: a few ulps; bf16: one rounding of the same sum
+        tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
+        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+
+
 def _blocks_case(seed, G, block_m, E, K, N, dtype, used):
     rng = np.random.default_rng(seed)
     x = jnp.asarray(rng.standard_normal((G * block_m, K)), dtype)
