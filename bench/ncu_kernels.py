@@ -478,12 +478,19 @@ def worker(args):
                       "intermediate": kernels.verify_intermediate_mgpu}[c["op"]]
         toks = (q, k, v, a, b, A_log, dt)
         pend = (st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count)
+        # The inputs are arguments, not constants of the jit: XLA rebuilds a splat constant
+        # (the candidates' jnp.full gates) by a broadcast kernel on every call, 2 us each, which
+        # no real call (its candidates a state's buffers) pays.
         if c["op"] == "intermediate":  # pool only read; inter is the output (no slice of it:
             # that would add a kernel to the call)
-            f = jax.jit(lambda pool: (pool, kernel(*toks, pool, *pend, slots, config=config)[1]))
+            jitted = jax.jit(lambda pool, ins: (
+                pool, kernel(*ins[:7], pool, *ins[7:12], ins[12], config=config)[1]))
         else:
-            f = jax.jit(lambda pool: (kernel(*toks, pool, *pend, slots, config=config)[1], 0),
-                        donate_argnums=0)
+            jitted = jax.jit(lambda pool, ins: (
+                kernel(*ins[:7], pool, *ins[7:12], ins[12], config=config)[1], 0),
+                donate_argnums=0)
+        ins = (*toks, *pend, slots)
+        f = lambda pool: jitted(pool, ins)  # noqa: E731
         pool = st.pool
         try:
             pool, _ = jax.block_until_ready(f(pool))
