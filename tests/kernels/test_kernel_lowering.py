@@ -99,7 +99,7 @@ def test_decode_mgpu_lowers_for_cuda(pool_dtype, kind, cuda_lowering):
 @needs_mosaic
 @pytest.mark.parametrize("block_v, tiles_per_cta, stages, in_dtype", [
     (64, 1, 2, jnp.float32), (128, 3, 3, jnp.bfloat16), (64, 8, 4, jnp.float16),
-    (128, 16, 2, jnp.bfloat16),
+    (128, 16, 2, jnp.bfloat16), (64, 2, 3, jnp.bfloat16),  # the last: dispatch's B >= 128
 ])
 def test_decode_mgpu_lowers_across_tuning(block_v, tiles_per_cta, stages, in_dtype,
                                           cuda_lowering):
