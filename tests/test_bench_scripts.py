@@ -74,3 +74,45 @@ def test_random_model_is_drawn_into_its_shards():
     out = model(jnp.asarray([[3], [5]], jnp.int32), cache, jnp.arange(2, dtype=jnp.int32),
                 mode="decode")
     assert np.isfinite(np.asarray(out.logits, np.float32)).all()
+
+
+def _ncu_kernels():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import ncu_kernels
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    return ncu_kernels
+
+
+def test_ncu_sweeps_keep_to_batches_dtypes_and_ops(monkeypatch):
+    """`--sweep-batches`, `--dtypes` and `--ops` cut every sweep down (a runner call takes a few
+    dozen cases); the Mosaic decode sweep leaves out the stages that do not fit."""
+    nk = _ncu_kernels()
+    seen = {}
+    monkeypatch.setattr(nk, "worker", lambda args: seen.update(cases=nk.cases(args)))
+    nk.main(["--out", "/tmp/unused", "--worker", "--sweep", "--ops", "decode",
+             "--sweep-batches", "256", "--dtypes", "float32"])
+    assert len(seen["cases"]) == 12  # block_v 8..64 x 1, 2, 4 warps
+    assert {(c["op"], c["B"], c["dtype"]) for c in seen["cases"]} == {("decode", 256, "float32")}
+    nk.main(["--out", "/tmp/unused", "--worker", "--sweep-mosaic", "decode",
+             "--sweep-batches", "32"])
+    mosaic = [c for c in seen["cases"] if c["impl"] == "mosaic"]
+    assert {c["B"] for c in seen["cases"]} == {32}
+    assert all(c["stages"] * c["block_v"] * 128 * (2 if c["dtype"] == "bfloat16" else 4)
+               <= nk._SWEEP_SMEM for c in mosaic)
+    assert any(c["stages"] == 4 for c in mosaic)
+
+
+def test_ncu_report_takes_jax_timed_cases(tmp_path, capsys):
+    """A `--timer jax` table (no registers, occupancy or DRAM %) is written and printed."""
+    nk = _ncu_kernels()
+    case = dict(impl="mosaic", op="decode", B=256, T=1, dtype="bfloat16", block_v=64,
+                tiles_per_cta=2, stages=3, kernel="k", kernel_us=140.0, call_us=150.0,
+                kernels_per_call=2)
+    nk._rate(case, case["call_us"] * 1e3, 4000.0)
+    nk._report(str(tmp_path), [case, dict(case, error="boom")], 4000.0, 5, timer="jax")
+    out = json.load(open(tmp_path / "ncu_kernels.json"))
+    assert out["timer"] == "jax" and out["cases"][0]["pct_copy"] == pytest.approx(
+        100 * nk.byte_model(case) / 150e3 / 4000.0)
+    assert "bv64t2s3" in capsys.readouterr().out
