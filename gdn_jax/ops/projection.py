@@ -20,7 +20,8 @@ in_proj_ba, attention q / k / v, MLP gate / up, the MoE router with the shared e
 weight goes where `project` would send it, and the weights the kernel takes go through it in one
 launch (`kernels.project_group`). In a whole one-row decode step on the H200 that is 7% faster than
 a launch per weight (48-layer dense 3.64 vs 3.92 ms, 40-layer MoE 3.96 vs 4.29 ms; B = 32, where
-XLA runs the projections, unchanged: bench/results/bench_speculative-h200-*-groups_*-2026-12-02.json).
+XLA ran the projections then, unchanged:
+bench/results/bench_speculative-h200-*-groups_*-2026-12-02.json).
 GDN_JAX_PROJECTION_GROUPS=off keeps one launch per weight; XLA's paths, and so CPU results, are
 the same either way.
 """
@@ -42,13 +43,16 @@ from gdn_jax.ops.dispatch import Device, sm_count
 ENV_VAR = "GDN_JAX_PROJECTION"
 GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
 
-# The most rows the kernel takes by default. In a whole model step (bench/profile_step.py, H200,
-# 48 layers, bench/results/profile_step-h200-projection-2026-12-01.json) XLA lowers one-row
-# projections as reduce fusions (B = 1 decode: 6.14 ms of kernels; through the kernel 3.84 ms),
-# but from 4 rows on it emits Triton GEMM fusions that beat this kernel's first configs (B = 1
-# verify, 4 rows: 4.34 ms XLA vs 4.77; B = 32 decode: 6.12 vs 6.49; B = 32 verify, 128 rows: 9.94
-# vs 12.14). A `backend="triton"` call takes up to kernels.PROJECTION_MAX_M rows.
-AUTO_MAX_M = 1
+# The most rows the kernel takes by default. XLA lowers one-row projections as reduce fusions
+# (B = 1 decode, 48 layers: 6.14 ms of kernels against 3.84 through the kernel,
+# bench/results/profile_step-h200-projection-2026-12-01.json); from 2 rows on it emits Triton GEMM
+# fusions, which the kernel, tuned since, beats up to 32 rows but not at 128 (48-layer dense model,
+# H200, kernel time per call, XLA -> kernel: B = 1 verify, 4 rows, 4118 -> 3881 us; B = 8 decode
+# 3628 -> 3495; B = 8 verify, 32 rows, 4772 -> 4541; B = 32 decode 4748 -> 4502; B = 32 verify,
+# 128 rows, 7741 -> 8167 with every projection in the kernel, 8054 with only the narrow ones:
+# bench/results/profile_step-h200-qwen3_5_text-projection_rows-2026-12-02.json and
+# ...-b32-projection_triton-2026-12-02.json).
+AUTO_MAX_M = 32
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
 

@@ -90,6 +90,7 @@ def fake_h200(monkeypatch):
 
 @pytest.mark.parametrize("M, dtype, runs_kernel", [
     (1, jnp.bfloat16, True),                     # one row: XLA makes it a reduce fusion
+    (projection.AUTO_MAX_M, jnp.bfloat16, True),
     (projection.AUTO_MAX_M + 1, jnp.bfloat16, False),  # XLA's GEMM fusions win from here
     (1, jnp.float32, False),                     # fp32 keeps XLA's precision
 ])
