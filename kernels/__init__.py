@@ -37,10 +37,10 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA).
 Each kernel takes its launch parameters as one frozen, hashable config (a static argument).
 
-Limits: T <= MAX_T tokens per call (the Mosaic GPU kernels: T, T_max <= MOSAIC_MAX_T); pool dtypes POOL_DTYPES; K and V powers of two (Triton
-blocks). The Mosaic GPU kernels also need what `mosaic_head_dims_misfit` and `mosaic_misfit`
-say (K, V multiples of 64, K <= MOSAIC_MAX_K, the SMEM of one CTA) and a jax that builds them
-(`mosaic_unavailable`).
+Limits: T <= MAX_T tokens per call (the Mosaic GPU kernels: T, T_max <= MOSAIC_MAX_T); pool
+dtypes POOL_DTYPES; K and V powers of two (Triton blocks). The Mosaic GPU kernels also need what
+`mosaic_head_dims_misfit` and `mosaic_misfit` say (K, V multiples of 64, K <= MOSAIC_MAX_K, the
+SMEM of one CTA) and a jax that builds them (`mosaic_unavailable`).
 """
 
 from . import _mgpu
@@ -76,9 +76,10 @@ def mosaic_unavailable() -> str | None:
 
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
            "MOSAIC_MAX_T", "MOSAIC_MODES", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T",
-           "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes", "MoEConfig", "MosaicConfig",
-           "ProjectionConfig", "ScatterConfig", "TuningConfig", "conv_step", "decode", "decode_attention", "decode_mgpu",
-           "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
-           "mosaic_unavailable", "project", "project_group", "projection_block_m",
-           "projection_misfit", "projection_smem_limit", "scatter_rows", "verify_intermediate", "verify_intermediate_mgpu",
-           "verify_replay", "verify_replay_mgpu", "verify_ring"]
+           "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes", "MoEConfig",
+           "MosaicConfig", "ProjectionConfig", "ScatterConfig", "TuningConfig", "conv_step",
+           "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
+           "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
+           "project_group", "projection_block_m", "projection_misfit", "projection_smem_limit",
+           "scatter_rows", "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
+           "verify_replay_mgpu", "verify_ring"]

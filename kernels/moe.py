@@ -10,12 +10,12 @@ experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past 
 (`block_expert` = -1) write zeros and read nothing. For few pairs the sort, its scans and
 scatters cost more launches than the weights they save (a decode step at B = 1 has k distinct
 experts): `plan_pairs` gives every pair a block of its own instead, from index arithmetic alone,
-and an expert two tokens chose is read twice.
+and an expert two tokens chose is read twice; its `combine` is a reduce, no scatter.
 
     blocks = plan(ids, num_experts, block_m)                    # XLA: sort, pad, gather rows
     h = grouped_matmul(blocks.rows(x), w_gate, blocks.block_expert, w_up=w_up, config=...)
     y = grouped_matmul(h, w_down, blocks.block_expert, config=...)
-    out = blocks.combine(y, weights, num_tokens)                 # XLA: weight, scatter-add
+    out = blocks.combine(y, weights, num_tokens)                 # XLA: weight, scatter-add (or sum)
 
 With `w_up` the kernel computes silu(x @ w_gate) * (x @ w_up) (SwiGLU's first half) in one pass.
 x, weights: bf16 or fp16 (exact products, fp32 accumulation; each call rounds its result to x's
@@ -121,27 +121,32 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
     return Blocks(block_expert, row_token, row_pair)
 
 
-def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
-    """ids: [num_tokens, k] int32 -> `Blocks` of one pair each (row 0 of block p is pair p; the
-    other rows are padding): no sort, nothing but index arithmetic on a static layout."""
+class PairBlocks(Blocks):
+    """`Blocks` of one pair each (`plan_pairs`): row 0 of block p is pair p = token * k + j, the
+    other rows padding. Its `combine` is one reduce, where `Blocks.combine` zeroes an output and
+    scatter-adds into it (two launches a layer at a decode step)."""
+
+    __slots__ = ()
+
+    def combine(self, y: jax.Array, weights: jax.Array, num_tokens: int) -> jax.Array:
+        """As `Blocks.combine`: y [P * block_m, N], weights [num_tokens, k] -> [num_tokens, N]
+        (y's dtype), each token's k rows times their weights summed in fp32."""
+        T, k = weights.shape
+        lead = y.reshape(T, k, y.shape[0] // (T * k), y.shape[1])[:, :, 0].astype(_F32)
+        return jnp.einsum("tkn,tk->tn", lead, weights.astype(_F32),
+                          precision=lax.Precision.HIGHEST).astype(y.dtype)
+
+
+def plan_pairs(ids: jax.Array, block_m: int) -> PairBlocks:
+    """ids: [num_tokens, k] int32 -> `PairBlocks`, one pair each: no sort, nothing but index
+    arithmetic on a static layout."""
     T, k = ids.shape
     P = T * k
     r = jnp.arange(P * block_m, dtype=jnp.int32)
     lead = r % block_m == 0
-    return Blocks(block_expert=ids.reshape(-1).astype(jnp.int32),
-                  row_token=jnp.where(lead, r // (block_m * k), T),
-                  row_pair=jnp.where(lead, r // block_m, P))
-
-
-def combine_pairs(y: jax.Array, weights: jax.Array, block_m: int) -> jax.Array:
-    """`Blocks.combine` for `plan_pairs` blocks, without a scatter: y [P * block_m, N] (row 0 of
-    block p is pair p = token * k + j), weights [num_tokens, k] -> [num_tokens, N] (y's dtype),
-    each token's k rows times their weights summed in fp32. One reduce where `combine` zeroes
-    an output and scatter-adds into it (two launches a layer at a decode step)."""
-    T, k = weights.shape
-    lead = y.reshape(T, k, block_m, y.shape[1])[:, :, 0].astype(_F32)
-    return jnp.einsum("tkn,tk->tn", lead, weights.astype(_F32),
-                      precision=lax.Precision.HIGHEST).astype(y.dtype)
+    return PairBlocks(block_expert=ids.reshape(-1).astype(jnp.int32),
+                      row_token=jnp.where(lead, r // (block_m * k), T),
+                      row_pair=jnp.where(lead, r // block_m, P))
 
 
 def _kernel(block_expert_ref, x_ref, w_ref, *rest, block_m, block_n, block_k, gated):

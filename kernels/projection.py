@@ -5,9 +5,9 @@ about a fifth of the copy bandwidth on an H200 (../shared/notes/verify-anchors.m
 A decode step is nothing but such projections, so this kernel streams the weight once with many
 loads in flight: the grid is (N // block_n, splits), program (n, s) reduces its K / splits slice
 of the weight's column block [K / splits, block_n] against all M rows (a tile of block_m >= 16
-rows, the tensor cores' smallest, with the rows past M masked), in fp32. The splits (split-K) put enough programs on the GPU
-when N is small (an out_proj has 2048 columns: 32 blocks of 64); each writes an fp32 partial sum,
-added in XLA. With one split the kernel writes the result itself.
+rows, the tensor cores' smallest, with the rows past M masked), in fp32. The splits (split-K) put
+enough programs on the GPU when N is small (an out_proj has 2048 columns: 32 blocks of 64); each
+writes an fp32 partial sum, added in XLA. With one split the kernel writes the result itself.
 
     y = project(x, w, config=ProjectionConfig(block_n=128, block_k=128, splits=4))
     q, k, v = project_group(x, (w_q, w_k, w_v), config=config)    # one launch, three weights

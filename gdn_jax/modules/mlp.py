@@ -118,7 +118,8 @@ class SparseMoE(nnx.Module):
         body = functools.partial(
             _moe_body, proj=dict(dtype=self.dtype, precision=self.precision),
             shared_proj=self.shared_expert._proj(), top_k=self.top_k,
-            norm_topk_prob=self.norm_topk_prob, num_experts=self.num_experts, dtype=self.dtype, precision=self.precision,
+            norm_topk_prob=self.norm_topk_prob, num_experts=self.num_experts, dtype=self.dtype,
+            precision=self.precision,
             expert_path=_check_expert_path(self.expert_path))
         if self.mesh is not None:
             body = _summed(body)

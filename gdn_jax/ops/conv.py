@@ -5,9 +5,10 @@
 
 `conv_step` is T tokens per row (decode, verify): the outputs split into `widths`, and each row's
 conv rows updated: keep="window" shifts the window (`conv[slot, :W - 1]`) by the tokens (decode),
-keep="all" stores the window and the tokens (verify: `commit` picks the accepted count's window). On an SM80+ GPU with Triton it is one launch of
-`gdn_jax.kernels.conv_step` (the conv window read and written in place; XLA spends five or six
-launches on it: that module's docstring); elsewhere XLA as `causal_conv` and the caches' writes.
+keep="all" stores the window and the tokens (verify: `commit` picks the accepted count's
+window). On an SM80+ GPU with Triton it is one launch of `gdn_jax.kernels.conv_step` (the conv
+window read and written in place; XLA spends five or six launches on it: that module's
+docstring); elsewhere XLA as `causal_conv` and the caches' writes.
 GDN_JAX_CONV=xla keeps XLA, "pallas" is the default "auto" spelled out, "interpret" runs the
 kernel in the Pallas interpreter (tests). Unset, GDN_JAX_BACKEND=xla or =interpret steers it as
 it steers the ops. Read when a program is traced.

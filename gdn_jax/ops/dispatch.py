@@ -14,8 +14,9 @@ Backends:
 The table maps (platform, compute-capability major, op, verify mode, batch bucket) to the
 backends to try, in order; the first that can take the call's shape runs. A user forces one with
 the `backend=` argument of an op or the GDN_JAX_BACKEND environment variable (the argument wins);
-a forced backend that cannot run raises a ValueError naming the device, its capability and the backends that can. Ops without
-a kernel (commit, reset, prefill) always run XLA; the environment variable leaves them alone.
+a forced backend that cannot run raises a ValueError naming the device, its capability and the
+backends that can. Ops without a kernel (commit, reset, prefill) always run XLA; the environment
+variable leaves them alone.
 """
 
 from __future__ import annotations
@@ -279,10 +280,12 @@ _DEFAULT_DTYPES = kernels.Dtypes(*(jnp.dtype(jnp.bfloat16),) * 3)
 # Mosaic GPU kernels (kernels/decode_mgpu.py, verify_mgpu.py): block_v, tiles_per_cta, stages.
 # Decode at large B from the H200 sweep (bench/results/sweep_mosaic_decode-h200-2026-12-02.json,
 # JAX's profiler, B = 256: a third stage keeps two tiles' loads in flight, which the H200's
-# bandwidth needs; on the H100 two stages were enough); the rest from the H100 ncu sweeps (bench/results/ncu_sweep_mosaic*-h100-2026-11-26*.json; replay 3 + 4
-# and intermediate T = 4) and runs at B = 8 (ncu_kernels-h100-{pending-tma,final}-2026-11-26*).
-# A [128, K] tile halves replay's per-tile work (gates, l2norms, the fold's loads) against its rows where the bf16 state leaves room for two CTAs per SM; fp32 tiles
-# of 128 rows fit one CTA per SM and lose. Three stages also drop to one CTA per SM: two win.
+# bandwidth needs; on the H100 two stages were enough); the rest from the H100 ncu sweeps
+# (bench/results/ncu_sweep_mosaic*-h100-2026-11-26*.json; replay 3 + 4 and intermediate T = 4)
+# and runs at B = 8 (ncu_kernels-h100-{pending-tma,final}-2026-11-26*). A [128, K] tile halves
+# replay's per-tile work (gates, l2norms, the fold's loads) against its rows where the bf16 state
+# leaves room for two CTAs per SM; fp32 tiles of 128 rows fit one CTA per SM and lose. Three
+# stages also drop to one CTA per SM: two win.
 _MOSAIC_TUNING = {
     ("decode", "bfloat16", True): (64, 2, 3),    # H200: 145.9 us at B = 256 (t4 s2: 159.0)
     ("decode", "bfloat16", False): (64, 1, 2),   # forced only: Triton is the small-B default

@@ -54,6 +54,7 @@ def test_plan_places_every_pair_once(T, k, E, block_m):
 def test_plan_pairs_gives_each_pair_a_block(T, k, block_m):
     ids = _ids(np.random.default_rng(T), T, k, 64)
     b = moe.plan_pairs(ids, block_m)
+    assert isinstance(b, moe.PairBlocks)
     P = T * k
     pair, token, expert = (np.asarray(a) for a in (b.row_pair, b.row_token, b.block_expert))
     assert expert.shape == (P,) and pair.shape == token.shape == (P * block_m,)
@@ -64,9 +65,9 @@ def test_plan_pairs_gives_each_pair_a_block(T, k, block_m):
 
 
 @pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (2, 2, 32)])
-def test_combine_pairs_equals_combine(T, k, block_m):
-    """For `plan_pairs` blocks the scatter-free sum gives `Blocks.combine`'s result; the padding
-    rows, poisoned with NaN, are never read."""
+def test_pair_blocks_combine_equals_scatter(T, k, block_m):
+    """`PairBlocks.combine`'s scatter-free sum gives `Blocks.combine`'s result; the padding rows,
+    poisoned with NaN, are never read."""
     rng = np.random.default_rng(10 + T)
     b = moe.plan_pairs(_ids(rng, T, k, 64), block_m)
     N = 48
@@ -75,8 +76,8 @@ def test_combine_pairs_equals_combine(T, k, block_m):
     weights = jnp.asarray(rng.random((T, k)), jnp.float32)
     for dtype in (jnp.float32, jnp.bfloat16):
         yd = jnp.asarray(y, dtype)
-        want = np.asarray(b.combine(yd, weights, T), np.float32)
-        got = np.asarray(moe.combine_pairs(yd, weights, block_m), np.float32)
+        want = np.asarray(moe.Blocks.combine(b, yd, weights, T), np.float32)
+        got = np.asarray(b.combine(yd, weights, T), np.float32)
         assert got.dtype == want.dtype and not np.isnan(want).any()
         # fp32 sums of k products in another order: a few ulps; bf16: one rounding of the same sum
         tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
