@@ -144,12 +144,15 @@ def main(argv=None):
             ranked = sorted(per.items(), key=lambda kv: -kv[1])
             top = ranked[:args.top]
             launches = sum(trace.counts.values()) / calls / max(trace.gpus, 1)
+            # launches per call by name: a fusion in the scanned layer body runs once per layer
+            each = {k: v / calls / max(trace.gpus, 1) for k, v in trace.counts.items()}
             kinds = {k: v for k, v in by_category(per).items() if v}
             row = {"B": B, "program": name, "variant": variant, **paths,
                    "options": options, "compile_s": compile_s,
                    "wall_us_per_call": wall / calls * 1e6, "kernel_us_per_call": busy,
                    "kernels_per_call": launches, "by_category_us": kinds, "top": top,
-                   "kernels_us": dict(ranked)}
+                   "kernels_us": dict(ranked),
+                   "launches_per_call": {k: each.get(k, 0) for k, _ in ranked}}
             results.append(row)
             print(f"\nB={B} {name} [{variant}]: wall {wall / calls * 1e6:9.1f} us/call, kernels "
                   f"{busy:9.1f} us/call, {launches:.0f} kernels/call ({len(per)} distinct), "
@@ -157,7 +160,8 @@ def main(argv=None):
             if kinds:
                 print("   by kind (us): " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
             for k, v in top:
-                print(f"   {v:9.1f} us  {k[:110]}")
+                n = each.get(k, 0)
+                print(f"   {v:9.1f} us  {n:5.0f} x {v / max(n, 1):6.2f} us  {k[:90]}")
         del cache
     os.makedirs(args.out, exist_ok=True)
     kind = dev.device_kind.replace(" ", "_") if dev.platform == "gpu" else dev.platform

@@ -29,6 +29,7 @@ def test_profile_step_runs_every_program_and_variant(tmp_path):
     rows = json.load(open(tmp_path / result))["results"]
     assert {(r["variant"], r["program"]) for r in rows} == {
         (v, p) for v in ("base", "paths") for p in ("decode", "verify", "round")}
+    assert all(r["launches_per_call"].keys() == r["kernels_us"].keys() for r in rows)
     assert sum(p.startswith("hlo-") for p in os.listdir(tmp_path)) == 6
 
 
