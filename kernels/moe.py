@@ -10,12 +10,12 @@ experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past 
 (`block_expert` = -1) write zeros and read nothing. For few pairs the sort, its scans and
 scatters cost more launches than the weights they save (a decode step at B = 1 has k distinct
 experts): `plan_pairs` gives every pair a block of its own instead, from index arithmetic alone,
-and an expert two tokens chose is read twice; its `combine` is a reduce, no scatter.
+and an expert two tokens chose is read twice.
 
     blocks = plan(ids, num_experts, block_m)                    # XLA: sort, pad, gather rows
     h = grouped_matmul(blocks.rows(x), w_gate, blocks.block_expert, w_up=w_up, config=...)
     y = grouped_matmul(h, w_down, blocks.block_expert, config=...)
-    out = blocks.combine(y, weights, num_tokens)                 # XLA: weight, scatter-add (or sum)
+    out = blocks.combine(y, weights, num_tokens)                 # XLA: gather the pairs' rows, sum
 
 With `w_up` the kernel computes silu(x @ w_gate) * (x @ w_up) (SwiGLU's first half) in one pass.
 x, weights: bf16 or fp16 (exact products, fp32 accumulation; each call rounds its result to x's
@@ -69,17 +69,17 @@ class MoEConfig:
 
 
 class Blocks(NamedTuple):
-    """The (token, expert) pairs sorted by expert and padded into blocks (`plan`).
+    """The (token, expert) pairs placed in blocks of `block_m` rows, each block one expert's
+    (`plan`, `plan_pairs`).
 
     block_expert: [G] int32, the expert of each block (-1: unused).
     row_token:    [G * block_m] int32, the token of each row (num_tokens on padding rows).
-    row_pair:     [G * block_m] int32, the flat pair index (token * k + j) of each row (T * k on
-                  padding rows: out of range, so a "fill" take reads its fill value).
+    pair_row:     [P] int32, the row of each pair (pair p = token * k + j: token's j-th expert).
     """
 
     block_expert: jax.Array
     row_token: jax.Array
-    row_pair: jax.Array
+    pair_row: jax.Array
 
     def rows(self, x: jax.Array) -> jax.Array:
         """x [num_tokens, K] -> [G * block_m, K]: each row's token, zeros on padding rows."""
@@ -87,11 +87,14 @@ class Blocks(NamedTuple):
 
     def combine(self, y: jax.Array, weights: jax.Array, num_tokens: int) -> jax.Array:
         """y [G * block_m, N], weights [num_tokens, k] -> [num_tokens, N] (y's dtype): each
-        token's rows times their routing weights, summed (in fp32)."""
-        w = jnp.take(weights.reshape(-1).astype(_F32), self.row_pair, mode="fill", fill_value=0)
-        out = jnp.zeros((num_tokens, y.shape[1]), _F32)
-        out = out.at[self.row_token].add(y.astype(_F32) * w[:, None], mode="drop")
-        return out.astype(y.dtype)
+        token's k rows times their routing weights, summed in fp32. The pairs' rows are gathered
+        (P rows; the padding rows, most of y where experts get a pair or two, are never read)
+        and summed by token in one reduce: no scatter into a zeroed output."""
+        T, k = weights.shape
+        lead = jnp.take(y, self.pair_row, axis=0).reshape(T, k, y.shape[1]).astype(_F32)
+        # a product and a sum over k, which XLA fuses with the gather (an einsum may become a
+        # batched GEMM launch of its own)
+        return (lead * weights.astype(_F32)[:, :, None]).sum(1).astype(y.dtype)
 
 
 def num_blocks(pairs: int, num_experts: int, block_m: int) -> int:
@@ -117,36 +120,19 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
     block_expert = jnp.searchsorted(block_end, g, side="right").astype(jnp.int32)
     block_expert = jnp.where(g < block_end[-1], block_expert, -1)
     row_token = jnp.full((G * block_m,), T, jnp.int32).at[row].set(order // k)
-    row_pair = jnp.full((G * block_m,), P, jnp.int32).at[row].set(order)
-    return Blocks(block_expert, row_token, row_pair)
+    pair_row = jnp.zeros((P,), jnp.int32).at[order].set(row)
+    return Blocks(block_expert, row_token, pair_row)
 
 
-class PairBlocks(Blocks):
-    """`Blocks` of one pair each (`plan_pairs`): row 0 of block p is pair p = token * k + j, the
-    other rows padding. Its `combine` is one reduce, where `Blocks.combine` zeroes an output and
-    scatter-adds into it (two launches a layer at a decode step)."""
-
-    __slots__ = ()
-
-    def combine(self, y: jax.Array, weights: jax.Array, num_tokens: int) -> jax.Array:
-        """As `Blocks.combine`: y [P * block_m, N], weights [num_tokens, k] -> [num_tokens, N]
-        (y's dtype), each token's k rows times their weights summed in fp32."""
-        T, k = weights.shape
-        lead = y.reshape(T, k, y.shape[0] // (T * k), y.shape[1])[:, :, 0].astype(_F32)
-        return jnp.einsum("tkn,tk->tn", lead, weights.astype(_F32),
-                          precision=lax.Precision.HIGHEST).astype(y.dtype)
-
-
-def plan_pairs(ids: jax.Array, block_m: int) -> PairBlocks:
-    """ids: [num_tokens, k] int32 -> `PairBlocks`, one pair each: no sort, nothing but index
-    arithmetic on a static layout."""
+def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
+    """ids: [num_tokens, k] int32 -> `Blocks` of one pair each (row 0 of block p is pair p; the
+    other rows are padding): no sort, nothing but index arithmetic on a static layout."""
     T, k = ids.shape
     P = T * k
     r = jnp.arange(P * block_m, dtype=jnp.int32)
-    lead = r % block_m == 0
-    return PairBlocks(block_expert=ids.reshape(-1).astype(jnp.int32),
-                      row_token=jnp.where(lead, r // (block_m * k), T),
-                      row_pair=jnp.where(lead, r // block_m, P))
+    return Blocks(block_expert=ids.reshape(-1).astype(jnp.int32),
+                  row_token=jnp.where(r % block_m == 0, r // (block_m * k), T),
+                  pair_row=jnp.arange(P, dtype=jnp.int32) * block_m)
 
 
 def _kernel(block_expert_ref, x_ref, w_ref, *rest, block_m, block_n, block_k, gated):

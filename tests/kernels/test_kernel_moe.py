@@ -35,15 +35,17 @@ def _ids(rng, T, k, E):
 def test_plan_places_every_pair_once(T, k, E, block_m):
     ids = _ids(np.random.default_rng(T), T, k, E)
     b = moe.plan(ids, E, block_m)
-    G = moe.num_blocks(T * k, E, block_m)
-    assert b.block_expert.shape == (G,) and b.row_token.shape == b.row_pair.shape == (G * block_m,)
-    pair, token, expert = (np.asarray(a) for a in (b.row_pair, b.row_token, b.block_expert))
-    real = pair < T * k
-    assert np.all(pair[~real] == T * k)                          # padding: out of range
-    assert sorted(pair[real]) == list(range(T * k))              # each pair exactly once
-    assert np.all(token[real] == pair[real] // k) and np.all(token[~real] == T)
+    G, P = moe.num_blocks(T * k, E, block_m), T * k
+    assert b.block_expert.shape == (G,) and b.row_token.shape == (G * block_m,)
+    assert b.pair_row.shape == (P,)
+    row, token, expert = (np.asarray(a) for a in (b.pair_row, b.row_token, b.block_expert))
+    assert len(set(row)) == P and row.min() >= 0 and row.max() < G * block_m  # a row each
+    assert np.all(token[row] == np.arange(P) // k)                # the pair's token
+    padding = np.ones(G * block_m, bool)
+    padding[row] = False
+    assert np.all(token[padding] == T)                            # other rows: nowhere
     row_expert = np.repeat(expert, block_m)
-    assert np.all(row_expert[real] == np.asarray(ids).reshape(-1)[pair[real]])
+    assert np.all(row_expert[row] == np.asarray(ids).reshape(-1))  # in a block of its expert
     used = int((expert >= 0).sum())
     assert np.all(expert[:used] >= 0) and np.all(expert[used:] == -1)
     assert used == sum(-(-int(n) // block_m) for n in np.bincount(np.asarray(ids).ravel(),
@@ -54,34 +56,39 @@ def test_plan_places_every_pair_once(T, k, E, block_m):
 def test_plan_pairs_gives_each_pair_a_block(T, k, block_m):
     ids = _ids(np.random.default_rng(T), T, k, 64)
     b = moe.plan_pairs(ids, block_m)
-    assert isinstance(b, moe.PairBlocks)
     P = T * k
-    pair, token, expert = (np.asarray(a) for a in (b.row_pair, b.row_token, b.block_expert))
-    assert expert.shape == (P,) and pair.shape == token.shape == (P * block_m,)
+    row, token, expert = (np.asarray(a) for a in (b.pair_row, b.row_token, b.block_expert))
+    assert expert.shape == (P,) and token.shape == (P * block_m,)
+    assert np.all(row == np.arange(P) * block_m)
     lead = np.arange(P * block_m) % block_m == 0
-    assert np.all(pair[lead] == np.arange(P)) and np.all(pair[~lead] == P)
     assert np.all(token[lead] == np.arange(P) // k) and np.all(token[~lead] == T)
     assert np.all(expert == np.asarray(ids).reshape(-1))
 
 
-@pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (2, 2, 32)])
-def test_pair_blocks_combine_equals_scatter(T, k, block_m):
-    """`PairBlocks.combine`'s scatter-free sum gives `Blocks.combine`'s result; the padding rows,
-    poisoned with NaN, are never read."""
+@pytest.mark.parametrize("sort", [True, False], ids=["plan", "plan_pairs"])
+@pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (6, 2, 32)])
+def test_combine_matches_float64(T, k, block_m, sort):
+    """Each token's rows times its weights, summed: against float64 over the pairs' rows; the
+    padding rows, poisoned with NaN, are never read. fp32 sums of k products round once to y's
+    dtype: 2**-24 relative for an fp32 y (a few fp32 ulps of the sum's order), one bf16 ulp
+    (2**-8) for bf16."""
     rng = np.random.default_rng(10 + T)
-    b = moe.plan_pairs(_ids(rng, T, k, 64), block_m)
-    N = 48
-    y = rng.standard_normal((T * k * block_m, N)).astype(np.float32)
-    y[np.arange(T * k * block_m) % block_m != 0] = np.nan
-    weights = jnp.asarray(rng.random((T, k)), jnp.float32)
-    for dtype in (jnp.float32, jnp.bfloat16):
+    ids = _ids(rng, T, k, 8)
+    b = moe.plan(ids, 8, block_m) if sort else moe.plan_pairs(ids, block_m)
+    rows, N = b.row_token.shape[0], 48
+    y = rng.standard_normal((rows, N)).astype(np.float32)
+    y[np.asarray(b.row_token) == T] = np.nan
+    weights = rng.random((T, k)).astype(np.float32)
+    ref = np.einsum("tkn,tk->tn", y.astype(np.float64)[np.asarray(b.pair_row)].reshape(T, k, N),
+                    weights.astype(np.float64))
+    for dtype, tol in ((jnp.float32, 2.0 ** -22), (jnp.bfloat16, 2.0 ** -7)):
         yd = jnp.asarray(y, dtype)
-        want = np.asarray(moe.Blocks.combine(b, yd, weights, T), np.float32)
-        got = np.asarray(b.combine(yd, weights, T), np.float32)
-        assert got.dtype == want.dtype and not np.isnan(want).any()
-        # fp32 sums of k products in another order: a few ulps; bf16: one rounding of the same sum
-        tol = 1e-6 if dtype == jnp.float32 else 2 ** -8
-        np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+        got = np.asarray(b.combine(yd, jnp.asarray(weights), T), np.float64)
+        exact = np.einsum("tkn,tk->tn", np.asarray(yd, np.float64)[np.asarray(b.pair_row)]
+                          .reshape(T, k, N), weights.astype(np.float64))
+        assert b.combine(yd, jnp.asarray(weights), T).dtype == dtype and np.isfinite(got).all()
+        np.testing.assert_allclose(got, exact, rtol=tol, atol=tol * np.abs(exact).max())
+        np.testing.assert_allclose(got, ref, rtol=0, atol=2.0 ** -7 * np.abs(ref).max())
 
 
 def _blocks_case(seed, G, block_m, E, K, N, dtype, used):
