@@ -161,9 +161,13 @@ def model_kernel_call(kernel: str, T: int):
         config = moe.config_for(pairs, E, K, N)
         G = kernels.moe.num_blocks(pairs, E, config.block_m)
         w = S((E, K, N), bf)
-        kwargs = dict(w_up=w) if kernel == "moe-gate-up" else {}
-        return (kernels.grouped_matmul, (S((G * config.block_m, K), bf), w, S((G,), jnp.int32)),
-                kwargs, config)
+        rows = G * config.block_m
+        if kernel == "moe-gate-up":  # as ops.moe runs it: the block rows gathered from 8 tokens
+            kwargs = dict(w_up=w, row_token=S((rows,), jnp.int32))
+            x = S((pairs // 8, K), bf)
+        else:
+            kwargs, x = {}, S((rows, K), bf)
+        return kernels.grouped_matmul, (x, w, S((G,), jnp.int32)), kwargs, config
     B, L = 32, 4096
     config = attention.config_for(B, 2, L, T * 8)
     cache = S((B + 8, L, 2, 256), bf)

@@ -12,10 +12,15 @@ scatters cost more launches than the weights they save (a decode step at B = 1 h
 experts): `plan_pairs` gives every pair a block of its own instead, from index arithmetic alone,
 and an expert two tokens chose is read twice.
 
-    blocks = plan(ids, num_experts, block_m)                    # XLA: sort, pad, gather rows
-    h = grouped_matmul(blocks.rows(x), w_gate, blocks.block_expert, w_up=w_up, config=...)
+    blocks = plan(ids, num_experts, block_m)                    # XLA: sort, pad
+    h = grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up, row_token=blocks.row_token,
+                       config=...)                              # block rows gathered from x
     y = grouped_matmul(h, w_down, blocks.block_expert, config=...)
     out = blocks.combine(y, weights, num_tokens)                 # XLA: gather the pairs' rows, sum
+
+With `row_token` the first call reads each block's rows from the tokens x [num_tokens, K] by
+index (a padding row reads nothing and is zeros), where `blocks.rows(x)` would write the blocked
+copy first: G * block_m rows, most of them padding when experts get a pair or two.
 
 With `w_up` the kernel computes silu(x @ w_gate) * (x @ w_up) (SwiGLU's first half) in one pass.
 x, weights: bf16 or fp16 (exact products, fp32 accumulation; each call rounds its result to x's
@@ -32,6 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
 from ._common import check_launch_fields
@@ -135,8 +141,11 @@ def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
                   pair_row=jnp.arange(P, dtype=jnp.int32) * block_m)
 
 
-def _kernel(block_expert_ref, x_ref, w_ref, *rest, block_m, block_n, block_k, gated):
-    """Program (g, n): rows of block g times column block n of w[block_expert[g]]."""
+def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, gated, gather):
+    """Program (g, n): rows of block g times column block n of w[block_expert[g]]; with gather
+    (refs: row_token first) the rows are x's rows row_token[g * block_m + i], zeros where that is
+    no token (padding)."""
+    row_token_ref, x_ref, w_ref, *rest = refs if gather else (None, *refs)
     w2_ref, o_ref = rest if gated else (None, rest[0])
     g, n = pl.program_id(0), pl.program_id(1)
     rows, cols = pl.ds(g * block_m, block_m), pl.ds(n * block_n, block_n)
@@ -144,9 +153,18 @@ def _kernel(block_expert_ref, x_ref, w_ref, *rest, block_m, block_n, block_k, ga
 
     @pl.when(e >= 0)
     def _():
+        if gather:
+            token = row_token_ref[rows]
+            real = (token >= 0) & (token < x_ref.shape[0])
+            token = jnp.where(real, token, 0)  # a padding row's address: masked, never read
+
         def step(i, accs):
             ks = pl.ds(i * block_k, block_k)
-            x = x_ref[rows, ks]
+            if gather:  # indices on both axes: the interpreter takes no array-and-slice mix
+                k_idx = i * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+                x = plgpu.load(x_ref.at[token[:, None], k_idx], mask=real[:, None], other=0)
+            else:
+                x = x_ref[rows, ks]
             dot = lambda w_ref: lax.dot_general(x, w_ref[e, ks, cols], (((1,), (0,)), ((), ())),
                                                 preferred_element_type=_F32)
             return tuple(a + dot(r) for a, r in zip(accs, (w_ref, w2_ref)[:len(accs)]))
@@ -163,29 +181,31 @@ def _kernel(block_expert_ref, x_ref, w_ref, *rest, block_m, block_n, block_k, ga
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
-                   w_up: jax.Array | None = None, config: MoEConfig = MoEConfig(),
-                   interpret: bool = False) -> jax.Array:
+                   w_up: jax.Array | None = None, row_token: jax.Array | None = None,
+                   config: MoEConfig = MoEConfig(), interpret: bool = False) -> jax.Array:
     """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
     in x's dtype: block g's rows @ w[block_expert[g]] (with w_up: silu(x @ w) * (x @ w_up));
-    zeros for blocks whose expert is -1."""
-    _check(x, w, w_up, block_expert, config)
+    zeros for blocks whose expert is -1. With row_token ([G * block_m] int32, `Blocks`), x is
+    [num_tokens, K] and row i of the blocks is x[row_token[i]], zeros where row_token[i] is not
+    in 0..num_tokens - 1."""
+    _check(x, w, w_up, block_expert, row_token, config)
     N = w.shape[2]
     G = block_expert.shape[0]
     if G == 0:  # no pairs: nothing to launch (a grid of size 0 may not launch on a GPU)
         return jnp.zeros((0, N), x.dtype)
-    gated = w_up is not None
+    gated, gather = w_up is not None, row_token is not None
     return _pallas.pallas_call(
         functools.partial(_kernel, block_m=config.block_m, block_n=config.block_n,
-                          block_k=config.block_k, gated=gated),
+                          block_k=config.block_k, gated=gated, gather=gather),
         name="gdn_moe_gate_up" if gated else "gdn_moe_down",
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
         grid=(G, N // config.block_n),
-        out_shape=jax.ShapeDtypeStruct((x.shape[0], N), x.dtype),
-    )(block_expert, x, w, *((w_up,) if gated else ()))
+        out_shape=jax.ShapeDtypeStruct((G * config.block_m, N), x.dtype),
+    )(block_expert, *((row_token,) if gather else ()), x, w, *((w_up,) if gated else ()))
 
 
-def _check(x, w, w_up, block_expert, config):
+def _check(x, w, w_up, block_expert, row_token, config):
     op = "grouped_matmul"
     if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"{op}: x [rows, K] and w [E, K, N] expected, got x{list(x.shape)} and "
@@ -197,7 +217,15 @@ def _check(x, w, w_up, block_expert, config):
             raise ValueError(f"{op}: {name} expected x's dtype {x.dtype}, got {a.dtype}")
     if jnp.dtype(x.dtype) not in MOE_DTYPES:
         raise ValueError(f"{op}: x expected one of {[str(d) for d in MOE_DTYPES]}, got {x.dtype}")
-    if block_expert.ndim != 1 or block_expert.dtype != jnp.int32 or \
+    if row_token is not None:
+        if block_expert.ndim != 1 or block_expert.dtype != jnp.int32:
+            raise ValueError(f"{op}: block_expert expected int32 [G], got {block_expert.dtype}"
+                             f"{list(block_expert.shape)}")
+        rows = block_expert.shape[0] * config.block_m
+        if row_token.shape != (rows,) or row_token.dtype != jnp.int32:
+            raise ValueError(f"{op}: row_token expected int32 [G * block_m] = [{rows}], got "
+                             f"{row_token.dtype}{list(row_token.shape)}")
+    elif block_expert.ndim != 1 or block_expert.dtype != jnp.int32 or \
             x.shape[0] != block_expert.shape[0] * config.block_m:
         raise ValueError(f"{op}: block_expert expected int32 [rows / block_m] = "
                          f"[{x.shape[0] // config.block_m}], got {block_expert.dtype}"

@@ -70,8 +70,8 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = No
     up_cfg, down_cfg = config_for(P, E, H, I, sm_count=sms), config_for(P, E, I, H, sm_count=sms)
     blocks = (_moe.plan_pairs(ids, up_cfg.block_m) if one_block_per_pair(P, E)
               else _moe.plan(ids, E, up_cfg.block_m))
-    h = kernels.grouped_matmul(blocks.rows(x), w_gate, blocks.block_expert, w_up=w_up,
-                               config=up_cfg, interpret=interpret)
+    h = kernels.grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up,
+                               row_token=blocks.row_token, config=up_cfg, interpret=interpret)
     y = kernels.grouped_matmul(h, w_down, blocks.block_expert, config=down_cfg,
                                interpret=interpret)
     return blocks.combine(y, weights, T)

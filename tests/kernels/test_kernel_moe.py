@@ -138,6 +138,41 @@ def test_grouped_matmul_matches_float64_interpret(gated, dtype, config):
     assert np.all(np.asarray(y[4 * config.block_m:]) == 0)  # the unused block: zeros
 
 
+@pytest.mark.parametrize("sort", [True, False], ids=["plan", "plan_pairs"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_grouped_matmul_gathers_rows_by_token_interpret(gated, sort):
+    """row_token: the kernel reads each block row's token from x [T, K] itself; the same result,
+    bit for bit, as the blocked copy `Blocks.rows` of x, padding rows (and unused blocks) zeros,
+    against the same float64 bound."""
+    T, k, E, K, N = 6, 3, 8, 128, 64
+    rng = np.random.default_rng(5)
+    ids = _ids(rng, T, k, E)
+    config = MoEConfig(16, 32, 64, 4, 1)
+    b = moe.plan(ids, E, 16) if sort else moe.plan_pairs(ids, 16)
+    x = jnp.asarray(rng.standard_normal((T, K)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((E, K, N)) * K ** -0.5, jnp.bfloat16)
+    w2 = jnp.asarray(rng.standard_normal((E, K, N)) * K ** -0.5, jnp.bfloat16) if gated else None
+    got = kernels.grouped_matmul(x, w, b.block_expert, w_up=w2, row_token=b.row_token,
+                                 config=config, interpret=True)
+    want = kernels.grouped_matmul(b.rows(x), w, b.block_expert, w_up=w2, config=config,
+                                  interpret=True)
+    assert got.shape == want.shape == (b.row_token.shape[0], N)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    ref, scale = _reference(b.rows(x), w, w2, b.block_expert, 16)
+    err = np.abs(np.asarray(got, np.float64) - ref)
+    bound = (2 if gated else 1) * EPS[jnp.bfloat16] * np.abs(ref) + K * 2.0 ** -23 * scale * 3
+    assert np.all(err <= bound) and np.abs(ref[np.asarray(b.pair_row)]).min() > 0
+    assert not np.asarray(got)[np.asarray(b.row_token) == T].any()  # padding rows: zeros
+
+
+def test_grouped_matmul_rejects_bad_row_token():
+    x, w = jnp.ones((3, 64), jnp.bfloat16), jnp.ones((4, 64, 32), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"row_token expected int32 \[G \* block_m\] = \[32\], "
+                                         r"got int32\[16\]"):
+        kernels.grouped_matmul(x, w, jnp.zeros((2,), jnp.int32), row_token=jnp.zeros((16,), jnp.int32),
+                               config=MoEConfig(16, 32, 32), interpret=True)
+
+
 def test_no_pairs_launch_nothing():
     b = moe.plan(jnp.zeros((0, 2), jnp.int32), 8, 16)
     assert b.block_expert.shape == (0,)
@@ -175,6 +210,17 @@ def test_grouped_matmul_lowers_for_cuda(kind, gated, cuda_lowering):
     assert TRITON_CALL in text
 
 
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+def test_grouped_matmul_gather_lowers_for_cuda(kind, cuda_lowering):
+    S = jax.ShapeDtypeStruct
+    x, w = S((32, 2048), jnp.bfloat16), S((256, 2048, 512), jnp.bfloat16)
+    with cuda_lowering(kind):
+        text = kernels.grouped_matmul.trace(
+            x, w, S((272,), jnp.int32), w_up=w, row_token=S((272 * 16,), jnp.int32),
+            config=MoEConfig(16, 64, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in text
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("gated", [False, True], ids=["down", "gate_up"])
 @pytest.mark.parametrize("G, used", [(10, 10), (60, 37)])
@@ -187,3 +233,23 @@ def test_grouped_matmul_matches_float64_gpu(gated, G, used, on_gpu):
     err = np.abs(np.asarray(y, np.float64) - ref)
     bound = (2 if gated else 1) * EPS[jnp.bfloat16] * np.abs(ref) + K * 2.0 ** -23 * scale * 3
     assert np.all(err <= bound), f"max excess {np.max(err - bound):.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, k", [(32, 8), (128, 8), (1, 8)])
+def test_grouped_matmul_gathers_rows_gpu(T, k, on_gpu):
+    """The 35B's gate / up at decode and verify token counts, rows read by token in the kernel:
+    equal to the kernel on the blocked copy of x (the same products, summed in the same order)."""
+    E, K, N = 256, 2048, 512
+    rng = np.random.default_rng(T)
+    ids = _ids(rng, T, k, E)
+    b = moe.plan(ids, E, 16) if 4 * T * k > E else moe.plan_pairs(ids, 16)
+    x = jnp.asarray(rng.standard_normal((T, K)), jnp.bfloat16)
+    w, w2 = (jnp.asarray(rng.standard_normal((E, K, N)) * K ** -0.5, jnp.bfloat16)
+             for _ in range(2))
+    config = MoEConfig(16, 64, 128)
+    got = kernels.grouped_matmul(x, w, b.block_expert, w_up=w2, row_token=b.row_token,
+                                 config=config)
+    want = kernels.grouped_matmul(b.rows(x), w, b.block_expert, w_up=w2, config=config)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.abs(np.asarray(got, np.float32)[np.asarray(b.pair_row)]).max() > 0
