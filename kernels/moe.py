@@ -7,12 +7,12 @@ pairs are sorted by expert and cut into blocks of `block_m` rows, each block one
 (`plan`); program (g, n) multiplies block g's rows by the column block n of its expert's weight,
 streaming that weight once for all of the block's rows. A decode step of B tokens and top-k
 experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past the used ones
-(`block_expert` = -1) write zeros and read nothing. For few pairs the sort, its scans and
-scatters cost more launches than the weights they save (a decode step at B = 1 has k distinct
-experts): `plan_pairs` gives every pair a block of its own instead, from index arithmetic alone,
+(`block_expert` = -1) write zeros and read nothing. For few pairs the plan costs more launches
+than the weights it saves (a decode step at B = 1 has k distinct experts; measured when `plan`
+sorted): `plan_pairs` gives every pair a block of its own instead, from index arithmetic alone,
 and an expert two tokens chose is read twice.
 
-    blocks = plan(ids, num_experts, block_m)                    # XLA: sort, pad
+    blocks = plan(ids, num_experts, block_m)                    # XLA: rank by expert, pad
     h = grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up, row_token=blocks.row_token,
                        config=...)                              # block rows gathered from x
     y = grouped_matmul(h, w_down, blocks.block_expert, config=...)
@@ -108,26 +108,44 @@ def num_blocks(pairs: int, num_experts: int, block_m: int) -> int:
     return -(-pairs // block_m) + min(num_experts, pairs)
 
 
+# Up to this many pairs (decode and verify token counts) `plan` is compare-and-sum fusions: a
+# pair's rank among its expert's pairs by comparing it with every other pair, a row's token by
+# comparing the row with every pair's; O(P^2) comparisons that XLA fuses into a few small
+# kernels, where the sort and its scatters take a dozen launches and buffer copies a layer.
+# Beyond (prefill), a sort.
+_COMPARE_MAX_PAIRS = 2048
+
+
 def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
-    """ids: [num_tokens, k] int32, each token's experts (in 0..num_experts - 1) -> `Blocks`."""
+    """ids: [num_tokens, k] int32, each token's experts (in 0..num_experts - 1) -> `Blocks`:
+    each expert's pairs in the order of their index (token * k + j), in blocks of their own."""
     T, k = ids.shape
     P = T * k
     G = num_blocks(P, num_experts, block_m)
     flat = ids.reshape(-1).astype(jnp.int32)
-    order = jnp.argsort(flat, stable=True)                      # sorted position -> pair
-    expert = flat[order]
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    first = jnp.cumsum(sizes) - sizes                           # first sorted position per expert
+    pair = jnp.arange(P, dtype=jnp.int32)
+    sizes = jnp.sum(flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :], axis=0,
+                    dtype=jnp.int32)
     blocks = -(-sizes // block_m)
     block_end = jnp.cumsum(blocks)                              # one past each expert's blocks
-    rank = jnp.arange(P, dtype=jnp.int32) - first[expert]       # position within its expert
-    row = (block_end[expert] - blocks[expert] + rank // block_m) * block_m + rank % block_m
+    first_row = (block_end - blocks) * block_m                  # each expert's first row
     g = jnp.arange(G, dtype=jnp.int32)
-    block_expert = jnp.searchsorted(block_end, g, side="right").astype(jnp.int32)
+    block_expert = jnp.sum(block_end[None, :] <= g[:, None], axis=1, dtype=jnp.int32)
     block_expert = jnp.where(g < block_end[-1], block_expert, -1)
-    row_token = jnp.full((G * block_m,), T, jnp.int32).at[row].set(order // k)
-    pair_row = jnp.zeros((P,), jnp.int32).at[order].set(row)
-    return Blocks(block_expert, row_token, pair_row)
+    if P <= _COMPARE_MAX_PAIRS:
+        before = (flat[None, :] == flat[:, None]) & (pair[None, :] < pair[:, None])
+        pair_row = first_row[flat] + jnp.sum(before, axis=1, dtype=jnp.int32)
+        hit = pair_row[None, :] == jnp.arange(G * block_m, dtype=jnp.int32)[:, None]
+        row_token = jnp.where(jnp.any(hit, axis=1),
+                              jnp.sum(jnp.where(hit, pair[None, :] // k, 0), axis=1), T)
+    else:
+        order = jnp.argsort(flat, stable=True)                  # sorted position -> pair
+        expert = flat[order]
+        first = jnp.cumsum(sizes) - sizes                       # first sorted position per expert
+        row = first_row[expert] + pair - first[expert]
+        row_token = jnp.full((G * block_m,), T, jnp.int32).at[row].set(order // k)
+        pair_row = jnp.zeros((P,), jnp.int32).at[order].set(row)
+    return Blocks(block_expert, row_token.astype(jnp.int32), pair_row)
 
 
 def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:

@@ -32,7 +32,10 @@ def _ids(rng, T, k, E):
 
 @pytest.mark.parametrize("T, k, E, block_m", [(1, 10, 64, 16), (7, 3, 8, 16), (40, 4, 8, 16),
                                                (33, 2, 4, 64)])
-def test_plan_places_every_pair_once(T, k, E, block_m):
+@pytest.mark.parametrize("sort", [False, True], ids=["compare", "sort"])
+def test_plan_places_every_pair_once(T, k, E, block_m, sort, monkeypatch):
+    if sort:
+        monkeypatch.setattr(moe, "_COMPARE_MAX_PAIRS", 0)
     ids = _ids(np.random.default_rng(T), T, k, E)
     b = moe.plan(ids, E, block_m)
     G, P = moe.num_blocks(T * k, E, block_m), T * k
@@ -50,6 +53,20 @@ def test_plan_places_every_pair_once(T, k, E, block_m):
     assert np.all(expert[:used] >= 0) and np.all(expert[used:] == -1)
     assert used == sum(-(-int(n) // block_m) for n in np.bincount(np.asarray(ids).ravel(),
                                                                    minlength=E))
+
+
+@pytest.mark.parametrize("T, k, E, block_m", [(1, 10, 64, 16), (7, 3, 8, 16), (40, 4, 8, 16),
+                                               (33, 2, 4, 64), (64, 8, 256, 16)])
+def test_plan_by_comparisons_equals_plan_by_sort(T, k, E, block_m, monkeypatch):
+    """Few pairs are planned by comparisons, many by a sort: the same blocks, bit for bit."""
+    ids = _ids(np.random.default_rng(T + E), T, k, E)
+    assert T * k <= moe._COMPARE_MAX_PAIRS
+    by_compare = moe.plan(ids, E, block_m)
+    monkeypatch.setattr(moe, "_COMPARE_MAX_PAIRS", 0)
+    by_sort = moe.plan(ids, E, block_m)
+    for a, b in zip(by_compare, by_sort):
+        assert a.dtype == b.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (2, 2, 32)])
