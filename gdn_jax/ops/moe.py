@@ -30,10 +30,10 @@ def runs_compiled(dtype, hidden: int, intermediate: int) -> bool:
 
 
 def one_block_per_pair(pairs: int, num_experts: int) -> bool:
-    """Whether to give every pair its own block (`kernels.moe.plan_pairs`) rather than sort them
+    """Whether to give every pair its own block (`kernels.moe.plan_pairs`) rather than group them
     by expert (`kernels.moe.plan`). Uniformly routed, P pairs re-read about P / (2 E) of the
     experts they touch; up to E / 4 pairs (a decode step at B <= 8 with 256 experts, top 8)
-    that is <= 1/8, and the sort's launches cost more."""
+    that is <= 1/8, and the plan's launches cost more (measured when `plan` sorted)."""
     return 4 * pairs <= num_experts
 
 
