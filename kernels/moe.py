@@ -3,9 +3,9 @@ reads each chosen expert's weights once.
 
 XLA's GPU `ragged_dot` computes every expert whatever the routing; gathering the chosen experts'
 weights per (token, expert) pair re-reads an expert once per token that picked it. Here the
-pairs are sorted by expert and cut into blocks of `block_m` rows, each block one expert's
-(`plan`); program (g, n) multiplies block g's rows by the column block n of its expert's weight,
-streaming that weight once for all of the block's rows. A decode step of B tokens and top-k
+pairs are grouped by expert (in pair order) and cut into blocks of `block_m` rows, each block
+one expert's (`plan`); program (g, n) multiplies block g's rows by the column block n of its
+expert's weight, streaming that weight once for all of the block's rows. A decode step of B tokens and top-k
 experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past the used ones
 (`block_expert` = -1) write zeros and read nothing. For few pairs the plan costs more launches
 than the weights it saves (a decode step at B = 1 has k distinct experts; measured when `plan`
@@ -97,6 +97,10 @@ class Blocks(NamedTuple):
         (P rows; the padding rows, most of y where experts get a pair or two, are never read)
         and summed by token in one reduce: no scatter into a zeroed output."""
         T, k = weights.shape
+        if T != num_tokens or T * k != self.pair_row.shape[0]:
+            raise ValueError(f"combine: weights expected [num_tokens, k] = [{num_tokens}, "
+                             f"{self.pair_row.shape[0] // max(num_tokens, 1)}], got "
+                             f"{list(weights.shape)}")
         lead = jnp.take(y, self.pair_row, axis=0).reshape(T, k, y.shape[1]).astype(_F32)
         # a product and a sum over k, which XLA fuses with the gather (an einsum may become a
         # batched GEMM launch of its own)
@@ -110,8 +114,8 @@ def num_blocks(pairs: int, num_experts: int, block_m: int) -> int:
 
 # Up to this many pairs (decode and verify token counts) `plan` is compare-and-sum fusions: a
 # pair's rank among its expert's pairs by comparing it with every other pair, a row's token by
-# comparing the row with every pair's; O(P^2) comparisons that XLA fuses into a few small
-# kernels, where the sort and its scatters take a dozen launches and buffer copies a layer.
+# comparing the row with every pair's; O(P (P + rows)) comparisons that XLA fuses into a few
+# small kernels, where the sort and its scatters take a dozen launches and buffer copies a layer.
 # Beyond (prefill), a sort.
 _COMPARE_MAX_PAIRS = 2048
 
@@ -124,22 +128,24 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
     G = num_blocks(P, num_experts, block_m)
     flat = ids.reshape(-1).astype(jnp.int32)
     pair = jnp.arange(P, dtype=jnp.int32)
-    sizes = jnp.sum(flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :], axis=0,
-                    dtype=jnp.int32)
+    compare = P <= _COMPARE_MAX_PAIRS
+    sizes = (jnp.sum(flat[:, None] == jnp.arange(num_experts, dtype=jnp.int32)[None, :], axis=0,
+                     dtype=jnp.int32) if compare
+             else jnp.bincount(flat, length=num_experts).astype(jnp.int32))
     blocks = -(-sizes // block_m)
     block_end = jnp.cumsum(blocks)                              # one past each expert's blocks
     first_row = (block_end - blocks) * block_m                  # each expert's first row
     g = jnp.arange(G, dtype=jnp.int32)
     block_expert = jnp.sum(block_end[None, :] <= g[:, None], axis=1, dtype=jnp.int32)
     block_expert = jnp.where(g < block_end[-1], block_expert, -1)
-    if P <= _COMPARE_MAX_PAIRS:
+    if compare:
         before = (flat[None, :] == flat[:, None]) & (pair[None, :] < pair[:, None])
         pair_row = first_row[flat] + jnp.sum(before, axis=1, dtype=jnp.int32)
         hit = pair_row[None, :] == jnp.arange(G * block_m, dtype=jnp.int32)[:, None]
         row_token = jnp.where(jnp.any(hit, axis=1),
                               jnp.sum(jnp.where(hit, pair[None, :] // k, 0), axis=1), T)
     else:
-        order = jnp.argsort(flat, stable=True)                  # sorted position -> pair
+        order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted position -> pair
         expert = flat[order]
         first = jnp.cumsum(sizes) - sizes                       # first sorted position per expert
         row = first_row[expert] + pair - first[expert]

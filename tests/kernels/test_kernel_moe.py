@@ -55,18 +55,41 @@ def test_plan_places_every_pair_once(T, k, E, block_m, sort, monkeypatch):
                                                                    minlength=E))
 
 
+def _numpy_plan(ids, E, block_m):
+    """The plan's contract, by loops: experts in order, each expert's pairs in pair order from
+    its first block's first row, blocks past the used ones -1, padding rows token T."""
+    ids = np.asarray(ids)
+    T, k = ids.shape
+    flat = ids.reshape(-1)
+    G = moe.num_blocks(T * k, E, block_m)
+    block_expert, row_token = np.full(G, -1), np.full(G * block_m, T)
+    pair_row = np.zeros(T * k, int)
+    g = 0
+    for e in range(E):
+        pairs = np.flatnonzero(flat == e)
+        for i, p in enumerate(pairs):
+            pair_row[p] = g * block_m + i
+            row_token[g * block_m + i] = p // k
+        n = -(-len(pairs) // block_m)
+        block_expert[g:g + n] = e
+        g += n
+    return block_expert, row_token, pair_row
+
+
 @pytest.mark.parametrize("T, k, E, block_m", [(1, 10, 64, 16), (7, 3, 8, 16), (40, 4, 8, 16),
-                                               (33, 2, 4, 64), (64, 8, 256, 16)])
-def test_plan_by_comparisons_equals_plan_by_sort(T, k, E, block_m, monkeypatch):
-    """Few pairs are planned by comparisons, many by a sort: the same blocks, bit for bit."""
-    ids = _ids(np.random.default_rng(T + E), T, k, E)
-    assert T * k <= moe._COMPARE_MAX_PAIRS
-    by_compare = moe.plan(ids, E, block_m)
-    monkeypatch.setattr(moe, "_COMPARE_MAX_PAIRS", 0)
-    by_sort = moe.plan(ids, E, block_m)
-    for a, b in zip(by_compare, by_sort):
-        assert a.dtype == b.dtype == jnp.int32
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+                                               (33, 2, 4, 64), (64, 8, 256, 16), (5, 1, 3, 16),
+                                               (0, 2, 8, 16)])
+@pytest.mark.parametrize("sort", [False, True], ids=["compare", "sort"])
+def test_plan_matches_its_contract(T, k, E, block_m, sort, monkeypatch):
+    """Few pairs are planned by comparisons, many by a sort: both give the loop-built plan of
+    `_numpy_plan` exactly (int32), ties, empty experts and no pairs included."""
+    if sort:
+        monkeypatch.setattr(moe, "_COMPARE_MAX_PAIRS", 0)
+    ids = _ids(np.random.default_rng(T + E), T, k, E) if T else jnp.zeros((0, k), jnp.int32)
+    assert T * k <= moe._COMPARE_MAX_PAIRS or sort
+    for got, want in zip(moe.plan(ids, E, block_m), _numpy_plan(ids, E, block_m)):
+        assert got.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(got), want)
 
 
 @pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (2, 2, 32)])
@@ -82,29 +105,32 @@ def test_plan_pairs_gives_each_pair_a_block(T, k, block_m):
     assert np.all(expert == np.asarray(ids).reshape(-1))
 
 
-@pytest.mark.parametrize("sort", [True, False], ids=["plan", "plan_pairs"])
+@pytest.mark.parametrize("planner", ["plan", "plan_pairs"])
 @pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (6, 2, 32)])
-def test_combine_matches_float64(T, k, block_m, sort):
+def test_combine_matches_float64(T, k, block_m, planner):
     """Each token's rows times its weights, summed: against float64 over the pairs' rows; the
-    padding rows, poisoned with NaN, are never read. fp32 sums of k products round once to y's
-    dtype: 2**-24 relative for an fp32 y (a few fp32 ulps of the sum's order), one bf16 ulp
-    (2**-8) for bf16."""
+    padding rows, poisoned with NaN, are never read. Bound per element: the fp32 sum of k
+    products, (k + 1) * 2**-24 of the sum of their magnitudes, then one rounding to y's dtype
+    (none for fp32; 2**-9 relative for bf16, 2**-8 allowed)."""
     rng = np.random.default_rng(10 + T)
     ids = _ids(rng, T, k, 8)
-    b = moe.plan(ids, 8, block_m) if sort else moe.plan_pairs(ids, block_m)
+    b = moe.plan(ids, 8, block_m) if planner == "plan" else moe.plan_pairs(ids, block_m)
     rows, N = b.row_token.shape[0], 48
     y = rng.standard_normal((rows, N)).astype(np.float32)
     y[np.asarray(b.row_token) == T] = np.nan
     weights = rng.random((T, k)).astype(np.float32)
     ref = np.einsum("tkn,tk->tn", y.astype(np.float64)[np.asarray(b.pair_row)].reshape(T, k, N),
                     weights.astype(np.float64))
-    for dtype, tol in ((jnp.float32, 2.0 ** -22), (jnp.bfloat16, 2.0 ** -7)):
+    for dtype, rounding in ((jnp.float32, 0.0), (jnp.bfloat16, 2.0 ** -8)):
         yd = jnp.asarray(y, dtype)
-        got = np.asarray(b.combine(yd, jnp.asarray(weights), T), np.float64)
-        exact = np.einsum("tkn,tk->tn", np.asarray(yd, np.float64)[np.asarray(b.pair_row)]
-                          .reshape(T, k, N), weights.astype(np.float64))
-        assert b.combine(yd, jnp.asarray(weights), T).dtype == dtype and np.isfinite(got).all()
-        np.testing.assert_allclose(got, exact, rtol=tol, atol=tol * np.abs(exact).max())
+        out = b.combine(yd, jnp.asarray(weights), T)
+        got = np.asarray(out, np.float64)
+        lead = np.asarray(yd, np.float64)[np.asarray(b.pair_row)].reshape(T, k, N)
+        exact = np.einsum("tkn,tk->tn", lead, weights.astype(np.float64))
+        magnitude = np.einsum("tkn,tk->tn", np.abs(lead), np.abs(weights.astype(np.float64)))
+        bound = (k + 1) * 2.0 ** -24 * magnitude + rounding * np.abs(exact)
+        assert out.dtype == dtype and np.isfinite(got).all()
+        assert np.all(np.abs(got - exact) <= bound)
         np.testing.assert_allclose(got, ref, rtol=0, atol=2.0 ** -7 * np.abs(ref).max())
 
 
@@ -155,9 +181,9 @@ def test_grouped_matmul_matches_float64_interpret(gated, dtype, config):
     assert np.all(np.asarray(y[4 * config.block_m:]) == 0)  # the unused block: zeros
 
 
-@pytest.mark.parametrize("sort", [True, False], ids=["plan", "plan_pairs"])
+@pytest.mark.parametrize("planner", ["plan", "plan_pairs"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
-def test_grouped_matmul_gathers_rows_by_token_interpret(gated, sort):
+def test_grouped_matmul_gathers_rows_by_token_interpret(gated, planner):
     """row_token: the kernel reads each block row's token from x [T, K] itself; the same result,
     bit for bit, as the blocked copy `Blocks.rows` of x, padding rows (and unused blocks) zeros,
     against the same float64 bound."""
@@ -165,7 +191,7 @@ def test_grouped_matmul_gathers_rows_by_token_interpret(gated, sort):
     rng = np.random.default_rng(5)
     ids = _ids(rng, T, k, E)
     config = MoEConfig(16, 32, 64, 4, 1)
-    b = moe.plan(ids, E, 16) if sort else moe.plan_pairs(ids, 16)
+    b = moe.plan(ids, E, 16) if planner == "plan" else moe.plan_pairs(ids, 16)
     x = jnp.asarray(rng.standard_normal((T, K)), jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((E, K, N)) * K ** -0.5, jnp.bfloat16)
     w2 = jnp.asarray(rng.standard_normal((E, K, N)) * K ** -0.5, jnp.bfloat16) if gated else None
@@ -180,14 +206,32 @@ def test_grouped_matmul_gathers_rows_by_token_interpret(gated, sort):
     bound = (2 if gated else 1) * EPS[jnp.bfloat16] * np.abs(ref) + K * 2.0 ** -23 * scale * 3
     assert np.all(err <= bound) and np.abs(ref[np.asarray(b.pair_row)]).min() > 0
     assert not np.asarray(got)[np.asarray(b.row_token) == T].any()  # padding rows: zeros
+    # a token outside 0..T - 1 (negative, past the end) is padding too: a zero row, no read
+    token = np.asarray(b.row_token).copy()
+    pad = np.flatnonzero(token == T)[:2]
+    token[pad] = (-1, T + 5)
+    odd = kernels.grouped_matmul(x, w, b.block_expert, w_up=w2, row_token=jnp.asarray(token),
+                                 config=config, interpret=True)
+    np.testing.assert_array_equal(np.asarray(odd), np.asarray(got))
 
 
 def test_grouped_matmul_rejects_bad_row_token():
     x, w = jnp.ones((3, 64), jnp.bfloat16), jnp.ones((4, 64, 32), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"row_token expected int32 \[G \* block_m\] = \[32\], "
                                          r"got int32\[16\]"):
-        kernels.grouped_matmul(x, w, jnp.zeros((2,), jnp.int32), row_token=jnp.zeros((16,), jnp.int32),
+        kernels.grouped_matmul(x, w, jnp.zeros((2,), jnp.int32),
+                               row_token=jnp.zeros((16,), jnp.int32),
                                config=MoEConfig(16, 32, 32), interpret=True)
+
+
+def test_combine_rejects_weights_of_other_pairs():
+    b = moe.plan_pairs(jnp.zeros((2, 3), jnp.int32), 16)
+    y = jnp.zeros((6 * 16, 32), jnp.bfloat16)
+    with pytest.raises(ValueError,
+                       match=r"weights expected \[num_tokens, k\] = \[2, 3\], got \[2, 2\]"):
+        b.combine(y, jnp.zeros((2, 2)), 2)
+    with pytest.raises(ValueError, match=r"= \[3, 2\], got \[2, 3\]"):
+        b.combine(y, jnp.zeros((2, 3)), 3)
 
 
 def test_no_pairs_launch_nothing():

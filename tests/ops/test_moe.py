@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gdn_jax import kernels
 from gdn_jax.modules.mlp import SparseMoE, set_expert_path
 from gdn_jax.ops import moe
 
@@ -53,8 +54,12 @@ def _assert_close(out, ref, scale):
 
 @pytest.mark.parametrize("T, k, E", [(1, 10, 64), (4, 2, 64), (12, 4, 8), (40, 2, 16)],
                          ids=["decode-top10", "ties-one-block-per-pair", "ties", "many-per-expert"])
-def test_routed_matches_per_expert_sum(T, k, E):
-    """The first two cases run a block per pair (`one_block_per_pair`), the others sorted blocks."""
+@pytest.mark.parametrize("sort", [False, True], ids=["compare", "sort"])
+def test_routed_matches_per_expert_sum(T, k, E, sort, monkeypatch):
+    """The first two cases run a block per pair (`one_block_per_pair`), the others blocks of one
+    expert each, planned by comparisons (decode, verify) or by a sort (prefill-sized P)."""
+    if sort:
+        monkeypatch.setattr(kernels.moe, "_COMPARE_MAX_PAIRS", 0)
     assert moe.one_block_per_pair(T * k, E) == (E == 64)
     args = _case(T * E, T, k, E, 128, 64)
     out = moe.routed(*args)
