@@ -143,9 +143,9 @@ def main(argv=None):
             busy = sum(per.values())
             ranked = sorted(per.items(), key=lambda kv: -kv[1])
             top = ranked[:args.top]
-            launches = sum(trace.counts.values()) / calls / max(trace.gpus, 1)
             # launches per call by name: a fusion in the scanned layer body runs once per layer
             each = {k: v / calls / max(trace.gpus, 1) for k, v in trace.counts.items()}
+            launches = sum(each.values())
             kinds = {k: v for k, v in by_category(per).items() if v}
             row = {"B": B, "program": name, "variant": variant, **paths,
                    "options": options, "compile_s": compile_s,

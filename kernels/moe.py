@@ -5,12 +5,12 @@ XLA's GPU `ragged_dot` computes every expert whatever the routing; gathering the
 weights per (token, expert) pair re-reads an expert once per token that picked it. Here the
 pairs are grouped by expert (in pair order) and cut into blocks of `block_m` rows, each block
 one expert's (`plan`); program (g, n) multiplies block g's rows by the column block n of its
-expert's weight, streaming that weight once for all of the block's rows. A decode step of B tokens and top-k
-experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past the used ones
-(`block_expert` = -1) write zeros and read nothing. For few pairs the plan costs more launches
-than the weights it saves (a decode step at B = 1 has k distinct experts; measured when `plan`
-sorted): `plan_pairs` gives every pair a block of its own instead, from index arithmetic alone,
-and an expert two tokens chose is read twice.
+expert's weight, streaming that weight once for all of the block's rows. A decode step of B
+tokens and top-k experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past
+the used ones (`block_expert` = -1) write zeros and read nothing. For few pairs the plan costs
+more launches than the weights it saves (a decode step at B = 1 has k distinct experts; measured
+when `plan` sorted): `plan_pairs` gives every pair a block of its own instead, from index
+arithmetic alone, and an expert two tokens chose is read twice.
 
     blocks = plan(ids, num_experts, block_m)                    # XLA: rank by expert, pad
     h = grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up, row_token=blocks.row_token,
@@ -143,7 +143,8 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
         pair_row = first_row[flat] + jnp.sum(before, axis=1, dtype=jnp.int32)
         hit = pair_row[None, :] == jnp.arange(G * block_m, dtype=jnp.int32)[:, None]
         row_token = jnp.where(jnp.any(hit, axis=1),
-                              jnp.sum(jnp.where(hit, pair[None, :] // k, 0), axis=1), T)
+                              jnp.sum(jnp.where(hit, pair[None, :] // k, 0), axis=1,
+                                      dtype=jnp.int32), T)
     else:
         order = jnp.argsort(flat, stable=True).astype(jnp.int32)  # sorted position -> pair
         expert = flat[order]
@@ -151,7 +152,7 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
         row = first_row[expert] + pair - first[expert]
         row_token = jnp.full((G * block_m,), T, jnp.int32).at[row].set(order // k)
         pair_row = jnp.zeros((P,), jnp.int32).at[order].set(row)
-    return Blocks(block_expert, row_token.astype(jnp.int32), pair_row)
+    return Blocks(block_expert, row_token, pair_row)
 
 
 def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
