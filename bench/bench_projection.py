@@ -74,6 +74,13 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="search the kernel's config per case")
     p.add_argument("--sweep-rows", default="16,64", help="the rows --sweep searches at")
+    p.add_argument("--sweep-block-n", default="32,64,128", help="block_n values --sweep tries")
+    p.add_argument("--sweep-block-k", default="128,256", help="block_k values --sweep tries")
+    p.add_argument("--sweep-splits", default="1,2,4,8,16", help="splits values --sweep tries")
+    p.add_argument("--sweep-stages", default="3,5", help="num_stages values --sweep tries")
+    p.add_argument("--sweep-warps", default="",
+                   help="num_warps values --sweep tries (default: the dispatch's)")
+    p.add_argument("--sweep-swap", default="0", help="swap_ab values --sweep tries (0, 1)")
     p.add_argument("--max-seconds", type=float, default=1e9,
                    help="stop sweeping (not measuring) after this many seconds")
     p.add_argument("--groups", action="store_true",
@@ -161,7 +168,7 @@ def main(argv=None):
             best = (case["kernel_us"], config)
             if args.sweep and M in map(int, args.sweep_rows.split(",")) \
                     and time.perf_counter() - started < args.max_seconds:
-                best, case["sweep"] = _sweep(x, ws, K, N, M, args.reps, args.interpret, best)
+                best, case["sweep"] = _sweep(x, ws, K, N, M, args, best)
             case["best_us"], case["best_config"] = best[0], _cfg(best[1])
             case["kernel_gbps"] = nbytes / case["kernel_us"] / 1e3
             case["kernel_pct_copy"] = 100 * case["kernel_gbps"] / copy
@@ -220,21 +227,26 @@ def _groups(args, rng, dtype, copy, sms):
 
 
 def _cfg(c):
-    return [c.block_n, c.block_k, c.splits, c.num_warps, c.num_stages]
+    return [c.block_n, c.block_k, c.splits, c.num_warps, c.num_stages, int(c.swap_ab)]
 
 
-def _sweep(x, ws, K, N, M, reps, interpret, best):
+def _sweep(x, ws, K, N, M, args, best):
     """Every config of a grid around the dispatch's, in one program: each config is a kernel of
     its own name, so one profile times them all (the kernel alone: the row padding and the
     partial sums are not counted; more splits cost a larger sum after). Returns the best
     (us, config) and the list of [config, us]."""
     import dataclasses
     import itertools
+    reps, interpret = args.reps, args.interpret
     base = projection.config_for(M, K, N, sm_count=sm_count())
+    ints = lambda text: tuple(int(v) for v in text.split(",") if v)
     grid = []
-    for bn, bk, splits, stages in itertools.product((32, 64, 128), (128, 256), (1, 2, 4, 8, 16),
-                                                    (3, 5)):
-        cfg = dataclasses.replace(base, block_n=bn, block_k=bk, splits=splits, num_stages=stages)
+    for bn, bk, splits, stages, warps, swap in itertools.product(
+            ints(args.sweep_block_n), ints(args.sweep_block_k), ints(args.sweep_splits),
+            ints(args.sweep_stages), ints(args.sweep_warps) or (base.num_warps,),
+            ints(args.sweep_swap)):
+        cfg = dataclasses.replace(base, block_n=bn, block_k=bk, splits=splits, num_stages=stages,
+                                  num_warps=warps, swap_ab=bool(swap))
         if not cfg.misfit(K, N, M):
             grid.append(cfg)
     names = [f"sweep{i}x" for i in range(len(grid))]

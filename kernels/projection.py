@@ -54,6 +54,10 @@ class ProjectionConfig:
     splits:     K is cut into this many slices, one program each; K // splits must be a multiple
                 of block_k.
     num_warps, num_stages: Triton's; the stages pipeline the loads of the loop over K.
+    swap_ab:    multiply w's block by x (w_block^T x^T, the [block_n, block_m] product) rather
+                than x by w's block: the weight's columns fill the tensor-core tile's long side
+                and the few rows its short one (on Hopper, the wgmma the x-first order's 16 to
+                32 rows are too few for).
     """
 
     block_n: int = 128
@@ -61,6 +65,7 @@ class ProjectionConfig:
     splits: int = 1
     num_warps: int = 4
     num_stages: int = 3
+    swap_ab: bool = False
 
     def __post_init__(self):
         check_launch_fields(self, tiles=("block_n", "block_k"), counts=("splits",))
@@ -123,7 +128,7 @@ def group_block_n(n: int, block_n: int) -> int | None:
     return bn if n % bn == 0 else None
 
 
-def _kernel(x_ref, *refs, rows: int, block_m: int, block_k: int, k_split: int,
+def _kernel(x_ref, *refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab: bool,
             blocks: tuple[tuple[int, int, int, int], ...]):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
     accumulation; o is fp32 partial sums, or the result where there is one slice), for the weight
@@ -146,10 +151,16 @@ def _kernel(x_ref, *refs, rows: int, block_m: int, block_k: int, k_split: int,
         def step(i, acc):
             ks = pl.ds(s * k_split + i * block_k, block_k)
             x = plgpu.load(x_ref.at[tile_rows, ks], mask=real, other=0)
+            if swap_ab:  # [block_n, block_m]
+                return acc + lax.dot_general(w_ref[ks, local], x, (((0,), (1,)), ((), ())),
+                                             preferred_element_type=_F32)
             return acc + lax.dot_general(x, w_ref[ks, local], (((1,), (0,)), ((), ())),
                                          preferred_element_type=_F32)
 
-        acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros((block_m, block_n), _F32))
+        shape = (block_n, block_m) if swap_ab else (block_m, block_n)
+        acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros(shape, _F32))
+        if swap_ab:
+            acc = acc.T
         cols = pl.ds(col + (n - first) * block_n, block_n)
         plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
 
@@ -199,7 +210,7 @@ def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) 
     out_dtype = x.dtype if config.splits == 1 else _F32
     out = _pallas.pallas_call(
         functools.partial(_kernel, rows=M, block_m=bm, block_k=config.block_k,
-                          k_split=K // config.splits, blocks=blocks),
+                          k_split=K // config.splits, swap_ab=config.swap_ab, blocks=blocks),
         name=name,
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
