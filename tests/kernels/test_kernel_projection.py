@@ -39,8 +39,9 @@ def _assert_close(y, x, w, dtype):
 
 @pytest.mark.parametrize("M", [1, 5, 16, 33, 128])
 @pytest.mark.parametrize("config", [ProjectionConfig(32, 32, 1, 4, 1), ProjectionConfig(64, 16, 4, 2, 2),
-                                    ProjectionConfig(16, 32, 3, 1, 3)],
-                         ids=["one-slice", "split4", "split3"])
+                                    ProjectionConfig(16, 32, 3, 1, 3),
+                                    ProjectionConfig(64, 32, 2, 4, 2, swap_ab=True)],
+                         ids=["one-slice", "split4", "split3", "swap-ab"])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "fp16"])
 def test_project_matches_float64_interpret(M, config, dtype):
     K, N = 192 if config.splits == 3 else 128, 128
@@ -50,8 +51,9 @@ def test_project_matches_float64_interpret(M, config, dtype):
 
 @pytest.mark.parametrize("M", [1, 5, 33])
 @pytest.mark.parametrize("config", [ProjectionConfig(32, 32, 1, 4, 1), ProjectionConfig(16, 16, 4, 2, 2),
-                                    ProjectionConfig(64, 32, 2, 4, 1)],
-                         ids=["one-slice", "split4", "mixed-blocks"])
+                                    ProjectionConfig(64, 32, 2, 4, 1),
+                                    ProjectionConfig(64, 32, 1, 4, 1, swap_ab=True)],
+                         ids=["one-slice", "split4", "mixed-blocks", "swap-ab"])
 def test_project_group_matches_float64_interpret(M, config):
     """Weights of three widths in one launch: each output against its own float64 product (a
     column block given to the wrong weight, or not written, is far outside the bound). With
@@ -107,7 +109,8 @@ def test_config_rejects_bad_values(field, value):
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
 @pytest.mark.parametrize("M, config", [(1, ProjectionConfig(128, 128, 8, 4, 3)),
                                        (32, ProjectionConfig(64, 64, 2, 4, 4)),
-                                       (128, ProjectionConfig(128, 64, 1, 8, 3))])
+                                       (128, ProjectionConfig(128, 64, 1, 8, 3)),
+                                       (32, ProjectionConfig(128, 64, 2, 4, 3, swap_ab=True))])
 def test_project_lowers_for_cuda(kind, M, config, cuda_lowering):
     x = jax.ShapeDtypeStruct((M, 2048), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16)
@@ -148,11 +151,26 @@ GPU_GROUPS = [(2048, (12288, 64)), (2048, (8192, 512, 512)), (2048, (5120, 5120)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 4, 32])
+@pytest.mark.parametrize("M", [1, 4, 32, 128])
 @pytest.mark.parametrize("K, widths", GPU_GROUPS, ids=["gdn_in", "attn_qkv", "mlp", "moe"])
 def test_project_group_matches_float64_gpu(M, K, widths, on_gpu):
     from gdn_jax.ops.projection import config_for
     config = config_for(M, K, widths, sm_count=on_gpu.core_count)
+    x, _ = _case(K + M, M, K, 16, jnp.bfloat16)
+    ws = tuple(_case(K + n + i, 1, K, n, jnp.bfloat16)[1] for i, n in enumerate(widths))
+    for y, w in zip(kernels.project_group(x, ws, config=config), ws):
+        _assert_close(y, x, w, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 17, 32, 64, 128])
+@pytest.mark.parametrize("config", [ProjectionConfig(64, 128, 2, 4, 3, swap_ab=True),
+                                    ProjectionConfig(128, 64, 1, 4, 4, swap_ab=True),
+                                    ProjectionConfig(256, 64, 4, 8, 3, swap_ab=True)],
+                         ids=["bn64", "bn128", "bn256-split4"])
+def test_project_swap_ab_matches_float64_gpu(M, config, on_gpu):
+    """The swapped product compiled (on Hopper the weight-first wgmma) at the model's MLP shape."""
+    K, widths = 2048, (5120, 5120)
     x, _ = _case(K + M, M, K, 16, jnp.bfloat16)
     ws = tuple(_case(K + n + i, 1, K, n, jnp.bfloat16)[1] for i, n in enumerate(widths))
     for y, w in zip(kernels.project_group(x, ws, config=config), ws):
