@@ -51,7 +51,9 @@ GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
 # 3628 -> 3495; B = 8 verify, 32 rows, 4772 -> 4541; B = 32 decode 4748 -> 4502; B = 32 verify,
 # 128 rows, 7741 -> 8167 with every projection in the kernel, 8054 with only the narrow ones:
 # bench/results/profile_step-h200-qwen3_5_text-projection_rows-2026-12-02.json and
-# ...-b32-projection_triton-2026-12-02.json).
+# ...-b32-projection_triton-2026-12-02.json). Re-measured with the 128-row config of `config_for`
+# (column blocks of 128): B = 32 verify 7559 (XLA) vs 7694 us (kernel where it fills half the GPU
+# unsplit), bench/results/profile_step-h200-qwen3_5_text-b32-wide_rows{,_base}-2026-12-02.json.
 AUTO_MAX_M = 32
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
@@ -128,25 +130,48 @@ def _grouping() -> bool:
 
 def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionConfig:
     """The launch config for M rows of a [K, N] weight (N an int; or the widths of a group's
-    weights, one launch) on a GPU of sm_count SMs, fit to the H200 sweep
-    (bench/results/bench_projection-h200-sweep-2026-12-01.json, the kernel alone): column
-    blocks of 64, and K cut into as many slices as give about two programs per SM at 16 rows, one
-    from 64 rows on (their fp32 partial sums then cost more than the extra programs save), and no
-    more than keep the partials small beside the weight. At one row this picks within 6% of the
-    sweep's best for the out_proj, in_proj_qkvz, gate_proj and down_proj shapes."""
+    weights, one launch) on a GPU of sm_count SMs, fit to H200 sweeps (the kernel alone).
+
+    Up to 64 rows (bench/results/bench_projection-h200-sweep-2026-12-01.json): column blocks of
+    64, and K cut into as many slices as give about two programs per SM at 16 rows, one from 64
+    rows on (their fp32 partial sums then cost more than the extra programs save), and no more
+    than keep the partials small beside the weight. At one row this picks within 6% of the
+    sweep's best for the out_proj, in_proj_qkvz, gate_proj and down_proj shapes. From 17 to 32
+    rows the product is taken weight first (`swap_ab`): 5-9% faster at the gate_proj, out_proj
+    and in_proj_qkvz shapes (bench/results/bench_projection-h200-rows32_swap-2026-12-02.json).
+
+    From 65 rows (a verify of 4 tokens at B = 32 is 128) the x tile is as large as the weight's,
+    and re-read by every column block: column blocks of 128 halve those reads, with [128, 64]
+    weight tiles in 4 stages and 8 warps (bench/results/bench_projection-h200-rows128_wide-
+    2026-12-02.json: gate_proj 10.9, out_proj 10.2, in_proj_qkvz 17.6 us, the kernel alone,
+    against XLA's 13.2, 11.3 and 23.7 us). K is cut into slices of >= 1024 rows while the
+    programs stay within one wave and the partials small. The dispatch still leaves these rows to
+    XLA (`AUTO_MAX_M`): in the 48-layer model's B = 32 verify XLA runs in_proj_qkvz by cuBLAS in
+    17.6 us a layer against the kernel's 20.2, and the LM head in 260 against 292 us."""
     widths = (N,) if isinstance(N, int) else tuple(N)
     bm = kernels.projection_block_m(M)
-    block_n = max(pow2_tile(n, _BLOCK_N) for n in widths)  # a group's weights take <= (kernels)
-    block_k = pow2_tile(K, 128)
-    steps = max(1, K // block_k)
-    max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
-    column_blocks = sum(n // pow2_tile(n, _BLOCK_N) for n in widths)
-    want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, column_blocks))
-    splits = max(d for d in range(1, steps + 1)
-                 if steps % d == 0 and d <= max(1, min(want, max_splits)))
-    stages = 3 if bm <= 32 else 5
-    config = kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
-                                      num_warps=8 if bm >= 128 else 4, num_stages=stages)
+    if bm >= 128:
+        block_n, block_k = max(pow2_tile(n, 128) for n in widths), pow2_tile(K, 64)
+        steps = max(1, K // block_k)
+        column_blocks = sum(n // pow2_tile(n, block_n) for n in widths)
+        max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
+        splits = max(d for d in range(1, steps + 1) if steps % d == 0 and (
+            d == 1 or (d <= max_splits and K // d >= 1024 and column_blocks * d <= sm_count)))
+        config = kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
+                                          num_warps=8, num_stages=4)
+    else:
+        # a group's weights take blocks of <= block_n (kernels.project_group)
+        block_n = max(pow2_tile(n, _BLOCK_N) for n in widths)
+        block_k = pow2_tile(K, 128)
+        steps = max(1, K // block_k)
+        max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
+        column_blocks = sum(n // pow2_tile(n, _BLOCK_N) for n in widths)
+        want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, column_blocks))
+        splits = max(d for d in range(1, steps + 1)
+                     if steps % d == 0 and d <= max(1, min(want, max_splits)))
+        config = kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
+                                          num_warps=4, num_stages=3 if bm <= 32 else 5,
+                                          swap_ab=16 < bm <= 32)
     while config.num_stages > 2 and config.smem_bytes(M) > kernels.projection_smem_limit():
         config = dataclasses.replace(config, num_stages=config.num_stages - 1)
     return config

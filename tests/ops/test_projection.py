@@ -211,3 +211,13 @@ def test_config_for_a_group_tiles_every_width():
     assert kernels.projection_misfit(1, 2048, (12288, 64), jnp.bfloat16, config) is None
     # the splits count the group's column blocks: fewer than either weight alone would want
     assert config.splits <= projection.config_for(1, 2048, 12288).splits
+
+
+@pytest.mark.parametrize("M, swap", [(1, False), (16, False), (17, True), (32, True), (64, False),
+                                     (128, False)])
+def test_config_for_swaps_at_17_to_32_rows(M, swap):
+    """The weight-first product where the H200 sweep measured it faster (17-32 rows), and the
+    wide blocks from 65 rows (bench/results/bench_projection-h200-rows{32_swap,128_wide}-...)."""
+    config = projection.config_for(M, 2048, 5120, sm_count=132)
+    assert config.swap_ab == swap
+    assert (config.block_n, config.num_warps) == ((128, 8) if M > 64 else (64, 4))
