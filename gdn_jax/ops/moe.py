@@ -1,6 +1,5 @@
-"""A MoE block's routing and routed experts: `top_k(probs, k)`, the router's choice of experts,
-and `routed(...)`, the routed experts through the grouped Pallas kernel (`gdn_jax.kernels.moe`),
-which reads each chosen expert's weights once per block of pairs.
+"""`routed(...)`: the routed experts of a MoE block through the grouped Pallas kernel
+(`gdn_jax.kernels.moe`), which reads each chosen expert's weights once per block of pairs.
 
     out = routed(x, weights, ids, w_gate, w_up, w_down)   # x [T, H], weights / ids [T, k]
 
@@ -14,43 +13,12 @@ capability >= 8.0 the kernels run compiled; elsewhere (CPU tests) in the Pallas 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
-from jax import lax
 
 from gdn_jax import kernels
 from gdn_jax.kernels import moe as _moe
 from gdn_jax.ops.dispatch import Device, sm_count
 from gdn_jax.ops.projection import pow2_tile
-
-
-_COMPARE_MAX = 2 ** 24  # T x E x E comparisons; beyond, lax.top_k (a sort)
-
-
-def top_k(probs: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-    """`lax.top_k(probs, k)` for a router: probs [T, E] (finite) -> (values [T, k] of probs'
-    dtype, indices [T, k] int32), largest first, ties to the lower index, bit for bit lax.top_k's.
-
-    XLA's GPU top-k sorts each row (a 4 us kernel per MoE layer for a 256-wide row at any T,
-    160 us of a 40-layer step). Up to 2**24 comparisons this ranks every expert by counting the
-    experts that beat it and picks ranks 0..k-1, in fusions (each rank is held by one expert, so
-    the picked value is exact)."""
-    T, E = probs.shape
-    if not 1 <= k <= E:
-        raise ValueError(f"top_k: k expected in 1..{E} (probs [T, E] = {list(probs.shape)}), "
-                         f"got {k}")
-    if T * E * E > _COMPARE_MAX:
-        values, indices = lax.top_k(probs, k)
-        return values, indices.astype(jnp.int32)
-    expert = lax.broadcasted_iota(jnp.int32, (E, E), 0)
-    other = lax.broadcasted_iota(jnp.int32, (E, E), 1)
-    mine, theirs = probs[:, :, None], probs[:, None, :]
-    beats = (theirs > mine) | ((theirs == mine) & (other < expert))
-    rank = jnp.sum(beats, axis=-1, dtype=jnp.int32)                            # [T, E]
-    pick = rank[:, :, None] == jnp.arange(k, dtype=jnp.int32)                  # [T, E, k]
-    indices = jnp.sum(jnp.where(pick, expert[:, :1], 0), axis=1, dtype=jnp.int32)
-    values = jnp.sum(jnp.where(pick, probs[:, :, None], 0), axis=1, dtype=probs.dtype)
-    return values, indices
 
 
 def runs_compiled(dtype, hidden: int, intermediate: int) -> bool:

@@ -115,34 +115,3 @@ def test_sparse_moe_pallas_path_needs_16_bit():
     moe_block = SparseMoE(64, 8, 2, 32, 32, expert_path="pallas", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="expert_path 'pallas' needs bf16 or fp16"):
         moe_block(jnp.ones((2, 64)))
-
-
-@pytest.mark.parametrize("T, E, k", [(1, 256, 8), (7, 64, 10), (5, 16, 16)])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_top_k_matches_lax_top_k_with_ties(T, E, k, dtype):
-    """Bit for bit lax.top_k's values and indices, ties included (bf16 softmax outputs collide;
-    the fp32 rows get duplicated values planted, so the lower index must come first)."""
-    key = jax.random.key(T * E + k)
-    probs = jax.nn.softmax(jax.random.normal(key, (T, E)), axis=-1).astype(dtype)
-    probs = probs.at[:, 1::3].set(probs[:, 0:1])  # a third of every row ties with its expert 0
-    values, indices = jax.jit(moe.top_k, static_argnums=1)(probs, k)
-    want_v, want_i = jax.lax.top_k(probs, k)
-    assert indices.dtype == jnp.int32 and values.dtype == probs.dtype
-    np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_i))
-    np.testing.assert_array_equal(np.asarray(values.astype(jnp.float32)),
-                                  np.asarray(want_v.astype(jnp.float32)))
-
-
-def test_top_k_sorts_beyond_the_compare_bound(monkeypatch):
-    monkeypatch.setattr(moe, "_COMPARE_MAX", 0)
-    probs = jax.random.uniform(jax.random.key(3), (4, 32))
-    values, indices = moe.top_k(probs, 5)
-    want_v, want_i = jax.lax.top_k(probs, 5)
-    assert indices.dtype == jnp.int32
-    np.testing.assert_array_equal(np.asarray(indices), np.asarray(want_i))
-    np.testing.assert_array_equal(np.asarray(values), np.asarray(want_v))
-
-
-def test_top_k_rejects_bad_k():
-    with pytest.raises(ValueError, match="top_k: k expected in 1..8"):
-        moe.top_k(jnp.ones((2, 8)), 9)
