@@ -80,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--sweep-stages", default="3,5", help="num_stages values --sweep tries")
     p.add_argument("--sweep-warps", default="",
                    help="num_warps values --sweep tries (default: the dispatch's)")
-    p.add_argument("--sweep-swap", default="0", help="swap_ab values --sweep tries (0, 1)")
+    p.add_argument("--sweep-swap", default="",
+                   help="swap_ab values --sweep tries, 0 and / or 1 (default: the dispatch's)")
     p.add_argument("--max-seconds", type=float, default=1e9,
                    help="stop sweeping (not measuring) after this many seconds")
     p.add_argument("--groups", action="store_true",
@@ -244,7 +245,7 @@ def _sweep(x, ws, K, N, M, args, best):
     for bn, bk, splits, stages, warps, swap in itertools.product(
             ints(args.sweep_block_n), ints(args.sweep_block_k), ints(args.sweep_splits),
             ints(args.sweep_stages), ints(args.sweep_warps) or (base.num_warps,),
-            ints(args.sweep_swap)):
+            ints(args.sweep_swap) or (int(base.swap_ab),)):
         cfg = dataclasses.replace(base, block_n=bn, block_k=bk, splits=splits, num_stages=stages,
                                   num_warps=warps, swap_ab=bool(swap))
         if not cfg.misfit(K, N, M):

@@ -137,15 +137,18 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     rows on (their fp32 partial sums then cost more than the extra programs save), and no more
     than keep the partials small beside the weight. At one row this picks within 6% of the
     sweep's best for the out_proj, in_proj_qkvz, gate_proj and down_proj shapes. From 17 to 32
-    rows the product is taken weight first (`swap_ab`): 5-9% faster at the gate_proj, out_proj
-    and in_proj_qkvz shapes (bench/results/bench_projection-h200-rows32_swap-2026-12-02.json).
+    rows the product is taken weight first (`swap_ab`; the split rule was not re-fit for it): at
+    the sweep's best configs 5-9% faster for gate_proj, out_proj and in_proj_qkvz, at this
+    rule's 2-9% (bench/results/bench_projection-h200-rows32_swap-2026-12-02.json), and 1.7% off
+    the 48-layer B = 32 decode step's kernel time.
 
     From 65 rows (a verify of 4 tokens at B = 32 is 128) the x tile is as large as the weight's,
-    and re-read by every column block: column blocks of 128 halve those reads, with [128, 64]
-    weight tiles in 4 stages and 8 warps (bench/results/bench_projection-h200-rows128_wide-
-    2026-12-02.json: gate_proj 10.9, out_proj 10.2, in_proj_qkvz 17.6 us, the kernel alone,
-    against XLA's 13.2, 11.3 and 23.7 us). K is cut into slices of >= 1024 rows while the
-    programs stay within one wave and the partials small. The dispatch still leaves these rows to
+    and re-read by every column block: column blocks of 128 halve those reads, with [64, 128]
+    ([block_k, block_n]) weight tiles in 4 stages and 8 warps, and K cut into slices of >= 1024
+    rows while the programs stay within one wave: the sweep's best for gate_proj (10.9 us, 2
+    slices), out_proj (10.2, 4) and in_proj_qkvz (17.6, 1), the kernel alone without the partial
+    sums, against XLA's 13.2, 11.3 and 23.7 us (bench/results/bench_projection-h200-rows128_wide-
+    2026-12-02.json). The dispatch still leaves these rows to
     XLA (`AUTO_MAX_M`): in the 48-layer model's B = 32 verify XLA runs in_proj_qkvz by cuBLAS in
     17.6 us a layer against the kernel's 20.2, and the LM head in 260 against 292 us."""
     widths = (N,) if isinstance(N, int) else tuple(N)
@@ -154,9 +157,8 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
         block_n, block_k = max(pow2_tile(n, 128) for n in widths), pow2_tile(K, 64)
         steps = max(1, K // block_k)
         column_blocks = sum(n // pow2_tile(n, block_n) for n in widths)
-        max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
         splits = max(d for d in range(1, steps + 1) if steps % d == 0 and (
-            d == 1 or (d <= max_splits and K // d >= 1024 and column_blocks * d <= sm_count)))
+            d == 1 or (K // d >= 1024 and column_blocks * d <= sm_count)))
         config = kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
                                           num_warps=8, num_stages=4)
     else:

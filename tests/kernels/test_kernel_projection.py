@@ -175,3 +175,16 @@ def test_project_swap_ab_matches_float64_gpu(M, config, on_gpu):
     ws = tuple(_case(K + n + i, 1, K, n, jnp.bfloat16)[1] for i, n in enumerate(widths))
     for y, w in zip(kernels.project_group(x, ws, config=config), ws):
         _assert_close(y, x, w, jnp.bfloat16)
+
+
+def test_swap_ab_changes_the_lowered_kernel(cuda_lowering):
+    """swap_ab reaches the kernel (the interpret results are the same either way)."""
+    x = jax.ShapeDtypeStruct((32, 2048), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16)
+    texts = []
+    with cuda_lowering("NVIDIA H100 80GB HBM3"):
+        for swap in (False, True):
+            config = ProjectionConfig(128, 64, 2, 4, 3, swap_ab=swap)
+            texts.append(kernels.project.trace(x, w, config=config).lower(
+                lowering_platforms=("cuda",)).as_text())
+    assert texts[0] != texts[1]

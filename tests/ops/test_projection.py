@@ -117,8 +117,9 @@ def test_gpu_backend_triton_takes_up_to_max_rows(fake_h200):
 def test_config_for_fits_the_model_shapes(M, K, N):
     config = projection.config_for(M, K, N)
     assert kernels.projection_misfit(M, K, N, jnp.bfloat16, config) is None
-    # the fp32 partial sums stay small beside the weight
-    assert config.splits <= max(1, K // (16 * kernels.projection_block_m(M)))
+    # the fp32 partial sums stay small beside the weight (from 65 rows: K slices >= 1024 rows)
+    bm = kernels.projection_block_m(M)
+    assert config.splits <= max(1, K // (16 * bm) if bm < 128 else K // 1024)
 
 
 @pytest.mark.parametrize("M, K, N, splits", [(1, 4096, 2048, 8), (1, 2048, 12288, 2),
@@ -214,10 +215,18 @@ def test_config_for_a_group_tiles_every_width():
 
 
 @pytest.mark.parametrize("M, swap", [(1, False), (16, False), (17, True), (32, True), (64, False),
-                                     (128, False)])
+                                     (65, False), (128, False)])
 def test_config_for_swaps_at_17_to_32_rows(M, swap):
     """The weight-first product where the H200 sweep measured it faster (17-32 rows), and the
     wide blocks from 65 rows (bench/results/bench_projection-h200-rows{32_swap,128_wide}-...)."""
     config = projection.config_for(M, 2048, 5120, sm_count=132)
     assert config.swap_ab == swap
     assert (config.block_n, config.num_warps) == ((128, 8) if M > 64 else (64, 4))
+
+
+@pytest.mark.parametrize("K, N, splits", [(2048, 5120, 2), (4096, 2048, 4), (2048, 12288, 1)])
+def test_config_for_128_rows_picks_the_sweeps_splits(K, N, splits):
+    """The H200 128-row sweep's best slice counts (bench/results/bench_projection-h200-
+    rows128_wide-2026-12-02.json) for gate_proj, out_proj and in_proj_qkvz."""
+    config = projection.config_for(128, K, N, sm_count=132)
+    assert (config.block_n, config.block_k, config.splits) == (128, 64, splits)
