@@ -148,32 +148,28 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     rows while the programs stay within one wave: the sweep's best for gate_proj (10.9 us, 2
     slices), out_proj (10.2, 4) and in_proj_qkvz (17.6, 1), the kernel alone without the partial
     sums, against XLA's 13.2, 11.3 and 23.7 us (bench/results/bench_projection-h200-rows128_wide-
-    2026-12-02.json). The dispatch still leaves these rows to
-    XLA (`AUTO_MAX_M`): in the 48-layer model's B = 32 verify XLA runs in_proj_qkvz by cuBLAS in
-    17.6 us a layer against the kernel's 20.2, and the LM head in 260 against 292 us."""
+    2026-12-02.json). The dispatch still leaves these rows to XLA (`AUTO_MAX_M`): in the 48-layer
+    model's B = 32 verify XLA runs in_proj_qkvz by cuBLAS in 17.6 us a layer against the
+    kernel's 20.2, and the LM head in 260 against 292 us."""
     widths = (N,) if isinstance(N, int) else tuple(N)
     bm = kernels.projection_block_m(M)
-    if bm >= 128:
-        block_n, block_k = max(pow2_tile(n, 128) for n in widths), pow2_tile(K, 64)
-        steps = max(1, K // block_k)
-        column_blocks = sum(n // pow2_tile(n, block_n) for n in widths)
-        splits = max(d for d in range(1, steps + 1) if steps % d == 0 and (
-            d == 1 or (K // d >= 1024 and column_blocks * d <= sm_count)))
-        config = kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
-                                          num_warps=8, num_stages=4)
+    wide = bm >= 128
+    tile = 128 if wide else _BLOCK_N
+    # a group's weights take blocks of <= block_n each (kernels.project_group)
+    block_n = max(pow2_tile(n, tile) for n in widths)
+    block_k = pow2_tile(K, 64 if wide else 128)
+    steps = max(1, K // block_k)
+    column_blocks = sum(n // pow2_tile(n, tile) for n in widths)
+    if wide:  # slices of >= 1024 rows, programs within one wave
+        most = min(K // 1024, sm_count // max(1, column_blocks))
     else:
-        # a group's weights take blocks of <= block_n (kernels.project_group)
-        block_n = max(pow2_tile(n, _BLOCK_N) for n in widths)
-        block_k = pow2_tile(K, 128)
-        steps = max(1, K // block_k)
         max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
-        column_blocks = sum(n // pow2_tile(n, _BLOCK_N) for n in widths)
         want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, column_blocks))
-        splits = max(d for d in range(1, steps + 1)
-                     if steps % d == 0 and d <= max(1, min(want, max_splits)))
-        config = kernels.ProjectionConfig(block_n=block_n, block_k=block_k, splits=splits,
-                                          num_warps=4, num_stages=3 if bm <= 32 else 5,
-                                          swap_ab=16 < bm <= 32)
+        most = min(want, max_splits)
+    splits = max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, most))
+    config = kernels.ProjectionConfig(
+        block_n=block_n, block_k=block_k, splits=splits, num_warps=8 if wide else 4,
+        num_stages=4 if wide else 3 if bm <= 32 else 5, swap_ab=16 < bm <= 32)
     while config.num_stages > 2 and config.smem_bytes(M) > kernels.projection_smem_limit():
         config = dataclasses.replace(config, num_stages=config.num_stages - 1)
     return config

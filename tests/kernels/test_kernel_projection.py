@@ -155,7 +155,12 @@ GPU_GROUPS = [(2048, (12288, 64)), (2048, (8192, 512, 512)), (2048, (5120, 5120)
 @pytest.mark.parametrize("K, widths", GPU_GROUPS, ids=["gdn_in", "attn_qkv", "mlp", "moe"])
 def test_project_group_matches_float64_gpu(M, K, widths, on_gpu):
     from gdn_jax.ops.projection import config_for
-    config = config_for(M, K, widths, sm_count=on_gpu.core_count)
+    _assert_group_close(M, K, widths, config_for(M, K, widths, sm_count=on_gpu.core_count))
+
+
+def _assert_group_close(M, K, widths, config):
+    """project_group of M random bf16 rows through weights of these widths, compiled, each
+    output against its float64 product."""
     x, _ = _case(K + M, M, K, 16, jnp.bfloat16)
     ws = tuple(_case(K + n + i, 1, K, n, jnp.bfloat16)[1] for i, n in enumerate(widths))
     for y, w in zip(kernels.project_group(x, ws, config=config), ws):
@@ -170,11 +175,7 @@ def test_project_group_matches_float64_gpu(M, K, widths, on_gpu):
                          ids=["bn64", "bn128", "bn256-split4"])
 def test_project_swap_ab_matches_float64_gpu(M, config, on_gpu):
     """The swapped product compiled (on Hopper the weight-first wgmma) at the model's MLP shape."""
-    K, widths = 2048, (5120, 5120)
-    x, _ = _case(K + M, M, K, 16, jnp.bfloat16)
-    ws = tuple(_case(K + n + i, 1, K, n, jnp.bfloat16)[1] for i, n in enumerate(widths))
-    for y, w in zip(kernels.project_group(x, ws, config=config), ws):
-        _assert_close(y, x, w, jnp.bfloat16)
+    _assert_group_close(M, 2048, (5120, 5120), config)
 
 
 def test_swap_ab_changes_the_lowered_kernel(cuda_lowering):
