@@ -172,8 +172,9 @@ def test_group_launches_once_when_on(monkeypatch, groups):
 
 
 def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
-    """On a GPU (faked): one row runs the group's fitting weights in one launch; more rows stay
-    with XLA (AUTO_MAX_M), as `project` does."""
+    """On a GPU (faked): up to AUTO_MAX_M rows the group's fitting weights run in one launch;
+    above, up to PROJECTION_MAX_M rows, only a group at most WIDE_GROUP_MAX_N wide in all (XLA's
+    fused GEMM is slow there, its cuBLAS GEMM of a lone or wider weight is not); past that, XLA."""
     monkeypatch.setenv(projection.GROUPS_VAR, "on")
     calls = []
     monkeypatch.setattr(kernels, "project_group",
@@ -186,10 +187,19 @@ def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
     config = calls[0][2]["config"]
     assert not calls[0][2]["interpret"]
     assert not kernels.projection_misfit(1, 128, (96, 32, 64), jnp.bfloat16, config)
+    for M in (projection.AUTO_MAX_M + 1, kernels.PROJECTION_MAX_M):
+        calls.clear()
+        projection.project_group(_group_case(lead=(M,))[0], ws)
+        assert len(calls) == 1 and calls[0][0] == (M, 128), M
     calls.clear()
-    x2, _ = _group_case(lead=(projection.AUTO_MAX_M + 1,))
-    projection.project_group(x2, ws)
+    projection.project_group(_group_case(lead=(kernels.PROJECTION_MAX_M + 1,))[0], ws)
     assert not calls
+    monkeypatch.setattr(projection, "WIDE_GROUP_MAX_N", 191)  # one column short of the group
+    projection.project_group(_group_case(lead=(projection.AUTO_MAX_M + 1,))[0], ws)
+    assert not calls
+    projection.project_group(x, ws)  # the width limit is for the rows above AUTO_MAX_M only
+    assert len(calls) == 1
+    calls.clear()
     monkeypatch.setenv(projection.ENV_VAR, "xla-gemm")  # as `project`: XLA, never the kernel
     projection.project_group(x, ws)
     assert not calls
