@@ -8,9 +8,8 @@ A decode or verify step is a chain of such projections over 1 to 128 rows (B x T
 XLA's GEMM reads the weight at about a fifth of the copy bandwidth (bench/bench_projection.py).
 The kernel runs where all of these hold: a CUDA GPU of compute capability >= 8.0, bf16 or fp16
 x and w, at most `AUTO_MAX_M` rows (where it was measured faster in a model step; a group of
-weights at most `WIDE_GROUP_MAX_N` wide in all up to `kernels.PROJECTION_MAX_M`, the most the
-kernel takes when asked for), and a [K, N] weight its blocks tile
-(`kernels.projection_misfit`). Elsewhere -- CPU, fp32 (the kernel has no precision to honour),
+weights up to `kernels.PROJECTION_MAX_M`, the most the kernel takes), and a [K, N] weight its
+blocks tile (`kernels.projection_misfit`). Elsewhere -- CPU, fp32 (the kernel has no precision to honour),
 prefill-sized M -- it is `lax.dot_general` with the given precision, as before. The environment
 variable GDN_JAX_PROJECTION (else GDN_JAX_BACKEND, which steers the GDN ops too) set to "xla"
 keeps every projection in XLA; "triton" runs the kernel wherever it fits (up to PROJECTION_MAX_M
@@ -56,15 +55,14 @@ GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
 # (column blocks of 128): B = 32 verify 7559 (XLA) vs 7694 us (kernel where it fills half the GPU
 # unsplit), bench/results/profile_step-h200-qwen3_5_text-b32-wide_rows{,_base}-2026-12-02.json.
 AUTO_MAX_M = 32
-# ... except for a group of weights at most this wide in all (MLP gate / up 10240, attention
-# q / k / v 9216), which the kernel takes up to PROJECTION_MAX_M rows: there XLA fuses the dots
-# with their consumers into a Triton GEMM fusion that reads the weights at 1.6 TB/s (B = 32
-# verify, 128 rows: gate / up 26.0 -> 20.1 us a layer, q / k / v 23.8 -> 17.5, the 48-layer step
-# 7623 -> 7147 us of kernels; the 40-layer MoE step, whose router and shared expert group is 1280
-# wide, 22338 -> 22395, within XLA's autotuning spread of its in_proj: bench/results/
-# profile_step-h200-qwen3_5*-b32-verify_wide_groups{,_base}-2026-12-02.json). A lone weight or a
-# wider group (in_proj_qkvz + ba, 12352) XLA runs by cuBLAS, as fast as the kernel or faster.
-WIDE_GROUP_MAX_N = 10240
+# ... except for a layer's group of projections of one input (`project_group`), which the kernel
+# takes up to PROJECTION_MAX_M rows: there XLA fuses the MLP gate / up and attention q / k / v
+# dots with their consumers into Triton GEMM fusions that read the weights at 1.6 TB/s, and runs
+# in_proj_ba as a split-K GEMM, a sum and a slice (5 us for 256 KB). B = 32 verify, 128 rows,
+# kernel time per call: gate / up 26.0 -> 20.1 us a layer, q / k / v 23.8 -> 17.5, the 48-layer
+# step 7623 -> 7147 us with those two groups alone, 7273 -> 7212 with in_proj's too; the 40-layer
+# MoE step 22338 -> 22395 -> 22247 (bench/results/profile_step-h200-qwen3_5*-b32-verify_
+# {wide,all}_groups*-2026-12-02.json). A lone weight XLA runs by cuBLAS, as fast as the kernel.
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
 
@@ -159,9 +157,8 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     rows while the programs stay within one wave: the sweep's best for gate_proj (10.9 us, 2
     slices), out_proj (10.2, 4) and in_proj_qkvz (17.6, 1), the kernel alone without the partial
     sums, against XLA's 13.2, 11.3 and 23.7 us (bench/results/bench_projection-h200-rows128_wide-
-    2026-12-02.json). The dispatch sends only the narrower groups there (`WIDE_GROUP_MAX_N`): in
-    the 48-layer model's B = 32 verify XLA runs in_proj_qkvz by cuBLAS in 17.6 us a layer against
-    the kernel's 20.2, and the LM head in 260 against 292 us."""
+    2026-12-02.json). The dispatch sends only groups there (`AUTO_MAX_M`): in the 48-layer
+    model's B = 32 verify XLA runs the lone LM head by cuBLAS in 260 against the kernel's 292 us."""
     widths = (N,) if isinstance(N, int) else tuple(N)
     bm = kernels.projection_block_m(M)
     wide = bm >= 128
@@ -217,8 +214,8 @@ def _select(M, K, N, x_dtype, w_dtype, backend, *, strict: bool = True, rows_rul
         raise ValueError(f"project: backend {backend!r} cannot take x [{M}, {K}] @ "
                          f"w [{K}, {N}]: {why}")
     if not why and rows_rule and wish not in ("triton", "interpret") and not _kernel_rows(M, N):
-        why = (f"M={M} rows: XLA's GEMM is faster above {AUTO_MAX_M} (groups of at most "
-               f"{WIDE_GROUP_MAX_N} columns: {kernels.PROJECTION_MAX_M})")
+        why = (f"M={M} rows: XLA's GEMM is faster above {AUTO_MAX_M} for a lone weight "
+               f"({kernels.PROJECTION_MAX_M} for a group)")
     return None if why else (config, wish == "interpret")
 
 
@@ -226,5 +223,4 @@ def _kernel_rows(M: int, N) -> bool:
     """Whether the dispatch sends M rows of these widths (an int, or a group's) to the kernel."""
     if M <= AUTO_MAX_M:
         return True
-    return (M <= kernels.PROJECTION_MAX_M and not isinstance(N, int) and len(N) > 1
-            and sum(N) <= WIDE_GROUP_MAX_N)
+    return M <= kernels.PROJECTION_MAX_M and not isinstance(N, int) and len(N) > 1

@@ -173,8 +173,8 @@ def test_group_launches_once_when_on(monkeypatch, groups):
 
 def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
     """On a GPU (faked): up to AUTO_MAX_M rows the group's fitting weights run in one launch;
-    above, up to PROJECTION_MAX_M rows, only a group at most WIDE_GROUP_MAX_N wide in all (XLA's
-    fused GEMM is slow there, its cuBLAS GEMM of a lone or wider weight is not); past that, XLA."""
+    above, up to PROJECTION_MAX_M rows, a group still (XLA's fused GEMMs are slow there), a lone
+    weight not (XLA's cuBLAS GEMM is as fast); past that, XLA."""
     monkeypatch.setenv(projection.GROUPS_VAR, "on")
     calls = []
     monkeypatch.setattr(kernels, "project_group",
@@ -194,12 +194,9 @@ def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
     calls.clear()
     projection.project_group(_group_case(lead=(kernels.PROJECTION_MAX_M + 1,))[0], ws)
     assert not calls
-    monkeypatch.setattr(projection, "WIDE_GROUP_MAX_N", 191)  # one column short of the group
-    projection.project_group(_group_case(lead=(projection.AUTO_MAX_M + 1,))[0], ws)
+    x3, ws3 = _group_case(lead=(projection.AUTO_MAX_M + 1,), widths=(96, 1))
+    projection.project_group(x3, ws3)  # one weight fits: a lone weight, XLA
     assert not calls
-    projection.project_group(x, ws)  # the width limit is for the rows above AUTO_MAX_M only
-    assert len(calls) == 1
-    calls.clear()
     monkeypatch.setenv(projection.ENV_VAR, "xla-gemm")  # as `project`: XLA, never the kernel
     projection.project_group(x, ws)
     assert not calls
