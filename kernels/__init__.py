@@ -64,7 +64,8 @@ from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
-from .scatter import ScatterConfig, scatter_rows
+from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
+from .scatter import table_block as scatter_table_block
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
 
@@ -81,5 +82,5 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
            "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
            "project_group", "projection_block_m", "projection_misfit", "projection_smem_limit",
-           "scatter_rows", "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
+           "scatter_rows", "scatter_rows_group", "scatter_table_block", "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
            "verify_replay_mgpu", "verify_ring"]

@@ -33,7 +33,7 @@ from gdn_jax.modules.norms import RMSNorm, rms_norm
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_size
 from gdn_jax.modules.rope import apply_rope, rope_cos_sin
 from gdn_jax.ops import attention as attention_ops
-from gdn_jax.ops.scatter import write_positions
+from gdn_jax.ops.scatter import write_positions_group
 
 _F32 = jnp.float32
 IMPLS = ("auto", "xla", "pallas")
@@ -150,8 +150,7 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
 
     real = valid[:, None] & (jnp.arange(T)[None, :] < n[:, None])
     col = jnp.where(real, pos, cache.max_len)  # out of range: dropped
-    ck = write_positions(cache.k, scatter, k, col)
-    cv = write_positions(cache.v, scatter, v, col)
+    ck, cv = write_positions_group((cache.k, cache.v), scatter, (k, v), col)
 
     if impl == "auto":
         fits = attention_ops.runs_compiled(ck) and (tp is None or kv_split)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from gdn_jax.ops.scatter import write_positions, write_slots
+from gdn_jax.ops.scatter import write_positions_group, write_slots
 from gdn_jax.ops.state import GDNState
 
 
@@ -43,16 +43,15 @@ def store_candidates(state: GDNState, scatter, k, v, g, beta) -> GDNState:
 
     k: [B, T, H, K]; v: [B, T, HV, V] (stored in the state's input dtype); g, beta: [B, T, HV]
     fp32. Positions T..T_max get g = beta = 0, an exact identity step, so a count past T can never
-    fold a stale token.
+    fold a stale token (k = v = 0 there too: the four are written by one index, in one launch
+    where the row kernel runs).
     """
     pad = state.t_max - k.shape[1]
     padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    return state.replace(
-        cand_k=write_positions(state.cand_k, scatter, k),
-        cand_v=write_positions(state.cand_v, scatter, v),
-        cand_g=state.cand_g.at[scatter].set(padded(g), mode="drop"),
-        cand_beta=state.cand_beta.at[scatter].set(padded(beta), mode="drop"),
-    )
+    cand_k, cand_v, cand_g, cand_beta = write_positions_group(
+        (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter,
+        tuple(padded(x) for x in (k, v, g, beta)))
+    return state.replace(cand_k=cand_k, cand_v=cand_v, cand_g=cand_g, cand_beta=cand_beta)
 
 
 def ring_start(state: GDNState, gather, valid, reserve: int):
@@ -76,10 +75,10 @@ def store_ring(state: GDNState, scatter, start, k, u, g, beta, reserve: int) -> 
     pad = max(reserve, T) - T
     padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
     pos = start[:, None] + jnp.arange(T + pad, dtype=jnp.int32)[None, :]  # [B, T + pad]
-    put = lambda buf, x: write_positions(buf, scatter, x, pos)
-    return state.replace(cand_k=put(state.cand_k, padded(k)), cand_v=put(state.cand_v, padded(u)),
-                         cand_g=put(state.cand_g, padded(g)),
-                         cand_beta=put(state.cand_beta, padded(beta)))
+    cand_k, cand_v, cand_g, cand_beta = write_positions_group(
+        (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter,
+        tuple(padded(x) for x in (k, u, g, beta)), pos)
+    return state.replace(cand_k=cand_k, cand_v=cand_v, cand_g=cand_g, cand_beta=cand_beta)
 
 
 def set_ring_count(state: GDNState, scatter, start, decode: bool) -> GDNState:

@@ -4,6 +4,7 @@ a GPU, XLA's scatter elsewhere (below).
 
     buf = write_slots(buf, scatter, x)            # buf[scatter[b]] = x[b]
     buf = write_positions(buf, scatter, x, pos)   # buf[scatter[b], pos[b, t]] = x[b, t]
+    k_buf, v_buf = write_positions_group((k_buf, v_buf), scatter, (k, v), pos)  # one launch
 
 `scatter` [B] int32 is `slot_index`'s scatter index: padding rows hold num_slots (out of range)
 and write nothing; so does a position outside [0, L). Indices must be distinct (a slot appears
@@ -58,39 +59,60 @@ def write_slots(buf, scatter, x):
 def write_positions(buf, scatter, x, pos=None):
     """buf [S, L, *row], scatter [B] int32, x [B, T, *row], pos [B, T] int32 (None: 0..T-1) ->
     buf with buf[scatter[b], pos[b, t]] = x[b, t] (module docstring)."""
-    B, T = x.shape[:2]
-    x = x.astype(buf.dtype)
-    S, L = buf.shape[:2]
-    R = math.prod(buf.shape[2:])
-    mode = _mode(R)
-    if mode is None:  # negative indices would wrap around: send them out of range too
-        scatter = jnp.where(scatter < 0, S, scatter)
+    return write_positions_group((buf,), scatter, (x,), pos)[0]
+
+
+def write_positions_group(bufs, scatter, xs, pos=None) -> tuple:
+    """bufs: [S, L, *row_i] each (one S and L), xs: [B, T, *row_i] each (one B and T) -> the bufs
+    with buf_i[scatter[b], pos[b, t]] = x_i[b, t], as `write_positions` writes each, the rows
+    the kernel takes in one launch: a call's writes of one index (a verify's candidates, an
+    attention layer's k and v). A row too short for a launch of its own (< 64 elements: XLA)
+    rides along where another takes one, down to 16 elements."""
+    bufs, xs = tuple(bufs), tuple(xs)
+    B, T = xs[0].shape[:2]
+    S, L = bufs[0].shape[:2]
+    for i, (buf, x) in enumerate(zip(bufs, xs)):
+        if buf.shape[:2] != (S, L) or x.shape[:2] != (B, T) or x.shape[2:] != buf.shape[2:]:
+            raise ValueError(f"write_positions: bufs [S, L, *row] of one S, L and xs [B, T, *row] "
+                             f"of one B, T expected, got bufs[{i}]{list(buf.shape)} (S, L = {S}, "
+                             f"{L}) and xs[{i}]{list(x.shape)} (B, T = {B}, {T})")
+    xs = tuple(x.astype(buf.dtype) for buf, x in zip(bufs, xs))
+    rows = [math.prod(buf.shape[2:]) for buf in bufs]
+    mode = kernel_mode(ENV_VAR)
+    blocks = [kernels.scatter_table_block(R, _MAX_BLOCK) or 0 for R in rows]
+    take = [i for i, blk in enumerate(blocks) if mode is not None and blk >= _MIN_BLOCK]
+    if take:  # the short rows ride along
+        take = [i for i, blk in enumerate(blocks) if blk >= 16]
+    out = list(bufs)
+    if take:
         if pos is None:
-            return buf.at[scatter, :T].set(x, mode="drop")
-        return buf.at[scatter[:, None], jnp.where(pos < 0, L, pos)].set(x, mode="drop")
-    if pos is None:
-        pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
-    ok = (scatter[:, None] >= 0) & (scatter[:, None] < S) & (pos >= 0) & (pos < L)
-    index = jnp.where(ok, scatter[:, None] * L + pos, -1).astype(jnp.int32).reshape(-1)
-    out = _scatter(buf.reshape(S * L, R), index, x.reshape(B * T, R), mode)
-    return out.reshape(buf.shape)
-
-
-def _block(R: int) -> int:
-    block = _MAX_BLOCK
-    while block >= _MIN_BLOCK and R % block:
-        block //= 2
-    return block
+            pos = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32)[None, :], (B, T))
+        ok = (scatter[:, None] >= 0) & (scatter[:, None] < S) & (pos >= 0) & (pos < L)
+        index = jnp.where(ok, scatter[:, None] * L + pos, -1).astype(jnp.int32).reshape(-1)
+        tables = kernels.scatter_rows_group(
+            tuple(bufs[i].reshape(S * L, rows[i]) for i in take), index,
+            tuple(xs[i].reshape(B * T, rows[i]) for i in take),
+            config=kernels.ScatterConfig(block=_MAX_BLOCK), interpret=mode == "interpret")
+        for i, table in zip(take, tables):
+            out[i] = table.reshape(bufs[i].shape)
+    sc = jnp.where(scatter < 0, S, scatter)  # XLA: a negative index would wrap, send it out
+    for i in (i for i in range(len(bufs)) if i not in take):
+        if pos is None:
+            out[i] = bufs[i].at[sc, :T].set(xs[i], mode="drop")
+        else:
+            out[i] = bufs[i].at[sc[:, None], jnp.where(pos < 0, L, pos)].set(xs[i], mode="drop")
+    return tuple(out)
 
 
 def _mode(R: int) -> str | None:
     """"compiled" or "interpret" where the kernel is asked for and takes rows of R elements,
     else None (XLA)."""
     mode = kernel_mode(ENV_VAR)
-    return mode if _block(R) >= _MIN_BLOCK else None
+    block = kernels.scatter_table_block(R, _MAX_BLOCK) or 0
+    return mode if block >= _MIN_BLOCK else None
 
 
 def _scatter(table, index, rows, mode):
-    config = kernels.ScatterConfig(block=_block(table.shape[1]))
+    config = kernels.ScatterConfig(block=_MAX_BLOCK)
     return kernels.scatter_rows(table, index, rows, config=config,
                                 interpret=mode == "interpret")

@@ -48,6 +48,33 @@ def test_write_positions_equals_xla(row, kernel_path):
     np.testing.assert_array_equal(np.delete(got[2], [3, 4], axis=0), np.delete(before[2], [3, 4], axis=0))
 
 
+def test_write_positions_group_equals_xla(kernel_path, monkeypatch):
+    """A group (a verify's candidates: rows of 64, 32 and 3 elements, bf16 and fp32) writes what
+    `write_positions` writes for each; the kernel takes the 64 and the 32 (riding along) in one
+    launch, XLA the 3."""
+    S, L, B, T = 6, 9, 4, 3
+    rows = [((2, 32), jnp.bfloat16), ((32,), jnp.float32), ((3,), jnp.float32)]
+    bufs, xs = zip(*(_bufs(5 + i, (S, L) + r, B, T, d) for i, (r, d) in enumerate(rows)))
+    _, _, scatter = slot_index(jnp.asarray([4, -1, 0, 2], jnp.int32), S)
+    pos = jnp.asarray([[0, 1, 2], [5, 6, 7], [7, 8, 9], [3, L + 4, -1]], jnp.int32)
+    launches = []
+    group = scatter_ops.kernels.scatter_rows_group
+    monkeypatch.setattr(scatter_ops.kernels, "scatter_rows_group",
+                        lambda tables, *a, **k: launches.append(len(tables)) or group(tables, *a,
+                                                                                       **k))
+    for p in (pos, None):
+        kernel_path("xla")
+        want = [scatter_ops.write_positions(b, scatter, x, p) for b, x in zip(bufs, xs)]
+        kernel_path("interpret")
+        got = scatter_ops.write_positions_group(bufs, scatter, xs, p)
+        for w, g, b in zip(want, got, bufs):
+            assert g.dtype == b.dtype
+            np.testing.assert_array_equal(np.asarray(w), np.asarray(g))
+    assert launches == [2, 2]
+    with pytest.raises(ValueError, match=r"bufs \[S, L, \*row\] of one S, L"):
+        scatter_ops.write_positions_group((bufs[0], bufs[1][:, :4]), scatter, xs[:2])
+
+
 def test_write_slots_equals_xla(kernel_path):
     S, B = 5, 3
     buf, x = _bufs(1, (S, 4, 16, 8), B, 4)
