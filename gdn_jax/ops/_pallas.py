@@ -55,6 +55,10 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, choice, interpr
         o, inter = _kernel(choice, "intermediate", interpret)(*args)
         return o, state, inter
     o, pool = _kernel(choice, "replay", interpret)(*args)
+    # count's scatters after the kernel that reads it, so they write in place: unordered, XLA
+    # copied count before each (72 copies in a 48-layer B = 32 verify step)
+    pool, count = jax.lax.optimization_barrier((pool, state.count))
+    state = state.replace(count=count)
     _, _, scatter = slot_index(slots, state.num_slots)
     g, beta = reference.gating(a, b, A_log, dt_bias)
     state = clear_count(state.replace(pool=pool), scatter)

@@ -8,8 +8,9 @@ A decode or verify step is a chain of such projections over 1 to 128 rows (B x T
 XLA's GEMM reads the weight at about a fifth of the copy bandwidth (bench/bench_projection.py).
 The kernel runs where all of these hold: a CUDA GPU of compute capability >= 8.0, bf16 or fp16
 x and w, at most `AUTO_MAX_M` rows (where it was measured faster in a model step; a group of
-weights up to `kernels.PROJECTION_MAX_M`, the most the kernel takes), and a [K, N] weight its
-blocks tile (`kernels.projection_misfit`). Elsewhere -- CPU, fp32 (the kernel has no precision to honour),
+weights, or a weight at most `LONE_MAX_N` wide -- all but the LM head --, up to
+`kernels.PROJECTION_MAX_M`, the most the kernel takes), and a [K, N] weight its blocks tile
+(`kernels.projection_misfit`). Elsewhere -- CPU, fp32 (the kernel has no precision to honour),
 prefill-sized M -- it is `lax.dot_general` with the given precision, as before. The environment
 variable GDN_JAX_PROJECTION (else GDN_JAX_BACKEND, which steers the GDN ops too) set to "xla"
 keeps every projection in XLA; "triton" runs the kernel wherever it fits (up to PROJECTION_MAX_M
@@ -55,14 +56,18 @@ GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
 # (column blocks of 128): B = 32 verify 7559 (XLA) vs 7694 us (kernel where it fills half the GPU
 # unsplit), bench/results/profile_step-h200-qwen3_5_text-b32-wide_rows{,_base}-2026-12-02.json.
 AUTO_MAX_M = 32
-# ... except for a layer's group of projections of one input (`project_group`), which the kernel
-# takes up to PROJECTION_MAX_M rows: there XLA fuses the MLP gate / up and attention q / k / v
-# dots with their consumers into Triton GEMM fusions that read the weights at 1.6 TB/s, and runs
-# in_proj_ba as a split-K GEMM, a sum and a slice (5 us for 256 KB). B = 32 verify, 128 rows,
-# kernel time per call: gate / up 26.0 -> 20.1 us a layer, q / k / v 23.8 -> 17.5, the 48-layer
-# step 7623 -> 7147 us with those two groups alone, 7273 -> 7212 with in_proj's too; the 40-layer
-# MoE step 22338 -> 22395 -> 22247 (bench/results/profile_step-h200-qwen3_5*-b32-verify_
-# {wide,all}_groups*-2026-12-02.json). A lone weight XLA runs by cuBLAS, as fast as the kernel.
+# Above it, up to PROJECTION_MAX_M rows, the kernel still takes a layer's group of projections of
+# one input (`project_group`) and a lone weight at most LONE_MAX_N wide: every projection but the
+# LM head, which XLA runs by cuBLAS in 260 us against the kernel's 292 (B = 32 verify). There XLA
+# fuses the MLP gate / up and attention q / k / v dots with their consumers into Triton GEMM
+# fusions that read the weights at 1.6 TB/s, runs in_proj_ba as a split-K GEMM, a sum and a slice
+# (5 us for 256 KB), and out_proj / down_proj with 8 K slices whose sum reads 8 MB. B = 32 verify,
+# 128 rows, kernel time per call: gate / up 26.0 -> 20.1 us a layer, q / k / v 23.8 -> 17.5, the
+# 48-layer step 7623 -> 7147 us with those two groups, 7273 -> 7212 with in_proj's too, 6894 ->
+# 6730 with the lone weights too (bench/results/profile_step-h200-qwen3_5_text-b32-verify_
+# {wide_groups,all_groups,lone}_*-2026-12-02.json); the 40-layer MoE step 22338 -> 22395 ->
+# 22247 with the groups (...-qwen3_5_moe_text-b32-verify_{wide,all}_groups*).
+LONE_MAX_N = 8192
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
 
@@ -157,8 +162,8 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     rows while the programs stay within one wave: the sweep's best for gate_proj (10.9 us, 2
     slices), out_proj (10.2, 4) and in_proj_qkvz (17.6, 1), the kernel alone without the partial
     sums, against XLA's 13.2, 11.3 and 23.7 us (bench/results/bench_projection-h200-rows128_wide-
-    2026-12-02.json). The dispatch sends only groups there (`AUTO_MAX_M`): in the 48-layer
-    model's B = 32 verify XLA runs the lone LM head by cuBLAS in 260 against the kernel's 292 us."""
+    2026-12-02.json). The dispatch sends all but the LM head there (`LONE_MAX_N`): in the
+    48-layer model's B = 32 verify XLA runs it by cuBLAS in 260 against the kernel's 292 us."""
     widths = (N,) if isinstance(N, int) else tuple(N)
     bm = kernels.projection_block_m(M)
     wide = bm >= 128
@@ -214,8 +219,8 @@ def _select(M, K, N, x_dtype, w_dtype, backend, *, strict: bool = True, rows_rul
         raise ValueError(f"project: backend {backend!r} cannot take x [{M}, {K}] @ "
                          f"w [{K}, {N}]: {why}")
     if not why and rows_rule and wish not in ("triton", "interpret") and not _kernel_rows(M, N):
-        why = (f"M={M} rows: XLA's GEMM is faster above {AUTO_MAX_M} for a lone weight "
-               f"({kernels.PROJECTION_MAX_M} for a group)")
+        why = (f"M={M} rows of N={N}: XLA's GEMM is faster above {AUTO_MAX_M} rows for a lone "
+               f"weight wider than {LONE_MAX_N}, above {kernels.PROJECTION_MAX_M} for any")
     return None if why else (config, wish == "interpret")
 
 
@@ -223,4 +228,4 @@ def _kernel_rows(M: int, N) -> bool:
     """Whether the dispatch sends M rows of these widths (an int, or a group's) to the kernel."""
     if M <= AUTO_MAX_M:
         return True
-    return M <= kernels.PROJECTION_MAX_M and not isinstance(N, int) and len(N) > 1
+    return M <= kernels.PROJECTION_MAX_M and (not isinstance(N, int) or N <= LONE_MAX_N)

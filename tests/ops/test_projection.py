@@ -88,18 +88,21 @@ def fake_h200(monkeypatch):
     monkeypatch.setattr(Device, "of", classmethod(lambda cls, d=None: Device("gpu", (9, 0), "H200")))
 
 
-@pytest.mark.parametrize("M, dtype, runs_kernel", [
-    (1, jnp.bfloat16, True),                     # one row: XLA makes it a reduce fusion
-    (projection.AUTO_MAX_M, jnp.bfloat16, True),
-    (projection.AUTO_MAX_M + 1, jnp.bfloat16, False),  # XLA's GEMM fusions win from here
-    (1, jnp.float32, False),                     # fp32 keeps XLA's precision
+@pytest.mark.parametrize("M, N, dtype, runs_kernel", [
+    (1, 5120, jnp.bfloat16, True),                     # one row: XLA makes it a reduce fusion
+    (projection.AUTO_MAX_M, 151936, jnp.bfloat16, True),  # an LM head of few rows too
+    (projection.AUTO_MAX_M + 1, 151936, jnp.bfloat16, False),  # cuBLAS wins from here
+    (projection.AUTO_MAX_M + 1, projection.LONE_MAX_N, jnp.bfloat16, True),  # XLA's fusions don't
+    (kernels.PROJECTION_MAX_M, 2048, jnp.bfloat16, True),
+    (kernels.PROJECTION_MAX_M + 1, 2048, jnp.bfloat16, False),  # past what the kernel takes
+    (1, 5120, jnp.float32, False),                     # fp32 keeps XLA's precision
 ])
-def test_gpu_dispatch_by_rows_and_dtype(fake_h200, M, dtype, runs_kernel):
-    choice = projection._select(M, 2048, 5120, jnp.dtype(dtype), jnp.dtype(dtype), None)
+def test_gpu_dispatch_by_rows_and_dtype(fake_h200, M, N, dtype, runs_kernel):
+    choice = projection._select(M, 2048, N, jnp.dtype(dtype), jnp.dtype(dtype), None)
     assert (choice is not None) == runs_kernel
     if runs_kernel:
         config, interpret = choice
-        assert not interpret and not kernels.projection_misfit(M, 2048, 5120, dtype, config)
+        assert not interpret and not kernels.projection_misfit(M, 2048, N, dtype, config)
 
 
 def test_gpu_backend_triton_takes_up_to_max_rows(fake_h200):
@@ -174,7 +177,7 @@ def test_group_launches_once_when_on(monkeypatch, groups):
 def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
     """On a GPU (faked): up to AUTO_MAX_M rows the group's fitting weights run in one launch;
     above, up to PROJECTION_MAX_M rows, a group still (XLA's fused GEMMs are slow there), a lone
-    weight not (XLA's cuBLAS GEMM is as fast); past that, XLA."""
+    weight as `project` sends it; past that, XLA."""
     monkeypatch.setenv(projection.GROUPS_VAR, "on")
     calls = []
     monkeypatch.setattr(kernels, "project_group",
@@ -194,9 +197,12 @@ def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
     calls.clear()
     projection.project_group(_group_case(lead=(kernels.PROJECTION_MAX_M + 1,))[0], ws)
     assert not calls
+    lone = []
+    monkeypatch.setattr(kernels, "project", lambda x, w, **k: lone.append(w.shape)
+                        or jnp.zeros((x.shape[0], w.shape[1]), x.dtype))
     x3, ws3 = _group_case(lead=(projection.AUTO_MAX_M + 1,), widths=(96, 1))
-    projection.project_group(x3, ws3)  # one weight fits: a lone weight, XLA
-    assert not calls
+    projection.project_group(x3, ws3)  # one weight fits: a lone weight, `project`'s kernel
+    assert not calls and lone == [(128, 96)]
     monkeypatch.setenv(projection.ENV_VAR, "xla-gemm")  # as `project`: XLA, never the kernel
     projection.project_group(x, ws)
     assert not calls
