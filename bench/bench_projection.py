@@ -11,7 +11,8 @@ Shapes (hidden 2048; GDN H = 16, HV = 32, K = V = 128; attention 16 heads of 256
 MLP 5120; vocab 248320), as [K, N] = [in, out]: in_proj_qkvz 2048 x 12288, in_proj_ba 2048 x 64,
 out_proj 4096 x 2048, q_proj 2048 x 8192 (with the output gate), k_proj / v_proj 2048 x 512,
 o_proj 4096 x 2048, gate_proj / up_proj 2048 x 5120, down_proj 5120 x 2048, lm_head
-2048 x 248320, mtp_fc 4096 x 2048.
+2048 x 248320, mtp_fc 4096 x 2048; gate_up_proj 2048 x 10240 (the MLP's gate / up group as one
+weight: the same column blocks).
 
 Each case runs one jitted program of L projections of the same rows through L distinct copies of
 the weight (L copies >= 3 x the 50 MB L2, so every weight comes from HBM), repeated --reps times
@@ -55,7 +56,7 @@ SHAPES = {  # name: (K, N), [in, out]
     "in_proj_qkvz": (2048, 12288), "in_proj_ba": (2048, 64), "out_proj": (4096, 2048),
     "q_proj": (2048, 8192), "k_proj": (2048, 512), "o_proj": (4096, 2048),
     "gate_proj": (2048, 5120), "down_proj": (5120, 2048), "lm_head": (2048, 248320),
-    "mtp_fc": (4096, 2048),
+    "mtp_fc": (4096, 2048), "gate_up_proj": (2048, 10240),
 }
 L2_BYTES = 50 << 20
 GROUPS = {  # name: (K, widths of the weights of one x)
