@@ -82,5 +82,5 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
            "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
            "project_group", "projection_block_m", "projection_misfit", "projection_smem_limit",
-           "scatter_rows", "scatter_rows_group", "scatter_table_block", "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
-           "verify_replay_mgpu", "verify_ring"]
+           "scatter_rows", "scatter_rows_group", "scatter_table_block", "verify_intermediate",
+           "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu", "verify_ring"]

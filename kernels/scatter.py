@@ -34,8 +34,8 @@ from ._common import BlockConfig
 @dataclasses.dataclass(frozen=True)
 class ScatterConfig(BlockConfig):
     """Launch parameters of `scatter_rows`: block, the most row elements one program copies (a
-    power of two >= 16; a table's rows go in blocks of `table_block`); num_warps, num_stages
-    (`BlockConfig`)."""
+    power of two >= 16; a table's rows go in blocks of `table_block`: the largest power of two
+    <= block dividing R, so block need not divide R); num_warps, num_stages (`BlockConfig`)."""
 
     def misfit(self, R: int) -> str | None:
         """Why this config cannot take rows of R elements, or None."""

@@ -220,7 +220,7 @@ def _select(M, K, N, x_dtype, w_dtype, backend, *, strict: bool = True, rows_rul
                          f"w [{K}, {N}]: {why}")
     if not why and rows_rule and wish not in ("triton", "interpret") and not _kernel_rows(M, N):
         why = (f"M={M} rows of N={N}: XLA's GEMM is faster above {AUTO_MAX_M} rows for a lone "
-               f"weight wider than {LONE_MAX_N}, above {kernels.PROJECTION_MAX_M} for any")
+               f"weight wider than {LONE_MAX_N}")
     return None if why else (config, wish == "interpret")
 
 

@@ -18,8 +18,8 @@ verify from 8.75 to 7.84 ms, the speculative round from 9.89 to 8.98 ms and deco
 5.03 ms. So it is the default where it compiles (`GDN_JAX_SCATTER` unset or "auto": an SM80+ GPU
 with Triton); "xla" keeps XLA's scatter, "pallas" is "auto" spelled out, "interpret" runs the
 kernel in the interpreter, for tests. Unset, GDN_JAX_BACKEND=xla or =interpret steers it as it
-steers the ops. Rows too short for a block always go to XLA. The variable is read when a program
-is traced.
+steers the ops. A row that no block of >= 64 elements tiles goes to XLA, unless it rides along
+in a group's launch (`write_positions_group`). The variable is read when a program is traced.
 
 Under tensor parallelism the kernel has no partitioning rule: give it local arrays. The model
 does (its layers write inside their `shard_map`, and `GatedDeltaNet.commit` / `reset` run per
@@ -66,8 +66,8 @@ def write_positions_group(bufs, scatter, xs, pos=None) -> tuple:
     """bufs: [S, L, *row_i] each (one S and L), xs: [B, T, *row_i] each (one B and T) -> the bufs
     with buf_i[scatter[b], pos[b, t]] = x_i[b, t], as `write_positions` writes each, the rows
     the kernel takes in one launch: a call's writes of one index (a verify's candidates, an
-    attention layer's k and v). A row too short for a launch of its own (< 64 elements: XLA)
-    rides along where another takes one, down to 16 elements."""
+    attention layer's k and v). A row that no power-of-two block of >= 64 elements tiles (XLA
+    alone) rides along where another row takes the kernel, if one of >= 16 does."""
     bufs, xs = tuple(bufs), tuple(xs)
     B, T = xs[0].shape[:2]
     S, L = bufs[0].shape[:2]

@@ -1,7 +1,7 @@
-"""The row scatter (`kernels.scatter_rows`, `scatter_rows_group`): rows land exactly where their index says, bit for
-bit (a copy: no tolerance), padding and out-of-range indices write nothing, and every row no
-index names is untouched. The table is random (never zeros), so a block the kernel skips or
-writes twice into the wrong row shows."""
+"""The row scatter (`kernels.scatter_rows`, `scatter_rows_group`): rows land exactly where their
+index says, bit for bit (a copy: no tolerance), padding and out-of-range indices write nothing,
+and every row no index names is untouched. The table is random (never zeros), so a block the
+kernel skips or writes twice into the wrong row shows."""
 
 import jax
 import jax.numpy as jnp
@@ -42,14 +42,11 @@ def test_scatter_rows_matches_reference_interpret(N, M, R, block, dtype):
 
 
 def _group_case(seed, N, M, widths_dtypes):
-    tables, rows = [], []
-    index = None
-    for t, (R, dtype) in enumerate(widths_dtypes):
-        table, index_t, r = _case(seed, N, M, R, dtype)  # one seed: one index for all
-        tables.append(table + t)  # distinct tables
-        rows.append(r)
-        index = index_t
-    return tuple(tables), index, tuple(rows)
+    """Tables of several row lengths and dtypes, with rows for them written by one index (the
+    first table's)."""
+    cases = [_case(seed + t, N, M, R, dtype) for t, (R, dtype) in enumerate(widths_dtypes)]
+    tables, _, rows = zip(*cases)
+    return tuple(tables), cases[0][1], tuple(rows)
 
 
 @pytest.mark.parametrize("block", [64, 16])

@@ -197,6 +197,11 @@ def test_group_on_gpu_dispatch(fake_h200, monkeypatch):
     calls.clear()
     projection.project_group(_group_case(lead=(kernels.PROJECTION_MAX_M + 1,))[0], ws)
     assert not calls
+    wide = (projection.LONE_MAX_N + 64, 64)  # judged as a group, not weight by weight
+    projection.project_group(_group_case(lead=(projection.AUTO_MAX_M + 1,), widths=wide)[0],
+                             _group_case(widths=wide)[1])
+    assert len(calls) == 1 and calls[0][1] == [(128, wide[0]), (128, 64)]
+    calls.clear()
     lone = []
     monkeypatch.setattr(kernels, "project", lambda x, w, **k: lone.append(w.shape)
                         or jnp.zeros((x.shape[0], w.shape[1]), x.dtype))

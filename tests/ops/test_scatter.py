@@ -71,6 +71,9 @@ def test_write_positions_group_equals_xla(kernel_path, monkeypatch):
             assert g.dtype == b.dtype
             np.testing.assert_array_equal(np.asarray(w), np.asarray(g))
     assert launches == [2, 2]
+    kernel_path("interpret")  # short rows alone: XLA, as each would go alone
+    scatter_ops.write_positions_group(bufs[1:], scatter, xs[1:], pos)
+    assert launches == [2, 2]
     with pytest.raises(ValueError, match=r"bufs \[S, L, \*row\] of one S, L"):
         scatter_ops.write_positions_group((bufs[0], bufs[1][:, :4]), scatter, xs[:2])
 
