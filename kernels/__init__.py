@@ -44,7 +44,7 @@ SMEM of one CTA) and a jax that builds them (`mosaic_unavailable`).
 """
 
 from . import _mgpu
-from ._common import MAX_T, POOL_DTYPES, Dims, Dtypes
+from ._common import MAX_T, POOL_DTYPES, Dims, Dtypes, pow2_block
 from ._mgpu import MAX_K as MOSAIC_MAX_K
 from ._mgpu import MosaicConfig
 from ._mgpu import head_dims_misfit as mosaic_head_dims_misfit
@@ -65,7 +65,6 @@ from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
-from .scatter import table_block as scatter_table_block
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu
 
@@ -82,5 +81,5 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
            "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
            "project_group", "projection_block_m", "projection_misfit", "projection_smem_limit",
-           "scatter_rows", "scatter_rows_group", "scatter_table_block", "verify_intermediate",
+           "pow2_block", "scatter_rows", "scatter_rows_group", "verify_intermediate",
            "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu", "verify_ring"]

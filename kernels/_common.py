@@ -68,6 +68,16 @@ def is_pow2(n) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and not n & (n - 1)
 
 
+def pow2_block(n: int, most: int) -> int | None:
+    """The largest power of two <= most dividing n, or None below 16: the block an axis of n
+    elements is cut in (a group's weight in `project_group`, a table's rows in
+    `scatter_rows_group`)."""
+    block = most
+    while n % block and block > 16:
+        block //= 2
+    return block if n % block == 0 else None
+
+
 MIN_DOT_ROWS = 16  # the smallest M of a tensor-core tile (tl.dot)
 
 

@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_launch_fields, dot_rows
+from ._common import check_launch_fields, dot_rows, pow2_block
 
 _F32 = jnp.float32
 PROJECTION_MAX_M = 128  # the most rows one call takes: all rows share one pass over the weight
@@ -107,8 +107,8 @@ def misfit(M: int, K: int, N, dtype, config: ProjectionConfig) -> str | None:
         return f"M={M} rows is outside 1..{PROJECTION_MAX_M}"
     if isinstance(N, int):
         return config.misfit(K, N, M)
-    for n in N:  # a group: each weight in blocks of its own (`group_block_n`)
-        bn = group_block_n(n, config.block_n)
+    for n in N:  # a group: each weight in blocks of its own (a narrow one keeps the others')
+        bn = pow2_block(n, config.block_n)
         if bn is None:
             return (f"N={n} has no power-of-two block of 16..{config.block_n} columns dividing "
                     f"it")
@@ -116,16 +116,6 @@ def misfit(M: int, K: int, N, dtype, config: ProjectionConfig) -> str | None:
         if why:
             return why
     return None
-
-
-def group_block_n(n: int, block_n: int) -> int | None:
-    """The column block of an n-wide weight in a group launched with block_n: the largest power
-    of two <= block_n dividing n (so a narrow weight does not shrink the others' blocks), or None
-    below 16."""
-    bn = block_n
-    while n % bn and bn > 16:
-        bn //= 2
-    return bn if n % bn == 0 else None
 
 
 def _kernel(x_ref, *refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab: bool,
@@ -183,7 +173,7 @@ def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = Projection
 def project_group(x: jax.Array, ws: tuple, *, config: ProjectionConfig = ProjectionConfig(),
                   interpret: bool = False, name: str = "gdn_projection_group") -> tuple:
     """x: [M, K] bf16 | fp16, ws: weights [K, N_i] of x's dtype -> (x @ w_i [M, N_i] x.dtype for
-    each), in one launch: each weight in column blocks of `group_block_n(N_i, config.block_n)`.
+    each), in one launch: each weight in column blocks of `pow2_block(N_i, config.block_n)`.
     name: the kernel's."""
     if not isinstance(ws, (tuple, list)) or not ws:
         raise ValueError(f"project_group: ws must be a non-empty tuple of [K, N] weights, "
@@ -196,7 +186,7 @@ def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) 
     widths = [w.shape[1] for w in ws]
     offsets = tuple(itertools.accumulate([0, *widths]))
     N = offsets[-1]
-    sizes = [config.block_n] if len(ws) == 1 else [group_block_n(n, config.block_n)
+    sizes = [config.block_n] if len(ws) == 1 else [pow2_block(n, config.block_n)
                                                    for n in widths]
     firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
     blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))

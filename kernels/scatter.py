@@ -28,29 +28,21 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _pallas
-from ._common import BlockConfig
+from ._common import BlockConfig, pow2_block
 
 
 @dataclasses.dataclass(frozen=True)
 class ScatterConfig(BlockConfig):
     """Launch parameters of `scatter_rows`: block, the most row elements one program copies (a
-    power of two >= 16; a table's rows go in blocks of `table_block`: the largest power of two
+    power of two >= 16; a table's rows go in blocks of `pow2_block`: the largest power of two
     <= block dividing R, so block need not divide R); num_warps, num_stages (`BlockConfig`)."""
 
     def misfit(self, R: int) -> str | None:
         """Why this config cannot take rows of R elements, or None."""
-        if table_block(R, self.block) is None:
+        if pow2_block(R, self.block) is None:
             return (f"no power-of-two block of 16..{self.block} elements divides the row length "
                     f"R={R}")
         return None
-
-
-def table_block(R: int, block: int) -> int | None:
-    """The block a table of R-element rows is copied in: the largest power of two <= block
-    dividing R, or None below 16."""
-    while R % block and block > 16:
-        block //= 2
-    return block if R % block == 0 else None
 
 
 def _kernel(index_ref, *refs, blocks, num_rows):
@@ -92,7 +84,7 @@ def scatter_rows_group(tables: tuple, index: jax.Array, rows: tuple, *,
     M = index.shape[0]
     if M == 0:  # nothing to write (a grid of size 0 may not launch on a GPU)
         return tables
-    sizes = [table_block(t.shape[1], config.block) for t in tables]
+    sizes = [pow2_block(t.shape[1], config.block) for t in tables]
     firsts = list(itertools.accumulate([0, *(t.shape[1] // b for t, b in zip(tables, sizes))]))
     blocks = tuple(zip(firsts, firsts[1:], sizes))
     n = len(tables)

@@ -191,10 +191,7 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
 def pow2_tile(n: int, most: int) -> int:
     """The largest power of two <= most that divides n, at least 16 (the kernel's misfit check
     says so where none does): a block size for an axis of n."""
-    block = most
-    while n % block and block > 16:
-        block //= 2
-    return block
+    return kernels.pow2_block(n, most) or 16
 
 
 def _select(M, K, N, x_dtype, w_dtype, backend, *, strict: bool = True, rows_rule: bool = True):

@@ -44,16 +44,8 @@ _MAX_BLOCK = 2048
 
 def write_slots(buf, scatter, x):
     """buf [S, *row], scatter [B] int32, x [B, *row] -> buf with buf[scatter[b]] = x[b] (module
-    docstring)."""
-    x = x.astype(buf.dtype)
-    S = buf.shape[0]
-    R = math.prod(buf.shape[1:])
-    mode = _mode(R)
-    if mode is None:  # a negative index would wrap around: send it out of range too
-        return buf.at[jnp.where(scatter < 0, S, scatter)].set(x, mode="drop")
-    index = jnp.where((scatter >= 0) & (scatter < S), scatter, -1).astype(jnp.int32)
-    out = _scatter(buf.reshape(S, R), index, x.reshape(-1, R), mode)
-    return out.reshape(buf.shape)
+    docstring): `write_positions` of one position per slot."""
+    return write_positions_group((buf[:, None],), scatter, (x[:, None],))[0][:, 0]
 
 
 def write_positions(buf, scatter, x, pos=None):
@@ -78,11 +70,9 @@ def write_positions_group(bufs, scatter, xs, pos=None) -> tuple:
                              f"{L}) and xs[{i}]{list(x.shape)} (B, T = {B}, {T})")
     xs = tuple(x.astype(buf.dtype) for buf, x in zip(bufs, xs))
     rows = [math.prod(buf.shape[2:]) for buf in bufs]
-    mode = kernel_mode(ENV_VAR)
-    blocks = [kernels.scatter_table_block(R, _MAX_BLOCK) or 0 for R in rows]
-    take = [i for i, blk in enumerate(blocks) if mode is not None and blk >= _MIN_BLOCK]
-    if take:  # the short rows ride along
-        take = [i for i, blk in enumerate(blocks) if blk >= 16]
+    take = []
+    if any(_mode(R) for R in rows):  # the short rows ride along
+        take = [i for i, R in enumerate(rows) if kernels.pow2_block(R, _MAX_BLOCK)]
     out = list(bufs)
     if take:
         if pos is None:
@@ -92,7 +82,8 @@ def write_positions_group(bufs, scatter, xs, pos=None) -> tuple:
         tables = kernels.scatter_rows_group(
             tuple(bufs[i].reshape(S * L, rows[i]) for i in take), index,
             tuple(xs[i].reshape(B * T, rows[i]) for i in take),
-            config=kernels.ScatterConfig(block=_MAX_BLOCK), interpret=mode == "interpret")
+            config=kernels.ScatterConfig(block=_MAX_BLOCK),
+            interpret=kernel_mode(ENV_VAR) == "interpret")
         for i, table in zip(take, tables):
             out[i] = table.reshape(bufs[i].shape)
     sc = jnp.where(scatter < 0, S, scatter)  # XLA: a negative index would wrap, send it out
@@ -108,11 +99,5 @@ def _mode(R: int) -> str | None:
     """"compiled" or "interpret" where the kernel is asked for and takes rows of R elements,
     else None (XLA)."""
     mode = kernel_mode(ENV_VAR)
-    block = kernels.scatter_table_block(R, _MAX_BLOCK) or 0
+    block = kernels.pow2_block(R, _MAX_BLOCK) or 0
     return mode if block >= _MIN_BLOCK else None
-
-
-def _scatter(table, index, rows, mode):
-    config = kernels.ScatterConfig(block=_MAX_BLOCK)
-    return kernels.scatter_rows(table, index, rows, config=config,
-                                interpret=mode == "interpret")
