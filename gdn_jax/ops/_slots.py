@@ -46,12 +46,7 @@ def store_candidates(state: GDNState, scatter, k, v, g, beta) -> GDNState:
     fold a stale token (k = v = 0 there too: the four are written by one index, in one launch
     where the row kernel runs).
     """
-    pad = state.t_max - k.shape[1]
-    padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    cand_k, cand_v, cand_g, cand_beta = write_positions_group(
-        (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter,
-        tuple(padded(x) for x in (k, v, g, beta)))
-    return state.replace(cand_k=cand_k, cand_v=cand_v, cand_g=cand_g, cand_beta=cand_beta)
+    return _put_candidates(state, scatter, (k, v, g, beta), state.t_max)
 
 
 def ring_start(state: GDNState, gather, valid, reserve: int):
@@ -71,13 +66,18 @@ def store_ring(state: GDNState, scatter, start, k, u, g, beta, reserve: int) -> 
 
     k: [B, T, H, K]; u: [B, T, HV, V] fp32, the corrected values; g, beta: [B, T, HV] fp32;
     start: [B] int32 with start + reserve <= W (`ring_start`)."""
-    T = k.shape[1]
-    pad = max(reserve, T) - T
-    padded = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    pos = start[:, None] + jnp.arange(T + pad, dtype=jnp.int32)[None, :]  # [B, T + pad]
+    n = max(reserve, k.shape[1])
+    pos = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, n]
+    return _put_candidates(state, scatter, (k, u, g, beta), n, pos)
+
+
+def _put_candidates(state: GDNState, scatter, xs, n: int, pos=None) -> GDNState:
+    """cand_k, cand_v, cand_g, cand_beta := xs (each [B, T, ...], zero-padded to n tokens) at
+    positions pos ([B, n]; None: 0..n-1) of each row's slot, one index for the four."""
+    padded = tuple(jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+                   for x in xs)
     cand_k, cand_v, cand_g, cand_beta = write_positions_group(
-        (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter,
-        tuple(padded(x) for x in (k, u, g, beta)), pos)
+        (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter, padded, pos)
     return state.replace(cand_k=cand_k, cand_v=cand_v, cand_g=cand_g, cand_beta=cand_beta)
 
 
