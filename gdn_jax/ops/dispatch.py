@@ -292,7 +292,7 @@ _MOSAIC_TUNING = {
     ("decode", "float32", True): (64, 2, 3),     # H200: 277.9 us (t4 s2: 288.6)
     ("decode", "float32", False): (64, 1, 2),
     ("verify", "bfloat16", True): (128, 4, 2),   # replay: 351.6 us at B = 256 (bv64: 455.9)
-    ("verify", "bfloat16", False): (128, 1, 2),  # 57.7 us at B = 32; t1 keeps B = 8 on all SMs
+    ("verify", "bfloat16", False): (128, 1, 2),  # tiles per CTA by B: _replay_tiles_per_cta
     ("verify", "float32", True): (64, 4, 2),     # 539.6 us at B = 256 (bv128: 597.2)
     ("verify", "float32", False): (64, 2, 2),    # 23.1 us at B = 8, 82.0 at B = 32 (t4: 32.6, 72.2)
     ("verify_intermediate", "bfloat16", True): (64, 2, 2),   # 483.2 us at B = 256 (94.0%)
@@ -300,6 +300,14 @@ _MOSAIC_TUNING = {
     ("verify_intermediate", "float32", True): (64, 2, 2),    # 945.2 us (95.2%)
     ("verify_intermediate", "float32", False): (64, 2, 2),   # 124.8 us at B = 32
 }
+
+
+def _replay_tiles_per_cta(B: int) -> int:
+    """Replay verify (bf16, [128, K] tiles, two CTAs per SM) below B = 128: as many tiles per CTA
+    as keep the B * 32 value heads' tiles within one wave of CTAs on 132 SMs. H200, 3 pending +
+    T = 4 (bench/results/sweep_mosaic_replay-h200-b8_b32-2026-12-02.json, JAX's profiler): B = 8
+    12.8 us at 1 (2: 19.8), B = 32 44.0 at 4 (2: 45.3, 1: 46.4)."""
+    return 1 if B <= 8 else 2 if B <= 16 else 4
 
 
 def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
@@ -314,6 +322,8 @@ def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
     if backend == "mosaic":
         key_op = "verify_intermediate" if op == "verify" and mode == "intermediate" else op
         block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name, large)]
+        if (key_op, jnp.dtype(state_dtype).name, large) == ("verify", "bfloat16", False):
+            per = _replay_tiles_per_cta(B)
         return kernels.MosaicConfig(min(block_v, V), per, stages)
     key_op = "decode" if op == "decode" else "verify"  # flush folds like a verify
     block_v, num_warps = _TUNING[(key_op, jnp.dtype(state_dtype).name, large)]

@@ -182,6 +182,14 @@ def test_mosaic_tuning_fits_the_head_dim():
                     assert why is None, (op, mode, dtype, B, V, why)
 
 
+@pytest.mark.parametrize("B, per", [(1, 1), (8, 1), (16, 2), (32, 4), (127, 4), (128, 4)])
+def test_replay_tiles_per_cta_keep_one_wave(B, per):
+    """bf16 replay below B = 128 takes as many tiles per CTA as keep its CTAs in one wave (the
+    H200 sweep: 1 at B = 8, 4 at B = 32); B >= 128 keeps the table's 4."""
+    cfg = dispatch.tuning("verify", "mosaic", state_dtype="bfloat16", B=B, V=128, mode="replay")
+    assert (cfg.block_v, cfg.tiles_per_cta, cfg.stages) == (128, per, 2)
+
+
 def _dims(B=256, T=8, K=128, V=128, t_max=8):
     return kernels.Dims(B, T, 16, 32, K, V, B, t_max)
 
