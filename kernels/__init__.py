@@ -31,7 +31,9 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
                                          # written only where the committed ring folds
 
     o, pool = decode_mgpu(...same arguments as decode..., config=MosaicConfig(...))  # SM90+
-    o, pool = verify_replay_mgpu(...same arguments as verify_replay...)
+    o, pool = verify_replay_mgpu(...same arguments as verify_replay...)  # MosaicConfig(wy=True):
+                                         # the matrix (WY) form, its state products on Hopper's
+                                         # tensor cores (bf16 pool, tokens and candidates)
     o, inter = verify_intermediate_mgpu(...same arguments as verify_intermediate...)
 
 The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA).

@@ -85,11 +85,15 @@ class MosaicConfig:
                    ceil(B * HV * V / block_v / tiles_per_cta) CTAs.
     stages:        SMEM buffers per CTA (>= 2): the loads of the next stages - 1 tiles are in
                    flight while a tile is computed and stored.
+    wy:            replay only: the matrix (WY) form, its state products on the tensor cores
+                   (`_replay_wy_mgpu`; bf16 pool, tokens and candidates; Hopper's wgmma), instead
+                   of the token-by-token recurrence.
     """
 
     block_v: int = 64
     tiles_per_cta: int = 4
     stages: int = 2
+    wy: bool = False
 
     def __post_init__(self):
         if self.block_v not in (64, 128):
@@ -100,6 +104,8 @@ class MosaicConfig:
                              f"got {self.tiles_per_cta=}")
         if not isinstance(self.stages, int) or not 2 <= self.stages <= 4:
             raise ValueError(f"MosaicConfig: stages must be an int in 2..4, got {self.stages=}")
+        if not isinstance(self.wy, bool):
+            raise ValueError(f"MosaicConfig: wy must be a bool, got {self.wy=}")
 
     def misfit(self, K: int, V: int, pool_dtype, in_dtype, T: int = 1, out_tiles: int = 0,
                pending: int = 0, cand_dtype=None) -> str | None:
@@ -146,6 +152,22 @@ def load(ref, layout, *, interpret: bool):
     if JAX_VERSION >= (0, 11, 0):
         return plgpu.load(ref, layout=layout, optimized=False)
     return plgpu.load(ref, (), layout=layout, optimized=False)
+
+
+def store_plain(x, ref, *, interpret: bool):
+    """ref[...] := x (a WGMMA-layout array) in a plain (untiled, unswizzled) SMEM ref, so that
+    the ref can be read back in another shape (rows as vectors, scalars): a Pallas store would
+    have layout inference tile the ref for the WGMMA layout, which such reads cannot take."""
+    if interpret:
+        ref[...] = x
+        return
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()))
+    def store(ctx, x, ref):
+        del ctx
+        x.store_untiled(ref, optimized=False)
+
+    store(x, ref)
 
 
 def layout_cast(x, layout, *, interpret: bool):

@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from . import _common as cm
 from . import _mgpu as mg
 from . import _recurrence as rec
+from . import _replay_wy_mgpu
 from ._mgpu import MosaicConfig
 
 _F32 = jnp.float32
@@ -311,6 +312,10 @@ def misfit(mode: str, dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) ->
     A pure function of its arguments: dispatch asks it before choosing Mosaic GPU."""
     if mode not in MODES:
         raise ValueError(f"mosaic misfit: mode expected one of {MODES}, got {mode!r}")
+    if config.wy:
+        if mode != "replay":
+            return f"the WY form (MosaicConfig.wy) is replay's only, not {mode}'s"
+        return _replay_wy_mgpu.misfit(dims, dtypes, config)
     if max(dims.T, dims.t_max) > MAX_T:
         return (f"the Mosaic GPU kernels take T and T_max <= {MAX_T} (run on a GPU so far), "
                 f"got T = {dims.T}, T_max = {dims.t_max}")

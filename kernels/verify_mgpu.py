@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 
 from . import _common as cm
 from . import _mgpu as mg
+from . import _replay_wy_mgpu
 from . import _tokens_mgpu as tk
 from ._mgpu import MosaicConfig
 
@@ -83,15 +84,17 @@ def verify_replay_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand
 
     The pool is donated and updated in place: pool[slot] := the folded state, written once and
     only where count[slot] > 0. Returns o [B, T, HV, V] in q's dtype (zeros for padding rows)
-    and the pool.
+    and the pool. `config.wy` runs the matrix form (`_replay_wy_mgpu`: bf16 throughout, Hopper).
     """
     mg.require("verify_replay_mgpu")
     dims = cm.check_tokens("verify_replay_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k,
                            cand_v, cand_g, cand_beta, count, slots, t_lo=1, t_hi=cm.MAX_T)
     tk.check_fit("verify_replay_mgpu", "replay", dims, cm.Dtypes.of(q, pool, cand_k, cand_v),
                  config)
-    return tk.tokens_call(REPLAY, dims, config, interpret, slots, count, q, k, v, a, b, A_log,
-                          dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
+    args = (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
+    if config.wy:
+        return _replay_wy_mgpu.replay_call(dims, config, interpret, *args)
+    return tk.tokens_call(REPLAY, dims, config, interpret, *args)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

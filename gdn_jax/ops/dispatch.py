@@ -7,7 +7,8 @@ Backends:
   "mosaic"     Pallas Mosaic GPU kernels (`gdn_jax.kernels.decode_mgpu`, `verify_mgpu`): decode
                and verify in both modes, Hopper and datacenter Blackwell (capability 9.x, 10.x,
                11.x), K and V multiples of 64. The Hopper default where the H100 benchmark
-               measured it faster than Triton (`preferences`); elsewhere forced only.
+               measured it faster than Triton (`preferences`); elsewhere forced only. On Hopper
+               a bf16 replay verify below B = 128 runs in matrix form (`MosaicConfig.wy`).
   "interpret"  the same Pallas kernels run by the Pallas interpreter: any platform, slow; for tests
                of the kernel path on machines without a GPU.
 
@@ -203,7 +204,8 @@ def select(op: str, *, dims: kernels.Dims | None = None, dtypes: kernels.Dtypes 
         if name == "xla":
             return None
         return tuning(op, "mosaic" if name == "mosaic" else "triton", state_dtype=dtypes.pool,
-                      B=B if B is not None else 1, V=V if V is not None else 128, mode=mode)
+                      B=B if B is not None else 1, V=V if V is not None else 128, mode=mode,
+                      wy=_wy_fits(dev, dtypes))
 
     def reason(name):
         why = why_not(name, dev, op, T, K=K, V=V, mode=mode)
@@ -302,6 +304,14 @@ _MOSAIC_TUNING = {
 }
 
 
+def _wy_fits(device: Device, dtypes: kernels.Dtypes) -> bool:
+    """Whether replay's matrix form (`MosaicConfig.wy`) can run: Hopper's wgmma, bf16 pool,
+    tokens and candidates."""
+    bf16 = jnp.dtype(jnp.bfloat16)
+    return (device.capability is not None and device.capability[0] == 9
+            and all(jnp.dtype(d) == bf16 for d in dtypes))
+
+
 def _replay_tiles_per_cta(B: int) -> int:
     """Replay verify (bf16, [128, K] tiles, two CTAs per SM) below B = 128: as many tiles per CTA
     as keep the B * 32 value heads' tiles within one wave of CTAs on 132 SMs. H200, 3 pending +
@@ -311,16 +321,23 @@ def _replay_tiles_per_cta(B: int) -> int:
 
 
 def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
-           mode: str | None = None) -> kernels.TuningConfig | kernels.MosaicConfig:
+           mode: str | None = None, wy: bool = False
+           ) -> kernels.TuningConfig | kernels.MosaicConfig:
     """The launch config of `op`'s kernel for this call (verify: in `mode`): a
     `kernels.TuningConfig` for the Triton kernels (and the interpreter), a `kernels.MosaicConfig`
-    for the Mosaic GPU ones."""
+    for the Mosaic GPU ones. wy: replay's matrix form can run (`_wy_fits`); it is taken where
+    measured faster (below B = 128)."""
     large = B >= _LARGE_BATCH
     if mode == "ring":
         block_v, num_warps = _RING_TUNING[(jnp.dtype(state_dtype).name, large)]
         return kernels.TuningConfig(min(block_v, V), num_warps, num_stages=1)
     if backend == "mosaic":
         key_op = "verify_intermediate" if op == "verify" and mode == "intermediate" else op
+        if key_op == "verify" and mode == "replay" and wy and not large:
+            # H200, 3 pending + T = 4, per call of a jitted loop: B = 8 19.1 us at t2 (the
+            # token-by-token form 20.0), B = 32 48.8 at t4 (52.8)
+            # (bench/results/replay_wy-h200-2026-12-02.json)
+            return kernels.MosaicConfig(min(64, V), 2 if B <= 8 else 4, 2, wy=True)
         block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name, large)]
         if (key_op, jnp.dtype(state_dtype).name, large) == ("verify", "bfloat16", False):
             per = _replay_tiles_per_cta(B)

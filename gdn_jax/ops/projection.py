@@ -151,16 +151,14 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     rows on (their fp32 partial sums then cost more than the extra programs save), and no more
     than keep the partials small beside the weight. At one row this picks within 6% of the
     sweep's best for the out_proj, in_proj_qkvz, gate_proj and down_proj shapes. From 17 to 32
-    rows the product is taken weight first (`swap_ab`: 5-9% faster for gate_proj, out_proj and
-    in_proj_qkvz at the sweep's best configs, bench/results/bench_projection-h200-rows32_swap-
-    2026-12-02.json); there a weight (or group) of at least half a wave of 128-column blocks
-    takes them unsplit, [128, 128] weight tiles in 4 stages: the 32-row sweep's best for the
-    MLP's gate / up group (12.1 us against 13.4 at 64-column blocks in 2 slices, 320 programs on
-    132 SMs) and within 2% of it for in_proj_qkvz (14.5 against 15.3)
-    (bench/results/bench_projection-h200-rows32_wave-2026-12-02.json, the kernel alone). In the
-    48-layer B = 32 decode the two groups gained 0.4 and 0.5 us a call; out_proj and down_proj,
-    whose sweep best (8 slices of 128 columns) lost 0.2-0.4 us there, keep the rule below
-    (bench/results/profile_step-h200-qwen3_5_text-b32-rules{,_base}-2026-12-02.json).
+    rows the product is taken weight first (`swap_ab`; the split rule was not re-fit for it): at
+    the sweep's best configs 5-9% faster for gate_proj, out_proj and in_proj_qkvz, at this
+    rule's 2-9% (bench/results/bench_projection-h200-rows32_swap-2026-12-02.json), and 1.7% off
+    the 48-layer B = 32 decode step's kernel time. Unsplit 128-column blocks for the 32-row
+    gate / up and in_proj groups (the 32-row sweep's best alone: 12.1 against 13.4 us,
+    bench/results/bench_projection-h200-rows32_wave-2026-12-02.json) gained 0.4-0.5 us a group in
+    that decode and the fusions around them lost it back (4412 against 4413 us, profile_step-
+    h200-qwen3_5_text-b32-{rules,wy}-2026-12-02.json): not taken.
 
     From 65 rows (a verify of 4 tokens at B = 32 is 128) the x tile is as large as the weight's,
     and re-read by every column block: column blocks of 128 halve those reads, with [64, 128]
@@ -173,27 +171,22 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     widths = (N,) if isinstance(N, int) else tuple(N)
     bm = kernels.projection_block_m(M)
     wide = bm >= 128
-    swap = 16 < bm <= 32
-    # 17-32 rows: a weight of >= half a wave of 128-column blocks fills the SMs unsplit
-    one_wave = swap and sum(n // pow2_tile(n, 128) for n in widths) >= sm_count // 2
-    tile = 128 if wide or one_wave else _BLOCK_N
+    tile = 128 if wide else _BLOCK_N
     # a group's weights take blocks of <= block_n each (kernels.project_group)
     block_n = max(pow2_tile(n, tile) for n in widths)
     block_k = pow2_tile(K, 64 if wide else 128)
     steps = max(1, K // block_k)
     column_blocks = sum(n // pow2_tile(n, tile) for n in widths)
-    max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
     if wide:  # slices of >= 1024 rows, programs within one wave
         most = min(K // 1024, sm_count // max(1, column_blocks))
-    elif one_wave:
-        most = 1
     else:
+        max_splits = max(1, K // (16 * bm))  # partials (2 x S x bm x N x 4 bytes) <= weight / 4
         want = -(-(_WAVES if bm <= 32 else 1) * sm_count // max(1, column_blocks))
         most = min(want, max_splits)
     splits = max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, most))
     config = kernels.ProjectionConfig(
         block_n=block_n, block_k=block_k, splits=splits, num_warps=8 if wide else 4,
-        num_stages=4 if wide or one_wave else 3 if bm <= 32 else 5, swap_ab=swap)
+        num_stages=4 if wide else 3 if bm <= 32 else 5, swap_ab=16 < bm <= 32)
     while config.num_stages > 2 and config.smem_bytes(M) > kernels.projection_smem_limit():
         config = dataclasses.replace(config, num_stages=config.num_stages - 1)
     return config

@@ -57,8 +57,8 @@ class KCase:
     @property
     def id(self) -> str:
         c = self.config
-        tune = (f"bv{c.block_v}-t{c.tiles_per_cta}-s{c.stages}" if self.family == "mosaic"
-                else f"bv{c.block_v}-w{c.num_warps}")
+        tune = (f"bv{c.block_v}-t{c.tiles_per_cta}-s{c.stages}{'-wy' if c.wy else ''}"
+                if self.family == "mosaic" else f"bv{c.block_v}-w{c.num_warps}")
         v = f"-V{self.V}" if self.V else ""
         return (f"{self.family}-{self.op}-B{self.B}-T{self.T}-H{self.H}-g{self.group}-K{self.K}"
                 f"{v}-{_SHORT[jnp.dtype(self.pool).name]}pool-{_SHORT[jnp.dtype(self.inp).name]}in"
@@ -69,8 +69,8 @@ def _t(op, B, T, H, g, K, pool, inp, bv, warps=4, t_max=8):
     return KCase(op, B, T, H, g, K, pool, inp, kernels.TuningConfig(bv, warps), t_max=t_max)
 
 
-def _m(op, B, T, H, g, K, pool, inp, bv, per, st, V=None, t_max=8):
-    return KCase(op, B, T, H, g, K, pool, inp, kernels.MosaicConfig(bv, per, st), V=V,
+def _m(op, B, T, H, g, K, pool, inp, bv, per, st, V=None, t_max=8, wy=False):
+    return KCase(op, B, T, H, g, K, pool, inp, kernels.MosaicConfig(bv, per, st, wy=wy), V=V,
                  t_max=t_max)
 
 
@@ -136,6 +136,15 @@ CASES = [
     _m("replay", 128, 8, 16, 2, 128, F32, F32, 64, 2, 2),
     _m("replay", 32, 1, 16, 2, 128, BF16, F32, 128, 1, 2),
     _m("replay", 3, 5, 16, 2, 128, F32, BF16, 64, 3, 3),
+    # Mosaic GPU replay in matrix form (wy: bf16 throughout, Hopper): T and T_max at their limit
+    # (8), a single token, the dispatch's configs (B = 8: t2, B = 32: t4), and [128, K] tiles
+    _m("replay", 2, 4, 1, 2, 64, BF16, BF16, 64, 1, 2, V=64, t_max=4, wy=True),
+    _m("replay", 2, 8, 2, 1, 64, BF16, BF16, 64, 3, 2, V=128, t_max=8, wy=True),
+    _m("replay", 3, 1, 1, 2, 128, BF16, BF16, 64, 2, 2, V=64, t_max=5, wy=True),
+    _m("replay", 8, 4, 16, 2, 128, BF16, BF16, 64, 2, 2, t_max=4, wy=True),
+    _m("replay", 32, 4, 16, 2, 128, BF16, BF16, 64, 4, 2, t_max=4, wy=True),
+    _m("replay", 5, 8, 16, 2, 128, BF16, BF16, 128, 2, 2, t_max=8, wy=True),
+    _m("replay", 128, 3, 16, 2, 128, BF16, BF16, 64, 4, 3, t_max=4, wy=True),
     # Mosaic GPU verify, intermediate (T = 3: a 3-tile ring wrapping across tiles; T = 5 and 8:
     # a 4-tile ring wrapping inside a tile)
     _m("intermediate", 2, 3, 1, 2, 64, BF16, BF16, 64, 3, 2, V=64, t_max=3),
@@ -178,6 +187,8 @@ def device_for(request):
             cap = tuple(int(x) for x in dev.compute_capability.split("."))
             if cap < (9, 0):
                 pytest.skip(f"the Mosaic GPU kernels need compute capability >= 9.0, got {cap}")
+            if case.config.wy and cap[0] != 9:
+                pytest.skip(f"replay's matrix form runs Hopper's wgmma (9.x), got {cap}")
     return check
 
 

@@ -124,6 +124,23 @@ def test_verify_replay_mgpu_lowers_for_cuda(pool_dtype, kind, cuda_lowering):
 
 
 @needs_mosaic
+@pytest.mark.parametrize("block_v, T, t_max", [(64, T, T_MAX), (64, 1, 5), (128, 8, 8)])
+def test_verify_replay_mgpu_wy_lowers_for_h100(block_v, T, t_max, cuda_lowering):
+    """Replay's matrix form (wgmma: Hopper only) through Mosaic's layout inference."""
+    S = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
+    pool = (S((NUM_SLOTS, HV, V, K), bf16), S((NUM_SLOTS, t_max, H, K), bf16),
+            S((NUM_SLOTS, t_max, HV, V), bf16), S((NUM_SLOTS, t_max, HV), jnp.float32),
+            S((NUM_SLOTS, t_max, HV), jnp.float32), S((NUM_SLOTS,), jnp.int32), S((B,), jnp.int32))
+    kind = "NVIDIA H100 80GB HBM3"
+    with _mgpu.target_arch(ARCHS[kind]):
+        text = _lower(verify_replay_mgpu, _token_args(T, bf16) + pool, kind, cuda_lowering,
+                      config=MosaicConfig(block_v, 2, 2, wy=True))
+    assert MOSAIC_CALL in text and "tf.aliasing_output" in text
+    assert f"gdn_verify_replay_wy_t{T}_mgpu_bv{block_v}_t2_s2" in text
+
+
+@needs_mosaic
 @pytest.mark.parametrize("kind", DEVICES)
 @pytest.mark.parametrize("pool_dtype, T", [(jnp.bfloat16, T), (jnp.float32, 8)],
                          ids=["bf16pool-T4", "f32pool-T8"])

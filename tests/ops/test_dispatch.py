@@ -134,6 +134,33 @@ def test_mosaic_is_the_hopper_default_where_measured_faster(mosaic_imports, monk
     assert dispatch.select("decode", B=256, K=128, V=128, device=h100).backend == "triton"
 
 
+def test_bf16_replay_below_b128_runs_in_matrix_form_on_hopper(mosaic_imports):
+    """bf16 pool, tokens and candidates on Hopper: replay's matrix form (wy) below B = 128, at
+    the H200's measured configs; the token-by-token form for other dtypes, at B >= 128, on a
+    forced Blackwell (no wgmma) and for the other ops."""
+    h100, b200 = FakeDevice("gpu", "9.0", "H100"), FakeDevice("gpu", "10.0", "B200")
+    bf16, f32, f16 = (jnp.dtype(d) for d in ("bfloat16", "float32", "float16"))
+
+    def cfg(B, dtypes=kernels.Dtypes(bf16, bf16, bf16), device=h100, mode="replay", **kw):
+        choice = dispatch.select("verify", dims=_dims(B=B, T=4, t_max=4), dtypes=dtypes,
+                                 mode=mode, device=device, **kw)
+        return choice.backend, choice.config
+
+    assert cfg(8) == ("mosaic", kernels.MosaicConfig(64, 2, 2, wy=True))
+    assert cfg(32) == ("mosaic", kernels.MosaicConfig(64, 4, 2, wy=True))
+    assert not cfg(256)[1].wy
+    assert not cfg(32, kernels.Dtypes(f32, bf16, bf16))[1].wy
+    assert not cfg(32, kernels.Dtypes(bf16, f16, f16))[1].wy
+    assert not cfg(32, mode="intermediate")[1].wy
+    assert not cfg(32, device=b200, backend="mosaic")[1].wy
+    why = kernels.mosaic_misfit("intermediate", _dims(), kernels.Dtypes(bf16, bf16, bf16),
+                                kernels.MosaicConfig(64, 2, 2, wy=True))
+    assert "replay's only" in why
+    why = kernels.mosaic_misfit("replay", _dims(), kernels.Dtypes(bf16, f32, bf16),
+                                kernels.MosaicConfig(64, 2, 2, wy=True))
+    assert "bf16 pool, tokens and candidates" in why
+
+
 def test_mosaic_refusals_say_why(mosaic_imports):
     h100 = FakeDevice("gpu", "9.0", "NVIDIA H100 80GB HBM3")
     for mode in ("replay", "intermediate"):  # both verify modes have a Mosaic kernel

@@ -242,18 +242,6 @@ def test_config_for_swaps_at_17_to_32_rows(M, swap):
     assert (config.block_n, config.num_warps) == ((128, 8) if M > 64 else (64, 4))
 
 
-@pytest.mark.parametrize("K, N, config", [
-    (2048, (5120, 5120), (128, 128, 1, 4)), (2048, 12288, (128, 128, 1, 4)),
-    (4096, 2048, (64, 128, 8, 3)), (5120, 2048, (64, 128, 8, 3))])
-def test_config_for_32_rows_fills_a_wave_unsplit(K, N, config):
-    """At 32 rows the MLP's gate / up group and in_proj_qkvz (>= 66 blocks of 128 columns) run
-    unsplit in 128-column blocks, the 32-row sweep's best (bench/results/bench_projection-h200-
-    rows32_wave-2026-12-02.json); out_proj and down_proj keep 64-column blocks in 8 slices."""
-    got = projection.config_for(32, K, N, sm_count=132)
-    assert (got.block_n, got.block_k, got.splits, got.num_stages) == config
-    assert got.swap_ab
-
-
 @pytest.mark.parametrize("K, N, splits", [(2048, 5120, 2), (4096, 2048, 4), (2048, 12288, 1)])
 def test_config_for_128_rows_picks_the_sweeps_splits(K, N, splits):
     """The H200 128-row sweep's best slice counts (bench/results/bench_projection-h200-

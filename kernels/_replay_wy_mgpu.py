@@ -1,0 +1,349 @@
+"""GDN replay verify in matrix (WY) form on the tensor cores: the Pallas **Mosaic GPU** kernel that
+`verify_mgpu.verify_replay_mgpu` runs for a `MosaicConfig(wy=True)` (bf16 pool, tokens and
+candidates; Hopper's wgmma). Same contract as the token-by-token form.
+
+The token-by-token kernel runs count + T steps in series, each a reduction over K and a rank-1
+update of the [BV, K] fp32 register tile (2.3x a decode at B = 32). Here the state is touched by
+three products on the tensor cores and the rest is per-row algebra on [BV] vectors:
+
+    X    = [candidate keys (rows 0..7); keys (8..15); queries (16..23); 0]  [64, K] raw bf16, SMEM
+    PT   = X @ S0^T      [64, BV] fp32: each token's product with the state tile (bf16 x bf16 is
+                         exact in the fp32 accumulator)
+    Gram = X @ X[:24]^T  [64, 24] fp32: the tokens' dot products (l2 norms on the diagonal)
+
+With k_i = rk_i kraw_i, q_t = rq_t qraw_t and G the cumulative log decay from S0 (over the n live
+candidates, then the T tokens), forward substitution gives each key's corrected value and each
+token's output (`solve`), per state row:
+
+    u_i = beta_i (v_i - e^{G_i} rk_i PT_i - sum_{l<i} e^{G_i - G_l} rk_i rk_l (kraw_i . kraw_l) u_l)
+    o_t = rq_t (e^{G_t} PT_{q_t} + sum_{l<=t} e^{G_t - G_l} rk_l (qraw_t . kraw_l) u_l)
+
+and where n > 0 the folded state, the third product (W^T [BV, 16] @ X[:16] accumulated onto
+e^{G_n} S0, W split into bf16 high and low parts: about 16 bits of W, fp32 accumulation):
+
+    S_f = e^{G_n} S0 + sum_{j<n} (e^{G_n - G_j} rk_j u_j) kraw_j^T
+
+The pool takes S_f (rounded once); the caller stores this call's tokens as the new candidates and
+sets count := 0, as for `verify_replay_mgpu`.
+
+Per CTA: tiles (b, hv, V block) in runs of `tiles_per_cta` over `stages` SMEM stages, the next
+tile's loads issued before this tile's math (as `_tokens_mgpu`). X's rows that no token fills are
+zeroed once per CTA: TMA writes only the rows of real tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _common as cm
+from . import _mgpu as mg
+from . import _recurrence as rec
+from ._mgpu import MosaicConfig
+
+_F32, _BF16 = jnp.float32, jnp.bfloat16
+GROUP = 8           # X rows per group (candidates, keys, queries): whole SMEM tiles of rows
+_ROWS = 64          # X rows: a WGMMA operand's M
+_KEYS = 2 * GROUP   # candidate and token key rows: the fold product's depth
+_USED = 3 * GROUP   # rows that can hold data: the Gram's columns
+MAX_T = GROUP       # the most tokens (and candidates) one call takes
+
+
+# ------------------------------------------------------------------------------------------------
+# The math, as pure functions of scalars and [BV] vectors (also run as plain JAX by the tests)
+
+
+def solve(n, gates, cand_gates, gram, row, value, K: int):
+    """The corrected values and outputs of the t_max candidates (the first n live) and T tokens.
+
+    gates: T (g, beta) fp32 scalars of the tokens; cand_gates: t_max (g, beta) of the candidates;
+    gram(r, c): the dot product of X rows r and c (fp32 scalar); row(r): PT row r, [BV] fp32;
+    value(i): key i's value, [BV] fp32 (i < t_max: candidate i; then token i - t_max).
+    Returns (o: T [BV] outputs, w: t_max [BV] fold weights e^{G_n - G_j} rk_j u_j (0 for a dead
+    candidate), e^{G_n}: the candidates' total decay).
+
+    The decays e^{G_i - G_l} are running products of the keys' e^{g} (one exp per key, no
+    overflow: every factor is <= 1); a dead candidate enters with g = beta = 0.
+    """
+    t_max, T = len(cand_gates), len(gates)
+    rows = [j for j in range(t_max)] + [GROUP + t for t in range(T)]
+    live = [jnp.where(j < n, 1.0, 0.0) for j in range(t_max)] + [None] * T
+    g = [lv * cg for lv, (cg, _) in zip(live, cand_gates)] + [gt for gt, _ in gates]
+    beta = [lv * cb for lv, (_, cb) in zip(live, cand_gates)] + [bt for _, bt in gates]
+    rk = [lax.rsqrt(gram(r, r) + rec.L2NORM_EPS) for r in rows]
+
+    us, outs = [], []
+    e0 = jnp.ones((), _F32)  # e^{G_i}: from S0
+    pair = []                # pair[l] = e^{G_i - G_l}, l < i
+    w, e_n = [], e0
+    for i, r in enumerate(rows):
+        d = jnp.exp(g[i])
+        pair = [x * d for x in pair] + ([d] if i else [])
+        e0 = e0 * d
+        acc = value(i) - (e0 * rk[i]) * row(r)
+        for l, u in enumerate(us):
+            acc = acc - (pair[l] * rk[i] * rk[l] * gram(r, rows[l])) * u
+        u = beta[i] * acc
+        # a dead candidate's u is exactly 0 (its value buffer holds zeros or finite stale data)
+        us.append(u * live[i] if i < t_max else u)
+        if i == t_max - 1:  # the fold: the state after the candidates
+            e_n = e0
+            w = [(x * rk[j]) * us[j] for j, x in enumerate(pair + [jnp.ones((), _F32)])]
+        if i >= t_max:  # token t's output, from the state after its own update
+            qr = 2 * GROUP + i - t_max
+            rq = lax.rsqrt(gram(qr, qr) + rec.L2NORM_EPS) * K ** -0.5
+            o = e0 * row(qr)
+            for l, x in enumerate(pair + [jnp.ones((), _F32)]):
+                o = o + (x * rk[l] * gram(qr, rows[l])) * us[l]
+            outs.append(rq * o)
+    return outs, w, e_n
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel
+
+
+def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
+    (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
+     cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, o_ref) = refs
+    # pool_ref [N, HV, V, K] written in place; o_ref [B, T, HV, V] zeros in (padding rows keep them)
+    B, T, H, HV, K, V, N, t_max = dims
+    BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
+    NV = V // BV
+    total = B * HV * NV
+    group = HV // H
+    plgpu = mg.plgpu
+    if interpret:
+        WG = KVEC = VVEC = None
+    else:
+        WG = plgpu.Layout.WGMMA
+        KVEC, VVEC = WG.reduce(0), WG.reduce(1)
+    del KVEC
+
+    def tile(w):
+        """Tile w -> (b, hv, iv, slot, live): live = a real tile of a real row."""
+        in_range = w < total
+        w = jnp.where(in_range, w, 0)
+        b, rest = w // (HV * NV), w % (HV * NV)
+        hv, iv = rest // NV, rest % NV
+        slot = slots_ref[b].astype(jnp.int32)
+        return b, hv, iv, slot, in_range & (slot >= 0) & (slot < N)
+
+    def pending(slot, live):
+        return jnp.where(live, jnp.clip(count_ref[jnp.clip(slot, 0, N - 1)], 0, t_max), 0)
+
+    def body(st_smem, xin_smem, x_smem, v_smem, cv_smem, o_smem, pt_smem, gram_smem, bars,
+             pbars):
+        # st_smem [ST, BV, K] pool tiles; x_smem [ST, 64, K] the X operands; v_smem [ST, T, BV];
+        # cv_smem [ST, >= t_max, BV] the candidates' values; o_smem [T, BV]; pt_smem [64, BV] and
+        # gram_smem [64, 24] fp32: the products, read back as rows and scalars
+        first = lax.axis_index("cta") * PER
+        for s in range(ST):  # what no load fills stays zero: finite through the products
+            xin_smem[s] = jnp.zeros((_ROWS, K), _BF16)
+            cv_smem[s] = jnp.zeros(cv_smem.shape[1:], cv_smem.dtype)
+        plgpu.commit_smem()
+
+        def issue(i):
+            b, hv, iv, slot, live = tile(first + i)
+            s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
+
+            @pl.when(live)
+            def _():
+                bar = bars.at[s]
+                plgpu.copy_gmem_to_smem(pool_ref.at[slot, hv, cols, :], st_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :], xin_smem.at[s, pl.ds(GROUP, T)],
+                                        bar)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, :, hk, :],
+                                        xin_smem.at[s, pl.ds(2 * GROUP, T)], bar)
+                plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bar)
+
+            @pl.when(pending(slot, live) > 0)
+            def _():
+                bar = pbars.at[s]
+                plgpu.copy_gmem_to_smem(cand_k_ref.at[slot, :, hk, :],
+                                        xin_smem.at[s, pl.ds(0, t_max)], bar)
+                plgpu.copy_gmem_to_smem(cand_v_ref.at[slot, :, hv, cols],
+                                        cv_smem.at[s, pl.ds(0, t_max)], bar)
+
+        for i in range(min(ST - 1, PER)):
+            issue(i)
+
+        @pl.loop(0, PER)
+        def _(i):
+            b, hv, iv, slot, live = tile(first + i)
+            s, cols = i % ST, pl.ds(iv * BV, BV)
+            # tile i - 1's stores have read their SMEM and every thread is done with it: its
+            # stage takes tile i + ST - 1's loads, and o_smem and the product buffers this tile's
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.commit_smem()
+            if PER > ST - 1:
+                @pl.when(i + ST - 1 < PER)
+                def _():
+                    issue(i + ST - 1)
+
+            # scalars first: their GMEM latency overlaps the TMA wait
+            gates = [rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32),
+                               A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32),
+                               log1p=rec.log1p_kahan) for t in range(T)]
+            n = pending(slot, live)
+            cslot = jnp.clip(slot, 0, N - 1)
+            cand_gates = [(cand_g_ref[cslot, j, hv].astype(_F32),
+                           cand_beta_ref[cslot, j, hv].astype(_F32)) for j in range(t_max)]
+
+            @pl.when(live)
+            def _():
+                plgpu.barrier_wait(bars.at[s])
+
+                @pl.when(n > 0)
+                def _():
+                    plgpu.barrier_wait(pbars.at[s])
+
+                x_smem[...] = mg.layout_cast(xin_smem[s], WG, interpret=interpret)
+                plgpu.commit_smem()
+                xs = x_smem
+
+                PT, GR = _products(xs, st_smem.at[s], BV, interpret)
+                mg.store_plain(PT, pt_smem, interpret=interpret)
+                mg.store_plain(GR, gram_smem, interpret=interpret)
+                plgpu.commit_smem()
+
+                def row(r):
+                    return mg.load(pt_smem.at[r], VVEC, interpret=interpret)
+
+                def value(i):
+                    ref = cv_smem.at[s, i] if i < t_max else v_smem.at[s, i - t_max]
+                    return mg.load(ref, VVEC, interpret=interpret).astype(_F32)
+
+                outs, w, e_n = solve(n, gates, cand_gates, lambda r, c: gram_smem[r, c], row,
+                                     value, K)
+                for t, o in enumerate(outs):
+                    o_smem[t] = o.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
+
+                @pl.when(n > 0)
+                def _():
+                    WT = _columns(w, (BV, _ROWS), WG, interpret)
+                    hi = WT.astype(_BF16)
+                    lo = (WT - hi.astype(_F32)).astype(_BF16)
+                    S0 = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
+
+                    S = _accumulate(e_n * S0, (hi, lo), xs, interpret)
+                    st_smem[s] = S.astype(st_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
+
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(
+        body,
+        mg.smem_tile((ST, BV, K), pool_ref.dtype, interpret=interpret),
+        plgpu.SMEM((ST, _ROWS, K), _BF16),
+        mg.smem_tile((_ROWS, K), _BF16, interpret=interpret),
+        plgpu.SMEM((ST, T, BV), v_ref.dtype),
+        plgpu.SMEM((ST, _value_rows(t_max, BV), BV), cand_v_ref.dtype),
+        plgpu.SMEM((T, BV), o_ref.dtype),
+        plgpu.SMEM((_ROWS, BV), _F32),
+        plgpu.SMEM((_ROWS, _USED), _F32),
+        plgpu.Barrier(num_arrivals=4, num_barriers=ST),
+        plgpu.Barrier(num_arrivals=2, num_barriers=ST),
+    )
+
+
+def _products(xs, st, BV: int, interpret: bool):
+    """(PT = X @ S0^T [64, BV], Gram = X @ X[:24]^T [64, 24]), fp32, on the tensor cores. xs: the
+    X operand [64, K], st: the state tile [BV, K] (SMEM refs)."""
+    if interpret:  # the interpreter's products: plain dots of the SMEM contents
+        x, S0 = xs[...].astype(_F32), st[...].astype(_F32)
+        return _dot_t(x, S0), _dot_t(x, x[:_USED])
+    plgpu = mg.plgpu
+
+    def products(acc_pt, acc_gram):
+        plgpu.wgmma(acc_pt, xs, st.transpose((1, 0)))
+        plgpu.wgmma(acc_gram, xs, xs.at[pl.ds(0, _USED)].transpose((1, 0)))
+        return acc_pt[...], acc_gram[...]
+
+    return pl.run_scoped(products, plgpu.ACC((_ROWS, BV), _F32), plgpu.ACC((_ROWS, _USED), _F32))
+
+
+def _accumulate(acc, lhs, xs, interpret: bool):
+    """acc + sum of a @ X over the [BV, 64] bf16 arrays a in lhs (X: the SMEM ref xs [64, K])."""
+    if interpret:
+        x = xs[...].astype(_F32)
+        for a in lhs:
+            acc = acc + lax.dot(a.astype(_F32), x, precision=lax.Precision.HIGHEST)
+        return acc
+    plgpu = mg.plgpu
+
+    def run(acc_ref):
+        for a in lhs:
+            plgpu.wgmma(acc_ref, a, xs)
+
+    return pl.run_state(run)(plgpu.ACC.init(acc))
+
+
+def _dot_t(a, b):
+    """a @ b^T in fp32 at full precision."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=lax.Precision.HIGHEST,
+                           preferred_element_type=_F32)
+
+
+def _value_rows(t_max: int, BV: int) -> int:
+    """Rows of the candidates' value buffer: t_max, rounded up to whole 128-element stores (a
+    zero store of a splat takes multiples of 128)."""
+    return -(-t_max * BV // 128) * 128 // BV
+
+
+def _columns(vectors, shape, layout, interpret):
+    """[rows, cols] fp32 with column j = vectors[j] (a [rows] vector each), zeros past them."""
+    col = lax.broadcasted_iota(jnp.int32, shape, 1)
+    out = mg.layout_cast(jnp.zeros(shape, _F32), layout, interpret=interpret)
+    for j, x in enumerate(vectors):
+        out = jnp.where(col == j, lax.broadcast_in_dim(x, shape, (0,)), out)
+    return out
+
+
+def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None:
+    """None when the WY form takes a replay call of these dims and dtypes, else why not."""
+    if not all(d == jnp.dtype(_BF16) for d in dtypes):
+        return (f"the WY form of replay takes a bf16 pool, tokens and candidates (its products "
+                f"run on bf16 tensor cores), got {dtypes.pool}, {dtypes.tokens}, "
+                f"{dtypes.candidates}")
+    if max(dims.T, dims.t_max) > MAX_T:
+        return (f"the WY form of replay takes T and T_max <= {MAX_T}, got T = {dims.T}, "
+                f"T_max = {dims.t_max}")
+    if dims.V % config.block_v:
+        return f"block_v must divide V, got {config.block_v=}, V={dims.V}"
+    why = mg.head_dims_misfit(dims.K, dims.V)
+    if why is None and smem_bytes(dims, config) > mg.SMEM_BYTES:
+        why = (f"{config} needs {smem_bytes(dims, config)} bytes of SMEM per CTA, more than "
+               f"{mg.SMEM_BYTES}; lower stages or block_v")
+    return why
+
+
+def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
+    """What one CTA allocates (2-byte pool, tokens and candidates; each buffer 1 KiB aligned)."""
+    BV, ST, K = config.block_v, config.stages, dims.K
+    buffers = [ST * BV * K * 2, ST * _ROWS * K * 2, ST * dims.T * BV * 2,
+               ST * _value_rows(dims.t_max, BV) * BV * 2, dims.T * BV * 2, _ROWS * BV * 4, _ROWS * _USED * 4,
+               8 * ST, 8 * ST, mg.REDUCTION_SCRATCH_BYTES]
+    return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
+
+
+def replay_call(dims: cm.Dims, config: MosaicConfig, interpret: bool, *args):
+    """Launch the kernel on (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g,
+    cand_beta, pool) -> (o [B, T, HV, V], pool), `misfit` checked by the caller."""
+    B, T, _, HV, _, V, _, _ = dims
+    name = (f"gdn_verify_replay_wy_t{T}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}"
+            f"_s{config.stages}")
+    grid = (pl.cdiv(B * HV * (V // config.block_v), config.tiles_per_cta),)
+    body = functools.partial(_body, dims=dims, config=config, interpret=interpret)
+
+    def stateful(refs):
+        mg.core_map(lambda: body(refs), grid=grid, name=name, interpret=interpret)
+
+    *_, pool, o = pl.run_state(stateful)((*args, jnp.zeros((B, T, HV, V), args[2].dtype)))
+    return o, pool
