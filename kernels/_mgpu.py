@@ -154,6 +154,15 @@ def load(ref, layout, *, interpret: bool):
     return plgpu.load(ref, (), layout=layout, optimized=False)
 
 
+def fresh_outputs(shape, dtype, *, interpret: bool):
+    """The initial value of an output a kernel writes whole through `pl.run_state`: uninitialised
+    on the GPU (`lax.empty`: no memset before each call), NaN under the interpreter (an element
+    no program writes shows)."""
+    if interpret:
+        return jax.numpy.full(shape, jax.numpy.nan, dtype)
+    return jax.lax.empty(shape, dtype)
+
+
 def store_plain(x, ref, *, interpret: bool):
     """ref[...] := x (a WGMMA-layout array) in a plain (untiled, unswizzled) SMEM ref, so that
     the ref can be read back in another shape (rows as vectors, scalars): a Pallas store would

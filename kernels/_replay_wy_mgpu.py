@@ -109,7 +109,7 @@ def solve(n, gates, cand_gates, gram, row, value, K: int):
 def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
     (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
      cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, o_ref) = refs
-    # pool_ref [N, HV, V, K] written in place; o_ref [B, T, HV, V] zeros in (padding rows keep them)
+    # pool_ref [N, HV, V, K] written in place; o_ref [B, T, HV, V] uninitialised in
     B, T, H, HV, K, V, N, t_max = dims
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
     NV = V // BV
@@ -130,7 +130,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         b, rest = w // (HV * NV), w % (HV * NV)
         hv, iv = rest // NV, rest % NV
         slot = slots_ref[b].astype(jnp.int32)
-        return b, hv, iv, slot, in_range & (slot >= 0) & (slot < N)
+        return b, hv, iv, slot, in_range, in_range & (slot >= 0) & (slot < N)
 
     def pending(slot, live):
         return jnp.where(live, jnp.clip(count_ref[jnp.clip(slot, 0, N - 1)], 0, t_max), 0)
@@ -147,7 +147,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         plgpu.commit_smem()
 
         def issue(i):
-            b, hv, iv, slot, live = tile(first + i)
+            b, hv, iv, slot, _, live = tile(first + i)
             s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
 
             @pl.when(live)
@@ -173,7 +173,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
 
         @pl.loop(0, PER)
         def _(i):
-            b, hv, iv, slot, live = tile(first + i)
+            b, hv, iv, slot, in_range, live = tile(first + i)
             s, cols = i % ST, pl.ds(iv * BV, BV)
             # tile i - 1's stores have read their SMEM and every thread is done with it: its
             # stage takes tile i + ST - 1's loads, and o_smem and the product buffers this tile's
@@ -235,6 +235,14 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     st_smem[s] = S.astype(st_smem.dtype)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
+
+            @pl.when(in_range & jnp.logical_not(live))
+            def _():  # a padding row: zero o (o starts uninitialised)
+                zero = mg.layout_cast(jnp.zeros((BV,), _F32), VVEC, interpret=interpret)
+                for t in range(T):
+                    o_smem[t] = zero.astype(o_smem.dtype)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
 
         plgpu.wait_smem_to_gmem(0)
 
@@ -345,5 +353,6 @@ def replay_call(dims: cm.Dims, config: MosaicConfig, interpret: bool, *args):
     def stateful(refs):
         mg.core_map(lambda: body(refs), grid=grid, name=name, interpret=interpret)
 
-    *_, pool, o = pl.run_state(stateful)((*args, jnp.zeros((B, T, HV, V), args[2].dtype)))
+    o = mg.fresh_outputs((B, T, HV, V), args[2].dtype, interpret=interpret)
+    *_, pool, o = pl.run_state(stateful)((*args, o))
     return o, pool

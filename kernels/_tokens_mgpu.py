@@ -56,8 +56,9 @@ class Mode(NamedTuple):
     pad:         pad(p, tile) after that, or None: what a tile that is not live must do (it
                  emits its own `pl.when`).
     loads_first: issue the next tile's loads before this tile's math (else after it).
-    writes_pool: the pool is written in place and o starts zeroed (else the pool is only read,
-                 and o and inter [B, T, HV, V, K] are fresh, uninitialised outputs).
+    writes_pool: the pool is written in place (else it is only read, and inter
+                 [B, T, HV, V, K] is a fresh output); o starts uninitialised either way, so
+                 `pad` zeroes the o of padding rows.
     """
 
     name: str
@@ -145,6 +146,17 @@ def store_outputs(p: Pipe, tile: Tile, outs, wait, state=None):
     plgpu.copy_smem_to_gmem(p.o_smem, p.o.at[tile.b, :, tile.hv, tile.cols])
 
 
+def pad_outputs(p: Pipe, tile: Tile, wait):
+    """o[b, :, hv, cols] := 0 where the tile is real but its row is padding (the modes that write
+    the pool start o uninitialised, `_mgpu.fresh_outputs`); `wait` as `store_outputs`."""
+    _, _, VVEC = p.layouts
+
+    @pl.when(tile.in_range & jnp.logical_not(tile.live))
+    def _():
+        zero = mg.layout_cast(jnp.zeros((p.BV,), _F32), VVEC, interpret=p.interpret)
+        store_outputs(p, tile, [zero] * p.T, wait=wait)
+
+
 def _layouts():
     L = mg.plgpu.Layout
     # S [BV, K] in WGMMA; a K-vector broadcasts along rows (reduce(0)), a V-vector along
@@ -158,7 +170,7 @@ def tokens_body(refs, *, mode: Mode, dims: cm.Dims, config: MosaicConfig, interp
     (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
      cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, o_ref, *inter) = refs
     # GMEM refs. pool_ref: [N, HV, V, K] (written in place where mode.writes_pool); o_ref:
-    # [B, T, HV, V] (zeros in where mode.writes_pool); inter: [B, T, HV, V, K] (the others)
+    # [B, T, HV, V] (uninitialised in); inter: [B, T, HV, V, K] (the modes that keep the pool)
     inter_ref = inter[0] if inter else None
     B, T, H, HV, K, V, N, t_max = dims
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
@@ -352,5 +364,5 @@ def tokens_call(mode: Mode, dims: cm.Dims, config: MosaicConfig, interpret: bool
     def stateful(refs):  # the arrays as GMEM refs: the pool is written in place
         mg.core_map(lambda: body(refs), grid=grid, name=name, interpret=interpret)
 
-    *_, pool, o = pl.run_state(stateful)((*args, jnp.zeros(o.shape, o.dtype)))
+    *_, pool, o = pl.run_state(stateful)((*args, mg.fresh_outputs(o.shape, o.dtype, interpret=interpret)))
     return o, pool

@@ -36,8 +36,11 @@ def _finish(p: tk.Pipe, tile: tk.Tile, S, gates):
 
 def _pad(p: tk.Pipe, tile: tk.Tile):
     # The next loads go out after the tile, into the stage of tile i - 1, whose stores the wait
-    # before a live tile's own stores has drained: keep that invariant on padding tiles too.
-    @pl.when(jnp.logical_not(tile.live))
+    # before a live tile's own stores has drained: keep that invariant on padding tiles too
+    # (the zero o store of a padding row waits for them first).
+    tk.pad_outputs(p, tile, wait=0)
+
+    @pl.when(jnp.logical_not(tile.in_range))
     def _():
         mg.plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -68,7 +68,13 @@ def _pad_intermediate(p: tk.Pipe, tile: tk.Tile):
         tk.store_outputs(p, tile, [vzero] * p.T, wait=p.T)
 
 
-REPLAY = tk.Mode("replay", finish=_finish_replay, pad=None, loads_first=True, writes_pool=True)
+def _pad_replay(p: tk.Pipe, tile: tk.Tile):
+    tk.pad_outputs(p, tile, wait=0)  # zero o (tile i - 1's stores drained first, as a live
+                                     # tile's finish does)
+
+
+REPLAY = tk.Mode("replay", finish=_finish_replay, pad=_pad_replay, loads_first=True,
+                 writes_pool=True)
 INTERMEDIATE = tk.Mode("intermediate", finish=_finish_intermediate, pad=_pad_intermediate,
                        loads_first=True, writes_pool=False)
 
