@@ -336,7 +336,8 @@ def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
         if key_op == "verify" and mode == "replay" and wy and not large:
             # H200, 3 pending + T = 4, per call of a jitted loop: B = 8 19.1 us at t2 (the
             # token-by-token form 20.0), B = 32 48.8 at t4 (52.8)
-            # (bench/results/replay_wy-h200-2026-12-02.json)
+            # (bench/results/replay_wy-h200-2026-12-02.json); B = 1, 2, 4 at t2 16.8, 15.1,
+            # 15.7 (17.2, 16.9, 17.3; t1: 18.2, 12.6, 14.3: replay_wy_small_b-h200-...)
             return kernels.MosaicConfig(min(64, V), 2 if B <= 8 else 4, 2, wy=True)
         block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name, large)]
         if (key_op, jnp.dtype(state_dtype).name, large) == ("verify", "bfloat16", False):
