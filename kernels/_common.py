@@ -264,6 +264,35 @@ def pending_count(pend: PendingRefs, r: Row, t_max: int, num_slots: int):
     return jnp.where(r.valid, jnp.clip(n, 0, t_max), 0)
 
 
+class Tile(NamedTuple):
+    """A CTA's tile of a run over the B * HV * (V // BV) state tiles (the Mosaic GPU kernels)."""
+
+    b: object
+    hv: object
+    iv: object        # the V block
+    slot: object
+    in_range: object  # a real tile (the last CTA's run may overshoot)
+    live: object      # a real tile of a real row
+
+    @classmethod
+    def at(cls, w, *, slots_ref, HV: int, NV: int, total: int, num_slots: int) -> "Tile":
+        """Tile w of the run, in (b, hv, iv) order; an overshooting w reads tile 0's indices."""
+        in_range = w < total
+        w = jnp.where(in_range, w, 0)
+        b, rest = w // (HV * NV), w % (HV * NV)
+        slot = slots_ref[b].astype(jnp.int32)
+        live = in_range & (slot >= 0) & (slot < num_slots)
+        return cls(b, rest // NV, rest % NV, slot, in_range, live)
+
+
+
+def tile_pending(count_ref, slot, live, *, t_max: int, num_slots: int):
+    """A tile's pending candidates: count[slot] clipped to 0..t_max; 0 where it is not live (the
+    slot is clamped for the read)."""
+    n = count_ref[jnp.clip(slot, 0, num_slots - 1)]
+    return jnp.where(live, jnp.clip(n, 0, t_max), 0)
+
+
 def fold_pending(S, pend: PendingRefs, r: Row, n):
     """Apply the slot's first n candidates (the accepted, pending ones) to S [BV, K] fp32.
 

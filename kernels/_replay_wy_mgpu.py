@@ -123,17 +123,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         KVEC, VVEC = WG.reduce(0), WG.reduce(1)
     del KVEC
 
-    def tile(w):
-        """Tile w -> (b, hv, iv, slot, live): live = a real tile of a real row."""
-        in_range = w < total
-        w = jnp.where(in_range, w, 0)
-        b, rest = w // (HV * NV), w % (HV * NV)
-        hv, iv = rest // NV, rest % NV
-        slot = slots_ref[b].astype(jnp.int32)
-        return b, hv, iv, slot, in_range, in_range & (slot >= 0) & (slot < N)
-
-    def pending(slot, live):
-        return jnp.where(live, jnp.clip(count_ref[jnp.clip(slot, 0, N - 1)], 0, t_max), 0)
+    tile = functools.partial(cm.Tile.at, slots_ref=slots_ref, HV=HV, NV=NV, total=total,
+                             num_slots=N)
+    pending = functools.partial(cm.tile_pending, count_ref, t_max=t_max, num_slots=N)
 
     def body(st_smem, xin_smem, x_smem, v_smem, cv_smem, o_smem, pt_smem, gram_smem, bars,
              pbars):

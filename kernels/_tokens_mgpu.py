@@ -183,19 +183,9 @@ def tokens_body(refs, *, mode: Mode, dims: cm.Dims, config: MosaicConfig, interp
     WG, KVEC, VVEC = layouts
     plgpu = mg.plgpu
 
-    def tile(w):
-        """Tile w -> (b, hv, iv, slot, in_range, live): live = a real tile of a real row."""
-        in_range = w < total
-        w = jnp.where(in_range, w, 0)  # the last CTA's run may overshoot: read nothing there
-        b, rest = w // (HV * NV), w % (HV * NV)
-        hv, iv = rest // NV, rest % NV
-        slot = slots_ref[b].astype(jnp.int32)
-        live = in_range & (slot >= 0) & (slot < N)
-        return b, hv, iv, slot, in_range, live
-
-    def pending(slot, live):
-        """How many of the slot's candidates are pending (0 for a padding row)."""
-        return jnp.where(live, jnp.clip(count_ref[jnp.clip(slot, 0, N - 1)], 0, t_max), 0)
+    tile = functools.partial(cm.Tile.at, slots_ref=slots_ref, HV=HV, NV=NV, total=total,
+                             num_slots=N)
+    pending = functools.partial(cm.tile_pending, count_ref, t_max=t_max, num_slots=N)
 
     def body(st_smem, q_smem, k_smem, v_smem, ck_smem, cv_smem, o_smem, bars, pbars, *ring):
         # st_smem [ST, BV, K] pool dtype; q_smem, k_smem [ST, T, K]; v_smem [ST, T, BV];
