@@ -18,8 +18,9 @@ token's output (`solve`), per state row:
     u_i = beta_i (v_i - e^{G_i} rk_i PT_i - sum_{l<i} e^{G_i - G_l} rk_i rk_l (kraw_i . kraw_l) u_l)
     o_t = rq_t (e^{G_t} PT_{q_t} + sum_{l<=t} e^{G_t - G_l} rk_l (qraw_t . kraw_l) u_l)
 
-and where n > 0 the folded state, the third product (W^T [BV, 16] @ X[:16] accumulated onto
-e^{G_n} S0, W split into bf16 high and low parts: about 16 bits of W, fp32 accumulation):
+and where n > 0 the folded state, the third product (W^T [BV, 64] @ X' accumulated onto
+e^{G_n} S0, X' = X with all but the n live candidates' rows zeroed, W split into bf16 high and
+low parts: about 16 bits of W, fp32 accumulation):
 
     S_f = e^{G_n} S0 + sum_{j<n} (e^{G_n - G_j} rk_j u_j) kraw_j^T
 
@@ -56,24 +57,31 @@ MAX_T = GROUP       # the most tokens (and candidates) one call takes
 # The math, as pure functions of scalars and [BV] vectors (also run as plain JAX by the tests)
 
 
-def solve(n, gates, cand_gates, gram, row, value, K: int):
+def solve(n, gates, cand_gates, gram, row, value, K: int, select=None):
     """The corrected values and outputs of the t_max candidates (the first n live) and T tokens.
 
-    gates: T (g, beta) fp32 scalars of the tokens; cand_gates: t_max (g, beta) of the candidates;
+    n: int32 scalar, the live candidates; gates: T pairs (g, beta) of fp32 scalars, the tokens';
+    cand_gates: t_max such pairs of the candidates (g the log decay, gating applied);
     gram(r, c): the dot product of X rows r and c (fp32 scalar); row(r): PT row r, [BV] fp32;
-    value(i): key i's value, [BV] fp32 (i < t_max: candidate i; then token i - t_max).
-    Returns (o: T [BV] outputs, w: t_max [BV] fold weights e^{G_n - G_j} rk_j u_j (0 for a dead
-    candidate), e^{G_n}: the candidates' total decay).
+    value(i): key i's value, [BV] fp32 (i < t_max: candidate i; then token i - t_max);
+    select(pred, x): x where the scalar pred holds, else zeros (default jnp.where).
+    Returns (o: T [BV] fp32 outputs, w: t_max [BV] fp32 fold weights e^{G_n - G_j} rk_j u_j (0
+    for a dead candidate), e^{G_n}: the candidates' total decay, an fp32 scalar).
 
     The decays e^{G_i - G_l} are running products of the keys' e^{g} (one exp per key, no
     overflow: every factor is <= 1); a dead candidate enters with g = beta = 0.
     """
+    select = select or (lambda pred, x: jnp.where(pred, x, 0.0))
     t_max, T = len(cand_gates), len(gates)
     rows = [j for j in range(t_max)] + [GROUP + t for t in range(T)]
-    live = [jnp.where(j < n, 1.0, 0.0) for j in range(t_max)] + [None] * T
-    g = [lv * cg for lv, (cg, _) in zip(live, cand_gates)] + [gt for gt, _ in gates]
-    beta = [lv * cb for lv, (_, cb) in zip(live, cand_gates)] + [bt for _, bt in gates]
-    rk = [lax.rsqrt(gram(r, r) + rec.L2NORM_EPS) for r in rows]
+    live = [j < n for j in range(t_max)] + [True] * T
+    # A dead candidate's data may be anything (NaN included): selects, never products, take
+    # it out -- its g, beta and key scale are 0, its u exactly 0, its every coefficient 0.
+    dead_out = lambda i, x: jnp.where(live[i], x, 0.0) if i < t_max else x
+    g = [dead_out(j, cg) for j, (cg, _) in enumerate(cand_gates)] + [gt for gt, _ in gates]
+    beta = [dead_out(j, cb) for j, (_, cb) in enumerate(cand_gates)] + [bt for _, bt in gates]
+    rk = [dead_out(i, lax.rsqrt(gram(r, r) + rec.L2NORM_EPS)) for i, r in enumerate(rows)]
+    coef = lambda l, c: dead_out(l, c)  # the coefficient of key l's u
 
     us, outs = [], []
     e0 = jnp.ones((), _F32)  # e^{G_i}: from S0
@@ -85,19 +93,19 @@ def solve(n, gates, cand_gates, gram, row, value, K: int):
         e0 = e0 * d
         acc = value(i) - (e0 * rk[i]) * row(r)
         for l, u in enumerate(us):
-            acc = acc - (pair[l] * rk[i] * rk[l] * gram(r, rows[l])) * u
+            acc = acc - coef(l, pair[l] * rk[i] * rk[l] * gram(r, rows[l])) * u
         u = beta[i] * acc
-        # a dead candidate's u is exactly 0 (its value buffer holds zeros or finite stale data)
-        us.append(u * live[i] if i < t_max else u)
+        us.append(select(live[i], u) if i < t_max else u)
         if i == t_max - 1:  # the fold: the state after the candidates
             e_n = e0
-            w = [(x * rk[j]) * us[j] for j, x in enumerate(pair + [jnp.ones((), _F32)])]
+            w = [coef(j, x * rk[j]) * us[j]
+                 for j, x in enumerate(pair + [jnp.ones((), _F32)])]
         if i >= t_max:  # token t's output, from the state after its own update
             qr = 2 * GROUP + i - t_max
             rq = lax.rsqrt(gram(qr, qr) + rec.L2NORM_EPS) * K ** -0.5
             o = e0 * row(qr)
             for l, x in enumerate(pair + [jnp.ones((), _F32)]):
-                o = o + (x * rk[l] * gram(qr, rows[l])) * us[l]
+                o = o + coef(l, x * rk[l] * gram(qr, rows[l])) * us[l]
             outs.append(rq * o)
     return outs, w, e_n
 
@@ -210,7 +218,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     return mg.load(ref, VVEC, interpret=interpret).astype(_F32)
 
                 outs, w, e_n = solve(n, gates, cand_gates, lambda r, c: gram_smem[r, c], row,
-                                     value, K)
+                                     value, K, select=_select)
                 for t, o in enumerate(outs):
                     o_smem[t] = o.astype(o_smem.dtype)
                 plgpu.commit_smem()
@@ -222,7 +230,12 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     hi = WT.astype(_BF16)
                     lo = (WT - hi.astype(_F32)).astype(_BF16)
                     S0 = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
-
+                    # X keeps only the live candidates' keys: this call's tokens and the dead
+                    # candidates meet zero columns of W^T, and 0 * NaN would still be NaN
+                    X = mg.layout_cast(xin_smem[s], WG, interpret=interpret)
+                    x_rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
+                    x_smem[...] = jnp.where(x_rows < n, X, jnp.zeros_like(X))
+                    plgpu.commit_smem()
                     S = _accumulate(e_n * S0, (hi, lo), xs, interpret)
                     st_smem[s] = S.astype(st_smem.dtype)
                     plgpu.commit_smem()
@@ -291,6 +304,12 @@ def _dot_t(a, b):
                            preferred_element_type=_F32)
 
 
+def _select(pred, x):
+    """x where the scalar pred holds, else zeros (the predicate broadcast first: a select on a
+    scalar predicate does not lower under Mosaic GPU's warpgroup semantics)."""
+    return jnp.where(lax.broadcast_in_dim(pred, x.shape, ()), x, jnp.zeros_like(x))
+
+
 def _value_rows(t_max: int, BV: int) -> int:
     """Rows of the candidates' value buffer: t_max, rounded up to whole 128-element stores (a
     zero store of a splat takes multiples of 128)."""
@@ -327,8 +346,9 @@ def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None
 def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     """What one CTA allocates (2-byte pool, tokens and candidates; each buffer 1 KiB aligned)."""
     BV, ST, K = config.block_v, config.stages, dims.K
-    buffers = [ST * BV * K * 2, ST * _ROWS * K * 2, ST * dims.T * BV * 2,
-               ST * _value_rows(dims.t_max, BV) * BV * 2, dims.T * BV * 2, _ROWS * BV * 4, _ROWS * _USED * 4,
+    buffers = [ST * BV * K * 2, ST * _ROWS * K * 2, _ROWS * K * 2, ST * dims.T * BV * 2,
+               ST * _value_rows(dims.t_max, BV) * BV * 2, dims.T * BV * 2, _ROWS * BV * 4,
+               _ROWS * _USED * 4,
                8 * ST, 8 * ST, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
 

@@ -354,5 +354,6 @@ def tokens_call(mode: Mode, dims: cm.Dims, config: MosaicConfig, interpret: bool
     def stateful(refs):  # the arrays as GMEM refs: the pool is written in place
         mg.core_map(lambda: body(refs), grid=grid, name=name, interpret=interpret)
 
-    *_, pool, o = pl.run_state(stateful)((*args, mg.fresh_outputs(o.shape, o.dtype, interpret=interpret)))
+    o = mg.fresh_outputs(o.shape, o.dtype, interpret=interpret)
+    *_, pool, o = pl.run_state(stateful)((*args, o))
     return o, pool

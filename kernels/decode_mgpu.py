@@ -5,8 +5,8 @@ The shared pipeline (`_tokens_mgpu.tokens_body`: loads, gates, the pending fold)
 way of finishing a tile, `_finish`: the token, then one wait that frees the stage and o_smem,
 then the state (rounded once to the pool's dtype) and o leave by TMA from SMEM. Decode issues the
 next tile's loads after the tile (its state store leaves from the stage), so with 2 stages the
-overlap comes from the other CTAs on the SM. A padding row issues no load and stores nothing (o
-starts zeroed). Everything version-specific is in `_mgpu.py`.
+overlap comes from the other CTAs on the SM. A padding row issues no load and stores zero o (o
+starts uninitialised). Everything version-specific is in `_mgpu.py`.
 """
 
 from __future__ import annotations

@@ -99,6 +99,9 @@ def verify_replay_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand
                  config)
     args = (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
     if config.wy:
+        if not k.dtype == v.dtype == q.dtype:
+            raise ValueError(f"verify_replay_mgpu: the WY form takes q, k and v of one dtype "
+                             f"(bf16), got {q.dtype}, {k.dtype}, {v.dtype}")
         return _replay_wy_mgpu.replay_call(dims, config, interpret, *args)
     return tk.tokens_call(REPLAY, dims, config, interpret, *args)
 

@@ -146,3 +146,39 @@ def test_unavailable_mosaic_says_why(make_case):
     case = make_case(seed=0, B=1, T=1, H=1, group=1, K=64, pool_dtype=F32)
     with pytest.raises(NotImplementedError, match="decode_mgpu: "):
         decode_mgpu(*case.kernel_args(), interpret=True)
+
+
+@needs_mosaic
+@pytest.mark.parametrize("wy", [False, True], ids=["tokens", "wy"])
+def test_verify_replay_mgpu_keeps_non_finite_data_where_it_belongs(wy, make_case, reference):
+    """NaN in a live slot's dead candidates (past its count) reaches nothing; NaN in one row's
+    query and key reaches that row's outputs only: the pool takes the folded candidates, which
+    never meet this call's tokens (both forms, interpreted)."""
+    import dataclasses
+
+    from gdn_jax.kernels import verify_replay_mgpu
+
+    clean = make_case(seed=41, B=2, T=4, H=1, group=2, K=64, V=64, t_max=4,
+                      pool_dtype=BF16, in_dtype=BF16)
+    slots = np.asarray(clean.slots)
+    real_rows = np.flatnonzero(clean.real)
+    count = np.asarray(clean.count).copy()
+    count[slots[real_rows]] = 2
+    clean = dataclasses.replace(clean, count=jnp.asarray(count))
+    dead = lambda x: x.at[slots[real_rows], 2:].set(jnp.nan)
+    poisoned_row = real_rows[0]
+    bad = lambda x: x.at[poisoned_row, 1].set(jnp.nan)
+    case = dataclasses.replace(clean, cand_k=dead(clean.cand_k), cand_v=dead(clean.cand_v),
+                               cand_g=dead(clean.cand_g), cand_beta=dead(clean.cand_beta),
+                               q=bad(clean.q), k=bad(clean.k))
+    o, pool = verify_replay_mgpu(*case.kernel_args(), interpret=True,
+                                 config=MosaicConfig(64, 1, 2, wy=wy))
+    o_want, pool_want = reference(clean, "replay")
+    named = clean.named_slots()
+    # bf16 pool and outputs: about two ulps (2**-7 each) of values up to 2
+    np.testing.assert_allclose(np.asarray(pool[named], np.float32),
+                               np.asarray(pool_want[named], np.float32), rtol=2e-2, atol=2e-2)
+    other = real_rows[1]
+    np.testing.assert_allclose(np.asarray(o[other], np.float32),
+                               np.asarray(o_want[other], np.float32), rtol=2e-2, atol=2e-2)
+    assert np.isnan(np.asarray(o[poisoned_row], np.float32)).any()

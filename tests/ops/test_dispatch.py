@@ -148,7 +148,10 @@ def test_bf16_replay_below_b128_runs_in_matrix_form_on_hopper(mosaic_imports):
 
     assert cfg(8) == ("mosaic", kernels.MosaicConfig(64, 2, 2, wy=True))
     assert cfg(32) == ("mosaic", kernels.MosaicConfig(64, 4, 2, wy=True))
+    assert cfg(127)[1].wy and not cfg(128)[1].wy
+    assert cfg(32, backend="mosaic")[1].wy  # forced: the same tuning
     assert not cfg(256)[1].wy
+    assert not cfg(32, kernels.Dtypes(bf16, bf16, f32))[1].wy
     assert not cfg(32, kernels.Dtypes(f32, bf16, bf16))[1].wy
     assert not cfg(32, kernels.Dtypes(bf16, f16, f16))[1].wy
     assert not cfg(32, mode="intermediate")[1].wy
