@@ -137,8 +137,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
 
     def body(st_smem, xin_smem, x_smem, v_smem, cv_smem, o_smem, pt_smem, gram_smem, bars,
              pbars):
-        # st_smem [ST, BV, K] pool tiles; x_smem [ST, 64, K] the X operands; v_smem [ST, T, BV];
-        # cv_smem [ST, >= t_max, BV] the candidates' values; o_smem [T, BV]; pt_smem [64, BV] and
+        # st_smem [ST, BV, K] pool tiles; xin_smem [ST, 64, K] X as loaded (plain), x_smem
+        # [64, K] the wgmma operand (tiled); v_smem [ST, T, BV]; cv_smem [ST, > t_max, BV] the
+        # candidates' values (row t_max stays zero); o_smem [T, BV]; pt_smem [64, BV] and
         # gram_smem [64, 24] fp32: the products, read back as rows and scalars
         first = lax.axis_index("cta") * PER
         for s in range(ST):  # what no load fills stays zero: finite through the products
@@ -201,7 +202,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                 def _():
                     plgpu.barrier_wait(pbars.at[s])
 
-                x_smem[...] = mg.layout_cast(xin_smem[s], WG, interpret=interpret)
+                # the products' X: the dead candidates' rows zeroed (their data may be anything)
+                x_smem[...] = _rows_kept(xin_smem[s], lambda r: (r < n) | (r >= GROUP), WG,
+                                         interpret)
                 plgpu.commit_smem()
                 xs = x_smem
 
@@ -214,11 +217,13 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     return mg.load(pt_smem.at[r], VVEC, interpret=interpret)
 
                 def value(i):
-                    ref = cv_smem.at[s, i] if i < t_max else v_smem.at[s, i - t_max]
+                    # a dead candidate reads the value buffer's zero row (row t_max)
+                    ref = (cv_smem.at[s, jnp.where(i < n, i, t_max)] if i < t_max
+                           else v_smem.at[s, i - t_max])
                     return mg.load(ref, VVEC, interpret=interpret).astype(_F32)
 
                 outs, w, e_n = solve(n, gates, cand_gates, lambda r, c: gram_smem[r, c], row,
-                                     value, K, select=_select)
+                                     value, K, select=_zeros_already)
                 for t, o in enumerate(outs):
                     o_smem[t] = o.astype(o_smem.dtype)
                 plgpu.commit_smem()
@@ -232,9 +237,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     S0 = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
                     # X keeps only the live candidates' keys: this call's tokens and the dead
                     # candidates meet zero columns of W^T, and 0 * NaN would still be NaN
-                    X = mg.layout_cast(xin_smem[s], WG, interpret=interpret)
-                    x_rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
-                    x_smem[...] = jnp.where(x_rows < n, X, jnp.zeros_like(X))
+                    x_smem[...] = _rows_kept(xin_smem[s], lambda r: r < n, WG, interpret)
                     plgpu.commit_smem()
                     S = _accumulate(e_n * S0, (hi, lo), xs, interpret)
                     st_smem[s] = S.astype(st_smem.dtype)
@@ -257,7 +260,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         plgpu.SMEM((ST, _ROWS, K), _BF16),
         mg.smem_tile((_ROWS, K), _BF16, interpret=interpret),
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
-        plgpu.SMEM((ST, _value_rows(t_max, BV), BV), cand_v_ref.dtype),
+        plgpu.SMEM((ST, _value_rows(t_max + 1, BV), BV), cand_v_ref.dtype),
         plgpu.SMEM((T, BV), o_ref.dtype),
         plgpu.SMEM((_ROWS, BV), _F32),
         plgpu.SMEM((_ROWS, _USED), _F32),
@@ -304,10 +307,19 @@ def _dot_t(a, b):
                            preferred_element_type=_F32)
 
 
-def _select(pred, x):
-    """x where the scalar pred holds, else zeros (the predicate broadcast first: a select on a
-    scalar predicate does not lower under Mosaic GPU's warpgroup semantics)."""
-    return jnp.where(lax.broadcast_in_dim(pred, x.shape, ()), x, jnp.zeros_like(x))
+def _zeros_already(pred, x):
+    """`solve`'s select in the kernel: a dead candidate's inputs are zeros there (its X row
+    zeroed before the products, its value read from a zero row), so its u is exactly 0 as is."""
+    del pred
+    return x
+
+
+def _rows_kept(xin, keep, layout, interpret: bool):
+    """The [64, K] X operand from its staging ref xin, rows r with keep(r) false zeroed (a select
+    in fp32, the bf16 store after)."""
+    X = mg.layout_cast(xin[...], layout, interpret=interpret).astype(_F32)
+    rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
+    return jnp.where(keep(rows), X, 0.0).astype(_BF16)
 
 
 def _value_rows(t_max: int, BV: int) -> int:
@@ -347,7 +359,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     """What one CTA allocates (2-byte pool, tokens and candidates; each buffer 1 KiB aligned)."""
     BV, ST, K = config.block_v, config.stages, dims.K
     buffers = [ST * BV * K * 2, ST * _ROWS * K * 2, _ROWS * K * 2, ST * dims.T * BV * 2,
-               ST * _value_rows(dims.t_max, BV) * BV * 2, dims.T * BV * 2, _ROWS * BV * 4,
+               ST * _value_rows(dims.t_max + 1, BV) * BV * 2, dims.T * BV * 2, _ROWS * BV * 4,
                _ROWS * _USED * 4,
                8 * ST, 8 * ST, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
