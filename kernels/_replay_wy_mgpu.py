@@ -322,10 +322,10 @@ def _rows_kept(xin, keep, layout, interpret: bool):
     return jnp.where(keep(rows), X, 0.0).astype(_BF16)
 
 
-def _value_rows(t_max: int, BV: int) -> int:
-    """Rows of the candidates' value buffer: t_max, rounded up to whole 128-element stores (a
-    zero store of a splat takes multiples of 128)."""
-    return -(-t_max * BV // 128) * 128 // BV
+def _value_rows(rows: int, BV: int) -> int:
+    """Rows of the candidates' value buffer: rows, rounded up to a multiple of 512 elements (its
+    zero store, a splat, goes out as 128 threads' 4-element vectors)."""
+    return -(-rows * BV // 512) * 512 // BV
 
 
 def _columns(vectors, shape, layout, interpret):
