@@ -260,8 +260,7 @@ def pending_count(pend: PendingRefs, r: Row, t_max: int, num_slots: int):
 
     The slot is clamped for this one scalar read, so it is safe outside `pl.when(r.valid)`.
     """
-    n = pend.count[jnp.clip(r.slot, 0, num_slots - 1)].astype(jnp.int32)
-    return jnp.where(r.valid, jnp.clip(n, 0, t_max), 0)
+    return tile_pending(pend.count, r.slot, r.valid, t_max=t_max, num_slots=num_slots)
 
 
 class Tile(NamedTuple):
@@ -285,11 +284,10 @@ class Tile(NamedTuple):
         return cls(b, rest // NV, rest % NV, slot, in_range, live)
 
 
-
 def tile_pending(count_ref, slot, live, *, t_max: int, num_slots: int):
-    """A tile's pending candidates: count[slot] clipped to 0..t_max; 0 where it is not live (the
-    slot is clamped for the read)."""
-    n = count_ref[jnp.clip(slot, 0, num_slots - 1)]
+    """A slot's pending candidates: count[slot] (as int32) clipped to 0..t_max; 0 where the row
+    is not live (the slot is clamped for the read, safe outside `pl.when(live)`)."""
+    n = count_ref[jnp.clip(slot, 0, num_slots - 1)].astype(jnp.int32)
     return jnp.where(live, jnp.clip(n, 0, t_max), 0)
 
 

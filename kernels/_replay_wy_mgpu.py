@@ -48,7 +48,6 @@ from ._mgpu import MosaicConfig
 _F32, _BF16 = jnp.float32, jnp.bfloat16
 GROUP = 8           # X rows per group (candidates, keys, queries): whole SMEM tiles of rows
 _ROWS = 64          # X rows: a WGMMA operand's M
-_KEYS = 2 * GROUP   # candidate and token key rows: the fold product's depth
 _USED = 3 * GROUP   # rows that can hold data: the Gram's columns
 MAX_T = GROUP       # the most tokens (and candidates) one call takes
 
@@ -124,12 +123,10 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
     total = B * HV * NV
     group = HV // H
     plgpu = mg.plgpu
-    if interpret:
-        WG = KVEC = VVEC = None
-    else:
-        WG = plgpu.Layout.WGMMA
-        KVEC, VVEC = WG.reduce(0), WG.reduce(1)
-    del KVEC
+    # S0 and the products in WGMMA layout; [BV] vectors (rows of PT, values, outputs) in its
+    # reduce(1), broadcast along K
+    WG = None if interpret else plgpu.Layout.WGMMA
+    VVEC = None if interpret else WG.reduce(1)
 
     tile = functools.partial(cm.Tile.at, slots_ref=slots_ref, HV=HV, NV=NV, total=total,
                              num_slots=N)
@@ -206,9 +203,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                 x_smem[...] = _rows_kept(xin_smem[s], lambda r: (r < n) | (r >= GROUP), WG,
                                          interpret)
                 plgpu.commit_smem()
-                xs = x_smem
-
-                PT, GR = _products(xs, st_smem.at[s], BV, interpret)
+                PT, GR = _products(x_smem, st_smem.at[s], BV, interpret)
                 mg.store_plain(PT, pt_smem, interpret=interpret)
                 mg.store_plain(GR, gram_smem, interpret=interpret)
                 plgpu.commit_smem()
@@ -239,7 +234,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     # candidates meet zero columns of W^T, and 0 * NaN would still be NaN
                     x_smem[...] = _rows_kept(xin_smem[s], lambda r: r < n, WG, interpret)
                     plgpu.commit_smem()
-                    S = _accumulate(e_n * S0, (hi, lo), xs, interpret)
+                    S = _accumulate(e_n * S0, (hi, lo), x_smem, interpret)
                     st_smem[s] = S.astype(st_smem.dtype)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
