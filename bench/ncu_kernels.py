@@ -173,6 +173,8 @@ def sweep_mosaic_cases(ops=("decode", "replay", "intermediate"), batches=(32, 25
                                 continue
                             out.append(dict(impl="mosaic", op=op, B=B, T=T, dtype=dtype,
                                             block_v=bv, tiles_per_cta=per, stages=stages))
+                            if op == "replay" and dtype == "bfloat16" and bv == 64:
+                                out.append(dict(out[-1], wy=True))  # matrix form (Hopper)
     return out
 
 
@@ -461,7 +463,7 @@ def worker(args):
                         cand_beta=jnp.full((B, 8, HV), 0.5, jnp.float32),
                         count=jnp.full((B,), PENDING if c["op"] == "replay" else 0, jnp.int32))
         slots = jnp.asarray(rng.permutation(B), jnp.int32)
-        keys = ("block_v", "tiles_per_cta", "stages", "num_warps", "num_stages")
+        keys = ("block_v", "tiles_per_cta", "stages", "wy", "num_warps", "num_stages")
         cfg = {key: c[key] for key in keys if key in c}
         if not cfg:
             cfg = dataclasses.asdict(dispatch.tuning(
@@ -754,7 +756,7 @@ def _report(out, table, bw, reps, *, timer, flashinfer=False, note=None, device=
                   f"{c.get('num_warps', c.get('tiles_per_cta'))}: {c['error'][:80]}")
             continue
         if "tiles_per_cta" in c:
-            cfg = f"bv{c['block_v']}t{c['tiles_per_cta']}s{c['stages']}"
+            cfg = f"bv{c['block_v']}t{c['tiles_per_cta']}s{c['stages']}{'wy' * c.get('wy', 0)}"
         elif "block_v" in c:
             cfg = f"bv{c['block_v']}w{c['num_warps']}s{c.get('num_stages', 1)}"
         elif "fold_share" in c:

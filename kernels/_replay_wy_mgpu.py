@@ -28,8 +28,13 @@ The pool takes S_f (rounded once); the caller stores this call's tokens as the n
 sets count := 0, as for `verify_replay_mgpu`.
 
 Per CTA: tiles (b, hv, V block) in runs of `tiles_per_cta` over `stages` SMEM stages, the next
-tile's loads issued before this tile's math (as `_tokens_mgpu`). X's rows that no token fills are
-zeroed once per CTA: TMA writes only the rows of real tokens.
+tile's state and values loaded before this tile's math (as `_tokens_mgpu`). X, X' and the Gram
+depend only on the key group (b, hv // (HV / H)), whose tiles are consecutive: they are built at
+a group's first tile (X lands in a plain staging buffer, since TMA cannot write a few rows of a
+tiled one, and is copied into the two tiled operands through registers) and serve its other
+tiles (HV / H value heads x V / block_v blocks: 4 for Qwen3.5 at block_v = 64), the next group's
+X loads going out as soon as the staging buffer is read. X's rows that no token fills are zeroed
+once per CTA: TMA writes only the rows of real tokens.
 """
 
 from __future__ import annotations
@@ -122,6 +127,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
     NV = V // BV
     total = B * HV * NV
     group = HV // H
+    KG = group * NV  # consecutive tiles of one key group (b, hk): one X, X' and Gram
     plgpu = mg.plgpu
     # S0 and the products in WGMMA layout; [BV] vectors (rows of PT, values, outputs) in its
     # reduce(1), broadcast along K
@@ -132,40 +138,50 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                              num_slots=N)
     pending = functools.partial(cm.tile_pending, count_ref, t_max=t_max, num_slots=N)
 
-    def body(st_smem, xin_smem, x_smem, v_smem, cv_smem, o_smem, pt_smem, gram_smem, bars,
-             pbars):
-        # st_smem [ST, BV, K] pool tiles; xin_smem [ST, 64, K] X as loaded (plain), x_smem
-        # [64, K] the wgmma operand (tiled); v_smem [ST, T, BV]; cv_smem [ST, > t_max, BV] the
-        # candidates' values (row t_max stays zero); o_smem [T, BV]; pt_smem [64, BV] and
-        # gram_smem [64, 24] fp32: the products, read back as rows and scalars
+    def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, cv_smem, o_smem, pt_smem, gram_smem,
+             bars, pbars, xbar, xpbar):
+        # st_smem [ST, BV, K] pool tiles; xin_smem [64, K] X as loaded (plain); x_smem and
+        # xf_smem [64, K] the wgmma operands X and X' (tiled), built once per key group;
+        # v_smem [ST, T, BV]; cv_smem [ST, > t_max, BV] the candidates' values (row t_max stays
+        # zero); o_smem [T, BV]; pt_smem [64, BV] and gram_smem [64, 24] fp32: the products,
+        # read back as rows and scalars
         first = lax.axis_index("cta") * PER
-        for s in range(ST):  # what no load fills stays zero: finite through the products
-            xin_smem[s] = jnp.zeros((_ROWS, K), _BF16)
+        xin_smem[...] = jnp.zeros((_ROWS, K), _BF16)  # rows no load fills: finite products
+        for s in range(ST):
             cv_smem[s] = jnp.zeros(cv_smem.shape[1:], cv_smem.dtype)
         plgpu.commit_smem()
 
-        def issue(i):
+        def issue(i):  # tile i's own loads: its state tile and values
             b, hv, iv, slot, _, live = tile(first + i)
-            s, hk, cols = i % ST, hv // group, pl.ds(iv * BV, BV)
+            s, cols = i % ST, pl.ds(iv * BV, BV)
 
             @pl.when(live)
             def _():
-                bar = bars.at[s]
-                plgpu.copy_gmem_to_smem(pool_ref.at[slot, hv, cols, :], st_smem.at[s], bar)
-                plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :], xin_smem.at[s, pl.ds(GROUP, T)],
-                                        bar)
-                plgpu.copy_gmem_to_smem(q_ref.at[b, :, hk, :],
-                                        xin_smem.at[s, pl.ds(2 * GROUP, T)], bar)
-                plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bar)
+                plgpu.copy_gmem_to_smem(pool_ref.at[slot, hv, cols, :], st_smem.at[s], bars.at[s])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bars.at[s])
 
             @pl.when(pending(slot, live) > 0)
             def _():
-                bar = pbars.at[s]
-                plgpu.copy_gmem_to_smem(cand_k_ref.at[slot, :, hk, :],
-                                        xin_smem.at[s, pl.ds(0, t_max)], bar)
                 plgpu.copy_gmem_to_smem(cand_v_ref.at[slot, :, hv, cols],
-                                        cv_smem.at[s, pl.ds(0, t_max)], bar)
+                                        cv_smem.at[s, pl.ds(0, t_max)], pbars.at[s])
 
+        def issue_x(i):  # the key group of tile i: its X rows (keys, queries, candidate keys)
+            b, hv, _, slot, _, live = tile(first + i)
+            hk = hv // group
+
+            @pl.when(live)
+            def _():
+                plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :], xin_smem.at[pl.ds(GROUP, T)],
+                                        xbar.at[0])
+                plgpu.copy_gmem_to_smem(q_ref.at[b, :, hk, :], xin_smem.at[pl.ds(2 * GROUP, T)],
+                                        xbar.at[0])
+
+            @pl.when(pending(slot, live) > 0)
+            def _():
+                plgpu.copy_gmem_to_smem(cand_k_ref.at[slot, :, hk, :],
+                                        xin_smem.at[pl.ds(0, t_max)], xpbar.at[0])
+
+        issue_x(0)
         for i in range(min(ST - 1, PER)):
             issue(i)
 
@@ -173,6 +189,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         def _(i):
             b, hv, iv, slot, in_range, live = tile(first + i)
             s, cols = i % ST, pl.ds(iv * BV, BV)
+            # the first tile of the run or of a key group: X, X' and the Gram are built anew
+            offset = (first + i) % KG
+            fresh = (i == 0) | (offset == 0)
             # tile i - 1's stores have read their SMEM and every thread is done with it: its
             # stage takes tile i + ST - 1's loads, and o_smem and the product buffers this tile's
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -191,6 +210,34 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
             cand_gates = [(cand_g_ref[cslot, j, hv].astype(_F32),
                            cand_beta_ref[cslot, j, hv].astype(_F32)) for j in range(t_max)]
 
+            @pl.when(fresh)
+            def _():
+                @pl.when(live)
+                def _():
+                    plgpu.barrier_wait(xbar.at[0])
+
+                    @pl.when(n > 0)
+                    def _():
+                        plgpu.barrier_wait(xpbar.at[0])
+
+                    # X: the dead candidates' rows zeroed (their data may be anything); X',
+                    # the fold's: only the live candidates' keys (this call's tokens and the
+                    # dead candidates meet zero columns of W^T, and 0 * NaN would be NaN)
+                    X = mg.layout_cast(xin_smem[...], WG, interpret=interpret)
+                    rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
+                    zero = jnp.zeros_like(X)
+                    x_smem[...] = jnp.where((rows < n) | (rows >= GROUP), X, zero)
+                    xf_smem[...] = jnp.where(rows < n, X, zero)
+                    plgpu.commit_smem()
+                    mg.store_plain(_gram(x_smem, interpret), gram_smem, interpret=interpret)
+
+                # xin is free: the next key group's loads go out now
+                following = i + KG - offset
+                if PER > 1:
+                    @pl.when(following < PER)
+                    def _():
+                        issue_x(following)
+
             @pl.when(live)
             def _():
                 plgpu.barrier_wait(bars.at[s])
@@ -199,13 +246,8 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                 def _():
                     plgpu.barrier_wait(pbars.at[s])
 
-                # the products' X: the dead candidates' rows zeroed (their data may be anything)
-                x_smem[...] = _rows_kept(xin_smem[s], lambda r: (r < n) | (r >= GROUP), WG,
-                                         interpret)
-                plgpu.commit_smem()
-                PT, GR = _products(x_smem, st_smem.at[s], BV, interpret)
-                mg.store_plain(PT, pt_smem, interpret=interpret)
-                mg.store_plain(GR, gram_smem, interpret=interpret)
+                mg.store_plain(_pt(x_smem, st_smem.at[s], BV, interpret), pt_smem,
+                               interpret=interpret)
                 plgpu.commit_smem()
 
                 def row(r):
@@ -230,11 +272,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     hi = WT.astype(_BF16)
                     lo = (WT - hi.astype(_F32)).astype(_BF16)
                     S0 = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
-                    # X keeps only the live candidates' keys: this call's tokens and the dead
-                    # candidates meet zero columns of W^T, and 0 * NaN would still be NaN
-                    x_smem[...] = _rows_kept(xin_smem[s], lambda r: r < n, WG, interpret)
-                    plgpu.commit_smem()
-                    S = _accumulate(e_n * S0, (hi, lo), x_smem, interpret)
+                    S = _accumulate(e_n * S0, (hi, lo), xf_smem, interpret)
                     st_smem[s] = S.astype(st_smem.dtype)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
@@ -252,32 +290,47 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
     pl.run_scoped(
         body,
         mg.smem_tile((ST, BV, K), pool_ref.dtype, interpret=interpret),
-        plgpu.SMEM((ST, _ROWS, K), _BF16),
+        plgpu.SMEM((_ROWS, K), _BF16),
+        mg.smem_tile((_ROWS, K), _BF16, interpret=interpret),
         mg.smem_tile((_ROWS, K), _BF16, interpret=interpret),
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
         plgpu.SMEM((ST, _value_rows(t_max + 1, BV), BV), cand_v_ref.dtype),
         plgpu.SMEM((T, BV), o_ref.dtype),
         plgpu.SMEM((_ROWS, BV), _F32),
         plgpu.SMEM((_ROWS, _USED), _F32),
-        plgpu.Barrier(num_arrivals=4, num_barriers=ST),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
+        plgpu.Barrier(num_arrivals=1, num_barriers=ST),
+        plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        plgpu.Barrier(num_arrivals=1, num_barriers=1),
     )
 
 
-def _products(xs, st, BV: int, interpret: bool):
-    """(PT = X @ S0^T [64, BV], Gram = X @ X[:24]^T [64, 24]), fp32, on the tensor cores. xs: the
-    X operand [64, K], st: the state tile [BV, K] (SMEM refs)."""
-    if interpret:  # the interpreter's products: plain dots of the SMEM contents
-        x, S0 = xs[...].astype(_F32), st[...].astype(_F32)
-        return _dot_t(x, S0), _dot_t(x, x[:_USED])
+def _pt(xs, st, BV: int, interpret: bool):
+    """PT = X @ S0^T [64, BV] fp32 on the tensor cores. xs: the X operand [64, K], st: the state
+    tile [BV, K] (SMEM refs)."""
+    if interpret:  # the interpreter's product: a plain dot of the SMEM contents
+        return _dot_t(xs[...].astype(_F32), st[...].astype(_F32))
     plgpu = mg.plgpu
 
-    def products(acc_pt, acc_gram):
-        plgpu.wgmma(acc_pt, xs, st.transpose((1, 0)))
-        plgpu.wgmma(acc_gram, xs, xs.at[pl.ds(0, _USED)].transpose((1, 0)))
-        return acc_pt[...], acc_gram[...]
+    def product(acc):
+        plgpu.wgmma(acc, xs, st.transpose((1, 0)))
+        return acc[...]
 
-    return pl.run_scoped(products, plgpu.ACC((_ROWS, BV), _F32), plgpu.ACC((_ROWS, _USED), _F32))
+    return pl.run_scoped(product, plgpu.ACC((_ROWS, BV), _F32))
+
+
+def _gram(xs, interpret: bool):
+    """Gram = X @ X[:24]^T [64, 24] fp32 on the tensor cores (xs: the X operand [64, K])."""
+    if interpret:
+        x = xs[...].astype(_F32)
+        return _dot_t(x, x[:_USED])
+    plgpu = mg.plgpu
+
+    def product(acc):
+        plgpu.wgmma(acc, xs, xs.at[pl.ds(0, _USED)].transpose((1, 0)))
+        return acc[...]
+
+    return pl.run_scoped(product, plgpu.ACC((_ROWS, _USED), _F32))
 
 
 def _accumulate(acc, lhs, xs, interpret: bool):
@@ -307,14 +360,6 @@ def _zeros_already(pred, x):
     zeroed before the products, its value read from a zero row), so its u is exactly 0 as is."""
     del pred
     return x
-
-
-def _rows_kept(xin, keep, layout, interpret: bool):
-    """The [64, K] X operand from its staging ref xin, rows r with keep(r) false zeroed (a select
-    in fp32, the bf16 store after)."""
-    X = mg.layout_cast(xin[...], layout, interpret=interpret).astype(_F32)
-    rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
-    return jnp.where(keep(rows), X, 0.0).astype(_BF16)
 
 
 def _value_rows(rows: int, BV: int) -> int:
@@ -353,10 +398,10 @@ def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None
 def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     """What one CTA allocates (2-byte pool, tokens and candidates; each buffer 1 KiB aligned)."""
     BV, ST, K = config.block_v, config.stages, dims.K
-    buffers = [ST * BV * K * 2, ST * _ROWS * K * 2, _ROWS * K * 2, ST * dims.T * BV * 2,
-               ST * _value_rows(dims.t_max + 1, BV) * BV * 2, dims.T * BV * 2, _ROWS * BV * 4,
-               _ROWS * _USED * 4,
-               8 * ST, 8 * ST, mg.REDUCTION_SCRATCH_BYTES]
+    buffers = [ST * BV * K * 2, _ROWS * K * 2, _ROWS * K * 2, _ROWS * K * 2,
+               ST * dims.T * BV * 2, ST * _value_rows(dims.t_max + 1, BV) * BV * 2,
+               dims.T * BV * 2, _ROWS * BV * 4, _ROWS * _USED * 4,
+               8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
 
 

@@ -8,7 +8,7 @@ Backends:
                and verify in both modes, Hopper and datacenter Blackwell (capability 9.x, 10.x,
                11.x), K and V multiples of 64. The Hopper default where the H100 benchmark
                measured it faster than Triton (`preferences`); elsewhere forced only. On Hopper
-               a bf16 replay verify below B = 128 runs in matrix form (`MosaicConfig.wy`).
+               a bf16 replay verify runs in matrix form (`MosaicConfig.wy`).
   "interpret"  the same Pallas kernels run by the Pallas interpreter: any platform, slow; for tests
                of the kernel path on machines without a GPU.
 
@@ -326,18 +326,22 @@ def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
     """The launch config of `op`'s kernel for this call (verify: in `mode`): a
     `kernels.TuningConfig` for the Triton kernels (and the interpreter), a `kernels.MosaicConfig`
     for the Mosaic GPU ones. wy: replay's matrix form can run (`_wy_fits`); it is taken where
-    measured faster (below B = 128)."""
+    measured faster (every B measured: 1 to 256)."""
     large = B >= _LARGE_BATCH
     if mode == "ring":
         block_v, num_warps = _RING_TUNING[(jnp.dtype(state_dtype).name, large)]
         return kernels.TuningConfig(min(block_v, V), num_warps, num_stages=1)
     if backend == "mosaic":
         key_op = "verify_intermediate" if op == "verify" and mode == "intermediate" else op
-        if key_op == "verify" and mode == "replay" and wy and not large:
+        if key_op == "verify" and mode == "replay" and wy:
             # H200, 3 pending + T = 4, per call of a jitted loop: B = 8 19.1 us at t2 (the
             # token-by-token form 20.0), B = 32 48.8 at t4 (52.8)
             # (bench/results/replay_wy-h200-2026-12-02.json); B = 1, 2, 4 at t2 16.8, 15.1,
-            # 15.7 (17.2, 16.9, 17.3; t1: 18.2, 12.6, 14.3: replay_wy_small_b-h200-...)
+            # 15.7 (17.2, 16.9, 17.3; t1: 18.2, 12.6, 14.3: replay_wy_small_b-h200-...). With
+            # X and the Gram built once per key group (JAX's profiler, kernel time): B = 32
+            # 45.9 us at t4, B = 128 173.8 (the token form's best 176.4), B = 256 334.8 (362.7;
+            # the token form's default 351.6): sweep_mosaic_replay-h200-wy_groups-2026-12-02.
+            # Three stages take more than half an SM's SMEM: 68 to 716 us, never faster.
             return kernels.MosaicConfig(min(64, V), 2 if B <= 8 else 4, 2, wy=True)
         block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name, large)]
         if (key_op, jnp.dtype(state_dtype).name, large) == ("verify", "bfloat16", False):
