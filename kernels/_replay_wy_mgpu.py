@@ -193,7 +193,8 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
             offset = (first + i) % KG
             fresh = (i == 0) | (offset == 0)
             # tile i - 1's stores have read their SMEM and every thread is done with it: its
-            # stage takes tile i + ST - 1's loads, and o_smem and the product buffers this tile's
+            # stage takes tile i + ST - 1's loads, o_smem and pt_smem this tile's, and (at a
+            # group's first tile) x_smem, xf_smem and gram_smem the new group's
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.commit_smem()
             if PER > ST - 1:

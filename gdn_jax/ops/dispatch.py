@@ -341,7 +341,8 @@ def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
             # X and the Gram built once per key group (JAX's profiler, kernel time): B = 32
             # 45.9 us at t4, B = 128 173.8 (the token form's best 176.4), B = 256 334.8 (362.7;
             # the token form's default 351.6): sweep_mosaic_replay-h200-wy_groups-2026-12-02.
-            # Three stages take more than half an SM's SMEM: 68 to 716 us, never faster.
+            # Three stages take more than half an SM's SMEM: 68 to 716 us, never faster. All
+            # of it measured on the H200 only; the H100 (9.0) takes the same rule unmeasured.
             return kernels.MosaicConfig(min(64, V), 2 if B <= 8 else 4, 2, wy=True)
         block_v, per, stages = _MOSAIC_TUNING[(key_op, jnp.dtype(state_dtype).name, large)]
         if (key_op, jnp.dtype(state_dtype).name, large) == ("verify", "bfloat16", False):

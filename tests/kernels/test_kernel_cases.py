@@ -143,6 +143,8 @@ CASES = [
     _m("replay", 3, 1, 1, 2, 128, BF16, BF16, 64, 2, 2, V=64, t_max=5, wy=True),
     # two whole key groups a CTA (4 tiles, 2 a group): X, X' and the Gram rebuilt mid-run
     _m("replay", 3, 4, 1, 2, 64, BF16, BF16, 64, 4, 2, V=64, t_max=4, wy=True),
+    # groups of 4 tiles, runs of 3: CTAs start mid-group (offsets 3, 2, 1)
+    _m("replay", 3, 4, 1, 2, 64, BF16, BF16, 64, 3, 2, V=128, t_max=4, wy=True),
     _m("replay", 8, 4, 16, 2, 128, BF16, BF16, 64, 2, 2, t_max=4, wy=True),
     _m("replay", 32, 4, 16, 2, 128, BF16, BF16, 64, 4, 2, t_max=4, wy=True),
     _m("replay", 5, 8, 16, 2, 128, BF16, BF16, 128, 2, 2, t_max=8, wy=True),
