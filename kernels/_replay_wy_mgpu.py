@@ -230,7 +230,8 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     x_smem[...] = jnp.where((rows < n) | (rows >= GROUP), X, zero)
                     xf_smem[...] = jnp.where(rows < n, X, zero)
                     plgpu.commit_smem()
-                    mg.store_plain(_gram(x_smem, interpret), gram_smem, interpret=interpret)
+                    mg.store_plain(_times_t(x_smem, x_smem.at[pl.ds(0, _USED)], interpret),
+                                   gram_smem, interpret=interpret)
 
                 # xin is free: the next key group's loads go out now
                 following = i + KG - offset
@@ -247,7 +248,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                 def _():
                     plgpu.barrier_wait(pbars.at[s])
 
-                mg.store_plain(_pt(x_smem, st_smem.at[s], BV, interpret), pt_smem,
+                mg.store_plain(_times_t(x_smem, st_smem.at[s], interpret), pt_smem,
                                interpret=interpret)
                 plgpu.commit_smem()
 
@@ -306,32 +307,18 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
     )
 
 
-def _pt(xs, st, BV: int, interpret: bool):
-    """PT = X @ S0^T [64, BV] fp32 on the tensor cores. xs: the X operand [64, K], st: the state
-    tile [BV, K] (SMEM refs)."""
+def _times_t(xs, other, interpret: bool):
+    """xs @ other^T [64, n] fp32 on the tensor cores. xs: the X operand [64, K]; other: an SMEM ref
+    [n, K], the state tile (PT) or X's first 24 rows (the Gram)."""
     if interpret:  # the interpreter's product: a plain dot of the SMEM contents
-        return _dot_t(xs[...].astype(_F32), st[...].astype(_F32))
+        return _dot_t(xs[...].astype(_F32), other[...].astype(_F32))
     plgpu = mg.plgpu
 
     def product(acc):
-        plgpu.wgmma(acc, xs, st.transpose((1, 0)))
+        plgpu.wgmma(acc, xs, other.transpose((1, 0)))
         return acc[...]
 
-    return pl.run_scoped(product, plgpu.ACC((_ROWS, BV), _F32))
-
-
-def _gram(xs, interpret: bool):
-    """Gram = X @ X[:24]^T [64, 24] fp32 on the tensor cores (xs: the X operand [64, K])."""
-    if interpret:
-        x = xs[...].astype(_F32)
-        return _dot_t(x, x[:_USED])
-    plgpu = mg.plgpu
-
-    def product(acc):
-        plgpu.wgmma(acc, xs, xs.at[pl.ds(0, _USED)].transpose((1, 0)))
-        return acc[...]
-
-    return pl.run_scoped(product, plgpu.ACC((_ROWS, _USED), _F32))
+    return pl.run_scoped(product, plgpu.ACC((_ROWS, other.shape[0]), _F32))
 
 
 def _accumulate(acc, lhs, xs, interpret: bool):
