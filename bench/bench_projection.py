@@ -62,6 +62,7 @@ L2_BYTES = 50 << 20
 GROUPS = {  # name: (K, widths of the weights of one x)
     "gdn_in": (2048, (12288, 64)), "attn_qkv": (2048, (8192, 512, 512)),
     "mlp_gate_up": (2048, (5120, 5120)), "moe35b_router_shared": (2048, (256, 512, 512)),
+    "gdn_qkvz": (2048, (12288,)), "out_proj": (4096, (2048,)), "down_proj": (5120, (2048,)),
 }
 
 
@@ -87,6 +88,11 @@ def parse_args(argv=None):
                    help="stop sweeping (not measuring) after this many seconds")
     p.add_argument("--groups", action="store_true",
                    help="also each group of projections of one x, in one launch and apart")
+    p.add_argument("--groups-only", default="", help="with --groups: these GROUPS names only")
+    p.add_argument("--mosaic", default="",
+                   help="with --groups: also the Mosaic GPU stream-K kernel "
+                        "(kernels.project_group_mgpu) at these block_n:stages configs, e.g. "
+                        "128:4,64:6 (its fp32 output's zeros and the cast to bf16 counted)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
     return p.parse_args(argv)
 
@@ -195,7 +201,10 @@ def _groups(args, rng, dtype, copy, sms):
     print(f"\n{'group':22s} {'M':>4s} {'MB':>7s} {'xla us':>8s} {'apart':>8s} {'one':>8s} "
           f"{'%copy':>6s} config")
     cases = []
+    only = [g for g in args.groups_only.split(",") if g]
     for name, (K, widths) in GROUPS.items():
+        if only and name not in only:
+            continue
         nbytes = K * sum(widths) * 2
         copies = 1 if args.interpret else max(1, min(16, -(-3 * L2_BYTES // nbytes)))
         groups = [tuple(jnp.asarray(rng.standard_normal((K, n), np.float32) * 0.02, dtype)
@@ -221,6 +230,19 @@ def _groups(args, rng, dtype, copy, sms):
                         x, ws, config=config, interpret=args.interpret)),
                     "floor_us": nbytes / copy / 1e3}
             case["one_pct_copy"] = 100 * case["floor_us"] / case["one_us"]
+            for text in filter(None, args.mosaic.split(",")):
+                bn, stages = map(int, text.split(":"))
+                mcfg = kernels.MosaicProjectionConfig(block_n=bn, stages=stages, ctas=sms)
+                why = kernels.projection_mgpu_misfit(M, K, widths, dtype, mcfg)
+                if why:
+                    case[f"mosaic_{text}_us"] = None
+                    continue
+                case[f"mosaic_{text}_us"] = time_of(lambda x, ws, c=mcfg: [
+                    y.astype(dtype) for y in kernels.project_group_mgpu(
+                        x, ws, config=c, interpret=args.interpret)])
+                print(f"{'':22s} {M:4d} mosaic {text:8s} {case[f'mosaic_{text}_us']:8.1f} us "
+                      f"{100 * case['floor_us'] / case[f'mosaic_{text}_us']:6.1f} %copy",
+                      flush=True)
             cases.append(case)
             print(f"{name:22s} {M:4d} {nbytes / 1e6:7.1f} {case['xla_us']:8.1f} "
                   f"{case['apart_us']:8.1f} {case['one_us']:8.1f} {case['one_pct_copy']:6.1f} "

@@ -16,6 +16,9 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     y = project(x, w, config=ProjectionConfig(...))   # x [M <= PROJECTION_MAX_M, K] @ w [K, N]:
                                          # the model's projections at the weight's read bandwidth
     q, k, v = project_group(x, (w_q, w_k, w_v), config=ProjectionConfig(...))  # one launch
+    gate, up = project_group_mgpu(x, (w_gate, w_up), config=MosaicProjectionConfig(...))
+                                         # the same on Hopper (8..128 rows, bf16): TMA, wgmma,
+                                         # stream-K over the SMs; fp32 out
     o = decode_attention(q, k_cache, v_cache, slots, pos, config=AttentionConfig(...))
                                          # attention over each row's used KV length, in place
     h = grouped_matmul(x_rows, w_gate, block_expert, w_up=w_up, config=MoEConfig(...))
@@ -65,6 +68,8 @@ from .projection import PROJECTION_MAX_M, ProjectionConfig, project, project_gro
 from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
+from .projection_mgpu import MosaicProjectionConfig, project_group_mgpu
+from .projection_mgpu import misfit as projection_mgpu_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
 from .verify import verify_intermediate, verify_replay
@@ -79,9 +84,9 @@ def mosaic_unavailable() -> str | None:
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
            "MOSAIC_MAX_T", "MOSAIC_MODES", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T",
            "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes", "MoEConfig",
-           "MosaicConfig", "ProjectionConfig", "ScatterConfig", "TuningConfig", "conv_step",
+           "MosaicConfig", "MosaicProjectionConfig", "ProjectionConfig", "ScatterConfig", "TuningConfig", "conv_step",
            "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
            "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
-           "project_group", "projection_block_m", "projection_misfit", "projection_smem_limit",
+           "project_group", "project_group_mgpu", "projection_block_m", "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit",
            "pow2_block", "scatter_rows", "scatter_rows_group", "verify_intermediate",
            "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu", "verify_ring"]
