@@ -68,6 +68,8 @@ AUTO_MAX_M = 32
 # {wide_groups,all_groups,lone}_*-2026-12-02.json); the 40-layer MoE step 22338 -> 22395 ->
 # 22247 with the groups (...-qwen3_5_moe_text-b32-verify_{wide,all}_groups*).
 LONE_MAX_N = 8192
+# The rows the Hopper kernel (`kernels.project_group_mgpu`) takes by default: none yet.
+MOSAIC_ROWS = frozenset()
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
 
@@ -94,6 +96,10 @@ def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None =
         x2 = jnp.pad(x.reshape(1, K), ((0, 1), (0, 0)))
         y = lax.dot_general(x2, w, (((1,), (0,)), ((), ())), precision=precision)
         return y[:1].reshape(*lead, N)
+    mosaic = _select_mosaic(M, K, (N,), x.dtype, w.dtype, backend)
+    if mosaic is not None:
+        y, = kernels.project_group_mgpu(x.reshape(M, K), (w,), config=mosaic)
+        return y.astype(x.dtype).reshape(*lead, N)
     choice = _select(M, K, N, x.dtype, w.dtype, backend)
     if choice is None:
         return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
@@ -118,6 +124,11 @@ def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = Non
     out = [None] * len(ws)
     M = math.prod(lead)
     wish = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR)
+    mosaic = len(ws) > 1 and _grouping() and _select_mosaic(
+        M, K, tuple(w.shape[1] for w in ws), x.dtype, ws[0].dtype, backend)
+    if mosaic and all(w.dtype == x.dtype for w in ws):
+        ys = kernels.project_group_mgpu(x.reshape(M, K), ws, config=mosaic)
+        return tuple(y.astype(x.dtype).reshape(*lead, y.shape[1]) for y in ys)
     grouped = [i for i, w in enumerate(ws) if _grouping() and wish != "xla-gemm"
                and _select(M, K, w.shape[1], x.dtype, w.dtype, backend, strict=False,
                            rows_rule=False)]
@@ -203,9 +214,9 @@ def _select(M, K, N, x_dtype, w_dtype, backend, *, strict: bool = True, rows_rul
     An explicit backend is strict (an error where it cannot run; strict=False: None); the
     environment variable only steers: "xla" keeps every projection in XLA, "interpret" runs the
     kernel in the interpreter where it fits."""
-    if backend not in (None, "auto", "xla", "triton", "interpret"):
+    if backend not in (None, "auto", "xla", "triton", "interpret", "mosaic"):
         raise ValueError(f"project: backend expected one of ['auto', 'xla', 'triton', "
-                         f"'interpret', 'xla-gemm'], got {backend!r}")
+                         f"'interpret', 'mosaic', 'xla-gemm'], got {backend!r}")
     wish = backend if backend not in (None, "auto") else (
         os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))
     if wish == "xla":
@@ -223,6 +234,43 @@ def _select(M, K, N, x_dtype, w_dtype, backend, *, strict: bool = True, rows_rul
         why = (f"M={M} rows of N={N}: XLA's GEMM is faster above {AUTO_MAX_M} rows for a lone "
                f"weight wider than {LONE_MAX_N}")
     return None if why else (config, wish == "interpret")
+
+
+def _select_mosaic(M, K, widths, x_dtype, w_dtype, backend):
+    """The `kernels.MosaicProjectionConfig` for the Hopper kernel (`project_group_mgpu`), or None
+    where it does not run: GDN_JAX_PROJECTION=mosaic (or backend="mosaic") asks for it where it
+    fits; by default it runs on Hopper for the rows `MOSAIC_ROWS` holds."""
+    if backend not in (None, "auto", "mosaic"):
+        return None
+    wish = backend if backend not in (None, "auto") else (
+        os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))
+    if wish not in (None, "auto", "mosaic") or jnp.dtype(x_dtype) != jnp.dtype(w_dtype):
+        return None
+    if wish != "mosaic" and M not in MOSAIC_ROWS:
+        return None
+    dev = Device.of()
+    if dev.platform != "gpu" or dev.capability is None or dev.capability[0] != 9:
+        return None
+    config = mosaic_config_for(M, K, widths, sm_count=sm_count())
+    if config is None or kernels.projection_mgpu_misfit(M, K, widths, x_dtype, config):
+        return None
+    return config
+
+
+def mosaic_config_for(M: int, K: int, widths, *, sm_count: int = 132):
+    """The Hopper kernel's config for M rows of [K, N_i] weights: column blocks of 128 where they
+    tile every weight, else 64; as many stages as SMEM takes (one CTA per SM)."""
+    widths = tuple(widths)
+    for block_n in (128, 64):
+        if all(n % block_n == 0 for n in widths):
+            break
+    else:
+        return None
+    for stages in (6, 5, 4, 3, 2):
+        config = kernels.MosaicProjectionConfig(block_n=block_n, stages=stages, ctas=sm_count)
+        if not kernels.projection_mgpu_misfit(M, K, widths, jnp.bfloat16, config):
+            return config
+    return None
 
 
 def _kernel_rows(M: int, N) -> bool:
