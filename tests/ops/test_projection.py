@@ -248,3 +248,37 @@ def test_config_for_128_rows_picks_the_sweeps_splits(K, N, splits):
     rows128_wide-2026-12-02.json) for gate_proj, out_proj and in_proj_qkvz."""
     config = projection.config_for(128, K, N, sm_count=132)
     assert (config.block_n, config.block_k, config.splits) == (128, 64, splits)
+
+
+def test_mosaic_on_request_on_hopper(fake_h200, monkeypatch):
+    """GDN_JAX_PROJECTION=mosaic sends a group and a lone weight whose rows and widths the Hopper
+    kernel tiles to it (one launch, its fp32 result cast to x's dtype); the rest as before."""
+    monkeypatch.setenv(projection.ENV_VAR, "mosaic")
+    calls = []
+
+    def fake(x, ws, **k):
+        calls.append((x.shape, [w.shape for w in ws], k["config"]))
+        return tuple(jnp.ones((x.shape[0], w.shape[1]), jnp.float32) for w in ws)
+
+    monkeypatch.setattr(kernels, "project_group_mgpu", fake)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((4, 8, 256)), jnp.bfloat16)
+    ws = tuple(jnp.asarray(rng.standard_normal((256, n)), jnp.bfloat16) for n in (256, 64))
+    ys = projection.project_group(x, ws)
+    assert [y.shape for y in ys] == [(4, 8, 256), (4, 8, 64)]
+    assert all(y.dtype == jnp.bfloat16 for y in ys)
+    assert len(calls) == 1 and calls[0][:2] == ((32, 256), [(256, 256), (256, 64)])
+    assert calls[0][2].block_n == 64  # 128 does not tile the 64-wide weight
+    assert not kernels.projection_mgpu_misfit(32, 256, (256, 64), jnp.bfloat16, calls[0][2])
+    calls.clear()
+    y = projection.project(x, ws[0])
+    assert y.shape == (4, 8, 256) and y.dtype == jnp.bfloat16
+    assert len(calls) == 1 and calls[0][2].block_n == 128
+    calls.clear()
+    monkeypatch.setattr(kernels, "project_group", lambda x, ws, **k: tuple(
+        jnp.zeros((x.shape[0], w.shape[1]), x.dtype) for w in ws))
+    monkeypatch.setattr(kernels, "project", lambda x, w, **k: jnp.zeros((x.shape[0], w.shape[1]),
+                                                                        x.dtype))
+    projection.project_group(x[:1, :5], ws)  # 5 rows: not a multiple of 8
+    projection.project(x.astype(jnp.float32), ws[0].astype(jnp.float32))  # fp32
+    assert not calls
