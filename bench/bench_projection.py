@@ -92,7 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--mosaic", default="",
                    help="with --groups: also the Mosaic GPU stream-K kernel "
                         "(kernels.project_group_mgpu) at these block_n:stages configs, e.g. "
-                        "128:4,64:6 (its fp32 output's zeros and the cast to bf16 counted)")
+                        "128:4,64:6 (block_n:stages[:CTAs per SM]; its fp32 output's zeros and the cast to bf16 counted)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
     return p.parse_args(argv)
 
@@ -231,8 +231,9 @@ def _groups(args, rng, dtype, copy, sms):
                     "floor_us": nbytes / copy / 1e3}
             case["one_pct_copy"] = 100 * case["floor_us"] / case["one_us"]
             for text in filter(None, args.mosaic.split(",")):
-                bn, stages = map(int, text.split(":"))
-                mcfg = kernels.MosaicProjectionConfig(block_n=bn, stages=stages, ctas=sms)
+                bn, stages, *per_sm = map(int, text.split(":"))
+                mcfg = kernels.MosaicProjectionConfig(block_n=bn, stages=stages,
+                                                      ctas=sms * (per_sm or [1])[0])
                 why = kernels.projection_mgpu_misfit(M, K, widths, dtype, mcfg)
                 if why:
                     case[f"mosaic_{text}_us"] = None
