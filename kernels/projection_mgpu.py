@@ -42,6 +42,7 @@ from . import _mgpu as mg
 _F32, _BF16 = jnp.float32, jnp.bfloat16
 ROW_MULTIPLE = 8   # x's rows: whole (8, 64) SMEM tiles of the swizzled x buffer
 MAX_M = 128        # two wgmma M tiles of 64 in one warpgroup's accumulator
+_OUT_ROWS = 64     # the rows of the fp32 tile a column block's sum leaves through
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class MosaicProjectionConfig:
         barriers, each buffer 1 KiB aligned."""
         bm = block_m(M)
         buffers = [self.stages * bm * self.block_k * 2, self.stages * self.block_k *
-                   self.block_n * 2, bm * self.block_n * 4, 8 * self.stages,
+                   self.block_n * 2, _OUT_ROWS * self.block_n * 4, 8 * self.stages,
                    mg.REDUCTION_SCRATCH_BYTES]
         return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
 
@@ -163,12 +164,15 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
                 if interpret:
                     cols = pl.ds(j * BN, BN)
                     out_ref[:, cols] = out_ref[:, cols] + y[:M]
-                else:
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem's last store
-                    out_smem[...] = y
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(out_smem.at[rows], out_ref.at[:, pl.ds(j * BN, BN)],
-                                            reduction_op="add")
+                else:  # in slices of 64 rows through out_smem: a smaller buffer, more stages
+                    for lo_row in range(0, M, _OUT_ROWS):
+                        n = min(_OUT_ROWS, M - lo_row)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem's last store
+                        out_smem[...] = y if BM == _OUT_ROWS else y[lo_row:lo_row + _OUT_ROWS]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[pl.ds(0, n)],
+                            out_ref.at[pl.ds(lo_row, n), pl.ds(j * BN, BN)], reduction_op="add")
                 _zero(acc)
 
         if not interpret:
@@ -178,7 +182,7 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
         body,
         mg.smem_tile((ST, BM, BK), _BF16, interpret=interpret),
         mg.smem_tile((ST, BK, BN), _BF16, interpret=interpret),
-        mg.smem_tile((BM, BN), _F32, interpret=interpret),
+        mg.smem_tile((_OUT_ROWS, BN), _F32, interpret=interpret),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.SMEM((BM, BN), _F32) if interpret else plgpu.ACC((BM, BN), _F32),
     )

@@ -103,7 +103,7 @@ GPU_GROUPS = [(2048, (12288, 64)), (2048, (8192, 512, 512)), (2048, (5120, 5120)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [8, 32, 64, 128])
+@pytest.mark.parametrize("M", [8, 32, 64, 72, 128])
 @pytest.mark.parametrize("K, widths", GPU_GROUPS,
                          ids=["gdn_in", "attn_qkv", "mlp", "out_proj", "down_proj"])
 @pytest.mark.parametrize("block_n, stages", [(64, 6), (128, 4)])
