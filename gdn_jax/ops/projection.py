@@ -25,6 +25,11 @@ XLA ran the projections then, unchanged:
 bench/results/bench_speculative-h200-*-groups_*-2026-12-02.json).
 GDN_JAX_PROJECTION_GROUPS=off keeps one launch per weight; XLA's paths, and so CPU results, are
 the same either way.
+
+GDN_JAX_PROJECTION=mosaic (or backend="mosaic") sends a group, or a lone weight, to the Hopper
+kernel `kernels.project_group_mgpu` where it fits (bf16, 8..128 rows in multiples of 8, widths its
+column blocks tile; `mosaic_config_for`): its fp32 result is cast to x's dtype. Measured slower
+than the Triton kernel so far, the dispatch takes it for no rows by itself (`MOSAIC_ROWS`).
 """
 
 from __future__ import annotations
@@ -68,7 +73,10 @@ AUTO_MAX_M = 32
 # {wide_groups,all_groups,lone}_*-2026-12-02.json); the 40-layer MoE step 22338 -> 22395 ->
 # 22247 with the groups (...-qwen3_5_moe_text-b32-verify_{wide,all}_groups*).
 LONE_MAX_N = 8192
-# The rows the Hopper kernel (`kernels.project_group_mgpu`) takes by default: none yet.
+# The rows the Hopper kernel (`kernels.project_group_mgpu`) takes by default: none. Alone on the
+# H200 (its zeros and fp32 -> bf16 cast counted) it trails the Triton kernel at 32 and 128 rows for
+# every group of the model: MLP gate / up 17.1 vs 15.5 and 25.0 vs 18.8 us, in_proj_qkvz 19.0 vs
+# 17.5 and 28.4 vs 17.6 (bench/results/bench_projection-h200-mosaic_groups-2026-12-03.json).
 MOSAIC_ROWS = frozenset()
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
