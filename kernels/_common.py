@@ -78,6 +78,20 @@ def pow2_block(n: int, most: int) -> int | None:
     return block if n % block == 0 else None
 
 
+def check_weights(op: str, x, ws: tuple) -> tuple[int, int, tuple[int, ...]]:
+    """x [M, K] against weights ws [K, N_i] of x's dtype (a projection's operands): a ValueError
+    naming the first that is not, else (M, K, the widths N_i)."""
+    for i, w in enumerate(ws):
+        name = "w" if len(ws) == 1 else f"ws[{i}]"
+        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
+            raise ValueError(f"{op}: x [M, K] and {name} [K, N] expected, got "
+                             f"x{list(x.shape)} and {name}{list(w.shape)}")
+        if x.dtype != w.dtype:
+            raise ValueError(f"{op}: x and {name} must share a dtype, got {x.dtype} and "
+                             f"{w.dtype}")
+    return (*x.shape, tuple(w.shape[1] for w in ws))
+
+
 MIN_DOT_ROWS = 16  # the smallest M of a tensor-core tile (tl.dot)
 
 

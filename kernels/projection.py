@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_launch_fields, dot_rows, pow2_block
+from ._common import check_launch_fields, check_weights, dot_rows, pow2_block
 
 _F32 = jnp.float32
 PROJECTION_MAX_M = 128  # the most rows one call takes: all rows share one pass over the weight
@@ -217,16 +217,7 @@ def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) 
 
 
 def _check(x, ws: tuple, config):
-    for i, w in enumerate(ws):
-        name = "w" if len(ws) == 1 else f"ws[{i}]"
-        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-            raise ValueError(f"project: x [M, K] and {name} [K, N] expected, got "
-                             f"x{list(x.shape)} and {name}{list(w.shape)}")
-        if x.dtype != w.dtype:
-            raise ValueError(f"project: x and {name} must share a dtype, got {x.dtype} and "
-                             f"{w.dtype}")
-    M, K = x.shape
-    widths = tuple(w.shape[1] for w in ws)
+    M, K, widths = check_weights("project", x, ws)
     why = misfit(M, K, widths[0] if len(ws) == 1 else widths, x.dtype, config)
     if why:
         shapes = " ".join(f"w{list(w.shape)}" for w in ws)

@@ -38,6 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _mgpu as mg
+from ._common import check_weights
 
 _F32, _BF16 = jnp.float32, jnp.bfloat16
 ROW_MULTIPLE = 8   # x's rows: whole (8, 64) SMEM tiles of the swizzled x buffer
@@ -213,15 +214,7 @@ def project_group_mgpu(x: jax.Array, ws: tuple, *,
         raise ValueError(f"project_group_mgpu: ws must be a non-empty tuple of [K, N] weights, "
                          f"got {type(ws).__name__}")
     ws = tuple(ws)
-    for i, w in enumerate(ws):
-        if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
-            raise ValueError(f"project_group_mgpu: x [M, K] and ws[{i}] [K, N] expected, got "
-                             f"x{list(x.shape)} and ws[{i}]{list(w.shape)}")
-        if x.dtype != w.dtype:
-            raise ValueError(f"project_group_mgpu: x and ws[{i}] must share a dtype, got "
-                             f"{x.dtype} and {w.dtype}")
-    M, K = x.shape
-    widths = tuple(w.shape[1] for w in ws)
+    M, K, widths = check_weights("project_group_mgpu", x, ws)
     why = misfit(M, K, widths, x.dtype, config)
     if why:
         raise ValueError(f"project_group_mgpu: x{list(x.shape)} @ "
