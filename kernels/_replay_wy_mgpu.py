@@ -70,7 +70,8 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None):
     value(i): key i's value, [BV] fp32 (i < t_max: candidate i; then token i - t_max);
     select(pred, x): x where the scalar pred holds, else zeros (default jnp.where).
     Returns (o: T [BV] fp32 outputs, w: t_max [BV] fp32 fold weights e^{G_n - G_j} rk_j u_j (0
-    for a dead candidate), e^{G_n}: the candidates' total decay, an fp32 scalar).
+    for a dead candidate), e^{G_n}: the candidates' total decay, an fp32 scalar, u: the T
+    tokens' [BV] fp32 corrected values).
 
     The decays e^{G_i - G_l} are running products of the keys' e^{g} (one exp per key, no
     overflow: every factor is <= 1); a dead candidate enters with g = beta = 0.
@@ -111,7 +112,7 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None):
             for l, x in enumerate(pair + [jnp.ones((), _F32)]):
                 o = o + coef(l, x * rk[l] * gram(qr, rows[l])) * us[l]
             outs.append(rq * o)
-    return outs, w, e_n
+    return outs, w, e_n, us[t_max:]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -230,7 +231,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                     x_smem[...] = jnp.where((rows < n) | (rows >= GROUP), X, zero)
                     xf_smem[...] = jnp.where(rows < n, X, zero)
                     plgpu.commit_smem()
-                    mg.store_plain(_times_t(x_smem, x_smem.at[pl.ds(0, _USED)], interpret),
+                    mg.store_plain(times_t(x_smem, x_smem.at[pl.ds(0, _USED)], interpret),
                                    gram_smem, interpret=interpret)
 
                 # xin is free: the next key group's loads go out now
@@ -248,7 +249,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                 def _():
                     plgpu.barrier_wait(pbars.at[s])
 
-                mg.store_plain(_times_t(x_smem, st_smem.at[s], interpret), pt_smem,
+                mg.store_plain(times_t(x_smem, st_smem.at[s], interpret), pt_smem,
                                interpret=interpret)
                 plgpu.commit_smem()
 
@@ -261,8 +262,8 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                            else v_smem.at[s, i - t_max])
                     return mg.load(ref, VVEC, interpret=interpret).astype(_F32)
 
-                outs, w, e_n = solve(n, gates, cand_gates, lambda r, c: gram_smem[r, c], row,
-                                     value, K, select=_zeros_already)
+                outs, w, e_n, _ = solve(n, gates, cand_gates, lambda r, c: gram_smem[r, c], row,
+                                     value, K, select=zeros_already)
                 for t, o in enumerate(outs):
                     o_smem[t] = o.astype(o_smem.dtype)
                 plgpu.commit_smem()
@@ -270,11 +271,11 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
 
                 @pl.when(n > 0)
                 def _():
-                    WT = _columns(w, (BV, _ROWS), WG, interpret)
+                    WT = columns(w, (BV, _ROWS), WG, interpret)
                     hi = WT.astype(_BF16)
                     lo = (WT - hi.astype(_F32)).astype(_BF16)
                     S0 = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
-                    S = _accumulate(e_n * S0, (hi, lo), xf_smem, interpret)
+                    S = accumulate(e_n * S0, (hi, lo), xf_smem, interpret)
                     st_smem[s] = S.astype(st_smem.dtype)
                     plgpu.commit_smem()
                     plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
@@ -296,7 +297,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         mg.smem_tile((_ROWS, K), _BF16, interpret=interpret),
         mg.smem_tile((_ROWS, K), _BF16, interpret=interpret),
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
-        plgpu.SMEM((ST, _value_rows(t_max + 1, BV), BV), cand_v_ref.dtype),
+        plgpu.SMEM((ST, value_rows(t_max + 1, BV), BV), cand_v_ref.dtype),
         plgpu.SMEM((T, BV), o_ref.dtype),
         plgpu.SMEM((_ROWS, BV), _F32),
         plgpu.SMEM((_ROWS, _USED), _F32),
@@ -307,7 +308,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
     )
 
 
-def _times_t(xs, other, interpret: bool):
+def times_t(xs, other, interpret: bool):
     """xs @ other^T [64, n] fp32 on the tensor cores. xs: the X operand [64, K]; other: an SMEM ref
     [n, K], the state tile (PT) or X's first 24 rows (the Gram)."""
     if interpret:  # the interpreter's product: a plain dot of the SMEM contents
@@ -321,7 +322,7 @@ def _times_t(xs, other, interpret: bool):
     return pl.run_scoped(product, plgpu.ACC((_ROWS, other.shape[0]), _F32))
 
 
-def _accumulate(acc, lhs, xs, interpret: bool):
+def accumulate(acc, lhs, xs, interpret: bool):
     """acc + sum of a @ X over the [BV, 64] bf16 arrays a in lhs (X: the SMEM ref xs [64, K])."""
     if interpret:
         x = xs[...].astype(_F32)
@@ -343,25 +344,26 @@ def _dot_t(a, b):
                            preferred_element_type=_F32)
 
 
-def _zeros_already(pred, x):
+def zeros_already(pred, x):
     """`solve`'s select in the kernel: a dead candidate's inputs are zeros there (its X row
     zeroed before the products, its value read from a zero row), so its u is exactly 0 as is."""
     del pred
     return x
 
 
-def _value_rows(rows: int, BV: int) -> int:
+def value_rows(rows: int, BV: int) -> int:
     """Rows of the candidates' value buffer: rows, rounded up to a multiple of 512 elements (its
     zero store, a splat, goes out as 128 threads' 4-element vectors)."""
     return -(-rows * BV // 512) * 512 // BV
 
 
-def _columns(vectors, shape, layout, interpret):
-    """[rows, cols] fp32 with column j = vectors[j] (a [rows] vector each), zeros past them."""
+def columns(vectors, shape, layout, interpret, first: int = 0):
+    """[rows, cols] fp32 with column first + j = vectors[j] (a [rows] vector each), zeros
+    elsewhere."""
     col = lax.broadcasted_iota(jnp.int32, shape, 1)
     out = mg.layout_cast(jnp.zeros(shape, _F32), layout, interpret=interpret)
     for j, x in enumerate(vectors):
-        out = jnp.where(col == j, lax.broadcast_in_dim(x, shape, (0,)), out)
+        out = jnp.where(col == first + j, lax.broadcast_in_dim(x, shape, (0,)), out)
     return out
 
 
@@ -387,7 +389,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     """What one CTA allocates (2-byte pool, tokens and candidates; each buffer 1 KiB aligned)."""
     BV, ST, K = config.block_v, config.stages, dims.K
     buffers = [ST * BV * K * 2, _ROWS * K * 2, _ROWS * K * 2, _ROWS * K * 2,
-               ST * dims.T * BV * 2, ST * _value_rows(dims.t_max + 1, BV) * BV * 2,
+               ST * dims.T * BV * 2, ST * value_rows(dims.t_max + 1, BV) * BV * 2,
                dims.T * BV * 2, _ROWS * BV * 4, _ROWS * _USED * 4,
                8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)

@@ -180,17 +180,9 @@ def verify_ring(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, can
       u:    [B, T, HV, V] fp32 (zeros for padding rows).
       pool: the updated pool (same buffer when donated).
     """
-    dims = cm.check_tokens("verify_ring", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
-                           cand_g, cand_beta, count, slots, t_lo=1, t_hi=RING_MAX_T)
-    ring = dims.t_max
-    if ring < RING_MIN or ring & (ring - 1):
-        raise ValueError(f"verify_ring: cand_k expected a ring of W entries, W a power of two "
-                         f">= {RING_MIN} ([num_slots, W, H, K]), got W = {ring}")
-    if not 1 <= reserve <= ring:
-        raise ValueError(f"verify_ring: reserve expected 1..W = {ring}, got {reserve}")
-    if cand_k.dtype != k.dtype or cand_v.dtype != _F32:
-        raise ValueError(f"verify_ring: cand_k, cand_v expected k's dtype and float32 (the "
-                         f"ring's keys, its u), got {cand_k.dtype}, {cand_v.dtype}")
+    dims = cm.check_ring("verify_ring", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
+                         cand_g, cand_beta, count, slots, reserve=reserve, t_hi=RING_MAX_T,
+                         ring_min=RING_MIN)
     config.check_head_dim("verify_ring", dims.V)
     if config.block_v < 16:
         raise ValueError(f"verify_ring: block_v expected >= 16 (a matrix operand), got "

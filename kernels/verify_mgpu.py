@@ -1,6 +1,7 @@
-"""GDN MTP verify in both commit modes as Pallas **Mosaic GPU** kernels: the shared pipeline of
-`_tokens_mgpu` with T tokens. Same contracts as `verify.verify_replay` and
-`verify.verify_intermediate`.
+"""GDN MTP verify in the three commit modes as Pallas **Mosaic GPU** kernels. Replay and
+intermediate: the shared pipeline of `_tokens_mgpu` with T tokens (replay also in matrix form,
+`_replay_wy_mgpu`); ring: `_ring_wy_mgpu` (matrix form only). Same contracts as
+`verify.verify_replay`, `verify.verify_intermediate` and `ring.verify_ring`.
 
 Per tile: TMA the pool tile and the row's T q/k/v into SMEM; fold the slot's pending candidates;
 then the mode's finish: the T tokens in fp32 registers, their outputs staged through SMEM and
@@ -27,8 +28,10 @@ from jax.experimental import pallas as pl
 from . import _common as cm
 from . import _mgpu as mg
 from . import _replay_wy_mgpu
+from . import _ring_wy_mgpu
 from . import _tokens_mgpu as tk
 from ._mgpu import MosaicConfig
+from .ring import RING_MIN
 
 _F32 = jnp.float32
 _VERIFY_CONFIG = MosaicConfig(tiles_per_cta=2)
@@ -128,3 +131,32 @@ def verify_intermediate_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v
                  cm.Dtypes.of(q, pool, cand_k, cand_v), config)
     return tk.tokens_call(INTERMEDIATE, dims, config, interpret, slots, count, q, k, v, a, b,
                           A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
+
+
+@functools.partial(jax.jit, static_argnames=("reserve", "config", "interpret"),
+                   donate_argnames=("pool",))
+def verify_ring_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
+                     count, slots, *, reserve: int,
+                     config: MosaicConfig = MosaicConfig(tiles_per_cta=4),
+                     interpret: bool = False):
+    """T tokens per row after the slot's ring of committed tokens (ring mode; decode is T = 1),
+    in matrix form on the tensor cores (`_ring_wy_mgpu`: bf16 pool and tokens, Hopper).
+
+    Arguments and results as `gdn_jax.kernels.verify_ring` (q, k [B, T, H, K] bf16; the ring
+    cand_k [num_slots, W, H, K] bf16, cand_v its u fp32; ...), T in 1..8, W a power of two in
+    16..32; config as `decode_mgpu` (`MosaicConfig`; its `wy` is replay's and not read).
+
+    Returns o [B, T, HV, V] bf16 and u [B, T, HV, V] fp32 (zeros for padding rows) and the pool,
+    written only where count[slot] > 0 and count[slot] + reserve > W (the ring folded into it).
+    """
+    mg.require("verify_ring_mgpu")
+    dims = cm.check_ring("verify_ring_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k,
+                         cand_v, cand_g, cand_beta, count, slots, reserve=reserve,
+                         t_hi=_ring_wy_mgpu.MAX_T, ring_min=RING_MIN)
+    why = _ring_wy_mgpu.misfit(dims, cm.Dtypes.of(q, pool, cand_k, cand_v), config)
+    if why is None and not k.dtype == v.dtype == q.dtype:
+        why = f"q, k and v of one dtype (bf16), got {q.dtype}, {k.dtype}, {v.dtype}"
+    if why:
+        raise ValueError(f"verify_ring_mgpu: {why}")
+    return _ring_wy_mgpu.ring_call(dims, config, reserve, interpret, slots, count, q, k, v, a, b,
+                                   A_log, dt_bias, cand_k, cand_v, cand_g, pool)

@@ -17,7 +17,7 @@ import pytest
 
 from gdn_jax.kernels import (MosaicConfig, TuningConfig, _mgpu, decode, decode_mgpu, fold,
                              mosaic_unavailable, verify_intermediate, verify_intermediate_mgpu,
-                             verify_replay, verify_replay_mgpu, verify_ring)
+                             verify_replay, verify_replay_mgpu, verify_ring, verify_ring_mgpu)
 
 pytestmark = pytest.mark.lowering
 
@@ -169,3 +169,20 @@ def test_ring_kernel_lowers_for_cuda(T, ring, pool_dtype, in_dtype, kind, cuda_l
                   reserve=T, config=TuningConfig(64, 4))
     assert TRITON_CALL in text
     assert "tf.aliasing_output" in text or "jax.buffer_donor" in text
+
+
+@needs_mosaic
+@pytest.mark.parametrize("block_v, T, ring", [(64, 4, 16), (64, 1, 16), (64, 8, 32), (128, 4, 16)])
+def test_verify_ring_mgpu_lowers_for_h100(block_v, T, ring, cuda_lowering):
+    """Ring mode's matrix form (wgmma: Hopper only) through Mosaic's layout inference."""
+    S = jax.ShapeDtypeStruct
+    bf16 = jnp.bfloat16
+    pool = (S((NUM_SLOTS, HV, V, K), bf16), S((NUM_SLOTS, ring, H, K), bf16),
+            S((NUM_SLOTS, ring, HV, V), jnp.float32), S((NUM_SLOTS, ring, HV), jnp.float32),
+            S((NUM_SLOTS, ring, HV), jnp.float32), S((NUM_SLOTS,), jnp.int32), S((B,), jnp.int32))
+    kind = "NVIDIA H100 80GB HBM3"
+    with _mgpu.target_arch(ARCHS[kind]):
+        text = _lower(verify_ring_mgpu, _token_args(T, bf16) + pool, kind, cuda_lowering,
+                      reserve=T, config=MosaicConfig(block_v, 2, 2))
+    assert MOSAIC_CALL in text and "tf.aliasing_output" in text
+    assert f"gdn_verify_ring{ring}_wy_t{T}_mgpu_bv{block_v}_t2_s2" in text

@@ -59,7 +59,7 @@ def test_solve_matches_the_recurrence(n, t_max, T, decay):
     S0_32 = jnp.asarray(S0, jnp.float32)
     PT, gram = X @ S0_32.T, X @ X.T
     values = [c[1] for c in cand] + [t[2] for t in tokens]
-    outs, w, e_n = wy.solve(
+    outs, w, e_n, _ = wy.solve(
         jnp.int32(n), [(jnp.float32(t[3]), jnp.float32(t[4])) for t in tokens],
         [(jnp.float32(c[2]), jnp.float32(c[3])) for c in cand],
         lambda r, c: gram[r, c], lambda r: PT[r], lambda i: jnp.asarray(values[i], jnp.float32),

@@ -1,0 +1,327 @@
+"""GDN verify (and decode) in ring mode, in matrix (WY) form on the tensor cores: the Pallas
+**Mosaic GPU** kernel behind `verify_mgpu.verify_ring_mgpu` (bf16 pool, tokens and ring keys;
+Hopper's wgmma). Same contract as the Triton ring kernel (`ring.verify_ring`).
+
+The ring holds up to W committed tokens not yet folded into the pool, each as its raw key, its
+log decay g and its corrected value u (fp32). With S0 the pool's tile, the state after the n
+committed ring tokens is, exactly,
+
+    S_R = e^{G_n} S0 + sum_{l<n} w_l kraw_l^T,    w_l = e^{G_n - G_l} rk_l u_l    [BV] fp32
+
+so a new token's product with it needs no state but S0: for a row x of X (a raw key or query),
+S_R x = e^{G_n} (S0 x) + sum_l (kraw_l . x) w_l -- the first term a row of PT = X @ S0^T, the
+second the Gram of X's rows with the ring's keys against the w. The T new tokens are then solved
+from S_R by `_replay_wy_mgpu.solve` (no candidates), which also gives their u for the ring.
+
+    X    = [0 (rows 0..7); keys (8..15); queries (16..23); ring keys (24..24 + W)]   [64, K]
+    PT   = X @ S0^T          [64, BV] fp32 (bf16 x bf16: exact in the fp32 accumulator)
+    Gram = X @ X[:24 + W]^T  [64, 24 + W] fp32: the tokens' products, and the ring keys' norms
+
+The pool is read, not written, except where the call folds (n > 0 and n + reserve > W: this
+call's tokens would not fit after the committed ones): there S_R, the third product W^T @ X'
+(X' holding only the live ring keys, W split into bf16 high and low parts) accumulated onto
+e^{G_n} S0, is rounded once into the pool. The caller appends the tokens (raw key, g, u) to the
+ring (at 0 after a fold, else at n) and sets count, as for the Triton kernel.
+
+Per CTA: tiles (b, hv, V block) in runs of `tiles_per_cta` over `stages` SMEM stages, as
+`_replay_wy_mgpu`: X, X' and the Gram belong to the key group (b, hv // (HV / H)) and are built at
+its first tile; each tile loads its state tile, values and the ring's u.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _common as cm
+from . import _mgpu as mg
+from . import _recurrence as rec
+from . import _replay_wy_mgpu as wy
+from ._mgpu import MosaicConfig
+
+_F32, _BF16 = jnp.float32, jnp.bfloat16
+RING_ROW = 3 * wy.GROUP          # X's first ring row
+MAX_RING = wy._ROWS - RING_ROW   # the largest ring (W) X has rows for: 40
+MAX_T = wy.GROUP                 # the most tokens one call takes
+
+
+# ------------------------------------------------------------------------------------------------
+# The math, as pure functions of scalars and [BV] vectors (also run as plain JAX by the tests)
+
+
+def ring_scales(n, ring_g, norm2):
+    """The fold coefficients of the ring's W entries, the first n committed.
+
+    ring_g: W fp32 scalars, the entries' log decays (gating applied; a dead entry's may be
+    anything); norm2(l): |kraw_l|^2 of entry l's raw key, an fp32 scalar.
+    Returns (c: W fp32 scalars c_l = e^{G_n - G_l} rk_l, 0 for a dead entry, and e^{G_n}).
+    Suffix products of e^{g}: every factor <= 1, no overflow.
+    """
+    c, tail = [None] * len(ring_g), jnp.ones((), _F32)
+    for l in reversed(range(len(ring_g))):
+        live = l < n
+        c[l] = jnp.where(live, tail * lax.rsqrt(norm2(l) + rec.L2NORM_EPS), 0.0)
+        tail = tail * jnp.where(live, jnp.exp(ring_g[l]), 1.0)
+    return c, tail
+
+
+def ring_row(r, e_n, c, row, gram, ring_u):
+    """Row r of X's product with S_R: e^{G_n} PT_r + sum_l (kraw_l . x_r) c_l u_l, [BV] fp32.
+
+    row(r): PT row r; gram(r, l): X row r . ring key l; ring_u(l): entry l's u (zeros for a dead
+    entry, whose c_l is 0 too)."""
+    acc = e_n * row(r)
+    for l, cl in enumerate(c):
+        acc = acc + (gram(r, l) * cl) * ring_u(l)
+    return acc
+
+
+# ------------------------------------------------------------------------------------------------
+# The kernel
+
+
+def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool):
+    (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
+     cand_v_ref, cand_g_ref, pool_ref, o_ref, u_ref) = refs
+    # pool_ref [N, HV, V, K] written in place where a row folds; o_ref [B, T, HV, V] and u_ref
+    # (fp32) uninitialised in; cand_v_ref [N, W, HV, V] fp32: the ring's u
+    B, T, H, HV, K, V, N, W = dims
+    BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
+    NV = V // BV
+    total = B * HV * NV
+    group = HV // H
+    KG = group * NV  # consecutive tiles of one key group (b, hk): one X, X' and Gram
+    USED = RING_ROW + W  # X rows that can hold data: the Gram's columns
+    plgpu = mg.plgpu
+    WG = None if interpret else plgpu.Layout.WGMMA
+    VVEC = None if interpret else WG.reduce(1)
+
+    tile = functools.partial(cm.Tile.at, slots_ref=slots_ref, HV=HV, NV=NV, total=total,
+                             num_slots=N)
+    pending = functools.partial(cm.tile_pending, count_ref, t_max=W, num_slots=N)
+
+    def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, ru_smem, o_smem, u_smem, pt_smem,
+             gram_smem, bars, pbars, xbar, xpbar):
+        # st_smem [ST, BV, K] pool tiles; xin_smem [64, K] X as loaded (plain); x_smem and
+        # xf_smem [64, K] the wgmma operands X and X' (tiled), built once per key group;
+        # v_smem [ST, T, BV]; ru_smem [ST, > W, BV] fp32 the ring's u (row W stays zero: a
+        # dead entry reads it); o_smem [T, BV], u_smem [T, BV] fp32; pt_smem [64, BV] and
+        # gram_smem [64, USED] fp32: the products, read back as rows and scalars
+        first = lax.axis_index("cta") * PER
+        xin_smem[...] = jnp.zeros((wy._ROWS, K), _BF16)  # rows no load fills: finite products
+        for s in range(ST):
+            ru_smem[s] = jnp.zeros(ru_smem.shape[1:], _F32)
+        plgpu.commit_smem()
+
+        def issue(i):  # tile i's own loads: its state tile, values and the ring's u
+            b, hv, iv, slot, _, live = tile(first + i)
+            s, cols = i % ST, pl.ds(iv * BV, BV)
+
+            @pl.when(live)
+            def _():
+                plgpu.copy_gmem_to_smem(pool_ref.at[slot, hv, cols, :], st_smem.at[s], bars.at[s])
+                plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bars.at[s])
+
+            @pl.when(pending(slot, live) > 0)
+            def _():
+                plgpu.copy_gmem_to_smem(cand_v_ref.at[slot, :, hv, cols],
+                                        ru_smem.at[s, pl.ds(0, W)], pbars.at[s])
+
+        def issue_x(i):  # the key group of tile i: its keys, queries and the ring's keys
+            b, hv, _, slot, _, live = tile(first + i)
+            hk = hv // group
+
+            @pl.when(live)
+            def _():
+                plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :],
+                                        xin_smem.at[pl.ds(wy.GROUP, T)], xbar.at[0])
+                plgpu.copy_gmem_to_smem(q_ref.at[b, :, hk, :],
+                                        xin_smem.at[pl.ds(2 * wy.GROUP, T)], xbar.at[0])
+
+            @pl.when(pending(slot, live) > 0)
+            def _():
+                plgpu.copy_gmem_to_smem(cand_k_ref.at[slot, :, hk, :],
+                                        xin_smem.at[pl.ds(RING_ROW, W)], xpbar.at[0])
+
+        issue_x(0)
+        for i in range(min(ST - 1, PER)):
+            issue(i)
+
+        @pl.loop(0, PER)
+        def _(i):
+            b, hv, iv, slot, in_range, live = tile(first + i)
+            s, cols = i % ST, pl.ds(iv * BV, BV)
+            offset = (first + i) % KG
+            fresh = (i == 0) | (offset == 0)
+            # tile i - 1's stores have read their SMEM: its stage takes tile i + ST - 1's loads
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            plgpu.commit_smem()
+            if PER > ST - 1:
+                @pl.when(i + ST - 1 < PER)
+                def _():
+                    issue(i + ST - 1)
+
+            # scalars first: their GMEM latency overlaps the TMA wait
+            gates = [rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32),
+                               A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32),
+                               log1p=rec.log1p_kahan) for t in range(T)]
+            n = pending(slot, live)
+            cslot = jnp.clip(slot, 0, N - 1)
+            ring_g = [cand_g_ref[cslot, l, hv].astype(_F32) for l in range(W)]
+
+            @pl.when(fresh)
+            def _():
+                @pl.when(live)
+                def _():
+                    plgpu.barrier_wait(xbar.at[0])
+
+                    @pl.when(n > 0)
+                    def _():
+                        plgpu.barrier_wait(xpbar.at[0])
+
+                    # X: the tokens and the committed ring keys (the rest of the ring may hold
+                    # anything); X', the fold's: only the committed ring keys (this call's
+                    # tokens meet zero columns of W^T there, and 0 * NaN would be NaN)
+                    X = mg.layout_cast(xin_smem[...], WG, interpret=interpret)
+                    rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
+                    zero = jnp.zeros_like(X)
+                    x_smem[...] = jnp.where(rows < RING_ROW + n, X, zero)
+                    xf_smem[...] = jnp.where((rows >= RING_ROW) & (rows < RING_ROW + n), X, zero)
+                    plgpu.commit_smem()
+                    mg.store_plain(wy.times_t(x_smem, x_smem.at[pl.ds(0, USED)], interpret),
+                                   gram_smem, interpret=interpret)
+
+                # xin is free: the next key group's loads go out now
+                following = i + KG - offset
+                if PER > 1:
+                    @pl.when(following < PER)
+                    def _():
+                        issue_x(following)
+
+            @pl.when(live)
+            def _():
+                plgpu.barrier_wait(bars.at[s])
+
+                @pl.when(n > 0)
+                def _():
+                    plgpu.barrier_wait(pbars.at[s])
+
+                mg.store_plain(wy.times_t(x_smem, st_smem.at[s], interpret), pt_smem,
+                               interpret=interpret)
+                plgpu.commit_smem()
+
+                def ring_u(l):  # a dead entry reads the zero row W
+                    return mg.load(ru_smem.at[s, jnp.where(l < n, l, W)], VVEC,
+                                   interpret=interpret)
+
+                c, e_n = ring_scales(n, ring_g,
+                                     lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
+                ring_part = functools.partial(
+                    ring_row, e_n=e_n, c=c,
+                    row=lambda r: mg.load(pt_smem.at[r], VVEC, interpret=interpret),
+                    gram=lambda r, l: gram_smem[r, RING_ROW + l], ring_u=ring_u)
+                outs, _, _, us = wy.solve(
+                    jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc],
+                    ring_part,
+                    lambda t: mg.load(v_smem.at[s, t], VVEC, interpret=interpret).astype(_F32),
+                    K)
+                for t in range(T):
+                    o_smem[t] = outs[t].astype(o_smem.dtype)
+                    u_smem[t] = us[t]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
+                plgpu.copy_smem_to_gmem(u_smem, u_ref.at[b, :, hv, cols])
+
+                @pl.when((n > 0) & (n + reserve > W))
+                def _():  # the fold: S_R into the pool, rounded once
+                    w = [cl * ring_u(l) for l, cl in enumerate(c)]
+                    WT = wy.columns(w, (BV, wy._ROWS), WG, interpret, first=RING_ROW)
+                    hi = WT.astype(_BF16)
+                    lo = (WT - hi.astype(_F32)).astype(_BF16)
+                    S0 = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
+                    S = wy.accumulate(e_n * S0, (hi, lo), xf_smem, interpret)
+                    st_smem[s] = S.astype(st_smem.dtype)
+                    plgpu.commit_smem()
+                    plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
+
+            @pl.when(in_range & jnp.logical_not(live))
+            def _():  # a padding row: zero o and u (both start uninitialised)
+                zero = mg.layout_cast(jnp.zeros((BV,), _F32), VVEC, interpret=interpret)
+                for t in range(T):
+                    o_smem[t] = zero.astype(o_smem.dtype)
+                    u_smem[t] = zero
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
+                plgpu.copy_smem_to_gmem(u_smem, u_ref.at[b, :, hv, cols])
+
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(
+        body,
+        mg.smem_tile((ST, BV, K), pool_ref.dtype, interpret=interpret),
+        plgpu.SMEM((wy._ROWS, K), _BF16),
+        mg.smem_tile((wy._ROWS, K), _BF16, interpret=interpret),
+        mg.smem_tile((wy._ROWS, K), _BF16, interpret=interpret),
+        plgpu.SMEM((ST, T, BV), v_ref.dtype),
+        plgpu.SMEM((ST, wy.value_rows(W + 1, BV), BV), _F32),
+        plgpu.SMEM((T, BV), o_ref.dtype),
+        plgpu.SMEM((T, BV), _F32),
+        plgpu.SMEM((wy._ROWS, BV), _F32),
+        plgpu.SMEM((wy._ROWS, USED), _F32),
+        plgpu.Barrier(num_arrivals=2, num_barriers=ST),
+        plgpu.Barrier(num_arrivals=1, num_barriers=ST),
+        plgpu.Barrier(num_arrivals=2, num_barriers=1),
+        plgpu.Barrier(num_arrivals=1, num_barriers=1),
+    )
+
+
+def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None:
+    """None when the kernel takes a ring call of these dims and dtypes, else why not."""
+    bf16 = jnp.dtype(_BF16)
+    if dtypes.pool != bf16 or dtypes.tokens != bf16:
+        return (f"the Mosaic GPU ring kernel takes a bf16 pool and bf16 tokens (its products run "
+                f"on bf16 tensor cores), got {dtypes.pool}, {dtypes.tokens}")
+    if dims.T > MAX_T:
+        return f"the Mosaic GPU ring kernel takes T <= {MAX_T}, got T = {dims.T}"
+    if dims.t_max > MAX_RING or dims.t_max % 8:
+        return (f"the Mosaic GPU ring kernel takes a ring of W <= {MAX_RING} entries, a multiple "
+                f"of 8, got W = {dims.t_max}")
+    if dims.V % config.block_v:
+        return f"block_v must divide V, got {config.block_v=}, V={dims.V}"
+    why = mg.head_dims_misfit(dims.K, dims.V)
+    if why is None and smem_bytes(dims, config) > mg.SMEM_BYTES:
+        why = (f"{config} needs {smem_bytes(dims, config)} bytes of SMEM per CTA, more than "
+               f"{mg.SMEM_BYTES}; lower stages or block_v")
+    return why
+
+
+def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
+    """What one CTA allocates (bf16 pool and tokens; each buffer 1 KiB aligned)."""
+    BV, ST, K, T, W = config.block_v, config.stages, dims.K, dims.T, dims.t_max
+    rows = wy._ROWS
+    buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
+               ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4, rows * BV * 4,
+               rows * (RING_ROW + W) * 4, 8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
+    return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
+
+
+def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool, *args):
+    """Launch the kernel on (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g,
+    pool) -> (o [B, T, HV, V], u [B, T, HV, V] fp32, pool), `misfit` checked by the caller."""
+    B, T, _, HV, _, V, _, W = dims
+    name = (f"gdn_verify_ring{W}_wy_t{T}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}"
+            f"_s{config.stages}")
+    grid = (pl.cdiv(B * HV * (V // config.block_v), config.tiles_per_cta),)
+    body = functools.partial(_body, dims=dims, config=config, reserve=reserve,
+                             interpret=interpret)
+
+    def stateful(refs):
+        mg.core_map(lambda: body(refs), grid=grid, name=name, interpret=interpret)
+
+    o = mg.fresh_outputs((B, T, HV, V), args[2].dtype, interpret=interpret)
+    u = mg.fresh_outputs((B, T, HV, V), _F32, interpret=interpret)
+    *_, pool, o, u = pl.run_state(stateful)((*args, o, u))
+    return o, u, pool
