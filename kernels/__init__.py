@@ -75,6 +75,7 @@ from .projection_mgpu import misfit as projection_mgpu_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
 from .verify import verify_intermediate, verify_replay
+from ._ring_wy_mgpu import MAX_T as MOSAIC_RING_MAX_T
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu, verify_ring_mgpu
 
 
@@ -84,7 +85,7 @@ def mosaic_unavailable() -> str | None:
 
 
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
-           "MOSAIC_MAX_T", "MOSAIC_MODES", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T",
+           "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T",
            "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes", "MoEConfig",
            "MosaicConfig", "MosaicProjectionConfig", "ProjectionConfig", "ScatterConfig", "TuningConfig", "conv_step",
            "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",

@@ -46,6 +46,9 @@ _F32, _BF16 = jnp.float32, jnp.bfloat16
 RING_ROW = 3 * wy.GROUP          # X's first ring row
 MAX_RING = wy._ROWS - RING_ROW   # the largest ring (W) X has rows for: 40
 MAX_T = wy.GROUP                 # the most tokens one call takes
+# The ring's part of each token row is unrolled over the W entries (2T rows x W terms): at
+# T = 8, W = 32 Mosaic's layout inference recurses past Python's limit while lowering (jax 0.10.2)
+MAX_T_TIMES_W = 128
 
 
 # ------------------------------------------------------------------------------------------------
@@ -289,6 +292,10 @@ def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None
     if dims.t_max > MAX_RING or dims.t_max % 8:
         return (f"the Mosaic GPU ring kernel takes a ring of W <= {MAX_RING} entries, a multiple "
                 f"of 8, got W = {dims.t_max}")
+    if dims.T * dims.t_max > MAX_T_TIMES_W:
+        return (f"the Mosaic GPU ring kernel takes T x W <= {MAX_T_TIMES_W} (an unrolled "
+                f"product Mosaic's layout inference can lower), got T = {dims.T}, W = "
+                f"{dims.t_max}")
     if dims.V % config.block_v:
         return f"block_v must divide V, got {config.block_v=}, V={dims.V}"
     why = mg.head_dims_misfit(dims.K, dims.V)

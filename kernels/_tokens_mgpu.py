@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from . import _common as cm
 from . import _mgpu as mg
 from . import _recurrence as rec
-from . import _replay_wy_mgpu
+from . import _replay_wy_mgpu, _ring_wy_mgpu
 from ._mgpu import MosaicConfig
 
 _F32 = jnp.float32
@@ -308,10 +308,14 @@ def store_ring(mode: str, config: MosaicConfig, dims: cm.Dims, dtypes: cm.Dtypes
 
 
 def misfit(mode: str, dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None:
-    """None when the Mosaic GPU kernel of `mode` ("decode" | "replay" | "intermediate") takes a
-    call of these dims and dtypes with `config`, else why not: the head dims it can tile, and
-    the SMEM one CTA needs (load stages, the candidates of t_max tokens, intermediate's ring).
-    A pure function of its arguments: dispatch asks it before choosing Mosaic GPU."""
+    """None when the Mosaic GPU kernel of `mode` ("decode" | "replay" | "intermediate" |
+    "ring") takes a call of these dims and dtypes with `config`, else why not: the head dims it
+    can tile, and the SMEM one CTA needs (load stages, the candidates of t_max tokens,
+    intermediate's ring). A pure function of its arguments: dispatch asks it before choosing
+    Mosaic GPU. Ring mode (decode and verify on a ring-mode state) has its matrix-form kernel
+    only (`_ring_wy_mgpu`; dims.t_max is the ring's W)."""
+    if mode == "ring":
+        return _ring_wy_mgpu.misfit(dims, dtypes, config)
     if mode not in MODES:
         raise ValueError(f"mosaic misfit: mode expected one of {MODES}, got {mode!r}")
     if config.wy:

@@ -67,11 +67,12 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, choice, interpr
 
 @functools.partial(jax.jit, static_argnames=("reserve", "choice", "interpret"))
 def ring(q, k, v, a, b, A_log, dt_bias, state, slots, *, reserve, choice, interpret=False):
-    """Ring mode: decode (reserve 1) and verify (reserve T_max), one kernel (`kernels.ring`)."""
-    o, u, pool = kernels.verify_ring(q, k, v, a, b, A_log, dt_bias, state.pool,
-                                     *_pending(state), slots, reserve=reserve,
-                                     config=choice.config,
-                                     interpret=interpret or choice.backend == "interpret")
+    """Ring mode: decode (reserve 1) and verify (reserve T_max), one kernel (`kernels.ring`, or
+    `verify_ring_mgpu` where the choice is Mosaic GPU)."""
+    kernel = kernels.verify_ring_mgpu if choice.backend == "mosaic" else kernels.verify_ring
+    o, u, pool = kernel(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots,
+                        reserve=reserve, config=choice.config,
+                        interpret=interpret or choice.backend == "interpret")
     gather, valid, scatter = slot_index(slots, state.num_slots)
     _, start = ring_start(state, gather, valid, reserve)
     g, beta = reference.gating(a, b, A_log, dt_bias)

@@ -33,7 +33,7 @@ from gdn_jax import kernels
 
 ENV_VAR = "GDN_JAX_BACKEND"
 BACKENDS = ("xla", "triton", "mosaic", "interpret")
-MOSAIC_OPS = ("decode", "verify")  # ops with a Mosaic GPU kernel (verify: both modes)
+MOSAIC_OPS = ("decode", "verify")  # ops with a Mosaic GPU kernel (verify: every mode)
 KERNEL_OPS = ("decode", "verify", "flush")  # ops with a kernel; the rest are XLA scatters
 _TRITON_CAPABILITY = (8, 0)
 _log = logging.getLogger("gdn_jax.dispatch")
@@ -142,7 +142,11 @@ def why_not(backend: str, device: Device, op: str, T: int, *, K: int | None = No
         if T > kernels.RING_MAX_T:
             return f"the ring kernel takes T <= {kernels.RING_MAX_T}, got T = {T}"
         if backend == "mosaic":
-            return "there is no Mosaic GPU kernel for ring mode (its kernel is Triton's)"
+            if T > kernels.MOSAIC_RING_MAX_T:
+                return (f"the Mosaic GPU ring kernel takes T <= {kernels.MOSAIC_RING_MAX_T}, "
+                        f"got T = {T}")
+            if device.capability is not None and device.capability[0] != 9:
+                return "the Mosaic GPU ring kernel runs on Hopper's wgmma (compute capability 9.x)"
     elif T > kernels.MAX_T:
         return f"the kernels take T <= {kernels.MAX_T}, got T = {T}"
     if backend == "interpret":
@@ -328,6 +332,8 @@ def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
     for the Mosaic GPU ones. wy: replay's matrix form can run (`_wy_fits`); it is taken where
     measured faster (every B measured: 1 to 256)."""
     large = B >= _LARGE_BATCH
+    if mode == "ring" and backend == "mosaic":  # not yet measured: replay's matrix-form rule
+        return kernels.MosaicConfig(min(64, V), 2 if B <= 8 else 4, 2)
     if mode == "ring":
         block_v, num_warps = _RING_TUNING[(jnp.dtype(state_dtype).name, large)]
         return kernels.TuningConfig(min(block_v, V), num_warps, num_stages=1)

@@ -172,7 +172,8 @@ def test_ring_kernel_lowers_for_cuda(T, ring, pool_dtype, in_dtype, kind, cuda_l
 
 
 @needs_mosaic
-@pytest.mark.parametrize("block_v, T, ring", [(64, 4, 16), (64, 1, 16), (64, 8, 32), (128, 4, 16)])
+@pytest.mark.parametrize("block_v, T, ring", [(64, 4, 16), (64, 1, 16), (64, 8, 16), (64, 4, 32),
+                                               (128, 4, 16)])
 def test_verify_ring_mgpu_lowers_for_h100(block_v, T, ring, cuda_lowering):
     """Ring mode's matrix form (wgmma: Hopper only) through Mosaic's layout inference."""
     S = jax.ShapeDtypeStruct

@@ -26,6 +26,10 @@ from gdn_jax.ops import _xla
 
 SMALL = dict(H=2, HV=4, K=16, V=32, block_v=16, num_slots=6, B_real=3)
 REAL = dict(H=16, HV=32, K=128, V=128, block_v=64, num_slots=24, B_real=12)
+# The Mosaic GPU kernel's smallest heads (64: the WGMMA layout), two V blocks per head: a key
+# group's four tiles cross CTAs of two tiles each
+MOSAIC_SMALL = dict(H=1, HV=2, K=64, V=128, block_v=64, num_slots=6, B_real=3)
+_NO_MOSAIC = kernels.mosaic_unavailable()
 
 
 def _case(seed, dims, T, W, pool_dtype, in_dtype):
@@ -49,24 +53,9 @@ def _case(seed, dims, T, W, pool_dtype, in_dtype):
     return st.replace(pool=pool), slots, tok, untouched
 
 
-@pytest.mark.parametrize("T,W", [(1, 16), (3, 16), (4, 16), (16, 32)])
-@pytest.mark.parametrize("pool_dtype,in_dtype", [(jnp.float32, jnp.float32),
-                                                 (jnp.bfloat16, jnp.bfloat16)],
-                         ids=["fp32", "bf16"])
-@pytest.mark.parametrize("where", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
-def test_ring_kernel_matches_xla(where, pool_dtype, in_dtype, T, W):
-    if where == "gpu" and jax.devices()[0].platform != "gpu":
-        pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform}")
-    dims = SMALL if where == "interpret" else REAL
-    st, slots, tok, untouched = _case(T * 31 + W, dims, T, W, pool_dtype, in_dtype)
-    reserve = T
-    ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)
-    o, u, pool = kernels.verify_ring(*tok.args(), jnp.copy(st.pool), st.cand_k, st.cand_v,
-                                     st.cand_g, st.cand_beta, st.count, slots, reserve=reserve,
-                                     config=kernels.TuningConfig(dims["block_v"], 4),
-                                     interpret=where == "interpret")
-    tol = 1e-5 if pool_dtype == jnp.float32 else 2 * BF16_EPS
-    tol_u = 1e-5 if pool_dtype == jnp.float32 else BF16_EPS
+def _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, tol, tol_u):
+    """The kernel's o, u and pool against the XLA ring path's (`_xla.ring`) on the same call."""
+    W = st.cand_k.shape[1]
     valid = np.asarray((slots >= 0) & (slots < dims["num_slots"]))
     assert u.dtype == jnp.float32 and u.shape == o.shape
     assert (np.asarray(o)[~valid] == 0).all() and (np.asarray(u)[~valid] == 0).all()
@@ -85,3 +74,70 @@ def test_ring_kernel_matches_xla(where, pool_dtype, in_dtype, T, W):
         # the reference appended its u at the row's start in the ring (0 after a fold)
         start = 0 if count + reserve > W else count
         assert rel_err(u[row], ref_st.cand_v[s, start:start + T]) <= tol_u
+
+
+@pytest.mark.parametrize("T,W", [(1, 16), (3, 16), (4, 16), (16, 32)])
+@pytest.mark.parametrize("pool_dtype,in_dtype", [(jnp.float32, jnp.float32),
+                                                 (jnp.bfloat16, jnp.bfloat16)],
+                         ids=["fp32", "bf16"])
+@pytest.mark.parametrize("where", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_ring_kernel_matches_xla(where, pool_dtype, in_dtype, T, W):
+    if where == "gpu" and jax.devices()[0].platform != "gpu":
+        pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform}")
+    dims = SMALL if where == "interpret" else REAL
+    st, slots, tok, untouched = _case(T * 31 + W, dims, T, W, pool_dtype, in_dtype)
+    reserve = T
+    ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)
+    o, u, pool = kernels.verify_ring(*tok.args(), jnp.copy(st.pool), st.cand_k, st.cand_v,
+                                     st.cand_g, st.cand_beta, st.count, slots, reserve=reserve,
+                                     config=kernels.TuningConfig(dims["block_v"], 4),
+                                     interpret=where == "interpret")
+    tol = 1e-5 if pool_dtype == jnp.float32 else 2 * BF16_EPS
+    tol_u = 1e-5 if pool_dtype == jnp.float32 else BF16_EPS
+    _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, tol, tol_u)
+
+
+@pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))
+@pytest.mark.parametrize("T,W,reserve", [(1, 16, 1), (4, 16, 4), (3, 16, 8), (8, 16, 8),
+                                         (4, 32, 4)])
+@pytest.mark.parametrize("where", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_ring_mgpu_kernel_matches_xla(where, T, W, reserve):
+    """The Mosaic GPU kernel (matrix form; bf16), its ring's dead entries NaN: a committed
+    entry's data only may reach the outputs or the pool. Tolerances as the Triton kernel's: o
+    and a folded pool one bf16 rounding each (2 eps); u BF16_EPS (fp32 from the same pool; the
+    fold's weights enter as bf16 high + low parts, about 16 bits, far below it)."""
+    if where == "gpu" and jax.devices()[0].platform != "gpu":
+        pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform}")
+    dims = MOSAIC_SMALL if where == "interpret" else REAL
+    st, slots, tok, untouched = _case(T * 37 + W + reserve, dims, T, W, jnp.bfloat16,
+                                      jnp.bfloat16)
+    ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)  # before the poison
+    dead = np.arange(W)[None, :] >= np.asarray(st.count)[:, None]  # [num_slots, W]
+    ring = (jnp.where(dead[:, :, None, None], jnp.nan, st.cand_k),
+            jnp.where(dead[:, :, None, None], jnp.nan, st.cand_v),
+            jnp.where(dead[:, :, None], jnp.nan, st.cand_g))
+    o, u, pool = kernels.verify_ring_mgpu(*tok.args(), jnp.copy(st.pool), *ring, st.cand_beta,
+                                          st.count, slots, reserve=reserve,
+                                          config=kernels.MosaicConfig(dims["block_v"], 2, 2),
+                                          interpret=where == "interpret")
+    _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, 2 * BF16_EPS,
+           BF16_EPS)
+
+
+@pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))
+def test_ring_mgpu_refuses_what_it_cannot_take():
+    st, slots, tok, _ = _case(5, MOSAIC_SMALL, 4, 16, jnp.float32, jnp.float32)
+    args = (*tok.args(), st.pool, st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count, slots)
+    with pytest.raises(ValueError, match="verify_ring_mgpu: the Mosaic GPU ring kernel takes a "
+                                         "bf16 pool and bf16 tokens"):
+        kernels.verify_ring_mgpu(*args, reserve=4, interpret=True)
+    st, slots, tok, _ = _case(5, MOSAIC_SMALL, 9, 16, jnp.bfloat16, jnp.bfloat16)
+    args = (*tok.args(), st.pool, st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count, slots)
+    with pytest.raises(ValueError, match=r"verify_ring_mgpu: T \(q.shape\[1\]\) expected 1..8"):
+        kernels.verify_ring_mgpu(*args, reserve=9, interpret=True)
+    st, slots, tok, _ = _case(5, MOSAIC_SMALL, 8, 32, jnp.bfloat16, jnp.bfloat16)
+    args = (*tok.args(), st.pool, st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count, slots)
+    with pytest.raises(ValueError, match="verify_ring_mgpu: reserve expected 1..W = 32"):
+        kernels.verify_ring_mgpu(*args, reserve=33, interpret=True)
+    with pytest.raises(ValueError, match="takes T x W <= 128 .*got T = 8, W = 32"):
+        kernels.verify_ring_mgpu(*args, reserve=8, interpret=True)
