@@ -141,3 +141,37 @@ def test_ring_mgpu_refuses_what_it_cannot_take():
         kernels.verify_ring_mgpu(*args, reserve=33, interpret=True)
     with pytest.raises(ValueError, match="takes T x W <= 128 .*got T = 8, W = 32"):
         kernels.verify_ring_mgpu(*args, reserve=8, interpret=True)
+
+
+@pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))
+def test_ops_ring_mosaic_path_interpret():
+    """gdn_jax.ops' ring path with the Mosaic GPU kernel (interpreted): a verify, a commit of
+    random accepted counts and a decode leave o and the whole ring-mode state as the XLA path's
+    (the ring's appends and counts are the op's XLA, around the kernel)."""
+    from gdn_jax.ops import _pallas, dispatch
+
+    T = 4
+    st, slots, tok, untouched = _case(11, MOSAIC_SMALL, T, 16, jnp.bfloat16, jnp.bfloat16)
+    st = st.replace(pool=st.pool.at[untouched].set(0.0))
+    choice = dispatch.Choice("mosaic", kernels.MosaicConfig(64, 2, 2), "forced")
+    rng = np.random.default_rng(11)
+    valid = np.asarray((slots >= 0) & (slots < MOSAIC_SMALL["num_slots"]))
+    accepted = jnp.asarray(np.where(valid, rng.integers(0, T + 1, len(valid)), 0), jnp.int32)
+    dec = tokens(rng, slots.shape[0], 1, 1, 2, 64, 128, jnp.bfloat16, tok.A_log, tok.dt_bias)
+
+    def run(verify_fn, decode_fn):
+        o1, s = verify_fn(*tok.args(), st, slots)
+        s = ops.commit(s, slots, accepted)
+        o2, s = decode_fn(*dec.args(), s, slots)
+        return o1, o2, s
+
+    got = run(lambda *a: _pallas.ring(*a, reserve=T, choice=choice, interpret=True),
+              lambda *a: _pallas.ring(*a, reserve=1, choice=choice, interpret=True))
+    want = run(lambda *a: _xla.ring(*a, reserve=T), lambda *a: _xla.ring(*a, reserve=1))
+    for g, w in zip(got[:2], want[:2]):
+        assert rel_err(g[valid], np.asarray(w[valid], np.float32)) <= 2 * BF16_EPS
+    s, r = got[2], want[2]
+    np.testing.assert_array_equal(np.asarray(s.count), np.asarray(r.count))
+    np.testing.assert_array_equal(np.asarray(s.cand_k), np.asarray(r.cand_k))
+    assert rel_err(s.pool, np.asarray(r.pool, np.float32)) <= 2 * BF16_EPS
+    assert rel_err(s.cand_v, np.asarray(r.cand_v)) <= BF16_EPS

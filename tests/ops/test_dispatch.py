@@ -257,3 +257,28 @@ def test_the_choice_is_one_hashable_static():
     assert a.reason == "table" and b.reason == "forced"
     assert a == b and hash(a) == hash(b)
     assert dispatch.select("decode", backend="xla", device=h100).config is None
+
+
+def test_ring_mode_runs_on_mosaic_where_forced(mosaic_imports):
+    """Ring mode's Mosaic GPU kernel (matrix form: Hopper, bf16 pool and tokens, T <= 8,
+    T x W <= 128) runs where asked for; the table keeps the Triton kernel until measured."""
+    h100, b200 = FakeDevice("gpu", "9.0", "H100"), FakeDevice("gpu", "10.0", "B200")
+    bf16, f32 = jnp.dtype("bfloat16"), jnp.dtype("float32")
+    ring_dtypes = kernels.Dtypes(bf16, bf16, f32)  # the ring's u are fp32
+
+    def pick(T=4, W=16, device=h100, dtypes=ring_dtypes, backend="mosaic"):
+        return dispatch.select("verify", dims=_dims(B=32, T=T, t_max=W), dtypes=dtypes,
+                               mode="ring", device=device, backend=backend)
+
+    assert pick(backend=None).backend == "triton"
+    choice = pick()
+    assert choice.backend == "mosaic" and choice.config == kernels.MosaicConfig(64, 4, 2)
+    assert pick(T=8, W=16).backend == pick(T=4, W=32).backend == "mosaic"
+    with pytest.raises(ValueError, match=r"T x W <= 128 .*got T = 8, W = 32"):
+        pick(T=8, W=32)
+    with pytest.raises(ValueError, match=r"takes T <= 8, got T = 9"):
+        pick(T=9, W=32)
+    with pytest.raises(ValueError, match="bf16 pool and bf16 tokens"):
+        pick(dtypes=kernels.Dtypes(f32, bf16, f32))
+    with pytest.raises(ValueError, match=r"Hopper's wgmma \(compute capability 9.x\)"):
+        pick(device=b200)
