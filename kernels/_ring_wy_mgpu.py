@@ -71,14 +71,14 @@ def ring_scales(n, ring_g, norm2):
     return c, tail
 
 
-def ring_row(r, e_n, c, row, gram, ring_u):
-    """Row r of X's product with S_R: e^{G_n} PT_r + sum_l (kraw_l . x_r) c_l u_l, [BV] fp32.
+def ring_row(r, e_n, w, row, gram):
+    """Row r of X's product with S_R: e^{G_n} PT_r + sum_l (kraw_l . x_r) w_l, [BV] fp32.
 
-    row(r): PT row r; gram(r, l): X row r . ring key l; ring_u(l): entry l's u (zeros for a dead
-    entry, whose c_l is 0 too)."""
+    w: the ring's W fold weights w_l = c_l u_l ([BV] fp32; zeros for a dead entry); row(r): PT
+    row r; gram(r, l): X row r . ring key l."""
     acc = e_n * row(r)
-    for l, cl in enumerate(c):
-        acc = acc + (gram(r, l) * cl) * ring_u(l)
+    for l, wl in enumerate(w):
+        acc = acc + gram(r, l) * wl
     return acc
 
 
@@ -222,10 +222,11 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
 
                 c, e_n = ring_scales(n, ring_g,
                                      lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
+                w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
                 ring_part = functools.partial(
-                    ring_row, e_n=e_n, c=c,
+                    ring_row, e_n=e_n, w=w,
                     row=lambda r: mg.load(pt_smem.at[r], VVEC, interpret=interpret),
-                    gram=lambda r, l: gram_smem[r, RING_ROW + l], ring_u=ring_u)
+                    gram=lambda r, l: gram_smem[r, RING_ROW + l])
                 outs, _, _, us = wy.solve(
                     jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc],
                     ring_part,
@@ -240,7 +241,6 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
 
                 @pl.when((n > 0) & (n + reserve > W))
                 def _():  # the fold: S_R into the pool, rounded once
-                    w = [cl * ring_u(l) for l, cl in enumerate(c)]
                     WT = wy.columns(w, (BV, wy._ROWS), WG, interpret, first=RING_ROW)
                     hi = WT.astype(_BF16)
                     lo = (WT - hi.astype(_F32)).astype(_BF16)
