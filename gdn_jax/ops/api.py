@@ -54,8 +54,9 @@ def _ring(op, q, k, v, a, b, A_log, dt_bias, state, slots, dims, backend, reserv
         _checks.fail(op, "k, v", f"the state's input dtype {state.input_dtype} (ring mode keeps "
                      "k in the ring; set GDNState.create(input_dtype=...))",
                      f"{k.dtype}, {v.dtype}")
-    choice = dispatch.select(op, dims=dims, dtypes=_dtypes(q, state), mode="ring",
-                             backend=backend)
+    # the kernels' t_max in ring mode is the ring's size W (their candidate buffers' length)
+    choice = dispatch.select(op, dims=dims._replace(t_max=state.ring_size),
+                             dtypes=_dtypes(q, state), mode="ring", backend=backend)
     if choice.backend == "xla":
         return _xla.ring(q, k, v, a, b, A_log, dt_bias, state, slots, reserve=reserve)
     from gdn_jax.ops import _pallas

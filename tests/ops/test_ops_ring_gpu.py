@@ -16,13 +16,20 @@ pytestmark = pytest.mark.gpu
 H, HV, K, V, NUM_SLOTS = 16, 32, 128, 128, 9
 
 
-@pytest.mark.parametrize("t_max", [4, 16])
+@pytest.mark.parametrize("t_max, backend", [(4, None), (16, None), (4, "mosaic"), (8, "mosaic")])
 @pytest.mark.parametrize("pool_dtype,input_dtype", [(jnp.float32, jnp.float32),
                                                     (jnp.bfloat16, jnp.bfloat16)],
                          ids=["fp32", "bf16"])
-def test_ring_rounds_gpu(pool_dtype, input_dtype, t_max):
+def test_ring_rounds_gpu(pool_dtype, input_dtype, t_max, backend):
+    """backend None: what dispatch picks (the Triton kernel); "mosaic": the Mosaic GPU kernel
+    (Hopper, bf16 only)."""
+    import jax
+
     from gdn_jax.ops import dispatch
 
+    if backend == "mosaic" and (pool_dtype != jnp.bfloat16
+                                or jax.devices()[0].compute_capability.split(".")[0] != "9"):
+        pytest.skip("the Mosaic GPU ring kernel runs a bf16 pool on Hopper")
     assert dispatch.select("verify", T=t_max, K=K, V=V, mode="ring").backend == "triton"
     rng = np.random.default_rng(0)
     st = ops.GDNState.create(NUM_SLOTS, H, HV, K, V, t_max, dtype=pool_dtype,
@@ -40,9 +47,9 @@ def test_ring_rounds_gpu(pool_dtype, input_dtype, t_max):
         T = 1 if decode else t_max
         tok = tokens(rng, 7, T, H, HV, K, V, input_dtype)
         if decode:
-            o, new = ops.decode(*tok.args(), st, slots)
+            o, new = ops.decode(*tok.args(), st, slots, backend=backend)
         else:
-            o, new, _ = ops.verify(*tok.args(), st, slots)
+            o, new, _ = ops.verify(*tok.args(), st, slots, backend=backend)
         tol = 1e-5 if fp32 else (folds + 2) * BF16_EPS
         for i, s in enumerate(np.asarray(slots)):
             if not 0 <= s < NUM_SLOTS:
