@@ -131,11 +131,22 @@ def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32"), configs=
     """Tuning sweep of the ring kernel: block_v x num_warps (or the given "bv:w,..." configs),
     verify T = 4 at fold 20%. Each config is a fresh XLA compile of the ring kernel (tens of
     seconds under ncu): a runner call of 600 s takes about six; sweep in chunks."""
-    pairs = ([tuple(int(x) for x in c.split(":")) for c in configs.split(",")] if configs else
-             [(bv, w) for bv in (16, 32, 64, 128) for w in (2, 4, 8)])
-    return [dict(impl="gdn", op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2,
-                 block_v=bv, num_warps=w, num_stages=1)
-            for dtype in dtypes for B in batches for bv, w in pairs]
+    configs = configs.split(",") if configs else [f"{bv}:{w}" for bv in (16, 32, 64, 128)
+                                                  for w in (2, 4, 8)]
+    out = []
+    for dtype in dtypes:
+        for B in batches:
+            for cfg in configs:
+                case = dict(op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2)
+                if cfg.startswith("m"):  # the Mosaic GPU kernel (bf16): block_v:tiles:stages
+                    bv, per, stages = (int(x) for x in cfg[1:].split(":"))
+                    if dtype == "bfloat16":
+                        out.append(dict(case, impl="mosaic", block_v=bv, tiles_per_cta=per,
+                                        stages=stages))
+                else:
+                    bv, w = (int(x) for x in cfg.split(":"))
+                    out.append(dict(case, impl="gdn", block_v=bv, num_warps=w, num_stages=1))
+    return out
 
 
 def sweep_cases():
@@ -194,7 +205,7 @@ def byte_model(c):
         return 2 * state + tokens + pend
     if c["op"] == "fla":  # reads the state in its dtype, writes fp32
         return state + B * HV * V * K * 4 + tokens
-    if c["op"] in ("ring", "ring-decode") and c["impl"] == "gdn":
+    if c["op"] in ("ring", "ring-decode") and c["impl"] in ("gdn", "mosaic"):
         # state read, the committed ring entries read (raw k in H heads, u in fp32, g), T entries
         # appended (k, u, g and beta: the ring's layout keeps a beta it no longer reads), the
         # kernel's u out (fp32, read back by the append), the folding rows' state written
@@ -319,7 +330,11 @@ def _ring_case(c, args, timer, rng, mk, toks):
     c["mean_fill"] = float(counts.mean())
     count = jnp.asarray(counts)
     slots = jnp.arange(B, dtype=jnp.int32)[jnp.asarray(rng.permutation(B))]
-    if "block_v" in c:
+    if "tiles_per_cta" in c:
+        cfg = kernels.MosaicConfig(c["block_v"], c["tiles_per_cta"], c["stages"])
+        choice = dispatch.Choice("mosaic", cfg)
+        backend = None
+    elif "block_v" in c:
         cfg = (c["block_v"], c["num_warps"])
         choice = dispatch.Choice("triton", kernels.TuningConfig(*cfg))
         backend = None
@@ -595,7 +610,7 @@ def main(argv=None):
                         "standard cases")
     p.add_argument("--sweep-configs", default=None, metavar="BV:W,...",
                    help="--sweep-ring's block_v:num_warps pairs (default all twelve of "
-                        "16..128 x 2, 4, 8)")
+                        "16..128 x 2, 4, 8); mBV:TILES:STAGES for the Mosaic GPU kernel")
     p.add_argument("--timer", choices=("ncu", "jax"), default="ncu",
                    help="ncu: kernel time from Nsight Compute, caches flushed (the figures "
                         "quoted); jax: JAX's profiler in this process, no ncu (tuning sweeps: "
