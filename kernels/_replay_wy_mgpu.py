@@ -309,8 +309,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
 
 
 def times_t(xs, other, interpret: bool):
-    """xs @ other^T [64, n] fp32 on the tensor cores. xs: the X operand [64, K]; other: an SMEM ref
-    [n, K], the state tile (PT) or X's first 24 rows (the Gram)."""
+    """xs @ other^T [m, n] fp32 on the tensor cores. xs: an SMEM ref [m, K] (m a multiple of 64:
+    the X operand, or a state tile); other: an SMEM ref [n, K], the state tile (PT), X's first
+    rows (the Gram, or the state tile's products with them)."""
     if interpret:  # the interpreter's product: a plain dot of the SMEM contents
         return _dot_t(xs[...].astype(_F32), other[...].astype(_F32))
     plgpu = mg.plgpu
@@ -319,7 +320,7 @@ def times_t(xs, other, interpret: bool):
         plgpu.wgmma(acc, xs, other.transpose((1, 0)))
         return acc[...]
 
-    return pl.run_scoped(product, plgpu.ACC((_ROWS, other.shape[0]), _F32))
+    return pl.run_scoped(product, plgpu.ACC((xs.shape[0], other.shape[0]), _F32))
 
 
 def accumulate(acc, lhs, xs, interpret: bool):

@@ -9,12 +9,16 @@ committed ring tokens is, exactly,
     S_R = e^{G_n} S0 + sum_{l<n} w_l kraw_l^T,    w_l = e^{G_n - G_l} rk_l u_l    [BV] fp32
 
 so a new token's product with it needs no state but S0: for a row x of X (a raw key or query),
-S_R x = e^{G_n} (S0 x) + sum_l (kraw_l . x) w_l -- the first term a row of PT = X @ S0^T, the
-second the Gram of X's rows with the ring's keys against the w. The T new tokens are then solved
-from S_R by `_replay_wy_mgpu.solve` (no candidates), which also gives their u for the ring.
+S_R x = e^{G_n} (S0 x) + sum_l (kraw_l . x) w_l -- the first term a column of PT^T = S0 @ X^T,
+the second the Gram of X's rows with the ring's keys against the w. The T new tokens are then
+solved from S_R by `_replay_wy_mgpu.solve` (no candidates), which also gives their u for the ring.
 
     X    = [0 (rows 0..7); keys (8..15); queries (16..23); ring keys (24..24 + W)]   [64, K]
-    PT   = X @ S0^T          [64, BV] fp32 (bf16 x bf16: exact in the fp32 accumulator)
+    PT^T = S0 @ X[:24]^T     [BV, 24] fp32 (bf16 x bf16: exact in the fp32 accumulator), held in
+                             registers: token row r's [BV] vector is its column r, taken by a
+                             masked sum along the row (no SMEM round trip, no SMEM buffer: one
+                             third faster than X @ S0^T staged through SMEM, and the CTA's SMEM
+                             fits two per SM)
     Gram = X @ X[:24 + W]^T  [64, 24 + W] fp32: the tokens' products, and the ring keys' norms
 
 The pool is read, not written, except where the call folds (n > 0 and n + reserve > W: this
@@ -44,7 +48,7 @@ from ._mgpu import MosaicConfig
 
 _F32, _BF16 = jnp.float32, jnp.bfloat16
 RING_ROW = 3 * wy.GROUP          # X's first ring row
-MAX_RING = wy._ROWS - RING_ROW   # the largest ring (W) X has rows for: 40
+RINGS = (16, 32)                 # the ring sizes W (powers of two >= 16) X has rows for: 64 - 24
 MAX_T = wy.GROUP                 # the most tokens one call takes
 # The ring's part of each token row is unrolled over the W entries (2T rows x W terms): at
 # T = 8, W = 32 Mosaic's layout inference recurses past Python's limit while lowering (jax 0.10.2)
@@ -72,10 +76,10 @@ def ring_scales(n, ring_g, norm2):
 
 
 def ring_row(r, e_n, w, row, gram):
-    """Row r of X's product with S_R: e^{G_n} PT_r + sum_l (kraw_l . x_r) w_l, [BV] fp32.
+    """Row r of X's product with S_R: e^{G_n} S0 x_r + sum_l (kraw_l . x_r) w_l, [BV] fp32.
 
-    w: the ring's W fold weights w_l = c_l u_l ([BV] fp32; zeros for a dead entry); row(r): PT
-    row r; gram(r, l): X row r . ring key l."""
+    w: the ring's W fold weights w_l = c_l u_l ([BV] fp32; zeros for a dead entry); row(r):
+    S0 x_r, [BV] fp32; gram(r, l): X row r . ring key l."""
     acc = e_n * row(r)
     for l, wl in enumerate(w):
         acc = acc + gram(r, l) * wl
@@ -106,13 +110,13 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
                              num_slots=N)
     pending = functools.partial(cm.tile_pending, count_ref, t_max=W, num_slots=N)
 
-    def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, ru_smem, o_smem, u_smem, pt_smem,
-             gram_smem, bars, pbars, xbar, xpbar):
+    def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, ru_smem, o_smem, u_smem, gram_smem,
+             bars, pbars, xbar, xpbar):
         # st_smem [ST, BV, K] pool tiles; xin_smem [64, K] X as loaded (plain); x_smem and
         # xf_smem [64, K] the wgmma operands X and X' (tiled), built once per key group;
         # v_smem [ST, T, BV]; ru_smem [ST, > W, BV] fp32 the ring's u (row W stays zero: a
-        # dead entry reads it); o_smem [T, BV], u_smem [T, BV] fp32; pt_smem [64, BV] and
-        # gram_smem [64, USED] fp32: the products, read back as rows and scalars
+        # dead entry reads it); o_smem [T, BV], u_smem [T, BV] fp32; gram_smem [64, USED]
+        # fp32: the Gram, read back as scalars
         first = lax.axis_index("cta") * PER
         xin_smem[...] = jnp.zeros((wy._ROWS, K), _BF16)  # rows no load fills: finite products
         for s in range(ST):
@@ -212,9 +216,13 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
                 def _():
                     plgpu.barrier_wait(pbars.at[s])
 
-                mg.store_plain(wy.times_t(x_smem, st_smem.at[s], interpret), pt_smem,
-                               interpret=interpret)
-                plgpu.commit_smem()
+                # the state rows' products with X's token rows: [BV, 24], a token row's [BV]
+                # vector is a column of it (taken by a masked sum along the row: no SMEM trip)
+                PTT = wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret)
+                col = lax.broadcasted_iota(jnp.int32, PTT.shape, 1)
+
+                def pt_row(r):
+                    return jnp.sum(jnp.where(col == r, PTT, jnp.zeros_like(PTT)), axis=1)
 
                 def ring_u(l):  # a dead entry reads the zero row W
                     return mg.load(ru_smem.at[s, jnp.where(l < n, l, W)], VVEC,
@@ -225,7 +233,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
                 w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
                 ring_part = functools.partial(
                     ring_row, e_n=e_n, w=w,
-                    row=lambda r: mg.load(pt_smem.at[r], VVEC, interpret=interpret),
+                    row=pt_row,
                     gram=lambda r, l: gram_smem[r, RING_ROW + l])
                 outs, _, _, us = wy.solve(
                     jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc],
@@ -272,7 +280,6 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         plgpu.SMEM((ST, wy.value_rows(W + 1, BV), BV), _F32),
         plgpu.SMEM((T, BV), o_ref.dtype),
         plgpu.SMEM((T, BV), _F32),
-        plgpu.SMEM((wy._ROWS, BV), _F32),
         plgpu.SMEM((wy._ROWS, USED), _F32),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.Barrier(num_arrivals=1, num_barriers=ST),
@@ -289,9 +296,9 @@ def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None
                 f"on bf16 tensor cores), got {dtypes.pool}, {dtypes.tokens}")
     if dims.T > MAX_T:
         return f"the Mosaic GPU ring kernel takes T <= {MAX_T}, got T = {dims.T}"
-    if dims.t_max > MAX_RING or dims.t_max % 8:
-        return (f"the Mosaic GPU ring kernel takes a ring of W <= {MAX_RING} entries, a multiple "
-                f"of 8, got W = {dims.t_max}")
+    if dims.t_max not in RINGS:
+        return (f"the Mosaic GPU ring kernel takes a ring of W in {RINGS} entries (X's rows), "
+                f"got W = {dims.t_max}")
     if dims.T * dims.t_max > MAX_T_TIMES_W:
         return (f"the Mosaic GPU ring kernel takes T x W <= {MAX_T_TIMES_W} (an unrolled "
                 f"product Mosaic's layout inference can lower), got T = {dims.T}, W = "
@@ -310,7 +317,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     BV, ST, K, T, W = config.block_v, config.stages, dims.K, dims.T, dims.t_max
     rows = wy._ROWS
     buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
-               ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4, rows * BV * 4,
+               ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4,
                rows * (RING_ROW + W) * 4, 8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
 

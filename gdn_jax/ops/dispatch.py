@@ -110,8 +110,13 @@ def preferences(device: Device, op: str = "decode", B: int | None = None,
     if device.platform != "gpu" or device.capability is None:
         return ("xla",)  # CPU, TPU, ROCm: the reference
     major = device.capability[0]
-    if mode == "ring":  # decode and verify in ring mode: one Triton kernel (tensor-core dots),
-        return ("triton", "xla")  # the same on every NVIDIA GPU from SM80; no Mosaic GPU kernel
+    if mode == "ring":
+        # Decode and verify in ring mode. Hopper: the Mosaic GPU kernel in matrix form (bf16,
+        # T <= 8; wgmma), measured faster than the Triton kernel at B = 32 and 256 (H200, JAX's
+        # profiler, T = 4, W = 16, fold 20%: 38.7 vs 63.2 us, 265.3 vs 404.0; ring decode 25.7
+        # vs 41.4, 169.6 vs 268.9: bench/results/ncu_kernels-h200-ring_mgpu-2026-12-03.json);
+        # elsewhere, and for what it cannot take, the Triton kernel (tensor-core dots, SM80+).
+        return ("mosaic", "triton", "xla") if major == 9 else ("triton", "xla")
     if major in (8, 12):  # Ampere/Ada, consumer Blackwell (no wgmma, no tcgen05): portable kernels
         return ("triton", "xla")
     if major == 9:
@@ -332,8 +337,11 @@ def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
     for the Mosaic GPU ones. wy: replay's matrix form can run (`_wy_fits`); it is taken where
     measured faster (every B measured: 1 to 256)."""
     large = B >= _LARGE_BATCH
-    if mode == "ring" and backend == "mosaic":  # not yet measured: replay's matrix-form rule
-        return kernels.MosaicConfig(min(64, V), 2 if B <= 8 else 4, 2)
+    if mode == "ring" and backend == "mosaic":
+        # H200, T = 4, W = 16, fold 20% (bench/results/sweep_ring_mgpu-h200-2026-12-03.json):
+        # B = 32 38.7 us at bv64 t4 s2 (t2 40.4, t8 44.4, bv128 t2 52.8, s3 64.1); B = 256 265.3
+        # (t2 294.6, t8 268.5, bv128 t2 369.2, s3 442.7). B < 32 unmeasured.
+        return kernels.MosaicConfig(min(64, V), 4, 2)
     if mode == "ring":
         block_v, num_warps = _RING_TUNING[(jnp.dtype(state_dtype).name, large)]
         return kernels.TuningConfig(min(block_v, V), num_warps, num_stages=1)

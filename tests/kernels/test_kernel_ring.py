@@ -15,6 +15,8 @@ reference runs from the same rounded pool, so what remains is fp32 summation and
 rounding to fp32, far below it).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -97,31 +99,75 @@ def test_ring_kernel_matches_xla(where, pool_dtype, in_dtype, T, W):
     _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, tol, tol_u)
 
 
+# (T, W, reserve, block_v, tiles per CTA, stages, H): decode (T = 1), verify with reserve > T,
+# CTA runs that cross key groups (a group's X, X' and Gram loaded for the next group mid-run:
+# block_v 128 and odd runs), H = HV (a key group of one value head), W = 32
+_MOSAIC_CASES = [(1, 16, 1, 64, 2, 2, 1), (4, 16, 4, 128, 3, 2, 1), (3, 16, 8, 64, 5, 3, 1),
+                 (8, 16, 8, 64, 3, 2, 2), (4, 32, 4, 64, 4, 2, 1)]
+
+
+def _mosaic_case(seed, dims, T, W, reserve):
+    """A ring-mode case whose real rows' committed counts are W - reserve (the fold threshold,
+    not folding), W - reserve + 1 (folding) and 0, in turn; the ring past each count NaN (a dead
+    entry may hold anything). Returns the case (unpoisoned: the XLA reference's input) and the
+    poisoned ring (cand_k, cand_v, cand_g)."""
+    st, slots, tok, untouched = _case(seed, dims, T, W, jnp.bfloat16, jnp.bfloat16)
+    count = np.asarray(st.count).copy()
+    real = [int(s) for s in np.asarray(slots) if 0 <= s < dims["num_slots"]]
+    for j, s in enumerate(real):
+        count[s] = (W - reserve, W - reserve + 1, 0)[j % 3]
+    st = st.replace(count=jnp.asarray(count, jnp.int32))
+    dead = np.arange(W)[None, :] >= count[:, None]  # [num_slots, W]
+    ring = (jnp.where(dead[:, :, None, None], jnp.nan, st.cand_k),
+            jnp.where(dead[:, :, None, None], jnp.nan, st.cand_v),
+            jnp.where(dead[:, :, None], jnp.nan, st.cand_g))
+    return st, slots, tok, untouched, ring
+
+
 @pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))
-@pytest.mark.parametrize("T,W,reserve", [(1, 16, 1), (4, 16, 4), (3, 16, 8), (8, 16, 8),
-                                         (4, 32, 4)])
+@pytest.mark.parametrize("T,W,reserve,block_v,tiles,stages,H", _MOSAIC_CASES)
 @pytest.mark.parametrize("where", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
-def test_ring_mgpu_kernel_matches_xla(where, T, W, reserve):
+def test_ring_mgpu_kernel_matches_xla(where, T, W, reserve, block_v, tiles, stages, H):
     """The Mosaic GPU kernel (matrix form; bf16), its ring's dead entries NaN: a committed
     entry's data only may reach the outputs or the pool. Tolerances as the Triton kernel's: o
     and a folded pool one bf16 rounding each (2 eps); u BF16_EPS (fp32 from the same pool; the
     fold's weights enter as bf16 high + low parts, about 16 bits, far below it)."""
     if where == "gpu" and jax.devices()[0].platform != "gpu":
         pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform}")
-    dims = MOSAIC_SMALL if where == "interpret" else REAL
-    st, slots, tok, untouched = _case(T * 37 + W + reserve, dims, T, W, jnp.bfloat16,
-                                      jnp.bfloat16)
-    ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)  # before the poison
-    dead = np.arange(W)[None, :] >= np.asarray(st.count)[:, None]  # [num_slots, W]
-    ring = (jnp.where(dead[:, :, None, None], jnp.nan, st.cand_k),
-            jnp.where(dead[:, :, None, None], jnp.nan, st.cand_v),
-            jnp.where(dead[:, :, None], jnp.nan, st.cand_g))
-    o, u, pool = kernels.verify_ring_mgpu(*tok.args(), jnp.copy(st.pool), *ring, st.cand_beta,
-                                          st.count, slots, reserve=reserve,
-                                          config=kernels.MosaicConfig(dims["block_v"], 2, 2),
-                                          interpret=where == "interpret")
+    dims = dict(MOSAIC_SMALL if where == "interpret" else REAL, block_v=block_v)
+    if where == "interpret":
+        dims["H"] = H
+    st, slots, tok, untouched, ring = _mosaic_case(T * 37 + W + reserve, dims, T, W, reserve)
+    ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)
+    o, u, pool = kernels.verify_ring_mgpu(
+        *tok.args(), jnp.copy(st.pool), *ring, st.cand_beta, st.count, slots, reserve=reserve,
+        config=kernels.MosaicConfig(block_v, tiles, stages), interpret=where == "interpret")
     _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, 2 * BF16_EPS,
            BF16_EPS)
+
+
+@pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))
+def test_ring_mgpu_nan_token_stays_out_of_the_pool():
+    """A NaN in one row's token key (a draft the caller may reject) leaves every other row's
+    outputs and every folded state as the reference's: the fold takes the ring's keys only."""
+    T, W, reserve = 4, 16, 4
+    st, slots, tok, untouched, ring = _mosaic_case(3, MOSAIC_SMALL, T, W, reserve)
+    real = np.flatnonzero((np.asarray(slots) >= 0) & (np.asarray(slots) < 6))
+    bad = real[1]  # a folding row (counts go below, at and past the threshold in turn)
+    assert int(st.count[slots[bad]]) + reserve > W
+    ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)
+    tok = dataclasses.replace(tok, k=tok.k.at[bad, 0, 0, 0].set(jnp.nan))
+    o, u, pool = kernels.verify_ring_mgpu(
+        *tok.args(), jnp.copy(st.pool), *ring, st.cand_beta, st.count, slots, reserve=reserve,
+        config=kernels.MosaicConfig(64, 2, 2), interpret=True)
+    keep = np.setdiff1d(real, [bad])
+    assert rel_err(o[keep], np.asarray(ref_o[keep], np.float32)) <= 2 * BF16_EPS
+    for row in real:
+        s = int(slots[row])
+        if int(st.count[s]) + reserve > W and int(st.count[s]) > 0:
+            assert rel_err(pool[s], np.asarray(ref_st.pool[s], np.float32)) <= 2 * BF16_EPS
+        else:
+            np.testing.assert_array_equal(np.asarray(pool[s]), np.asarray(st.pool[s]))
 
 
 @pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))

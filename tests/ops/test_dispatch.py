@@ -259,9 +259,10 @@ def test_the_choice_is_one_hashable_static():
     assert dispatch.select("decode", backend="xla", device=h100).config is None
 
 
-def test_ring_mode_runs_on_mosaic_where_forced(mosaic_imports):
+def test_ring_mode_runs_on_mosaic_on_hopper(mosaic_imports):
     """Ring mode's Mosaic GPU kernel (matrix form: Hopper, bf16 pool and tokens, T <= 8,
-    T x W <= 128) runs where asked for; the table keeps the Triton kernel until measured."""
+    T x W <= 128) is Hopper's default; what it cannot take goes to the Triton kernel, and forcing
+    it there says why."""
     h100, b200 = FakeDevice("gpu", "9.0", "H100"), FakeDevice("gpu", "10.0", "B200")
     bf16, f32 = jnp.dtype("bfloat16"), jnp.dtype("float32")
     ring_dtypes = kernels.Dtypes(bf16, bf16, f32)  # the ring's u are fp32
@@ -270,7 +271,10 @@ def test_ring_mode_runs_on_mosaic_where_forced(mosaic_imports):
         return dispatch.select("verify", dims=_dims(B=32, T=T, t_max=W), dtypes=dtypes,
                                mode="ring", device=device, backend=backend)
 
-    assert pick(backend=None).backend == "triton"
+    assert pick(backend=None).backend == "mosaic"
+    assert pick(backend=None, dtypes=kernels.Dtypes(f32, f32, f32)).backend == "triton"
+    assert pick(backend=None, T=16, W=32).backend == "triton"
+    assert pick(backend=None, device=b200).backend == "triton"
     choice = pick()
     assert choice.backend == "mosaic" and choice.config == kernels.MosaicConfig(64, 4, 2)
     assert pick(T=8, W=16).backend == pick(T=4, W=32).backend == "mosaic"
