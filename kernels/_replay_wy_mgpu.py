@@ -7,8 +7,9 @@ update of the [BV, K] fp32 register tile (2.3x a decode at B = 32). Here the sta
 three products on the tensor cores and the rest is per-row algebra on [BV] vectors:
 
     X    = [candidate keys (rows 0..7); keys (8..15); queries (16..23); 0]  [64, K] raw bf16, SMEM
-    PT   = X @ S0^T      [64, BV] fp32: each token's product with the state tile (bf16 x bf16 is
-                         exact in the fp32 accumulator)
+    PT   = X @ S0^T      each token's product with the state tile, taken as PT^T = S0 @ X[:24]^T
+                         [BV, 24] fp32 in registers (bf16 x bf16 is exact in the fp32
+                         accumulator; `token_rows` reads its columns as [BV] vectors)
     Gram = X @ X[:24]^T  [64, 24] fp32: the tokens' dot products (l2 norms on the diagonal)
 
 With k_i = rk_i kraw_i, q_t = rq_t qraw_t and G the cumulative log decay from S0 (over the n live
@@ -139,13 +140,12 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                              num_slots=N)
     pending = functools.partial(cm.tile_pending, count_ref, t_max=t_max, num_slots=N)
 
-    def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, cv_smem, o_smem, pt_smem, gram_smem,
-             bars, pbars, xbar, xpbar):
+    def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, cv_smem, o_smem, gram_smem, bars,
+             pbars, xbar, xpbar):
         # st_smem [ST, BV, K] pool tiles; xin_smem [64, K] X as loaded (plain); x_smem and
         # xf_smem [64, K] the wgmma operands X and X' (tiled), built once per key group;
         # v_smem [ST, T, BV]; cv_smem [ST, > t_max, BV] the candidates' values (row t_max stays
-        # zero); o_smem [T, BV]; pt_smem [64, BV] and gram_smem [64, 24] fp32: the products,
-        # read back as rows and scalars
+        # zero); o_smem [T, BV]; gram_smem [64, 24] fp32: the Gram, read back as scalars
         first = lax.axis_index("cta") * PER
         xin_smem[...] = jnp.zeros((_ROWS, K), _BF16)  # rows no load fills: finite products
         for s in range(ST):
@@ -194,7 +194,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
             offset = (first + i) % KG
             fresh = (i == 0) | (offset == 0)
             # tile i - 1's stores have read their SMEM and every thread is done with it: its
-            # stage takes tile i + ST - 1's loads, o_smem and pt_smem this tile's, and (at a
+            # stage takes tile i + ST - 1's loads, o_smem this tile's, and (at a
             # group's first tile) x_smem, xf_smem and gram_smem the new group's
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             plgpu.commit_smem()
@@ -249,12 +249,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                 def _():
                     plgpu.barrier_wait(pbars.at[s])
 
-                mg.store_plain(times_t(x_smem, st_smem.at[s], interpret), pt_smem,
-                               interpret=interpret)
-                plgpu.commit_smem()
-
-                def row(r):
-                    return mg.load(pt_smem.at[r], VVEC, interpret=interpret)
+                row = token_rows(times_t(st_smem.at[s], x_smem.at[pl.ds(0, _USED)], interpret))
 
                 def value(i):
                     # a dead candidate reads the value buffer's zero row (row t_max)
@@ -299,7 +294,6 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
         plgpu.SMEM((ST, value_rows(t_max + 1, BV), BV), cand_v_ref.dtype),
         plgpu.SMEM((T, BV), o_ref.dtype),
-        plgpu.SMEM((_ROWS, BV), _F32),
         plgpu.SMEM((_ROWS, _USED), _F32),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.Barrier(num_arrivals=1, num_barriers=ST),
@@ -321,6 +315,16 @@ def times_t(xs, other, interpret: bool):
         return acc[...]
 
     return pl.run_scoped(product, plgpu.ACC((xs.shape[0], other.shape[0]), _F32))
+
+
+def token_rows(PTT):
+    """PT^T = S0 @ X[:n]^T [BV, n] fp32 (in registers) -> row(r): X row r's product with the
+    state, [BV] fp32, its column r taken by a masked sum along the row (in the WGMMA layout's
+    reduce(1), the [BV] vectors' layout): no trip through SMEM. H200, ring verify at B = 32:
+    one third faster than X @ S0^T staged through an SMEM buffer and read back as rows
+    (bench/results/sweep_ring_mgpu_smem_pt-h200-2026-12-03.log)."""
+    col = lax.broadcasted_iota(jnp.int32, PTT.shape, 1)
+    return lambda r: jnp.sum(jnp.where(col == r, PTT, jnp.zeros_like(PTT)), axis=1)
 
 
 def accumulate(acc, lhs, xs, interpret: bool):
@@ -391,7 +395,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     BV, ST, K = config.block_v, config.stages, dims.K
     buffers = [ST * BV * K * 2, _ROWS * K * 2, _ROWS * K * 2, _ROWS * K * 2,
                ST * dims.T * BV * 2, ST * value_rows(dims.t_max + 1, BV) * BV * 2,
-               dims.T * BV * 2, _ROWS * BV * 4, _ROWS * _USED * 4,
+               dims.T * BV * 2, _ROWS * _USED * 4,
                8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
 

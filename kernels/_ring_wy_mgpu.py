@@ -218,11 +218,8 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
 
                 # the state rows' products with X's token rows: [BV, 24], a token row's [BV]
                 # vector is a column of it (taken by a masked sum along the row: no SMEM trip)
-                PTT = wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret)
-                col = lax.broadcasted_iota(jnp.int32, PTT.shape, 1)
-
-                def pt_row(r):
-                    return jnp.sum(jnp.where(col == r, PTT, jnp.zeros_like(PTT)), axis=1)
+                pt_row = wy.token_rows(
+                    wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret))
 
                 def ring_u(l):  # a dead entry reads the zero row W
                     return mg.load(ru_smem.at[s, jnp.where(l < n, l, W)], VVEC,
