@@ -11,7 +11,7 @@ committed ring tokens is, exactly,
 so a new token's product with it needs no state but S0: for a row x of X (a raw key or query),
 S_R x = e^{G_n} (S0 x) + sum_l (kraw_l . x) w_l -- the first term a column of PT^T = S0 @ X^T,
 the second the Gram of X's rows with the ring's keys against the w. The T new tokens are then
-solved from S_R by `_replay_wy_mgpu.solve` (no candidates), which also gives their u for the ring.
+solved from S_R by `_wy_mgpu.solve` (no candidates), which also gives their u for the ring.
 
     X    = [0 (rows 0..7); keys (8..15); queries (16..23); ring keys (24..24 + W)]   [64, K]
     PT^T = S0 @ X[:24]^T     [BV, 24] fp32 (bf16 x bf16: exact in the fp32 accumulator), held in
@@ -27,9 +27,9 @@ call's tokens would not fit after the committed ones): there S_R, the third prod
 e^{G_n} S0, is rounded once into the pool. The caller appends the tokens (raw key, g, u) to the
 ring (at 0 after a fold, else at n) and sets count, as for the Triton kernel.
 
-Per CTA: tiles (b, hv, V block) in runs of `tiles_per_cta` over `stages` SMEM stages, as
-`_replay_wy_mgpu`: X, X' and the Gram belong to the key group (b, hv // (HV / H)) and are built at
-its first tile; each tile loads its state tile, values and the ring's u.
+The pipeline over a CTA's tiles is replay's (`_wy_mgpu.run_tiles`): X, X' and the Gram belong to
+the key group (b, hv // (HV / H)) and are built at its first tile; each tile loads its state tile,
+values and the ring's u.
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ from jax.experimental import pallas as pl
 from . import _common as cm
 from . import _mgpu as mg
 from . import _recurrence as rec
-from . import _replay_wy_mgpu as wy
+from . import _wy_mgpu as wy
 from ._mgpu import MosaicConfig
 
 _F32, _BF16 = jnp.float32, jnp.bfloat16
-RING_ROW = 3 * wy.GROUP          # X's first ring row
+RING_ROW = wy.TOKEN_ROWS         # X's first ring row
 RINGS = (16, 32)                 # the ring sizes W (powers of two >= 16) X has rows for: 64 - 24
-MAX_T = wy.GROUP                 # the most tokens one call takes
+MAX_T = wy.MAX_T                 # the most tokens one call takes
 # The ring's part of each token row is unrolled over the W entries (2T rows x W terms): at
 # T = 8, W = 32 Mosaic's layout inference recurses past Python's limit while lowering (jax 0.10.2)
 MAX_T_TIMES_W = 128
@@ -98,15 +98,13 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
     B, T, H, HV, K, V, N, W = dims
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
     NV = V // BV
-    total = B * HV * NV
     group = HV // H
-    KG = group * NV  # consecutive tiles of one key group (b, hk): one X, X' and Gram
     USED = RING_ROW + W  # X rows that can hold data: the Gram's columns
     plgpu = mg.plgpu
     WG = None if interpret else plgpu.Layout.WGMMA
     VVEC = None if interpret else WG.reduce(1)
 
-    tile = functools.partial(cm.Tile.at, slots_ref=slots_ref, HV=HV, NV=NV, total=total,
+    tile = functools.partial(cm.Tile.at, slots_ref=slots_ref, HV=HV, NV=NV, total=B * HV * NV,
                              num_slots=N)
     pending = functools.partial(cm.tile_pending, count_ref, t_max=W, num_slots=N)
 
@@ -118,7 +116,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         # dead entry reads it); o_smem [T, BV], u_smem [T, BV] fp32; gram_smem [64, USED]
         # fp32: the Gram, read back as scalars
         first = lax.axis_index("cta") * PER
-        xin_smem[...] = jnp.zeros((wy._ROWS, K), _BF16)  # rows no load fills: finite products
+        xin_smem[...] = jnp.zeros((wy.ROWS, K), _BF16)  # rows no load fills: finite products
         for s in range(ST):
             ru_smem[s] = jnp.zeros(ru_smem.shape[1:], _F32)
         plgpu.commit_smem()
@@ -153,131 +151,82 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
                 plgpu.copy_gmem_to_smem(cand_k_ref.at[slot, :, hk, :],
                                         xin_smem.at[pl.ds(RING_ROW, W)], xpbar.at[0])
 
-        issue_x(0)
-        for i in range(min(ST - 1, PER)):
-            issue(i)
+        def scalars(t):
+            gates = [rec.gates(a_ref[t.b, j, t.hv].astype(_F32), b_ref[t.b, j, t.hv].astype(_F32),
+                               A_log_ref[t.hv].astype(_F32), dt_bias_ref[t.hv].astype(_F32),
+                               log1p=rec.log1p_kahan) for j in range(T)]
+            cslot = jnp.clip(t.slot, 0, N - 1)
+            return gates, [cand_g_ref[cslot, l, t.hv].astype(_F32) for l in range(W)]
 
-        @pl.loop(0, PER)
-        def _(i):
-            b, hv, iv, slot, in_range, live = tile(first + i)
-            s, cols = i % ST, pl.ds(iv * BV, BV)
-            offset = (first + i) % KG
-            fresh = (i == 0) | (offset == 0)
-            # tile i - 1's stores have read their SMEM: its stage takes tile i + ST - 1's loads
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        def build_x(n):
+            # X: the tokens and the committed ring keys (the rest of the ring may hold anything);
+            # X', the fold's: only the committed ring keys (this call's tokens meet zero columns
+            # of W^T there, and 0 * NaN would be NaN)
+            X = mg.layout_cast(xin_smem[...], WG, interpret=interpret)
+            rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
+            zero = jnp.zeros_like(X)
+            x_smem[...] = jnp.where(rows < RING_ROW + n, X, zero)
+            xf_smem[...] = jnp.where((rows >= RING_ROW) & (rows < RING_ROW + n), X, zero)
             plgpu.commit_smem()
-            if PER > ST - 1:
-                @pl.when(i + ST - 1 < PER)
-                def _():
-                    issue(i + ST - 1)
+            mg.store_plain(wy.times_t(x_smem, x_smem.at[pl.ds(0, USED)], interpret), gram_smem,
+                           interpret=interpret)
 
-            # scalars first: their GMEM latency overlaps the TMA wait
-            gates = [rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32),
-                               A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32),
-                               log1p=rec.log1p_kahan) for t in range(T)]
-            n = pending(slot, live)
-            cslot = jnp.clip(slot, 0, N - 1)
-            ring_g = [cand_g_ref[cslot, l, hv].astype(_F32) for l in range(W)]
+        def math(t, s, n, values):
+            gates, ring_g = values
+            cols = pl.ds(t.iv * BV, BV)
+            # the state rows' products with X's token rows, in registers
+            pt_row = wy.token_rows(
+                wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret))
 
-            @pl.when(fresh)
-            def _():
-                @pl.when(live)
-                def _():
-                    plgpu.barrier_wait(xbar.at[0])
+            def ring_u(l):  # a dead entry reads the zero row W
+                return mg.load(ru_smem.at[s, jnp.where(l < n, l, W)], VVEC, interpret=interpret)
 
-                    @pl.when(n > 0)
-                    def _():
-                        plgpu.barrier_wait(xpbar.at[0])
+            c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
+            w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
+            ring_part = functools.partial(ring_row, e_n=e_n, w=w, row=pt_row,
+                                          gram=lambda r, l: gram_smem[r, RING_ROW + l])
+            outs, _, _, us = wy.solve(
+                jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc], ring_part,
+                lambda j: mg.load(v_smem.at[s, j], VVEC, interpret=interpret).astype(_F32), K)
+            for j in range(T):
+                o_smem[j] = outs[j].astype(o_smem.dtype)
+                u_smem[j] = us[j]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
+            plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
 
-                    # X: the tokens and the committed ring keys (the rest of the ring may hold
-                    # anything); X', the fold's: only the committed ring keys (this call's
-                    # tokens meet zero columns of W^T there, and 0 * NaN would be NaN)
-                    X = mg.layout_cast(xin_smem[...], WG, interpret=interpret)
-                    rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
-                    zero = jnp.zeros_like(X)
-                    x_smem[...] = jnp.where(rows < RING_ROW + n, X, zero)
-                    xf_smem[...] = jnp.where((rows >= RING_ROW) & (rows < RING_ROW + n), X, zero)
-                    plgpu.commit_smem()
-                    mg.store_plain(wy.times_t(x_smem, x_smem.at[pl.ds(0, USED)], interpret),
-                                   gram_smem, interpret=interpret)
+            @pl.when((n > 0) & (n + reserve > W))
+            def _():  # the fold: S_R into the pool, rounded once
+                wy.fold_tile(w, e_n, st_smem.at[s], xf_smem,
+                             pool_ref.at[t.slot, t.hv, cols, :], first=RING_ROW, layout=WG,
+                             interpret=interpret)
 
-                # xin is free: the next key group's loads go out now
-                following = i + KG - offset
-                if PER > 1:
-                    @pl.when(following < PER)
-                    def _():
-                        issue_x(following)
+        def pad(t):  # a padding row: zero o and u (both start uninitialised)
+            cols = pl.ds(t.iv * BV, BV)
+            zero = mg.layout_cast(jnp.zeros((BV,), _F32), VVEC, interpret=interpret)
+            for j in range(T):
+                o_smem[j] = zero.astype(o_smem.dtype)
+                u_smem[j] = zero
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
+            plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
 
-            @pl.when(live)
-            def _():
-                plgpu.barrier_wait(bars.at[s])
-
-                @pl.when(n > 0)
-                def _():
-                    plgpu.barrier_wait(pbars.at[s])
-
-                # the state rows' products with X's token rows: [BV, 24], a token row's [BV]
-                # vector is a column of it (taken by a masked sum along the row: no SMEM trip)
-                pt_row = wy.token_rows(
-                    wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret))
-
-                def ring_u(l):  # a dead entry reads the zero row W
-                    return mg.load(ru_smem.at[s, jnp.where(l < n, l, W)], VVEC,
-                                   interpret=interpret)
-
-                c, e_n = ring_scales(n, ring_g,
-                                     lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
-                w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
-                ring_part = functools.partial(
-                    ring_row, e_n=e_n, w=w,
-                    row=pt_row,
-                    gram=lambda r, l: gram_smem[r, RING_ROW + l])
-                outs, _, _, us = wy.solve(
-                    jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc],
-                    ring_part,
-                    lambda t: mg.load(v_smem.at[s, t], VVEC, interpret=interpret).astype(_F32),
-                    K)
-                for t in range(T):
-                    o_smem[t] = outs[t].astype(o_smem.dtype)
-                    u_smem[t] = us[t]
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
-                plgpu.copy_smem_to_gmem(u_smem, u_ref.at[b, :, hv, cols])
-
-                @pl.when((n > 0) & (n + reserve > W))
-                def _():  # the fold: S_R into the pool, rounded once
-                    WT = wy.columns(w, (BV, wy._ROWS), WG, interpret, first=RING_ROW)
-                    hi = WT.astype(_BF16)
-                    lo = (WT - hi.astype(_F32)).astype(_BF16)
-                    S0 = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
-                    S = wy.accumulate(e_n * S0, (hi, lo), xf_smem, interpret)
-                    st_smem[s] = S.astype(st_smem.dtype)
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(st_smem.at[s], pool_ref.at[slot, hv, cols, :])
-
-            @pl.when(in_range & jnp.logical_not(live))
-            def _():  # a padding row: zero o and u (both start uninitialised)
-                zero = mg.layout_cast(jnp.zeros((BV,), _F32), VVEC, interpret=interpret)
-                for t in range(T):
-                    o_smem[t] = zero.astype(o_smem.dtype)
-                    u_smem[t] = zero
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(o_smem, o_ref.at[b, :, hv, cols])
-                plgpu.copy_smem_to_gmem(u_smem, u_ref.at[b, :, hv, cols])
-
-        plgpu.wait_smem_to_gmem(0)
+        wy.run_tiles(first=first, tiles=PER, stages=ST, group_tiles=group * NV, tile=tile,
+                     pending=pending, issue=issue, issue_x=issue_x, scalars=scalars,
+                     build_x=build_x, math=math, pad=pad, bars=bars, pbars=pbars, xbar=xbar,
+                     xpbar=xpbar)
 
     pl.run_scoped(
         body,
         mg.smem_tile((ST, BV, K), pool_ref.dtype, interpret=interpret),
-        plgpu.SMEM((wy._ROWS, K), _BF16),
-        mg.smem_tile((wy._ROWS, K), _BF16, interpret=interpret),
-        mg.smem_tile((wy._ROWS, K), _BF16, interpret=interpret),
+        plgpu.SMEM((wy.ROWS, K), _BF16),
+        mg.smem_tile((wy.ROWS, K), _BF16, interpret=interpret),
+        mg.smem_tile((wy.ROWS, K), _BF16, interpret=interpret),
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
         plgpu.SMEM((ST, wy.value_rows(W + 1, BV), BV), _F32),
         plgpu.SMEM((T, BV), o_ref.dtype),
         plgpu.SMEM((T, BV), _F32),
-        plgpu.SMEM((wy._ROWS, USED), _F32),
+        plgpu.SMEM((wy.ROWS, USED), _F32),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.Barrier(num_arrivals=1, num_barriers=ST),
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
@@ -312,7 +261,7 @@ def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None
 def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     """What one CTA allocates (bf16 pool and tokens; each buffer 1 KiB aligned)."""
     BV, ST, K, T, W = config.block_v, config.stages, dims.K, dims.T, dims.t_max
-    rows = wy._ROWS
+    rows = wy.ROWS
     buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
                ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4,
                rows * (RING_ROW + W) * 4, 8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]

@@ -1,5 +1,5 @@
 """The math of ring mode's matrix form (`kernels._ring_wy_mgpu`: `ring_scales`, `ring_row`, with
-`_replay_wy_mgpu.solve` for the new tokens) as plain JAX, against the float64 recurrence: the
+`_wy_mgpu.solve` for the new tokens) as plain JAX, against the float64 recurrence: the
 kernel's per-row algebra, apart from its products.
 
 The kernel itself runs in test_kernel_ring.py (interpreted, and on the GPU); this pins the algebra
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_jax.kernels import _replay_wy_mgpu as wy
+from gdn_jax.kernels import _wy_mgpu as wy
 from gdn_jax.kernels import _ring_wy_mgpu as ring
 
 K, BV = 32, 8

@@ -1,4 +1,4 @@
-"""The math of replay's matrix (WY) form (`kernels._replay_wy_mgpu.solve`) as plain JAX, against the
+"""The math of replay's matrix (WY) form (`kernels._wy_mgpu.solve`) as plain JAX, against the
 token-by-token recurrence in float64: the kernel's per-row algebra, apart from its products.
 
 The kernel cases (test_kernel_cases.py, `wy`) run the whole kernel in the Mosaic GPU interpreter
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gdn_jax.kernels import _replay_wy_mgpu as wy
+from gdn_jax.kernels import _wy_mgpu as wy
 
 K, BV = 32, 8
 
