@@ -81,36 +81,6 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
             cv_smem[s] = jnp.zeros(cv_smem.shape[1:], cv_smem.dtype)
         plgpu.commit_smem()
 
-        def issue(i):  # tile i's own loads: its state tile and values
-            b, hv, iv, slot, _, live = tile(first + i)
-            s, cols = i % ST, pl.ds(iv * BV, BV)
-
-            @pl.when(live)
-            def _():
-                plgpu.copy_gmem_to_smem(pool_ref.at[slot, hv, cols, :], st_smem.at[s], bars.at[s])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bars.at[s])
-
-            @pl.when(pending(slot, live) > 0)
-            def _():
-                plgpu.copy_gmem_to_smem(cand_v_ref.at[slot, :, hv, cols],
-                                        cv_smem.at[s, pl.ds(0, t_max)], pbars.at[s])
-
-        def issue_x(i):  # the key group of tile i: its X rows (keys, queries, candidate keys)
-            b, hv, _, slot, _, live = tile(first + i)
-            hk = hv // group
-
-            @pl.when(live)
-            def _():
-                plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :],
-                                        xin_smem.at[pl.ds(wy.GROUP, T)], xbar.at[0])
-                plgpu.copy_gmem_to_smem(q_ref.at[b, :, hk, :],
-                                        xin_smem.at[pl.ds(2 * wy.GROUP, T)], xbar.at[0])
-
-            @pl.when(pending(slot, live) > 0)
-            def _():
-                plgpu.copy_gmem_to_smem(cand_k_ref.at[slot, :, hk, :],
-                                        xin_smem.at[pl.ds(0, t_max)], xpbar.at[0])
-
         def scalars(t):
             gates = [rec.gates(a_ref[t.b, j, t.hv].astype(_F32), b_ref[t.b, j, t.hv].astype(_F32),
                                A_log_ref[t.hv].astype(_F32), dt_bias_ref[t.hv].astype(_F32),
@@ -165,10 +135,12 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, pl.ds(t.iv * BV, BV)])
 
-        wy.run_tiles(first=first, tiles=PER, stages=ST, group_tiles=group * NV, tile=tile,
-                     pending=pending, issue=issue, issue_x=issue_x, scalars=scalars,
-                     build_x=build_x, math=math, pad=pad, bars=bars, pbars=pbars, xbar=xbar,
-                     xpbar=xpbar)
+        loads = wy.Loads(pool_ref, v_ref, k_ref, q_ref, cand_k_ref, cand_v_ref, st_smem, v_smem,
+                         xin_smem, cv_smem, 0)
+        wy.run_tiles(first=first, tiles=PER, stages=ST, block_v=BV, group=group,
+                     group_tiles=group * NV, tile=tile, pending=pending, loads=loads,
+                     scalars=scalars, build_x=build_x, math=math, pad=pad, bars=bars,
+                     pbars=pbars, xbar=xbar, xpbar=xpbar)
 
     pl.run_scoped(
         body,

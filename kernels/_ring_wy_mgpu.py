@@ -121,36 +121,6 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             ru_smem[s] = jnp.zeros(ru_smem.shape[1:], _F32)
         plgpu.commit_smem()
 
-        def issue(i):  # tile i's own loads: its state tile, values and the ring's u
-            b, hv, iv, slot, _, live = tile(first + i)
-            s, cols = i % ST, pl.ds(iv * BV, BV)
-
-            @pl.when(live)
-            def _():
-                plgpu.copy_gmem_to_smem(pool_ref.at[slot, hv, cols, :], st_smem.at[s], bars.at[s])
-                plgpu.copy_gmem_to_smem(v_ref.at[b, :, hv, cols], v_smem.at[s], bars.at[s])
-
-            @pl.when(pending(slot, live) > 0)
-            def _():
-                plgpu.copy_gmem_to_smem(cand_v_ref.at[slot, :, hv, cols],
-                                        ru_smem.at[s, pl.ds(0, W)], pbars.at[s])
-
-        def issue_x(i):  # the key group of tile i: its keys, queries and the ring's keys
-            b, hv, _, slot, _, live = tile(first + i)
-            hk = hv // group
-
-            @pl.when(live)
-            def _():
-                plgpu.copy_gmem_to_smem(k_ref.at[b, :, hk, :],
-                                        xin_smem.at[pl.ds(wy.GROUP, T)], xbar.at[0])
-                plgpu.copy_gmem_to_smem(q_ref.at[b, :, hk, :],
-                                        xin_smem.at[pl.ds(2 * wy.GROUP, T)], xbar.at[0])
-
-            @pl.when(pending(slot, live) > 0)
-            def _():
-                plgpu.copy_gmem_to_smem(cand_k_ref.at[slot, :, hk, :],
-                                        xin_smem.at[pl.ds(RING_ROW, W)], xpbar.at[0])
-
         def scalars(t):
             gates = [rec.gates(a_ref[t.b, j, t.hv].astype(_F32), b_ref[t.b, j, t.hv].astype(_F32),
                                A_log_ref[t.hv].astype(_F32), dt_bias_ref[t.hv].astype(_F32),
@@ -211,10 +181,12 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
             plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
 
-        wy.run_tiles(first=first, tiles=PER, stages=ST, group_tiles=group * NV, tile=tile,
-                     pending=pending, issue=issue, issue_x=issue_x, scalars=scalars,
-                     build_x=build_x, math=math, pad=pad, bars=bars, pbars=pbars, xbar=xbar,
-                     xpbar=xpbar)
+        loads = wy.Loads(pool_ref, v_ref, k_ref, q_ref, cand_k_ref, cand_v_ref, st_smem, v_smem,
+                         xin_smem, ru_smem, RING_ROW)
+        wy.run_tiles(first=first, tiles=PER, stages=ST, block_v=BV, group=group,
+                     group_tiles=group * NV, tile=tile, pending=pending, loads=loads,
+                     scalars=scalars, build_x=build_x, math=math, pad=pad, bars=bars,
+                     pbars=pbars, xbar=xbar, xpbar=xpbar)
 
     pl.run_scoped(
         body,

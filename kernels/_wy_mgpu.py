@@ -16,6 +16,8 @@ buffer is read.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -182,23 +184,72 @@ def fold_tile(w, e_n, st, xf, dst, *, first: int, layout, interpret: bool):
 # The pipeline
 
 
-def run_tiles(*, first, tiles: int, stages: int, group_tiles: int, tile, pending, issue, issue_x,
-              scalars, build_x, math, pad, bars, pbars, xbar, xpbar):
+class Loads(NamedTuple):
+    """What a CTA's tiles load, and where (refs). The pending tokens (replay's candidates, the
+    ring's committed entries) are read only where a slot has some: their per-tile data (values,
+    or the ring's u) into `pend_v` rows 0.., their keys into X's staging rows `pend_row`.."""
+
+    pool: object     # [N, HV, V, K] GMEM -> st [ST, BV, K]
+    v: object        # [B, T, HV, V] -> vs [ST, T, BV]
+    k: object        # [B, T, H, K] -> xin rows GROUP..
+    q: object        # [B, T, H, K] -> xin rows 2 GROUP..
+    cand_k: object   # [N, W, H, K] -> xin rows pend_row..
+    cand_v: object   # [N, W, HV, V] -> pend_v [ST, > W, BV]
+    st: object
+    vs: object
+    xin: object
+    pend_v: object
+    pend_row: int
+
+
+def run_tiles(*, first, tiles: int, stages: int, block_v: int, group: int, group_tiles: int,
+              tile, pending, loads: Loads, scalars, build_x, math, pad, bars, pbars, xbar,
+              xpbar):
     """Walk the CTA's run of `tiles` tiles from tile `first` (see the module docstring).
 
     tile(w) -> `_common.Tile` of run position w; pending(slot, live) -> the slot's pending count
-    n (candidates, or committed ring entries; 0 for a padding row); group_tiles: a key group's
-    consecutive tiles. The kernel's hooks:
-      issue(i):    tile i's loads into stage i % stages: 2 arrivals on bars, and 1 on pbars where
-                   n > 0 (the pending tokens' per-tile data);
-      issue_x(i):  the key group of tile i into X's staging buffer: 2 arrivals on xbar, and 1 on
-                   xpbar where n > 0 (the pending tokens' keys);
+    n (0 for a padding row); group: value heads per key head; group_tiles: a key group's
+    consecutive tiles. Each tile's state and values are loaded into stage i % stages (2
+    arrivals on bars; the pending tokens' data 1 on pbars where n > 0), a key group's keys and
+    queries into X's staging buffer (2 on xbar; the pending keys 1 on xpbar). The kernel's hooks:
       scalars(t):  the tile's scalars, read first (their GMEM latency overlaps the TMA wait);
       build_x(n):  at a live group's first tile, its loads landed: build X, X', the Gram;
       math(t, s, n, scalars): a live tile whose loads landed in stage s;
       pad(t):      a padding row's tile (in range, not live).
     Each tile starts by draining the stores of tile i - 1 (their SMEM is free to reuse) and
     issuing tile i + stages - 1's loads."""
+    L, W, T = loads, loads.cand_k.shape[1], loads.v.shape[1]
+
+    def issue(i):  # tile i's own loads: its state tile, values and pending per-tile data
+        t = tile(first + i)
+        s, cols = i % stages, pl.ds(t.iv * block_v, block_v)
+
+        @pl.when(t.live)
+        def _():
+            mg.plgpu.copy_gmem_to_smem(L.pool.at[t.slot, t.hv, cols, :], L.st.at[s], bars.at[s])
+            mg.plgpu.copy_gmem_to_smem(L.v.at[t.b, :, t.hv, cols], L.vs.at[s], bars.at[s])
+
+        @pl.when(pending(t.slot, t.live) > 0)
+        def _():
+            mg.plgpu.copy_gmem_to_smem(L.cand_v.at[t.slot, :, t.hv, cols],
+                                       L.pend_v.at[s, pl.ds(0, W)], pbars.at[s])
+
+    def issue_x(i):  # the key group of tile i: its keys, queries and pending keys
+        t = tile(first + i)
+        hk = t.hv // group
+
+        @pl.when(t.live)
+        def _():
+            mg.plgpu.copy_gmem_to_smem(L.k.at[t.b, :, hk, :], L.xin.at[pl.ds(GROUP, T)],
+                                       xbar.at[0])
+            mg.plgpu.copy_gmem_to_smem(L.q.at[t.b, :, hk, :], L.xin.at[pl.ds(2 * GROUP, T)],
+                                       xbar.at[0])
+
+        @pl.when(pending(t.slot, t.live) > 0)
+        def _():
+            mg.plgpu.copy_gmem_to_smem(L.cand_k.at[t.slot, :, hk, :],
+                                       L.xin.at[pl.ds(L.pend_row, W)], xpbar.at[0])
+
     plgpu = mg.plgpu
     issue_x(0)
     for i in range(min(stages - 1, tiles)):
