@@ -114,7 +114,7 @@ def preferences(device: Device, op: str = "decode", B: int | None = None,
         # Decode and verify in ring mode. Hopper: the Mosaic GPU kernel in matrix form (bf16,
         # T <= 8; wgmma), measured faster than the Triton kernel at B = 32 and 256 (H200, JAX's
         # profiler, T = 4, W = 16, fold 20%: 38.7 vs 63.2 us, 265.3 vs 404.0; ring decode 25.7
-        # vs 41.4, 169.6 vs 268.9: bench/results/ncu_kernels-h200-ring_mgpu-2026-12-03.json);
+        # vs 40.9, 169.6 vs 268.9: bench/results/ncu_kernels-h200-ring_mgpu-2026-12-03.json);
         # elsewhere, and for what it cannot take, the Triton kernel (tensor-core dots, SM80+).
         return ("mosaic", "triton", "xla") if major == 9 else ("triton", "xla")
     if major in (8, 12):  # Ampere/Ada, consumer Blackwell (no wgmma, no tcgen05): portable kernels
