@@ -38,8 +38,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
                                          # the matrix (WY) form, its state products on Hopper's
                                          # tensor cores (bf16 pool, tokens and candidates)
     o, inter = verify_intermediate_mgpu(...same arguments as verify_intermediate...)
-    o, u, pool = verify_ring_mgpu(...same arguments as verify_ring..., T <= 8, W in 16..32)
-                                         # ring mode in matrix form (bf16, Hopper)
+    o, u, pool = verify_ring_mgpu(...same arguments as verify_ring..., T <= 8, W in (16, 32),
+                                  T x W <= 128)  # ring mode in matrix form (bf16, Hopper)
 
 The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA).
 Each kernel takes its launch parameters as one frozen, hashable config (a static argument).
@@ -56,6 +56,7 @@ from ._mgpu import MAX_K as MOSAIC_MAX_K
 from ._mgpu import MosaicConfig
 from ._mgpu import head_dims_misfit as mosaic_head_dims_misfit
 from ._pallas import TuningConfig
+from ._ring_wy_mgpu import MAX_T as MOSAIC_RING_MAX_T
 from ._tokens_mgpu import MAX_T as MOSAIC_MAX_T
 from ._tokens_mgpu import MODES as MOSAIC_MODES
 from ._tokens_mgpu import misfit as mosaic_misfit
@@ -75,7 +76,6 @@ from .projection_mgpu import misfit as projection_mgpu_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
 from .verify import verify_intermediate, verify_replay
-from ._ring_wy_mgpu import MAX_T as MOSAIC_RING_MAX_T
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu, verify_ring_mgpu
 
 
@@ -85,12 +85,13 @@ def mosaic_unavailable() -> str | None:
 
 
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
-           "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "POOL_DTYPES", "PROJECTION_MAX_M", "RING_MAX_T",
-           "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes", "MoEConfig",
-           "MosaicConfig", "MosaicProjectionConfig", "ProjectionConfig", "ScatterConfig", "TuningConfig", "conv_step",
-           "decode", "decode_attention", "decode_mgpu", "fold", "grouped_matmul",
-           "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable", "project",
-           "project_group", "project_group_mgpu", "projection_block_m", "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit",
-           "pow2_block", "scatter_rows", "scatter_rows_group", "verify_intermediate",
-           "verify_intermediate_mgpu", "verify_replay", "verify_replay_mgpu", "verify_ring",
-           "verify_ring_mgpu"]
+           "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "POOL_DTYPES", "PROJECTION_MAX_M",
+           "RING_MAX_T", "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes",
+           "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "ProjectionConfig",
+           "ScatterConfig", "TuningConfig", "conv_step", "decode", "decode_attention",
+           "decode_mgpu", "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
+           "mosaic_unavailable", "project", "project_group", "project_group_mgpu",
+           "projection_block_m", "projection_mgpu_misfit", "projection_misfit",
+           "projection_smem_limit", "pow2_block", "scatter_rows", "scatter_rows_group",
+           "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
+           "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]
