@@ -1,4 +1,5 @@
-"""The ring kernel (`kernels.verify_ring`) against the XLA ring path.
+"""The ring kernels (`kernels.verify_ring`, Triton; `kernels.verify_ring_mgpu`, Mosaic GPU, bf16)
+against the XLA ring path.
 
 A ring-mode state with every buffer random (the ring's corrected values u too: any u is a ring's):
 committed counts over 0..W (rows that fold and rows that do not), the pool NaN-poisoned at every
