@@ -483,11 +483,14 @@ def worker(args):
         slots = jnp.asarray(rng.permutation(B), jnp.int32)
         keys = ("block_v", "tiles_per_cta", "stages", "wy", "num_warps", "num_stages")
         cfg = {key: c[key] for key in keys if key in c}
-        if not cfg:
-            cfg = dataclasses.asdict(dispatch.tuning(
-                c["op"] if c["op"] == "decode" else "verify", state_dtype=dtype, B=B, V=V,
+        if not cfg:  # dispatch's own config (replay on Hopper: the matrix form where it fits)
+            dtypes = kernels.Dtypes(jnp.dtype(dtype), jnp.dtype(jnp.bfloat16),
+                                    jnp.dtype(st.cand_v.dtype))
+            cfg = dataclasses.asdict(dispatch.select(
+                "decode" if c["op"] == "decode" else "verify", dtypes=dtypes,
+                mode=None if c["op"] == "decode" else c["op"],
                 backend="mosaic" if c["impl"] == "mosaic" else "triton",
-                mode=None if c["op"] == "decode" else c["op"]))
+                T=T, K=K, V=V, B=B).config)
         c.update(cfg)
         config = (kernels.MosaicConfig if c["impl"] == "mosaic" else kernels.TuningConfig)(
             **cfg)

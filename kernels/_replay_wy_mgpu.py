@@ -7,9 +7,12 @@ update of the [BV, K] fp32 register tile (2.3x a decode at B = 32). Here the sta
 three products on the tensor cores and the rest is per-row algebra on [BV] vectors:
 
     X    = [candidate keys (rows 0..7); keys (8..15); queries (16..23); 0]  [64, K] raw bf16, SMEM
-    PT   = X @ S0^T      each token's product with the state tile, taken as PT^T = S0 @ X[:24]^T
-                         [BV, 24] fp32 in registers (bf16 x bf16 is exact in the fp32
-                         accumulator; `token_rows` reads its columns as [BV] vectors)
+    PT   = X @ S0^T      [64, BV] fp32: each token's product with the state tile (bf16 x bf16 is
+                         exact in the fp32 accumulator), staged through SMEM and read back as
+                         [BV] rows. Ring mode takes PT^T in registers instead (`token_rows`);
+                         here that measured slower (H200, 3 pending + T = 4: 51.3 / 380.0 us
+                         at B = 32 / 256 against 45.3 / 333.7 staged,
+                         bench/results/replay_wy_pt-h200-2026-12-03.json)
     Gram = X @ X[:24]^T  [64, 24] fp32: the tokens' dot products (l2 norms on the diagonal)
 
 With k_i = rk_i kraw_i, q_t = rq_t qraw_t and G the cumulative log decay from S0 (over the n live
@@ -69,12 +72,13 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
                              num_slots=N)
     pending = functools.partial(cm.tile_pending, count_ref, t_max=t_max, num_slots=N)
 
-    def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, cv_smem, o_smem, gram_smem, bars,
-             pbars, xbar, xpbar):
+    def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, cv_smem, o_smem, pt_smem, gram_smem,
+             bars, pbars, xbar, xpbar):
         # st_smem [ST, BV, K] pool tiles; xin_smem [64, K] X as loaded (plain); x_smem and
         # xf_smem [64, K] the wgmma operands X and X' (tiled), built once per key group;
         # v_smem [ST, T, BV]; cv_smem [ST, > t_max, BV] the candidates' values (row t_max stays
-        # zero); o_smem [T, BV]; gram_smem [64, 24] fp32: the Gram, read back as scalars
+        # zero); o_smem [T, BV]; pt_smem [64, BV] and gram_smem [64, 24] fp32: PT, read back
+        # as rows, and the Gram, read back as scalars
         first = lax.axis_index("cta") * PER
         xin_smem[...] = jnp.zeros((wy.ROWS, K), _BF16)  # rows no load fills: finite products
         for s in range(ST):
@@ -106,8 +110,11 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         def math(t, s, n, values):
             gates, cand_gates = values
             cols = pl.ds(t.iv * BV, BV)
-            row = wy.token_rows(wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, wy.TOKEN_ROWS)],
-                                           interpret))
+            # pt_smem is free: every thread passed run_tiles's barrier at this tile's start
+            mg.store_plain(wy.times_t(x_smem, st_smem.at[s], interpret), pt_smem,
+                           interpret=interpret)
+            plgpu.commit_smem()
+            row = lambda r: mg.load(pt_smem.at[r], VVEC, interpret=interpret)  # noqa: E731
 
             def value(i):
                 # a dead candidate reads the value buffer's zero row (row t_max)
@@ -151,6 +158,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
         plgpu.SMEM((ST, wy.value_rows(t_max + 1, BV), BV), cand_v_ref.dtype),
         plgpu.SMEM((T, BV), o_ref.dtype),
+        plgpu.SMEM((wy.ROWS, BV), _F32),
         plgpu.SMEM((wy.ROWS, wy.TOKEN_ROWS), _F32),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.Barrier(num_arrivals=1, num_barriers=ST),
@@ -182,7 +190,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     BV, ST, K = config.block_v, config.stages, dims.K
     buffers = [ST * BV * K * 2, wy.ROWS * K * 2, wy.ROWS * K * 2, wy.ROWS * K * 2,
                ST * dims.T * BV * 2, ST * wy.value_rows(dims.t_max + 1, BV) * BV * 2,
-               dims.T * BV * 2, wy.ROWS * wy.TOKEN_ROWS * 4,
+               dims.T * BV * 2, wy.ROWS * BV * 4, wy.ROWS * wy.TOKEN_ROWS * 4,
                8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
 
