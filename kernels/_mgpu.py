@@ -141,8 +141,13 @@ class MosaicConfig:
 # Version shims (inside kernels)
 
 
-def compiler_params():
-    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup)
+def compiler_params(*, approx_math: bool = False, auto_barriers: bool = True):
+    """Warpgroup semantics. approx_math: exp, log and rsqrt as the SFU's approximations (about
+    22 bits); auto_barriers=False: no warpgroup barrier around each SMEM store and before each
+    TMA load (the kernel places its own: `plgpu.CompilerParams.unsafe_no_auto_barriers`)."""
+    return plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+                                approx_math=approx_math,
+                                unsafe_no_auto_barriers=not auto_barriers)
 
 
 def load(ref, layout, *, interpret: bool):
@@ -195,10 +200,11 @@ def smem_tile(shape, dtype, *, interpret: bool):
     return plgpu.SMEM(shape, dtype, transforms=transforms)
 
 
-def core_map(body, *, grid, name: str, interpret: bool):
-    """Run `body` on a 1-D grid of CTAs named "cta" (call inside `pl.run_state`)."""
+def core_map(body, *, grid, name: str, interpret: bool, **params):
+    """Run `body` on a 1-D grid of CTAs named "cta" (call inside `pl.run_state`); params: those
+    of `compiler_params`."""
     mesh = plgpu.Mesh(grid=grid, grid_names=("cta",))
-    kwargs = dict(compiler_params=compiler_params(), name=name)
+    kwargs = dict(compiler_params=compiler_params(**params), name=name)
     if interpret:
         kwargs["interpret"] = interpret_params()
     with warnings.catch_warnings():  # 0.11+: "core_map is deprecated, use pl.kernel"; it is the

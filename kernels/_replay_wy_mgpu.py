@@ -106,6 +106,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
             plgpu.commit_smem()
             mg.store_plain(wy.times_t(x_smem, x_smem.at[pl.ds(0, wy.TOKEN_ROWS)], interpret),
                            gram_smem, interpret=interpret)
+            plgpu.commit_smem()  # every thread reads the Gram's scalars
 
         def math(t, s, n, values):
             gates, cand_gates = values

@@ -140,6 +140,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             plgpu.commit_smem()
             mg.store_plain(wy.times_t(x_smem, x_smem.at[pl.ds(0, USED)], interpret), gram_smem,
                            interpret=interpret)
+            plgpu.commit_smem()  # every thread reads the Gram's scalars
 
         def math(t, s, n, values):
             gates, ring_g = values
@@ -251,7 +252,12 @@ def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool
                              interpret=interpret)
 
     def stateful(refs):
-        mg.core_map(lambda: body(refs), grid=grid, name=name, interpret=interpret)
+        # Issue-bound (ncu, B = 256: 59% of issue slots busy, two one-warpgroup CTAs an SM):
+        # the SFU's exp and log, and barriers only where `_body` places them. Both together
+        # with `wy.token_rows`'s 8-column groups: 262.9 -> 213.3 us at B = 256, 38.5 -> 35.4
+        # at B = 32 (bench/results/ring_mgpu_issue-h200-2026-12-03.json)
+        mg.core_map(lambda: body(refs), grid=grid, name=name, interpret=interpret,
+                    approx_math=True, auto_barriers=False)
 
     o = mg.fresh_outputs((B, T, HV, V), args[2].dtype, interpret=interpret)
     u = mg.fresh_outputs((B, T, HV, V), _F32, interpret=interpret)
