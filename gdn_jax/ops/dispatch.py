@@ -113,8 +113,8 @@ def preferences(device: Device, op: str = "decode", B: int | None = None,
     if mode == "ring":
         # Decode and verify in ring mode. Hopper: the Mosaic GPU kernel in matrix form (bf16,
         # T <= 8; wgmma), measured faster than the Triton kernel at B = 32 and 256 (H200, JAX's
-        # profiler, T = 4, W = 16, fold 20%: 38.7 vs 63.2 us, 265.3 vs 404.0; ring decode 25.7
-        # vs 40.9, 169.6 vs 268.9: bench/results/ncu_kernels-h200-ring_mgpu-2026-12-03.json);
+        # profiler, T = 4, W = 16, fold 20%: 35.4 vs 61.9 us, 213.3 vs 415.1; ring decode 27.1
+        # vs 42.6, 165.2 vs 262.8: bench/results/ring_mgpu_issue-h200-2026-12-03.json);
         # elsewhere, and for what it cannot take, the Triton kernel (tensor-core dots, SM80+).
         return ("mosaic", "triton", "xla") if major == 9 else ("triton", "xla")
     if major in (8, 12):  # Ampere/Ada, consumer Blackwell (no wgmma, no tcgen05): portable kernels
@@ -340,7 +340,8 @@ def tuning(op: str, backend: str = "triton", *, state_dtype, B: int, V: int,
     if mode == "ring" and backend == "mosaic":
         # H200, T = 4, W = 16, fold 20% (bench/results/sweep_ring_mgpu-h200-2026-12-03.json):
         # B = 32 38.7 us at bv64 t4 s2 (t2 40.4, t8 44.4, bv128 t2 52.8, s3 64.1); B = 256 265.3
-        # (t2 294.6, t8 268.5, bv128 t2 369.2, s3 442.7). B < 32 unmeasured.
+        # (t2 294.6, t8 268.5, bv128 t2 369.2, s3 442.7). B < 32 unmeasured. The sweep ran
+        # before the kernel's issue diet (38.7 -> 35.4, 265.3 -> 213.3 at this config).
         return kernels.MosaicConfig(min(64, V), 4, 2)
     if mode == "ring":
         block_v, num_warps = _RING_TUNING[(jnp.dtype(state_dtype).name, large)]
