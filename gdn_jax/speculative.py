@@ -481,7 +481,8 @@ def generate(model, prompts, prompt_lengths, *, num_draft: int = 3, max_new_toke
     cache, slots: a ModelCache from model.init_cache (t_max >= d + 1, max_len >= P +
         max_new_tokens + d) and the slot of each row, donated and returned; the rows' slots are
         reset first. None: a fresh cache for B slots in `state_dtype` (bf16 | fp32) and
-        `commit_mode` ("replay" | "intermediate"), max_len tokens (default P + max_new + d).
+        `commit_mode` (`ops.COMMIT_MODES`: "replay", "intermediate" or "ring"), max_len tokens
+        (default P + max_new + d).
     Returns GenerateOutput(tokens [B, N], lengths [B], rounds, row_rounds [B], accepted [B],
     accept_length, cache), N = max(max_new_tokens).
 
