@@ -29,7 +29,10 @@ collectives take (and what they keep from overlapping). `--moe gather|grouped|pa
 expert path (`gdn_jax.modules.mlp.set_expert_path`).
 
 What is timed, per (TP, B) (d = --draft, default 3):
-- decode: one plain decode step of the target: one token, all layers, LM head, argmax.
+- decode: one decode step of the target in --commit-mode: one token, all layers, LM head,
+          argmax. In ring mode that is the ring's output-only decode; `plain_decode` is then
+          also timed, on a replay-mode cache (the plain decode kernel), and the ratios below
+          (round / decode, speculative / plain, decode / floor) take it.
 - verify: the target over d + 1 tokens from the cache (GDN verify path), LM head, greedy
           acceptance and the commit; drafts are not computed (fixed shifts of the last token).
 - round:  one whole speculative round as `generate` runs it: the MTP extend (d + 1 pairs) and
@@ -447,9 +450,19 @@ def main(argv=None):
             names = ["decode", "verify", "round"]
             if args.no_comm and tp > 1:
                 names += ["decode_no_comm", "round_no_comm"]
+            # Ring mode's decode step is the ring's (output-only) kernel; plain decoding, what
+            # speculation is compared with, runs on a replay-mode cache (the plain kernel)
+            plain = args.commit_mode == "ring"
+            if plain:
+                names.append("plain_decode")
             for name in names:
                 base = name.split("_no_comm")[0]
                 ctx = without_collectives() if name != base else contextlib.nullcontext()
+                if name == "plain_decode":
+                    del cache
+                    cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=dtype,
+                                             commit_mode="replay")
+                    base = "decode"
                 with ctx:
                     timing, cache, extra = time_program(progs[base], params, cache, tok, chain,
                                                         reps, args.context)
@@ -464,7 +477,8 @@ def main(argv=None):
                 note = f" [{timing.note}]" if timing.note else ""
                 print(f"  TP={tp} B={B:<3} {name:<15} {per * 1e3:9.3f} ms/call  (naive "
                       f"{naive * 1e3:.3f}, compile+first {comp:.1f} s){note}", flush=True)
-            dec, rnd = row["decode"]["per_call_ms"], row["round"]["per_call_ms"]
+            dec = row["plain_decode" if plain else "decode"]["per_call_ms"]
+            rnd = row["round"]["per_call_ms"]
             row["verify_over_decode"] = row["verify"]["per_call_ms"] / dec
             row["round_over_decode"] = rnd / dec
             floor = byte_floor(model, config, B, args.context, d, args.commit_mode, accept)
@@ -499,7 +513,8 @@ def main(argv=None):
         rnd_share = r.get("round_comm_share")
         comm = ("" if share is None else f"{100 * share:.0f}%/{100 * rnd_share:.0f}%")
         spec = r.get("spec_tokens_per_s")
-        print(f"{r['tp']:>3} {r['B']:>4} {r['decode']['per_call_ms']:>10.3f} "
+        dec = r.get("plain_decode", r["decode"])["per_call_ms"]  # ring mode: the plain one
+        print(f"{r['tp']:>3} {r['B']:>4} {dec:>10.3f} "
               f"{r['floor']['decode_ms']:>9.3f} {r['decode_over_floor']:>9.2f} "
               f"{r['verify']['per_call_ms']:>10.3f} {r['round']['per_call_ms']:>10.3f} "
               f"{r['round_over_decode']:>10.2f} {r.get('accept_length', float('nan')):>5.2f} "

@@ -42,6 +42,19 @@ def test_bench_speculative_reports_every_floor(tmp_path):
         assert row["floor"][f"{step}_ms"] > 0 and row[f"{step}_over_floor"] > 0
 
 
+def test_bench_speculative_ring_mode_compares_with_plain_decode(tmp_path):
+    """Ring mode's own decode is the ring kernel's; its ratios take the plain decode, timed on a
+    replay-mode cache."""
+    _run("bench_speculative.py", "--smoke", "--out", str(tmp_path), "--batches", "2",
+         "--reps", "1", "--chain", "20", "--commit-mode", "ring")
+    [result] = os.listdir(tmp_path)
+    [row] = json.load(open(tmp_path / result))["results"]
+    plain, rnd = row["plain_decode"]["per_call_ms"], row["round"]["per_call_ms"]
+    assert plain > 0 and row["decode"]["per_call_ms"] > 0
+    assert row["round_over_decode"] == rnd / plain
+    assert row["tokens_per_s"]["plain"] == 2 / plain * 1e3
+
+
 def test_random_model_is_drawn_into_its_shards():
     """`bench_speculative.random_model(..., mesh)`: every parameter is born with the sharding
     `param_specs` gives it (no device ever holds a split parameter whole), and the model runs."""
