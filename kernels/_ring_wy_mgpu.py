@@ -131,7 +131,8 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         def build_x(n):
             # X: the tokens and the committed ring keys (the rest of the ring may hold anything);
             # X', the fold's: only the committed ring keys (this call's tokens meet zero columns
-            # of W^T there, and 0 * NaN would be NaN)
+            # of W^T there, and 0 * NaN would be NaN). X' is a whole [64, K] buffer, not X's
+            # ring rows: a wgmma with A in registers takes K (here X' rows) in multiples of 64
             X = mg.layout_cast(xin_smem[...], WG, interpret=interpret)
             rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
             zero = jnp.zeros_like(X)
