@@ -31,8 +31,8 @@ expert path (`gdn_jax.modules.mlp.set_expert_path`).
 What is timed, per (TP, B) (d = --draft, default 3):
 - decode: one decode step of the target in --commit-mode: one token, all layers, LM head,
           argmax. In ring mode that is the ring's output-only decode; `plain_decode` is then
-          also timed, on a replay-mode cache (the plain decode kernel), and the ratios below
-          (round / decode, speculative / plain, decode / floor) take it.
+          also timed, on a replay-mode cache (the plain decode kernel), and every ratio to
+          decode (verify and round / decode, speculative / plain, decode / floor) takes it.
 - verify: the target over d + 1 tokens from the cache (GDN verify path), LM head, greedy
           acceptance and the commit; drafts are not computed (fixed shifts of the last token).
 - round:  one whole speculative round as `generate` runs it: the MTP extend (d + 1 pairs) and
@@ -452,8 +452,7 @@ def main(argv=None):
                 names += ["decode_no_comm", "round_no_comm"]
             # Ring mode's decode step is the ring's (output-only) kernel; plain decoding, what
             # speculation is compared with, runs on a replay-mode cache (the plain kernel)
-            plain = args.commit_mode == "ring"
-            if plain:
+            if args.commit_mode == "ring":
                 names.append("plain_decode")
             for name in names:
                 base = name.split("_no_comm")[0]
@@ -477,7 +476,7 @@ def main(argv=None):
                 note = f" [{timing.note}]" if timing.note else ""
                 print(f"  TP={tp} B={B:<3} {name:<15} {per * 1e3:9.3f} ms/call  (naive "
                       f"{naive * 1e3:.3f}, compile+first {comp:.1f} s){note}", flush=True)
-            dec = row["plain_decode" if plain else "decode"]["per_call_ms"]
+            dec = row.get("plain_decode", row["decode"])["per_call_ms"]
             rnd = row["round"]["per_call_ms"]
             row["verify_over_decode"] = row["verify"]["per_call_ms"] / dec
             row["round_over_decode"] = rnd / dec
