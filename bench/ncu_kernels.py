@@ -405,7 +405,9 @@ class _JaxProfiler:
         name = max(trace.totals, key=trace.totals.get)
         c.update(kernel=name[:60], kernel_us=trace.totals[name] / reps / 1e3,
                  call_us=sum(trace.totals.values()) / reps / 1e3,
-                 kernels_per_call=round(sum(trace.counts.values()) / reps))
+                 kernels_per_call=round(sum(trace.counts.values()) / reps),
+                 call_kernels=[[n[:60], round(trace.totals[n] / reps / 1e3, 2)]
+                               for n in sorted(trace.totals, key=trace.totals.get, reverse=True)])
 
 
 def worker(args):
@@ -735,7 +737,10 @@ def summarize(out: str, reps: int, bw: float, *, flashinfer: bool = False,
         call_ns = statistics.median(sum(val(r, METRICS[0]) for r in launch) for launch in mine)
         c.update(kernel=main_rows[0]["Kernel Name"][:60], kernel_us=num(METRICS[0]) / 1e3,
                  call_us=call_ns / 1e3, kernels_per_call=len(mine[0]),
-                 dram_pct=num(METRICS[1]), regs=num(METRICS[2]), occupancy_pct=num(METRICS[3]))
+                 dram_pct=num(METRICS[1]), regs=num(METRICS[2]), occupancy_pct=num(METRICS[3]),
+                 # what the call's time is made of (the first launch): the glue beside the kernel
+                 call_kernels=[[r["Kernel Name"][:60], round(val(r, METRICS[0]) / 1e3, 2)]
+                               for r in mine[0]])
         _rate(c, call_ns, bw)
         table.append(c)
     return _report(out, table, bw, reps, timer="ncu --cache-control all --clock-control none",

@@ -39,13 +39,22 @@ def _pending(state):
     return (state.cand_k, state.cand_v, state.cand_g, state.cand_beta, state.count)
 
 
+def _after_kernel(state, pool):
+    """The state with the kernel's pool, its count ordered after the kernel (which reads it).
+
+    Unordered, XLA copies count before each scatter that writes it (72 copies in a 48-layer
+    B = 32 verify step): the barrier makes the count scatters follow the kernel, in place."""
+    pool, count = jax.lax.optimization_barrier((pool, state.count))
+    return state.replace(pool=pool, count=count)
+
+
 @functools.partial(jax.jit, static_argnames=("choice", "interpret"))
 def decode(q, k, v, a, b, A_log, dt_bias, state, slots, *, choice, interpret=False):
     """interpret: run the chosen kernel in its interpreter (the Mosaic GPU one's too: tests)."""
     o, pool = _kernel(choice, "decode", interpret)(q, k, v, a, b, A_log, dt_bias, state.pool,
                                                    *_pending(state), slots)
     _, _, scatter = slot_index(slots, state.num_slots)
-    return o, clear_count(state.replace(pool=pool), scatter)
+    return o, clear_count(_after_kernel(state, pool), scatter)
 
 
 @functools.partial(jax.jit, static_argnames=("mode", "choice", "interpret"))
@@ -55,13 +64,9 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, choice, interpr
         o, inter = _kernel(choice, "intermediate", interpret)(*args)
         return o, state, inter
     o, pool = _kernel(choice, "replay", interpret)(*args)
-    # count's scatters after the kernel that reads it, so they write in place: unordered, XLA
-    # copied count before each (72 copies in a 48-layer B = 32 verify step)
-    pool, count = jax.lax.optimization_barrier((pool, state.count))
-    state = state.replace(count=count)
     _, _, scatter = slot_index(slots, state.num_slots)
     g, beta = reference.gating(a, b, A_log, dt_bias)
-    state = clear_count(state.replace(pool=pool), scatter)
+    state = clear_count(_after_kernel(state, pool), scatter)
     return o, store_candidates(state, scatter, k, v, g, beta), None
 
 
@@ -74,9 +79,10 @@ def ring(q, k, v, a, b, A_log, dt_bias, state, slots, *, reserve, choice, interp
                         reserve=reserve, config=choice.config,
                         interpret=interpret or choice.backend == "interpret")
     gather, valid, scatter = slot_index(slots, state.num_slots)
+    state = _after_kernel(state, pool)
     _, start = ring_start(state, gather, valid, reserve)
     g, beta = reference.gating(a, b, A_log, dt_bias)
-    state = store_ring(state.replace(pool=pool), scatter, start, k, u, g, beta, reserve)
+    state = store_ring(state, scatter, start, k, u, g, beta, reserve)
     return o, set_ring_count(state, scatter, start, reserve == 1)
 
 
@@ -85,4 +91,4 @@ def flush(state, slots, *, choice, interpret=False):
     pool = kernels.fold(state.pool, *_pending(state), slots, config=choice.config,
                         interpret=interpret or choice.backend == "interpret")
     _, _, scatter = slot_index(slots, state.num_slots)
-    return clear_count(state.replace(pool=pool), scatter)
+    return clear_count(_after_kernel(state, pool), scatter)
