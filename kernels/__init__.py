@@ -40,8 +40,6 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     o, inter = verify_intermediate_mgpu(...same arguments as verify_intermediate...)
     o, u, pool = verify_ring_mgpu(...same arguments as verify_ring..., T <= 8, W in (16, 32),
                                   T x W <= 128)  # ring mode in matrix form (bf16, Hopper)
-    o, pool, ring = verify_ring_mgpu(..., append=True)  # the kernel appends the tokens to the
-                                  # ring itself, where ring_append_fits (one key group per CTA)
 
 The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA).
 Each kernel takes its launch parameters as one frozen, hashable config (a static argument).
@@ -78,8 +76,7 @@ from .projection_mgpu import misfit as projection_mgpu_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
 from .verify import verify_intermediate, verify_replay
-from .verify_mgpu import (ring_append_fits, verify_intermediate_mgpu, verify_replay_mgpu,
-                          verify_ring_mgpu)
+from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu, verify_ring_mgpu
 
 
 def mosaic_unavailable() -> str | None:
@@ -95,7 +92,6 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "decode_mgpu", "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
            "mosaic_unavailable", "project", "project_group", "project_group_mgpu",
            "projection_block_m", "projection_mgpu_misfit", "projection_misfit",
-           "projection_smem_limit", "pow2_block", "ring_append_fits", "scatter_rows",
-           "scatter_rows_group",
+           "projection_smem_limit", "pow2_block", "scatter_rows", "scatter_rows_group",
            "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
            "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

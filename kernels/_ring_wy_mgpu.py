@@ -24,15 +24,8 @@ solved from S_R by `_wy_mgpu.solve` (no candidates), which also gives their u fo
 The pool is read, not written, except where the call folds (n > 0 and n + reserve > W: this
 call's tokens would not fit after the committed ones): there S_R, the third product W^T @ X'
 (X' holding only the live ring keys, W split into bf16 high and low parts) accumulated onto
-e^{G_n} S0, is rounded once into the pool. The tokens (raw key, g, beta, u) go into the ring at
-`start` (0 after a fold, else n), R = max(reserve, T) entries (those past T: g = beta = u = 0):
-by the caller from the u this kernel returns, as for the Triton kernel, or (`append=True`, where
-`append_misfit` allows) by the kernel itself -- the u straight from SMEM, the keys from X's
-staging buffer, g and beta as scalars -- saving the u's round trip through HBM and the launches
-of the gating, padding and scatter around it. The caller sets count either way. In place is
-safe only where each CTA owns whole key groups: its tiles are the only readers of the slot's
-ring keys (loaded once, at the group's first tile), ring g (each value head's last tile writes
-them after its reads) and ring u (each tile its own block).
+e^{G_n} S0, is rounded once into the pool. The caller appends the tokens (raw key, g, u) to the
+ring (at 0 after a fold, else at n) and sets count, as for the Triton kernel.
 
 The pipeline over a CTA's tiles is replay's (`_wy_mgpu.run_tiles`): X, X' and the Gram belong to
 the key group (b, hv // (HV / H)) and are built at its first tile; each tile loads its state tile,
@@ -97,16 +90,12 @@ def ring_row(r, e_n, w, row, gram):
 # The kernel
 
 
-def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, append: bool,
-          interpret: bool):
+def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool):
     (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
-     cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref, o_ref, *u_ref) = refs
+     cand_v_ref, cand_g_ref, pool_ref, o_ref, u_ref) = refs
     # pool_ref [N, HV, V, K] written in place where a row folds; o_ref [B, T, HV, V] and u_ref
-    # (fp32; absent where the kernel appends) uninitialised in; cand_v_ref [N, W, HV, V] fp32:
-    # the ring's u; the cand_* written in place where the kernel appends
-    u_ref = None if append else u_ref[0]
+    # (fp32) uninitialised in; cand_v_ref [N, W, HV, V] fp32: the ring's u
     B, T, H, HV, K, V, N, W = dims
-    R = max(reserve, T)  # the ring entries a call's tokens take
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
     NV = V // BV
     group = HV // H
@@ -130,8 +119,6 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, append: bo
         xin_smem[...] = jnp.zeros((wy.ROWS, K), _BF16)  # rows no load fills: finite products
         for s in range(ST):
             ru_smem[s] = jnp.zeros(ru_smem.shape[1:], _F32)
-        if append and R > T:  # the appended entries past the tokens: u = 0
-            u_smem[pl.ds(T, R - T)] = jnp.zeros((R - T, BV), _F32)
         plgpu.commit_smem()
 
         def scalars(t):
@@ -176,12 +163,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, append: bo
             for j in range(T):
                 o_smem[j] = outs[j].astype(o_smem.dtype)
                 u_smem[j] = us[j]
-            plgpu.commit_smem()  # also: every thread has read the ring's g (scalars) and keys
+            plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
-            if append:
-                _append(t, n, cols, gates)
-            else:
-                plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
+            plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
 
             @pl.when((n > 0) & (n + reserve > W))
             def _():  # the fold: S_R into the pool, rounded once
@@ -189,35 +173,15 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, append: bo
                              pool_ref.at[t.slot, t.hv, cols, :], first=RING_ROW, layout=WG,
                              interpret=interpret)
 
-        def _append(t, n, cols, gates):
-            # this call's R entries of the slot's ring, at start (0 where the call folds)
-            start = jnp.where(n + reserve > W, 0, n)
-            entries = pl.ds(start, R)
-            plgpu.copy_smem_to_gmem(u_smem, cand_v_ref.at[t.slot, entries, t.hv, cols])
-
-            @pl.when((t.hv % group == 0) & (t.iv == 0))  # the key group's first tile: its keys
-            def _():  # (X's key rows past T are zeros: no load writes them)
-                plgpu.copy_smem_to_gmem(xin_smem.at[pl.ds(wy.GROUP, R)],
-                                        cand_k_ref.at[t.slot, entries, t.hv // group, :])
-
-            @pl.when(t.iv == NV - 1)  # the value head's last tile: no tile reads its g after
-            def _():
-                for j in range(R):
-                    g, beta = gates[j] if j < T else (0.0, 0.0)
-                    cand_g_ref[t.slot, start + j, t.hv] = jnp.asarray(g, _F32)
-                    cand_beta_ref[t.slot, start + j, t.hv] = jnp.asarray(beta, _F32)
-
         def pad(t):  # a padding row: zero o and u (both start uninitialised)
             cols = pl.ds(t.iv * BV, BV)
             zero = mg.layout_cast(jnp.zeros((BV,), _F32), VVEC, interpret=interpret)
             for j in range(T):
                 o_smem[j] = zero.astype(o_smem.dtype)
-                if not append:
-                    u_smem[j] = zero
+                u_smem[j] = zero
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
-            if not append:
-                plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
+            plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
 
         loads = wy.Loads(pool_ref, v_ref, k_ref, q_ref, cand_k_ref, cand_v_ref, st_smem, v_smem,
                          xin_smem, ru_smem, RING_ROW)
@@ -235,7 +199,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, append: bo
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
         plgpu.SMEM((ST, wy.value_rows(W + 1, BV), BV), _F32),
         plgpu.SMEM((T, BV), o_ref.dtype),
-        plgpu.SMEM((R if append else T, BV), _F32),
+        plgpu.SMEM((T, BV), _F32),
         plgpu.SMEM((wy.ROWS, USED), _F32),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.Barrier(num_arrivals=1, num_barriers=ST),
@@ -268,45 +232,24 @@ def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None
     return why
 
 
-def append_misfit(dims: cm.Dims, config: MosaicConfig, reserve: int) -> str | None:
-    """None when the kernel can append the call's tokens to the ring itself (`append=True`),
-    else why not: each CTA must own whole key groups (the only reader of what it overwrites),
-    and the R = max(reserve, T) entries must fit X's key rows."""
-    group_tiles = dims.HV // dims.H * (dims.V // config.block_v)
-    if config.tiles_per_cta != group_tiles:
-        return (f"appending in the kernel takes one key group per CTA: tiles_per_cta = "
-                f"{group_tiles} (HV / H x V / block_v), got {config.tiles_per_cta}")
-    if max(reserve, dims.T) > wy.GROUP:
-        return (f"appending in the kernel takes max(reserve, T) <= {wy.GROUP}, got reserve = "
-                f"{reserve}, T = {dims.T}")
-    if smem_bytes(dims, config, reserve) > mg.SMEM_BYTES:
-        return (f"{config} needs {smem_bytes(dims, config, reserve)} bytes of SMEM per CTA to "
-                f"append, more than {mg.SMEM_BYTES}")
-    return None
-
-
-def smem_bytes(dims: cm.Dims, config: MosaicConfig, reserve: int = 0) -> int:
-    """What one CTA allocates (bf16 pool and tokens; each buffer 1 KiB aligned); reserve > T
-    where the kernel appends (u's zero rows)."""
+def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
+    """What one CTA allocates (bf16 pool and tokens; each buffer 1 KiB aligned)."""
     BV, ST, K, T, W = config.block_v, config.stages, dims.K, dims.T, dims.t_max
     rows = wy.ROWS
     buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
-               ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, max(T, reserve) * BV * 4,
+               ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4,
                rows * (RING_ROW + W) * 4, 8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
 
 
-def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, append: bool,
-              interpret: bool, *args):
+def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool, *args):
     """Launch the kernel on (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g,
-    cand_beta, pool) -> (o [B, T, HV, V], u [B, T, HV, V] fp32, pool), or where `append` (its
-    `append_misfit` checked by the caller, as `misfit`) (o, None, pool, (cand_k, cand_v, cand_g,
-    cand_beta)) with the call's tokens in the ring."""
+    pool) -> (o [B, T, HV, V], u [B, T, HV, V] fp32, pool), `misfit` checked by the caller."""
     B, T, _, HV, _, V, _, W = dims
     name = (f"gdn_verify_ring{W}_wy_t{T}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}"
-            f"_s{config.stages}{'_append' * append}")
+            f"_s{config.stages}")
     grid = (pl.cdiv(B * HV * (V // config.block_v), config.tiles_per_cta),)
-    body = functools.partial(_body, dims=dims, config=config, reserve=reserve, append=append,
+    body = functools.partial(_body, dims=dims, config=config, reserve=reserve,
                              interpret=interpret)
 
     def stateful(refs):
@@ -318,9 +261,6 @@ def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, append: bool,
                     approx_math=True, auto_barriers=False)
 
     o = mg.fresh_outputs((B, T, HV, V), args[2].dtype, interpret=interpret)
-    if append:
-        *_, cand_k, cand_v, cand_g, cand_beta, pool, o = pl.run_state(stateful)((*args, o))
-        return o, None, pool, (cand_k, cand_v, cand_g, cand_beta)
     u = mg.fresh_outputs((B, T, HV, V), _F32, interpret=interpret)
     *_, pool, o, u = pl.run_state(stateful)((*args, o, u))
     return o, u, pool

@@ -133,12 +133,12 @@ def verify_intermediate_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v
                           A_log, dt_bias, cand_k, cand_v, cand_g, cand_beta, pool)
 
 
-@functools.partial(jax.jit, static_argnames=("reserve", "config", "interpret", "append"),
+@functools.partial(jax.jit, static_argnames=("reserve", "config", "interpret"),
                    donate_argnames=("pool",))
 def verify_ring_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
                      count, slots, *, reserve: int,
                      config: MosaicConfig = MosaicConfig(tiles_per_cta=4),
-                     interpret: bool = False, append: bool = False):
+                     interpret: bool = False):
     """T tokens per row after the slot's ring of committed tokens (ring mode; decode is T = 1),
     in matrix form on the tensor cores (`_ring_wy_mgpu`: bf16 pool and tokens, Hopper).
 
@@ -148,14 +148,6 @@ def verify_ring_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g
 
     Returns o [B, T, HV, V] bf16 and u [B, T, HV, V] fp32 (zeros for padding rows) and the pool,
     written only where count[slot] > 0 and count[slot] + reserve > W (the ring folded into it).
-
-    append=True (where `_ring_wy_mgpu.append_misfit` allows: one key group per CTA, reserve and
-    T <= 8): the kernel also appends the call's tokens to the ring, as the caller would from u --
-    raw key, g, beta, u at entries start.. start + max(reserve, T) (start 0 where it folded,
-    else count[slot]; the entries past T with g = beta = u = 0) -- and returns (o, pool,
-    (cand_k, cand_v, cand_g, cand_beta)); count is the caller's to set. Donate the state (the
-    caller's jit) for the ring to be written in place. Its g and beta are the kernel's own gates
-    (the SFU's exp and log), those its u was computed with.
     """
     mg.require("verify_ring_mgpu")
     dims = cm.check_ring("verify_ring_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k,
@@ -164,18 +156,7 @@ def verify_ring_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g
     why = _ring_wy_mgpu.misfit(dims, cm.Dtypes.of(q, pool, cand_k, cand_v), config)
     if why is None and not k.dtype == v.dtype == q.dtype:
         why = f"q, k and v of one dtype (bf16), got {q.dtype}, {k.dtype}, {v.dtype}"
-    if why is None and append:
-        why = _ring_wy_mgpu.append_misfit(dims, config, reserve)
     if why:
         raise ValueError(f"verify_ring_mgpu: {why}")
-    o, u, pool, *ring = _ring_wy_mgpu.ring_call(dims, config, reserve, append, interpret, slots,
-                                                count, q, k, v, a, b, A_log, dt_bias, cand_k,
-                                                cand_v, cand_g, cand_beta, pool)
-    return (o, pool, ring[0]) if append else (o, u, pool)
-
-
-def ring_append_fits(q, v, cand_k, *, reserve: int, config: MosaicConfig) -> bool:
-    """Whether `verify_ring_mgpu(..., append=True)` takes a call of these shapes and config (q
-    [B, T, H, K], v [B, T, HV, V], the ring's cand_k [num_slots, W, H, K])."""
-    (B, T, H, K), (HV, V), (N, W) = q.shape, v.shape[2:], cand_k.shape[:2]
-    return _ring_wy_mgpu.append_misfit(cm.Dims(B, T, H, HV, K, V, N, W), config, reserve) is None
+    return _ring_wy_mgpu.ring_call(dims, config, reserve, interpret, slots, count, q, k, v, a, b,
+                                   A_log, dt_bias, cand_k, cand_v, cand_g, pool)

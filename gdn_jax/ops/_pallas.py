@@ -70,29 +70,15 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, choice, interpr
     return o, store_candidates(state, scatter, k, v, g, beta), None
 
 
-# The Mosaic GPU ring kernel appends the call's tokens to the ring itself where it can
-# (`kernels.ring_append_fits`), instead of returning u for XLA's gating, padding and scatter
-KERNEL_APPENDS = True
-
-
 @functools.partial(jax.jit, static_argnames=("reserve", "choice", "interpret"))
 def ring(q, k, v, a, b, A_log, dt_bias, state, slots, *, reserve, choice, interpret=False):
     """Ring mode: decode (reserve 1) and verify (reserve T_max), one kernel (`kernels.ring`, or
-    `verify_ring_mgpu` where the choice is Mosaic GPU, which also appends the tokens where it
-    fits); count set after it."""
-    interpret = interpret or choice.backend == "interpret"
-    args = (q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots)
-    gather, valid, scatter = slot_index(slots, state.num_slots)
-    if choice.backend == "mosaic" and KERNEL_APPENDS and kernels.ring_append_fits(
-            q, v, state.cand_k, reserve=reserve, config=choice.config):
-        o, pool, (cand_k, cand_v, cand_g, cand_beta) = kernels.verify_ring_mgpu(
-            *args, reserve=reserve, config=choice.config, interpret=interpret, append=True)
-        state = _after_kernel(state.replace(cand_k=cand_k, cand_v=cand_v, cand_g=cand_g,
-                                            cand_beta=cand_beta), pool)
-        _, start = ring_start(state, gather, valid, reserve)
-        return o, set_ring_count(state, scatter, start, reserve == 1)
+    `verify_ring_mgpu` where the choice is Mosaic GPU)."""
     kernel = kernels.verify_ring_mgpu if choice.backend == "mosaic" else kernels.verify_ring
-    o, u, pool = kernel(*args, reserve=reserve, config=choice.config, interpret=interpret)
+    o, u, pool = kernel(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots,
+                        reserve=reserve, config=choice.config,
+                        interpret=interpret or choice.backend == "interpret")
+    gather, valid, scatter = slot_index(slots, state.num_slots)
     state = _after_kernel(state, pool)
     _, start = ring_start(state, gather, valid, reserve)
     g, beta = reference.gating(a, b, A_log, dt_bias)
