@@ -425,6 +425,8 @@ def worker(args):
     todo = cases(args)
     t0 = time.time()
     for i, c in enumerate(todo):
+        with open(os.path.join(args.out, "ncu_cases.json"), "w") as fh:
+            json.dump(results, fh)  # before every case: what ran survives a crash or time limit
         print(f"[{time.time() - t0:6.1f} s] case {i + 1}/{len(todo)}: {c}", flush=True)
         B, T, dtype = c["B"], c["T"], jnp.dtype(c["dtype"])
         mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32).astype(jnp.bfloat16)
@@ -530,8 +532,6 @@ def worker(args):
 
         timer.time(c, args.reps, launch)
         results.append(c)
-        with open(os.path.join(args.out, "ncu_cases.json"), "w") as fh:
-            json.dump(results, fh)  # after every case: what ran survives a runner's time limit
     with open(os.path.join(args.out, "ncu_cases.json"), "w") as fh:
         json.dump(results, fh)
 
