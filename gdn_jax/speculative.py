@@ -48,7 +48,7 @@ from flax import nnx
 from jax import lax
 
 from gdn_jax._compat import concrete_value
-from gdn_jax.models.qwen3_next import COMMIT_MODES
+from gdn_jax.models.qwen3_next import COMMIT_MODES, commit_mode_for
 
 _F32 = jnp.float32
 _I32 = jnp.int32
@@ -410,8 +410,8 @@ def _prepare(model, prompts, prompt_lengths, *, num_draft, max_new_tokens, tempe
     if not 0 < top_p <= 1:
         raise ValueError(f"generate: top_p must be in (0, 1], got {top_p!r}")
     stop_tokens = tuple(int(t) for t in np.atleast_1d(np.asarray(stop_tokens, np.int64)))
-    if commit_mode not in COMMIT_MODES:
-        raise ValueError(f"generate: commit_mode expected one of {COMMIT_MODES}, got "
+    if commit_mode not in COMMIT_MODES + ("auto",):
+        raise ValueError(f"generate: commit_mode expected 'auto' or one of {COMMIT_MODES}, got "
                          f"{commit_mode!r}")
     need = P + N + d
     if cache is None:
@@ -453,6 +453,8 @@ def _prepare(model, prompts, prompt_lengths, *, num_draft, max_new_tokens, tempe
         if temperature > 0:
             raise ValueError("generate: sampling (temperature > 0) needs a PRNG key (key=...)")
         key = jax.random.key(0)
+    if commit_mode == "auto":
+        commit_mode = commit_mode_for(B, d, state_dtype)
     cfg = SpecConfig(num_draft=d, max_new_tokens=N, temperature=float(temperature),
                      top_k=int(top_k), top_p=float(top_p), stop_tokens=stop_tokens,
                      pad_id=int(pad_id), commit_mode=commit_mode, state_dtype=state_dtype,
@@ -464,7 +466,7 @@ def _prepare(model, prompts, prompt_lengths, *, num_draft, max_new_tokens, tempe
 
 def generate(model, prompts, prompt_lengths, *, num_draft: int = 3, max_new_tokens=64,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, stop_tokens=(),
-             pad_id: int = 0, key=None, cache=None, slots=None, commit_mode: str = "replay",
+             pad_id: int = 0, key=None, cache=None, slots=None, commit_mode: str = "auto",
              state_dtype=jnp.bfloat16, max_len: int | None = None) -> GenerateOutput:
     """Generate with MTP speculative decoding (num_draft > 0) or plainly (num_draft = 0), the
     whole loop in one jitted program (module docstring).
@@ -481,8 +483,10 @@ def generate(model, prompts, prompt_lengths, *, num_draft: int = 3, max_new_toke
     cache, slots: a ModelCache from model.init_cache (t_max >= d + 1, max_len >= P +
         max_new_tokens + d) and the slot of each row, donated and returned; the rows' slots are
         reset first. None: a fresh cache for B slots in `state_dtype` (bf16 | fp32) and
-        `commit_mode` (`ops.COMMIT_MODES`: "replay", "intermediate" or "ring"), max_len tokens
-        (default P + max_new + d).
+        `commit_mode` (`ops.COMMIT_MODES`: "replay", "intermediate" or "ring"; "auto", the
+        default: ring where it measured faster -- Hopper, bf16 state, B >= 32, num_draft > 0 --
+        else replay, `gdn_jax.ops.dispatch.commit_mode_for`), max_len tokens (default P +
+        max_new + d).
     Returns GenerateOutput(tokens [B, N], lengths [B], rounds, row_rounds [B], accepted [B],
     accept_length, cache), N = max(max_new_tokens).
 

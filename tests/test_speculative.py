@@ -24,6 +24,7 @@ from flax import nnx
 from jax import lax
 
 from gdn_jax import ops
+from gdn_jax.ops import dispatch
 from gdn_jax import speculative as S
 from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM
 from gdn_jax.modules.cache import GDNCache, KVCache
@@ -465,7 +466,17 @@ def test_cache_answers_the_loop(model):
         S.generate(model, PROMPTS[:2], LENGTHS[:2], num_draft=1, max_new_tokens=2, cache=mixed,
                    slots=jnp.arange(2))
     assert cache.replace(mtp=()).has_mtp is False
-    assert S._DEFAULTS["num_draft"] == 3 and S._DEFAULTS["commit_mode"] == "replay"
+    assert S._DEFAULTS["num_draft"] == 3 and S._DEFAULTS["commit_mode"] == "auto"
+    # "auto" resolves where the cache is made: replay off Hopper (here), ring on it from
+    # RING_FROM_BATCH rows (tests/ops/test_dispatch.py); a cache passed in keeps its own mode
+    cfg, _, _ = S._prepare(model, PROMPTS[:2], LENGTHS[:2], **{**S._DEFAULTS, "max_new_tokens": 2})
+    assert cfg.commit_mode == dispatch.commit_mode_for(2, 3, jnp.bfloat16)
+    cfg, _, _ = S._prepare(model, PROMPTS[:2], LENGTHS[:2], **{
+        **S._DEFAULTS, "num_draft": 2, "max_new_tokens": 2, "cache": cache,
+        "slots": jnp.arange(2)})
+    assert cfg.commit_mode == "intermediate"
+    with pytest.raises(ValueError, match="generate: commit_mode expected 'auto' or one of"):
+        S.generate(model, PROMPTS[:2], LENGTHS[:2], max_new_tokens=2, commit_mode="fifo")
 
 
 @pytest.mark.parametrize("commit_mode", ["replay", "ring"])

@@ -37,7 +37,7 @@ from jax.sharding import PartitionSpec as P
 from gdn_jax.models.config import ModelConfig
 from gdn_jax.modules._linear import HIGHEST, linear
 from gdn_jax.modules.attention import Attention
-from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache
+from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache, commit_mode_for  # noqa: F401
 from gdn_jax.modules.gated_deltanet import MODES, GatedDeltaNet
 from gdn_jax.modules.mlp import MLP, SparseMoE
 from gdn_jax.modules.norms import RMSNorm

@@ -27,6 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from gdn_jax.modules.sharding import TP
 from gdn_jax.ops import COMMIT_MODES, GDNState, slot_index
+from gdn_jax.ops.dispatch import commit_mode_for  # noqa: F401 - the models' and loop's
 
 __all__ = ["COMMIT_MODES", "GDNCache", "KVCache", "conv_dim", "gdn_cache_specs",
            "kv_cache_specs", "slot_index"]

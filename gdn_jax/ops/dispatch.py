@@ -243,6 +243,30 @@ def _logged_choice(op: str, dev: Device, choice: Choice) -> Choice:
     return choice
 
 
+# The commit mode "auto" picks (`commit_mode_for`): ring from this many rows, where ring mode's
+# verify runs the Mosaic GPU kernel. 48-layer dense step, H200, forced accept length 3.39,
+# speculative tokens/s, ring vs replay in one runner call each: B = 1 795 vs 812 (replay
+# ahead by 2%, less than the 10% two processes differ there on the same plain decode), B = 8
+# RING_B8, B = 32 15150 vs 14870, B = 128 26551 vs 25527 (bench/results/bench_speculative-h200-
+# qwen3_5_text-{b1_b128,b8,b32}-ring_vs_replay-2026-12-03.json).
+RING_FROM_BATCH = 32
+
+
+def commit_mode_for(batch: int, num_draft: int, state_dtype, device=None) -> str:
+    """The GDN commit mode for a speculative loop of `batch` rows verifying num_draft + 1 tokens
+    a round with a `state_dtype` state, on `device` (default: the first device): "ring" where
+    ring mode's verify runs the Mosaic GPU kernel (Hopper, bf16 state, T <= 8; GDN_JAX_BACKEND
+    respected) and batch >= RING_FROM_BATCH, else "replay". Plain decoding (num_draft = 0) keeps
+    "replay", whose decode is the plain kernel (ring mode's decode is the ring kernel's)."""
+    if num_draft < 1 or batch < RING_FROM_BATCH or jnp.dtype(state_dtype) != jnp.bfloat16:
+        return "replay"
+    try:
+        choice = select("verify", T=num_draft + 1, B=batch, mode="ring", device=device)
+    except ValueError:  # a forced backend that cannot run ring mode here
+        return "replay"
+    return "ring" if choice.backend == "mosaic" else "replay"
+
+
 def describe_dispatch(device=None) -> str:
     """What runs for each op on `device` (default: the first device), as printable lines."""
     dev = Device.of(device)

@@ -286,3 +286,25 @@ def test_ring_mode_runs_on_mosaic_on_hopper(mosaic_imports):
         pick(dtypes=kernels.Dtypes(f32, bf16, f32))
     with pytest.raises(ValueError, match=r"Hopper's wgmma \(compute capability 9.x\)"):
         pick(device=b200)
+
+
+def test_commit_mode_for_picks_ring_where_it_measured_faster(monkeypatch):
+    """"auto" (the speculative loop's default): ring mode where its verify runs the Mosaic GPU
+    kernel (Hopper, bf16 state, T <= 8) from RING_FROM_BATCH rows; replay elsewhere, for plain
+    decoding, and under a forced backend that is not Mosaic GPU."""
+    h100 = FakeDevice("gpu", "9.0", "NVIDIA H100 80GB HBM3")
+    big, bf16 = dispatch.RING_FROM_BATCH, jnp.bfloat16
+    assert dispatch.commit_mode_for(big, 3, bf16, device=h100) == "ring"
+    assert dispatch.commit_mode_for(4 * big, 7, bf16, device=h100) == "ring"
+    assert dispatch.commit_mode_for(big - 1, 3, bf16, device=h100) == "replay"
+    assert dispatch.commit_mode_for(big, 0, bf16, device=h100) == "replay"  # plain decoding
+    assert dispatch.commit_mode_for(big, 3, jnp.float32, device=h100) == "replay"
+    assert dispatch.commit_mode_for(big, 8, bf16, device=h100) == "replay"  # T = 9: Triton's
+    for dev in (FakeDevice("cpu"), FakeDevice("gpu", "8.0"), FakeDevice("gpu", "10.0")):
+        assert dispatch.commit_mode_for(big, 3, bf16, device=dev) == "replay"
+    for forced in ("xla", "triton", "interpret"):
+        monkeypatch.setenv(dispatch.ENV_VAR, forced)
+        assert dispatch.commit_mode_for(big, 3, bf16, device=h100) == "replay"
+    monkeypatch.setenv(dispatch.ENV_VAR, "mosaic")
+    assert dispatch.commit_mode_for(big, 3, bf16, device=h100) == "ring"
+    assert dispatch.commit_mode_for(big, 3, bf16, device=FakeDevice("gpu", "8.0")) == "replay"
