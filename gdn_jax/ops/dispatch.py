@@ -246,9 +246,9 @@ def _logged_choice(op: str, dev: Device, choice: Choice) -> Choice:
 # The commit mode "auto" picks (`commit_mode_for`): ring from this many rows, where ring mode's
 # verify runs the Mosaic GPU kernel. 48-layer dense step, H200, forced accept length 3.39,
 # speculative tokens/s, ring vs replay in one runner call each: B = 1 795 vs 812 (replay
-# ahead by 2%, less than the 10% two processes differ there on the same plain decode), B = 8
-# RING_B8, B = 32 15150 vs 14870, B = 128 26551 vs 25527 (bench/results/bench_speculative-h200-
-# qwen3_5_text-{b1_b128,b8,b32}-ring_vs_replay-2026-12-03.json).
+# ahead by 2%, less than the 10% two processes differ there on the same plain decode), B = 32
+# 15150 vs 14870, B = 128 26551 vs 25527 (bench/results/bench_speculative-h200-qwen3_5_text-
+# {b1_b128,b32}-ring_vs_replay-2026-12-03.json); B = 8 not measured yet.
 RING_FROM_BATCH = 32
 
 
