@@ -15,6 +15,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 
     y = project(x, w, config=ProjectionConfig(...))   # x [M <= PROJECTION_MAX_M, K] @ w [K, N]:
                                          # the model's projections at the weight's read bandwidth
+    parts = project(x, w, config=..., partials=True)  # [splits, M, N] fp32, unadded
+    r, h = add_rms_norm(x_res, parts, norm_w, eps=1e-6)  # residual add + RMSNorm, one launch
     q, k, v = project_group(x, (w_q, w_k, w_v), config=ProjectionConfig(...))  # one launch
     gate, up = project_group_mgpu(x, (w_gate, w_up), config=MosaicProjectionConfig(...))
                                          # the same on Hopper (8..128 rows, bf16): TMA, wgmma,
@@ -73,6 +75,8 @@ from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
 from .projection_mgpu import MosaicProjectionConfig, project_group_mgpu
 from .projection_mgpu import misfit as projection_mgpu_misfit
+from .residual_norm import NORM_DTYPES, NormConfig, add_rms_norm
+from .residual_norm import misfit as add_rms_norm_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
 from .verify import verify_intermediate, verify_replay
@@ -85,10 +89,10 @@ def mosaic_unavailable() -> str | None:
 
 
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
-           "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "POOL_DTYPES", "PROJECTION_MAX_M",
+           "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "NORM_DTYPES", "POOL_DTYPES", "PROJECTION_MAX_M",
            "RING_MAX_T", "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes",
-           "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "ProjectionConfig",
-           "ScatterConfig", "TuningConfig", "conv_step", "decode", "decode_attention",
+           "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "NormConfig", "ProjectionConfig",
+           "ScatterConfig", "TuningConfig", "add_rms_norm", "add_rms_norm_misfit", "conv_step", "decode", "decode_attention",
            "decode_mgpu", "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
            "mosaic_unavailable", "project", "project_group", "project_group_mgpu",
            "projection_block_m", "projection_mgpu_misfit", "projection_misfit",

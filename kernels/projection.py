@@ -161,12 +161,14 @@ def _kernel(x_ref, *refs, rows: int, block_m: int, block_k: int, k_split: int, s
         pl.when((n >= first) & (n < last))(functools.partial(block, w_ref, first, block_n, col))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "name", "partials"))
 def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = ProjectionConfig(),
-            interpret: bool = False, name: str = "gdn_projection") -> jax.Array:
+            interpret: bool = False, name: str = "gdn_projection",
+            partials: bool = False) -> jax.Array:
     """x: [M, K] bf16 | fp16, w: [K, N] same dtype -> [M, N] x.dtype (fp32 accumulation).
-    name: the kernel's (what a profile shows)."""
-    return _launch(x, (w,), config, interpret, name)[0]
+    name: the kernel's (what a profile shows). partials: return the [splits, M, N] fp32 partial
+    sums unadded, for a consumer that adds them itself (`add_rms_norm`: no launch for the sum)."""
+    return _launch(x, (w,), config, interpret, name, partials)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
@@ -181,7 +183,8 @@ def project_group(x: jax.Array, ws: tuple, *, config: ProjectionConfig = Project
     return _launch(x, tuple(ws), config, interpret, name)
 
 
-def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) -> tuple:
+def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str,
+            partials: bool = False) -> tuple:
     M, K = _check(x, ws, config)
     widths = [w.shape[1] for w in ws]
     offsets = tuple(itertools.accumulate([0, *widths]))
@@ -197,7 +200,7 @@ def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) 
     rows_held = bm if interpret else M
     if rows_held != M:
         x = jnp.pad(x, ((0, rows_held - M), (0, 0)))
-    out_dtype = x.dtype if config.splits == 1 else _F32
+    out_dtype = x.dtype if config.splits == 1 and not partials else _F32
     out = _pallas.pallas_call(
         functools.partial(_kernel, rows=M, block_m=bm, block_k=config.block_k,
                           k_split=K // config.splits, swap_ab=config.swap_ab, blocks=blocks),
@@ -207,6 +210,8 @@ def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str) 
         grid=(firsts[-1], config.splits),
         out_shape=jax.ShapeDtypeStruct((config.splits, rows_held, N), out_dtype),
     )(x, *ws)
+    if partials:
+        return (out[:, :M],)
     # several slices: fp32 partial sums, added (and cast) by XLA
     out = out[0] if config.splits == 1 else out.sum(0).astype(x.dtype)
     if rows_held != M:

@@ -40,7 +40,7 @@ from gdn_jax.modules.attention import Attention
 from gdn_jax.modules.cache import COMMIT_MODES, GDNCache, KVCache, commit_mode_for  # noqa: F401
 from gdn_jax.modules.gated_deltanet import MODES, GatedDeltaNet
 from gdn_jax.modules.mlp import MLP, SparseMoE
-from gdn_jax.modules.norms import RMSNorm
+from gdn_jax.modules.norms import RMSNorm, residual_add
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
 
 _F32 = jnp.float32
@@ -166,14 +166,30 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cache, slots, *, mode: str, lengths=None):
         """x: [B, T, hidden] -> (x, cache)."""
-        h = self.input_layernorm(x)
+        x, delta, cache = self.forward(x, None, cache, slots, mode=mode, lengths=lengths)
+        return residual_add(x, delta), cache
+
+    def forward(self, x, delta, cache, slots, *, mode: str, lengths=None):
+        """The layer with each residual add left to the norm after it (one launch for both on a
+        GPU: `RMSNorm.add`). The residual stream is x + delta on entry and on return; delta:
+        [S, B, T, hidden] partial sums of the previous block's output, or None.
+        Returns (x, delta, cache): the model adds the last delta in its final norm."""
+        fused = self.fused_norms
+        x, h = self.input_layernorm.add(x, delta, fused=fused)
         if self.layer_type == "linear_attention":
-            h, cache = self.linear_attn(h, cache, slots, mode=mode, lengths=lengths)
+            h, cache = self.linear_attn(h, cache, slots, mode=mode, lengths=lengths,
+                                        partials=True)
         else:
             h, cache = self.self_attn(h, cache, slots, lengths=lengths,
-                                      advance=mode != "verify")
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+                                      advance=mode != "verify", partials=True)
+        x, h = self.post_attention_layernorm.add(x, h, fused=fused)
+        return x, self.mlp(h, partials=True), cache
+
+    @property
+    def fused_norms(self) -> bool:
+        """Whether `forward`'s norms may take the kernel: off a tensor-parallel mesh (on one,
+        the blocks' all-reduced outputs go through XLA's add and norm, as before)."""
+        return self.mlp.mesh is None
 
     def commit(self, cache, slots, num_accepted):
         if self.layer_type == "linear_attention":
@@ -209,8 +225,10 @@ class MTPHead(nnx.Module):
         Returns (h_out [B, T, hidden] after mtp.norm, cache)."""
         x = jnp.concatenate([self.pre_fc_norm_embedding(embedded),
                              self.pre_fc_norm_hidden(hidden.astype(embedded.dtype))], axis=-1)
-        x, cache = self.layers[layer](self.fc(x), cache, slots, mode=mode, lengths=lengths)
-        return self.norm(x), cache
+        mtp_layer = self.layers[layer]
+        x, delta, cache = mtp_layer.forward(self.fc(x), None, cache, slots, mode=mode,
+                                            lengths=lengths)
+        return self.norm.add(x, delta, fused=mtp_layer.fused_norms)[1], cache
 
 
 class Qwen3NextForCausalLM(nnx.Module):
@@ -325,12 +343,12 @@ class Qwen3NextForCausalLM(nnx.Module):
         if len(cache.layers) != len(self.layers):
             raise ValueError(f"cache has {len(cache.layers)} layers, the model "
                              f"{len(self.layers)}: make it with model.init_cache")
-        x = self.embed(tokens)
+        x, delta = self.embed(tokens), None
         new = []
         for layer, c in zip(self.layers, cache.layers):
-            x, c = layer(x, c, slots, mode=mode, lengths=lengths)
+            x, delta, c = layer.forward(x, delta, c, slots, mode=mode, lengths=lengths)
             new.append(c)
-        hidden = self.norm(x)
+        hidden = self.norm.add(x, delta, fused=self.layers[-1].fused_norms)[1]
         return ModelOutput(self.logits(hidden), hidden, cache.replace(layers=tuple(new)))
 
     def commit(self, cache: ModelCache, slots, num_accepted) -> ModelCache:

@@ -34,12 +34,14 @@ class Linear(nnx.Linear):
         return dense(x, self.kernel[...], dtype=self.dtype, precision=self.precision)
 
 
-def dense(x, kernel, *, dtype, precision):
+def dense(x, kernel, *, dtype, precision, partials: bool = False):
     """What `nnx.Linear(use_bias=False)` computes, on a bare kernel array [in, out] (the
-    per-shard bodies of the tensor-parallel blocks call it on their local kernels)."""
+    per-shard bodies of the tensor-parallel blocks call it on their local kernels). partials:
+    the product as [S, ..., out] partial sums (`gdn_jax.ops.projection.project`), for the
+    residual add + norm that adds them (`gdn_jax.ops.residual_norm.add_rms_norm`)."""
     dtype = dtype or jnp.result_type(x, kernel)
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    return project(x, kernel, precision=precision)
+    return project(x, kernel, precision=precision, partials=partials)
 
 
 def dense_group(x, kernels, *, dtype, precision):

@@ -70,13 +70,15 @@ class Attention(nnx.Module):
         return KVCache.create(num_slots, max_len, self.num_kv_heads, self.head_dim,
                               dtype=self.dtype)
 
-    def __call__(self, x, cache: KVCache, slots, *, lengths=None, advance: bool = True):
+    def __call__(self, x, cache: KVCache, slots, *, lengths=None, advance: bool = True,
+                 partials: bool = False):
         """x: [B, T, hidden]; slots: [B] int32; lengths: [B] int32 real tokens per row (None: T).
 
         Writes the rows' real k/v at positions lengths[slot] + t and attends causally over the
         slot's cache. advance=True (prefill, decode) commits them (lengths[slot] += lengths[i]);
         advance=False (verify) leaves lengths alone for `KVCache.commit`.
         Returns (y [B, T, hidden] in dtype, cache). Outputs at padded positions are unspecified.
+        partials: y as [S, B, T, hidden] partial sums of o_proj (`GatedDeltaNet`'s).
         """
         B, T, _ = x.shape
         n = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
@@ -91,7 +93,7 @@ class Attention(nnx.Module):
             head_dim=self.head_dim, rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
             eps=self.q_norm.eps, dtype=self.dtype, precision=self.precision, advance=advance,
             tp=tp if self.mesh is not None else None, kv_split=kv_split,
-            impl=_check_impl(self.impl))
+            impl=_check_impl(self.impl), partials=partials)
         specs = self.tp_param_specs(tp)
         c_specs = kv_cache_specs(kv_split)
         return shard_call(self.mesh, body, params, (x, cache, slots, n),
@@ -128,7 +130,7 @@ def set_attention_impl(model, impl: str):
 
 def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, head_dim,
                     rotary_dim, rope_theta, eps, dtype, precision, advance, tp, kv_split,
-                    impl="auto"):
+                    impl="auto", partials=False):
     """Attention on local heads (module docstring). tp None: one device, no reduction. Under
     shard_map (tp devices): p holds this shard's q heads and o_proj rows; with kv_split its KV
     heads, else all KV heads (replicated; this shard reads the one its q heads share)."""
@@ -164,9 +166,11 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
         o = _xla_attention(q, ck, cv, gather, pos, nH=nH, nKV=nKV, hd=hd, precision=precision,
                            tp=tp, kv_split=kv_split, max_len=cache.max_len)
     o = o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate)
-    y = mm(o, p["o"])
     if tp is not None:
-        y = psum(y)
+        y = psum(mm(o, p["o"]))
+        y = y[None] if partials else y
+    else:
+        y = mm(o, p["o"], partials=partials)
 
     new_len = cache.lengths
     if advance:

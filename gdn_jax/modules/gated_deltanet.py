@@ -46,11 +46,13 @@ def _windows(xp, starts, width: int):
     return jax.vmap(lambda r, s: lax.dynamic_slice_in_dim(r, s, width, axis=0))(xp, starts)
 
 
-def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, eps, reduce):
+def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, eps, reduce,
+              partials=False):
     """The layer on local heads (all of them on one device, a shard's under `shard_map`):
     params p (bare arrays, flat [q | k | v | z] layout of the local heads), x [B, T, hidden],
     n [B] tokens per row (prefill lengths; ones otherwise). reduce: psum the out_proj partial
-    sums over "tp". Returns (y, cache)."""
+    sums over "tp". Returns (y, cache); partials: y as [S, B, T, hidden] partial sums (S = 1
+    when reduced)."""
     H, HV, K, V, W = dims
     B, T, _ = x.shape
     key_dim, value_dim = H * K, HV * V
@@ -89,8 +91,10 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
         cache = cache.replace(state=state, conv=conv)
 
     o = gated_rms_norm(o.astype(dtype), z.reshape(B, T, HV, V), p["norm"], eps)
-    y = mm(o.reshape(B, T, value_dim), p["out"])
-    return (psum(y) if reduce else y), cache
+    if reduce:
+        y = psum(mm(o.reshape(B, T, value_dim), p["out"]))
+        return (y[None] if partials else y), cache
+    return mm(o.reshape(B, T, value_dim), p["out"], partials=partials), cache
 
 
 class GatedDeltaNet(nnx.Module):
@@ -139,10 +143,13 @@ class GatedDeltaNet(nnx.Module):
         return GDNCache.create(num_slots, self.H, self.HV, self.K, self.V, self.W, t_max=t_max,
                                state_dtype=state_dtype, dtype=self.dtype, commit_mode=commit_mode)
 
-    def __call__(self, x, cache: GDNCache, slots, *, mode: str = "prefill", lengths=None):
+    def __call__(self, x, cache: GDNCache, slots, *, mode: str = "prefill", lengths=None,
+                 partials: bool = False):
         """x: [B, T, hidden]; slots: [B] int32; lengths: [B] int32 (prefill only; None: T).
 
         Returns (y [B, T, hidden] in dtype, cache). Outputs at padded positions are unspecified.
+        partials: y as [S, B, T, hidden] partial sums of out_proj, for
+        `gdn_jax.ops.residual_norm.add_rms_norm` to add (one launch with the residual and norm).
         """
         if mode not in MODES:
             raise ValueError(f"GatedDeltaNet: mode expected one of {MODES}, got {mode!r}")
@@ -167,7 +174,7 @@ class GatedDeltaNet(nnx.Module):
         dims = (self.H // tp, self.HV // tp, self.K, self.V, self.W)
         body = functools.partial(_gdn_body, mode=mode, dims=dims, dtype=self.dtype,
                                  precision=self.out_proj.precision, eps=self.norm.eps,
-                                 reduce=self.mesh is not None)
+                                 reduce=self.mesh is not None, partials=partials)
         c_specs = gdn_cache_specs(cache)
         return shard_call(self.mesh, body, params, (x, cache, slots, n),
                           (P(), c_specs, P(), P()), (P(), c_specs))

@@ -56,11 +56,15 @@ class MLP(nnx.Module):
         lin = self.down_proj
         return dict(dtype=lin.dtype, precision=lin.precision)
 
-    def __call__(self, x):
+    def __call__(self, x, *, partials: bool = False):
+        """x: [..., hidden] -> [..., hidden] in dtype; partials: as [S, ..., hidden] partial sums
+        of down_proj (`GatedDeltaNet`'s)."""
         body = functools.partial(_mlp_body, proj=self._proj())
         if self.mesh is not None:
-            body = _summed(body)
-        return shard_call(self.mesh, body, self._params(), (x,), (P(),), P())
+            y = shard_call(self.mesh, _summed(body), self._params(), (x,), (P(),), P())
+            return y[None] if partials else y
+        return shard_call(None, functools.partial(body, partials=partials), self._params(),
+                          (x,), (P(),), P())
 
 
 def _summed(body):
@@ -68,15 +72,15 @@ def _summed(body):
     return lambda p, x: psum(body(p, x))
 
 
-def _mlp_body(p, x, *, proj):
+def _mlp_body(p, x, *, proj, partials=False):
     """SwiGLU on (a shard of) the intermediate dim; partial sums when sharded. proj: dense's
     keywords."""
     gate, up = dense_group(x, (p["gate"], p["up"]), **proj)
-    return _swiglu_down(gate, up, p["down"], proj)
+    return _swiglu_down(gate, up, p["down"], proj, partials)
 
 
-def _swiglu_down(gate, up, down, proj):
-    return dense(jax.nn.silu(gate) * up, down, **proj)
+def _swiglu_down(gate, up, down, proj, partials=False):
+    return dense(jax.nn.silu(gate) * up, down, **proj, partials=partials)
 
 
 class SparseMoE(nnx.Module):
@@ -109,7 +113,9 @@ class SparseMoE(nnx.Module):
         self.shared_expert_gate = linear(hidden_size, 1, **kw)
         self.mesh = None  # a ("tp",) Mesh, set by gdn_jax.models.sharding.shard_model
 
-    def __call__(self, x):
+    def __call__(self, x, *, partials: bool = False):
+        """x: [..., hidden] -> [..., hidden] in dtype; partials: as [1, ..., hidden] (the routed
+        and shared outputs are added in XLA: one partial sum)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         p = dict(router=self.gate.kernel, shared_gate=self.shared_expert_gate.kernel,
@@ -123,7 +129,8 @@ class SparseMoE(nnx.Module):
             expert_path=_check_expert_path(self.expert_path))
         if self.mesh is not None:
             body = _summed(body)
-        return shard_call(self.mesh, body, p, (x,), (P(),), P()).reshape(shape)
+        y = shard_call(self.mesh, body, p, (x,), (P(),), P()).reshape(shape)
+        return y[None] if partials else y
 
 
 def _check_expert_path(path: str) -> str:

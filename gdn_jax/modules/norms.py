@@ -5,6 +5,10 @@ zero-initialised: `1 + w`, Gemma style). Used for the layer norms, the final nor
 the MTP norms.
 `GatedRMSNorm`: the GDN output norm, `w * norm(x)` (plain `w`, initialised to ones), then
 `* silu(z)`; the gate multiply runs in fp32 (as transformers).
+
+`RMSNorm.add(x, delta)` is a decoder layer's residual add and the norm after it in one op
+(`gdn_jax.ops.residual_norm.add_rms_norm`: one kernel launch on a GPU where XLA takes two or
+three), delta the block's output as partial sums ([S, ...]; `residual_add` adds them alone).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+
+from gdn_jax.ops.residual_norm import add_partials, add_rms_norm
 
 _F32 = jnp.float32
 
@@ -31,6 +37,17 @@ class RMSNorm(nnx.Module):
 
     def __call__(self, x):
         return rms_norm(x, self.weight[...], self.eps)
+
+    def add(self, x, delta, *, fused: bool = True):
+        """(r, h) = (x + delta's sum in x's dtype, this norm of r); delta: [S, *x.shape] partial
+        sums or None (r = x). fused=False keeps XLA (the kernel's dispatch otherwise)."""
+        return add_rms_norm(x, delta, self.weight[...], self.eps,
+                            backend=None if fused else "xla")
+
+
+def residual_add(x, delta):
+    """x + delta's sum ([S, *x.shape] partial sums, `RMSNorm.add`'s), in x's dtype."""
+    return add_partials(x, delta)
 
 
 def rms_norm(x, weight, eps: float):

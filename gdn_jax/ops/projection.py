@@ -82,8 +82,13 @@ _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
 
 
-def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None = None):
+def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None = None,
+            partials: bool = False):
     """x: [..., K], w: [K, N] -> [..., N] in x's dtype (x and w share a dtype).
+
+    partials: return [S, ..., N] partial sums, to be added (in fp32) and rounded to x's dtype by
+    the consumer (`gdn_jax.ops.residual_norm.add_rms_norm`, which adds them in its own launch):
+    the kernel's S split-K slices in fp32, or S = 1 (the product itself) wherever it is unsplit.
 
     precision: XLA's, where XLA runs it (the kernel's bf16 / fp16 products are exact in fp32).
     backend:   None | "auto" (dispatch), "xla", "triton" (the kernel; an error where it cannot
@@ -98,22 +103,26 @@ def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None =
     N = w.shape[1]
     M = math.prod(lead)
     wish = backend if backend not in (None, "auto") else os.environ.get(ENV_VAR)
+    whole = (lambda y: y[None]) if partials else (lambda y: y)  # noqa: E731
     if wish == "xla-gemm":
         if M != 1:
-            return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+            return whole(lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                                         precision=precision))
         x2 = jnp.pad(x.reshape(1, K), ((0, 1), (0, 0)))
         y = lax.dot_general(x2, w, (((1,), (0,)), ((), ())), precision=precision)
-        return y[:1].reshape(*lead, N)
+        return whole(y[:1].reshape(*lead, N))
     mosaic = _select_mosaic(M, K, (N,), x.dtype, w.dtype, backend)
     if mosaic is not None:
         y, = kernels.project_group_mgpu(x.reshape(M, K), (w,), config=mosaic)
-        return y.astype(x.dtype).reshape(*lead, N)
+        return y[None].reshape(1, *lead, N) if partials else y.astype(x.dtype).reshape(*lead, N)
     choice = _select(M, K, N, x.dtype, w.dtype, backend)
     if choice is None:
-        return lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+        return whole(lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
+                                     precision=precision))
     config, interpret = choice
-    y = kernels.project(x.reshape(M, K), w, config=config, interpret=interpret)
-    return y.reshape(*lead, N)
+    y = kernels.project(x.reshape(M, K), w, config=config, interpret=interpret,
+                        partials=partials)
+    return y.reshape(-1, *lead, N) if partials else y.reshape(*lead, N)
 
 
 def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = None) -> tuple:

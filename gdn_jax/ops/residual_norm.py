@@ -1,0 +1,74 @@
+"""A decoder layer's residual add and the next RMSNorm, as one op.
+
+    r, h = add_rms_norm(x, delta, weight, eps)   # r = x + block output; h = rms_norm(r)
+
+x: [..., N] the residual stream; delta: the block's output as partial sums [S, ..., N] (what
+`gdn_jax.ops.projection.project(..., partials=True)` returns: S split-K slices in fp32, or the
+product itself with S = 1), or None (h is x's norm, r is x); weight: [N], the norm computed as
+`r * rsqrt(mean(r^2) + eps) * (1 + w)` in fp32 and rounded to x's dtype (`modules.norms.RMSNorm`).
+The sum of delta is rounded to x's dtype before the add, as the block would have returned it,
+so r and h are the unfused `x + y` and `rms_norm(x + y)` (up to the order the partials are added
+in).
+
+On an SM80+ GPU with Triton it is one launch of `gdn_jax.kernels.add_rms_norm` (bf16 and fp16 x;
+XLA spends two on it, plus the split-K sum where it cannot fuse that); elsewhere (CPU, fp32) XLA.
+GDN_JAX_NORM=xla keeps XLA, "pallas" is the default "auto" spelled out, "interpret" runs the
+kernel in the Pallas interpreter (tests); unset, GDN_JAX_BACKEND=xla or =interpret steers it.
+Read when a program is traced.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from gdn_jax import kernels
+from gdn_jax.ops.dispatch import kernel_mode
+
+ENV_VAR = "GDN_JAX_NORM"
+_F32 = jnp.float32
+_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def add_rms_norm(x, delta, weight, eps: float, *, backend: str | None = None):
+    """x: [..., N]; delta: [S, ..., N] or None; weight: [N] -> (r, h), both [..., N] in x's
+    dtype (module docstring). backend: None (dispatch, GDN_JAX_NORM), "xla" or "interpret"."""
+    *lead, N = x.shape
+    if delta is not None and (delta.ndim != x.ndim + 1 or delta.shape[1:] != x.shape):
+        raise ValueError(f"add_rms_norm: delta [S, *x.shape] = [S, {', '.join(map(str, x.shape))}]"
+                         f" expected, got delta{list(delta.shape)}")
+    if weight.shape != (N,):
+        raise ValueError(f"add_rms_norm: weight [N] = [{N}] expected, got weight"
+                         f"{list(weight.shape)}")
+    if backend not in (None, "auto", "xla", "interpret"):
+        raise ValueError(f"add_rms_norm: backend expected one of ['auto', 'xla', 'interpret'], "
+                         f"got {backend!r}")
+    mode = backend if backend in ("xla", "interpret") else kernel_mode(ENV_VAR)
+    M = math.prod(lead)
+    if mode in ("compiled", "interpret") and jnp.dtype(x.dtype) in _KERNEL_DTYPES and M:
+        x2 = x.reshape(M, N)
+        d2 = None if delta is None else delta.reshape(delta.shape[0], M, N)
+        if not kernels.add_rms_norm_misfit(x2, d2, weight):
+            r, h = kernels.add_rms_norm(x2, d2, weight, eps=eps, interpret=mode == "interpret")
+            return r.reshape(x.shape), h.reshape(x.shape)
+    return _xla(x, delta, weight, eps)
+
+
+def _xla(x, delta, weight, eps):
+    if delta is not None:
+        x = add_partials(x, delta)
+    xf = x.astype(_F32)
+    h = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return x, (h * (1.0 + weight.astype(_F32))).astype(x.dtype)
+
+
+def add_partials(x, delta):
+    """x + the block output delta holds ([S, ..., N] partial sums as `add_rms_norm` takes), in
+    x's dtype: the residual add with no norm after it."""
+    y = delta[0] if delta.shape[0] == 1 else jnp.sum(delta.astype(_F32), axis=0)
+    return x + y.astype(x.dtype)
+
+
+__all__ = ["ENV_VAR", "add_partials", "add_rms_norm"]

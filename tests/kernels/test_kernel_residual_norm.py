@@ -1,0 +1,104 @@
+"""The residual add + RMSNorm kernel (`kernels.add_rms_norm`) against a float64 reference:
+r = x + (sum of delta's partials, rounded to x's dtype), rounded; h = r * rsqrt(mean(r^2) + eps) *
+(1 + w), rounded.
+
+Tolerances: r is the sum of two numbers of x's dtype rounded once (the fp32 sum of the partials
+first rounded to that dtype, as the unfused projection returns it): the float64 reference rounds
+the same way, so r matches to 2 ulp of x's dtype at the scale |x| + |y| (the fp32 partials'
+summation order can move the rounding of y by an ulp). h is computed in fp32 and rounded once: 2 ulp relative (2**-7 for
+bf16, 2**-10 fp16, 2**-22 fp32) at the row's scale. Against XLA's own unfused arithmetic (the
+op's fallback) r is bit-identical where nothing is summed (S <= 1)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn_jax import kernels
+from gdn_jax.ops import residual_norm
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+ULP = {jnp.bfloat16: 2.0 ** -8, jnp.float16: 2.0 ** -11, jnp.float32: 2.0 ** -23}
+
+
+def _case(seed, S, M, N, dtype):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((M, N)) * 2, dtype)
+    delta = None if S == 0 else jnp.asarray(rng.standard_normal((S, M, N)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal(N) * 0.2, jnp.float32)
+    return x, delta, w
+
+
+def _reference(x, delta, w, eps):
+    """(r, h, |x| + |y|: the scale of r's rounding) in float64."""
+    dtype = x.dtype
+    r = np.asarray(x, np.float64)
+    size = np.abs(r)
+    if delta is not None:
+        y = np.asarray(jnp.asarray(np.asarray(delta, np.float64).sum(0), jnp.float32)
+                       .astype(dtype), np.float64)
+        size = size + np.abs(y)
+        r = np.asarray(jnp.asarray(r + y, jnp.float32).astype(dtype), np.float64)
+    w = np.asarray(w, np.float64)
+    h = r / np.sqrt((r * r).mean(-1, keepdims=True) + eps) * (1 + w)
+    return r, h, size
+
+
+def _check(r, h, x, delta, w, eps):
+    dtype = x.dtype
+    ref_r, ref_h, size = _reference(x, delta, w, eps)
+    assert r.dtype == dtype and h.dtype == dtype and r.shape == h.shape == x.shape
+    assert np.all(np.abs(np.asarray(r, np.float64) - ref_r) <= 4 * ULP[dtype.type] * size)
+    scale = np.abs(ref_h).max(-1, keepdims=True)
+    err = np.abs(np.asarray(h, np.float64) - ref_h) / scale
+    assert err.max() <= 4 * ULP[dtype.type], err.max()
+    if delta is None or delta.shape[0] == 1:  # nothing summed: XLA's unfused add, bit for bit
+        xla_r, _ = residual_norm.add_rms_norm(x, delta, w, eps, backend="xla")
+        np.testing.assert_array_equal(np.asarray(r, np.float64), np.asarray(xla_r, np.float64))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("S, M, N", [(3, 5, 96), (1, 1, 64), (0, 4, 64), (8, 2, 128)])
+def test_add_rms_norm_matches_reference_interpret(S, M, N, dtype):
+    x, delta, w = _case(S + M + N, S, M, N, dtype)
+    r, h = kernels.add_rms_norm(x, delta, w, eps=1e-6, interpret=True)
+    _check(r, h, x, delta, w, 1e-6)
+    if delta is None:
+        assert r is x or np.array_equal(np.asarray(r), np.asarray(x))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(x=(4, 64, 2)), r"x \[M, N\] expected"),
+    (dict(delta=(2, 3, 64)), r"delta \[S, M, N\] with M, N = 4, 64"),
+    (dict(delta=(65, 4, 64)), r"outside 1..64"),
+    (dict(weight=(32,)), r"weight \[N\] = \[64\]"),
+    (dict(dtype=jnp.int32), r"x dtype int32"),
+])
+def test_add_rms_norm_rejects_bad_input(change, match):
+    x = jnp.ones(change.get("x", (4, 64)), change.get("dtype", jnp.bfloat16))
+    delta = jnp.ones(change.get("delta", (2, 4, 64)), jnp.float32)
+    w = jnp.ones(change.get("weight", (64,)), jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        kernels.add_rms_norm(x, delta, w, eps=1e-6, interpret=True)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+@pytest.mark.parametrize("S", [0, 8])
+def test_add_rms_norm_lowers_for_cuda(kind, S, cuda_lowering):
+    x = jax.ShapeDtypeStruct((32, 2048), jnp.bfloat16)
+    delta = None if S == 0 else jax.ShapeDtypeStruct((S, 32, 2048), jnp.float32)
+    w = jax.ShapeDtypeStruct((2048,), jnp.float32)
+    with cuda_lowering(kind):
+        text = kernels.add_rms_norm.trace(x, delta, w, eps=1e-6).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("S, M", [(8, 1), (1, 32), (4, 128), (0, 1)])
+def test_add_rms_norm_matches_reference_gpu(S, M, dtype, on_gpu):
+    x, delta, w = _case(S + M, S, M, 2048, dtype)  # Qwen3.5's hidden size
+    r, h = jax.jit(kernels.add_rms_norm, static_argnames=("eps",))(x, delta, w, eps=1e-6)
+    _check(r, h, x, delta, w, 1e-6)
