@@ -56,6 +56,7 @@ def _kernel(*refs, n: int, block: int, splits: int, eps: float, offset: float):
     cols = pl.ds(0, block)
     real = lax.broadcasted_iota(jnp.int32, (block,), 0) < n
     x = plgpu.load(x_ref.at[m, cols], mask=real, other=0)
+    w = plgpu.load(w_ref.at[cols], mask=real, other=0).astype(_F32)  # early: off the chain
     r = x
     if splits:
         acc = jnp.zeros((block,), _F32)
@@ -66,7 +67,6 @@ def _kernel(*refs, n: int, block: int, splits: int, eps: float, offset: float):
         plgpu.store(r_ref.at[m, cols], r, mask=real)
     rf = r.astype(_F32)
     inv = lax.rsqrt(jnp.sum(rf * rf) / n + eps)  # masked columns are zeros
-    w = plgpu.load(w_ref.at[cols], mask=real, other=0).astype(_F32)
     plgpu.store(h_ref.at[m, cols], (rf * inv * (offset + w)).astype(h_ref.dtype), mask=real)
 
 

@@ -51,9 +51,18 @@ def add_rms_norm(x, delta, weight, eps: float, *, backend: str | None = None):
         x2 = x.reshape(M, N)
         d2 = None if delta is None else delta.reshape(delta.shape[0], M, N)
         if not kernels.add_rms_norm_misfit(x2, d2, weight):
-            r, h = kernels.add_rms_norm(x2, d2, weight, eps=eps, interpret=mode == "interpret")
+            r, h = kernels.add_rms_norm(x2, d2, weight, eps=eps, config=config_for(M, N),
+                                        interpret=mode == "interpret")
             return r.reshape(x.shape), h.reshape(x.shape)
     return _xla(x, delta, weight, eps)
+
+
+def config_for(M: int, N: int) -> kernels.NormConfig:
+    """The kernel's launch config for M rows of N: one program a row, its warps by row width."""
+    return kernels.NormConfig(num_warps=_WARPS)
+
+
+_WARPS = 4
 
 
 def _xla(x, delta, weight, eps):
