@@ -126,7 +126,9 @@ def parse_args(argv=None):
                         "model's choice (auto: pallas where its kernel runs compiled), over the "
                         "whole cache (xla) or each row's used length (pallas)")
     p.add_argument("--commit-mode", default="replay", choices=("replay", "ring", "intermediate"),
-                   help="the GDN layers' commit mode (the speculative loop's default: replay)")
+                   help="the GDN layers' commit mode (the speculative loop's default, 'auto', "
+                        "takes ring from RING_FROM_BATCH rows on Hopper with a bf16 state, "
+                        "else replay: gdn_jax.ops.dispatch.commit_mode_for)")
     p.add_argument("--moe", default="auto", choices=("auto", "gather", "grouped", "pallas"),
                    help="MoE experts (gdn_jax.modules.mlp.set_expert_path): the model's choice "
                         "(auto), always gathered, always the grouped matmuls (lax.ragged_dot), "

@@ -27,10 +27,10 @@ from jax.sharding import PartitionSpec as P
 
 from gdn_jax.modules.sharding import TP
 from gdn_jax.ops import COMMIT_MODES, GDNState, slot_index
-from gdn_jax.ops.dispatch import commit_mode_for  # noqa: F401 - the models' and loop's
+from gdn_jax.ops.dispatch import commit_mode_for  # the models' and the loop's "auto" mode
 
-__all__ = ["COMMIT_MODES", "GDNCache", "KVCache", "conv_dim", "gdn_cache_specs",
-           "kv_cache_specs", "slot_index"]
+__all__ = ["COMMIT_MODES", "GDNCache", "KVCache", "commit_mode_for", "conv_dim",
+           "gdn_cache_specs", "kv_cache_specs", "slot_index"]
 
 
 def conv_dim(num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int) -> int:
