@@ -89,13 +89,13 @@ def mosaic_unavailable() -> str | None:
 
 
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
-           "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "NORM_DTYPES", "POOL_DTYPES", "PROJECTION_MAX_M",
-           "RING_MAX_T", "RING_MIN", "AttentionConfig", "ConvConfig", "Dims", "Dtypes",
-           "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "NormConfig", "ProjectionConfig",
-           "ScatterConfig", "TuningConfig", "add_rms_norm", "add_rms_norm_misfit", "conv_step", "decode", "decode_attention",
-           "decode_mgpu", "fold", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit",
-           "mosaic_unavailable", "project", "project_group", "project_group_mgpu",
-           "projection_block_m", "projection_mgpu_misfit", "projection_misfit",
-           "projection_smem_limit", "pow2_block", "scatter_rows", "scatter_rows_group",
-           "verify_intermediate", "verify_intermediate_mgpu", "verify_replay",
-           "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]
+           "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "NORM_DTYPES", "POOL_DTYPES",
+           "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN", "AttentionConfig", "ConvConfig", "Dims",
+           "Dtypes", "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "NormConfig",
+           "ProjectionConfig", "ScatterConfig", "TuningConfig", "add_rms_norm",
+           "add_rms_norm_misfit", "conv_step", "decode", "decode_attention", "decode_mgpu", "fold",
+           "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
+           "project", "project_group", "project_group_mgpu", "projection_block_m",
+           "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit", "pow2_block",
+           "scatter_rows", "scatter_rows_group", "verify_intermediate", "verify_intermediate_mgpu",
+           "verify_replay", "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

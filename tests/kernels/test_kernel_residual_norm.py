@@ -6,8 +6,8 @@ Tolerances: r is the sum of two numbers of x's dtype rounded once (the fp32 sum 
 first rounded to that dtype, as the unfused projection returns it): the float64 reference rounds
 the same way, so r matches to 2 ulp of x's dtype plus the fp32 summation's S + 2 ulp, at the
 scale |x| + sum |partials|. h is computed in fp32 and rounded once: 2 ulp relative (2**-7 for
-bf16, 2**-10 fp16) at the row's scale; fp32 2**-20 (the GPU's approximate rsqrt). Against XLA's own unfused arithmetic (the
-op's fallback) r is bit-identical where nothing is summed (S <= 1)."""
+bf16, 2**-10 fp16) at the row's scale; fp32 2**-20 (the GPU's approximate rsqrt). Against XLA's
+own unfused arithmetic (the op's fallback) r is bit-identical where nothing is summed (S <= 1)."""
 
 import jax
 import jax.numpy as jnp
