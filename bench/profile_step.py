@@ -13,6 +13,8 @@ A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xl
 `groups=on|off` (GDN_JAX_PROJECTION_GROUPS: a layer's projections of one input in one launch),
 `conv=auto|xla` (GDN_JAX_CONV: the GDN conv of decode and verify by the conv kernel or XLA),
 `norm=auto|xla` (GDN_JAX_NORM: each residual add and the RMSNorm after it in one kernel, or XLA),
+`prologue=on|off` (GDN_JAX_PROJECTION_PROLOGUE: the MLP's silu * up and GDN's output norm in the
+next projection's launch, or in XLA between the two),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
 (set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
 (`compiler_options`; e.g. the command-buffer options). Variants run one after another on the
@@ -77,7 +79,7 @@ def parse_args(argv=None):
 
 _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "groups": "GDN_JAX_PROJECTION_GROUPS", "conv": "GDN_JAX_CONV",
-              "norm": "GDN_JAX_NORM"}
+              "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE"}
 _PATHS = (*_ENV_PATHS, "moe", "attention")
 
 

@@ -16,6 +16,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     y = project(x, w, config=ProjectionConfig(...))   # x [M <= PROJECTION_MAX_M, K] @ w [K, N]:
                                          # the model's projections at the weight's read bandwidth
     parts = project(x, w, config=..., partials=True)  # [splits, M, N] fp32, unadded
+    y = project_swiglu(gate_up, w_down, config=...)    # silu(gate) * up @ w_down, one launch
+    y = project_gated_norm(o, z, norm_w, w_out, eps=eps, config=...)   # GDN norm, then out_proj
     r, h = add_rms_norm(x_res, parts, norm_w, eps=1e-6)  # residual add + RMSNorm, one launch
     q, k, v = project_group(x, (w_q, w_k, w_v), config=ProjectionConfig(...))  # one launch
     gate, up = project_group_mgpu(x, (w_gate, w_up), config=MosaicProjectionConfig(...))
@@ -69,7 +71,8 @@ from .decode import decode
 from .decode_mgpu import decode_mgpu
 from .fold import fold
 from .moe import MOE_DTYPES, MoEConfig, grouped_matmul
-from .projection import PROJECTION_MAX_M, ProjectionConfig, project, project_group
+from .projection import (PROJECTION_MAX_M, ProjectionConfig, project, project_gated_norm,
+                         project_group, project_swiglu)
 from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
@@ -95,7 +98,8 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "ProjectionConfig", "ScatterConfig", "TuningConfig", "add_rms_norm",
            "add_rms_norm_misfit", "conv_step", "decode", "decode_attention", "decode_mgpu", "fold",
            "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
-           "project", "project_group", "project_group_mgpu", "projection_block_m",
+           "project", "project_gated_norm", "project_group", "project_group_mgpu",
+           "project_swiglu", "projection_block_m",
            "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit", "pow2_block",
            "scatter_rows", "scatter_rows_group", "verify_intermediate", "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

@@ -21,6 +21,19 @@ in_proj_ba) in one launch: the grid's column blocks run over the weights one aft
 program streaming a block of one of them. A small weight then costs no launch of its own (k_proj,
 2 MB, reads at 12% of copy alone on the H200: bench/results/bench_projection-h200-2026-12-01.json)
 and the larger launch amortises the ramp and tail that keep 20-50 MB weights at 50-70% of copy.
+
+Two projections form their x from their producers' outputs on the tile they load (a prologue), so
+that the elementwise step between two launches costs no launch of its own (a microsecond or two
+at one row, the sum of the producer's split-K partials included):
+
+    y = project_swiglu(gate_up, w_down, config=config)       # silu(gate) * up, then @ w_down
+    y = project_gated_norm(o, z, norm_w, w_out, eps=1e-6, config=config)   # GDN's out_proj
+
+gate_up is the gate / up group's output as `project_group(..., partials=True)` returns it: [S, M,
+2I] fp32 partial sums (or S = 1 in w's dtype), summed and rounded to w's dtype as the group would
+have returned gate and up. `project_gated_norm` normalises o per head of V = norm_w's width (the
+RMSNorm over each V-wide column block, times norm_w), then multiplies by silu(z): the GDN output
+norm (`gdn_jax.ops.projection.gated_rms_norm`); its K-steps are one head wide (block_k = V).
 """
 
 from __future__ import annotations
@@ -118,29 +131,33 @@ def misfit(M: int, K: int, N, dtype, config: ProjectionConfig) -> str | None:
     return None
 
 
-def _kernel(x_ref, *refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab: bool,
-            blocks: tuple[tuple[int, int, int, int], ...]):
+def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab: bool,
+            blocks: tuple[tuple[int, int, int, int], ...], prologue: tuple | None):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
     accumulation; o is fp32 partial sums, or the result where there is one slice), for the weight
     whose blocks hold n: blocks[i] = (first, last, block_n, col): w_i's column blocks of block_n
     are programs first..last - 1, and fill o's columns from col on.
 
-    x and o hold `rows` real rows (fewer than the tile's block_m, or padded to it in the
-    interpreter): the tile's rows past them are masked, read as zeros and never stored."""
-    *w_refs, o_ref = refs
+    x is the first ref, or (prologue) formed from the first refs tile by tile (`_x_tile`). x (or
+    its sources) and o hold `rows` real rows (fewer than the tile's block_m, or padded to it in
+    the interpreter): the tile's rows past them are masked, read as zeros and never stored."""
+    sources = 1 if prologue is None else {"swiglu": 1, "gated_norm": 3}[prologue[0]]
+    in_refs, w_refs, o_ref = refs[:sources], refs[sources:-1], refs[-1]
     n, s = pl.program_id(0), pl.program_id(1)
     tile_rows = pl.ds(0, block_m)
     real = lax.broadcasted_iota(jnp.int32, (block_m, 1), 0) < rows
     # The tile's rows may run past x's (M < block_m): a static slice Pallas lets through (its
     # bounds check passes a start of 0), every row past M masked. The CUDA lowering tests at
     # M = 1 pin this on each jax CI runs.
+    x_tile = functools.partial(_x_tile, prologue, in_refs, tile_rows, real, block_k,
+                               w_refs[0].dtype, w_refs[0].shape[0])
 
     def block(w_ref, first: int, block_n: int, col: int):  # this program's block of w_ref
         local = pl.ds((n - first) * block_n, block_n)
 
         def step(i, acc):
             ks = pl.ds(s * k_split + i * block_k, block_k)
-            x = plgpu.load(x_ref.at[tile_rows, ks], mask=real, other=0)
+            x = x_tile(s * k_split + i * block_k)
             if swap_ab:  # [block_n, block_m]
                 return acc + lax.dot_general(w_ref[ks, local], x, (((0,), (1,)), ((), ())),
                                              preferred_element_type=_F32)
@@ -161,6 +178,39 @@ def _kernel(x_ref, *refs, rows: int, block_m: int, block_k: int, k_split: int, s
         pl.when((n >= first) & (n < last))(functools.partial(block, w_ref, first, block_n, col))
 
 
+def _load(ref, rows, start: int, block_k: int, real):
+    """Columns start..start + block_k of a [rows, N] ref's tile (rows past the real ones: 0)."""
+    return plgpu.load(ref.at[rows, pl.ds(start, block_k)], mask=real, other=0)
+
+
+def _summed(ref, rows, start: int, block_k: int, real, dtype):
+    """The same tile of a [S, rows, N] ref of partial sums, added in fp32 and rounded to dtype
+    (what the producer's output would have held)."""
+    parts = [plgpu.load(ref.at[jnp.int32(j), rows, pl.ds(start, block_k)], mask=real, other=0)
+             .astype(_F32) for j in range(ref.shape[0])]
+    return functools.reduce(lambda a, b: a + b, parts).astype(dtype)
+
+
+def _x_tile(prologue, refs, rows, real, block_k: int, dtype, K: int, start):
+    """x's [block_m, block_k] tile at column `start`, in dtype: loaded, or formed by the prologue
+    (module docstring), its arithmetic in fp32 and rounded where the unfused ops round."""
+    if prologue is None:
+        return _load(refs[0], rows, start, block_k, real)
+    if prologue[0] == "swiglu":  # refs: gate_up [S, rows, 2K]
+        gate = _summed(refs[0], rows, start, block_k, real, dtype).astype(_F32)
+        up = _summed(refs[0], rows, K + start, block_k, real, dtype).astype(_F32)
+        return (gate * jax.nn.sigmoid(gate) * up).astype(dtype)
+    # "gated_norm": refs o [rows, K], z [rows, K], norm weight [V = block_k]; eps = prologue[1]
+    o_ref, z_ref, w_ref = refs
+    o = _load(o_ref, rows, start, block_k, real).astype(_F32)
+    z = _load(z_ref, rows, start, block_k, real).astype(_F32)
+    y = o * lax.rsqrt(jnp.mean(o * o, axis=1, keepdims=True) + prologue[1])
+    weight = w_ref[...]
+    y = weight.astype(_F32)[None, :] * y.astype(dtype).astype(_F32)
+    y = y.astype(jnp.promote_types(weight.dtype, dtype)).astype(_F32)
+    return (y * (z * jax.nn.sigmoid(z))).astype(dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "name", "partials"))
 def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = ProjectionConfig(),
             interpret: bool = False, name: str = "gdn_projection",
@@ -168,52 +218,96 @@ def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = Projection
     """x: [M, K] bf16 | fp16, w: [K, N] same dtype -> [M, N] x.dtype (fp32 accumulation).
     name: the kernel's (what a profile shows). partials: return the [splits, M, N] fp32 partial
     sums unadded, for a consumer that adds them itself (`add_rms_norm`: no launch for the sum)."""
-    return _launch(x, (w,), config, interpret, name, partials)[0]
+    M, K = _check(x, (w,), config)
+    return _launch((x,), (0,), M, K, (w,), config, interpret, name, partials)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "name", "partials"))
 def project_group(x: jax.Array, ws: tuple, *, config: ProjectionConfig = ProjectionConfig(),
-                  interpret: bool = False, name: str = "gdn_projection_group") -> tuple:
+                  interpret: bool = False, name: str = "gdn_projection_group",
+                  partials: bool = False):
     """x: [M, K] bf16 | fp16, ws: weights [K, N_i] of x's dtype -> (x @ w_i [M, N_i] x.dtype for
     each), in one launch: each weight in column blocks of `pow2_block(N_i, config.block_n)`.
-    name: the kernel's."""
+    name: the kernel's. partials: return the one [splits, M, sum N_i] output unadded and unsplit
+    (fp32 partial sums; x's dtype where there is one split): `project_swiglu`'s gate_up."""
     if not isinstance(ws, (tuple, list)) or not ws:
         raise ValueError(f"project_group: ws must be a non-empty tuple of [K, N] weights, "
                          f"got {type(ws).__name__}")
-    return _launch(x, tuple(ws), config, interpret, name)
-
-
-def _launch(x, ws: tuple, config: ProjectionConfig, interpret: bool, name: str,
-            partials: bool = False) -> tuple:
+    ws = tuple(ws)
     M, K = _check(x, ws, config)
+    out = _launch((x,), (0,), M, K, ws, config, interpret, name, partials, group=True)
+    return out[0] if partials else out
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "name", "partials"))
+def project_swiglu(gate_up: jax.Array, w: jax.Array, *,
+                   config: ProjectionConfig = ProjectionConfig(), interpret: bool = False,
+                   name: str = "gdn_projection_swiglu", partials: bool = False) -> jax.Array:
+    """gate_up: [S, M, 2K] (fp32 partial sums, or S = 1 in w's dtype: `project_group(x, (w_gate,
+    w_up), partials=True)`), w: [K, N] bf16 | fp16 -> silu(gate) * up @ w [M, N] in w's dtype,
+    gate and up the sums of gate_up's [..., :K] and [..., K:] rounded to w's dtype (module
+    docstring). partials: as `project`'s."""
+    M, K = _check_sources("project_swiglu", (("gate_up", gate_up, None),), w, config,
+                          swiglu=True)
+    return _launch((gate_up,), (1,), M, K, (w,), config, interpret, name, partials,
+                   prologue=("swiglu",))[0]
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret", "name", "partials"))
+def project_gated_norm(o: jax.Array, z: jax.Array, norm_weight: jax.Array, w: jax.Array, *,
+                       eps: float, config: ProjectionConfig = ProjectionConfig(),
+                       interpret: bool = False, name: str = "gdn_projection_gated_norm",
+                       partials: bool = False) -> jax.Array:
+    """o, z: [M, K] in w's dtype (K = heads x V), norm_weight: [V], w: [K, N] bf16 | fp16 ->
+    gated_rms_norm(o, z) @ w [M, N] in w's dtype: each V-wide head of o RMS-normalised (eps),
+    times norm_weight, rounded, times silu(z) in fp32 (module docstring). config.block_k must be
+    V (one head a K-step). partials: as `project`'s."""
+    M, K = _check_sources("project_gated_norm", (("o", o, w.dtype), ("z", z, w.dtype)), w,
+                          config)
+    V = config.block_k
+    if norm_weight.shape != (V,):
+        raise ValueError(f"project_gated_norm: norm_weight expected [V] = [{V}] (config.block_k:"
+                         f" one head a K-step), got norm_weight{list(norm_weight.shape)}")
+    return _launch((o, z, norm_weight), (0, 0, None), M, K, (w,), config, interpret, name,
+                   partials, prologue=("gated_norm", float(eps)))[0]
+
+
+def _launch(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple,
+            config: ProjectionConfig, interpret: bool, name: str, partials: bool = False,
+            group: bool = False, prologue: tuple | None = None) -> tuple:
+    """Run the kernel on x's sources (x itself, or a prologue's inputs: their rows on row_axes,
+    None for a source without rows) -> the outputs (`project_group`'s per weight, or one)."""
     widths = [w.shape[1] for w in ws]
     offsets = tuple(itertools.accumulate([0, *widths]))
     N = offsets[-1]
-    sizes = [config.block_n] if len(ws) == 1 else [pow2_block(n, config.block_n)
-                                                   for n in widths]
+    sizes = [config.block_n] if not group else [pow2_block(n, config.block_n) for n in widths]
     firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
     blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))
     bm = block_m(M)
+    dtype = ws[0].dtype
     # On the GPU the kernel's masked loads and stores read and write the M rows in place. The
-    # interpreter slices refs as XLA does (no access past the end), so there x and the output
-    # are padded to the tile's rows (zeros: the same products) and the pad is dropped after.
+    # interpreter slices refs as XLA does (no access past the end), so there the sources and the
+    # output are padded to the tile's rows (zeros: the same products) and the pad dropped after.
     rows_held = bm if interpret else M
     if rows_held != M:
-        x = jnp.pad(x, ((0, rows_held - M), (0, 0)))
-    out_dtype = x.dtype if config.splits == 1 and not partials else _F32
+        sources = tuple(src if axis is None else jnp.pad(src, [
+            (0, rows_held - M if a == axis else 0) for a in range(src.ndim)])
+            for src, axis in zip(sources, row_axes))
+    out_dtype = dtype if config.splits == 1 and not partials else _F32
     out = _pallas.pallas_call(
         functools.partial(_kernel, rows=M, block_m=bm, block_k=config.block_k,
-                          k_split=K // config.splits, swap_ab=config.swap_ab, blocks=blocks),
+                          k_split=K // config.splits, swap_ab=config.swap_ab, blocks=blocks,
+                          prologue=prologue),
         name=name,
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
         grid=(firsts[-1], config.splits),
         out_shape=jax.ShapeDtypeStruct((config.splits, rows_held, N), out_dtype),
-    )(x, *ws)
+    )(*sources, *ws)
     if partials:
         return (out[:, :M],)
     # several slices: fp32 partial sums, added (and cast) by XLA
-    out = out[0] if config.splits == 1 else out.sum(0).astype(x.dtype)
+    out = out[0] if config.splits == 1 else out.sum(0).astype(dtype)
     if rows_held != M:
         out = out[:M]
     if len(ws) == 1:
@@ -227,4 +321,34 @@ def _check(x, ws: tuple, config):
     if why:
         shapes = " ".join(f"w{list(w.shape)}" for w in ws)
         raise ValueError(f"project: x{list(x.shape)} @ {shapes} {x.dtype}: {why}")
+    return M, K
+
+
+def _check_sources(op: str, sources, w, config, swiglu: bool = False) -> tuple[int, int]:
+    """A prologue's sources against w [K, N]: (name, array, dtype or None) with arrays [M, K]
+    of that dtype, or (swiglu) gate_up [S, M, 2K] fp32 or of w's dtype -> (M, K); a ValueError
+    naming the argument otherwise, or the config's misfit."""
+    if w.ndim != 2:
+        raise ValueError(f"{op}: w expected [K, N], got w{list(w.shape)}")
+    K, N = w.shape
+    M = None
+    for name, x, dtype in sources:
+        if swiglu:
+            ok = x.ndim == 3 and x.shape[2] == 2 * K and x.shape[0] >= 1
+            want, M = f"[S, M, 2K] with 2K = {2 * K}", x.shape[1] if x.ndim == 3 else None
+            dtypes = (jnp.dtype(_F32), jnp.dtype(w.dtype))
+        else:
+            ok = x.ndim == 2 and x.shape[1] == K and (M is None or x.shape[0] == M)
+            want = f"[M, K] with K = {K}" + ("" if M is None else f", M = {M}")
+            M = x.shape[0] if M is None and x.ndim == 2 else M
+            dtypes = (jnp.dtype(dtype),)
+        if not ok:
+            raise ValueError(f"{op}: {name} expected {want} (w{list(w.shape)}), got "
+                             f"{name}{list(x.shape)}")
+        if x.dtype not in dtypes:
+            raise ValueError(f"{op}: {name} expected dtype {' or '.join(map(str, dtypes))}, got "
+                             f"{x.dtype}")
+    why = misfit(M, K, N, w.dtype, config)
+    if why:
+        raise ValueError(f"{op}: {M} rows @ w{list(w.shape)} {w.dtype}: {why}")
     return M, K

@@ -1,16 +1,19 @@
 """The bias-free projection every module uses: `nnx.Linear`'s parameters (kernel [in, out]; HF
 keeps [out, in]: the checkpoint loader transposes) with an explicit matmul precision, computed by
 `gdn_jax.ops.projection.project` (the few-row kernel on a GPU, else XLA's dot); `dense_group`
-for the projections of one input (`gdn_jax.ops.projection.project_group`)."""
+for the projections of one input (`gdn_jax.ops.projection.project_group`); `dense_swiglu` (the
+MLP) and `dense_gated_norm` (GDN's output norm and out_proj) for two projections and the
+elementwise step between them."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
 from gdn_jax.modules.sharding import tp_metadata
-from gdn_jax.ops.projection import project, project_group
+from gdn_jax.ops.projection import gated_norm_project, project, project_group, swiglu_project
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -46,8 +49,30 @@ def dense(x, kernel, *, dtype, precision, partials: bool = False):
 
 def dense_group(x, kernels, *, dtype, precision):
     """`dense` of one x through each kernel [in, out_i] (a tuple), as one call where the few-row
-    kernel may take them in one launch (`gdn_jax.ops.projection.project_group`)."""
+    kernel may take them in one launch (`gdn_jax.ops.projection.project_group`), and two projections with the elementwise step between
+them: `dense_swiglu` (the MLP), `dense_gated_norm` (GDN's output norm and out_proj)."""
     if dtype is None:  # each weight promotes x as `dense` does: no one dtype to group in
         return tuple(dense(x, k, dtype=None, precision=precision) for k in kernels)
     return project_group(x.astype(dtype), tuple(k.astype(dtype) for k in kernels),
                          precision=precision)
+
+
+def dense_swiglu(x, gate, up, down, *, dtype, precision, partials: bool = False):
+    """`dense(silu(dense(x, gate)) * dense(x, up), down)` on bare kernels, as one call where the
+    few-row kernel may take it (`gdn_jax.ops.projection.swiglu_project`)."""
+    if dtype is None:  # no one dtype to fuse in: each step as `dense` promotes it
+        g, u = dense_group(x, (gate, up), dtype=None, precision=precision)
+        return dense(jax.nn.silu(g) * u, down, dtype=None, precision=precision,
+                     partials=partials)
+    return swiglu_project(x.astype(dtype), gate.astype(dtype), up.astype(dtype),
+                          down.astype(dtype), precision=precision, partials=partials)
+
+
+def dense_gated_norm(o, z, norm_weight, kernel, eps: float, *, dtype, precision,
+                     partials: bool = False):
+    """`dense(gated_rms_norm(o, z, norm_weight, eps), kernel)` (o, z: [..., H, V] in dtype; the
+    product over H * V) as one call where the few-row kernel may take it
+    (`gdn_jax.ops.projection.gated_norm_project`)."""
+    dtype = dtype or jnp.result_type(o, kernel)
+    return gated_norm_project(o.astype(dtype), z.astype(dtype), norm_weight,
+                              kernel.astype(dtype), eps, precision=precision, partials=partials)

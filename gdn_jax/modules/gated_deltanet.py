@@ -29,9 +29,9 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from gdn_jax import ops
-from gdn_jax.modules._linear import HIGHEST, dense, dense_group, linear
+from gdn_jax.modules._linear import HIGHEST, dense_gated_norm, dense_group, linear
 from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_index
-from gdn_jax.modules.norms import GatedRMSNorm, gated_rms_norm
+from gdn_jax.modules.norms import GatedRMSNorm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
                                       tp_size)
 from gdn_jax.ops.conv import causal_conv, conv_step
@@ -58,7 +58,6 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     key_dim, value_dim = H * K, HV * V
     channels = conv_dim(H, K, HV, V)
     gather, _, scatter = slot_index(slots, cache.num_slots)
-    mm = functools.partial(dense, dtype=dtype, precision=precision)
 
     qkvz, ba = dense_group(x, (p["qkvz"], p["ba"]), dtype=dtype, precision=precision)
     mixed, z = qkvz[..., :channels], qkvz[..., channels:]
@@ -90,11 +89,13 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
         conv = write_positions(cache.conv, scatter, _windows(xp, n, W - 1))
         cache = cache.replace(state=state, conv=conv)
 
-    o = gated_rms_norm(o.astype(dtype), z.reshape(B, T, HV, V), p["norm"], eps)
+    # the output norm and out_proj: one launch where the few-row kernel takes them
+    out = functools.partial(dense_gated_norm, o.astype(dtype), z.reshape(B, T, HV, V), p["norm"],
+                            p["out"], eps, dtype=dtype, precision=precision)
     if reduce:
-        y = psum(mm(o.reshape(B, T, value_dim), p["out"]))
+        y = psum(out())
         return (y[None] if partials else y), cache
-    return mm(o.reshape(B, T, value_dim), p["out"], partials=partials), cache
+    return out(partials=partials), cache
 
 
 class GatedDeltaNet(nnx.Module):

@@ -27,7 +27,7 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from gdn_jax.modules._linear import HIGHEST, dense, dense_group, linear
+from gdn_jax.modules._linear import HIGHEST, dense, dense_group, dense_swiglu, linear
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
 from gdn_jax.ops import moe as moe_ops
 
@@ -75,8 +75,7 @@ def _summed(body):
 def _mlp_body(p, x, *, proj, partials=False):
     """SwiGLU on (a shard of) the intermediate dim; partial sums when sharded. proj: dense's
     keywords."""
-    gate, up = dense_group(x, (p["gate"], p["up"]), **proj)
-    return _swiglu_down(gate, up, p["down"], proj, partials)
+    return dense_swiglu(x, p["gate"], p["up"], p["down"], **proj, partials=partials)
 
 
 def _swiglu_down(gate, up, down, proj, partials=False):

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
+from gdn_jax.ops.projection import gated_rms_norm as _gated_rms_norm
 from gdn_jax.ops.residual_norm import add_partials, add_rms_norm
 
 _F32 = jnp.float32
@@ -68,8 +69,5 @@ class GatedRMSNorm(nnx.Module):
 
 
 def gated_rms_norm(x, z, weight, eps: float):
-    """`GatedRMSNorm` on a bare weight array."""
-    dtype = x.dtype
-    y = weight * _normalize(x, eps).astype(dtype)
-    y = y.astype(_F32) * jax.nn.silu(z.astype(_F32))
-    return y.astype(dtype)
+    """`GatedRMSNorm` on a bare weight array (`gdn_jax.ops.projection.gated_rms_norm`)."""
+    return _gated_rms_norm(x, z, weight, eps)

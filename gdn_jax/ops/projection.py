@@ -26,6 +26,14 @@ bench/results/bench_speculative-h200-*-groups_*-2026-12-02.json).
 GDN_JAX_PROJECTION_GROUPS=off keeps one launch per weight; XLA's paths, and so CPU results, are
 the same either way.
 
+`swiglu_project(x, w_gate, w_up, w_down)` (the dense MLP) and `gated_norm_project(o, z, norm_w,
+w_out, eps)` (GDN's output norm and out_proj) fold the elementwise step between two projections
+into the second's launch where the kernel takes both (`kernels.project_swiglu`,
+`kernels.project_gated_norm`: the step runs on the tile the kernel loads, the gate / up group's
+split-K partials summed there too): one launch less a layer, each of about 1.3-1.5 us at one row
+on the H200. GDN_JAX_PROJECTION_PROLOGUE=off keeps the step in XLA between the two launches;
+XLA's paths, and so CPU results, are the same either way.
+
 GDN_JAX_PROJECTION=mosaic (or backend="mosaic") sends a group, or a lone weight, to the Hopper
 kernel `kernels.project_group_mgpu` where it fits (bf16, 8..128 rows in multiples of 8, widths its
 column blocks tile; `mosaic_config_for`): its fp32 result is cast to x's dtype. Measured slower
@@ -48,6 +56,8 @@ from gdn_jax.ops.dispatch import Device, sm_count
 
 ENV_VAR = "GDN_JAX_PROJECTION"
 GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
+PROLOGUE_VAR = "GDN_JAX_PROJECTION_PROLOGUE"
+_F32 = jnp.float32
 
 # The most rows the kernel takes by default. XLA lowers one-row projections as reduce fusions
 # (B = 1 decode, 48 layers: 6.14 ms of kernels against 3.84 through the kernel,
@@ -161,6 +171,96 @@ def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = Non
         if out[i] is None:
             out[i] = project(x, w, precision=precision, backend=backend)
     return tuple(out)
+
+
+def swiglu_project(x, w_gate, w_up, w_down, *, precision=None, partials: bool = False,
+                   backend: str | None = None):
+    """The SwiGLU MLP: (silu(x @ w_gate) * (x @ w_up)) @ w_down, each product as `project`
+    computes it (same arguments; partials: the last product's). x: [..., K], w_gate / w_up:
+    [K, I], w_down: [I, N] -> [..., N] in x's dtype. Where the kernel takes the gate / up group
+    and the down projection (and GDN_JAX_PROJECTION_PROLOGUE is not off): two launches, the
+    group's partial sums handed to `kernels.project_swiglu`; elsewhere the three steps apart."""
+    *lead, K = x.shape
+    M = math.prod(lead)
+    I = w_gate.shape[-1]
+    fused = _fusing(M, K, (I, I), w_down, (x, w_gate, w_up, w_down), backend)
+    if fused:
+        (group, interpret), down = fused
+        gate_up = kernels.project_group(x.reshape(M, K), (w_gate, w_up), config=group,
+                                        interpret=interpret, partials=True)
+        y = kernels.project_swiglu(gate_up, w_down, config=down, interpret=interpret,
+                                   partials=partials)
+        return y.reshape(-1, *lead, y.shape[-1]) if partials else y.reshape(*lead, y.shape[-1])
+    gate, up = project_group(x, (w_gate, w_up), precision=precision, backend=backend)
+    return project(jax.nn.silu(gate) * up, w_down, precision=precision, partials=partials,
+                   backend=backend)
+
+
+def gated_rms_norm(x, z, weight, eps: float):
+    """The GDN output norm (XLA): `weight * rmsnorm(x)` over the last axis, rounded to x's dtype,
+    then `* silu(z)` in fp32. x, z: [..., V]; weight: [V] -> [..., V] in x's dtype."""
+    dtype = x.dtype
+    xf = x.astype(_F32)
+    y = weight * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(dtype)
+    y = y.astype(_F32) * jax.nn.silu(z.astype(_F32))
+    return y.astype(dtype)
+
+
+def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
+                       partials: bool = False, backend: str | None = None):
+    """`gated_rms_norm(o, z, norm_weight, eps)` per head, then `project` by w (same arguments).
+    o, z: [..., H, V] in w's dtype; norm_weight: [V]; w: [H * V, N] -> [..., N]. Where the kernel
+    takes the projection with K-steps of one head (and GDN_JAX_PROJECTION_PROLOGUE is not off):
+    one launch of `kernels.project_gated_norm`; elsewhere the norm in XLA, then `project`."""
+    *lead, H, V = o.shape
+    M, K = math.prod(lead), H * V
+    if z.shape != o.shape or norm_weight.shape != (V,):
+        raise ValueError(f"gated_norm_project: z [..., H, V] = {list(o.shape)} and norm_weight "
+                         f"[V] = [{V}] expected, got z{list(z.shape)}, "
+                         f"norm_weight{list(norm_weight.shape)}")
+    choice = _fusing(M, K, None, w, (o, z, w), backend) and _select(
+        M, K, w.shape[1], o.dtype, w.dtype, backend, strict=False)
+    config = choice and _one_head_steps(choice[0], M, K, w.shape[1], V, o.dtype)
+    if config:
+        y = kernels.project_gated_norm(o.reshape(M, K), z.reshape(M, K), norm_weight, w,
+                                       eps=eps, config=config, interpret=choice[1],
+                                       partials=partials)
+        return y.reshape(-1, *lead, y.shape[-1]) if partials else y.reshape(*lead, y.shape[-1])
+    x = gated_rms_norm(o, z, norm_weight, eps).reshape(*lead, K)
+    return project(x, w, precision=precision, partials=partials, backend=backend)
+
+
+def _fusing(M, K, group_widths, w, arrays, backend):
+    """Whether a prologue-fused pair may run: the prologue switch on, no Mosaic or xla-gemm
+    request, one 16-bit dtype among the arrays. For swiglu (group_widths given): ((group config,
+    interpret), down config) where the kernel takes both launches, else None; for the gated norm
+    True (its caller selects the one launch)."""
+    wish = os.environ.get(PROLOGUE_VAR) or "on"
+    if wish not in ("on", "off"):
+        raise ValueError(f"{PROLOGUE_VAR}: expected on or off, got {wish!r}")
+    dtype = {jnp.dtype(a.dtype) for a in arrays}
+    if (wish == "off" or len(dtype) != 1 or backend in ("mosaic", "xla-gemm")
+            or os.environ.get(ENV_VAR) in ("mosaic", "xla-gemm")):
+        return None
+    if group_widths is None:
+        return True
+    x_dtype = dtype.pop()
+    group = _grouping() and _select(M, K, group_widths, x_dtype, x_dtype, backend, strict=False)
+    down = _select(M, w.shape[0], w.shape[1], x_dtype, x_dtype, backend, strict=False)
+    if not group or not down or group[1] != down[1]:
+        return None
+    return group, down[0]
+
+
+def _one_head_steps(config, M, K, N, V, dtype):
+    """config with K-steps of one head (block_k = V), its stages cut to the shared memory; None
+    where the kernel then cannot take it (V not a block: a power of two >= 16)."""
+    if V < 16 or V & (V - 1):
+        return None
+    config = dataclasses.replace(config, block_k=V)
+    while config.num_stages > 2 and config.smem_bytes(M) > kernels.projection_smem_limit():
+        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    return None if kernels.projection_misfit(M, K, N, dtype, config) else config
 
 
 def _grouping() -> bool:

@@ -76,7 +76,7 @@ def test_groups_keep_the_layer_output(name, monkeypatch):
     for groups in ("off", "on"):
         monkeypatch.setenv(projection.GROUPS_VAR, groups)
         count = []
-        for fn in ("project", "project_group"):
+        for fn in ("project", "project_group", "project_swiglu", "project_gated_norm"):
             real = getattr(kernels, fn)
             monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _count=count, **k:
                                 _count.append(1) or _real(*a, **k))
@@ -88,3 +88,36 @@ def test_groups_keep_the_layer_output(name, monkeypatch):
     assert n_off - n_on == saved
     assert np.all(np.isfinite(y_on))
     np.testing.assert_allclose(y_on, y_off, rtol=0, atol=2 ** -6 * np.abs(y_off).max())
+
+
+# layer, and the kernel that takes its elementwise step into the second projection's launch
+FUSED = {"mlp": (_mlp, "project_swiglu"), "gdn": (_gdn, "project_gated_norm")}
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_prologue_keeps_the_layer_output(name, monkeypatch):
+    """GDN_JAX_PROJECTION_PROLOGUE on (the MLP's silu * up, GDN's output norm, in the next
+    projection's kernel) against off (that step in XLA between the launches): the fused kernel
+    runs once, and only when on; the outputs agree within 2**-5 of their scale (the step's
+    arithmetic is the same, in fp32 in both; XLA may skip a rounding of an intermediate the
+    kernel makes: tests/ops/test_projection.py says why that bound)."""
+    build, fused = FUSED[name]
+    layer, run = build()
+    randomize(layer, 0, 0.3)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((1, HIDDEN)), BF16)
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    out = {}
+    for wish in ("off", "on"):
+        monkeypatch.setenv(projection.PROLOGUE_VAR, wish)
+        count = []
+        real = getattr(kernels, fused)
+        monkeypatch.setattr(kernels, fused, lambda *a, _real=real, _count=count, **k:
+                            _count.append(1) or _real(*a, **k))
+        y = np.asarray(run(layer, x), np.float64)
+        out[wish] = (len(count), y)
+        monkeypatch.undo()
+        monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    assert out["off"][0] == 0 and out["on"][0] == 1
+    y_off, y_on = out["off"][1], out["on"][1]
+    assert np.all(np.isfinite(y_on))
+    np.testing.assert_allclose(y_on, y_off, rtol=0, atol=2 ** -5 * np.abs(y_off).max())

@@ -6,6 +6,7 @@ is checked on CPU (XLA by default, the kernel in the interpreter when asked), wi
 faked where the question is what a GPU would run.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,6 +23,7 @@ BF16_EPS = 2.0 ** -8
 def _no_env(monkeypatch):
     monkeypatch.delenv(projection.ENV_VAR, raising=False)
     monkeypatch.delenv(projection.GROUPS_VAR, raising=False)
+    monkeypatch.delenv(projection.PROLOGUE_VAR, raising=False)
     monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
 
 
@@ -282,3 +284,92 @@ def test_mosaic_on_request_on_hopper(fake_h200, monkeypatch):
     projection.project_group(x[:1, :5], ws)  # 5 rows: not a multiple of 8
     projection.project(x.astype(jnp.float32), ws[0].astype(jnp.float32))  # fp32
     assert not calls
+
+
+# --- the fused pairs: swiglu_project (MLP), gated_norm_project (GDN's output norm + out_proj) ---
+
+
+def _mlp_case(lead=(1,), K=64, I=96, N=64, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((*lead, K)), dtype)
+    ws = tuple(jnp.asarray(rng.standard_normal(shape) * shape[0] ** -0.5, dtype)
+               for shape in ((K, I), (K, I), (I, N)))
+    return x, ws
+
+
+def _norm_case(lead=(1,), H=4, V=32, N=64, dtype=jnp.bfloat16):
+    rng = np.random.default_rng(4)
+    o, z = (jnp.asarray(rng.standard_normal((*lead, H, V)), dtype) for _ in range(2))
+    weight = jnp.asarray(1.0 + 0.5 * rng.standard_normal(V), dtype)
+    w = jnp.asarray(rng.standard_normal((H * V, N)) * (H * V) ** -0.5, dtype)
+    return o, z, weight, w
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_fused_pairs_on_xla_are_the_unfused_steps(dtype):
+    """On CPU (XLA) the ops are exactly the steps apart, bit for bit: the modules' numbers there
+    (HF parity) are unchanged."""
+    x, (wg, wu, wd) = _mlp_case((2, 3), dtype=dtype)
+    hi = lax.Precision.HIGHEST
+    gate, up = projection.project(x, wg, precision=hi), projection.project(x, wu, precision=hi)
+    np.testing.assert_array_equal(
+        projection.swiglu_project(x, wg, wu, wd, precision=hi),
+        projection.project(jax.nn.silu(gate) * up, wd, precision=hi))
+    o, z, weight, w = _norm_case((2, 3), dtype=dtype)
+    ref = projection.project(projection.gated_rms_norm(o, z, weight, 1e-6).reshape(2, 3, -1), w,
+                             precision=hi)
+    np.testing.assert_array_equal(
+        projection.gated_norm_project(o, z, weight, w, 1e-6, precision=hi), ref)
+
+
+@pytest.mark.parametrize("partials", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])
+def test_fused_pairs_run_the_prologue_kernels_when_on(monkeypatch, lead, partials):
+    """GDN_JAX_PROJECTION=interpret: each pair is two launches (the group, then the swiglu
+    kernel) or one (the gated norm kernel), agreeing with the steps apart (GDN_JAX_PROJECTION_
+    PROLOGUE=off) within 2**-5 of the result's scale: the same fp32 arithmetic, but XLA may keep
+    the step's intermediates unrounded where the kernel rounds them as the ops' dtypes say, so
+    each of the K tile elements may differ by an ulp or two (about sqrt(K) bf16 ulps of the
+    result); a misrouted head or half of gate_up moves it by O(1). partials: [S, *lead, N] that
+    sum to it."""
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    swiglu, gated = _spy(monkeypatch, "project_swiglu"), _spy(monkeypatch, "project_gated_norm")
+    x, ws = _mlp_case(lead)
+    o, z, weight, w = _norm_case(lead)
+    runs = {}
+    for wish in ("off", "on"):
+        monkeypatch.setenv(projection.PROLOGUE_VAR, wish)
+        runs[wish] = (projection.swiglu_project(x, *ws, partials=partials),
+                      projection.gated_norm_project(o, z, weight, w, 1e-6, partials=partials))
+        assert (len(swiglu), len(gated)) == ((0, 0) if wish == "off" else (1, 1))
+    for y_off, y_on in zip(runs["off"], runs["on"]):
+        if partials:
+            assert y_on.ndim == len(lead) + 2 and y_on.shape[1:] == y_off.shape[1:]
+            y_off, y_on = (np.asarray(y, np.float64).sum(0) for y in (y_off, y_on))
+        assert y_on.shape == (*lead, 64)
+        y_off, y_on = np.asarray(y_off, np.float64), np.asarray(y_on, np.float64)
+        np.testing.assert_allclose(y_on, y_off, rtol=0, atol=2 ** -5 * np.abs(y_off).max())
+
+
+def test_fused_pairs_keep_xla_where_a_kernel_misfits(monkeypatch):
+    """A width the kernel cannot tile, an fp32 pair, or the prologue switch off: the steps
+    apart (no fused kernel); a bad switch value is an error."""
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    swiglu, gated = _spy(monkeypatch, "project_swiglu"), _spy(monkeypatch, "project_gated_norm")
+    x, ws = _mlp_case(I=40)  # no power-of-two block of >= 16 divides 40
+    projection.swiglu_project(x, *ws)
+    projection.swiglu_project(*(a.astype(jnp.float32) for a in (x, *_mlp_case()[1])))
+    o, z, weight, w = _norm_case(V=8)  # a K-step of one 8-wide head: under the kernel's 16
+    projection.gated_norm_project(o, z, weight, w, 1e-6)
+    assert not swiglu and not gated
+    monkeypatch.setenv(projection.PROLOGUE_VAR, "yes")
+    with pytest.raises(ValueError, match="GDN_JAX_PROJECTION_PROLOGUE: expected on or off"):
+        projection.swiglu_project(*_mlp_case()[:1], *_mlp_case()[1])
+
+
+def test_gated_norm_project_checks_its_arguments():
+    o, z, weight, w = _norm_case()
+    with pytest.raises(ValueError, match=r"z \[\.\.\., H, V\] = \[1, 4, 32\]"):
+        projection.gated_norm_project(o, z[..., :16], weight, w, 1e-6)
+    with pytest.raises(ValueError, match=r"norm_weight \[V\] = \[32\]"):
+        projection.gated_norm_project(o, z, weight[:16], w, 1e-6)
