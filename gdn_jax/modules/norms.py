@@ -13,20 +13,11 @@ three), delta the block's output as partial sums ([S, ...]; `residual_add` adds 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax import lax
 
-from gdn_jax.ops.projection import gated_rms_norm as _gated_rms_norm
-from gdn_jax.ops.residual_norm import add_partials, add_rms_norm
-
-_F32 = jnp.float32
-
-
-def _normalize(x, eps: float):
-    x = x.astype(_F32)
-    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+# the two norms on bare weight arrays: their XLA formulas (one definition, the ops')
+from gdn_jax.ops.residual_norm import add_partials, add_rms_norm, gated_rms_norm, rms_norm
 
 
 class RMSNorm(nnx.Module):
@@ -51,12 +42,6 @@ def residual_add(x, delta):
     return add_partials(x, delta)
 
 
-def rms_norm(x, weight, eps: float):
-    """`RMSNorm` on a bare weight array."""
-    y = _normalize(x, eps) * (1.0 + weight.astype(_F32))
-    return y.astype(x.dtype)
-
-
 class GatedRMSNorm(nnx.Module):
     """GDN output norm: x, z: [..., dim] -> `w * norm(x)` (rounded to x's dtype) `* silu(z)`."""
 
@@ -68,6 +53,4 @@ class GatedRMSNorm(nnx.Module):
         return gated_rms_norm(x, z, self.weight[...], self.eps)
 
 
-def gated_rms_norm(x, z, weight, eps: float):
-    """`GatedRMSNorm` on a bare weight array (`gdn_jax.ops.projection.gated_rms_norm`)."""
-    return _gated_rms_norm(x, z, weight, eps)
+__all__ = ["GatedRMSNorm", "RMSNorm", "gated_rms_norm", "residual_add", "rms_norm"]

@@ -53,11 +53,11 @@ from jax import lax
 from gdn_jax import kernels
 from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
 from gdn_jax.ops.dispatch import Device, sm_count
+from gdn_jax.ops.residual_norm import gated_rms_norm
 
 ENV_VAR = "GDN_JAX_PROJECTION"
 GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
 PROLOGUE_VAR = "GDN_JAX_PROJECTION_PROLOGUE"
-_F32 = jnp.float32
 
 # The most rows the kernel takes by default. XLA lowers one-row projections as reduce fusions
 # (B = 1 decode, 48 layers: 6.14 ms of kernels against 3.84 through the kernel,
@@ -194,16 +194,6 @@ def swiglu_project(x, w_gate, w_up, w_down, *, precision=None, partials: bool = 
     gate, up = project_group(x, (w_gate, w_up), precision=precision, backend=backend)
     return project(jax.nn.silu(gate) * up, w_down, precision=precision, partials=partials,
                    backend=backend)
-
-
-def gated_rms_norm(x, z, weight, eps: float):
-    """The GDN output norm (XLA): `weight * rmsnorm(x)` over the last axis, rounded to x's dtype,
-    then `* silu(z)` in fp32. x, z: [..., V]; weight: [V] -> [..., V] in x's dtype."""
-    dtype = x.dtype
-    xf = x.astype(_F32)
-    y = weight * (xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(dtype)
-    y = y.astype(_F32) * jax.nn.silu(z.astype(_F32))
-    return y.astype(dtype)
 
 
 def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,

@@ -15,12 +15,16 @@ XLA spends two on it, plus the split-K sum where it cannot fuse that); elsewhere
 GDN_JAX_NORM=xla keeps XLA, "pallas" is the default "auto" spelled out, "interpret" runs the
 kernel in the Pallas interpreter (tests); unset, GDN_JAX_BACKEND=xla or =interpret steers it.
 Read when a program is traced.
+
+`rms_norm` and `gated_rms_norm` are the two norms' XLA formulas, the modules' (`gdn_jax.modules.
+norms`) and the unfused paths' one definition.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
@@ -68,9 +72,26 @@ _WARPS = 16  # bench_residual_norm on the H200: best at 1-128 rows (1.6-2.0 us; 
 def _xla(x, delta, weight, eps):
     if delta is not None:
         x = add_partials(x, delta)
-    xf = x.astype(_F32)
-    h = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return x, (h * (1.0 + weight.astype(_F32))).astype(x.dtype)
+    return x, rms_norm(x, weight, eps)
+
+
+def _normalize(x, eps: float):
+    """x * rsqrt(mean(x^2) + eps) over the last axis, in fp32."""
+    x = x.astype(_F32)
+    return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def rms_norm(x, weight, eps: float):
+    """The (1 + w) RMSNorm in XLA: x [..., N], weight [N] -> [..., N] in x's dtype (fp32 math)."""
+    return (_normalize(x, eps) * (1.0 + weight.astype(_F32))).astype(x.dtype)
+
+
+def gated_rms_norm(x, z, weight, eps: float):
+    """The GDN output norm in XLA: `weight * rmsnorm(x)` over the last axis, rounded to x's dtype,
+    then `* silu(z)` in fp32. x, z: [..., V]; weight: [V] -> [..., V] in x's dtype."""
+    dtype = x.dtype
+    y = weight * _normalize(x, eps).astype(dtype)
+    return (y.astype(_F32) * jax.nn.silu(z.astype(_F32))).astype(dtype)
 
 
 def add_partials(x, delta):
@@ -80,4 +101,4 @@ def add_partials(x, delta):
     return x + y.astype(x.dtype)
 
 
-__all__ = ["ENV_VAR", "add_partials", "add_rms_norm"]
+__all__ = ["ENV_VAR", "add_partials", "add_rms_norm", "gated_rms_norm", "rms_norm"]
