@@ -53,7 +53,7 @@ class ConvConfig(BlockConfig):
 
 
 def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block, starts,
-            num_slots):
+            num_slots, x_col, parts_dtype):
     *out_refs, conv_ref = refs  # conv_ref: conv_in's buffer (aliased)
     b, j = pl.program_id(0), pl.program_id(1)
     s = slots_ref[b]
@@ -67,10 +67,18 @@ def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block,
             def _():
                 out_ref[b, t, pl.ds(c0 - lo, block)] = y.astype(out_ref.dtype)
 
+    def token(t):  # x's channels of token t; partial sums [S, B, T, N] added, as x's dtype
+        if len(x_ref.shape) == 3:
+            return x_ref[b, t, cols]
+        parts = [x_ref[j, b, t, pl.ds(x_col + c0, block)].astype(jnp.float32)
+                 for j in range(x_ref.shape[0])]
+        return functools.reduce(lambda p, q: p + q, parts).astype(x_ref.dtype if parts_dtype is
+                                                                  None else parts_dtype)
+
     @pl.when(valid)
     def _():
         xs = [conv_in[s, i, cols] for i in range(width - 1)]  # the window, then the tokens
-        xs += [x_ref[b, t, cols].astype(conv_ref.dtype) for t in range(tokens)]
+        xs += [token(t).astype(conv_ref.dtype) for t in range(tokens)]
         w = [w_ref[i, cols].astype(jnp.float32) for i in range(width)]
         for t in range(tokens):
             acc = jnp.zeros((block,), jnp.float32)
@@ -92,18 +100,26 @@ def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block,
             store(t, jnp.zeros((block,), jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("widths", "keep", "dtype", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("widths", "keep", "dtype", "config", "interpret",
+                                             "x_col", "parts_dtype"))
 def conv_step(x: jax.Array, conv: jax.Array, weight: jax.Array, slots: jax.Array, *,
               widths: tuple, keep: str = "window", dtype=None,
-              config: ConvConfig = ConvConfig(), interpret: bool = False):
+              config: ConvConfig = ConvConfig(), interpret: bool = False, x_col: int = 0,
+              parts_dtype=None):
     """x: [B, T, C], conv: [N, L, C], weight: [W, C], slots: [B] int32; widths: output widths
     summing to C; keep: "window" (L >= W - 1) or "all" (L >= W - 1 + T); dtype: the outputs'
-    (default x's) -> (outs, conv) with outs[i]: [B, T, widths[i]] (module docstring)."""
+    (default x's) -> (outs, conv) with outs[i]: [B, T, widths[i]] (module docstring).
+
+    x may instead be a projection's split-K partial sums [S, B, T, N] (fp32, unadded) whose
+    columns x_col..x_col + C are the tokens' channels: added in fp32 and rounded to parts_dtype
+    (the projection's output dtype) in the kernel, with no launch of their own."""
     widths = tuple(int(n) for n in widths)
-    _check(x, conv, weight, slots, widths, keep, config)
-    B, T, C = x.shape
+    parts = x.ndim == 4
+    _check(x, conv, weight, slots, widths, keep, config, x_col)
+    B, T = x.shape[-3:-1]
+    C = weight.shape[1]
     N = conv.shape[0]
-    dtype = jnp.dtype(dtype or x.dtype)
+    dtype = jnp.dtype(dtype or (parts_dtype if parts else x.dtype))
     if B == 0 or T == 0:  # nothing to run (a grid of size 0 may not launch on a GPU)
         return tuple(jnp.zeros((B, T, n), dtype) for n in widths), conv
     bounds = [0]
@@ -111,7 +127,8 @@ def conv_step(x: jax.Array, conv: jax.Array, weight: jax.Array, slots: jax.Array
         bounds.append(bounds[-1] + n)
     kernel = functools.partial(_kernel, width=weight.shape[0], tokens=T, keep=keep,
                                block=config.block, starts=tuple(zip(bounds[:-1], bounds[1:])),
-                               num_slots=N)
+                               num_slots=N, x_col=x_col,
+                               parts_dtype=jnp.dtype(parts_dtype or x.dtype) if parts else None)
     *outs, conv = _pallas.pallas_call(
         kernel,
         name=f"gdn_conv_{keep}_t{T}",
@@ -125,11 +142,21 @@ def conv_step(x: jax.Array, conv: jax.Array, weight: jax.Array, slots: jax.Array
     return tuple(outs), conv
 
 
-def _check(x, conv, weight, slots, widths, keep, config):
+def _check(x, conv, weight, slots, widths, keep, config, x_col):
     op = "conv_step"
-    if x.ndim != 3:
-        raise ValueError(f"{op}: x expected [B, T, C], got x{list(x.shape)}")
-    B, T, C = x.shape
+    C = weight.shape[-1]
+    if x.ndim == 4:  # partial sums, the channels at x_col
+        if not 0 <= x_col <= x.shape[3] - C or x_col % config.block:
+            raise ValueError(f"{op}: x's partial sums [S, B, T, N] expected columns x_col.."
+                             f"x_col + C within N, x_col a multiple of block={config.block} "
+                             f"(C = {C}), got x{list(x.shape)}, x_col={x_col}")
+    elif x.ndim != 3:
+        raise ValueError(f"{op}: x expected [B, T, C] (or partial sums [S, B, T, N]), got "
+                         f"x{list(x.shape)}")
+    elif x_col:
+        raise ValueError(f"{op}: x_col is for partial sums [S, B, T, N], got x{list(x.shape)}")
+    B, T = x.shape[-3:-1]
+    C = x.shape[2] if x.ndim == 3 else C
     if conv.ndim != 3 or conv.shape[2] != C:
         raise ValueError(f"{op}: conv expected [N, L, C] with C = {C} (x's channels), got "
                          f"conv{list(conv.shape)}")

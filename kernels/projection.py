@@ -200,10 +200,12 @@ def _x_tile(prologue, refs, rows, real, block_k: int, dtype, K: int, start):
         gate = _summed(refs[0], rows, start, block_k, real, dtype).astype(_F32)
         up = _summed(refs[0], rows, K + start, block_k, real, dtype).astype(_F32)
         return (gate * jax.nn.sigmoid(gate) * up).astype(dtype)
-    # "gated_norm": refs o [rows, K], z [rows, K], norm weight [V = block_k]; eps = prologue[1]
+    # "gated_norm": refs o [rows, K], z [rows, K] (or partial sums [S, rows, Nz] holding z from
+    # column z_col), norm weight [V = block_k]; prologue = ("gated_norm", eps, z_col)
     o_ref, z_ref, w_ref = refs
     o = _load(o_ref, rows, start, block_k, real).astype(_F32)
-    z = _load(z_ref, rows, start, block_k, real).astype(_F32)
+    z = (_load(z_ref, rows, start, block_k, real) if len(z_ref.shape) == 2 else
+         _summed(z_ref, rows, prologue[2] + start, block_k, real, dtype)).astype(_F32)
     y = o * lax.rsqrt(jnp.mean(o * o, axis=1, keepdims=True) + prologue[1])
     weight = w_ref[...]
     y = weight.astype(_F32)[None, :] * y.astype(dtype).astype(_F32)
@@ -253,23 +255,40 @@ def project_swiglu(gate_up: jax.Array, w: jax.Array, *,
                    prologue=("swiglu",))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "config", "interpret", "name", "partials"))
+@functools.partial(jax.jit, static_argnames=("eps", "z_col", "config", "interpret", "name",
+                                             "partials"))
 def project_gated_norm(o: jax.Array, z: jax.Array, norm_weight: jax.Array, w: jax.Array, *,
-                       eps: float, config: ProjectionConfig = ProjectionConfig(),
+                       eps: float, z_col: int = 0, config: ProjectionConfig = ProjectionConfig(),
                        interpret: bool = False, name: str = "gdn_projection_gated_norm",
                        partials: bool = False) -> jax.Array:
     """o, z: [M, K] in w's dtype (K = heads x V), norm_weight: [V], w: [K, N] bf16 | fp16 ->
     gated_rms_norm(o, z) @ w [M, N] in w's dtype: each V-wide head of o RMS-normalised (eps),
     times norm_weight, rounded, times silu(z) in fp32 (module docstring). config.block_k must be
-    V (one head a K-step). partials: as `project`'s."""
-    M, K = _check_sources("project_gated_norm", (("o", o, w.dtype), ("z", z, w.dtype)), w,
-                          config)
+    V (one head a K-step). partials: as `project`'s.
+
+    z may instead be its producer's split-K partial sums [S, M, Nz] (fp32, or S = 1 in w's
+    dtype) whose columns z_col..z_col + K are z: added and rounded to w's dtype on load."""
+    if z.ndim == 3:
+        K = w.shape[0] if w.ndim == 2 else 0
+        if z.dtype not in (jnp.dtype(_F32), jnp.dtype(w.dtype)) or not (
+                0 <= z_col <= z.shape[2] - K and z.shape[1] == o.shape[0]):
+            raise ValueError(f"project_gated_norm: z's partial sums [S, M, Nz] (fp32 or "
+                             f"{w.dtype}) expected M = {o.shape[0]} rows and columns z_col.."
+                             f"z_col + {K} within Nz, got {z.dtype}{list(z.shape)}, "
+                             f"z_col={z_col}")
+        M, K = _check_sources("project_gated_norm", (("o", o, w.dtype),), w, config)
+    else:
+        if z_col:
+            raise ValueError(f"project_gated_norm: z_col is for z's partial sums [S, M, Nz], "
+                             f"got z{list(z.shape)}")
+        M, K = _check_sources("project_gated_norm", (("o", o, w.dtype), ("z", z, w.dtype)), w,
+                              config)
     V = config.block_k
     if norm_weight.shape != (V,):
         raise ValueError(f"project_gated_norm: norm_weight expected [V] = [{V}] (config.block_k:"
                          f" one head a K-step), got norm_weight{list(norm_weight.shape)}")
-    return _launch((o, z, norm_weight), (0, 0, None), M, K, (w,), config, interpret, name,
-                   partials, prologue=("gated_norm", float(eps)))[0]
+    return _launch((o, z, norm_weight), (0, z.ndim - 2, None), M, K, (w,), config, interpret,
+                   name, partials, prologue=("gated_norm", float(eps), z_col))[0]
 
 
 def _launch(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple,

@@ -13,7 +13,8 @@ from flax import nnx
 from jax import lax
 
 from gdn_jax.modules.sharding import tp_metadata
-from gdn_jax.ops.projection import gated_norm_project, project, project_group, swiglu_project
+from gdn_jax.ops.projection import (gated_norm_project, project, project_group,
+                                    Partials, project_group_partials, swiglu_project)
 
 HIGHEST = lax.Precision.HIGHEST
 
@@ -57,6 +58,15 @@ them: `dense_swiglu` (the MLP), `dense_gated_norm` (GDN's output norm and out_pr
                          precision=precision)
 
 
+def dense_group_partials(x, kernels, *, dtype):
+    """`dense_group` as `gdn_jax.ops.projection.Partials` views of one kernel launch's unadded
+    output, for consumers that add them on load (the GDN conv and output norm); None where the
+    few-row kernel does not take the group in one launch (call `dense_group`)."""
+    if dtype is None:
+        return None
+    return project_group_partials(x.astype(dtype), tuple(k.astype(dtype) for k in kernels))
+
+
 def dense_swiglu(x, gate, up, down, *, dtype, precision, partials: bool = False):
     """`dense(silu(dense(x, gate)) * dense(x, up), down)` on bare kernels, as one call where the
     few-row kernel may take it (`gdn_jax.ops.projection.swiglu_project`)."""
@@ -70,9 +80,10 @@ def dense_swiglu(x, gate, up, down, *, dtype, precision, partials: bool = False)
 
 def dense_gated_norm(o, z, norm_weight, kernel, eps: float, *, dtype, precision,
                      partials: bool = False):
-    """`dense(gated_rms_norm(o, z, norm_weight, eps), kernel)` (o, z: [..., H, V] in dtype; the
-    product over H * V) as one call where the few-row kernel may take it
+    """`dense(gated_rms_norm(o, z, norm_weight, eps), kernel)` (o, z: [..., H, V] in dtype, or z
+    a `Partials` view of H * V columns; the product over H * V) as one call where the few-row kernel may take it
     (`gdn_jax.ops.projection.gated_norm_project`)."""
     dtype = dtype or jnp.result_type(o, kernel)
-    return gated_norm_project(o.astype(dtype), z.astype(dtype), norm_weight,
+    z = z if isinstance(z, Partials) else z.astype(dtype)
+    return gated_norm_project(o.astype(dtype), z, norm_weight,
                               kernel.astype(dtype), eps, precision=precision, partials=partials)

@@ -29,7 +29,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from gdn_jax import ops
-from gdn_jax.modules._linear import HIGHEST, dense_gated_norm, dense_group, linear
+from gdn_jax.modules._linear import (HIGHEST, dense_gated_norm, dense_group,
+                                     dense_group_partials, linear)
 from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_index
 from gdn_jax.modules.norms import GatedRMSNorm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
@@ -59,8 +60,14 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     channels = conv_dim(H, K, HV, V)
     gather, _, scatter = slot_index(slots, cache.num_slots)
 
-    qkvz, ba = dense_group(x, (p["qkvz"], p["ba"]), dtype=dtype, precision=precision)
-    mixed, z = qkvz[..., :channels], qkvz[..., channels:]
+    views = None if mode == "prefill" else dense_group_partials(x, (p["qkvz"], p["ba"]),
+                                                                 dtype=dtype)
+    if views is None:
+        qkvz, ba = dense_group(x, (p["qkvz"], p["ba"]), dtype=dtype, precision=precision)
+        mixed, z = qkvz[..., :channels], qkvz[..., channels:]
+    else:  # one launch's partial sums: the conv and the output norm add them as they read them
+        mixed, z = views[0].columns(0, channels), views[0].columns(channels, value_dim)
+        ba = views[1].value()
     b, a = ba[..., :HV], ba[..., HV:]
 
     A_log, dt_bias = p["A_log"], p["dt_bias"]
@@ -90,8 +97,9 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
         cache = cache.replace(state=state, conv=conv)
 
     # the output norm and out_proj: one launch where the few-row kernel takes them
-    out = functools.partial(dense_gated_norm, o.astype(dtype), z.reshape(B, T, HV, V), p["norm"],
-                            p["out"], eps, dtype=dtype, precision=precision)
+    z = z if views is not None else z.reshape(B, T, HV, V)
+    out = functools.partial(dense_gated_norm, o.astype(dtype), z, p["norm"], p["out"], eps,
+                            dtype=dtype, precision=precision)
     if reduce:
         y = psum(out())
         return (y[None] if partials else y), cache

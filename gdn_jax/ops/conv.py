@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from gdn_jax import kernels
 from gdn_jax.ops._slots import slot_index
 from gdn_jax.ops.dispatch import kernel_mode
+from gdn_jax.ops.projection import Partials
 from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
@@ -47,7 +48,8 @@ def causal_conv(xp, weight):
 
 
 def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None):
-    """x: [B, T, C] the rows' tokens; conv: [N, L, C] the slots' windows in rows 0..W-2 (oldest
+    """x: [B, T, C] the rows' tokens (or a `gdn_jax.ops.projection.Partials` view of them, lead
+    (B, T): the kernel adds the projection's partial sums as it reads them); conv: [N, L, C] the slots' windows in rows 0..W-2 (oldest
     first); weight: [W, C]; slots: [B] int32; widths: output widths summing to C; keep: "window"
     (decode: each slot keeps its last W - 1 inputs) or "all" (verify: the window and the T
     tokens, zero-padded to L rows); dtype: the outputs' (default x's). Returns (outs, conv):
@@ -56,10 +58,22 @@ def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None):
     dtype = jnp.dtype(dtype or x.dtype)
     slots = jnp.asarray(slots).astype(jnp.int32)
     mode, block = _mode(widths)
+    view = isinstance(x, Partials)
+    if view and (len(x.lead) != 2 or x.width != sum(widths) or x.start % max(block, 1)):
+        mode = None  # a view the kernel cannot read in place: its value, through XLA below
     if mode is not None:
+        if view:  # the projection's partial sums, added in the kernel
+            S, _, N = x.parts.shape
+            parts = x.parts.reshape(S, *x.lead, N)
+            return kernels.conv_step(parts, conv, weight, slots, widths=widths, keep=keep,
+                                     dtype=dtype, config=kernels.ConvConfig(block=block),
+                                     interpret=mode == "interpret", x_col=x.start,
+                                     parts_dtype=x.dtype)
         return kernels.conv_step(x, conv, weight, slots, widths=widths, keep=keep, dtype=dtype,
                                  config=kernels.ConvConfig(block=block),
                                  interpret=mode == "interpret")
+    if view:
+        x = x.value()
     W, T, L = weight.shape[0], x.shape[1], conv.shape[1]
     gather, _, scatter = slot_index(slots, conv.shape[0])
     xp = jnp.concatenate([conv[gather, :W - 1], x.astype(conv.dtype)], axis=1)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +174,56 @@ def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = Non
     return tuple(out)
 
 
+class Partials(NamedTuple):
+    """Columns start..start + width of a projection's output held as its split-K partial sums:
+    parts [S, M, N] (`kernels.project_group(..., partials=True)`: fp32, or S = 1 in the output
+    dtype), unadded, for a kernel that adds them as it loads them (`ops.conv.conv_step`,
+    `gated_norm_project`: no launch for the sum and the slice). lead: the axes M stands for;
+    dtype: the output's. `value()` is the output itself, as `project_group` returns it (XLA)."""
+
+    parts: jax.Array
+    start: int
+    width: int
+    lead: tuple
+    dtype: jnp.dtype
+
+    def value(self) -> jax.Array:
+        """[*lead, width] in dtype: the partials added in fp32 and rounded."""
+        y = self.parts[:, :, self.start:self.start + self.width]
+        y = y[0] if y.shape[0] == 1 else y.sum(0)
+        return y.astype(self.dtype).reshape(*self.lead, self.width)
+
+    def columns(self, start: int, width: int) -> "Partials":
+        """The view of columns start..start + width of this one."""
+        if not 0 <= start <= start + width <= self.width:
+            raise ValueError(f"Partials.columns: {start}..{start + width} is outside the view's "
+                             f"{self.width} columns")
+        return self._replace(start=self.start + start, width=width)
+
+
+def project_group_partials(x, ws, *, backend: str | None = None) -> tuple | None:
+    """`project_group(x, ws)` as `Partials` views of one launch's unadded output (one per weight),
+    where the few-row kernel takes every weight in one launch and GDN_JAX_PROJECTION_PROLOGUE is
+    not off; else None (call `project_group`). x: [..., K], ws: weights [K, N_i] of x's dtype."""
+    ws = tuple(ws)
+    *lead, K = x.shape
+    M = math.prod(lead)
+    if (not _grouping() or not _fusing(M, K, None, None, (x, *ws), backend)
+            or any(w.ndim != 2 or w.shape[0] != K or w.dtype != x.dtype for w in ws)):
+        return None
+    choice = _select(M, K, tuple(w.shape[1] for w in ws), x.dtype, x.dtype, backend,
+                     strict=False)
+    if not choice:
+        return None
+    parts = kernels.project_group(x.reshape(M, K), ws, config=choice[0], interpret=choice[1],
+                                  partials=True)
+    starts = [0]
+    for w in ws:
+        starts.append(starts[-1] + w.shape[1])
+    return tuple(Partials(parts, lo, w.shape[1], tuple(lead), jnp.dtype(x.dtype))
+                 for lo, w in zip(starts, ws))
+
+
 def swiglu_project(x, w_gate, w_up, w_down, *, precision=None, partials: bool = False,
                    backend: str | None = None):
     """The SwiGLU MLP: (silu(x @ w_gate) * (x @ w_up)) @ w_down, each product as `project`
@@ -199,30 +250,36 @@ def swiglu_project(x, w_gate, w_up, w_down, *, precision=None, partials: bool = 
 def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
                        partials: bool = False, backend: str | None = None):
     """`gated_rms_norm(o, z, norm_weight, eps)` per head, then `project` by w (same arguments).
-    o, z: [..., H, V] in w's dtype; norm_weight: [V]; w: [H * V, N] -> [..., N]. Where the kernel
+    o, z: [..., H, V] in w's dtype (z may be a `Partials` view of H * V columns: the kernel then
+    reads the producer's partial sums); norm_weight: [V]; w: [H * V, N] -> [..., N]. Where the kernel
     takes the projection with K-steps of one head (and GDN_JAX_PROJECTION_PROLOGUE is not off):
     one launch of `kernels.project_gated_norm`; elsewhere the norm in XLA, then `project`."""
     *lead, H, V = o.shape
     M, K = math.prod(lead), H * V
-    if z.shape != o.shape or norm_weight.shape != (V,):
-        raise ValueError(f"gated_norm_project: z [..., H, V] = {list(o.shape)} and norm_weight "
-                         f"[V] = [{V}] expected, got z{list(z.shape)}, "
-                         f"norm_weight{list(norm_weight.shape)}")
+    view = isinstance(z, Partials)
+    z_shape = (*z.lead, z.width) if view else z.shape
+    if (z_shape not in (o.shape, (*lead, K)) or norm_weight.shape != (V,)
+            or (view and z.parts.shape[1] != M)):
+        raise ValueError(f"gated_norm_project: z [..., H, V] = {list(o.shape)} (or a Partials "
+                         f"view of {K} columns) and norm_weight [V] = [{V}] expected, got z"
+                         f"{list(z_shape)}, norm_weight{list(norm_weight.shape)}")
     choice = _fusing(M, K, None, w, (o, z, w), backend) and _select(
         M, K, w.shape[1], o.dtype, w.dtype, backend, strict=False)
     config = choice and _one_head_steps(choice[0], M, K, w.shape[1], V, o.dtype)
     if config:
-        y = kernels.project_gated_norm(o.reshape(M, K), z.reshape(M, K), norm_weight, w,
-                                       eps=eps, config=config, interpret=choice[1],
+        z_arg, z_col = (z.parts, z.start) if view else (z.reshape(M, K), 0)
+        y = kernels.project_gated_norm(o.reshape(M, K), z_arg, norm_weight, w, eps=eps,
+                                       z_col=z_col, config=config, interpret=choice[1],
                                        partials=partials)
         return y.reshape(-1, *lead, y.shape[-1]) if partials else y.reshape(*lead, y.shape[-1])
+    z = (z.value() if view else z).reshape(o.shape)
     x = gated_rms_norm(o, z, norm_weight, eps).reshape(*lead, K)
     return project(x, w, precision=precision, partials=partials, backend=backend)
 
 
 def _fusing(M, K, group_widths, w, arrays, backend):
     """Whether a prologue-fused pair may run: the prologue switch on, no Mosaic or xla-gemm
-    request, one 16-bit dtype among the arrays. For swiglu (group_widths given): ((group config,
+    request, one dtype among the arrays (anything with a .dtype). For swiglu (group_widths given): ((group config,
     interpret), down config) where the kernel takes both launches, else None; for the gated norm
     True (its caller selects the one launch)."""
     wish = os.environ.get(PROLOGUE_VAR) or "on"

@@ -138,3 +138,33 @@ def test_conv_step_matches_reference_gpu(N, B, T, keep, dtype, on_gpu):
     step = jax.jit(kernels.conv_step, static_argnames=("widths", "keep", "config"))
     outs, conv_out = step(x, conv, weight, slots, widths=widths, keep=keep, config=ConvConfig())
     _check(outs, conv_out, ref_outs, ref_conv, dtype)
+
+
+@pytest.mark.parametrize("S", [1, 2])
+@pytest.mark.parametrize("T, keep", [(1, "window"), (3, "all")])
+def test_conv_step_reads_partial_sums_interpret(S, T, keep):
+    """x as a projection's split-K partial sums [S, B, T, N] with its channels from x_col: the
+    same outputs and conv rows, bit for bit, as the kernel given their sum rounded to bf16 (the
+    kernel adds S <= 2 fp32 terms as XLA does); the columns outside x_col..x_col + C are never
+    read (they hold NaN)."""
+    widths, B, dtype = (32, 32, 64), 4, jnp.bfloat16
+    x, conv, weight, slots = _case(S + T, 6, 2 + T, 3, widths, B, dtype, T=T)
+    C, x_col = sum(widths), 32
+    rng = np.random.default_rng(T)
+    parts = rng.standard_normal((S, B, T, x_col + C + 32)).astype(np.float32)
+    parts[..., :x_col] = parts[..., x_col + C:] = np.nan
+    parts = jnp.asarray(parts, jnp.float32 if S > 1 else dtype)
+    summed = parts[..., x_col:x_col + C].astype(jnp.float32).sum(0).astype(dtype)
+    kw = dict(widths=widths, keep=keep, config=ConvConfig(block=32), interpret=True)
+    outs, conv_out = kernels.conv_step(parts, conv, weight, slots, x_col=x_col, parts_dtype=dtype,
+                                       **kw)
+    ref_outs, ref_conv = kernels.conv_step(summed, conv, weight, slots, **kw)
+    for out, ref in zip(outs, ref_outs):
+        assert out.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+    np.testing.assert_array_equal(np.asarray(conv_out, np.float32),
+                                  np.asarray(ref_conv, np.float32))
+    with pytest.raises(ValueError, match="expected columns x_col..x_col"):
+        kernels.conv_step(parts, conv, weight, slots, x_col=x_col + 16, **kw)
+    with pytest.raises(ValueError, match=r"x_col is for partial sums"):
+        kernels.conv_step(summed, conv, weight, slots, x_col=32, **kw)

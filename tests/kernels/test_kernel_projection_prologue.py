@@ -175,3 +175,26 @@ def test_prologues_match_float64_gpu(M, on_gpu):
     assert config is not None
     _assert_close(kernels.project_gated_norm(o, z, weight, w_out, eps=1e-6, config=config), h,
                   w_out)
+
+
+@pytest.mark.parametrize("S", [1, 2])
+def test_project_gated_norm_reads_z_partial_sums_interpret(S):
+    """z as its producer's partial sums [S, M, Nz] from column z_col: bit for bit the kernel
+    given their sum rounded to bf16 (S <= 2 fp32 terms add as XLA adds them); the columns
+    outside z_col..z_col + K are never read (NaN)."""
+    M, K, N, V, z_col = 3, 128, 64, 32, 64
+    o, _, weight, _ = _gated_norm(S, M, K // V, V, 1e-6)
+    rng = np.random.default_rng(S)
+    parts = rng.standard_normal((S, M, z_col + K + 32)).astype(np.float32)
+    parts[..., :z_col] = parts[..., z_col + K:] = np.nan
+    parts = jnp.asarray(parts, jnp.float32 if S > 1 else BF16)
+    z = parts[..., z_col:z_col + K].astype(jnp.float32).sum(0).astype(BF16)
+    w = _weight(S, K, N)
+    config = ProjectionConfig(32, 32, 2, 4, 1)
+    y = kernels.project_gated_norm(o, parts, weight, w, eps=1e-6, z_col=z_col, config=config,
+                                   interpret=True)
+    ref = kernels.project_gated_norm(o, z, weight, w, eps=1e-6, config=config, interpret=True)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(ref, np.float32))
+    with pytest.raises(ValueError, match=r"z's partial sums \[S, M, Nz\]"):
+        kernels.project_gated_norm(o, parts, weight, w, eps=1e-6, z_col=z_col + 64,
+                                   config=config, interpret=True)

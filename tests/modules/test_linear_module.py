@@ -20,6 +20,7 @@ from tiny_models import randomize
 
 from gdn_jax import kernels
 from gdn_jax.modules import MLP, Attention, GatedDeltaNet, SparseMoE
+from gdn_jax.ops import conv as conv_ops
 from gdn_jax.ops import projection
 
 BF16 = jnp.bfloat16
@@ -106,6 +107,7 @@ def test_prologue_keeps_the_layer_output(name, monkeypatch):
     randomize(layer, 0, 0.3)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1, HIDDEN)), BF16)
     monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    monkeypatch.setenv(conv_ops.ENV_VAR, "interpret")  # GDN's conv reads in_proj's partial sums
     out = {}
     for wish in ("off", "on"):
         monkeypatch.setenv(projection.PROLOGUE_VAR, wish)
@@ -117,6 +119,7 @@ def test_prologue_keeps_the_layer_output(name, monkeypatch):
         out[wish] = (len(count), y)
         monkeypatch.undo()
         monkeypatch.setenv(projection.ENV_VAR, "interpret")
+        monkeypatch.setenv(conv_ops.ENV_VAR, "interpret")
     assert out["off"][0] == 0 and out["on"][0] == 1
     y_off, y_on = out["off"][1], out["on"][1]
     assert np.all(np.isfinite(y_on))

@@ -374,3 +374,45 @@ def test_gated_norm_project_checks_its_arguments():
         projection.gated_norm_project(o, z[..., :16], weight, w, 1e-6)
     with pytest.raises(ValueError, match=r"norm_weight \[V\] = \[32\]"):
         projection.gated_norm_project(o, z, weight[:16], w, 1e-6)
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])
+def test_partials_views_hold_the_group_outputs(monkeypatch, lead):
+    """project_group_partials: one launch, whose views' values are project_group's outputs bit
+    for bit; a conv and a gated norm reading a view in their kernels equal them given its value
+    (the interpreter; S <= 2 partial terms add in the same order). None where the group is not
+    one kernel launch (XLA, the prologue switch off)."""
+    from gdn_jax.ops import conv as conv_ops
+    x, ws = _group_case(lead, widths=(96, 32, 64), K=128)
+    assert projection.project_group_partials(x, ws) is None  # CPU: XLA
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    views = projection.project_group_partials(x, ws)
+    assert views is not None and len(views) == 3
+    for view, y in zip(views, projection.project_group(x, ws)):
+        np.testing.assert_array_equal(np.asarray(view.value(), np.float32),
+                                      np.asarray(y, np.float32))
+    monkeypatch.setenv(conv_ops.ENV_VAR, "interpret")
+    B, T = (lead[0], 1) if len(lead) == 1 else lead
+    x2, ws2 = _group_case((B, T), widths=(96, 32, 64), K=128)
+    views = projection.project_group_partials(x2, ws2)
+    rng = np.random.default_rng(0)
+    conv = jnp.asarray(rng.standard_normal((4, 3 + T, 96)), jnp.bfloat16)
+    weight = jnp.asarray(rng.standard_normal((4, 96)) * 0.5, jnp.bfloat16)
+    slots = jnp.arange(B, dtype=jnp.int32)
+    kw = dict(widths=(32, 32, 32), keep="all")
+    got = conv_ops.conv_step(views[0], conv, weight, slots, **kw)
+    want = conv_ops.conv_step(views[0].value(), conv, weight, slots, **kw)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    o = jnp.asarray(rng.standard_normal((B, T, 2, 32)), jnp.bfloat16)
+    z = views[2].columns(0, 64)
+    nw = jnp.asarray(1 + rng.standard_normal(32) * 0.3, jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((64, 64)) * 0.1, jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(projection.gated_norm_project(o, z, nw, w, 1e-6), np.float32),
+        np.asarray(projection.gated_norm_project(o, z.value().reshape(o.shape), nw, w, 1e-6),
+                   np.float32))
+    monkeypatch.setenv(projection.PROLOGUE_VAR, "off")
+    assert projection.project_group_partials(x, ws) is None
+    with pytest.raises(ValueError, match="outside the view's 64 columns"):
+        views[2].columns(32, 64)
