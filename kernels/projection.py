@@ -101,6 +101,24 @@ class ProjectionConfig:
         return None
 
 
+def source_bytes(prologue: str | None, splits: int = 1, itemsize: int = 2) -> int:
+    """The bytes of one column of one row the kernel loads for x each K-step: x's itemsize, or a
+    prologue's sources' (swiglu: gate and up, `splits` fp32 partials each, or one of itemsize
+    unsplit; gated_norm: o, and z as `splits` fp32 partials, or of itemsize with splits 0 / 1)."""
+    parts = 4 * splits if splits > 1 else itemsize
+    if prologue == "swiglu":
+        return 2 * parts
+    if prologue == "gated_norm":
+        return itemsize + parts
+    return itemsize
+
+
+def smem_bytes(config: ProjectionConfig, M: int, x_bytes: int = 2, itemsize: int = 2) -> int:
+    """The shared memory the pipelined loads take: num_stages tiles of w, and of x's sources at
+    x_bytes a column of a row (`source_bytes`)."""
+    return config.num_stages * (block_m(M) * x_bytes + config.block_n * itemsize) * config.block_k
+
+
 def smem_limit() -> int:
     """The shared memory a config may take (`ProjectionConfig.misfit`)."""
     return _SMEM_BYTES
@@ -250,6 +268,7 @@ def project_swiglu(gate_up: jax.Array, w: jax.Array, *,
     gate and up the sums of gate_up's [..., :K] and [..., K:] rounded to w's dtype (module
     docstring). partials: as `project`'s."""
     M, K = _check_sources("project_swiglu", (("gate_up", gate_up, None),), w, config,
+                          source_bytes("swiglu", gate_up.shape[0] if gate_up.ndim == 3 else 1),
                           swiglu=True)
     return _launch((gate_up,), (1,), M, K, (w,), config, interpret, name, partials,
                    prologue=("swiglu",))[0]
@@ -276,13 +295,14 @@ def project_gated_norm(o: jax.Array, z: jax.Array, norm_weight: jax.Array, w: ja
                              f"{w.dtype}) expected M = {o.shape[0]} rows and columns z_col.."
                              f"z_col + {K} within Nz, got {z.dtype}{list(z.shape)}, "
                              f"z_col={z_col}")
-        M, K = _check_sources("project_gated_norm", (("o", o, w.dtype),), w, config)
+        M, K = _check_sources("project_gated_norm", (("o", o, w.dtype),), w, config,
+                              source_bytes("gated_norm", z.shape[0]))
     else:
         if z_col:
             raise ValueError(f"project_gated_norm: z_col is for z's partial sums [S, M, Nz], "
                              f"got z{list(z.shape)}")
         M, K = _check_sources("project_gated_norm", (("o", o, w.dtype), ("z", z, w.dtype)), w,
-                              config)
+                              config, source_bytes("gated_norm"))
     V = config.block_k
     if norm_weight.shape != (V,):
         raise ValueError(f"project_gated_norm: norm_weight expected [V] = [{V}] (config.block_k:"
@@ -343,10 +363,11 @@ def _check(x, ws: tuple, config):
     return M, K
 
 
-def _check_sources(op: str, sources, w, config, swiglu: bool = False) -> tuple[int, int]:
+def _check_sources(op: str, sources, w, config, x_bytes: int,
+                   swiglu: bool = False) -> tuple[int, int]:
     """A prologue's sources against w [K, N]: (name, array, dtype or None) with arrays [M, K]
     of that dtype, or (swiglu) gate_up [S, M, 2K] fp32 or of w's dtype -> (M, K); a ValueError
-    naming the argument otherwise, or the config's misfit."""
+    naming the argument otherwise, or the config's misfit (x_bytes: `source_bytes`)."""
     if w.ndim != 2:
         raise ValueError(f"{op}: w expected [K, N], got w{list(w.shape)}")
     K, N = w.shape
@@ -368,6 +389,11 @@ def _check_sources(op: str, sources, w, config, swiglu: bool = False) -> tuple[i
             raise ValueError(f"{op}: {name} expected dtype {' or '.join(map(str, dtypes))}, got "
                              f"{x.dtype}")
     why = misfit(M, K, N, w.dtype, config)
+    if not why:
+        need = smem_bytes(config, M, x_bytes)
+        if need > _SMEM_BYTES:
+            why = (f"{config.num_stages} stages of w's and x's sources' tiles take {need} B of "
+                   f"shared memory, over {_SMEM_BYTES}")
     if why:
         raise ValueError(f"{op}: {M} rows @ w{list(w.shape)} {w.dtype}: {why}")
     return M, K

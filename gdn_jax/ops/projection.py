@@ -26,13 +26,15 @@ bench/results/bench_speculative-h200-*-groups_*-2026-12-02.json).
 GDN_JAX_PROJECTION_GROUPS=off keeps one launch per weight; XLA's paths, and so CPU results, are
 the same either way.
 
+`project_group_partials` returns a group's one launch as `Partials` views of its unadded split-K
+partial sums, which the GDN conv kernel and `gated_norm_project` read in place (added and rounded
+on load): the GDN layer's in_proj output then costs no sum-and-slice launches (two a layer).
 `swiglu_project(x, w_gate, w_up, w_down)` (the dense MLP) and `gated_norm_project(o, z, norm_w,
-w_out, eps)` (GDN's output norm and out_proj) fold the elementwise step between two projections
-into the second's launch where the kernel takes both (`kernels.project_swiglu`,
-`kernels.project_gated_norm`: the step runs on the tile the kernel loads, the gate / up group's
-split-K partials summed there too): one launch less a layer, each of about 1.3-1.5 us at one row
-on the H200. GDN_JAX_PROJECTION_PROLOGUE=off keeps the step in XLA between the two launches;
-XLA's paths, and so CPU results, are the same either way.
+w_out, eps)` (GDN's output norm and out_proj) can also fold the elementwise step between two
+projections into the second's launch (`kernels.project_swiglu`, `kernels.project_gated_norm`).
+GDN_JAX_PROJECTION_PROLOGUE picks (`PROLOGUES`): "off" (the steps in XLA between launches, no
+views), "views" (the default: the views, the steps in XLA) or "on" (the views and the fused
+steps). XLA's paths, and so CPU results, are the same at every level.
 
 GDN_JAX_PROJECTION=mosaic (or backend="mosaic") sends a group, or a lone weight, to the Hopper
 kernel `kernels.project_group_mgpu` where it fits (bf16, 8..128 rows in multiples of 8, widths its
@@ -59,6 +61,10 @@ from gdn_jax.ops.residual_norm import gated_rms_norm
 ENV_VAR = "GDN_JAX_PROJECTION"
 GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
 PROLOGUE_VAR = "GDN_JAX_PROJECTION_PROLOGUE"
+# The prologue switch's levels: "off" (the steps between the projections in XLA), "views" (the
+# GDN conv and output norm read in_proj's partial sums in place: `Partials`), "on" (and the MLP's
+# silu * up and GDN's output norm in the next projection's kernel: measured slower, below).
+PROLOGUES = ("off", "views", "on")
 
 # The most rows the kernel takes by default. XLA lowers one-row projections as reduce fusions
 # (B = 1 decode, 48 layers: 6.14 ms of kernels against 3.84 through the kernel,
@@ -208,7 +214,7 @@ def project_group_partials(x, ws, *, backend: str | None = None) -> tuple | None
     ws = tuple(ws)
     *lead, K = x.shape
     M = math.prod(lead)
-    if (not _grouping() or not _fusing(M, K, None, None, (x, *ws), backend)
+    if (not _grouping() or not _fusing(M, K, None, None, (x, *ws), backend, level="views")
             or any(w.ndim != 2 or w.shape[0] != K or w.dtype != x.dtype for w in ws)):
         return None
     choice = _select(M, K, tuple(w.shape[1] for w in ws), x.dtype, x.dtype, backend,
@@ -265,7 +271,8 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
                          f"{list(z_shape)}, norm_weight{list(norm_weight.shape)}")
     choice = _fusing(M, K, None, w, (o, z, w), backend) and _select(
         M, K, w.shape[1], o.dtype, w.dtype, backend, strict=False)
-    config = choice and _one_head_steps(choice[0], M, K, w.shape[1], V, o.dtype)
+    config = choice and _one_head_steps(choice[0], M, K, w.shape[1], V, o.dtype,
+                                        z.parts.shape[0] if view else 0)
     if config:
         z_arg, z_col = (z.parts, z.start) if view else (z.reshape(M, K), 0)
         y = kernels.project_gated_norm(o.reshape(M, K), z_arg, norm_weight, w, eps=eps,
@@ -277,16 +284,23 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
     return project(x, w, precision=precision, partials=partials, backend=backend)
 
 
-def _fusing(M, K, group_widths, w, arrays, backend):
-    """Whether a prologue-fused pair may run: the prologue switch on, no Mosaic or xla-gemm
-    request, one dtype among the arrays (anything with a .dtype). For swiglu (group_widths given): ((group config,
-    interpret), down config) where the kernel takes both launches, else None; for the gated norm
-    True (its caller selects the one launch)."""
-    wish = os.environ.get(PROLOGUE_VAR) or "on"
-    if wish not in ("on", "off"):
-        raise ValueError(f"{PROLOGUE_VAR}: expected on or off, got {wish!r}")
+def _prologue_level() -> str:
+    """GDN_JAX_PROJECTION_PROLOGUE: "off", "views" (the default) or "on" (`PROLOGUES`)."""
+    wish = os.environ.get(PROLOGUE_VAR) or "views"
+    if wish not in PROLOGUES:
+        raise ValueError(f"{PROLOGUE_VAR}: expected one of {list(PROLOGUES)}, got {wish!r}")
+    return wish
+
+
+def _fusing(M, K, group_widths, w, arrays, backend, level="on"):
+    """Whether a fused pair may run: the prologue switch at `level` or above, no Mosaic or
+    xla-gemm request, one dtype among the arrays (anything with a .dtype). For swiglu
+    (group_widths given): ((group config, interpret), down config) where the kernel takes both
+    launches, else None; otherwise True (the caller selects its launch)."""
+    wish = _prologue_level()
     dtype = {jnp.dtype(a.dtype) for a in arrays}
-    if (wish == "off" or len(dtype) != 1 or backend in ("mosaic", "xla-gemm")
+    if (PROLOGUES.index(wish) < PROLOGUES.index(level) or len(dtype) != 1
+            or backend in ("mosaic", "xla-gemm")
             or os.environ.get(ENV_VAR) in ("mosaic", "xla-gemm")):
         return None
     if group_widths is None:
@@ -294,20 +308,33 @@ def _fusing(M, K, group_widths, w, arrays, backend):
     x_dtype = dtype.pop()
     group = _grouping() and _select(M, K, group_widths, x_dtype, x_dtype, backend, strict=False)
     down = _select(M, w.shape[0], w.shape[1], x_dtype, x_dtype, backend, strict=False)
-    if not group or not down or group[1] != down[1]:
+    down = down and (_fit_stages(down[0], M, w.shape[0], w.shape[1], x_dtype,
+                                 kernels.projection_source_bytes("swiglu", group[0].splits
+                                                                 if group else 1)), down[1])
+    if not group or not down or not down[0] or group[1] != down[1]:
         return None
     return group, down[0]
 
 
-def _one_head_steps(config, M, K, N, V, dtype):
+def _fit_stages(config, M, K, N, dtype, source_bytes):
+    """config with its stages cut until its tiles, x's sources (`source_bytes` a column of a
+    row) included, fit the shared memory; None where the kernel then cannot take it."""
+    def smem(c):
+        return kernels.projection_smem_bytes(c, M, source_bytes)
+
+    while config.num_stages > 2 and smem(config) > kernels.projection_smem_limit():
+        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    fits = smem(config) <= kernels.projection_smem_limit()
+    return config if fits and not kernels.projection_misfit(M, K, N, dtype, config) else None
+
+
+def _one_head_steps(config, M, K, N, V, dtype, z_splits):
     """config with K-steps of one head (block_k = V), its stages cut to the shared memory; None
     where the kernel then cannot take it (V not a block: a power of two >= 16)."""
     if V < 16 or V & (V - 1):
         return None
-    config = dataclasses.replace(config, block_k=V)
-    while config.num_stages > 2 and config.smem_bytes(M) > kernels.projection_smem_limit():
-        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
-    return None if kernels.projection_misfit(M, K, N, dtype, config) else config
+    return _fit_stages(dataclasses.replace(config, block_k=V), M, K, N, dtype,
+                       kernels.projection_source_bytes("gated_norm", z_splits))
 
 
 def _grouping() -> bool:

@@ -119,6 +119,16 @@ def test_project_swiglu_rejects_bad_input(shape, dtype, match):
                                config=ProjectionConfig(32, 32), interpret=True)
 
 
+def test_prologue_counts_its_sources_in_shared_memory():
+    """128 rows of 4-stage 64-deep steps: the w and bf16 x tiles fit (project runs them), gate
+    and up as two fp32 partials each do not (the compiled kernel asked 256 KB on the H200)."""
+    config = ProjectionConfig(128, 64, 2, 8, 4)
+    assert kernels.projection_misfit(128, 5120, 2048, BF16, config) is None
+    with pytest.raises(ValueError, match="shared memory"):
+        kernels.project_swiglu(jax.ShapeDtypeStruct((2, 128, 10240), jnp.float32),
+                               jax.ShapeDtypeStruct((5120, 2048), BF16), config=config)
+
+
 @pytest.mark.parametrize("o_shape, z_shape, z_dtype, w_norm, match", [
     ((2, 64), (3, 64), BF16, 32, r"z expected \[M, K\] with K = 64, M = 2"),
     ((2, 64), (2, 64), jnp.float32, 32, r"z expected dtype bfloat16"),
@@ -156,7 +166,7 @@ def test_prologues_lower_for_cuda(kind, M, S, cuda_lowering):
 def test_prologues_match_float64_gpu(M, on_gpu):
     """Compiled, at the model's shapes and the dispatch's configs: the MLP's gate / up group's
     partials into down (I = 5120), GDN's out_proj (32 heads of 128)."""
-    from gdn_jax.ops.projection import _one_head_steps, config_for
+    from gdn_jax.ops.projection import _fit_stages, _one_head_steps, config_for
     cores = on_gpu.core_count
     K, I, N = 2048, 5120, 2048
     x = jnp.asarray(np.random.default_rng(M).standard_normal((M, K)), BF16)
@@ -166,12 +176,13 @@ def test_prologues_match_float64_gpu(M, on_gpu):
                                     partials=True)
     total = np.asarray(gate_up, np.float64).sum(0)
     h = _silu(total[:, :I]) * total[:, I:]
-    _assert_close(kernels.project_swiglu(gate_up, w_down, config=config_for(M, I, N,
-                                                                            sm_count=cores)),
-                  h, w_down)
+    config = _fit_stages(config_for(M, I, N, sm_count=cores), M, I, N, BF16,
+                         kernels.projection_source_bytes("swiglu", gate_up.shape[0]))
+    assert config is not None
+    _assert_close(kernels.project_swiglu(gate_up, w_down, config=config), h, w_down)
     o, z, weight, h = _gated_norm(M, M, 32, 128, 1e-6)
     w_out = _weight(4, 4096, N)
-    config = _one_head_steps(config_for(M, 4096, N, sm_count=cores), M, 4096, N, 128, BF16)
+    config = _one_head_steps(config_for(M, 4096, N, sm_count=cores), M, 4096, N, 128, BF16, 0)
     assert config is not None
     _assert_close(kernels.project_gated_norm(o, z, weight, w_out, eps=1e-6, config=config), h,
                   w_out)

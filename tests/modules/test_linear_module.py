@@ -124,3 +124,39 @@ def test_prologue_keeps_the_layer_output(name, monkeypatch):
     y_off, y_on = out["off"][1], out["on"][1]
     assert np.all(np.isfinite(y_on))
     np.testing.assert_allclose(y_on, y_off, rtol=0, atol=2 ** -5 * np.abs(y_off).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, T", [(1, 1), (4, 4), (32, 1)])
+@pytest.mark.parametrize("name", list(FUSED))
+def test_prologue_keeps_the_layer_output_gpu(name, B, T, monkeypatch):
+    """The same on the GPU, compiled, at Qwen3.5's shapes (hidden 2048, MLP 5120; GDN 16 key
+    heads, 32 value heads of 128): decode (T = 1) and verify rows."""
+    import jax
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        pytest.skip(f"needs an NVIDIA GPU; the default device is {dev.platform!r} ({dev})")
+    if name == "mlp":
+        layer = MLP(2048, 5120, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(0))
+
+        def run(m, x):
+            return m(x)
+    else:
+        layer = GatedDeltaNet(2048, 16, 32, 128, 128, 4, dtype=BF16, param_dtype=BF16,
+                              rngs=nnx.Rngs(0))
+
+        def run(m, x):
+            cache = m.init_cache(B, t_max=4)
+            slots = jnp.arange(B, dtype=jnp.int32)
+            mode = "decode" if T == 1 else "verify"
+            return m(x, cache, slots, mode=mode)[0]
+    randomize(layer, 0, 0.02)
+    x = jnp.asarray(np.random.default_rng(B).standard_normal((B, T, 2048)), BF16)
+    out = {}
+    for wish in projection.PROLOGUES:
+        monkeypatch.setenv(projection.PROLOGUE_VAR, wish)
+        out[wish] = np.asarray(run(layer, x), np.float64)
+    for wish in ("views", "on"):
+        assert np.all(np.isfinite(out[wish]))
+        np.testing.assert_allclose(out[wish], out["off"], rtol=0,
+                                   atol=2 ** -5 * np.abs(out["off"]).max())

@@ -364,7 +364,7 @@ def test_fused_pairs_keep_xla_where_a_kernel_misfits(monkeypatch):
     projection.gated_norm_project(o, z, weight, w, 1e-6)
     assert not swiglu and not gated
     monkeypatch.setenv(projection.PROLOGUE_VAR, "yes")
-    with pytest.raises(ValueError, match="GDN_JAX_PROJECTION_PROLOGUE: expected on or off"):
+    with pytest.raises(ValueError, match="GDN_JAX_PROJECTION_PROLOGUE: expected one of"):
         projection.swiglu_project(*_mlp_case()[:1], *_mlp_case()[1])
 
 
