@@ -183,7 +183,9 @@ def test_prologues_match_float64_gpu(M, on_gpu):
     o, z, weight, h = _gated_norm(M, M, 32, 128, 1e-6)
     w_out = _weight(4, 4096, N)
     config = _one_head_steps(config_for(M, 4096, N, sm_count=cores), M, 4096, N, 128, BF16, 0)
-    assert config is not None
+    if M > 64:  # 128-row tiles of one 128-wide head: x's and w's need 196 KB at 2 stages
+        assert config is None  # the op keeps the norm in XLA there
+        return
     _assert_close(kernels.project_gated_norm(o, z, weight, w_out, eps=1e-6, config=config), h,
                   w_out)
 
