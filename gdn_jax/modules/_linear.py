@@ -50,8 +50,7 @@ def dense(x, kernel, *, dtype, precision, partials: bool = False):
 
 def dense_group(x, kernels, *, dtype, precision):
     """`dense` of one x through each kernel [in, out_i] (a tuple), as one call where the few-row
-    kernel may take them in one launch (`gdn_jax.ops.projection.project_group`), and two projections with the elementwise step between
-them: `dense_swiglu` (the MLP), `dense_gated_norm` (GDN's output norm and out_proj)."""
+    kernel may take them in one launch (`gdn_jax.ops.projection.project_group`)."""
     if dtype is None:  # each weight promotes x as `dense` does: no one dtype to group in
         return tuple(dense(x, k, dtype=None, precision=precision) for k in kernels)
     return project_group(x.astype(dtype), tuple(k.astype(dtype) for k in kernels),
@@ -81,8 +80,8 @@ def dense_swiglu(x, gate, up, down, *, dtype, precision, partials: bool = False)
 def dense_gated_norm(o, z, norm_weight, kernel, eps: float, *, dtype, precision,
                      partials: bool = False):
     """`dense(gated_rms_norm(o, z, norm_weight, eps), kernel)` (o, z: [..., H, V] in dtype, or z
-    a `Partials` view of H * V columns; the product over H * V) as one call where the few-row kernel may take it
-    (`gdn_jax.ops.projection.gated_norm_project`)."""
+    a `Partials` view of H * V columns; the product over H * V) as one call where the few-row
+    kernel may take it (`gdn_jax.ops.projection.gated_norm_project`)."""
     dtype = dtype or jnp.result_type(o, kernel)
     z = z if isinstance(z, Partials) else z.astype(dtype)
     return gated_norm_project(o.astype(dtype), z, norm_weight,

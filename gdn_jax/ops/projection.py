@@ -235,7 +235,7 @@ def swiglu_project(x, w_gate, w_up, w_down, *, precision=None, partials: bool = 
     """The SwiGLU MLP: (silu(x @ w_gate) * (x @ w_up)) @ w_down, each product as `project`
     computes it (same arguments; partials: the last product's). x: [..., K], w_gate / w_up:
     [K, I], w_down: [I, N] -> [..., N] in x's dtype. Where the kernel takes the gate / up group
-    and the down projection (and GDN_JAX_PROJECTION_PROLOGUE is not off): two launches, the
+    and the down projection (and GDN_JAX_PROJECTION_PROLOGUE is "on"): two launches, the
     group's partial sums handed to `kernels.project_swiglu`; elsewhere the three steps apart."""
     *lead, K = x.shape
     M = math.prod(lead)
@@ -257,9 +257,10 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
                        partials: bool = False, backend: str | None = None):
     """`gated_rms_norm(o, z, norm_weight, eps)` per head, then `project` by w (same arguments).
     o, z: [..., H, V] in w's dtype (z may be a `Partials` view of H * V columns: the kernel then
-    reads the producer's partial sums); norm_weight: [V]; w: [H * V, N] -> [..., N]. Where the kernel
-    takes the projection with K-steps of one head (and GDN_JAX_PROJECTION_PROLOGUE is not off):
-    one launch of `kernels.project_gated_norm`; elsewhere the norm in XLA, then `project`."""
+    reads the producer's partial sums); norm_weight: [V]; w: [H * V, N] -> [..., N]. Where the
+    kernel takes the projection with K-steps of one head (and GDN_JAX_PROJECTION_PROLOGUE is
+    "on"): one launch of `kernels.project_gated_norm`; elsewhere the norm in XLA (z's partial sums
+    added there), then `project`."""
     *lead, H, V = o.shape
     M, K = math.prod(lead), H * V
     view = isinstance(z, Partials)

@@ -66,26 +66,31 @@ def _gdn():
 LAYERS = {"mlp": (_mlp, 1), "moe": (_moe, 2), "attention": (_attention, 2), "gdn": (_gdn, 1)}
 
 
+def _run_counting(monkeypatch, run, layer, x, env: dict, fns) -> tuple[int, np.ndarray]:
+    """(the calls of the kernels named fns, the layer's output) under the environment env (the
+    projections interpreted); the monkeypatches undone after."""
+    count = []
+    for key, value in {projection.ENV_VAR: "interpret", **env}.items():
+        monkeypatch.setenv(key, value)
+    for fn in fns:
+        real = getattr(kernels, fn)
+        monkeypatch.setattr(kernels, fn, lambda *a, _real=real, **k:
+                            count.append(1) or _real(*a, **k))
+    y = np.asarray(run(layer, x), np.float64)
+    monkeypatch.undo()
+    return len(count), y
+
+
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_groups_keep_the_layer_output(name, monkeypatch):
     build, saved = LAYERS[name]
     layer, run = build()
     randomize(layer, 0, 0.3)
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, HIDDEN)), BF16)
-    monkeypatch.setenv(projection.ENV_VAR, "interpret")
-    launches = {}
-    for groups in ("off", "on"):
-        monkeypatch.setenv(projection.GROUPS_VAR, groups)
-        count = []
-        for fn in ("project", "project_group", "project_swiglu", "project_gated_norm"):
-            real = getattr(kernels, fn)
-            monkeypatch.setattr(kernels, fn, lambda *a, _real=real, _count=count, **k:
-                                _count.append(1) or _real(*a, **k))
-        y = np.asarray(run(layer, x), np.float64)
-        launches[groups] = (len(count), y)
-        monkeypatch.undo()
-        monkeypatch.setenv(projection.ENV_VAR, "interpret")
-    (n_off, y_off), (n_on, y_on) = launches["off"], launches["on"]
+    fns = ("project", "project_group", "project_swiglu", "project_gated_norm")
+    (n_off, y_off), (n_on, y_on) = (
+        _run_counting(monkeypatch, run, layer, x, {projection.GROUPS_VAR: groups}, fns)
+        for groups in ("off", "on"))
     assert n_off - n_on == saved
     assert np.all(np.isfinite(y_on))
     np.testing.assert_allclose(y_on, y_off, rtol=0, atol=2 ** -6 * np.abs(y_off).max())
@@ -106,20 +111,10 @@ def test_prologue_keeps_the_layer_output(name, monkeypatch):
     layer, run = build()
     randomize(layer, 0, 0.3)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1, HIDDEN)), BF16)
-    monkeypatch.setenv(projection.ENV_VAR, "interpret")
-    monkeypatch.setenv(conv_ops.ENV_VAR, "interpret")  # GDN's conv reads in_proj's partial sums
-    out = {}
-    for wish in ("off", "on"):
-        monkeypatch.setenv(projection.PROLOGUE_VAR, wish)
-        count = []
-        real = getattr(kernels, fused)
-        monkeypatch.setattr(kernels, fused, lambda *a, _real=real, _count=count, **k:
-                            _count.append(1) or _real(*a, **k))
-        y = np.asarray(run(layer, x), np.float64)
-        out[wish] = (len(count), y)
-        monkeypatch.undo()
-        monkeypatch.setenv(projection.ENV_VAR, "interpret")
-        monkeypatch.setenv(conv_ops.ENV_VAR, "interpret")
+    out = {wish: _run_counting(monkeypatch, run, layer, x, {
+        projection.PROLOGUE_VAR: wish,
+        conv_ops.ENV_VAR: "interpret"}, (fused,))  # GDN's conv reads in_proj's partial sums
+        for wish in ("off", "on")}
     assert out["off"][0] == 0 and out["on"][0] == 1
     y_off, y_on = out["off"][1], out["on"][1]
     assert np.all(np.isfinite(y_on))
