@@ -13,8 +13,9 @@ A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xl
 `groups=on|off` (GDN_JAX_PROJECTION_GROUPS: a layer's projections of one input in one launch),
 `conv=auto|xla` (GDN_JAX_CONV: the GDN conv of decode and verify by the conv kernel or XLA),
 `norm=auto|xla` (GDN_JAX_NORM: each residual add and the RMSNorm after it in one kernel, or XLA),
-`prologue=on|off` (GDN_JAX_PROJECTION_PROLOGUE: the MLP's silu * up and GDN's output norm in the
-next projection's launch, or in XLA between the two),
+`prologue=off|views|on` (GDN_JAX_PROJECTION_PROLOGUE: GDN's in_proj partial sums read in place by
+the conv and the output norm, "views", the default; "on" also runs the MLP's silu * up and GDN's
+output norm in the next projection's launch),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
 (set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
 (`compiler_options`; e.g. the command-buffer options). Variants run one after another on the

@@ -146,6 +146,9 @@ def _check(x, conv, weight, slots, widths, keep, config, x_col):
     op = "conv_step"
     C = weight.shape[-1]
     if x.ndim == 4:  # partial sums, the channels at x_col
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{op}: x's partial sums [S, B, T, N] expected a float dtype, got "
+                             f"{x.dtype}")
         if not 0 <= x_col <= x.shape[3] - C or x_col % config.block:
             raise ValueError(f"{op}: x's partial sums [S, B, T, N] expected columns x_col.."
                              f"x_col + C within N, x_col a multiple of block={config.block} "

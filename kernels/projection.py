@@ -30,8 +30,8 @@ at one row, the sum of the producer's split-K partials included):
     y = project_gated_norm(o, z, norm_w, w_out, eps=1e-6, config=config)   # GDN's out_proj
 
 gate_up is the gate / up group's output as `project_group(..., partials=True)` returns it: [S, M,
-2I] fp32 partial sums (or S = 1 in w's dtype), summed and rounded to w's dtype as the group would
-have returned gate and up. `project_gated_norm` normalises o per head of V = norm_w's width (the
+2I] fp32 partial sums (S = 1 where the group is unsplit; an S = 1 array in w's dtype is taken
+too), summed and rounded to w's dtype as the group would have returned gate and up. `project_gated_norm` normalises o per head of V = norm_w's width (the
 RMSNorm over each V-wide column block, times norm_w), then multiplies by silu(z): the GDN output
 norm (`gdn_jax.ops.projection.gated_rms_norm`); its K-steps are one head wide (block_k = V).
 """
@@ -101,16 +101,21 @@ class ProjectionConfig:
         return None
 
 
-def source_bytes(prologue: str | None, splits: int = 1, itemsize: int = 2) -> int:
+def source_bytes(prologue: str | None, parts_bytes: int = 2, itemsize: int = 2) -> int:
     """The bytes of one column of one row the kernel loads for x each K-step: x's itemsize, or a
-    prologue's sources' (swiglu: gate and up, `splits` fp32 partials each, or one of itemsize
-    unsplit; gated_norm: o, and z as `splits` fp32 partials, or of itemsize with splits 0 / 1)."""
-    parts = 4 * splits if splits > 1 else itemsize
+    prologue's sources', parts_bytes being a partial-sum source's column of a row over its S
+    slices (S x its itemsize: fp32 partials 4 S, a plain array its itemsize). swiglu: gate and
+    up from the partials; gated_norm: o (itemsize) and z."""
     if prologue == "swiglu":
-        return 2 * parts
+        return 2 * parts_bytes
     if prologue == "gated_norm":
-        return itemsize + parts
+        return itemsize + parts_bytes
     return itemsize
+
+
+def _parts_bytes(a) -> int:
+    """parts_bytes (`source_bytes`) of a source: [S, M, N] partial sums, or [M, N]."""
+    return (a.shape[0] if a.ndim == 3 else 1) * jnp.dtype(a.dtype).itemsize
 
 
 def smem_bytes(config: ProjectionConfig, M: int, x_bytes: int = 2, itemsize: int = 2) -> int:
@@ -249,7 +254,7 @@ def project_group(x: jax.Array, ws: tuple, *, config: ProjectionConfig = Project
     """x: [M, K] bf16 | fp16, ws: weights [K, N_i] of x's dtype -> (x @ w_i [M, N_i] x.dtype for
     each), in one launch: each weight in column blocks of `pow2_block(N_i, config.block_n)`.
     name: the kernel's. partials: return the one [splits, M, sum N_i] output unadded and unsplit
-    (fp32 partial sums; x's dtype where there is one split): `project_swiglu`'s gate_up."""
+    (fp32 partial sums, S = 1 where unsplit): `project_swiglu`'s gate_up."""
     if not isinstance(ws, (tuple, list)) or not ws:
         raise ValueError(f"project_group: ws must be a non-empty tuple of [K, N] weights, "
                          f"got {type(ws).__name__}")
@@ -263,12 +268,12 @@ def project_group(x: jax.Array, ws: tuple, *, config: ProjectionConfig = Project
 def project_swiglu(gate_up: jax.Array, w: jax.Array, *,
                    config: ProjectionConfig = ProjectionConfig(), interpret: bool = False,
                    name: str = "gdn_projection_swiglu", partials: bool = False) -> jax.Array:
-    """gate_up: [S, M, 2K] (fp32 partial sums, or S = 1 in w's dtype: `project_group(x, (w_gate,
-    w_up), partials=True)`), w: [K, N] bf16 | fp16 -> silu(gate) * up @ w [M, N] in w's dtype,
+    """gate_up: [S, M, 2K] (fp32 partial sums, `project_group(x, (w_gate, w_up), partials=True)`;
+    or S = 1 in w's dtype), w: [K, N] bf16 | fp16 -> silu(gate) * up @ w [M, N] in w's dtype,
     gate and up the sums of gate_up's [..., :K] and [..., K:] rounded to w's dtype (module
     docstring). partials: as `project`'s."""
     M, K = _check_sources("project_swiglu", (("gate_up", gate_up, None),), w, config,
-                          source_bytes("swiglu", gate_up.shape[0] if gate_up.ndim == 3 else 1),
+                          source_bytes("swiglu", _parts_bytes(gate_up)),
                           swiglu=True)
     return _launch((gate_up,), (1,), M, K, (w,), config, interpret, name, partials,
                    prologue=("swiglu",))[0]
@@ -285,7 +290,7 @@ def project_gated_norm(o: jax.Array, z: jax.Array, norm_weight: jax.Array, w: ja
     times norm_weight, rounded, times silu(z) in fp32 (module docstring). config.block_k must be
     V (one head a K-step). partials: as `project`'s.
 
-    z may instead be its producer's split-K partial sums [S, M, Nz] (fp32, or S = 1 in w's
+    z may instead be its producer's split-K partial sums [S, M, Nz] (fp32; or S = 1 in w's
     dtype) whose columns z_col..z_col + K are z: added and rounded to w's dtype on load."""
     if z.ndim == 3:
         K = w.shape[0] if w.ndim == 2 else 0
@@ -296,13 +301,13 @@ def project_gated_norm(o: jax.Array, z: jax.Array, norm_weight: jax.Array, w: ja
                              f"z_col + {K} within Nz, got {z.dtype}{list(z.shape)}, "
                              f"z_col={z_col}")
         M, K = _check_sources("project_gated_norm", (("o", o, w.dtype),), w, config,
-                              source_bytes("gated_norm", z.shape[0]))
+                              source_bytes("gated_norm", _parts_bytes(z)))
     else:
         if z_col:
             raise ValueError(f"project_gated_norm: z_col is for z's partial sums [S, M, Nz], "
                              f"got z{list(z.shape)}")
         M, K = _check_sources("project_gated_norm", (("o", o, w.dtype), ("z", z, w.dtype)), w,
-                              config, source_bytes("gated_norm"))
+                              config, source_bytes("gated_norm", _parts_bytes(z)))
     V = config.block_k
     if norm_weight.shape != (V,):
         raise ValueError(f"project_gated_norm: norm_weight expected [V] = [{V}] (config.block_k:"

@@ -182,8 +182,8 @@ def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = Non
 
 class Partials(NamedTuple):
     """Columns start..start + width of a projection's output held as its split-K partial sums:
-    parts [S, M, N] (`kernels.project_group(..., partials=True)`: fp32, or S = 1 in the output
-    dtype), unadded, for a kernel that adds them as it loads them (`ops.conv.conv_step`,
+    parts [S, M, N] (`kernels.project_group(..., partials=True)`: fp32, S = 1 where unsplit),
+    unadded, for a kernel that adds them as it loads them (`ops.conv.conv_step`,
     `gated_norm_project`: no launch for the sum and the slice). lead: the axes M stands for;
     dtype: the output's. `value()` is the output itself, as `project_group` returns it (XLA)."""
 
@@ -272,8 +272,9 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
                          f"{list(z_shape)}, norm_weight{list(norm_weight.shape)}")
     choice = _fusing(M, K, None, w, (o, z, w), backend) and _select(
         M, K, w.shape[1], o.dtype, w.dtype, backend, strict=False)
-    config = choice and _one_head_steps(choice[0], M, K, w.shape[1], V, o.dtype,
-                                        z.parts.shape[0] if view else 0)
+    z_bytes = (z.parts.shape[0] * jnp.dtype(z.parts.dtype).itemsize if view
+               else jnp.dtype(z.dtype).itemsize)
+    config = choice and _one_head_steps(choice[0], M, K, w.shape[1], V, o.dtype, z_bytes)
     if config:
         z_arg, z_col = (z.parts, z.start) if view else (z.reshape(M, K), 0)
         y = kernels.project_gated_norm(o.reshape(M, K), z_arg, norm_weight, w, eps=eps,
@@ -300,9 +301,10 @@ def _fusing(M, K, group_widths, w, arrays, backend, level="on"):
     launches, else None; otherwise True (the caller selects its launch)."""
     wish = _prologue_level()
     dtype = {jnp.dtype(a.dtype) for a in arrays}
+    asked = backend if backend not in (None, "auto") else (
+        os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))
     if (PROLOGUES.index(wish) < PROLOGUES.index(level) or len(dtype) != 1
-            or backend in ("mosaic", "xla-gemm")
-            or os.environ.get(ENV_VAR) in ("mosaic", "xla-gemm")):
+            or asked in ("mosaic", "xla-gemm")):
         return None
     if group_widths is None:
         return True
@@ -310,8 +312,8 @@ def _fusing(M, K, group_widths, w, arrays, backend, level="on"):
     group = _grouping() and _select(M, K, group_widths, x_dtype, x_dtype, backend, strict=False)
     down = _select(M, w.shape[0], w.shape[1], x_dtype, x_dtype, backend, strict=False)
     down = down and (_fit_stages(down[0], M, w.shape[0], w.shape[1], x_dtype,
-                                 kernels.projection_source_bytes("swiglu", group[0].splits
-                                                                 if group else 1)), down[1])
+                                 kernels.projection_source_bytes(  # fp32 partials
+                                     "swiglu", 4 * (group[0].splits if group else 1))), down[1])
     if not group or not down or not down[0] or group[1] != down[1]:
         return None
     return group, down[0]
@@ -329,13 +331,14 @@ def _fit_stages(config, M, K, N, dtype, source_bytes):
     return config if fits and not kernels.projection_misfit(M, K, N, dtype, config) else None
 
 
-def _one_head_steps(config, M, K, N, V, dtype, z_splits):
+def _one_head_steps(config, M, K, N, V, dtype, z_bytes):
     """config with K-steps of one head (block_k = V), its stages cut to the shared memory; None
-    where the kernel then cannot take it (V not a block: a power of two >= 16)."""
+    where the kernel then cannot take it (V not a block: a power of two >= 16). z_bytes: z's
+    column of a row (`kernels.projection_source_bytes`' parts_bytes)."""
     if V < 16 or V & (V - 1):
         return None
     return _fit_stages(dataclasses.replace(config, block_k=V), M, K, N, dtype,
-                       kernels.projection_source_bytes("gated_norm", z_splits))
+                       kernels.projection_source_bytes("gated_norm", z_bytes))
 
 
 def _grouping() -> bool:

@@ -166,5 +166,7 @@ def test_conv_step_reads_partial_sums_interpret(S, T, keep):
                                   np.asarray(ref_conv, np.float32))
     with pytest.raises(ValueError, match="expected columns x_col..x_col"):
         kernels.conv_step(parts, conv, weight, slots, x_col=x_col + 16, **kw)
+    with pytest.raises(ValueError, match=r"expected a float dtype, got int32"):
+        kernels.conv_step(parts.astype(jnp.int32), conv, weight, slots, x_col=x_col, **kw)
     with pytest.raises(ValueError, match=r"x_col is for partial sums"):
         kernels.conv_step(summed, conv, weight, slots, x_col=32, **kw)

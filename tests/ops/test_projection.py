@@ -406,12 +406,19 @@ def test_partials_views_hold_the_group_outputs(monkeypatch, lead):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
     o = jnp.asarray(rng.standard_normal((B, T, 2, 32)), jnp.bfloat16)
     z = views[2].columns(0, 64)
+    monkeypatch.setenv(projection.PROLOGUE_VAR, "on")  # the norm's kernel reads z in place
+    gated = _spy(monkeypatch, "project_gated_norm")
     nw = jnp.asarray(1 + rng.standard_normal(32) * 0.3, jnp.bfloat16)
     w = jnp.asarray(rng.standard_normal((64, 64)) * 0.1, jnp.bfloat16)
     np.testing.assert_array_equal(
         np.asarray(projection.gated_norm_project(o, z, nw, w, 1e-6), np.float32),
         np.asarray(projection.gated_norm_project(o, z.value().reshape(o.shape), nw, w, 1e-6),
                    np.float32))
+    assert len(gated) == 2 and gated[0][0][1].ndim == 3 and gated[0][1]["z_col"] == views[2].start
+    monkeypatch.setenv("GDN_JAX_BACKEND", "mosaic")  # a Mosaic request: no Triton views
+    monkeypatch.delenv(projection.ENV_VAR)
+    assert projection.project_group_partials(x, ws) is None
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
     monkeypatch.setenv(projection.PROLOGUE_VAR, "off")
     assert projection.project_group_partials(x, ws) is None
     with pytest.raises(ValueError, match="outside the view's 64 columns"):
