@@ -176,18 +176,20 @@ def test_prologues_match_float64_gpu(M, on_gpu):
                                     partials=True)
     total = np.asarray(gate_up, np.float64).sum(0)
     h = _silu(total[:, :I]) * total[:, I:]
+    # where a config's stages cannot fit the sources' tiles (fp32 gate and up at 32 rows and
+    # more) the op keeps the step in XLA: None, and nothing to run
     config = _fit_stages(config_for(M, I, N, sm_count=cores), M, I, N, BF16,
                          kernels.projection_source_bytes("swiglu", 4 * gate_up.shape[0]))
-    assert config is not None
-    _assert_close(kernels.project_swiglu(gate_up, w_down, config=config), h, w_down)
+    assert config is not None or M >= 32
+    if config is not None:
+        _assert_close(kernels.project_swiglu(gate_up, w_down, config=config), h, w_down)
     o, z, weight, h = _gated_norm(M, M, 32, 128, 1e-6)
     w_out = _weight(4, 4096, N)
     config = _one_head_steps(config_for(M, 4096, N, sm_count=cores), M, 4096, N, 128, BF16, 2)
-    if M > 64:  # 128-row tiles of one 128-wide head: x's and w's need 196 KB at 2 stages
-        assert config is None  # the op keeps the norm in XLA there
-        return
-    _assert_close(kernels.project_gated_norm(o, z, weight, w_out, eps=1e-6, config=config), h,
-                  w_out)
+    assert config is not None or M >= 32
+    if config is not None:
+        _assert_close(kernels.project_gated_norm(o, z, weight, w_out, eps=1e-6, config=config),
+                      h, w_out)
 
 
 @pytest.mark.parametrize("S", [1, 2])
