@@ -28,7 +28,8 @@ the same either way.
 
 `project_group_partials` returns a group's one launch as `Partials` views of its unadded split-K
 partial sums, which the GDN conv kernel and `gated_norm_project` read in place (added and rounded
-on load): the GDN layer's in_proj output then costs no sum-and-slice launches (two a layer).
+on load): the GDN layer's in_proj output then costs no sum-and-slice launch for the conv's input
+(one a layer; the output norm's z is summed in XLA's norm fusion unless the level is "on").
 `swiglu_project(x, w_gate, w_up, w_down)` (the dense MLP) and `gated_norm_project(o, z, norm_w,
 w_out, eps)` (GDN's output norm and out_proj) can also fold the elementwise step between two
 projections into the second's launch (`kernels.project_swiglu`, `kernels.project_gated_norm`).
