@@ -75,7 +75,6 @@ from .projection import (PROJECTION_MAX_M, ProjectionConfig, project, project_ga
                          project_group, project_swiglu)
 from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
-from .projection import smem_bytes as projection_smem_bytes
 from .projection import smem_limit as projection_smem_limit
 from .projection import source_bytes as projection_source_bytes
 from .projection_mgpu import MosaicProjectionConfig, project_group_mgpu
@@ -102,7 +101,7 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
            "project", "project_gated_norm", "project_group", "project_group_mgpu",
            "project_swiglu", "projection_block_m",
-           "projection_mgpu_misfit", "projection_misfit", "projection_smem_bytes",
-           "projection_smem_limit", "projection_source_bytes", "pow2_block",
+           "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit",
+           "projection_source_bytes", "pow2_block",
            "scatter_rows", "scatter_rows_group", "verify_intermediate", "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

@@ -72,8 +72,7 @@ def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block,
             return x_ref[b, t, cols]
         parts = [x_ref[j, b, t, pl.ds(x_col + c0, block)].astype(jnp.float32)
                  for j in range(x_ref.shape[0])]
-        return functools.reduce(lambda p, q: p + q, parts).astype(x_ref.dtype if parts_dtype is
-                                                                  None else parts_dtype)
+        return functools.reduce(lambda p, q: p + q, parts).astype(parts_dtype)
 
     @pl.when(valid)
     def _():

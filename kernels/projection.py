@@ -31,9 +31,10 @@ at one row, the sum of the producer's split-K partials included):
 
 gate_up is the gate / up group's output as `project_group(..., partials=True)` returns it: [S, M,
 2I] fp32 partial sums (S = 1 where the group is unsplit; an S = 1 array in w's dtype is taken
-too), summed and rounded to w's dtype as the group would have returned gate and up. `project_gated_norm` normalises o per head of V = norm_w's width (the
-RMSNorm over each V-wide column block, times norm_w), then multiplies by silu(z): the GDN output
-norm (`gdn_jax.ops.projection.gated_rms_norm`); its K-steps are one head wide (block_k = V).
+too), summed and rounded to w's dtype as the group would have returned gate and up.
+`project_gated_norm` normalises o per head of V = norm_w's width (the RMSNorm over each V-wide
+column block, times norm_w), then multiplies by silu(z): the GDN output norm
+(`gdn_jax.ops.residual_norm.gated_rms_norm`); its K-steps are one head wide (block_k = V).
 """
 
 from __future__ import annotations
@@ -83,16 +84,20 @@ class ProjectionConfig:
     def __post_init__(self):
         check_launch_fields(self, tiles=("block_n", "block_k"), counts=("splits",))
 
-    def smem_bytes(self, M: int, itemsize: int = 2) -> int:
-        """The shared memory the pipelined loads take: num_stages tiles of x and of w."""
-        return self.num_stages * (block_m(M) + self.block_n) * self.block_k * itemsize
+    def smem_bytes(self, M: int, itemsize: int = 2, x_bytes: int | None = None) -> int:
+        """The shared memory the pipelined loads take: num_stages tiles of x and of w; x_bytes:
+        a column of a row of x's sources where a prologue forms x (`source_bytes`; default
+        itemsize)."""
+        x_bytes = itemsize if x_bytes is None else x_bytes
+        return self.num_stages * (block_m(M) * x_bytes + self.block_n * itemsize) * self.block_k
 
-    def misfit(self, K: int, N: int, M: int = 1) -> str | None:
-        """Why this config cannot run M rows of a [K, N] weight, or None."""
-        if self.smem_bytes(M) > _SMEM_BYTES:
+    def misfit(self, K: int, N: int, M: int = 1, x_bytes: int | None = None) -> str | None:
+        """Why this config cannot run M rows of a [K, N] weight (x's sources at x_bytes a
+        column of a row: `smem_bytes`), or None."""
+        smem = self.smem_bytes(M, x_bytes=x_bytes)
+        if smem > _SMEM_BYTES:
             return (f"{self.num_stages} stages of [{block_m(M)} + {self.block_n}, "
-                    f"{self.block_k}] tiles take {self.smem_bytes(M)} B of shared memory, "
-                    f"over {_SMEM_BYTES}")
+                    f"{self.block_k}] tiles take {smem} B of shared memory, over {_SMEM_BYTES}")
         if N % self.block_n:
             return f"block_n={self.block_n} does not divide N={N}"
         if K % self.splits or (K // self.splits) % self.block_k:
@@ -118,11 +123,6 @@ def _parts_bytes(a) -> int:
     return (a.shape[0] if a.ndim == 3 else 1) * jnp.dtype(a.dtype).itemsize
 
 
-def smem_bytes(config: ProjectionConfig, M: int, x_bytes: int = 2, itemsize: int = 2) -> int:
-    """The shared memory the pipelined loads take: num_stages tiles of w, and of x's sources at
-    x_bytes a column of a row (`source_bytes`)."""
-    return config.num_stages * (block_m(M) * x_bytes + config.block_n * itemsize) * config.block_k
-
 
 def smem_limit() -> int:
     """The shared memory a config may take (`ProjectionConfig.misfit`)."""
@@ -134,15 +134,16 @@ def block_m(M: int) -> int:
     return dot_rows(M)
 
 
-def misfit(M: int, K: int, N, dtype, config: ProjectionConfig) -> str | None:
+def misfit(M: int, K: int, N, dtype, config: ProjectionConfig,
+           x_bytes: int | None = None) -> str | None:
     """Why `project` (N an int) or `project_group` (N the weights' widths) cannot take these
-    sizes, or None (the dispatcher's question)."""
+    sizes, or None (the dispatcher's question). x_bytes: a prologue's sources (`source_bytes`)."""
     if jnp.dtype(dtype) not in PROJECTION_DTYPES:
         return f"dtype {jnp.dtype(dtype)} is not one of {[str(d) for d in PROJECTION_DTYPES]}"
     if not 1 <= M <= PROJECTION_MAX_M:
         return f"M={M} rows is outside 1..{PROJECTION_MAX_M}"
     if isinstance(N, int):
-        return config.misfit(K, N, M)
+        return config.misfit(K, N, M, x_bytes)
     for n in N:  # a group: each weight in blocks of its own (a narrow one keeps the others')
         bn = pow2_block(n, config.block_n)
         if bn is None:
@@ -393,12 +394,7 @@ def _check_sources(op: str, sources, w, config, x_bytes: int,
         if x.dtype not in dtypes:
             raise ValueError(f"{op}: {name} expected dtype {' or '.join(map(str, dtypes))}, got "
                              f"{x.dtype}")
-    why = misfit(M, K, N, w.dtype, config)
-    if not why:
-        need = smem_bytes(config, M, x_bytes)
-        if need > _SMEM_BYTES:
-            why = (f"{config.num_stages} stages of w's and x's sources' tiles take {need} B of "
-                   f"shared memory, over {_SMEM_BYTES}")
+    why = misfit(M, K, N, w.dtype, config, x_bytes)
     if why:
         raise ValueError(f"{op}: {M} rows @ w{list(w.shape)} {w.dtype}: {why}")
     return M, K

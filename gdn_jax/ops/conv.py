@@ -50,9 +50,10 @@ def causal_conv(xp, weight):
 def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None):
     """x: [B, T, C] the rows' tokens (or a `gdn_jax.ops.projection.Partials` view of them, lead
     (B, T): the kernel adds the projection's partial sums as it reads them); conv: [N, L, C] the
-    slots' windows in rows 0..W-2 (oldest first); weight: [W, C]; slots: [B] int32; widths: output widths summing to C; keep: "window"
-    (decode: each slot keeps its last W - 1 inputs) or "all" (verify: the window and the T
-    tokens, zero-padded to L rows); dtype: the outputs' (default x's). Returns (outs, conv):
+    slots' windows in rows 0..W-2 (oldest first); weight: [W, C]; slots: [B] int32; widths:
+    output widths summing to C; keep: "window" (decode: each slot keeps its last W - 1 inputs) or
+    "all" (verify: the window and the T tokens, zero-padded to L rows); dtype: the outputs'
+    (default x's). Returns (outs, conv):
     outs[i] [B, T, widths[i]] the channel range i of silu(conv) (x cast to conv's dtype first)."""
     widths = tuple(int(n) for n in widths)
     dtype = jnp.dtype(dtype or x.dtype)

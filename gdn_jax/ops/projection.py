@@ -312,24 +312,26 @@ def _fusing(M, K, group_widths, w, arrays, backend, level="on"):
     x_dtype = dtype.pop()
     group = _grouping() and _select(M, K, group_widths, x_dtype, x_dtype, backend, strict=False)
     down = _select(M, w.shape[0], w.shape[1], x_dtype, x_dtype, backend, strict=False)
-    down = down and (_fit_stages(down[0], M, w.shape[0], w.shape[1], x_dtype,
-                                 kernels.projection_source_bytes(  # fp32 partials
-                                     "swiglu", 4 * (group[0].splits if group else 1))), down[1])
-    if not group or not down or not down[0] or group[1] != down[1]:
+    if not group or not down or group[1] != down[1]:
         return None
-    return group, down[0]
+    config = _fit_stages(down[0], M, w.shape[0], w.shape[1], x_dtype,  # gate / up: fp32 partials
+                         kernels.projection_source_bytes("swiglu", 4 * group[0].splits))
+    return (group, config) if config else None
 
 
-def _fit_stages(config, M, K, N, dtype, source_bytes):
-    """config with its stages cut until its tiles, x's sources (`source_bytes` a column of a
-    row) included, fit the shared memory; None where the kernel then cannot take it."""
-    def smem(c):
-        return kernels.projection_smem_bytes(c, M, source_bytes)
-
-    while config.num_stages > 2 and smem(config) > kernels.projection_smem_limit():
+def _fewer_stages(config, M, x_bytes=None):
+    """config with its stages cut (to 2 at least) until its tiles fit the shared memory (x's
+    sources at x_bytes a column of a row: `kernels.ProjectionConfig.smem_bytes`)."""
+    while (config.num_stages > 2 and config.smem_bytes(M, x_bytes=x_bytes)
+           > kernels.projection_smem_limit()):
         config = dataclasses.replace(config, num_stages=config.num_stages - 1)
-    fits = smem(config) <= kernels.projection_smem_limit()
-    return config if fits and not kernels.projection_misfit(M, K, N, dtype, config) else None
+    return config
+
+
+def _fit_stages(config, M, K, N, dtype, x_bytes):
+    """`_fewer_stages`' config, or None where the kernel then cannot take it."""
+    config = _fewer_stages(config, M, x_bytes)
+    return None if kernels.projection_misfit(M, K, N, dtype, config, x_bytes) else config
 
 
 def _one_head_steps(config, M, K, N, V, dtype, z_bytes):
@@ -394,9 +396,7 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     config = kernels.ProjectionConfig(
         block_n=block_n, block_k=block_k, splits=splits, num_warps=8 if wide else 4,
         num_stages=4 if wide else 3 if bm <= 32 else 5, swap_ab=16 < bm <= 32)
-    while config.num_stages > 2 and config.smem_bytes(M) > kernels.projection_smem_limit():
-        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
-    return config
+    return _fewer_stages(config, M)
 
 
 def pow2_tile(n: int, most: int) -> int:
