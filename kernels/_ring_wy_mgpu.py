@@ -95,10 +95,7 @@ def ring_row(r, e_n, w, row, gram):
     """The rows form: row r of X's product with S_R, e^{G_n} S0 x_r + sum_l (kraw_l . x_r) w_l,
     [BV] fp32. w: the ring's W fold weights w_l = c_l u_l ([BV] fp32; zeros for a dead entry);
     row(r): S0 x_r, [BV] fp32; gram(r, l): X row r . ring key l."""
-    acc = e_n * row(r)
-    for l, wl in enumerate(w):
-        acc = acc + gram(r, l) * wl
-    return acc
+    return e_n * row(r) + wy.sum_of(gram(r, l) * wl for l, wl in enumerate(w))
 
 
 def _split(x):

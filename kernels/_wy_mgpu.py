@@ -74,8 +74,9 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None, *, keys: 
         pair = [x * d for x in pair] + ([d] if i else [])
         e0 = e0 * d
         acc = value(i) - (e0 * rk[i]) * row(r)
-        for l, u in enumerate(us):
-            acc = acc - coef(l, pair[l] * rk[i] * rk[l] * gram(r, rows[l])) * u
+        if us:
+            acc = acc - sum_of(coef(l, pair[l] * rk[i] * rk[l] * gram(r, rows[l])) * u
+                               for l, u in enumerate(us))
         u = beta[i] * acc
         us.append(select(live[i], u) if i < t_max else u)
         if i == t_max - 1:  # the fold: the state after the candidates
@@ -85,12 +86,26 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None, *, keys: 
         if i >= t_max:  # token t's output, from the state after its own update
             qr = queries + i - t_max
             rq = lax.rsqrt(gram(qr, qr) + rec.L2NORM_EPS) * K ** -0.5
-            o = e0 * row(qr)
-            for l, x in enumerate(pair + [jnp.ones((), _F32)]):
-                o = o + coef(l, x * rk[l] * gram(qr, rows[l])) * us[l]
+            o = e0 * row(qr) + sum_of(coef(l, x * rk[l] * gram(qr, rows[l])) * us[l]
+                                      for l, x in enumerate(pair + [jnp.ones((), _F32)]))
             outs.append(rq * o)
     return outs, w, e_n, us[t_max:]
 
+
+def sum_of(terms, ways: int = 4):
+    """The sum of the terms (an iterable, consumed in order) in `ways` interleaved partial sums
+    added pairwise at the end: dependent chains a quarter as long as a running sum's. The kernels'
+    per-row algebra is latency bound (one warp per scheduler), so the chain's depth is its cost."""
+    parts = []
+    for j, x in enumerate(terms):
+        if j < ways:
+            parts.append(x)
+        else:
+            parts[j % ways] = parts[j % ways] + x
+    while len(parts) > 1:
+        parts = [parts[j] + parts[j + 1] if j + 1 < len(parts) else parts[j]
+                 for j in range(0, len(parts), 2)]
+    return parts[0]
 
 
 # ------------------------------------------------------------------------------------------------
