@@ -30,7 +30,7 @@ Cases: H = 16, HV = 32, K = V = 128, bf16 inputs; B in {1, 8, 32, 128, 256}; bf1
                     the same through kernels/verify_mgpu.py, with dispatch's Mosaic tuning
   ring T, ring-decode  (--ring) ring mode through the jitted op (gdn_jax.ops.verify / decode on a
                     ring-mode state, the ring kernel plus its XLA appends; the Triton kernel, and
-                    for a bf16 pool the Mosaic GPU one too), ring W = 16 (T <= 8)
+                    for a bf16 pool at T <= 8 the Mosaic GPU one too), ring W = 16 (T <= 8)
                     or 32 (T = 16): verify in three phases: fold 20% (committed counts uniform
                     over 0..W - T, a fifth of the rows past it, folding), fold 0% and fold 100%;
                     decode in its steady state (counts uniform over 1..W: one row in W folds)
@@ -75,7 +75,6 @@ METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
 def cases(args):
     if args.sweep or args.sweep_ring or args.sweep_mosaic:
         return _sweep(args)
-    from gdn_jax import kernels
     batches = (args.batches or ((8, 256) if args.quick else (1, 8, 32, 128, 256)))
     out = []
     for dtype in args.dtypes:
@@ -88,13 +87,12 @@ def cases(args):
                     out.append(dict(impl="gdn", op=op, B=B, T=T, dtype=dtype))
                     if args.mosaic:
                         out.append(dict(impl="mosaic", op=op, B=B, T=T, dtype=dtype))
-            # ring mode through the Triton kernel, and the Mosaic GPU one (bf16, T <= 16)
+            # ring mode through the Triton kernel, and the Mosaic GPU one (bf16, T <= 8)
             ring_impls = ("gdn", "mosaic") if args.mosaic and dtype == "bfloat16" else ("gdn",)
             for impl in ring_impls if args.ring else ():
                 out.append(dict(impl=impl, op="ring-decode", B=B, T=1, dtype=dtype,
                                 ring=16, fold_share=1 / 16))
-                for T in (t for t in args.tokens
-                          if impl == "gdn" or t <= kernels.MOSAIC_RING_MAX_T):
+                for T in (t for t in args.tokens if impl == "gdn" or t <= 8):
                     for share in RING_FOLD_SHARES:
                         out.append(dict(impl=impl, op="ring", B=B, T=T, dtype=dtype,
                                         ring=32 if T > 8 else 16, fold_share=share))

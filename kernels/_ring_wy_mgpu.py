@@ -8,34 +8,24 @@ committed ring tokens is, exactly,
 
     S_R = e^{G_n} S0 + sum_{l<n} w_l kraw_l^T,    w_l = e^{G_n - G_l} rk_l u_l    [BV] fp32
 
-and the call's T tokens are solved from S_R by `_wy_mgpu.solve` (no candidates), which also gives
-their u for the ring. Two forms take S_R's products with the tokens' rows x (keys, queries):
+so a new token's product with it needs no state but S0: for a row x of X (a raw key or query),
+S_R x = e^{G_n} (S0 x) + sum_l (kraw_l . x) w_l -- the first term a column of PT^T = S0 @ X^T,
+the second the Gram of X's rows with the ring's keys against the w. The T new tokens are then
+solved from S_R by `_wy_mgpu.solve` (no candidates), which also gives their u for the ring.
 
-* **rows** (T <= 8, T x W <= 128): S_R x = e^{G_n} (S0 x) + sum_l (kraw_l . x) w_l, per row, from
-  the Gram of X's rows with the ring's keys: 2T x W terms on [BV] vectors, no state formed.
+    X    = [0 (rows 0..7); keys (8..15); queries (16..23); ring keys (24..24 + W)]   [64, K]
+    PT^T = S0 @ X[:24]^T     [BV, 24] fp32 (bf16 x bf16: exact in the fp32 accumulator), held in
+                             registers: token row r's [BV] vector is its column r, taken by a
+                             masked sum along the row (no SMEM round trip, no SMEM buffer: one
+                             third faster than X @ S0^T staged through SMEM, and the CTA's SMEM
+                             fits two per SM)
+    Gram = X @ X[:24 + W]^T  [64, 24 + W] fp32: the tokens' products, and the ring keys' norms
 
-      X    = [0 (rows 0..7); keys (8..15); queries (16..23); ring keys (24..24 + W)]   [64, K]
-      PT^T = S0 @ X[:24]^T  [BV, 24] fp32 in registers; row r's [BV] vector is its column r
-                            (`_wy_mgpu.token_rows`: no SMEM round trip, and the CTA's SMEM fits
-                            two per SM at W = 16)
-      Gram = X @ X[:24 + W]^T  [64, 24 + W] fp32: the tokens' products, the ring keys' norms
-
-* **state** (T <= 16, any W): S_R is formed on the tensor cores, its products with the tokens
-  then cost the same at any T and n, where the rows form grows as T x W (and its unrolled sum
-  does not lower past T x W = 128: Mosaic's layout inference recurses past Python's limit).
-
-      X    = [ring keys (rows 0..W-1); 0; keys (32..32 + T); queries (48..48 + T)]   [64, K]
-      Gram = X @ X^T         [64, 64] fp32: the tokens' products, the ring keys' norms
-      S_R  = e^{G_n} S0 + W^T @ X'   [BV, K] fp32; W [64, BV] = the w_l as rows (0 past n), from
-                             the ring's u in SMEM, as bf16 high and low parts
-      PT^T = S_R @ X[32:64]^T  [BV, 32] fp32, S_R as bf16 high + low parts from registers
-
-In both, X' holds only the n committed ring rows (a NaN in a draft key never meets the pool), W
-enters the products as bf16 high + low parts (about 16 bits, fp32 accumulation), and the pool is
-read, not written, except where the call folds (n > 0 and n + reserve > W: this call's tokens
-would not fit after the committed ones): there S_R is rounded once into the pool. The caller
-appends the tokens (raw key, g, u) to the ring (at 0 after a fold, else at n) and sets count, as
-for the Triton kernel.
+The pool is read, not written, except where the call folds (n > 0 and n + reserve > W: this
+call's tokens would not fit after the committed ones): there S_R, the third product W^T @ X'
+(X' holding only the live ring keys, W split into bf16 high and low parts) accumulated onto
+e^{G_n} S0, is rounded once into the pool. The caller appends the tokens (raw key, g, u) to the
+ring (at 0 after a fold, else at n) and sets count, as for the Triton kernel.
 
 The pipeline over a CTA's tiles is replay's (`_wy_mgpu.run_tiles`): X, X' and the Gram belong to
 the key group (b, hv // (HV / H)) and are built at its first tile; each tile loads its state tile,
@@ -57,18 +47,12 @@ from . import _wy_mgpu as wy
 from ._mgpu import MosaicConfig
 
 _F32, _BF16 = jnp.float32, jnp.bfloat16
-RINGS = (16, 32)                 # the ring sizes W (powers of two >= 16) X has rows for
-RING_ROW = wy.TOKEN_ROWS         # the rows form: X's first ring row
-KEY_ROW, QUERY_ROW = 32, 48      # the state form: X's rows of the first key and query
-MAX_T = QUERY_ROW - KEY_ROW      # the most tokens one call takes (the state form's)
-# The rows form unrolls 2T x W terms: at T = 8, W = 32 Mosaic's layout inference recurses past
-# Python's limit while lowering (jax 0.10.2)
-ROWS_MAX_T_TIMES_W = 128
-
-
-def rows_form(T: int, W: int) -> bool:
-    """Whether a call of T tokens on a ring of W runs the rows form (else the state form)."""
-    return T <= wy.MAX_T and T * W <= ROWS_MAX_T_TIMES_W
+RING_ROW = wy.TOKEN_ROWS         # X's first ring row
+RINGS = (16, 32)                 # the ring sizes W (powers of two >= 16) X has rows for: 64 - 24
+MAX_T = wy.MAX_T                 # the most tokens one call takes
+# The ring's part of each token row is unrolled over the W entries (2T rows x W terms): at
+# T = 8, W = 32 Mosaic's layout inference recurses past Python's limit while lowering (jax 0.10.2)
+MAX_T_TIMES_W = 128
 
 
 # ------------------------------------------------------------------------------------------------
@@ -92,16 +76,14 @@ def ring_scales(n, ring_g, norm2):
 
 
 def ring_row(r, e_n, w, row, gram):
-    """The rows form: row r of X's product with S_R, e^{G_n} S0 x_r + sum_l (kraw_l . x_r) w_l,
-    [BV] fp32. w: the ring's W fold weights w_l = c_l u_l ([BV] fp32; zeros for a dead entry);
-    row(r): S0 x_r, [BV] fp32; gram(r, l): X row r . ring key l."""
-    return e_n * row(r) + wy.sum_of(gram(r, l) * wl for l, wl in enumerate(w))
+    """Row r of X's product with S_R: e^{G_n} S0 x_r + sum_l (kraw_l . x_r) w_l, [BV] fp32.
 
-
-def _split(x):
-    """x (fp32) as bf16 high and low parts, x ~ hi + lo to about 16 bits."""
-    hi = x.astype(_BF16)
-    return hi, (x - hi.astype(_F32)).astype(_BF16)
+    w: the ring's W fold weights w_l = c_l u_l ([BV] fp32; zeros for a dead entry); row(r):
+    S0 x_r, [BV] fp32; gram(r, l): X row r . ring key l."""
+    acc = e_n * row(r)
+    for l, wl in enumerate(w):
+        acc = acc + gram(r, l) * wl
+    return acc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -117,7 +99,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
     NV = V // BV
     group = HV // H
-    by_rows = rows_form(T, W)
+    USED = RING_ROW + W  # X rows that can hold data: the Gram's columns
     plgpu = mg.plgpu
     WG = None if interpret else plgpu.Layout.WGMMA
     VVEC = None if interpret else WG.reduce(1)
@@ -127,20 +109,17 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
     pending = functools.partial(cm.tile_pending, count_ref, t_max=W, num_slots=N)
 
     def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, ru_smem, o_smem, u_smem, gram_smem,
-             bars, pbars, xbar, xpbar, *w_smem):
+             bars, pbars, xbar, xpbar):
         # st_smem [ST, BV, K] pool tiles; xin_smem [64, K] X as loaded (plain); x_smem and
         # xf_smem [64, K] the wgmma operands X and X' (tiled), built once per key group;
-        # v_smem [ST, T, BV]; ru_smem [ST, rows, BV] fp32 the ring's u (rows form: row W stays
-        # zero, a dead entry reads it; state form: 64 rows, for the WGMMA layout's load);
-        # o_smem [T, BV], u_smem [T, BV] fp32; gram_smem [64, ...] fp32: the Gram, read back as
-        # scalars; w_smem (state form): W's bf16 parts [64, BV] (tiled)
+        # v_smem [ST, T, BV]; ru_smem [ST, > W, BV] fp32 the ring's u (row W stays zero: a
+        # dead entry reads it); o_smem [T, BV], u_smem [T, BV] fp32; gram_smem [64, USED]
+        # fp32: the Gram, read back as scalars
         first = lax.axis_index("cta") * PER
         xin_smem[...] = jnp.zeros((wy.ROWS, K), _BF16)  # rows no load fills: finite products
-        if by_rows:
-            for s in range(ST):
-                ru_smem[s] = jnp.zeros(ru_smem.shape[1:], _F32)
+        for s in range(ST):
+            ru_smem[s] = jnp.zeros(ru_smem.shape[1:], _F32)
         plgpu.commit_smem()
-        ring0 = RING_ROW if by_rows else 0  # X's first ring row
 
         def scalars(t):
             gates = [rec.gates(a_ref[t.b, j, t.hv].astype(_F32), b_ref[t.b, j, t.hv].astype(_F32),
@@ -153,25 +132,20 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             # X: the tokens and the committed ring keys (the rest of the ring may hold anything);
             # X', the fold's: only the committed ring keys (this call's tokens meet zero columns
             # of W^T there, and 0 * NaN would be NaN). X' is a whole [64, K] buffer, not X's
-            # ring rows: a wgmma takes K (here X' rows) in multiples of 64
+            # ring rows: a wgmma with A in registers takes K (here X' rows) in multiples of 64
             X = mg.layout_cast(xin_smem[...], WG, interpret=interpret)
             rows = lax.broadcasted_iota(jnp.int32, X.shape, 0)
             zero = jnp.zeros_like(X)
-            ring = (rows >= ring0) & (rows < ring0 + n)
-            x_smem[...] = jnp.where(ring | (rows < RING_ROW if by_rows else rows >= KEY_ROW), X,
-                                    zero)
-            xf_smem[...] = jnp.where(ring, X, zero)
+            x_smem[...] = jnp.where(rows < RING_ROW + n, X, zero)
+            xf_smem[...] = jnp.where((rows >= RING_ROW) & (rows < RING_ROW + n), X, zero)
             plgpu.commit_smem()
-            used = x_smem.at[pl.ds(0, RING_ROW + W)] if by_rows else x_smem
-            mg.store_plain(wy.times_t(x_smem, used, interpret), gram_smem, interpret=interpret)
+            mg.store_plain(wy.times_t(x_smem, x_smem.at[pl.ds(0, USED)], interpret), gram_smem,
+                           interpret=interpret)
             plgpu.commit_smem()  # every thread reads the Gram's scalars
 
-        def fold(t, s, n, store):  # where the call folds: S_R into the pool, rounded once
-            @pl.when((n > 0) & (n + reserve > W))
-            def _():
-                store(st_smem.at[s], pool_ref.at[t.slot, t.hv, pl.ds(t.iv * BV, BV), :])
-
-        def rows_math(t, s, n, c, e_n):
+        def math(t, s, n, values):
+            gates, ring_g = values
+            cols = pl.ds(t.iv * BV, BV)
             # the state rows' products with X's token rows, in registers
             pt_row = wy.token_rows(
                 wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret))
@@ -179,55 +153,25 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             def ring_u(l):  # a dead entry reads the zero row W
                 return mg.load(ru_smem.at[s, jnp.where(l < n, l, W)], VVEC, interpret=interpret)
 
+            c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
             w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
-            row = functools.partial(ring_row, e_n=e_n, w=w, row=pt_row,
-                                    gram=lambda r, l: gram_smem[r, RING_ROW + l])
-            # the fold after the outputs' stores (S_R is formed only there)
-            return row, lambda: fold(t, s, n, lambda st, dst: wy.fold_tile(
-                w, e_n, st, xf_smem, dst, first=RING_ROW, layout=WG, interpret=interpret))
-
-        def state_math(t, s, n, c, e_n):
-            # W: the ring's u, row l scaled by c_l; rows past n zero (a dead entry's u may be
-            # NaN, and c_l = 0 does not clear that; rows past W are not the ring's)
-            u = mg.layout_cast(ru_smem[s], WG, interpret=interpret)
-            entry = mg.layout_cast(lax.broadcasted_iota(jnp.int32, (wy.ROWS,), 0), VVEC,
-                                   interpret=interpret)
-            scale = sum(cl * (entry == l).astype(_F32) for l, cl in enumerate(c))
-            rows = lax.broadcasted_iota(jnp.int32, u.shape, 0)
-            w = u * lax.broadcast_in_dim(scale, u.shape, (0,))
-            for ref, part in zip(w_smem, _split(jnp.where(rows < n, w, jnp.zeros_like(w)))):
-                ref[...] = part
-            plgpu.commit_smem()
-            S0 = mg.layout_cast(st_smem[s], WG, interpret=interpret).astype(_F32)
-            S = wy.accumulate_t(e_n * S0, w_smem, xf_smem, interpret)  # S_R
-
-            def store(st, dst):  # stored while the tokens run
-                st[...] = S.astype(st.dtype)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(st, dst)
-
-            fold(t, s, n, store)
-            tokens = x_smem.at[pl.ds(KEY_ROW, wy.ROWS - KEY_ROW)]
-            column = wy.token_rows(wy.accumulate(jnp.zeros((BV, tokens.shape[0]), _F32),
-                                                 _split(S), tokens, interpret, transpose=True))
-            return lambda r: column(r - KEY_ROW), lambda: None
-
-        def math(t, s, n, values):
-            gates, ring_g = values
-            cols = pl.ds(t.iv * BV, BV)
-            c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[ring0 + l, ring0 + l])
-            row, finish = (rows_math if by_rows else state_math)(t, s, n, c, e_n)
+            ring_part = functools.partial(ring_row, e_n=e_n, w=w, row=pt_row,
+                                          gram=lambda r, l: gram_smem[r, RING_ROW + l])
             outs, _, _, us = wy.solve(
-                jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc], row,
-                lambda j: mg.load(v_smem.at[s, j], VVEC, interpret=interpret).astype(_F32), K,
-                **({} if by_rows else dict(keys=KEY_ROW, queries=QUERY_ROW)))
+                jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc], ring_part,
+                lambda j: mg.load(v_smem.at[s, j], VVEC, interpret=interpret).astype(_F32), K)
             for j in range(T):
                 o_smem[j] = outs[j].astype(o_smem.dtype)
                 u_smem[j] = us[j]
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
             plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
-            finish()
+
+            @pl.when((n > 0) & (n + reserve > W))
+            def _():  # the fold: S_R into the pool, rounded once
+                wy.fold_tile(w, e_n, st_smem.at[s], xf_smem,
+                             pool_ref.at[t.slot, t.hv, cols, :], first=RING_ROW, layout=WG,
+                             interpret=interpret)
 
         def pad(t):  # a padding row: zero o and u (both start uninitialised)
             cols = pl.ds(t.iv * BV, BV)
@@ -239,17 +183,13 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
             plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
 
-        rows_at = {} if by_rows else dict(key_row=KEY_ROW, query_row=QUERY_ROW)
         loads = wy.Loads(pool_ref, v_ref, k_ref, q_ref, cand_k_ref, cand_v_ref, st_smem, v_smem,
-                         xin_smem, ru_smem, ring0, **rows_at)
+                         xin_smem, ru_smem, RING_ROW)
         wy.run_tiles(first=first, tiles=PER, stages=ST, block_v=BV, group=group,
                      group_tiles=group * NV, tile=tile, pending=pending, loads=loads,
                      scalars=scalars, build_x=build_x, math=math, pad=pad, bars=bars,
                      pbars=pbars, xbar=xbar, xpbar=xpbar)
 
-    ru_rows, gram_cols = _form_rows(T, W, BV)
-    w_parts = [] if by_rows else [mg.smem_tile((wy.ROWS, BV), _BF16, interpret=interpret)
-                                  for _ in range(2)]
     pl.run_scoped(
         body,
         mg.smem_tile((ST, BV, K), pool_ref.dtype, interpret=interpret),
@@ -257,23 +197,15 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         mg.smem_tile((wy.ROWS, K), _BF16, interpret=interpret),
         mg.smem_tile((wy.ROWS, K), _BF16, interpret=interpret),
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
-        plgpu.SMEM((ST, ru_rows, BV), _F32),
+        plgpu.SMEM((ST, wy.value_rows(W + 1, BV), BV), _F32),
         plgpu.SMEM((T, BV), o_ref.dtype),
         plgpu.SMEM((T, BV), _F32),
-        plgpu.SMEM((wy.ROWS, gram_cols), _F32),
+        plgpu.SMEM((wy.ROWS, USED), _F32),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.Barrier(num_arrivals=1, num_barriers=ST),
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
         plgpu.Barrier(num_arrivals=1, num_barriers=1),
-        *w_parts,
     )
-
-
-def _form_rows(T: int, W: int, BV: int) -> tuple[int, int]:
-    """(rows of the ring's u buffer, columns of the Gram) of the form a call runs."""
-    if rows_form(T, W):
-        return wy.value_rows(W + 1, BV), RING_ROW + W
-    return wy.ROWS, wy.ROWS
 
 
 def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None:
@@ -287,6 +219,10 @@ def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None
     if dims.t_max not in RINGS:
         return (f"the Mosaic GPU ring kernel takes a ring of W in {RINGS} entries (X's rows), "
                 f"got W = {dims.t_max}")
+    if dims.T * dims.t_max > MAX_T_TIMES_W:
+        return (f"the Mosaic GPU ring kernel takes T x W <= {MAX_T_TIMES_W} (an unrolled "
+                f"product Mosaic's layout inference can lower), got T = {dims.T}, W = "
+                f"{dims.t_max}")
     if dims.V % config.block_v:
         return f"block_v must divide V, got {config.block_v=}, V={dims.V}"
     why = mg.head_dims_misfit(dims.K, dims.V)
@@ -300,11 +236,9 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     """What one CTA allocates (bf16 pool and tokens; each buffer 1 KiB aligned)."""
     BV, ST, K, T, W = config.block_v, config.stages, dims.K, dims.T, dims.t_max
     rows = wy.ROWS
-    ru_rows, gram_cols = _form_rows(T, W, BV)
-    w_parts = [] if rows_form(T, W) else [rows * BV * 2] * 2
     buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
-               ST * ru_rows * BV * 4, T * BV * 2, T * BV * 4, rows * gram_cols * 4, 8 * ST,
-               8 * ST, 8, 8, *w_parts, mg.REDUCTION_SCRATCH_BYTES]
+               ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4,
+               rows * (RING_ROW + W) * 4, 8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
     return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
 
 
@@ -312,8 +246,7 @@ def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool
     """Launch the kernel on (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g,
     pool) -> (o [B, T, HV, V], u [B, T, HV, V] fp32, pool), `misfit` checked by the caller."""
     B, T, _, HV, _, V, _, W = dims
-    form = "" if rows_form(T, W) else "_sr"
-    name = (f"gdn_verify_ring{W}_wy{form}_t{T}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}"
+    name = (f"gdn_verify_ring{W}_wy_t{T}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}"
             f"_s{config.stages}")
     grid = (pl.cdiv(B * HV * (V // config.block_v), config.tiles_per_cta),)
     body = functools.partial(_body, dims=dims, config=config, reserve=reserve,

@@ -36,16 +36,14 @@ MAX_T = GROUP       # the most tokens (and replay candidates) one call takes
 # The math, as pure functions of scalars and [BV] vectors (also run as plain JAX by the tests)
 
 
-def solve(n, gates, cand_gates, gram, row, value, K: int, select=None, *, keys: int = GROUP,
-          queries: int = 2 * GROUP):
+def solve(n, gates, cand_gates, gram, row, value, K: int, select=None):
     """The corrected values and outputs of the t_max candidates (the first n live) and T tokens.
 
     n: int32 scalar, the live candidates; gates: T pairs (g, beta) of fp32 scalars, the tokens';
     cand_gates: t_max such pairs of the candidates (g the log decay, gating applied);
     gram(r, c): the dot product of X rows r and c (fp32 scalar); row(r): PT row r, [BV] fp32;
     value(i): key i's value, [BV] fp32 (i < t_max: candidate i; then token i - t_max);
-    select(pred, x): x where the scalar pred holds, else zeros (default jnp.where);
-    keys, queries: X's rows of the first token's key and query (candidate j: row j).
+    select(pred, x): x where the scalar pred holds, else zeros (default jnp.where).
     Returns (o: T [BV] fp32 outputs, w: t_max [BV] fp32 fold weights e^{G_n - G_j} rk_j u_j (0
     for a dead candidate), e^{G_n}: the candidates' total decay, an fp32 scalar, u: the T
     tokens' [BV] fp32 corrected values).
@@ -55,7 +53,7 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None, *, keys: 
     """
     select = select or (lambda pred, x: jnp.where(pred, x, 0.0))
     t_max, T = len(cand_gates), len(gates)
-    rows = [j for j in range(t_max)] + [keys + t for t in range(T)]
+    rows = [j for j in range(t_max)] + [GROUP + t for t in range(T)]
     live = [j < n for j in range(t_max)] + [True] * T
     # A dead candidate's data may be anything (NaN included): selects, never products, take
     # it out -- its g, beta and key scale are 0, its u exactly 0, its every coefficient 0.
@@ -74,9 +72,8 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None, *, keys: 
         pair = [x * d for x in pair] + ([d] if i else [])
         e0 = e0 * d
         acc = value(i) - (e0 * rk[i]) * row(r)
-        if us:
-            acc = acc - sum_of(coef(l, pair[l] * rk[i] * rk[l] * gram(r, rows[l])) * u
-                               for l, u in enumerate(us))
+        for l, u in enumerate(us):
+            acc = acc - coef(l, pair[l] * rk[i] * rk[l] * gram(r, rows[l])) * u
         u = beta[i] * acc
         us.append(select(live[i], u) if i < t_max else u)
         if i == t_max - 1:  # the fold: the state after the candidates
@@ -84,28 +81,14 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None, *, keys: 
             w = [coef(j, x * rk[j]) * us[j]
                  for j, x in enumerate(pair + [jnp.ones((), _F32)])]
         if i >= t_max:  # token t's output, from the state after its own update
-            qr = queries + i - t_max
+            qr = 2 * GROUP + i - t_max
             rq = lax.rsqrt(gram(qr, qr) + rec.L2NORM_EPS) * K ** -0.5
-            o = e0 * row(qr) + sum_of(coef(l, x * rk[l] * gram(qr, rows[l])) * us[l]
-                                      for l, x in enumerate(pair + [jnp.ones((), _F32)]))
+            o = e0 * row(qr)
+            for l, x in enumerate(pair + [jnp.ones((), _F32)]):
+                o = o + coef(l, x * rk[l] * gram(qr, rows[l])) * us[l]
             outs.append(rq * o)
     return outs, w, e_n, us[t_max:]
 
-
-def sum_of(terms, ways: int = 4):
-    """The sum of the terms (an iterable, consumed in order) in `ways` interleaved partial sums
-    added pairwise at the end: dependent chains a quarter as long as a running sum's. The kernels'
-    per-row algebra is latency bound (one warp per scheduler), so the chain's depth is its cost."""
-    parts = []
-    for j, x in enumerate(terms):
-        if j < ways:
-            parts.append(x)
-        else:
-            parts[j % ways] = parts[j % ways] + x
-    while len(parts) > 1:
-        parts = [parts[j] + parts[j + 1] if j + 1 < len(parts) else parts[j]
-                 for j in range(0, len(parts), 2)]
-    return parts[0]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -145,39 +128,18 @@ def token_rows(PTT):
     return row
 
 
-def accumulate(acc, lhs, xs, interpret: bool, *, transpose: bool = False):
-    """acc + sum of a @ X over the operands a in lhs, on the tensor cores: [BV, 64] bf16 arrays
-    (registers) with X the SMEM ref xs [64, n]; or, with transpose, [BV, K] bf16 arrays with X
-    = xs^T (xs [n, K], n a multiple of 8)."""
+def accumulate(acc, lhs, xs, interpret: bool):
+    """acc + sum of a @ X over the [BV, 64] bf16 arrays a in lhs (X: the SMEM ref xs [64, K])."""
     if interpret:
         x = xs[...].astype(_F32)
         for a in lhs:
-            acc = acc + (_dot_t(a.astype(_F32), x) if transpose else
-                         lax.dot(a.astype(_F32), x, precision=lax.Precision.HIGHEST))
-        return acc
-    plgpu = mg.plgpu
-    rhs = xs.transpose((1, 0)) if transpose else xs
-
-    def run(acc_ref):
-        for a in lhs:
-            plgpu.wgmma(acc_ref, a, rhs)
-
-    return pl.run_state(run)(plgpu.ACC.init(acc))
-
-
-def accumulate_t(acc, lhs, xs, interpret: bool):
-    """acc + sum of a^T @ X over the SMEM refs a [64, BV] (bf16, tiled) in lhs, X the SMEM ref xs
-    [64, K]: the A operand read transposed from SMEM."""
-    if interpret:
-        x = xs[...].astype(_F32)
-        for a in lhs:
-            acc = acc + lax.dot(a[...].astype(_F32).T, x, precision=lax.Precision.HIGHEST)
+            acc = acc + lax.dot(a.astype(_F32), x, precision=lax.Precision.HIGHEST)
         return acc
     plgpu = mg.plgpu
 
     def run(acc_ref):
         for a in lhs:
-            plgpu.wgmma(acc_ref, a.transpose((1, 0)), xs)
+            plgpu.wgmma(acc_ref, a, xs)
 
     return pl.run_state(run)(plgpu.ACC.init(acc))
 
@@ -247,8 +209,6 @@ class Loads(NamedTuple):
     xin: object
     pend_v: object
     pend_row: int
-    key_row: int = GROUP
-    query_row: int = 2 * GROUP
 
 
 def run_tiles(*, first, tiles: int, stages: int, block_v: int, group: int, group_tiles: int,
@@ -289,9 +249,9 @@ def run_tiles(*, first, tiles: int, stages: int, block_v: int, group: int, group
 
         @pl.when(t.live)
         def _():
-            mg.plgpu.copy_gmem_to_smem(L.k.at[t.b, :, hk, :], L.xin.at[pl.ds(L.key_row, T)],
+            mg.plgpu.copy_gmem_to_smem(L.k.at[t.b, :, hk, :], L.xin.at[pl.ds(GROUP, T)],
                                        xbar.at[0])
-            mg.plgpu.copy_gmem_to_smem(L.q.at[t.b, :, hk, :], L.xin.at[pl.ds(L.query_row, T)],
+            mg.plgpu.copy_gmem_to_smem(L.q.at[t.b, :, hk, :], L.xin.at[pl.ds(2 * GROUP, T)],
                                        xbar.at[0])
 
         @pl.when(pending(t.slot, t.live) > 0)

@@ -16,8 +16,7 @@ pytestmark = pytest.mark.gpu
 H, HV, K, V, NUM_SLOTS = 16, 32, 128, 128, 9
 
 
-@pytest.mark.parametrize("t_max, backend", [(4, None), (16, None), (4, "mosaic"), (8, "mosaic"),
-                                            (16, "mosaic")])
+@pytest.mark.parametrize("t_max, backend", [(4, None), (16, None), (4, "mosaic"), (8, "mosaic")])
 @pytest.mark.parametrize("pool_dtype,input_dtype", [(jnp.float32, jnp.float32),
                                                     (jnp.bfloat16, jnp.bfloat16)],
                          ids=["fp32", "bf16"])
