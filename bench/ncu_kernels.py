@@ -75,6 +75,7 @@ METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained
 def cases(args):
     if args.sweep or args.sweep_ring or args.sweep_mosaic:
         return _sweep(args)
+    from gdn_jax import kernels
     batches = (args.batches or ((8, 256) if args.quick else (1, 8, 32, 128, 256)))
     out = []
     for dtype in args.dtypes:
@@ -87,12 +88,13 @@ def cases(args):
                     out.append(dict(impl="gdn", op=op, B=B, T=T, dtype=dtype))
                     if args.mosaic:
                         out.append(dict(impl="mosaic", op=op, B=B, T=T, dtype=dtype))
-            # ring mode through the Triton kernel, and the Mosaic GPU one (bf16, T <= 8)
+            # ring mode through the Triton kernel, and the Mosaic GPU one (bf16, the T it takes)
             ring_impls = ("gdn", "mosaic") if args.mosaic and dtype == "bfloat16" else ("gdn",)
             for impl in ring_impls if args.ring else ():
                 out.append(dict(impl=impl, op="ring-decode", B=B, T=1, dtype=dtype,
                                 ring=16, fold_share=1 / 16))
-                for T in (t for t in args.tokens if impl == "gdn" or t <= 8):
+                for T in (t for t in args.tokens
+                          if impl == "gdn" or t <= kernels.MOSAIC_RING_MAX_T):
                     for share in RING_FOLD_SHARES:
                         out.append(dict(impl=impl, op="ring", B=B, T=T, dtype=dtype,
                                         ring=32 if T > 8 else 16, fold_share=share))
