@@ -130,3 +130,13 @@ def test_ncu_report_takes_jax_timed_cases(tmp_path, capsys):
     assert out["timer"] == "jax" and out["cases"][0]["pct_copy"] == pytest.approx(
         100 * nk.byte_model(case) / 150e3 / 4000.0)
     assert "bv64t2s3" in capsys.readouterr().out
+
+
+def test_wy_opcount_counts_grow_with_tokens():
+    """bench/wy_opcount.py: a tile's vector and scalar work grows with T (the ring's sum over its
+    W entries per token row, the solve's T^2 terms)."""
+    out = _run("wy_opcount.py", "--cases", "ring:1:16,ring:4:16,replay:4:3")
+    rows = {line.split()[0]: [int(x) for x in line.split()[1:]] for line in out.splitlines()[1:]}
+    assert rows["ring:4:16"][0] > rows["ring:1:16"][0] > 0
+    assert rows["ring:4:16"][3] > rows["ring:1:16"][3] > 0
+    assert rows["replay:4:3"][0] > 0
