@@ -13,7 +13,9 @@ map back to the launches whatever kernels a call runs. DIR/ncu_kernels.json has,
 median over launches of the call's summed kernel time (`call_us`: every kernel of one call, glue
 included) and of its longest kernel (`kernel_us`, with that kernel's DRAM throughput, registers
 per thread and achieved occupancy), the byte model, GB/s and % of the copy bandwidth measured in
-the same run (torch `copy_`, 1 GiB), both from `call_us`.
+the same run (torch `copy_`, 1 GiB), both from `call_us`. `--stalls` adds, per case, the main
+kernel's issue-slot use and its top stall reasons (warp cycles per issued instruction): whether a
+kernel is issue bound or waiting, and on what, before anyone redesigns it.
 
 `--timer jax` times the same cases in one process under JAX's profiler instead (CUPTI kernel
 durations, caches warm, no registers or occupancy): a tuning sweep of dozens of configs fits a
@@ -70,6 +72,12 @@ _SWEEP_SMEM = 160 * 1024  # the state tiles' stages a Mosaic sweep case may take
 RING_FOLD_SHARES = (0.2, 0.0, 1.0)  # FlashInfer's published steady state first, then both ends
 METRICS = ("gpu__time_duration.sum", "dram__throughput.avg.pct_of_peak_sustained_elapsed",
            "launch__registers_per_thread", "sm__warps_active.avg.pct_of_peak_sustained_active")
+# --stalls: the schedulers' issue-slot use and the warps' stall reasons (Volta's and later)
+ISSUE_ACTIVE = "smsp__issue_active.avg.pct_of_peak_sustained_active"
+STALLED = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+STALL_REASONS = ("barrier", "branch_resolving", "dispatch_stall", "drain", "lg_throttle",
+                 "long_scoreboard", "math_pipe_throttle", "membar", "mio_throttle",
+                 "no_instruction", "not_selected", "selected", "short_scoreboard", "wait")
 
 
 def cases(args):
@@ -622,6 +630,10 @@ def main(argv=None):
                    help="ncu: kernel time from Nsight Compute, caches flushed (the figures "
                         "quoted); jax: JAX's profiler in this process, no ncu (tuning sweeps: "
                         "dozens of configs a minute, confirm the winner under ncu)")
+    p.add_argument("--stalls", action="store_true",
+                   help="also collect the schedulers' issue-slot use and the warps' stall reasons "
+                        "(warp cycles per issued instruction, by reason): per case the main "
+                        "kernel's top reasons, to tell an issue-bound kernel from a waiting one")
     p.add_argument("--summarize", type=float, default=None, metavar="COPY_GBPS",
                    help="only summarize an existing --out directory (its ncu_raw.csv and "
                         "ncu_cases.json) with this copy bandwidth")
@@ -698,6 +710,9 @@ def main(argv=None):
     if args.batches:
         cmd += ["--batches", ",".join(map(str, args.batches))]
     cmd += ["--no-mosaic"] * (not args.mosaic)
+    if args.stalls:
+        at = cmd.index("--metrics") + 1
+        cmd[at] = ",".join((cmd[at], ISSUE_ACTIVE, *(STALLED.format(r) for r in STALL_REASONS)))
     if args.sweep_mosaic:
         cmd += ["--sweep-mosaic", args.sweep_mosaic]
     print(" ".join(cmd), flush=True)
@@ -743,10 +758,35 @@ def summarize(out: str, reps: int, bw: float, *, flashinfer: bool = False,
                  # what the call's time is made of (the first launch): the glue beside the kernel
                  call_kernels=[[r["Kernel Name"][:60], round(val(r, METRICS[0]) / 1e3, 2)]
                                for r in mine[0]])
+        c.update(stall_fields(main_rows[0]))
         _rate(c, call_ns, bw)
         table.append(c)
     return _report(out, table, bw, reps, timer="ncu --cache-control all --clock-control none",
                    flashinfer=flashinfer, note=note, device=device, jax_version=jax_version)
+
+
+
+
+def stall_fields(row: dict, top: int = 6) -> dict:
+    """From one ncu raw row (a kernel launch) with the --stalls metrics: issue_active_pct (the
+    share of cycles a scheduler issued) and stalls, the top reasons as [reason, warp cycles per
+    issued instruction]; empty where the row has no such columns."""
+    suffix = "_per_issue_active.ratio"
+    stalls = []
+    for key, value in row.items():
+        if "issue_stalled_" not in key or not key.endswith(suffix):
+            continue
+        try:
+            v = float(value.replace(",", ""))
+        except ValueError:  # "n/a"
+            continue
+        stalls.append([key.split("issue_stalled_", 1)[1][:-len(suffix)], round(v, 3)])
+    fields = {}
+    if stalls:
+        fields["stalls"] = sorted(stalls, key=lambda x: -x[1])[:top]
+    if row.get(ISSUE_ACTIVE, "").replace(".", "", 1).replace(",", "").isdigit():
+        fields["issue_active_pct"] = float(row[ISSUE_ACTIVE].replace(",", ""))
+    return fields
 
 
 def _rate(c, call_ns, bw):
@@ -795,6 +835,11 @@ def _report(out, table, bw, reps, *, timer, flashinfer=False, note=None, device=
               f"{c['kernel_us']:10.1f} {c['call_us']:8.1f} {c['kernels_per_call']:2d} "
               f"{c['GBps']:6.0f} {c['pct_copy']:6.1f} {_num(c, 'dram_pct', 6, 1)} "
               f"{_num(c, 'regs', 5, 0)} {_num(c, 'occupancy_pct', 5, 1)}")
+    for c in table:
+        if c.get("stalls"):
+            print(f"stalls {c['impl']} {c['op']} B={c['B']} T={c['T']}: issue active "
+                  f"{c.get('issue_active_pct', float('nan')):.1f}%; "
+                  + ", ".join(f"{r} {v:.2f}" for r, v in c["stalls"]))
 
 
 def _num(c, key, width, digits):

@@ -140,3 +140,16 @@ def test_wy_opcount_counts_grow_with_tokens():
     assert rows["ring:4:16"][0] > rows["ring:1:16"][0] > 0
     assert rows["ring:4:16"][3] > rows["ring:1:16"][3] > 0
     assert rows["replay:4:3"][0] > 0
+
+
+def test_ncu_stall_fields_rank_the_reasons():
+    """`--stalls`: a kernel row's warp-state ratios become its top stall reasons (largest first,
+    "n/a" skipped) and its issue-slot use; a row without those columns adds nothing."""
+    nk = _ncu_kernels()
+    stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
+    row = {stalled.format("long_scoreboard"): "0.50", stalled.format("barrier"): "2.25",
+           stalled.format("wait"): "1,234.5", stalled.format("tex_throttle"): "n/a",
+           nk.ISSUE_ACTIVE: "41.7", "gpu__time_duration.sum": "12000"}
+    fields = nk.stall_fields(row, top=2)
+    assert fields == {"stalls": [["wait", 1234.5], ["barrier", 2.25]], "issue_active_pct": 41.7}
+    assert nk.stall_fields({"gpu__time_duration.sum": "12000"}) == {}
