@@ -153,3 +153,20 @@ def test_ncu_stall_fields_rank_the_reasons():
     fields = nk.stall_fields(row, top=2)
     assert fields == {"stalls": [["wait", 1234.5], ["barrier", 2.25]], "issue_active_pct": 41.7}
     assert nk.stall_fields({"gpu__time_duration.sum": "12000"}) == {}
+
+
+def test_ab_swap_replaces_a_module_everywhere(tmp_path):
+    """bench/ab: with GDN_JAX_AB_SWAP a process runs with the named module replaced by a file,
+    also where another module holds it as an attribute (verify_mgpu's `_ring_wy_mgpu`)."""
+    old = tmp_path / "old_ring.py"
+    old.write_text(open(os.path.join(ROOT, "kernels", "_ring_wy_mgpu.py")).read()
+                   + "\nAB_MARK = 'swapped'\n")
+    env = dict(os.environ, GDN_JAX_AB_SWAP=f"gdn_jax.kernels._ring_wy_mgpu={old}",
+               PYTHONPATH=os.path.join(ROOT, "bench", "ab"))
+    code = ("from gdn_jax.kernels import verify_mgpu, _ring_wy_mgpu\n"
+            "print(verify_mgpu._ring_wy_mgpu.AB_MARK, _ring_wy_mgpu.AB_MARK)")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["swapped", "swapped"]
+    assert "GDN_JAX_AB_SWAP: gdn_jax.kernels._ring_wy_mgpu" in proc.stderr
