@@ -765,8 +765,6 @@ def summarize(out: str, reps: int, bw: float, *, flashinfer: bool = False,
                    flashinfer=flashinfer, note=note, device=device, jax_version=jax_version)
 
 
-
-
 def stall_fields(row: dict, top: int = 6) -> dict:
     """From one ncu raw row (a kernel launch) with the --stalls metrics: issue_active_pct (the
     share of cycles a scheduler issued) and stalls, the top reasons as [reason, warp cycles per
