@@ -769,22 +769,22 @@ def stall_fields(row: dict, top: int = 6) -> dict:
     """From one ncu raw row (a kernel launch) with the --stalls metrics: issue_active_pct (the
     share of cycles a scheduler issued) and stalls, the top reasons as [reason, warp cycles per
     issued instruction]; empty where the row has no such columns."""
-    suffix = "_per_issue_active.ratio"
-    stalls = []
-    for key, value in row.items():
-        if "issue_stalled_" not in key or not key.endswith(suffix):
-            continue
-        try:
-            v = float(value.replace(",", ""))
-        except ValueError:  # "n/a"
-            continue
-        stalls.append([key.split("issue_stalled_", 1)[1][:-len(suffix)], round(v, 3)])
+    stalls = [[r, round(v, 3)] for r in STALL_REASONS
+              if (v := _number(row.get(STALLED.format(r)))) is not None]
     fields = {}
     if stalls:
         fields["stalls"] = sorted(stalls, key=lambda x: -x[1])[:top]
-    if row.get(ISSUE_ACTIVE, "").replace(".", "", 1).replace(",", "").isdigit():
-        fields["issue_active_pct"] = float(row[ISSUE_ACTIVE].replace(",", ""))
+    if (active := _number(row.get(ISSUE_ACTIVE))) is not None:
+        fields["issue_active_pct"] = active
     return fields
+
+
+def _number(text: str | None) -> float | None:
+    """An ncu CSV cell as a float (thousands separators dropped); None for "n/a" or no cell."""
+    try:
+        return float(text.replace(",", ""))
+    except (AttributeError, ValueError):
+        return None
 
 
 def _rate(c, call_ns, bw):

@@ -123,7 +123,6 @@ def _parts_bytes(a) -> int:
     return (a.shape[0] if a.ndim == 3 else 1) * jnp.dtype(a.dtype).itemsize
 
 
-
 def smem_limit() -> int:
     """The shared memory a config may take (`ProjectionConfig.misfit`)."""
     return _SMEM_BYTES

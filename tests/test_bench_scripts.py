@@ -146,9 +146,8 @@ def test_ncu_stall_fields_rank_the_reasons():
     """`--stalls`: a kernel row's warp-state ratios become its top stall reasons (largest first,
     "n/a" skipped) and its issue-slot use; a row without those columns adds nothing."""
     nk = _ncu_kernels()
-    stalled = "smsp__average_warps_issue_stalled_{}_per_issue_active.ratio"
-    row = {stalled.format("long_scoreboard"): "0.50", stalled.format("barrier"): "2.25",
-           stalled.format("wait"): "1,234.5", stalled.format("tex_throttle"): "n/a",
+    row = {nk.STALLED.format("long_scoreboard"): "0.50", nk.STALLED.format("barrier"): "2.25",
+           nk.STALLED.format("wait"): "1,234.5", nk.STALLED.format("drain"): "n/a",
            nk.ISSUE_ACTIVE: "41.7", "gpu__time_duration.sum": "12000"}
     fields = nk.stall_fields(row, top=2)
     assert fields == {"stalls": [["wait", 1234.5], ["barrier", 2.25]], "issue_active_pct": 41.7}
