@@ -57,6 +57,7 @@ import argparse
 import dataclasses
 import csv
 import io
+import itertools
 import json
 import os
 import statistics
@@ -130,32 +131,33 @@ def _sweep(args):
     if args.sweep:
         out = sweep_cases()
     elif args.sweep_ring:
-        out = sweep_ring_cases(batches, args.dtypes, args.sweep_configs)
+        out = sweep_ring_cases(batches, args.dtypes, args.sweep_configs, args.tokens)
     else:
         out = sweep_mosaic_cases(tuple(args.sweep_mosaic.split(",")), batches)
     return [c for c in out if c["B"] in batches and c["dtype"] in args.dtypes
             and (not args.ops or c["op"] in args.ops)]
 
 
-def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32"), configs=None):
+def sweep_ring_cases(batches=(32, 256), dtypes=("bfloat16", "float32"), configs=None,
+                     tokens=(4,)):
     """Tuning sweep of the ring kernel: block_v x num_warps (or the given "bv:w,..." configs),
-    verify T = 4 at fold 20%. Each config is a fresh XLA compile of the ring kernel (tens of
-    seconds under ncu): a runner call of 600 s takes about six; sweep in chunks."""
+    verify at each T of `tokens` (W = 16, or 32 above T = 8) at fold 20%. Each config is a fresh
+    XLA compile of the ring kernel (tens of seconds under ncu): a runner call of 600 s takes
+    about six; sweep in chunks."""
     configs = configs.split(",") if configs else [f"{bv}:{w}" for bv in (16, 32, 64, 128)
                                                   for w in (2, 4, 8)]
     out = []
-    for dtype in dtypes:
-        for B in batches:
-            for cfg in configs:
-                case = dict(op="ring", B=B, T=4, dtype=dtype, ring=16, fold_share=0.2)
-                if cfg.startswith("m"):  # the Mosaic GPU kernel (bf16): block_v:tiles:stages
-                    bv, per, stages = (int(x) for x in cfg[1:].split(":"))
-                    if dtype == "bfloat16":
-                        out.append(dict(case, impl="mosaic", block_v=bv, tiles_per_cta=per,
-                                        stages=stages))
-                else:
-                    bv, w = (int(x) for x in cfg.split(":"))
-                    out.append(dict(case, impl="gdn", block_v=bv, num_warps=w, num_stages=1))
+    for dtype, B, T, cfg in itertools.product(dtypes, batches, tokens, configs):
+        case = dict(op="ring", B=B, T=T, dtype=dtype, ring=32 if T > 8 else 16,
+                    fold_share=0.2)
+        if cfg.startswith("m"):  # the Mosaic GPU kernel (bf16): block_v:tiles:stages
+            bv, per, stages = (int(x) for x in cfg[1:].split(":"))
+            if dtype == "bfloat16":
+                out.append(dict(case, impl="mosaic", block_v=bv, tiles_per_cta=per,
+                                stages=stages))
+        else:
+            bv, w = (int(x) for x in cfg.split(":"))
+            out.append(dict(case, impl="gdn", block_v=bv, num_warps=w, num_stages=1))
     return out
 
 

@@ -49,6 +49,8 @@ def _select_rows(rows, t, x, tile):
 
 def _new_tokens(tok: cm.TokenRefs, r: cm.Row, T: int, K: int, rows_v) -> ch.New:
     """This call's T tokens as rows of [_TILE, ...] tiles (rows T..: dead, zeros)."""
+    if T == _TILE:
+        return _whole_tile(tok, r, K)
     idx = lax.broadcasted_iota(jnp.int32, (_TILE,), 0)
     rows_k = lax.broadcasted_iota(jnp.int32, (_TILE, K), 0)
     qN = jnp.zeros((_TILE, K), tok.q.dtype)
@@ -66,6 +68,19 @@ def _new_tokens(tok: cm.TokenRefs, r: cm.Row, T: int, K: int, rows_v) -> ch.New:
     rq = jnp.where(real, ch.rsqrt_norm(qN) * K ** -0.5, 0.0)
     rk = jnp.where(real, ch.rsqrt_norm(kN), 0.0)
     return ch.New(kN, rk, qN, rq, vN, gN, bN)
+
+
+def _whole_tile(tok: cm.TokenRefs, r: cm.Row, K: int) -> ch.New:
+    """`_new_tokens` where the call's tokens fill the tile: one block load per input rather than
+    a select per token and row (at T = 16, 16 x 3 selects of whole [16, K] tiles) and the gates
+    as one vector. H200, W = 32, bf16, fold 20%, JAX's profiler: B = 256 1048.5 -> 498.1 us,
+    B = 32 150.9 -> 77.2 (bench/results/ring_t16_whole_tile-h200-2026-12-04.json)."""
+    f32 = lambda x: x.astype(_F32)
+    q, k = tok.q[r.b, :, r.hk, :], tok.k[r.b, :, r.hk, :]
+    g, beta = rec.gates(f32(tok.a[r.b, :, r.hv]), f32(tok.b[r.b, :, r.hv]),
+                        f32(tok.A_log[r.hv]), f32(tok.dt_bias[r.hv]))
+    return ch.New(k, ch.rsqrt_norm(k), q, ch.rsqrt_norm(q) * K ** -0.5,
+                  f32(tok.v[r.b, :, r.hv, r.cols]), g, beta)
 
 
 def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref,
@@ -110,6 +125,8 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
         @pl.when((n > 0) & (n + reserve > ring))
         def _():
             # read again (from cache) rather than held in registers through the algebra above
+            # (whole: in 64-row parts it was slower, H200, T = 16, B = 256, every row folding:
+            # 845.9 -> 909.8 us, bench/results/ring_t16_whole_tile-h200-2026-12-04.json)
             run, S0 = ring_and_state(n)
             cm.store_state(pool_out_ref, r, ch.fold(S0, run, GR, g_tot, prec))
 

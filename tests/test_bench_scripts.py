@@ -116,6 +116,11 @@ def test_ncu_sweeps_keep_to_batches_dtypes_and_ops(monkeypatch):
     assert all(c["stages"] * c["block_v"] * 128 * (2 if c["dtype"] == "bfloat16" else 4)
                <= nk._SWEEP_SMEM for c in mosaic)
     assert any(c["stages"] == 4 for c in mosaic)
+    # the ring sweep at each --tokens T, its ring W = 16, or 32 above T = 8
+    nk.main(["--out", "/tmp/unused", "--worker", "--sweep-ring", "--tokens", "4,16",
+             "--sweep-batches", "256", "--dtypes", "bfloat16", "--sweep-configs", "64:4,128:4"])
+    assert sorted((c["T"], c["ring"], c["block_v"]) for c in seen["cases"]) == [
+        (4, 16, 64), (4, 16, 128), (16, 32, 64), (16, 32, 128)]
 
 
 def test_ncu_report_takes_jax_timed_cases(tmp_path, capsys):
