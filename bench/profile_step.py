@@ -16,6 +16,8 @@ A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xl
 `prologue=off|views|on` (GDN_JAX_PROJECTION_PROLOGUE: GDN's in_proj partial sums read in place by
 the conv and the output norm, "views", the default; "on" also runs the MLP's silu * up and GDN's
 output norm in the next projection's launch),
+`attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
+cache write in one launch before the attention kernel, or as XLA's steps),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
 (set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
 (`compiler_options`; e.g. the command-buffer options). Variants run one after another on the
@@ -80,7 +82,8 @@ def parse_args(argv=None):
 
 _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "groups": "GDN_JAX_PROJECTION_GROUPS", "conv": "GDN_JAX_CONV",
-              "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE"}
+              "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE",
+              "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE"}
 _PATHS = (*_ENV_PATHS, "moe", "attention")
 
 

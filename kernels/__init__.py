@@ -25,6 +25,10 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
                                          # stream-K over the SMs; fp32 out
     o = decode_attention(q, k_cache, v_cache, slots, pos, config=AttentionConfig(...))
                                          # attention over each row's used KV length, in place
+    qr, pr, k_cache, v_cache = attention_prologue(Source(parts, start, stride), ..., T=T, ...)
+    o = decode_attention_rows(qr, pr, k_cache, v_cache, slots, T=T, num_heads=nH, config=...)
+                                         # the same, q / k norms, RoPE and the cache write in
+                                         # one launch before it
     h = grouped_matmul(x_rows, w_gate, block_expert, w_up=w_up, config=MoEConfig(...))
                                          # MoE experts, each chosen expert read once per block
 
@@ -65,7 +69,9 @@ from ._tokens_mgpu import MAX_T as MOSAIC_MAX_T
 from ._tokens_mgpu import MODES as MOSAIC_MODES
 from ._tokens_mgpu import misfit as mosaic_misfit
 from .attention import (ATTENTION_DTYPES, ATTENTION_MAX_ROWS, AttentionConfig,
-                        decode_attention)
+                        decode_attention, decode_attention_rows)
+from .attention_prologue import PrologueConfig, Source, attention_prologue
+from .attention_prologue import misfit as attention_prologue_misfit
 from .conv import ConvConfig, conv_step
 from .decode import decode
 from .decode_mgpu import decode_mgpu
@@ -96,8 +102,10 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "NORM_DTYPES", "POOL_DTYPES",
            "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN", "AttentionConfig", "ConvConfig", "Dims",
            "Dtypes", "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "NormConfig",
-           "ProjectionConfig", "ScatterConfig", "TuningConfig", "add_rms_norm",
-           "add_rms_norm_misfit", "conv_step", "decode", "decode_attention", "decode_mgpu", "fold",
+           "ProjectionConfig", "PrologueConfig", "ScatterConfig", "Source", "TuningConfig",
+           "add_rms_norm", "add_rms_norm_misfit", "attention_prologue",
+           "attention_prologue_misfit", "conv_step", "decode", "decode_attention",
+           "decode_attention_rows", "decode_mgpu", "fold",
            "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
            "project", "project_gated_norm", "project_group", "project_group_mgpu",
            "project_swiglu", "projection_block_m",

@@ -116,6 +116,34 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *,
     pr = jnp.broadcast_to(pos.astype(jnp.int32)[:, None, :, None], (B, nKV, T, G))
     pr = jnp.pad(pr.reshape(B, nKV, T * G), ((0, 0), (0, 0), (0, R - T * G)),
                  constant_values=-1)
+    return _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret).astype(q.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("T", "num_heads", "config", "interpret"))
+def decode_attention_rows(qr, pr, k_cache, v_cache, slots, *, T: int, num_heads: int,
+                          config: AttentionConfig = AttentionConfig(), interpret: bool = False):
+    """`decode_attention` on queries already laid out as its programs read them
+    (`attention_prologue` writes them so): qr [B, nKV, R, hd] in the cache's dtype, row t * G + g
+    the query of head h * G + g at token t (G = num_heads / nKV, R = dot_rows(T * G), rows past
+    T * G finite); pr [B, nKV, R] int32 their positions (-1: attends nothing). Returns
+    o [B, T, num_heads, hd] in the cache's dtype."""
+    B, nKV, R, hd = qr.shape if qr.ndim == 4 else (None,) * 4
+    G = num_heads // max(1, k_cache.shape[2])
+    if (qr.ndim != 4 or R != dot_rows(T * G) or pr.shape != (B, nKV, R) or pr.dtype != jnp.int32
+            or qr.dtype != k_cache.dtype or k_cache.shape[2] != nKV):
+        raise ValueError(f"decode_attention_rows: qr [B, nKV, dot_rows(T * G) = "
+                         f"{dot_rows(T * G)}, hd] in the cache's dtype and pr [B, nKV, R] int32 "
+                         f"expected, got qr {qr.dtype}{list(qr.shape)}, pr {pr.dtype}"
+                         f"{list(pr.shape)}, k_cache {k_cache.dtype}{list(k_cache.shape)}")
+    _check(jax.ShapeDtypeStruct((B, T, num_heads, hd), qr.dtype), k_cache, v_cache, slots,
+           jax.ShapeDtypeStruct((B, T), jnp.int32), config)
+    return _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret).astype(qr.dtype)
+
+
+def _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret):
+    """The kernel on laid-out rows, its splits combined: o [B, T, nKV * G, hd] fp32."""
+    B, nKV, R, hd = qr.shape
+    L = k_cache.shape[1]
     chunk = -(-L // (config.splits * config.block_l)) * config.block_l
     out_shape = (jax.ShapeDtypeStruct((B, nKV, config.splits, R, hd), _F32),
                  jax.ShapeDtypeStruct((B, nKV, config.splits, R), _F32),
@@ -136,7 +164,7 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *,
     den = jnp.sum(l * w, axis=2)
     o = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1)[..., None], 0)
     o = o[:, :, :T * G].reshape(B, nKV, T, G, hd).transpose(0, 2, 1, 3, 4)
-    return o.reshape(B, T, nH, hd).astype(q.dtype)
+    return o.reshape(B, T, nKV * G, hd)
 
 
 def _check(q, k_cache, v_cache, slots, pos, config):

@@ -16,6 +16,14 @@ default) is "pallas" where its kernel runs compiled (`gdn_jax.ops.attention.runs
 "xla" elsewhere: on an H200 at 32K of context and B = 32 the XLA path spends 61 ms of kernel
 time per 48-layer decode step against 11 ms
 (bench/results/profile_step-h200-ctx32k-attention_paths-2026-12-01.json).
+
+On a single device the "pallas" path also runs the q / k norms, RoPE and the cache write as one
+kernel before the attention kernel (`gdn_jax.ops.attention.prologue_attention`), reading the
+q / k / v projection's partial sums in place, where XLA's steps take about ten launches a layer:
+48-layer Qwen3.5-shaped step on an H200, kernel time, B = 1 decode 3058.9 -> 2947.7 us (718 ->
+622 launches), B = 32 verify 6074.5 -> 5924.6
+(bench/results/profile_step-h200-qwen3_5_text-b1_b32-attn_prologue-2026-12-04.json).
+GDN_JAX_ATTENTION_PROLOGUE=off keeps XLA's steps.
 """
 
 from __future__ import annotations
@@ -27,11 +35,11 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from gdn_jax.modules._linear import HIGHEST, dense, dense_group, linear
+from gdn_jax.modules._linear import HIGHEST, dense, dense_group, dense_group_partials, linear
 from gdn_jax.modules.cache import KVCache, kv_cache_specs, slot_index
 from gdn_jax.modules.norms import RMSNorm, rms_norm
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_size
-from gdn_jax.modules.rope import apply_rope, rope_cos_sin
+from gdn_jax.modules.rope import apply_rope, inv_freq, rope_cos_sin
 from gdn_jax.ops import attention as attention_ops
 from gdn_jax.ops.scatter import write_positions_group
 
@@ -141,7 +149,30 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     start = jnp.where(valid, cache.lengths[gather], 0)
     pos = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
 
-    qg, k, v = dense_group(x, (p["q"], p["k"], p["v"]), dtype=dtype, precision=precision)
+    if impl == "auto":
+        fits = attention_ops.runs_compiled(cache.k) and (tp is None or kv_split)
+        impl = "pallas" if fits else "xla"
+    fused = impl == "pallas" and tp is None and attention_ops.takes(T, nH, nKV)
+    views = dense_group_partials(x, (p["q"], p["k"], p["v"]), dtype=dtype) if fused else None
+    strides = (2 * hd, hd, hd)  # a head's columns apart: q's interleaved with the gates
+    if views is not None:  # the projection's partial sums, read in place by the prologue
+        srcs = tuple(attention_ops.Source(w.parts, w.start, s) for w, s in zip(views, strides))
+        qg, k, v = views
+    else:
+        qg, k, v = dense_group(x, (p["q"], p["k"], p["v"]), dtype=dtype, precision=precision)
+        srcs = tuple(attention_ops.Source(y.reshape(1, B * T, -1), 0, s)
+                     for y, s in zip((qg, k, v), strides))
+    if fused and attention_ops.prologue_misfit(*srcs, cache.k, hd, rotary_dim, dtype) is None:
+        # the norms, RoPE and the cache write in one launch, then the attention kernel
+        o, ck, cv = attention_ops.prologue_attention(
+            *srcs, p["q_norm"], p["k_norm"], inv_freq(rotary_dim, rope_theta), cache.lengths,
+            cache.k, cache.v, slots, n, T=T, num_heads=nH, eps=eps)
+        gate = qg.value() if views is not None else qg
+        gate = gate.reshape(B, T, nH, 2 * hd)[..., hd:].reshape(B, T, nH * hd)
+        return _gated_out(o, gate, p, cache, ck, cv, scatter, valid, n, B=B, T=T, nH=nH, hd=hd,
+                          mm=mm, tp=tp, partials=partials, advance=advance)
+    if views is not None:
+        qg, k, v = (w.value() for w in views)
     qg = qg.reshape(B, T, nH, 2 * hd)
     q, gate = qg[..., :hd], qg[..., hd:].reshape(B, T, nH * hd)
     q = rms_norm(q, p["q_norm"], eps)
@@ -154,9 +185,6 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     col = jnp.where(real, pos, cache.max_len)  # out of range: dropped
     ck, cv = write_positions_group((cache.k, cache.v), scatter, (k, v), col)
 
-    if impl == "auto":
-        fits = attention_ops.runs_compiled(ck) and (tp is None or kv_split)
-        impl = "pallas" if fits else "xla"
     if impl == "pallas" and attention_ops.takes(T, nH, nKV):
         if tp is not None and not kv_split:
             raise ValueError(f"Attention: impl 'pallas' needs the KV heads split over the "
@@ -165,6 +193,14 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     else:
         o = _xla_attention(q, ck, cv, gather, pos, nH=nH, nKV=nKV, hd=hd, precision=precision,
                            tp=tp, kv_split=kv_split, max_len=cache.max_len)
+    return _gated_out(o, gate, p, cache, ck, cv, scatter, valid, n, B=B, T=T, nH=nH, hd=hd,
+                      mm=mm, tp=tp, partials=partials, advance=advance)
+
+
+def _gated_out(o, gate, p, cache, ck, cv, scatter, valid, n, *, B, T, nH, hd, mm, tp, partials,
+               advance):
+    """o_proj(o * sigmoid(gate)) (reduced over tp, or as partials) and the cache with its new
+    k / v and, where advance, lengths."""
     o = o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate)
     if tp is not None:
         y = psum(mm(o, p["o"]))

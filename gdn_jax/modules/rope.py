@@ -11,10 +11,14 @@ import jax.numpy as jnp
 _F32 = jnp.float32
 
 
+def inv_freq(rotary_dim: int, theta: float):
+    """[rotary_dim / 2] fp32: the rotation's inverse frequencies."""
+    return 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=_F32) / rotary_dim))
+
+
 def rope_cos_sin(positions, rotary_dim: int, theta: float):
     """positions: [B, T] int -> (cos, sin), each [B, T, rotary_dim] fp32 (freqs repeated twice)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=_F32) / rotary_dim))
-    freqs = positions.astype(_F32)[..., None] * inv_freq  # [B, T, rotary_dim / 2]
+    freqs = positions.astype(_F32)[..., None] * inv_freq(rotary_dim, theta)  # [B, T, R / 2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
 

@@ -3,6 +3,8 @@ reading each row's used length in place (`gdn_jax.kernels.decode_attention`), wh
 gathers and scores the whole max_len.
 
     o = decode_attention(q, k_cache, v_cache, slots, pos)   # q [B, T, nH, hd] -> o, same shape
+    o, k_cache, v_cache = prologue_attention(q_src, k_src, v_src, ...)  # norms, RoPE and the
+                                                # cache write in one launch before it
 
 Arguments as the kernel's (its docstring). `gdn_jax.modules.attention.Attention(impl="pallas")`
 calls it (bf16 / fp16 caches). On a CUDA GPU of compute capability >= 8.0 the kernel runs
@@ -11,11 +13,18 @@ compiled; elsewhere (CPU tests) in the Pallas interpreter.
 
 from __future__ import annotations
 
+import os
+
 from gdn_jax import kernels
 from gdn_jax.ops.dispatch import Device, sm_count
 
 _BLOCK_L = 64
 _WAVES = 2
+# "auto": `prologue_attention` runs the prologue kernel where it fits; "off": the caller's XLA
+# steps (tests and A/B runs)
+PROLOGUE_VAR = "GDN_JAX_ATTENTION_PROLOGUE"
+PROLOGUES = ("auto", "off")
+Source = kernels.Source  # where `prologue_attention` reads a projection's heads
 
 
 def config_for(B: int, num_kv_heads: int, max_len: int, rows: int = 8, *,
@@ -66,3 +75,38 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *, interpret: bool | None 
     config = config_for(B, nKV, L, T * (nH // nKV), sm_count=sm_count())
     return kernels.decode_attention(q, k_cache, v_cache, slots, pos, config=config,
                                     interpret=interpret)
+
+
+def prologue_misfit(q_src, k_src, v_src, k_cache, head_dim: int, rotary_dim: int,
+                    dtype) -> str | None:
+    """Why `prologue_attention` cannot take these sources and cache, or None (it is also off
+    where GDN_JAX_ATTENTION_PROLOGUE is "off")."""
+    level = os.environ.get(PROLOGUE_VAR, "auto")
+    if level not in PROLOGUES:
+        raise ValueError(f"{PROLOGUE_VAR} expected one of {PROLOGUES}, got {level!r}")
+    if level == "off":
+        return f"{PROLOGUE_VAR} is off"
+    if k_cache.dtype != dtype:
+        return f"the cache's dtype {k_cache.dtype} is not the layer's {dtype}"
+    return misfit(k_cache) or kernels.attention_prologue_misfit(head_dim, rotary_dim,
+                                                                (q_src, k_src, v_src))
+
+
+def prologue_attention(q_src, k_src, v_src, q_norm, k_norm, inv_freq, lengths, k_cache, v_cache,
+                       slots, n, *, T: int, num_heads: int, eps: float,
+                       interpret: bool | None = None):
+    """`kernels.attention_prologue` (the q / k norms, RoPE and the cache write of T tokens per row,
+    from the q / k / v projection's `kernels.Source`s) then `kernels.decode_attention_rows`: two
+    launches where XLA's steps take about ten. Arguments as the prologue's (its docstring); check
+    `prologue_misfit` first. Returns (o [B, T, num_heads, hd] in the cache's dtype, k_cache,
+    v_cache)."""
+    if interpret is None:
+        interpret = not Device.of().runs_triton
+    qr, pr, k_cache, v_cache = kernels.attention_prologue(
+        q_src, k_src, v_src, q_norm, k_norm, inv_freq, lengths, k_cache, v_cache, slots, n, T=T,
+        num_heads=num_heads, eps=eps, interpret=interpret)
+    B, nKV, L = qr.shape[0], k_cache.shape[2], k_cache.shape[1]
+    config = config_for(B, nKV, L, T * (num_heads // nKV), sm_count=sm_count())
+    o = kernels.decode_attention_rows(qr, pr, k_cache, v_cache, slots, T=T, num_heads=num_heads,
+                                      config=config, interpret=interpret)
+    return o, k_cache, v_cache

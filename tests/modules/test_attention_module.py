@@ -5,6 +5,7 @@ slots in any order and a padding row. Both round the probabilities to bf16 befor
 with v, in different orders of summation: agreement within 2**-6 relative to the output's scale
 (a few bf16 ulps); a wrong key range or a stale key read moves outputs by O(1)."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -73,3 +74,50 @@ def test_prefill_rows_stay_with_xla():
     ys = [_attention(impl)(x, KVCache.create(2, 48, 2, 32, dtype=BF16),
                            jnp.asarray([1], jnp.int32))[0] for impl in ("xla", "pallas")]
     np.testing.assert_array_equal(ys[0], ys[1])
+
+
+@pytest.mark.parametrize("where", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_prologue_kernel_matches_the_xla_steps(where, monkeypatch):
+    """impl "pallas" with the prologue kernel (the q / k norms, RoPE and the cache write in one
+    launch: the default where it fits) against the same calls with those steps in XLA
+    (GDN_JAX_ATTENTION_PROLOGUE=off), decode and verify after a prefill, ragged lengths and a
+    padding row: the cache's values bit for bit, its keys within 2 bf16 ulps (cos, sin and
+    rsqrt may differ in their last fp32 bits: the module docstring of
+    kernels/attention_prologue.py), the outputs as the score paths agree above. CPU: small heads
+    in the interpreter; GPU: Qwen3.5's (16 query heads, 2 KV heads of 256, RoPE over 64)."""
+    if where == "gpu" and jax.devices()[0].platform != "gpu":
+        pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform}")
+    hidden, nH, nKV, hd, rot = (64, 4, 2, 32, 16) if where == "cpu" else (2048, 16, 2, 256, 64)
+    rng = np.random.default_rng(3)
+    slots = jnp.asarray([2, -1, 0], jnp.int32)
+    steps = [(5, [5, 2, 3], True), (1, None, True), (4, None, False)]
+    xs = [jnp.asarray(rng.standard_normal((3, T, hidden)), BF16) for T, _, _ in steps]
+    stale = [jnp.asarray(rng.standard_normal((4, 37, nKV, hd)), BF16) for _ in range(2)]
+    norm_w = [jnp.asarray(0.3 * rng.standard_normal(hd), BF16) for _ in range(2)]
+    runs = {}
+    for level in ("off", "auto"):
+        monkeypatch.setenv(attention_ops.PROLOGUE_VAR, level)
+        attn = Attention(hidden, nH, nKV, hd, rotary_dim=rot, rope_theta=1000.0, dtype=BF16,
+                         param_dtype=BF16, impl="pallas", rngs=nnx.Rngs(0))
+        ys = []
+        for norm, w in ((attn.q_norm, norm_w[0]), (attn.k_norm, norm_w[1])):
+            norm.weight[...] = w  # distinct norms: a kernel that swaps them fails
+        cache = KVCache.create(4, 37, nKV, hd, dtype=BF16).replace(k=stale[0], v=stale[1])
+        for x, (T, lengths, advance) in zip(xs, steps):
+            y, cache = attn(x, cache, slots, lengths=lengths, advance=advance)
+            ys.append(np.asarray(y, np.float64))
+        runs[level] = ys, cache
+    (ref, ref_cache), (got, cache) = runs["off"], runs["auto"]
+    np.testing.assert_array_equal(cache.v, ref_cache.v)
+    np.testing.assert_array_equal(cache.lengths, ref_cache.lengths)
+    k, ref_k = np.asarray(cache.k, np.float32), np.asarray(ref_cache.k, np.float32)
+    assert (np.abs(k - ref_k) <= 2 * 2 ** -7 * np.maximum(np.abs(ref_k), 1)).all()
+    assert (k != np.asarray(stale[0], np.float32)).any()  # the calls wrote keys
+    for a, b, (T, lengths, _) in zip(ref, got, steps):
+        for row in (0, 2):
+            n = T if lengths is None else lengths[row]
+            np.testing.assert_allclose(b[row, :n], a[row, :n], rtol=0,
+                                       atol=2 ** -6 * np.abs(a[row, :n]).max())
+    monkeypatch.setenv(attention_ops.PROLOGUE_VAR, "fast")
+    with pytest.raises(ValueError, match="GDN_JAX_ATTENTION_PROLOGUE expected one of"):
+        attn(xs[1], cache, slots)
