@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _pallas
-from ._common import BlockConfig
+from ._common import BlockConfig, is_pow2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,8 +53,9 @@ class ConvConfig(BlockConfig):
 
 
 def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block, starts,
-            num_slots, x_col, parts_dtype):
+            num_slots, x_col, parts_dtype, sides):
     *out_refs, conv_ref = refs  # conv_ref: conv_in's buffer (aliased)
+    out_refs, side_refs = out_refs[:len(starts)], out_refs[len(starts):]
     b, j = pl.program_id(0), pl.program_id(1)
     s = slots_ref[b]
     valid = (s >= 0) & (s < num_slots)
@@ -70,9 +71,17 @@ def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block,
     def token(t):  # x's channels of token t; partial sums [S, B, T, N] added, as x's dtype
         if len(x_ref.shape) == 3:
             return x_ref[b, t, cols]
-        parts = [x_ref[j, b, t, pl.ds(x_col + c0, block)].astype(jnp.float32)
-                 for j in range(x_ref.shape[0])]
+        return added(t, x_col + c0, block)
+
+    def added(t, col, n):  # columns col..col + n of token t's partial sums, added and rounded
+        parts = [x_ref[i, b, t, pl.ds(col, n)].astype(jnp.float32) for i in range(x_ref.shape[0])]
         return functools.reduce(lambda p, q: p + q, parts).astype(parts_dtype)
+
+    @pl.when(j == 0)
+    def _():  # the side columns (whatever the row's slot: their consumers mask padding rows)
+        for side_ref, (col, n) in zip(side_refs, sides):
+            for t in range(tokens):
+                side_ref[b, t, :] = added(t, col, n).astype(side_ref.dtype)
 
     @pl.when(valid)
     def _():
@@ -100,34 +109,40 @@ def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block,
 
 
 @functools.partial(jax.jit, static_argnames=("widths", "keep", "dtype", "config", "interpret",
-                                             "x_col", "parts_dtype"))
+                                             "x_col", "parts_dtype", "sides"))
 def conv_step(x: jax.Array, conv: jax.Array, weight: jax.Array, slots: jax.Array, *,
               widths: tuple, keep: str = "window", dtype=None,
               config: ConvConfig = ConvConfig(), interpret: bool = False, x_col: int = 0,
-              parts_dtype=None):
+              parts_dtype=None, sides: tuple = ()):
     """x: [B, T, C], conv: [N, L, C], weight: [W, C], slots: [B] int32; widths: output widths
     summing to C; keep: "window" (L >= W - 1) or "all" (L >= W - 1 + T); dtype: the outputs'
     (default x's) -> (outs, conv) with outs[i]: [B, T, widths[i]] (module docstring).
 
     x may instead be a projection's split-K partial sums [S, B, T, N] (fp32, unadded) whose
     columns x_col..x_col + C are the tokens' channels: added in fp32 and rounded to parts_dtype
-    (the projection's output dtype) in the kernel, with no launch of their own."""
+    (the projection's output dtype) in the kernel, with no launch of their own. sides: more
+    (column, width) ranges of those partial sums (width a power of two), each returned added
+    and rounded as its own [B, T, width] array in parts_dtype, after outs: (outs, conv, sides)
+    (the GDN layer's gate inputs b and a, with no launch for their sum and slices)."""
     widths = tuple(int(n) for n in widths)
     parts = x.ndim == 4
-    _check(x, conv, weight, slots, widths, keep, config, x_col)
+    _check(x, conv, weight, slots, widths, keep, config, x_col, sides)
     B, T = x.shape[-3:-1]
     C = weight.shape[1]
     N = conv.shape[0]
     dtype = jnp.dtype(dtype or (parts_dtype if parts else x.dtype))
+    side_dtype = jnp.dtype(parts_dtype or x.dtype)
     if B == 0 or T == 0:  # nothing to run (a grid of size 0 may not launch on a GPU)
-        return tuple(jnp.zeros((B, T, n), dtype) for n in widths), conv
+        outs = tuple(jnp.zeros((B, T, n), dtype) for n in widths)
+        return (outs, conv, tuple(jnp.zeros((B, T, n), side_dtype) for _, n in sides)
+                ) if sides else (outs, conv)
     bounds = [0]
     for n in widths:
         bounds.append(bounds[-1] + n)
     kernel = functools.partial(_kernel, width=weight.shape[0], tokens=T, keep=keep,
                                block=config.block, starts=tuple(zip(bounds[:-1], bounds[1:])),
                                num_slots=N, x_col=x_col,
-                               parts_dtype=jnp.dtype(parts_dtype or x.dtype) if parts else None)
+                               parts_dtype=side_dtype if parts else None, sides=sides)
     *outs, conv = _pallas.pallas_call(
         kernel,
         name=f"gdn_conv_{keep}_t{T}",
@@ -135,15 +150,23 @@ def conv_step(x: jax.Array, conv: jax.Array, weight: jax.Array, slots: jax.Array
         interpret=interpret,
         grid=(B, C // config.block),
         out_shape=(*(jax.ShapeDtypeStruct((B, T, n), dtype) for n in widths),
+                   *(jax.ShapeDtypeStruct((B, T, n), side_dtype) for _, n in sides),
                    jax.ShapeDtypeStruct(conv.shape, conv.dtype)),
-        input_output_aliases={3: len(widths)},
+        input_output_aliases={3: len(widths) + len(sides)},
     )(slots, x, weight, conv)
+    if sides:
+        return tuple(outs[:len(widths)]), conv, tuple(outs[len(widths):])
     return tuple(outs), conv
 
 
-def _check(x, conv, weight, slots, widths, keep, config, x_col):
+def _check(x, conv, weight, slots, widths, keep, config, x_col, sides):
     op = "conv_step"
     C = weight.shape[-1]
+    for col, n in sides:
+        if x.ndim != 4 or not 0 <= col <= x.shape[3] - n or not is_pow2(n):
+            raise ValueError(f"{op}: sides expected (column, width) ranges of x's partial sums "
+                             f"[S, B, T, N], width a power of two, got {(col, n)} of "
+                             f"x{list(x.shape)}")
     if x.ndim == 4:  # partial sums, the channels at x_col
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{op}: x's partial sums [S, B, T, N] expected a float dtype, got "

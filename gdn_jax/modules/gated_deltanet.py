@@ -36,6 +36,7 @@ from gdn_jax.modules.norms import GatedRMSNorm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
                                       tp_size)
 from gdn_jax.ops.conv import causal_conv, conv_step
+from gdn_jax.ops.projection import Partials
 from gdn_jax.ops.scatter import write_positions
 
 _F32 = jnp.float32
@@ -65,10 +66,20 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     if views is None:
         qkvz, ba = dense_group(x, (p["qkvz"], p["ba"]), dtype=dtype, precision=precision)
         mixed, z = qkvz[..., :channels], qkvz[..., channels:]
+        b, a = ba[..., :HV], ba[..., HV:]
     else:  # one launch's partial sums: the conv and the output norm add them as they read them
         mixed, z = views[0].columns(0, channels), views[0].columns(channels, value_dim)
-        ba = views[1].value()
-    b, a = ba[..., :HV], ba[..., HV:]
+        if mode == "decode":  # b and a from the conv's launch: no launch of their own
+            b, a = views[1].columns(0, HV), views[1].columns(HV, HV)
+        else:
+            # verify: XLA's sum and slices (the gating of the stored candidates reads them
+            # anyway: no launch saved, and the conv's first program reads T tokens' more).
+            # 48-layer step, H200, kernel time, XLA's b / a -> the conv's: decode B = 1
+            # 2983.4 -> 2919.7 us, B = 32 4169.9 -> 4106.4; verify B = 1 3322.9 -> 3366.4,
+            # B = 32 5910.1 -> 6008.8 (bench/results/profile_step-h200-qwen3_5_text-b1_b32-
+            # conv_sides-2026-12-04.json)
+            ba = views[1].value()
+            b, a = ba[..., :HV], ba[..., HV:]
 
     A_log, dt_bias = p["A_log"], p["dt_bias"]
     if mode == "prefill":  # ragged lengths: XLA
@@ -77,9 +88,11 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
         q, k, v = jnp.split(causal_conv(xp, p["conv"]).astype(dtype),
                             (key_dim, 2 * key_dim), axis=-1)
     else:  # one launch for the conv and the slot's conv rows where a GPU runs it
-        (q, k, v), conv = conv_step(mixed, cache.conv, p["conv"], slots,
-                                    widths=(key_dim, key_dim, value_dim), dtype=dtype,
-                                    keep="window" if mode == "decode" else "all")
+        (q, k, v), conv, *ba = conv_step(mixed, cache.conv, p["conv"], slots,
+                                         widths=(key_dim, key_dim, value_dim), dtype=dtype,
+                                         keep="window" if mode == "decode" else "all",
+                                         sides=(b, a) if isinstance(b, Partials) else ())
+        b, a = ba[0] if ba else (b, a)
     q, k, v = q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V)
     if mode == "decode":
         o, state = ops.decode(q, k, v, a, b, A_log, dt_bias, cache.state, slots)

@@ -47,14 +47,17 @@ def causal_conv(xp, weight):
     return jax.nn.silu(y)
 
 
-def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None):
+def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None, sides=()):
     """x: [B, T, C] the rows' tokens (or a `gdn_jax.ops.projection.Partials` view of them, lead
     (B, T): the kernel adds the projection's partial sums as it reads them); conv: [N, L, C] the
     slots' windows in rows 0..W-2 (oldest first); weight: [W, C]; slots: [B] int32; widths:
     output widths summing to C; keep: "window" (decode: each slot keeps its last W - 1 inputs) or
     "all" (verify: the window and the T tokens, zero-padded to L rows); dtype: the outputs'
     (default x's). Returns (outs, conv):
-    outs[i] [B, T, widths[i]] the channel range i of silu(conv) (x cast to conv's dtype first)."""
+    outs[i] [B, T, widths[i]] the channel range i of silu(conv) (x cast to conv's dtype first).
+    sides: more `Partials` views of the projection x is a view of (the GDN layer's b and a):
+    returned as their values after conv, (outs, conv, sides), read by the conv's own launch
+    where it reads x's partial sums in place."""
     widths = tuple(int(n) for n in widths)
     dtype = jnp.dtype(dtype or x.dtype)
     slots = jnp.asarray(slots).astype(jnp.int32)
@@ -66,13 +69,21 @@ def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None):
         if view:  # the projection's partial sums, added in the kernel
             S, _, N = x.parts.shape
             parts = x.parts.reshape(S, *x.lead, N)
-            return kernels.conv_step(parts, conv, weight, slots, widths=widths, keep=keep,
-                                     dtype=dtype, config=kernels.ConvConfig(block=block),
-                                     interpret=mode == "interpret", x_col=x.start,
-                                     parts_dtype=x.dtype)
-        return kernels.conv_step(x, conv, weight, slots, widths=widths, keep=keep, dtype=dtype,
-                                 config=kernels.ConvConfig(block=block),
-                                 interpret=mode == "interpret")
+            inside = tuple(v for v in sides if _same_source(v, x))
+            out = kernels.conv_step(parts, conv, weight, slots, widths=widths, keep=keep,
+                                    dtype=dtype, config=kernels.ConvConfig(block=block),
+                                    interpret=mode == "interpret", x_col=x.start,
+                                    parts_dtype=x.dtype,
+                                    sides=tuple((v.start, v.width) for v in inside))
+            if not sides:
+                return out
+            read = iter(out[2] if inside else ())
+            return out[0], out[1], tuple(next(read) if _same_source(v, x) else v.value()
+                                         for v in sides)
+        out = kernels.conv_step(x, conv, weight, slots, widths=widths, keep=keep, dtype=dtype,
+                                config=kernels.ConvConfig(block=block),
+                                interpret=mode == "interpret")
+        return (*out, tuple(v.value() for v in sides)) if sides else out
     if view:
         x = x.value()
     W, T, L = weight.shape[0], x.shape[1], conv.shape[1]
@@ -84,9 +95,17 @@ def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None):
         outs.append(y[..., lo:lo + n])
         lo += n
     if keep == "window":
-        return tuple(outs), write_positions(conv, scatter, xp[:, T:])
-    return tuple(outs), write_slots(conv, scatter, jnp.pad(xp, [(0, 0), (0, L - xp.shape[1]),
-                                                                 (0, 0)]))
+        conv = write_positions(conv, scatter, xp[:, T:])
+    else:
+        conv = write_slots(conv, scatter, jnp.pad(xp, [(0, 0), (0, L - xp.shape[1]), (0, 0)]))
+    return (tuple(outs), conv, tuple(v.value() for v in sides)) if sides else (tuple(outs), conv)
+
+
+def _same_source(view, x) -> bool:
+    """Whether the conv kernel reading x's partial sums can read `view` too: the same launch's
+    output, a power-of-two width."""
+    return (view.parts is x.parts and view.lead == x.lead and view.dtype == x.dtype
+            and view.width & (view.width - 1) == 0)
 
 
 def _mode(widths) -> tuple[str | None, int]:

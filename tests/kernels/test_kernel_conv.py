@@ -170,3 +170,7 @@ def test_conv_step_reads_partial_sums_interpret(S, T, keep):
         kernels.conv_step(parts.astype(jnp.int32), conv, weight, slots, x_col=x_col, **kw)
     with pytest.raises(ValueError, match=r"x_col is for partial sums"):
         kernels.conv_step(summed, conv, weight, slots, x_col=32, **kw)
+    with pytest.raises(ValueError, match=r"sides expected \(column, width\) ranges"):
+        kernels.conv_step(parts, conv, weight, slots, x_col=x_col, sides=((0, 24),), **kw)
+    with pytest.raises(ValueError, match=r"sides expected \(column, width\) ranges"):
+        kernels.conv_step(summed, conv, weight, slots, sides=((0, 16),), **kw)

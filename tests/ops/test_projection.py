@@ -404,6 +404,19 @@ def test_partials_views_hold_the_group_outputs(monkeypatch, lead):
     want = conv_ops.conv_step(views[0].value(), conv, weight, slots, **kw)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # side columns of the same launch (GDN's b and a) come back from the conv's launch, their
+    # values bit for bit; a view of another launch (x's own columns here) by its value
+    sides = (views[1].columns(0, 16), views[1].columns(16, 16), views[2].columns(32, 32),
+             views[0]._replace(parts=views[0].parts + 0).columns(0, 32))
+    spy = _spy(monkeypatch, "conv_step")
+    outs, conv2, side_vals = conv_ops.conv_step(views[0], conv, weight, slots, sides=sides, **kw)
+    assert spy[-1][1]["sides"] == tuple((v.start, v.width) for v in sides[:3])
+    for a, b in zip(jax.tree.leaves((outs, conv2)), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    for got_side, view in zip(side_vals, sides):
+        assert got_side.shape == (B, T, view.width) and got_side.dtype == view.dtype
+        np.testing.assert_array_equal(np.asarray(got_side, np.float32),
+                                      np.asarray(view.value(), np.float32))
     o = jnp.asarray(rng.standard_normal((B, T, 2, 32)), jnp.bfloat16)
     z = views[2].columns(0, 64)
     monkeypatch.setenv(projection.PROLOGUE_VAR, "on")  # the norm's kernel reads z in place
