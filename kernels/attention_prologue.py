@@ -93,7 +93,8 @@ def _kernel(lengths_ref, slots_ref, n_ref, q_ref, k_ref, v_ref, qw_ref, kw_ref, 
 
     def norm_rope(x, w_ref):
         xf = x.astype(_F32)
-        scale = lax.rsqrt(jnp.sum(xf * xf) / hd + eps)
+        # axis by axis: a whole-array sum fails to lower under jax 0.11's explicit meshes
+        scale = lax.rsqrt(jnp.sum(jnp.sum(xf * xf, axis=1), axis=0) / hd + eps)
         y = (xf * scale * (1.0 + w_ref[...].astype(_F32))).astype(dtype).astype(_F32)
         angle = pos.astype(_F32) * freq_ref[...]                      # [R2]
         cos = jnp.cos(angle).astype(dtype).astype(_F32)[None, :]
