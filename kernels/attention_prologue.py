@@ -3,7 +3,7 @@ projection's output (its split-K partial sums, added on load), each query and ke
 RMSNorm, partial NeoX RoPE at the token's position, the keys and values written into the
 slot-indexed cache, and the queries laid out for `decode_attention_rows`.
 
-XLA runs the same as about eight launches per attention layer (the partials' sum and slice, two
+XLA runs the same as about ten launches per attention layer (the partials' sum and slice, two
 norms, two RoPEs, the queries' padding, the cache write's index and scatter, the positions'
 broadcast): at B = 1 most of them cost their launch, not their bytes. H200, a 48-layer
 Qwen3.5-shaped step (12 attention layers), kernel time: B = 1 decode 3058.9 -> 2947.7 us, this
@@ -11,7 +11,8 @@ kernel 3.2 us a layer; B = 32 decode 4237.9 -> 4130.4, verify 6074.5 -> 5924.6
 (bench/results/profile_step-h200-qwen3_5_text-b1_b32-attn_prologue-2026-12-04.json).
 
     qr, pr, k_cache, v_cache = attention_prologue(q, k, v, q_norm, k_norm, inv_freq, lengths,
-                                                  k_cache, v_cache, slots, n, T=T, eps=eps)
+                                                  k_cache, v_cache, slots, n, T=T,
+                                                  num_heads=nH, eps=eps)
 
 Program (m, head) of the grid (B * T, nH + nKV) takes token t = m % T of row b = m // T: a query
 head (head < nH) or a key / value head (head - nH). A head's hd values are held as a
@@ -185,10 +186,25 @@ def attention_prologue(q: Source, k: Source, v: Source, q_norm, k_norm, inv_freq
     why = misfit(hd, 2 * inv_freq.shape[0], (q, k, v))
     if why:
         raise ValueError(f"attention_prologue: {why}")
-    M = q.parts.shape[1]
+    M, nKV, half = q.parts.shape[1], k_cache.shape[2], inv_freq.shape[0]
+    for name, src, heads in (("q", q, num_heads), ("k", k, nKV), ("v", v, nKV)):
+        N = src.parts.shape[2]
+        if N % half or src.start + (heads - 1) * src.stride + hd > N:
+            raise ValueError(f"attention_prologue: {name}'s {heads} heads of {hd} columns from "
+                             f"{src.start}, {src.stride} apart, must lie in its {N} columns, "
+                             f"a multiple of rotary_dim / 2 = {half}")
     if M % T or k.parts.shape[1] != M or v.parts.shape[1] != M:
         raise ValueError(f"attention_prologue: the sources' rows must be B * T with T = {T}, got "
                          f"{q.parts.shape[1]}, {k.parts.shape[1]}, {v.parts.shape[1]}")
+    B = M // T
+    if (slots.shape != (B,) or n.shape != (B,) or lengths.shape != (k_cache.shape[0],)
+            or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype
+            or jnp.dtype(k_cache.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))):
+        raise ValueError(f"attention_prologue: slots and n [B] = [{B}], lengths [num_slots] = "
+                         f"[{k_cache.shape[0]}], v_cache as k_cache (bf16 or fp16) expected, got "
+                         f"slots{list(slots.shape)}, n{list(n.shape)}, "
+                         f"lengths{list(lengths.shape)}, k_cache {k_cache.dtype}"
+                         f"{list(k_cache.shape)}, v_cache {v_cache.dtype}{list(v_cache.shape)}")
     if num_heads % k_cache.shape[2] or q_norm.shape != (hd,) or k_norm.shape != (hd,):
         raise ValueError(f"attention_prologue: num_heads ({num_heads}) a multiple of the cache's "
                          f"{k_cache.shape[2]} KV heads and norms of [{hd}] expected, got "

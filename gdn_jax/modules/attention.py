@@ -17,7 +17,7 @@ default) is "pallas" where its kernel runs compiled (`gdn_jax.ops.attention.runs
 time per 48-layer decode step against 11 ms
 (bench/results/profile_step-h200-ctx32k-attention_paths-2026-12-01.json).
 
-On a single device the "pallas" path also runs the q / k norms, RoPE and the cache write as one
+Without a mesh the "pallas" path also runs the q / k norms, RoPE and the cache write as one
 kernel before the attention kernel (`gdn_jax.ops.attention.prologue_attention`), reading the
 q / k / v projection's partial sums in place, where XLA's steps take about ten launches a layer:
 48-layer Qwen3.5-shaped step on an H200, kernel time, B = 1 decode 3058.9 -> 2947.7 us (718 ->
@@ -152,7 +152,8 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     if impl == "auto":
         fits = attention_ops.runs_compiled(cache.k) and (tp is None or kv_split)
         impl = "pallas" if fits else "xla"
-    fused = impl == "pallas" and tp is None and attention_ops.takes(T, nH, nKV)
+    fused = (impl == "pallas" and tp is None and attention_ops.takes(T, nH, nKV)
+             and attention_ops.prologue_misfit(cache.k, hd, rotary_dim, dtype) is None)
     views = dense_group_partials(x, (p["q"], p["k"], p["v"]), dtype=dtype) if fused else None
     strides = (2 * hd, hd, hd)  # a head's columns apart: q's interleaved with the gates
     if views is not None:  # the projection's partial sums, read in place by the prologue
@@ -162,7 +163,7 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
         qg, k, v = dense_group(x, (p["q"], p["k"], p["v"]), dtype=dtype, precision=precision)
         srcs = tuple(attention_ops.Source(y.reshape(1, B * T, -1), 0, s)
                      for y, s in zip((qg, k, v), strides))
-    if fused and attention_ops.prologue_misfit(*srcs, cache.k, hd, rotary_dim, dtype) is None:
+    if fused and attention_ops.prologue_misfit(cache.k, hd, rotary_dim, dtype, srcs) is None:
         # the norms, RoPE and the cache write in one launch, then the attention kernel
         o, ck, cv = attention_ops.prologue_attention(
             *srcs, p["q_norm"], p["k_norm"], inv_freq(rotary_dim, rope_theta), cache.lengths,

@@ -77,10 +77,9 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *, interpret: bool | None 
                                     interpret=interpret)
 
 
-def prologue_misfit(q_src, k_src, v_src, k_cache, head_dim: int, rotary_dim: int,
-                    dtype) -> str | None:
-    """Why `prologue_attention` cannot take these sources and cache, or None (it is also off
-    where GDN_JAX_ATTENTION_PROLOGUE is "off")."""
+def prologue_misfit(k_cache, head_dim: int, rotary_dim: int, dtype, sources=()) -> str | None:
+    """Why `prologue_attention` cannot take this cache (and these q / k / v `Source`s, where
+    given), or None. Also not None where GDN_JAX_ATTENTION_PROLOGUE is "off"."""
     level = os.environ.get(PROLOGUE_VAR, "auto")
     if level not in PROLOGUES:
         raise ValueError(f"{PROLOGUE_VAR} expected one of {PROLOGUES}, got {level!r}")
@@ -88,8 +87,7 @@ def prologue_misfit(q_src, k_src, v_src, k_cache, head_dim: int, rotary_dim: int
         return f"{PROLOGUE_VAR} is off"
     if k_cache.dtype != dtype:
         return f"the cache's dtype {k_cache.dtype} is not the layer's {dtype}"
-    return misfit(k_cache) or kernels.attention_prologue_misfit(head_dim, rotary_dim,
-                                                                (q_src, k_src, v_src))
+    return misfit(k_cache) or kernels.attention_prologue_misfit(head_dim, rotary_dim, sources)
 
 
 def prologue_attention(q_src, k_src, v_src, q_norm, k_norm, inv_freq, lengths, k_cache, v_cache,

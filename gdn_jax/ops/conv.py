@@ -105,7 +105,7 @@ def _same_source(view, x) -> bool:
     """Whether the conv kernel reading x's partial sums can read `view` too: the same launch's
     output, a power-of-two width."""
     return (view.parts is x.parts and view.lead == x.lead and view.dtype == x.dtype
-            and view.width & (view.width - 1) == 0)
+            and view.width >= 1 and view.width & (view.width - 1) == 0)
 
 
 def _mode(widths) -> tuple[str | None, int]:

@@ -37,11 +37,12 @@ def _case(seed, dims, B, T, dtype):
     kc = jnp.asarray(rng.standard_normal((N_s, L, nKV, hd)), dtype)
     vc = jnp.asarray(rng.standard_normal((N_s, L, nKV, hd)), dtype)
     lengths = jnp.asarray(rng.integers(0, L - T, N_s), jnp.int32)
-    real = rng.permutation(N_s)[:B - 1]
-    lengths = lengths.at[real[0]].set(L - 1)  # its token 1 falls past max_len: not written
-    slots = jnp.asarray(rng.permutation(np.concatenate([real, [-1]])), jnp.int32)
-    n = jnp.asarray(rng.integers(1, T + 1, B), jnp.int32)  # rows with fewer real tokens
-    return parts, qw, kw, kc, vc, lengths, slots, n
+    real = rng.permutation(N_s)[:B - 2]
+    lengths = lengths.at[real[0]].set(L - 1)  # its tokens past 0 fall past max_len: not written
+    slots = rng.permutation(np.concatenate([real, [-1, N_s + 1]]))  # two padding rows
+    n = rng.integers(1, T + 1, B)  # rows with fewer real tokens
+    n[np.flatnonzero(slots == real[0])] = T
+    return parts, qw, kw, kc, vc, lengths, jnp.asarray(slots, jnp.int32), jnp.asarray(n, jnp.int32)
 
 
 def _reference(parts, qw, kw, kc, vc, lengths, slots, n, *, T, nH, nKV, hd, rotary, dtype):
@@ -85,7 +86,7 @@ def test_prologue_matches_xla_path(where, dtype, T):
         pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform}")
     dims = SMALL if where == "interpret" else REAL
     nH, nKV, hd, rotary = dims["nH"], dims["nKV"], dims["hd"], dims["rotary"]
-    B = 3 if where == "interpret" else 8
+    B = 4 if where == "interpret" else 8
     parts, qw, kw, kc, vc, lengths, slots, n = _case(T, dims, B, T, dtype)
     ref = _reference(parts, qw, kw, kc, vc, lengths, slots, n, T=T, nH=nH, nKV=nKV, hd=hd,
                      rotary=rotary, dtype=dtype)
@@ -125,6 +126,16 @@ def test_prologue_refuses_what_it_cannot_take():
     with pytest.raises(ValueError, match="B \\* T"):
         kernels.attention_prologue(src(0, 32), src(128, 16), src(160, 16), *args, T=4,
                                    num_heads=4, eps=EPS, interpret=True)
+    with pytest.raises(ValueError, match="v's 2 heads of 16 columns from 168"):
+        kernels.attention_prologue(src(0, 32), src(128, 16), src(168, 16), *args, T=2,
+                                   num_heads=4, eps=EPS, interpret=True)
+    with pytest.raises(ValueError, match=r"slots and n \[B\] = \[3\]"):
+        kernels.attention_prologue(src(0, 32), src(128, 16), src(160, 16), *args[:6],
+                                   slots[:2], n, T=2, num_heads=4, eps=EPS, interpret=True)
+    with pytest.raises(ValueError, match="v_cache as k_cache"):
+        kernels.attention_prologue(src(0, 32), src(128, 16), src(160, 16), *args[:5],
+                                   vc.astype(jnp.float32), slots, n, T=2, num_heads=4, eps=EPS,
+                                   interpret=True)
 
 
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])

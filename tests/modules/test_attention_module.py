@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from gdn_jax import kernels
 from gdn_jax.modules import Attention, KVCache
 from gdn_jax.modules.attention import set_attention_impl
 from gdn_jax.ops import attention as attention_ops
@@ -94,7 +95,10 @@ def test_prologue_kernel_matches_the_xla_steps(where, monkeypatch):
     xs = [jnp.asarray(rng.standard_normal((3, T, hidden)), BF16) for T, _, _ in steps]
     stale = [jnp.asarray(rng.standard_normal((4, 37, nKV, hd)), BF16) for _ in range(2)]
     norm_w = [jnp.asarray(0.3 * rng.standard_normal(hd), BF16) for _ in range(2)]
-    runs = {}
+    runs, calls = {}, []
+    real = kernels.attention_prologue
+    monkeypatch.setattr(kernels, "attention_prologue",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     for level in ("off", "auto"):
         monkeypatch.setenv(attention_ops.PROLOGUE_VAR, level)
         attn = Attention(hidden, nH, nKV, hd, rotary_dim=rot, rope_theta=1000.0, dtype=BF16,
@@ -107,6 +111,7 @@ def test_prologue_kernel_matches_the_xla_steps(where, monkeypatch):
             y, cache = attn(x, cache, slots, lengths=lengths, advance=advance)
             ys.append(np.asarray(y, np.float64))
         runs[level] = ys, cache
+    assert len(calls) == len(steps)  # the kernel ran at "auto" on every call, never at "off"
     (ref, ref_cache), (got, cache) = runs["off"], runs["auto"]
     np.testing.assert_array_equal(cache.v, ref_cache.v)
     np.testing.assert_array_equal(cache.lengths, ref_cache.lengths)
