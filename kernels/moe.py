@@ -4,13 +4,14 @@ reads each chosen expert's weights once.
 XLA's GPU `ragged_dot` computes every expert whatever the routing; gathering the chosen experts'
 weights per (token, expert) pair re-reads an expert once per token that picked it. Here the
 pairs are grouped by expert (in pair order) and cut into blocks of `block_m` rows, each block
-one expert's (`plan`); program (g, n) multiplies block g's rows by the column block n of its
-expert's weight, streaming that weight once for all of the block's rows. A decode step of B
-tokens and top-k experts has P = B k pairs in at most P / block_m + min(E, P) blocks; those past
-the used ones (`block_expert` = -1) write zeros and read nothing. For few pairs the plan costs
-more launches than the weights it saves (a decode step at B = 1 has k distinct experts; measured
-when `plan` sorted): `plan_pairs` gives every pair a block of its own instead, from index
-arithmetic alone, and an expert two tokens chose is read twice.
+one expert's (`plan`); program (g, n, s) multiplies block g's rows by the column block n of its
+expert's weight (a K slice of it: `MoEConfig.splits`), streaming that weight once for all of
+the block's rows. A decode step of B tokens and top-k experts has P = B k pairs in at most
+P / block_m + min(E, P) blocks; those past the used ones (`block_expert` = -1) write zeros and
+read nothing. For few pairs the plan costs more launches than the weights it saves (a decode
+step at B = 1 has k distinct experts; measured when `plan` sorted): `plan_pairs` gives every
+pair a block of its own instead, from index arithmetic alone, and an expert two tokens chose is
+read twice.
 
     blocks = plan(ids, num_experts, block_m)                    # XLA: rank by expert, pad
     h = grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up, row_token=blocks.row_token,
@@ -25,6 +26,14 @@ copy first: G * block_m rows, most of them padding when experts get a pair or tw
 With `w_up` the kernel computes silu(x @ w_gate) * (x @ w_up) (SwiGLU's first half) in one pass.
 x, weights: bf16 or fp16 (exact products, fp32 accumulation; each call rounds its result to x's
 dtype once, so h is rounded between the two calls, and `combine` sums in fp32 and rounds again).
+
+Few blocks (a decode step's pairs) leave most SMs with one program streaming a thin column block:
+`MoEConfig.splits` cuts K into slices, a program each, and the calls pass fp32 partial sums on
+(the gated call's gate and up sums; the down call's silu(gate) * up formed from them on load, its
+own sums added in `combine`):
+
+    h = grouped_matmul(x, w_gate, ..., w_up=w_up, config=split)    # [S, rows, 2I] fp32
+    y = grouped_matmul(h, w_down, blocks.block_expert, swiglu=True, config=...)
 """
 
 from __future__ import annotations
@@ -54,6 +63,9 @@ class MoEConfig:
              block re-reads its expert's weights, so more rows per block suit more tokens.
     block_n, block_k: the weight tile [block_k, block_n] (powers of two >= 16).
     num_warps, num_stages: Triton's; the stages pipeline the loop over K.
+    splits: K is cut into this many slices, a program each (split-K): more programs, and more
+            loads in flight, where the blocks are few (a decode step's 8-80 pairs); the call
+            then returns fp32 partial sums (`grouped_matmul`).
     """
 
     block_m: int = 16
@@ -61,16 +73,18 @@ class MoEConfig:
     block_k: int = 128
     num_warps: int = 4
     num_stages: int = 3
+    splits: int = 1
 
     def __post_init__(self):
-        check_launch_fields(self, tiles=("block_m", "block_n", "block_k"))
+        check_launch_fields(self, tiles=("block_m", "block_n", "block_k"), counts=("splits",))
 
     def misfit(self, K: int, N: int) -> str | None:
         """Why this config cannot take an [E, K, N] expert weight, or None."""
         if N % self.block_n:
             return f"block_n={self.block_n} does not divide N={N}"
-        if K % self.block_k:
-            return f"block_k={self.block_k} does not divide K={K}"
+        if K % (self.splits * self.block_k):
+            return (f"K={K} is not a multiple of splits * block_k = {self.splits} * "
+                    f"{self.block_k}")
         return None
 
 
@@ -91,20 +105,26 @@ class Blocks(NamedTuple):
         """x [num_tokens, K] -> [G * block_m, K]: each row's token, zeros on padding rows."""
         return jnp.take(x, self.row_token, axis=0, mode="fill", fill_value=0)
 
-    def combine(self, y: jax.Array, weights: jax.Array, num_tokens: int) -> jax.Array:
-        """y [G * block_m, N], weights [num_tokens, k] -> [num_tokens, N] (y's dtype): each
-        token's k rows times their routing weights, summed in fp32. The pairs' rows are gathered
-        (P rows; the padding rows, most of y where experts get a pair or two, are never read)
-        and summed by token in one reduce: no scatter into a zeroed output."""
+    def combine(self, y: jax.Array, weights: jax.Array, num_tokens: int,
+                dtype=None) -> jax.Array:
+        """y [G * block_m, N] (or its split-K partial sums [S, G * block_m, N], fp32), weights
+        [num_tokens, k] -> [num_tokens, N] in dtype (default y's): each token's k rows times
+        their routing weights, summed in fp32. The pairs' rows are gathered (P rows; the padding
+        rows, most of y where experts get a pair or two, are never read) and summed by token in
+        one reduce: no scatter into a zeroed output."""
         T, k = weights.shape
         if T != num_tokens or T * k != self.pair_row.shape[0]:
             raise ValueError(f"combine: weights expected [num_tokens, k] = [{num_tokens}, "
                              f"{self.pair_row.shape[0] // max(num_tokens, 1)}], got "
                              f"{list(weights.shape)}")
-        lead = jnp.take(y, self.pair_row, axis=0).reshape(T, k, y.shape[1]).astype(_F32)
+        lead = jnp.take(y, self.pair_row, axis=-2).astype(_F32)
+        if lead.ndim == 3:
+            lead = lead.sum(0)
+        lead = lead.reshape(T, k, y.shape[-1])
         # a product and a sum over k, which XLA fuses with the gather (an einsum may become a
         # batched GEMM launch of its own)
-        return (lead * weights.astype(_F32)[:, :, None]).sum(1).astype(y.dtype)
+        out = (lead * weights.astype(_F32)[:, :, None]).sum(1)
+        return out.astype(y.dtype if dtype is None else dtype)
 
 
 def num_blocks(pairs: int, num_experts: int, block_m: int) -> int:
@@ -166,94 +186,154 @@ def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
                   pair_row=jnp.arange(P, dtype=jnp.int32) * block_m)
 
 
-def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, gated, gather):
-    """Program (g, n): rows of block g times column block n of w[block_expert[g]]; with gather
-    (refs: row_token first) the rows are x's rows row_token[g * block_m + i], zeros where that is
-    no token (padding)."""
-    row_token_ref, x_ref, w_ref, *rest = refs if gather else (None, *refs)
+def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, gather, swiglu,
+            num_tokens):
+    """Program (g, n, s): rows of block g times column block n of w[block_expert[g]], over the
+    K slice s (k_split rows of w from s * k_split). With gather (refs: row_token first) the rows
+    are x's rows row_token[g * block_m + i], zeros where that is no token (padding); with swiglu
+    x is [S', rows, 2K] partial sums of gate | up and a row is silu(gate) * up (fp32, rounded to
+    w's dtype), rows whose row_token is no token (num_tokens given) zeros, never loaded. o: [rows, N] in its dtype, or [S, rows, N] fp32 partial sums (split; gated:
+    [S, rows, 2N], gate's then up's)."""
+    row_token_ref, x_ref, w_ref, *rest = refs if gather or num_tokens else (None, *refs)
     w2_ref, o_ref = rest if gated else (None, rest[0])
-    g, n = pl.program_id(0), pl.program_id(1)
-    rows, cols = pl.ds(g * block_m, block_m), pl.ds(n * block_n, block_n)
+    g, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    rows = pl.ds(g * block_m, block_m)
+    K, N = w_ref.shape[1:]
     e = block_expert_ref[g]
+    split = len(o_ref.shape) == 3
+
+    def store(col, value):
+        cols = pl.ds(col + n * block_n, block_n)
+        if split:
+            o_ref[s, rows, cols] = value
+        else:
+            o_ref[rows, cols] = value.astype(o_ref.dtype)
 
     @pl.when(e >= 0)
     def _():
-        if gather:
+        if row_token_ref is not None:
             token = row_token_ref[rows]
-            real = (token >= 0) & (token < x_ref.shape[0])
+            real = (token >= 0) & (token < (num_tokens or x_ref.shape[0]))
             token = jnp.where(real, token, 0)  # a padding row's address: masked, never read
 
-        def step(i, accs):
-            ks = pl.ds(i * block_k, block_k)
+        def x_tile(k0):
             if gather:  # indices on both axes: the interpreter takes no array-and-slice mix
-                k_idx = i * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-                x = plgpu.load(x_ref.at[token[:, None], k_idx], mask=real[:, None], other=0)
-            else:
-                x = x_ref[rows, ks]
+                k_idx = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+                return plgpu.load(x_ref.at[token[:, None], k_idx], mask=real[:, None], other=0)
+            if swiglu:  # with row_token only the real rows load: most rows are padding
+                def summed(col):
+                    cs = pl.ds(col, block_k)
+                    parts = [(x_ref[j, rows, cs] if row_token_ref is None else plgpu.load(
+                        x_ref.at[jnp.int32(j), rows, cs], mask=real[:, None], other=0))
+                        .astype(_F32) for j in range(x_ref.shape[0])]
+                    return functools.reduce(lambda a, b: a + b, parts)
+                return _silu_mul(summed(k0), summed(K + k0)).astype(w_ref.dtype)
+            return x_ref[rows, pl.ds(k0, block_k)]
+
+        def step(i, accs):
+            k0 = s * k_split + i * block_k
+            x, ks = x_tile(k0), pl.ds(k0, block_k)
+            cols = pl.ds(n * block_n, block_n)
             dot = lambda w_ref: lax.dot_general(x, w_ref[e, ks, cols], (((1,), (0,)), ((), ())),
                                                 preferred_element_type=_F32)
             return tuple(a + dot(r) for a, r in zip(accs, (w_ref, w2_ref)[:len(accs)]))
 
         zero = jnp.zeros((block_m, block_n), _F32)
-        accs = lax.fori_loop(0, x_ref.shape[1] // block_k, step, (zero, zero) if gated else (zero,))
-        out = jax.nn.silu(accs[0]) * accs[1] if gated else accs[0]
-        o_ref[rows, cols] = out.astype(o_ref.dtype)
+        accs = lax.fori_loop(0, k_split // block_k, step, (zero, zero) if gated else (zero,))
+        if gated and split:  # the gate needs its whole sum: silu waits for the consumer
+            store(0, accs[0])
+            store(N, accs[1])
+        else:
+            store(0, _silu_mul(*accs) if gated else accs[0])
 
     @pl.when(e < 0)
     def _():
-        o_ref[rows, cols] = jnp.zeros((block_m, block_n), o_ref.dtype)
+        zero = jnp.zeros((block_m, block_n), o_ref.dtype)
+        for col in ((0, N) if gated and split else (0,)):
+            store(col, zero)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _silu_mul(gate, up):
+    return jax.nn.silu(gate) * up
+
+
+@functools.partial(jax.jit, static_argnames=("config", "swiglu", "num_tokens", "interpret",
+                                             "name"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
                    w_up: jax.Array | None = None, row_token: jax.Array | None = None,
-                   config: MoEConfig = MoEConfig(), interpret: bool = False) -> jax.Array:
+                   swiglu: bool = False, num_tokens: int | None = None,
+                   config: MoEConfig = MoEConfig(), interpret: bool = False,
+                   name: str | None = None) -> jax.Array:
     """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
     in x's dtype: block g's rows @ w[block_expert[g]] (with w_up: silu(x @ w) * (x @ w_up));
     zeros for blocks whose expert is -1. With row_token ([G * block_m] int32, `Blocks`), x is
     [num_tokens, K] and row i of the blocks is x[row_token[i]], zeros where row_token[i] is not
-    in 0..num_tokens - 1."""
-    _check(x, w, w_up, block_expert, row_token, config)
+    in 0..num_tokens - 1.
+
+    config.splits > 1: the K slices' fp32 partial sums [splits, G * block_m, N] come back
+    unadded; with w_up [splits, G * block_m, 2N], the gate's sums then the up's, for a
+    swiglu call to finish. swiglu: x is such a gated call's [S, G * block_m, 2K] (fp32) and the
+    rows are silu(gate) * up of its sums, rounded to w's dtype; with row_token and num_tokens
+    (the gated call's), only the rows of a token load (the sums are [S, 2K] fp32 a row, and at
+    a decode step 15 of a block's 16 rows are padding), the others are zeros. name: the kernel's (what a
+    profile shows; default gdn_moe_gate_up with w_up, else gdn_moe_down)."""
+    _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config)
     N = w.shape[2]
-    G = block_expert.shape[0]
+    G, S = block_expert.shape[0], config.splits
+    cols = 2 * N if w_up is not None and S > 1 else N
+    shape, dtype = ((S, G * config.block_m, cols), _F32) if S > 1 else \
+        ((G * config.block_m, N), w.dtype)
     if G == 0:  # no pairs: nothing to launch (a grid of size 0 may not launch on a GPU)
-        return jnp.zeros((0, N), x.dtype)
-    gated, gather = w_up is not None, row_token is not None
+        return jnp.zeros(shape, dtype)
+    gated, gather = w_up is not None, row_token is not None and not swiglu
     return _pallas.pallas_call(
         functools.partial(_kernel, block_m=config.block_m, block_n=config.block_n,
-                          block_k=config.block_k, gated=gated, gather=gather),
-        name="gdn_moe_gate_up" if gated else "gdn_moe_down",
+                          block_k=config.block_k, k_split=w.shape[1] // S, gated=gated,
+                          gather=gather, swiglu=swiglu, num_tokens=num_tokens if swiglu else None),
+        name=name or ("gdn_moe_gate_up" if gated else "gdn_moe_down"),
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
-        grid=(G, N // config.block_n),
-        out_shape=jax.ShapeDtypeStruct((G * config.block_m, N), x.dtype),
-    )(block_expert, *((row_token,) if gather else ()), x, w, *((w_up,) if gated else ()))
+        grid=(G, N // config.block_n, S),
+        out_shape=jax.ShapeDtypeStruct(shape, dtype),
+    )(block_expert, *((row_token,) if row_token is not None else ()), x, w,
+      *((w_up,) if gated else ()))
 
 
-def _check(x, w, w_up, block_expert, row_token, config):
+def _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config):
     op = "grouped_matmul"
-    if w.ndim != 3 or x.ndim != 2 or x.shape[1] != w.shape[1]:
+    K = w.shape[1] if w.ndim == 3 else None
+    if (num_tokens is not None) != (swiglu and row_token is not None):
+        raise ValueError(f"{op}: num_tokens goes with swiglu and row_token (the real rows), got "
+                         f"num_tokens={num_tokens}, swiglu={swiglu}, row_token "
+                         f"{'given' if row_token is not None else 'None'}")
+    if swiglu:
+        if w_up is not None:
+            raise ValueError(f"{op}: swiglu's x holds the gated call's rows: w_up expected None")
+        if x.ndim != 3 or w.ndim != 3 or x.shape[2] != 2 * K or x.dtype != _F32:
+            raise ValueError(f"{op}: swiglu: x expected fp32 [S, rows, 2K] partial sums and w "
+                             f"[E, K, N], got x {x.dtype}{list(x.shape)} and w{list(w.shape)}")
+    elif w.ndim != 3 or x.ndim != 2 or x.shape[1] != K:
         raise ValueError(f"{op}: x [rows, K] and w [E, K, N] expected, got x{list(x.shape)} and "
                          f"w{list(w.shape)}")
     if w_up is not None and w_up.shape != w.shape:
         raise ValueError(f"{op}: w_up expected w's shape {list(w.shape)}, got {list(w_up.shape)}")
+    dtype = w.dtype if swiglu else x.dtype
     for name, a in (("w", w), ("w_up", w_up)):
-        if a is not None and a.dtype != x.dtype:
-            raise ValueError(f"{op}: {name} expected x's dtype {x.dtype}, got {a.dtype}")
-    if jnp.dtype(x.dtype) not in MOE_DTYPES:
-        raise ValueError(f"{op}: x expected one of {[str(d) for d in MOE_DTYPES]}, got {x.dtype}")
+        if a is not None and a.dtype != dtype:
+            raise ValueError(f"{op}: {name} expected x's dtype {dtype}, got {a.dtype}")
+    if jnp.dtype(dtype) not in MOE_DTYPES:
+        raise ValueError(f"{op}: x expected one of {[str(d) for d in MOE_DTYPES]}, got {dtype}")
+    if block_expert.ndim != 1 or block_expert.dtype != jnp.int32:
+        raise ValueError(f"{op}: block_expert expected int32 [G], got {block_expert.dtype}"
+                         f"{list(block_expert.shape)}")
+    rows = block_expert.shape[0] * config.block_m
     if row_token is not None:
-        if block_expert.ndim != 1 or block_expert.dtype != jnp.int32:
-            raise ValueError(f"{op}: block_expert expected int32 [G], got {block_expert.dtype}"
-                             f"{list(block_expert.shape)}")
-        rows = block_expert.shape[0] * config.block_m
         if row_token.shape != (rows,) or row_token.dtype != jnp.int32:
             raise ValueError(f"{op}: row_token expected int32 [G * block_m] = [{rows}], got "
                              f"{row_token.dtype}{list(row_token.shape)}")
-    elif block_expert.ndim != 1 or block_expert.dtype != jnp.int32 or \
-            x.shape[0] != block_expert.shape[0] * config.block_m:
+    if (row_token is None or swiglu) and x.shape[-2] != rows:
         raise ValueError(f"{op}: block_expert expected int32 [rows / block_m] = "
-                         f"[{x.shape[0] // config.block_m}], got {block_expert.dtype}"
+                         f"[{x.shape[-2] // config.block_m}], got {block_expert.dtype}"
                          f"{list(block_expert.shape)}")
     why = config.misfit(w.shape[1], w.shape[2])
     if why:

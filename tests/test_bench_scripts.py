@@ -33,6 +33,17 @@ def test_profile_step_runs_every_program_and_variant(tmp_path):
     assert sum(p.startswith("hlo-") for p in os.listdir(tmp_path)) == 6
 
 
+def test_bench_moe_sweeps_each_kernel_and_counts_touched_experts(tmp_path):
+    _run("bench_moe.py", "--smoke", "--interpret", "--out", str(tmp_path), "--tokens", "1,3",
+         "--sweep")
+    cases = json.load(open(tmp_path / "bench_moe.json"))["cases"]
+    assert [c["tokens"] for c in cases] == [1, 3]
+    for c in cases:
+        assert 2 <= c["touched_experts"] <= 2 * c["tokens"] and c["floor_us"] > 0
+        assert len(c["sweep"]["gate_up"]) == len(c["sweep"]["down"]) == 4  # 2 block_n x 2 splits
+        assert c["sweep"]["routed_best"]["configs"][0][0] == c["configs"][0][0]  # one block_m
+
+
 def test_bench_speculative_reports_every_floor(tmp_path):
     _run("bench_speculative.py", "--smoke", "--out", str(tmp_path), "--batches", "2",
          "--reps", "1", "--chain", "20")

@@ -42,7 +42,13 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
     """Blocks of 16 pairs while experts get few tokens each (decode, verify), 64 beyond; the
     widest weight tile up to [128, 64] that the expert's dims take, its columns narrowed (to 32
     at least) while the blocks are too few to give every SM two programs (a decode step at B = 1
-    has 8-10 blocks: 64 columns of a 512-wide expert would leave half the SMs idle)."""
+    has 8-10 blocks: 64 columns of a 512-wide expert would leave half the SMs idle).
+
+    K stays whole (splits = 1). Split-K measured on the H200, 2026-12-04, 40-layer 35B-shaped
+    decode at B = 1 (bench/results/profile_step-h200-qwen3_5_moe_text-b1-moe_split_k-*.json):
+    gate / up at 64 columns in 2 slices took 11.3 us a layer where this config takes 14.0, but
+    the down call forming silu(gate) * up from the fp32 partial sums took 13.9 where it takes
+    7.4 from h: the step 3373 vs 3208 us of kernels."""
     block_m = 16 if pairs <= 16 * num_experts else 64
     blocks = pairs if one_block_per_pair(pairs, num_experts) else \
         _moe.num_blocks(pairs, num_experts, block_m)
@@ -52,8 +58,10 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
     return _moe.MoEConfig(block_m=block_m, block_n=block_n, block_k=pow2_tile(K, 128))
 
 
-def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = None):
-    """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted."""
+def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = None,
+           configs: tuple[_moe.MoEConfig, _moe.MoEConfig] | None = None):
+    """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted.
+    configs: the gate / up and the down kernels' (default `config_for`'s; a benchmark's)."""
     T, H = x.shape
     E, _, I = w_gate.shape
     if ids.shape != weights.shape or ids.shape[0] != T:
@@ -67,11 +75,17 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = No
         interpret = not Device.of().runs_triton
     P = ids.size
     sms = sm_count()
-    up_cfg, down_cfg = config_for(P, E, H, I, sm_count=sms), config_for(P, E, I, H, sm_count=sms)
+    up_cfg, down_cfg = configs or (config_for(P, E, H, I, sm_count=sms),
+                                   config_for(P, E, I, H, sm_count=sms))
+    if up_cfg.block_m != down_cfg.block_m:
+        raise ValueError(f"routed: configs expected one block_m, got {up_cfg.block_m} and "
+                         f"{down_cfg.block_m}")
     blocks = (_moe.plan_pairs(ids, up_cfg.block_m) if one_block_per_pair(P, E)
               else _moe.plan(ids, E, up_cfg.block_m))
     h = kernels.grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up,
                                row_token=blocks.row_token, config=up_cfg, interpret=interpret)
+    split = dict(swiglu=True, row_token=blocks.row_token, num_tokens=T) if up_cfg.splits > 1 \
+        else {}
     y = kernels.grouped_matmul(h, w_down, blocks.block_expert, config=down_cfg,
-                               interpret=interpret)
-    return blocks.combine(y, weights, T)
+                               interpret=interpret, **split)
+    return blocks.combine(y, weights, T, dtype=x.dtype)

@@ -181,6 +181,95 @@ def test_grouped_matmul_matches_float64_interpret(gated, dtype, config):
     assert np.all(np.asarray(y[4 * config.block_m:]) == 0)  # the unused block: zeros
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("splits", [2, 4])
+def test_grouped_matmul_split_k_partials_interpret(gated, splits):
+    """splits > 1: fp32 partial sums [S, rows, N] (gated: gate's then up's, [S, rows, 2N]) whose
+    sum is the float64 product up to the fp32 sums (K * 2**-23 * sum |x w|; no rounding to the
+    dtype); an unused block's partials are zeros."""
+    G, E, K, N, bm = 5, 4, 128, 64, 16
+    config = MoEConfig(bm, 32, 16, splits=splits)
+    x, w, w2, expert = _blocks_case(30 + splits, G, bm, E, K, N, jnp.bfloat16, used=4)
+    y = kernels.grouped_matmul(x, w, expert, w_up=w2 if gated else None, config=config,
+                               interpret=True)
+    assert y.shape == (splits, G * bm, 2 * N if gated else N) and y.dtype == jnp.float32
+    total = np.asarray(y, np.float64).sum(0)
+    for part, weight in zip((total[:, :N], total[:, N:]), (w, w2) if gated else (w,)):
+        ref, scale = _reference(x, weight, None, expert, bm)
+        assert np.all(np.abs(part - ref) <= K * 2.0 ** -23 * scale)
+    assert not np.asarray(y)[:, 4 * bm:].any()  # the unused block
+
+
+@pytest.mark.parametrize("down_splits", [1, 2])
+def test_grouped_matmul_swiglu_from_partials_interpret(down_splits):
+    """swiglu: the down call forms silu(gate) * up from the gate / up call's partial sums and
+    rounds it once to the weights' dtype, as the unsplit gated call does: against float64, h
+    within one rounding (2 eps with the fp32 sums) times |W_down|, then the down's own sum."""
+    G, E, K, N, bm = 4, 4, 128, 64, 16
+    x, wg, wu, expert = _blocks_case(40, G, bm, E, K, N, jnp.bfloat16, used=3)
+    wd = jnp.asarray(np.random.default_rng(41).standard_normal((E, N, K)) * N ** -0.5,
+                     jnp.bfloat16)
+    parts = kernels.grouped_matmul(x, wg, expert, w_up=wu, config=MoEConfig(bm, 32, 32, splits=2),
+                                   interpret=True)
+    y = kernels.grouped_matmul(parts, wd, expert, swiglu=True,
+                               config=MoEConfig(bm, 32, 16, splits=down_splits), interpret=True)
+    y = np.asarray(y, np.float64)
+    if down_splits > 1:
+        y = y.sum(0)
+    h, _ = _reference(x, wg, wu, expert, bm)
+    ref, scale = _reference(h, wd, None, expert, bm)
+    rounding = 0.0 if down_splits > 1 else EPS[jnp.bfloat16] * np.abs(ref)
+    bound = 2 * EPS[jnp.bfloat16] * scale + rounding + N * 2.0 ** -23 * scale
+    assert np.all(np.abs(y - ref) <= bound), f"max excess {np.max(np.abs(y - ref) - bound):.3g}"
+    assert np.abs(ref[:3 * bm]).min() > 0 and not y[3 * bm:].any()
+
+
+def test_grouped_matmul_swiglu_loads_only_token_rows_interpret():
+    """With row_token and num_tokens the down call loads the rows of a token only: padding rows
+    of the partial sums, poisoned with NaN, are never read (zeros out); the token rows are bit
+    for bit the unmasked call's."""
+    T, k, E, K, N = 3, 2, 8, 128, 64
+    rng = np.random.default_rng(50)
+    b = moe.plan_pairs(_ids(rng, T, k, E), 16)
+    x = jnp.asarray(rng.standard_normal((T, K)), jnp.bfloat16)
+    wg, wu = (jnp.asarray(rng.standard_normal((E, K, N)) * K ** -0.5, jnp.bfloat16)
+              for _ in range(2))
+    wd = jnp.asarray(rng.standard_normal((E, N, K)) * N ** -0.5, jnp.bfloat16)
+    parts = kernels.grouped_matmul(x, wg, b.block_expert, w_up=wu, row_token=b.row_token,
+                                   config=MoEConfig(16, 32, 32, splits=2), interpret=True)
+    cfg = MoEConfig(16, 32, 16)
+    want = np.asarray(kernels.grouped_matmul(parts, wd, b.block_expert, swiglu=True, config=cfg,
+                                             interpret=True))
+    pad = np.asarray(b.row_token) == T
+    poisoned = jnp.asarray(np.where(pad[None, :, None], np.nan, np.asarray(parts)), jnp.float32)
+    got = np.asarray(kernels.grouped_matmul(poisoned, wd, b.block_expert, swiglu=True,
+                                            row_token=b.row_token, num_tokens=T, config=cfg,
+                                            interpret=True))
+    np.testing.assert_array_equal(got[~pad], want[~pad])
+    assert not got[pad].any() and np.abs(want[~pad]).min() > 0
+
+
+def test_grouped_matmul_rejects_bad_swiglu_input():
+    w = jnp.ones((4, 32, 64), jnp.bfloat16)
+    expert = jnp.zeros((2,), jnp.int32)
+    cfg = MoEConfig(16, 32, 32)
+    with pytest.raises(ValueError, match=r"swiglu: x expected fp32 \[S, rows, 2K\]"):
+        kernels.grouped_matmul(jnp.ones((2, 32, 64), jnp.bfloat16), w, expert, swiglu=True,
+                               config=cfg, interpret=True)
+    with pytest.raises(ValueError, match=r"swiglu: x expected fp32 \[S, rows, 2K\]"):
+        kernels.grouped_matmul(jnp.ones((2, 32, 32), jnp.float32), w, expert, swiglu=True,
+                               config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="w_up expected None"):
+        kernels.grouped_matmul(jnp.ones((2, 32, 64), jnp.float32), w, expert, w_up=w,
+                               swiglu=True, config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="num_tokens goes with swiglu and row_token"):
+        kernels.grouped_matmul(jnp.ones((2, 32, 64), jnp.float32), w, expert, swiglu=True,
+                               row_token=jnp.zeros((32,), jnp.int32), config=cfg, interpret=True)
+    with pytest.raises(ValueError, match=r"K=32 is not a multiple of splits \* block_k = 2 \* 32"):
+        kernels.grouped_matmul(jnp.ones((32, 32), jnp.bfloat16), w, expert,
+                               config=MoEConfig(16, 32, 32, splits=2), interpret=True)
+
+
 @pytest.mark.parametrize("planner", ["plan", "plan_pairs"])
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_grouped_matmul_gathers_rows_by_token_interpret(gated, planner):
@@ -280,6 +369,24 @@ def test_grouped_matmul_gather_lowers_for_cuda(kind, cuda_lowering):
             x, w, S((272,), jnp.int32), w_up=w, row_token=S((272 * 16,), jnp.int32),
             config=MoEConfig(16, 64, 128)).lower(lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in text
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+def test_grouped_matmul_split_k_lowers_for_cuda(kind, cuda_lowering):
+    """A decode step's split gate / up (rows by token) and the down call's swiglu prologue."""
+    S = jax.ShapeDtypeStruct
+    w, wd = S((256, 2048, 512), jnp.bfloat16), S((256, 512, 2048), jnp.bfloat16)
+    split = MoEConfig(16, 64, 128, splits=2)
+    with cuda_lowering(kind):
+        up = kernels.grouped_matmul.trace(
+            S((1, 2048), jnp.bfloat16), w, S((8,), jnp.int32), w_up=w,
+            row_token=S((8 * 16,), jnp.int32), config=split).lower(
+                lowering_platforms=("cuda",)).as_text()
+        down = kernels.grouped_matmul.trace(
+            S((2, 8 * 16, 1024), jnp.float32), wd, S((8,), jnp.int32), swiglu=True,
+            row_token=S((8 * 16,), jnp.int32), num_tokens=1,
+            config=MoEConfig(16, 64, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in up and TRITON_CALL in down
 
 
 @pytest.mark.gpu

@@ -67,6 +67,39 @@ def test_routed_matches_per_expert_sum(T, k, E, sort, monkeypatch):
     _assert_close(out, *_reference(*args))
 
 
+@pytest.mark.parametrize("splits", [(2, 1), (1, 2), (4, 2)], ids=["up2", "down2", "up4-down2"])
+@pytest.mark.parametrize("T, k, E", [(1, 10, 64), (12, 4, 8)], ids=["pairs", "plan"])
+def test_routed_split_k_matches_per_expert_sum(T, k, E, splits):
+    """K cut into slices: the gate / up's fp32 partial sums finish in the down kernel's load
+    (silu(gate) * up, rounded once as unsplit), the down's in the combine; the same bound."""
+    args = _case(7 * T, T, k, E, 128, 64)
+    configs = (kernels.MoEConfig(16, 32, 32, splits=splits[0]),
+               kernels.MoEConfig(16, 32, 16, splits=splits[1]))
+    out = moe.routed(*args, configs=configs)
+    assert out.shape == (T, 128) and out.dtype == BF16
+    _assert_close(out, *_reference(*args))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 4, 32])
+def test_routed_matches_per_expert_sum_gpu(T):
+    """The 35B's experts at decode token counts, with the dispatch's configs and with gate / up
+    split in two (the down forming h from the partial sums, only the token rows loaded)."""
+    if jax.devices()[0].platform != "gpu":
+        pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform!r}")
+    args = _case(T, T, 8, 256, 2048, 512)
+    ref = _reference(*args)
+    _assert_close(moe.routed(*args), *ref)
+    split = (kernels.MoEConfig(16, 64, 128, splits=2), kernels.MoEConfig(16, 64, 128))
+    _assert_close(moe.routed(*args, configs=split), *ref)
+
+
+def test_routed_rejects_configs_of_two_block_m():
+    with pytest.raises(ValueError, match="configs expected one block_m, got 16 and 32"):
+        moe.routed(*_case(0, 2, 2, 8, 64, 32),
+                   configs=(kernels.MoEConfig(16, 32, 32), kernels.MoEConfig(32, 32, 32)))
+
+
 def test_routed_shards_sum_to_the_whole():
     """Tensor parallel: each shard holds half of every expert's intermediate dim and returns its
     partial sum; the halves add up to the whole."""
@@ -81,11 +114,12 @@ def test_routed_shards_sum_to_the_whole():
 def test_config_narrows_columns_for_few_blocks():
     """A decode step at B = 1 (8 blocks, 512-wide experts) gets 32 columns, so 128 programs; 16
     blocks of a 2048-wide expert (512 programs) or many blocks keep 64; a dim that 32 does not
-    divide keeps what divides it."""
+    divide keeps what divides it; K stays whole (split-K measured slower end to end)."""
     assert moe.config_for(8, 256, 2048, 512).block_n == 32
     assert moe.config_for(16, 256, 512, 2048).block_n == 64
     assert moe.config_for(1024, 256, 2048, 512).block_n == 64
     assert moe.config_for(8, 256, 2048, 48).block_n == 16
+    assert moe.config_for(8, 256, 2048, 512).splits == 1
     on_gpu = jax.devices()[0].platform == "gpu"
     assert moe.runs_compiled(BF16, 2048, 512) == on_gpu  # CPU: SparseMoE's "auto" stays in XLA
     assert not moe.runs_compiled(jnp.float32, 2048, 512)

@@ -1,0 +1,222 @@
+"""The routed experts of a MoE block alone (`gdn_jax.ops.moe.routed`: the plan, the gate / up and
+down kernels, the combine) against the bytes of the experts each call touches, at decode and
+verify token counts; with --sweep, a search over each kernel's config.
+
+    python bench/bench_moe.py --out DIR                          # the dispatch's configs
+    python bench/bench_moe.py --out DIR --tokens 1,8 --sweep     # + each kernel's config grid
+    python bench/bench_moe.py --out DIR --interpret --smoke      # the script on CPU
+
+Shape: Qwen3.5-35B-A3B's experts by default (hidden 2048, 256 experts of 512, top 8; bf16).
+Each case runs one jitted program of --routings calls, each with its own random routing (every
+token k distinct experts, uniform), over one expert stack: a call's touched experts (~50 MB at
+one token) are seldom the previous call's, so they come from HBM. Its GPU kernel time (JAX's
+profiler: every kernel of the call, the plan's and the combine's fusions included) / routings is
+the figure; the floor is the distinct experts a call touches x their gate, up and down bytes /
+the copy bandwidth measured in the same run (`gdn_jax.benchmark.copy_bandwidth`). The gate / up
+and down kernels are also reported alone (their share of the profile; floor: their own bytes).
+
+--sweep times a grid of each kernel's configs, a program each, all in one profile (one program
+of them all lets XLA interleave the configs' calls, which then find each other's experts in
+L2; a profile per config costs seconds): gate / up at (block_n, block_k, splits, warps, stages), down likewise on a
+bf16 h (the unsplit gate / up's output); then `routed` end to end with the best pair (down
+forming silu(gate) * up from the gate / up's partial sums where that one splits).
+JSON: DIR/bench_moe.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import platform
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gdn_jax import kernels  # noqa: E402
+from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
+from gdn_jax.kernels import moe as kmoe  # noqa: E402
+from gdn_jax.ops import moe  # noqa: E402
+from gdn_jax.ops.dispatch import sm_count  # noqa: E402
+from gdn_jax.profiling import kernel_trace  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--out", required=True, help="directory for bench_moe.json")
+    p.add_argument("--tokens", default="1,4,8,32,128",
+                   help="tokens per call (B at decode, B x T at verify)")
+    p.add_argument("--experts", type=int, default=256)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--intermediate", type=int, default=512, help="each expert's")
+    p.add_argument("--routings", type=int, default=8, help="calls (random routings) a program")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--sweep", action="store_true", help="search each kernel's config")
+    p.add_argument("--sweep-block-n", default="16,32,64")
+    p.add_argument("--sweep-block-k", default="64,128,256")
+    p.add_argument("--sweep-splits", default="1,2,4,8")
+    p.add_argument("--sweep-warps", default="2,4")
+    p.add_argument("--sweep-stages", default="3,4")
+    p.add_argument("--smoke", action="store_true", help="tiny shape (with --interpret)")
+    p.add_argument("--interpret", action="store_true", help="the kernels interpreted (CPU)")
+    return p.parse_args(argv)
+
+
+def _seconds(fn, args, reps, names=()):
+    """(all kernels' time of one fn(*args), {name: that kernel's time}) in seconds, from the
+    profiler (a name matches its kernels by prefix); wall time and {} where no GPU was traced."""
+    jax.block_until_ready(fn(*args))
+    with kernel_trace() as trace:
+        for _ in range(reps):
+            jax.block_until_ready(fn(*args))
+    if not trace.busy_ns():
+        return 0.0, {}
+    per = lambda ns: ns / max(trace.gpus, 1) / reps / 1e9
+    mine = {n: per(sum(v for k, v in trace.totals.items() if k == n or k.startswith(n + "_")))
+            for n in names}
+    return per(trace.busy_ns()), mine
+
+
+_FIELDS = ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages")
+
+
+def _cfg(c: kmoe.MoEConfig) -> list[int]:
+    return [getattr(c, f) for f in _FIELDS]
+
+
+def _grid(args, base: kmoe.MoEConfig, K: int, N: int) -> list[kmoe.MoEConfig]:
+    ints = lambda text: [int(v) for v in text.split(",") if v]
+    grid = [dataclasses.replace(base, block_n=bn, block_k=bk, splits=s, num_warps=w,
+                                num_stages=st)
+            for bn, bk, s, w, st in itertools.product(
+                ints(args.sweep_block_n), ints(args.sweep_block_k), ints(args.sweep_splits),
+                ints(args.sweep_warps), ints(args.sweep_stages))]
+    return [c for c in grid if not c.misfit(K, N)]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        args.experts, args.top_k, args.hidden, args.intermediate = 8, 2, 64, 32
+        args.routings, args.reps = 2, 1
+        args.sweep_block_n, args.sweep_block_k, args.sweep_splits = "16,32", "16", "1,2"
+        args.sweep_warps, args.sweep_stages = "4", "1"
+    dev = jax.devices()[0]
+    copy = copy_bandwidth(1 << 30 if dev.platform == "gpu" else 1 << 24)
+    sms = sm_count()
+    E, k, H, I, L = args.experts, args.top_k, args.hidden, args.intermediate, args.routings
+    result = {"bench": "bench_moe", "device": dev.device_kind, "jax": jax.__version__,
+              "python": platform.python_version(), "copy_gbps": copy, "sm_count": sms,
+              "shape": {"experts": E, "top_k": k, "hidden": H, "intermediate": I},
+              "routings": L, "reps": args.reps, "argv": sys.argv[1:],
+              "method": "JAX profiler kernel time per call (all kernels of the call), median "
+                        "not taken: the sum over reps x routings calls / (reps x routings)",
+              "cases": []}
+    rng = np.random.default_rng(0)
+    dtype = jnp.bfloat16
+    init = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32)
+                                      * shape[-2] ** -0.5, dtype)
+    wg, wu, wd = init(E, H, I), init(E, H, I), init(E, I, H)
+    expert_bytes = 3 * H * I * 2
+    print(f"{dev.device_kind}, jax {jax.__version__}, copy {copy:.0f} GB/s, {sms} SMs, "
+          f"{E} experts top {k}, hidden {H}, intermediate {I}")
+    print(f"{'tokens':>6s} {'experts':>7s} {'MB':>6s} {'routed':>8s} {'floor':>7s} {'x':>5s} "
+          f"{'gate_up':>8s} {'down':>7s} configs (block_m, n, k, splits, warps, stages)")
+    for T in map(int, args.tokens.split(",")):
+        ids = [jnp.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(T)]),
+                           jnp.int32) for _ in range(L)]
+        xs = [jnp.asarray(rng.standard_normal((T, H), np.float32), dtype) for _ in range(L)]
+        weights = [jnp.asarray(rng.random((T, k), np.float32), dtype) for _ in range(L)]
+        touched = float(np.mean([len(np.unique(np.asarray(i))) for i in ids]))
+        floor = touched * expert_bytes / copy / 1e3
+        P = T * k
+        configs = (moe.config_for(P, E, H, I, sm_count=sms), moe.config_for(P, E, I, H,
+                                                                           sm_count=sms))
+
+        def routed_us(cfgs):
+            fn = jax.jit(lambda xs, ws, ids: [moe.routed(
+                x, w, i, wg, wu, wd, interpret=args.interpret, configs=cfgs)
+                for x, w, i in zip(xs, ws, ids)])
+            total, mine = _seconds(fn, (xs, weights, ids), args.reps,
+                                   ("gdn_moe_gate_up", "gdn_moe_down"))
+            return total / L * 1e6, {n: v / L * 1e6 for n, v in mine.items()}
+
+        us, mine = routed_us(configs)
+        case = {"tokens": T, "pairs": P, "touched_experts": touched,
+                "touched_bytes": touched * expert_bytes, "floor_us": floor,
+                "configs": [_cfg(c) for c in configs], "routed_us": us,
+                "gate_up_us": mine.get("gdn_moe_gate_up"), "down_us": mine.get("gdn_moe_down"),
+                "gate_up_floor_us": 2 / 3 * floor, "down_floor_us": floor / 3}
+        case["routed_over_floor"] = us / floor if us else None
+        print(f"{T:6d} {touched:7.1f} {touched * expert_bytes / 1e6:6.1f} {us:8.1f} "
+              f"{floor:7.1f} {case['routed_over_floor'] or 0:5.2f} "
+              f"{case['gate_up_us'] or 0:8.1f} {case['down_us'] or 0:7.1f} {case['configs']}",
+              flush=True)
+        if args.sweep:
+            case["sweep"] = _sweep(args, case, configs, ids, xs, wg, wu, wd, routed_us)
+        result["cases"].append(case)
+        with open(os.path.join(args.out, "bench_moe.json"), "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def _sweep(args, case, configs, ids, xs, wg, wu, wd, routed_us):
+    """Each kernel's config grid in one program apiece, then routed with the best pair."""
+    E, H, I, L = wg.shape[0], wg.shape[1], wg.shape[2], len(ids)
+    bm = configs[0].block_m
+    P = case["pairs"]
+    blocks = [kmoe.plan_pairs(i, bm) if moe.one_block_per_pair(P, E) else kmoe.plan(i, E, bm)
+              for i in ids]
+    hs = [kernels.grouped_matmul(x, wg, b.block_expert, w_up=wu, row_token=b.row_token,
+                                 config=dataclasses.replace(configs[0], splits=1),
+                                 interpret=args.interpret) for x, b in zip(xs, blocks)]
+    runs = []  # (kernel, config, name, jitted program, its argument)
+    for which, base, K, N in (("gate_up", configs[0], H, I), ("down", configs[1], I, H)):
+        for j, c in enumerate(_grid(args, base, K, N)):
+            name = f"{which}_sweep{j}x"
+            if which == "gate_up":
+                fn = jax.jit(lambda xs, c=c, name=name: [kernels.grouped_matmul(
+                    x, wg, b.block_expert, w_up=wu, row_token=b.row_token, config=c,
+                    name=name, interpret=args.interpret) for x, b in zip(xs, blocks)])
+            else:
+                fn = jax.jit(lambda hs, c=c, name=name: [kernels.grouped_matmul(
+                    h, wd, b.block_expert, config=c, name=name, interpret=args.interpret)
+                    for h, b in zip(hs, blocks)])
+            runs.append((which, c, name, fn, xs if which == "gate_up" else hs))
+    # one profile (a profiler session costs seconds); each config its own program, run one
+    # after another (in one program XLA may interleave the configs' calls)
+    every = lambda *_: [jax.block_until_ready(fn(a)) for _, _, _, fn, a in runs]
+    _, mine = _seconds(every, (), args.reps, [r[2] for r in runs])
+    out = {}
+    for which in ("gate_up", "down"):
+        tried = sorted(([_cfg(c), mine.get(n, 0) / L * 1e6] for w, c, n, _, _ in runs
+                        if w == which), key=lambda t: t[1] or float("inf"))
+        out[which] = tried
+        floor = case[f"{which}_floor_us"]
+        print(f"    {which}: {len(tried)} configs; best " + "; ".join(
+            f"{c} {us:.1f} us ({floor / us * 100 if us else 0:.0f}% of copy)"
+            for c, us in tried[:4]), flush=True)
+    best = tuple(kmoe.MoEConfig(**dict(zip(_FIELDS, out[w][0][0]))) for w in ("gate_up", "down"))
+    us, mine = routed_us(best)
+    out["routed_best"] = {"configs": [_cfg(c) for c in best], "routed_us": us,
+                          "gate_up_us": mine.get("gdn_moe_gate_up"),
+                          "down_us": mine.get("gdn_moe_down"),
+                          "routed_over_floor": us / case["floor_us"] if us else None}
+    print(f"    routed with the best pair: {us:.1f} us "
+          f"({out['routed_best']['routed_over_floor'] or 0:.2f}x floor; gate_up "
+          f"{mine.get('gdn_moe_gate_up', 0):.1f}, down {mine.get('gdn_moe_down', 0):.1f})",
+          flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
