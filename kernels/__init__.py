@@ -31,6 +31,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
                                          # one launch before it
     h = grouped_matmul(x_rows, w_gate, block_expert, w_up=w_up, config=MoEConfig(...))
                                          # MoE experts, each chosen expert read once per block
+    weights, ids = route(logits, k=8, normalize=True)   # the MoE router: softmax, top k and
+                                         # their renormalisation in one launch
 
     table = scatter_rows(table, index, rows, config=ScatterConfig(...))
                                          # table[index[i]] = rows[i] in place (cache bookkeeping)
@@ -88,6 +90,8 @@ from .projection_mgpu import misfit as projection_mgpu_misfit
 from .residual_norm import NORM_DTYPES, NormConfig, add_rms_norm
 from .residual_norm import misfit as add_rms_norm_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
+from .router import misfit as route_misfit
+from .router import route
 from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu, verify_ring_mgpu
@@ -110,6 +114,6 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "project", "project_gated_norm", "project_group", "project_group_mgpu",
            "project_swiglu", "projection_block_m",
            "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit",
-           "projection_source_bytes", "pow2_block",
+           "projection_source_bytes", "pow2_block", "route", "route_misfit",
            "scatter_rows", "scatter_rows_group", "verify_intermediate", "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

@@ -164,11 +164,7 @@ def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dt
     else:
         logits, shared_logit = dense_group(x, (p["router"], p["shared_gate"]), **proj)
         s_gate, s_up = dense_group(x, (s["gate"], s["up"]), **shared_proj)
-    probs = jax.nn.softmax(logits.astype(_F32), axis=-1)
-    top_w, top_i = lax.top_k(probs, top_k)
-    if norm_topk_prob:
-        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-    weights, ids = top_w.astype(logits.dtype), top_i.astype(jnp.int32)
+    weights, ids = moe_ops.route(logits, top_k, normalize=norm_topk_prob)
     # "auto" takes the kernel only where the experts are stored in the compute dtype: it reads
     # every expert's weights as they are, so others would be cast whole on every call
     if (expert_path == "auto" and p["eg"].dtype == jnp.dtype(dtype)

@@ -9,16 +9,30 @@ sum_j weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) with e = ids[t, j].
 
 `gdn_jax.modules.mlp.SparseMoE(expert_path="pallas")` calls it. On a CUDA GPU of compute
 capability >= 8.0 the kernels run compiled; elsewhere (CPU tests) in the Pallas interpreter.
+
+    weights, ids = route(logits, k, normalize=True)     # the router: softmax, top k, renormalised
+
+`route` is XLA's softmax, lax.top_k and division unless GDN_JAX_MOE_ROUTER (ROUTER_VAR) asks
+for the one-launch kernel (`gdn_jax.kernels.route`): "auto" or "pallas" (compiled where Triton
+runs), "interpret" (tests); unset or "xla", XLA. It is off by default until it is measured on
+the H200 at full depth (profile_step's router=auto variant against router=xla).
 """
 
 from __future__ import annotations
 
+
+import os
+
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from gdn_jax import kernels
 from gdn_jax.kernels import moe as _moe
-from gdn_jax.ops.dispatch import Device, sm_count
+from gdn_jax.ops.dispatch import Device, kernel_mode, sm_count
 from gdn_jax.ops.projection import pow2_tile
+
+ROUTER_VAR = "GDN_JAX_MOE_ROUTER"
 
 
 def runs_compiled(dtype, hidden: int, intermediate: int) -> bool:
@@ -89,3 +103,18 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = No
     y = kernels.grouped_matmul(h, w_down, blocks.block_expert, config=down_cfg,
                                interpret=interpret, **split)
     return blocks.combine(y, weights, T, dtype=x.dtype)
+
+
+def route(logits, k: int, *, normalize: bool = True):
+    """logits: [T, E] -> (weights [T, k] in logits' dtype, ids [T, k] int32): each row's k
+    likeliest experts under the softmax over E, their probabilities (with normalize, over the k
+    chosen ones' sum). XLA's steps, or the one-launch kernel where ROUTER_VAR asks for it and it
+    takes the shape (module docstring); the same ids, the weights within the fp32 sums' order."""
+    mode = kernel_mode(ROUTER_VAR) if os.environ.get(ROUTER_VAR) else None
+    if mode and kernels.route_misfit(logits.shape, k) is None:
+        return kernels.route(logits, k=k, normalize=normalize, interpret=mode == "interpret")
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    top_w, top_i = lax.top_k(probs, k)
+    if normalize:
+        top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    return top_w.astype(logits.dtype), top_i.astype(jnp.int32)

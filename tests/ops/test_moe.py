@@ -149,3 +149,41 @@ def test_sparse_moe_pallas_path_needs_16_bit():
     moe_block = SparseMoE(64, 8, 2, 32, 32, expert_path="pallas", rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="expert_path 'pallas' needs bf16 or fp16"):
         moe_block(jnp.ones((2, 64)))
+
+
+def test_route_is_xla_unless_asked(monkeypatch):
+    """GDN_JAX_MOE_ROUTER unset: XLA's softmax and top k; "interpret": the kernel, the same ids
+    and weights within one rounding; a value it does not know: an error naming the variable."""
+    calls = []
+    real = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((3, 64)), BF16)
+    monkeypatch.delenv(moe.ROUTER_VAR, raising=False)
+    w_xla, ids_xla = moe.route(logits, 8)
+    assert not calls and w_xla.dtype == BF16 and ids_xla.dtype == jnp.int32
+    monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
+    w, ids = moe.route(logits, 8)
+    assert calls == [dict(k=8, normalize=True, interpret=True)]
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_xla))
+    np.testing.assert_allclose(np.asarray(w, np.float32), np.asarray(w_xla, np.float32),
+                               rtol=2 ** -7)
+    moe.route(jnp.ones((3, 48), BF16), 8)  # 48 experts: no kernel block, XLA
+    assert len(calls) == 1
+    monkeypatch.setenv(moe.ROUTER_VAR, "fast")
+    with pytest.raises(ValueError, match="GDN_JAX_MOE_ROUTER: expected auto, xla"):
+        moe.route(logits, 8)
+
+
+def test_sparse_moe_router_kernel_matches_xla(monkeypatch):
+    calls = []
+    real = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    moe_block = SparseMoE(64, 8, 2, 32, 32, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(0))
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 5, 64)), BF16)
+    monkeypatch.delenv(moe.ROUTER_VAR, raising=False)
+    want = np.asarray(moe_block(x), np.float64)
+    monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
+    got = np.asarray(moe_block(x), np.float64)
+    assert len(calls) == 1  # the second call routed through the kernel
+    np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2 ** -7 * np.abs(want).max())
+

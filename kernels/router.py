@@ -1,0 +1,95 @@
+"""The router of a MoE block: the softmax over the experts, the top k and their renormalisation
+in one launch.
+
+XLA runs a MoE router in three launches a layer or more: the softmax (a Triton fusion), the top
+k (a sort of every row: 4.0 us at one row of 256 experts on the H200) and the renormalisation
+with the casts (bench/results/profile_step-h200-qwen3_5_moe_text-b1-moe_split_k-off-2026-12-04.
+json: 40 layers of the 35B shape at B = 1). Here program t takes row t of the logits whole:
+
+    weights, ids = route(logits, k=8, normalize=True)   # [T, E] -> [T, k] logits' dtype, int32
+
+The experts are ranked by logit, as lax.top_k ranks their probabilities (the softmax keeps the
+order; equal logits go to the lower index first, as top_k's do), found by k rounds of max; the
+probabilities are exp(l - max) / sum in fp32, and with normalize each chosen one is divided by
+the chosen ones' sum (Qwen3-Next's norm_topk_prob) before one rounding to the logits' dtype.
+E must be a power of two (one row is one Triton block); k <= E.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from . import _pallas
+from ._common import is_pow2
+
+_F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class _Launch:  # a row of 256-512 logits is a few registers a thread: one warp's worth of work
+    num_warps: int = 4
+    num_stages: int = 1
+
+
+def misfit(logits_shape, k: int) -> str | None:
+    """Why `route` cannot take logits of this shape and k, or None."""
+    if len(logits_shape) != 2:
+        return f"logits expected [T, E], got shape {tuple(logits_shape)}"
+    E = logits_shape[1]
+    if not is_pow2(E) or E < 2:
+        return f"E={E} experts is not a power of two >= 2 (a row is one block)"
+    if not 1 <= k <= E:
+        return f"k={k} is outside 1..E={E}"
+    return None
+
+
+def _kernel(logits_ref, w_ref, ids_ref, *, k: int, normalize: bool):
+    t = pl.program_id(0)
+    E, kp = logits_ref.shape[1], ids_ref.shape[1]
+    logit = logits_ref[t, :].astype(_F32)
+    expert = lax.broadcasted_iota(jnp.int32, (E,), 0)
+    slot = lax.broadcasted_iota(jnp.int32, (kp,), 0)
+    unnormalised = jnp.exp(logit - jnp.max(logit))
+    ids, chosen = jnp.zeros((kp,), jnp.int32), jnp.zeros((kp,), _F32)
+    live = logit
+    for j in range(k):  # k rounds: the largest logit left, the lowest index among equals
+        first = jnp.min(jnp.where(live == jnp.max(live), expert, E))
+        hit = expert == first
+        ids = jnp.where(slot == j, first, ids)
+        chosen = jnp.where(slot == j, jnp.sum(jnp.where(hit, unnormalised, 0.0)), chosen)
+        live = jnp.where(hit, -jnp.inf, live)
+    p = chosen / jnp.sum(unnormalised)
+    if normalize:
+        p = p / jnp.sum(p)
+    w_ref[t, :] = p.astype(w_ref.dtype)
+    ids_ref[t, :] = ids
+
+
+@functools.partial(jax.jit, static_argnames=("k", "normalize", "interpret"))
+def route(logits: jax.Array, *, k: int, normalize: bool = True,
+          interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """logits: [T, E] (any float dtype; E a power of two) -> (weights [T, k] in logits' dtype,
+    ids [T, k] int32), each row's experts in descending order of logit (module docstring)."""
+    why = misfit(logits.shape, k)
+    if why:
+        raise ValueError(f"route: {why}")
+    T = logits.shape[0]
+    kp = 1 << (k - 1).bit_length()  # the output's block: a power of two, sliced to k after
+    if T == 0:
+        return jnp.zeros((0, k), logits.dtype), jnp.zeros((0, k), jnp.int32)
+    weights, ids = _pallas.pallas_call(
+        functools.partial(_kernel, k=k, normalize=normalize),
+        name="gdn_moe_route",
+        config=_Launch(),
+        interpret=interpret,
+        grid=(T,),
+        out_shape=(jax.ShapeDtypeStruct((T, kp), logits.dtype),
+                   jax.ShapeDtypeStruct((T, kp), jnp.int32)),
+    )(logits)
+    return weights[:, :k], ids[:, :k]

@@ -1,0 +1,107 @@
+"""The MoE router kernel (`kernels.route`): softmax, top k and renormalisation in one launch.
+
+Against XLA's steps (jax.nn.softmax in fp32, lax.top_k, the division, one rounding): the ids
+exactly, ties included (equal logits go to the lower index first), and the weights against the
+float64 value: the fp32 sums (E terms, then k) add a few 2**-24 relative, then one rounding to
+the dtype: eps of the dtype (2**-7 bf16, 2**-10 fp16) or 2**-20 for fp32, relative. Logits are
+random normals (never zeros) with ties planted at the top of some rows.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from gdn_jax import kernels
+
+EPS = {jnp.bfloat16: 2.0 ** -7, jnp.float16: 2.0 ** -10, jnp.float32: 2.0 ** -20}
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _xla(logits, k, normalize):
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    w, i = lax.top_k(probs, k)
+    if normalize:
+        w = w / jnp.sum(w, axis=-1, keepdims=True)
+    return w.astype(logits.dtype), i.astype(jnp.int32)
+
+
+def _logits(seed, T, E, dtype):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal((T, E)) * 2
+    if T > 1:
+        top = np.argmax(logits[1])
+        logits[1, (top + 3) % E] = logits[1, top]  # a tie at the very top
+    if T > 2:
+        logits[2, : E // 2] = logits[2, E // 2:]  # every value twice
+    return jnp.asarray(logits, dtype)
+
+
+def _float64(logits, ids, normalize):
+    x = np.asarray(logits, np.float64)
+    p = np.exp(x - x.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    w = np.take_along_axis(p, np.asarray(ids), 1)
+    return w / w.sum(1, keepdims=True) if normalize else w
+
+
+@pytest.mark.parametrize("E, k", [(8, 2), (64, 10), (256, 8), (512, 10), (16, 1)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_route_matches_xla_interpret(E, k, dtype, normalize):
+    logits = _logits(E + k, 5, E, dtype)
+    w, ids = kernels.route(logits, k=k, normalize=normalize, interpret=True)
+    w_ref, ids_ref = _xla(logits, k, normalize)
+    assert w.shape == ids.shape == (5, k) and w.dtype == dtype and ids.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
+    exact = _float64(logits, ids_ref, normalize)
+    got = np.asarray(w, np.float64)
+    assert np.all(np.abs(got - exact) <= EPS[dtype] * exact), np.max(np.abs(got - exact) / exact)
+
+
+def test_route_ties_go_to_the_lower_index():
+    logits = jnp.zeros((2, 16), jnp.float32).at[1, 9].set(1.0)
+    w, ids = kernels.route(logits, k=4, normalize=False, interpret=True)
+    np.testing.assert_array_equal(np.asarray(ids), [[0, 1, 2, 3], [9, 0, 1, 2]])
+    np.testing.assert_allclose(np.asarray(w[0]), 1 / 16, rtol=1e-6)
+    w, _ = kernels.route(logits, k=4, normalize=True, interpret=True)
+    np.testing.assert_allclose(np.asarray(w[0]), 1 / 4, rtol=1e-6)
+
+
+def test_route_no_rows():
+    w, ids = kernels.route(jnp.zeros((0, 8), jnp.bfloat16), k=2, interpret=True)
+    assert w.shape == ids.shape == (0, 2)
+
+
+@pytest.mark.parametrize("shape, k, match", [
+    ((4, 6), 2, r"E=6 experts is not a power of two"),
+    ((4, 8), 0, r"k=0 is outside 1..E=8"),
+    ((4, 8), 9, r"k=9 is outside 1..E=8"),
+    ((2, 4, 8), 2, r"logits expected \[T, E\]"),
+])
+def test_route_rejects_bad_input(shape, k, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.route(jnp.ones(shape, jnp.bfloat16), k=k, interpret=True)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+def test_route_lowers_for_cuda(kind, cuda_lowering):
+    S = jax.ShapeDtypeStruct
+    with cuda_lowering(kind):
+        text = kernels.route.trace(S((32, 256), jnp.bfloat16), k=8).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, E, k", [(1, 256, 8), (128, 256, 8), (32, 512, 10)])
+def test_route_matches_xla_gpu(T, E, k, on_gpu):
+    """The 35B's router (256 experts, top 8) and Qwen3-Next's (512, top 10), compiled."""
+    logits = _logits(T, T, E, jnp.bfloat16)
+    w, ids = kernels.route(logits, k=k)
+    w_ref, ids_ref = _xla(logits, k, True)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
+    exact = _float64(logits, ids_ref, True)
+    assert np.all(np.abs(np.asarray(w, np.float64) - exact) <= EPS[jnp.bfloat16] * exact)
