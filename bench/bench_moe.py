@@ -17,9 +17,12 @@ and down kernels are also reported alone (their share of the profile; floor: the
 
 --sweep times a grid of each kernel's configs, a program each, all in one profile (one program
 of them all lets XLA interleave the configs' calls, which then find each other's experts in
-L2; a profile per config costs seconds): gate / up at (block_n, block_k, splits, warps, stages), down likewise on a
-bf16 h (the unsplit gate / up's output); then `routed` end to end with the best pair (down
-forming silu(gate) * up from the gate / up's partial sums where that one splits).
+L2; a profile per config costs seconds): gate / up at (block_n, block_k, splits, warps,
+stages), down likewise on a bf16 h (the unsplit gate / up's output); then `routed` end to end
+with the best pair (down forming silu(gate) * up from the gate / up's partial sums where that
+one splits). The sweep of 2026-12-04 (bench/results/bench_moe-h200-sweep-2026-12-04.json) was
+one program of all configs: its B = 1 figures are flattered by L2 (the dispatch's gate / up
+9.9 us there, 13.5 in `routed`), its ranking is a lead only.
 JSON: DIR/bench_moe.json.
 """
 

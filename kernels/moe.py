@@ -192,8 +192,9 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
     K slice s (k_split rows of w from s * k_split). With gather (refs: row_token first) the rows
     are x's rows row_token[g * block_m + i], zeros where that is no token (padding); with swiglu
     x is [S', rows, 2K] partial sums of gate | up and a row is silu(gate) * up (fp32, rounded to
-    w's dtype), rows whose row_token is no token (num_tokens given) zeros, never loaded. o: [rows, N] in its dtype, or [S, rows, N] fp32 partial sums (split; gated:
-    [S, rows, 2N], gate's then up's)."""
+    w's dtype), rows whose row_token is no token (num_tokens given) zeros, never loaded.
+    o: [rows, N] in its dtype, or [S, rows, N] fp32 partial sums (split; gated: [S, rows, 2N],
+    gate's then up's)."""
     row_token_ref, x_ref, w_ref, *rest = refs if gather or num_tokens else (None, *refs)
     w2_ref, o_ref = rest if gated else (None, rest[0])
     g, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -275,8 +276,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     swiglu call to finish. swiglu: x is such a gated call's [S, G * block_m, 2K] (fp32) and the
     rows are silu(gate) * up of its sums, rounded to w's dtype; with row_token and num_tokens
     (the gated call's), only the rows of a token load (the sums are [S, 2K] fp32 a row, and at
-    a decode step 15 of a block's 16 rows are padding), the others are zeros. name: the kernel's (what a
-    profile shows; default gdn_moe_gate_up with w_up, else gdn_moe_down)."""
+    a decode step 15 of a block's 16 rows are padding), the others are zeros. name: the
+    kernel's (what a profile shows; default gdn_moe_gate_up with w_up, else gdn_moe_down)."""
     _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config)
     N = w.shape[2]
     G, S = block_expert.shape[0], config.splits

@@ -162,7 +162,7 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
     else:
         qg, k, v = dense_group(x, (p["q"], p["k"], p["v"]), dtype=dtype, precision=precision)
         srcs = tuple(attention_ops.Source(y.reshape(1, B * T, -1), 0, s)
-                     for y, s in zip((qg, k, v), strides))
+                     for y, s in zip((qg, k, v), strides)) if fused else ()
     if fused and attention_ops.prologue_misfit(cache.k, hd, rotary_dim, dtype, srcs) is None:
         # the norms, RoPE and the cache write in one launch, then the attention kernel
         o, ck, cv = attention_ops.prologue_attention(

@@ -15,16 +15,12 @@ import numpy as np
 import pytest
 
 from gdn_jax import kernels
-from gdn_jax.modules.rope import apply_rope, rope_cos_sin
+from gdn_jax.modules.rope import apply_rope, inv_freq, rope_cos_sin
 from gdn_jax.ops.residual_norm import rms_norm
 
 SMALL = dict(nH=4, nKV=2, hd=16, rotary=8, S=2, num_slots=5, L=32)
 REAL = dict(nH=16, nKV=2, hd=256, rotary=64, S=2, num_slots=40, L=512)
 THETA, EPS = 10_000_000.0, 1e-6
-
-
-def _inv_freq(rotary):
-    return 1.0 / (THETA ** (jnp.arange(0, rotary, 2, dtype=jnp.float32) / rotary))
 
 
 def _case(seed, dims, B, T, dtype):
@@ -93,7 +89,7 @@ def test_prologue_matches_xla_path(where, dtype, T):
     src = lambda start, stride: kernels.Source(parts, start, stride)  # noqa: E731
     qr, pr, kc2, vc2 = kernels.attention_prologue(
         src(0, 2 * hd), src(nH * 2 * hd, hd), src(nH * 2 * hd + nKV * hd, hd), qw, kw,
-        _inv_freq(rotary), lengths, jnp.copy(kc), jnp.copy(vc), slots, n, T=T, num_heads=nH,
+        inv_freq(rotary, THETA), lengths, jnp.copy(kc), jnp.copy(vc), slots, n, T=T, num_heads=nH,
         eps=EPS, interpret=where == "interpret")
     ref_qr, ref_pr, ref_kc, ref_vc, real = ref
     G = nH // nKV
@@ -115,13 +111,13 @@ def test_prologue_refuses_what_it_cannot_take():
     dims = SMALL
     parts, qw, kw, kc, vc, lengths, slots, n = _case(0, dims, 3, 2, jnp.bfloat16)
     src = lambda start, stride: kernels.Source(parts, start, stride)  # noqa: E731
-    args = (qw, kw, _inv_freq(8), lengths, kc, vc, slots, n)
+    args = (qw, kw, inv_freq(8, THETA), lengths, kc, vc, slots, n)
     with pytest.raises(ValueError, match="multiples of rotary_dim / 2"):
         kernels.attention_prologue(src(2, 32), src(128, 16), src(160, 16), *args, T=2,
                                    num_heads=4, eps=EPS, interpret=True)
     with pytest.raises(ValueError, match="powers of two"):
         kernels.attention_prologue(src(0, 32), src(128, 16), src(160, 16), qw, kw,
-                                   _inv_freq(6), *args[3:], T=2, num_heads=4, eps=EPS,
+                                   inv_freq(6, THETA), *args[3:], T=2, num_heads=4, eps=EPS,
                                    interpret=True)
     with pytest.raises(ValueError, match="B \\* T"):
         kernels.attention_prologue(src(0, 32), src(128, 16), src(160, 16), *args, T=4,

@@ -326,7 +326,8 @@ def test_combine_rejects_weights_of_other_pairs():
 def test_no_pairs_launch_nothing():
     b = moe.plan(jnp.zeros((0, 2), jnp.int32), 8, 16)
     assert b.block_expert.shape == (0,)
-    y = kernels.grouped_matmul(jnp.zeros((0, 64), jnp.bfloat16), jnp.ones((8, 64, 32), jnp.bfloat16),
+    y = kernels.grouped_matmul(jnp.zeros((0, 64), jnp.bfloat16),
+                               jnp.ones((8, 64, 32), jnp.bfloat16),
                                b.block_expert, config=MoEConfig(16, 32, 32), interpret=True)
     assert y.shape == (0, 32)
     assert b.combine(y, jnp.zeros((0, 2)), 0).shape == (0, 32)
