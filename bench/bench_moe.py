@@ -76,7 +76,7 @@ def parse_args(argv=None):
 
 def _seconds(fn, args, reps, names=()):
     """(all kernels' time of one fn(*args), {name: that kernel's time}) in seconds, from the
-    profiler (a name matches its kernels by prefix); wall time and {} where no GPU was traced."""
+    profiler (a name matches its kernels by prefix); (0.0, {}) where no GPU was traced (CPU)."""
     jax.block_until_ready(fn(*args))
     with kernel_trace() as trace:
         for _ in range(reps):
@@ -208,6 +208,10 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, routed_us):
         print(f"    {which}: {len(tried)} configs; best " + "; ".join(
             f"{c} {us:.1f} us ({floor / us * 100 if us else 0:.0f}% of copy)"
             for c, us in tried[:4]), flush=True)
+    if not out["gate_up"] or not out["down"]:
+        raise SystemExit("bench_moe: every config of a sweep grid misfits the expert's dims")
+    # the down sweep ran on a bf16 h: where the best gate / up splits, this pairs it with a
+    # down config never timed on partial sums (its prologue, 2026-12-04: 7.4 -> 13.9 us)
     best = tuple(kmoe.MoEConfig(**dict(zip(_FIELDS, out[w][0][0]))) for w in ("gate_up", "down"))
     us, mine = routed_us(best)
     out["routed_best"] = {"configs": [_cfg(c) for c in best], "routed_us": us,

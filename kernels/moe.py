@@ -24,8 +24,9 @@ index (a padding row reads nothing and is zeros), where `blocks.rows(x)` would w
 copy first: G * block_m rows, most of them padding when experts get a pair or two.
 
 With `w_up` the kernel computes silu(x @ w_gate) * (x @ w_up) (SwiGLU's first half) in one pass.
-x, weights: bf16 or fp16 (exact products, fp32 accumulation; each call rounds its result to x's
-dtype once, so h is rounded between the two calls, and `combine` sums in fp32 and rounds again).
+x, weights: bf16 or fp16 (exact products, fp32 accumulation; each call rounds its result to the
+weights' dtype once, so h is rounded between the two calls, and `combine` sums in fp32 and
+rounds again).
 
 Few blocks (a decode step's pairs) leave most SMs with one program streaming a thin column block:
 `MoEConfig.splits` cuts K into slices, a program each, and the calls pass fp32 partial sums on
@@ -195,7 +196,8 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
     w's dtype), rows whose row_token is no token (num_tokens given) zeros, never loaded.
     o: [rows, N] in its dtype, or [S, rows, N] fp32 partial sums (split; gated: [S, rows, 2N],
     gate's then up's)."""
-    row_token_ref, x_ref, w_ref, *rest = refs if gather or num_tokens else (None, *refs)
+    row_token_ref, x_ref, w_ref, *rest = refs if gather or num_tokens is not None else \
+        (None, *refs)
     w2_ref, o_ref = rest if gated else (None, rest[0])
     g, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = pl.ds(g * block_m, block_m)
@@ -214,7 +216,7 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
     def _():
         if row_token_ref is not None:
             token = row_token_ref[rows]
-            real = (token >= 0) & (token < (num_tokens or x_ref.shape[0]))
+            real = (token >= 0) & (token < (x_ref.shape[0] if gather else num_tokens))
             token = jnp.where(real, token, 0)  # a padding row's address: masked, never read
 
         def x_tile(k0):
@@ -266,8 +268,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
                    config: MoEConfig = MoEConfig(), interpret: bool = False,
                    name: str | None = None) -> jax.Array:
     """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
-    in x's dtype: block g's rows @ w[block_expert[g]] (with w_up: silu(x @ w) * (x @ w_up));
-    zeros for blocks whose expert is -1. With row_token ([G * block_m] int32, `Blocks`), x is
+    in w's dtype (x's but with swiglu): block g's rows @ w[block_expert[g]] (with w_up:
+    silu(x @ w) * (x @ w_up)); zeros for blocks whose expert is -1. With row_token ([G * block_m] int32, `Blocks`), x is
     [num_tokens, K] and row i of the blocks is x[row_token[i]], zeros where row_token[i] is not
     in 0..num_tokens - 1.
 
@@ -307,6 +309,9 @@ def _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config):
         raise ValueError(f"{op}: num_tokens goes with swiglu and row_token (the real rows), got "
                          f"num_tokens={num_tokens}, swiglu={swiglu}, row_token "
                          f"{'given' if row_token is not None else 'None'}")
+    if num_tokens is not None and (not isinstance(num_tokens, int) or num_tokens < 1):
+        raise ValueError(f"{op}: num_tokens expected an int >= 1 (the gated call's tokens), got "
+                         f"{num_tokens!r}")
     if swiglu:
         if w_up is not None:
             raise ValueError(f"{op}: swiglu's x holds the gated call's rows: w_up expected None")
@@ -318,12 +323,17 @@ def _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config):
                          f"w{list(w.shape)}")
     if w_up is not None and w_up.shape != w.shape:
         raise ValueError(f"{op}: w_up expected w's shape {list(w.shape)}, got {list(w_up.shape)}")
-    dtype = w.dtype if swiglu else x.dtype
-    for name, a in (("w", w), ("w_up", w_up)):
-        if a is not None and a.dtype != dtype:
-            raise ValueError(f"{op}: {name} expected x's dtype {dtype}, got {a.dtype}")
-    if jnp.dtype(dtype) not in MOE_DTYPES:
-        raise ValueError(f"{op}: x expected one of {[str(d) for d in MOE_DTYPES]}, got {dtype}")
+    if swiglu:  # x is fp32 sums: w's dtype is the compute dtype
+        if jnp.dtype(w.dtype) not in MOE_DTYPES:
+            raise ValueError(f"{op}: w expected one of {[str(d) for d in MOE_DTYPES]}, got "
+                             f"{w.dtype}")
+    else:
+        for name, a in (("w", w), ("w_up", w_up)):
+            if a is not None and a.dtype != x.dtype:
+                raise ValueError(f"{op}: {name} expected x's dtype {x.dtype}, got {a.dtype}")
+        if jnp.dtype(x.dtype) not in MOE_DTYPES:
+            raise ValueError(f"{op}: x expected one of {[str(d) for d in MOE_DTYPES]}, got "
+                             f"{x.dtype}")
     if block_expert.ndim != 1 or block_expert.dtype != jnp.int32:
         raise ValueError(f"{op}: block_expert expected int32 [G], got {block_expert.dtype}"
                          f"{list(block_expert.shape)}")

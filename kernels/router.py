@@ -8,10 +8,13 @@ json: 40 layers of the 35B shape at B = 1). Here program t takes row t of the lo
 
     weights, ids = route(logits, k=8, normalize=True)   # [T, E] -> [T, k] logits' dtype, int32
 
-The experts are ranked by logit, as lax.top_k ranks their probabilities (the softmax keeps the
-order; equal logits go to the lower index first, as top_k's do), found by k rounds of max; the
-probabilities are exp(l - max) / sum in fp32, and with normalize each chosen one is divided by
-the chosen ones' sum (Qwen3-Next's norm_topk_prob) before one rounding to the logits' dtype.
+The probabilities are exp(l - max) / sum in fp32, as XLA's softmax computes them, ranked as
+lax.top_k ranks them (equal ones, ties or underflows to 0, to the lower index first), the k
+largest found by k rounds of max over the experts not yet taken (k distinct experts in range
+whatever the logits: a NaN row takes the lowest indices left); with normalize each chosen one
+is divided by the chosen ones' sum (Qwen3-Next's norm_topk_prob) before one rounding to the
+logits' dtype. The ids are top_k's wherever the exp and the sum come out as XLA's do: their
+last bits may differ, and then so may the order of two probabilities an ulp apart.
 E must be a power of two (one row is one Triton block); k <= E.
 """
 
@@ -32,7 +35,7 @@ _F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
-class _Launch:  # a row of 256-512 logits is a few registers a thread: one warp's worth of work
+class _Launch:  # a row of 256-512 logits: a few registers a thread at 4 warps
     num_warps: int = 4
     num_stages: int = 1
 
@@ -56,18 +59,21 @@ def _kernel(logits_ref, w_ref, ids_ref, *, k: int, normalize: bool):
     expert = lax.broadcasted_iota(jnp.int32, (E,), 0)
     slot = lax.broadcasted_iota(jnp.int32, (kp,), 0)
     unnormalised = jnp.exp(logit - jnp.max(logit))
+    prob = unnormalised / jnp.sum(unnormalised)  # what lax.top_k ranks in XLA's path
     ids, chosen = jnp.zeros((kp,), jnp.int32), jnp.zeros((kp,), _F32)
-    live = logit
-    for j in range(k):  # k rounds: the largest logit left, the lowest index among equals
-        first = jnp.min(jnp.where(live == jnp.max(live), expert, E))
+    taken = expert < 0
+    for j in range(k):  # k rounds: the likeliest expert left, the lowest index among equals
+        best = jnp.max(jnp.where(taken, -1.0, prob))
+        first = jnp.min(jnp.where((prob == best) & ~taken, expert, E))
+        # a NaN row matches nothing: the lowest expert left, so that ids stay distinct, in range
+        first = jnp.where(first < E, first, jnp.min(jnp.where(taken, E, expert)))
         hit = expert == first
         ids = jnp.where(slot == j, first, ids)
-        chosen = jnp.where(slot == j, jnp.sum(jnp.where(hit, unnormalised, 0.0)), chosen)
-        live = jnp.where(hit, -jnp.inf, live)
-    p = chosen / jnp.sum(unnormalised)
+        chosen = jnp.where(slot == j, jnp.sum(jnp.where(hit, prob, 0.0)), chosen)
+        taken = taken | hit
     if normalize:
-        p = p / jnp.sum(p)
-    w_ref[t, :] = p.astype(w_ref.dtype)
+        chosen = chosen / jnp.sum(chosen)
+    w_ref[t, :] = chosen.astype(w_ref.dtype)
     ids_ref[t, :] = ids
 
 

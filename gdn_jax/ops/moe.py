@@ -20,7 +20,6 @@ the H200 at full depth (profile_step's router=auto variant against router=xla).
 
 from __future__ import annotations
 
-
 import os
 
 import jax
@@ -109,7 +108,8 @@ def route(logits, k: int, *, normalize: bool = True):
     """logits: [T, E] -> (weights [T, k] in logits' dtype, ids [T, k] int32): each row's k
     likeliest experts under the softmax over E, their probabilities (with normalize, over the k
     chosen ones' sum). XLA's steps, or the one-launch kernel where ROUTER_VAR asks for it and it
-    takes the shape (module docstring); the same ids, the weights within the fp32 sums' order."""
+    takes the shape (module docstring): the same ids where the probabilities come out as XLA's
+    (`gdn_jax.kernels.route`), the weights within the fp32 sums' order."""
     mode = kernel_mode(ROUTER_VAR) if os.environ.get(ROUTER_VAR) else None
     if mode and kernels.route_misfit(logits.shape, k) is None:
         return kernels.route(logits, k=k, normalize=normalize, interpret=mode == "interpret")

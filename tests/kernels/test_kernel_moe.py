@@ -265,6 +265,21 @@ def test_grouped_matmul_rejects_bad_swiglu_input():
     with pytest.raises(ValueError, match="num_tokens goes with swiglu and row_token"):
         kernels.grouped_matmul(jnp.ones((2, 32, 64), jnp.float32), w, expert, swiglu=True,
                                row_token=jnp.zeros((32,), jnp.int32), config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="num_tokens goes with swiglu and row_token"):
+        kernels.grouped_matmul(jnp.ones((32, 32), jnp.bfloat16), w, expert, num_tokens=2,
+                               config=cfg, interpret=True)
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"num_tokens expected an int >= 1"):
+            kernels.grouped_matmul(jnp.ones((2, 32, 64), jnp.float32), w, expert, swiglu=True,
+                                   row_token=jnp.zeros((32,), jnp.int32), num_tokens=bad,
+                                   config=cfg, interpret=True)
+    with pytest.raises(ValueError, match=r"w expected one of \['bfloat16', 'float16'\], got "
+                                         r"float32"):
+        kernels.grouped_matmul(jnp.ones((2, 32, 64), jnp.float32), w.astype(jnp.float32), expert,
+                               swiglu=True, config=cfg, interpret=True)
+    with pytest.raises(ValueError, match=r"block_expert expected int32 \[rows / block_m\]"):
+        kernels.grouped_matmul(jnp.ones((2, 48, 64), jnp.float32), w, expert, swiglu=True,
+                               config=cfg, interpret=True)
     with pytest.raises(ValueError, match=r"K=32 is not a multiple of splits \* block_k = 2 \* 32"):
         kernels.grouped_matmul(jnp.ones((32, 32), jnp.bfloat16), w, expert,
                                config=MoEConfig(16, 32, 32, splits=2), interpret=True)

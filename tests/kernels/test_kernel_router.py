@@ -70,6 +70,20 @@ def test_route_ties_go_to_the_lower_index():
     np.testing.assert_allclose(np.asarray(w[0]), 1 / 4, rtol=1e-6)
 
 
+def test_route_underflow_ties_and_non_finite_rows():
+    """Probabilities that underflow to 0 tie and go to the lower index (as top_k's); -inf
+    logits are never taken twice; a NaN row still names k distinct experts in range."""
+    inf = float("inf")
+    logits = jnp.asarray([[0.0, -200.0, -300.0, -150.0, 1.0, -400.0, -250.0, -120.0],
+                          [-inf, -inf, -inf, 2.0, -inf, 1.0, -inf, -inf],
+                          [0.0, float("nan"), 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]], jnp.float32)
+    _, ids = kernels.route(logits, k=4, normalize=False, interpret=True)
+    _, ids_ref = _xla(logits[:2], 4, False)
+    np.testing.assert_array_equal(np.asarray(ids[:2]), np.asarray(ids_ref))
+    nan_row = np.asarray(ids[2])
+    assert len(set(nan_row)) == 4 and nan_row.min() >= 0 and nan_row.max() < 8
+
+
 def test_route_no_rows():
     w, ids = kernels.route(jnp.zeros((0, 8), jnp.bfloat16), k=2, interpret=True)
     assert w.shape == ids.shape == (0, 2)

@@ -186,4 +186,3 @@ def test_sparse_moe_router_kernel_matches_xla(monkeypatch):
     got = np.asarray(moe_block(x), np.float64)
     assert len(calls) == 1  # the second call routed through the kernel
     np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2 ** -7 * np.abs(want).max())
-
