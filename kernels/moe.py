@@ -269,9 +269,9 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
                    name: str | None = None) -> jax.Array:
     """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
     in w's dtype (x's but with swiglu): block g's rows @ w[block_expert[g]] (with w_up:
-    silu(x @ w) * (x @ w_up)); zeros for blocks whose expert is -1. With row_token ([G * block_m] int32, `Blocks`), x is
-    [num_tokens, K] and row i of the blocks is x[row_token[i]], zeros where row_token[i] is not
-    in 0..num_tokens - 1.
+    silu(x @ w) * (x @ w_up)); zeros for blocks whose expert is -1. With row_token
+    ([G * block_m] int32, `Blocks`), x is [num_tokens, K] and row i of the blocks is
+    x[row_token[i]], zeros where row_token[i] is not in 0..num_tokens - 1.
 
     config.splits > 1: the K slices' fp32 partial sums [splits, G * block_m, N] come back
     unadded; with w_up [splits, G * block_m, 2N], the gate's sums then the up's, for a
