@@ -19,7 +19,9 @@ output norm in the next projection's launch),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
 cache write in one launch before the attention kernel, or as XLA's steps),
 `router=xla|auto` (GDN_JAX_MOE_ROUTER: the MoE router's softmax, top k and renormalisation as
-XLA's launches, or the one-launch kernel `gdn_jax.kernels.route`),
+XLA's launches, or the one-launch kernel `gdn_jax.kernels.route`), `shared=apart|fold`
+(GDN_JAX_MOE_SHARED: the MoE shared expert as a SwiGLU of its own, or in the routed experts'
+launches),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
 (set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
 (`compiler_options`; e.g. the command-buffer options). Variants run one after another on the
@@ -85,7 +87,8 @@ def parse_args(argv=None):
 _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "groups": "GDN_JAX_PROJECTION_GROUPS", "conv": "GDN_JAX_CONV",
               "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE",
-              "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE", "router": "GDN_JAX_MOE_ROUTER"}
+              "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE", "router": "GDN_JAX_MOE_ROUTER",
+              "shared": "GDN_JAX_MOE_SHARED"}
 _PATHS = (*_ENV_PATHS, "moe", "attention")
 
 

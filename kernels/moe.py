@@ -188,20 +188,22 @@ def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
 
 
 def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, gather, swiglu,
-            num_tokens):
+            num_tokens, shared):
     """Program (g, n, s): rows of block g times column block n of w[block_expert[g]], over the
     K slice s (k_split rows of w from s * k_split). With gather (refs: row_token first) the rows
     are x's rows row_token[g * block_m + i], zeros where that is no token (padding); with swiglu
     x is [S', rows, 2K] partial sums of gate | up and a row is silu(gate) * up (fp32, rounded to
-    w's dtype), rows whose row_token is no token (num_tokens given) zeros, never loaded.
-    o: [rows, N] in its dtype, or [S, rows, N] fp32 partial sums (split; gated: [S, rows, 2N],
-    gate's then up's)."""
-    row_token_ref, x_ref, w_ref, *rest = refs if gather or num_tokens is not None else \
-        (None, *refs)
-    w2_ref, o_ref = rest if gated else (None, rest[0])
+    w's dtype), rows whose row_token is no token (num_tokens given) zeros, never loaded. With
+    shared, the refs after w (and w_up) hold one more expert's [K, N] weights, expert E (E = w's
+    experts). o: [rows, N] in its dtype, or [S, rows, N] fp32 partial sums (split; gated:
+    [S, rows, 2N], gate's then up's)."""
+    row_token_ref, x_ref, *rest = refs if gather or num_tokens is not None else (None, *refs)
+    weights, o_ref = rest[:-1], rest[-1]
+    stack, lone = (weights[:len(weights) // 2], weights[len(weights) // 2:]) if shared else \
+        (weights, ())
     g, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = pl.ds(g * block_m, block_m)
-    K, N = w_ref.shape[1:]
+    E, K, N = stack[0].shape
     e = block_expert_ref[g]
     split = len(o_ref.shape) == 3
 
@@ -212,8 +214,7 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
         else:
             o_ref[rows, cols] = value.astype(o_ref.dtype)
 
-    @pl.when(e >= 0)
-    def _():
+    def run(tile):  # tile(ref, ks, cols): this block's expert's tile of one of its weights
         if row_token_ref is not None:
             token = row_token_ref[rows]
             real = (token >= 0) & (token < (x_ref.shape[0] if gather else num_tokens))
@@ -230,16 +231,15 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
                         x_ref.at[jnp.int32(j), rows, cs], mask=real[:, None], other=0))
                         .astype(_F32) for j in range(x_ref.shape[0])]
                     return functools.reduce(lambda a, b: a + b, parts)
-                return _silu_mul(summed(k0), summed(K + k0)).astype(w_ref.dtype)
+                return _silu_mul(summed(k0), summed(K + k0)).astype(stack[0].dtype)
             return x_ref[rows, pl.ds(k0, block_k)]
 
         def step(i, accs):
             k0 = s * k_split + i * block_k
-            x, ks = x_tile(k0), pl.ds(k0, block_k)
-            cols = pl.ds(n * block_n, block_n)
-            dot = lambda w_ref: lax.dot_general(x, w_ref[e, ks, cols], (((1,), (0,)), ((), ())),
-                                                preferred_element_type=_F32)
-            return tuple(a + dot(r) for a, r in zip(accs, (w_ref, w2_ref)[:len(accs)]))
+            x, ks, cols = x_tile(k0), pl.ds(k0, block_k), pl.ds(n * block_n, block_n)
+            dot = lambda ref: lax.dot_general(x, tile(ref, ks, cols), (((1,), (0,)), ((), ())),
+                                              preferred_element_type=_F32)
+            return tuple(a + dot(j) for j, a in enumerate(accs))
 
         zero = jnp.zeros((block_m, block_n), _F32)
         accs = lax.fori_loop(0, k_split // block_k, step, (zero, zero) if gated else (zero,))
@@ -249,7 +249,11 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
         else:
             store(0, _silu_mul(*accs) if gated else accs[0])
 
-    @pl.when(e < 0)
+    pl.when((e >= 0) & (e < E))(lambda: run(lambda j, ks, cols: stack[j][e, ks, cols]))
+    if shared:
+        pl.when(e == E)(lambda: run(lambda j, ks, cols: lone[j][ks, cols]))
+
+    @pl.when((e < 0) | (e >= E + int(shared)))
     def _():
         zero = jnp.zeros((block_m, block_n), o_ref.dtype)
         for col in ((0, N) if gated and split else (0,)):
@@ -265,6 +269,7 @@ def _silu_mul(gate, up):
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
                    w_up: jax.Array | None = None, row_token: jax.Array | None = None,
                    swiglu: bool = False, num_tokens: int | None = None,
+                   w_shared: jax.Array | None = None, w_up_shared: jax.Array | None = None,
                    config: MoEConfig = MoEConfig(), interpret: bool = False,
                    name: str | None = None) -> jax.Array:
     """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
@@ -279,8 +284,14 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     rows are silu(gate) * up of its sums, rounded to w's dtype; with row_token and num_tokens
     (the gated call's), only the rows of a token load (the sums are [S, 2K] fp32 a row, and at
     a decode step 15 of a block's 16 rows are padding), the others are zeros. name: the
-    kernel's (what a profile shows; default gdn_moe_gate_up with w_up, else gdn_moe_down)."""
+    kernel's (what a profile shows; default gdn_moe_gate_up with w_up, else gdn_moe_down).
+
+    w_shared (and w_up_shared, with w_up): [K, N], one more expert, numbered E (w's experts):
+    a block whose expert is E multiplies by it (a MoE block's shared expert, run as the k + 1-th
+    expert of every token)."""
     _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config)
+    _check_shared(w, w_up, w_shared, w_up_shared)
+    shared = w_shared is not None
     N = w.shape[2]
     G, S = block_expert.shape[0], config.splits
     cols = 2 * N if w_up is not None and S > 1 else N
@@ -292,14 +303,32 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     return _pallas.pallas_call(
         functools.partial(_kernel, block_m=config.block_m, block_n=config.block_n,
                           block_k=config.block_k, k_split=w.shape[1] // S, gated=gated,
-                          gather=gather, swiglu=swiglu, num_tokens=num_tokens if swiglu else None),
+                          gather=gather, swiglu=swiglu, num_tokens=num_tokens if swiglu else None,
+                          shared=shared),
         name=name or ("gdn_moe_gate_up" if gated else "gdn_moe_down"),
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
         grid=(G, N // config.block_n, S),
         out_shape=jax.ShapeDtypeStruct(shape, dtype),
     )(block_expert, *((row_token,) if row_token is not None else ()), x, w,
-      *((w_up,) if gated else ()))
+      *((w_up,) if gated else ()), *((w_shared,) if shared else ()),
+      *((w_up_shared,) if shared and gated else ()))
+
+
+def _check_shared(w, w_up, w_shared, w_up_shared):
+    op = "grouped_matmul"
+    if w_shared is None:
+        if w_up_shared is not None:
+            raise ValueError(f"{op}: w_up_shared goes with w_shared, got w_shared None")
+        return
+    if (w_up is None) != (w_up_shared is None):
+        raise ValueError(f"{op}: w_up_shared expected with w_up and only then, got w_up "
+                         f"{'None' if w_up is None else 'given'}, w_up_shared "
+                         f"{'None' if w_up_shared is None else 'given'}")
+    for name, a in (("w_shared", w_shared), ("w_up_shared", w_up_shared)):
+        if a is not None and (a.shape != w.shape[1:] or a.dtype != w.dtype):
+            raise ValueError(f"{op}: {name} expected one expert of w, {w.dtype}"
+                             f"{list(w.shape[1:])}, got {a.dtype}{list(a.shape)}")
 
 
 def _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config):

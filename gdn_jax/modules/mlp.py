@@ -156,20 +156,29 @@ def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dt
     and shared outputs are linear in the down projections, so shards return partial sums.
     proj, shared_proj: dense's keywords for the router and shared gate, and for the shared
     expert (the same unless changed after construction: then all four projections of x are one
-    group)."""
+    group). On the Pallas path with GDN_JAX_MOE_SHARED=fold (`gdn_jax.ops.moe.SHARED_VAR`) a
+    shared expert of the experts' size runs in the experts' launches, as one more expert."""
     s = p["shared"]
-    if shared_proj == proj:
+    # "auto" takes the kernel only where the experts are stored in the compute dtype: it reads
+    # every expert's weights as they are, so others would be cast whole on every call
+    if (expert_path == "auto" and p["eg"].dtype == jnp.dtype(dtype)
+            and moe_ops.runs_compiled(dtype, x.shape[1], p["eg"].shape[2])):
+        expert_path = "pallas"
+    fold = (expert_path == "pallas" and shared_proj == proj and moe_ops.folds_shared()
+            and s["gate"].shape == p["eg"].shape[1:] and s["down"].shape == p["ed"].shape[1:])
+    if fold:
+        logits, shared_logit = dense_group(x, (p["router"], p["shared_gate"]), **proj)
+    elif shared_proj == proj:
         logits, shared_logit, s_gate, s_up = dense_group(
             x, (p["router"], p["shared_gate"], s["gate"], s["up"]), **proj)
     else:
         logits, shared_logit = dense_group(x, (p["router"], p["shared_gate"]), **proj)
         s_gate, s_up = dense_group(x, (s["gate"], s["up"]), **shared_proj)
     weights, ids = moe_ops.route(logits, top_k, normalize=norm_topk_prob)
-    # "auto" takes the kernel only where the experts are stored in the compute dtype: it reads
-    # every expert's weights as they are, so others would be cast whole on every call
-    if (expert_path == "auto" and p["eg"].dtype == jnp.dtype(dtype)
-            and moe_ops.runs_compiled(dtype, x.shape[1], p["eg"].shape[2])):
-        expert_path = "pallas"
+    if fold:
+        return _routed_pallas(p, x.astype(dtype), weights, ids, num_experts=num_experts,
+                              dtype=dtype, precision=precision,
+                              shared=(s, jax.nn.sigmoid(shared_logit).reshape(-1)))
     if expert_path == "pallas":
         routed = _routed_pallas
     elif (_gather_experts(x.shape[0], top_k, num_experts) if expert_path == "auto"
@@ -211,14 +220,19 @@ def _routed_ragged(p, x, weights, ids, *, num_experts, dtype, precision):
     return jnp.zeros((N, H), y.dtype).at[token].add(y)
 
 
-def _routed_pallas(p, x, weights, ids, *, num_experts, dtype, precision):
+def _routed_pallas(p, x, weights, ids, *, num_experts, dtype, precision, shared=None):
     """The grouped Pallas kernel (`gdn_jax.ops.moe.routed`); its products are exact for 16-bit
-    weights, so precision has nothing to say. Same arguments and result as `_routed_ragged`."""
+    weights, so precision has nothing to say. Same arguments and result as `_routed_ragged`;
+    shared: (the shared expert's params, its gate [N]) to run with the routed experts."""
     del num_experts, precision
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"SparseMoE: expert_path 'pallas' needs bf16 or fp16, got dtype {dtype}")
     w = [p[name][...].astype(dtype) for name in ("eg", "eu", "ed")]
-    return moe_ops.routed(x, weights.astype(dtype), ids, *w)
+    if shared is not None:
+        s, gate = shared
+        shared = (*(s[name][...].astype(dtype) for name in ("gate", "up", "down")),
+                  gate.astype(dtype))
+    return moe_ops.routed(x, weights.astype(dtype), ids, *w, shared=shared)
 
 
 def _routed_gathered(p, x, weights, ids, *, num_experts, dtype, precision):

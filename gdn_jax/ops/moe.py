@@ -16,6 +16,12 @@ capability >= 8.0 the kernels run compiled; elsewhere (CPU tests) in the Pallas 
 for the one-launch kernel (`gdn_jax.kernels.route`): "auto" or "pallas" (compiled where Triton
 runs), "interpret" (tests); unset or "xla", XLA. It is off by default until it is measured on
 the H200 at full depth (profile_step's router=auto variant against router=xla).
+
+GDN_JAX_MOE_SHARED=fold (SHARED_VAR; `folds_shared`) runs a MoE block's shared expert as every
+token's k + 1-th expert in `routed`'s launches (`routed(..., shared=...)`), where its size is the
+routed experts' (Qwen3.5-35B-A3B, Qwen3-Next-80B: 512); "apart" (the default until measured)
+keeps it a SwiGLU of its own (its gate / up in the router's group launch, its down a
+projection).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from gdn_jax.ops.dispatch import Device, kernel_mode, sm_count
 from gdn_jax.ops.projection import pow2_tile
 
 ROUTER_VAR = "GDN_JAX_MOE_ROUTER"
+SHARED_VAR = "GDN_JAX_MOE_SHARED"
 
 
 def runs_compiled(dtype, hidden: int, intermediate: int) -> bool:
@@ -71,10 +78,15 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
     return _moe.MoEConfig(block_m=block_m, block_n=block_n, block_k=pow2_tile(K, 128))
 
 
-def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = None,
+def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
+           interpret: bool | None = None,
            configs: tuple[_moe.MoEConfig, _moe.MoEConfig] | None = None):
     """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted.
-    configs: the gate / up and the down kernels' (default `config_for`'s; a benchmark's)."""
+    configs: the gate / up and the down kernels' (default `config_for`'s; a benchmark's).
+    shared: (gate [H, I], up [H, I], down [I, H], weight [T]), a shared expert of the routed
+    experts' size run as every token's k + 1-th expert in the same launches: the result adds
+    weight[t] * down(silu(gate x_t) * up x_t) (the weight a sigmoid gate's, say), summed with
+    the routed ones in fp32 before the one rounding."""
     T, H = x.shape
     E, _, I = w_gate.shape
     if ids.shape != weights.shape or ids.shape[0] != T:
@@ -84,23 +96,36 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, interpret: bool | None = No
         raise ValueError(f"routed: expert weights expected [E, H, I], [E, H, I], [E, I, H] with "
                          f"H = {H}, got {list(w_gate.shape)}, {list(w_up.shape)}, "
                          f"{list(w_down.shape)}")
+    lone = {}
+    if shared is not None:
+        s_gate, s_up, s_down, s_weight = shared
+        if (s_gate.shape, s_up.shape, s_down.shape, s_weight.shape) != ((H, I), (H, I), (I, H),
+                                                                        (T,)):
+            raise ValueError(f"routed: shared expected gate [H, I], up [H, I], down [I, H], "
+                             f"weight [T] with H = {H}, I = {I}, T = {T}, got "
+                             f"{[list(a.shape) for a in shared]}")
+        ids = jnp.concatenate([ids.astype(jnp.int32), jnp.full((T, 1), E, jnp.int32)], axis=1)
+        weights = jnp.concatenate([weights, s_weight[:, None].astype(weights.dtype)], axis=1)
+        lone = dict(gate=dict(w_shared=s_gate, w_up_shared=s_up), down=dict(w_shared=s_down))
+    experts = E + (shared is not None)  # the shared one is expert E of the plan
     if interpret is None:
         interpret = not Device.of().runs_triton
     P = ids.size
     sms = sm_count()
-    up_cfg, down_cfg = configs or (config_for(P, E, H, I, sm_count=sms),
-                                   config_for(P, E, I, H, sm_count=sms))
+    up_cfg, down_cfg = configs or (config_for(P, experts, H, I, sm_count=sms),
+                                   config_for(P, experts, I, H, sm_count=sms))
     if up_cfg.block_m != down_cfg.block_m:
         raise ValueError(f"routed: configs expected one block_m, got {up_cfg.block_m} and "
                          f"{down_cfg.block_m}")
-    blocks = (_moe.plan_pairs(ids, up_cfg.block_m) if one_block_per_pair(P, E)
-              else _moe.plan(ids, E, up_cfg.block_m))
+    blocks = (_moe.plan_pairs(ids, up_cfg.block_m) if one_block_per_pair(P, experts)
+              else _moe.plan(ids, experts, up_cfg.block_m))
     h = kernels.grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up,
-                               row_token=blocks.row_token, config=up_cfg, interpret=interpret)
+                               row_token=blocks.row_token, config=up_cfg, interpret=interpret,
+                               **lone.get("gate", {}))
     split = dict(swiglu=True, row_token=blocks.row_token, num_tokens=T) if up_cfg.splits > 1 \
         else {}
     y = kernels.grouped_matmul(h, w_down, blocks.block_expert, config=down_cfg,
-                               interpret=interpret, **split)
+                               interpret=interpret, **split, **lone.get("down", {}))
     return blocks.combine(y, weights, T, dtype=x.dtype)
 
 
@@ -118,3 +143,12 @@ def route(logits, k: int, *, normalize: bool = True):
     if normalize:
         top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
     return top_w.astype(logits.dtype), top_i.astype(jnp.int32)
+
+
+def folds_shared() -> bool:
+    """Whether SHARED_VAR asks for the shared expert in the routed experts' launches (module
+    docstring): "fold"; "apart" or unset: no. Read at trace time."""
+    wish = os.environ.get(SHARED_VAR) or "apart"
+    if wish not in ("apart", "fold"):
+        raise ValueError(f"{SHARED_VAR}: expected apart or fold, got {wish!r}")
+    return wish == "fold"

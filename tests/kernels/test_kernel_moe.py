@@ -249,6 +249,47 @@ def test_grouped_matmul_swiglu_loads_only_token_rows_interpret():
     assert not got[pad].any() and np.abs(want[~pad]).min() > 0
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_grouped_matmul_shared_expert_is_expert_e_interpret(gated):
+    """w_shared: blocks numbered E (one past w's experts) multiply by it; blocks past E, like
+    those of -1, are zeros; the other blocks as without it, bit for bit."""
+    G, E, K, N, bm = 6, 4, 64, 32, 16
+    x, w, w2, expert = _blocks_case(60, G, bm, E, K, N, jnp.bfloat16, used=G)
+    rng = np.random.default_rng(61)
+    ws, ws2 = (jnp.asarray(rng.standard_normal((K, N)) * K ** -0.5, jnp.bfloat16)
+               for _ in range(2))
+    expert = jnp.asarray([0, E, 2, E, E + 1, -1], jnp.int32)
+    cfg = MoEConfig(bm, 32, 32)
+    y = np.asarray(kernels.grouped_matmul(x, w, expert, w_up=w2 if gated else None, w_shared=ws,
+                                          w_up_shared=ws2 if gated else None, config=cfg,
+                                          interpret=True), np.float64)
+    routed_only = jnp.where(expert == E, -1, expert)
+    plain = np.asarray(kernels.grouped_matmul(x, w, routed_only, w_up=w2 if gated else None,
+                                              config=cfg, interpret=True), np.float64)
+    as_expert = jnp.where(expert == E, 0, -1)  # the shared weights as expert 0 of a stack
+    lone = np.asarray(kernels.grouped_matmul(x, ws[None], as_expert,
+                                             w_up=ws2[None] if gated else None, config=cfg,
+                                             interpret=True), np.float64)
+    rows = np.repeat(np.asarray(expert), bm)
+    np.testing.assert_array_equal(y[rows == E], lone[rows == E])
+    np.testing.assert_array_equal(y[rows != E], plain[rows != E])
+    assert np.abs(y[rows == E]).min() > 0 and not y[rows > E].any() and not y[rows < 0].any()
+
+
+def test_grouped_matmul_rejects_bad_shared_expert():
+    x, w = jnp.ones((32, 64), jnp.bfloat16), jnp.ones((4, 64, 32), jnp.bfloat16)
+    expert, cfg = jnp.zeros((2,), jnp.int32), MoEConfig(16, 32, 32)
+    with pytest.raises(ValueError, match=r"w_shared expected one expert of w, bfloat16\[64, 32\]"
+                                         r", got bfloat16\[32, 64\]"):
+        kernels.grouped_matmul(x, w, expert, w_shared=jnp.ones((32, 64), jnp.bfloat16),
+                               config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="w_up_shared expected with w_up and only then"):
+        kernels.grouped_matmul(x, w, expert, w_up=w, w_shared=w[0], config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="w_up_shared goes with w_shared"):
+        kernels.grouped_matmul(x, w, expert, w_up=w, w_up_shared=w[0], config=cfg,
+                               interpret=True)
+
+
 def test_grouped_matmul_rejects_bad_swiglu_input():
     w = jnp.ones((4, 32, 64), jnp.bfloat16)
     expert = jnp.zeros((2,), jnp.int32)
@@ -402,6 +443,23 @@ def test_grouped_matmul_split_k_lowers_for_cuda(kind, cuda_lowering):
             S((2, 8 * 16, 1024), jnp.float32), wd, S((8,), jnp.int32), swiglu=True,
             row_token=S((8 * 16,), jnp.int32), num_tokens=1,
             config=MoEConfig(16, 64, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in up and TRITON_CALL in down
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+def test_grouped_matmul_shared_expert_lowers_for_cuda(kind, cuda_lowering):
+    S = jax.ShapeDtypeStruct
+    w, wd = S((256, 2048, 512), jnp.bfloat16), S((256, 512, 2048), jnp.bfloat16)
+    one, one_d = S((2048, 512), jnp.bfloat16), S((512, 2048), jnp.bfloat16)
+    cfg = MoEConfig(16, 32, 128)
+    with cuda_lowering(kind):
+        up = kernels.grouped_matmul.trace(
+            S((1, 2048), jnp.bfloat16), w, S((9,), jnp.int32), w_up=w,
+            row_token=S((9 * 16,), jnp.int32), w_shared=one, w_up_shared=one,
+            config=cfg).lower(lowering_platforms=("cuda",)).as_text()
+        down = kernels.grouped_matmul.trace(
+            S((9 * 16, 512), jnp.bfloat16), wd, S((9,), jnp.int32), w_shared=one_d,
+            config=cfg).lower(lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in up and TRITON_CALL in down
 
 

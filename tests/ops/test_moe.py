@@ -92,6 +92,43 @@ def test_routed_matches_per_expert_sum_gpu(T):
     _assert_close(moe.routed(*args), *ref)
     split = (kernels.MoEConfig(16, 64, 128, splits=2), kernels.MoEConfig(16, 64, 128))
     _assert_close(moe.routed(*args, configs=split), *ref)
+    sg, su, sd, sw = _shared_case(T, T, 2048, 512)  # the shared expert as the k + 1-th
+    s_ref, s_scale = _reference(args[0], sw[:, None], jnp.zeros((T, 1), jnp.int32), sg[None],
+                                su[None], sd[None])
+    _assert_close(moe.routed(*args, shared=(sg, su, sd, sw)), ref[0] + s_ref, ref[1] + s_scale)
+
+
+def _shared_case(seed, T, H, I):
+    rng = np.random.default_rng(seed)
+    arr = lambda shape, s: jnp.asarray(rng.standard_normal(shape) * s, BF16)  # noqa: E731
+    return (arr((H, I), H ** -0.5), arr((H, I), H ** -0.5), arr((I, H), I ** -0.5),
+            jnp.asarray(rng.random(T) + 0.1, BF16))
+
+
+@pytest.mark.parametrize("T, k, E", [(1, 10, 64), (12, 4, 8)], ids=["pairs", "plan"])
+@pytest.mark.parametrize("splits", [1, 2], ids=["whole", "split"])
+def test_routed_runs_a_shared_expert_as_one_more(T, k, E, splits):
+    """shared: every token's k + 1-th expert, its own weights, its own weight per token: the
+    routed reference plus weight * the shared SwiGLU (h rounded once, as the kernel's), the
+    same bound."""
+    x, w, ids, wg, wu, wd = _case(11 * T, T, k, E, 128, 64)
+    sg, su, sd, sw = _shared_case(T, T, 128, 64)
+    configs = (kernels.MoEConfig(16, 32, 32, splits=splits), kernels.MoEConfig(16, 32, 16))
+    out = moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd, sw), configs=configs)
+    ref, scale = _reference(x, w, ids, wg, wu, wd)
+    ext = lambda a, b: jnp.concatenate([a[None], b[None]])  # noqa: E731  expert E of 1 + 1
+    s_ref, s_scale = _reference(x, sw[:, None], jnp.zeros((T, 1), jnp.int32), ext(sg, sg)[:1],
+                                ext(su, su)[:1], ext(sd, sd)[:1])
+    assert np.abs(s_ref).max() > 0.1 * np.abs(ref).max()  # the shared part counts
+    _assert_close(out, ref + s_ref, scale + s_scale)
+
+
+def test_routed_rejects_a_shared_expert_of_another_size():
+    x, w, ids, wg, wu, wd = _case(0, 4, 2, 8, 64, 32)
+    sg, su, sd, sw = _shared_case(0, 4, 64, 16)
+    with pytest.raises(ValueError, match=r"shared expected gate \[H, I\], up \[H, I\], down "
+                                         r"\[I, H\], weight \[T\] with H = 64, I = 32, T = 4"):
+        moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd, sw))
 
 
 def test_routed_rejects_configs_of_two_block_m():
@@ -100,14 +137,22 @@ def test_routed_rejects_configs_of_two_block_m():
                    configs=(kernels.MoEConfig(16, 32, 32), kernels.MoEConfig(32, 32, 32)))
 
 
-def test_routed_shards_sum_to_the_whole():
-    """Tensor parallel: each shard holds half of every expert's intermediate dim and returns its
-    partial sum; the halves add up to the whole."""
+@pytest.mark.parametrize("with_shared", [False, True], ids=["routed", "shared"])
+def test_routed_shards_sum_to_the_whole(with_shared):
+    """Tensor parallel: each shard holds half of every expert's intermediate dim (the shared
+    expert's too, as SparseMoE shards it) and returns its partial sum; the halves add up to the
+    whole."""
     x, w, ids, wg, wu, wd = _case(3, 6, 3, 8, 128, 64)
-    halves = [moe.routed(x, w, ids, wg[..., s], wu[..., s], wd[:, s])
+    sg, su, sd, sw = _shared_case(3, 6, 128, 64)
+    halves = [moe.routed(x, w, ids, wg[..., s], wu[..., s], wd[:, s],
+                         shared=(sg[:, s], su[:, s], sd[s], sw) if with_shared else None)
               for s in (slice(0, 32), slice(32, 64))]
     total = np.asarray(halves[0], np.float64) + np.asarray(halves[1], np.float64)
     ref, scale = _reference(x, w, ids, wg, wu, wd)
+    if with_shared:
+        s_ref, s_scale = _reference(x, sw[:, None], jnp.zeros((6, 1), jnp.int32), sg[None],
+                                    su[None], sd[None])
+        ref, scale = ref + s_ref, scale + s_scale
     _assert_close(total, ref, 2 * scale)
 
 
@@ -186,3 +231,30 @@ def test_sparse_moe_router_kernel_matches_xla(monkeypatch):
     got = np.asarray(moe_block(x), np.float64)
     assert len(calls) == 1  # the second call routed through the kernel
     np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2 ** -7 * np.abs(want).max())
+
+
+def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
+    """GDN_JAX_MOE_SHARED=fold on the Pallas path: the shared expert (its size the experts')
+    goes into routed's launches; the block's output as apart's up to rounding (fold sums the
+    shared part in fp32 with the routed ones); a value it does not know: an error."""
+    seen = []
+    real = moe.routed
+    monkeypatch.setattr(moe, "routed", lambda *a, **kw: seen.append(
+        kw.get("shared") is not None) or real(*a, **kw))
+    moe_block = SparseMoE(64, 8, 2, 32, 32, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(3))
+    set_expert_path(moe_block, "pallas")
+    x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 64)), BF16)
+    monkeypatch.delenv(moe.SHARED_VAR, raising=False)
+    apart = np.asarray(moe_block(x), np.float64)
+    monkeypatch.setenv(moe.SHARED_VAR, "fold")
+    fold = np.asarray(moe_block(x), np.float64)
+    assert seen == [False, True]
+    np.testing.assert_allclose(fold, apart, rtol=2 ** -6, atol=2 ** -7 * np.abs(apart).max())
+    set_expert_path(moe_block, "grouped")  # off the Pallas path: apart whatever the variable
+    moe_block(x)
+    assert seen == [False, True]
+    monkeypatch.setenv(moe.SHARED_VAR, "merge")
+    set_expert_path(moe_block, "pallas")
+    with pytest.raises(ValueError, match="GDN_JAX_MOE_SHARED: expected apart or fold"):
+        moe_block(x)
+
