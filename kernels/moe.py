@@ -176,15 +176,28 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
     return Blocks(block_expert, row_token, pair_row)
 
 
-def plan_pairs(ids: jax.Array, block_m: int) -> Blocks:
+def plan_pairs(ids: jax.Array, block_m: int, *, shared: int | None = None) -> Blocks:
     """ids: [num_tokens, k] int32 -> `Blocks` of one pair each (row 0 of block p is pair p; the
-    other rows are padding): no sort, nothing but index arithmetic on a static layout."""
+    other rows are padding): no sort, nothing but index arithmetic on a static layout.
+
+    shared: an expert every token takes as its k + 1-th (a shared expert, numbered past the
+    routed ones): its T pairs fill ceil(T / block_m) blocks of their own after the routed
+    pairs' (read once per block_m tokens, not once per token); the pairs are then
+    p = token * (k + 1) + j, j = k the shared one (`combine`'s weights [T, k + 1])."""
     T, k = ids.shape
     P = T * k
     r = jnp.arange(P * block_m, dtype=jnp.int32)
-    return Blocks(block_expert=ids.reshape(-1).astype(jnp.int32),
-                  row_token=jnp.where(r % block_m == 0, r // (block_m * k), T),
-                  pair_row=jnp.arange(P, dtype=jnp.int32) * block_m)
+    block_expert = ids.reshape(-1).astype(jnp.int32)
+    row_token = jnp.where(r % block_m == 0, r // (block_m * k), T)
+    pair_row = jnp.arange(P, dtype=jnp.int32) * block_m
+    if shared is None:
+        return Blocks(block_expert, row_token, pair_row)
+    G = -(-T // block_m)
+    t = jnp.arange(G * block_m, dtype=jnp.int32)
+    pair_row = jnp.concatenate([pair_row.reshape(T, k),
+                                P * block_m + jnp.arange(T, dtype=jnp.int32)[:, None]], axis=1)
+    return Blocks(jnp.concatenate([block_expert, jnp.full((G,), shared, jnp.int32)]),
+                  jnp.concatenate([row_token, jnp.where(t < T, t, T)]), pair_row.reshape(-1))
 
 
 def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, gather, swiglu,
@@ -274,7 +287,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
                    name: str | None = None) -> jax.Array:
     """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
     in w's dtype (x's but with swiglu): block g's rows @ w[block_expert[g]] (with w_up:
-    silu(x @ w) * (x @ w_up)); zeros for blocks whose expert is -1. With row_token
+    silu(x @ w) * (x @ w_up)); zeros for blocks whose expert is outside 0..E - 1 (0..E with
+    w_shared; -1 marks the unused ones). With row_token
     ([G * block_m] int32, `Blocks`), x is [num_tokens, K] and row i of the blocks is
     x[row_token[i]], zeros where row_token[i] is not in 0..num_tokens - 1.
 

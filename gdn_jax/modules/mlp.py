@@ -157,14 +157,16 @@ def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dt
     proj, shared_proj: dense's keywords for the router and shared gate, and for the shared
     expert (the same unless changed after construction: then all four projections of x are one
     group). On the Pallas path with GDN_JAX_MOE_SHARED=fold (`gdn_jax.ops.moe.SHARED_VAR`) a
-    shared expert of the experts' size runs in the experts' launches, as one more expert."""
+    shared expert of the experts' size runs in the experts' launches, as one more expert, where
+    its projections' keywords are the router's (proj == shared_proj)."""
     s = p["shared"]
+    wants_fold = moe_ops.folds_shared()  # read (and checked) whatever the path
     # "auto" takes the kernel only where the experts are stored in the compute dtype: it reads
     # every expert's weights as they are, so others would be cast whole on every call
     if (expert_path == "auto" and p["eg"].dtype == jnp.dtype(dtype)
             and moe_ops.runs_compiled(dtype, x.shape[1], p["eg"].shape[2])):
         expert_path = "pallas"
-    fold = (expert_path == "pallas" and shared_proj == proj and moe_ops.folds_shared()
+    fold = (wants_fold and expert_path == "pallas" and shared_proj == proj
             and s["gate"].shape == p["eg"].shape[1:] and s["down"].shape == p["ed"].shape[1:])
     if fold:
         logits, shared_logit = dense_group(x, (p["router"], p["shared_gate"]), **proj)

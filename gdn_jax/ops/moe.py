@@ -83,10 +83,12 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
            configs: tuple[_moe.MoEConfig, _moe.MoEConfig] | None = None):
     """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted.
     configs: the gate / up and the down kernels' (default `config_for`'s; a benchmark's).
-    shared: (gate [H, I], up [H, I], down [I, H], weight [T]), a shared expert of the routed
-    experts' size run as every token's k + 1-th expert in the same launches: the result adds
-    weight[t] * down(silu(gate x_t) * up x_t) (the weight a sigmoid gate's, say), summed with
-    the routed ones in fp32 before the one rounding."""
+    shared: (gate [H, I], up [H, I], down [I, H], weight [T]) in x's dtype, a shared expert of
+    the routed experts' size run as every token's k + 1-th expert in the same launches (its
+    tokens in blocks of their own: its weights read once per block): the result adds
+    weight[t] * down(silu(gate x_t) * up x_t) (the weight a sigmoid gate's, say); its down
+    output is rounded by the down call as the routed ones are, and the weighted sum of all
+    k + 1 taken in fp32 and rounded once."""
     T, H = x.shape
     E, _, I = w_gate.shape
     if ids.shape != weights.shape or ids.shape[0] != T:
@@ -97,28 +99,37 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
                          f"H = {H}, got {list(w_gate.shape)}, {list(w_up.shape)}, "
                          f"{list(w_down.shape)}")
     lone = {}
+    per_pair = one_block_per_pair(ids.size, E)  # decided on the routed pairs
     if shared is not None:
+        if not isinstance(shared, (tuple, list)) or len(shared) != 4:
+            raise ValueError("routed: shared expected (gate, up, down, weight)")
         s_gate, s_up, s_down, s_weight = shared
         if (s_gate.shape, s_up.shape, s_down.shape, s_weight.shape) != ((H, I), (H, I), (I, H),
                                                                         (T,)):
             raise ValueError(f"routed: shared expected gate [H, I], up [H, I], down [I, H], "
                              f"weight [T] with H = {H}, I = {I}, T = {T}, got "
                              f"{[list(a.shape) for a in shared]}")
-        ids = jnp.concatenate([ids.astype(jnp.int32), jnp.full((T, 1), E, jnp.int32)], axis=1)
+        if any(a.dtype != x.dtype for a in shared):
+            raise ValueError(f"routed: shared expected x's dtype {x.dtype}, got "
+                             f"{[str(a.dtype) for a in shared]}")
         weights = jnp.concatenate([weights, s_weight[:, None].astype(weights.dtype)], axis=1)
         lone = dict(gate=dict(w_shared=s_gate, w_up_shared=s_up), down=dict(w_shared=s_down))
     experts = E + (shared is not None)  # the shared one is expert E of the plan
     if interpret is None:
         interpret = not Device.of().runs_triton
-    P = ids.size
+    P = weights.size
     sms = sm_count()
     up_cfg, down_cfg = configs or (config_for(P, experts, H, I, sm_count=sms),
                                    config_for(P, experts, I, H, sm_count=sms))
     if up_cfg.block_m != down_cfg.block_m:
         raise ValueError(f"routed: configs expected one block_m, got {up_cfg.block_m} and "
                          f"{down_cfg.block_m}")
-    blocks = (_moe.plan_pairs(ids, up_cfg.block_m) if one_block_per_pair(P, experts)
-              else _moe.plan(ids, experts, up_cfg.block_m))
+    if per_pair:
+        blocks = _moe.plan_pairs(ids, up_cfg.block_m, shared=E if shared is not None else None)
+    else:
+        if shared is not None:
+            ids = jnp.concatenate([ids.astype(jnp.int32), jnp.full((T, 1), E, jnp.int32)], 1)
+        blocks = _moe.plan(ids, experts, up_cfg.block_m)
     h = kernels.grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up,
                                row_token=blocks.row_token, config=up_cfg, interpret=interpret,
                                **lone.get("gate", {}))

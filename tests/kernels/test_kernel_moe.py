@@ -105,6 +105,25 @@ def test_plan_pairs_gives_each_pair_a_block(T, k, block_m):
     assert np.all(expert == np.asarray(ids).reshape(-1))
 
 
+@pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 4), (20, 2, 16)])
+def test_plan_pairs_puts_a_shared_expert_in_blocks_of_its_own(T, k, block_m):
+    """shared=E: the routed pairs as without it, then ceil(T / block_m) blocks of expert E whose
+    rows are the tokens in order; pair t * (k + 1) + k (the shared one) is token t's row there."""
+    ids = _ids(np.random.default_rng(T), T, k, 8)
+    plain, b = moe.plan_pairs(ids, block_m), moe.plan_pairs(ids, block_m, shared=8)
+    P, G = T * k, -(-T // block_m)
+    expert, token, row = (np.asarray(a) for a in (b.block_expert, b.row_token, b.pair_row))
+    assert expert.shape == (P + G,) and token.shape == ((P + G) * block_m,)
+    np.testing.assert_array_equal(expert[:P], np.asarray(plain.block_expert))
+    assert np.all(expert[P:] == 8)
+    np.testing.assert_array_equal(token[:P * block_m], np.asarray(plain.row_token))
+    shared_rows = token[P * block_m:]
+    assert np.all(shared_rows[:T] == np.arange(T)) and np.all(shared_rows[T:] == T)
+    row = row.reshape(T, k + 1)
+    np.testing.assert_array_equal(row[:, :k].reshape(-1), np.asarray(plain.pair_row))
+    assert np.all(token[row[:, k]] == np.arange(T)) and np.all(expert[row[:, k] // block_m] == 8)
+
+
 @pytest.mark.parametrize("planner", ["plan", "plan_pairs"])
 @pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 16), (6, 2, 32)])
 def test_combine_matches_float64(T, k, block_m, planner):

@@ -105,30 +105,36 @@ def _shared_case(seed, T, H, I):
             jnp.asarray(rng.random(T) + 0.1, BF16))
 
 
-@pytest.mark.parametrize("T, k, E", [(1, 10, 64), (12, 4, 8)], ids=["pairs", "plan"])
-@pytest.mark.parametrize("splits", [1, 2], ids=["whole", "split"])
+@pytest.mark.parametrize("T, k, E", [(1, 10, 64), (3, 4, 64), (12, 4, 8)],
+                         ids=["pairs", "pairs-3-tokens", "plan"])
+@pytest.mark.parametrize("splits", [(1, 1), (2, 1), (1, 2)], ids=["whole", "up2", "down2"])
 def test_routed_runs_a_shared_expert_as_one_more(T, k, E, splits):
     """shared: every token's k + 1-th expert, its own weights, its own weight per token: the
     routed reference plus weight * the shared SwiGLU (h rounded once, as the kernel's), the
     same bound."""
     x, w, ids, wg, wu, wd = _case(11 * T, T, k, E, 128, 64)
     sg, su, sd, sw = _shared_case(T, T, 128, 64)
-    configs = (kernels.MoEConfig(16, 32, 32, splits=splits), kernels.MoEConfig(16, 32, 16))
+    configs = (kernels.MoEConfig(16, 32, 32, splits=splits[0]),
+               kernels.MoEConfig(16, 32, 16, splits=splits[1]))
     out = moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd, sw), configs=configs)
     ref, scale = _reference(x, w, ids, wg, wu, wd)
-    ext = lambda a, b: jnp.concatenate([a[None], b[None]])  # noqa: E731  expert E of 1 + 1
-    s_ref, s_scale = _reference(x, sw[:, None], jnp.zeros((T, 1), jnp.int32), ext(sg, sg)[:1],
-                                ext(su, su)[:1], ext(sd, sd)[:1])
+    s_ref, s_scale = _reference(x, sw[:, None], jnp.zeros((T, 1), jnp.int32), sg[None],
+                                su[None], sd[None])
     assert np.abs(s_ref).max() > 0.1 * np.abs(ref).max()  # the shared part counts
     _assert_close(out, ref + s_ref, scale + s_scale)
 
 
-def test_routed_rejects_a_shared_expert_of_another_size():
+def test_routed_rejects_a_bad_shared_expert():
     x, w, ids, wg, wu, wd = _case(0, 4, 2, 8, 64, 32)
     sg, su, sd, sw = _shared_case(0, 4, 64, 16)
     with pytest.raises(ValueError, match=r"shared expected gate \[H, I\], up \[H, I\], down "
                                          r"\[I, H\], weight \[T\] with H = 64, I = 32, T = 4"):
         moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd, sw))
+    sg, su, sd, sw = _shared_case(0, 4, 64, 32)
+    with pytest.raises(ValueError, match=r"shared expected \(gate, up, down, weight\)"):
+        moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd))
+    with pytest.raises(ValueError, match=r"shared expected x's dtype bfloat16, got \['float16'"):
+        moe.routed(x, w, ids, wg, wu, wd, shared=(sg.astype(jnp.float16), su, sd, sw))
 
 
 def test_routed_rejects_configs_of_two_block_m():
@@ -253,8 +259,11 @@ def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
     set_expert_path(moe_block, "grouped")  # off the Pallas path: apart whatever the variable
     moe_block(x)
     assert seen == [False, True]
+    other = SparseMoE(64, 8, 2, 32, 16, expert_path="pallas", dtype=BF16, param_dtype=BF16,
+                      rngs=nnx.Rngs(3))
+    other(x)  # a shared expert of another size than the experts': apart
+    assert seen == [False, True, False]
     monkeypatch.setenv(moe.SHARED_VAR, "merge")
-    set_expert_path(moe_block, "pallas")
     with pytest.raises(ValueError, match="GDN_JAX_MOE_SHARED: expected apart or fold"):
-        moe_block(x)
+        moe_block(x)  # checked on every path (this one is "grouped")
 
