@@ -18,8 +18,9 @@ the conv and the output norm, "views", the default; "on" also runs the MLP's sil
 output norm in the next projection's launch),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
 cache write in one launch before the attention kernel, or as XLA's steps),
-`router=xla|auto` (GDN_JAX_MOE_ROUTER: the MoE router's softmax, top k and renormalisation as
-XLA's launches, or the one-launch kernel `gdn_jax.kernels.route`), `shared=apart|fold`
+`router=auto|xla` (GDN_JAX_MOE_ROUTER: the MoE router's softmax, top k and renormalisation in
+the one-launch kernel `gdn_jax.kernels.route`, the default, or as XLA's launches),
+`shared=apart|fold`
 (GDN_JAX_MOE_SHARED: the MoE shared expert as a SwiGLU of its own, or in the routed experts'
 launches),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`

@@ -12,10 +12,13 @@ capability >= 8.0 the kernels run compiled; elsewhere (CPU tests) in the Pallas 
 
     weights, ids = route(logits, k, normalize=True)     # the router: softmax, top k, renormalised
 
-`route` is XLA's softmax, lax.top_k and division unless GDN_JAX_MOE_ROUTER (ROUTER_VAR) asks
-for the one-launch kernel (`gdn_jax.kernels.route`): "auto" or "pallas" (compiled where Triton
-runs), "interpret" (tests); unset or "xla", XLA. It is off by default until it is measured on
-the H200 at full depth (profile_step's router=auto variant against router=xla).
+`route` is the one-launch kernel (`gdn_jax.kernels.route`) where Triton runs and the shape fits
+it, else XLA's softmax, lax.top_k and division; GDN_JAX_MOE_ROUTER (ROUTER_VAR) steers it:
+"auto" (the default) or "pallas" (compiled where Triton runs), "interpret" (tests), "xla".
+Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step, router=auto vs xla,
+bench/results/profile_step-h200-qwen3_5_moe_text-router_fold-2026-12-04.json): kernels per call
+decode B = 1 3206 -> 3121 us, verify B = 1 5274 -> 5165, decode B = 32 14295 -> 14192, verify
+B = 32 21421 -> 21383 (it replaces a softmax, a sort and a normalise fusion per MoE layer).
 
 GDN_JAX_MOE_SHARED=fold (SHARED_VAR; `folds_shared`) runs a MoE block's shared expert as every
 token's k + 1-th expert in `routed`'s launches (`routed(..., shared=...)`), where its size is the
@@ -61,8 +64,11 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
                sm_count: int = 132) -> _moe.MoEConfig:
     """Blocks of 16 pairs while experts get few tokens each (decode, verify), 64 beyond; the
     widest weight tile up to [128, 64] that the expert's dims take, its columns narrowed (to 32
-    at least) while the blocks are too few to give every SM two programs (a decode step at B = 1
-    has 8-10 blocks: 64 columns of a 512-wide expert would leave half the SMs idle).
+    at least) while the blocks are too few to give every SM a program (a decode step at B = 1
+    has 8-10 blocks: 64 columns of a 512-wide expert would leave half the SMs idle). Narrower
+    than that costs more than it gains: on the H200, 2026-12-04, the 35B gate / up of a B = 1
+    verify (32 blocks) took 48 us at 32 columns (512 programs), 34 at 64 (256)
+    (bench/results/profile_step-h200-qwen3_5_moe_text-router_fold-2026-12-04.json).
 
     K stays whole (splits = 1). Split-K measured on the H200, 2026-12-04, 40-layer 35B-shaped
     decode at B = 1 (bench/results/profile_step-h200-qwen3_5_moe_text-b1-moe_split_k-*.json):
@@ -73,7 +79,7 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
     blocks = pairs if one_block_per_pair(pairs, num_experts) else \
         _moe.num_blocks(pairs, num_experts, block_m)
     block_n = pow2_tile(N, 64)
-    while block_n > 32 and N % (block_n // 2) == 0 and blocks * (N // block_n) < 2 * sm_count:
+    while block_n > 32 and N % (block_n // 2) == 0 and blocks * (N // block_n) < sm_count:
         block_n //= 2
     return _moe.MoEConfig(block_m=block_m, block_n=block_n, block_k=pow2_tile(K, 128))
 
@@ -112,6 +118,10 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
         if any(a.dtype != x.dtype for a in shared):
             raise ValueError(f"routed: shared expected x's dtype {x.dtype}, got "
                              f"{[str(a.dtype) for a in shared]}")
+        # A caller's one-column product (the shared gate's logit) becomes XLA's multiply and
+        # reduce, which XLA fuses into this concatenation, where each of the T sums runs in one
+        # thread: 31 us a layer at T = 4 on the H200. The barrier keeps it a reduction fusion.
+        s_weight = lax.optimization_barrier(s_weight)
         weights = jnp.concatenate([weights, s_weight[:, None].astype(weights.dtype)], axis=1)
         lone = dict(gate=dict(w_shared=s_gate, w_up_shared=s_up), down=dict(w_shared=s_down))
     experts = E + (shared is not None)  # the shared one is expert E of the plan
@@ -143,10 +153,10 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
 def route(logits, k: int, *, normalize: bool = True):
     """logits: [T, E] -> (weights [T, k] in logits' dtype, ids [T, k] int32): each row's k
     likeliest experts under the softmax over E, their probabilities (with normalize, over the k
-    chosen ones' sum). XLA's steps, or the one-launch kernel where ROUTER_VAR asks for it and it
-    takes the shape (module docstring): the same ids where the probabilities come out as XLA's
+    chosen ones' sum). The one-launch kernel where it runs and takes the shape, else XLA's
+    steps (module docstring): the same ids where the probabilities come out as XLA's
     (`gdn_jax.kernels.route`), the weights within the fp32 sums' order."""
-    mode = kernel_mode(ROUTER_VAR) if os.environ.get(ROUTER_VAR) else None
+    mode = kernel_mode(ROUTER_VAR)
     if mode and kernels.route_misfit(logits.shape, k) is None:
         return kernels.route(logits, k=k, normalize=normalize, interpret=mode == "interpret")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)

@@ -17,6 +17,7 @@ from flax import nnx
 from gdn_jax import kernels
 from gdn_jax.modules.mlp import SparseMoE, set_expert_path
 from gdn_jax.ops import moe
+from gdn_jax.ops.dispatch import Device
 
 BF16 = jnp.bfloat16
 
@@ -163,10 +164,13 @@ def test_routed_shards_sum_to_the_whole(with_shared):
 
 
 def test_config_narrows_columns_for_few_blocks():
-    """A decode step at B = 1 (8 blocks, 512-wide experts) gets 32 columns, so 128 programs; 16
-    blocks of a 2048-wide expert (512 programs) or many blocks keep 64; a dim that 32 does not
-    divide keeps what divides it; K stays whole (split-K measured slower end to end)."""
+    """A decode step at B = 1 (8 blocks, 512-wide experts) gets 32 columns, so 128 programs;
+    32 blocks of them (a verify step at B = 1: 256 programs), 8 blocks of a 2048-wide expert
+    (256) or many blocks keep 64; a dim that 32 does not divide keeps what divides it; K stays
+    whole (split-K measured slower end to end)."""
     assert moe.config_for(8, 256, 2048, 512).block_n == 32
+    assert moe.config_for(32, 256, 2048, 512).block_n == 64
+    assert moe.config_for(8, 256, 512, 2048).block_n == 64
     assert moe.config_for(16, 256, 512, 2048).block_n == 64
     assert moe.config_for(1024, 256, 2048, 512).block_n == 64
     assert moe.config_for(8, 256, 2048, 48).block_n == 16
@@ -202,16 +206,23 @@ def test_sparse_moe_pallas_path_needs_16_bit():
         moe_block(jnp.ones((2, 64)))
 
 
-def test_route_is_xla_unless_asked(monkeypatch):
-    """GDN_JAX_MOE_ROUTER unset: XLA's softmax and top k; "interpret": the kernel, the same ids
-    and weights within one rounding; a value it does not know: an error naming the variable."""
+def test_route_takes_the_kernel_where_it_runs(monkeypatch):
+    """GDN_JAX_MOE_ROUTER "xla": XLA's softmax and top k; unset ("auto"): the kernel where Triton
+    runs (XLA on CPU); "interpret": the kernel, the same ids and weights within one rounding;
+    a shape it does not take: XLA; a value it does not know: an error naming the variable."""
     calls = []
     real = kernels.route
     monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     logits = jnp.asarray(np.random.default_rng(1).standard_normal((3, 64)), BF16)
-    monkeypatch.delenv(moe.ROUTER_VAR, raising=False)
+    monkeypatch.setenv(moe.ROUTER_VAR, "xla")
     w_xla, ids_xla = moe.route(logits, 8)
     assert not calls and w_xla.dtype == BF16 and ids_xla.dtype == jnp.int32
+    monkeypatch.delenv(moe.ROUTER_VAR)
+    monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
+    moe.route(logits, 8)
+    assert calls == ([dict(k=8, normalize=True, interpret=False)]
+                     if Device.of().runs_triton else [])
+    calls.clear()
     monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
     w, ids = moe.route(logits, 8)
     assert calls == [dict(k=8, normalize=True, interpret=True)]
@@ -231,7 +242,7 @@ def test_sparse_moe_router_kernel_matches_xla(monkeypatch):
     monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     moe_block = SparseMoE(64, 8, 2, 32, 32, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(0))
     x = jnp.asarray(np.random.default_rng(2).standard_normal((3, 5, 64)), BF16)
-    monkeypatch.delenv(moe.ROUTER_VAR, raising=False)
+    monkeypatch.setenv(moe.ROUTER_VAR, "xla")
     want = np.asarray(moe_block(x), np.float64)
     monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
     got = np.asarray(moe_block(x), np.float64)
