@@ -20,9 +20,9 @@ output norm in the next projection's launch),
 cache write in one launch before the attention kernel, or as XLA's steps),
 `router=auto|xla` (GDN_JAX_MOE_ROUTER: the MoE router's softmax, top k and renormalisation in
 the one-launch kernel `gdn_jax.kernels.route`, the default, or as XLA's launches),
-`shared=apart|fold`
-(GDN_JAX_MOE_SHARED: the MoE shared expert as a SwiGLU of its own, or in the routed experts'
-launches),
+`shared=auto|apart|fold`
+(GDN_JAX_MOE_SHARED: the MoE shared expert in the routed experts' launches at small token
+counts, the default, as a SwiGLU of its own, or in the routed launches at any count),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
 (set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
 (`compiler_options`; e.g. the command-buffer options). Variants run one after another on the

@@ -156,11 +156,13 @@ def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dt
     and shared outputs are linear in the down projections, so shards return partial sums.
     proj, shared_proj: dense's keywords for the router and shared gate, and for the shared
     expert (the same unless changed after construction: then all four projections of x are one
-    group). On the Pallas path with GDN_JAX_MOE_SHARED=fold (`gdn_jax.ops.moe.SHARED_VAR`) a
-    shared expert of the experts' size runs in the experts' launches, as one more expert, where
-    its projections' keywords are the router's (proj == shared_proj)."""
+    group). On the Pallas path, where GDN_JAX_MOE_SHARED asks for it
+    (`gdn_jax.ops.moe.folds_shared`: by default at small token counts) a shared expert of the
+    experts' size runs in the experts' launches, as one more expert, where its projections'
+    keywords are the router's (proj == shared_proj)."""
     s = p["shared"]
-    wants_fold = moe_ops.folds_shared()  # read (and checked) whatever the path
+    # read (and checked) whatever the path
+    wants_fold = moe_ops.folds_shared(x.shape[0] * top_k, num_experts)
     # "auto" takes the kernel only where the experts are stored in the compute dtype: it reads
     # every expert's weights as they are, so others would be cast whole on every call
     if (expert_path == "auto" and p["eg"].dtype == jnp.dtype(dtype)

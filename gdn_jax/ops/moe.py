@@ -20,11 +20,16 @@ bench/results/profile_step-h200-qwen3_5_moe_text-router_fold-2026-12-04.json): k
 decode B = 1 3206 -> 3121 us, verify B = 1 5274 -> 5165, decode B = 32 14295 -> 14192, verify
 B = 32 21421 -> 21383 (it replaces a softmax, a sort and a normalise fusion per MoE layer).
 
-GDN_JAX_MOE_SHARED=fold (SHARED_VAR; `folds_shared`) runs a MoE block's shared expert as every
-token's k + 1-th expert in `routed`'s launches (`routed(..., shared=...)`), where its size is the
-routed experts' (Qwen3.5-35B-A3B, Qwen3-Next-80B: 512); "apart" (the default until measured)
-keeps it a SwiGLU of its own (its gate / up in the router's group launch, its down a
-projection).
+GDN_JAX_MOE_SHARED (SHARED_VAR; `folds_shared`) says where a MoE block's shared expert runs, where
+its size is the routed experts' (Qwen3.5-35B-A3B, Qwen3-Next-80B: 512): "fold" as every token's
+k + 1-th expert in `routed`'s launches (`routed(..., shared=...)`), "apart" as a SwiGLU of its
+own (its gate / up in the router's group launch, its down a projection), "auto" (the default)
+folded while the routed pairs get a block each (`one_block_per_pair`: decode and verify at
+small B), apart beyond. Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step
+shared=fold vs apart, kernels per call, bench/results/profile_step-h200-qwen3_5_moe_text-
+router_fold-2026-12-04.json): B = 1 decode 3095 -> 3048 us, verify 4692 -> 4593; B = 32 decode
+14181 -> 14260, verify 21368 -> 21482 (there the shared expert's 32 or 128 tokens take blocks
+of 16 of their own, where apart reads its weights once).
 """
 
 from __future__ import annotations
@@ -166,10 +171,12 @@ def route(logits, k: int, *, normalize: bool = True):
     return top_w.astype(logits.dtype), top_i.astype(jnp.int32)
 
 
-def folds_shared() -> bool:
-    """Whether SHARED_VAR asks for the shared expert in the routed experts' launches (module
-    docstring): "fold"; "apart" or unset: no. Read at trace time."""
-    wish = os.environ.get(SHARED_VAR) or "apart"
-    if wish not in ("apart", "fold"):
-        raise ValueError(f"{SHARED_VAR}: expected apart or fold, got {wish!r}")
-    return wish == "fold"
+def folds_shared(pairs: int, num_experts: int) -> bool:
+    """Whether a MoE block of `pairs` routed (token, expert) pairs over num_experts runs its
+    shared expert in the routed experts' launches, as SHARED_VAR asks (module docstring):
+    "fold" yes, "apart" no, "auto" (the default) where `one_block_per_pair`. Read at trace
+    time."""
+    wish = os.environ.get(SHARED_VAR) or "auto"
+    if wish not in ("auto", "apart", "fold"):
+        raise ValueError(f"{SHARED_VAR}: expected auto, apart or fold, got {wish!r}")
+    return wish == "fold" or (wish == "auto" and one_block_per_pair(pairs, num_experts))

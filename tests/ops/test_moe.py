@@ -253,7 +253,8 @@ def test_sparse_moe_router_kernel_matches_xla(monkeypatch):
 def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
     """GDN_JAX_MOE_SHARED=fold on the Pallas path: the shared expert (its size the experts')
     goes into routed's launches; the block's output as apart's up to rounding (fold sums the
-    shared part in fp32 with the routed ones); a value it does not know: an error."""
+    shared part in fp32 with the routed ones); unset ("auto"): folded while the routed pairs
+    get a block each (4 pairs <= E), apart beyond; a value it does not know: an error."""
     seen = []
     real = moe.routed
     monkeypatch.setattr(moe, "routed", lambda *a, **kw: seen.append(
@@ -261,20 +262,25 @@ def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
     moe_block = SparseMoE(64, 8, 2, 32, 32, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(3))
     set_expert_path(moe_block, "pallas")
     x = jnp.asarray(np.random.default_rng(4).standard_normal((3, 5, 64)), BF16)
-    monkeypatch.delenv(moe.SHARED_VAR, raising=False)
+    monkeypatch.setenv(moe.SHARED_VAR, "apart")
     apart = np.asarray(moe_block(x), np.float64)
     monkeypatch.setenv(moe.SHARED_VAR, "fold")
     fold = np.asarray(moe_block(x), np.float64)
     assert seen == [False, True]
     np.testing.assert_allclose(fold, apart, rtol=2 ** -6, atol=2 ** -7 * np.abs(apart).max())
+    monkeypatch.delenv(moe.SHARED_VAR)
+    moe_block(x)  # 15 tokens x 2 = 30 pairs of 8 experts: apart
+    moe_block(x[:1, :1])  # 2 pairs: folded
+    assert seen == [False, True, False, True]
+    monkeypatch.setenv(moe.SHARED_VAR, "fold")
     set_expert_path(moe_block, "grouped")  # off the Pallas path: apart whatever the variable
     moe_block(x)
-    assert seen == [False, True]
+    assert seen == [False, True, False, True]
     other = SparseMoE(64, 8, 2, 32, 16, expert_path="pallas", dtype=BF16, param_dtype=BF16,
                       rngs=nnx.Rngs(3))
     other(x)  # a shared expert of another size than the experts': apart
-    assert seen == [False, True, False]
+    assert seen == [False, True, False, True, False]
     monkeypatch.setenv(moe.SHARED_VAR, "merge")
-    with pytest.raises(ValueError, match="GDN_JAX_MOE_SHARED: expected apart or fold"):
+    with pytest.raises(ValueError, match="GDN_JAX_MOE_SHARED: expected auto, apart or fold"):
         moe_block(x)  # checked on every path (this one is "grouped")
 
