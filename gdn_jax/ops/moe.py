@@ -27,7 +27,7 @@ own (its gate / up in the router's group launch, its down a projection), "auto" 
 folded while the routed pairs get a block each (`one_block_per_pair`: decode and verify at
 small B), apart beyond. Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step
 shared=fold vs apart, kernels per call, bench/results/profile_step-h200-qwen3_5_moe_text-
-router_fold-2026-12-04.json): B = 1 decode 3095 -> 3048 us, verify 4692 -> 4593; B = 32 decode
+columns_barrier-2026-12-04.json): B = 1 decode 3095 -> 3048 us, verify 4692 -> 4593; B = 32 decode
 14181 -> 14260, verify 21368 -> 21482 (there the shared expert's 32 or 128 tokens take blocks
 of 16 of their own, where apart reads its weights once).
 """
@@ -72,8 +72,10 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
     at least) while the blocks are too few to give every SM a program (a decode step at B = 1
     has 8-10 blocks: 64 columns of a 512-wide expert would leave half the SMs idle). Narrower
     than that costs more than it gains: on the H200, 2026-12-04, the 35B gate / up of a B = 1
-    verify (32 blocks) took 48 us at 32 columns (512 programs), 34 at 64 (256)
-    (bench/results/profile_step-h200-qwen3_5_moe_text-router_fold-2026-12-04.json).
+    verify (32 blocks) took 45.0 us a layer at 32 columns (512 programs), 33.0 at 64 (256), the
+    down of a B = 1 decode (8 blocks) 7.4 at 32 (512), 6.7 at 64 (256) (bench/results/
+    profile_step-h200-qwen3_5_moe_text-{router_fold,columns_barrier}-2026-12-04.json,
+    bench_moe-h200-{sweep,columns}-2026-12-04.json).
 
     K stays whole (splits = 1). Split-K measured on the H200, 2026-12-04, 40-layer 35B-shaped
     decode at B = 1 (bench/results/profile_step-h200-qwen3_5_moe_text-b1-moe_split_k-*.json):
