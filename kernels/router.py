@@ -59,18 +59,19 @@ def _kernel(logits_ref, w_ref, ids_ref, *, k: int, normalize: bool):
     expert = lax.broadcasted_iota(jnp.int32, (E,), 0)
     slot = lax.broadcasted_iota(jnp.int32, (kp,), 0)
     unnormalised = jnp.exp(logit - jnp.max(logit))
-    prob = unnormalised / jnp.sum(unnormalised)  # what lax.top_k ranks in XLA's path
+    total = jnp.sum(unnormalised)
+    prob = unnormalised / total  # what lax.top_k ranks in XLA's path
+    # A NaN row (one NaN in the sum makes every probability NaN) ranks as all equal: its k
+    # lowest experts, with NaN weights. Taken experts drop to -1, below every probability.
+    left = jnp.where(total == total, prob, 0.0)
     ids, chosen = jnp.zeros((kp,), jnp.int32), jnp.zeros((kp,), _F32)
-    taken = expert < 0
     for j in range(k):  # k rounds: the likeliest expert left, the lowest index among equals
-        best = jnp.max(jnp.where(taken, -1.0, prob))
-        first = jnp.min(jnp.where((prob == best) & ~taken, expert, E))
-        # a NaN row matches nothing: the lowest expert left, so that ids stay distinct, in range
-        first = jnp.where(first < E, first, jnp.min(jnp.where(taken, E, expert)))
-        hit = expert == first
+        best = jnp.max(left)
+        first = jnp.min(jnp.where(left == best, expert, E))
         ids = jnp.where(slot == j, first, ids)
-        chosen = jnp.where(slot == j, jnp.sum(jnp.where(hit, prob, 0.0)), chosen)
-        taken = taken | hit
+        chosen = jnp.where(slot == j, best, chosen)
+        left = jnp.where(expert == first, -1.0, left)
+    chosen = jnp.where(total == total, chosen, jnp.nan)
     if normalize:
         chosen = chosen / jnp.sum(chosen)
     w_ref[t, :] = chosen.astype(w_ref.dtype)
