@@ -86,10 +86,11 @@ class Choice:
 
 
 def kernel_mode(var: str) -> str | None:
-    """Where a cache-bookkeeping kernel steered by its own environment variable var
-    (GDN_JAX_SCATTER, GDN_JAX_CONV) runs: "compiled" on a GPU with Triton, "interpret" (the Pallas
-    interpreter, tests) where asked, None for XLA. var: auto (default) | pallas (the same) | xla |
-    interpret; unset, GDN_JAX_BACKEND's xla and interpret steer it too. Read at trace time."""
+    """Where a small kernel steered by its own environment variable var (GDN_JAX_SCATTER,
+    GDN_JAX_CONV, GDN_JAX_MOE_ROUTER, ...) runs: "compiled" on a GPU with Triton, "interpret"
+    (the Pallas interpreter, tests) where asked, None for XLA. var: auto (default) | pallas (the
+    same) | xla | interpret; unset, GDN_JAX_BACKEND's xla and interpret steer it too. Read at
+    trace time."""
     wish = os.environ.get(var)
     if not wish:
         backend = os.environ.get(ENV_VAR)

@@ -12,9 +12,11 @@ capability >= 8.0 the kernels run compiled; elsewhere (CPU tests) in the Pallas 
 
     weights, ids = route(logits, k, normalize=True)     # the router: softmax, top k, renormalised
 
-`route` is the one-launch kernel (`gdn_jax.kernels.route`) where Triton runs and the shape fits
-it, else XLA's softmax, lax.top_k and division; GDN_JAX_MOE_ROUTER (ROUTER_VAR) steers it:
-"auto" (the default) or "pallas" (compiled where Triton runs), "interpret" (tests), "xla".
+`route` is the one-launch kernel (`gdn_jax.kernels.route`) for bf16 / fp16 logits where Triton
+runs and the shape fits it, else XLA's softmax, lax.top_k and division (fp32 logits, say of a
+model being trained: the kernel has no gradient); GDN_JAX_MOE_ROUTER (ROUTER_VAR) steers it:
+"auto" (the default) or "pallas" (compiled where Triton runs), "interpret" (tests), "xla"; unset,
+GDN_JAX_BACKEND=xla or interpret steers it too.
 Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step, router=auto vs xla,
 bench/results/profile_step-h200-qwen3_5_moe_text-router_fold-2026-12-04.json): kernels per call
 decode B = 1 3206 -> 3121 us, verify B = 1 5274 -> 5165, decode B = 32 14295 -> 14192, verify
@@ -73,7 +75,7 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
     has 8-10 blocks: 64 columns of a 512-wide expert would leave half the SMs idle). Narrower
     than that costs more than it gains: on the H200, 2026-12-04, the 35B gate / up of a B = 1
     verify (32 blocks) took 45.0 us a layer at 32 columns (512 programs), 33.0 at 64 (256), the
-    down of a B = 1 decode (8 blocks) 7.4 at 32 (512), 6.7 at 64 (256) (bench/results/
+    down of a B = 1 decode (8 blocks) 7.2 at 32 (512), 6.6 at 64 (256) (bench/results/
     profile_step-h200-qwen3_5_moe_text-{router_fold,columns_barrier}-2026-12-04.json,
     bench_moe-h200-{sweep,columns}-2026-12-04.json).
 
@@ -160,11 +162,12 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
 def route(logits, k: int, *, normalize: bool = True):
     """logits: [T, E] -> (weights [T, k] in logits' dtype, ids [T, k] int32): each row's k
     likeliest experts under the softmax over E, their probabilities (with normalize, over the k
-    chosen ones' sum). The one-launch kernel where it runs and takes the shape, else XLA's
-    steps (module docstring): the same ids where the probabilities come out as XLA's
-    (`gdn_jax.kernels.route`), the weights within the fp32 sums' order."""
+    chosen ones' sum). The one-launch kernel for 16-bit logits where it runs and takes the
+    shape, else XLA's steps (module docstring): the same ids where the probabilities come out
+    as XLA's (`gdn_jax.kernels.route`), the weights within the fp32 sums' order."""
     mode = kernel_mode(ROUTER_VAR)
-    if mode and kernels.route_misfit(logits.shape, k) is None:
+    if (mode and jnp.dtype(logits.dtype) in _moe.MOE_DTYPES
+            and kernels.route_misfit(logits.shape, k) is None):
         return kernels.route(logits, k=k, normalize=normalize, interpret=mode == "interpret")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top_w, top_i = lax.top_k(probs, k)

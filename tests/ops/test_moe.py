@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from gdn_jax import kernels
+from gdn_jax.models.sharding import attach_mesh, param_specs
 from gdn_jax.modules.mlp import SparseMoE, set_expert_path
 from gdn_jax.ops import moe
 from gdn_jax.ops.dispatch import Device
@@ -207,33 +209,53 @@ def test_sparse_moe_pallas_path_needs_16_bit():
 
 
 def test_route_takes_the_kernel_where_it_runs(monkeypatch):
-    """GDN_JAX_MOE_ROUTER "xla": XLA's softmax and top k; unset ("auto"): the kernel where Triton
-    runs (XLA on CPU); "interpret": the kernel, the same ids and weights within one rounding;
-    a shape it does not take: XLA; a value it does not know: an error naming the variable."""
+    """GDN_JAX_MOE_ROUTER unset ("auto"): the compiled kernel for 16-bit logits where Triton runs
+    (the device faked here), XLA for fp32 logits or where Triton does not run; unset, the
+    backend's xla and interpret steer it; "xla": XLA; "interpret": the kernel interpreted; a
+    value it does not know: an error naming the variable."""
     calls = []
-    real = kernels.route
-    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
-    logits = jnp.asarray(np.random.default_rng(1).standard_normal((3, 64)), BF16)
-    monkeypatch.setenv(moe.ROUTER_VAR, "xla")
-    w_xla, ids_xla = moe.route(logits, 8)
-    assert not calls and w_xla.dtype == BF16 and ids_xla.dtype == jnp.int32
-    monkeypatch.delenv(moe.ROUTER_VAR)
+    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw))
+    logits = jnp.ones((3, 64), BF16)
+    monkeypatch.delenv(moe.ROUTER_VAR, raising=False)
     monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
+    monkeypatch.setattr(Device, "runs_triton", property(lambda self: False))
     moe.route(logits, 8)
-    assert calls == ([dict(k=8, normalize=True, interpret=False)]
-                     if Device.of().runs_triton else [])
-    calls.clear()
-    monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
-    w, ids = moe.route(logits, 8)
-    assert calls == [dict(k=8, normalize=True, interpret=True)]
-    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_xla))
-    np.testing.assert_allclose(np.asarray(w, np.float32), np.asarray(w_xla, np.float32),
-                               rtol=2 ** -7)
-    moe.route(jnp.ones((3, 48), BF16), 8)  # 48 experts: no kernel block, XLA
+    assert calls == []
+    monkeypatch.setattr(Device, "runs_triton", property(lambda self: True))
+    moe.route(logits, 8)
+    assert calls == [dict(k=8, normalize=True, interpret=False)]
+    moe.route(logits.astype(jnp.float32), 8)  # fp32 (training): XLA's, which has a gradient
     assert len(calls) == 1
+    for backend, want in (("xla", []), ("interpret", [dict(k=8, normalize=False,
+                                                           interpret=True)])):
+        calls.clear()
+        monkeypatch.setenv("GDN_JAX_BACKEND", backend)
+        moe.route(logits, 8, normalize=False)
+        assert calls == want, backend
+    monkeypatch.delenv("GDN_JAX_BACKEND")
+    for value, want in (("xla", []), ("pallas", [dict(k=8, normalize=True, interpret=False)]),
+                        ("interpret", [dict(k=8, normalize=True, interpret=True)])):
+        calls.clear()
+        monkeypatch.setenv(moe.ROUTER_VAR, value)
+        moe.route(logits, 8)
+        assert calls == want, value
+    calls.clear()
+    moe.route(jnp.ones((3, 48), BF16), 8)  # 48 experts: no kernel block, XLA
+    assert calls == []
     monkeypatch.setenv(moe.ROUTER_VAR, "fast")
     with pytest.raises(ValueError, match="GDN_JAX_MOE_ROUTER: expected auto, xla"):
         moe.route(logits, 8)
+
+
+def test_route_kernel_matches_xla():
+    """The kernel (interpreted) and XLA's steps: the same ids, weights within one rounding."""
+    logits = jnp.asarray(np.random.default_rng(1).standard_normal((3, 64)), BF16)
+    w_xla, ids_xla = moe.route(logits, 8)  # CPU: XLA's
+    w, ids = kernels.route(logits, k=8, normalize=True, interpret=True)
+    assert w_xla.dtype == w.dtype == BF16 and ids_xla.dtype == ids.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_xla))
+    np.testing.assert_allclose(np.asarray(w, np.float32), np.asarray(w_xla, np.float32),
+                               rtol=2 ** -7)
 
 
 def test_sparse_moe_router_kernel_matches_xla(monkeypatch):
@@ -254,7 +276,7 @@ def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
     """GDN_JAX_MOE_SHARED=fold on the Pallas path: the shared expert (its size the experts')
     goes into routed's launches; the block's output as apart's up to rounding (fold sums the
     shared part in fp32 with the routed ones); unset ("auto"): folded while the routed pairs
-    get a block each (4 pairs <= E), apart beyond; a value it does not know: an error."""
+    get a block each (4 x pairs <= E), apart beyond; a value it does not know: an error."""
     seen = []
     real = moe.routed
     monkeypatch.setattr(moe, "routed", lambda *a, **kw: seen.append(
@@ -270,17 +292,45 @@ def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
     np.testing.assert_allclose(fold, apart, rtol=2 ** -6, atol=2 ** -7 * np.abs(apart).max())
     monkeypatch.delenv(moe.SHARED_VAR)
     moe_block(x)  # 15 tokens x 2 = 30 pairs of 8 experts: apart
+    moe_block(x[:1, :2])  # 2 tokens, 4 pairs (the pairs count, not the tokens): apart
     moe_block(x[:1, :1])  # 2 pairs: folded
-    assert seen == [False, True, False, True]
+    assert seen == [False, True, False, False, True]
     monkeypatch.setenv(moe.SHARED_VAR, "fold")
     set_expert_path(moe_block, "grouped")  # off the Pallas path: apart whatever the variable
     moe_block(x)
-    assert seen == [False, True, False, True]
+    assert seen == [False, True, False, False, True]
     other = SparseMoE(64, 8, 2, 32, 16, expert_path="pallas", dtype=BF16, param_dtype=BF16,
                       rngs=nnx.Rngs(3))
     other(x)  # a shared expert of another size than the experts': apart
-    assert seen == [False, True, False, True, False]
+    assert seen == [False, True, False, False, True, False]
     monkeypatch.setenv(moe.SHARED_VAR, "merge")
     with pytest.raises(ValueError, match="GDN_JAX_MOE_SHARED: expected auto, apart or fold"):
         moe_block(x)  # checked on every path (this one is "grouped")
 
+
+
+@pytest.mark.parametrize("shared", ["apart", "fold"])
+def test_sparse_moe_on_a_mesh_matches_one_device(shared, monkeypatch):
+    """The Pallas path (interpreted) inside the TP = 2 shard_map, the shared expert apart or
+    folded: each shard's launches see half of every expert's intermediate dim (the shared
+    expert's too) and the partial sums add up to the one-device block's output, up to the
+    rounding of each shard's down output (bf16)."""
+    monkeypatch.setenv(moe.SHARED_VAR, shared)
+    seen = []
+    real = moe.routed
+    monkeypatch.setattr(moe, "routed", lambda *a, **kw: seen.append(
+        (a[3].shape, kw.get("shared") is not None)) or real(*a, **kw))
+    make = lambda: SparseMoE(64, 8, 2, 32, 32, expert_path="pallas", dtype=BF16,  # noqa: E731
+                             param_dtype=BF16, rngs=nnx.Rngs(5))
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 3, 64)), BF16)
+    want = np.asarray(make()(x), np.float64)
+    block = make()
+    mesh = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+    specs = param_specs(block, mesh)
+    for path, var in nnx.to_flat_state(nnx.state(block, nnx.Param)):
+        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, specs[tuple(path)])))
+    attach_mesh(block, mesh)
+    got = np.asarray(block(x), np.float64)
+    fold = shared == "fold"
+    assert seen == [((8, 64, 32), fold), ((8, 64, 16), fold)]  # one device, then a shard
+    np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2 ** -6 * np.abs(want).max())
