@@ -15,6 +15,9 @@ the figure; the floor is the distinct experts a call touches x their gate, up an
 the copy bandwidth measured in the same run (`gdn_jax.benchmark.copy_bandwidth`). The gate / up
 and down kernels are also reported alone (their share of the profile; floor: their own bytes).
 
+The router kernel (`gdn_jax.kernels.route`: softmax, top k, renormalisation) is timed at each
+token count with each of --router-warps warps a program (its launches are named by warps).
+
 --sweep times a grid of each kernel's configs, a program each, all in one profile (one program
 of them all lets XLA interleave the configs' calls, which then find each other's experts in
 L2; a profile per config costs seconds): gate / up at (block_n, block_k, splits, warps,
@@ -64,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--routings", type=int, default=8, help="calls (random routings) a program")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="search each kernel's config")
+    p.add_argument("--router-warps", default="1,2,4",
+                   help="the router kernel's launches to time at each token count ('' skips)")
     p.add_argument("--sweep-block-n", default="16,32,64")
     p.add_argument("--sweep-block-k", default="64,128,256")
     p.add_argument("--sweep-splits", default="1,2,4,8")
@@ -165,11 +170,34 @@ def main(argv=None):
               f"{floor:7.1f} {case['routed_over_floor'] or 0:5.2f} "
               f"{case['gate_up_us'] or 0:8.1f} {case['down_us'] or 0:7.1f} {case['configs']}",
               flush=True)
+        if args.router_warps:
+            case["router_us"] = _router(args, T, E, k, L, rng)
         if args.sweep:
             case["sweep"] = _sweep(args, case, configs, ids, xs, wg, wu, wd, routed_us)
         result["cases"].append(case)
         with open(os.path.join(args.out, "bench_moe.json"), "w") as f:
             json.dump(result, f, indent=1)
+
+
+def _router(args, T, E, k, L, rng) -> dict:
+    """{num_warps: us} of the router kernel (`kernels.route`) on L random [T, E] bf16 logits,
+    each launch its own program, all in one profile; {} where E does not fit it."""
+    why = kernels.route_misfit((T, E), k)
+    if why:
+        print(f"    router: skipped ({why})")
+        return {}
+    logits = [jnp.asarray(rng.standard_normal((T, E), np.float32), jnp.bfloat16)
+              for _ in range(L)]
+    warps = [int(w) for w in args.router_warps.split(",") if w]
+    fns = {w: jax.jit(lambda ls, w=w: [kernels.route(lg, k=k, interpret=args.interpret,
+                                                     num_warps=w) for lg in ls])
+           for w in warps}
+    every = lambda *_: [jax.block_until_ready(fn(logits)) for fn in fns.values()]
+    _, mine = _seconds(every, (), args.reps, [f"gdn_moe_route_w{w}" for w in warps])
+    out = {w: mine.get(f"gdn_moe_route_w{w}", 0) / L * 1e6 for w in warps}
+    print("    router (softmax, top k, renormalise; one launch): " + ", ".join(
+        f"{w} warps {us:.2f} us" for w, us in out.items()), flush=True)
+    return out
 
 
 def _sweep(args, case, configs, ids, xs, wg, wu, wd, routed_us):

@@ -40,6 +40,9 @@ class _Launch:  # a row of 256-512 logits: a few registers a thread at 4 warps
     num_stages: int = 1
 
 
+WARPS = (1, 2, 4, 8)  # the launches `route` takes (bench/bench_moe.py times them)
+
+
 def misfit(logits_shape, k: int) -> str | None:
     """Why `route` cannot take logits of this shape and k, or None."""
     if len(logits_shape) != 2:
@@ -78,22 +81,25 @@ def _kernel(logits_ref, w_ref, ids_ref, *, k: int, normalize: bool):
     ids_ref[t, :] = ids
 
 
-@functools.partial(jax.jit, static_argnames=("k", "normalize", "interpret"))
-def route(logits: jax.Array, *, k: int, normalize: bool = True,
-          interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+@functools.partial(jax.jit, static_argnames=("k", "normalize", "interpret", "num_warps"))
+def route(logits: jax.Array, *, k: int, normalize: bool = True, interpret: bool = False,
+          num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
     """logits: [T, E] (any float dtype; E a power of two) -> (weights [T, k] in logits' dtype,
-    ids [T, k] int32), each row's experts in descending order of logit (module docstring)."""
+    ids [T, k] int32), each row's experts in descending order of logit (module docstring).
+    num_warps: a program's (one of WARPS); the kernel is named gdn_moe_route_w{num_warps}."""
     why = misfit(logits.shape, k)
     if why:
         raise ValueError(f"route: {why}")
+    if num_warps not in WARPS:
+        raise ValueError(f"route: num_warps expected one of {WARPS}, got {num_warps!r}")
     T = logits.shape[0]
     kp = 1 << (k - 1).bit_length()  # the output's block: a power of two, sliced to k after
     if T == 0:
         return jnp.zeros((0, k), logits.dtype), jnp.zeros((0, k), jnp.int32)
     weights, ids = _pallas.pallas_call(
         functools.partial(_kernel, k=k, normalize=normalize),
-        name="gdn_moe_route",
-        config=_Launch(),
+        name=f"gdn_moe_route_w{num_warps}",
+        config=_Launch(num_warps=num_warps),
         interpret=interpret,
         grid=(T,),
         out_shape=(jax.ShapeDtypeStruct((T, kp), logits.dtype),

@@ -42,6 +42,7 @@ def test_bench_moe_sweeps_each_kernel_and_counts_touched_experts(tmp_path):
         assert 2 <= c["touched_experts"] <= 2 * c["tokens"] and c["floor_us"] > 0
         assert len(c["sweep"]["gate_up"]) == len(c["sweep"]["down"]) == 4  # 2 block_n x 2 splits
         assert c["sweep"]["routed_best"]["configs"][0][0] == c["configs"][0][0]  # one block_m
+        assert sorted(c["router_us"]) == ["1", "2", "4"]  # each launch timed (0 on CPU)
 
 
 def test_bench_speculative_reports_every_floor(tmp_path):

@@ -100,6 +100,11 @@ def test_route_rejects_bad_input(shape, k, match):
         kernels.route(jnp.ones(shape, jnp.bfloat16), k=k, interpret=True)
 
 
+def test_route_rejects_a_launch_it_does_not_take():
+    with pytest.raises(ValueError, match=r"num_warps expected one of \(1, 2, 4, 8\), got 3"):
+        kernels.route(jnp.ones((4, 8), jnp.bfloat16), k=2, interpret=True, num_warps=3)
+
+
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
 def test_route_lowers_for_cuda(kind, cuda_lowering):
     S = jax.ShapeDtypeStruct
@@ -111,10 +116,12 @@ def test_route_lowers_for_cuda(kind, cuda_lowering):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, E, k", [(1, 256, 8), (128, 256, 8), (32, 512, 10)])
-def test_route_matches_xla_gpu(T, E, k, on_gpu):
-    """The 35B's router (256 experts, top 8) and Qwen3-Next's (512, top 10), compiled."""
+@pytest.mark.parametrize("num_warps", [1, 4])
+def test_route_matches_xla_gpu(T, E, k, num_warps, on_gpu):
+    """The 35B's router (256 experts, top 8) and Qwen3-Next's (512, top 10), compiled, at the
+    default launch and one warp (bench_moe times each)."""
     logits = _logits(T, T, E, jnp.bfloat16)
-    w, ids = kernels.route(logits, k=k)
+    w, ids = kernels.route(logits, k=k, num_warps=num_warps)
     w_ref, ids_ref = _xla(logits, k, True)
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
     exact = _float64(logits, ids_ref, True)
