@@ -50,7 +50,7 @@ from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
 from gdn_jax.kernels import moe as kmoe  # noqa: E402
 from gdn_jax.ops import moe  # noqa: E402
 from gdn_jax.ops.dispatch import sm_count  # noqa: E402
-from gdn_jax.profiling import kernel_trace  # noqa: E402
+from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -81,17 +81,9 @@ def parse_args(argv=None):
 
 def _seconds(fn, args, reps, names=()):
     """(all kernels' time of one fn(*args), {name: that kernel's time}) in seconds, from the
-    profiler (a name matches its kernels by prefix); (0.0, {}) where no GPU was traced (CPU)."""
-    jax.block_until_ready(fn(*args))
-    with kernel_trace() as trace:
-        for _ in range(reps):
-            jax.block_until_ready(fn(*args))
-    if not trace.busy_ns():
-        return 0.0, {}
-    per = lambda ns: ns / max(trace.gpus, 1) / reps / 1e9
-    mine = {n: per(sum(v for k, v in trace.totals.items() if k == n or k.startswith(n + "_")))
-            for n in names}
-    return per(trace.busy_ns()), mine
+    profiler (`gdn_jax.profiling.kernel_seconds`); (0.0, {}) where no GPU was traced (CPU)."""
+    total, mine = kernel_seconds(fn, args, reps, names)
+    return total or 0.0, mine
 
 
 _FIELDS = ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages")

@@ -50,7 +50,7 @@ from gdn_jax import kernels  # noqa: E402
 from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
 from gdn_jax.ops import projection  # noqa: E402
 from gdn_jax.ops.dispatch import sm_count  # noqa: E402
-from gdn_jax.profiling import kernel_trace  # noqa: E402
+from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 SHAPES = {  # name: (K, N), [in, out]
     "in_proj_qkvz": (2048, 12288), "in_proj_ba": (2048, 64), "out_proj": (4096, 2048),
@@ -100,16 +100,9 @@ def parse_args(argv=None):
 def _kernel_seconds(fn, args, reps, main=None):
     """GPU kernel time of one call of fn(*args) (jitted), or wall time where no GPU was traced;
     with main (a kernel name), also that kernel's share: (all, main) seconds."""
-    jax.block_until_ready(fn(*args))
-    with kernel_trace() as trace:
-        for _ in range(reps):
-            jax.block_until_ready(fn(*args))
-    if trace.busy_ns():
-        busy = trace.busy_ns() / reps / 1e9
-        if main is None:
-            return busy
-        mine = sum(v for k, v in trace.totals.items() if main in k) / trace.gpus / reps / 1e9
-        return busy, mine
+    busy, mine = kernel_seconds(fn, args, reps, () if main is None else (main,))
+    if busy is not None:
+        return busy if main is None else (busy, mine[main])
     t = time.perf_counter()
     for _ in range(reps):
         jax.block_until_ready(fn(*args))
@@ -280,15 +273,10 @@ def _sweep(x, ws, K, N, M, args, best):
         return tuple(kernels.project(x, w, config=cfg, interpret=interpret, name=name)
                      for cfg, name in zip(grid, names) for w in ws)
 
-    fn = jax.jit(program)
-    jax.block_until_ready(fn(x, ws))
-    with kernel_trace() as trace:
-        for _ in range(reps):
-            jax.block_until_ready(fn(x, ws))
+    _, mine = kernel_seconds(jax.jit(program), (x, ws), reps, names)
     tried = []
     for cfg, name in zip(grid, names):
-        ns = sum(v for k, v in trace.totals.items() if k == name or k.startswith(name + "_"))
-        us = ns / max(trace.gpus, 1) / reps / len(ws) / 1e3
+        us = mine.get(name, 0.0) / len(ws) * 1e6
         tried.append([_cfg(cfg), us])
         if us and us < best[0]:
             best = (us, cfg)

@@ -4,6 +4,7 @@
         jax.block_until_ready(f(x))
     trace.totals  # {kernel name: ns}, every GPU of the process
     trace.busy_ns()  # their sum per GPU
+    kernel_seconds(f, (x,), reps=5, names=("gdn_moe_down",))  # per call: (all, {name: share})
     by_category(trace.totals)  # {"matmul": ns, "gdn": ns, ...}: what kind of work the time is
 
 The trace's XSpace is read with `jax.profiler.ProfileData`; the kernels are the events of the
@@ -32,6 +33,12 @@ class KernelTrace:
     def busy_ns(self) -> float | None:
         """Kernel time summed over kernels, per GPU (None where no GPU plane was traced)."""
         return sum(self.totals.values()) / self.gpus if self.gpus else None
+
+    def share_ns(self, name: str) -> float:
+        """The time of the kernels named `name` or `name_...` (XLA's `__2` copies, a name's
+        variants), per GPU (0 where none ran or no GPU plane was traced)."""
+        ns = sum(t for k, t in self.totals.items() if k == name or k.startswith(name + "_"))
+        return ns / self.gpus if self.gpus else 0.0
 
 
 def read_trace(trace_dir: str) -> KernelTrace:
@@ -84,6 +91,20 @@ def by_category(totals: dict) -> dict:
     for name, t in totals.items():
         out[kernel_category(name)] += t
     return out
+
+
+def kernel_seconds(fn, args=(), reps: int = 1, names=()) -> tuple[float | None, dict]:
+    """fn(*args) run once (to compile), then reps times under the profiler: (its kernels' time
+    per call per GPU in seconds, None where no GPU was traced; {name: `share_ns(name)` per call
+    in seconds} for each of names)."""
+    jax.block_until_ready(fn(*args))
+    with kernel_trace() as trace:
+        for _ in range(reps):
+            jax.block_until_ready(fn(*args))
+    busy = trace.busy_ns()
+    if busy is None:
+        return None, {}
+    return busy / reps / 1e9, {n: trace.share_ns(n) / reps / 1e9 for n in names}
 
 
 @contextlib.contextmanager

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.profiling import CATEGORIES, by_category, kernel_category, kernel_trace
+from gdn_jax.profiling import (CATEGORIES, KernelTrace, by_category, kernel_category,
+                               kernel_seconds, kernel_trace)
 
 
 def _work():
@@ -21,6 +22,31 @@ def test_no_gpu_planes_on_cpu():
     with kernel_trace() as trace:
         jax.block_until_ready(f(x))
     assert trace.totals == {} and trace.busy_ns() is None
+
+
+def test_kernel_seconds_is_none_on_cpu():
+    if jax.devices()[0].platform == "gpu":
+        pytest.skip("checks the CPU behaviour")
+    f, x = _work()
+    assert kernel_seconds(f, (x,), reps=2, names=("dot",)) == (None, {})
+
+
+def test_a_names_share_takes_its_copies_and_variants_per_gpu():
+    """`share_ns(name)`: kernels named name or name_... (XLA's __2 copies, a launch's variants),
+    summed over the GPUs and divided by their count; a longer name that only starts alike is
+    not the name's."""
+    trace = KernelTrace(totals={"gdn_moe_down": 4.0, "gdn_moe_down__2": 2.0,
+                                "gdn_moe_downcast": 100.0, "gdn_moe_route_w1": 8.0}, gpus=2)
+    assert trace.share_ns("gdn_moe_down") == 3.0
+    assert trace.share_ns("gdn_moe_route") == 4.0 and trace.share_ns("gdn_moe_route_w2") == 0
+    assert KernelTrace(totals={"a": 1.0}).share_ns("a") == 0.0  # no GPU traced
+
+
+@pytest.mark.gpu
+def test_kernel_seconds_of_a_program():
+    f, x = _work()
+    busy, mine = kernel_seconds(f, (x,), reps=3, names=("no_such_kernel",))
+    assert busy > 0 and mine == {"no_such_kernel": 0.0}
 
 
 @pytest.mark.gpu
