@@ -6,7 +6,9 @@ verify token counts; with --sweep, a search over each kernel's config.
     python bench/bench_moe.py --out DIR --tokens 1,8 --sweep     # + each kernel's config grid
     python bench/bench_moe.py --out DIR --interpret --smoke      # the script on CPU
 
-Shape: Qwen3.5-35B-A3B's experts by default (hidden 2048, 256 experts of 512, top 8; bf16).
+Shape: Qwen3.5-35B-A3B's experts by default (hidden 2048, 256 experts of 512, top 8; bf16);
+--shared adds its shared expert (512) to routed's launches as the model's default does at
+small token counts (`gdn_jax.ops.moe.folds_shared`), its bytes to the floor.
 Each case runs one jitted program of --routings calls, each with its own random routing (every
 token k distinct experts, uniform), over one expert stack: a call's touched experts (~50 MB at
 one token) are seldom the previous call's, so they come from HBM. Its GPU kernel time (JAX's
@@ -67,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--routings", type=int, default=8, help="calls (random routings) a program")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--sweep", action="store_true", help="search each kernel's config")
+    p.add_argument("--shared", action="store_true",
+                   help="a shared expert of the experts' size in routed's launches (the fold)")
     p.add_argument("--router-warps", default="1,2,4",
                    help="the router kernel's launches to time at each token count ('' skips)")
     p.add_argument("--sweep-block-n", default="16,32,64")
@@ -127,6 +131,7 @@ def main(argv=None):
     init = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32)
                                       * shape[-2] ** -0.5, dtype)
     wg, wu, wd = init(E, H, I), init(E, H, I), init(E, I, H)
+    lone = (init(H, I), init(H, I), init(I, H)) if args.shared else None  # gate, up, down
     expert_bytes = 3 * H * I * 2
     print(f"{dev.device_kind}, jax {jax.__version__}, copy {copy:.0f} GB/s, {sms} SMs, "
           f"{E} experts top {k}, hidden {H}, intermediate {I}")
@@ -137,22 +142,25 @@ def main(argv=None):
                            jnp.int32) for _ in range(L)]
         xs = [jnp.asarray(rng.standard_normal((T, H), np.float32), dtype) for _ in range(L)]
         weights = [jnp.asarray(rng.random((T, k), np.float32), dtype) for _ in range(L)]
-        touched = float(np.mean([len(np.unique(np.asarray(i))) for i in ids]))
+        gates = [jnp.asarray(rng.random(T, np.float32), dtype) for _ in range(L)]
+        touched = float(np.mean([len(np.unique(np.asarray(i))) for i in ids])) + bool(lone)
         floor = touched * expert_bytes / copy / 1e3
         P = T * k
-        configs = (moe.config_for(P, E, H, I, sm_count=sms), moe.config_for(P, E, I, H,
-                                                                           sm_count=sms))
+        # as routed picks them: the shared expert is one more expert, every token's k + 1-th
+        planned = (T * (k + 1), E + 1) if lone else (P, E)
+        configs = (moe.config_for(*planned, H, I, sm_count=sms),
+                   moe.config_for(*planned, I, H, sm_count=sms))
 
         def routed_us(cfgs):
-            fn = jax.jit(lambda xs, ws, ids: [moe.routed(
-                x, w, i, wg, wu, wd, interpret=args.interpret, configs=cfgs)
-                for x, w, i in zip(xs, ws, ids)])
-            total, mine = _seconds(fn, (xs, weights, ids), args.reps,
+            fn = jax.jit(lambda xs, ws, ids, gs: [moe.routed(
+                x, w, i, wg, wu, wd, interpret=args.interpret, configs=cfgs,
+                shared=(*lone, g) if lone else None) for x, w, i, g in zip(xs, ws, ids, gs)])
+            total, mine = _seconds(fn, (xs, weights, ids, gates), args.reps,
                                    ("gdn_moe_gate_up", "gdn_moe_down"))
             return total / L * 1e6, {n: v / L * 1e6 for n, v in mine.items()}
 
         us, mine = routed_us(configs)
-        case = {"tokens": T, "pairs": P, "touched_experts": touched,
+        case = {"tokens": T, "pairs": P, "shared": bool(lone), "touched_experts": touched,
                 "touched_bytes": touched * expert_bytes, "floor_us": floor,
                 "configs": [_cfg(c) for c in configs], "routed_us": us,
                 "gate_up_us": mine.get("gdn_moe_gate_up"), "down_us": mine.get("gdn_moe_down"),
@@ -165,7 +173,7 @@ def main(argv=None):
         if args.router_warps:
             case["router_us"] = _router(args, T, E, k, L, rng)
         if args.sweep:
-            case["sweep"] = _sweep(args, case, configs, ids, xs, wg, wu, wd, routed_us)
+            case["sweep"] = _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us)
         result["cases"].append(case)
         with open(os.path.join(args.out, "bench_moe.json"), "w") as f:
             json.dump(result, f, indent=1)
@@ -192,16 +200,22 @@ def _router(args, T, E, k, L, rng) -> dict:
     return out
 
 
-def _sweep(args, case, configs, ids, xs, wg, wu, wd, routed_us):
-    """Each kernel's config grid in one program apiece, then routed with the best pair."""
+def _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us):
+    """Each kernel's config grid in one program apiece, then routed with the best pair; lone:
+    the shared expert's (gate, up, down) as routed runs it (expert E of the plan), or None."""
     E, H, I, L = wg.shape[0], wg.shape[1], wg.shape[2], len(ids)
     bm = configs[0].block_m
     P = case["pairs"]
-    blocks = [kmoe.plan_pairs(i, bm) if moe.one_block_per_pair(P, E) else kmoe.plan(i, E, bm)
-              for i in ids]
+    if moe.one_block_per_pair(P, E):  # decided on the routed pairs, as routed decides
+        blocks = [kmoe.plan_pairs(i, bm, shared=E if lone else None) for i in ids]
+    else:
+        blocks = [kmoe.plan(jnp.concatenate([i, jnp.full((i.shape[0], 1), E, i.dtype)], 1)
+                            if lone else i, E + bool(lone), bm) for i in ids]
+    up_lone = dict(w_shared=lone[0], w_up_shared=lone[1]) if lone else {}
+    down_lone = dict(w_shared=lone[2]) if lone else {}
     hs = [kernels.grouped_matmul(x, wg, b.block_expert, w_up=wu, row_token=b.row_token,
                                  config=dataclasses.replace(configs[0], splits=1),
-                                 interpret=args.interpret) for x, b in zip(xs, blocks)]
+                                 interpret=args.interpret, **up_lone) for x, b in zip(xs, blocks)]
     runs = []  # (kernel, config, name, jitted program, its argument)
     for which, base, K, N in (("gate_up", configs[0], H, I), ("down", configs[1], I, H)):
         for j, c in enumerate(_grid(args, base, K, N)):
@@ -209,11 +223,11 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, routed_us):
             if which == "gate_up":
                 fn = jax.jit(lambda xs, c=c, name=name: [kernels.grouped_matmul(
                     x, wg, b.block_expert, w_up=wu, row_token=b.row_token, config=c,
-                    name=name, interpret=args.interpret) for x, b in zip(xs, blocks)])
+                    name=name, interpret=args.interpret, **up_lone) for x, b in zip(xs, blocks)])
             else:
                 fn = jax.jit(lambda hs, c=c, name=name: [kernels.grouped_matmul(
-                    h, wd, b.block_expert, config=c, name=name, interpret=args.interpret)
-                    for h, b in zip(hs, blocks)])
+                    h, wd, b.block_expert, config=c, name=name, interpret=args.interpret,
+                    **down_lone) for h, b in zip(hs, blocks)])
             runs.append((which, c, name, fn, xs if which == "gate_up" else hs))
     # one profile (a profiler session costs seconds); each config its own program, run one
     # after another (in one program XLA may interleave the configs' calls)

@@ -45,6 +45,18 @@ def test_bench_moe_sweeps_each_kernel_and_counts_touched_experts(tmp_path):
         assert sorted(c["router_us"]) == ["1", "2", "4"]  # each launch timed (0 on CPU)
 
 
+def test_bench_moe_with_the_shared_expert(tmp_path):
+    """--shared: the shared expert in routed's launches (a block each at 1 token, the grouped
+    plan at 3), its bytes in the floor, the sweep's kernels given it too."""
+    _run("bench_moe.py", "--smoke", "--interpret", "--out", str(tmp_path), "--tokens", "1,3",
+         "--sweep", "--shared", "--router-warps", "")
+    cases = json.load(open(tmp_path / "bench_moe.json"))["cases"]
+    for c in cases:
+        assert c["shared"] and 3 <= c["touched_experts"] <= 2 * c["tokens"] + 1
+        assert len(c["sweep"]["gate_up"]) == len(c["sweep"]["down"]) == 4
+        assert "router_us" not in c
+
+
 def test_bench_speculative_reports_every_floor(tmp_path):
     _run("bench_speculative.py", "--smoke", "--out", str(tmp_path), "--batches", "2",
          "--reps", "1", "--chain", "20")
