@@ -146,10 +146,7 @@ def main(argv=None):
         touched = float(np.mean([len(np.unique(np.asarray(i))) for i in ids])) + bool(lone)
         floor = touched * expert_bytes / copy / 1e3
         P = T * k
-        # as routed picks them: the shared expert is one more expert, every token's k + 1-th
-        planned = (T * (k + 1), E + 1) if lone else (P, E)
-        configs = (moe.config_for(*planned, H, I, sm_count=sms),
-                   moe.config_for(*planned, I, H, sm_count=sms))
+        configs = moe.default_configs(P, T, E, H, I, shared=bool(lone), sm_count=sms)
 
         def routed_us(cfgs):
             fn = jax.jit(lambda xs, ws, ids, gs: [moe.routed(
@@ -205,12 +202,7 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us):
     the shared expert's (gate, up, down) as routed runs it (expert E of the plan), or None."""
     E, H, I, L = wg.shape[0], wg.shape[1], wg.shape[2], len(ids)
     bm = configs[0].block_m
-    P = case["pairs"]
-    if moe.one_block_per_pair(P, E):  # decided on the routed pairs, as routed decides
-        blocks = [kmoe.plan_pairs(i, bm, shared=E if lone else None) for i in ids]
-    else:
-        blocks = [kmoe.plan(jnp.concatenate([i, jnp.full((i.shape[0], 1), E, i.dtype)], 1)
-                            if lone else i, E + bool(lone), bm) for i in ids]
+    blocks = [moe.plan_blocks(i, E, bm, shared=bool(lone)) for i in ids]
     up_lone = dict(w_shared=lone[0], w_up_shared=lone[1]) if lone else {}
     down_lone = dict(w_shared=lone[2]) if lone else {}
     hs = [kernels.grouped_matmul(x, wg, b.block_expert, w_up=wu, row_token=b.row_token,

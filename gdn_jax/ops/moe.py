@@ -44,7 +44,7 @@ from jax import lax
 
 from gdn_jax import kernels
 from gdn_jax.kernels import moe as _moe
-from gdn_jax.ops.dispatch import Device, kernel_mode, sm_count
+from gdn_jax.ops.dispatch import Device, kernel_mode, sm_count as _sm_count
 from gdn_jax.ops.projection import pow2_tile
 
 ROUTER_VAR = "GDN_JAX_MOE_ROUTER"
@@ -114,7 +114,6 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
                          f"H = {H}, got {list(w_gate.shape)}, {list(w_up.shape)}, "
                          f"{list(w_down.shape)}")
     lone = {}
-    per_pair = one_block_per_pair(ids.size, E)  # decided on the routed pairs
     if shared is not None:
         if not isinstance(shared, (tuple, list)) or len(shared) != 4:
             raise ValueError("routed: shared expected (gate, up, down, weight)")
@@ -133,22 +132,14 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
         s_weight = lax.optimization_barrier(s_weight)
         weights = jnp.concatenate([weights, s_weight[:, None].astype(weights.dtype)], axis=1)
         lone = dict(gate=dict(w_shared=s_gate, w_up_shared=s_up), down=dict(w_shared=s_down))
-    experts = E + (shared is not None)  # the shared one is expert E of the plan
     if interpret is None:
         interpret = not Device.of().runs_triton
-    P = weights.size
-    sms = sm_count()
-    up_cfg, down_cfg = configs or (config_for(P, experts, H, I, sm_count=sms),
-                                   config_for(P, experts, I, H, sm_count=sms))
+    up_cfg, down_cfg = configs or default_configs(ids.size, T, E, H, I,
+                                                  shared=shared is not None)
     if up_cfg.block_m != down_cfg.block_m:
         raise ValueError(f"routed: configs expected one block_m, got {up_cfg.block_m} and "
                          f"{down_cfg.block_m}")
-    if per_pair:
-        blocks = _moe.plan_pairs(ids, up_cfg.block_m, shared=E if shared is not None else None)
-    else:
-        if shared is not None:
-            ids = jnp.concatenate([ids.astype(jnp.int32), jnp.full((T, 1), E, jnp.int32)], 1)
-        blocks = _moe.plan(ids, experts, up_cfg.block_m)
+    blocks = plan_blocks(ids, E, up_cfg.block_m, shared=shared is not None)
     h = kernels.grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up,
                                row_token=blocks.row_token, config=up_cfg, interpret=interpret,
                                **lone.get("gate", {}))
@@ -157,6 +148,29 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
     y = kernels.grouped_matmul(h, w_down, blocks.block_expert, config=down_cfg,
                                interpret=interpret, **split, **lone.get("down", {}))
     return blocks.combine(y, weights, T, dtype=x.dtype)
+
+
+def default_configs(pairs: int, tokens: int, num_experts: int, H: int, I: int, *,
+                    shared: bool = False, sm_count: int | None = None):
+    """`routed`'s (gate / up, down) configs (`config_for`) for `pairs` routed pairs of `tokens`
+    tokens over num_experts experts of [H, I]; shared: one more expert, every token's pair
+    more. sm_count: this device's by default."""
+    sms = sm_count or _sm_count()
+    pairs, experts = pairs + shared * tokens, num_experts + shared
+    return (config_for(pairs, experts, H, I, sm_count=sms),
+            config_for(pairs, experts, I, H, sm_count=sms))
+
+
+def plan_blocks(ids, num_experts: int, block_m: int, *, shared: bool = False) -> _moe.Blocks:
+    """ids: [T, k] -> `routed`'s `kernels.moe.Blocks`: a block each for the pairs while
+    `one_block_per_pair` (decided on the routed pairs), else grouped by expert; shared: expert
+    num_experts as every token's k + 1-th (its tokens in blocks of their own)."""
+    if one_block_per_pair(ids.size, num_experts):
+        return _moe.plan_pairs(ids, block_m, shared=num_experts if shared else None)
+    if shared:
+        ids = jnp.concatenate([ids.astype(jnp.int32),
+                               jnp.full((ids.shape[0], 1), num_experts, jnp.int32)], 1)
+    return _moe.plan(ids, num_experts + shared, block_m)
 
 
 def route(logits, k: int, *, normalize: bool = True):

@@ -177,6 +177,9 @@ def test_config_narrows_columns_for_few_blocks():
     assert moe.config_for(1024, 256, 2048, 512).block_n == 64
     assert moe.config_for(8, 256, 2048, 48).block_n == 16
     assert moe.config_for(8, 256, 2048, 512).splits == 1
+    # routed's pair: a shared expert is one more expert and one more pair a token
+    assert moe.default_configs(8, 1, 256, 2048, 512, shared=True, sm_count=132) == (
+        moe.config_for(9, 257, 2048, 512), moe.config_for(9, 257, 512, 2048))
     on_gpu = jax.devices()[0].platform == "gpu"
     assert moe.runs_compiled(BF16, 2048, 512) == on_gpu  # CPU: SparseMoE's "auto" stays in XLA
     assert not moe.runs_compiled(jnp.float32, 2048, 512)
@@ -306,7 +309,6 @@ def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
     monkeypatch.setenv(moe.SHARED_VAR, "merge")
     with pytest.raises(ValueError, match="GDN_JAX_MOE_SHARED: expected auto, apart or fold"):
         moe_block(x)  # checked on every path (this one is "grouped")
-
 
 
 @pytest.mark.parametrize("shared", ["apart", "fold"])
