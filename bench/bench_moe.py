@@ -150,8 +150,9 @@ def main(argv=None):
 
         def routed_us(cfgs):
             fn = jax.jit(lambda xs, ws, ids, gs: [moe.routed(
-                x, w, i, wg, wu, wd, interpret=args.interpret, configs=cfgs,
-                shared=(*lone, g) if lone else None) for x, w, i, g in zip(xs, ws, ids, gs)])
+                x, jnp.concatenate([w, g[:, None]], 1) if lone else w, i, wg, wu, wd,
+                interpret=args.interpret, configs=cfgs, shared=lone)
+                for x, w, i, g in zip(xs, ws, ids, gs)])
             total, mine = _seconds(fn, (xs, weights, ids, gates), args.reps,
                                    ("gdn_moe_gate_up", "gdn_moe_down"))
             return total / L * 1e6, {n: v / L * 1e6 for n, v in mine.items()}
@@ -168,7 +169,7 @@ def main(argv=None):
               f"{case['gate_up_us'] or 0:8.1f} {case['down_us'] or 0:7.1f} {case['configs']}",
               flush=True)
         if args.router_warps:
-            case["router_us"] = _router(args, T, E, k, L, rng)
+            case["router_us"] = _router(args, T, E, k, L, rng, H if lone else None)
         if args.sweep:
             case["sweep"] = _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us)
         result["cases"].append(case)
@@ -176,23 +177,26 @@ def main(argv=None):
             json.dump(result, f, indent=1)
 
 
-def _router(args, T, E, k, L, rng) -> dict:
-    """{num_warps: us} of the router kernel (`kernels.route`) on L random [T, E] bf16 logits,
-    each launch its own program, all in one profile; {} where E does not fit it."""
-    why = kernels.route_misfit((T, E), k)
+def _router(args, T, E, k, L, rng, hidden=None) -> dict:
+    """{num_warps: us} of the router kernel (`kernels.route`) on L random [T, E] bf16 logits
+    (with hidden: and the shared expert's gate of that many inputs, as the folded model runs
+    it), each launch its own program, all in one profile; {} where the shape does not fit."""
+    why = kernels.route_misfit((T, E), k, hidden)
     if why:
         print(f"    router: skipped ({why})")
         return {}
-    logits = [jnp.asarray(rng.standard_normal((T, E), np.float32), jnp.bfloat16)
-              for _ in range(L)]
+    bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
+    logits = [bf16(T, E) for _ in range(L)]
+    gates = [(bf16(T, hidden), bf16(hidden)) if hidden else None for _ in range(L)]
     warps = [int(w) for w in args.router_warps.split(",") if w]
-    fns = {w: jax.jit(lambda ls, w=w: [kernels.route(lg, k=k, interpret=args.interpret,
-                                                     num_warps=w) for lg in ls])
-           for w in warps}
+    fns = {w: jax.jit(lambda ls, w=w: [kernels.route(
+        lg, k=k, shared_gate=g, interpret=args.interpret, num_warps=w)
+        for lg, g in zip(ls, gates)]) for w in warps}
     every = lambda *_: [jax.block_until_ready(fn(logits)) for fn in fns.values()]
     _, mine = _seconds(every, (), args.reps, [f"gdn_moe_route_w{w}" for w in warps])
     out = {w: mine.get(f"gdn_moe_route_w{w}", 0) / L * 1e6 for w in warps}
-    print("    router (softmax, top k, renormalise; one launch): " + ", ".join(
+    what = "softmax, top k, renormalise" + (", shared gate" if hidden else "")
+    print(f"    router ({what}; one launch): " + ", ".join(
         f"{w} warps {us:.2f} us" for w, us in out.items()), flush=True)
     return out
 
@@ -205,6 +209,8 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us):
     blocks = [moe.plan_blocks(i, E, bm, shared=bool(lone)) for i in ids]
     up_lone = dict(w_shared=lone[0], w_up_shared=lone[1]) if lone else {}
     down_lone = dict(w_shared=lone[2]) if lone else {}
+    if lone:  # every plan here has the same shared_blocks (a static argument)
+        up_lone["shared_blocks"] = down_lone["shared_blocks"] = blocks[0].shared_blocks
     hs = [kernels.grouped_matmul(x, wg, b.block_expert, w_up=wu, row_token=b.row_token,
                                  config=dataclasses.replace(configs[0], splits=1),
                                  interpret=args.interpret, **up_lone) for x, b in zip(xs, blocks)]

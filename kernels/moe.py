@@ -94,13 +94,17 @@ class Blocks(NamedTuple):
     (`plan`, `plan_pairs`).
 
     block_expert: [G] int32, the expert of each block (-1: unused).
-    row_token:    [G * block_m] int32, the token of each row (num_tokens on padding rows).
+    row_token:    [(G + shared_blocks) * block_m] int32, the token of each row (num_tokens on
+                  padding rows).
     pair_row:     [P] int32, the row of each pair (pair p = token * k + j: token's j-th expert).
+    shared_blocks: blocks after the G whose expert is the shared one (`plan_pairs(shared=)`;
+                  `grouped_matmul`'s shared_blocks): numbered by position, not stored.
     """
 
     block_expert: jax.Array
     row_token: jax.Array
     pair_row: jax.Array
+    shared_blocks: int = 0
 
     def rows(self, x: jax.Array) -> jax.Array:
         """x [num_tokens, K] -> [G * block_m, K]: each row's token, zeros on padding rows."""
@@ -176,13 +180,13 @@ def plan(ids: jax.Array, num_experts: int, block_m: int) -> Blocks:
     return Blocks(block_expert, row_token, pair_row)
 
 
-def plan_pairs(ids: jax.Array, block_m: int, *, shared: int | None = None) -> Blocks:
+def plan_pairs(ids: jax.Array, block_m: int, *, shared: bool = False) -> Blocks:
     """ids: [num_tokens, k] int32 -> `Blocks` of one pair each (row 0 of block p is pair p; the
     other rows are padding): no sort, nothing but index arithmetic on a static layout.
 
-    shared: an expert every token takes as its k + 1-th (a shared expert, numbered past the
-    routed ones): its T pairs fill ceil(T / block_m) blocks of their own after the routed
-    pairs' (read once per block_m tokens, not once per token); the pairs are then
+    shared: every token takes a shared expert as its k + 1-th: its T pairs fill
+    shared_blocks = ceil(T / block_m) blocks of their own after the routed pairs' (its weights
+    read once per block_m tokens, not once per token); the pairs are then
     p = token * (k + 1) + j, j = k the shared one (`combine`'s weights [T, k + 1])."""
     T, k = ids.shape
     P = T * k
@@ -190,26 +194,28 @@ def plan_pairs(ids: jax.Array, block_m: int, *, shared: int | None = None) -> Bl
     block_expert = ids.reshape(-1).astype(jnp.int32)
     row_token = jnp.where(r % block_m == 0, r // (block_m * k), T)
     pair_row = jnp.arange(P, dtype=jnp.int32) * block_m
-    if shared is None:
+    if not shared:
         return Blocks(block_expert, row_token, pair_row)
+    # The shared blocks are numbered past block_expert's end, not stored in it: its G entries
+    # are the router's ids as they come (a concatenation was a launch a layer).
     G = -(-T // block_m)
     t = jnp.arange(G * block_m, dtype=jnp.int32)
     pair_row = jnp.concatenate([pair_row.reshape(T, k),
                                 P * block_m + jnp.arange(T, dtype=jnp.int32)[:, None]], axis=1)
-    return Blocks(jnp.concatenate([block_expert, jnp.full((G,), shared, jnp.int32)]),
-                  jnp.concatenate([row_token, jnp.where(t < T, t, T)]), pair_row.reshape(-1))
+    return Blocks(block_expert, jnp.concatenate([row_token, jnp.where(t < T, t, T)]),
+                  pair_row.reshape(-1), shared_blocks=G)
 
 
 def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, gather, swiglu,
-            num_tokens, shared):
+            num_tokens, shared, shared_blocks):
     """Program (g, n, s): rows of block g times column block n of w[block_expert[g]], over the
     K slice s (k_split rows of w from s * k_split). With gather (refs: row_token first) the rows
     are x's rows row_token[g * block_m + i], zeros where that is no token (padding); with swiglu
     x is [S', rows, 2K] partial sums of gate | up and a row is silu(gate) * up (fp32, rounded to
     w's dtype), rows whose row_token is no token (num_tokens given) zeros, never loaded. With
     shared, the refs after w (and w_up) hold one more expert's [K, N] weights, expert E (E = w's
-    experts). o: [rows, N] in its dtype, or [S, rows, N] fp32 partial sums (split; gated:
-    [S, rows, 2N], gate's then up's)."""
+    experts), as are the shared_blocks blocks past block_expert's. o: [rows, N] in its dtype,
+    or [S, rows, N] fp32 partial sums (split; gated: [S, rows, 2N], gate's then up's)."""
     row_token_ref, x_ref, *rest = refs if gather or num_tokens is not None else (None, *refs)
     weights, o_ref = rest[:-1], rest[-1]
     stack, lone = (weights[:len(weights) // 2], weights[len(weights) // 2:]) if shared else \
@@ -217,7 +223,9 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
     g, n, s = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     rows = pl.ds(g * block_m, block_m)
     E, K, N = stack[0].shape
-    e = block_expert_ref[g]
+    G = block_expert_ref.shape[0]
+    e = block_expert_ref[g] if not shared_blocks else \
+        jnp.where(g < G, block_expert_ref[jnp.minimum(g, G - 1)], E)  # read in range
     split = len(o_ref.shape) == 3
 
     def store(col, value):
@@ -277,14 +285,14 @@ def _silu_mul(gate, up):
     return jax.nn.silu(gate) * up
 
 
-@functools.partial(jax.jit, static_argnames=("config", "swiglu", "num_tokens", "interpret",
-                                             "name"))
+@functools.partial(jax.jit, static_argnames=("config", "swiglu", "num_tokens", "shared_blocks",
+                                             "interpret", "name"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
                    w_up: jax.Array | None = None, row_token: jax.Array | None = None,
                    swiglu: bool = False, num_tokens: int | None = None,
                    w_shared: jax.Array | None = None, w_up_shared: jax.Array | None = None,
-                   config: MoEConfig = MoEConfig(), interpret: bool = False,
-                   name: str | None = None) -> jax.Array:
+                   shared_blocks: int = 0, config: MoEConfig = MoEConfig(),
+                   interpret: bool = False, name: str | None = None) -> jax.Array:
     """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
     in w's dtype (x's but with swiglu): block g's rows @ w[block_expert[g]] (with w_up:
     silu(x @ w) * (x @ w_up)); zeros for blocks whose expert is outside 0..E - 1 (0..E with
@@ -302,23 +310,27 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
 
     w_shared (and w_up_shared, with w_up): [K, N], one more expert, numbered E (w's experts):
     a block whose expert is E multiplies by it (a MoE block's shared expert, run as the k + 1-th
-    expert of every token)."""
-    _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config)
-    _check_shared(w, w_up, w_shared, w_up_shared)
+    expert of every token). shared_blocks (with w_shared): that many blocks more after
+    block_expert's, the shared expert's (`Blocks.shared_blocks`): G counts them in the shapes
+    above, block_expert is then [G - shared_blocks]."""
+    _check_shared(w, w_up, w_shared, w_up_shared, shared_blocks)
+    _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config, shared_blocks)
     shared = w_shared is not None
     N = w.shape[2]
-    G, S = block_expert.shape[0], config.splits
+    G, S = block_expert.shape[0] + shared_blocks, config.splits
     cols = 2 * N if w_up is not None and S > 1 else N
     shape, dtype = ((S, G * config.block_m, cols), _F32) if S > 1 else \
         ((G * config.block_m, N), w.dtype)
     if G == 0:  # no pairs: nothing to launch (a grid of size 0 may not launch on a GPU)
         return jnp.zeros(shape, dtype)
     gated, gather = w_up is not None, row_token is not None and not swiglu
+    if block_expert.shape[0] == 0:  # only shared blocks: an array to index all the same
+        block_expert = jnp.full((1,), w.shape[0], jnp.int32)
     return _pallas.pallas_call(
         functools.partial(_kernel, block_m=config.block_m, block_n=config.block_n,
                           block_k=config.block_k, k_split=w.shape[1] // S, gated=gated,
                           gather=gather, swiglu=swiglu, num_tokens=num_tokens if swiglu else None,
-                          shared=shared),
+                          shared=shared, shared_blocks=shared_blocks),
         name=name or ("gdn_moe_gate_up" if gated else "gdn_moe_down"),
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
@@ -329,8 +341,12 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
       *((w_up_shared,) if shared and gated else ()))
 
 
-def _check_shared(w, w_up, w_shared, w_up_shared):
+def _check_shared(w, w_up, w_shared, w_up_shared, shared_blocks):
     op = "grouped_matmul"
+    if not isinstance(shared_blocks, int) or shared_blocks < 0:
+        raise ValueError(f"{op}: shared_blocks expected an int >= 0, got {shared_blocks!r}")
+    if shared_blocks and w_shared is None:
+        raise ValueError(f"{op}: shared_blocks={shared_blocks} needs w_shared (their expert)")
     if w_shared is None:
         if w_up_shared is not None:
             raise ValueError(f"{op}: w_up_shared goes with w_shared, got w_shared None")
@@ -345,7 +361,7 @@ def _check_shared(w, w_up, w_shared, w_up_shared):
                              f"{list(w.shape[1:])}, got {a.dtype}{list(a.shape)}")
 
 
-def _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config):
+def _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config, shared_blocks):
     op = "grouped_matmul"
     K = w.shape[1] if w.ndim == 3 else None
     if (num_tokens is not None) != (swiglu and row_token is not None):
@@ -380,15 +396,16 @@ def _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config):
     if block_expert.ndim != 1 or block_expert.dtype != jnp.int32:
         raise ValueError(f"{op}: block_expert expected int32 [G], got {block_expert.dtype}"
                          f"{list(block_expert.shape)}")
-    rows = block_expert.shape[0] * config.block_m
+    rows = (block_expert.shape[0] + shared_blocks) * config.block_m
     if row_token is not None:
         if row_token.shape != (rows,) or row_token.dtype != jnp.int32:
             raise ValueError(f"{op}: row_token expected int32 [G * block_m] = [{rows}], got "
                              f"{row_token.dtype}{list(row_token.shape)}")
     if (row_token is None or swiglu) and x.shape[-2] != rows:
-        raise ValueError(f"{op}: block_expert expected int32 [rows / block_m] = "
-                         f"[{x.shape[-2] // config.block_m}], got {block_expert.dtype}"
-                         f"{list(block_expert.shape)}")
+        less = " - shared_blocks" if shared_blocks else ""
+        raise ValueError(f"{op}: block_expert expected int32 [rows / block_m{less}] = "
+                         f"[{x.shape[-2] // config.block_m - shared_blocks}], got "
+                         f"{block_expert.dtype}{list(block_expert.shape)}")
     why = config.misfit(w.shape[1], w.shape[2])
     if why:
         raise ValueError(f"{op}: w{list(w.shape)}: {why}")

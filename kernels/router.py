@@ -16,6 +16,16 @@ is divided by the chosen ones' sum (Qwen3-Next's norm_topk_prob) before one roun
 logits' dtype. The ids are top_k's wherever the exp and the sum come out as XLA's do: their
 last bits may differ, and then so may the order of two probabilities an ulp apart.
 E must be a power of two (one row is one Triton block); k <= E.
+
+A MoE block whose shared expert runs as every token's k + 1-th (`gdn_jax.ops.moe.routed`) takes
+its sigmoid gate from the same launch, where XLA would run the one-column product as a reduction
+of its own, the sigmoid and a concatenation with the routed weights (~4 us a layer at B = 1 on
+the H200):
+
+    weights, ids = route(logits, k=8, shared_gate=(x, w))  # x [T, H], w [H] -> weights [T, k + 1]
+
+weights[:, k] = sigmoid(x_t . w), the product in fp32 (exact for 16-bit inputs), rounded once.
+H must be a power of two too.
 """
 
 from __future__ import annotations
@@ -43,8 +53,9 @@ class _Launch:  # a row of 256-512 logits: a few registers a thread at 4 warps
 WARPS = (1, 2, 4, 8)  # the launches `route` takes (bench/bench_moe.py times them)
 
 
-def misfit(logits_shape, k: int) -> str | None:
-    """Why `route` cannot take logits of this shape and k, or None."""
+def misfit(logits_shape, k: int, hidden: int | None = None) -> str | None:
+    """Why `route` cannot take logits of this shape and k (and a shared gate of `hidden`
+    inputs), or None."""
     if len(logits_shape) != 2:
         return f"logits expected [T, E], got shape {tuple(logits_shape)}"
     E = logits_shape[1]
@@ -52,10 +63,13 @@ def misfit(logits_shape, k: int) -> str | None:
         return f"E={E} experts is not a power of two >= 2 (a row is one block)"
     if not 1 <= k <= E:
         return f"k={k} is outside 1..E={E}"
+    if hidden is not None and not is_pow2(hidden):
+        return f"the shared gate's H={hidden} is not a power of two (a row is one block)"
     return None
 
 
-def _kernel(logits_ref, w_ref, ids_ref, *, k: int, normalize: bool):
+def _kernel(logits_ref, *refs, k: int, normalize: bool):
+    gate_refs, (w_ref, ids_ref) = refs[:-2], refs[-2:]
     t = pl.program_id(0)
     E, kp = logits_ref.shape[1], ids_ref.shape[1]
     logit = logits_ref[t, :].astype(_F32)
@@ -77,25 +91,34 @@ def _kernel(logits_ref, w_ref, ids_ref, *, k: int, normalize: bool):
     chosen = jnp.where(total == total, chosen, jnp.nan)
     if normalize:
         chosen = chosen / jnp.sum(chosen)
+    if gate_refs:  # the shared expert's weight, after the routed ones' normalisation
+        x_ref, gw_ref = gate_refs
+        logit = jnp.sum(x_ref[t, :].astype(_F32) * gw_ref[:].astype(_F32))
+        chosen = jnp.where(slot == k, jax.nn.sigmoid(logit), chosen)
     w_ref[t, :] = chosen.astype(w_ref.dtype)
     ids_ref[t, :] = ids
 
 
 @functools.partial(jax.jit, static_argnames=("k", "normalize", "interpret", "num_warps"))
-def route(logits: jax.Array, *, k: int, normalize: bool = True, interpret: bool = False,
+def route(logits: jax.Array, *, k: int, normalize: bool = True,
+          shared_gate: tuple[jax.Array, jax.Array] | None = None, interpret: bool = False,
           num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
     """logits: [T, E] (any float dtype; E a power of two) -> (weights [T, k] in logits' dtype,
     ids [T, k] int32), each row's experts in descending order of logit (module docstring).
-    num_warps: a program's (one of WARPS); the kernel is named gdn_moe_route_w{num_warps}."""
-    why = misfit(logits.shape, k)
+    shared_gate: (x [T, H], w [H] or [H, 1]) in one float dtype (H a power of two): weights
+    [T, k + 1], the last sigmoid(x_t . w). num_warps: a program's (one of WARPS); the kernel is
+    named gdn_moe_route_w{num_warps}."""
+    T = logits.shape[0]
+    gate = _check_gate(shared_gate, T)
+    why = misfit(logits.shape, k, None if gate is None else gate[1].shape[0])
     if why:
         raise ValueError(f"route: {why}")
     if num_warps not in WARPS:
         raise ValueError(f"route: num_warps expected one of {WARPS}, got {num_warps!r}")
-    T = logits.shape[0]
-    kp = 1 << (k - 1).bit_length()  # the output's block: a power of two, sliced to k after
+    cols = k + (gate is not None)
+    kp = 1 << (cols - 1).bit_length()  # the output's block: a power of two, sliced after
     if T == 0:
-        return jnp.zeros((0, k), logits.dtype), jnp.zeros((0, k), jnp.int32)
+        return jnp.zeros((0, cols), logits.dtype), jnp.zeros((0, k), jnp.int32)
     weights, ids = _pallas.pallas_call(
         functools.partial(_kernel, k=k, normalize=normalize),
         name=f"gdn_moe_route_w{num_warps}",
@@ -104,5 +127,22 @@ def route(logits: jax.Array, *, k: int, normalize: bool = True, interpret: bool 
         grid=(T,),
         out_shape=(jax.ShapeDtypeStruct((T, kp), logits.dtype),
                    jax.ShapeDtypeStruct((T, kp), jnp.int32)),
-    )(logits)
-    return weights[:, :k], ids[:, :k]
+    )(logits, *(gate or ()))
+    return weights[:, :cols], ids[:, :k]
+
+
+def _check_gate(shared_gate, T: int):
+    """shared_gate -> (x [T, H], w [H]) or None, or a ValueError naming what is wrong."""
+    if shared_gate is None:
+        return None
+    if not isinstance(shared_gate, (tuple, list)) or len(shared_gate) != 2:
+        raise ValueError("route: shared_gate expected (x [T, H], w [H])")
+    x, w = shared_gate
+    H = x.shape[-1] if x.ndim == 2 else None
+    if x.ndim != 2 or x.shape[0] != T or w.shape not in ((H,), (H, 1)):
+        raise ValueError(f"route: shared_gate expected x [T, H] with T = {T} and w [H] or "
+                         f"[H, 1], got x{list(x.shape)} and w{list(w.shape)}")
+    if x.dtype != w.dtype or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"route: shared_gate expected x and w in one float dtype, got "
+                         f"{x.dtype} and {w.dtype}")
+    return x, w.reshape(H)

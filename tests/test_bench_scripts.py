@@ -47,14 +47,15 @@ def test_bench_moe_sweeps_each_kernel_and_counts_touched_experts(tmp_path):
 
 def test_bench_moe_with_the_shared_expert(tmp_path):
     """--shared: the shared expert in routed's launches (a block each at 1 token, the grouped
-    plan at 3), its bytes in the floor, the sweep's kernels given it too."""
+    plan at 3), its bytes in the floor, the sweep's kernels given it too, the router launch
+    with its gate."""
     _run("bench_moe.py", "--smoke", "--interpret", "--out", str(tmp_path), "--tokens", "1,3",
-         "--sweep", "--shared", "--router-warps", "")
+         "--sweep", "--shared", "--router-warps", "4")
     cases = json.load(open(tmp_path / "bench_moe.json"))["cases"]
     for c in cases:
         assert c["shared"] and 3 <= c["touched_experts"] <= 2 * c["tokens"] + 1
         assert len(c["sweep"]["gate_up"]) == len(c["sweep"]["down"]) == 4
-        assert "router_us" not in c
+        assert list(c["router_us"]) == ["4"]
 
 
 def test_bench_speculative_reports_every_floor(tmp_path):

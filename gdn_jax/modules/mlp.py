@@ -171,18 +171,19 @@ def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dt
     fold = (wants_fold and expert_path == "pallas" and shared_proj == proj
             and s["gate"].shape == p["eg"].shape[1:] and s["down"].shape == p["ed"].shape[1:])
     if fold:
-        logits, shared_logit = dense_group(x, (p["router"], p["shared_gate"]), **proj)
-    elif shared_proj == proj:
+        # the shared gate's one column goes with the router's launch (`route(shared_gate=)`)
+        (logits,), x = dense_group(x, (p["router"],), **proj), x.astype(dtype)
+        weights, ids = moe_ops.route(logits, top_k, normalize=norm_topk_prob,
+                                     shared_gate=(x, p["shared_gate"].astype(dtype)))
+        return _routed_pallas(p, x, weights, ids, num_experts=num_experts, dtype=dtype,
+                              precision=precision, shared=s)
+    if shared_proj == proj:
         logits, shared_logit, s_gate, s_up = dense_group(
             x, (p["router"], p["shared_gate"], s["gate"], s["up"]), **proj)
     else:
         logits, shared_logit = dense_group(x, (p["router"], p["shared_gate"]), **proj)
         s_gate, s_up = dense_group(x, (s["gate"], s["up"]), **shared_proj)
     weights, ids = moe_ops.route(logits, top_k, normalize=norm_topk_prob)
-    if fold:
-        return _routed_pallas(p, x.astype(dtype), weights, ids, num_experts=num_experts,
-                              dtype=dtype, precision=precision,
-                              shared=(s, jax.nn.sigmoid(shared_logit).reshape(-1)))
     if expert_path == "pallas":
         routed = _routed_pallas
     elif (_gather_experts(x.shape[0], top_k, num_experts) if expert_path == "auto"
@@ -227,15 +228,14 @@ def _routed_ragged(p, x, weights, ids, *, num_experts, dtype, precision):
 def _routed_pallas(p, x, weights, ids, *, num_experts, dtype, precision, shared=None):
     """The grouped Pallas kernel (`gdn_jax.ops.moe.routed`); its products are exact for 16-bit
     weights, so precision has nothing to say. Same arguments and result as `_routed_ragged`;
-    shared: (the shared expert's params, its gate [N]) to run with the routed experts."""
+    shared: the shared expert's params, to run with the routed experts (weights [N, k + 1],
+    its gate's last)."""
     del num_experts, precision
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"SparseMoE: expert_path 'pallas' needs bf16 or fp16, got dtype {dtype}")
     w = [p[name][...].astype(dtype) for name in ("eg", "eu", "ed")]
     if shared is not None:
-        s, gate = shared
-        shared = (*(s[name][...].astype(dtype) for name in ("gate", "up", "down")),
-                  gate.astype(dtype))
+        shared = tuple(shared[name][...].astype(dtype) for name in ("gate", "up", "down"))
     return moe_ops.routed(x, weights.astype(dtype), ids, *w, shared=shared)
 
 

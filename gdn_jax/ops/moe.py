@@ -11,6 +11,8 @@ sum_j weights[t, j] * down_e(silu(gate_e x_t) * up_e x_t) with e = ids[t, j].
 capability >= 8.0 the kernels run compiled; elsewhere (CPU tests) in the Pallas interpreter.
 
     weights, ids = route(logits, k, normalize=True)     # the router: softmax, top k, renormalised
+    weights, ids = route(logits, k, shared_gate=(x, w))  # and a shared expert's sigmoid gate:
+    out = routed(x, weights, ids, ..., shared=(gate, up, down))   # weights [T, k + 1]
 
 `route` is the one-launch kernel (`gdn_jax.kernels.route`) for bf16 / fp16 logits where Triton
 runs and the shape fits it, else XLA's softmax, lax.top_k and division (fp32 logits, say of a
@@ -27,7 +29,9 @@ its size is the routed experts' (Qwen3.5-35B-A3B, Qwen3-Next-80B: 512): "fold" a
 k + 1-th expert in `routed`'s launches (`routed(..., shared=...)`), "apart" as a SwiGLU of its
 own (its gate / up in the router's group launch, its down a projection), "auto" (the default)
 folded while the routed pairs get a block each (`one_block_per_pair`: decode and verify at
-small B), apart beyond. Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step
+small B), apart beyond; folded, its sigmoid gate is a column of the router's launch (where XLA
+ran the one-column product as a reduction, the sigmoid and a concatenation: ~4 us a layer at
+B = 1, unmeasured since). Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step
 shared=fold vs apart, kernels per call, bench/results/profile_step-h200-qwen3_5_moe_text-
 columns_barrier-2026-12-04.json): B = 1 decode 3095 -> 3048 us, verify 4692 -> 4593; B = 32 decode
 14181 -> 14260, verify 21368 -> 21482 (there the shared expert's 32 or 128 tokens take blocks
@@ -98,39 +102,34 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
            configs: tuple[_moe.MoEConfig, _moe.MoEConfig] | None = None):
     """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted.
     configs: the gate / up and the down kernels' (default `config_for`'s; a benchmark's).
-    shared: (gate [H, I], up [H, I], down [I, H], weight [T]) in x's dtype, a shared expert of
-    the routed experts' size run as every token's k + 1-th expert in the same launches (its
-    tokens in blocks of their own: its weights read once per block): the result adds
-    weight[t] * down(silu(gate x_t) * up x_t) (the weight a sigmoid gate's, say); its down
-    output is rounded by the down call as the routed ones are, and the weighted sum of all
-    k + 1 taken in fp32 and rounded once."""
+    shared: (gate [H, I], up [H, I], down [I, H]) in x's dtype, a shared expert of the routed
+    experts' size run as every token's k + 1-th expert in the same launches (its tokens in
+    blocks of their own: its weights read once per block); weights are then [T, k + 1], the
+    last the shared expert's (a sigmoid gate's, say: `route(..., shared_gate=)` appends it):
+    the result adds weights[t, k] * down(silu(gate x_t) * up x_t); its down output is rounded
+    by the down call as the routed ones are, and the weighted sum of all k + 1 taken in fp32
+    and rounded once."""
     T, H = x.shape
     E, _, I = w_gate.shape
-    if ids.shape != weights.shape or ids.shape[0] != T:
-        raise ValueError(f"routed: ids and weights expected [T, k] with T = {T}, got "
-                         f"{list(ids.shape)} and {list(weights.shape)}")
+    k, more = ids.shape[-1], " + 1" if shared is not None else ""
+    if ids.ndim != 2 or ids.shape[0] != T or weights.shape != (T, k + bool(more)):
+        raise ValueError(f"routed: ids expected [T, k] and weights [T, k{more}] with T = {T}, "
+                         f"got ids{list(ids.shape)} and weights{list(weights.shape)}")
     if w_gate.shape != (E, H, I) or w_up.shape != (E, H, I) or w_down.shape != (E, I, H):
         raise ValueError(f"routed: expert weights expected [E, H, I], [E, H, I], [E, I, H] with "
                          f"H = {H}, got {list(w_gate.shape)}, {list(w_up.shape)}, "
                          f"{list(w_down.shape)}")
     lone = {}
     if shared is not None:
-        if not isinstance(shared, (tuple, list)) or len(shared) != 4:
-            raise ValueError("routed: shared expected (gate, up, down, weight)")
-        s_gate, s_up, s_down, s_weight = shared
-        if (s_gate.shape, s_up.shape, s_down.shape, s_weight.shape) != ((H, I), (H, I), (I, H),
-                                                                        (T,)):
-            raise ValueError(f"routed: shared expected gate [H, I], up [H, I], down [I, H], "
-                             f"weight [T] with H = {H}, I = {I}, T = {T}, got "
-                             f"{[list(a.shape) for a in shared]}")
+        if not isinstance(shared, (tuple, list)) or len(shared) != 3:
+            raise ValueError("routed: shared expected (gate, up, down)")
+        s_gate, s_up, s_down = shared
+        if (s_gate.shape, s_up.shape, s_down.shape) != ((H, I), (H, I), (I, H)):
+            raise ValueError(f"routed: shared expected gate [H, I], up [H, I], down [I, H] with "
+                             f"H = {H}, I = {I}, got {[list(a.shape) for a in shared]}")
         if any(a.dtype != x.dtype for a in shared):
             raise ValueError(f"routed: shared expected x's dtype {x.dtype}, got "
                              f"{[str(a.dtype) for a in shared]}")
-        # A caller's one-column product (the shared gate's logit) becomes XLA's multiply and
-        # reduce, which XLA fuses into this concatenation, where each of the T sums runs in one
-        # thread: 31 us a layer at T = 4 on the H200. The barrier keeps it a reduction fusion.
-        s_weight = lax.optimization_barrier(s_weight)
-        weights = jnp.concatenate([weights, s_weight[:, None].astype(weights.dtype)], axis=1)
         lone = dict(gate=dict(w_shared=s_gate, w_up_shared=s_up), down=dict(w_shared=s_down))
     if interpret is None:
         interpret = not Device.of().runs_triton
@@ -141,12 +140,13 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
                          f"{down_cfg.block_m}")
     blocks = plan_blocks(ids, E, up_cfg.block_m, shared=shared is not None)
     h = kernels.grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up,
-                               row_token=blocks.row_token, config=up_cfg, interpret=interpret,
-                               **lone.get("gate", {}))
+                               row_token=blocks.row_token, shared_blocks=blocks.shared_blocks,
+                               config=up_cfg, interpret=interpret, **lone.get("gate", {}))
     split = dict(swiglu=True, row_token=blocks.row_token, num_tokens=T) if up_cfg.splits > 1 \
         else {}
-    y = kernels.grouped_matmul(h, w_down, blocks.block_expert, config=down_cfg,
-                               interpret=interpret, **split, **lone.get("down", {}))
+    y = kernels.grouped_matmul(h, w_down, blocks.block_expert, shared_blocks=blocks.shared_blocks,
+                               config=down_cfg, interpret=interpret, **split,
+                               **lone.get("down", {}))
     return blocks.combine(y, weights, T, dtype=x.dtype)
 
 
@@ -164,29 +164,47 @@ def default_configs(pairs: int, tokens: int, num_experts: int, H: int, I: int, *
 def plan_blocks(ids, num_experts: int, block_m: int, *, shared: bool = False) -> _moe.Blocks:
     """ids: [T, k] -> `routed`'s `kernels.moe.Blocks`: a block each for the pairs while
     `one_block_per_pair` (decided on the routed pairs), else grouped by expert; shared: expert
-    num_experts as every token's k + 1-th (its tokens in blocks of their own)."""
+    num_experts as every token's k + 1-th (its tokens in blocks of their own: past
+    block_expert's where a block each, `Blocks.shared_blocks`)."""
     if one_block_per_pair(ids.size, num_experts):
-        return _moe.plan_pairs(ids, block_m, shared=num_experts if shared else None)
+        return _moe.plan_pairs(ids, block_m, shared=shared)
     if shared:
         ids = jnp.concatenate([ids.astype(jnp.int32),
                                jnp.full((ids.shape[0], 1), num_experts, jnp.int32)], 1)
     return _moe.plan(ids, num_experts + shared, block_m)
 
 
-def route(logits, k: int, *, normalize: bool = True):
+def route(logits, k: int, *, normalize: bool = True, shared_gate=None):
     """logits: [T, E] -> (weights [T, k] in logits' dtype, ids [T, k] int32): each row's k
     likeliest experts under the softmax over E, their probabilities (with normalize, over the k
     chosen ones' sum). The one-launch kernel for 16-bit logits where it runs and takes the
     shape, else XLA's steps (module docstring): the same ids where the probabilities come out
-    as XLA's (`gdn_jax.kernels.route`), the weights within the fp32 sums' order."""
+    as XLA's (`gdn_jax.kernels.route`), the weights within the fp32 sums' order.
+
+    shared_gate: (x [T, H], w [H, 1] or [H]) in one dtype, a shared expert's sigmoid gate:
+    weights [T, k + 1], the last sigmoid(x_t . w) (fp32 product, one rounding), as `routed`
+    takes them with `shared=`; the kernel computes it in its launch."""
     mode = kernel_mode(ROUTER_VAR)
+    hidden = None if shared_gate is None else shared_gate[0].shape[-1]
     if (mode and jnp.dtype(logits.dtype) in _moe.MOE_DTYPES
-            and kernels.route_misfit(logits.shape, k) is None):
-        return kernels.route(logits, k=k, normalize=normalize, interpret=mode == "interpret")
+            and kernels.route_misfit(logits.shape, k, hidden) is None):
+        return kernels.route(logits, k=k, normalize=normalize, shared_gate=shared_gate,
+                             interpret=mode == "interpret")
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top_w, top_i = lax.top_k(probs, k)
     if normalize:
         top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
+    if shared_gate is not None:
+        x, w = shared_gate
+        if x.shape != (logits.shape[0], hidden) or w.shape not in ((hidden,), (hidden, 1)):
+            raise ValueError(f"route: shared_gate expected x [T, H] with T = {logits.shape[0]} "
+                             f"and w [H] or [H, 1], got x{list(x.shape)} and w{list(w.shape)}")
+        gate = jax.nn.sigmoid(jnp.dot(x, w.reshape(hidden, 1), preferred_element_type=jnp.float32,
+                                      precision=lax.Precision.HIGHEST))
+        # XLA makes the one-column product a multiply and reduce and fuses it into the
+        # concatenation, whose emitter runs each sum in one thread (31 us a layer at T = 4 on
+        # the H200): the barrier keeps it a reduction fusion of its own
+        top_w = jnp.concatenate([top_w, lax.optimization_barrier(gate)], axis=1)
     return top_w.astype(logits.dtype), top_i.astype(jnp.int32)
 
 

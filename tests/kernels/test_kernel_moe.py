@@ -107,21 +107,22 @@ def test_plan_pairs_gives_each_pair_a_block(T, k, block_m):
 
 @pytest.mark.parametrize("T, k, block_m", [(1, 8, 16), (5, 3, 4), (20, 2, 16)])
 def test_plan_pairs_puts_a_shared_expert_in_blocks_of_its_own(T, k, block_m):
-    """shared=E: the routed pairs as without it, then ceil(T / block_m) blocks of expert E whose
-    rows are the tokens in order; pair t * (k + 1) + k (the shared one) is token t's row there."""
+    """shared: the routed pairs as without it (block_expert the ids as they are), then
+    shared_blocks = ceil(T / block_m) blocks past them whose rows are the tokens in order; pair
+    t * (k + 1) + k (the shared one) is token t's row there."""
     ids = _ids(np.random.default_rng(T), T, k, 8)
-    plain, b = moe.plan_pairs(ids, block_m), moe.plan_pairs(ids, block_m, shared=8)
+    plain, b = moe.plan_pairs(ids, block_m), moe.plan_pairs(ids, block_m, shared=True)
     P, G = T * k, -(-T // block_m)
     expert, token, row = (np.asarray(a) for a in (b.block_expert, b.row_token, b.pair_row))
-    assert expert.shape == (P + G,) and token.shape == ((P + G) * block_m,)
-    np.testing.assert_array_equal(expert[:P], np.asarray(plain.block_expert))
-    assert np.all(expert[P:] == 8)
+    assert b.shared_blocks == G and plain.shared_blocks == 0
+    assert expert.shape == (P,) and token.shape == ((P + G) * block_m,)
+    np.testing.assert_array_equal(expert, np.asarray(plain.block_expert))
     np.testing.assert_array_equal(token[:P * block_m], np.asarray(plain.row_token))
     shared_rows = token[P * block_m:]
     assert np.all(shared_rows[:T] == np.arange(T)) and np.all(shared_rows[T:] == T)
     row = row.reshape(T, k + 1)
     np.testing.assert_array_equal(row[:, :k].reshape(-1), np.asarray(plain.pair_row))
-    assert np.all(token[row[:, k]] == np.arange(T)) and np.all(expert[row[:, k] // block_m] == 8)
+    assert np.all(token[row[:, k]] == np.arange(T)) and np.all(row[:, k] // block_m >= P)
 
 
 @pytest.mark.parametrize("planner", ["plan", "plan_pairs"])
@@ -295,6 +296,29 @@ def test_grouped_matmul_shared_expert_is_expert_e_interpret(gated):
     assert np.abs(y[rows == E]).min() > 0 and not y[rows > E].any() and not y[rows < 0].any()
 
 
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("G", [4, 0])
+def test_grouped_matmul_shared_blocks_are_expert_e_interpret(gated, G):
+    """shared_blocks: the blocks past block_expert's G multiply by w_shared, bit for bit as
+    blocks numbered E do; the first G as their experts say (a -1 among them zeros); every row
+    compared, G = 0 (only shared blocks) too."""
+    E, K, N, bm, extra = 4, 64, 32, 16, 2
+    x, w, w2, _ = _blocks_case(62, G + extra, bm, E, K, N, jnp.bfloat16, used=G + extra)
+    rng = np.random.default_rng(63)
+    ws, ws2 = (jnp.asarray(rng.standard_normal((K, N)) * K ** -0.5, jnp.bfloat16)
+               for _ in range(2))
+    routed = jnp.asarray([1, -1, 3, 0][:G], jnp.int32)
+    cfg, up = MoEConfig(bm, 32, 32), dict(w_up=w2, w_up_shared=ws2) if gated else {}
+    y = np.asarray(kernels.grouped_matmul(x, w, routed, w_shared=ws, shared_blocks=extra,
+                                          config=cfg, interpret=True, **up))
+    numbered = jnp.concatenate([routed, jnp.full((extra,), E, jnp.int32)])
+    want = np.asarray(kernels.grouped_matmul(x, w, numbered, w_shared=ws, config=cfg,
+                                             interpret=True, **up))
+    assert y.shape == ((G + extra) * bm, N)
+    np.testing.assert_array_equal(y, want)
+    assert np.abs(y[G * bm:]).min() > 0
+
+
 def test_grouped_matmul_rejects_bad_shared_expert():
     x, w = jnp.ones((32, 64), jnp.bfloat16), jnp.ones((4, 64, 32), jnp.bfloat16)
     expert, cfg = jnp.zeros((2,), jnp.int32), MoEConfig(16, 32, 32)
@@ -306,6 +330,15 @@ def test_grouped_matmul_rejects_bad_shared_expert():
         kernels.grouped_matmul(x, w, expert, w_up=w, w_shared=w[0], config=cfg, interpret=True)
     with pytest.raises(ValueError, match="w_up_shared goes with w_shared"):
         kernels.grouped_matmul(x, w, expert, w_up=w, w_up_shared=w[0], config=cfg,
+                               interpret=True)
+    with pytest.raises(ValueError, match="shared_blocks=1 needs w_shared"):
+        kernels.grouped_matmul(x[:48], w, expert, shared_blocks=1, config=cfg, interpret=True)
+    with pytest.raises(ValueError, match="shared_blocks expected an int >= 0, got -1"):
+        kernels.grouped_matmul(x, w, expert, w_shared=w[0], shared_blocks=-1, config=cfg,
+                               interpret=True)
+    with pytest.raises(ValueError, match=r"block_expert expected int32 \[rows / block_m - "
+                                         r"shared_blocks\] = \[1\]"):
+        kernels.grouped_matmul(x, w, expert, w_shared=w[0], shared_blocks=1, config=cfg,
                                interpret=True)
 
 
@@ -473,8 +506,8 @@ def test_grouped_matmul_shared_expert_lowers_for_cuda(kind, cuda_lowering):
     cfg = MoEConfig(16, 32, 128)
     with cuda_lowering(kind):
         up = kernels.grouped_matmul.trace(
-            S((1, 2048), jnp.bfloat16), w, S((9,), jnp.int32), w_up=w,
-            row_token=S((9 * 16,), jnp.int32), w_shared=one, w_up_shared=one,
+            S((1, 2048), jnp.bfloat16), w, S((8,), jnp.int32), w_up=w,
+            row_token=S((9 * 16,), jnp.int32), w_shared=one, w_up_shared=one, shared_blocks=1,
             config=cfg).lower(lowering_platforms=("cuda",)).as_text()
         down = kernels.grouped_matmul.trace(
             S((9 * 16, 512), jnp.bfloat16), wd, S((9,), jnp.int32), w_shared=one_d,

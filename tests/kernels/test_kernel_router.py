@@ -61,6 +61,44 @@ def test_route_matches_xla_interpret(E, k, dtype, normalize):
     assert np.all(np.abs(got - exact) <= EPS[dtype] * exact), np.max(np.abs(got - exact) / exact)
 
 
+@pytest.mark.parametrize("E, k, H", [(64, 8, 128), (16, 10, 64), (8, 7, 32)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+def test_route_appends_a_shared_gate_interpret(E, k, H, dtype):
+    """shared_gate=(x, w): the routed columns exactly as without it, then sigmoid(x_t . w)
+    against float64: one rounding to the dtype (EPS relative) plus the fp32 sum of H products,
+    H * 2**-24 of their magnitudes' sum, through the sigmoid's slope (<= 1/4). k = 7, 8, 10 put
+    the column inside the output block, at its last place and past a power of two."""
+    rng = np.random.default_rng(E + k + H)
+    logits = _logits(k, 6, E, dtype)
+    x = jnp.asarray(rng.standard_normal((6, H)), dtype)
+    w = jnp.asarray(rng.standard_normal((H, 1)) * H ** -0.5, dtype)
+    got_w, got_ids = kernels.route(logits, k=k, shared_gate=(x, w), interpret=True)
+    plain_w, plain_ids = kernels.route(logits, k=k, interpret=True)
+    assert got_w.shape == (6, k + 1) and got_ids.shape == (6, k) and got_w.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(plain_ids))
+    np.testing.assert_array_equal(np.asarray(got_w[:, :k]), np.asarray(plain_w))
+    prod = np.asarray(x, np.float64) * np.asarray(w, np.float64)[:, 0]
+    exact = 1 / (1 + np.exp(-prod.sum(1)))
+    err = np.abs(np.asarray(got_w[:, k], np.float64) - exact)
+    assert np.all(err <= EPS[dtype] * exact + H * 2.0 ** -24 * np.abs(prod).sum(1) / 4), err
+    flat, _ = kernels.route(logits, k=k, shared_gate=(x, w[:, 0]), interpret=True)  # w [H]
+    np.testing.assert_array_equal(np.asarray(flat), np.asarray(got_w))
+
+
+@pytest.mark.parametrize("gate, match", [
+    ((jnp.ones((4, 64)),), r"shared_gate expected \(x \[T, H\], w \[H\]\)"),
+    ((jnp.ones((3, 64)), jnp.ones((64,))), r"x \[T, H\] with T = 4 and w \[H\] or \[H, 1\], "
+                                           r"got x\[3, 64\] and w\[64\]"),
+    ((jnp.ones((4, 64)), jnp.ones((64, 2))), r"got x\[4, 64\] and w\[64, 2\]"),
+    ((jnp.ones((4, 64)), jnp.ones((64,), jnp.bfloat16)), r"one float dtype, got float32 and "
+                                                         r"bfloat16"),
+    ((jnp.ones((4, 48)), jnp.ones((48,))), r"the shared gate's H=48 is not a power of two"),
+])
+def test_route_rejects_a_bad_shared_gate(gate, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.route(jnp.ones((4, 8), jnp.float32), k=2, shared_gate=gate, interpret=True)
+
+
 def test_route_ties_go_to_the_lower_index():
     logits = jnp.zeros((2, 16), jnp.float32).at[1, 9].set(1.0)
     w, ids = kernels.route(logits, k=4, normalize=False, interpret=True)
@@ -112,6 +150,11 @@ def test_route_lowers_for_cuda(kind, cuda_lowering):
         text = kernels.route.trace(S((32, 256), jnp.bfloat16), k=8).lower(
             lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in text
+    with cuda_lowering(kind):
+        text = kernels.route.trace(S((4, 512), jnp.bfloat16), k=10, shared_gate=(
+            S((4, 2048), jnp.bfloat16), S((2048, 1), jnp.bfloat16))).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in text
 
 
 @pytest.mark.gpu
@@ -126,3 +169,13 @@ def test_route_matches_xla_gpu(T, E, k, num_warps, on_gpu):
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
     exact = _float64(logits, ids_ref, True)
     assert np.all(np.abs(np.asarray(w, np.float64) - exact) <= EPS[jnp.bfloat16] * exact)
+    rng = np.random.default_rng(T)  # and the shared expert's gate (hidden 2048) appended
+    x = jnp.asarray(rng.standard_normal((T, 2048)), jnp.bfloat16)
+    gw = jnp.asarray(rng.standard_normal(2048) * 2048 ** -0.5, jnp.bfloat16)
+    wg, ids_g = kernels.route(logits, k=k, num_warps=num_warps, shared_gate=(x, gw))
+    np.testing.assert_array_equal(np.asarray(ids_g), np.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(wg[:, :k]), np.asarray(w))
+    prod = np.asarray(x, np.float64) * np.asarray(gw, np.float64)
+    exact = 1 / (1 + np.exp(-prod.sum(1)))
+    bound = EPS[jnp.bfloat16] * exact + 2048 * 2.0 ** -24 * np.abs(prod).sum(1) / 4
+    assert np.all(np.abs(np.asarray(wg[:, k], np.float64) - exact) <= bound)

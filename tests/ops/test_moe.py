@@ -98,14 +98,22 @@ def test_routed_matches_per_expert_sum_gpu(T):
     sg, su, sd, sw = _shared_case(T, T, 2048, 512)  # the shared expert as the k + 1-th
     s_ref, s_scale = _reference(args[0], sw[:, None], jnp.zeros((T, 1), jnp.int32), sg[None],
                                 su[None], sd[None])
-    _assert_close(moe.routed(*args, shared=(sg, su, sd, sw)), ref[0] + s_ref, ref[1] + s_scale)
+    x, w, *rest = args
+    _assert_close(moe.routed(x, _with(w, sw), *rest, shared=(sg, su, sd)), ref[0] + s_ref,
+                  ref[1] + s_scale)
 
 
 def _shared_case(seed, T, H, I):
+    """(gate, up, down, weight [T]) of a shared expert."""
     rng = np.random.default_rng(seed)
     arr = lambda shape, s: jnp.asarray(rng.standard_normal(shape) * s, BF16)  # noqa: E731
     return (arr((H, I), H ** -0.5), arr((H, I), H ** -0.5), arr((I, H), I ** -0.5),
             jnp.asarray(rng.random(T) + 0.1, BF16))
+
+
+def _with(weights, shared_weight):
+    """The routed weights [T, k] and the shared expert's [T] as `routed(shared=)` takes them."""
+    return jnp.concatenate([weights, shared_weight[:, None]], axis=1)
 
 
 @pytest.mark.parametrize("T, k, E", [(1, 10, 64), (3, 4, 64), (12, 4, 8)],
@@ -119,7 +127,7 @@ def test_routed_runs_a_shared_expert_as_one_more(T, k, E, splits):
     sg, su, sd, sw = _shared_case(T, T, 128, 64)
     configs = (kernels.MoEConfig(16, 32, 32, splits=splits[0]),
                kernels.MoEConfig(16, 32, 16, splits=splits[1]))
-    out = moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd, sw), configs=configs)
+    out = moe.routed(x, _with(w, sw), ids, wg, wu, wd, shared=(sg, su, sd), configs=configs)
     ref, scale = _reference(x, w, ids, wg, wu, wd)
     s_ref, s_scale = _reference(x, sw[:, None], jnp.zeros((T, 1), jnp.int32), sg[None],
                                 su[None], sd[None])
@@ -130,14 +138,18 @@ def test_routed_runs_a_shared_expert_as_one_more(T, k, E, splits):
 def test_routed_rejects_a_bad_shared_expert():
     x, w, ids, wg, wu, wd = _case(0, 4, 2, 8, 64, 32)
     sg, su, sd, sw = _shared_case(0, 4, 64, 16)
+    w1 = _with(w, sw)
     with pytest.raises(ValueError, match=r"shared expected gate \[H, I\], up \[H, I\], down "
-                                         r"\[I, H\], weight \[T\] with H = 64, I = 32, T = 4"):
-        moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd, sw))
+                                         r"\[I, H\] with H = 64, I = 32"):
+        moe.routed(x, w1, ids, wg, wu, wd, shared=(sg, su, sd))
     sg, su, sd, sw = _shared_case(0, 4, 64, 32)
-    with pytest.raises(ValueError, match=r"shared expected \(gate, up, down, weight\)"):
-        moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd))
+    with pytest.raises(ValueError, match=r"shared expected \(gate, up, down\)"):
+        moe.routed(x, w1, ids, wg, wu, wd, shared=(sg, su, sd, sw))
     with pytest.raises(ValueError, match=r"shared expected x's dtype bfloat16, got \['float16'"):
-        moe.routed(x, w, ids, wg, wu, wd, shared=(sg.astype(jnp.float16), su, sd, sw))
+        moe.routed(x, w1, ids, wg, wu, wd, shared=(sg.astype(jnp.float16), su, sd))
+    with pytest.raises(ValueError, match=r"weights \[T, k \+ 1\] with T = 4, got ids\[4, 2\] "
+                                         r"and weights\[4, 2\]"):
+        moe.routed(x, w, ids, wg, wu, wd, shared=(sg, su, sd))  # the shared weight missing
 
 
 def test_routed_rejects_configs_of_two_block_m():
@@ -153,8 +165,8 @@ def test_routed_shards_sum_to_the_whole(with_shared):
     whole."""
     x, w, ids, wg, wu, wd = _case(3, 6, 3, 8, 128, 64)
     sg, su, sd, sw = _shared_case(3, 6, 128, 64)
-    halves = [moe.routed(x, w, ids, wg[..., s], wu[..., s], wd[:, s],
-                         shared=(sg[:, s], su[:, s], sd[s], sw) if with_shared else None)
+    halves = [moe.routed(x, _with(w, sw) if with_shared else w, ids, wg[..., s], wu[..., s],
+                         wd[:, s], shared=(sg[:, s], su[:, s], sd[s]) if with_shared else None)
               for s in (slice(0, 32), slice(32, 64))]
     total = np.asarray(halves[0], np.float64) + np.asarray(halves[1], np.float64)
     ref, scale = _reference(x, w, ids, wg, wu, wd)
@@ -187,7 +199,8 @@ def test_config_narrows_columns_for_few_blocks():
 
 def test_routed_rejects_bad_shapes():
     x, w, ids, wg, wu, wd = _case(0, 4, 2, 8, 64, 32)
-    with pytest.raises(ValueError, match=r"ids and weights expected \[T, k\] with T = 4"):
+    with pytest.raises(ValueError, match=r"ids expected \[T, k\] and weights \[T, k\] with "
+                                         r"T = 4"):
         moe.routed(x, w[:3], ids[:3], wg, wu, wd)
     with pytest.raises(ValueError, match=r"expert weights expected \[E, H, I\]"):
         moe.routed(x, w, ids, wg, wu, wd[:, :16])
@@ -218,6 +231,8 @@ def test_route_takes_the_kernel_where_it_runs(monkeypatch):
     value it does not know: an error naming the variable."""
     calls = []
     monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw))
+    call = lambda normalize=True, interpret=False: dict(  # noqa: E731
+        k=8, normalize=normalize, shared_gate=None, interpret=interpret)
     logits = jnp.ones((3, 64), BF16)
     monkeypatch.delenv(moe.ROUTER_VAR, raising=False)
     monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
@@ -226,22 +241,24 @@ def test_route_takes_the_kernel_where_it_runs(monkeypatch):
     assert calls == []
     monkeypatch.setattr(Device, "runs_triton", property(lambda self: True))
     moe.route(logits, 8)
-    assert calls == [dict(k=8, normalize=True, interpret=False)]
+    assert calls == [call()]
     moe.route(logits.astype(jnp.float32), 8)  # fp32 (training): XLA's, which has a gradient
     assert len(calls) == 1
-    for backend, want in (("xla", []), ("interpret", [dict(k=8, normalize=False,
-                                                           interpret=True)])):
+    for backend, want in (("xla", []), ("interpret", [call(False, True)])):
         calls.clear()
         monkeypatch.setenv("GDN_JAX_BACKEND", backend)
         moe.route(logits, 8, normalize=False)
         assert calls == want, backend
     monkeypatch.delenv("GDN_JAX_BACKEND")
-    for value, want in (("xla", []), ("pallas", [dict(k=8, normalize=True, interpret=False)]),
-                        ("interpret", [dict(k=8, normalize=True, interpret=True)])):
+    for value, want in (("xla", []), ("pallas", [call()]), ("interpret", [call(True, True)])):
         calls.clear()
         monkeypatch.setenv(moe.ROUTER_VAR, value)
         moe.route(logits, 8)
         assert calls == want, value
+    calls.clear()
+    gate = (jnp.ones((3, 48), BF16), jnp.ones((48, 1), BF16))
+    moe.route(logits, 8, shared_gate=gate)  # a shared gate of 48 inputs: no kernel block, XLA
+    assert calls == []
     calls.clear()
     moe.route(jnp.ones((3, 48), BF16), 8)  # 48 experts: no kernel block, XLA
     assert calls == []
@@ -259,6 +276,29 @@ def test_route_kernel_matches_xla():
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_xla))
     np.testing.assert_allclose(np.asarray(w, np.float32), np.asarray(w_xla, np.float32),
                                rtol=2 ** -7)
+
+
+def test_route_appends_the_shared_gate_on_both_paths(monkeypatch):
+    """shared_gate: weights [T, k + 1], the last sigmoid(x . w) in fp32 rounded once, from the
+    kernel (interpreted) and from XLA's steps alike (within one bf16 rounding of each other);
+    the routed columns and ids as without it."""
+    rng = np.random.default_rng(5)
+    logits = jnp.asarray(rng.standard_normal((3, 64)), BF16)
+    x = jnp.asarray(rng.standard_normal((3, 128)), BF16)
+    gw = jnp.asarray(rng.standard_normal((128, 1)) * 128 ** -0.5, BF16)
+    monkeypatch.setenv(moe.ROUTER_VAR, "xla")
+    w_xla, ids_xla = moe.route(logits, 8, shared_gate=(x, gw))
+    plain, _ = moe.route(logits, 8)
+    monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
+    w, ids = moe.route(logits, 8, shared_gate=(x, gw))
+    assert w.shape == w_xla.shape == (3, 9) and w.dtype == w_xla.dtype == BF16
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_xla))
+    np.testing.assert_array_equal(np.asarray(w_xla[:, :8]), np.asarray(plain))
+    exact = 1 / (1 + np.exp(-(np.asarray(x, np.float64) @ np.asarray(gw, np.float64))[:, 0]))
+    for got in (w, w_xla):
+        np.testing.assert_allclose(np.asarray(got[:, 8], np.float64), exact, rtol=2 ** -8)
+    with pytest.raises(ValueError, match=r"shared_gate expected x \[T, H\] with T = 3"):
+        moe.route(logits, 8, shared_gate=(x[:2], gw))
 
 
 def test_sparse_moe_router_kernel_matches_xla(monkeypatch):
@@ -306,6 +346,17 @@ def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
                       rngs=nnx.Rngs(3))
     other(x)  # a shared expert of another size than the experts': apart
     assert seen == [False, True, False, False, True, False]
+    calls = []  # folded, the router kernel takes the shared gate in its launch
+    real_route = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(
+        kw["shared_gate"] is not None) or real_route(*a, **kw))
+    monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
+    set_expert_path(moe_block, "pallas")
+    kernel_gate = np.asarray(moe_block(x), np.float64)
+    assert calls == [True] and seen[-1]
+    np.testing.assert_allclose(kernel_gate, fold, rtol=2 ** -6,
+                               atol=2 ** -7 * np.abs(fold).max())
+    set_expert_path(moe_block, "grouped")
     monkeypatch.setenv(moe.SHARED_VAR, "merge")
     with pytest.raises(ValueError, match="GDN_JAX_MOE_SHARED: expected auto, apart or fold"):
         moe_block(x)  # checked on every path (this one is "grouped")
