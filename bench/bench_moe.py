@@ -142,18 +142,19 @@ def main(argv=None):
                            jnp.int32) for _ in range(L)]
         xs = [jnp.asarray(rng.standard_normal((T, H), np.float32), dtype) for _ in range(L)]
         weights = [jnp.asarray(rng.random((T, k), np.float32), dtype) for _ in range(L)]
-        gates = [jnp.asarray(rng.random(T, np.float32), dtype) for _ in range(L)]
+        if lone:  # the shared expert's weight last, as the router appends it
+            weights = [jnp.concatenate([w, jnp.asarray(rng.random((T, 1), np.float32), dtype)],
+                                       1) for w in weights]
         touched = float(np.mean([len(np.unique(np.asarray(i))) for i in ids])) + bool(lone)
         floor = touched * expert_bytes / copy / 1e3
         P = T * k
         configs = moe.default_configs(P, T, E, H, I, shared=bool(lone), sm_count=sms)
 
         def routed_us(cfgs):
-            fn = jax.jit(lambda xs, ws, ids, gs: [moe.routed(
-                x, jnp.concatenate([w, g[:, None]], 1) if lone else w, i, wg, wu, wd,
-                interpret=args.interpret, configs=cfgs, shared=lone)
-                for x, w, i, g in zip(xs, ws, ids, gs)])
-            total, mine = _seconds(fn, (xs, weights, ids, gates), args.reps,
+            fn = jax.jit(lambda xs, ws, ids: [moe.routed(
+                x, w, i, wg, wu, wd, interpret=args.interpret, configs=cfgs, shared=lone)
+                for x, w, i in zip(xs, ws, ids)])
+            total, mine = _seconds(fn, (xs, weights, ids), args.reps,
                                    ("gdn_moe_gate_up", "gdn_moe_down"))
             return total / L * 1e6, {n: v / L * 1e6 for n, v in mine.items()}
 
@@ -181,7 +182,9 @@ def _router(args, T, E, k, L, rng, hidden=None) -> dict:
     """{num_warps: us} of the router kernel (`kernels.route`) on L random [T, E] bf16 logits
     (with hidden: and the shared expert's gate of that many inputs, as the folded model runs
     it), each launch its own program, all in one profile; {} where the shape does not fit."""
-    why = kernels.route_misfit((T, E), k, hidden)
+    if hidden and kernels.route_misfit((T, E), k, hidden):  # the model's gate joins after it
+        hidden = None
+    why = kernels.route_misfit((T, E), k)
     if why:
         print(f"    router: skipped ({why})")
         return {}

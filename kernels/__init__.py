@@ -92,6 +92,7 @@ from .residual_norm import misfit as add_rms_norm_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .router import misfit as route_misfit
 from .router import route
+from .router import shared_gate_args as route_shared_gate
 from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu, verify_ring_mgpu
@@ -114,6 +115,6 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "project", "project_gated_norm", "project_group", "project_group_mgpu",
            "project_swiglu", "projection_block_m",
            "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit",
-           "projection_source_bytes", "pow2_block", "route", "route_misfit",
+           "projection_source_bytes", "pow2_block", "route", "route_misfit", "route_shared_gate",
            "scatter_rows", "scatter_rows_group", "verify_intermediate", "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

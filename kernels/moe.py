@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -89,14 +89,20 @@ class MoEConfig:
         return None
 
 
-class Blocks(NamedTuple):
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["block_expert", "row_token", "pair_row"],
+                   meta_fields=["shared_blocks"])
+@dataclasses.dataclass(frozen=True)
+class Blocks:
     """The (token, expert) pairs placed in blocks of `block_m` rows, each block one expert's
-    (`plan`, `plan_pairs`).
+    (`plan`, `plan_pairs`); a pytree whose shared_blocks is static (a jitted plan keeps it an
+    int, as `grouped_matmul` takes it).
 
     block_expert: [G] int32, the expert of each block (-1: unused).
     row_token:    [(G + shared_blocks) * block_m] int32, the token of each row (num_tokens on
                   padding rows).
-    pair_row:     [P] int32, the row of each pair (pair p = token * k + j: token's j-th expert).
+    pair_row:     [P] int32, the row of each pair (pair p = token * k + j: token's j-th expert;
+                  with a shared expert token * (k + 1) + j, j = k the shared one).
     shared_blocks: blocks after the G whose expert is the shared one (`plan_pairs(shared=)`;
                   `grouped_matmul`'s shared_blocks): numbered by position, not stored.
     """
@@ -107,7 +113,8 @@ class Blocks(NamedTuple):
     shared_blocks: int = 0
 
     def rows(self, x: jax.Array) -> jax.Array:
-        """x [num_tokens, K] -> [G * block_m, K]: each row's token, zeros on padding rows."""
+        """x [num_tokens, K] -> [(G + shared_blocks) * block_m, K]: each row's token, zeros on
+        padding rows."""
         return jnp.take(x, self.row_token, axis=0, mode="fill", fill_value=0)
 
     def combine(self, y: jax.Array, weights: jax.Array, num_tokens: int,
@@ -224,8 +231,10 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
     rows = pl.ds(g * block_m, block_m)
     E, K, N = stack[0].shape
     G = block_expert_ref.shape[0]
+    # a shared block's index is past block_expert's end: read in range, then replaced (the
+    # interpreter clamps an out-of-range read: only a GPU run would show a missing guard)
     e = block_expert_ref[g] if not shared_blocks else \
-        jnp.where(g < G, block_expert_ref[jnp.minimum(g, G - 1)], E)  # read in range
+        jnp.where(g < G, block_expert_ref[jnp.minimum(g, G - 1)], E)
     split = len(o_ref.shape) == 3
 
     def store(col, value):
@@ -313,8 +322,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     expert of every token). shared_blocks (with w_shared): that many blocks more after
     block_expert's, the shared expert's (`Blocks.shared_blocks`): G counts them in the shapes
     above, block_expert is then [G - shared_blocks]."""
-    _check_shared(w, w_up, w_shared, w_up_shared, shared_blocks)
     _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config, shared_blocks)
+    _check_shared(w, w_up, w_shared, w_up_shared, shared_blocks)
     shared = w_shared is not None
     N = w.shape[2]
     G, S = block_expert.shape[0] + shared_blocks, config.splits
@@ -343,8 +352,6 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
 
 def _check_shared(w, w_up, w_shared, w_up_shared, shared_blocks):
     op = "grouped_matmul"
-    if not isinstance(shared_blocks, int) or shared_blocks < 0:
-        raise ValueError(f"{op}: shared_blocks expected an int >= 0, got {shared_blocks!r}")
     if shared_blocks and w_shared is None:
         raise ValueError(f"{op}: shared_blocks={shared_blocks} needs w_shared (their expert)")
     if w_shared is None:
@@ -363,6 +370,12 @@ def _check_shared(w, w_up, w_shared, w_up_shared, shared_blocks):
 
 def _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config, shared_blocks):
     op = "grouped_matmul"
+    try:  # a Python or NumPy int, not a bool
+        count = -1 if isinstance(shared_blocks, bool) else operator.index(shared_blocks)
+    except TypeError:
+        count = -1
+    if count < 0:
+        raise ValueError(f"{op}: shared_blocks expected an int >= 0, got {shared_blocks!r}")
     K = w.shape[1] if w.ndim == 3 else None
     if (num_tokens is not None) != (swiglu and row_token is not None):
         raise ValueError(f"{op}: num_tokens goes with swiglu and row_token (the real rows), got "

@@ -19,13 +19,13 @@ E must be a power of two (one row is one Triton block); k <= E.
 
 A MoE block whose shared expert runs as every token's k + 1-th (`gdn_jax.ops.moe.routed`) takes
 its sigmoid gate from the same launch, where XLA would run the one-column product as a reduction
-of its own, the sigmoid and a concatenation with the routed weights (~4 us a layer at B = 1 on
-the H200):
+of its own, the sigmoid and a concatenation with the routed weights (on the H200, 40 layers of
+the 35B shape at B = 1, profiled 2026-12-04: 1.6 + 1.2 + 1.1 us a layer; unmeasured since):
 
     weights, ids = route(logits, k=8, shared_gate=(x, w))  # x [T, H], w [H] -> weights [T, k + 1]
 
-weights[:, k] = sigmoid(x_t . w), the product in fp32 (exact for 16-bit inputs), rounded once.
-H must be a power of two too.
+weights[:, k] = sigmoid(x_t . w): exact products (16-bit inputs) summed in fp32, the sigmoid in
+fp32, rounded once. H must be a power of two too.
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def _kernel(logits_ref, *refs, k: int, normalize: bool):
         chosen = chosen / jnp.sum(chosen)
     if gate_refs:  # the shared expert's weight, after the routed ones' normalisation
         x_ref, gw_ref = gate_refs
-        logit = jnp.sum(x_ref[t, :].astype(_F32) * gw_ref[:].astype(_F32))
-        chosen = jnp.where(slot == k, jax.nn.sigmoid(logit), chosen)
+        gate_logit = jnp.sum(x_ref[t, :].astype(_F32) * gw_ref[:].astype(_F32))
+        chosen = jnp.where(slot == k, jax.nn.sigmoid(gate_logit), chosen)
     w_ref[t, :] = chosen.astype(w_ref.dtype)
     ids_ref[t, :] = ids
 
@@ -109,7 +109,7 @@ def route(logits: jax.Array, *, k: int, normalize: bool = True,
     [T, k + 1], the last sigmoid(x_t . w). num_warps: a program's (one of WARPS); the kernel is
     named gdn_moe_route_w{num_warps}."""
     T = logits.shape[0]
-    gate = _check_gate(shared_gate, T)
+    gate = shared_gate_args(shared_gate, T)
     why = misfit(logits.shape, k, None if gate is None else gate[1].shape[0])
     if why:
         raise ValueError(f"route: {why}")
@@ -131,14 +131,17 @@ def route(logits: jax.Array, *, k: int, normalize: bool = True,
     return weights[:, :cols], ids[:, :k]
 
 
-def _check_gate(shared_gate, T: int):
-    """shared_gate -> (x [T, H], w [H]) or None, or a ValueError naming what is wrong."""
+def shared_gate_args(shared_gate, T: int):
+    """`route`'s shared_gate for T rows, checked: (x [T, H], w [H]) or None; a ValueError
+    naming what is wrong."""
     if shared_gate is None:
         return None
     if not isinstance(shared_gate, (tuple, list)) or len(shared_gate) != 2:
         raise ValueError("route: shared_gate expected (x [T, H], w [H])")
     x, w = shared_gate
     H = x.shape[-1] if x.ndim == 2 else None
+    if not (hasattr(w, "shape") and hasattr(w, "dtype")):
+        raise ValueError(f"route: shared_gate expected w an array [H], got {type(w).__name__}")
     if x.ndim != 2 or x.shape[0] != T or w.shape not in ((H,), (H, 1)):
         raise ValueError(f"route: shared_gate expected x [T, H] with T = {T} and w [H] or "
                          f"[H, 1], got x{list(x.shape)} and w{list(w.shape)}")

@@ -111,7 +111,7 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
     and rounded once."""
     T, H = x.shape
     E, _, I = w_gate.shape
-    k, more = ids.shape[-1], " + 1" if shared is not None else ""
+    k, more = ids.shape[-1] if ids.ndim else 0, " + 1" if shared is not None else ""
     if ids.ndim != 2 or ids.shape[0] != T or weights.shape != (T, k + bool(more)):
         raise ValueError(f"routed: ids expected [T, k] and weights [T, k{more}] with T = {T}, "
                          f"got ids{list(ids.shape)} and weights{list(weights.shape)}")
@@ -181,31 +181,43 @@ def route(logits, k: int, *, normalize: bool = True, shared_gate=None):
     shape, else XLA's steps (module docstring): the same ids where the probabilities come out
     as XLA's (`gdn_jax.kernels.route`), the weights within the fp32 sums' order.
 
-    shared_gate: (x [T, H], w [H, 1] or [H]) in one dtype, a shared expert's sigmoid gate:
-    weights [T, k + 1], the last sigmoid(x_t . w) (fp32 product, one rounding), as `routed`
-    takes them with `shared=`; the kernel computes it in its launch."""
+    shared_gate: (x [T, H], w [H, 1] or [H]) in one float dtype, a shared expert's sigmoid
+    gate: weights [T, k + 1], the last sigmoid(x_t . w) (fp32 products and sum, one rounding),
+    as `routed` takes them with `shared=`; the kernel computes it in its launch where H is a
+    power of two, else XLA after it."""
+    gate = kernels.route_shared_gate(shared_gate, logits.shape[0])  # checked on every path
     mode = kernel_mode(ROUTER_VAR)
-    hidden = None if shared_gate is None else shared_gate[0].shape[-1]
     if (mode and jnp.dtype(logits.dtype) in _moe.MOE_DTYPES
-            and kernels.route_misfit(logits.shape, k, hidden) is None):
-        return kernels.route(logits, k=k, normalize=normalize, shared_gate=shared_gate,
-                             interpret=mode == "interpret")
+            and kernels.route_misfit(logits.shape, k) is None):
+        # a gate of H inputs that is no Triton block (not a power of two) joins after it
+        inside = gate is not None and kernels.route_misfit(
+            logits.shape, k, gate[1].shape[0]) is None
+        weights, ids = kernels.route(logits, k=k, normalize=normalize,
+                                     shared_gate=gate if inside else None,
+                                     interpret=mode == "interpret")
+        if gate is None or inside:
+            return weights, ids
+        return _with_gate(weights, gate).astype(logits.dtype), ids
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top_w, top_i = lax.top_k(probs, k)
     if normalize:
         top_w = top_w / jnp.sum(top_w, axis=-1, keepdims=True)
-    if shared_gate is not None:
-        x, w = shared_gate
-        if x.shape != (logits.shape[0], hidden) or w.shape not in ((hidden,), (hidden, 1)):
-            raise ValueError(f"route: shared_gate expected x [T, H] with T = {logits.shape[0]} "
-                             f"and w [H] or [H, 1], got x{list(x.shape)} and w{list(w.shape)}")
-        gate = jax.nn.sigmoid(jnp.dot(x, w.reshape(hidden, 1), preferred_element_type=jnp.float32,
-                                      precision=lax.Precision.HIGHEST))
-        # XLA makes the one-column product a multiply and reduce and fuses it into the
-        # concatenation, whose emitter runs each sum in one thread (31 us a layer at T = 4 on
-        # the H200): the barrier keeps it a reduction fusion of its own
-        top_w = jnp.concatenate([top_w, lax.optimization_barrier(gate)], axis=1)
+    if gate is not None:
+        top_w = _with_gate(top_w, gate)
     return top_w.astype(logits.dtype), top_i.astype(jnp.int32)
+
+
+def _with_gate(weights, gate):
+    """weights [T, k] and (x [T, H], w [H]) -> [T, k + 1] fp32, the last sigmoid(x . w) (fp32
+    products and sum, as the router kernel's)."""
+    x, w = gate
+    logit = jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32)[:, None],
+                    precision=lax.Precision.HIGHEST)
+    # XLA makes the one-column product a multiply and reduce and fuses it into the
+    # concatenation, whose emitter runs each sum in one thread (31 us a layer at T = 4 on the
+    # H200): the barrier keeps it a reduction fusion of its own
+    gate_w = lax.optimization_barrier(jax.nn.sigmoid(logit))
+    return jnp.concatenate([weights.astype(jnp.float32), gate_w], axis=1)
 
 
 def folds_shared(pairs: int, num_experts: int) -> bool:

@@ -87,7 +87,10 @@ def test_plan_matches_its_contract(T, k, E, block_m, sort, monkeypatch):
         monkeypatch.setattr(moe, "_COMPARE_MAX_PAIRS", 0)
     ids = _ids(np.random.default_rng(T + E), T, k, E) if T else jnp.zeros((0, k), jnp.int32)
     assert T * k <= moe._COMPARE_MAX_PAIRS or sort
-    for got, want in zip(moe.plan(ids, E, block_m), _numpy_plan(ids, E, block_m)):
+    b = moe.plan(ids, E, block_m)
+    assert b.shared_blocks == 0
+    for got, want in zip((b.block_expert, b.row_token, b.pair_row),
+                         _numpy_plan(ids, E, block_m)):
         assert got.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(got), want)
 
@@ -123,6 +126,8 @@ def test_plan_pairs_puts_a_shared_expert_in_blocks_of_its_own(T, k, block_m):
     row = row.reshape(T, k + 1)
     np.testing.assert_array_equal(row[:, :k].reshape(-1), np.asarray(plain.pair_row))
     assert np.all(token[row[:, k]] == np.arange(T)) and np.all(row[:, k] // block_m >= P)
+    jitted = jax.jit(lambda i: moe.plan_pairs(i, block_m, shared=True))(ids)
+    assert type(jitted.shared_blocks) is int and jitted.shared_blocks == G  # static: a launch's
 
 
 @pytest.mark.parametrize("planner", ["plan", "plan_pairs"])
@@ -332,10 +337,12 @@ def test_grouped_matmul_rejects_bad_shared_expert():
         kernels.grouped_matmul(x, w, expert, w_up=w, w_up_shared=w[0], config=cfg,
                                interpret=True)
     with pytest.raises(ValueError, match="shared_blocks=1 needs w_shared"):
-        kernels.grouped_matmul(x[:48], w, expert, shared_blocks=1, config=cfg, interpret=True)
-    with pytest.raises(ValueError, match="shared_blocks expected an int >= 0, got -1"):
-        kernels.grouped_matmul(x, w, expert, w_shared=w[0], shared_blocks=-1, config=cfg,
-                               interpret=True)
+        kernels.grouped_matmul(jnp.ones((48, 64), jnp.bfloat16), w, expert, shared_blocks=1,
+                               config=cfg, interpret=True)
+    for bad in (-1, True, 1.0):
+        with pytest.raises(ValueError, match=f"shared_blocks expected an int >= 0, got {bad}"):
+            kernels.grouped_matmul(x, w, expert, w_shared=w[0], shared_blocks=bad, config=cfg,
+                                   interpret=True)
     with pytest.raises(ValueError, match=r"block_expert expected int32 \[rows / block_m - "
                                          r"shared_blocks\] = \[1\]"):
         kernels.grouped_matmul(x, w, expert, w_shared=w[0], shared_blocks=1, config=cfg,
@@ -510,9 +517,15 @@ def test_grouped_matmul_shared_expert_lowers_for_cuda(kind, cuda_lowering):
             row_token=S((9 * 16,), jnp.int32), w_shared=one, w_up_shared=one, shared_blocks=1,
             config=cfg).lower(lowering_platforms=("cuda",)).as_text()
         down = kernels.grouped_matmul.trace(
+            S((9 * 16, 512), jnp.bfloat16), wd, S((8,), jnp.int32), w_shared=one_d,
+            shared_blocks=1, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
+        numbered = kernels.grouped_matmul.trace(  # the grouped plan's: expert E in block_expert
             S((9 * 16, 512), jnp.bfloat16), wd, S((9,), jnp.int32), w_shared=one_d,
             config=cfg).lower(lowering_platforms=("cuda",)).as_text()
-    assert TRITON_CALL in up and TRITON_CALL in down
+        only = kernels.grouped_matmul.trace(  # no routed block: the index array stands in
+            S((16, 512), jnp.bfloat16), wd, S((0,), jnp.int32), w_shared=one_d,
+            shared_blocks=1, config=cfg).lower(lowering_platforms=("cuda",)).as_text()
+    assert all(TRITON_CALL in text for text in (up, down, numbered, only))
 
 
 @pytest.mark.gpu

@@ -62,8 +62,10 @@ def test_route_matches_xla_interpret(E, k, dtype, normalize):
 
 
 @pytest.mark.parametrize("E, k, H", [(64, 8, 128), (16, 10, 64), (8, 7, 32)])
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
-def test_route_appends_a_shared_gate_interpret(E, k, H, dtype):
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_route_appends_a_shared_gate_interpret(E, k, H, dtype, normalize):
     """shared_gate=(x, w): the routed columns exactly as without it, then sigmoid(x_t . w)
     against float64: one rounding to the dtype (EPS relative) plus the fp32 sum of H products,
     H * 2**-24 of their magnitudes' sum, through the sigmoid's slope (<= 1/4). k = 7, 8, 10 put
@@ -72,8 +74,9 @@ def test_route_appends_a_shared_gate_interpret(E, k, H, dtype):
     logits = _logits(k, 6, E, dtype)
     x = jnp.asarray(rng.standard_normal((6, H)), dtype)
     w = jnp.asarray(rng.standard_normal((H, 1)) * H ** -0.5, dtype)
-    got_w, got_ids = kernels.route(logits, k=k, shared_gate=(x, w), interpret=True)
-    plain_w, plain_ids = kernels.route(logits, k=k, interpret=True)
+    got_w, got_ids = kernels.route(logits, k=k, normalize=normalize, shared_gate=(x, w),
+                                   interpret=True)
+    plain_w, plain_ids = kernels.route(logits, k=k, normalize=normalize, interpret=True)
     assert got_w.shape == (6, k + 1) and got_ids.shape == (6, k) and got_w.dtype == dtype
     np.testing.assert_array_equal(np.asarray(got_ids), np.asarray(plain_ids))
     np.testing.assert_array_equal(np.asarray(got_w[:, :k]), np.asarray(plain_w))
@@ -81,7 +84,8 @@ def test_route_appends_a_shared_gate_interpret(E, k, H, dtype):
     exact = 1 / (1 + np.exp(-prod.sum(1)))
     err = np.abs(np.asarray(got_w[:, k], np.float64) - exact)
     assert np.all(err <= EPS[dtype] * exact + H * 2.0 ** -24 * np.abs(prod).sum(1) / 4), err
-    flat, _ = kernels.route(logits, k=k, shared_gate=(x, w[:, 0]), interpret=True)  # w [H]
+    flat, _ = kernels.route(logits, k=k, normalize=normalize, shared_gate=(x, w[:, 0]),
+                            interpret=True)  # w [H]
     np.testing.assert_array_equal(np.asarray(flat), np.asarray(got_w))
 
 

@@ -230,7 +230,7 @@ def test_route_takes_the_kernel_where_it_runs(monkeypatch):
     backend's xla and interpret steer it; "xla": XLA; "interpret": the kernel interpreted; a
     value it does not know: an error naming the variable."""
     calls = []
-    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw))
+    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw) or (None, None))
     call = lambda normalize=True, interpret=False: dict(  # noqa: E731
         k=8, normalize=normalize, shared_gate=None, interpret=interpret)
     logits = jnp.ones((3, 64), BF16)
@@ -255,10 +255,6 @@ def test_route_takes_the_kernel_where_it_runs(monkeypatch):
         monkeypatch.setenv(moe.ROUTER_VAR, value)
         moe.route(logits, 8)
         assert calls == want, value
-    calls.clear()
-    gate = (jnp.ones((3, 48), BF16), jnp.ones((48, 1), BF16))
-    moe.route(logits, 8, shared_gate=gate)  # a shared gate of 48 inputs: no kernel block, XLA
-    assert calls == []
     calls.clear()
     moe.route(jnp.ones((3, 48), BF16), 8)  # 48 experts: no kernel block, XLA
     assert calls == []
@@ -297,8 +293,36 @@ def test_route_appends_the_shared_gate_on_both_paths(monkeypatch):
     exact = 1 / (1 + np.exp(-(np.asarray(x, np.float64) @ np.asarray(gw, np.float64))[:, 0]))
     for got in (w, w_xla):
         np.testing.assert_allclose(np.asarray(got[:, 8], np.float64), exact, rtol=2 ** -8)
-    with pytest.raises(ValueError, match=r"shared_gate expected x \[T, H\] with T = 3"):
-        moe.route(logits, 8, shared_gate=(x[:2], gw))
+    for path in ("xla", "interpret"):  # the same checks before either runs
+        monkeypatch.setenv(moe.ROUTER_VAR, path)
+        with pytest.raises(ValueError, match=r"shared_gate expected x \[T, H\] with T = 3"):
+            moe.route(logits, 8, shared_gate=(x[:2], gw))
+        with pytest.raises(ValueError, match=r"shared_gate expected \(x \[T, H\], w \[H\]\)"):
+            moe.route(logits, 8, shared_gate=(x,))
+        with pytest.raises(ValueError, match="one float dtype, got float32 and bfloat16"):
+            moe.route(logits, 8, shared_gate=(x.astype(jnp.float32), gw))
+
+
+def test_route_appends_a_gate_the_kernel_cannot_block(monkeypatch):
+    """A shared gate of H = 48 inputs (no power of two): the router kernel still routes, the
+    gate joins after it in XLA; the same weights as XLA's path."""
+    calls = []
+    real = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(
+        kw["shared_gate"]) or real(*a, **kw))
+    rng = np.random.default_rng(6)
+    logits = jnp.asarray(rng.standard_normal((3, 64)), BF16)
+    gate = (jnp.asarray(rng.standard_normal((3, 48)), BF16),
+            jnp.asarray(rng.standard_normal((48, 1)) * 48 ** -0.5, BF16))
+    monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
+    w, ids = moe.route(logits, 8, shared_gate=gate)
+    assert calls == [None] and w.shape == (3, 9) and w.dtype == BF16
+    monkeypatch.setenv(moe.ROUTER_VAR, "xla")
+    w_xla, ids_xla = moe.route(logits, 8, shared_gate=gate)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_xla))
+    np.testing.assert_array_equal(np.asarray(w[:, 8]), np.asarray(w_xla[:, 8]))
+    np.testing.assert_allclose(np.asarray(w, np.float32), np.asarray(w_xla, np.float32),
+                               rtol=2 ** -7)
 
 
 def test_sparse_moe_router_kernel_matches_xla(monkeypatch):
@@ -362,13 +386,15 @@ def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
         moe_block(x)  # checked on every path (this one is "grouped")
 
 
-@pytest.mark.parametrize("shared", ["apart", "fold"])
-def test_sparse_moe_on_a_mesh_matches_one_device(shared, monkeypatch):
+@pytest.mark.parametrize("shared, router", [("apart", "xla"), ("fold", "xla"),
+                                            ("fold", "interpret")])
+def test_sparse_moe_on_a_mesh_matches_one_device(shared, router, monkeypatch):
     """The Pallas path (interpreted) inside the TP = 2 shard_map, the shared expert apart or
-    folded: each shard's launches see half of every expert's intermediate dim (the shared
-    expert's too) and the partial sums add up to the one-device block's output, up to the
-    rounding of each shard's down output (bf16)."""
+    folded (its gate from XLA or the router kernel, replicated): each shard's launches see half
+    of every expert's intermediate dim (the shared expert's too) and the partial sums add up to
+    the one-device block's output, up to the rounding of each shard's down output (bf16)."""
     monkeypatch.setenv(moe.SHARED_VAR, shared)
+    monkeypatch.setenv(moe.ROUTER_VAR, router)
     seen = []
     real = moe.routed
     monkeypatch.setattr(moe, "routed", lambda *a, **kw: seen.append(
