@@ -71,22 +71,22 @@ def misfit(logits_shape, k: int, hidden: int | None = None) -> str | None:
 def _kernel(logits_ref, *refs, k: int, normalize: bool):
     gate_refs, (w_ref, ids_ref) = refs[:-2], refs[-2:]
     t = pl.program_id(0)
-    E, kp = logits_ref.shape[1], ids_ref.shape[1]
+    E, kw, ki = logits_ref.shape[1], w_ref.shape[1], ids_ref.shape[1]
     logit = logits_ref[t, :].astype(_F32)
     expert = lax.broadcasted_iota(jnp.int32, (E,), 0)
-    slot = lax.broadcasted_iota(jnp.int32, (kp,), 0)
+    slot_w, slot_i = (lax.broadcasted_iota(jnp.int32, (n,), 0) for n in (kw, ki))
     unnormalised = jnp.exp(logit - jnp.max(logit))
     total = jnp.sum(unnormalised)
     prob = unnormalised / total  # what lax.top_k ranks in XLA's path
     # A NaN row (one NaN in the sum makes every probability NaN) ranks as all equal: its k
     # lowest experts, with NaN weights. Taken experts drop to -1, below every probability.
     left = jnp.where(total == total, prob, 0.0)
-    ids, chosen = jnp.zeros((kp,), jnp.int32), jnp.zeros((kp,), _F32)
+    ids, chosen = jnp.zeros((ki,), jnp.int32), jnp.zeros((kw,), _F32)
     for j in range(k):  # k rounds: the likeliest expert left, the lowest index among equals
         best = jnp.max(left)
         first = jnp.min(jnp.where(left == best, expert, E))
-        ids = jnp.where(slot == j, first, ids)
-        chosen = jnp.where(slot == j, best, chosen)
+        ids = jnp.where(slot_i == j, first, ids)
+        chosen = jnp.where(slot_w == j, best, chosen)
         left = jnp.where(expert == first, -1.0, left)
     chosen = jnp.where(total == total, chosen, jnp.nan)
     if normalize:
@@ -94,7 +94,7 @@ def _kernel(logits_ref, *refs, k: int, normalize: bool):
     if gate_refs:  # the shared expert's weight, after the routed ones' normalisation
         x_ref, gw_ref = gate_refs
         gate_logit = jnp.sum(x_ref[t, :].astype(_F32) * gw_ref[:].astype(_F32))
-        chosen = jnp.where(slot == k, jax.nn.sigmoid(gate_logit), chosen)
+        chosen = jnp.where(slot_w == k, jax.nn.sigmoid(gate_logit), chosen)
     w_ref[t, :] = chosen.astype(w_ref.dtype)
     ids_ref[t, :] = ids
 
@@ -116,7 +116,9 @@ def route(logits: jax.Array, *, k: int, normalize: bool = True,
     if num_warps not in WARPS:
         raise ValueError(f"route: num_warps expected one of {WARPS}, got {num_warps!r}")
     cols = k + (gate is not None)
-    kp = 1 << (cols - 1).bit_length()  # the output's block: a power of two, sliced after
+    # each output's block a power of two, sliced after (ids apart: a slice of them would be a
+    # copy before the expert kernels, where the weights' slice fuses into the combine)
+    kw, ki = (1 << (n - 1).bit_length() for n in (cols, k))
     if T == 0:
         return jnp.zeros((0, cols), logits.dtype), jnp.zeros((0, k), jnp.int32)
     weights, ids = _pallas.pallas_call(
@@ -125,8 +127,8 @@ def route(logits: jax.Array, *, k: int, normalize: bool = True,
         config=_Launch(num_warps=num_warps),
         interpret=interpret,
         grid=(T,),
-        out_shape=(jax.ShapeDtypeStruct((T, kp), logits.dtype),
-                   jax.ShapeDtypeStruct((T, kp), jnp.int32)),
+        out_shape=(jax.ShapeDtypeStruct((T, kw), logits.dtype),
+                   jax.ShapeDtypeStruct((T, ki), jnp.int32)),
     )(logits, *(gate or ()))
     return weights[:, :cols], ids[:, :k]
 
