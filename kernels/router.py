@@ -26,6 +26,10 @@ the 35B shape at B = 1, profiled 2026-12-04: 1.6 + 1.2 + 1.1 us a layer; unmeasu
 
 weights[:, k] = sigmoid(x_t . w): exact products (16-bit inputs) summed in fp32, the sigmoid in
 fp32, rounded once. H must be a power of two too.
+
+The logits may come as the router projection's split-K partial sums ([S, T, N] fp32,
+`kernels.project_group(..., partials=True)`), added and rounded to the projection's dtype on
+load: XLA's reduction and cast between the two launches go.
 """
 
 from __future__ import annotations
@@ -68,11 +72,18 @@ def misfit(logits_shape, k: int, hidden: int | None = None) -> str | None:
     return None
 
 
-def _kernel(logits_ref, *refs, k: int, normalize: bool):
+def _kernel(logits_ref, *refs, k: int, normalize: bool, columns: tuple[int, int] | None):
     gate_refs, (w_ref, ids_ref) = refs[:-2], refs[-2:]
     t = pl.program_id(0)
-    E, kw, ki = logits_ref.shape[1], w_ref.shape[1], ids_ref.shape[1]
-    logit = logits_ref[t, :].astype(_F32)
+    kw, ki = w_ref.shape[1], ids_ref.shape[1]
+    if columns is None:
+        E = logits_ref.shape[1]
+        logit = logits_ref[t, :].astype(_F32)
+    else:  # a projection's partial sums: added, rounded as the projection's output would be
+        col, E = columns
+        logit = functools.reduce(lambda a, b: a + b, [
+            logits_ref[s, t, pl.ds(col, E)].astype(_F32) for s in range(logits_ref.shape[0])])
+        logit = logit.astype(w_ref.dtype).astype(_F32)
     expert = lax.broadcasted_iota(jnp.int32, (E,), 0)
     slot_w, slot_i = (lax.broadcasted_iota(jnp.int32, (n,), 0) for n in (kw, ki))
     unnormalised = jnp.exp(logit - jnp.max(logit))
@@ -99,18 +110,37 @@ def _kernel(logits_ref, *refs, k: int, normalize: bool):
     ids_ref[t, :] = ids
 
 
-@functools.partial(jax.jit, static_argnames=("k", "normalize", "interpret", "num_warps"))
+@functools.partial(jax.jit, static_argnames=("k", "normalize", "interpret", "num_warps",
+                                             "parts_dtype", "col", "num_experts"))
 def route(logits: jax.Array, *, k: int, normalize: bool = True,
           shared_gate: tuple[jax.Array, jax.Array] | None = None, interpret: bool = False,
-          num_warps: int = 4) -> tuple[jax.Array, jax.Array]:
+          num_warps: int = 4, parts_dtype=None, col: int = 0,
+          num_experts: int | None = None) -> tuple[jax.Array, jax.Array]:
     """logits: [T, E] (any float dtype; E a power of two) -> (weights [T, k] in logits' dtype,
     ids [T, k] int32), each row's experts in descending order of logit (module docstring).
     shared_gate: (x [T, H], w [H] or [H, 1]) in one float dtype (H a power of two): weights
     [T, k + 1], the last sigmoid(x_t . w). num_warps: a program's (one of WARPS); the kernel is
-    named gdn_moe_route_w{num_warps}."""
-    T = logits.shape[0]
+    named gdn_moe_route_w{num_warps}.
+
+    logits may be [S, T, N] instead: a projection's split-K partial sums (fp32; S = 1: its
+    output), the experts its columns col..col + num_experts - 1 (default: all N), added in fp32
+    and rounded to parts_dtype (the projection's output dtype; default logits') on load, where
+    XLA would add them and round in a launch of its own; the weights then in parts_dtype."""
+    columns, dtype = None, jnp.dtype(parts_dtype or logits.dtype)
+    if logits.ndim == 3:
+        E = logits.shape[2] - col if num_experts is None else num_experts
+        if col < 0 or E < 1 or col + E > logits.shape[2]:
+            raise ValueError(f"route: columns {col}..{col + E - 1} expected inside the partial "
+                             f"sums' N = {logits.shape[2]}")
+        columns, shape = (col, E), (logits.shape[1], E)
+    elif parts_dtype is not None or col or num_experts is not None:
+        raise ValueError("route: parts_dtype, col and num_experts go with [S, T, N] partial "
+                         f"sums, got logits{list(logits.shape)}")
+    else:
+        shape = logits.shape
+    T = shape[0]
     gate = shared_gate_args(shared_gate, T)
-    why = misfit(logits.shape, k, None if gate is None else gate[1].shape[0])
+    why = misfit(shape, k, None if gate is None else gate[1].shape[0])
     if why:
         raise ValueError(f"route: {why}")
     if num_warps not in WARPS:
@@ -120,14 +150,14 @@ def route(logits: jax.Array, *, k: int, normalize: bool = True,
     # copy before the expert kernels, where the weights' slice fuses into the combine)
     kw, ki = (1 << (n - 1).bit_length() for n in (cols, k))
     if T == 0:
-        return jnp.zeros((0, cols), logits.dtype), jnp.zeros((0, k), jnp.int32)
+        return jnp.zeros((0, cols), dtype), jnp.zeros((0, k), jnp.int32)
     weights, ids = _pallas.pallas_call(
-        functools.partial(_kernel, k=k, normalize=normalize),
+        functools.partial(_kernel, k=k, normalize=normalize, columns=columns),
         name=f"gdn_moe_route_w{num_warps}",
         config=_Launch(num_warps=num_warps),
         interpret=interpret,
         grid=(T,),
-        out_shape=(jax.ShapeDtypeStruct((T, kw), logits.dtype),
+        out_shape=(jax.ShapeDtypeStruct((T, kw), dtype),
                    jax.ShapeDtypeStruct((T, ki), jnp.int32)),
     )(logits, *(gate or ()))
     return weights[:, :cols], ids[:, :k]

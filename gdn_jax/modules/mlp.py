@@ -27,7 +27,8 @@ from flax import nnx
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from gdn_jax.modules._linear import HIGHEST, dense, dense_group, dense_swiglu, linear
+from gdn_jax.modules._linear import (HIGHEST, dense, dense_group, dense_group_partials,
+                                     dense_swiglu, linear)
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
 from gdn_jax.ops import moe as moe_ops
 
@@ -171,8 +172,11 @@ def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dt
     fold = (wants_fold and expert_path == "pallas" and shared_proj == proj
             and s["gate"].shape == p["eg"].shape[1:] and s["down"].shape == p["ed"].shape[1:])
     if fold:
-        # the shared gate's one column goes with the router's launch (`route(shared_gate=)`)
-        (logits,), x = dense_group(x, (p["router"],), **proj), x.astype(dtype)
+        # the shared gate's one column goes with the router's launch (`route(shared_gate=)`),
+        # which adds the router projection's partial sums as it loads them
+        views = dense_group_partials(x, (p["router"],), dtype=dtype)
+        (logits,) = views or dense_group(x, (p["router"],), **proj)
+        x = x.astype(dtype)
         weights, ids = moe_ops.route(logits, top_k, normalize=norm_topk_prob,
                                      shared_gate=(x, p["shared_gate"].astype(dtype)))
         return _routed_pallas(p, x, weights, ids, num_experts=num_experts, dtype=dtype,

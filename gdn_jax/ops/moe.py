@@ -31,7 +31,7 @@ own (its gate / up in the router's group launch, its down a projection), "auto" 
 folded while the routed pairs get a block each (`one_block_per_pair`: decode and verify at
 small B), apart beyond; folded, its sigmoid gate is a column of the router's launch (where XLA
 ran the one-column product as a reduction, the sigmoid and a concatenation: ~4 us a layer at
-B = 1, unmeasured since). Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step
+B = 1, unmeasured since), which also adds the router projection's partial sums on load. Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step
 shared=fold vs apart, kernels per call, bench/results/profile_step-h200-qwen3_5_moe_text-
 columns_barrier-2026-12-04.json): B = 1 decode 3095 -> 3048 us, verify 4692 -> 4593; B = 32 decode
 14181 -> 14260, verify 21368 -> 21482 (there the shared expert's 32 or 128 tokens take blocks
@@ -49,7 +49,7 @@ from jax import lax
 from gdn_jax import kernels
 from gdn_jax.kernels import moe as _moe
 from gdn_jax.ops.dispatch import Device, kernel_mode, sm_count as _sm_count
-from gdn_jax.ops.projection import pow2_tile
+from gdn_jax.ops.projection import Partials, pow2_tile
 
 ROUTER_VAR = "GDN_JAX_MOE_ROUTER"
 SHARED_VAR = "GDN_JAX_MOE_SHARED"
@@ -175,7 +175,9 @@ def plan_blocks(ids, num_experts: int, block_m: int, *, shared: bool = False) ->
 
 
 def route(logits, k: int, *, normalize: bool = True, shared_gate=None):
-    """logits: [T, E] -> (weights [T, k] in logits' dtype, ids [T, k] int32): each row's k
+    """logits: [T, E] (or a `Partials` view of them, lead (T,): the router's projection's
+    partial sums, which the kernel adds on load) -> (weights [T, k] in logits' dtype, ids
+    [T, k] int32): each row's k
     likeliest experts under the softmax over E, their probabilities (with normalize, over the k
     chosen ones' sum). The one-launch kernel for 16-bit logits where it runs and takes the
     shape, else XLA's steps (module docstring): the same ids where the probabilities come out
@@ -185,19 +187,27 @@ def route(logits, k: int, *, normalize: bool = True, shared_gate=None):
     gate: weights [T, k + 1], the last sigmoid(x_t . w) (fp32 products and sum, one rounding),
     as `routed` takes them with `shared=`; the kernel computes it in its launch where H is a
     power of two, else XLA after it."""
-    gate = kernels.route_shared_gate(shared_gate, logits.shape[0])  # checked on every path
+    view = isinstance(logits, Partials)
+    if view and len(logits.lead) != 1:
+        raise ValueError(f"route: a Partials view of logits expected lead (T,), got lead "
+                         f"{logits.lead}")
+    shape = (logits.lead[0], logits.width) if view else logits.shape
+    gate = kernels.route_shared_gate(shared_gate, shape[0])  # checked on every path
     mode = kernel_mode(ROUTER_VAR)
     if (mode and jnp.dtype(logits.dtype) in _moe.MOE_DTYPES
-            and kernels.route_misfit(logits.shape, k) is None):
+            and kernels.route_misfit(shape, k) is None):
         # a gate of H inputs that is no Triton block (not a power of two) joins after it
-        inside = gate is not None and kernels.route_misfit(
-            logits.shape, k, gate[1].shape[0]) is None
-        weights, ids = kernels.route(logits, k=k, normalize=normalize,
-                                     shared_gate=gate if inside else None,
-                                     interpret=mode == "interpret")
+        inside = gate is not None and kernels.route_misfit(shape, k, gate[1].shape[0]) is None
+        parts = dict(parts_dtype=logits.dtype, col=logits.start,
+                     num_experts=logits.width) if view else {}
+        weights, ids = kernels.route(logits.parts if view else logits, k=k,
+                                     normalize=normalize, shared_gate=gate if inside else None,
+                                     interpret=mode == "interpret", **parts)
         if gate is None or inside:
             return weights, ids
         return _with_gate(weights, gate).astype(logits.dtype), ids
+    if view:
+        logits = logits.value()
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     top_w, top_i = lax.top_k(probs, k)
     if normalize:

@@ -103,6 +103,40 @@ def test_route_rejects_a_bad_shared_gate(gate, match):
         kernels.route(jnp.ones((4, 8), jnp.float32), k=2, shared_gate=gate, interpret=True)
 
 
+@pytest.mark.parametrize("S, col, N", [(1, 0, 64), (3, 32, 128), (8, 0, 64)])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gate"])
+def test_route_adds_a_projections_partial_sums_interpret(S, col, N, gated):
+    """logits as [S, T, N] fp32 partial sums (the experts columns col..col + 63): the kernel adds
+    them in order and rounds to parts_dtype as the projection would, then routes as it routes
+    the rounded logits: bit for bit the same weights and ids (the same fp32 adds, in order)."""
+    rng = np.random.default_rng(S + col)
+    parts = jnp.asarray(rng.standard_normal((S, 5, N)), jnp.float32)
+    total = parts[0]
+    for s in range(1, S):
+        total = total + parts[s]
+    logits = total[:, col:col + 64].astype(jnp.bfloat16)
+    gate = (jnp.asarray(rng.standard_normal((5, 32)), jnp.bfloat16),
+            jnp.asarray(rng.standard_normal(32), jnp.bfloat16)) if gated else None
+    w, ids = kernels.route(parts, k=8, shared_gate=gate, parts_dtype=jnp.bfloat16, col=col,
+                           num_experts=64, interpret=True)
+    w_ref, ids_ref = kernels.route(logits, k=8, shared_gate=gate, interpret=True)
+    assert w.dtype == jnp.bfloat16 and w.shape == (5, 8 + gated)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_ref))
+    np.testing.assert_array_equal(np.asarray(w), np.asarray(w_ref))
+
+
+def test_route_rejects_bad_partial_sums():
+    parts = jnp.ones((2, 4, 64), jnp.float32)
+    with pytest.raises(ValueError, match=r"columns 32..95 expected inside the partial sums' "
+                                         r"N = 64"):
+        kernels.route(parts, k=2, col=32, num_experts=64, interpret=True)
+    with pytest.raises(ValueError, match=r"parts_dtype, col and num_experts go with \[S, T, N\]"
+                                         r" partial sums, got logits\[4, 64\]"):
+        kernels.route(parts[0], k=2, parts_dtype=jnp.bfloat16, interpret=True)
+    with pytest.raises(ValueError, match=r"E=48 experts is not a power of two"):
+        kernels.route(parts, k=2, num_experts=48, interpret=True)
+
+
 def test_route_ties_go_to_the_lower_index():
     logits = jnp.zeros((2, 16), jnp.float32).at[1, 9].set(1.0)
     w, ids = kernels.route(logits, k=4, normalize=False, interpret=True)
@@ -135,7 +169,7 @@ def test_route_no_rows():
     ((4, 6), 2, r"E=6 experts is not a power of two"),
     ((4, 8), 0, r"k=0 is outside 1..E=8"),
     ((4, 8), 9, r"k=9 is outside 1..E=8"),
-    ((2, 4, 8), 2, r"logits expected \[T, E\]"),
+    ((2, 2, 4, 8), 2, r"logits expected \[T, E\]"),
 ])
 def test_route_rejects_bad_input(shape, k, match):
     with pytest.raises(ValueError, match=match):
@@ -159,6 +193,12 @@ def test_route_lowers_for_cuda(kind, cuda_lowering):
             S((4, 2048), jnp.bfloat16), S((2048, 1), jnp.bfloat16))).lower(
             lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in text
+    with cuda_lowering(kind):  # a projection's partial sums, the experts from column 256
+        text = kernels.route.trace(S((8, 1, 1024), jnp.float32), k=8, parts_dtype=jnp.bfloat16,
+                                   col=256, num_experts=256, shared_gate=(
+            S((1, 2048), jnp.bfloat16), S((2048,), jnp.bfloat16))).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in text
 
 
 @pytest.mark.gpu
@@ -179,6 +219,11 @@ def test_route_matches_xla_gpu(T, E, k, num_warps, on_gpu):
     wg, ids_g = kernels.route(logits, k=k, num_warps=num_warps, shared_gate=(x, gw))
     np.testing.assert_array_equal(np.asarray(ids_g), np.asarray(ids))
     np.testing.assert_array_equal(np.asarray(wg[:, :k]), np.asarray(w))
+    parts = jnp.stack([logits.astype(jnp.float32), jnp.zeros((T, E), jnp.float32)])
+    wp, ids_p = kernels.route(parts, k=k, num_warps=num_warps, parts_dtype=jnp.bfloat16,
+                              shared_gate=(x, gw))  # the same logits as partial sums
+    np.testing.assert_array_equal(np.asarray(ids_p), np.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(wp), np.asarray(wg))
     prod = np.asarray(x, np.float64) * np.asarray(gw, np.float64)
     exact = 1 / (1 + np.exp(-prod.sum(1)))
     bound = EPS[jnp.bfloat16] * exact + 2048 * 2.0 ** -24 * np.abs(prod).sum(1) / 4

@@ -303,6 +303,31 @@ def test_route_appends_the_shared_gate_on_both_paths(monkeypatch):
             moe.route(logits, 8, shared_gate=(x.astype(jnp.float32), gw))
 
 
+def test_route_reads_a_projections_partial_sums(monkeypatch):
+    """logits as a `Partials` view (the router projection's unadded split-K sums): the kernel
+    adds them on load (its call given the view's columns and dtype), XLA's path takes the
+    view's value; the same ids, weights within one rounding; a view of more than one lead axis
+    is refused."""
+    from gdn_jax.ops.projection import Partials
+    rng = np.random.default_rng(7)
+    parts = jnp.asarray(rng.standard_normal((2, 3, 96)), jnp.float32)
+    view = Partials(parts, 32, 64, (3,), jnp.dtype(BF16))
+    calls = []
+    real = kernels.route
+    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(
+        (a[0].shape, kw.get("col"), kw.get("num_experts"))) or real(*a, **kw))
+    monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
+    w, ids = moe.route(view, 8)
+    assert calls == [((2, 3, 96), 32, 64)] and w.dtype == BF16
+    monkeypatch.setenv(moe.ROUTER_VAR, "xla")
+    w_xla, ids_xla = moe.route(view, 8)
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_xla))
+    np.testing.assert_allclose(np.asarray(w, np.float32), np.asarray(w_xla, np.float32),
+                               rtol=2 ** -7)
+    with pytest.raises(ValueError, match=r"a Partials view of logits expected lead \(T,\)"):
+        moe.route(Partials(parts, 32, 64, (1, 3), jnp.dtype(BF16)), 8)
+
+
 def test_route_appends_a_gate_the_kernel_cannot_block(monkeypatch):
     """A shared gate of H = 48 inputs (no power of two): the router kernel still routes, the
     gate joins after it in XLA; the same weights as XLA's path."""
@@ -380,6 +405,19 @@ def test_sparse_moe_folds_its_shared_expert_when_asked(monkeypatch):
     assert calls == [True] and seen[-1]
     np.testing.assert_allclose(kernel_gate, fold, rtol=2 ** -6,
                                atol=2 ** -7 * np.abs(fold).max())
+    # and the router projection's partial sums, added in the router kernel
+    wide = SparseMoE(64, 16, 2, 32, 32, expert_path="pallas", dtype=BF16, param_dtype=BF16,
+                     rngs=nnx.Rngs(7))  # 16 experts: a width the projection kernel tiles
+    want = np.asarray(wide(x), np.float64)
+    calls.clear()
+    monkeypatch.setenv("GDN_JAX_PROJECTION", "interpret")
+    monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(
+        kw.get("parts_dtype")) or real_route(*a, **kw))
+    from_parts = np.asarray(wide(x), np.float64)
+    assert calls == [BF16]
+    np.testing.assert_allclose(from_parts, want, rtol=2 ** -6,
+                               atol=2 ** -7 * np.abs(want).max())
+    monkeypatch.delenv("GDN_JAX_PROJECTION")
     set_expert_path(moe_block, "grouped")
     monkeypatch.setenv(moe.SHARED_VAR, "merge")
     with pytest.raises(ValueError, match="GDN_JAX_MOE_SHARED: expected auto, apart or fold"):
