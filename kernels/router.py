@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
 from ._common import is_pow2
@@ -72,10 +73,10 @@ def misfit(logits_shape, k: int, hidden: int | None = None) -> str | None:
     return None
 
 
-def _kernel(logits_ref, *refs, k: int, normalize: bool, columns: tuple[int, int] | None):
+def _kernel(logits_ref, *refs, k: int, cols: int, normalize: bool,
+            columns: tuple[int, int] | None):
     gate_refs, (w_ref, ids_ref) = refs[:-2], refs[-2:]
     t = pl.program_id(0)
-    kw, ki = w_ref.shape[1], ids_ref.shape[1]
     if columns is None:
         E = logits_ref.shape[1]
         logit = logits_ref[t, :].astype(_F32)
@@ -85,29 +86,39 @@ def _kernel(logits_ref, *refs, k: int, normalize: bool, columns: tuple[int, int]
             logits_ref[s, t, pl.ds(col, E)].astype(_F32) for s in range(logits_ref.shape[0])])
         logit = logit.astype(w_ref.dtype).astype(_F32)
     expert = lax.broadcasted_iota(jnp.int32, (E,), 0)
-    slot_w, slot_i = (lax.broadcasted_iota(jnp.int32, (n,), 0) for n in (kw, ki))
+    # A row's cols weights and k ids in vectors of the powers of two at or above (a Triton
+    # block), lane j holding slot j % n: the lanes past n repeat the first ones, so every lane
+    # stores its slot's value at its slot's place in the flat outputs (no mask, no slice after).
+    lane_w, lane_i = (lax.broadcasted_iota(jnp.int32, (_pow2_at_least(n),), 0) for n in (cols, k))
+    slot_w, slot_i = lane_w % cols, lane_i % k
     unnormalised = jnp.exp(logit - jnp.max(logit))
     total = jnp.sum(unnormalised)
     prob = unnormalised / total  # what lax.top_k ranks in XLA's path
     # A NaN row (one NaN in the sum makes every probability NaN) ranks as all equal: its k
     # lowest experts, with NaN weights. Taken experts drop to -1, below every probability.
     left = jnp.where(total == total, prob, 0.0)
-    ids, chosen = jnp.zeros((ki,), jnp.int32), jnp.zeros((kw,), _F32)
+    ids, chosen = jnp.zeros(slot_i.shape, jnp.int32), jnp.zeros(slot_w.shape, _F32)
+    once = jnp.zeros(lane_i.shape, _F32)  # the k chosen once each: their sum's order as k's
     for j in range(k):  # k rounds: the likeliest expert left, the lowest index among equals
         best = jnp.max(left)
         first = jnp.min(jnp.where(left == best, expert, E))
         ids = jnp.where(slot_i == j, first, ids)
         chosen = jnp.where(slot_w == j, best, chosen)
+        once = jnp.where(lane_i == j, best, once)
         left = jnp.where(expert == first, -1.0, left)
     chosen = jnp.where(total == total, chosen, jnp.nan)
     if normalize:
-        chosen = chosen / jnp.sum(chosen)
+        chosen = chosen / jnp.sum(once)
     if gate_refs:  # the shared expert's weight, after the routed ones' normalisation
         x_ref, gw_ref = gate_refs
         gate_logit = jnp.sum(x_ref[t, :].astype(_F32) * gw_ref[:].astype(_F32))
         chosen = jnp.where(slot_w == k, jax.nn.sigmoid(gate_logit), chosen)
-    w_ref[t, :] = chosen.astype(w_ref.dtype)
-    ids_ref[t, :] = ids
+    plgpu.store(w_ref.at[t * cols + slot_w], chosen.astype(w_ref.dtype))
+    plgpu.store(ids_ref.at[t * k + slot_i], ids)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 @functools.partial(jax.jit, static_argnames=("k", "normalize", "interpret", "num_warps",
@@ -146,21 +157,20 @@ def route(logits: jax.Array, *, k: int, normalize: bool = True,
     if num_warps not in WARPS:
         raise ValueError(f"route: num_warps expected one of {WARPS}, got {num_warps!r}")
     cols = k + (gate is not None)
-    # each output's block a power of two, sliced after (ids apart: a slice of them would be a
-    # copy before the expert kernels, where the weights' slice fuses into the combine)
-    kw, ki = (1 << (n - 1).bit_length() for n in (cols, k))
     if T == 0:
         return jnp.zeros((0, cols), dtype), jnp.zeros((0, k), jnp.int32)
     weights, ids = _pallas.pallas_call(
-        functools.partial(_kernel, k=k, normalize=normalize, columns=columns),
+        functools.partial(_kernel, k=k, cols=cols, normalize=normalize, columns=columns),
         name=f"gdn_moe_route_w{num_warps}",
         config=_Launch(num_warps=num_warps),
         interpret=interpret,
         grid=(T,),
-        out_shape=(jax.ShapeDtypeStruct((T, kw), dtype),
-                   jax.ShapeDtypeStruct((T, ki), jnp.int32)),
+        # flat: [T, k] as the reshape of [T * k] is free, where a slice of a [T, 16] block to
+        # k = 10 (Qwen3-Next) was a copy launch before the expert kernels
+        out_shape=(jax.ShapeDtypeStruct((T * cols,), dtype),
+                   jax.ShapeDtypeStruct((T * k,), jnp.int32)),
     )(logits, *(gate or ()))
-    return weights[:, :cols], ids[:, :k]
+    return weights.reshape(T, cols), ids.reshape(T, k)
 
 
 def shared_gate_args(shared_gate, T: int):
