@@ -52,6 +52,7 @@ from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
 from gdn_jax.kernels import moe as kmoe  # noqa: E402
 from gdn_jax.ops import moe  # noqa: E402
 from gdn_jax.ops.dispatch import sm_count  # noqa: E402
+from gdn_jax.ops.projection import config_for as projection_config  # noqa: E402
 from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 
@@ -180,8 +181,9 @@ def main(argv=None):
 
 def _router(args, T, E, k, L, rng, hidden=None) -> dict:
     """{num_warps: us} of the router kernel (`kernels.route`) on L random [T, E] bf16 logits
-    (with hidden: and the shared expert's gate of that many inputs, as the folded model runs
-    it), each launch its own program, all in one profile; {} where the shape does not fit."""
+    (with hidden, as the folded model runs it: the router projection's split-K partial sums
+    [S, T, E] fp32 at its dispatch's S, and the shared expert's gate of hidden inputs), each
+    launch its own program, all in one profile; {} where the shape does not fit."""
     if hidden and kernels.route_misfit((T, E), k, hidden):  # the model's gate joins after it
         hidden = None
     why = kernels.route_misfit((T, E), k)
@@ -189,16 +191,19 @@ def _router(args, T, E, k, L, rng, hidden=None) -> dict:
         print(f"    router: skipped ({why})")
         return {}
     bf16 = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32), jnp.bfloat16)
-    logits = [bf16(T, E) for _ in range(L)]
+    S = projection_config(T, hidden, E, sm_count=sm_count()).splits if hidden else 0
+    logits = [jnp.asarray(rng.standard_normal((S, T, E), np.float32)) if S else bf16(T, E)
+              for _ in range(L)]
     gates = [(bf16(T, hidden), bf16(hidden)) if hidden else None for _ in range(L)]
+    parts = dict(parts_dtype=jnp.bfloat16) if S else {}
     warps = [int(w) for w in args.router_warps.split(",") if w]
     fns = {w: jax.jit(lambda ls, w=w: [kernels.route(
-        lg, k=k, shared_gate=g, interpret=args.interpret, num_warps=w)
+        lg, k=k, shared_gate=g, interpret=args.interpret, num_warps=w, **parts)
         for lg, g in zip(ls, gates)]) for w in warps}
     every = lambda *_: [jax.block_until_ready(fn(logits)) for fn in fns.values()]
     _, mine = _seconds(every, (), args.reps, [f"gdn_moe_route_w{w}" for w in warps])
     out = {w: mine.get(f"gdn_moe_route_w{w}", 0) / L * 1e6 for w in warps}
-    what = "softmax, top k, renormalise" + (", shared gate" if hidden else "")
+    what = "softmax, top k, renormalise" + (f", {S} partial sums, shared gate" if hidden else "")
     print(f"    router ({what}; one launch): " + ", ".join(
         f"{w} warps {us:.2f} us" for w, us in out.items()), flush=True)
     return out

@@ -62,7 +62,8 @@ def misfit(logits_shape, k: int, hidden: int | None = None) -> str | None:
     """Why `route` cannot take logits of this shape and k (and a shared gate of `hidden`
     inputs), or None."""
     if len(logits_shape) != 2:
-        return f"logits expected [T, E], got shape {tuple(logits_shape)}"
+        return (f"logits expected [T, E] (or [S, T, N] partial sums), got shape "
+                f"{tuple(logits_shape)}")
     E = logits_shape[1]
     if not is_pow2(E) or E < 2:
         return f"E={E} experts is not a power of two >= 2 (a row is one block)"
@@ -90,7 +91,7 @@ def _kernel(logits_ref, *refs, k: int, cols: int, normalize: bool,
     # block), lane j holding slot j % n: the lanes past n repeat the first ones, so every lane
     # stores its slot's value at its slot's place in the flat outputs (no mask, no slice after).
     lane_w, lane_i = (lax.broadcasted_iota(jnp.int32, (_pow2_at_least(n),), 0) for n in (cols, k))
-    slot_w, slot_i = lane_w % cols, lane_i % k
+    slot_w, slot_i = lax.rem(lane_w, cols), lax.rem(lane_i, k)
     unnormalised = jnp.exp(logit - jnp.max(logit))
     total = jnp.sum(unnormalised)
     prob = unnormalised / total  # what lax.top_k ranks in XLA's path
@@ -134,15 +135,19 @@ def route(logits: jax.Array, *, k: int, normalize: bool = True,
     named gdn_moe_route_w{num_warps}.
 
     logits may be [S, T, N] instead: a projection's split-K partial sums (fp32; S = 1: its
-    output), the experts its columns col..col + num_experts - 1 (default: all N), added in fp32
-    and rounded to parts_dtype (the projection's output dtype; default logits') on load, where
-    XLA would add them and round in a launch of its own; the weights then in parts_dtype."""
+    output), the experts its columns col..col + num_experts - 1 (default: col..N - 1), added in
+    fp32 in the order s = 0..S - 1 and rounded to parts_dtype (the projection's output dtype;
+    default logits') on load, where XLA would add them (in an order of its own: an ulp apart
+    from S = 3 on) and round in a launch of its own; the weights then in parts_dtype."""
     columns, dtype = None, jnp.dtype(parts_dtype or logits.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"route: parts_dtype expected a float dtype, got {dtype}")
     if logits.ndim == 3:
         E = logits.shape[2] - col if num_experts is None else num_experts
         if col < 0 or E < 1 or col + E > logits.shape[2]:
-            raise ValueError(f"route: columns {col}..{col + E - 1} expected inside the partial "
-                             f"sums' N = {logits.shape[2]}")
+            raise ValueError(f"route: col={col} and num_experts={num_experts} expected columns "
+                             f"inside the partial sums' N = {logits.shape[2]}, got "
+                             f"{col}..{col + E - 1}")
         columns, shape = (col, E), (logits.shape[1], E)
     elif parts_dtype is not None or col or num_experts is not None:
         raise ValueError("route: parts_dtype, col and num_experts go with [S, T, N] partial "

@@ -31,8 +31,9 @@ own (its gate / up in the router's group launch, its down a projection), "auto" 
 folded while the routed pairs get a block each (`one_block_per_pair`: decode and verify at
 small B), apart beyond; folded, its sigmoid gate is a column of the router's launch (where XLA
 ran the one-column product as a reduction, the sigmoid and a concatenation: ~4 us a layer at
-B = 1, unmeasured since), which also adds the router projection's partial sums on load. Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step
-shared=fold vs apart, kernels per call, bench/results/profile_step-h200-qwen3_5_moe_text-
+B = 1, unmeasured since), which also adds the router projection's partial sums on load.
+Measured on the H200, 2026-12-04, 40-layer 35B-shaped model (profile_step shared=fold vs
+apart, kernels per call, bench/results/profile_step-h200-qwen3_5_moe_text-
 columns_barrier-2026-12-04.json): B = 1 decode 3095 -> 3048 us, verify 4692 -> 4593; B = 32 decode
 14181 -> 14260, verify 21368 -> 21482 (there the shared expert's 32 or 128 tokens take blocks
 of 16 of their own, where apart reads its weights once).
@@ -177,11 +178,11 @@ def plan_blocks(ids, num_experts: int, block_m: int, *, shared: bool = False) ->
 def route(logits, k: int, *, normalize: bool = True, shared_gate=None):
     """logits: [T, E] (or a `Partials` view of them, lead (T,): the router's projection's
     partial sums, which the kernel adds on load) -> (weights [T, k] in logits' dtype, ids
-    [T, k] int32): each row's k
-    likeliest experts under the softmax over E, their probabilities (with normalize, over the k
-    chosen ones' sum). The one-launch kernel for 16-bit logits where it runs and takes the
-    shape, else XLA's steps (module docstring): the same ids where the probabilities come out
-    as XLA's (`gdn_jax.kernels.route`), the weights within the fp32 sums' order.
+    [T, k] int32): each row's k likeliest experts under the softmax over E, their
+    probabilities (with normalize, over the k chosen ones' sum). The one-launch kernel for
+    16-bit logits where it runs and takes the shape, else XLA's steps (module docstring): the
+    same ids where the probabilities come out as XLA's (`gdn_jax.kernels.route`), the weights
+    within the fp32 sums' order.
 
     shared_gate: (x [T, H], w [H, 1] or [H]) in one float dtype, a shared expert's sigmoid
     gate: weights [T, k + 1], the last sigmoid(x_t . w) (fp32 products and sum, one rounding),

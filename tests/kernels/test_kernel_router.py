@@ -127,9 +127,11 @@ def test_route_adds_a_projections_partial_sums_interpret(S, col, N, gated):
 
 def test_route_rejects_bad_partial_sums():
     parts = jnp.ones((2, 4, 64), jnp.float32)
-    with pytest.raises(ValueError, match=r"columns 32..95 expected inside the partial sums' "
-                                         r"N = 64"):
+    with pytest.raises(ValueError, match=r"col=32 and num_experts=64 expected columns inside "
+                                         r"the partial sums' N = 64, got 32..95"):
         kernels.route(parts, k=2, col=32, num_experts=64, interpret=True)
+    with pytest.raises(ValueError, match="parts_dtype expected a float dtype, got int32"):
+        kernels.route(parts, k=2, parts_dtype=jnp.int32, interpret=True)
     with pytest.raises(ValueError, match=r"parts_dtype, col and num_experts go with \[S, T, N\]"
                                          r" partial sums, got logits\[4, 64\]"):
         kernels.route(parts[0], k=2, parts_dtype=jnp.bfloat16, interpret=True)
@@ -193,9 +195,9 @@ def test_route_lowers_for_cuda(kind, cuda_lowering):
             S((4, 2048), jnp.bfloat16), S((2048, 1), jnp.bfloat16))).lower(
             lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in text
-    with cuda_lowering(kind):  # a projection's partial sums, the experts from column 256
+    with cuda_lowering(kind):  # a projection's partial sums, the experts from column 7
         text = kernels.route.trace(S((8, 1, 1024), jnp.float32), k=8, parts_dtype=jnp.bfloat16,
-                                   col=256, num_experts=256, shared_gate=(
+                                   col=7, num_experts=256, shared_gate=(
             S((1, 2048), jnp.bfloat16), S((2048,), jnp.bfloat16))).lower(
             lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in text
@@ -219,11 +221,15 @@ def test_route_matches_xla_gpu(T, E, k, num_warps, on_gpu):
     wg, ids_g = kernels.route(logits, k=k, num_warps=num_warps, shared_gate=(x, gw))
     np.testing.assert_array_equal(np.asarray(ids_g), np.asarray(ids))
     np.testing.assert_array_equal(np.asarray(wg[:, :k]), np.asarray(w))
-    parts = jnp.stack([logits.astype(jnp.float32), jnp.zeros((T, E), jnp.float32)])
-    wp, ids_p = kernels.route(parts, k=k, num_warps=num_warps, parts_dtype=jnp.bfloat16,
-                              shared_gate=(x, gw))  # the same logits as partial sums
-    np.testing.assert_array_equal(np.asarray(ids_p), np.asarray(ids))
-    np.testing.assert_array_equal(np.asarray(wp), np.asarray(wg))
+    # a projection's partial sums (3 random fp32 parts, the experts from column 7): bit for bit
+    # the routing of their in-order sum rounded to bf16
+    parts = jnp.asarray(rng.standard_normal((3, T, E + 9)), jnp.float32)
+    rounded = ((parts[0] + parts[1]) + parts[2])[:, 7:7 + E].astype(jnp.bfloat16)
+    wp, ids_p = kernels.route(parts, k=k, num_warps=num_warps, parts_dtype=jnp.bfloat16, col=7,
+                              num_experts=E, shared_gate=(x, gw))
+    wr, ids_r = kernels.route(rounded, k=k, num_warps=num_warps, shared_gate=(x, gw))
+    np.testing.assert_array_equal(np.asarray(ids_p), np.asarray(ids_r))
+    np.testing.assert_array_equal(np.asarray(wp), np.asarray(wr))
     prod = np.asarray(x, np.float64) * np.asarray(gw, np.float64)
     exact = 1 / (1 + np.exp(-prod.sum(1)))
     bound = EPS[jnp.bfloat16] * exact + 2048 * 2.0 ** -24 * np.abs(prod).sum(1) / 4

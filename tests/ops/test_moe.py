@@ -324,6 +324,15 @@ def test_route_reads_a_projections_partial_sums(monkeypatch):
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ids_xla))
     np.testing.assert_allclose(np.asarray(w, np.float32), np.asarray(w_xla, np.float32),
                                rtol=2 ** -7)
+    gate = (jnp.asarray(rng.standard_normal((3, 48)), BF16),  # H = 48: joins after the kernel
+            jnp.asarray(rng.standard_normal(48) * 48 ** -0.5, BF16))
+    monkeypatch.setenv(moe.ROUTER_VAR, "interpret")
+    w_g, ids_g = moe.route(view, 8, shared_gate=gate)
+    monkeypatch.setenv(moe.ROUTER_VAR, "xla")
+    w_gx, _ = moe.route(view, 8, shared_gate=gate)
+    np.testing.assert_array_equal(np.asarray(ids_g), np.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(w_g[:, :8]), np.asarray(w))
+    np.testing.assert_array_equal(np.asarray(w_g[:, 8]), np.asarray(w_gx[:, 8]))
     with pytest.raises(ValueError, match=r"a Partials view of logits expected lead \(T,\)"):
         moe.route(Partials(parts, 32, 64, (1, 3), jnp.dtype(BF16)), 8)
 
