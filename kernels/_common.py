@@ -95,9 +95,14 @@ def check_weights(op: str, x, ws: tuple) -> tuple[int, int, tuple[int, ...]]:
 MIN_DOT_ROWS = 16  # the smallest M of a tensor-core tile (tl.dot)
 
 
+def pow2_at_least(n: int) -> int:
+    """The smallest power of two >= n (n >= 1): a Triton block of n elements."""
+    return 1 << (n - 1).bit_length()
+
+
 def dot_rows(n: int) -> int:
     """n rows padded to the tile a tensor-core dot multiplies: a power of two >= MIN_DOT_ROWS."""
-    return max(MIN_DOT_ROWS, 1 << (n - 1).bit_length())
+    return max(MIN_DOT_ROWS, pow2_at_least(n))
 
 
 def check_launch_fields(config, tiles=(), counts=()) -> None:

@@ -28,7 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_launch_fields
+from ._common import check_launch_fields, pow2_at_least
 
 _F32 = jnp.float32
 NORM_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -98,7 +98,7 @@ def add_rms_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, *, ep
     if why:
         raise ValueError(f"add_rms_norm: {why}")
     M, N = x.shape
-    block = 1 << (N - 1).bit_length()
+    block = pow2_at_least(N)
     # The GPU's masked loads and stores touch the N real columns in place; the interpreter
     # slices refs as XLA does (no access past the end), so there the columns are padded.
     if interpret and block != N:

@@ -119,7 +119,7 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
         n = cm.pending_count(pend, r, ring, num_slots)
         run, S0 = ring_and_state(n)
         new = _new_tokens(tok, r, T, K, lax.broadcasted_iota(jnp.int32, (_TILE, block_v), 0))
-        o, u, GR, g_tot = ch.new_tokens(S0, run, new, prec, size=_pow2_at_least(T))
+        o, u, GR, g_tot = ch.new_tokens(S0, run, new, prec, size=cm.pow2_at_least(T))
         store_rows(o, u)
 
         @pl.when((n > 0) & (n + reserve > ring))
@@ -133,10 +133,6 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
     @pl.when(jnp.logical_not(r.valid))
     def _():
         store_rows(jnp.zeros((_TILE, block_v), _F32), jnp.zeros((_TILE, block_v), _F32))
-
-
-def _pow2_at_least(T: int) -> int:
-    return 1 << (T - 1).bit_length()
 
 
 def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: int, *args):

@@ -44,7 +44,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import is_pow2
+from ._common import is_pow2, pow2_at_least
 
 _F32 = jnp.float32
 
@@ -90,7 +90,7 @@ def _kernel(logits_ref, *refs, k: int, cols: int, normalize: bool,
     # A row's cols weights and k ids in vectors of the powers of two at or above (a Triton
     # block), lane j holding slot j % n: the lanes past n repeat the first ones, so every lane
     # stores its slot's value at its slot's place in the flat outputs (no mask, no slice after).
-    lane_w, lane_i = (lax.broadcasted_iota(jnp.int32, (_pow2_at_least(n),), 0) for n in (cols, k))
+    lane_w, lane_i = (lax.broadcasted_iota(jnp.int32, (pow2_at_least(n),), 0) for n in (cols, k))
     slot_w, slot_i = lax.rem(lane_w, cols), lax.rem(lane_i, k)
     unnormalised = jnp.exp(logit - jnp.max(logit))
     total = jnp.sum(unnormalised)
@@ -116,10 +116,6 @@ def _kernel(logits_ref, *refs, k: int, cols: int, normalize: bool,
         chosen = jnp.where(slot_w == k, jax.nn.sigmoid(gate_logit), chosen)
     plgpu.store(w_ref.at[t * cols + slot_w], chosen.astype(w_ref.dtype))
     plgpu.store(ids_ref.at[t * k + slot_i], ids)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 @functools.partial(jax.jit, static_argnames=("k", "normalize", "interpret", "num_warps",
