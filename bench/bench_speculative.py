@@ -78,7 +78,6 @@ from gdn_jax import speculative as S  # noqa: E402
 from gdn_jax.benchmark import time_chain  # noqa: E402
 from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM  # noqa: E402
 from gdn_jax.models.sharding import attach_mesh, check_config, param_specs  # noqa: E402
-from gdn_jax.modules.cache import GDNCache, KVCache  # noqa: E402
 from gdn_jax.modules.attention import set_attention_impl  # noqa: E402
 from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
 from gdn_jax.modules.sharding import auto_mesh, tp_size, without_collectives  # noqa: E402
@@ -203,14 +202,10 @@ def random_model(config: ModelConfig, dtype, mesh=None) -> Qwen3NextForCausalLM:
 
 def set_context(cache, context: int):
     """Every slot holds `context` committed tokens in every KV cache; nothing pending."""
-    def fix(c):
-        if isinstance(c, KVCache):
-            return c.replace(lengths=jnp.full_like(c.lengths, context))
-        if isinstance(c, GDNCache):
-            return c.replace(state=c.state.replace(count=jnp.zeros_like(c.state.count)))
-        return c
-    is_leaf = lambda c: isinstance(c, (KVCache, GDNCache))  # noqa: E731
-    return jax.tree.map(fix, cache, is_leaf=is_leaf)
+    full = lambda a: None if a is None else jnp.full_like(a, context)  # noqa: E731
+    return cache.replace(lengths=full(cache.lengths),
+                         count=None if cache.count is None else jnp.zeros_like(cache.count),
+                         mtp=tuple(c.replace(lengths=full(c.lengths)) for c in cache.mtp))
 
 
 _reset = jax.jit(set_context, static_argnums=(1,), donate_argnums=(0,))

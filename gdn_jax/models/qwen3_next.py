@@ -52,13 +52,57 @@ class ModelOutput(NamedTuple):
     cache: "ModelCache"
 
 
+def _without_counter(c):
+    """A decoder layer's cache without the per-slot counter that `ModelCache` holds once."""
+    if isinstance(c, GDNCache):
+        return c.replace(state=c.state.replace(count=None))
+    return c.replace(lengths=None)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelCache:
     """The whole model's cache (a pytree): one entry per decoder layer (GDNCache for
-    linear_attention, KVCache for full_attention), and one KVCache per MTP layer."""
+    linear_attention, KVCache for full_attention), one KVCache per MTP layer, and the per-slot
+    counters that every decoder layer of a kind keeps equal, held once:
+
+    count:   [num_slots] int32, the GDN layers' `GDNState.count` (None without GDN layers)
+    lengths: [num_slots] int32, the full-attention layers' `KVCache.lengths`, the tokens each
+             slot holds (None without them; the MTP layers' KV caches keep their own)
+
+    `layers[i]` holds None in place of its counter and `layer(i)` is layer i's whole cache; build
+    a ModelCache from whole per-layer caches with `ModelCache.of`. One counter of each kind is
+    one update a step where each layer wrote its own: in a decode step a count scatter per GDN
+    layer and the copies that kept it from racing the kernels that read it (2 launches a GDN
+    layer in the H200's profile, 72 of a 48-layer step's 586), and a lengths add per attention
+    layer."""
 
     layers: tuple
     mtp: tuple = ()
+    count: jax.Array | None = None
+    lengths: jax.Array | None = None
+
+    @classmethod
+    def of(cls, layers, mtp=()) -> "ModelCache":
+        """The ModelCache of whole per-layer caches (their counters in place). The model keeps a
+        kind's counters equal; the last layer's are the ones kept: in a step that layer's update
+        runs after every earlier layer has read the counter, so it can be written in place."""
+        layers = tuple(layers)
+        gdn = [c for c in layers if isinstance(c, GDNCache)]
+        kv = [c for c in layers if isinstance(c, KVCache)]
+        return cls(layers=tuple(_without_counter(c) for c in layers), mtp=tuple(mtp),
+                   count=gdn[-1].state.count if gdn else None,
+                   lengths=kv[-1].lengths if kv else None)
+
+    def layer(self, i: int):
+        """Decoder layer i's whole cache (GDNCache or KVCache), the shared counter in place."""
+        c = self.layers[i]
+        if isinstance(c, GDNCache):
+            return c.replace(state=c.state.replace(count=self.count))
+        return c.replace(lengths=self.lengths)
+
+    def with_layers(self, layers) -> "ModelCache":
+        """This cache with whole per-layer caches `layers` in place of its own (`of`)."""
+        return ModelCache.of(layers, self.mtp)
 
     def replace(self, **changes) -> "ModelCache":
         return dataclasses.replace(self, **changes)
@@ -103,7 +147,8 @@ class ModelCache:
         return bool(self.mtp)
 
 
-jax.tree_util.register_dataclass(ModelCache, data_fields=["layers", "mtp"], meta_fields=[])
+jax.tree_util.register_dataclass(ModelCache, data_fields=["layers", "mtp", "count", "lengths"],
+                                 meta_fields=[])
 
 
 def _check_mode(mode: str, T: int, lengths):
@@ -296,7 +341,7 @@ class Qwen3NextForCausalLM(nnx.Module):
             mtp = () if self.mtp is None else tuple(
                 layer.init_cache(num_slots, max_len, t_max=t_max, state_dtype=state_dtype,
                                  commit_mode=commit_mode) for layer in self.mtp.layers)
-            return ModelCache(layers=layers, mtp=mtp)
+            return ModelCache.of(layers, mtp)
 
         if self.mesh is None:
             return make()
@@ -345,24 +390,23 @@ class Qwen3NextForCausalLM(nnx.Module):
                              f"{len(self.layers)}: make it with model.init_cache")
         x, delta = self.embed(tokens), None
         new = []
-        for layer, c in zip(self.layers, cache.layers):
-            x, delta, c = layer.forward(x, delta, c, slots, mode=mode, lengths=lengths)
+        for i, layer in enumerate(self.layers):
+            x, delta, c = layer.forward(x, delta, cache.layer(i), slots, mode=mode,
+                                        lengths=lengths)
             new.append(c)
         hidden = self.norm.add(x, delta, fused=self.layers[-1].fused_norms)[1]
-        return ModelOutput(self.logits(hidden), hidden, cache.replace(layers=tuple(new)))
+        return ModelOutput(self.logits(hidden), hidden, cache.with_layers(new))
 
     def commit(self, cache: ModelCache, slots, num_accepted) -> ModelCache:
         """Keep the first num_accepted[i] (a count, 0..T) tokens of row i's last verify call, in
         every decoder layer (GDN state and conv window, KV lengths)."""
-        layers = tuple(layer.commit(c, slots, num_accepted)
-                       for layer, c in zip(self.layers, cache.layers))
-        return cache.replace(layers=layers)
+        return cache.with_layers(layer.commit(cache.layer(i), slots, num_accepted)
+                                 for i, layer in enumerate(self.layers))
 
     def reset(self, cache: ModelCache, slots) -> ModelCache:
         """Empty the slots (state, conv window, KV lengths, MTP KV lengths) for new sequences."""
-        layers = tuple(layer.reset(c, slots) for layer, c in zip(self.layers, cache.layers))
-        mtp = tuple(c.reset(slots) for c in cache.mtp)
-        return cache.replace(layers=layers, mtp=mtp)
+        layers = [layer.reset(cache.layer(i), slots) for i, layer in enumerate(self.layers)]
+        return ModelCache.of(layers, tuple(c.reset(slots) for c in cache.mtp))
 
     # ---- MTP head
 

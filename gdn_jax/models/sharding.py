@@ -139,8 +139,8 @@ def cache_specs(model, cache):
         assert isinstance(c, KVCache)
         return kv_cache_specs(c.k.shape[2] % tp == 0)
 
-    return cache.replace(layers=tuple(layer_specs(c) for c in cache.layers),
-                         mtp=tuple(layer_specs(c) for c in cache.mtp))
+    return type(cache).of((layer_specs(cache.layer(i)) for i in range(len(cache.layers))),
+                          tuple(layer_specs(c) for c in cache.mtp))
 
 
 def cache_shardings(model, cache):
