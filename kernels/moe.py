@@ -121,22 +121,34 @@ class Blocks:
                 dtype=None) -> jax.Array:
         """y [G * block_m, N] (or its split-K partial sums [S, G * block_m, N], fp32), weights
         [num_tokens, k] -> [num_tokens, N] in dtype (default y's): each token's k rows times
-        their routing weights, summed in fp32. The pairs' rows are gathered (P rows; the padding
-        rows, most of y where experts get a pair or two, are never read) and summed by token in
-        one reduce: no scatter into a zeroed output."""
+        their routing weights, summed in fp32 (`combine_rows` of `token_rows`)."""
+        return combine_rows(y, self.token_rows(weights, num_tokens), weights, dtype)
+
+    def token_rows(self, weights: jax.Array, num_tokens: int) -> jax.Array:
+        """[num_tokens, k] int32: the rows of the output that hold each token's k pairs, in
+        the order of weights' columns (weights [num_tokens, k]: checked against the plan)."""
         T, k = weights.shape
         if T != num_tokens or T * k != self.pair_row.shape[0]:
             raise ValueError(f"combine: weights expected [num_tokens, k] = [{num_tokens}, "
                              f"{self.pair_row.shape[0] // max(num_tokens, 1)}], got "
                              f"{list(weights.shape)}")
-        lead = jnp.take(y, self.pair_row, axis=-2).astype(_F32)
-        if lead.ndim == 3:
-            lead = lead.sum(0)
-        lead = lead.reshape(T, k, y.shape[-1])
-        # a product and a sum over k, which XLA fuses with the gather (an einsum may become a
-        # batched GEMM launch of its own)
-        out = (lead * weights.astype(_F32)[:, :, None]).sum(1)
-        return out.astype(y.dtype if dtype is None else dtype)
+        return self.pair_row.reshape(T, k)
+
+
+def combine_rows(y: jax.Array, rows: jax.Array, weights: jax.Array, dtype=None) -> jax.Array:
+    """y [R, N] (or split-K partial sums [S, R, N], fp32), rows [M, k] int32 in 0..R-1, weights
+    [M, k] -> [M, N] in dtype (default y's): sum_j weights[m, j] * y[rows[m, j]] in fp32, rounded
+    once. Only the M * k rows named are gathered (the padding rows, most of y where experts get a
+    pair or two, are never read) and summed in one reduce: no scatter into a zeroed output."""
+    M, k = rows.shape
+    lead = jnp.take(y, rows.reshape(-1), axis=-2).astype(_F32)
+    if lead.ndim == 3:
+        lead = lead.sum(0)
+    lead = lead.reshape(M, k, y.shape[-1])
+    # a product and a sum over k, which XLA fuses with the gather (an einsum may become a
+    # batched GEMM launch of its own)
+    out = (lead * weights.astype(_F32)[:, :, None]).sum(1)
+    return out.astype(y.dtype if dtype is None else dtype)
 
 
 def num_blocks(pairs: int, num_experts: int, block_m: int) -> int:

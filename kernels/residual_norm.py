@@ -14,6 +14,15 @@ and its norm.
 x: [M, N] bf16 | fp16 | fp32; delta: [S, M, N] (S >= 1 partial sums, any float dtype) or None (h
 is the norm of x, r is x); weight: [N] (the norm is `r * rsqrt(mean(r^2) + eps) * (offset + w)`
 in fp32: offset 1 for Qwen's zero-initialised norms). Returns (r, h), both [M, N] in x's dtype.
+
+A MoE block's output is a weighted sum of expert rows, which the kernel can gather itself:
+
+    r, h = add_rms_norm(x, y, weight, eps=1e-6, rows=rows, row_weights=w)
+
+y: [R, N] (the expert kernel's output rows, any float dtype), rows: [M, S] int32 (in 0..R-1) and
+row_weights: [M, S] (any float dtype): row m's block output is sum_s w[m, s] * y[rows[m, s]]
+(fp32 products, added in order s = 0..S-1, rounded to x's dtype: the MoE combine's one rounding),
+so the combine costs no launch of its own.
 """
 
 from __future__ import annotations
@@ -47,8 +56,10 @@ class NormConfig:
         check_launch_fields(self, counts=("num_warps", "num_stages"))
 
 
-def _kernel(*refs, n: int, block: int, splits: int, eps: float, offset: float):
-    if splits:
+def _kernel(*refs, n: int, block: int, splits: int, gather: bool, eps: float, offset: float):
+    if gather:
+        x_ref, d_ref, rows_ref, rw_ref, w_ref, r_ref, h_ref = refs
+    elif splits:
         x_ref, d_ref, w_ref, r_ref, h_ref = refs
     else:
         x_ref, w_ref, h_ref = refs
@@ -60,9 +71,15 @@ def _kernel(*refs, n: int, block: int, splits: int, eps: float, offset: float):
     r = x
     if splits:
         acc = jnp.zeros((block,), _F32)
-        for s in range(splits):  # static: S is the projection's split count
-            acc += plgpu.load(d_ref.at[jnp.int32(s), m, cols], mask=real, other=0).astype(_F32)
-        y = acc.astype(x.dtype).astype(_F32)  # the block's output, as the projection returns it
+        for s in range(splits):  # static: S is the projection's split count (or the rows')
+            if gather:  # row rows[m, s] of the expert rows, times its weight
+                part = d_ref.at[rows_ref[m, s], cols]
+                scale = rw_ref[m, s].astype(_F32)
+                acc += scale * plgpu.load(part, mask=real, other=0).astype(_F32)
+            else:
+                acc += plgpu.load(d_ref.at[jnp.int32(s), m, cols], mask=real,
+                                  other=0).astype(_F32)
+        y = acc.astype(x.dtype).astype(_F32)  # the block's output, as the block returns it
         r = (x.astype(_F32) + y).astype(x.dtype)
         plgpu.store(r_ref.at[m, cols], r, mask=real)
     rf = r.astype(_F32)
@@ -70,7 +87,7 @@ def _kernel(*refs, n: int, block: int, splits: int, eps: float, offset: float):
     plgpu.store(h_ref.at[m, cols], (rf * inv * (offset + w)).astype(h_ref.dtype), mask=real)
 
 
-def misfit(x, delta, weight) -> str | None:
+def misfit(x, delta, weight, rows=None, row_weights=None) -> str | None:
     """Why `add_rms_norm` cannot take these arrays, or None (the dispatcher's question)."""
     if x.ndim != 2:
         return f"x [M, N] expected, got x{list(x.shape)}"
@@ -81,7 +98,21 @@ def misfit(x, delta, weight) -> str | None:
         return f"N={N} is outside 1..{NORM_MAX_N}"
     if weight.shape != (N,):
         return f"weight [N] = [{N}] expected, got weight{list(weight.shape)}"
-    if delta is not None:
+    if (rows is None) != (row_weights is None):
+        return "rows and row_weights go together"
+    if rows is not None:
+        if delta is None or delta.ndim != 2 or delta.shape[1] != N:
+            return (f"delta [R, N] with N = {N} expected with rows, got "
+                    f"{None if delta is None else list(delta.shape)}")
+        if rows.ndim != 2 or rows.shape[0] != M or row_weights.shape != rows.shape:
+            return (f"rows and row_weights [M, S] with M = {M} expected, got rows"
+                    f"{list(rows.shape)} and row_weights{list(row_weights.shape)}")
+        if rows.dtype != jnp.int32 or not jnp.issubdtype(row_weights.dtype, jnp.floating):
+            return (f"rows int32 and float row_weights expected, got {rows.dtype} and "
+                    f"{row_weights.dtype}")
+        if not 1 <= rows.shape[1] <= NORM_MAX_S:
+            return f"S = {rows.shape[1]} rows a row is outside 1..{NORM_MAX_S}"
+    elif delta is not None:
         if delta.ndim != 3 or delta.shape[1:] != (M, N):
             return f"delta [S, M, N] with M, N = {M}, {N} expected, got delta{list(delta.shape)}"
         if not 1 <= delta.shape[0] <= NORM_MAX_S:
@@ -91,10 +122,13 @@ def misfit(x, delta, weight) -> str | None:
 
 @functools.partial(jax.jit, static_argnames=("eps", "offset", "config", "interpret"))
 def add_rms_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, *, eps: float,
-                 offset: float = 1.0, config: NormConfig = NormConfig(),
+                 offset: float = 1.0, rows: jax.Array | None = None,
+                 row_weights: jax.Array | None = None, config: NormConfig = NormConfig(),
                  interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-    """(r, h) = (x + sum(delta, 0) rounded to x's dtype, its RMSNorm): module docstring."""
-    why = misfit(x, delta, weight)
+    """(r, h) = (x + sum(delta, 0) rounded to x's dtype, its RMSNorm); with rows / row_weights
+    the sum is of delta's rows, weighted: module docstring. A row index outside 0..R-1 is the
+    caller's error (a GPU would read past delta: the ops hand the MoE plan's rows)."""
+    why = misfit(x, delta, weight, rows, row_weights)
     if why:
         raise ValueError(f"add_rms_norm: {why}")
     M, N = x.shape
@@ -106,11 +140,14 @@ def add_rms_norm(x: jax.Array, delta: jax.Array | None, weight: jax.Array, *, ep
         x, weight = pad(x), pad(weight)
         delta = None if delta is None else pad(delta)
     width = x.shape[1]
-    splits = 0 if delta is None else delta.shape[0]
+    gather = rows is not None
+    splits = rows.shape[1] if gather else 0 if delta is None else delta.shape[0]
     out = jax.ShapeDtypeStruct((M, width), x.dtype)
-    args = (x, weight) if delta is None else (x, delta, weight)
+    args = ((x, weight) if delta is None else (x, delta, rows, row_weights, weight) if gather
+            else (x, delta, weight))
     outs = _pallas.pallas_call(
-        functools.partial(_kernel, n=N, block=block, splits=splits, eps=eps, offset=offset),
+        functools.partial(_kernel, n=N, block=block, splits=splits, gather=gather, eps=eps,
+                          offset=offset),
         name="gdn_add_rms_norm" if splits else "gdn_rms_norm", config=config,
         interpret=interpret, grid=(M,), out_shape=(out,) * (2 if splits else 1),
     )(*args)

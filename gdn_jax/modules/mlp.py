@@ -31,6 +31,7 @@ from gdn_jax.modules._linear import (HIGHEST, dense, dense_group, dense_group_pa
                                      dense_swiglu, linear)
 from gdn_jax.modules.sharding import TP, psum, shard_call, tp_metadata
 from gdn_jax.ops import moe as moe_ops
+from gdn_jax.ops.residual_norm import WeightedRows
 
 _F32 = jnp.float32
 EXPERT_PATHS = ("auto", "gather", "grouped", "pallas")
@@ -115,7 +116,9 @@ class SparseMoE(nnx.Module):
 
     def __call__(self, x, *, partials: bool = False):
         """x: [..., hidden] -> [..., hidden] in dtype; partials: as [1, ..., hidden] (the routed
-        and shared outputs are added in XLA: one partial sum)."""
+        and shared outputs are added in XLA: one partial sum), or, where the shared expert runs
+        in the routed experts' launches on one device, as a `WeightedRows` of the expert rows,
+        combined by the `add_rms_norm` that takes it (no launch of its own)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         p = dict(router=self.gate.kernel, shared_gate=self.shared_expert_gate.kernel,
@@ -129,7 +132,12 @@ class SparseMoE(nnx.Module):
             expert_path=_check_expert_path(self.expert_path))
         if self.mesh is not None:
             body = _summed(body)
-        y = shard_call(self.mesh, body, p, (x,), (P(),), P()).reshape(shape)
+        else:
+            body = functools.partial(body, gathered=partials)
+        y = shard_call(self.mesh, body, p, (x,), (P(),), P())
+        if isinstance(y, WeightedRows):
+            return y._replace(lead=tuple(shape[:-1]))
+        y = y.reshape(shape)
         return y[None] if partials else y
 
 
@@ -152,7 +160,7 @@ def set_expert_path(model, path: str):
 
 
 def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dtype, precision,
-              expert_path="auto"):
+              expert_path="auto", gathered=False):
     """SparseMoE on x [N, hidden] with (a shard of) every expert's intermediate dim: the routed
     and shared outputs are linear in the down projections, so shards return partial sums.
     proj, shared_proj: dense's keywords for the router and shared gate, and for the shared
@@ -160,7 +168,8 @@ def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dt
     group). On the Pallas path, where GDN_JAX_MOE_SHARED asks for it
     (`gdn_jax.ops.moe.folds_shared`: by default at small token counts) a shared expert of the
     experts' size runs in the experts' launches, as one more expert, where its projections'
-    keywords are the router's (proj == shared_proj)."""
+    keywords are the router's (proj == shared_proj); gathered: that path returns the
+    `WeightedRows` of `gdn_jax.ops.moe.routed` (lead (N,))."""
     s = p["shared"]
     # read (and checked) whatever the path
     wants_fold = moe_ops.folds_shared(x.shape[0] * top_k, num_experts)
@@ -180,7 +189,7 @@ def _moe_body(p, x, *, proj, shared_proj, top_k, norm_topk_prob, num_experts, dt
         weights, ids = moe_ops.route(logits, top_k, normalize=norm_topk_prob,
                                      shared_gate=(x, p["shared_gate"].astype(dtype)))
         return _routed_pallas(p, x, weights, ids, num_experts=num_experts, dtype=dtype,
-                              precision=precision, shared=s)
+                              precision=precision, shared=s, gathered=gathered)
     if shared_proj == proj:
         logits, shared_logit, s_gate, s_up = dense_group(
             x, (p["router"], p["shared_gate"], s["gate"], s["up"]), **proj)
@@ -229,18 +238,19 @@ def _routed_ragged(p, x, weights, ids, *, num_experts, dtype, precision):
     return jnp.zeros((N, H), y.dtype).at[token].add(y)
 
 
-def _routed_pallas(p, x, weights, ids, *, num_experts, dtype, precision, shared=None):
+def _routed_pallas(p, x, weights, ids, *, num_experts, dtype, precision, shared=None,
+                   gathered=False):
     """The grouped Pallas kernel (`gdn_jax.ops.moe.routed`); its products are exact for 16-bit
     weights, so precision has nothing to say. Same arguments and result as `_routed_ragged`;
     shared: the shared expert's params, to run with the routed experts (weights [N, k + 1],
-    its gate's last)."""
+    its gate's last); gathered: the result as `routed`'s WeightedRows."""
     del num_experts, precision
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"SparseMoE: expert_path 'pallas' needs bf16 or fp16, got dtype {dtype}")
     w = [p[name][...].astype(dtype) for name in ("eg", "eu", "ed")]
     if shared is not None:
         shared = tuple(shared[name][...].astype(dtype) for name in ("gate", "up", "down"))
-    return moe_ops.routed(x, weights.astype(dtype), ids, *w, shared=shared)
+    return moe_ops.routed(x, weights.astype(dtype), ids, *w, shared=shared, gathered=gathered)
 
 
 def _routed_gathered(p, x, weights, ids, *, num_experts, dtype, precision):

@@ -51,6 +51,7 @@ from gdn_jax import kernels
 from gdn_jax.kernels import moe as _moe
 from gdn_jax.ops.dispatch import Device, kernel_mode, sm_count as _sm_count
 from gdn_jax.ops.projection import Partials, pow2_tile
+from gdn_jax.ops.residual_norm import WeightedRows
 
 ROUTER_VAR = "GDN_JAX_MOE_ROUTER"
 SHARED_VAR = "GDN_JAX_MOE_SHARED"
@@ -100,7 +101,7 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
 
 def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
            interpret: bool | None = None,
-           configs: tuple[_moe.MoEConfig, _moe.MoEConfig] | None = None):
+           configs: tuple[_moe.MoEConfig, _moe.MoEConfig] | None = None, gathered: bool = False):
     """Module docstring. interpret: None = compiled on a CUDA GPU (SM80+), else interpreted.
     configs: the gate / up and the down kernels' (default `config_for`'s; a benchmark's).
     shared: (gate [H, I], up [H, I], down [I, H]) in x's dtype, a shared expert of the routed
@@ -109,7 +110,9 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
     last the shared expert's (a sigmoid gate's, say: `route(..., shared_gate=)` appends it):
     the result adds weights[t, k] * down(silu(gate x_t) * up x_t); its down output is rounded
     by the down call as the routed ones are, and the weighted sum of all k + 1 taken in fp32
-    and rounded once."""
+    and rounded once.
+    gathered: return the result as a `WeightedRows` (the down kernel's rows, each token's rows
+    and weights; `value()` is the result) for `add_rms_norm` to combine as it loads them."""
     T, H = x.shape
     E, _, I = w_gate.shape
     k, more = ids.shape[-1] if ids.ndim else 0, " + 1" if shared is not None else ""
@@ -148,6 +151,8 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
     y = kernels.grouped_matmul(h, w_down, blocks.block_expert, shared_blocks=blocks.shared_blocks,
                                config=down_cfg, interpret=interpret, **split,
                                **lone.get("down", {}))
+    if gathered:
+        return WeightedRows(y, blocks.token_rows(weights, T), weights, (T,), jnp.dtype(x.dtype))
     return blocks.combine(y, weights, T, dtype=x.dtype)
 
 

@@ -16,6 +16,10 @@ GDN_JAX_NORM=xla keeps XLA, "pallas" is the default "auto" spelled out, "interpr
 kernel in the Pallas interpreter (tests); unset, GDN_JAX_BACKEND=xla or =interpret steers it.
 Read when a program is traced.
 
+delta may also be a `WeightedRows`: a MoE block's output held as its expert rows, each output
+row's rows and routing weights (`gdn_jax.ops.moe.routed(..., gathered=True)`), which the kernel
+gathers and weights as it loads them: the MoE combine then costs no launch of its own.
+
 `rms_norm` and `gated_rms_norm` are the two norms' XLA formulas, the modules' (`gdn_jax.modules.
 norms`) and the unfused paths' one definition.
 """
@@ -23,6 +27,7 @@ norms`) and the unfused paths' one definition.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +41,38 @@ _F32 = jnp.float32
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
+class WeightedRows(NamedTuple):
+    """A block output of rows [*lead, N] held as weighted rows of another array: row m (of the
+    lead axes flattened) is sum_s weights[m, s] * y[rows[m, s]] in fp32, rounded to dtype (a MoE
+    block's combine: y the expert kernel's output rows [R, N], or its split-K partial sums [S, R,
+    N]; rows and weights [M, S], each token's k pairs). `value()` is that output (XLA)."""
+
+    y: jax.Array
+    rows: jax.Array
+    weights: jax.Array
+    lead: tuple
+    dtype: jnp.dtype
+
+    @property
+    def shape(self) -> tuple:
+        return (*self.lead, self.y.shape[-1])
+
+    def value(self) -> jax.Array:
+        """[*lead, N] in dtype."""
+        out = kernels.moe.combine_rows(self.y, self.rows, self.weights, self.dtype)
+        return out.reshape(self.shape)
+
+
 def add_rms_norm(x, delta, weight, eps: float, *, backend: str | None = None):
-    """x: [..., N]; delta: [S, ..., N] or None; weight: [N] -> (r, h), both [..., N] in x's
-    dtype (module docstring). backend: None (dispatch, GDN_JAX_NORM), "xla" or "interpret"."""
+    """x: [..., N]; delta: [S, ..., N], a `WeightedRows` of x's shape, or None; weight: [N] ->
+    (r, h), both [..., N] in x's dtype (module docstring). backend: None (dispatch,
+    GDN_JAX_NORM), "xla" or "interpret"."""
     *lead, N = x.shape
-    if delta is not None and (delta.ndim != x.ndim + 1 or delta.shape[1:] != x.shape):
+    if isinstance(delta, WeightedRows):
+        if delta.shape != x.shape:
+            raise ValueError(f"add_rms_norm: delta's rows [*x.shape] = {list(x.shape)} expected, "
+                             f"got {list(delta.shape)}")
+    elif delta is not None and (delta.ndim != x.ndim + 1 or delta.shape[1:] != x.shape):
         raise ValueError(f"add_rms_norm: delta [S, *x.shape] = [S, {', '.join(map(str, x.shape))}]"
                          f" expected, got delta{list(delta.shape)}")
     if weight.shape != (N,):
@@ -53,10 +85,16 @@ def add_rms_norm(x, delta, weight, eps: float, *, backend: str | None = None):
     M = math.prod(lead)
     if mode in ("compiled", "interpret") and jnp.dtype(x.dtype) in _KERNEL_DTYPES and M:
         x2 = x.reshape(M, N)
-        d2 = None if delta is None else delta.reshape(delta.shape[0], M, N)
-        if not kernels.add_rms_norm_misfit(x2, d2, weight):
+        gather = {}
+        if isinstance(delta, WeightedRows):  # the kernel's rows are the unsplit expert rows
+            gather = dict(rows=delta.rows, row_weights=delta.weights)
+            d2 = delta.y if delta.dtype == x.dtype else None
+        else:
+            d2 = None if delta is None else delta.reshape(delta.shape[0], M, N)
+        if (d2 is not None or delta is None) and not kernels.add_rms_norm_misfit(
+                x2, d2, weight, **gather):
             r, h = kernels.add_rms_norm(x2, d2, weight, eps=eps, config=config_for(M, N),
-                                        interpret=mode == "interpret")
+                                        interpret=mode == "interpret", **gather)
             return r.reshape(x.shape), h.reshape(x.shape)
     return _xla(x, delta, weight, eps)
 
@@ -95,10 +133,14 @@ def gated_rms_norm(x, z, weight, eps: float):
 
 
 def add_partials(x, delta):
-    """x + the block output delta holds ([S, ..., N] partial sums as `add_rms_norm` takes), in
-    x's dtype: the residual add with no norm after it."""
-    y = delta[0] if delta.shape[0] == 1 else jnp.sum(delta.astype(_F32), axis=0)
+    """x + the block output delta holds ([S, ..., N] partial sums or a `WeightedRows`, as
+    `add_rms_norm` takes), in x's dtype: the residual add with no norm after it."""
+    if isinstance(delta, WeightedRows):
+        y = delta.value()
+    else:
+        y = delta[0] if delta.shape[0] == 1 else jnp.sum(delta.astype(_F32), axis=0)
     return x + y.astype(x.dtype)
 
 
-__all__ = ["ENV_VAR", "add_partials", "add_rms_norm", "gated_rms_norm", "rms_norm"]
+__all__ = ["ENV_VAR", "WeightedRows", "add_partials", "add_rms_norm", "gated_rms_norm",
+           "rms_norm"]

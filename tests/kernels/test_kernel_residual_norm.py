@@ -107,3 +107,69 @@ def test_add_rms_norm_matches_reference_gpu(S, M, dtype, on_gpu):
     x, delta, w = _case(S + M, S, M, 2048, dtype)  # Qwen3.5's hidden size
     r, h = jax.jit(kernels.add_rms_norm, static_argnames=("eps",))(x, delta, w, eps=1e-6)
     _check(r, h, x, delta, w, 1e-6)
+
+
+def _rows_case(seed, S, M, N, R, dtype):
+    """Expert rows y [R, N] (rows nobody names are NaN: never read), rows / row_weights [M, S]
+    (repeats allowed), and the same sum as fp32 partials [S, M, N] (the products of two 16-bit
+    values are exact in fp32, so the reference's partials are the kernel's terms)."""
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.standard_normal((M, N)) * 2, dtype)
+    rows = rng.integers(0, R - 1, (M, S)).astype(np.int32)  # row R - 1 never named
+    y = rng.standard_normal((R, N)).astype(np.float32)
+    y[np.setdiff1d(np.arange(R), rows)] = np.nan
+    y = jnp.asarray(y, jnp.bfloat16)
+    rw = jnp.asarray(rng.uniform(0.05, 1.0, (M, S)), jnp.bfloat16)
+    terms = np.asarray(y, np.float64)[rows] * np.asarray(rw, np.float64)[..., None]  # [M, S, N]
+    w = jnp.asarray(rng.standard_normal(N) * 0.2, jnp.float32)
+    return x, y, jnp.asarray(rows), rw, jnp.asarray(terms.transpose(1, 0, 2), jnp.float32), w
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("S, M, N, R", [(9, 1, 64, 144), (3, 4, 96, 20), (1, 2, 64, 3)])
+def test_add_rms_norm_gathers_weighted_rows_interpret(S, M, N, R, dtype):
+    """delta given as rows of y times their weights (a MoE combine): as the partials w * y[row]
+    (NaN rows never named never read)."""
+    x, y, rows, rw, parts, w = _rows_case(S + M + N, S, M, N, R, dtype)
+    r, h = kernels.add_rms_norm(x, y, w, eps=1e-6, rows=rows, row_weights=rw, interpret=True)
+    _check(r, h, x, parts, w, 1e-6)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(rows=None), r"rows and row_weights go together"),
+    (dict(y=(2, 3, 64)), r"delta \[R, N\] with N = 64 expected with rows"),
+    (dict(rows=(3, 2)), r"rows and row_weights \[M, S\] with M = 4"),
+    (dict(rows_dtype=jnp.int16), r"rows int32 and float row_weights"),
+    (dict(rows=(4, 65), row_weights=(4, 65)), r"S = 65 rows a row is outside 1..64"),
+])
+def test_add_rms_norm_rejects_bad_rows(change, match):
+    x = jnp.ones((4, 64), jnp.bfloat16)
+    y = jnp.ones(change.get("y", (8, 64)), jnp.bfloat16)
+    shape = change.get("rows", (4, 2))
+    rows = None if shape is None else jnp.zeros(shape, change.get("rows_dtype", jnp.int32))
+    rw = jnp.ones(change.get("row_weights", (4, 2)), jnp.bfloat16)
+    w = jnp.ones((64,), jnp.float32)
+    with pytest.raises(ValueError, match=match):
+        kernels.add_rms_norm(x, y, w, eps=1e-6, rows=rows, row_weights=rw, interpret=True)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+def test_add_rms_norm_rows_lower_for_cuda(kind, cuda_lowering):
+    x = jax.ShapeDtypeStruct((4, 2048), jnp.bfloat16)
+    y = jax.ShapeDtypeStruct((36 * 16, 2048), jnp.bfloat16)
+    rows = jax.ShapeDtypeStruct((4, 9), jnp.int32)
+    rw = jax.ShapeDtypeStruct((4, 9), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((2048,), jnp.float32)
+    with cuda_lowering(kind):
+        text = kernels.add_rms_norm.trace(x, y, w, eps=1e-6, rows=rows, row_weights=rw).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S, M", [(9, 1), (9, 4), (11, 32)])
+def test_add_rms_norm_gathers_weighted_rows_gpu(S, M, on_gpu):
+    x, y, rows, rw, parts, w = _rows_case(S + M, S, M, 2048, 16 * M * S, jnp.bfloat16)
+    r, h = jax.jit(kernels.add_rms_norm, static_argnames=("eps",))(
+        x, y, w, eps=1e-6, rows=rows, row_weights=rw)
+    _check(r, h, x, parts, w, 1e-6)

@@ -19,6 +19,7 @@ from gdn_jax import kernels
 from gdn_jax.models.sharding import attach_mesh, param_specs
 from gdn_jax.modules.mlp import SparseMoE, set_expert_path
 from gdn_jax.ops import moe
+from gdn_jax.ops.residual_norm import WeightedRows
 from gdn_jax.ops.dispatch import Device
 
 BF16 = jnp.bfloat16
@@ -460,3 +461,26 @@ def test_sparse_moe_on_a_mesh_matches_one_device(shared, router, monkeypatch):
     fold = shared == "fold"
     assert seen == [((8, 64, 32), fold), ((8, 64, 16), fold)]  # one device, then a shard
     np.testing.assert_allclose(got, want, rtol=2 ** -6, atol=2 ** -6 * np.abs(want).max())
+
+
+def test_routed_gathered_is_the_combine_left_to_the_norm(monkeypatch):
+    """routed(gathered=True): the down kernel's rows, each token's rows and weights, whose
+    value() is routed's result bit for bit (one combine); SparseMoE(partials=True) hands it on
+    where it folds the shared expert on one device (lead: x's), an array [1, ...] apart."""
+    x, w, ids, wg, wu, wd = _case(5, 3, 4, 64, 128, 64)
+    sg, su, sd, sw = _shared_case(5, 3, 128, 64)
+    args = (x, _with(w, sw), ids, wg, wu, wd)
+    rows = moe.routed(*args, shared=(sg, su, sd), gathered=True)
+    assert isinstance(rows, WeightedRows) and rows.lead == (3,) and rows.rows.shape == (3, 5)
+    np.testing.assert_array_equal(np.asarray(rows.value()),
+                                  np.asarray(moe.routed(*args, shared=(sg, su, sd))))
+    block = SparseMoE(64, 8, 2, 32, 32, expert_path="pallas", dtype=BF16, param_dtype=BF16,
+                      rngs=nnx.Rngs(3))
+    h = jnp.asarray(np.random.default_rng(4).standard_normal((1, 1, 64)), BF16)
+    monkeypatch.setenv(moe.SHARED_VAR, "fold")
+    held = block(h, partials=True)
+    assert isinstance(held, WeightedRows) and held.shape == h.shape
+    np.testing.assert_array_equal(np.asarray(held.value()), np.asarray(block(h)))
+    monkeypatch.setenv(moe.SHARED_VAR, "apart")
+    apart = block(h, partials=True)
+    assert not isinstance(apart, WeightedRows) and apart.shape == (1, *h.shape)

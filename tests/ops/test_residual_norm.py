@@ -10,8 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gdn_jax import kernels
 from gdn_jax.ops import projection
-from gdn_jax.ops.residual_norm import add_partials, add_rms_norm
+from gdn_jax.ops.residual_norm import WeightedRows, add_partials, add_rms_norm
 
 
 def _case(seed, S, lead, N, dtype=jnp.bfloat16):
@@ -98,6 +99,113 @@ def test_model_with_fused_norms_matches_xla(monkeypatch):
         step = model(tokens[:, -1:], out.cache, slots, mode="decode")
         mtp = model.mtp_forward(tokens[:, -1:], step.hidden, step.cache, slots)
         outs[norm] = (out.logits, step.logits, step.hidden, mtp.logits)
+    for a, b in zip(outs["interpret"], outs["xla"]):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=2e-2, atol=2e-2)
+
+
+def _rows_case(seed, lead, N, R, S, dtype=jnp.bfloat16):
+    """x [*lead, N] and a WeightedRows of its shape: y [R, N] (unnamed rows NaN), rows / weights
+    [M, S] (as a MoE plan's: each output row's expert rows and routing weights)."""
+    rng = np.random.default_rng(seed)
+    M = int(np.prod(lead))
+    x = jnp.asarray(rng.standard_normal((*lead, N)), dtype)
+    rows = rng.permutation(R - 1)[:M * S].reshape(M, S).astype(np.int32)
+    y = rng.standard_normal((R, N)).astype(np.float32)
+    y[np.setdiff1d(np.arange(R), rows)] = np.nan
+    weights = jnp.asarray(rng.uniform(0.05, 1.0, (M, S)), dtype)
+    delta = WeightedRows(jnp.asarray(y, dtype), jnp.asarray(rows), weights, tuple(lead),
+                         jnp.dtype(dtype))
+    return x, delta, jnp.asarray(rng.standard_normal(N) * 0.2, jnp.float32)
+
+
+def test_weighted_rows_are_the_moe_combine():
+    """value(): the combine of `kernels.moe.combine_rows` (every row named, weighted, summed in
+    fp32, rounded once), shaped as the block's output; add_partials adds it."""
+    x, delta, _ = _rows_case(1, (2, 3), 64, 40, 4)
+    want = (np.asarray(delta.y, np.float64)[np.asarray(delta.rows)]
+            * np.asarray(delta.weights, np.float64)[..., None]).sum(1)
+    got = delta.value()
+    assert got.shape == x.shape == delta.shape and got.dtype == x.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float64).reshape(want.shape), want,
+                               rtol=2.0 ** -8, atol=2.0 ** -8 * np.abs(want).max())
+    np.testing.assert_array_equal(np.asarray(add_partials(x, delta)), np.asarray(x + got))
+
+
+@pytest.mark.parametrize("lead, S", [((1, 1), 9), ((2, 2), 3), ((3,), 11)])
+def test_weighted_rows_kernel_path_matches_xla(lead, S):
+    """The kernel gathering the rows (interpreted) against XLA's combine + add + norm: r within
+    an ulp of bf16 (the fp32 sum's order), h too; the NaN rows nobody names are never read."""
+    x, delta, w = _rows_case(S, lead, 96, 64, S)
+    calls = []
+    real = kernels.add_rms_norm
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "add_rms_norm",
+                   lambda *a, **kw: calls.append("rows" in kw) or real(*a, **kw))
+        r, h = add_rms_norm(x, delta, w, 1e-6, backend="interpret")
+    assert calls == [True]
+    r_x, h_x = add_rms_norm(x, delta, w, 1e-6, backend="xla")
+    assert np.isfinite(np.asarray(r, np.float32)).all()
+    for got, want in ((r, r_x), (h, h_x)):
+        assert got.shape == x.shape and got.dtype == x.dtype
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   rtol=2.0 ** -7, atol=2.0 ** -7)
+
+
+def test_weighted_rows_the_kernel_cannot_take_go_to_xla():
+    """Split-K expert rows ([S, R, N] partial sums) and rows of another dtype than x's take
+    XLA's combine (the kernel is not called); a WeightedRows of another shape is an error."""
+    x, delta, w = _rows_case(3, (2, 2), 64, 32, 3)
+    calls = []
+    real = kernels.add_rms_norm
+    split = delta._replace(y=jnp.stack([delta.y.astype(jnp.float32)] * 2))
+    other = delta._replace(dtype=jnp.dtype(jnp.float16))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "add_rms_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        for d in (split, other):
+            r, _ = add_rms_norm(x, d, w, 1e-6, backend="interpret")
+            np.testing.assert_array_equal(np.asarray(r), np.asarray(x + d.value().astype(x.dtype)))
+    assert calls == []
+    with pytest.raises(ValueError, match=r"delta's rows \[\*x.shape\] = \[2, 2, 64\] expected, "
+                                         r"got \[4, 64\]"):
+        add_rms_norm(x, delta._replace(lead=(4,)), w, 1e-6)
+
+
+def test_moe_model_norms_combine_the_expert_rows(monkeypatch):
+    """A tiny bf16 MoE model, the shared expert folded into the (interpreted) expert kernels:
+    each MoE block hands its expert rows to the next norm (a WeightedRows; the MTP head's and
+    the final norm's too), whose kernel combines them; against GDN_JAX_NORM=xla (XLA's combine),
+    prefill, decode and an MTP step."""
+    from tiny_models import random_model  # noqa: PLC0415 (tests/ helper)
+
+    from gdn_jax.models import ModelConfig  # noqa: PLC0415
+    from gdn_jax.modules.mlp import set_expert_path  # noqa: PLC0415
+    from gdn_jax.ops import moe  # noqa: PLC0415
+    config = ModelConfig(
+        model_type="qwen3_5_moe_text", vocab_size=64, hidden_size=64, num_hidden_layers=2,
+        layer_types=("linear_attention", "full_attention"), num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+        linear_key_head_dim=16, linear_value_head_dim=16, num_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=32, shared_expert_intermediate_size=32, mtp_num_hidden_layers=1)
+    model = set_expert_path(random_model(config, seed=2, scale=0.2, dtype=jnp.bfloat16), "pallas")
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 3)), jnp.int32)
+    slots = jnp.arange(2, dtype=jnp.int32)
+    monkeypatch.setenv(moe.SHARED_VAR, "fold")
+    calls, outs = [], {}
+    real = kernels.add_rms_norm
+    monkeypatch.setattr(kernels, "add_rms_norm", lambda *a, **kw: calls.append(
+        kw.get("rows") is not None) or real(*a, **kw))
+    for norm in ("interpret", "xla"):
+        monkeypatch.setenv("GDN_JAX_NORM", norm)
+        cache = model.init_cache(2, 16)
+        out = model(tokens, cache, slots, mode="prefill")
+        step = model(tokens[:, -1:], out.cache, slots, mode="decode")
+        mtp = model.mtp_forward(tokens[:, -1:], step.hidden, step.cache, slots)
+        outs[norm] = (out.logits, step.logits, step.hidden, mtp.logits)
+    # the 2nd layer's input norm and the final norm take a MoE block's rows in prefill and
+    # decode, the MTP head's final norm its layer's: 5 of the kernel's 13 calls (the others add
+    # projection partials or nothing); no call under GDN_JAX_NORM=xla
+    assert calls == [False, False, True, False, True] * 2 + [False, False, True], calls
     for a, b in zip(outs["interpret"], outs["xla"]):
         np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                    rtol=2e-2, atol=2e-2)
