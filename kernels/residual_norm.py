@@ -21,7 +21,7 @@ A MoE block's output is a weighted sum of expert rows, which the kernel can gath
 
 y: [R, N] (the expert kernel's output rows, any float dtype), rows: [M, S] int32 (in 0..R-1) and
 row_weights: [M, S] (any float dtype): row m's block output is sum_s w[m, s] * y[rows[m, s]]
-(fp32 products, added in order s = 0..S-1, rounded to x's dtype: the MoE combine's one rounding),
+(fp32 multiply-adds in order s = 0..S-1, rounded to x's dtype: the MoE combine's one rounding),
 so the combine costs no launch of its own.
 """
 

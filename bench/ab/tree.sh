@@ -11,14 +11,20 @@
 # Carry the trees: run(..., carry=["devtmp/trees"]) (a few MB each). `run` cds into the tree and
 # puts it first on PYTHONPATH: Python looks there before the editable install's finder (which
 # sits last on sys.meta_path), and the tree's gdn_jax/kernels links to its kernels/ as the
-# install maps it (the embedded model's assets are left out). Relative paths in ARGS are the
-# tree's: give --out an absolute one ($OUT/...).
+# install maps it. Left out: bench/results, the embedded model's assets and tests/ (so not for
+# bench_generate.py without --model, nor for the scripts that import tests/oracle.py:
+# ncu_kernels.py, flashinfer_gdn.py). Relative paths in ARGS are the tree's: give --out an
+# absolute one ($OUT/...).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cmd=${1:?make or run}; rev=${2:?a revision}; shift 2
 tree=$root/devtmp/trees/$rev
 case $cmd in
     make)
+        git -C "$root" rev-parse --verify --quiet "$rev^{commit}" >/dev/null \
+            || { echo "tree.sh: $rev is no revision" >&2; exit 2; }
+        [[ $rev != */* && $rev != .* ]] \
+            || { echo "tree.sh: name the revision plainly (no / or leading .)" >&2; exit 2; }
         rm -rf "$tree" && mkdir -p "$tree"
         git -C "$root" archive "$rev" gdn_jax kernels bench \
             | tar -x -C "$tree" --exclude bench/results --exclude gdn_jax/assets

@@ -89,16 +89,21 @@ class ModelCache:
         layers = tuple(layers)
         gdn = [c for c in layers if isinstance(c, GDNCache)]
         kv = [c for c in layers if isinstance(c, KVCache)]
+        kinds = {(c.state.commit_mode, c.state.t_max) for c in gdn}
+        if len(kinds) > 1:  # one count stands for layers that update it alike
+            raise ValueError(f"ModelCache.of: the GDN layers' (commit mode, t_max) differ: "
+                             f"{sorted(kinds)}")
         return cls(layers=tuple(_without_counter(c) for c in layers), mtp=tuple(mtp),
                    count=gdn[-1].state.count if gdn else None,
                    lengths=kv[-1].lengths if kv else None)
 
     def layer(self, i: int):
-        """Decoder layer i's whole cache (GDNCache or KVCache), the shared counter in place."""
+        """Decoder layer i's whole cache (GDNCache or KVCache), the shared counter in place (a
+        ModelCache built of whole caches without `of` keeps each layer's own)."""
         c = self.layers[i]
         if isinstance(c, GDNCache):
-            return c.replace(state=c.state.replace(count=self.count))
-        return c.replace(lengths=self.lengths)
+            return c if self.count is None else c.replace(state=c.state.replace(count=self.count))
+        return c if self.lengths is None else c.replace(lengths=self.lengths)
 
     def with_layers(self, layers) -> "ModelCache":
         """This cache with whole per-layer caches `layers` in place of its own (`of`)."""
@@ -217,7 +222,8 @@ class DecoderLayer(nnx.Module):
     def forward(self, x, delta, cache, slots, *, mode: str, lengths=None):
         """The layer with each residual add left to the norm after it (one launch for both on a
         GPU: `RMSNorm.add`). The residual stream is x + delta on entry and on return; delta:
-        [S, B, T, hidden] partial sums of the previous block's output, or None.
+        [S, B, T, hidden] partial sums of the previous block's output, a `WeightedRows` (a MoE
+        block's expert rows: `SparseMoE`), or None.
         Returns (x, delta, cache): the model adds the last delta in its final norm."""
         fused = self.fused_norms
         x, h = self.input_layernorm.add(x, delta, fused=fused)

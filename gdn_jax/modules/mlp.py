@@ -136,7 +136,7 @@ class SparseMoE(nnx.Module):
             body = functools.partial(body, gathered=partials)
         y = shard_call(self.mesh, body, p, (x,), (P(),), P())
         if isinstance(y, WeightedRows):
-            return y._replace(lead=tuple(shape[:-1]))
+            return y.replace(lead=tuple(shape[:-1]))
         y = y.reshape(shape)
         return y[None] if partials else y
 

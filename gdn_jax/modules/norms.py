@@ -32,13 +32,15 @@ class RMSNorm(nnx.Module):
 
     def add(self, x, delta, *, fused: bool = True):
         """(r, h) = (x + delta's sum in x's dtype, this norm of r); delta: [S, *x.shape] partial
-        sums or None (r = x). fused=False keeps XLA (the kernel's dispatch otherwise)."""
+        sums, a `WeightedRows` of x's shape (a MoE block's expert rows) or None (r = x).
+        fused=False keeps XLA (the kernel's dispatch otherwise)."""
         return add_rms_norm(x, delta, self.weight[...], self.eps,
                             backend=None if fused else "xla")
 
 
 def residual_add(x, delta):
-    """x + delta's sum ([S, *x.shape] partial sums, `RMSNorm.add`'s), in x's dtype."""
+    """x + delta's sum ([S, *x.shape] partial sums or a `WeightedRows`, `RMSNorm.add`'s), in
+    x's dtype."""
     return add_partials(x, delta)
 
 

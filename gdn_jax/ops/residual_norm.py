@@ -26,8 +26,8 @@ norms`) and the unfused paths' one definition.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,11 +41,13 @@ _F32 = jnp.float32
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-class WeightedRows(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class WeightedRows:
     """A block output of rows [*lead, N] held as weighted rows of another array: row m (of the
     lead axes flattened) is sum_s weights[m, s] * y[rows[m, s]] in fp32, rounded to dtype (a MoE
     block's combine: y the expert kernel's output rows [R, N], or its split-K partial sums [S, R,
-    N]; rows and weights [M, S], each token's k pairs). `value()` is that output (XLA)."""
+    N]; rows and weights [M, S], each token's k pairs). `value()` is that output (XLA). A pytree
+    (y, rows and weights its leaves): it passes through jit, scan and remat."""
 
     y: jax.Array
     rows: jax.Array
@@ -57,10 +59,17 @@ class WeightedRows(NamedTuple):
     def shape(self) -> tuple:
         return (*self.lead, self.y.shape[-1])
 
+    def replace(self, **changes) -> "WeightedRows":
+        return dataclasses.replace(self, **changes)
+
     def value(self) -> jax.Array:
         """[*lead, N] in dtype."""
         out = kernels.moe.combine_rows(self.y, self.rows, self.weights, self.dtype)
         return out.reshape(self.shape)
+
+
+jax.tree_util.register_dataclass(WeightedRows, data_fields=["y", "rows", "weights"],
+                                 meta_fields=["lead", "dtype"])
 
 
 def add_rms_norm(x, delta, weight, eps: float, *, backend: str | None = None):
@@ -69,9 +78,11 @@ def add_rms_norm(x, delta, weight, eps: float, *, backend: str | None = None):
     GDN_JAX_NORM), "xla" or "interpret"."""
     *lead, N = x.shape
     if isinstance(delta, WeightedRows):
-        if delta.shape != x.shape:
-            raise ValueError(f"add_rms_norm: delta's rows [*x.shape] = {list(x.shape)} expected, "
-                             f"got {list(delta.shape)}")
+        M, S = math.prod(delta.lead), delta.rows.shape[-1] if delta.rows.ndim else 0
+        if delta.shape != x.shape or delta.rows.shape != (M, S) or delta.weights.shape != (M, S):
+            raise ValueError(f"add_rms_norm: delta's rows [*x.shape] = {list(x.shape)} with rows "
+                             f"and weights [M, S] (M = {M}) expected, got {list(delta.shape)}, "
+                             f"rows{list(delta.rows.shape)}, weights{list(delta.weights.shape)}")
     elif delta is not None and (delta.ndim != x.ndim + 1 or delta.shape[1:] != x.shape):
         raise ValueError(f"add_rms_norm: delta [S, *x.shape] = [S, {', '.join(map(str, x.shape))}]"
                          f" expected, got delta{list(delta.shape)}")

@@ -57,6 +57,13 @@ def test_of_takes_the_last_layers_counters():
     np.testing.assert_array_equal(cache.count, 2)
     np.testing.assert_array_equal(cache.lengths, 7)
     assert ModelCache.of([kv[0]]).count is None and ModelCache.of([gdn[0]]).lengths is None
+    # built of whole caches without `of`: each layer keeps its own
+    whole = ModelCache(layers=(gdn[1], kv[1]))
+    assert whole.layer(0) is gdn[1] and whole.layer(1) is kv[1]
+    ring = GDNCache.create(NUM_SLOTS, 2, 4, 16, 16, 4, t_max=T_MAX, commit_mode="ring")
+    with pytest.raises(ValueError, match=r"ModelCache.of: the GDN layers' \(commit mode, t_max\) "
+                                         r"differ: \[\('replay', 3\), \('ring', 3\)\]"):
+        ModelCache.of([gdn[0], ring])
 
 
 @pytest.mark.parametrize("commit_mode", ["replay", "ring", "intermediate"])

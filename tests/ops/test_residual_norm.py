@@ -121,7 +121,7 @@ def _rows_case(seed, lead, N, R, S, dtype=jnp.bfloat16):
 
 def test_weighted_rows_are_the_moe_combine():
     """value(): the combine of `kernels.moe.combine_rows` (every row named, weighted, summed in
-    fp32, rounded once), shaped as the block's output; add_partials adds it."""
+    fp32, rounded once), shaped as the block's output; add_partials adds it; jit takes it."""
     x, delta, _ = _rows_case(1, (2, 3), 64, 40, 4)
     want = (np.asarray(delta.y, np.float64)[np.asarray(delta.rows)]
             * np.asarray(delta.weights, np.float64)[..., None]).sum(1)
@@ -130,6 +130,10 @@ def test_weighted_rows_are_the_moe_combine():
     np.testing.assert_allclose(np.asarray(got, np.float64).reshape(want.shape), want,
                                rtol=2.0 ** -8, atol=2.0 ** -8 * np.abs(want).max())
     np.testing.assert_array_equal(np.asarray(add_partials(x, delta)), np.asarray(x + got))
+    # a pytree of its arrays (lead and dtype static): through jit, as a block output under remat
+    np.testing.assert_array_equal(np.asarray(jax.jit(lambda d: d.value())(delta)),
+                                  np.asarray(got))
+    assert len(jax.tree.leaves(delta)) == 3
 
 
 @pytest.mark.parametrize("lead, S", [((1, 1), 9), ((2, 2), 3), ((3,), 11)])
@@ -158,17 +162,20 @@ def test_weighted_rows_the_kernel_cannot_take_go_to_xla():
     x, delta, w = _rows_case(3, (2, 2), 64, 32, 3)
     calls = []
     real = kernels.add_rms_norm
-    split = delta._replace(y=jnp.stack([delta.y.astype(jnp.float32)] * 2))
-    other = delta._replace(dtype=jnp.dtype(jnp.float16))
+    split = delta.replace(y=jnp.stack([delta.y.astype(jnp.float32)] * 2))
+    other = delta.replace(dtype=jnp.dtype(jnp.float16))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(kernels, "add_rms_norm", lambda *a, **kw: calls.append(1) or real(*a, **kw))
         for d in (split, other):
             r, _ = add_rms_norm(x, d, w, 1e-6, backend="interpret")
             np.testing.assert_array_equal(np.asarray(r), np.asarray(x + d.value().astype(x.dtype)))
     assert calls == []
-    with pytest.raises(ValueError, match=r"delta's rows \[\*x.shape\] = \[2, 2, 64\] expected, "
-                                         r"got \[4, 64\]"):
-        add_rms_norm(x, delta._replace(lead=(4,)), w, 1e-6)
+    with pytest.raises(ValueError, match=r"delta's rows \[\*x.shape\] = \[2, 2, 64\] with rows "
+                                         r"and weights \[M, S\] \(M = 4\) expected, got \[4, 64\]"):
+        add_rms_norm(x, delta.replace(lead=(4,)), w, 1e-6)
+    with pytest.raises(ValueError, match=r"\(M = 4\) expected, got \[2, 2, 64\], rows\[4, 3\], "
+                                         r"weights\[4, 2\]"):
+        add_rms_norm(x, delta.replace(weights=delta.weights[:, :2]), w, 1e-6)
 
 
 def test_moe_model_norms_combine_the_expert_rows(monkeypatch):
