@@ -96,14 +96,13 @@ def add_rms_norm(x, delta, weight, eps: float, *, backend: str | None = None):
     M = math.prod(lead)
     if mode in ("compiled", "interpret") and jnp.dtype(x.dtype) in _KERNEL_DTYPES and M:
         x2 = x.reshape(M, N)
-        gather = {}
+        gather, fits = {}, True
         if isinstance(delta, WeightedRows):  # the kernel's rows are the unsplit expert rows
             gather = dict(rows=delta.rows, row_weights=delta.weights)
-            d2 = delta.y if delta.dtype == x.dtype else None
+            d2, fits = delta.y, delta.dtype == x.dtype  # the kernel rounds to x's dtype
         else:
             d2 = None if delta is None else delta.reshape(delta.shape[0], M, N)
-        if (d2 is not None or delta is None) and not kernels.add_rms_norm_misfit(
-                x2, d2, weight, **gather):
+        if fits and not kernels.add_rms_norm_misfit(x2, d2, weight, **gather):
             r, h = kernels.add_rms_norm(x2, d2, weight, eps=eps, config=config_for(M, N),
                                         interpret=mode == "interpret", **gather)
             return r.reshape(x.shape), h.reshape(x.shape)
