@@ -72,6 +72,10 @@ class ProjectionConfig:
                 than x by w's block: the weight's columns fill the tensor-core tile's long side
                 and the few rows its short one (on Hopper, the wgmma the x-first order's 16 to
                 32 rows are too few for).
+    gemv:       one row (M = 1) only: its products on the CUDA cores, x one [block_k] row and
+                the [block_k, block_n] fp32 products summed over K once, after the loop; a
+                prologue then forms that one row, not a [16, block_k] tile of which 15 rows are
+                padding (computed and thrown away by every column block's program).
     """
 
     block_n: int = 128
@@ -80,6 +84,7 @@ class ProjectionConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False
+    gemv: bool = False
 
     def __post_init__(self):
         check_launch_fields(self, tiles=("block_n", "block_k"), counts=("splits",))
@@ -89,11 +94,14 @@ class ProjectionConfig:
         a column of a row of x's sources where a prologue forms x (`source_bytes`; default
         itemsize)."""
         x_bytes = itemsize if x_bytes is None else x_bytes
-        return self.num_stages * (block_m(M) * x_bytes + self.block_n * itemsize) * self.block_k
+        rows = 1 if self.gemv else block_m(M)
+        return self.num_stages * (rows * x_bytes + self.block_n * itemsize) * self.block_k
 
     def misfit(self, K: int, N: int, M: int = 1, x_bytes: int | None = None) -> str | None:
         """Why this config cannot run M rows of a [K, N] weight (x's sources at x_bytes a
         column of a row: `smem_bytes`), or None."""
+        if self.gemv and M != 1:
+            return f"gemv takes one row, got M={M}"
         smem = self.smem_bytes(M, x_bytes=x_bytes)
         if smem > _SMEM_BYTES:
             return (f"{self.num_stages} stages of [{block_m(M)} + {self.block_n}, "
@@ -155,7 +163,7 @@ def misfit(M: int, K: int, N, dtype, config: ProjectionConfig,
 
 
 def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab: bool,
-            blocks: tuple[tuple[int, int, int, int], ...], prologue: tuple | None):
+            gemv: bool, blocks: tuple[tuple[int, int, int, int], ...], prologue: tuple | None):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
     accumulation; o is fp32 partial sums, or the result where there is one slice), for the weight
     whose blocks hold n: blocks[i] = (first, last, block_n, col): w_i's column blocks of block_n
@@ -163,10 +171,14 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
 
     x is the first ref, or (prologue) formed from the first refs tile by tile (`_x_tile`). x (or
     its sources) and o hold `rows` real rows (fewer than the tile's block_m, or padded to it in
-    the interpreter): the tile's rows past them are masked, read as zeros and never stored."""
+    the interpreter): the tile's rows past them are masked, read as zeros and never stored.
+    gemv (one row): x's tile is that row, [1, block_k], and the products are summed on the CUDA
+    cores (`ProjectionConfig.gemv`)."""
     sources = 1 if prologue is None else {"swiglu": 1, "gated_norm": 3}[prologue[0]]
     in_refs, w_refs, o_ref = refs[:sources], refs[sources:-1], refs[-1]
     n, s = pl.program_id(0), pl.program_id(1)
+    if gemv:
+        block_m = 1
     tile_rows = pl.ds(0, block_m)
     real = lax.broadcasted_iota(jnp.int32, (block_m, 1), 0) < rows
     # The tile's rows may run past x's (M < block_m): a static slice Pallas lets through (its
@@ -181,15 +193,20 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
         def step(i, acc):
             ks = pl.ds(s * k_split + i * block_k, block_k)
             x = x_tile(s * k_split + i * block_k)
+            if gemv:  # [block_k, block_n] products, summed over K after the loop
+                return acc + x.astype(_F32).T * w_ref[ks, local].astype(_F32)
             if swap_ab:  # [block_n, block_m]
                 return acc + lax.dot_general(w_ref[ks, local], x, (((0,), (1,)), ((), ())),
                                              preferred_element_type=_F32)
             return acc + lax.dot_general(x, w_ref[ks, local], (((1,), (0,)), ((), ())),
                                          preferred_element_type=_F32)
 
-        shape = (block_n, block_m) if swap_ab else (block_m, block_n)
+        shape = ((block_k, block_n) if gemv else (block_n, block_m) if swap_ab
+                 else (block_m, block_n))
         acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros(shape, _F32))
-        if swap_ab:
+        if gemv:
+            acc = jnp.sum(acc, axis=0, keepdims=True)
+        elif swap_ab:
             acc = acc.T
         cols = pl.ds(col + (n - first) * block_n, block_n)
         plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
@@ -340,7 +357,8 @@ def _launch(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple,
     out_dtype = dtype if config.splits == 1 and not partials else _F32
     out = _pallas.pallas_call(
         functools.partial(_kernel, rows=M, block_m=bm, block_k=config.block_k,
-                          k_split=K // config.splits, swap_ab=config.swap_ab, blocks=blocks,
+                          k_split=K // config.splits, swap_ab=config.swap_ab,
+                          gemv=config.gemv, blocks=blocks,
                           prologue=prologue),
         name=name,
         config=config,  # pallas_call reads num_warps and num_stages

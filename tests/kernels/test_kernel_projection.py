@@ -49,6 +49,25 @@ def test_project_matches_float64_interpret(M, config, dtype):
     _assert_close(kernels.project(x, w, config=config, interpret=True), x, w, dtype)
 
 
+@pytest.mark.parametrize("config", [ProjectionConfig(32, 32, 1, 4, 1, gemv=True),
+                                    ProjectionConfig(64, 16, 4, 2, 2, gemv=True)],
+                         ids=["one-slice", "split4"])
+def test_project_as_gemv_matches_float64_interpret(config):
+    """One row on the CUDA cores (`ProjectionConfig.gemv`), a lone weight and a group."""
+    K, N = 128, 128
+    x, w = _case(3, 1, K, N, jnp.bfloat16)
+    _assert_close(kernels.project(x, w, config=config, interpret=True), x, w, jnp.bfloat16)
+    ws = tuple(_case(4 + i, 1, K, n, jnp.bfloat16)[1] for i, n in enumerate((64, 96)))
+    for y, w in zip(kernels.project_group(x, ws, config=config, interpret=True), ws):
+        _assert_close(y, x, w, jnp.bfloat16)
+
+
+def test_gemv_takes_one_row():
+    x, w = _case(5, 2, 128, 64, jnp.bfloat16)
+    with pytest.raises(ValueError, match="gemv takes one row, got M=2"):
+        kernels.project(x, w, config=ProjectionConfig(32, 32, gemv=True), interpret=True)
+
+
 @pytest.mark.parametrize("M", [1, 5, 33])
 @pytest.mark.parametrize("config", [ProjectionConfig(32, 32, 1, 4, 1), ProjectionConfig(16, 16, 4, 2, 2),
                                     ProjectionConfig(64, 32, 2, 4, 1),

@@ -89,6 +89,23 @@ def test_project_gated_norm_matches_float64_interpret(M, V, config):
     _assert_close(y, h, w)
 
 
+GEMV = [ProjectionConfig(32, 32, 1, 4, 1, gemv=True), ProjectionConfig(64, 32, 2, 4, 2, gemv=True)]
+
+
+@pytest.mark.parametrize("S", [1, 2, 3])
+@pytest.mark.parametrize("config", GEMV, ids=["one-slice", "split2"])
+def test_prologues_as_gemv_match_float64_interpret(S, config):
+    """One row on the CUDA cores (`ProjectionConfig.gemv`): the prologue forms the row alone."""
+    K, N = 128, 64
+    gate_up, h = _gate_up(10 + S, S, 1, K)
+    w = _weight(S, K, N)
+    _assert_close(kernels.project_swiglu(gate_up, w, config=config, interpret=True), h, w)
+    V = config.block_k
+    o, z, weight, h = _gated_norm(20 + S, 1, K // V, V, 1e-6)
+    y = kernels.project_gated_norm(o, z, weight, w, eps=1e-6, config=config, interpret=True)
+    _assert_close(y, h, w)
+
+
 @pytest.mark.parametrize("splits", [1, 2])
 def test_project_group_partials_hold_the_products_interpret(splits):
     """partials=True: one [splits, M, sum N_i] array, the weights' columns one after another,
@@ -159,6 +176,27 @@ def test_prologues_lower_for_cuda(kind, M, S, cuda_lowering):
                                                   config=config).lower(
                      lowering_platforms=("cuda",)).as_text()]
     assert all(text.count(TRITON_CALL) == 1 for text in texts)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+def test_prologues_lower_for_cuda_as_gemv(kind, cuda_lowering):
+    """gemv reaches the kernel: one row's prologues lower to another kernel than the tile's."""
+    gate_up = jax.ShapeDtypeStruct((2, 1, 10240), jnp.float32)
+    w_down = jax.ShapeDtypeStruct((5120, 2048), BF16)
+    o = jax.ShapeDtypeStruct((1, 4096), BF16)
+    weight = jax.ShapeDtypeStruct((128,), BF16)
+    w_out = jax.ShapeDtypeStruct((4096, 2048), BF16)
+    texts = []
+    with cuda_lowering(kind):
+        for gemv in (False, True):
+            config = ProjectionConfig(64, 128, 8, 4, 3, gemv=gemv)
+            texts.append([kernels.project_swiglu.trace(gate_up, w_down, config=config).lower(
+                              lowering_platforms=("cuda",)).as_text(),
+                          kernels.project_gated_norm.trace(o, o, weight, w_out, eps=1e-6,
+                                                           config=config).lower(
+                              lowering_platforms=("cuda",)).as_text()])
+    assert all(text.count(TRITON_CALL) == 1 for text in texts[1])
+    assert all(a != b for a, b in zip(*texts))
 
 
 @pytest.mark.gpu
