@@ -9,6 +9,8 @@ order). Small shapes run in the Pallas interpreter on CPU, the model's shapes on
 every config form lowers for CUDA (tests/kernels/test_kernel_lowering.py style).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,6 +162,16 @@ def test_project_matches_float64_gpu(M, K, N, on_gpu):
     from gdn_jax.ops.projection import config_for
     config = config_for(M, K, N, sm_count=on_gpu.core_count)
     x, w = _case(K + N + M, M, K, N, jnp.bfloat16)
+    _assert_close(kernels.project(x, w, config=config), x, w, jnp.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", GPU_SHAPES[:5], ids=[f"{k}x{n}" for k, n in GPU_SHAPES[:5]])
+def test_project_as_gemv_matches_float64_gpu(K, N, on_gpu):
+    """One row on the CUDA cores (`ProjectionConfig.gemv`), compiled at the dispatch's config."""
+    from gdn_jax.ops.projection import config_for
+    config = dataclasses.replace(config_for(1, K, N, sm_count=on_gpu.core_count), gemv=True)
+    x, w = _case(K + N, 1, K, N, jnp.bfloat16)
     _assert_close(kernels.project(x, w, config=config), x, w, jnp.bfloat16)
 
 
