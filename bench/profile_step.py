@@ -16,6 +16,8 @@ A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xl
 `prologue=off|views|on` (GDN_JAX_PROJECTION_PROLOGUE: GDN's in_proj partial sums read in place by
 the conv and the output norm, "views", the default; "on" also runs the MLP's silu * up and GDN's
 output norm in the next projection's launch),
+`gemv=off|prologues|on` (GDN_JAX_PROJECTION_GEMV: which one-row projections run as a GEMV on the
+CUDA cores: none, the fused prologues' launches, or all),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
 cache write in one launch before the attention kernel, or as XLA's steps),
 `router=auto|xla` (GDN_JAX_MOE_ROUTER: the MoE router's softmax, top k and renormalisation in
@@ -89,7 +91,7 @@ _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "groups": "GDN_JAX_PROJECTION_GROUPS", "conv": "GDN_JAX_CONV",
               "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE",
               "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE", "router": "GDN_JAX_MOE_ROUTER",
-              "shared": "GDN_JAX_MOE_SHARED"}
+              "shared": "GDN_JAX_MOE_SHARED", "gemv": "GDN_JAX_PROJECTION_GEMV"}
 _PATHS = (*_ENV_PATHS, "moe", "attention")
 
 

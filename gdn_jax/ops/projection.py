@@ -35,7 +35,9 @@ w_out, eps)` (GDN's output norm and out_proj) can also fold the elementwise step
 projections into the second's launch (`kernels.project_swiglu`, `kernels.project_gated_norm`).
 GDN_JAX_PROJECTION_PROLOGUE picks (`PROLOGUES`): "off" (the steps in XLA between launches, no
 views), "views" (the default: the views, the steps in XLA) or "on" (the views and the fused
-steps). XLA's paths, and so CPU results, are the same at every level.
+steps). XLA's paths, and so CPU results, are the same at every level. GDN_JAX_PROJECTION_GEMV
+(`GEMVS`, default "off") runs one-row launches as a GEMV on the CUDA cores: "prologues" the fused
+steps' launches, "on" every one (unmeasured on a GPU yet).
 
 GDN_JAX_PROJECTION=mosaic (or backend="mosaic") sends a group, or a lone weight, to the Hopper
 kernel `kernels.project_group_mgpu` where it fits (bf16, 8..128 rows in multiples of 8, widths its
@@ -66,6 +68,15 @@ PROLOGUE_VAR = "GDN_JAX_PROJECTION_PROLOGUE"
 # GDN conv and output norm read in_proj's partial sums in place: `Partials`), "on" (and the MLP's
 # silu * up and GDN's output norm in the next projection's kernel: measured slower, below).
 PROLOGUES = ("off", "views", "on")
+GEMV_VAR = "GDN_JAX_PROJECTION_GEMV"
+# Which one-row projections run as a GEMV (`kernels.ProjectionConfig.gemv`: the products on the
+# CUDA cores, and a prologue forms the one row, where on a 16-row padded tile every column block's
+# program transforms 15 rows of padding too: why "on" above measured slower, ncu 2026-12-03):
+# "off" (the default: none), "prologues" (the fused launches of `swiglu_project` and
+# `gated_norm_project`) or "on" (every one-row launch). Unmeasured on a GPU so far (2026-12-05:
+# no runner was lent); compare `bench/profile_step.py --variant views --variant
+# on:prologue=on;gemv=prologues --variant gemv:gemv=on`.
+GEMVS = ("off", "prologues", "on")
 
 # The most rows the kernel takes by default. XLA lowers one-row projections as reduce fusions
 # (B = 1 decode, 48 layers: 6.14 ms of kernels against 3.84 through the kernel,
@@ -328,8 +339,18 @@ def _fewer_stages(config, M, x_bytes=None):
     return config
 
 
+def _gemv(M: int, prologue: bool) -> bool:
+    """Whether a launch of M rows (with a prologue, or not) runs as a GEMV (`GEMV_VAR`)."""
+    wish = os.environ.get(GEMV_VAR) or "off"
+    if wish not in GEMVS:
+        raise ValueError(f"{GEMV_VAR}: expected one of {list(GEMVS)}, got {wish!r}")
+    return M == 1 and (wish == "on" or (wish == "prologues" and prologue))
+
+
 def _fit_stages(config, M, K, N, dtype, x_bytes):
-    """`_fewer_stages`' config, or None where the kernel then cannot take it."""
+    """A prologue's config: `_fewer_stages`' (one row as a GEMV where `GEMV_VAR` asks), or None
+    where the kernel then cannot take it."""
+    config = dataclasses.replace(config, gemv=_gemv(M, prologue=True))
     config = _fewer_stages(config, M, x_bytes)
     return None if kernels.projection_misfit(M, K, N, dtype, config, x_bytes) else config
 
@@ -395,7 +416,8 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     splits = max(d for d in range(1, steps + 1) if steps % d == 0 and d <= max(1, most))
     config = kernels.ProjectionConfig(
         block_n=block_n, block_k=block_k, splits=splits, num_warps=8 if wide else 4,
-        num_stages=4 if wide else 3 if bm <= 32 else 5, swap_ab=16 < bm <= 32)
+        num_stages=4 if wide else 3 if bm <= 32 else 5, swap_ab=16 < bm <= 32,
+        gemv=_gemv(M, prologue=False))
     return _fewer_stages(config, M)
 
 

@@ -352,6 +352,36 @@ def test_fused_pairs_run_the_prologue_kernels_when_on(monkeypatch, lead, partial
         np.testing.assert_allclose(y_on, y_off, rtol=0, atol=2 ** -5 * np.abs(y_off).max())
 
 
+@pytest.mark.parametrize("wish, plain, fused", [("off", False, False),
+                                               ("prologues", False, True), ("on", True, True)])
+def test_gemv_switch_reaches_one_row_launches(monkeypatch, wish, plain, fused):
+    """GDN_JAX_PROJECTION_GEMV: one-row launches (a lone projection, the fused pairs' second
+    launch) take gemv where it says, more rows never; the results agree with the tile's within
+    2**-5 of their scale (fp32 sums in another order; the fused pairs' bound above)."""
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    monkeypatch.setenv(projection.PROLOGUE_VAR, "on")
+    monkeypatch.setenv(projection.GEMV_VAR, wish)
+    assert projection.config_for(1, 2048, 2048).gemv == plain
+    assert not projection.config_for(2, 2048, 2048).gemv
+    lone, swiglu, gated = (_spy(monkeypatch, n)
+                           for n in ("project", "project_swiglu", "project_gated_norm"))
+    x, ws = _mlp_case()
+    o, z, weight, w = _norm_case()
+    ys = (projection.project(x, ws[0]), projection.swiglu_project(x, *ws),
+          projection.gated_norm_project(o, z, weight, w, 1e-6))
+    assert [c[1]["config"].gemv for c in lone + swiglu + gated] == [plain, fused, fused]
+    monkeypatch.setenv(projection.GEMV_VAR, "off")
+    refs = (projection.project(x, ws[0]), projection.swiglu_project(x, *ws),
+            projection.gated_norm_project(o, z, weight, w, 1e-6))
+    for y, ref in zip(ys, refs):
+        ref = np.asarray(ref, np.float64)
+        np.testing.assert_allclose(np.asarray(y, np.float64), ref, rtol=0,
+                                   atol=2 ** -5 * np.abs(ref).max())
+    monkeypatch.setenv(projection.GEMV_VAR, "yes")
+    with pytest.raises(ValueError, match="GDN_JAX_PROJECTION_GEMV: expected one of"):
+        projection.config_for(1, 2048, 2048)
+
+
 def test_fused_pairs_keep_xla_where_a_kernel_misfits(monkeypatch):
     """A width the kernel cannot tile, an fp32 pair, or the prologue switch off: the steps
     apart (no fused kernel); a bad switch value is an error."""
