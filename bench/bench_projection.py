@@ -84,6 +84,9 @@ def parse_args(argv=None):
                    help="num_warps values --sweep tries (default: the dispatch's)")
     p.add_argument("--sweep-swap", default="",
                    help="swap_ab values --sweep tries, 0 and / or 1 (default: the dispatch's)")
+    p.add_argument("--sweep-gemv", default="",
+                   help="gemv values --sweep tries at one row, 0 and / or 1 (default: the "
+                        "dispatch's; ProjectionConfig.gemv)")
     p.add_argument("--max-seconds", type=float, default=1e9,
                    help="stop sweeping (not measuring) after this many seconds")
     p.add_argument("--groups", action="store_true",
@@ -245,7 +248,8 @@ def _groups(args, rng, dtype, copy, sms):
 
 
 def _cfg(c):
-    return [c.block_n, c.block_k, c.splits, c.num_warps, c.num_stages, int(c.swap_ab)]
+    return [c.block_n, c.block_k, c.splits, c.num_warps, c.num_stages, int(c.swap_ab),
+            int(c.gemv)]
 
 
 def _sweep(x, ws, K, N, M, args, best):
@@ -259,12 +263,13 @@ def _sweep(x, ws, K, N, M, args, best):
     base = projection.config_for(M, K, N, sm_count=sm_count())
     ints = lambda text: tuple(int(v) for v in text.split(",") if v)
     grid = []
-    for bn, bk, splits, stages, warps, swap in itertools.product(
+    for bn, bk, splits, stages, warps, swap, gemv in itertools.product(
             ints(args.sweep_block_n), ints(args.sweep_block_k), ints(args.sweep_splits),
             ints(args.sweep_stages), ints(args.sweep_warps) or (base.num_warps,),
-            ints(args.sweep_swap) or (int(base.swap_ab),)):
+            ints(args.sweep_swap) or (int(base.swap_ab),),
+            ints(args.sweep_gemv) or (int(base.gemv),)):
         cfg = dataclasses.replace(base, block_n=bn, block_k=bk, splits=splits, num_stages=stages,
-                                  num_warps=warps, swap_ab=bool(swap))
+                                  num_warps=warps, swap_ab=bool(swap), gemv=bool(gemv))
         if not cfg.misfit(K, N, M):
             grid.append(cfg)
     names = [f"sweep{i}x" for i in range(len(grid))]
