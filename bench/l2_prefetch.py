@@ -132,7 +132,7 @@ def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     if args.smoke:
-        args.shapes, args.layers, args.reps, args.programs = "64x256", 2, 1, 4
+        args.shapes, args.layers, args.reps, args.programs = "256x256", 2, 1, 4
     dev = jax.devices()[0]
     copy = copy_bandwidth(1 << 30 if dev.platform == "gpu" else 1 << 24)
     result = {"bench": "l2_prefetch", "device": dev.device_kind, "jax": jax.__version__,

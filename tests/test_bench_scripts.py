@@ -23,7 +23,8 @@ def _run(script, *args):
 
 def test_profile_step_runs_every_program_and_variant(tmp_path):
     _run("profile_step.py", "--smoke", "--out", str(tmp_path), "--batches", "2",
-         "--variant", "base", "--variant", "paths:moe=gather;attention=xla;projection=xla",
+         "--variant", "base",
+         "--variant", "paths:moe=gather;attention=xla;projection=xla;gemv=on",
          "--hlo")
     [result] = [p for p in os.listdir(tmp_path) if p.startswith("profile_step")]
     rows = json.load(open(tmp_path / result))["results"]
@@ -31,6 +32,14 @@ def test_profile_step_runs_every_program_and_variant(tmp_path):
         (v, p) for v in ("base", "paths") for p in ("decode", "verify", "round")}
     assert all(r["launches_per_call"].keys() == r["kernels_us"].keys() for r in rows)
     assert sum(p.startswith("hlo-") for p in os.listdir(tmp_path)) == 6
+
+
+def test_l2_prefetch_probe_runs_each_variant(tmp_path):
+    _run("l2_prefetch.py", "--smoke", "--interpret", "--out", str(tmp_path))
+    cases = json.load(open(tmp_path / "l2_prefetch.json"))["cases"]
+    assert [(c["pattern"], c["fraction"]) for c in cases] == [
+        ("head", 0.0), *((p, f) for p in ("head", "starts") for f in (0.125, 0.25, 0.5))]
+    assert [bool(c["regions"]) for c in cases] == [False] + [True] * 6
 
 
 def test_bench_moe_sweeps_each_kernel_and_counts_touched_experts(tmp_path):
