@@ -22,6 +22,9 @@ program streaming a block of one of them. A small weight then costs no launch of
 2 MB, reads at 12% of copy alone on the H200: bench/results/bench_projection-h200-2026-12-01.json)
 and the larger launch amortises the ramp and tail that keep 20-50 MB weights at 50-70% of copy.
 
+One row may instead run as a GEMV (`ProjectionConfig.gemv`): the row times the weight's tile on
+the CUDA cores, summed over K after the loop, with no 16-row tile.
+
 Two projections form their x from their producers' outputs on the tile they load (a prologue), so
 that the elementwise step between two launches costs no launch of its own (a microsecond or two
 at one row, the sum of the producer's split-K partials included):
@@ -73,9 +76,11 @@ class ProjectionConfig:
                 and the few rows its short one (on Hopper, the wgmma the x-first order's 16 to
                 32 rows are too few for).
     gemv:       one row (M = 1) only: its products on the CUDA cores, x one [block_k] row and
-                the [block_k, block_n] fp32 products summed over K once, after the loop; a
-                prologue then forms that one row, not a [16, block_k] tile of which 15 rows are
-                padding (computed and thrown away by every column block's program).
+                the [block_k, block_n] fp32 products summed over K once, after the loop (they
+                take block_k * block_n / (32 num_warps) registers a thread: 64 at [128, 64] and
+                4 warps); a prologue then forms that one row, not a [16, block_k] tile of which
+                15 rows are padding (computed and thrown away by every column block's program).
+                Not with swap_ab (another form of the tile's product).
     """
 
     block_n: int = 128
@@ -88,14 +93,20 @@ class ProjectionConfig:
 
     def __post_init__(self):
         check_launch_fields(self, tiles=("block_n", "block_k"), counts=("splits",))
+        if self.gemv and self.swap_ab:
+            raise ValueError("ProjectionConfig: gemv and swap_ab are two forms of the product "
+                             "(a row on the CUDA cores, a tile on the tensor cores): pick one")
 
     def smem_bytes(self, M: int, itemsize: int = 2, x_bytes: int | None = None) -> int:
         """The shared memory the pipelined loads take: num_stages tiles of x and of w; x_bytes:
         a column of a row of x's sources where a prologue forms x (`source_bytes`; default
         itemsize)."""
         x_bytes = itemsize if x_bytes is None else x_bytes
-        rows = 1 if self.gemv else block_m(M)
-        return self.num_stages * (rows * x_bytes + self.block_n * itemsize) * self.block_k
+        return self.num_stages * (self.rows(M) * x_bytes + self.block_n * itemsize) * self.block_k
+
+    def rows(self, M: int) -> int:
+        """The rows of x's tile for a call of M rows: one as a GEMV, else `block_m`."""
+        return 1 if self.gemv else block_m(M)
 
     def misfit(self, K: int, N: int, M: int = 1, x_bytes: int | None = None) -> str | None:
         """Why this config cannot run M rows of a [K, N] weight (x's sources at x_bytes a
@@ -104,7 +115,7 @@ class ProjectionConfig:
             return f"gemv takes one row, got M={M}"
         smem = self.smem_bytes(M, x_bytes=x_bytes)
         if smem > _SMEM_BYTES:
-            return (f"{self.num_stages} stages of [{block_m(M)} + {self.block_n}, "
+            return (f"{self.num_stages} stages of [{self.rows(M)} + {self.block_n}, "
                     f"{self.block_k}] tiles take {smem} B of shared memory, over {_SMEM_BYTES}")
         if N % self.block_n:
             return f"block_n={self.block_n} does not divide N={N}"
@@ -172,13 +183,11 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
     x is the first ref, or (prologue) formed from the first refs tile by tile (`_x_tile`). x (or
     its sources) and o hold `rows` real rows (fewer than the tile's block_m, or padded to it in
     the interpreter): the tile's rows past them are masked, read as zeros and never stored.
-    gemv (one row): x's tile is that row, [1, block_k], and the products are summed on the CUDA
-    cores (`ProjectionConfig.gemv`)."""
+    gemv (one row, block_m = 1): x's tile is that row, [1, block_k], and the products are summed
+    on the CUDA cores (`ProjectionConfig.gemv`)."""
     sources = 1 if prologue is None else {"swiglu": 1, "gated_norm": 3}[prologue[0]]
     in_refs, w_refs, o_ref = refs[:sources], refs[sources:-1], refs[-1]
     n, s = pl.program_id(0), pl.program_id(1)
-    if gemv:
-        block_m = 1
     tile_rows = pl.ds(0, block_m)
     real = lax.broadcasted_iota(jnp.int32, (block_m, 1), 0) < rows
     # The tile's rows may run past x's (M < block_m): a static slice Pallas lets through (its
@@ -344,7 +353,7 @@ def _launch(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple,
     sizes = [config.block_n] if not group else [pow2_block(n, config.block_n) for n in widths]
     firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
     blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))
-    bm = block_m(M)
+    bm = config.rows(M)
     dtype = ws[0].dtype
     # On the GPU the kernel's masked loads and stores read and write the M rows in place. The
     # interpreter slices refs as XLA does (no access past the end), so there the sources and the

@@ -71,11 +71,12 @@ PROLOGUES = ("off", "views", "on")
 GEMV_VAR = "GDN_JAX_PROJECTION_GEMV"
 # Which one-row projections run as a GEMV (`kernels.ProjectionConfig.gemv`: the products on the
 # CUDA cores, and a prologue forms the one row, where on a 16-row padded tile every column block's
-# program transforms 15 rows of padding too: why "on" above measured slower, ncu 2026-12-03):
-# "off" (the default: none), "prologues" (the fused launches of `swiglu_project` and
-# `gated_norm_project`) or "on" (every one-row launch). Unmeasured on a GPU so far (2026-12-05:
-# no runner was lent); compare `bench/profile_step.py --variant views --variant
-# on:prologue=on;gemv=prologues --variant gemv:gemv=on`.
+# program transforms 15 rows of padding too: likely why "on" above measured slower, the ncu of
+# 2026-12-03 showing the prologue kernels' SM throughput at 56% against 12%): "off" (the default:
+# none), "prologues" (the fused launches of `swiglu_project` and `gated_norm_project`, which run
+# only where GDN_JAX_PROJECTION_PROLOGUE is "on") or "on" (every one-row launch). Unmeasured on a
+# GPU so far (2026-12-05: no runner was lent); compare `bench/profile_step.py --variant views
+# --variant on:prologue=on;gemv=prologues --variant gemv:gemv=on`.
 GEMVS = ("off", "prologues", "on")
 
 # The most rows the kernel takes by default. XLA lowers one-row projections as reduce fusions
@@ -397,7 +398,9 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     slices), out_proj (10.2, 4) and in_proj_qkvz (17.6, 1), the kernel alone without the partial
     sums, against XLA's 13.2, 11.3 and 23.7 us (bench/results/bench_projection-h200-rows128_wide-
     2026-12-02.json). The dispatch sends all but the LM head there (`LONE_MAX_N`): in the
-    48-layer model's B = 32 verify XLA runs it by cuBLAS in 260 against the kernel's 292 us."""
+    48-layer model's B = 32 verify XLA runs it by cuBLAS in 260 against the kernel's 292 us.
+
+    One row runs as a GEMV where GDN_JAX_PROJECTION_GEMV is "on" (`GEMVS`; off by default)."""
     widths = (N,) if isinstance(N, int) else tuple(N)
     bm = kernels.projection_block_m(M)
     wide = bm >= 128

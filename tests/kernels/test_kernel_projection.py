@@ -64,10 +64,25 @@ def test_project_as_gemv_matches_float64_interpret(config):
         _assert_close(y, x, w, jnp.bfloat16)
 
 
-def test_gemv_takes_one_row():
+@pytest.mark.parametrize("entry", ["project", "group", "swiglu", "gated_norm"])
+def test_gemv_takes_one_row(entry):
+    """Every entry refuses gemv at two rows before any kernel runs."""
     x, w = _case(5, 2, 128, 64, jnp.bfloat16)
+    config = ProjectionConfig(32, 32, gemv=True)
+    call = {"project": lambda: kernels.project(x, w, config=config, interpret=True),
+            "group": lambda: kernels.project_group(x, (w, w), config=config, interpret=True),
+            "swiglu": lambda: kernels.project_swiglu(jnp.concatenate([x, x], 1)[None], w,
+                                                     config=config, interpret=True),
+            "gated_norm": lambda: kernels.project_gated_norm(
+                x, x, jnp.ones((32,), jnp.bfloat16), w, eps=1e-6, config=config,
+                interpret=True)}[entry]
     with pytest.raises(ValueError, match="gemv takes one row, got M=2"):
-        kernels.project(x, w, config=ProjectionConfig(32, 32, gemv=True), interpret=True)
+        call()
+
+
+def test_gemv_is_not_swap_ab():
+    with pytest.raises(ValueError, match="gemv and swap_ab are two forms of the product"):
+        ProjectionConfig(32, 32, gemv=True, swap_ab=True)
 
 
 @pytest.mark.parametrize("M", [1, 5, 33])
@@ -207,6 +222,22 @@ def _assert_group_close(M, K, widths, config):
 def test_project_swap_ab_matches_float64_gpu(M, config, on_gpu):
     """The swapped product compiled (on Hopper the weight-first wgmma) at the model's MLP shape."""
     _assert_group_close(M, 2048, (5120, 5120), config)
+
+
+def test_gemv_changes_the_lowered_kernel(cuda_lowering):
+    """gemv reaches the kernel of a lone weight and of a group (the interpret results of the
+    two forms agree within the bound either way)."""
+    x = jax.ShapeDtypeStruct((1, 2048), jnp.bfloat16)
+    w = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16)
+    texts = []
+    with cuda_lowering("NVIDIA H100 80GB HBM3"):
+        for gemv in (False, True):
+            config = ProjectionConfig(64, 128, 4, 4, 3, gemv=gemv)
+            texts.append([kernels.project.trace(x, w, config=config).lower(
+                              lowering_platforms=("cuda",)).as_text(),
+                          kernels.project_group.trace(x, (w, w), config=config).lower(
+                              lowering_platforms=("cuda",)).as_text()])
+    assert all(a != b for a, b in zip(*texts))
 
 
 def test_swap_ab_changes_the_lowered_kernel(cuda_lowering):
