@@ -2,16 +2,20 @@
 
     python bench/ptxas_stats.py [--kernel ring|decode|replay|intermediate] [--pool bfloat16]
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
-    python bench/ptxas_stats.py --kernel projection|projection-group|moe-gate-up|moe-down|attention|conv
-                                [--T 4]
-        (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks)
+    python bench/ptxas_stats.py --kernel projection|projection-group|projection-swiglu|
+                                projection-gated-norm|moe-gate-up|moe-down|attention|conv [--T 4]
+                                [--gemv]
+        (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks; --gemv:
+        the one-row projections as a GEMV)
 
 No GPU needed: the kernel is lowered for CUDA on this machine (an abstract H100, as the lowering
 tests do), its Triton IR is printed by jax's own MLIR (jax's Triton dialect), parsed by the pip
 `triton` package (`pip install triton`; 3.6 was used), taken through Triton's ttir -> ttgir ->
 llir -> ptx stages and assembled by the ptxas it ships (`ptxas -v`). It prints what decides a
 latency-bound kernel's occupancy before any device time is spent: registers per thread, spill
-bytes, the number of `tt.dot` and `ttg.convert_layout` ops. XLA's own Triton may schedule a little
+bytes, the number of `tt.dot` and `ttg.convert_layout` ops, and the async copies of the
+software-pipelined loads (2026-12-05: none in the one-row GEMV form, whose loop has no tt.dot:
+Pallas's loops carry no `tt.num_stages`, without which Triton pipelines only a dot's operands). XLA's own Triton may schedule a little
 differently (2026-12-01: ring bv128 w4 255 registers here and in ncu on the H200, replay bv16 w1 128
 in both, decode bv32 w1 227 here against 168 there); the runner's ncu
 `launch__registers_per_thread` is the final word.
@@ -85,8 +89,11 @@ def compile_stats(ir: bytes, num_warps: int, arch: int = 90, num_stages: int = 1
         src = stage(src, metadata)
         if name == "ttgir":
             ttgir = str(src)
+            # async_copies: the loop's loads software-pipelined (none: each step waits on its
+            # loads; Triton pipelines a loop without a tt.dot only where the loop says its stages)
             out.update(dots=ttgir.count("tt.dot"), convert_layouts=ttgir.count("ttg.convert_layout"),
-                       local_allocs=ttgir.count("ttg.local_alloc"))
+                       local_allocs=ttgir.count("ttg.local_alloc"),
+                       async_copies=ttgir.count("ttg.async_copy_global_to_local"))
     ptx = os.path.join(work, "kernel.ptx")
     with open(ptx, "w") as fh:
         fh.write(src)
@@ -126,13 +133,17 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
     return fn, args, kwargs
 
 
-MODEL_KERNELS = ("projection", "projection-group", "moe-gate-up", "moe-down", "attention",
-                 "conv")
+MODEL_KERNELS = ("projection", "projection-group", "projection-swiglu", "projection-gated-norm",
+                 "moe-gate-up", "moe-down", "attention", "conv")
 
 
-def model_kernel_call(kernel: str, T: int):
+def model_kernel_call(kernel: str, T: int, gemv: bool = False):
     """(fn, args, kwargs, config) of one of the model's kernels at Qwen3.5 shapes: the out_proj
-    at one row, the 35B-A3B experts (256, top 8) at B = 8, attention at B = 32 over 4K."""
+    at one row (plain; or GDN's, its output norm in the launch), the MLP down at one row with
+    silu * up formed from the gate / up group's two partial sums, the 35B-A3B experts (256,
+    top 8) at B = 8, attention at B = 32 over 4K. gemv: the projections' config as a GEMV."""
+    import dataclasses
+
     import jax
     import jax.numpy as jnp
 
@@ -141,12 +152,19 @@ def model_kernel_call(kernel: str, T: int):
     from gdn_jax.ops import attention, moe, projection
 
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
+    one_row = lambda K, N: dataclasses.replace(projection.config_for(1, K, N), gemv=gemv)  # noqa: E731
     if kernel == "projection":
-        config = projection.config_for(1, 4096, 2048)
-        return kernels.project, (S((1, 4096), bf), S((4096, 2048), bf)), {}, config
+        return kernels.project, (S((1, 4096), bf), S((4096, 2048), bf)), {}, one_row(4096, 2048)
+    if kernel == "projection-swiglu":
+        return (kernels.project_swiglu, (S((2, 1, 10240), jnp.float32), S((5120, 2048), bf)), {},
+                one_row(5120, 2048))
+    if kernel == "projection-gated-norm":  # z: in_proj's two partial sums, from column 8192
+        return (kernels.project_gated_norm, (S((1, 4096), bf), S((2, 1, 12352), jnp.float32),
+                                             S((128,), bf), S((4096, 2048), bf)),
+                dict(eps=1e-6, z_col=8192), one_row(4096, 2048))
     if kernel == "projection-group":  # attention q / k / v of one row, one launch
         widths = (8192, 512, 512)
-        config = projection.config_for(1, 2048, widths)
+        config = dataclasses.replace(projection.config_for(1, 2048, widths), gemv=gemv)
         return (kernels.project_group, (S((1, 2048), bf), tuple(S((2048, n), bf) for n in widths)),
                 {}, config)
     if kernel == "conv":  # the GDN conv of B = 32 rows: decode (T = 1) or verify
@@ -185,9 +203,10 @@ def main(argv=None):
     p.add_argument("--block-v", type=int, default=128)
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--arch", type=int, default=90, help="SM version for ptxas (90: Hopper)")
+    p.add_argument("--gemv", action="store_true", help="one-row projections as a GEMV")
     args = p.parse_args(argv)
     if args.kernel in MODEL_KERNELS:
-        fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T)
+        fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T, args.gemv)
         for ir in triton_ir(fn, call_args, config=config, **kwargs):
             stats = compile_stats(ir, config.num_warps, args.arch, config.num_stages)
             print(f"{args.kernel} {config}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))

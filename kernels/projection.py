@@ -78,8 +78,8 @@ class ProjectionConfig:
     gemv:       one row (M = 1) only: its products on the CUDA cores, x one [block_k] row and
                 the [block_k, block_n] fp32 products summed over K once, after the loop (they
                 take block_k * block_n / (32 num_warps) registers a thread: 64 at [128, 64] and
-                4 warps); a prologue then forms that one row, not a [16, block_k] tile of which
-                15 rows are padding (computed and thrown away by every column block's program).
+                4 warps). Its loop has no tt.dot, and Triton then pipelines no load of it (the
+                stages go unused: bench/ptxas_stats.py --gemv shows no async copies).
                 Not with swap_ab (another form of the tile's product).
     """
 
@@ -101,8 +101,10 @@ class ProjectionConfig:
         """The shared memory the pipelined loads take: num_stages tiles of x and of w; x_bytes:
         a column of a row of x's sources where a prologue forms x (`source_bytes`; default
         itemsize)."""
+        # a prologue forms one row's x from that row alone (`_kernel`): one row of sources staged
+        rows = 1 if x_bytes is not None and M == 1 else self.rows(M)
         x_bytes = itemsize if x_bytes is None else x_bytes
-        return self.num_stages * (self.rows(M) * x_bytes + self.block_n * itemsize) * self.block_k
+        return self.num_stages * (rows * x_bytes + self.block_n * itemsize) * self.block_k
 
     def rows(self, M: int) -> int:
         """The rows of x's tile for a call of M rows: one as a GEMV, else `block_m`."""
@@ -193,8 +195,20 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
     # The tile's rows may run past x's (M < block_m): a static slice Pallas lets through (its
     # bounds check passes a start of 0), every row past M masked. The CUDA lowering tests at
     # M = 1 pin this on each jax CI runs.
-    x_tile = functools.partial(_x_tile, prologue, in_refs, tile_rows, real, block_k,
-                               w_refs[0].dtype, w_refs[0].shape[0])
+    dtype = w_refs[0].dtype
+    x_tile = functools.partial(_x_tile, prologue, in_refs, tile_rows, real, block_k, dtype,
+                               w_refs[0].shape[0])
+    if prologue is not None and rows == 1 < block_m:
+        # One row's prologue forms that row alone, the tile's other rows zeros: forming the
+        # [block_m, block_k] tile would load and transform its block_m - 1 padding rows too, in
+        # every program, each K-step (offline, sm_90: the swiglu launch's 158 registers and 96 KB
+        # of staged sources a program become 62 and 40 KB, a plain projection's 46 and 40 KB;
+        # bench/ptxas_stats.py --kernel projection-swiglu)
+        one = functools.partial(_x_tile, prologue, in_refs, pl.ds(0, 1),
+                                jnp.ones((1, 1), jnp.bool_), block_k, dtype, w_refs[0].shape[0])
+        first = lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0) == 0
+        x_tile = lambda start: jnp.where(  # noqa: E731
+            first, jnp.broadcast_to(one(start), (block_m, block_k)), jnp.zeros((), dtype))
 
     def block(w_ref, first: int, block_n: int, col: int):  # this program's block of w_ref
         local = pl.ds((n - first) * block_n, block_n)

@@ -146,6 +146,16 @@ def test_prologue_counts_its_sources_in_shared_memory():
                                jax.ShapeDtypeStruct((5120, 2048), BF16), config=config)
 
 
+def test_one_row_prologue_stages_one_row_of_sources():
+    """One row's prologue forms that row alone (its sources staged for one row), where a plain
+    one-row call stages x's whole 16-row tile: 3 stages of [128, 64] w tiles and two fp32
+    partials of gate and up (16 bytes a column of a row)."""
+    config = ProjectionConfig(64, 128, 8, 4, 3)
+    assert config.smem_bytes(1, x_bytes=16) == 3 * (16 + 64 * 2) * 128
+    assert config.smem_bytes(2, x_bytes=16) == 3 * (16 * 16 + 64 * 2) * 128
+    assert config.smem_bytes(1) == 3 * (16 * 2 + 64 * 2) * 128
+
+
 @pytest.mark.parametrize("o_shape, z_shape, z_dtype, w_norm, match", [
     ((2, 64), (3, 64), BF16, 32, r"z expected \[M, K\] with K = 64, M = 2"),
     ((2, 64), (2, 64), jnp.float32, 32, r"z expected dtype bfloat16"),
