@@ -3,8 +3,8 @@
     python bench/ptxas_stats.py [--kernel ring|decode|replay|intermediate] [--pool bfloat16]
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
     python bench/ptxas_stats.py --kernel projection|projection-group|projection-swiglu|
-                                projection-gated-norm|moe-gate-up|moe-down|attention|conv [--T 4]
-                                [--gemv]
+                                projection-gated-norm|moe-gate-up|moe-down|moe-b1-gate-up|
+                                moe-b1-down|attention|conv [--T 4] [--gemv] [--pairs split]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks; --gemv:
         the one-row projections as a GEMV)
 
@@ -15,10 +15,10 @@ llir -> ptx stages and assembled by the ptxas it ships (`ptxas -v`). It prints w
 latency-bound kernel's occupancy before any device time is spent: registers per thread, spill
 bytes, the number of `tt.dot` and `ttg.convert_layout` ops, and the async copies of the
 software-pipelined loads (2026-12-05: none in the one-row GEMV form, whose loop has no tt.dot:
-Pallas's loops carry no `tt.num_stages`, without which Triton pipelines only a dot's operands). XLA's own Triton may schedule a little
-differently (2026-12-01: ring bv128 w4 255 registers here and in ncu on the H200, replay bv16 w1 128
-in both, decode bv32 w1 227 here against 168 there); the runner's ncu
-`launch__registers_per_thread` is the final word.
+Pallas's loops carry no `tt.num_stages`, without which Triton pipelines only a dot's operands).
+XLA's own Triton may schedule a little differently (2026-12-01: ring bv128 w4 255 registers here
+and in ncu on the H200, replay bv16 w1 128 in both, decode bv32 w1 227 here against 168 there);
+the runner's ncu `launch__registers_per_thread` is the final word.
 """
 
 from __future__ import annotations
@@ -134,14 +134,15 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
 
 
 MODEL_KERNELS = ("projection", "projection-group", "projection-swiglu", "projection-gated-norm",
-                 "moe-gate-up", "moe-down", "attention", "conv")
+                 "moe-gate-up", "moe-down", "moe-b1-gate-up", "moe-b1-down", "attention", "conv")
 
 
-def model_kernel_call(kernel: str, T: int, gemv: bool = False):
+def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "tile"):
     """(fn, args, kwargs, config) of one of the model's kernels at Qwen3.5 shapes: the out_proj
     at one row (plain; or GDN's, its output norm in the launch), the MLP down at one row with
     silu * up formed from the gate / up group's two partial sums, the 35B-A3B experts (256,
-    top 8) at B = 8, attention at B = 32 over 4K. gemv: the projections' config as a GEMV."""
+    top 8) at B = 8 (and at B = 1, the shared expert folded, in a GDN_JAX_MOE_PAIRS mode `pairs`),
+    attention at B = 32 over 4K. gemv: the projections' config as a GEMV."""
     import dataclasses
 
     import jax
@@ -152,7 +153,9 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False):
     from gdn_jax.ops import attention, moe, projection
 
     S, bf = jax.ShapeDtypeStruct, jnp.bfloat16
-    one_row = lambda K, N: dataclasses.replace(projection.config_for(1, K, N), gemv=gemv)  # noqa: E731
+    def one_row(K, N):
+        return dataclasses.replace(projection.config_for(1, K, N), gemv=gemv)
+
     if kernel == "projection":
         return kernels.project, (S((1, 4096), bf), S((4096, 2048), bf)), {}, one_row(4096, 2048)
     if kernel == "projection-swiglu":
@@ -173,6 +176,20 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False):
         return (kernels.conv_step, (S((32, T, 8192), bf), S((40, 3 + T, 8192), bf),
                                     S((4, 8192), bf), S((32,), jnp.int32)),
                 dict(widths=(2048, 2048, 4096), keep=keep), config)
+    if kernel.startswith("moe-b1"):  # B = 1 decode, the shared expert folded (ops.moe.routed)
+        E, H, I, k = 256, 2048, 512, 8
+        split = pairs == "split"
+        up, down = moe.default_configs(k, 1, E, H, I, shared=True, split=split)
+        rows, one = (k + 1) * up.block_m, dict(shared_blocks=1, pair_blocks=pairs != "tile")
+        if kernel == "moe-b1-gate-up":
+            return (kernels.grouped_matmul, (S((1, H), bf), S((E, H, I), bf), S((k,), jnp.int32)),
+                    dict(w_up=S((E, H, I), bf), row_token=S((rows,), jnp.int32),
+                         w_shared=S((H, I), bf), w_up_shared=S((H, I), bf), **one), up)
+        x = S((2, rows, 2 * I), jnp.float32) if split else S((rows, I), bf)
+        swiglu = dict(swiglu=True, row_token=S((rows,), jnp.int32), num_tokens=1, **one) \
+            if split else dict(shared_blocks=1)
+        return (kernels.grouped_matmul, (x, S((E, I, H), bf), S((k,), jnp.int32)),
+                dict(w_shared=S((I, H), bf), **swiglu), down)
     if kernel.startswith("moe"):
         pairs, E = 8 * 8, 256
         K, N = (2048, 512) if kernel == "moe-gate-up" else (512, 2048)
@@ -204,9 +221,12 @@ def main(argv=None):
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--arch", type=int, default=90, help="SM version for ptxas (90: Hopper)")
     p.add_argument("--gemv", action="store_true", help="one-row projections as a GEMV")
+    p.add_argument("--pairs", default="tile", choices=("tile", "row", "split"),
+                   help="moe-b1-*: GDN_JAX_MOE_PAIRS's mode")
     args = p.parse_args(argv)
     if args.kernel in MODEL_KERNELS:
-        fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T, args.gemv)
+        fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T, args.gemv,
+                                                           args.pairs)
         for ir in triton_ir(fn, call_args, config=config, **kwargs):
             stats = compile_stats(ir, config.num_warps, args.arch, config.num_stages)
             print(f"{args.kernel} {config}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))

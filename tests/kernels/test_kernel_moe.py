@@ -314,8 +314,9 @@ def test_pair_blocks_form_row_zero_alone_interpret(T, splits):
 
 def test_pair_blocks_need_row_token():
     with pytest.raises(ValueError, match="pair_blocks .* needs row_token"):
-        kernels.grouped_matmul(jnp.ones((16, 64), jnp.bfloat16), jnp.ones((2, 64, 32), jnp.bfloat16),
-                               jnp.zeros((1,), jnp.int32), pair_blocks=True,
+        kernels.grouped_matmul(jnp.ones((16, 64), jnp.bfloat16),
+                               jnp.ones((2, 64, 32), jnp.bfloat16), jnp.zeros((1,), jnp.int32),
+                               pair_blocks=True,
                                config=MoEConfig(16, 32, 32), interpret=True)
 
 
