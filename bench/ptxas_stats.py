@@ -14,8 +14,9 @@ tests do), its Triton IR is printed by jax's own MLIR (jax's Triton dialect), pa
 llir -> ptx stages and assembled by the ptxas it ships (`ptxas -v`). It prints what decides a
 latency-bound kernel's occupancy before any device time is spent: registers per thread, spill
 bytes, the number of `tt.dot` and `ttg.convert_layout` ops, and the async copies of the
-software-pipelined loads (2026-12-05: none in the one-row GEMV form, whose loop has no tt.dot:
-Pallas's loops carry no `tt.num_stages`, without which Triton pipelines only a dot's operands).
+software-pipelined loads (2026-12-05: none in the one-row GEMV form, whose loop has no tt.dot,
+until the loop said its stages: Pallas's loops carry no `tt.num_stages`, without which Triton
+pipelines only a dot's operands; `kernels._pallas.pipelined_fori_loop`).
 XLA's own Triton may schedule a little differently (2026-12-01: ring bv128 w4 255 registers here
 and in ncu on the H200, replay bv16 w1 128 in both, decode bv32 w1 227 here against 168 there);
 the runner's ncu `launch__registers_per_thread` is the final word.

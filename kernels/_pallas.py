@@ -5,6 +5,12 @@ without them jax 0.10.x lowers `pl.pallas_call` with Mosaic GPU and 0.11.2+ with
 deprecated the Triton lowering in 0.11 (its exits are raw Triton through jax-triton, or Mosaic
 GPU); swapping the backend should only touch this file.
 
+`pipelined_fori_loop` is `lax.fori_loop` whose Triton loop says its software-pipelining stages
+(`tt.num_stages`): Triton pipelines the loads of a loop that has no `tt.dot` only where the loop
+says so, and Pallas's loops say nothing. The loop's body carries a marker (`_STAGES`, the identity
+on the loop index) that a wrapper of Pallas-Triton's `while` lowering rule turns into the
+attribute; where jax's internals differ (another version), the loop lowers as a plain one.
+
 The deprecation warning is raised when XLA lowers the kernel, which happens inside whatever
 `jax.jit` the caller wraps around us, long after our functions have returned. So the filter is
 installed for the whole process when this module is imported (`warnings.filterwarnings` puts it
@@ -16,8 +22,11 @@ from __future__ import annotations
 import dataclasses
 import warnings
 
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
+from jax.extend.core import Primitive
+from jax.interpreters import mlir
 
 from ._common import is_pow2
 
@@ -65,3 +74,57 @@ def pallas_call(kernel, *, name: str, config, interpret: bool, **kwargs):
                                                 num_stages=config.num_stages),
         **kwargs,
     )
+
+
+# The marker: the identity on a fori_loop's index, naming the stages its Triton loop takes.
+_STAGES = Primitive("gdn_jax_loop_stages")
+_STAGES.def_impl(lambda index, *, stages: index)
+_STAGES.def_abstract_eval(lambda index, *, stages: index)
+mlir.register_lowering(_STAGES, lambda ctx, index, *, stages: [index])  # the interpreter's
+
+
+def pipelined_fori_loop(lower: int, upper: int, body, init, *, stages: int):
+    """`lax.fori_loop(lower, upper, body, init)` whose Triton loop carries `tt.num_stages =
+    stages` (module docstring): its loads are software-pipelined `stages` deep even where no
+    `tt.dot` uses them. `PIPELINES_LOOPS` says whether this jax's lowering takes the marker."""
+    return lax.fori_loop(lower, upper,
+                         lambda i, carry: body(_STAGES.bind(i, stages=stages), carry), init)
+
+
+def _marked_stages(jaxpr) -> int | None:
+    jaxpr = getattr(jaxpr, "jaxpr", jaxpr)  # a ClosedJaxpr's, or the Jaxpr
+    return next((eqn.params["stages"] for eqn in jaxpr.eqns if eqn.primitive is _STAGES), None)
+
+
+def _install_loop_stages() -> bool:
+    """Wrap Pallas-Triton's scan and while rules (`lax.fori_loop` lowers to either, as scf.for
+    where it can) so that a marked loop's scf.for carries tt.num_stages; False where jax's
+    internals are not as read (jax 0.10.2 - 0.12)."""
+    try:
+        from jax._src.pallas.triton import lowering as triton_lowering
+        rules, ir = triton_lowering.triton_lowering_rules, triton_lowering.ir
+        plain = {lax.scan_p: (rules[lax.scan_p], "jaxpr"),
+                 lax.while_p: (rules[lax.while_p], "body_jaxpr")}
+    except (ImportError, AttributeError, KeyError):
+        return False
+
+    def wrapped(rule, body_param):
+        def marked_rule(ctx, *args, **params):
+            out = rule(ctx, *args, **params)
+            stages = _marked_stages(params[body_param])
+            for value in out if stages else ():  # the loop's results: scf.for's where it is one
+                op = getattr(value, "owner", None)
+                if op is not None and op.name == "scf.for":
+                    op.attributes["tt.num_stages"] = ir.IntegerAttr.get(
+                        ir.IntegerType.get_signless(32), stages)
+                    break
+            return out
+        return marked_rule
+
+    for primitive, (rule, body_param) in plain.items():
+        rules[primitive] = wrapped(rule, body_param)
+    rules[_STAGES] = lambda ctx, index, *, stages: index
+    return True
+
+
+PIPELINES_LOOPS = _install_loop_stages()

@@ -78,8 +78,9 @@ class ProjectionConfig:
     gemv:       one row (M = 1) only: its products on the CUDA cores, x one [block_k] row and
                 the [block_k, block_n] fp32 products summed over K once, after the loop (they
                 take block_k * block_n / (32 num_warps) registers a thread: 64 at [128, 64] and
-                4 warps). Its loop has no tt.dot, and Triton then pipelines no load of it (the
-                stages go unused: bench/ptxas_stats.py --gemv shows no async copies).
+                4 warps). Its loop has no tt.dot, whose loads Triton pipelines only where the
+                loop says its stages (`_pallas.pipelined_fori_loop`: num_stages; offline, sm_90,
+                bench/ptxas_stats.py --gemv: 3 async copies a step at one weight, none without).
                 Not with swap_ab (another form of the tile's product).
     """
 
@@ -176,7 +177,8 @@ def misfit(M: int, K: int, N, dtype, config: ProjectionConfig,
 
 
 def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab: bool,
-            gemv: bool, blocks: tuple[tuple[int, int, int, int], ...], prologue: tuple | None):
+            gemv: bool, stages: int, blocks: tuple[tuple[int, int, int, int], ...],
+            prologue: tuple | None):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
     accumulation; o is fp32 partial sums, or the result where there is one slice), for the weight
     whose blocks hold n: blocks[i] = (first, last, block_n, col): w_i's column blocks of block_n
@@ -226,7 +228,10 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
 
         shape = ((block_k, block_n) if gemv else (block_n, block_m) if swap_ab
                  else (block_m, block_n))
-        acc = lax.fori_loop(0, k_split // block_k, step, jnp.zeros(shape, _F32))
+        steps, zeros = k_split // block_k, jnp.zeros(shape, _F32)
+        # a GEMV's loop has no tt.dot: only a loop that says its stages pipelines its loads
+        acc = (_pallas.pipelined_fori_loop(0, steps, step, zeros, stages=stages) if gemv
+               else lax.fori_loop(0, steps, step, zeros))
         if gemv:
             acc = jnp.sum(acc, axis=0, keepdims=True)
         elif swap_ab:
@@ -381,7 +386,7 @@ def _launch(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple,
     out = _pallas.pallas_call(
         functools.partial(_kernel, rows=M, block_m=bm, block_k=config.block_k,
                           k_split=K // config.splits, swap_ab=config.swap_ab,
-                          gemv=config.gemv, blocks=blocks,
+                          gemv=config.gemv, stages=config.num_stages, blocks=blocks,
                           prologue=prologue),
         name=name,
         config=config,  # pallas_call reads num_warps and num_stages

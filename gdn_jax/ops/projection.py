@@ -37,7 +37,7 @@ GDN_JAX_PROJECTION_PROLOGUE picks (`PROLOGUES`): "off" (the steps in XLA between
 views), "views" (the default: the views, the steps in XLA) or "on" (the views and the fused
 steps). XLA's paths, and so CPU results, are the same at every level. GDN_JAX_PROJECTION_GEMV
 (`GEMVS`, default "off") runs one-row launches as a GEMV on the CUDA cores: "prologues" the fused
-steps' launches, "on" every one (unmeasured on a GPU, its loads not pipelined: `GEMV_VAR`).
+steps' launches, "on" every one (unmeasured on a GPU yet: `GEMV_VAR`).
 
 GDN_JAX_PROJECTION=mosaic (or backend="mosaic") sends a group, or a lone weight, to the Hopper
 kernel `kernels.project_group_mgpu` where it fits (bf16, 8..128 rows in multiples of 8, widths its
@@ -72,13 +72,14 @@ GEMV_VAR = "GDN_JAX_PROJECTION_GEMV"
 # Which one-row projections run as a GEMV (`kernels.ProjectionConfig.gemv`: the products on the
 # CUDA cores): "off" (the default: none), "prologues" (the fused launches of `swiglu_project` and
 # `gated_norm_project`, which run only where GDN_JAX_PROJECTION_PROLOGUE is "on") or "on" (every
-# one-row launch). Unmeasured on a GPU (no runner was lent on 2026-12-05), and likely slower: its
-# loads are not software-pipelined (bench/ptxas_stats.py --gemv). The tile form's prologues now
-# form one row's x from that row alone: the 16-row tile's padding made "on" above slower (the
-# ncu of 2026-12-03: the prologue kernels' SM throughput at 56% against 12%; offline, 158
-# registers and 96 KB of staged sources a program, now 62 and 40 KB). Compare
-# `bench/profile_step.py --variant views --variant on:prologue=on --variant
-# on_gemv:prologue=on;gemv=prologues`.
+# one-row launch). Unmeasured on a GPU (no runner was lent on 2026-12-05); its loop, which has no
+# tt.dot, says its stages so that Triton pipelines its loads (without, none were: offline,
+# bench/ptxas_stats.py --gemv counts the async copies). The tile form's prologues now form one
+# row's x from that row alone: the 16-row tile's padding made "on" above slower (the ncu of
+# 2026-12-03: the prologue kernels' SM throughput at 56% against 12%; offline, 158 registers and
+# 96 KB of staged sources a program, now 62 and 40 KB). Compare `bench/profile_step.py --variant
+# views --variant on:prologue=on --variant on_gemv:prologue=on;gemv=prologues --variant
+# all:gemv=on`.
 GEMVS = ("off", "prologues", "on")
 
 # The most rows the kernel takes by default. XLA lowers one-row projections as reduce fusions

@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax import lax
+from jax.experimental import pallas as pl
 
-from gdn_jax.kernels import (MosaicConfig, TuningConfig, _mgpu, decode, decode_mgpu, fold,
-                             mosaic_unavailable, verify_intermediate, verify_intermediate_mgpu,
-                             verify_replay, verify_replay_mgpu, verify_ring, verify_ring_mgpu)
+from gdn_jax.kernels import (MosaicConfig, ProjectionConfig, TuningConfig, _mgpu, _pallas, decode,
+                             decode_mgpu, fold, mosaic_unavailable, project, verify_intermediate,
+                             verify_intermediate_mgpu, verify_replay, verify_replay_mgpu,
+                             verify_ring, verify_ring_mgpu)
 
 pytestmark = pytest.mark.lowering
 
@@ -85,6 +89,42 @@ ARCHS = {"NVIDIA H100 80GB HBM3": (9, 0), "NVIDIA B200": (10, 0)}
 
 
 @needs_mosaic
+@pytest.mark.parametrize("stages", [None, 2, 4])
+def test_pipelined_loop_says_its_stages(stages, cuda_lowering):
+    """`_pallas.pipelined_fori_loop`'s Triton loop carries tt.num_stages (Triton pipelines the
+    loads of a loop without tt.dot only then), a plain fori_loop's does not; the interpreter
+    runs it as the plain loop."""
+    def kernel(x_ref, o_ref):
+        body = lambda i, acc: acc + x_ref[pl.ds(i * 128, 128)].astype(jnp.float32)  # noqa: E731
+        zeros = jnp.zeros((128,), jnp.float32)
+        o_ref[...] = (lax.fori_loop(0, 8, body, zeros) if stages is None else
+                      _pallas.pipelined_fori_loop(0, 8, body, zeros, stages=stages))
+
+    def call(x, interpret=False):
+        return _pallas.pallas_call(kernel, name="loop", config=TuningConfig(), interpret=interpret,
+                                   out_shape=jax.ShapeDtypeStruct((128,), jnp.float32))(x)
+
+    text = _lower(jax.jit(call), (jax.ShapeDtypeStruct((1024,), jnp.bfloat16),),
+                  "NVIDIA H100 80GB HBM3", cuda_lowering)
+    assert _pallas.PIPELINES_LOOPS and TRITON_CALL in text
+    assert text.count("tt.num_stages") == (stages is not None)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal(1024), jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(call, static_argnames="interpret")(x, interpret=True)),
+        np.asarray(x, np.float32).reshape(8, 128).sum(0, dtype=np.float32))
+
+
+@pytest.mark.parametrize("kind", DEVICES)
+def test_projection_gemv_loop_says_its_stages(kind, cuda_lowering):
+    """The one-row GEMV's loop (no tt.dot) says its stages; the tile form's loop does not need
+    to (its loads feed the dot)."""
+    S = jax.ShapeDtypeStruct
+    args = (S((1, 4096), jnp.bfloat16), S((4096, 2048), jnp.bfloat16))
+    texts = [_lower(project, args, kind, cuda_lowering,
+                    config=ProjectionConfig(64, 128, 8, 4, 3, gemv=gemv)) for gemv in (False, True)]
+    assert [text.count("tt.num_stages") for text in texts] == [0, 1]
+
+
 @pytest.mark.parametrize("kind", DEVICES)
 @pytest.mark.parametrize("pool_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16pool", "f32pool"])
 def test_decode_mgpu_lowers_for_cuda(pool_dtype, kind, cuda_lowering):
