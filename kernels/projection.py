@@ -192,11 +192,10 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
     sources = 1 if prologue is None else {"swiglu": 1, "gated_norm": 3}[prologue[0]]
     in_refs, w_refs, o_ref = refs[:sources], refs[sources:-1], refs[-1]
     n, s = pl.program_id(0), pl.program_id(1)
-    tile_rows = pl.ds(0, block_m)
-    real = lax.broadcasted_iota(jnp.int32, (block_m, 1), 0) < rows
-    # The tile's rows may run past x's (M < block_m): a static slice Pallas lets through (its
-    # bounds check passes a start of 0), every row past M masked. The CUDA lowering tests at
-    # M = 1 pin this on each jax CI runs.
+    # The tile's rows may run past x's (M < block_m): indexed by an array, every row past M
+    # masked (jax 0.12 refuses the static slice past a ref's end that 0.10-0.11 let through).
+    tile_rows = lax.broadcasted_iota(jnp.int32, (block_m, 1), 0)
+    real = tile_rows < rows
     dtype = w_refs[0].dtype
     x_tile = functools.partial(_x_tile, prologue, in_refs, tile_rows, real, block_k, dtype,
                                w_refs[0].shape[0])
@@ -206,7 +205,7 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
         # every program, each K-step (offline, sm_90: the swiglu launch's 158 registers and 96 KB
         # of staged sources a program become 62 and 40 KB, a plain projection's 46 and 40 KB;
         # bench/ptxas_stats.py --kernel projection-swiglu)
-        one = functools.partial(_x_tile, prologue, in_refs, pl.ds(0, 1),
+        one = functools.partial(_x_tile, prologue, in_refs, jnp.zeros((1, 1), jnp.int32),
                                 jnp.ones((1, 1), jnp.bool_), block_k, dtype, w_refs[0].shape[0])
         first = lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0) == 0
         x_tile = lambda start: jnp.where(  # noqa: E731
@@ -236,7 +235,7 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
             acc = jnp.sum(acc, axis=0, keepdims=True)
         elif swap_ab:
             acc = acc.T
-        cols = pl.ds(col + (n - first) * block_n, block_n)
+        cols = _columns(col + (n - first) * block_n, block_n)
         plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
 
     if len(w_refs) == 1:
@@ -246,16 +245,23 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
         pl.when((n >= first) & (n < last))(functools.partial(block, w_ref, first, block_n, col))
 
 
+def _columns(start, width: int):
+    """[1, width] int32: columns start..start + width, an index array beside the rows' (the
+    interpreter takes no mix of arrays and slices)."""
+    return start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+
+
 def _load(ref, rows, start: int, block_k: int, real):
-    """Columns start..start + block_k of a [rows, N] ref's tile (rows past the real ones: 0)."""
-    return plgpu.load(ref.at[rows, pl.ds(start, block_k)], mask=real, other=0)
+    """Columns start..start + block_k of a [rows, N] ref's tile, rows: [block_m, 1] int32 (rows
+    past the real ones: 0)."""
+    return plgpu.load(ref.at[rows, _columns(start, block_k)], mask=real, other=0)
 
 
 def _summed(ref, rows, start: int, block_k: int, real, dtype):
     """The same tile of a [S, rows, N] ref of partial sums, added in fp32 and rounded to dtype
     (what the producer's output would have held)."""
-    parts = [plgpu.load(ref.at[jnp.int32(j), rows, pl.ds(start, block_k)], mask=real, other=0)
-             .astype(_F32) for j in range(ref.shape[0])]
+    parts = [plgpu.load(ref.at[jnp.int32(j), rows, _columns(start, block_k)], mask=real,
+                        other=0).astype(_F32) for j in range(ref.shape[0])]
     return functools.reduce(lambda a, b: a + b, parts).astype(dtype)
 
 
