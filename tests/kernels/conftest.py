@@ -226,12 +226,30 @@ def cuda_lowering():
     return _cuda_lowering
 
 
+def _lowered_off_and_on(calls, config, flag: str, kind: str = "NVIDIA H100 80GB HBM3"):
+    """The CUDA lowering's text of each call, (fn, args, kwargs) with config= added, with the
+    config's boolean `flag` off, then on: [[texts off], [texts on]]."""
+    texts = []
+    with _cuda_lowering(kind):
+        for on in (False, True):
+            cfg = dataclasses.replace(config, **{flag: on})
+            texts.append([fn.trace(*args, config=cfg, **kwargs).lower(
+                lowering_platforms=("cuda",)).as_text() for fn, args, kwargs in calls])
+    return texts
+
+
+@pytest.fixture
+def lowered_off_and_on(cuda_lowering):
+    """`_lowered_off_and_on`: a config flag reaches the kernel where the texts differ."""
+    return _lowered_off_and_on
+
+
 def pytest_collection_modifyitems(config, items):
     """Every test that lowers for CUDA (`cuda_lowering`) is a `lowering` test, which CI runs
     under each jax (jax 0.12 refused the projection kernel's one-row lowering, 2026-12-05, while
     only test_kernel_lowering.py carried the marker)."""
     for item in items:
-        if "cuda_lowering" in getattr(item, "fixturenames", ()):
+        if {"cuda_lowering", "lowered_off_and_on"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.lowering)
 
 

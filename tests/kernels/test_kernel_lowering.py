@@ -115,14 +115,14 @@ def test_pipelined_loop_says_its_stages(stages, cuda_lowering):
 
 
 @pytest.mark.parametrize("kind", DEVICES)
-def test_projection_gemv_loop_says_its_stages(kind, cuda_lowering):
+def test_projection_gemv_loop_says_its_stages(kind, lowered_off_and_on):
     """The one-row GEMV's loop (no tt.dot) says its stages; the tile form's loop does not need
     to (its loads feed the dot)."""
     S = jax.ShapeDtypeStruct
     args = (S((1, 4096), jnp.bfloat16), S((4096, 2048), jnp.bfloat16))
-    texts = [_lower(project, args, kind, cuda_lowering,
-                    config=ProjectionConfig(64, 128, 8, 4, 3, gemv=gemv)) for gemv in (False, True)]
-    assert [text.count("tt.num_stages") for text in texts] == [0, 1]
+    (tile,), (gemv,) = lowered_off_and_on([(project, args, {})],
+                                          ProjectionConfig(64, 128, 8, 4, 3), "gemv", kind)
+    assert (tile.count("tt.num_stages"), gemv.count("tt.num_stages")) == (0, 1)
 
 
 @pytest.mark.parametrize("kind", DEVICES)

@@ -224,30 +224,13 @@ def test_project_swap_ab_matches_float64_gpu(M, config, on_gpu):
     _assert_group_close(M, 2048, (5120, 5120), config)
 
 
-def test_gemv_changes_the_lowered_kernel(cuda_lowering):
-    """gemv reaches the kernel of a lone weight and of a group (the interpret results of the
-    two forms agree within the bound either way)."""
-    x = jax.ShapeDtypeStruct((1, 2048), jnp.bfloat16)
+@pytest.mark.parametrize("flag, M, config", [("gemv", 1, ProjectionConfig(64, 128, 4, 4, 3)),
+                                              ("swap_ab", 32, ProjectionConfig(128, 64, 2, 4, 3))])
+def test_config_flag_changes_the_lowered_kernel(flag, M, config, lowered_off_and_on):
+    """gemv and swap_ab reach the kernel of a lone weight and of a group (the interpret results
+    of the two forms agree within the bound either way)."""
+    x = jax.ShapeDtypeStruct((M, 2048), jnp.bfloat16)
     w = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16)
-    texts = []
-    with cuda_lowering("NVIDIA H100 80GB HBM3"):
-        for gemv in (False, True):
-            config = ProjectionConfig(64, 128, 4, 4, 3, gemv=gemv)
-            texts.append([kernels.project.trace(x, w, config=config).lower(
-                              lowering_platforms=("cuda",)).as_text(),
-                          kernels.project_group.trace(x, (w, w), config=config).lower(
-                              lowering_platforms=("cuda",)).as_text()])
-    assert all(a != b for a, b in zip(*texts))
-
-
-def test_swap_ab_changes_the_lowered_kernel(cuda_lowering):
-    """swap_ab reaches the kernel (the interpret results are the same either way)."""
-    x = jax.ShapeDtypeStruct((32, 2048), jnp.bfloat16)
-    w = jax.ShapeDtypeStruct((2048, 1024), jnp.bfloat16)
-    texts = []
-    with cuda_lowering("NVIDIA H100 80GB HBM3"):
-        for swap in (False, True):
-            config = ProjectionConfig(128, 64, 2, 4, 3, swap_ab=swap)
-            texts.append(kernels.project.trace(x, w, config=config).lower(
-                lowering_platforms=("cuda",)).as_text())
-    assert texts[0] != texts[1]
+    off, on = lowered_off_and_on([(kernels.project, (x, w), {}),
+                                  (kernels.project_group, (x, (w, w)), {})], config, flag)
+    assert all(a != b for a, b in zip(off, on))

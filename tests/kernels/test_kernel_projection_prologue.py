@@ -189,24 +189,19 @@ def test_prologues_lower_for_cuda(kind, M, S, cuda_lowering):
 
 
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
-def test_prologues_lower_for_cuda_as_gemv(kind, cuda_lowering):
+def test_prologues_lower_for_cuda_as_gemv(kind, lowered_off_and_on):
     """gemv reaches the kernel: one row's prologues lower to another kernel than the tile's."""
     gate_up = jax.ShapeDtypeStruct((2, 1, 10240), jnp.float32)
     w_down = jax.ShapeDtypeStruct((5120, 2048), BF16)
     o = jax.ShapeDtypeStruct((1, 4096), BF16)
     weight = jax.ShapeDtypeStruct((128,), BF16)
     w_out = jax.ShapeDtypeStruct((4096, 2048), BF16)
-    texts = []
-    with cuda_lowering(kind):
-        for gemv in (False, True):
-            config = ProjectionConfig(64, 128, 8, 4, 3, gemv=gemv)
-            texts.append([kernels.project_swiglu.trace(gate_up, w_down, config=config).lower(
-                              lowering_platforms=("cuda",)).as_text(),
-                          kernels.project_gated_norm.trace(o, o, weight, w_out, eps=1e-6,
-                                                           config=config).lower(
-                              lowering_platforms=("cuda",)).as_text()])
-    assert all(text.count(TRITON_CALL) == 1 for text in texts[1])
-    assert all(a != b for a, b in zip(*texts))
+    off, on = lowered_off_and_on(
+        [(kernels.project_swiglu, (gate_up, w_down), {}),
+         (kernels.project_gated_norm, (o, o, weight, w_out), dict(eps=1e-6))],
+        ProjectionConfig(64, 128, 8, 4, 3), "gemv", kind)
+    assert all(text.count(TRITON_CALL) == 1 for text in on)
+    assert all(a != b for a, b in zip(off, on))
 
 
 @pytest.mark.gpu
