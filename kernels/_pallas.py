@@ -8,8 +8,9 @@ GPU); swapping the backend should only touch this file.
 `pipelined_fori_loop` is `lax.fori_loop` whose Triton loop says its software-pipelining stages
 (`tt.num_stages`): Triton pipelines the loads of a loop that has no `tt.dot` only where the loop
 says so, and Pallas's loops say nothing. The loop's body carries a marker (`_STAGES`, the identity
-on the loop index) that a wrapper of Pallas-Triton's `while` lowering rule turns into the
-attribute; where jax's internals differ (another version), the loop lowers as a plain one.
+on the loop index) that wrappers of Pallas-Triton's `scan` and `while` lowering rules (a
+fori_loop lowers through one or the other) turn into the attribute; where jax's internals differ
+(another version), the loop lowers as a plain one.
 
 The deprecation warning is raised when XLA lowers the kernel, which happens inside whatever
 `jax.jit` the caller wraps around us, long after our functions have returned. So the filter is
@@ -86,7 +87,8 @@ mlir.register_lowering(_STAGES, lambda ctx, index, *, stages: [index])  # the in
 def pipelined_fori_loop(lower: int, upper: int, body, init, *, stages: int):
     """`lax.fori_loop(lower, upper, body, init)` whose Triton loop carries `tt.num_stages =
     stages` (module docstring): its loads are software-pipelined `stages` deep even where no
-    `tt.dot` uses them. `PIPELINES_LOOPS` says whether this jax's lowering takes the marker."""
+    `tt.dot` uses them. The marker rides on the loop index: a body that never reads its index
+    loses it (a plain loop). `PIPELINES_LOOPS` says whether this jax's lowering takes it."""
     return lax.fori_loop(lower, upper,
                          lambda i, carry: body(_STAGES.bind(i, stages=stages), carry), init)
 
@@ -110,14 +112,17 @@ def _install_loop_stages() -> bool:
 
     def wrapped(rule, body_param):
         def marked_rule(ctx, *args, **params):
-            out = rule(ctx, *args, **params)
             stages = _marked_stages(params[body_param])
-            for value in out if stages else ():  # the loop's results: scf.for's where it is one
-                op = getattr(value, "owner", None)
-                if op is not None and op.name == "scf.for":
-                    op.attributes["tt.num_stages"] = ir.IntegerAttr.get(
+            if not stages:
+                return rule(ctx, *args, **params)
+            # the scf.for this rule appends (its results may be none, or follow the bounds')
+            block = ir.InsertionPoint.current.block
+            known = {op.operation for op in block.operations}
+            out = rule(ctx, *args, **params)
+            for op in block.operations:
+                if op.operation not in known and op.operation.name == "scf.for":
+                    op.operation.attributes["tt.num_stages"] = ir.IntegerAttr.get(
                         ir.IntegerType.get_signless(32), stages)
-                    break
             return out
         return marked_rule
 

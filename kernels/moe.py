@@ -272,7 +272,8 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
 
     def run(tile, one_row: bool = False):  # tile(ref, ks, cols): this block's expert's tile
         # one_row: the block's one pair, in its row 0, formed alone (the tile's other rows
-        # zeros), where the whole tile would load and transform 15 padding rows each K-step
+        # zeros), where the whole tile would load and transform block_m - 1 padding rows each
+        # K-step
         at = pl.ds(g * block_m, 1) if one_row else rows
         token, real = None, None
         if row_token_ref is not None:  # a padding row's address: masked, never read
@@ -354,8 +355,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     pair_blocks (with row_token): each of block_expert's blocks holds one pair, in its row 0
     (`plan_pairs`; its other rows are taken as padding, whatever row_token says): the kernel
     forms that row's x alone, the tile's other rows zeros, where the whole tile's would load
-    and transform 15 padding rows each K-step (the same result; a shared block's tile is formed
-    whole unless there is one token)."""
+    and transform block_m - 1 padding rows each K-step (the same result; a shared block's tile
+    is formed whole unless there is one token)."""
     _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config, shared_blocks)
     if pair_blocks and row_token is None:
         raise ValueError("grouped_matmul: pair_blocks (each block's pair in its row 0) needs "

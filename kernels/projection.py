@@ -99,13 +99,17 @@ class ProjectionConfig:
                              "(a row on the CUDA cores, a tile on the tensor cores): pick one")
 
     def smem_bytes(self, M: int, itemsize: int = 2, x_bytes: int | None = None) -> int:
-        """The shared memory the pipelined loads take: num_stages tiles of x and of w; x_bytes:
-        a column of a row of x's sources where a prologue forms x (`source_bytes`; default
-        itemsize)."""
-        # a prologue forms one row's x from that row alone (`_kernel`): one row of sources staged
-        rows = 1 if x_bytes is not None and M == 1 else self.rows(M)
-        x_bytes = itemsize if x_bytes is None else x_bytes
-        return self.num_stages * (rows * x_bytes + self.block_n * itemsize) * self.block_k
+        """The shared memory the pipelined loads take: num_stages tiles of x and of w. x_bytes
+        (given only where a prologue forms x): a column of a row of its sources
+        (`source_bytes`), staged for `staged_rows` rows; None: x itself, at itemsize."""
+        x_tile = self.staged_rows(M, x_bytes is not None) * (
+            itemsize if x_bytes is None else x_bytes)
+        return self.num_stages * (x_tile + self.block_n * itemsize) * self.block_k
+
+    def staged_rows(self, M: int, prologue: bool) -> int:
+        """The rows of x (or of a prologue's sources) staged each K-step: the tile's (`rows`),
+        but one where a prologue forms one row's x from that row alone (`_kernel`)."""
+        return 1 if prologue and M == 1 else self.rows(M)
 
     def rows(self, M: int) -> int:
         """The rows of x's tile for a call of M rows: one as a GEMV, else `block_m`."""
@@ -118,7 +122,8 @@ class ProjectionConfig:
             return f"gemv takes one row, got M={M}"
         smem = self.smem_bytes(M, x_bytes=x_bytes)
         if smem > _SMEM_BYTES:
-            return (f"{self.num_stages} stages of [{self.rows(M)} + {self.block_n}, "
+            rows = self.staged_rows(M, x_bytes is not None)
+            return (f"{self.num_stages} stages of [{rows} + {self.block_n}, "
                     f"{self.block_k}] tiles take {smem} B of shared memory, over {_SMEM_BYTES}")
         if N % self.block_n:
             return f"block_n={self.block_n} does not divide N={N}"

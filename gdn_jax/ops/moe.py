@@ -67,9 +67,10 @@ PAIRS_VAR = "GDN_JAX_MOE_PAIRS"
 # forms the one row alone (`kernels.grouped_matmul(pair_blocks=True)`), "split" also cuts the
 # gate / up call's K in two (64-column blocks: 11.3 against 14.0 us a layer, B = 1 decode, H200,
 # 2026-12-04) and the down call forms silu(gate) * up from their partial sums: as a whole tile
-# that took 13.9 us where the plain down takes 7.4 (`config_for`); as one row it takes the 64
-# registers and 40 KB of shared memory a program of the plain down's 54 and 40 KB, not 113 and
-# 96 KB (offline, sm_90: bench/ptxas_stats.py --kernel moe-b1-down --pairs split). Unmeasured
+# that took 13.9 us where the plain down takes 7.4 (`config_for`); as one row it takes 64
+# registers and 40 KB of shared memory a program, against the plain down's 54 and 40 KB, not 113
+# and 96 KB (offline, sm_90: bench/ptxas_stats.py --kernel moe-b1-down --pairs split; the plain
+# down, "tile" and "row", stages its blocks' rows as they are: no prologue). Unmeasured
 # on a GPU (no runner was lent on 2026-12-05): compare `bench/profile_step.py --family
 # qwen3_5_moe_text --batches 1 --variant tile --variant row:pairs=row --variant
 # split:pairs=split`.

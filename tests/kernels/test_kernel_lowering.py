@@ -11,6 +11,8 @@ an abstract device lacks, so `_mgpu.target_arch` sets it: sm_90 for the H100, sm
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +90,28 @@ needs_mosaic = pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC)
 ARCHS = {"NVIDIA H100 80GB HBM3": (9, 0), "NVIDIA B200": (10, 0)}
 
 
-@needs_mosaic
+def _triton_irs(lowered) -> list[str]:
+    """The Triton IR (text) of each Triton custom call of a lowering (as bench/ptxas_stats.py
+    reads it: jax's MLIR parses the bytecode the call carries)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton.lowering import _new_ir_context
+
+    found = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.custom_call":
+                        found.append(bytes(child.attributes["mhlo.backend_config"]["ir"]
+                                           .value_bytes))
+                    walk(child.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    with _new_ir_context():
+        return [ir.Module.parse(b).operation.get_asm() for b in found]
+
+
 @pytest.mark.parametrize("stages", [None, 2, 4])
 def test_pipelined_loop_says_its_stages(stages, cuda_lowering):
     """`_pallas.pipelined_fori_loop`'s Triton loop carries tt.num_stages (Triton pipelines the
@@ -104,14 +127,59 @@ def test_pipelined_loop_says_its_stages(stages, cuda_lowering):
         return _pallas.pallas_call(kernel, name="loop", config=TuningConfig(), interpret=interpret,
                                    out_shape=jax.ShapeDtypeStruct((128,), jnp.float32))(x)
 
-    text = _lower(jax.jit(call), (jax.ShapeDtypeStruct((1024,), jnp.bfloat16),),
-                  "NVIDIA H100 80GB HBM3", cuda_lowering)
-    assert _pallas.PIPELINES_LOOPS and TRITON_CALL in text
-    assert text.count("tt.num_stages") == (stages is not None)
+    with cuda_lowering("NVIDIA H100 80GB HBM3"):
+        lowered = jax.jit(call).trace(jax.ShapeDtypeStruct((1024,), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",))
+    assert _pallas.PIPELINES_LOOPS and TRITON_CALL in lowered.as_text()
+    [ir] = _triton_irs(lowered)
+    assert re.findall(r"tt\.num_stages = (\d+)", ir) == ([] if stages is None else [str(stages)])
     x = jnp.asarray(np.random.default_rng(0).standard_normal(1024), jnp.bfloat16)
     np.testing.assert_array_equal(
         np.asarray(jax.jit(call, static_argnames="interpret")(x, interpret=True)),
         np.asarray(x, np.float32).reshape(8, 128).sum(0, dtype=np.float32))
+
+
+def _after_a_loop(x_ref, o_ref, body, zeros):  # a traced bound, an earlier loop's result
+    n = lax.fori_loop(0, x_ref[0].astype(jnp.int32), lambda i, c: c + 1, jnp.int32(0))
+    o_ref[...] = _pallas.pipelined_fori_loop(0, jnp.minimum(n, 8), body, zeros, stages=5)
+
+
+def _nested(x_ref, o_ref, body, zeros):  # the bound is the outer loop's index
+    o_ref[...] = lax.fori_loop(
+        0, 8, lambda j, acc: _pallas.pipelined_fori_loop(0, j, body, acc, stages=5), zeros)
+
+
+def _no_carry(x_ref, o_ref, body, zeros):
+    o_ref[...] = zeros
+
+    def step(i, carry):
+        o_ref[...] = body(i, o_ref[...])
+        return carry
+
+    _pallas.pipelined_fori_loop(0, 8, step, (), stages=5)
+
+
+@pytest.mark.parametrize("shape", [_after_a_loop, _nested, _no_carry],
+                         ids=["after-a-loop", "nested", "no-carry"])
+def test_pipelined_loop_marks_its_own_loop(shape, cuda_lowering):
+    """The stages go to the marked loop alone, whatever its bounds (an earlier loop's result, an
+    outer loop's index), and with no carry."""
+    STAGES = "tt.num_stages = 5"  # noqa: N806
+    def kernel(x_ref, o_ref):
+        shape(x_ref, o_ref, lambda i, acc: acc + x_ref[pl.ds(i * 128, 128)].astype(jnp.float32),
+              jnp.zeros((128,), jnp.float32))
+
+    call = _pallas.pallas_call(kernel, name="loop", config=TuningConfig(), interpret=False,
+                               out_shape=jax.ShapeDtypeStruct((128,), jnp.float32))
+    with cuda_lowering("NVIDIA H100 80GB HBM3"):
+        lowered = jax.jit(call).trace(jax.ShapeDtypeStruct((1024,), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",))
+    [ir] = _triton_irs(lowered)
+    # a region's attributes print after it: the stages follow the marked loop's yield
+    loops = re.findall(r"scf\.for|scf\.while|scf\.yield|tt\.num_stages = \d+", ir)
+    assert loops == {_after_a_loop: ["scf.for", "scf.yield", "scf.for", "scf.yield", STAGES],
+                     _nested: ["scf.for", "scf.for", "scf.yield", STAGES, "scf.yield"],
+                     _no_carry: ["scf.for", STAGES]}[shape]  # (an empty yield is not printed)
 
 
 @pytest.mark.parametrize("kind", DEVICES)
@@ -125,6 +193,7 @@ def test_projection_gemv_loop_says_its_stages(kind, lowered_off_and_on):
     assert (tile.count("tt.num_stages"), gemv.count("tt.num_stages")) == (0, 1)
 
 
+@needs_mosaic
 @pytest.mark.parametrize("kind", DEVICES)
 @pytest.mark.parametrize("pool_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16pool", "f32pool"])
 def test_decode_mgpu_lowers_for_cuda(pool_dtype, kind, cuda_lowering):

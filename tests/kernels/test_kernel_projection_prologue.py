@@ -151,6 +151,8 @@ def test_one_row_prologue_stages_one_row_of_sources():
     one-row call stages x's whole 16-row tile: 3 stages of [128, 64] w tiles and two fp32
     partials of gate and up (16 bytes a column of a row)."""
     config = ProjectionConfig(64, 128, 8, 4, 3)
+    assert [config.staged_rows(M, prologue) for M in (1, 2) for prologue in (False, True)] == [
+        16, 1, 16, 16]
     assert config.smem_bytes(1, x_bytes=16) == 3 * (16 + 64 * 2) * 128
     assert config.smem_bytes(2, x_bytes=16) == 3 * (16 * 16 + 64 * 2) * 128
     assert config.smem_bytes(1) == 3 * (16 * 2 + 64 * 2) * 128

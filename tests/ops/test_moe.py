@@ -150,11 +150,17 @@ def test_routed_pairs_modes_match_per_expert_sum(mode, T, k, E, monkeypatch):
     x, w, ids, wg, wu, wd = _case(13 * T, T, k, E, 256, 64)
     sg, su, sd, sw = _shared_case(T, T, 256, 64)
     monkeypatch.setenv(moe.PAIRS_VAR, mode)
-    assert moe.pairs_mode(T * k, E) == (mode if E == 64 else "tile")
-    up, _ = moe.default_configs(T * k, T, E, 256, 64, shared=True, split=mode == "split",
-                                sm_count=132)
-    assert up.splits == (2 if mode == "split" else 1)
+    calls, kernel = [], kernels.grouped_matmul
+
+    def recorded(*args, **kwargs):  # what routed asks of the kernel: the mode's work
+        calls.append((kwargs.get("pair_blocks", False), kwargs["config"].splits))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "grouped_matmul", recorded)
     out = moe.routed(x, _with(w, sw), ids, wg, wu, wd, shared=(sg, su, sd))
+    took = mode if E == 64 else "tile"
+    assert calls == {"tile": [(False, 1), (False, 1)], "row": [(True, 1), (False, 1)],
+                     "split": [(True, 2), (True, 1)]}[took]
     ref, scale = _reference(x, w, ids, wg, wu, wd)
     s_ref, s_scale = _reference(x, sw[:, None], jnp.zeros((T, 1), jnp.int32), sg[None],
                                 su[None], sd[None])
