@@ -97,8 +97,11 @@ def _assert_same_cache(got, want, lengths):
         g, w = got.layer(i), want.layer(i)
         if isinstance(g, GDNCache):
             width = g.conv.shape[1] - g.t_max
+            # the window holds in_proj's fp32 outputs, which a verify computes T rows at a time
+            # and a decode one: the dot may sum in another order (jax 0.12's CPU dots do: 4e-6
+            # apart), so the state's fp32 tolerance, not bit equality
             np.testing.assert_allclose(np.asarray(g.conv[:, :width]), np.asarray(w.conv[:, :width]),
-                                       rtol=1e-5, atol=1e-6, err_msg=f"layer {i} conv window")
+                                       rtol=1e-4, atol=1e-5, err_msg=f"layer {i} conv window")
             np.testing.assert_allclose(_flushed_pool(g), _flushed_pool(w), rtol=1e-4, atol=1e-5,
                                        err_msg=f"layer {i} GDN state")
         else:
