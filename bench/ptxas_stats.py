@@ -34,42 +34,30 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def triton_ir(fn, args, **kwargs) -> list[bytes]:
-    """The Triton IR (MLIR bytecode) of every Triton custom call in fn's CUDA lowering."""
+def triton_ir(fn, args, **kwargs) -> list[str]:
+    """The Triton IR (MLIR text) of every Triton custom call in fn's CUDA lowering."""
     import jax
     from jax.sharding import AbstractDevice, AbstractMesh
+
+    sys.path.insert(0, ROOT)
+    from gdn_jax.kernels import _pallas
 
     mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100 80GB HBM3", num_cores=None, platform="cuda"))
     with jax.sharding.use_abstract_mesh(mesh):
         lowered = fn.trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
-    found = []
-
-    def walk(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    if child.operation.name == "stablehlo.custom_call":
-                        config = child.attributes["mhlo.backend_config"]
-                        found.append(bytes(config["ir"].value_bytes))
-                    walk(child.operation)
-
-    walk(lowered.compiler_ir("stablehlo").operation)
-    return found
+    return _pallas.triton_ir(lowered)
 
 
-def compile_stats(ir: bytes, num_warps: int, arch: int = 90, num_stages: int = 1) -> dict:
-    """ir: MLIR bytecode from jax's Pallas-Triton lowering -> ptxas -v figures."""
+def compile_stats(ir: str, num_warps: int, arch: int = 90, num_stages: int = 1) -> dict:
+    """ir: the Triton IR text of jax's Pallas-Triton lowering (`triton_ir`) -> ptxas -v
+    figures."""
     import triton
-    from jax._src.lib.mlir import ir as jax_ir
-    from jax._src.pallas.triton.lowering import _new_ir_context
     from triton._C.libtriton import ir as tir
     from triton.backends.compiler import GPUTarget, Language
     from triton.backends.nvidia.compiler import CUDABackend
 
-    with _new_ir_context():  # jax's MLIR reads its own bytecode; pip triton reads the text
-        text = jax_ir.Module.parse(ir).operation.get_asm()
-    text = re.sub(r"^module @[\w.]+", "module", text, count=1)
+    text = re.sub(r"^module @[\w.]+", "module", ir, count=1)  # pip triton reads the text
     work = tempfile.mkdtemp()
     path = os.path.join(work, "kernel.ttir")
     with open(path, "w") as fh:

@@ -133,3 +133,26 @@ def _install_loop_stages() -> bool:
 
 
 PIPELINES_LOOPS = _install_loop_stages()
+
+
+def triton_ir(lowered) -> list[str]:
+    """The Triton IR (MLIR text) of each Pallas-Triton kernel in a jax lowering
+    (`jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`): the bytecode its custom calls
+    carry, printed by jax's MLIR (bench/ptxas_stats.py compiles it offline; tests read it)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton.lowering import _new_ir_context
+
+    found = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    if child.operation.name == "stablehlo.custom_call":
+                        config = child.attributes["mhlo.backend_config"]
+                        found.append(bytes(config["ir"].value_bytes))
+                    walk(child.operation)
+
+    walk(lowered.compiler_ir("stablehlo").operation)
+    with _new_ir_context():  # jax's MLIR reads its own bytecode
+        return [ir.Module.parse(b).operation.get_asm() for b in found]

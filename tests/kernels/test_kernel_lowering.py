@@ -90,28 +90,6 @@ needs_mosaic = pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC)
 ARCHS = {"NVIDIA H100 80GB HBM3": (9, 0), "NVIDIA B200": (10, 0)}
 
 
-def _triton_irs(lowered) -> list[str]:
-    """The Triton IR (text) of each Triton custom call of a lowering (as bench/ptxas_stats.py
-    reads it: jax's MLIR parses the bytecode the call carries)."""
-    from jax._src.lib.mlir import ir
-    from jax._src.pallas.triton.lowering import _new_ir_context
-
-    found = []
-
-    def walk(op):
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    if child.operation.name == "stablehlo.custom_call":
-                        found.append(bytes(child.attributes["mhlo.backend_config"]["ir"]
-                                           .value_bytes))
-                    walk(child.operation)
-
-    walk(lowered.compiler_ir("stablehlo").operation)
-    with _new_ir_context():
-        return [ir.Module.parse(b).operation.get_asm() for b in found]
-
-
 @pytest.mark.parametrize("stages", [None, 2, 4])
 def test_pipelined_loop_says_its_stages(stages, cuda_lowering):
     """`_pallas.pipelined_fori_loop`'s Triton loop carries tt.num_stages (Triton pipelines the
@@ -131,7 +109,7 @@ def test_pipelined_loop_says_its_stages(stages, cuda_lowering):
         lowered = jax.jit(call).trace(jax.ShapeDtypeStruct((1024,), jnp.bfloat16)).lower(
             lowering_platforms=("cuda",))
     assert _pallas.PIPELINES_LOOPS and TRITON_CALL in lowered.as_text()
-    [ir] = _triton_irs(lowered)
+    [ir] = _pallas.triton_ir(lowered)
     assert re.findall(r"tt\.num_stages = (\d+)", ir) == ([] if stages is None else [str(stages)])
     x = jnp.asarray(np.random.default_rng(0).standard_normal(1024), jnp.bfloat16)
     np.testing.assert_array_equal(
@@ -174,7 +152,7 @@ def test_pipelined_loop_marks_its_own_loop(shape, cuda_lowering):
     with cuda_lowering("NVIDIA H100 80GB HBM3"):
         lowered = jax.jit(call).trace(jax.ShapeDtypeStruct((1024,), jnp.bfloat16)).lower(
             lowering_platforms=("cuda",))
-    [ir] = _triton_irs(lowered)
+    [ir] = _pallas.triton_ir(lowered)
     # a region's attributes print after it: the stages follow the marked loop's yield
     loops = re.findall(r"scf\.for|scf\.while|scf\.yield|tt\.num_stages = \d+", ir)
     assert loops == {_after_a_loop: ["scf.for", "scf.yield", "scf.for", "scf.yield", STAGES],
