@@ -105,6 +105,20 @@ def dot_rows(n: int) -> int:
     return max(MIN_DOT_ROWS, pow2_at_least(n))
 
 
+def column_index(start, width: int):
+    """[1, width] int32: columns start..start + width as an index array, for a load indexed by
+    arrays on every axis (the interpreter takes no mix of arrays and slices)."""
+    return start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+
+
+def in_row_zero(row, block_m: int):
+    """row [1, K] -> [block_m, K]: the row in row 0 of a tile, zeros below (a tile whose other
+    rows are padding, formed from its one real row alone)."""
+    shape = (block_m, row.shape[1])
+    first = lax.broadcasted_iota(jnp.int32, shape, 0) == 0
+    return jnp.where(first, jnp.broadcast_to(row, shape), jnp.zeros((), row.dtype))
+
+
 def check_launch_fields(config, tiles=(), counts=()) -> None:
     """A launch config's checks: each field in `tiles` a power of two >= 16 (a Triton block),
     each in `counts` an int >= 1; a ValueError naming the config class and the field."""

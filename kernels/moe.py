@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_launch_fields
+from ._common import check_launch_fields, column_index, in_row_zero
 
 _F32 = jnp.float32
 MOE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -258,8 +258,8 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
 
     def x_rows(k0, at, token, real):  # x's tile of the block rows at, in w's dtype
         if gather:  # indices on both axes: the interpreter takes no array-and-slice mix
-            k_idx = k0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
-            return plgpu.load(x_ref.at[token[:, None], k_idx], mask=real[:, None], other=0)
+            return plgpu.load(x_ref.at[token[:, None], column_index(k0, block_k)],
+                              mask=real[:, None], other=0)
         if swiglu:  # with row_token only the real rows load: most rows are padding
             def summed(col):
                 cs = pl.ds(col, block_k)
@@ -280,14 +280,10 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
             token = row_token_ref[at]
             real = (token >= 0) & (token < (x_ref.shape[0] if gather else num_tokens))
             token = jnp.where(real, token, 0)
-        first = lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0) == 0
 
         def x_tile(k0):
             x = x_rows(k0, at, token, real)
-            if not one_row:
-                return x
-            return jnp.where(first, jnp.broadcast_to(x, (block_m, block_k)),
-                             jnp.zeros((), stack[0].dtype))
+            return in_row_zero(x, block_m) if one_row else x
 
         def step(i, accs):
             k0 = s * k_split + i * block_k

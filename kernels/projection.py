@@ -53,7 +53,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_launch_fields, check_weights, dot_rows, pow2_block
+from ._common import (check_launch_fields, check_weights, column_index, dot_rows,
+                      in_row_zero, pow2_block)
 
 _F32 = jnp.float32
 PROJECTION_MAX_M = 128  # the most rows one call takes: all rows share one pass over the weight
@@ -212,9 +213,7 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
         # bench/ptxas_stats.py --kernel projection-swiglu)
         one = functools.partial(_x_tile, prologue, in_refs, jnp.zeros((1, 1), jnp.int32),
                                 jnp.ones((1, 1), jnp.bool_), block_k, dtype, w_refs[0].shape[0])
-        first = lax.broadcasted_iota(jnp.int32, (block_m, block_k), 0) == 0
-        x_tile = lambda start: jnp.where(  # noqa: E731
-            first, jnp.broadcast_to(one(start), (block_m, block_k)), jnp.zeros((), dtype))
+        x_tile = lambda start: in_row_zero(one(start), block_m)  # noqa: E731
 
     def block(w_ref, first: int, block_n: int, col: int):  # this program's block of w_ref
         local = pl.ds((n - first) * block_n, block_n)
@@ -240,7 +239,7 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
             acc = jnp.sum(acc, axis=0, keepdims=True)
         elif swap_ab:
             acc = acc.T
-        cols = _columns(col + (n - first) * block_n, block_n)
+        cols = column_index(col + (n - first) * block_n, block_n)
         plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
 
     if len(w_refs) == 1:
@@ -250,22 +249,16 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
         pl.when((n >= first) & (n < last))(functools.partial(block, w_ref, first, block_n, col))
 
 
-def _columns(start, width: int):
-    """[1, width] int32: columns start..start + width, an index array beside the rows' (the
-    interpreter takes no mix of arrays and slices)."""
-    return start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
-
-
 def _load(ref, rows, start: int, block_k: int, real):
     """Columns start..start + block_k of a [rows, N] ref's tile, rows: [block_m, 1] int32 (rows
     past the real ones: 0)."""
-    return plgpu.load(ref.at[rows, _columns(start, block_k)], mask=real, other=0)
+    return plgpu.load(ref.at[rows, column_index(start, block_k)], mask=real, other=0)
 
 
 def _summed(ref, rows, start: int, block_k: int, real, dtype):
     """The same tile of a [S, rows, N] ref of partial sums, added in fp32 and rounded to dtype
     (what the producer's output would have held)."""
-    parts = [plgpu.load(ref.at[jnp.int32(j), rows, _columns(start, block_k)], mask=real,
+    parts = [plgpu.load(ref.at[jnp.int32(j), rows, column_index(start, block_k)], mask=real,
                         other=0).astype(_F32) for j in range(ref.shape[0])]
     return functools.reduce(lambda a, b: a + b, parts).astype(dtype)
 
