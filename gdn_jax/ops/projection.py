@@ -65,9 +65,11 @@ ENV_VAR = "GDN_JAX_PROJECTION"
 GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
 PROLOGUE_VAR = "GDN_JAX_PROJECTION_PROLOGUE"
 # The prologue switch's levels: "off" (the steps between the projections in XLA), "views" (the
-# GDN conv and output norm read in_proj's partial sums in place: `Partials`), "on" (and the MLP's
-# silu * up and GDN's output norm in the next projection's kernel: measured slower, below).
-PROLOGUES = ("off", "views", "on")
+# GDN conv and output norm read in_proj's partial sums in place: `Partials`), "row" (and, at one
+# row, the MLP's silu * up and GDN's output norm in the next projection's kernel, which forms
+# that row alone: at 32 rows every column block re-reads the rows' fp32 sources), "on" (the
+# fused pairs at any row count: measured slower, below).
+PROLOGUES = ("off", "views", "row", "on")
 GEMV_VAR = "GDN_JAX_PROJECTION_GEMV"
 # Which one-row projections run as a GEMV (`kernels.ProjectionConfig.gemv`: the products on the
 # CUDA cores): "off" (the default: none), "prologues" (the fused launches of `swiglu_project` and
@@ -303,7 +305,7 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
 
 
 def _prologue_level() -> str:
-    """GDN_JAX_PROJECTION_PROLOGUE: "off", "views" (the default) or "on" (`PROLOGUES`)."""
+    """GDN_JAX_PROJECTION_PROLOGUE: "off", "views" (the default), "row" or "on" (`PROLOGUES`)."""
     wish = os.environ.get(PROLOGUE_VAR) or "views"
     if wish not in PROLOGUES:
         raise ValueError(f"{PROLOGUE_VAR}: expected one of {list(PROLOGUES)}, got {wish!r}")
@@ -316,6 +318,8 @@ def _fusing(M, K, group_widths, w, arrays, backend, level="on"):
     (group_widths given): ((group config, interpret), down config) where the kernel takes both
     launches, else None; otherwise True (the caller selects its launch)."""
     wish = _prologue_level()
+    if wish == "row":
+        wish = "on" if M == 1 else "views"
     dtype = {jnp.dtype(a.dtype) for a in arrays}
     asked = backend if backend not in (None, "auto") else (
         os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))

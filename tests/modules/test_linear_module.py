@@ -151,7 +151,7 @@ def test_prologue_keeps_the_layer_output_gpu(name, B, T, monkeypatch):
     for wish in projection.PROLOGUES:
         monkeypatch.setenv(projection.PROLOGUE_VAR, wish)
         out[wish] = np.asarray(run(layer, x), np.float64)
-    for wish in ("views", "on"):
+    for wish in ("views", "row", "on"):
         assert np.all(np.isfinite(out[wish]))
         np.testing.assert_allclose(out[wish], out["off"], rtol=0,
                                    atol=2 ** -5 * np.abs(out["off"]).max())

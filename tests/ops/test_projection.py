@@ -337,13 +337,14 @@ def test_fused_pairs_run_the_prologue_kernels_when_on(monkeypatch, lead, partial
     swiglu, gated = _spy(monkeypatch, "project_swiglu"), _spy(monkeypatch, "project_gated_norm")
     x, ws = _mlp_case(lead)
     o, z, weight, w = _norm_case(lead)
-    runs = {}
-    for wish in ("off", "on"):
+    runs, fused = {}, 0
+    for wish in ("off", "row", "on"):  # "row": fused at one row only
         monkeypatch.setenv(projection.PROLOGUE_VAR, wish)
         runs[wish] = (projection.swiglu_project(x, *ws, partials=partials),
                       projection.gated_norm_project(o, z, weight, w, 1e-6, partials=partials))
-        assert (len(swiglu), len(gated)) == ((0, 0) if wish == "off" else (1, 1))
-    for y_off, y_on in zip(runs["off"], runs["on"]):
+        fused += wish == "on" or (wish == "row" and lead == (1,))
+        assert (len(swiglu), len(gated)) == (fused, fused)
+    for y_off, y_on in zip(runs["off"] * 2, runs["row"] + runs["on"]):
         if partials:
             assert y_on.ndim == len(lead) + 2 and y_on.shape[1:] == y_off.shape[1:]
             y_off, y_on = (np.asarray(y, np.float64).sum(0) for y in (y_off, y_on))
