@@ -29,13 +29,14 @@ the same either way.
 `project_group_partials` returns a group's one launch as `Partials` views of its unadded split-K
 partial sums, which the GDN conv kernel and `gated_norm_project` read in place (added and rounded
 on load): the GDN layer's in_proj output then costs no sum-and-slice launch for the conv's input
-(one a layer; the output norm's z is summed in XLA's norm fusion unless the level is "on").
+(one a layer; the output norm's z is summed in XLA's norm fusion unless the pair is fused).
 `swiglu_project(x, w_gate, w_up, w_down)` (the dense MLP) and `gated_norm_project(o, z, norm_w,
 w_out, eps)` (GDN's output norm and out_proj) can also fold the elementwise step between two
 projections into the second's launch (`kernels.project_swiglu`, `kernels.project_gated_norm`).
 GDN_JAX_PROJECTION_PROLOGUE picks (`PROLOGUES`): "off" (the steps in XLA between launches, no
-views), "views" (the default: the views, the steps in XLA) or "on" (the views and the fused
-steps). XLA's paths, and so CPU results, are the same at every level. GDN_JAX_PROJECTION_GEMV
+views), "views" (the default: the views, the steps in XLA), "row" (the views, and the fused
+steps where their launch has one row) or "on" (the views and the fused steps). XLA's paths,
+and so CPU results, are the same at every level. GDN_JAX_PROJECTION_GEMV
 (`GEMVS`, default "off") runs one-row launches as a GEMV on the CUDA cores: "prologues" the fused
 steps' launches, "on" every one (unmeasured on a GPU yet: `GEMV_VAR`).
 
@@ -73,7 +74,7 @@ PROLOGUES = ("off", "views", "row", "on")
 GEMV_VAR = "GDN_JAX_PROJECTION_GEMV"
 # Which one-row projections run as a GEMV (`kernels.ProjectionConfig.gemv`: the products on the
 # CUDA cores): "off" (the default: none), "prologues" (the fused launches of `swiglu_project` and
-# `gated_norm_project`, which run only where GDN_JAX_PROJECTION_PROLOGUE is "on") or "on" (every
+# `gated_norm_project`, which run only where GDN_JAX_PROJECTION_PROLOGUE fuses them) or "on" (every
 # one-row launch). Unmeasured on a GPU (no runner was lent on 2026-12-05); its loop, which has no
 # tt.dot, says its stages so that Triton pipelines its loads (without, none were: offline,
 # bench/ptxas_stats.py --gemv counts the async copies). The tile form's prologues now form one
@@ -253,8 +254,9 @@ def swiglu_project(x, w_gate, w_up, w_down, *, precision=None, partials: bool = 
     """The SwiGLU MLP: (silu(x @ w_gate) * (x @ w_up)) @ w_down, each product as `project`
     computes it (same arguments; partials: the last product's). x: [..., K], w_gate / w_up:
     [K, I], w_down: [I, N] -> [..., N] in x's dtype. Where the kernel takes the gate / up group
-    and the down projection (and GDN_JAX_PROJECTION_PROLOGUE is "on"): two launches, the
-    group's partial sums handed to `kernels.project_swiglu`; elsewhere the three steps apart."""
+    and the down projection (and GDN_JAX_PROJECTION_PROLOGUE fuses the pair: "on", or "row" at
+    one row): two launches, the group's partial sums handed to `kernels.project_swiglu`;
+    elsewhere the three steps apart."""
     *lead, K = x.shape
     M = math.prod(lead)
     I = w_gate.shape[-1]
@@ -276,9 +278,9 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
     """`gated_rms_norm(o, z, norm_weight, eps)` per head, then `project` by w (same arguments).
     o, z: [..., H, V] in w's dtype (z may be a `Partials` view of H * V columns: the kernel then
     reads the producer's partial sums); norm_weight: [V]; w: [H * V, N] -> [..., N]. Where the
-    kernel takes the projection with K-steps of one head (and GDN_JAX_PROJECTION_PROLOGUE is
-    "on"): one launch of `kernels.project_gated_norm`; elsewhere the norm in XLA (z's partial sums
-    added there), then `project`."""
+    kernel takes the projection with K-steps of one head (and GDN_JAX_PROJECTION_PROLOGUE fuses
+    the pair: "on", or "row" at one row): one launch of `kernels.project_gated_norm`; elsewhere
+    the norm in XLA (z's partial sums added there), then `project`."""
     *lead, H, V = o.shape
     M, K = math.prod(lead), H * V
     view = isinstance(z, Partials)
