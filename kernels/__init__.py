@@ -18,6 +18,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     parts = project(x, w, config=..., partials=True)  # [splits, M, N] fp32, unadded
     y = project_swiglu(gate_up, w_down, config=...)    # silu(gate) * up @ w_down, one launch
     y = project_gated_norm(o, z, norm_w, w_out, eps=eps, config=...)   # GDN norm, then out_proj
+    outs, conv = project_conv(x, (w_qkvz, w_ba), conv, conv_w, slots, widths=..., config=...)
+                                         # GDN's in_proj and its conv for one token, one launch
     r, h = add_rms_norm(x_res, parts, norm_w, eps=1e-6)  # residual add + RMSNorm, one launch
     q, k, v = project_group(x, (w_q, w_k, w_v), config=ProjectionConfig(...))  # one launch
     gate, up = project_group_mgpu(x, (w_gate, w_up), config=MosaicProjectionConfig(...))
@@ -85,6 +87,8 @@ from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
 from .projection import source_bytes as projection_source_bytes
+from .projection_conv import misfit as projection_conv_misfit
+from .projection_conv import project_conv
 from .projection_mgpu import MosaicProjectionConfig, project_group_mgpu
 from .projection_mgpu import misfit as projection_mgpu_misfit
 from .residual_norm import NORM_DTYPES, NormConfig, add_rms_norm
@@ -112,9 +116,9 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "attention_prologue_misfit", "conv_step", "decode", "decode_attention",
            "decode_attention_rows", "decode_mgpu", "fold",
            "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
-           "project", "project_gated_norm", "project_group", "project_group_mgpu",
+           "project", "project_conv", "project_gated_norm", "project_group", "project_group_mgpu",
            "project_swiglu", "projection_block_m",
-           "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit",
+           "projection_conv_misfit", "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit",
            "projection_source_bytes", "pow2_block", "route", "route_misfit", "route_shared_gate",
            "scatter_rows", "scatter_rows_group", "verify_intermediate", "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

@@ -89,10 +89,7 @@ def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block,
         xs += [token(t).astype(conv_ref.dtype) for t in range(tokens)]
         w = [w_ref[i, cols].astype(jnp.float32) for i in range(width)]
         for t in range(tokens):
-            acc = jnp.zeros((block,), jnp.float32)
-            for i in range(width):
-                acc = acc + xs[t + i].astype(jnp.float32) * w[i]
-            store(t, acc * jax.nn.sigmoid(acc))
+            store(t, conv_silu(xs[t:t + width], w))
         if keep == "window":  # the last W - 1 inputs (W = 1: nothing to keep)
             for i, xi in enumerate(xs[tokens:]):
                 conv_ref[s, i, cols] = xi
@@ -106,6 +103,16 @@ def _kernel(slots_ref, x_ref, w_ref, conv_in, *refs, width, tokens, keep, block,
     def _():
         for t in range(tokens):
             store(t, jnp.zeros((block,), jnp.float32))
+
+
+def conv_silu(xs, w):
+    """One token's conv output: silu(sum_i xs[i] * w[i]) in fp32, the terms added in order
+    i = 0..W-1 (xs: the W - 1 window inputs, then the token; w: the W taps, fp32), as
+    `gdn_jax.ops.conv.causal_conv` adds them."""
+    acc = jnp.zeros(jnp.broadcast_shapes(xs[0].shape, w[0].shape), jnp.float32)
+    for x, wi in zip(xs, w):
+        acc = acc + x.astype(jnp.float32) * wi
+    return acc * jax.nn.sigmoid(acc)
 
 
 @functools.partial(jax.jit, static_argnames=("widths", "keep", "dtype", "config", "interpret",

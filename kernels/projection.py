@@ -184,7 +184,7 @@ def misfit(M: int, K: int, N, dtype, config: ProjectionConfig,
 
 def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab: bool,
             gemv: bool, stages: int, blocks: tuple[tuple[int, int, int, int], ...],
-            prologue: tuple | None):
+            prologue: tuple | None, extras: int = 0, epilogue=None):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
     accumulation; o is fp32 partial sums, or the result where there is one slice), for the weight
     whose blocks hold n: blocks[i] = (first, last, block_n, col): w_i's column blocks of block_n
@@ -194,9 +194,17 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
     its sources) and o hold `rows` real rows (fewer than the tile's block_m, or padded to it in
     the interpreter): the tile's rows past them are masked, read as zeros and never stored.
     gemv (one row, block_m = 1): x's tile is that row, [1, block_k], and the products are summed
-    on the CUDA cores (`ProjectionConfig.gemv`)."""
+    on the CUDA cores (`ProjectionConfig.gemv`).
+
+    epilogue (with `extras` more input refs after the weights, and any outputs): called as
+    `epilogue(extra_refs, out_refs, acc, col, block_n, tile_rows, real)` with a program's fp32
+    [block_m, block_n] result at output column col (one slice: splits = 1), to store it itself
+    (`kernels.projection_conv`); None: o[s, :, block n] as above, the one output."""
     sources = 1 if prologue is None else {"swiglu": 1, "gated_norm": 3}[prologue[0]]
-    in_refs, w_refs, o_ref = refs[:sources], refs[sources:-1], refs[-1]
+    weights = len(blocks)
+    in_refs, w_refs = refs[:sources], refs[sources:sources + weights]
+    extra_refs, out_refs = (refs[sources + weights:sources + weights + extras],
+                            refs[sources + weights + extras:])
     n, s = pl.program_id(0), pl.program_id(1)
     # The tile's rows may run past x's (M < block_m): indexed by an array, every row past M
     # masked (jax 0.12 refuses the static slice past a ref's end that 0.10-0.11 let through).
@@ -239,8 +247,13 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
             acc = jnp.sum(acc, axis=0, keepdims=True)
         elif swap_ab:
             acc = acc.T
-        cols = column_index(col + (n - first) * block_n, block_n)
-        plgpu.store(o_ref.at[s, tile_rows, cols], acc.astype(o_ref.dtype), mask=real)
+        start = col + (n - first) * block_n
+        if epilogue is not None:
+            epilogue(extra_refs, out_refs, acc, start, block_n, tile_rows, real)
+            return
+        o_ref = out_refs[0]
+        plgpu.store(o_ref.at[s, tile_rows, column_index(start, block_n)],
+                    acc.astype(o_ref.dtype), mask=real)
 
     if len(w_refs) == 1:
         block(w_refs[0], 0, blocks[0][2], 0)
@@ -372,41 +385,58 @@ def _launch(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple,
     None for a source without rows) -> the outputs (`project_group`'s per weight, or one)."""
     widths = [w.shape[1] for w in ws]
     offsets = tuple(itertools.accumulate([0, *widths]))
-    N = offsets[-1]
     sizes = [config.block_n] if not group else [pow2_block(n, config.block_n) for n in widths]
-    firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
-    blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))
-    bm = config.rows(M)
-    dtype = ws[0].dtype
-    # On the GPU the kernel's masked loads and stores read and write the M rows in place. The
-    # interpreter slices refs as XLA does (no access past the end), so there the sources and the
-    # output are padded to the tile's rows (zeros: the same products) and the pad dropped after.
-    rows_held = bm if interpret else M
-    if rows_held != M:
-        sources = tuple(src if axis is None else jnp.pad(src, [
-            (0, rows_held - M if a == axis else 0) for a in range(src.ndim)])
-            for src, axis in zip(sources, row_axes))
-    out_dtype = dtype if config.splits == 1 and not partials else _F32
-    out = _pallas.pallas_call(
-        functools.partial(_kernel, rows=M, block_m=bm, block_k=config.block_k,
-                          k_split=K // config.splits, swap_ab=config.swap_ab,
-                          gemv=config.gemv, stages=config.num_stages, blocks=blocks,
-                          prologue=prologue),
-        name=name,
-        config=config,  # pallas_call reads num_warps and num_stages
-        interpret=interpret,
-        grid=(firsts[-1], config.splits),
-        out_shape=jax.ShapeDtypeStruct((config.splits, rows_held, N), out_dtype),
-    )(*sources, *ws)
+    rows_held = held_rows(M, config, interpret)
+    out_dtype = ws[0].dtype if config.splits == 1 and not partials else _F32
+    out = call(sources, row_axes, M, K, ws, sizes, config, interpret, name,
+               jax.ShapeDtypeStruct((config.splits, rows_held, offsets[-1]), out_dtype),
+               prologue=prologue)
     if partials:
         return (out[:, :M],)
     # several slices: fp32 partial sums, added (and cast) by XLA
-    out = out[0] if config.splits == 1 else out.sum(0).astype(dtype)
+    out = out[0] if config.splits == 1 else out.sum(0).astype(ws[0].dtype)
     if rows_held != M:
         out = out[:M]
     if len(ws) == 1:
         return (out,)
     return tuple(out[:, lo:hi] for lo, hi in itertools.pairwise(offsets))
+
+
+def held_rows(M: int, config: ProjectionConfig, interpret: bool) -> int:
+    """The rows the sources and outputs of a call of M rows hold: M on the GPU, where the
+    kernel's masked loads and stores read and write the M rows in place; the tile's in the
+    interpreter, which slices refs as XLA does (no access past the end): there the sources are
+    padded with zeros (the same products) and the outputs' pad dropped after."""
+    return config.rows(M) if interpret else M
+
+
+def call(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple, sizes, config, interpret,
+         name: str, out_shape, *, prologue=None, extras: tuple = (), epilogue=None,
+         aliases=None):
+    """The kernel's pallas_call: weight i in column blocks of sizes[i], the sources' rows padded
+    to `held_rows` (row_axes as `_launch`'s), extras and epilogue as `_kernel` takes them
+    (aliases: pallas_call's input_output_aliases, numbered over sources, weights and extras)."""
+    widths = [w.shape[1] for w in ws]
+    offsets = tuple(itertools.accumulate([0, *widths]))
+    firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
+    blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))
+    rows_held = held_rows(M, config, interpret)
+    if rows_held != M:
+        sources = tuple(src if axis is None else jnp.pad(src, [
+            (0, rows_held - M if a == axis else 0) for a in range(src.ndim)])
+            for src, axis in zip(sources, row_axes))
+    return _pallas.pallas_call(
+        functools.partial(_kernel, rows=M, block_m=config.rows(M), block_k=config.block_k,
+                          k_split=K // config.splits, swap_ab=config.swap_ab,
+                          gemv=config.gemv, stages=config.num_stages, blocks=blocks,
+                          prologue=prologue, extras=len(extras), epilogue=epilogue),
+        name=name,
+        config=config,  # pallas_call reads num_warps and num_stages
+        interpret=interpret,
+        grid=(firsts[-1], config.splits),
+        out_shape=out_shape,
+        input_output_aliases=aliases or {},
+    )(*sources, *ws, *extras)
 
 
 def _check(x, ws: tuple, config):

@@ -35,7 +35,7 @@ from gdn_jax.modules.cache import GDNCache, conv_dim, gdn_cache_specs, slot_inde
 from gdn_jax.modules.norms import GatedRMSNorm
 from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call, tp_metadata,
                                       tp_size)
-from gdn_jax.ops.conv import causal_conv, conv_step
+from gdn_jax.ops.conv import causal_conv, conv_step, project_conv_step
 from gdn_jax.ops.projection import Partials
 from gdn_jax.ops.scatter import write_positions
 
@@ -61,9 +61,14 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     channels = conv_dim(H, K, HV, V)
     gather, _, scatter = slot_index(slots, cache.num_slots)
 
-    views = None if mode == "prefill" else dense_group_partials(x, (p["qkvz"], p["ba"]),
-                                                                 dtype=dtype)
-    if views is None:
+    fused = mode == "decode" and dtype is not None and project_conv_step(
+        x.astype(dtype), (p["qkvz"].astype(dtype), p["ba"].astype(dtype)), cache.conv,
+        p["conv"], slots, widths=(key_dim, key_dim, value_dim, value_dim, HV, HV))
+    views = None if mode == "prefill" or fused else dense_group_partials(
+        x, (p["qkvz"], p["ba"]), dtype=dtype)
+    if fused:  # in_proj and the conv in one launch: q, k, v after the conv
+        (q, k, v, z, b, a), conv = fused
+    elif views is None:
         qkvz, ba = dense_group(x, (p["qkvz"], p["ba"]), dtype=dtype, precision=precision)
         mixed, z = qkvz[..., :channels], qkvz[..., channels:]
         b, a = ba[..., :HV], ba[..., HV:]
@@ -87,7 +92,7 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
         xp = jnp.concatenate([window, mixed.astype(cache.conv.dtype)], axis=1)
         q, k, v = jnp.split(causal_conv(xp, p["conv"]).astype(dtype),
                             (key_dim, 2 * key_dim), axis=-1)
-    else:  # one launch for the conv and the slot's conv rows where a GPU runs it
+    elif not fused:  # one launch for the conv and the slot's conv rows where a GPU runs it
         (q, k, v), conv, *ba = conv_step(mixed, cache.conv, p["conv"], slots,
                                          widths=(key_dim, key_dim, value_dim), dtype=dtype,
                                          keep="window" if mode == "decode" else "all",

@@ -13,6 +13,11 @@ GDN_JAX_CONV=xla keeps XLA, "pallas" is the default "auto" spelled out, "interpr
 kernel in the Pallas interpreter (tests). Unset, GDN_JAX_BACKEND=xla or =interpret steers it as
 it steers the ops. Read when a program is traced.
 
+    outs, conv = project_conv_step(x, (w_qkvz, w_ba), conv, weight, slots, widths=...) or (None)
+
+is a decode step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`: each column
+block's program convolves its own channels), where GDN_JAX_CONV_EPILOGUE=on asks for it.
+
 Slots as the caches': negative or >= num_slots is padding (nothing written). A padding row's
 outputs are zeros from the kernel and the conv of slot 0's window from XLA: the GDN ops ignore
 them (zero output for the row).
@@ -20,16 +25,22 @@ them (zero output for the row).
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 
 from gdn_jax import kernels
 from gdn_jax.ops._slots import slot_index
 from gdn_jax.ops.dispatch import kernel_mode
-from gdn_jax.ops.projection import Partials
+from gdn_jax.ops.projection import Partials, epilogue_config
 from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
+# GDN_JAX_CONV_EPILOGUE=on runs a decode step's conv inside its in_proj launch where the kernel
+# takes both (`project_conv_step`); "off" (the default: unmeasured on a GPU, 2026-12-05) keeps
+# the conv's own launch.
+EPILOGUE_VAR = "GDN_JAX_CONV_EPILOGUE"
 _BLOCKS = (512, 256, 128, 64, 32, 16)
 
 
@@ -99,6 +110,36 @@ def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None, side
     else:
         conv = write_slots(conv, scatter, jnp.pad(xp, [(0, 0), (0, L - xp.shape[1]), (0, 0)]))
     return (tuple(outs), conv, tuple(v.value() for v in sides)) if sides else (tuple(outs), conv)
+
+
+def project_conv_step(x, ws, conv, weight, slots, *, widths, backend: str | None = None):
+    """The decode step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`), where
+    GDN_JAX_CONV_EPILOGUE=on asks for it, the conv's kernel runs (`GDN_JAX_CONV`) and the few-row
+    projection kernel takes the group unsplit (`gdn_jax.ops.projection.epilogue_config`); else
+    None (run the projection, then `conv_step`).
+
+    x: [B, 1, K] one token a row; ws: weights [K, N_i] in x's dtype; conv: [N, L, C]; weight:
+    [W, C]; slots: [B] int32; widths: the outputs the weights' columns are cut into, the first
+    summing to C the conv's channels (keep="window"). Returns (outs, conv): outs[i] [B, 1,
+    widths[i]] in x's dtype, the conv's `silu(conv)` and the others the projection."""
+    wish = os.environ.get(EPILOGUE_VAR) or "off"
+    if wish not in ("on", "off"):
+        raise ValueError(f"{EPILOGUE_VAR}: expected on or off, got {wish!r}")
+    mode = kernel_mode(ENV_VAR)
+    B, T, K = x.shape
+    widths = tuple(int(n) for n in widths)
+    ws_widths = tuple(w.shape[1] for w in ws)
+    if (wish == "off" or mode is None or T != 1
+            or any(w.dtype != x.dtype or w.shape[0] != K for w in ws)):
+        return None
+    choice = epilogue_config(B, K, ws_widths, x.dtype, backend)
+    if not choice or choice[1] != (mode == "interpret") or kernels.projection_conv_misfit(
+            B, K, ws_widths, widths, weight.shape[1], x.dtype, choice[0]):
+        return None
+    outs, conv = kernels.project_conv(x.reshape(B, K), tuple(ws), conv, weight,
+                                      jnp.asarray(slots).astype(jnp.int32), widths=widths,
+                                      config=choice[0], interpret=choice[1])
+    return tuple(o.reshape(B, 1, o.shape[1]) for o in outs), conv
 
 
 def _same_source(view, x) -> bool:

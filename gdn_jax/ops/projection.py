@@ -306,6 +306,27 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
     return project(x, w, precision=precision, partials=partials, backend=backend)
 
 
+def epilogue_config(M: int, K: int, widths, dtype, backend: str | None = None):
+    """(config, interpret) for a group launch of M rows of [K, N_i] weights (widths: the N_i) whose
+    programs finish their column blocks themselves (an epilogue: `kernels.project_conv`), or None
+    where the few-row kernel does not take the group in one launch. The config is `config_for`'s
+    unsplit (an epilogue needs each block's whole sum), its column blocks cut by the slices it
+    would have taken (down to 32 columns): as many programs, each streaming as many bytes of the
+    weights, as the split launch."""
+    widths = tuple(widths)
+    asked = backend if backend not in (None, "auto") else (
+        os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))
+    if len(widths) < 2 or not _grouping() or asked in ("mosaic", "xla-gemm"):
+        return None
+    choice = _select(M, K, widths, dtype, dtype, backend, strict=False)
+    if not choice:
+        return None
+    config, interpret = choice
+    block_n = max(32, config.block_n // config.splits)
+    config = dataclasses.replace(config, splits=1, block_n=min(block_n, config.block_n))
+    return config, interpret
+
+
 def _prologue_level() -> str:
     """GDN_JAX_PROJECTION_PROLOGUE: "off", "views" (the default), "row" or "on" (`PROLOGUES`)."""
     wish = os.environ.get(PROLOGUE_VAR) or "views"
