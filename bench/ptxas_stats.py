@@ -4,7 +4,7 @@
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
     python bench/ptxas_stats.py --kernel projection|projection-group|projection-swiglu|
                                 projection-gated-norm|moe-gate-up|moe-down|moe-b1-gate-up|
-                                moe-b1-down|attention|conv [--T 4] [--gemv] [--pairs split]
+                                moe-b1-down|attention|conv|in-proj|projection-conv [--T 4] [--gemv] [--pairs split]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks; --gemv:
         the one-row projections as a GEMV)
 
@@ -123,7 +123,8 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
 
 
 MODEL_KERNELS = ("projection", "projection-group", "projection-swiglu", "projection-gated-norm",
-                 "moe-gate-up", "moe-down", "moe-b1-gate-up", "moe-b1-down", "attention", "conv")
+                 "moe-gate-up", "moe-down", "moe-b1-gate-up", "moe-b1-down", "attention", "conv",
+                 "in-proj", "projection-conv")
 
 
 def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "tile"):
@@ -159,6 +160,17 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "til
         config = dataclasses.replace(projection.config_for(1, 2048, widths), gemv=gemv)
         return (kernels.project_group, (S((1, 2048), bf), tuple(S((2048, n), bf) for n in widths)),
                 {}, config)
+    if kernel in ("in-proj", "projection-conv"):  # GDN's in_proj of one row: alone, or its
+        widths = (12288, 64)                        # conv in the launch (GDN_JAX_CONV_EPILOGUE)
+        args = (S((1, 2048), bf), tuple(S((2048, n), bf) for n in widths))
+        if kernel == "in-proj":
+            return (kernels.project_group, args, dict(partials=True),
+                    dataclasses.replace(projection.config_for(1, 2048, widths), gemv=gemv))
+        config = dataclasses.replace(projection.epilogue_config(1, 2048, widths, bf,
+                                                                backend="interpret")[0], gemv=gemv)
+        return (kernels.project_conv, (*args, S((40, 3, 8192), bf), S((4, 8192), bf),
+                                       S((1,), jnp.int32)),
+                dict(widths=(2048, 2048, 4096, 4096, 32, 32)), config)
     if kernel == "conv":  # the GDN conv of B = 32 rows: decode (T = 1) or verify
         config = kernels.ConvConfig()
         keep = "window" if T == 1 else "all"

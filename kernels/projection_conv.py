@@ -47,16 +47,14 @@ def _epilogue(extra_refs, out_refs, acc, col, block_n, tile_rows, real, *, range
     range (lo, hi, convolved) holds it; a convolved block through the conv first."""
     slots_ref, conv_in, w_ref = extra_refs
     *outs, conv_ref = out_refs  # conv_ref: conv_in's buffer (aliased)
-    y = acc.astype(outs[0].dtype)  # the projection's output, rounded as project_group's
 
     for o_ref, (lo, hi, convolved) in zip(outs, ranges):
-        local = column_index(col - lo, block_n)
+        def plain(o_ref=o_ref, lo=lo):
+            y = acc.astype(o_ref.dtype)  # the projection's output, rounded as project_group's
+            plgpu.store(o_ref.at[tile_rows, column_index(col - lo, block_n)], y, mask=real)
 
-        def plain(o_ref=o_ref, local=local):
-            plgpu.store(o_ref.at[tile_rows, local], y, mask=real)
-
-        def convolve(o_ref=o_ref, local=local):
-            cols = column_index(col, block_n)
+        def convolve(o_ref=o_ref, lo=lo):
+            y, cols = acc.astype(o_ref.dtype), column_index(col, block_n)
             slot = plgpu.load(slots_ref.at[tile_rows], mask=real, other=-1)  # [block_m, 1]
             valid = real & (slot >= 0) & (slot < num_slots)
             # a padding row's window index lies past the pool (N): masked on the GPU, and the
@@ -69,7 +67,8 @@ def _epilogue(extra_refs, out_refs, acc, col, block_n, tile_rows, real, *, range
             w = [plgpu.load(w_ref.at[jnp.int32(i), cols]).astype(jnp.float32)
                  for i in range(width)]
             out = jnp.where(valid, conv_silu(xs, w), 0.0)
-            plgpu.store(o_ref.at[tile_rows, local], out.astype(o_ref.dtype), mask=real)
+            plgpu.store(o_ref.at[tile_rows, column_index(col - lo, block_n)],
+                        out.astype(o_ref.dtype), mask=real)
             for i in range(width - 1):  # the window shifts by the token (W = 1: no window)
                 plgpu.store(conv_ref.at[slot, jnp.int32(i), cols], xs[i + 1], mask=valid)
 

@@ -311,8 +311,10 @@ def epilogue_config(M: int, K: int, widths, dtype, backend: str | None = None):
     programs finish their column blocks themselves (an epilogue: `kernels.project_conv`), or None
     where the few-row kernel does not take the group in one launch. The config is `config_for`'s
     unsplit (an epilogue needs each block's whole sum), its column blocks cut by the slices it
-    would have taken (down to 32 columns): as many programs, each streaming as many bytes of the
-    weights, as the split launch."""
+    would have taken (down to 32 columns; 64 where the product is taken weight first, `swap_ab`,
+    whose 64-row wgmma tile the columns fill: offline, sm_90, 32 columns there fell back to
+    mma.sync with half the pipelined loads): as many programs, each streaming as many bytes of
+    the weights, as the split launch."""
     widths = tuple(widths)
     asked = backend if backend not in (None, "auto") else (
         os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))
@@ -322,7 +324,7 @@ def epilogue_config(M: int, K: int, widths, dtype, backend: str | None = None):
     if not choice:
         return None
     config, interpret = choice
-    block_n = max(32, config.block_n // config.splits)
+    block_n = max(64 if config.swap_ab else 32, config.block_n // config.splits)
     config = dataclasses.replace(config, splits=1, block_n=min(block_n, config.block_n))
     return config, interpret
 

@@ -170,3 +170,46 @@ def test_conv_kernel_steps_as_xla(layer, mode, monkeypatch):
     for a, b in zip((*ys_k, *jax.tree.leaves(c_k.state)), (*ys_x, *jax.tree.leaves(c_x.state))):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
         np.testing.assert_allclose(a, b, rtol=0, atol=2.0 ** -16 * max(1.0, np.abs(b).max()))
+
+
+def test_conv_epilogue_steps_as_two_launches(monkeypatch):
+    """GDN_JAX_CONV_EPILOGUE=on: each decode step's in_proj and conv in one launch
+    (`kernels.project_conv`, interpreted), the verify step's as before. Over prefill, decode,
+    verify, commit and decode with a padding row, a bf16 layer (the kernel's dtypes; 16 value
+    heads: b and a are column blocks of their own) leaves the same caches and outputs bit for
+    bit as with it off: at this size both launches take K in one slice, so the projections
+    round the same sums, and the conv adds the same fp32 terms in the same order."""
+    from gdn_jax import kernels
+    from gdn_jax.ops import conv as conv_ops
+
+    bf16 = GatedDeltaNet(64, 2, 16, 16, 16, 4, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                         rngs=nnx.Rngs(3))
+    calls, real = [], kernels.project_conv
+    monkeypatch.setattr(kernels, "project_conv", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setenv("GDN_JAX_BACKEND", "interpret")
+
+    def x(seed, B, T):
+        return jax.random.normal(jax.random.key(seed), (B, T, 64), jnp.bfloat16)
+
+    def run():
+        slots = jnp.array([2, -1, 0])
+        c = bf16.init_cache(3, t_max=T_MAX)
+        _, c = bf16(x(6, 3, 5), c, slots, lengths=jnp.array([5, 2, 3]))
+        y, c = bf16(x(8, 3, 1), c, slots, mode="decode")
+        y2, c = bf16(x(9, 3, 3), c, slots, mode="verify")
+        c = GatedDeltaNet.commit(c, slots, jnp.array([2, 3, 1]))
+        y3, c = bf16(x(10, 3, 1), c, slots, mode="decode")
+        return (y, y2, y3), c
+
+    out = {}
+    for wish in ("off", "on"):
+        monkeypatch.setenv(conv_ops.EPILOGUE_VAR, wish)
+        jax.clear_caches()
+        out[wish] = jax.tree.map(np.asarray, run())
+        assert len(calls) == (0 if wish == "off" else 2)  # the two decodes, only when on
+    for a, b in zip(jax.tree.leaves(out["on"]), jax.tree.leaves(out["off"])):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+    monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "sometimes")
+    with pytest.raises(ValueError, match="GDN_JAX_CONV_EPILOGUE: expected on or off"):
+        bf16(x(8, 1, 1), bf16.init_cache(1, t_max=T_MAX), jnp.array([0]), mode="decode")

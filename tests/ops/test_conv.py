@@ -74,3 +74,68 @@ def test_gpu_dispatch(monkeypatch):
     monkeypatch.setenv(conv_ops.ENV_VAR, "sometimes")
     with pytest.raises(ValueError, match="GDN_JAX_CONV: expected auto, xla, pallas or interpret"):
         conv_ops._mode((64,))
+
+
+def _in_proj(seed=0, B=2, T=1, K=64, dtype=jnp.bfloat16):
+    """GDN's in_proj of a small layer (2 key and 16 value heads of 16, W = 4) and its conv."""
+    rng = np.random.default_rng(seed)
+    widths = (32, 32, 256, 256, 16, 16)
+    C = sum(widths[:3])
+    x = jnp.asarray(rng.standard_normal((B, T, K)), dtype)
+    ws = (jnp.asarray(rng.standard_normal((K, 576)) * K ** -0.5, dtype),
+          jnp.asarray(rng.standard_normal((K, 32)) * K ** -0.5, dtype))
+    conv = jnp.asarray(rng.standard_normal((4, 3, C)), jnp.bfloat16)
+    weight = jnp.asarray(rng.standard_normal((4, C)) * 0.5, jnp.bfloat16)
+    return x, ws, conv, weight, jnp.asarray([3, -1][:B], jnp.int32), widths
+
+
+def test_project_conv_step_runs_where_asked(monkeypatch):
+    """None (the caller's two launches) unless GDN_JAX_CONV_EPILOGUE=on, a kernel path (here the
+    interpreter) for the projection and the conv, one token a row and one dtype; then the
+    kernel's outputs, [B, 1, width] each."""
+    from gdn_jax.ops import projection
+    monkeypatch.delenv(conv_ops.EPILOGUE_VAR, raising=False)
+    x, ws, conv, weight, slots, widths = _in_proj()
+    step = lambda x=x, ws=ws: conv_ops.project_conv_step(  # noqa: E731
+        x, ws, conv, weight, slots, widths=widths)
+    monkeypatch.setenv("GDN_JAX_BACKEND", "interpret")
+    assert step() is None  # off by default
+    monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "on")
+    outs, new_conv = step()
+    config, interpret = projection.epilogue_config(2, 64, (576, 32), jnp.bfloat16)
+    assert interpret and config.splits == 1
+    ref_outs, ref_conv = kernels.project_conv(x[:, 0], ws, conv, weight, slots, widths=widths,
+                                              config=config, interpret=True)
+    for out, ref in zip(outs, ref_outs):
+        assert out.shape == (2, 1, ref.shape[1])
+        np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(new_conv), np.asarray(ref_conv))
+    assert step(x=jnp.concatenate([x, x], axis=1)) is None  # two tokens a row: verify's
+    assert step(ws=(ws[0].astype(jnp.float32), ws[1])) is None  # a weight of another dtype
+    monkeypatch.setenv(conv_ops.ENV_VAR, "xla")
+    assert step() is None  # the conv kept in XLA
+    monkeypatch.delenv(conv_ops.ENV_VAR)
+    monkeypatch.setenv("GDN_JAX_BACKEND", "xla")
+    assert step() is None  # CPU, or the projections kept in XLA
+    monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "yes")
+    with pytest.raises(ValueError, match="GDN_JAX_CONV_EPILOGUE: expected on or off, got 'yes'"):
+        step()
+
+
+@pytest.mark.parametrize("M, block_n, swap_ab", [(1, 32, False), (8, 32, False),
+                                                 (32, 64, True), (64, 64, False)])
+def test_epilogue_config_is_the_split_launch_unsplit(monkeypatch, M, block_n, swap_ab):
+    """On an H200 (faked): the in_proj group's config unsplit, its column blocks cut by the
+    slices it took (as many programs), never below 64 columns where the weight goes first."""
+    from gdn_jax.ops import projection
+    monkeypatch.setattr(Device, "of", classmethod(lambda cls, d=None: Device("gpu", (9, 0),
+                                                                             "H200")))
+    widths = (12288, 64)
+    split = projection.config_for(M, 2048, widths)
+    config, interpret = projection.epilogue_config(M, 2048, widths, jnp.bfloat16)
+    assert not interpret and config.splits == 1
+    assert (config.block_n, config.swap_ab) == (block_n, swap_ab)
+    assert config.block_n * split.splits >= split.block_n
+    assert projection.epilogue_config(M, 2048, (12288,), jnp.bfloat16) is None  # no group
+    monkeypatch.setenv(projection.GROUPS_VAR, "off")
+    assert projection.epilogue_config(M, 2048, widths, jnp.bfloat16) is None
