@@ -160,17 +160,18 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "til
         config = dataclasses.replace(projection.config_for(1, 2048, widths), gemv=gemv)
         return (kernels.project_group, (S((1, 2048), bf), tuple(S((2048, n), bf) for n in widths)),
                 {}, config)
-    if kernel in ("in-proj", "projection-conv"):  # GDN's in_proj of one row: alone, or its
-        widths = (12288, 64)                        # conv in the launch (GDN_JAX_CONV_EPILOGUE)
-        args = (S((1, 2048), bf), tuple(S((2048, n), bf) for n in widths))
+    if kernel in ("in-proj", "projection-conv"):  # GDN's in_proj of one row's T tokens: alone,
+        widths = (12288, 64)               # or its conv in the launch (GDN_JAX_CONV_EPILOGUE)
+        args = (S((T, 2048), bf), tuple(S((2048, n), bf) for n in widths))
         if kernel == "in-proj":
             return (kernels.project_group, args, dict(partials=True),
-                    dataclasses.replace(projection.config_for(1, 2048, widths), gemv=gemv))
-        config = dataclasses.replace(projection.epilogue_config(1, 2048, widths, bf,
+                    dataclasses.replace(projection.config_for(T, 2048, widths), gemv=gemv))
+        config = dataclasses.replace(projection.epilogue_config(T, 2048, widths, bf,
                                                                 backend="interpret")[0], gemv=gemv)
-        return (kernels.project_conv, (*args, S((40, 3, 8192), bf), S((4, 8192), bf),
+        return (kernels.project_conv, (*args, S((40, 3 + T, 8192), bf), S((4, 8192), bf),
                                        S((1,), jnp.int32)),
-                dict(widths=(2048, 2048, 4096, 4096, 32, 32)), config)
+                dict(widths=(2048, 2048, 4096, 4096, 32, 32), tokens=T,
+                     keep="window" if T == 1 else "all"), config)
     if kernel == "conv":  # the GDN conv of B = 32 rows: decode (T = 1) or verify
         config = kernels.ConvConfig()
         keep = "window" if T == 1 else "all"

@@ -84,6 +84,14 @@ _STAGES.def_abstract_eval(lambda index, *, stages: index)
 mlir.register_lowering(_STAGES, lambda ctx, index, *, stages: [index])  # the interpreter's
 
 
+def cta_barrier(interpret: bool) -> None:
+    """A barrier of the program's threads (`plgpu.debug_barrier`, Triton's `gpu.barrier`): the
+    program's global stores before it are seen by its loads after it. Nothing in the
+    interpreter, which runs a program's ops in order (and has no rule for the barrier)."""
+    if not interpret:
+        pltriton.debug_barrier()
+
+
 def pipelined_fori_loop(lower: int, upper: int, body, init, *, stages: int):
     """`lax.fori_loop(lower, upper, body, init)` whose Triton loop carries `tt.num_stages =
     stages` (module docstring): its loads are software-pipelined `stages` deep even where no

@@ -61,9 +61,10 @@ def _gdn_body(p, x, cache: GDNCache, slots, n, *, mode, dims, dtype, precision, 
     channels = conv_dim(H, K, HV, V)
     gather, _, scatter = slot_index(slots, cache.num_slots)
 
-    fused = mode == "decode" and dtype is not None and project_conv_step(
+    fused = mode != "prefill" and dtype is not None and project_conv_step(
         x.astype(dtype), (p["qkvz"].astype(dtype), p["ba"].astype(dtype)), cache.conv,
-        p["conv"], slots, widths=(key_dim, key_dim, value_dim, value_dim, HV, HV))
+        p["conv"], slots, widths=(key_dim, key_dim, value_dim, value_dim, HV, HV),
+        keep="window" if mode == "decode" else "all")
     views = None if mode == "prefill" or fused else dense_group_partials(
         x, (p["qkvz"], p["ba"]), dtype=dtype)
     if fused:  # in_proj and the conv in one launch: q, k, v after the conv

@@ -15,8 +15,9 @@ it steers the ops. Read when a program is traced.
 
     outs, conv = project_conv_step(x, (w_qkvz, w_ba), conv, weight, slots, widths=...) or (None)
 
-is a decode step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`: each column
-block's program convolves its own channels), where GDN_JAX_CONV_EPILOGUE=on asks for it.
+is a decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`:
+each column block's program convolves its own channels), where GDN_JAX_CONV_EPILOGUE=on asks
+for it.
 
 Slots as the caches': negative or >= num_slots is padding (nothing written). A padding row's
 outputs are zeros from the kernel and the conv of slot 0's window from XLA: the GDN ops ignore
@@ -37,9 +38,9 @@ from gdn_jax.ops.projection import Partials, epilogue_config
 from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
-# GDN_JAX_CONV_EPILOGUE=on runs a decode step's conv inside its in_proj launch where the kernel
-# takes both (`project_conv_step`); "off" (the default: unmeasured on a GPU, 2026-12-05) keeps
-# the conv's own launch.
+# GDN_JAX_CONV_EPILOGUE=on runs a decode or verify step's conv inside its in_proj launch where
+# the kernel takes both (`project_conv_step`); "off" (the default: unmeasured on a GPU,
+# 2026-12-05) keeps the conv's own launch.
 EPILOGUE_VAR = "GDN_JAX_CONV_EPILOGUE"
 _BLOCKS = (512, 256, 128, 64, 32, 16)
 
@@ -112,16 +113,18 @@ def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None, side
     return (tuple(outs), conv, tuple(v.value() for v in sides)) if sides else (tuple(outs), conv)
 
 
-def project_conv_step(x, ws, conv, weight, slots, *, widths, backend: str | None = None):
-    """The decode step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`), where
-    GDN_JAX_CONV_EPILOGUE=on asks for it, the conv's kernel runs (`GDN_JAX_CONV`) and the few-row
-    projection kernel takes the group unsplit (`gdn_jax.ops.projection.epilogue_config`); else
-    None (run the projection, then `conv_step`).
+def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window",
+                      backend: str | None = None):
+    """A decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`),
+    where GDN_JAX_CONV_EPILOGUE=on asks for it, the conv's kernel runs (`GDN_JAX_CONV`) and the
+    few-row projection kernel takes the group unsplit (`gdn_jax.ops.projection.epilogue_config`);
+    else None (run the projection, then `conv_step`).
 
-    x: [B, 1, K] one token a row; ws: weights [K, N_i] in x's dtype; conv: [N, L, C]; weight:
+    x: [B, T, K] T tokens a row; ws: weights [K, N_i] in x's dtype; conv: [N, L, C]; weight:
     [W, C]; slots: [B] int32; widths: the outputs the weights' columns are cut into, the first
-    summing to C the conv's channels (keep="window"). Returns (outs, conv): outs[i] [B, 1,
-    widths[i]] in x's dtype, the conv's `silu(conv)` and the others the projection."""
+    summing to C the conv's channels; keep: as `conv_step`'s ("window": T = 1). Returns (outs,
+    conv): outs[i] [B, T, widths[i]] in x's dtype, the conv's `silu(conv)` and the others the
+    projection."""
     wish = os.environ.get(EPILOGUE_VAR) or "off"
     if wish not in ("on", "off"):
         raise ValueError(f"{EPILOGUE_VAR}: expected on or off, got {wish!r}")
@@ -129,17 +132,18 @@ def project_conv_step(x, ws, conv, weight, slots, *, widths, backend: str | None
     B, T, K = x.shape
     widths = tuple(int(n) for n in widths)
     ws_widths = tuple(w.shape[1] for w in ws)
-    if (wish == "off" or mode is None or T != 1
+    if (wish == "off" or mode is None or (keep == "window" and T != 1)
             or any(w.dtype != x.dtype or w.shape[0] != K for w in ws)):
         return None
-    choice = epilogue_config(B, K, ws_widths, x.dtype, backend)
+    choice = epilogue_config(B * T, K, ws_widths, x.dtype, backend)
     if not choice or choice[1] != (mode == "interpret") or kernels.projection_conv_misfit(
-            B, K, ws_widths, widths, weight.shape[1], x.dtype, choice[0]):
+            B * T, K, ws_widths, widths, weight.shape[1], x.dtype, choice[0]):
         return None
-    outs, conv = kernels.project_conv(x.reshape(B, K), tuple(ws), conv, weight,
+    outs, conv = kernels.project_conv(x.reshape(B * T, K), tuple(ws), conv, weight,
                                       jnp.asarray(slots).astype(jnp.int32), widths=widths,
-                                      config=choice[0], interpret=choice[1])
-    return tuple(o.reshape(B, 1, o.shape[1]) for o in outs), conv
+                                      tokens=T, keep=keep, config=choice[0],
+                                      interpret=choice[1])
+    return tuple(o.reshape(B, T, o.shape[1]) for o in outs), conv
 
 
 def _same_source(view, x) -> bool:

@@ -22,13 +22,14 @@ BF16 = jnp.bfloat16
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
 
-def _case(seed, M, K, H, Kd, HV, V, W, N, L, conv_dtype=BF16):
-    """x [M, K], (w_qkvz, w_ba), conv [N, L, C] (NaN past the window and in unused slots),
-    conv weight [W, C], slots (padding rows at 1 and, from 3 rows, 2), widths."""
+def _case(seed, M, K, H, Kd, HV, V, W, N, L, conv_dtype=BF16, T=1):
+    """x [M T, K] (M rows of T tokens), (w_qkvz, w_ba), conv [N, L, C] (NaN past the window and
+    in unused slots), conv weight [W, C], slots [M] (padding rows at 1 and, from 3 rows, 2),
+    widths."""
     rng = np.random.default_rng(seed)
     HK, HVV = H * Kd, HV * V
     C = 2 * HK + HVV
-    x = jnp.asarray(rng.standard_normal((M, K)), BF16)
+    x = jnp.asarray(rng.standard_normal((M * T, K)), BF16)
     w_qkvz = jnp.asarray(rng.standard_normal((K, C + HVV)) * K ** -0.5, BF16)
     w_ba = jnp.asarray(rng.standard_normal((K, 2 * HV)) * K ** -0.5, BF16)
     conv = rng.standard_normal((N, L, C)).astype(np.float32)
@@ -44,14 +45,14 @@ def _case(seed, M, K, H, Kd, HV, V, W, N, L, conv_dtype=BF16):
             (HK, HK, HVV, HVV, HV, HV))
 
 
-def _two_launches(x, ws, conv, weight, slots, widths, config):
+def _two_launches(x, ws, conv, weight, slots, widths, config, T=1, keep="window"):
     qkvz, ba = kernels.project_group(x, ws, config=config, interpret=True)
-    C = sum(widths[:3])
-    (q, k, v), conv = kernels.conv_step(qkvz[:, None, :C], conv, weight, slots,
-                                        widths=widths[:3], config=kernels.ConvConfig(block=16),
-                                        interpret=True)
+    C, B = sum(widths[:3]), x.shape[0] // T
+    (q, k, v), conv = kernels.conv_step(qkvz[:, :C].reshape(B, T, C), conv, weight, slots,
+                                        widths=widths[:3], keep=keep,
+                                        config=kernels.ConvConfig(block=16), interpret=True)
     HV = widths[4]
-    outs = (q[:, 0], k[:, 0], v[:, 0], qkvz[:, C:], ba[:, :HV], ba[:, HV:])
+    outs = (*(o.reshape(B * T, -1) for o in (q, k, v)), qkvz[:, C:], ba[:, :HV], ba[:, HV:])
     return outs, conv
 
 
@@ -89,6 +90,30 @@ def test_project_conv_matches_two_launches_interpret(M, W, config, conv_dtype):
     assert np.all(np.abs(got - ref[:, C:]) <= bound)
 
 
+@pytest.mark.parametrize("M, T, L, W, config", [
+    (3, 4, 7, 4, ProjectionConfig(block_n=32, block_k=64)),                # verify at T_max
+    (3, 2, 7, 4, ProjectionConfig(block_n=64, block_k=64, swap_ab=True)),  # T < T_max: zeros
+    (1, 3, 6, 4, ProjectionConfig(block_n=32, block_k=128)),               # one row
+    (2, 5, 6, 2, ProjectionConfig(block_n=16, block_k=64)),                # W = 2, rows past
+    (5, 1, 4, 4, ProjectionConfig(block_n=32, block_k=64)),                # one token, kept
+])
+def test_project_conv_keeps_all_as_two_launches_interpret(M, T, L, W, config):
+    """keep="all" (verify): T tokens a row, the window kept and the tokens after it (zeros to
+    the slot's last row), each token convolved over its row's window and earlier tokens: the
+    outputs and the conv buffer bit for bit as the projection, then `conv_step(keep="all")`."""
+    x, ws, conv, weight, slots, widths = _case(M + T + W, M, 128, 2, 16, 16, 8, W, M + 3, L,
+                                               T=T)
+    outs, conv_out = kernels.project_conv(x, ws, conv, weight, slots, widths=widths, tokens=T,
+                                          keep="all", config=config, interpret=True)
+    ref_outs, ref_conv = _two_launches(x, ws, conv, weight, slots, widths, config, T, "all")
+    for out, ref, n in zip(outs, ref_outs, widths):
+        assert out.shape == (M * T, n) and out.dtype == BF16
+        np.testing.assert_array_equal(_bits(out), _bits(ref))
+    np.testing.assert_array_equal(_bits(conv_out), _bits(ref_conv))
+    real = (np.asarray(slots) >= 0) & (np.asarray(slots) < conv.shape[0])
+    assert np.all(np.isfinite(np.asarray(conv_out, np.float32)[np.asarray(slots)[real]]))
+
+
 def test_project_conv_shifts_the_window():
     """Two calls on the same slots: the second convolves the first's token as its newest window
     row (the window is read and written in place, oldest first)."""
@@ -115,21 +140,28 @@ def test_project_conv_shifts_the_window():
     (dict(widths=(32, 32, 128, 128, 16, 8)), r"do not cut the weights' 352 columns"),
     (dict(widths=(32, 32, 64, 192, 16, 16)), r"the conv's C = 192 channels are not the first"),
     (dict(widths=(32, 32, 128, 120, 24, 16)), r"an output spans two weights"),
-    (dict(conv=(5, 3, 64)), r"conv expected \[N, L, C\] with C = 192 and L >= W - 1 = 3"),
-    (dict(conv=(5, 2, 192)), r"conv expected \[N, L, C\] with C = 192 and L >= W - 1 = 3"),
-    (dict(slots=(3,)), r"slots expected int32 \[M\] = \[2\]"),
+    (dict(conv=(5, 3, 64)), r"conv expected \[N, L, C\] with C = 192 and L >= 3 \(W - 1\)"),
+    (dict(conv=(5, 2, 192)), r"conv expected \[N, L, C\] with C = 192 and L >= 3 \(W - 1\)"),
+    (dict(keep="all", tokens=2), r"L >= 5 \(W - 1 \+ tokens\)"),
+    (dict(keep="some"), r"keep expected 'window' or 'all', got 'some'"),
+    (dict(tokens=2), r"tokens expected an int >= 1 dividing x's 2 rows \(1 where"),
+    (dict(keep="all", tokens=3, conv=(5, 7, 192)), r"tokens expected an int >= 1 dividing"),
+    (dict(slots=(3,)), r"slots expected int32 \[B\] = \[2\]"),
     (dict(weight=(192,)), r"conv_weight expected \[W, C\] with W >= 1"),
 ])
 def test_project_conv_rejects_bad_input(change, match):
     shapes = dict(conv=(5, 3, 192), slots=(2,), weight=(4, 192),
-                  widths=(32, 32, 128, 128, 16, 16),
+                  widths=(32, 32, 128, 128, 16, 16), keep="window", tokens=1,
                   config=ProjectionConfig(block_n=32, block_k=64))
     shapes.update(change)
+    if shapes["tokens"] == 2 and shapes["keep"] == "all":
+        shapes["slots"] = (1,)
     with pytest.raises(ValueError, match=match):
         kernels.project_conv(jnp.ones((2, 64), BF16),
                              (jnp.ones((64, 320), BF16), jnp.ones((64, 32), BF16)),
                              jnp.ones(shapes["conv"], BF16), jnp.ones(shapes["weight"]),
                              jnp.zeros(shapes["slots"], jnp.int32), widths=shapes["widths"],
+                             tokens=shapes["tokens"], keep=shapes["keep"],
                              config=shapes["config"], interpret=True)
 
 
@@ -137,51 +169,60 @@ def test_project_conv_rejects_bad_input(change, match):
 QWEN = dict(K=2048, widths=(2048, 2048, 4096, 4096, 32, 32), ws=(12288, 64), C=8192)
 
 
-def _qwen_args(M):
+def _qwen_args(B, T):
     S = jax.ShapeDtypeStruct
-    return (S((M, QWEN["K"]), BF16), tuple(S((QWEN["K"], n), BF16) for n in QWEN["ws"]),
-            S((M + 8, 3, QWEN["C"]), BF16), S((4, QWEN["C"]), BF16), S((M,), jnp.int32))
+    return (S((B * T, QWEN["K"]), BF16), tuple(S((QWEN["K"], n), BF16) for n in QWEN["ws"]),
+            S((B + 8, 3 + T, QWEN["C"]), BF16), S((4, QWEN["C"]), BF16), S((B,), jnp.int32))
 
 
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
-@pytest.mark.parametrize("M, config", [
-    (1, ProjectionConfig(block_n=32, block_k=128)),
-    (1, ProjectionConfig(block_n=32, block_k=128, gemv=True)),
-    (32, ProjectionConfig(block_n=64, block_k=128, swap_ab=True)),
+@pytest.mark.parametrize("B, T, config", [
+    (1, 1, ProjectionConfig(block_n=32, block_k=128)),
+    (1, 1, ProjectionConfig(block_n=32, block_k=128, gemv=True)),
+    (32, 1, ProjectionConfig(block_n=64, block_k=128, swap_ab=True)),
+    (32, 4, ProjectionConfig(block_n=128, block_k=64, num_warps=8, num_stages=4)),
 ])
-def test_project_conv_lowers_for_cuda(kind, M, config, cuda_lowering):
+def test_project_conv_lowers_for_cuda(kind, B, T, config, cuda_lowering):
     with cuda_lowering(kind):
-        text = kernels.project_conv.trace(*_qwen_args(M), widths=QWEN["widths"],
-                                          config=config).lower(
+        text = kernels.project_conv.trace(
+            *_qwen_args(B, T), widths=QWEN["widths"], tokens=T,
+            keep="window" if T == 1 else "all", config=config).lower(
             lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in text
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M, config", [
-    (1, ProjectionConfig(block_n=32, block_k=128)),
-    (1, ProjectionConfig(block_n=32, block_k=128, gemv=True)),
-    (8, ProjectionConfig(block_n=32, block_k=128)),
-    (32, ProjectionConfig(block_n=64, block_k=128, swap_ab=True)),
+@pytest.mark.parametrize("B, T, config", [
+    (1, 1, ProjectionConfig(block_n=32, block_k=128)),
+    (1, 1, ProjectionConfig(block_n=32, block_k=128, gemv=True)),
+    (8, 1, ProjectionConfig(block_n=32, block_k=128)),
+    (32, 1, ProjectionConfig(block_n=64, block_k=128, swap_ab=True)),
+    (1, 4, ProjectionConfig(block_n=32, block_k=128)),                          # verify
+    (8, 4, ProjectionConfig(block_n=64, block_k=128, swap_ab=True)),
+    (32, 4, ProjectionConfig(block_n=128, block_k=64, num_warps=8, num_stages=4)),
 ])
-def test_project_conv_matches_two_launches_gpu(M, config, on_gpu):
-    """Compiled, at Qwen3.5's shapes: the conv outputs within one bf16 ulp of the two launches'
-    (the compiler may contract the conv's products into FMAs differently in the two kernels),
-    the projection's outputs and the window bit for bit (the same tiles and rounding)."""
-    rng = np.random.default_rng(M)
+def test_project_conv_matches_two_launches_gpu(B, T, config, on_gpu):
+    """Compiled, at Qwen3.5's shapes, decode (T = 1, the window shifted) and verify (T = 4, the
+    tokens kept after it, read back after the program's barrier): the conv outputs within one
+    bf16 ulp of the two launches' (the compiler may contract the conv's products into FMAs
+    differently in the two kernels), the projection's outputs and the conv rows bit for bit
+    (the same tiles and rounding)."""
+    rng = np.random.default_rng(B * T)
     K, C = QWEN["K"], QWEN["C"]
-    x = jnp.asarray(rng.standard_normal((M, K)), BF16)
+    keep, L = ("window", 3) if T == 1 else ("all", 7)
+    x = jnp.asarray(rng.standard_normal((B * T, K)), BF16)
     ws = tuple(jnp.asarray(rng.standard_normal((K, n)) * K ** -0.5, BF16) for n in QWEN["ws"])
-    conv = jnp.asarray(rng.standard_normal((M + 8, 3, C)), BF16)
+    conv = jnp.asarray(rng.standard_normal((B + 8, L, C)), BF16)
     weight = jnp.asarray(rng.standard_normal((4, C)) * 0.5, BF16)
-    slots = jnp.asarray(rng.permutation(M + 8)[:M], jnp.int32)
-    outs, conv_out = jax.jit(kernels.project_conv, static_argnames=("widths", "config"))(
-        x, ws, conv, weight, slots, widths=QWEN["widths"], config=config)
+    slots = jnp.asarray(rng.permutation(B + 8)[:B], jnp.int32)
+    outs, conv_out = jax.jit(kernels.project_conv,
+                             static_argnames=("widths", "tokens", "keep", "config"))(
+        x, ws, conv, weight, slots, widths=QWEN["widths"], tokens=T, keep=keep, config=config)
     qkvz, ba = kernels.project_group(x, ws, config=config)
-    (q, k, v), ref_conv = kernels.conv_step(qkvz[:, None, :C], conv, weight, slots,
-                                            widths=QWEN["widths"][:3])
-    for out, ref in zip(outs[:3], (q[:, 0], k[:, 0], v[:, 0])):
-        ref = np.asarray(ref, np.float64)
+    (q, k, v), ref_conv = kernels.conv_step(qkvz[:, :C].reshape(B, T, C), conv, weight, slots,
+                                            widths=QWEN["widths"][:3], keep=keep)
+    for out, ref in zip(outs[:3], (q, k, v)):
+        ref = np.asarray(ref, np.float64).reshape(B * T, -1)
         np.testing.assert_allclose(np.asarray(out, np.float64), ref, rtol=2.0 ** -7,
                                    atol=2.0 ** -7 * np.abs(ref).max())
     for out, ref in zip(outs[3:], (qkvz[:, C:], ba[:, :32], ba[:, 32:])):

@@ -173,8 +173,8 @@ def test_conv_kernel_steps_as_xla(layer, mode, monkeypatch):
 
 
 def test_conv_epilogue_steps_as_two_launches(monkeypatch):
-    """GDN_JAX_CONV_EPILOGUE=on: each decode step's in_proj and conv in one launch
-    (`kernels.project_conv`, interpreted), the verify step's as before. Over prefill, decode,
+    """GDN_JAX_CONV_EPILOGUE=on: each decode and verify step's in_proj and conv in one launch
+    (`kernels.project_conv`, interpreted). Over prefill, decode,
     verify, commit and decode with a padding row, a bf16 layer (the kernel's dtypes; 16 value
     heads: b and a are column blocks of their own) leaves the same caches and outputs bit for
     bit as with it off: at this size both launches take K in one slice, so the projections
@@ -206,7 +206,7 @@ def test_conv_epilogue_steps_as_two_launches(monkeypatch):
         monkeypatch.setenv(conv_ops.EPILOGUE_VAR, wish)
         jax.clear_caches()
         out[wish] = jax.tree.map(np.asarray, run())
-        assert len(calls) == (0 if wish == "off" else 2)  # the two decodes, only when on
+        assert len(calls) == (0 if wish == "off" else 3)  # decode, verify, decode; when on
     for a, b in zip(jax.tree.leaves(out["on"]), jax.tree.leaves(out["off"])):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))

@@ -91,8 +91,8 @@ def _in_proj(seed=0, B=2, T=1, K=64, dtype=jnp.bfloat16):
 
 def test_project_conv_step_runs_where_asked(monkeypatch):
     """None (the caller's two launches) unless GDN_JAX_CONV_EPILOGUE=on, a kernel path (here the
-    interpreter) for the projection and the conv, one token a row and one dtype; then the
-    kernel's outputs, [B, 1, width] each."""
+    interpreter) for the projection and the conv, one token a row where the window shifts
+    (decode), and one dtype; then the kernel's outputs, [B, T, width] each."""
     from gdn_jax.ops import projection
     monkeypatch.delenv(conv_ops.EPILOGUE_VAR, raising=False)
     x, ws, conv, weight, slots, widths = _in_proj()
@@ -110,7 +110,17 @@ def test_project_conv_step_runs_where_asked(monkeypatch):
         assert out.shape == (2, 1, ref.shape[1])
         np.testing.assert_array_equal(np.asarray(out[:, 0]), np.asarray(ref))
     np.testing.assert_array_equal(np.asarray(new_conv), np.asarray(ref_conv))
-    assert step(x=jnp.concatenate([x, x], axis=1)) is None  # two tokens a row: verify's
+    assert step(x=jnp.concatenate([x, x], axis=1)) is None  # two tokens a row: not decode's
+    x2 = jnp.concatenate([x, x[::-1]], axis=1)
+    conv5 = jnp.pad(conv, ((0, 0), (0, 2), (0, 0)))
+    outs, new_conv = conv_ops.project_conv_step(x2, ws, conv5, weight, slots, widths=widths,
+                                                keep="all")  # verify's
+    ref_outs, ref_conv = kernels.project_conv(x2.reshape(4, 64), ws, conv5, weight, slots,
+                                              widths=widths, tokens=2, keep="all",
+                                              config=config, interpret=True)
+    assert all(o.shape == (2, 2, r.shape[1]) for o, r in zip(outs, ref_outs))
+    np.testing.assert_array_equal(np.asarray(outs[2]).reshape(4, -1), np.asarray(ref_outs[2]))
+    np.testing.assert_array_equal(np.asarray(new_conv), np.asarray(ref_conv))
     assert step(ws=(ws[0].astype(jnp.float32), ws[1])) is None  # a weight of another dtype
     monkeypatch.setenv(conv_ops.ENV_VAR, "xla")
     assert step() is None  # the conv kept in XLA
