@@ -213,3 +213,34 @@ def test_conv_epilogue_steps_as_two_launches(monkeypatch):
     monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "sometimes")
     with pytest.raises(ValueError, match="GDN_JAX_CONV_EPILOGUE: expected on or off"):
         bf16(x(8, 1, 1), bf16.init_cache(1, t_max=T_MAX), jnp.array([0]), mode="decode")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, T", [(1, 1), (32, 1), (1, 4), (32, 4)])
+def test_conv_epilogue_keeps_the_layer_output_gpu(B, T, monkeypatch):
+    """The same on the GPU, compiled, at Qwen3.5's shapes (hidden 2048, 16 key heads and 32 value
+    heads of 128, W = 4), decode (T = 1) and verify (T = 4), after a prefill: the outputs, the
+    conv rows and the state within 2**-5 of their scale (the unfused in_proj sums K in slices,
+    the fused one in one: its bf16 outputs may differ by an ulp, carried through the layer)."""
+    from gdn_jax.ops import conv as conv_ops
+
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        pytest.skip(f"needs an NVIDIA GPU; the default device is {dev.platform!r} ({dev})")
+    layer = GatedDeltaNet(2048, 16, 32, 128, 128, 4, dtype=jnp.bfloat16,
+                          param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(B + T)
+    x0 = jnp.asarray(rng.standard_normal((B, 6, 2048)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((B, T, 2048)), jnp.bfloat16)
+    slots = jnp.asarray(rng.permutation(B + 2)[:B], jnp.int32)
+    out = {}
+    for wish in ("off", "on"):
+        monkeypatch.setenv(conv_ops.EPILOGUE_VAR, wish)
+        cache = layer.init_cache(B + 2, t_max=4)
+        _, cache = layer(x0, cache, slots)
+        y, cache = layer(x, cache, slots, mode="decode" if T == 1 else "verify")
+        out[wish] = jax.tree.map(lambda a: np.asarray(a, np.float64), (y, cache.conv,
+                                                                     cache.state.pool))
+    for on, off in zip(out["on"], out["off"]):
+        assert np.all(np.isfinite(on))
+        np.testing.assert_allclose(on, off, rtol=0, atol=2 ** -5 * max(1.0, np.abs(off).max()))
