@@ -39,8 +39,13 @@ from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
 # GDN_JAX_CONV_EPILOGUE=on runs a decode or verify step's conv inside its in_proj launch where
-# the kernel takes both (`project_conv_step`); "off" (the default: unmeasured on a GPU,
-# 2026-12-05) keeps the conv's own launch.
+# the kernel takes both (`project_conv_step`); "off" (the default: the fused kernel has not run
+# on a GPU yet, 2026-12-05) keeps the conv's own launch. Expected from what was measured apart
+# (H200): the conv launch is 2.6 us a GDN layer at B = 1, 3.3 at B = 32, 3.9 in a B = 32 verify
+# (profile_step-h200-qwen3_5_text-b1_b32-shared_counters-2026-12-05.json); in_proj_qkvz alone
+# unsplit in the epilogue's blocks costs +0.4 us at one row (14.64 against 14.28 us) and -0.2 at
+# 32 rows (15.13 against 15.29), and its 128-row config is unsplit already
+# (bench_projection-h200-sweep-2026-12-01.json, -rows32_swap-2026-12-02.json).
 EPILOGUE_VAR = "GDN_JAX_CONV_EPILOGUE"
 _BLOCKS = (512, 256, 128, 64, 32, 16)
 
