@@ -18,6 +18,8 @@ launch),
 `prologue=off|views|row|on` (GDN_JAX_PROJECTION_PROLOGUE: GDN's in_proj partial sums read in place
 by the conv and the output norm, "views", the default; "on" also runs the MLP's silu * up and GDN's
 output norm in the next projection's launch, "row" only where that launch has one row),
+`glu=off|on` (GDN_JAX_PROJECTION_GLU: the dense MLP's silu * up in its gate / up launch's
+epilogue),
 `gemv=off|prologues|on` (GDN_JAX_PROJECTION_GEMV: which one-row projections run as a GEMV on the
 CUDA cores: none, the fused prologues' launches, or all),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
@@ -97,6 +99,7 @@ _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE",
               "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE", "router": "GDN_JAX_MOE_ROUTER",
               "shared": "GDN_JAX_MOE_SHARED", "gemv": "GDN_JAX_PROJECTION_GEMV",
+              "glu": "GDN_JAX_PROJECTION_GLU",
               "pairs": "GDN_JAX_MOE_PAIRS"}
 _PATHS = (*_ENV_PATHS, "moe", "attention")
 

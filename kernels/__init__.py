@@ -17,6 +17,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
                                          # the model's projections at the weight's read bandwidth
     parts = project(x, w, config=..., partials=True)  # [splits, M, N] fp32, unadded
     y = project_swiglu(gate_up, w_down, config=...)    # silu(gate) * up @ w_down, one launch
+    h = project_glu(x, w_gate, w_up, config=...)       # silu(x @ w_gate) * (x @ w_up),
+                                         # formed in one launch's epilogue
     y = project_gated_norm(o, z, norm_w, w_out, eps=eps, config=...)   # GDN norm, then out_proj
     outs, conv = project_conv(x, (w_qkvz, w_ba), conv, conv_w, slots, widths=..., config=...)
                                          # GDN's in_proj and its conv for one token, one launch
@@ -82,7 +84,7 @@ from .decode_mgpu import decode_mgpu
 from .fold import fold
 from .moe import MOE_DTYPES, MoEConfig, grouped_matmul
 from .projection import (PROJECTION_MAX_M, ProjectionConfig, project, project_gated_norm,
-                         project_group, project_swiglu)
+                         project_glu, project_group, project_swiglu)
 from .projection import block_m as projection_block_m
 from .projection import misfit as projection_misfit
 from .projection import smem_limit as projection_smem_limit
@@ -116,9 +118,10 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "attention_prologue_misfit", "conv_step", "decode", "decode_attention",
            "decode_attention_rows", "decode_mgpu", "fold",
            "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
-           "project", "project_conv", "project_gated_norm", "project_group", "project_group_mgpu",
-           "project_swiglu", "projection_block_m",
-           "projection_conv_misfit", "projection_mgpu_misfit", "projection_misfit", "projection_smem_limit",
+           "project", "project_conv", "project_gated_norm", "project_glu", "project_group",
+           "project_group_mgpu", "project_swiglu", "projection_block_m",
+           "projection_conv_misfit", "projection_mgpu_misfit", "projection_misfit",
+           "projection_smem_limit",
            "projection_source_bytes", "pow2_block", "route", "route_misfit", "route_shared_gate",
            "scatter_rows", "scatter_rows_group", "verify_intermediate", "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

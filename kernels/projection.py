@@ -32,6 +32,11 @@ at one row, the sum of the producer's split-K partials included):
     y = project_swiglu(gate_up, w_down, config=config)       # silu(gate) * up, then @ w_down
     y = project_gated_norm(o, z, norm_w, w_out, eps=1e-6, config=config)   # GDN's out_proj
 
+Or the product silu * up is formed in the epilogue of the gate / up launch, each program
+streaming the same column block of both weights (one slice of K), and down_proj runs plain:
+
+    h = project_glu(x, w_gate, w_up, config=config)          # silu(x @ w_gate) * (x @ w_up)
+
 gate_up is the gate / up group's output as `project_group(..., partials=True)` returns it: [S, M,
 2I] fp32 partial sums (S = 1 where the group is unsplit; an S = 1 array in w's dtype is taken
 too), summed and rounded to w's dtype as the group would have returned gate and up.
@@ -184,7 +189,7 @@ def misfit(M: int, K: int, N, dtype, config: ProjectionConfig,
 
 def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab: bool,
             gemv: bool, stages: int, blocks: tuple[tuple[int, int, int, int], ...],
-            prologue: tuple | None, extras: int = 0, epilogue=None):
+            prologue: tuple | None, extras: int = 0, epilogue=None, paired: bool = False):
     """Program (n, s): o[s, :, block n] = x[:, slice s of K] @ w[slice s of K, block n] (fp32
     accumulation; o is fp32 partial sums, or the result where there is one slice), for the weight
     whose blocks hold n: blocks[i] = (first, last, block_n, col): w_i's column blocks of block_n
@@ -199,9 +204,11 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
     epilogue (with `extras` more input refs after the weights, and any outputs): called as
     `epilogue(extra_refs, out_refs, acc, col, block_n, tile_rows, real)` with a program's fp32
     [block_m, block_n] result at output column col (one slice: splits = 1), to store it itself
-    (`kernels.projection_conv`); None: o[s, :, block n] as above, the one output."""
+    (`kernels.projection_conv`); None: o[s, :, block n] as above, the one output.
+    paired: two weights of one shape streamed by every program, one block table for both
+    (`project_glu`): the epilogue gets the pair of results."""
     sources = 1 if prologue is None else {"swiglu": 1, "gated_norm": 3}[prologue[0]]
-    weights = len(blocks)
+    weights = 2 if paired else len(blocks)
     in_refs, w_refs = refs[:sources], refs[sources:sources + weights]
     extra_refs, out_refs = (refs[sources + weights:sources + weights + extras],
                             refs[sources + weights + extras:])
@@ -223,43 +230,47 @@ def _kernel(*refs, rows: int, block_m: int, block_k: int, k_split: int, swap_ab:
                                 jnp.ones((1, 1), jnp.bool_), block_k, dtype, w_refs[0].shape[0])
         x_tile = lambda start: in_row_zero(one(start), block_m)  # noqa: E731
 
-    def block(w_ref, first: int, block_n: int, col: int):  # this program's block of w_ref
+    def block(ws, first: int, block_n: int, col: int):  # this program's block of each of ws
         local = pl.ds((n - first) * block_n, block_n)
 
-        def step(i, acc):
+        def product(x, w):
+            if gemv:  # [block_k, block_n] products, summed over K after the loop
+                return x.astype(_F32).T * w.astype(_F32)
+            if swap_ab:  # [block_n, block_m]
+                return lax.dot_general(w, x, (((0,), (1,)), ((), ())),
+                                       preferred_element_type=_F32)
+            return lax.dot_general(x, w, (((1,), (0,)), ((), ())), preferred_element_type=_F32)
+
+        def step(i, accs):
             ks = pl.ds(s * k_split + i * block_k, block_k)
             x = x_tile(s * k_split + i * block_k)
-            if gemv:  # [block_k, block_n] products, summed over K after the loop
-                return acc + x.astype(_F32).T * w_ref[ks, local].astype(_F32)
-            if swap_ab:  # [block_n, block_m]
-                return acc + lax.dot_general(w_ref[ks, local], x, (((0,), (1,)), ((), ())),
-                                             preferred_element_type=_F32)
-            return acc + lax.dot_general(x, w_ref[ks, local], (((1,), (0,)), ((), ())),
-                                         preferred_element_type=_F32)
+            return tuple(acc + product(x, w_ref[ks, local]) for acc, w_ref in zip(accs, ws))
 
         shape = ((block_k, block_n) if gemv else (block_n, block_m) if swap_ab
                  else (block_m, block_n))
-        steps, zeros = k_split // block_k, jnp.zeros(shape, _F32)
+        steps, zeros = k_split // block_k, tuple(jnp.zeros(shape, _F32) for _ in ws)
         # a GEMV's loop has no tt.dot: only a loop that says its stages pipelines its loads
-        acc = (_pallas.pipelined_fori_loop(0, steps, step, zeros, stages=stages) if gemv
-               else lax.fori_loop(0, steps, step, zeros))
+        accs = (_pallas.pipelined_fori_loop(0, steps, step, zeros, stages=stages) if gemv
+                else lax.fori_loop(0, steps, step, zeros))
         if gemv:
-            acc = jnp.sum(acc, axis=0, keepdims=True)
+            accs = tuple(jnp.sum(acc, axis=0, keepdims=True) for acc in accs)
         elif swap_ab:
-            acc = acc.T
+            accs = tuple(acc.T for acc in accs)
         start = col + (n - first) * block_n
         if epilogue is not None:
-            epilogue(extra_refs, out_refs, acc, start, block_n, tile_rows, real)
+            epilogue(extra_refs, out_refs, accs if paired else accs[0], start, block_n,
+                     tile_rows, real)
             return
         o_ref = out_refs[0]
         plgpu.store(o_ref.at[s, tile_rows, column_index(start, block_n)],
-                    acc.astype(o_ref.dtype), mask=real)
+                    accs[0].astype(o_ref.dtype), mask=real)
 
-    if len(w_refs) == 1:
-        block(w_refs[0], 0, blocks[0][2], 0)
+    if paired or len(w_refs) == 1:  # one block table: of the weight, or of the pair's columns
+        block(tuple(w_refs), 0, blocks[0][2], 0)
         return
     for w_ref, (first, last, block_n, col) in zip(w_refs, blocks):  # one static branch each
-        pl.when((n >= first) & (n < last))(functools.partial(block, w_ref, first, block_n, col))
+        pl.when((n >= first) & (n < last))(functools.partial(block, (w_ref,), first, block_n,
+                                                             col))
 
 
 def _load(ref, rows, start: int, block_k: int, real):
@@ -341,6 +352,36 @@ def project_swiglu(gate_up: jax.Array, w: jax.Array, *,
                    prologue=("swiglu",))[0]
 
 
+@functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))
+def project_glu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, *,
+                config: ProjectionConfig = ProjectionConfig(), interpret: bool = False,
+                name: str = "gdn_projection_glu") -> jax.Array:
+    """x: [M, K], w_gate, w_up: [K, I] (x's dtype, bf16 | fp16) -> silu(x @ w_gate) * (x @ w_up)
+    [M, I] in x's dtype: every program streams the same column block of both weights and forms
+    the product in its epilogue, from gate and up rounded to x's dtype as `project_group` would
+    return them (fp32 arithmetic, one rounding: `project_swiglu`'s prologue's). One slice of K
+    (config.splits = 1): the epilogue needs the whole sums."""
+    check_weights("project_glu", x, (w_gate, w_up))
+    if w_gate.shape != w_up.shape:
+        raise ValueError(f"project_glu: w_gate and w_up expected one shape [K, I], got "
+                         f"w_gate{list(w_gate.shape)} and w_up{list(w_up.shape)}")
+    M, K = _check(x, (w_gate,), config)  # the pair's blocks: one weight's
+    if config.splits != 1:
+        raise ValueError(f"project_glu: splits={config.splits}: the product needs each column "
+                         f"block's whole sums (1)")
+    rows = held_rows(M, config, interpret)
+    out = call((x,), (0,), M, K, (w_gate, w_up), (config.block_n,), config, interpret, name,
+               jax.ShapeDtypeStruct((rows, w_gate.shape[1]), x.dtype), epilogue=_glu_epilogue,
+               paired=True)
+    return out[:M]
+
+
+def _glu_epilogue(_extra_refs, out_refs, accs, col, block_n, tile_rows, real):
+    gate, up = (acc.astype(out_refs[0].dtype).astype(_F32) for acc in accs)
+    plgpu.store(out_refs[0].at[tile_rows, column_index(col, block_n)],
+                (gate * jax.nn.sigmoid(gate) * up).astype(out_refs[0].dtype), mask=real)
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "z_col", "config", "interpret", "name",
                                              "partials"))
 def project_gated_norm(o: jax.Array, z: jax.Array, norm_weight: jax.Array, w: jax.Array, *,
@@ -412,11 +453,12 @@ def held_rows(M: int, config: ProjectionConfig, interpret: bool) -> int:
 
 def call(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple, sizes, config, interpret,
          name: str, out_shape, *, prologue=None, extras: tuple = (), epilogue=None,
-         aliases=None):
+         aliases=None, paired: bool = False):
     """The kernel's pallas_call: weight i in column blocks of sizes[i], the sources' rows padded
     to `held_rows` (row_axes as `_launch`'s), extras and epilogue as `_kernel` takes them
-    (aliases: pallas_call's input_output_aliases, numbered over sources, weights and extras)."""
-    widths = [w.shape[1] for w in ws]
+    (aliases: pallas_call's input_output_aliases, numbered over sources, weights and extras;
+    paired: ws a pair of one shape, sizes its one block size)."""
+    widths = [w.shape[1] for w in ws[:1 if paired else len(ws)]]
     offsets = tuple(itertools.accumulate([0, *widths]))
     firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
     blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))
@@ -429,7 +471,8 @@ def call(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple, sizes, conf
         functools.partial(_kernel, rows=M, block_m=config.rows(M), block_k=config.block_k,
                           k_split=K // config.splits, swap_ab=config.swap_ab,
                           gemv=config.gemv, stages=config.num_stages, blocks=blocks,
-                          prologue=prologue, extras=len(extras), epilogue=epilogue),
+                          prologue=prologue, extras=len(extras), epilogue=epilogue,
+                          paired=paired),
         name=name,
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,

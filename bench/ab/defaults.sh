@@ -2,25 +2,36 @@
 # The runner calls that decide the switches still off by default for want of a GPU (sessions
 # 27-29, 2026-12-05), each part one call of under ten minutes on an H200:
 #
-#   bash bench/ab/defaults.sh 1   # the new kernels' GPU tests; PDL in the compiled PTX; B = 1
-#                                 # decode step profiles: prologue row, conv epilogue, pdl off,
-#                                 # GEMV; the MoE's pair forms
-#   bash bench/ab/defaults.sh 2   # the conv epilogue at B = 32 and in verify; the MoE router's
-#                                 # warps; the speculative loop at B = 1 with the candidates
+#   bash bench/ab/defaults.sh 1   # the new kernels' GPU tests; PDL in the compiled PTX; the
+#                                 # B = 1 dense decode step under each switch
+#   bash bench/ab/defaults.sh 2   # the epilogues at B = 1 and 32, decode and verify; the MoE's
+#                                 # pair forms at B = 1
+#   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
+#                                 # B = 1 under the candidates
 #
-# Writes under $OUT. What each result decides: GDN_JAX_PROJECTION_PROLOGUE=row below views at
-# B = 1 -> `ops.projection._prologue_level`'s default; GDN_JAX_CONV_EPILOGUE=on below off ->
-# `ops.conv.project_conv_step`'s; pairs=split below tile -> `ops.moe.pairs_mode`'s; the router's
-# fastest warps at one row -> `kernels.route`'s default there.
+# Writes under $OUT. What each result decides (a variant's kernel time per step below the
+# default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
+# GDN_JAX_CONV_EPILOGUE=on -> `ops.conv.project_conv_step`'s; GDN_JAX_PROJECTION_GLU=on ->
+# `ops.projection._glu`'s; pairs=split -> `ops.moe.pairs_mode`'s; the router's fastest warps at
+# one row -> `kernels.route`'s default there.
 set -uo pipefail
-part=${1:?1 or 2}
+part=${1:?1, 2 or 3}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
+profile() {  # profile FAMILY LAYERS BATCHES PROGRAMS NAME VARIANT...
+    local family=$1 layers=$2 batches=$3 programs=$4 name=$5; shift 5
+    local args=(); for v in "$@"; do args+=(--variant "$v"); done
+    python bench/profile_step.py --out "$OUT/$name" --family "$family" --layers "$layers" \
+        --batches "$batches" --programs "$programs" "${args[@]}" 2>&1 | tail -60
+    lap
+}
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-if [[ $part == 1 ]]; then
-    timeout 200 python -m pytest -q -m gpu -x tests/kernels/test_kernel_projection_conv.py \
-        tests/modules/test_gated_deltanet_module.py 2>&1 | tail -5
+case $part in
+1)
+    timeout 240 python -m pytest -q -m gpu -x tests/kernels/test_kernel_projection_conv.py \
+        tests/kernels/test_kernel_projection_glu.py tests/modules/test_gated_deltanet_module.py \
+        tests/modules/test_linear_module.py 2>&1 | tail -5
     lap
     for pdl in true false; do  # does XLA put griddepcontrol.wait into the Pallas kernels?
         rm -rf /tmp/dump
@@ -33,29 +44,28 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
             | wc -l) of $(ls /tmp/dump/*.ptx 2>/dev/null | wc -l) PTX files"
         mkdir -p "$OUT/ptx_pdl_$pdl" && cp /tmp/dump/*.ptx "$OUT/ptx_pdl_$pdl/" 2>/dev/null
     done
-    python bench/profile_step.py --out "$OUT/dense_b1" --family qwen3_5_text --layers 48 \
-        --batches 1 --programs decode --variant views --variant row:prologue=row \
-        --variant conv_ep:conv_epilogue=on --variant 'row_conv:prologue=row;conv_epilogue=on' \
-        --variant 'pdl_off:xla_gpu_enable_pdl=false' \
-        --variant 'row_gemv:prologue=row;gemv=prologues' 2>&1 | tail -50
-    lap
-    python bench/profile_step.py --out "$OUT/moe_b1" --family qwen3_5_moe_text --layers 40 \
-        --batches 1 --programs decode --variant tile --variant row:pairs=row \
-        --variant split:pairs=split --variant 'split_row:pairs=split;prologue=row' 2>&1 | tail -40
-    lap
-else
-    python bench/profile_step.py --out "$OUT/dense_conv" --family qwen3_5_text --layers 48 \
-        --batches 1,32 --programs decode,verify --variant views \
-        --variant conv_ep:conv_epilogue=on 2>&1 | tail -40
-    lap
+    profile qwen3_5_text 48 1 decode dense_b1 views row:prologue=row \
+        conv_ep:conv_epilogue=on glu:glu=on 'all_ep:conv_epilogue=on;glu=on' \
+        'row_all:prologue=row;conv_epilogue=on;glu=on' 'pdl_off:xla_gpu_enable_pdl=false'
+    ;;
+2)
+    profile qwen3_5_text 48 1,32 decode,verify dense_ep views conv_ep:conv_epilogue=on \
+        glu:glu=on 'all_ep:conv_epilogue=on;glu=on'
+    profile qwen3_5_moe_text 40 1 decode moe_b1 tile row:pairs=row split:pairs=split \
+        'split_row:pairs=split;prologue=row' 'split_conv:pairs=split;conv_epilogue=on'
+    ;;
+3)
     python bench/bench_moe.py --out "$OUT/router" --tokens 1,4 --router-warps 1,2,4,8 2>&1 \
         | tail -30
     lap
+    profile qwen3_5_text 48 1 decode dense_gemv views 'row_gemv:prologue=row;gemv=prologues' \
+        all_gemv:gemv=on
     for v in "views:" "row:GDN_JAX_PROJECTION_PROLOGUE=row" \
-             "row_conv:GDN_JAX_PROJECTION_PROLOGUE=row GDN_JAX_CONV_EPILOGUE=on"; do
+             "all_ep:GDN_JAX_CONV_EPILOGUE=on GDN_JAX_PROJECTION_GLU=on"; do
         name=${v%%:*}
-        env ${v#*:} python bench/bench_speculative.py --out "$OUT/spec_$name" --batches 1 2>&1 \
-            | tail -8
+        env ${v#*:} python bench/bench_speculative.py --out "$OUT/spec_$name" --batches 1 \
+            2>&1 | tail -8
         lap
     done
-fi
+    ;;
+esac

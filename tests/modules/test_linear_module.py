@@ -155,3 +155,40 @@ def test_prologue_keeps_the_layer_output_gpu(name, B, T, monkeypatch):
         assert np.all(np.isfinite(out[wish]))
         np.testing.assert_allclose(out[wish], out["off"], rtol=0,
                                    atol=2 ** -5 * np.abs(out["off"]).max())
+
+
+def test_glu_epilogue_keeps_the_mlp_output(monkeypatch):
+    """GDN_JAX_PROJECTION_GLU=on: the MLP's silu * up in the gate / up launch's epilogue
+    (`kernels.project_glu`, interpreted) runs once, only when on, and the output agrees with
+    the steps apart within 2**-5 of its scale (the bound above)."""
+    layer, run = _mlp()
+    randomize(layer, 0, 0.3)
+    x = jnp.asarray(np.random.default_rng(5).standard_normal((1, HIDDEN)), BF16)
+    out = {wish: _run_counting(monkeypatch, run, layer, x, {projection.GLU_VAR: wish,
+                                                             projection.PROLOGUE_VAR: "off"},
+                               ("project_glu",))
+           for wish in ("off", "on")}
+    assert out["off"][0] == 0 and out["on"][0] == 1
+    y_off, y_on = out["off"][1], out["on"][1]
+    assert np.all(np.isfinite(y_on))
+    np.testing.assert_allclose(y_on, y_off, rtol=0, atol=2 ** -5 * np.abs(y_off).max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B, T", [(1, 1), (4, 4), (32, 1), (32, 4)])
+def test_glu_epilogue_keeps_the_mlp_output_gpu(B, T, monkeypatch):
+    """The same compiled on the GPU at Qwen3.5's MLP (hidden 2048, intermediate 5120)."""
+    import jax
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        pytest.skip(f"needs an NVIDIA GPU; the default device is {dev.platform!r} ({dev})")
+    layer = MLP(2048, 5120, dtype=BF16, param_dtype=BF16, rngs=nnx.Rngs(0))
+    randomize(layer, 0, 0.02)
+    x = jnp.asarray(np.random.default_rng(B).standard_normal((B, T, 2048)), BF16)
+    out = {}
+    for wish in ("off", "on"):
+        monkeypatch.setenv(projection.GLU_VAR, wish)
+        out[wish] = np.asarray(layer(x), np.float64)
+    assert np.all(np.isfinite(out["on"]))
+    np.testing.assert_allclose(out["on"], out["off"], rtol=0,
+                               atol=2 ** -5 * np.abs(out["off"]).max())

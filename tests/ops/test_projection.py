@@ -467,3 +467,36 @@ def test_partials_views_hold_the_group_outputs(monkeypatch, lead):
     assert projection.project_group_partials(x, ws) is None
     with pytest.raises(ValueError, match="outside the view's 64 columns"):
         views[2].columns(32, 64)
+
+
+@pytest.mark.parametrize("partials", [False, True])
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])
+def test_glu_epilogue_runs_when_on(monkeypatch, lead, partials):
+    """GDN_JAX_PROJECTION_GLU=on (GDN_JAX_PROJECTION=interpret): the MLP is `kernels.project_glu`
+    (unsplit: `epilogue_config`) and a plain down_proj at any row count, whatever the prologue
+    level, agreeing with the steps apart (the switch off, prologues off) within 2**-5 of the
+    result's scale (the fused pairs' bound above). A width the pair's blocks cannot tile, or an
+    fp32 MLP: the other paths. A bad switch value is an error."""
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    monkeypatch.setenv(projection.PROLOGUE_VAR, "off")
+    glu, swiglu = _spy(monkeypatch, "project_glu"), _spy(monkeypatch, "project_swiglu")
+    x, ws = _mlp_case(lead)
+    y_off = projection.swiglu_project(x, *ws, partials=partials)
+    monkeypatch.setenv(projection.GLU_VAR, "on")
+    for level in ("off", "on"):
+        monkeypatch.setenv(projection.PROLOGUE_VAR, level)
+        y_on = projection.swiglu_project(x, *ws, partials=partials)
+        assert not swiglu and glu[-1][1]["config"].splits == 1
+        a, b = (np.asarray(y, np.float64) for y in (y_on, y_off))
+        if partials:
+            assert a.shape[1:] == b.shape[1:]
+            a, b = a.sum(0), b.sum(0)
+        assert a.shape == (*lead, 64)
+        np.testing.assert_allclose(a, b, rtol=0, atol=2 ** -5 * np.abs(b).max())
+    assert len(glu) == 2
+    projection.swiglu_project(*_mlp_case(I=40)[:1], *_mlp_case(I=40)[1])
+    projection.swiglu_project(*(a.astype(jnp.float32) for a in (x, *ws)))
+    assert len(glu) == 2
+    monkeypatch.setenv(projection.GLU_VAR, "yes")
+    with pytest.raises(ValueError, match="GDN_JAX_PROJECTION_GLU: expected on or off"):
+        projection.swiglu_project(x, *ws)
