@@ -4,7 +4,8 @@
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
     python bench/ptxas_stats.py --kernel projection|projection-group|projection-swiglu|
                                 projection-gated-norm|moe-gate-up|moe-down|moe-b1-gate-up|
-                                moe-b1-down|attention|conv|in-proj|projection-conv [--T 4] [--gemv] [--pairs split]
+                                moe-b1-down|attention|conv|in-proj|projection-conv|
+                                projection-glu [--T 4] [--gemv] [--pairs split]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks; --gemv:
         the one-row projections as a GEMV)
 
@@ -124,7 +125,7 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
 
 MODEL_KERNELS = ("projection", "projection-group", "projection-swiglu", "projection-gated-norm",
                  "moe-gate-up", "moe-down", "moe-b1-gate-up", "moe-b1-down", "attention", "conv",
-                 "in-proj", "projection-conv")
+                 "in-proj", "projection-conv", "projection-glu")
 
 
 def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "tile"):
@@ -172,6 +173,11 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "til
                                        S((1,), jnp.int32)),
                 dict(widths=(2048, 2048, 4096, 4096, 32, 32), tokens=T,
                      keep="window" if T == 1 else "all"), config)
+    if kernel == "projection-glu":  # the MLP's gate / up and silu * up of T rows, one launch
+        config = dataclasses.replace(projection.epilogue_config(
+            T, 2048, (5120, 5120), bf, backend="interpret")[0], gemv=gemv)
+        w = S((2048, 5120), bf)
+        return kernels.project_glu, (S((T, 2048), bf), w, w), {}, config
     if kernel == "conv":  # the GDN conv of B = 32 rows: decode (T = 1) or verify
         config = kernels.ConvConfig()
         keep = "window" if T == 1 else "all"
