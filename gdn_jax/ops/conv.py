@@ -16,8 +16,8 @@ it steers the ops. Read when a program is traced.
     outs, conv = project_conv_step(x, (w_qkvz, w_ba), conv, weight, slots, widths=...) or (None)
 
 is a decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`:
-each column block's program convolves its own channels), where GDN_JAX_CONV_EPILOGUE=on asks
-for it.
+each column block's program convolves its own channels): by default where the step has at most
+32 rows (GDN_JAX_CONV_EPILOGUE: auto, on, off).
 
 Slots as the caches': negative or >= num_slots is padding (nothing written). A padding row's
 outputs are zeros from the kernel and the conv of slot 0's window from XLA: the GDN ops ignore
@@ -34,19 +34,20 @@ import jax.numpy as jnp
 from gdn_jax import kernels
 from gdn_jax.ops._slots import slot_index
 from gdn_jax.ops.dispatch import kernel_mode
-from gdn_jax.ops.projection import Partials, epilogue_config
+from gdn_jax.ops.projection import AUTO_MAX_M, Partials, epilogue_config
 from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
-# GDN_JAX_CONV_EPILOGUE=on runs a decode or verify step's conv inside its in_proj launch where
-# the kernel takes both (`project_conv_step`); "off" (the default: the fused kernel has not run
-# on a GPU yet, 2026-12-05) keeps the conv's own launch. Expected from what was measured apart
-# (H200): the conv launch is 2.6 us a GDN layer at B = 1, 3.3 at B = 32, 3.9 in a B = 32 verify
-# (profile_step-h200-qwen3_5_text-b1_b32-shared_counters-2026-12-05.json); in_proj_qkvz alone
-# unsplit in the epilogue's blocks costs +0.4 us at one row (14.64 against 14.28 us) and -0.2 at
-# 32 rows (15.13 against 15.29), and its 128-row config is unsplit already
-# (bench_projection-h200-sweep-2026-12-01.json, -rows32_swap-2026-12-02.json).
+# GDN_JAX_CONV_EPILOGUE runs a decode or verify step's conv inside its in_proj launch where the
+# kernel takes both (`project_conv_step`): "auto" (the default) where the launch has at most
+# 32 rows (`gdn_jax.ops.projection.AUTO_MAX_M`), "on" at any row count, "off" never. Measured
+# on an H100 (48-layer dense step, kernel time, side by side: bench/results/profile_step-h100-
+# qwen3_5_text-b1_b32-epilogues-2026-12-05.json): in_proj with the conv against the two
+# launches, B = 1 decode 20.5 against 19.2 + 2.5 us a GDN layer (step 3556.5 -> 3506.8 us),
+# B = 32 decode 22.2 against 21.2 + 3.4 (5052.5 -> 4937.5); but a B = 32 verify's 128 rows
+# 41.7 against 24.3 + 4.0 (6583.5 -> 7053.0: the unsplit 128-row launch and its barrier).
 EPILOGUE_VAR = "GDN_JAX_CONV_EPILOGUE"
+EPILOGUES = ("auto", "on", "off")
 _BLOCKS = (512, 256, 128, 64, 32, 16)
 
 
@@ -121,23 +122,25 @@ def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None, side
 def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window",
                       backend: str | None = None):
     """A decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`),
-    where GDN_JAX_CONV_EPILOGUE=on asks for it, the conv's kernel runs (`GDN_JAX_CONV`) and the
-    few-row projection kernel takes the group unsplit (`gdn_jax.ops.projection.epilogue_config`);
-    else None (run the projection, then `conv_step`).
+    where GDN_JAX_CONV_EPILOGUE asks for it (`EPILOGUES`: by default up to `AUTO_MAX_M` rows, B x
+    T), the conv's kernel runs (`GDN_JAX_CONV`) and the few-row projection kernel takes the group
+    unsplit (`gdn_jax.ops.projection.epilogue_config`); else None (run the projection, then
+    `conv_step`).
 
     x: [B, T, K] T tokens a row; ws: weights [K, N_i] in x's dtype; conv: [N, L, C]; weight:
     [W, C]; slots: [B] int32; widths: the outputs the weights' columns are cut into, the first
     summing to C the conv's channels; keep: as `conv_step`'s ("window": T = 1). Returns (outs,
     conv): outs[i] [B, T, widths[i]] in x's dtype, the conv's `silu(conv)` and the others the
     projection."""
-    wish = os.environ.get(EPILOGUE_VAR) or "off"
-    if wish not in ("on", "off"):
-        raise ValueError(f"{EPILOGUE_VAR}: expected on or off, got {wish!r}")
+    wish = os.environ.get(EPILOGUE_VAR) or "auto"
+    if wish not in EPILOGUES:
+        raise ValueError(f"{EPILOGUE_VAR}: expected one of {list(EPILOGUES)}, got {wish!r}")
     mode = kernel_mode(ENV_VAR)
     B, T, K = x.shape
     widths = tuple(int(n) for n in widths)
     ws_widths = tuple(w.shape[1] for w in ws)
-    if (wish == "off" or mode is None or (keep == "window" and T != 1)
+    if (wish == "off" or (wish == "auto" and B * T > AUTO_MAX_M) or mode is None
+            or (keep == "window" and T != 1)
             or any(w.dtype != x.dtype or w.shape[0] != K for w in ws)):
         return None
     choice = epilogue_config(B * T, K, ws_widths, x.dtype, backend)

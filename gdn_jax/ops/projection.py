@@ -72,15 +72,16 @@ PROLOGUE_VAR = "GDN_JAX_PROJECTION_PROLOGUE"
 # fused pairs at any row count: measured slower, below).
 PROLOGUES = ("off", "views", "row", "on")
 GLU_VAR = "GDN_JAX_PROJECTION_GLU"
-# GDN_JAX_PROJECTION_GLU=on forms the dense MLP's silu(gate) * up in the epilogue of the gate / up
+# GDN_JAX_PROJECTION_GLU forms the dense MLP's silu(gate) * up in the epilogue of the gate / up
 # launch (`kernels.project_glu`: every program streams the same column block of both weights,
-# unsplit) where the kernel takes it, then runs down_proj plain; "off" (the default: not run on
-# a GPU yet, 2026-12-05) leaves the product to `swiglu_project`'s other paths. Expected from
-# what was measured apart (H200): the product's own launch is 1.4 us a layer at B = 1 and 2.1 at
-# B = 32 (profile_step-h200-qwen3_5_text-b1_b32-shared_counters-2026-12-05.json); the gate / up
-# pair unsplit in 128-column blocks was the 32-row sweep's best (12.1 against 13.4 us,
-# bench_projection-h200-rows32_wave-2026-12-02.json), gate_proj alone unsplit +0.4 us at one row
-# (bench_projection-h200-sweep-2026-12-01.json).
+# unsplit), then runs down_proj plain: "auto" (the default) where the launch has at most
+# AUTO_MAX_M rows, "on" at any row count, "off" never. Measured on an H100 (48-layer dense step,
+# kernel time, side by side: bench/results/profile_step-h100-qwen3_5_text-b1_b32-epilogues-
+# 2026-12-05.json): the gate / up launch with the product against the two launches, B = 1
+# decode 17.8 against 17.3 + 1.5 us a layer (step 3556.5 -> 3515.8 us), B = 32 decode 22.0
+# against 21.2 + 2.1 (5052.5 -> 4985.5); but a B = 32 verify's 128 rows 30.4 against 23.5 +
+# 2.1 (6583.5 -> 6814.4: 40 programs of 128 columns).
+GLUS = ("auto", "on", "off")
 GEMV_VAR = "GDN_JAX_PROJECTION_GEMV"
 # Which one-row projections run as a GEMV (`kernels.ProjectionConfig.gemv`: the products on the
 # CUDA cores): "off" (the default: none), "prologues" (the fused launches of `swiglu_project` and
@@ -270,6 +271,7 @@ def swiglu_project(x, w_gate, w_up, w_down, *, precision=None, partials: bool = 
     *lead, K = x.shape
     M = math.prod(lead)
     I = w_gate.shape[-1]
+    _prologue_level()  # a bad level is an error whichever form runs
     glu = _glu(M, K, I, (x, w_gate, w_up, w_down), backend)
     if glu:  # silu * up in the gate / up launch's epilogue, then down_proj plain
         h = kernels.project_glu(x.reshape(M, K), w_gate, w_up, config=glu[0],
@@ -347,13 +349,13 @@ def epilogue_config(M: int, K: int, widths, dtype, backend: str | None = None):
 
 def _glu(M, K, I, arrays, backend):
     """(config, interpret) of `kernels.project_glu` for the MLP's gate / up of M rows where
-    GDN_JAX_PROJECTION_GLU=on asks for it, one dtype among the arrays, and the kernel takes the
-    pair unsplit (`epilogue_config` of the gate / up group); else None."""
-    wish = os.environ.get(GLU_VAR) or "off"
-    if wish not in ("on", "off"):
-        raise ValueError(f"{GLU_VAR}: expected on or off, got {wish!r}")
+    GDN_JAX_PROJECTION_GLU asks for it (`GLUS`), one dtype among the arrays, and the kernel takes
+    the pair unsplit (`epilogue_config` of the gate / up group); else None."""
+    wish = os.environ.get(GLU_VAR) or "auto"
+    if wish not in GLUS:
+        raise ValueError(f"{GLU_VAR}: expected one of {list(GLUS)}, got {wish!r}")
     dtype = {jnp.dtype(a.dtype) for a in arrays}
-    if wish == "off" or len(dtype) != 1:
+    if wish == "off" or (wish == "auto" and M > AUTO_MAX_M) or len(dtype) != 1:
         return None
     choice = epilogue_config(M, K, (I, I), dtype.pop(), backend)
     if not choice or kernels.projection_misfit(M, K, I, arrays[0].dtype, choice[0]):

@@ -211,7 +211,7 @@ def test_conv_epilogue_steps_as_two_launches(monkeypatch):
         assert a.dtype == b.dtype and a.shape == b.shape
         np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
     monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "sometimes")
-    with pytest.raises(ValueError, match="GDN_JAX_CONV_EPILOGUE: expected on or off"):
+    with pytest.raises(ValueError, match="GDN_JAX_CONV_EPILOGUE: expected one of"):
         bf16(x(8, 1, 1), bf16.init_cache(1, t_max=T_MAX), jnp.array([0]), mode="decode")
 
 

@@ -89,7 +89,8 @@ def test_groups_keep_the_layer_output(name, monkeypatch):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((1, HIDDEN)), BF16)
     fns = ("project", "project_group", "project_swiglu", "project_gated_norm")
     (n_off, y_off), (n_on, y_on) = (
-        _run_counting(monkeypatch, run, layer, x, {projection.GROUPS_VAR: groups}, fns)
+        _run_counting(monkeypatch, run, layer, x, {projection.GROUPS_VAR: groups,
+                                                   projection.GLU_VAR: "off"}, fns)
         for groups in ("off", "on"))
     assert n_off - n_on == saved
     assert np.all(np.isfinite(y_on))
@@ -112,7 +113,7 @@ def test_prologue_keeps_the_layer_output(name, monkeypatch):
     randomize(layer, 0, 0.3)
     x = jnp.asarray(np.random.default_rng(2).standard_normal((1, HIDDEN)), BF16)
     out = {wish: _run_counting(monkeypatch, run, layer, x, {
-        projection.PROLOGUE_VAR: wish,
+        projection.PROLOGUE_VAR: wish, projection.GLU_VAR: "off",
         conv_ops.ENV_VAR: "interpret"}, (fused,))  # GDN's conv reads in_proj's partial sums
         for wish in ("off", "on")}
     assert out["off"][0] == 0 and out["on"][0] == 1
@@ -148,6 +149,7 @@ def test_prologue_keeps_the_layer_output_gpu(name, B, T, monkeypatch):
     randomize(layer, 0, 0.02)
     x = jnp.asarray(np.random.default_rng(B).standard_normal((B, T, 2048)), BF16)
     out = {}
+    monkeypatch.setenv(projection.GLU_VAR, "off")  # the MLP's fused pair: the prologue's
     for wish in projection.PROLOGUES:
         monkeypatch.setenv(projection.PROLOGUE_VAR, wish)
         out[wish] = np.asarray(run(layer, x), np.float64)

@@ -90,16 +90,23 @@ def _in_proj(seed=0, B=2, T=1, K=64, dtype=jnp.bfloat16):
 
 
 def test_project_conv_step_runs_where_asked(monkeypatch):
-    """None (the caller's two launches) unless GDN_JAX_CONV_EPILOGUE=on, a kernel path (here the
-    interpreter) for the projection and the conv, one token a row where the window shifts
-    (decode), and one dtype; then the kernel's outputs, [B, T, width] each."""
+    """None (the caller's two launches) unless GDN_JAX_CONV_EPILOGUE asks (auto: up to 32 rows;
+    on), a kernel path (here the interpreter) for the projection and the conv, one token a row
+    where the window shifts (decode), and one dtype; then the kernel's outputs, [B, T, width]
+    each."""
     from gdn_jax.ops import projection
     monkeypatch.delenv(conv_ops.EPILOGUE_VAR, raising=False)
     x, ws, conv, weight, slots, widths = _in_proj()
     step = lambda x=x, ws=ws: conv_ops.project_conv_step(  # noqa: E731
         x, ws, conv, weight, slots, widths=widths)
     monkeypatch.setenv("GDN_JAX_BACKEND", "interpret")
-    assert step() is None  # off by default
+    monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "off")
+    assert step() is None
+    monkeypatch.delenv(conv_ops.EPILOGUE_VAR)  # "auto": up to 32 rows
+    assert step() is not None
+    big = jnp.concatenate([x] * 17)[:33]  # 33 rows
+    assert conv_ops.project_conv_step(big, ws, conv, weight, jnp.full((33,), -1, jnp.int32),
+                                      widths=widths) is None
     monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "on")
     outs, new_conv = step()
     config, interpret = projection.epilogue_config(2, 64, (576, 32), jnp.bfloat16)
@@ -128,7 +135,8 @@ def test_project_conv_step_runs_where_asked(monkeypatch):
     monkeypatch.setenv("GDN_JAX_BACKEND", "xla")
     assert step() is None  # CPU, or the projections kept in XLA
     monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "yes")
-    with pytest.raises(ValueError, match="GDN_JAX_CONV_EPILOGUE: expected on or off, got 'yes'"):
+    with pytest.raises(ValueError, match=r"GDN_JAX_CONV_EPILOGUE: expected one of \['auto', "
+                                         r"'on', 'off'\], got 'yes'"):
         step()
 
 

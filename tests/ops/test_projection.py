@@ -25,6 +25,7 @@ def _no_env(monkeypatch):
     monkeypatch.delenv(projection.ENV_VAR, raising=False)
     monkeypatch.delenv(projection.GROUPS_VAR, raising=False)
     monkeypatch.delenv(projection.PROLOGUE_VAR, raising=False)
+    monkeypatch.delenv(projection.GLU_VAR, raising=False)
     monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
 
 
@@ -334,6 +335,7 @@ def test_fused_pairs_run_the_prologue_kernels_when_on(monkeypatch, lead, partial
     result); a misrouted head or half of gate_up moves it by O(1). partials: [S, *lead, N] that
     sum to it."""
     monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    monkeypatch.setenv(projection.GLU_VAR, "off")  # the MLP's other fused form
     swiglu, gated = _spy(monkeypatch, "project_swiglu"), _spy(monkeypatch, "project_gated_norm")
     x, ws = _mlp_case(lead)
     o, z, weight, w = _norm_case(lead)
@@ -361,6 +363,7 @@ def test_gemv_switch_reaches_one_row_launches(monkeypatch, wish, plain, fused):
     2**-5 of their scale (fp32 sums in another order; the fused pairs' bound above)."""
     monkeypatch.setenv(projection.ENV_VAR, "interpret")
     monkeypatch.setenv(projection.PROLOGUE_VAR, "on")
+    monkeypatch.setenv(projection.GLU_VAR, "off")
     monkeypatch.setenv(projection.GEMV_VAR, wish)
     assert projection.config_for(1, 2048, 2048).gemv == plain
     assert not projection.config_for(2, 2048, 2048).gemv
@@ -474,13 +477,14 @@ def test_partials_views_hold_the_group_outputs(monkeypatch, lead):
 def test_glu_epilogue_runs_when_on(monkeypatch, lead, partials):
     """GDN_JAX_PROJECTION_GLU=on (GDN_JAX_PROJECTION=interpret): the MLP is `kernels.project_glu`
     (unsplit: `epilogue_config`) and a plain down_proj at any row count, whatever the prologue
-    level, agreeing with the steps apart (the switch off, prologues off) within 2**-5 of the
+    level, agreeing with the steps apart (GLU and prologues off) within 2**-5 of the
     result's scale (the fused pairs' bound above). A width the pair's blocks cannot tile, or an
     fp32 MLP: the other paths. A bad switch value is an error."""
     monkeypatch.setenv(projection.ENV_VAR, "interpret")
     monkeypatch.setenv(projection.PROLOGUE_VAR, "off")
     glu, swiglu = _spy(monkeypatch, "project_glu"), _spy(monkeypatch, "project_swiglu")
     x, ws = _mlp_case(lead)
+    monkeypatch.setenv(projection.GLU_VAR, "off")
     y_off = projection.swiglu_project(x, *ws, partials=partials)
     monkeypatch.setenv(projection.GLU_VAR, "on")
     for level in ("off", "on"):
@@ -498,5 +502,19 @@ def test_glu_epilogue_runs_when_on(monkeypatch, lead, partials):
     projection.swiglu_project(*(a.astype(jnp.float32) for a in (x, *ws)))
     assert len(glu) == 2
     monkeypatch.setenv(projection.GLU_VAR, "yes")
-    with pytest.raises(ValueError, match="GDN_JAX_PROJECTION_GLU: expected on or off"):
+    with pytest.raises(ValueError, match="GDN_JAX_PROJECTION_GLU: expected one of"):
         projection.swiglu_project(x, *ws)
+
+
+def test_glu_epilogue_by_default_up_to_32_rows(monkeypatch):
+    """GDN_JAX_PROJECTION_GLU unset ("auto"): the epilogue form up to AUTO_MAX_M rows (measured
+    faster there), the other paths above (measured slower at 128 rows)."""
+    monkeypatch.setenv(projection.ENV_VAR, "interpret")
+    monkeypatch.delenv(projection.GLU_VAR, raising=False)
+    glu = _spy(monkeypatch, "project_glu")
+    x, ws = _mlp_case((projection.AUTO_MAX_M,))
+    projection.swiglu_project(x, *ws)
+    assert len(glu) == 1
+    x, ws = _mlp_case((projection.AUTO_MAX_M + 1,))
+    projection.swiglu_project(x, *ws)
+    assert len(glu) == 1
