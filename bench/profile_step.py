@@ -12,14 +12,14 @@ A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xl
 `scatter=xla|auto` (GDN_JAX_SCATTER: the caches' writes by XLA's scatter or the row kernel),
 `groups=on|off` (GDN_JAX_PROJECTION_GROUPS: a layer's projections of one input in one launch),
 `conv=auto|xla` (GDN_JAX_CONV: the GDN conv of decode and verify by the conv kernel or XLA),
-`conv_epilogue=off|on` (GDN_JAX_CONV_EPILOGUE: a GDN decode's or verify's conv in its in_proj
-launch),
+`conv_epilogue=auto|on|off` (GDN_JAX_CONV_EPILOGUE: a GDN decode's or verify's conv in its
+in_proj launch, by default up to 32 rows),
 `norm=auto|xla` (GDN_JAX_NORM: each residual add and the RMSNorm after it in one kernel, or XLA),
 `prologue=off|views|row|on` (GDN_JAX_PROJECTION_PROLOGUE: GDN's in_proj partial sums read in place
 by the conv and the output norm, "views", the default; "on" also runs the MLP's silu * up and GDN's
 output norm in the next projection's launch, "row" only where that launch has one row),
-`glu=off|on` (GDN_JAX_PROJECTION_GLU: the dense MLP's silu * up in its gate / up launch's
-epilogue),
+`glu=auto|on|off` (GDN_JAX_PROJECTION_GLU: the dense MLP's silu * up in its gate / up launch's
+epilogue, by default up to 32 rows),
 `gemv=off|prologues|on` (GDN_JAX_PROJECTION_GEMV: which one-row projections run as a GEMV on the
 CUDA cores: none, the fused prologues' launches, or all),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and

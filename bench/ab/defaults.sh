@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The runner calls that decide the switches still off by default for want of a GPU (sessions
-# 27-29, 2026-12-05), each part one call of under ten minutes on an H200:
+# The runner calls that decide the switches left to measure (sessions 27-29, 2026-12-05), each
+# part one call of under ten minutes on an H200 (parts 1 and 2's dense runs were made on an H100
+# on 2026-12-05: bench/results/profile_step-h100-qwen3_5_text-*epilogues*; the MoE ran out of
+# its memory). "views" is the default; "apart" the two epilogues off:
 #
 #   bash bench/ab/defaults.sh 1   # the new kernels' GPU tests; PDL in the compiled PTX; the
 #                                 # B = 1 dense decode step under each switch
@@ -11,8 +13,8 @@
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
-# GDN_JAX_CONV_EPILOGUE=on -> `ops.conv.project_conv_step`'s; GDN_JAX_PROJECTION_GLU=on ->
-# `ops.projection._glu`'s; pairs=split -> `ops.moe.pairs_mode`'s; the router's fastest warps at
+# the epilogues' row bound (auto: up to 32 rows) -> `ops.conv.project_conv_step` and
+# `ops.projection._glu`; pairs=split -> `ops.moe.pairs_mode`'s; the router's fastest warps at
 # one row -> `kernels.route`'s default there.
 set -uo pipefail
 part=${1:?1, 2 or 3}
@@ -44,15 +46,15 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
             | wc -l) of $(ls /tmp/dump/*.ptx 2>/dev/null | wc -l) PTX files"
         mkdir -p "$OUT/ptx_pdl_$pdl" && cp /tmp/dump/*.ptx "$OUT/ptx_pdl_$pdl/" 2>/dev/null
     done
-    profile qwen3_5_text 48 1 decode dense_b1 views row:prologue=row \
-        conv_ep:conv_epilogue=on glu:glu=on 'all_ep:conv_epilogue=on;glu=on' \
-        'row_all:prologue=row;conv_epilogue=on;glu=on' 'pdl_off:xla_gpu_enable_pdl=false'
+    profile qwen3_5_text 48 1 decode dense_b1 views 'apart:conv_epilogue=off;glu=off' \
+        row:prologue=row 'row_apart:prologue=row;conv_epilogue=off;glu=off' \
+        'pdl_off:xla_gpu_enable_pdl=false'
     ;;
 2)
-    profile qwen3_5_text 48 1,32 decode,verify dense_ep views conv_ep:conv_epilogue=on \
-        glu:glu=on 'all_ep:conv_epilogue=on;glu=on'
+    profile qwen3_5_text 48 1,8,32 decode,verify dense_ep views \
+        'apart:conv_epilogue=off;glu=off' 'all_on:conv_epilogue=on;glu=on'
     profile qwen3_5_moe_text 40 1 decode moe_b1 tile row:pairs=row split:pairs=split \
-        'split_row:pairs=split;prologue=row' 'split_conv:pairs=split;conv_epilogue=on'
+        'split_row:pairs=split;prologue=row' 'split_apart:pairs=split;conv_epilogue=off'
     ;;
 3)
     python bench/bench_moe.py --out "$OUT/router" --tokens 1,4 --router-warps 1,2,4,8 2>&1 \
@@ -61,7 +63,7 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
     profile qwen3_5_text 48 1 decode dense_gemv views 'row_gemv:prologue=row;gemv=prologues' \
         all_gemv:gemv=on
     for v in "views:" "row:GDN_JAX_PROJECTION_PROLOGUE=row" \
-             "all_ep:GDN_JAX_CONV_EPILOGUE=on GDN_JAX_PROJECTION_GLU=on"; do
+             "apart:GDN_JAX_CONV_EPILOGUE=off GDN_JAX_PROJECTION_GLU=off"; do
         name=${v%%:*}
         env ${v#*:} python bench/bench_speculative.py --out "$OUT/spec_$name" --batches 1 \
             2>&1 | tail -8

@@ -33,6 +33,8 @@ on load): the GDN layer's in_proj output then costs no sum-and-slice launch for 
 `swiglu_project(x, w_gate, w_up, w_down)` (the dense MLP) and `gated_norm_project(o, z, norm_w,
 w_out, eps)` (GDN's output norm and out_proj) can also fold the elementwise step between two
 projections into the second's launch (`kernels.project_swiglu`, `kernels.project_gated_norm`).
+By default up to AUTO_MAX_M rows the MLP's silu * up is formed in the first launch's epilogue
+instead (`kernels.project_glu`; GDN_JAX_PROJECTION_GLU: `GLUS`), and down_proj runs plain.
 GDN_JAX_PROJECTION_PROLOGUE picks (`PROLOGUES`): "off" (the steps in XLA between launches, no
 views), "views" (the default: the views, the steps in XLA), "row" (the views, and the fused
 steps where their launch has one row) or "on" (the views and the fused steps). XLA's paths,
