@@ -21,7 +21,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
                                          # formed in one launch's epilogue
     y = project_gated_norm(o, z, norm_w, w_out, eps=eps, config=...)   # GDN norm, then out_proj
     outs, conv = project_conv(x, (w_qkvz, w_ba), conv, conv_w, slots, widths=..., config=...)
-                                         # GDN's in_proj and its conv for one token, one launch
+                                         # GDN's in_proj and its conv (decode, or verify's
+                                         # T tokens: keep="all"), one launch
     r, h = add_rms_norm(x_res, parts, norm_w, eps=1e-6)  # residual add + RMSNorm, one launch
     q, k, v = project_group(x, (w_q, w_k, w_v), config=ProjectionConfig(...))  # one launch
     gate, up = project_group_mgpu(x, (w_gate, w_up), config=MosaicProjectionConfig(...))

@@ -104,13 +104,15 @@ class ProjectionConfig:
             raise ValueError("ProjectionConfig: gemv and swap_ab are two forms of the product "
                              "(a row on the CUDA cores, a tile on the tensor cores): pick one")
 
-    def smem_bytes(self, M: int, itemsize: int = 2, x_bytes: int | None = None) -> int:
-        """The shared memory the pipelined loads take: num_stages tiles of x and of w. x_bytes
-        (given only where a prologue forms x): a column of a row of its sources
-        (`source_bytes`), staged for `staged_rows` rows; None: x itself, at itemsize."""
+    def smem_bytes(self, M: int, itemsize: int = 2, x_bytes: int | None = None,
+                   weights: int = 1) -> int:
+        """The shared memory the pipelined loads take: num_stages tiles of x and of w (of each
+        of `weights` weights a program streams: 2 in `project_glu`). x_bytes (given only where a
+        prologue forms x): a column of a row of its sources (`source_bytes`), staged for
+        `staged_rows` rows; None: x itself, at itemsize."""
         x_tile = self.staged_rows(M, x_bytes is not None) * (
             itemsize if x_bytes is None else x_bytes)
-        return self.num_stages * (x_tile + self.block_n * itemsize) * self.block_k
+        return self.num_stages * (x_tile + weights * self.block_n * itemsize) * self.block_k
 
     def staged_rows(self, M: int, prologue: bool) -> int:
         """The rows of x (or of a prologue's sources) staged each K-step: the tile's (`rows`),
@@ -121,15 +123,17 @@ class ProjectionConfig:
         """The rows of x's tile for a call of M rows: one as a GEMV, else `block_m`."""
         return 1 if self.gemv else block_m(M)
 
-    def misfit(self, K: int, N: int, M: int = 1, x_bytes: int | None = None) -> str | None:
+    def misfit(self, K: int, N: int, M: int = 1, x_bytes: int | None = None,
+               weights: int = 1) -> str | None:
         """Why this config cannot run M rows of a [K, N] weight (x's sources at x_bytes a
         column of a row: `smem_bytes`), or None."""
         if self.gemv and M != 1:
             return f"gemv takes one row, got M={M}"
-        smem = self.smem_bytes(M, x_bytes=x_bytes)
+        smem = self.smem_bytes(M, x_bytes=x_bytes, weights=weights)
         if smem > _SMEM_BYTES:
             rows = self.staged_rows(M, x_bytes is not None)
-            return (f"{self.num_stages} stages of [{rows} + {self.block_n}, "
+            w_tiles = self.block_n if weights == 1 else f"{weights} x {self.block_n}"
+            return (f"{self.num_stages} stages of [{rows} + {w_tiles}, "
                     f"{self.block_k}] tiles take {smem} B of shared memory, over {_SMEM_BYTES}")
         if N % self.block_n:
             return f"block_n={self.block_n} does not divide N={N}"
@@ -167,15 +171,15 @@ def block_m(M: int) -> int:
 
 
 def misfit(M: int, K: int, N, dtype, config: ProjectionConfig,
-           x_bytes: int | None = None) -> str | None:
+           x_bytes: int | None = None, weights: int = 1) -> str | None:
     """Why `project` (N an int) or `project_group` (N the weights' widths) cannot take these
     sizes, or None (the dispatcher's question). x_bytes: a prologue's sources (`source_bytes`)."""
     if jnp.dtype(dtype) not in PROJECTION_DTYPES:
         return f"dtype {jnp.dtype(dtype)} is not one of {[str(d) for d in PROJECTION_DTYPES]}"
     if not 1 <= M <= PROJECTION_MAX_M:
         return f"M={M} rows is outside 1..{PROJECTION_MAX_M}"
-    if isinstance(N, int):
-        return config.misfit(K, N, M, x_bytes)
+    if isinstance(N, int):  # weights: how many a program streams (2: `project_glu`'s pair)
+        return config.misfit(K, N, M, x_bytes, weights)
     for n in N:  # a group: each weight in blocks of its own (a narrow one keeps the others')
         bn = pow2_block(n, config.block_n)
         if bn is None:
@@ -365,7 +369,11 @@ def project_glu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, *,
     if w_gate.shape != w_up.shape:
         raise ValueError(f"project_glu: w_gate and w_up expected one shape [K, I], got "
                          f"w_gate{list(w_gate.shape)} and w_up{list(w_up.shape)}")
-    M, K = _check(x, (w_gate,), config)  # the pair's blocks: one weight's
+    M, K = x.shape
+    why = misfit(M, K, w_gate.shape[1], x.dtype, config, weights=2)  # one block table, two tiles
+    if why:
+        raise ValueError(f"project_glu: x{list(x.shape)} @ w_gate, w_up{list(w_gate.shape)} "
+                         f"{x.dtype}: {why}")
     if config.splits != 1:
         raise ValueError(f"project_glu: splits={config.splits}: the product needs each column "
                          f"block's whole sums (1)")

@@ -40,7 +40,8 @@ from gdn_jax.ops.scatter import write_positions, write_slots
 ENV_VAR = "GDN_JAX_CONV"
 # GDN_JAX_CONV_EPILOGUE runs a decode or verify step's conv inside its in_proj launch where the
 # kernel takes both (`project_conv_step`): "auto" (the default) where the launch has at most
-# 32 rows (`gdn_jax.ops.projection.AUTO_MAX_M`), "on" at any row count, "off" never. Measured
+# 32 rows (`gdn_jax.ops.projection.AUTO_MAX_M`), "on" wherever the few-row kernel runs (up to
+# `kernels.PROJECTION_MAX_M` rows), "off" never. Measured
 # on an H100 (48-layer dense step, kernel time, side by side: bench/results/profile_step-h100-
 # qwen3_5_text-b1_b32-epilogues-2026-12-05.json): in_proj with the conv against the two
 # launches, B = 1 decode 20.5 against 19.2 + 2.5 us a GDN layer (step 3556.5 -> 3506.8 us),

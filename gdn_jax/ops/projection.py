@@ -266,10 +266,12 @@ def swiglu_project(x, w_gate, w_up, w_down, *, precision=None, partials: bool = 
                    backend: str | None = None):
     """The SwiGLU MLP: (silu(x @ w_gate) * (x @ w_up)) @ w_down, each product as `project`
     computes it (same arguments; partials: the last product's). x: [..., K], w_gate / w_up:
-    [K, I], w_down: [I, N] -> [..., N] in x's dtype. Where the kernel takes the gate / up group
-    and the down projection (and GDN_JAX_PROJECTION_PROLOGUE fuses the pair: "on", or "row" at
-    one row): two launches, the group's partial sums handed to `kernels.project_swiglu`;
-    elsewhere the three steps apart."""
+    [K, I], w_down: [I, N] -> [..., N] in x's dtype. Where GDN_JAX_PROJECTION_GLU asks (by
+    default up to AUTO_MAX_M rows) and the kernel takes the pair unsplit: two launches,
+    `kernels.project_glu` then down_proj plain (that form first, whatever the prologue level).
+    Else where the kernel takes the gate / up group and the down projection (and
+    GDN_JAX_PROJECTION_PROLOGUE fuses the pair: "on", or "row" at one row): two launches, the
+    group's partial sums handed to `kernels.project_swiglu`; elsewhere the three steps apart."""
     *lead, K = x.shape
     M = math.prod(lead)
     I = w_gate.shape[-1]
@@ -328,13 +330,13 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
 
 def epilogue_config(M: int, K: int, widths, dtype, backend: str | None = None):
     """(config, interpret) for a group launch of M rows of [K, N_i] weights (widths: the N_i) whose
-    programs finish their column blocks themselves (an epilogue: `kernels.project_conv`), or None
-    where the few-row kernel does not take the group in one launch. The config is `config_for`'s
-    unsplit (an epilogue needs each block's whole sum), its column blocks cut by the slices it
-    would have taken (down to 32 columns; 64 where the product is taken weight first, `swap_ab`,
-    whose 64-row wgmma tile the columns fill: offline, sm_90, 32 columns there fell back to
-    mma.sync with half the pipelined loads): as many programs, each streaming as many bytes of
-    the weights, as the split launch."""
+    programs finish their column blocks themselves (an epilogue: `kernels.project_conv`,
+    `kernels.project_glu`), or None where the few-row kernel does not take the group in one
+    launch. The config is `config_for`'s unsplit (an epilogue needs each block's whole sum), its
+    column blocks cut by the slices it would have taken, down to 32 columns (64 where the product
+    is taken weight first, `swap_ab`, whose 64-row wgmma tile the columns fill: offline, sm_90,
+    32 columns there fell back to mma.sync with half the pipelined loads): as many programs as
+    the split launch where that floor does not bind, fewer and longer where it does."""
     widths = tuple(widths)
     asked = backend if backend not in (None, "auto") else (
         os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR))
@@ -360,9 +362,15 @@ def _glu(M, K, I, arrays, backend):
     if wish == "off" or (wish == "auto" and M > AUTO_MAX_M) or len(dtype) != 1:
         return None
     choice = epilogue_config(M, K, (I, I), dtype.pop(), backend)
-    if not choice or kernels.projection_misfit(M, K, I, arrays[0].dtype, choice[0]):
+    if not choice:
         return None
-    return choice
+    config = choice[0]  # its stages cut to the shared memory of two weights' tiles
+    limit = kernels.projection_smem_limit()
+    while config.num_stages > 2 and config.smem_bytes(M, weights=2) > limit:
+        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    if kernels.projection_misfit(M, K, I, arrays[0].dtype, config, weights=2):
+        return None
+    return config, choice[1]
 
 
 def _prologue_level() -> str:

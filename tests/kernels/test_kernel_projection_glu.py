@@ -108,3 +108,15 @@ def test_project_glu_matches_float64_gpu(M, config, on_gpu):
     x, w_gate, w_up = _case(M, M, 2048, 5120)
     h = jax.jit(kernels.project_glu, static_argnames="config")(x, w_gate, w_up, config=config)
     _assert_float64(h, x, w_gate, w_up)
+
+
+def test_project_glu_counts_both_weights_in_shared_memory():
+    """Every stage holds a tile of each weight: a config whose one-weight tiles fit but whose
+    pair does not (4 stages of [128 + 2 x 128, 64] bf16 tiles: 196 KB) is refused."""
+    config = ProjectionConfig(128, 64, 1, 8, 4)
+    assert kernels.projection_misfit(128, 1024, 256, BF16, config) is None
+    why = kernels.projection_misfit(128, 1024, 256, BF16, config, weights=2)
+    assert why and "2 x 128" in why
+    x, w = jnp.ones((128, 1024), BF16), jnp.ones((1024, 256), BF16)
+    with pytest.raises(ValueError, match=r"project_glu: .*2 x 128"):
+        kernels.project_glu(x, w, w, config=config, interpret=True)
