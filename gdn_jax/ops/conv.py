@@ -16,8 +16,8 @@ it steers the ops. Read when a program is traced.
     outs, conv = project_conv_step(x, (w_qkvz, w_ba), conv, weight, slots, widths=...) or (None)
 
 is a decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`:
-each column block's program convolves its own channels): by default where the step has at most
-32 rows (GDN_JAX_CONV_EPILOGUE: auto, on, off).
+each column block's program convolves its own channels): by default where a decode has at most
+32 rows and a verify at most 8 (GDN_JAX_CONV_EPILOGUE: auto, on, off).
 
 Slots as the caches': negative or >= num_slots is padding (nothing written). A padding row's
 outputs are zeros from the kernel and the conv of slot 0's window from XLA: the GDN ops ignore
@@ -39,8 +39,8 @@ from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
 # GDN_JAX_CONV_EPILOGUE runs a decode or verify step's conv inside its in_proj launch where the
-# kernel takes both (`project_conv_step`): "auto" (the default) where the launch has at most
-# 32 rows (`gdn_jax.ops.projection.AUTO_MAX_M`), "on" wherever the few-row kernel runs (up to
+# kernel takes both (`project_conv_step`): "auto" (the default) where a decode has at most 32
+# rows (`gdn_jax.ops.projection.AUTO_MAX_M`) or a verify at most `_VERIFY_ROWS`, "on" wherever the few-row kernel runs (up to
 # `kernels.PROJECTION_MAX_M` rows), "off" never. Measured
 # on an H100 (48-layer dense step, kernel time, side by side: bench/results/profile_step-h100-
 # qwen3_5_text-b1_b32-epilogues-2026-12-05.json): in_proj with the conv against the two
@@ -49,6 +49,10 @@ ENV_VAR = "GDN_JAX_CONV"
 # 41.7 against 24.3 + 4.0 (6583.5 -> 7053.0: the unsplit 128-row launch and its barrier).
 EPILOGUE_VAR = "GDN_JAX_CONV_EPILOGUE"
 EPILOGUES = ("auto", "on", "off")
+# A verify's rows (B x T) up to which "auto" fuses: measured faster at 4 (B = 1, T = 4) and
+# slower at 128; between them unmeasured (bench/ab/defaults.sh 2 times B = 8's 32), so the
+# bound stays near what was measured. Decode's is AUTO_MAX_M (measured faster at 1 and 32).
+_VERIFY_ROWS = 8
 _BLOCKS = (512, 256, 128, 64, 32, 16)
 
 
@@ -124,7 +128,7 @@ def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window
                       backend: str | None = None):
     """A decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`),
     where GDN_JAX_CONV_EPILOGUE asks for it (`EPILOGUES`: by default up to `AUTO_MAX_M` rows, B x
-    T), the conv's kernel runs (`GDN_JAX_CONV`) and the few-row projection kernel takes the group
+    T, in a decode and `_VERIFY_ROWS` in a verify), the conv's kernel runs (`GDN_JAX_CONV`) and the few-row projection kernel takes the group
     unsplit (`gdn_jax.ops.projection.epilogue_config`); else None (run the projection, then
     `conv_step`).
 
@@ -140,7 +144,8 @@ def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window
     B, T, K = x.shape
     widths = tuple(int(n) for n in widths)
     ws_widths = tuple(w.shape[1] for w in ws)
-    if (wish == "off" or (wish == "auto" and B * T > AUTO_MAX_M) or mode is None
+    most = AUTO_MAX_M if keep == "window" else _VERIFY_ROWS
+    if (wish == "off" or (wish == "auto" and B * T > most) or mode is None
             or (keep == "window" and T != 1)
             or any(w.dtype != x.dtype or w.shape[0] != K for w in ws)):
         return None

@@ -107,6 +107,13 @@ def test_project_conv_step_runs_where_asked(monkeypatch):
     big = jnp.concatenate([x] * 17)[:33]  # 33 rows
     assert conv_ops.project_conv_step(big, ws, conv, weight, jnp.full((33,), -1, jnp.int32),
                                       widths=widths) is None
+    x3 = jnp.concatenate([x] * 3, axis=1)  # a verify of 2 x 3 rows fuses, of 3 x 3 not
+    conv6 = jnp.pad(conv, ((0, 0), (0, 3), (0, 0)))
+    assert conv_ops.project_conv_step(x3, ws, conv6, weight, slots, widths=widths,
+                                      keep="all") is not None
+    assert conv_ops.project_conv_step(jnp.concatenate([x3, x3[:1]]), ws, conv6, weight,
+                                      jnp.asarray([3, -1, 0], jnp.int32), widths=widths,
+                                      keep="all") is None
     monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "on")
     outs, new_conv = step()
     config, interpret = projection.epilogue_config(2, 64, (576, 32), jnp.bfloat16)
