@@ -40,9 +40,9 @@ from gdn_jax.ops.scatter import write_positions, write_slots
 ENV_VAR = "GDN_JAX_CONV"
 # GDN_JAX_CONV_EPILOGUE runs a decode or verify step's conv inside its in_proj launch where the
 # kernel takes both (`project_conv_step`): "auto" (the default) where a decode has at most 32
-# rows (`gdn_jax.ops.projection.AUTO_MAX_M`) or a verify at most `_VERIFY_ROWS`, "on" wherever the few-row kernel runs (up to
-# `kernels.PROJECTION_MAX_M` rows), "off" never. Measured
-# on an H100 (48-layer dense step, kernel time, side by side: bench/results/profile_step-h100-
+# rows (`gdn_jax.ops.projection.AUTO_MAX_M`) or a verify at most `_VERIFY_ROWS`, "on" wherever
+# the few-row kernel runs (up to `kernels.PROJECTION_MAX_M` rows), "off" never. Measured on an
+# H100 (48-layer dense step, kernel time, side by side: bench/results/profile_step-h100-
 # qwen3_5_text-b1_b32-epilogues-2026-12-05.json): in_proj with the conv against the two
 # launches, B = 1 decode 20.5 against 19.2 + 2.5 us a GDN layer (step 3556.5 -> 3506.8 us),
 # B = 32 decode 22.2 against 21.2 + 3.4 (5052.5 -> 4937.5); but a B = 32 verify's 128 rows
@@ -128,9 +128,9 @@ def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window
                       backend: str | None = None):
     """A decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`),
     where GDN_JAX_CONV_EPILOGUE asks for it (`EPILOGUES`: by default up to `AUTO_MAX_M` rows, B x
-    T, in a decode and `_VERIFY_ROWS` in a verify), the conv's kernel runs (`GDN_JAX_CONV`) and the few-row projection kernel takes the group
-    unsplit (`gdn_jax.ops.projection.epilogue_config`); else None (run the projection, then
-    `conv_step`).
+    T, in a decode and `_VERIFY_ROWS` in a verify), the conv's kernel runs (`GDN_JAX_CONV`) and
+    the few-row projection kernel takes the group unsplit (`gdn_jax.ops.projection.
+    epilogue_config`); else None (run the projection, then `conv_step`).
 
     x: [B, T, K] T tokens a row; ws: weights [K, N_i] in x's dtype; conv: [N, L, C]; weight:
     [W, C]; slots: [B] int32; widths: the outputs the weights' columns are cut into, the first
