@@ -99,7 +99,7 @@ def block_sizes(ws_widths, widths, most: int) -> tuple | None:
     sizes, lo = [], 0
     for n in ws_widths:
         inside = [c - lo for c in cuts if lo < c < lo + n]
-        if lo + n not in cuts and lo + n != sum(widths):
+        if lo + n not in cuts:  # (cuts holds the last column too)
             return None
         size = pow2_block(math.gcd(n, *inside), most)
         if size is None:

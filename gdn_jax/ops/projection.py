@@ -364,10 +364,7 @@ def _glu(M, K, I, arrays, backend):
     choice = epilogue_config(M, K, (I, I), dtype.pop(), backend)
     if not choice:
         return None
-    config = choice[0]  # its stages cut to the shared memory of two weights' tiles
-    limit = kernels.projection_smem_limit()
-    while config.num_stages > 2 and config.smem_bytes(M, weights=2) > limit:
-        config = dataclasses.replace(config, num_stages=config.num_stages - 1)
+    config = _fewer_stages(choice[0], M, weights=2)  # a tile of each weight a stage
     if kernels.projection_misfit(M, K, I, arrays[0].dtype, config, weights=2):
         return None
     return config, choice[1]
@@ -407,10 +404,11 @@ def _fusing(M, K, group_widths, w, arrays, backend, level="on"):
     return (group, config) if config else None
 
 
-def _fewer_stages(config, M, x_bytes=None):
+def _fewer_stages(config, M, x_bytes=None, weights: int = 1):
     """config with its stages cut (to 2 at least) until its tiles fit the shared memory (x's
-    sources at x_bytes a column of a row: `kernels.ProjectionConfig.smem_bytes`)."""
-    while (config.num_stages > 2 and config.smem_bytes(M, x_bytes=x_bytes)
+    sources at x_bytes a column of a row, `weights` weights' tiles a stage:
+    `kernels.ProjectionConfig.smem_bytes`)."""
+    while (config.num_stages > 2 and config.smem_bytes(M, x_bytes=x_bytes, weights=weights)
            > kernels.projection_smem_limit()):
         config = dataclasses.replace(config, num_stages=config.num_stages - 1)
     return config
