@@ -175,7 +175,7 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "til
                      keep="window" if T == 1 else "all"), config)
     if kernel == "projection-glu":  # the MLP's gate / up and silu * up of T rows, one launch
         config = dataclasses.replace(projection.epilogue_config(
-            T, 2048, (5120, 5120), bf, backend="interpret")[0], gemv=gemv)
+            T, 2048, (5120, 5120), bf, backend="interpret", weights=2)[0], gemv=gemv)
         w = S((2048, 5120), bf)
         return kernels.project_glu, (S((T, 2048), bf), w, w), {}, config
     if kernel == "conv":  # the GDN conv of B = 32 rows: decode (T = 1) or verify

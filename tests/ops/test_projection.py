@@ -518,3 +518,22 @@ def test_glu_epilogue_by_default_up_to_32_rows(monkeypatch):
     x, ws = _mlp_case((projection.AUTO_MAX_M + 1,))
     projection.swiglu_project(x, *ws)
     assert len(glu) == 1
+
+
+@pytest.mark.parametrize("M", [1, 32, 128])
+def test_glu_config_has_the_group_launch_programs(monkeypatch, M):
+    """On an H200 (faked): the GLU's config streams a column block of each weight, so its blocks
+    are cut by two more than the group's (as many programs as the gate / up group's launch)
+    where the 32-column floor (64 weight first) does not bind: 64 columns of 5120 at 128 rows."""
+    monkeypatch.setattr(Device, "of", classmethod(lambda cls, d=None: Device("gpu", (9, 0),
+                                                                             "H200")))
+    monkeypatch.setenv(projection.GLU_VAR, "on")
+    arrays = [jax.ShapeDtypeStruct(s, jnp.bfloat16) for s in ((M, 2048), (2048, 5120),
+                                                                  (2048, 5120))]
+    group = projection.config_for(M, 2048, (5120, 5120))
+    config, _ = projection._glu(M, 2048, 5120, arrays, None)
+    assert config.splits == 1
+    floor = 64 if config.swap_ab else 32
+    assert config.block_n == max(floor, group.block_n // (2 * group.splits))
+    if M == 128:
+        assert 5120 // config.block_n == 2 * 5120 // (group.block_n * group.splits)
