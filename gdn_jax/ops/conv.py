@@ -49,10 +49,12 @@ ENV_VAR = "GDN_JAX_CONV"
 # 41.7 against 24.3 + 4.0 (6583.5 -> 7053.0: the unsplit 128-row launch and its barrier).
 EPILOGUE_VAR = "GDN_JAX_CONV_EPILOGUE"
 EPILOGUES = ("auto", "on", "off")
-# A verify's rows (B x T) up to which "auto" fuses: measured faster at 4 (B = 1, T = 4) and
-# slower at 128; between them unmeasured (bench/ab/defaults.sh 2 times B = 8's 32), so the
-# bound stays near what was measured. Decode's is AUTO_MAX_M (measured faster at 1 and 32).
-_VERIFY_ROWS = 8
+# A verify's rows (B x T) up to which "auto" fuses: measured faster at 4 (B = 1, T = 4) and 32
+# (B = 8: step 4414.7 -> 4367.9 us, H100, bench/results/profile_step-h100-qwen3_5_text-b8-
+# epilogues-2026-12-05.json), slower at 128 (above; on an H200 too: B = 32 verify 5841.9 ->
+# 6313.6 us, ...-h200-qwen3_5_text-b1_b32-verify_glu128-2026-12-05.json). Decode's is
+# AUTO_MAX_M (measured faster at 1, 8 and 32).
+_VERIFY_ROWS = 32
 _BLOCKS = (512, 256, 128, 64, 32, 16)
 
 

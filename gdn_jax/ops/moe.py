@@ -219,6 +219,13 @@ def plan_blocks(ids, num_experts: int, block_m: int, *, shared: bool = False) ->
     return _moe.plan(ids, num_experts + shared, block_m)
 
 
+# The router kernel's warps for one row (a B = 1 decode): its top-k rounds are a chain of
+# reductions, each a barrier at more than one warp. bench/bench_moe.py --router-warps, H100,
+# 256 logits top 8: 1 / 2 / 4 / 8 warps 2.49 / 2.81 / 3.03 / 3.47 us
+# (bench/results/bench_moe-h100-router_warps-2026-12-05.json). More rows keep 4 (unmeasured).
+_ROUTE_WARPS_ONE_ROW = 1
+
+
 def route(logits, k: int, *, normalize: bool = True, shared_gate=None):
     """logits: [T, E] (or a `Partials` view of them, lead (T,): the router's projection's
     partial sums, which the kernel adds on load) -> (weights [T, k] in logits' dtype, ids
@@ -247,7 +254,9 @@ def route(logits, k: int, *, normalize: bool = True, shared_gate=None):
                      num_experts=logits.width) if view else {}
         weights, ids = kernels.route(logits.parts if view else logits, k=k,
                                      normalize=normalize, shared_gate=gate if inside else None,
-                                     interpret=mode == "interpret", **parts)
+                                     interpret=mode == "interpret",
+                                     num_warps=_ROUTE_WARPS_ONE_ROW if shape[0] == 1 else 4,
+                                     **parts)
         if gate is None or inside:
             return weights, ids
         return _with_gate(weights, gate).astype(logits.dtype), ids

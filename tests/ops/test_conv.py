@@ -107,13 +107,13 @@ def test_project_conv_step_runs_where_asked(monkeypatch):
     big = jnp.concatenate([x] * 17)[:33]  # 33 rows
     assert conv_ops.project_conv_step(big, ws, conv, weight, jnp.full((33,), -1, jnp.int32),
                                       widths=widths) is None
-    x3 = jnp.concatenate([x] * 3, axis=1)  # a verify of 2 x 3 rows fuses, of 3 x 3 not
-    conv6 = jnp.pad(conv, ((0, 0), (0, 3), (0, 0)))
-    assert conv_ops.project_conv_step(x3, ws, conv6, weight, slots, widths=widths,
-                                      keep="all") is not None
-    assert conv_ops.project_conv_step(jnp.concatenate([x3, x3[:1]]), ws, conv6, weight,
-                                      jnp.asarray([3, -1, 0], jnp.int32), widths=widths,
-                                      keep="all") is None
+    x4 = jnp.concatenate([x] * 16, axis=1)[:1, :4]  # a verify of 8 x 4 rows fuses, 9 x 4 not
+    conv7 = jnp.pad(conv, ((0, 0), (0, 4), (0, 0)))
+    for B, fused in ((8, True), (9, False)):
+        rows = jnp.full((B,), -1, jnp.int32).at[0].set(slots[0])
+        got = conv_ops.project_conv_step(jnp.concatenate([x4] * B), ws, conv7, weight, rows,
+                                         widths=widths, keep="all")
+        assert (got is not None) == fused, B
     monkeypatch.setenv(conv_ops.EPILOGUE_VAR, "on")
     outs, new_conv = step()
     config, interpret = projection.epilogue_config(2, 64, (576, 32), jnp.bfloat16)

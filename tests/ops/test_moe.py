@@ -269,8 +269,8 @@ def test_route_takes_the_kernel_where_it_runs(monkeypatch):
     value it does not know: an error naming the variable."""
     calls = []
     monkeypatch.setattr(kernels, "route", lambda *a, **kw: calls.append(kw) or (None, None))
-    call = lambda normalize=True, interpret=False: dict(  # noqa: E731
-        k=8, normalize=normalize, shared_gate=None, interpret=interpret)
+    call = lambda normalize=True, interpret=False, warps=4: dict(  # noqa: E731
+        k=8, normalize=normalize, shared_gate=None, interpret=interpret, num_warps=warps)
     logits = jnp.ones((3, 64), BF16)
     monkeypatch.delenv(moe.ROUTER_VAR, raising=False)
     monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
@@ -293,6 +293,9 @@ def test_route_takes_the_kernel_where_it_runs(monkeypatch):
         monkeypatch.setenv(moe.ROUTER_VAR, value)
         moe.route(logits, 8)
         assert calls == want, value
+    calls.clear()
+    moe.route(logits[:1], 8)  # one row (B = 1 decode), interpreted: one warp
+    assert calls == [call(True, True, 1)] and moe._ROUTE_WARPS_ONE_ROW == 1
     calls.clear()
     moe.route(jnp.ones((3, 48), BF16), 8)  # 48 experts: no kernel block, XLA
     assert calls == []
