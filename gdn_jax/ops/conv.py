@@ -52,7 +52,7 @@ EPILOGUES = ("auto", "on", "off")
 # A verify's rows (B x T) up to which "auto" fuses: measured faster at 4 (B = 1, T = 4) and 32
 # (B = 8: step 4414.7 -> 4367.9 us, H100, bench/results/profile_step-h100-qwen3_5_text-b8-
 # epilogues-2026-12-05.json), slower at 128 (above; on an H200 too: B = 32 verify 5841.9 ->
-# 6313.6 us, ...-h200-qwen3_5_text-b1_b32-verify_glu128-2026-12-05.json). Decode's is
+# 6313.6 us, ...-h200-qwen3_5_text-b1_b32-verify_glu128_shift-2026-12-05.json). Decode's is
 # AUTO_MAX_M (measured faster at 1, 8 and 32).
 _VERIFY_ROWS = 32
 _BLOCKS = (512, 256, 128, 64, 32, 16)

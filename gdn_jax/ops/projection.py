@@ -82,7 +82,9 @@ GLU_VAR = "GDN_JAX_PROJECTION_GLU"
 # 2026-12-05.json): the gate / up launch with the product against the two launches, B = 1
 # decode 17.8 against 17.3 + 1.5 us a layer (step 3556.5 -> 3515.8 us), B = 32 decode 22.0
 # against 21.2 + 2.1 (5052.5 -> 4985.5); but a B = 32 verify's 128 rows 30.4 against 23.5 +
-# 2.1 (6583.5 -> 6814.4: 40 programs of 128 columns).
+# 2.1 (6583.5 -> 6814.4: 40 programs of 128 columns). In 80 programs of 64 columns
+# (`epilogue_config`'s weights), on an H200, still 22.4 against 19.9 + 2.0 (5801.4 -> 5841.9:
+# bench/results/profile_step-h200-qwen3_5_text-b1_b32-verify_glu128_shift-2026-12-05.json).
 GLUS = ("auto", "on", "off")
 GEMV_VAR = "GDN_JAX_PROJECTION_GEMV"
 # Which one-row projections run as a GEMV (`kernels.ProjectionConfig.gemv`: the products on the
