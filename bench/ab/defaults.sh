@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
-# The runner calls that decide the switches left to measure (sessions 27-29, 2026-12-05), each
-# part one call of under ten minutes on an H200 (parts 1 and 2's dense runs were made on an H100
-# on 2026-12-05: bench/results/profile_step-h100-qwen3_5_text-*epilogues*; the MoE ran out of
-# its memory). "views" is the default; "apart" the two epilogues off:
+# The runner calls that decide the switches left to measure (sessions 27-30, 2026-12-05), each
+# part one call of under ten minutes on an H200. Decided since (session 30): a verify's conv
+# epilogue up to 32 rows (H100, B = 8) and the router's one warp at one row (H100, bench_moe);
+# the GLU above 32 rows stays off (H200, B = 32 verify, 64-column blocks: still slower). Left:
 #
 #   bash bench/ab/defaults.sh 1   # the new kernels' GPU tests; PDL in the compiled PTX; the
 #                                 # B = 1 dense decode step under each switch
-#   bash bench/ab/defaults.sh 2   # the epilogues at B = 1 and 32, decode and verify; the MoE's
-#                                 # pair forms at B = 1
+#   bash bench/ab/defaults.sh 2   # the epilogues at B = 1 and 32 on an H200 (its B = 1 verify
+#                                 # gave the GLU 15.24 us a layer where 12-04's gate / up took
+#                                 # 12.94 + the product: is the GLU slower there at few rows?);
+#                                 # the MoE's pair forms at B = 1
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
-# the epilogues' row bound (auto: up to 32 rows) -> `ops.conv.project_conv_step` and
-# `ops.projection._glu`; pairs=split -> `ops.moe.pairs_mode`'s; the router's fastest warps at
-# one row -> `kernels.route`'s default there.
+# glu_off / conv_off below views at a row count -> `ops.projection._glu`'s and
+# `ops.conv.project_conv_step`'s bounds; pairs=split -> `ops.moe.pairs_mode`'s; the router's
+# fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
 part=${1:?1, 2 or 3}
 : "${OUT:?set OUT}"
@@ -51,8 +53,8 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
         'pdl_off:xla_gpu_enable_pdl=false'
     ;;
 2)
-    profile qwen3_5_text 48 1,8,32 decode,verify dense_ep views \
-        'apart:conv_epilogue=off;glu=off' 'all_on:conv_epilogue=on;glu=on'
+    profile qwen3_5_text 48 1,32 decode,verify dense_ep views glu_off:glu=off \
+        conv_off:conv_epilogue=off 'apart:conv_epilogue=off;glu=off'
     profile qwen3_5_moe_text 40 1 decode moe_b1 tile row:pairs=row split:pairs=split \
         'split_row:pairs=split;prologue=row' 'split_apart:pairs=split;conv_epilogue=off'
     ;;
