@@ -16,8 +16,8 @@ it steers the ops. Read when a program is traced.
     outs, conv = project_conv_step(x, (w_qkvz, w_ba), conv, weight, slots, widths=...) or (None)
 
 is a decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`:
-each column block's program convolves its own channels): by default where a decode has at most
-32 rows and a verify at most 8 (GDN_JAX_CONV_EPILOGUE: auto, on, off).
+each column block's program convolves its own channels): by default where a decode or verify
+has at most 32 rows, B x T (GDN_JAX_CONV_EPILOGUE: auto, on, off).
 
 Slots as the caches': negative or >= num_slots is padding (nothing written). A padding row's
 outputs are zeros from the kernel and the conv of slot 0's window from XLA: the GDN ops ignore
@@ -39,22 +39,19 @@ from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
 # GDN_JAX_CONV_EPILOGUE runs a decode or verify step's conv inside its in_proj launch where the
-# kernel takes both (`project_conv_step`): "auto" (the default) where a decode has at most 32
-# rows (`gdn_jax.ops.projection.AUTO_MAX_M`) or a verify at most `_VERIFY_ROWS`, "on" wherever
-# the few-row kernel runs (up to `kernels.PROJECTION_MAX_M` rows), "off" never. Measured on an
-# H100 (48-layer dense step, kernel time, side by side: bench/results/profile_step-h100-
-# qwen3_5_text-b1_b32-epilogues-2026-12-05.json): in_proj with the conv against the two
-# launches, B = 1 decode 20.5 against 19.2 + 2.5 us a GDN layer (step 3556.5 -> 3506.8 us),
-# B = 32 decode 22.2 against 21.2 + 3.4 (5052.5 -> 4937.5); but a B = 32 verify's 128 rows
-# 41.7 against 24.3 + 4.0 (6583.5 -> 7053.0: the unsplit 128-row launch and its barrier).
+# kernel takes both (`project_conv_step`): "auto" (the default) where the step has at most
+# `gdn_jax.ops.projection.AUTO_MAX_M` (32) rows, B x T, "on" wherever the few-row kernel runs
+# (up to `kernels.PROJECTION_MAX_M` rows), "off" never. Measured on an H100 (48-layer dense
+# step, kernel time, side by side: bench/results/profile_step-h100-qwen3_5_text-b1_b32-
+# epilogues-2026-12-05.json): in_proj with the conv against the two launches, B = 1 decode 20.5
+# against 19.2 + 2.5 us a GDN layer (step 3556.5 -> 3506.8 us), B = 32 decode 22.2 against
+# 21.2 + 3.4 (5052.5 -> 4937.5), B = 1 verify (4 rows) faster too; B = 8 verify (32 rows) 4414.7
+# -> 4367.9 us a step (...-h100-qwen3_5_text-b8-epilogues-2026-12-05.json); but a B = 32
+# verify's 128 rows 41.7 against 24.3 + 4.0 (6583.5 -> 7053.0: the unsplit 128-row launch and
+# its barrier; on an H200 5841.9 -> 6313.6 us, ...-h200-qwen3_5_text-b1_b32-verify_glu128_shift-
+# 2026-12-05.json).
 EPILOGUE_VAR = "GDN_JAX_CONV_EPILOGUE"
 EPILOGUES = ("auto", "on", "off")
-# A verify's rows (B x T) up to which "auto" fuses: measured faster at 4 (B = 1, T = 4) and 32
-# (B = 8: step 4414.7 -> 4367.9 us, H100, bench/results/profile_step-h100-qwen3_5_text-b8-
-# epilogues-2026-12-05.json), slower at 128 (above; on an H200 too: B = 32 verify 5841.9 ->
-# 6313.6 us, ...-h200-qwen3_5_text-b1_b32-verify_glu128_shift-2026-12-05.json). Decode's is
-# AUTO_MAX_M (measured faster at 1, 8 and 32).
-_VERIFY_ROWS = 32
 _BLOCKS = (512, 256, 128, 64, 32, 16)
 
 
@@ -130,7 +127,7 @@ def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window
                       backend: str | None = None):
     """A decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`),
     where GDN_JAX_CONV_EPILOGUE asks for it (`EPILOGUES`: by default up to `AUTO_MAX_M` rows, B x
-    T, in a decode and `_VERIFY_ROWS` in a verify), the conv's kernel runs (`GDN_JAX_CONV`) and
+    T, decode or verify), the conv's kernel runs (`GDN_JAX_CONV`) and
     the few-row projection kernel takes the group unsplit (`gdn_jax.ops.projection.
     epilogue_config`); else None (run the projection, then `conv_step`).
 
@@ -146,8 +143,7 @@ def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window
     B, T, K = x.shape
     widths = tuple(int(n) for n in widths)
     ws_widths = tuple(w.shape[1] for w in ws)
-    most = AUTO_MAX_M if keep == "window" else _VERIFY_ROWS
-    if (wish == "off" or (wish == "auto" and B * T > most) or mode is None
+    if (wish == "off" or (wish == "auto" and B * T > AUTO_MAX_M) or mode is None
             or (keep == "window" and T != 1)
             or any(w.dtype != x.dtype or w.shape[0] != K for w in ws)):
         return None

@@ -107,7 +107,7 @@ def test_project_conv_step_runs_where_asked(monkeypatch):
     big = jnp.concatenate([x] * 17)[:33]  # 33 rows
     assert conv_ops.project_conv_step(big, ws, conv, weight, jnp.full((33,), -1, jnp.int32),
                                       widths=widths) is None
-    x4 = jnp.concatenate([x] * 16, axis=1)[:1, :4]  # a verify of 8 x 4 rows fuses, 9 x 4 not
+    x4 = jnp.concatenate([x[:1]] * 4, axis=1)  # a verify of 8 x 4 rows fuses, of 9 x 4 not
     conv7 = jnp.pad(conv, ((0, 0), (0, 4), (0, 0)))
     for B, fused in ((8, True), (9, False)):
         rows = jnp.full((B,), -1, jnp.int32).at[0].set(slots[0])
