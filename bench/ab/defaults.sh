@@ -12,6 +12,7 @@
 #                                 # the MoE's pair forms at B = 1
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
+#   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -19,7 +20,7 @@
 # `ops.conv.project_conv_step`'s bounds; pairs=split -> `ops.moe.pairs_mode`'s; the router's
 # fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2 or 3}
+part=${1:?1, 2, 3 or 4}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -69,6 +70,16 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
         name=${v%%:*}
         env ${v#*:} python bench/bench_speculative.py --out "$OUT/spec_$name" --batches 1 \
             2>&1 | tail -8
+        lap
+    done
+    ;;
+4)  # the scoreboard's step figures with the defaults (one H200 call, ~6 min): replace
+    # headline.json's dense48_* (replay: decode; ring: round / decode, speculative / plain at
+    # B = 32) and moe35b_* entries from these files
+    for run in "dense:" "ring:--commit-mode ring" "moe:--family qwen3_5_moe_text"; do
+        name=${run%%:*}
+        python bench/bench_speculative.py --out "$OUT/$name" --batches 1,32 ${run#*:} 2>&1 \
+            | tail -5
         lap
     done
     ;;
