@@ -26,15 +26,13 @@ them (zero output for the row).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 
 from gdn_jax import kernels
 from gdn_jax.ops._slots import slot_index
 from gdn_jax.ops.dispatch import kernel_mode
-from gdn_jax.ops.projection import AUTO_MAX_M, Partials, epilogue_config
+from gdn_jax.ops.projection import Partials, epilogue_asked, epilogue_config
 from gdn_jax.ops.scatter import write_positions, write_slots
 
 ENV_VAR = "GDN_JAX_CONV"
@@ -51,7 +49,6 @@ ENV_VAR = "GDN_JAX_CONV"
 # its barrier; on an H200 5841.9 -> 6313.6 us, ...-h200-qwen3_5_text-b1_b32-verify_glu128_shift-
 # 2026-12-05.json).
 EPILOGUE_VAR = "GDN_JAX_CONV_EPILOGUE"
-EPILOGUES = ("auto", "on", "off")
 _BLOCKS = (512, 256, 128, 64, 32, 16)
 
 
@@ -126,8 +123,8 @@ def conv_step(x, conv, weight, slots, *, widths, keep="window", dtype=None, side
 def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window",
                       backend: str | None = None):
     """A decode or verify step's in_proj and conv in one launch (`gdn_jax.kernels.project_conv`),
-    where GDN_JAX_CONV_EPILOGUE asks for it (`EPILOGUES`: by default up to `AUTO_MAX_M` rows, B x
-    T, decode or verify), the conv's kernel runs (`GDN_JAX_CONV`) and
+    where GDN_JAX_CONV_EPILOGUE asks for it (`gdn_jax.ops.projection.epilogue_asked`: by default
+    up to AUTO_MAX_M rows, B x T, decode or verify), the conv's kernel runs (`GDN_JAX_CONV`) and
     the few-row projection kernel takes the group unsplit (`gdn_jax.ops.projection.
     epilogue_config`); else None (run the projection, then `conv_step`).
 
@@ -136,15 +133,12 @@ def project_conv_step(x, ws, conv, weight, slots, *, widths, keep: str = "window
     summing to C the conv's channels; keep: as `conv_step`'s ("window": T = 1). Returns (outs,
     conv): outs[i] [B, T, widths[i]] in x's dtype, the conv's `silu(conv)` and the others the
     projection."""
-    wish = os.environ.get(EPILOGUE_VAR) or "auto"
-    if wish not in EPILOGUES:
-        raise ValueError(f"{EPILOGUE_VAR}: expected one of {list(EPILOGUES)}, got {wish!r}")
-    mode = kernel_mode(ENV_VAR)
     B, T, K = x.shape
+    asked = epilogue_asked(EPILOGUE_VAR, B * T)
+    mode = kernel_mode(ENV_VAR)
     widths = tuple(int(n) for n in widths)
     ws_widths = tuple(w.shape[1] for w in ws)
-    if (wish == "off" or (wish == "auto" and B * T > AUTO_MAX_M) or mode is None
-            or (keep == "window" and T != 1)
+    if (not asked or mode is None or (keep == "window" and T != 1)
             or any(w.dtype != x.dtype or w.shape[0] != K for w in ws)):
         return None
     choice = epilogue_config(B * T, K, ws_widths, x.dtype, backend)

@@ -34,7 +34,7 @@ on load): the GDN layer's in_proj output then costs no sum-and-slice launch for 
 w_out, eps)` (GDN's output norm and out_proj) can also fold the elementwise step between two
 projections into the second's launch (`kernels.project_swiglu`, `kernels.project_gated_norm`).
 By default up to AUTO_MAX_M rows the MLP's silu * up is formed in the first launch's epilogue
-instead (`kernels.project_glu`; GDN_JAX_PROJECTION_GLU: `GLUS`), and down_proj runs plain.
+instead (`kernels.project_glu`; GDN_JAX_PROJECTION_GLU: `EPILOGUES`), and down_proj runs plain.
 GDN_JAX_PROJECTION_PROLOGUE picks (`PROLOGUES`): "off" (the steps in XLA between launches, no
 views), "views" (the default: the views, the steps in XLA), "row" (the views, and the fused
 steps where their launch has one row) or "on" (the views and the fused steps). XLA's paths,
@@ -85,7 +85,9 @@ GLU_VAR = "GDN_JAX_PROJECTION_GLU"
 # 2.1 (6583.5 -> 6814.4: 40 programs of 128 columns). In 80 programs of 64 columns
 # (`epilogue_config`'s weights), on an H200, still 22.4 against 19.9 + 2.0 (5801.4 -> 5841.9:
 # bench/results/profile_step-h200-qwen3_5_text-b1_b32-verify_glu128_shift-2026-12-05.json).
-GLUS = ("auto", "on", "off")
+# The epilogue switches' values (GDN_JAX_PROJECTION_GLU; gdn_jax.ops.conv's
+# GDN_JAX_CONV_EPILOGUE): `epilogue_asked`.
+EPILOGUES = ("auto", "on", "off")
 GEMV_VAR = "GDN_JAX_PROJECTION_GEMV"
 # Which one-row projections run as a GEMV (`kernels.ProjectionConfig.gemv`: the products on the
 # CUDA cores): "off" (the default: none), "prologues" (the fused launches of `swiglu_project` and
@@ -357,15 +359,23 @@ def epilogue_config(M: int, K: int, widths, dtype, backend: str | None = None, *
     return config, interpret
 
 
+def epilogue_asked(var: str, M: int) -> bool:
+    """Whether the epilogue switch `var` (`EPILOGUES`, read at trace time) asks for it in a launch
+    of M rows: "auto" (unset) up to AUTO_MAX_M rows, "on" always, "off" never; another value is
+    a ValueError naming var."""
+    wish = os.environ.get(var) or "auto"
+    if wish not in EPILOGUES:
+        raise ValueError(f"{var}: expected one of {list(EPILOGUES)}, got {wish!r}")
+    return wish == "on" or (wish == "auto" and M <= AUTO_MAX_M)
+
+
 def _glu(M, K, I, arrays, backend):
     """(config, interpret) of `kernels.project_glu` for the MLP's gate / up of M rows where
-    GDN_JAX_PROJECTION_GLU asks for it (`GLUS`), one dtype among the arrays, and the kernel takes
-    the pair unsplit (`epilogue_config` of the gate / up group); else None."""
-    wish = os.environ.get(GLU_VAR) or "auto"
-    if wish not in GLUS:
-        raise ValueError(f"{GLU_VAR}: expected one of {list(GLUS)}, got {wish!r}")
+    GDN_JAX_PROJECTION_GLU asks for it (`epilogue_asked`), one dtype among the arrays, and the
+    kernel takes the pair unsplit (`epilogue_config` of the gate / up group); else None."""
+    asked = epilogue_asked(GLU_VAR, M)
     dtype = {jnp.dtype(a.dtype) for a in arrays}
-    if wish == "off" or (wish == "auto" and M > AUTO_MAX_M) or len(dtype) != 1:
+    if not asked or len(dtype) != 1:
         return None
     choice = epilogue_config(M, K, (I, I), dtype.pop(), backend, weights=2)
     if not choice:
