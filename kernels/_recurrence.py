@@ -35,7 +35,9 @@ def softplus(x, log1p=jnp.log1p):
 
 
 def gates(a, b, A_log, dt_bias, *, log1p=jnp.log1p):
-    """Scalars (fp32) -> (g, beta): g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b)."""
+    """Scalars (fp32) -> (g, beta): g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b).
+    Elementwise: arrays of one shape work too. a = b = -inf gives g = -0.0 and beta = 0 (an
+    identity step)."""
     g = -jnp.exp(A_log) * softplus(a + dt_bias, log1p)
     beta = 1.0 / (1.0 + jnp.exp(-b))
     return g, beta

@@ -6,6 +6,9 @@ windows, KV positions, replay candidates) at the copy bandwidth.
     # for every i with 0 <= index[i] < N; the other rows of the table are untouched
     k_buf, v_buf = scatter_rows_group((k_buf, v_buf), index, (k_rows, v_rows), config=...)
     # several tables of one N written by one index in one launch, each in its own blocks
+    *_, g_buf, beta_buf = scatter_rows_group((..., g_buf, beta_buf), index, (..., a, b),
+                                             gating=(A_log, dt_bias), config=...)
+    # the last two tables take the gates of raw a and b, computed in the launch
 
 XLA's GPU scatter spends a thread and its index arithmetic on every element, about 1e11 elements
 a second on an H200: writing 32 rows of a Qwen3.5 conv window ([7, 8192] bf16, 3.7 MB) takes 16
@@ -28,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from . import _pallas
+from . import _recurrence as rec
 from ._common import BlockConfig, pow2_block
 
 
@@ -45,11 +49,14 @@ class ScatterConfig(BlockConfig):
         return None
 
 
-def _kernel(index_ref, *refs, blocks, num_rows):
+def _kernel(index_ref, *refs, blocks, num_rows, gated):
     """Program (i, j) copies one column block of row i: of the table whose blocks hold j
-    (blocks[t] = (first, last, block): table t's column blocks are programs first..last - 1)."""
-    n = len(blocks)
-    rows_refs, table_refs = refs[:n], refs[2 * n:]  # refs[n:2n]: the aliased inputs
+    (blocks[t] = (first, last, block): table t's column blocks are programs first..last - 1).
+    gated: the last two tables (g, beta) share the last blocks, which write the gates of their
+    rows (a, b) in place of a copy."""
+    n = len(blocks) + gated
+    rows_refs, refs = refs[:n], refs[n:]
+    params, table_refs = refs[:2 * gated], refs[2 * gated + n:]  # between: the aliased inputs
     i, j = pl.program_id(0), pl.program_id(1)
     r = index_ref[i]
 
@@ -57,9 +64,17 @@ def _kernel(index_ref, *refs, blocks, num_rows):
         cols = pl.ds((j - first) * block, block)
         table_ref[r, cols] = rows_ref[i, cols]
 
-    for rows_ref, table_ref, (first, last, block) in zip(rows_refs, table_refs, blocks):
-        pl.when((r >= 0) & (r < num_rows) & (j >= first) & (j < last))(
-            functools.partial(copy, rows_ref, table_ref, first, block))
+    def gate(first, block):
+        cols = pl.ds((j - first) * block, block)
+        f32 = lambda ref, *at: ref[(*at, cols)].astype(jnp.float32)  # noqa: E731
+        g, beta = rec.gates(f32(rows_refs[-2], i), f32(rows_refs[-1], i), f32(params[0]),
+                            f32(params[1]))
+        table_refs[-2][r, cols], table_refs[-1][r, cols] = g, beta
+
+    for t, (first, last, block) in enumerate(blocks):
+        body = (functools.partial(gate, first, block) if gated and t == len(blocks) - 1 else
+                functools.partial(copy, rows_refs[t], table_refs[t], first, block))
+        pl.when((r >= 0) & (r < num_rows) & (j >= first) & (j < last))(body)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -71,39 +86,47 @@ def scatter_rows(table: jax.Array, index: jax.Array, rows: jax.Array, *,
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def scatter_rows_group(tables: tuple, index: jax.Array, rows: tuple, *,
+def scatter_rows_group(tables: tuple, index: jax.Array, rows: tuple, *, gating=None,
                        config: ScatterConfig = ScatterConfig(),
                        interpret: bool = False) -> tuple:
     """tables: [N, R_t] each (any dtypes, one N), index: [M] int32, rows: [M, R_t] in each
     table's dtype -> the tables with tables[t][index[i]] = rows[t][i] where 0 <= index[i] < N,
     in one launch (the caches' writes of one call by one index: a replay verify's candidate
-    k, v, g and beta)."""
+    k, v, g and beta).
+
+    gating: (A_log, dt_bias), [R] each, or None. Given, the last two tables are fp32 g and beta
+    of one R and their rows the raw a and b (any float dtype), written as their gates
+    g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b) (`_recurrence.gates`; a = b = -inf
+    writes g = -0.0, beta = 0): the candidates' gating in the scatter's launch, not XLA's two."""
     tables, rows = tuple(tables), tuple(rows)
-    _check(tables, index, rows, config)
+    params = () if gating is None else tuple(gating)
+    _check(tables, index, rows, config, params)
     N = tables[0].shape[0]
     M = index.shape[0]
     if M == 0:  # nothing to write (a grid of size 0 may not launch on a GPU)
         return tables
-    sizes = [pow2_block(t.shape[1], config.block) for t in tables]
-    firsts = list(itertools.accumulate([0, *(t.shape[1] // b for t, b in zip(tables, sizes))]))
+    blocked = tables[:-1] if params else tables  # beta goes in g's blocks
+    sizes = [pow2_block(t.shape[1], config.block) for t in blocked]
+    firsts = list(itertools.accumulate([0, *(t.shape[1] // b for t, b in zip(blocked, sizes))]))
     blocks = tuple(zip(firsts, firsts[1:], sizes))
-    n = len(tables)
+    n, first_table = len(tables), 1 + len(tables) + len(params)
     return tuple(_pallas.pallas_call(
-        functools.partial(_kernel, blocks=blocks, num_rows=N),
+        functools.partial(_kernel, blocks=blocks, num_rows=N, gated=bool(params)),
         name="gdn_scatter_rows",
         config=config,
         interpret=interpret,
         grid=(M, firsts[-1]),
         out_shape=tuple(jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables),
-        input_output_aliases={1 + n + t: t for t in range(n)},
-    )(index, *rows, *tables))
+        input_output_aliases={first_table + t: t for t in range(n)},
+    )(index, *rows, *params, *tables))
 
 
-def _check(tables, index, rows, config):
+def _check(tables, index, rows, config, params):
     op = "scatter_rows"
     if not tables or len(rows) != len(tables):
         raise ValueError(f"{op}: one rows array per table expected, got {len(tables)} tables "
                          f"and {len(rows)} rows")
+    gated = len(tables) - 2 if params else len(tables)  # the first gated table
     for t, (table, r) in enumerate(zip(tables, rows)):
         name = "" if len(tables) == 1 else f"[{t}]"
         if table.ndim != 2 or r.ndim != 2 or r.shape[1] != table.shape[1]:
@@ -112,12 +135,25 @@ def _check(tables, index, rows, config):
         if table.shape[0] != tables[0].shape[0]:
             raise ValueError(f"{op}: every table has N = {tables[0].shape[0]} rows (one index), "
                              f"got table{name}{list(table.shape)}")
-        if r.dtype != table.dtype:
+        if t >= gated:
+            if table.dtype != jnp.float32 or not jnp.issubdtype(r.dtype, jnp.floating):
+                raise ValueError(f"{op}: with gating, table{name} (g, beta) expected float32 "
+                                 f"and rows{name} (a, b) a float dtype, got {table.dtype} and "
+                                 f"{r.dtype}")
+        elif r.dtype != table.dtype:
             raise ValueError(f"{op}: rows{name} expected the table's dtype {table.dtype}, got "
                              f"{r.dtype}")
         why = config.misfit(table.shape[1])
         if why:
             raise ValueError(f"{op}: table{name}: {why}")
+    if params:
+        R = tables[-1].shape[1]
+        if len(tables) < 2 or tables[-2].shape[1] != R or len(params) != 2 or any(
+                p.shape != (R,) for p in params):
+            raise ValueError(f"{op}: gating expected (A_log, dt_bias) of shape [R] = [{R}] for "
+                             f"two last tables (g, beta) of R columns each, got "
+                             f"{[list(p.shape) for p in params]} for tables "
+                             f"{[list(t.shape) for t in tables[-2:]]}")
     if index.ndim != 1 or index.dtype != jnp.int32 or index.shape[0] != rows[0].shape[0]:
         raise ValueError(f"{op}: index expected int32 [M] = [{rows[0].shape[0]}], got "
                          f"{index.dtype}{list(index.shape)}")

@@ -18,7 +18,6 @@ import functools
 import jax
 
 from gdn_jax import kernels
-from gdn_jax.ops import reference
 from gdn_jax.ops._slots import (clear_count, ring_start, set_ring_count, slot_index,
                                 store_candidates, store_ring)
 
@@ -65,9 +64,8 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, *, mode, choice, interpr
         return o, state, inter
     o, pool = _kernel(choice, "replay", interpret)(*args)
     _, _, scatter = slot_index(slots, state.num_slots)
-    g, beta = reference.gating(a, b, A_log, dt_bias)
     state = clear_count(_after_kernel(state, pool), scatter)
-    return o, store_candidates(state, scatter, k, v, g, beta), None
+    return o, store_candidates(state, scatter, k, v, (a, b, A_log, dt_bias)), None
 
 
 @functools.partial(jax.jit, static_argnames=("reserve", "choice", "interpret"))
@@ -81,8 +79,7 @@ def ring(q, k, v, a, b, A_log, dt_bias, state, slots, *, reserve, choice, interp
     gather, valid, scatter = slot_index(slots, state.num_slots)
     state = _after_kernel(state, pool)
     _, start = ring_start(state, gather, valid, reserve)
-    g, beta = reference.gating(a, b, A_log, dt_bias)
-    state = store_ring(state, scatter, start, k, u, g, beta, reserve)
+    state = store_ring(state, scatter, start, k, u, (a, b, A_log, dt_bias), reserve)
     return o, set_ring_count(state, scatter, start, reserve == 1)
 
 

@@ -38,15 +38,16 @@ def store_state(state: GDNState, scatter, S) -> GDNState:
     return clear_count(state.replace(pool=pool), scatter)
 
 
-def store_candidates(state: GDNState, scatter, k, v, g, beta) -> GDNState:
+def store_candidates(state: GDNState, scatter, k, v, gates) -> GDNState:
     """This verify call's T tokens become each row's slot's replay candidates.
 
-    k: [B, T, H, K]; v: [B, T, HV, V] (stored in the state's input dtype); g, beta: [B, T, HV]
-    fp32. Positions T..T_max get g = beta = 0, an exact identity step, so a count past T can never
-    fold a stale token (k = v = 0 there too: the four are written by one index, in one launch
-    where the row kernel runs).
+    k: [B, T, H, K]; v: [B, T, HV, V] (stored in the state's input dtype); gates: (a, b, A_log,
+    dt_bias) as the op took them, stored as fp32 g and beta [B, T, HV] (`reference.gating`, in
+    the writes' launch where the row kernel runs). Positions T..T_max get g = beta = 0, an exact
+    identity step, so a count past T can never fold a stale token (k = v = 0 there too: the four
+    are written by one index, in one launch where the row kernel runs).
     """
-    return _put_candidates(state, scatter, (k, v, g, beta), state.t_max)
+    return _put_candidates(state, scatter, (k, v), gates, state.t_max)
 
 
 def ring_start(state: GDNState, gather, valid, reserve: int):
@@ -59,25 +60,28 @@ def ring_start(state: GDNState, gather, valid, reserve: int):
     return fold, jnp.where(fold, 0, count)
 
 
-def store_ring(state: GDNState, scatter, start, k, u, g, beta, reserve: int) -> GDNState:
+def store_ring(state: GDNState, scatter, start, k, u, gates, reserve: int) -> GDNState:
     """Append a call's T tokens to each row's ring at [start, start + T); entries T..reserve - 1
     past them get g = beta = 0 and u = 0 (an exact identity step: a commit past T folds nothing
     stale).
 
-    k: [B, T, H, K]; u: [B, T, HV, V] fp32, the corrected values; g, beta: [B, T, HV] fp32;
-    start: [B] int32 with start + reserve <= W (`ring_start`)."""
+    k: [B, T, H, K]; u: [B, T, HV, V] fp32, the corrected values; gates: (a, b, A_log, dt_bias)
+    as `store_candidates`; start: [B] int32 with start + reserve <= W (`ring_start`)."""
     n = max(reserve, k.shape[1])
     pos = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, n]
-    return _put_candidates(state, scatter, (k, u, g, beta), n, pos)
+    return _put_candidates(state, scatter, (k, u), gates, n, pos)
 
 
-def _put_candidates(state: GDNState, scatter, xs, n: int, pos=None) -> GDNState:
-    """cand_k, cand_v, cand_g, cand_beta := xs (each [B, T, ...], zero-padded to n tokens) at
-    positions pos ([B, n]; None: 0..n-1) of each row's slot, one index for the four."""
-    padded = tuple(jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-                   for x in xs)
+def _put_candidates(state: GDNState, scatter, kv, gates, n: int, pos=None) -> GDNState:
+    """cand_k, cand_v := kv (each [B, T, ...], zero-padded to n tokens) and cand_g, cand_beta :=
+    the gates of (a, b, A_log, dt_bias) (a and b padded with -inf: g = beta = 0) at positions pos
+    ([B, n]; None: 0..n-1) of each row's slot, one index for the four."""
+    a, b, A_log, dt_bias = gates
+    pad = lambda x, fill=0: jnp.pad(  # noqa: E731
+        x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
     cand_k, cand_v, cand_g, cand_beta = write_positions_group(
-        (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter, padded, pos)
+        (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter,
+        (*map(pad, kv), pad(a, -jnp.inf), pad(b, -jnp.inf)), pos, gating=(A_log, dt_bias))
     return state.replace(cand_k=cand_k, cand_v=cand_v, cand_g=cand_g, cand_beta=cand_beta)
 
 

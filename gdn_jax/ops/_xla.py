@@ -65,7 +65,8 @@ def verify(q, k, v, a, b, A_log, dt_bias, state, slots, mode):
     if mode == "intermediate":
         return o, state, zero_padding_rows(valid, states.astype(state.pool.dtype))
     # replay: the pool takes the folded state; this call's tokens become the new candidates
-    state = store_candidates(store_state(state, scatter, S0), scatter, k, v, g, beta)
+    state = store_candidates(store_state(state, scatter, S0), scatter, k, v,
+                             (a, b, A_log, dt_bias))
     return o, state, None
 
 
@@ -81,7 +82,8 @@ def ring(q, k, v, a, b, A_log, dt_bias, state, slots, reserve):
     pool = state.pool.at[jnp.where(fold, scatter, state.num_slots)].set(
         S0.astype(state.pool.dtype), mode="drop")
     u = zero_padding_rows(valid, u)
-    state = store_ring(state.replace(pool=pool), scatter, start, k, u, g, beta, reserve)
+    state = store_ring(state.replace(pool=pool), scatter, start, k, u, (a, b, A_log, dt_bias),
+                       reserve)
     return zero_padding_rows(valid, o.astype(q.dtype)), set_ring_count(state, scatter, start,
                                                                        reserve == 1)
 

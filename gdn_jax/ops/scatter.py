@@ -35,6 +35,7 @@ import math
 import jax.numpy as jnp
 
 from gdn_jax import kernels
+from gdn_jax.ops import reference
 from gdn_jax.ops.dispatch import kernel_mode
 
 ENV_VAR = "GDN_JAX_SCATTER"
@@ -54,12 +55,17 @@ def write_positions(buf, scatter, x, pos=None):
     return write_positions_group((buf,), scatter, (x,), pos)[0]
 
 
-def write_positions_group(bufs, scatter, xs, pos=None) -> tuple:
+def write_positions_group(bufs, scatter, xs, pos=None, *, gating=None) -> tuple:
     """bufs: [S, L, *row_i] each (one S and L), xs: [B, T, *row_i] each (one B and T) -> the bufs
     with buf_i[scatter[b], pos[b, t]] = x_i[b, t], as `write_positions` writes each, the rows
     the kernel takes in one launch: a call's writes of one index (a verify's candidates, an
     attention layer's k and v). A row that no power-of-two block of >= 64 elements tiles (XLA
-    alone) rides along where another row takes the kernel, if one of >= 16 does."""
+    alone) rides along where another row takes the kernel, if one of >= 16 does.
+
+    gating: (A_log, dt_bias) [R] or None. Given, the last two bufs are fp32 g and beta [S, L, R]
+    and their xs the raw a and b [B, T, R], stored as their gates (`reference.gating`; a = b =
+    -inf store g = beta = 0, an identity step): computed in the kernel's launch where it takes
+    those rows, by XLA before the writes otherwise."""
     bufs, xs = tuple(bufs), tuple(xs)
     B, T = xs[0].shape[:2]
     S, L = bufs[0].shape[:2]
@@ -68,11 +74,15 @@ def write_positions_group(bufs, scatter, xs, pos=None) -> tuple:
             raise ValueError(f"write_positions: bufs [S, L, *row] of one S, L and xs [B, T, *row] "
                              f"of one B, T expected, got bufs[{i}]{list(buf.shape)} (S, L = {S}, "
                              f"{L}) and xs[{i}]{list(x.shape)} (B, T = {B}, {T})")
-    xs = tuple(x.astype(buf.dtype) for buf, x in zip(bufs, xs))
     rows = [math.prod(buf.shape[2:]) for buf in bufs]
     take = []
     if any(_mode(R) for R in rows):  # the short rows ride along
         take = [i for i, R in enumerate(rows) if kernels.pow2_block(R, _MAX_BLOCK)]
+    if gating is not None and len(bufs) - 1 not in take:  # XLA's gates, then plain writes
+        xs = xs[:-2] + reference.gating(*xs[-2:], *gating)
+        gating = None
+    n = len(bufs) - 2 * (gating is not None)  # the gates' a and b keep their dtype
+    xs = tuple(x.astype(buf.dtype) if i < n else x for i, (buf, x) in enumerate(zip(bufs, xs)))
     out = list(bufs)
     if take:
         if pos is None:
@@ -81,7 +91,7 @@ def write_positions_group(bufs, scatter, xs, pos=None) -> tuple:
         index = jnp.where(ok, scatter[:, None] * L + pos, -1).astype(jnp.int32).reshape(-1)
         tables = kernels.scatter_rows_group(
             tuple(bufs[i].reshape(S * L, rows[i]) for i in take), index,
-            tuple(xs[i].reshape(B * T, rows[i]) for i in take),
+            tuple(xs[i].reshape(B * T, rows[i]) for i in take), gating=gating,
             config=kernels.ScatterConfig(block=_MAX_BLOCK),
             interpret=kernel_mode(ENV_VAR) == "interpret")
         for i, table in zip(take, tables):

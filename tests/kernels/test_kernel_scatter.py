@@ -63,6 +63,59 @@ def test_scatter_rows_group_matches_reference_interpret(block):
         np.testing.assert_array_equal(np.asarray(out), _reference(table, index, r))
 
 
+def _gated_case(seed, N, M, R, in_dtype):
+    """A candidates-like group: k rows copied, and the raw a, b rows whose gates land in fp32 g
+    and beta tables; a few a, b entries are -inf (padding tokens) and some large (softplus's
+    two branches)."""
+    tables, index, rows = _group_case(seed, N, M, [(64, jnp.bfloat16), (R, jnp.float32),
+                                                   (R, jnp.float32)])
+    rng = np.random.default_rng(seed + 100)
+    a, b = (rng.standard_normal((M, R)) * 4 for _ in range(2))
+    a[0, :3], b[0, :3] = [-np.inf, 30.0, -30.0], [-np.inf, 30.0, -30.0]
+    a[-1], b[-1] = -np.inf, -np.inf
+    params = (jnp.asarray(rng.standard_normal(R)), jnp.asarray(rng.standard_normal(R)))
+    params = tuple(p.astype(jnp.float32) for p in params)
+    rows = (rows[0], jnp.asarray(a, in_dtype), jnp.asarray(b, in_dtype))
+    return tables, index, rows, params
+
+
+def _gates64(a, b, A_log, dt_bias):
+    """The float64 gates of the rows a, b [M, R] (the oracle of `_recurrence.gates`)."""
+    a, b = (np.asarray(x.astype(jnp.float32), np.float64) for x in (a, b))
+    A_log, dt_bias = (np.asarray(x, np.float64) for x in (A_log, dt_bias))
+    return -np.exp(A_log) * np.logaddexp(0.0, a + dt_bias), 1.0 / (1.0 + np.exp(-b))
+
+
+@pytest.mark.parametrize("in_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("R, block", [(32, 64), (64, 16)])
+def test_scatter_rows_group_gating_interpret(R, block, in_dtype):
+    """gating=: the last two tables take g and beta of the raw a, b rows (fp32 math: relative
+    2e-6 against float64, a few ulp of exp and log1p); a = b = -inf writes g = beta = 0 exactly;
+    the copied table and every unindexed row as without gating."""
+    tables, index, rows, params = _gated_case(R, 13, 7, R, in_dtype)
+    outs = kernels.scatter_rows_group(tables, index, rows, gating=params,
+                                      config=ScatterConfig(block=block), interpret=True)
+    np.testing.assert_array_equal(np.asarray(outs[0]), _reference(tables[0], index, rows[0]))
+    for out, table, want in zip(outs[1:], tables[1:], _gates64(*rows[1:], *params)):
+        assert out.dtype == jnp.float32
+        ref = _reference(table, index, want.astype(np.float32))
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-6, atol=1e-30)
+    last = int(index[-1])
+    if 0 <= last < 13:  # the all -inf row: an identity step
+        assert not np.asarray(outs[1][last]).any() and not np.asarray(outs[2][last]).any()
+
+
+def test_scatter_rows_group_gating_rejects_bad_input():
+    tables, index, rows, params = _gated_case(0, 5, 3, 32, jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"with gating, table\[1\] \(g, beta\) expected float32"):
+        kernels.scatter_rows_group((tables[0], tables[1].astype(jnp.bfloat16), tables[2]), index,
+                                   rows, gating=params, interpret=True)
+    with pytest.raises(ValueError, match=r"gating expected \(A_log, dt_bias\) of shape \[R\] = "
+                                         r"\[32\]"):
+        kernels.scatter_rows_group(tables, index, rows, gating=(params[0][:16], params[1]),
+                                   interpret=True)
+
+
 def test_scatter_rows_group_rejects_bad_input():
     t64, t32 = jnp.ones((4, 64), jnp.bfloat16), jnp.ones((5, 32), jnp.float32)
     i = jnp.zeros((2,), jnp.int32)
@@ -122,6 +175,34 @@ def test_scatter_rows_group_lowers_for_cuda(cuda_lowering):
         text = kernels.scatter_rows_group.trace(tables, index, rows).lower(
             lowering_platforms=("cuda",)).as_text()
     assert text.count(TRITON_CALL) == 1
+
+
+def test_scatter_rows_group_gating_lowers_for_cuda(cuda_lowering):
+    """A B = 32 verify's candidates with the gating in the launch (H100): one Triton call."""
+    tables = (jax.ShapeDtypeStruct((64 * 4, 2048), jnp.bfloat16),
+              jax.ShapeDtypeStruct((64 * 4, 32), jnp.float32),
+              jax.ShapeDtypeStruct((64 * 4, 32), jnp.float32))
+    rows = (jax.ShapeDtypeStruct((128, 2048), jnp.bfloat16),
+            jax.ShapeDtypeStruct((128, 32), jnp.bfloat16),
+            jax.ShapeDtypeStruct((128, 32), jnp.bfloat16))
+    params = (jax.ShapeDtypeStruct((32,), jnp.float32),) * 2
+    index = jax.ShapeDtypeStruct((128,), jnp.int32)
+    with cuda_lowering("NVIDIA H100 80GB HBM3"):
+        text = kernels.scatter_rows_group.trace(tables, index, rows, gating=params).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count(TRITON_CALL) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("in_dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "fp32"])
+def test_scatter_rows_group_gating_gpu(in_dtype, on_gpu):
+    """As the interpret test, compiled (the kernel's exp / log1p are the GPU's)."""
+    tables, index, rows, params = _gated_case(7, 4 * 64, 4 * 32, 32, in_dtype)
+    outs = jax.jit(kernels.scatter_rows_group)(tables, index, rows, gating=params)
+    np.testing.assert_array_equal(np.asarray(outs[0]), _reference(tables[0], index, rows[0]))
+    for out, table, want in zip(outs[1:], tables[1:], _gates64(*rows[1:], *params)):
+        ref = _reference(table, index, want.astype(np.float32))
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=2e-6, atol=1e-30)
 
 
 @pytest.mark.gpu

@@ -78,6 +78,43 @@ def test_write_positions_group_equals_xla(kernel_path, monkeypatch):
         scatter_ops.write_positions_group((bufs[0], bufs[1][:, :4]), scatter, xs[:2])
 
 
+@pytest.mark.parametrize("R", [32, 8], ids=["kernel", "short-xla"])
+def test_write_positions_group_gating(R, kernel_path, monkeypatch):
+    """gating=: a verify's candidates (k rows, then g and beta from raw a, b with -inf padding)
+    store `reference.gating`'s gates, whichever path writes them: the kernel's launch (R = 32
+    rides along the k rows; relative 2e-6, a few fp32 ulp of exp and log1p apart from XLA's) or
+    XLA's gating before plain writes (R = 8: no block of 16 tiles it; bit for bit). Padding
+    tokens (a = b = -inf) store g = beta = 0."""
+    S, L, B, T = 6, 9, 4, 3
+    rng = np.random.default_rng(R)
+    k_buf, k = _bufs(2, (S, L, 2, 32), B, T)
+    g_buf, beta_buf = (jnp.asarray(rng.standard_normal((S, L, R)), jnp.float32) for _ in "gb")
+    a, b = (jnp.asarray(rng.standard_normal((B, T, R)) * 3, jnp.bfloat16) for _ in "ab")
+    a, b = a.at[:, -1].set(-jnp.inf), b.at[:, -1].set(-jnp.inf)
+    A_log, dt_bias = (jnp.asarray(rng.standard_normal(R), jnp.float32) for _ in "AD")
+    _, _, scatter = slot_index(jnp.asarray([4, -1, 0, 2], jnp.int32), S)
+    pos = jnp.asarray([[0, 1, 2], [5, 6, 7], [7, 8, 9], [3, L + 4, -1]], jnp.int32)
+    launches = []
+    group = scatter_ops.kernels.scatter_rows_group
+    monkeypatch.setattr(scatter_ops.kernels, "scatter_rows_group",
+                        lambda tables, *x, **kw: launches.append(kw.get("gating") is not None)
+                        or group(tables, *x, **kw))
+    kernel_path("xla")
+    g, beta = scatter_ops.reference.gating(a, b, A_log, dt_bias)
+    want = [scatter_ops.write_positions(buf, scatter, x, pos)
+            for buf, x in ((k_buf, k), (g_buf, g), (beta_buf, beta))]
+    kernel_path("interpret")
+    got = scatter_ops.write_positions_group((k_buf, g_buf, beta_buf), scatter, (k, a, b), pos,
+                                            gating=(A_log, dt_bias))
+    assert launches == [R == 32]
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+    for w, x in zip(want[1:], got[1:]):
+        assert x.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(x), np.asarray(w), rtol=2e-6 if R == 32 else 0)
+    for x in got[1:]:  # row 0 (slot 4) wrote its padding token at position 2: an identity step
+        assert not np.asarray(x[4, 2]).any()
+
+
 def test_write_slots_equals_xla(kernel_path):
     S, B = 5, 3
     buf, x = _bufs(1, (S, 4, 16, 8), B, 4)
