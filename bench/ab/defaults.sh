@@ -13,6 +13,11 @@
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
 #   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE)
+#   bash bench/ab/defaults.sh 5   # session 31's unmeasured change: the verify candidates' gating
+#                                 # in the scatter's launch (63b624e) against XLA's (55e4345),
+#                                 # its GPU tests; make the trees here first (`bash
+#                                 # bench/ab/tree.sh make 55e4345`, same for 63b624e) and carry
+#                                 # devtmp/trees. Keep it if its verify kernel time is lower
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -20,7 +25,7 @@
 # `ops.conv.project_conv_step`'s bounds; pairs=split -> `ops.moe.pairs_mode`'s; the router's
 # fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3 or 4}
+part=${1:?1, 2, 3, 4 or 5}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -80,6 +85,17 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
         name=${run%%:*}
         python bench/bench_speculative.py --out "$OUT/$name" --batches 1,32 ${run#*:} 2>&1 \
             | tail -5
+        lap
+    done
+    ;;
+5)
+    timeout 200 python -m pytest -q -m gpu -x tests/kernels/test_kernel_scatter.py \
+        tests/ops/test_scatter.py tests/ops/test_ops_gpu.py tests/ops/test_ops_ring_gpu.py 2>&1 \
+        | tail -5
+    lap
+    for rev in 55e4345 63b624e; do  # kernel time of a 48-layer verify (its launches listed)
+        bash bench/ab/tree.sh run "$rev" profile_step.py --out "$OUT/gating_$rev" \
+            --family qwen3_5_text --layers 48 --batches 1,32 --programs verify 2>&1 | tail -40
         lap
     done
     ;;
