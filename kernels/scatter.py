@@ -54,9 +54,10 @@ def _kernel(index_ref, *refs, blocks, num_rows, gated):
     (blocks[t] = (first, last, block): table t's column blocks are programs first..last - 1).
     gated: the last two tables (g, beta) share the last blocks, which write the gates of their
     rows (a, b) in place of a copy."""
-    n = len(blocks) + gated
-    rows_refs, refs = refs[:n], refs[n:]
-    params, table_refs = refs[:2 * gated], refs[2 * gated + n:]  # between: the aliased inputs
+    n = len(blocks) + (1 if gated else 0)  # tables
+    n_params = 2 if gated else 0
+    rows_refs, params = refs[:n], refs[n:n + n_params]
+    table_refs = refs[n + n_params + n:]  # after the aliased inputs: the outputs
     i, j = pl.program_id(0), pl.program_id(1)
     r = index_ref[i]
 
@@ -66,9 +67,9 @@ def _kernel(index_ref, *refs, blocks, num_rows, gated):
 
     def gate(first, block):
         cols = pl.ds((j - first) * block, block)
-        f32 = lambda ref, *at: ref[(*at, cols)].astype(jnp.float32)  # noqa: E731
-        g, beta = rec.gates(f32(rows_refs[-2], i), f32(rows_refs[-1], i), f32(params[0]),
-                            f32(params[1]))
+        a, b = (ref[i, cols].astype(jnp.float32) for ref in rows_refs[-2:])
+        A_log, dt_bias = (ref[cols].astype(jnp.float32) for ref in params)
+        g, beta = rec.gates(a, b, A_log, dt_bias)
         table_refs[-2][r, cols], table_refs[-1][r, cols] = g, beta
 
     for t, (first, last, block) in enumerate(blocks):
@@ -99,8 +100,9 @@ def scatter_rows_group(tables: tuple, index: jax.Array, rows: tuple, *, gating=N
     g = -exp(A_log) * softplus(a + dt_bias), beta = sigmoid(b) (`_recurrence.gates`; a = b = -inf
     writes g = -0.0, beta = 0): the candidates' gating in the scatter's launch, not XLA's two."""
     tables, rows = tuple(tables), tuple(rows)
-    params = () if gating is None else tuple(gating)
+    params = None if gating is None else tuple(gating)
     _check(tables, index, rows, config, params)
+    params = params or ()
     N = tables[0].shape[0]
     M = index.shape[0]
     if M == 0:  # nothing to write (a grid of size 0 may not launch on a GPU)
@@ -126,7 +128,7 @@ def _check(tables, index, rows, config, params):
     if not tables or len(rows) != len(tables):
         raise ValueError(f"{op}: one rows array per table expected, got {len(tables)} tables "
                          f"and {len(rows)} rows")
-    gated = len(tables) - 2 if params else len(tables)  # the first gated table
+    gated = len(tables) if params is None else len(tables) - 2  # the first gated table
     for t, (table, r) in enumerate(zip(tables, rows)):
         name = "" if len(tables) == 1 else f"[{t}]"
         if table.ndim != 2 or r.ndim != 2 or r.shape[1] != table.shape[1]:
@@ -146,7 +148,7 @@ def _check(tables, index, rows, config, params):
         why = config.misfit(table.shape[1])
         if why:
             raise ValueError(f"{op}: table{name}: {why}")
-    if params:
+    if params is not None:
         R = tables[-1].shape[1]
         if len(tables) < 2 or tables[-2].shape[1] != R or len(params) != 2 or any(
                 p.shape != (R,) for p in params):

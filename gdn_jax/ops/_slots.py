@@ -77,8 +77,11 @@ def _put_candidates(state: GDNState, scatter, kv, gates, n: int, pos=None) -> GD
     the gates of (a, b, A_log, dt_bias) (a and b padded with -inf: g = beta = 0) at positions pos
     ([B, n]; None: 0..n-1) of each row's slot, one index for the four."""
     a, b, A_log, dt_bias = gates
-    pad = lambda x, fill=0: jnp.pad(  # noqa: E731
-        x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+
+    def pad(x, fill=0):
+        return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
+                       constant_values=fill)
+
     cand_k, cand_v, cand_g, cand_beta = write_positions_group(
         (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter,
         (*map(pad, kv), pad(a, -jnp.inf), pad(b, -jnp.inf)), pos, gating=(A_log, dt_bias))

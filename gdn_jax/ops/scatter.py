@@ -8,7 +8,8 @@ a GPU, XLA's scatter elsewhere (below).
 
 `scatter` [B] int32 is `slot_index`'s scatter index: padding rows hold num_slots (out of range)
 and write nothing; so does a position outside [0, L). Indices must be distinct (a slot appears
-once per call). x is cast to buf's dtype.
+once per call). x is cast to buf's dtype (but a verify's raw a and b, whose gates
+`write_positions_group(..., gating=)` stores).
 
 XLA's GPU scatter spends a thread and its index arithmetic on every element: on an H200 a B = 32
 conv window write (3.7 MB) takes 16 us, about 8x the copy, and the caches' scatters add up to

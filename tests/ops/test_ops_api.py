@@ -22,7 +22,7 @@ import pytest
 
 from gdn_cases import (BF16_EPS, OraclePool, assert_untouched, f64, random_state, real_rows,
                         rel_err, slot_batch, tokens)
-from gdn_jax import ops
+from gdn_jax import kernels, ops
 from gdn_jax.ops import dispatch
 
 FP32_TOL = 1e-5
@@ -151,18 +151,30 @@ def test_replay_and_intermediate_agree():
     assert rel_err(a.pool, f64(b.pool)) <= FP32_TOL
 
 
-def test_decode_folds_pending_after_replay_commit():
-    """verify (replay) -> commit -> decode: the decode folds the accepted tokens, then its own."""
-    rng, st, slots, tok = _setup(5, T=3)
+@pytest.mark.parametrize("dims", [DIMS, dict(H=2, HV=16, K=16, V=16)], ids=["hv4", "hv16"])
+def test_decode_folds_pending_after_replay_commit(dims, backend, monkeypatch):
+    """verify (replay) -> commit -> decode: the decode folds the accepted tokens, then its own.
+    Counts up to T_MAX: those past T fold the padding positions, identity steps. With 16 value
+    heads the interpret backend stores the candidates' gates in the scatter kernel's launch
+    (their rows ride along the v rows; 4 are too short), so its -inf padding is folded too."""
+    rng, st, slots, tok = _setup(5, T=3, dims=dims)
     mirror = OraclePool(st)
-    n = jnp.asarray(rng.integers(0, 4, slots.shape[0]), jnp.int32)
+    n = jnp.asarray(rng.integers(0, T_MAX + 1, slots.shape[0]), jnp.int32)
+    gated = []
+    group = kernels.scatter_rows_group
+    monkeypatch.setattr(kernels, "scatter_rows_group", lambda *a, **kw: gated.append(
+        kw.get("gating") is not None) or group(*a, **kw))
+    jax.clear_caches()  # trace again: a cached verify would not call the spy
     _, st, _ = ops.verify(*tok.args(), st, slots, mode="replay")
+    assert gated == ([True] if backend == "interpret" and dims["HV"] == 16 else
+                     [False] if backend == "interpret" else [])
     st = ops.commit(st, slots, n)
-    step = tokens(rng, slots.shape[0], 1, DIMS["H"], DIMS["HV"], DIMS["K"], DIMS["V"])
+    step = tokens(rng, slots.shape[0], 1, dims["H"], dims["HV"], dims["K"], dims["V"])
     o, st = ops.decode(*step.args(), st, slots)
     for i, s in _real_rows(slots):
         _, _, states, S0 = mirror.run(s, tok, i)
-        mirror.pool[s] = states[int(n[i]) - 1] if int(n[i]) else S0
+        k = min(int(n[i]), 3)
+        mirror.pool[s] = states[k - 1] if k else S0
         mirror.count[s] = 0
         ref_o, ref_S, _, _ = mirror.run(s, step, i)
         assert rel_err(o[i], ref_o) <= FP32_TOL
