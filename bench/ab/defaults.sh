@@ -14,9 +14,9 @@
 #                                 # B = 1 under the candidates
 #   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE)
 #   bash bench/ab/defaults.sh 5   # session 31's unmeasured change: the verify candidates' gating
-#                                 # in the scatter's launch (63b624e) against XLA's (55e4345),
+#                                 # in the scatter's launch (441082e) against XLA's (55e4345),
 #                                 # its GPU tests; make the trees here first (`bash
-#                                 # bench/ab/tree.sh make 55e4345`, same for 63b624e) and carry
+#                                 # bench/ab/tree.sh make 55e4345`, same for 441082e) and carry
 #                                 # devtmp/trees. Keep it if its verify kernel time is lower
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
@@ -93,7 +93,7 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
         tests/ops/test_scatter.py tests/ops/test_ops_gpu.py tests/ops/test_ops_ring_gpu.py 2>&1 \
         | tail -5
     lap
-    for rev in 55e4345 63b624e; do  # kernel time of a 48-layer verify (its launches listed)
+    for rev in 55e4345 441082e; do  # kernel time of a 48-layer verify (its launches listed)
         bash bench/ab/tree.sh run "$rev" profile_step.py --out "$OUT/gating_$rev" \
             --family qwen3_5_text --layers 48 --batches 1,32 --programs verify 2>&1 | tail -40
         lap
