@@ -407,8 +407,16 @@ class Qwen3NextForCausalLM(nnx.Module):
     def commit(self, cache: ModelCache, slots, num_accepted) -> ModelCache:
         """Keep the first num_accepted[i] (a count, 0..T) tokens of row i's last verify call, in
         every decoder layer (GDN state and conv window, KV lengths)."""
-        return cache.with_layers(layer.commit(cache.layer(i), slots, num_accepted)
-                                 for i, layer in enumerate(self.layers))
+        layers = [cache.layer(i) for i in range(len(self.layers))]
+        gdn = [i for i, layer in enumerate(self.layers) if layer.layer_type == "linear_attention"]
+        if gdn:  # one launch for their conv windows, not one a layer
+            mesh = self.layers[gdn[0]].linear_attn.mesh
+            kept = GatedDeltaNet.commit_layers([layers[i] for i in gdn], slots, num_accepted,
+                                               mesh=mesh)
+            for i, c in zip(gdn, kept):
+                layers[i] = c
+        return cache.with_layers(c if i in gdn else layer.commit(c, slots, num_accepted)
+                                 for i, (layer, c) in enumerate(zip(self.layers, layers)))
 
     def reset(self, cache: ModelCache, slots) -> ModelCache:
         """Empty the slots (state, conv window, KV lengths, MTP KV lengths) for new sequences."""

@@ -37,7 +37,7 @@ from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call,
                                       tp_size)
 from gdn_jax.ops.conv import causal_conv, conv_step, project_conv_step
 from gdn_jax.ops.projection import Partials
-from gdn_jax.ops.scatter import write_positions
+from gdn_jax.ops.scatter import write_positions, write_positions_group
 
 _F32 = jnp.float32
 MODES = ("prefill", "decode", "verify")
@@ -222,11 +222,22 @@ class GatedDeltaNet(nnx.Module):
         becomes rows n..n+W-2 of the verify's [window | T inputs]. mesh: the layer's (`self.mesh`)
         when the cache is split over it: each device then commits its own heads.
         """
+        return GatedDeltaNet.commit_layers((cache,), slots, num_accepted, mesh=mesh)[0]
+
+    @staticmethod
+    def commit_layers(caches, slots, num_accepted, *, mesh=None) -> tuple:
+        """`commit` of several layers' caches by one (slots, num_accepted): a model's GDN layers
+        after a verify. Their conv windows are written in one launch (the row-copy kernel of
+        `gdn_jax.ops.scatter`) where each layer took one; caches with another conv buffer
+        shape [S, L] than the first go in launches of their own. mesh: as `commit`, one for
+        all (a model's layers share theirs). Returns the caches, in order."""
+        caches = tuple(caches)
         n = jnp.asarray(num_accepted).astype(jnp.int32)
         if mesh is not None:  # inside the map the ops' checks see tracers: check the values here
-            ops.check_slot_args("commit", cache.state, slots, num_accepted)
-        specs = gdn_cache_specs(cache)
-        return shard_call(mesh, _commit, {}, (cache, slots, n), (specs, P(), P()), specs)
+            for cache in caches:
+                ops.check_slot_args("commit", cache.state, slots, num_accepted)
+        specs = tuple(gdn_cache_specs(cache) for cache in caches)
+        return shard_call(mesh, _commit, {}, (caches, slots, n), (specs, P(), P()), specs)
 
     @staticmethod
     def reset(cache: GDNCache, slots, *, mesh=None) -> GDNCache:
@@ -237,14 +248,26 @@ class GatedDeltaNet(nnx.Module):
         return shard_call(mesh, _reset, {}, (cache, slots), (specs, P()), specs)
 
 
-def _commit(_params, cache: GDNCache, slots, n) -> GDNCache:
-    """`GatedDeltaNet.commit` on one device's heads (no parameters: `shard_call`'s first arg)."""
-    gather, _, scatter = slot_index(slots, cache.num_slots)
-    width = cache.conv.shape[1] - cache.t_max  # W - 1
-    window = _windows(cache.conv[gather], n, width)
-    conv = write_positions(cache.conv, scatter, window)
-    inter = None if cache.inter is None else cache.inter[gather]
-    return cache.replace(state=ops.commit(cache.state, slots, n, inter), conv=conv)
+def _commit(_params, caches: tuple, slots, n) -> tuple:
+    """`GatedDeltaNet.commit_layers` on one device's heads (no parameters: `shard_call`'s first
+    arg): each layer's state by `ops.commit`; the conv windows (rows n..n+W-2 of the verify's
+    [window | T inputs] to rows 0..W-2) of the layers with the first's buffer shape in one
+    write, the others' in one each."""
+    out = []
+    for cache in caches:
+        gather = slot_index(slots, cache.num_slots)[0]
+        inter = None if cache.inter is None else cache.inter[gather]
+        out.append(cache.replace(state=ops.commit(cache.state, slots, n, inter)))
+    first = caches[0].conv.shape[:2]
+    alike = [i for i, c in enumerate(caches) if c.conv.shape[:2] == first]
+    for group in [alike] + [[i] for i in range(len(caches)) if i not in alike]:
+        gather, _, scatter = slot_index(slots, caches[group[0]].num_slots)
+        windows = tuple(_windows(caches[i].conv[gather], n, caches[i].conv.shape[1]
+                                 - caches[i].t_max) for i in group)  # [B, W - 1, C] each
+        convs = write_positions_group(tuple(caches[i].conv for i in group), scatter, windows)
+        for i, conv in zip(group, convs):
+            out[i] = out[i].replace(conv=conv)
+    return tuple(out)
 
 
 def _reset(_params, cache: GDNCache, slots) -> GDNCache:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gdn_jax import kernels
 from gdn_jax.models import ModelConfig
 from gdn_jax.models.qwen3_next import ModelCache
 from gdn_jax.modules.cache import GDNCache, KVCache
@@ -107,6 +108,38 @@ def test_every_layer_computes_the_shared_counters(model, commit_mode):
             nonzero[name] |= bool(np.any(getattr(cache, name)))
     # the walk moved both counters (a test of zeros against zeros cannot fail)
     assert nonzero["lengths"] and (nonzero["count"] or commit_mode == "intermediate"), nonzero
+
+
+def test_commit_writes_the_conv_windows_in_one_launch(model, monkeypatch):
+    """`model.commit` writes every GDN layer's conv window (rows n..n+W-2 to 0..W-2) in one
+    row-kernel launch (interpreted here), where each layer's own `commit` took one: the same
+    buffers, bit for bit, and the window each row's count names."""
+    monkeypatch.setenv("GDN_JAX_SCATTER", "interpret")
+    jax.clear_caches()
+    launches = []
+    group = kernels.scatter_rows_group
+    monkeypatch.setattr(kernels, "scatter_rows_group", lambda tables, *a, **kw: launches.append(
+        len(tables)) or group(tables, *a, **kw))
+    rng = np.random.default_rng(2)
+    cache = model.init_cache(NUM_SLOTS, MAX_LEN, t_max=T_MAX)
+    layers = [c.replace(conv=jnp.asarray(rng.standard_normal(c.conv.shape), c.conv.dtype))
+              if isinstance(c, GDNCache) else c for c in (cache.layer(i) for i in range(6))]
+    cache = cache.with_layers(layers)
+    n = jnp.asarray([2, 0, 3, 3], jnp.int32)
+    got = model.commit(cache, SLOTS, n)
+    gdn = [i for i, t in enumerate(TYPES) if t == "linear_attention"]
+    assert launches == [len(gdn)]
+    W1 = cache.layer(gdn[0]).conv.shape[1] - T_MAX  # W - 1
+    for i in gdn:
+        want = model.layers[i].commit(cache.layer(i), SLOTS, n).conv
+        np.testing.assert_array_equal(np.asarray(got.layer(i).conv), np.asarray(want))
+        old, new = np.asarray(cache.layer(i).conv), np.asarray(want)
+        for row, slot in enumerate(np.asarray(SLOTS)):
+            if 0 <= slot < NUM_SLOTS:
+                k = int(n[row])
+                np.testing.assert_array_equal(new[slot, :W1], old[slot, k:k + W1])
+        np.testing.assert_array_equal(new[[1, 2]], old[[1, 2]])  # slots no row names
+    assert launches == [len(gdn)] + [1] * len(gdn)
 
 
 def _scatters(hlo: str, n: int) -> int:
