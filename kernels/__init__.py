@@ -41,6 +41,9 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 
     table = scatter_rows(table, index, rows, config=ScatterConfig(...))
                                          # table[index[i]] = rows[i] in place (cache bookkeeping)
+    tables = shift_rows_group(tables, slots, starts, width=w, config=ScatterConfig(...))
+                                         # rows starts[b]..+w-1 of slot slots[b] to 0..w-1, in
+                                         # place (a commit's conv windows, all layers in one)
     (q, k, v), conv = conv_step(x, conv, weight, slots, widths=(HK, HK, HVV), config=ConvConfig())
                                          # the GDN layer's causal conv for one token, in place
 
@@ -100,7 +103,7 @@ from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .router import misfit as route_misfit
 from .router import route
 from .router import shared_gate_args as route_shared_gate
-from .scatter import ScatterConfig, scatter_rows, scatter_rows_group
+from .scatter import ScatterConfig, scatter_rows, scatter_rows_group, shift_rows_group
 from .verify import verify_intermediate, verify_replay
 from .verify_mgpu import verify_intermediate_mgpu, verify_replay_mgpu, verify_ring_mgpu
 
@@ -124,5 +127,6 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "projection_conv_misfit", "projection_mgpu_misfit", "projection_misfit",
            "projection_smem_limit",
            "projection_source_bytes", "pow2_block", "route", "route_misfit", "route_shared_gate",
-           "scatter_rows", "scatter_rows_group", "verify_intermediate", "verify_intermediate_mgpu",
+           "scatter_rows", "scatter_rows_group", "shift_rows_group", "verify_intermediate",
+           "verify_intermediate_mgpu",
            "verify_replay", "verify_replay_mgpu", "verify_ring", "verify_ring_mgpu"]

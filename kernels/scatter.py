@@ -9,6 +9,8 @@ windows, KV positions, replay candidates) at the copy bandwidth.
     *_, g_buf, beta_buf = scatter_rows_group((..., g_buf, beta_buf), index, (..., a, b),
                                              gating=(A_log, dt_bias), config=...)
     # the last two tables take the gates of raw a and b, computed in the launch
+    conv_bufs = shift_rows_group(conv_bufs, slots, starts, width=w, config=...)
+    # [N, L, R_t] each: rows starts[b]..+w-1 of slot slots[b] moved to rows 0..w-1, in place
 
 XLA's GPU scatter spends a thread and its index arithmetic on every element, about 1e11 elements
 a second on an H200: writing 32 rows of a Qwen3.5 conv window ([7, 8192] bf16, 3.7 MB) takes 16
@@ -107,20 +109,84 @@ def scatter_rows_group(tables: tuple, index: jax.Array, rows: tuple, *, gating=N
     M = index.shape[0]
     if M == 0:  # nothing to write (a grid of size 0 may not launch on a GPU)
         return tables
-    blocked = tables[:-1] if params else tables  # beta goes in g's blocks
-    sizes = [pow2_block(t.shape[1], config.block) for t in blocked]
-    firsts = list(itertools.accumulate([0, *(t.shape[1] // b for t, b in zip(blocked, sizes))]))
-    blocks = tuple(zip(firsts, firsts[1:], sizes))
+    blocks = _blocks([t.shape[1] for t in (tables[:-1] if params else tables)],  # beta goes
+                     config)                                                   # in g's blocks
     n, first_table = len(tables), 1 + len(tables) + len(params)
     return tuple(_pallas.pallas_call(
         functools.partial(_kernel, blocks=blocks, num_rows=N, gated=bool(params)),
         name="gdn_scatter_rows",
         config=config,
         interpret=interpret,
-        grid=(M, firsts[-1]),
+        grid=(M, blocks[-1][1]),
         out_shape=tuple(jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables),
         input_output_aliases={first_table + t: t for t in range(n)},
     )(index, *rows, *params, *tables))
+
+
+def _blocks(widths, config: ScatterConfig) -> tuple:
+    """The programs of tables whose rows hold these numbers of elements, each in blocks of
+    `pow2_block`: ((first, last, block), ...), table t's blocks programs first..last - 1."""
+    sizes = [pow2_block(R, config.block) for R in widths]
+    firsts = list(itertools.accumulate([0, *(R // b for R, b in zip(widths, sizes))]))
+    return tuple(zip(firsts, firsts[1:], sizes))
+
+
+def _shift_kernel(slots_ref, starts_ref, *refs, blocks, width):
+    """Program (b, j) moves one column block of the width rows from row b's start to rows
+    0..width - 1 of its slot, in the table whose blocks hold j (`_kernel`'s blocks); every row
+    is loaded before any is stored (the ranges may overlap)."""
+    table_refs = refs[len(blocks):]  # after the aliased inputs
+    b, j = pl.program_id(0), pl.program_id(1)
+    s, start = slots_ref[b], starts_ref[b]
+    N, L = table_refs[0].shape[:2]
+    moves = (s >= 0) & (s < N) & (start > 0) & (start <= L - width)
+
+    def move(table_ref, first, block):
+        cols = pl.ds((j - first) * block, block)
+        rows = [table_ref[s, start + i, cols] for i in range(width)]
+        for i, row in enumerate(rows):
+            table_ref[s, i, cols] = row
+
+    for table_ref, (first, last, block) in zip(table_refs, blocks):
+        pl.when(moves & (j >= first) & (j < last))(
+            functools.partial(move, table_ref, first, block))
+
+
+@functools.partial(jax.jit, static_argnames=("width", "config", "interpret"))
+def shift_rows_group(tables: tuple, slots: jax.Array, starts: jax.Array, *, width: int,
+                     config: ScatterConfig = ScatterConfig(), interpret: bool = False) -> tuple:
+    """tables: [N, L, R_t] each (any dtypes, one N and L), slots, starts: [B] int32 -> the tables
+    with rows starts[b]..starts[b] + width - 1 of slot slots[b] moved to its rows 0..width - 1,
+    in place, in one launch: a commit's conv windows (the accepted count's W - 1 rows), every
+    GDN layer's at once. A row whose slot is outside [0, N), or whose start is 0 or past
+    L - width, moves nothing; slots are distinct. Reads and writes the moved rows alone, where
+    a gather of the windows and a `scatter_rows_group` took two launches."""
+    tables = tuple(tables)
+    op = "shift_rows"
+    if not tables or any(t.ndim != 3 or t.shape[:2] != tables[0].shape[:2] for t in tables) \
+            or not 1 <= width <= tables[0].shape[1]:
+        raise ValueError(f"{op}: tables [N, L, R] of one N and L, L >= width = {width}, "
+                         f"expected, got {[list(t.shape) for t in tables]}")
+    for name, x in (("slots", slots), ("starts", starts)):
+        if x.ndim != 1 or x.dtype != jnp.int32 or x.shape != slots.shape:
+            raise ValueError(f"{op}: {name} expected int32 [B] = [{slots.shape[0]}], got "
+                             f"{x.dtype}{list(x.shape)}")
+    for t, table in enumerate(tables):
+        why = config.misfit(table.shape[2])
+        if why:
+            raise ValueError(f"{op}: table[{t}]: {why}")
+    if slots.shape[0] == 0:  # nothing to move (a grid of size 0 may not launch on a GPU)
+        return tables
+    blocks = _blocks([t.shape[2] for t in tables], config)
+    return tuple(_pallas.pallas_call(
+        functools.partial(_shift_kernel, blocks=blocks, width=width),
+        name="gdn_shift_rows",
+        config=config,
+        interpret=interpret,
+        grid=(slots.shape[0], blocks[-1][1]),
+        out_shape=tuple(jax.ShapeDtypeStruct(t.shape, t.dtype) for t in tables),
+        input_output_aliases={2 + t: t for t in range(len(tables))},
+    )(slots, starts, *tables))
 
 
 def _check(tables, index, rows, config, params):

@@ -37,7 +37,7 @@ from gdn_jax.modules.sharding import (TP, blocked_permutation, psum, shard_call,
                                       tp_size)
 from gdn_jax.ops.conv import causal_conv, conv_step, project_conv_step
 from gdn_jax.ops.projection import Partials
-from gdn_jax.ops.scatter import write_positions, write_positions_group
+from gdn_jax.ops.scatter import shift_positions_group, write_positions
 
 _F32 = jnp.float32
 MODES = ("prefill", "decode", "verify")
@@ -227,10 +227,11 @@ class GatedDeltaNet(nnx.Module):
     @staticmethod
     def commit_layers(caches, slots, num_accepted, *, mesh=None) -> tuple:
         """`commit` of several layers' caches by one (slots, num_accepted): a model's GDN layers
-        after a verify. Their conv windows are written in one launch (the row-copy kernel of
-        `gdn_jax.ops.scatter`) where each layer took one; caches with another conv buffer
-        shape [S, L] than the first go in launches of their own. mesh: as `commit`, one for
-        all (a model's layers share theirs). Returns the caches, in order."""
+        after a verify. Their conv windows move in one launch (`gdn_jax.ops.scatter.
+        shift_positions_group`: in place, the moved rows alone) where each layer took a gather
+        and a row-copy launch; caches with another conv buffer shape [S, L] or width than the
+        first go in launches of their own. mesh: as `commit`, one for all (a model's layers
+        share theirs). Returns the caches, in order."""
         caches = tuple(caches)
         n = jnp.asarray(num_accepted).astype(jnp.int32)
         if mesh is not None:  # inside the map the ops' checks see tracers: check the values here
@@ -258,13 +259,15 @@ def _commit(_params, caches: tuple, slots, n) -> tuple:
         gather = slot_index(slots, cache.num_slots)[0]
         inter = None if cache.inter is None else cache.inter[gather]
         out.append(cache.replace(state=ops.commit(cache.state, slots, n, inter)))
-    first = caches[0].conv.shape[:2]
-    alike = [i for i, c in enumerate(caches) if c.conv.shape[:2] == first]
+    def width(c):  # W - 1
+        return c.conv.shape[1] - c.t_max
+
+    first = (caches[0].conv.shape[:2], width(caches[0]))
+    alike = [i for i, c in enumerate(caches) if (c.conv.shape[:2], width(c)) == first]
     for group in [alike] + [[i] for i in range(len(caches)) if i not in alike]:
-        gather, _, scatter = slot_index(slots, caches[group[0]].num_slots)
-        windows = tuple(_windows(caches[i].conv[gather], n, caches[i].conv.shape[1]
-                                 - caches[i].t_max) for i in group)  # [B, W - 1, C] each
-        convs = write_positions_group(tuple(caches[i].conv for i in group), scatter, windows)
+        scatter = slot_index(slots, caches[group[0]].num_slots)[2]
+        convs = shift_positions_group(tuple(caches[i].conv for i in group), scatter, n,
+                                      width(caches[group[0]]))
         for i, conv in zip(group, convs):
             out[i] = out[i].replace(conv=conv)
     return tuple(out)

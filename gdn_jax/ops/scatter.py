@@ -5,6 +5,8 @@ a GPU, XLA's scatter elsewhere (below).
     buf = write_slots(buf, scatter, x)            # buf[scatter[b]] = x[b]
     buf = write_positions(buf, scatter, x, pos)   # buf[scatter[b], pos[b, t]] = x[b, t]
     k_buf, v_buf = write_positions_group((k_buf, v_buf), scatter, (k, v), pos)  # one launch
+    bufs = shift_positions_group(bufs, scatter, starts, width)  # buf[scatter[b], :width] :=
+                                                  # buf[scatter[b], starts[b]:][:width], each buf
 
 `scatter` [B] int32 is `slot_index`'s scatter index: padding rows hold num_slots (out of range)
 and write nothing; so does a position outside [0, L). Indices must be distinct (a slot appears
@@ -104,6 +106,31 @@ def write_positions_group(bufs, scatter, xs, pos=None, *, gating=None) -> tuple:
         else:
             out[i] = bufs[i].at[sc[:, None], jnp.where(pos < 0, L, pos)].set(xs[i], mode="drop")
     return tuple(out)
+
+
+def shift_positions_group(bufs, scatter, starts, width: int) -> tuple:
+    """bufs: [S, L, *row_i] each (one S and L), scatter [B] int32, starts [B] int32 in
+    0..L - width -> the bufs with positions starts[b]..starts[b] + width - 1 of slot scatter[b]
+    moved to its positions 0..width - 1: a commit's conv windows (the accepted count's W - 1
+    rows), every GDN layer's. One launch of `kernels.shift_rows_group` that touches the moved
+    rows alone where the kernel takes every row (>= 64 elements), else XLA's gather of the
+    windows and `write_positions_group`. width 0 (a conv of width 1): the bufs as they are."""
+    bufs = tuple(bufs)
+    if width == 0:
+        return bufs
+    S, L = bufs[0].shape[:2]
+    rows = [math.prod(buf.shape[2:]) for buf in bufs]
+    modes = {_mode(R) for R in rows}
+    if None not in modes:
+        tables = kernels.shift_rows_group(
+            tuple(buf.reshape(S, L, R) for buf, R in zip(bufs, rows)), scatter.astype(jnp.int32),
+            starts.astype(jnp.int32), width=width, config=kernels.ScatterConfig(block=_MAX_BLOCK),
+            interpret=modes == {"interpret"})
+        return tuple(t.reshape(buf.shape) for t, buf in zip(tables, bufs))
+    gather = jnp.clip(scatter, 0, S - 1)
+    pos = starts[:, None] + jnp.arange(width, dtype=jnp.int32)[None, :]  # [B, width]
+    windows = tuple(buf[gather[:, None], pos] for buf in bufs)
+    return write_positions_group(bufs, scatter, windows)
 
 
 def _mode(R: int) -> str | None:

@@ -226,3 +226,80 @@ def test_scatter_rows_matches_reference_gpu(N, M, R, dtype, on_gpu):
     out = jax.jit(kernels.scatter_rows, static_argnames=("config",))(
         table, index, rows, config=ScatterConfig(block=min(R, 2048)))
     np.testing.assert_array_equal(np.asarray(out), _reference(table, index, rows))
+
+
+def _shift_reference(table, slots, starts, width):
+    out = np.asarray(table).copy()
+    for s, start in zip(np.asarray(slots), np.asarray(starts)):
+        if 0 <= s < out.shape[0] and 0 <= start <= out.shape[1] - width:
+            out[s, :width] = np.asarray(table)[s, start:start + width]
+    return out
+
+
+@pytest.mark.parametrize("L, width, block", [(7, 3, 64), (5, 1, 64), (4, 4, 16)])
+def test_shift_rows_group_matches_reference_interpret(L, width, block):
+    """Tables of several row lengths and dtypes (one N, L) by one (slots, starts) in one launch:
+    every start from 0 to L - width (overlapping moves among them), a padding slot (-1), one
+    past the pool (N) and a start past L - width: those move nothing, nor do rows no slot
+    names."""
+    N = 9
+    rng = np.random.default_rng(L + width)
+    tables = tuple(jnp.asarray(rng.standard_normal((N, L, R)), dtype)
+                   for R, dtype in ((256, jnp.bfloat16), (32, jnp.float32), (96, jnp.bfloat16)))
+    n = L - width + 1
+    starts = np.concatenate([np.arange(n), [1, 0, L - width + 1]])  # the last past L - width
+    slots = rng.permutation(N)[:n + 3]
+    slots[n:n + 2] = [-1, N]
+    slots, starts = jnp.asarray(slots, jnp.int32), jnp.asarray(starts, jnp.int32)
+    outs = kernels.shift_rows_group(tables, slots, starts, width=width,
+                                    config=ScatterConfig(block=block), interpret=True)
+    assert len(outs) == len(tables)
+    for out, table in zip(outs, tables):
+        assert out.dtype == table.dtype and out.shape == table.shape
+        want = _shift_reference(table, slots, starts, width)
+        np.testing.assert_array_equal(np.asarray(out), want)
+        if n > 1:
+            assert not np.array_equal(want, np.asarray(table))  # something moved
+
+
+@pytest.mark.parametrize("shapes, slots, starts, width, match", [
+    (((4, 7, 64),), (2,), (2,), 8, r"tables \[N, L, R\] of one N and L, L >= width = 8"),
+    (((4, 64),), (2,), (2,), 1, r"tables \[N, L, R\] of one N and L"),
+    (((4, 7, 64), (4, 6, 64)), (2,), (2,), 1, r"tables \[N, L, R\] of one N and L"),
+    (((4, 7, 64),), (2,), (3,), 3, r"starts expected int32 \[B\] = \[2\], got int32\[3\]"),
+    (((4, 7, 64), (4, 7, 40)), (2,), (2,), 3,
+     r"table\[1\]: no power-of-two block of 16..32 elements divides"),
+])
+def test_shift_rows_group_rejects_bad_input(shapes, slots, starts, width, match):
+    with pytest.raises(ValueError, match=match):
+        kernels.shift_rows_group(tuple(jnp.ones(s, jnp.bfloat16) for s in shapes),
+                                 jnp.zeros(slots, jnp.int32), jnp.zeros(starts, jnp.int32),
+                                 width=width, config=ScatterConfig(block=32), interpret=True)
+
+
+def test_shift_rows_group_lowers_for_cuda(cuda_lowering):
+    """A 48-layer Qwen3.5 commit: 36 conv buffers of [7, 8192], one Triton call."""
+    tables = (jax.ShapeDtypeStruct((40, 7, 8192), jnp.bfloat16),) * 36
+    index = jax.ShapeDtypeStruct((32,), jnp.int32)
+    with cuda_lowering("NVIDIA H100 80GB HBM3"):
+        text = kernels.shift_rows_group.trace(tables, index, index, width=3).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count(TRITON_CALL) == 1
+
+
+@pytest.mark.gpu
+def test_shift_rows_group_matches_reference_gpu(on_gpu):
+    """A B = 32 commit of Qwen3.5's conv windows (W - 1 = 3 of 7 rows of 8192 channels) in four
+    layers' buffers (bf16 and fp32), accepted counts 0..4, two padding rows."""
+    N, B = 40, 32
+    rng = np.random.default_rng(7)
+    tables = tuple(jnp.asarray(rng.standard_normal((N, 7, 8192)), dtype)
+                   for dtype in (jnp.bfloat16, jnp.float32, jnp.bfloat16, jnp.bfloat16))
+    slots = rng.permutation(N)[:B].astype(np.int32)
+    slots[[3, 17]] = [-1, N]
+    starts = jnp.asarray(rng.integers(0, 5, B), jnp.int32)
+    outs = jax.jit(kernels.shift_rows_group, static_argnames=("width",))(
+        tables, jnp.asarray(slots), starts, width=3)
+    for out, table in zip(outs, tables):
+        np.testing.assert_array_equal(np.asarray(out),
+                                      _shift_reference(table, slots, starts, 3))

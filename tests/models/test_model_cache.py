@@ -110,15 +110,15 @@ def test_every_layer_computes_the_shared_counters(model, commit_mode):
     assert nonzero["lengths"] and (nonzero["count"] or commit_mode == "intermediate"), nonzero
 
 
-def test_commit_writes_the_conv_windows_in_one_launch(model, monkeypatch):
-    """`model.commit` writes every GDN layer's conv window (rows n..n+W-2 to 0..W-2) in one
-    row-kernel launch (interpreted here), where each layer's own `commit` took one: the same
+def test_commit_moves_the_conv_windows_in_one_launch(model, monkeypatch):
+    """`model.commit` moves every GDN layer's conv window (rows n..n+W-2 to 0..W-2) in one
+    kernel launch (interpreted here), where each layer's own `commit` takes one: the same
     buffers, bit for bit, and the window each row's count names."""
     monkeypatch.setenv("GDN_JAX_SCATTER", "interpret")
     jax.clear_caches()
     launches = []
-    group = kernels.scatter_rows_group
-    monkeypatch.setattr(kernels, "scatter_rows_group", lambda tables, *a, **kw: launches.append(
+    group = kernels.shift_rows_group
+    monkeypatch.setattr(kernels, "shift_rows_group", lambda tables, *a, **kw: launches.append(
         len(tables)) or group(tables, *a, **kw))
     rng = np.random.default_rng(2)
     cache = model.init_cache(NUM_SLOTS, MAX_LEN, t_max=T_MAX)

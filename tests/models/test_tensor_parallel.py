@@ -148,8 +148,8 @@ def test_commit_and_reset_run_on_local_heads(method, commit_mode, monkeypatch):
     """On a mesh, `commit` and `reset` write each device's own heads of the GDN caches (inside the
     shard_map, where the caches' row kernel belongs), not the whole buffers."""
     seen = []
-    write, op = gated_deltanet.write_positions_group, getattr(gated_deltanet.ops, method)
-    monkeypatch.setattr(gated_deltanet, "write_positions_group",
+    write, op = gated_deltanet.shift_positions_group, getattr(gated_deltanet.ops, method)
+    monkeypatch.setattr(gated_deltanet, "shift_positions_group",
                         lambda bufs, *a: (seen.extend(b.shape for b in bufs), write(bufs, *a))[1])
     monkeypatch.setattr(gated_deltanet.ops, method,
                         lambda state, *a: (seen.append(state.pool.shape), op(state, *a))[1])

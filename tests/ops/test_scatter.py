@@ -128,6 +128,30 @@ def test_write_slots_equals_xla(kernel_path):
     np.testing.assert_array_equal(outs["xla"][3], np.asarray(x[0], np.float32).astype(buf.dtype))
 
 
+@pytest.mark.parametrize("row", [(7, 64), (3,)], ids=["conv", "short-xla"])
+def test_shift_positions_group_equals_xla(row, kernel_path):
+    """A commit's conv windows in two layers' buffers: every accepted count 0..L - width,
+    padding rows (scatter index num_slots), through the kernel (interpreted; rows of 3 take
+    XLA's gather and writes) and XLA alike, bit for bit."""
+    S, L, width = 6, 7, 3
+    bufs = tuple(_bufs(seed, (S, L) + row, 1, 1)[0] for seed in (1, 2))
+    _, _, scatter = slot_index(jnp.asarray([4, -1, 0, 2, 5, 1], jnp.int32), S)
+    starts = jnp.asarray([0, 2, 1, 4, 3, 2], jnp.int32)
+    outs = {}
+    for path in ("xla", "interpret"):
+        kernel_path(path)
+        outs[path] = [np.asarray(b) for b in
+                      scatter_ops.shift_positions_group(bufs, scatter, starts, width)]
+    for got, want, buf in zip(outs["interpret"], outs["xla"], bufs):
+        np.testing.assert_array_equal(got, want)
+        before = np.asarray(buf)
+        for slot, start in ((4, 0), (0, 1), (2, 4), (5, 3), (1, 2)):
+            np.testing.assert_array_equal(want[slot, :width], before[slot, start:start + width])
+            np.testing.assert_array_equal(want[slot, width:], before[slot, width:])
+        np.testing.assert_array_equal(want[3], before[3])  # the padding row's slot: none
+    assert scatter_ops.shift_positions_group(bufs, scatter, starts, 0) == bufs  # W = 1
+
+
 @pytest.mark.parametrize("gpu", [True, False], ids=["h200", "cpu"])
 def test_default_is_the_kernel_where_it_compiles(gpu, monkeypatch):
     device = Device("gpu", (9, 0), "H200") if gpu else Device("cpu", None, "cpu")
