@@ -142,6 +142,25 @@ def test_commit_moves_the_conv_windows_in_one_launch(model, monkeypatch):
     assert launches == [len(gdn)] + [1] * len(gdn)
 
 
+@pytest.mark.gpu
+def test_commit_kernel_equals_xla_gpu(model, monkeypatch):
+    """`model.commit` compiled on the GPU: the conv windows moved by the kernel (GDN_JAX_SCATTER
+    auto) equal XLA's gather and writes (=xla), bit for bit; the states alike."""
+    rng = np.random.default_rng(3)
+    cache = model.init_cache(NUM_SLOTS, MAX_LEN, t_max=T_MAX)
+    cache = cache.with_layers(
+        [c.replace(conv=jnp.asarray(rng.standard_normal(c.conv.shape), c.conv.dtype))
+         if isinstance(c, GDNCache) else c for c in (cache.layer(i) for i in range(6))])
+    n = jnp.asarray([2, 0, 3, 3], jnp.int32)
+    outs = {}
+    for path in ("auto", "xla"):
+        monkeypatch.setenv("GDN_JAX_SCATTER", path)
+        jax.clear_caches()
+        outs[path] = jax.jit(model.commit)(cache, SLOTS, n)
+    for a, b in zip(jax.tree.leaves(outs["auto"]), jax.tree.leaves(outs["xla"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def _scatters(hlo: str, n: int) -> int:
     """Scatter instructions whose result is an int32 [n] array (a counter's update)."""
     return len(re.findall(r"= s32\[%d\]\{0\} scatter\(" % n, hlo))
