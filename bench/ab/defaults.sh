@@ -13,11 +13,13 @@
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
 #   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE)
-#   bash bench/ab/defaults.sh 5   # session 31's unmeasured change: the verify candidates' gating
-#                                 # in the scatter's launch (441082e) against XLA's (55e4345),
-#                                 # its GPU tests; make the trees here first (`bash
-#                                 # bench/ab/tree.sh make 55e4345`, same for 441082e) and carry
-#                                 # devtmp/trees. Keep it if its verify kernel time is lower
+#   bash bench/ab/defaults.sh 5   # session 31's unmeasured changes, their GPU tests and a tree
+#                                 # A/B of a 48-layer verify (its commit included): 55e4345
+#                                 # (before), 441082e (the candidates' gating in the scatter's
+#                                 # launch), 1e1888d (+ every GDN layer's conv window moved by
+#                                 # one launch at commit, not a gather and a row copy a layer).
+#                                 # Make the trees here first (`bash bench/ab/tree.sh make REV`
+#                                 # for each) and carry devtmp/trees; keep what is faster
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -90,10 +92,10 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
     ;;
 5)
     timeout 200 python -m pytest -q -m gpu -x tests/kernels/test_kernel_scatter.py \
-        tests/ops/test_scatter.py tests/ops/test_ops_gpu.py tests/ops/test_ops_ring_gpu.py 2>&1 \
-        | tail -5
+        tests/ops/test_scatter.py tests/ops/test_ops_gpu.py tests/ops/test_ops_ring_gpu.py \
+        tests/models/test_model_cache.py 2>&1 | tail -5
     lap
-    for rev in 55e4345 441082e; do  # kernel time of a 48-layer verify (its launches listed)
+    for rev in 55e4345 441082e 1e1888d; do  # kernel time of a 48-layer verify, launches listed
         bash bench/ab/tree.sh run "$rev" profile_step.py --out "$OUT/gating_$rev" \
             --family qwen3_5_text --layers 48 --batches 1,32 --programs verify 2>&1 | tail -40
         lap
