@@ -133,8 +133,10 @@ def _blocks(widths, config: ScatterConfig) -> tuple:
 
 def _shift_kernel(slots_ref, starts_ref, *refs, blocks, width):
     """Program (b, j) moves one column block of the width rows from row b's start to rows
-    0..width - 1 of its slot, in the table whose blocks hold j (`_kernel`'s blocks); every row
-    is loaded before any is stored (the ranges may overlap)."""
+    0..width - 1 of its slot, in the table whose blocks hold j (`_kernel`'s blocks). The ranges
+    may overlap: in place is safe because every row's block has one shape, so each element is
+    loaded and stored by the same thread, in program order (loads first); and no other program
+    touches it (real slots are distinct, column blocks and tables disjoint)."""
     table_refs = refs[len(blocks):]  # after the aliased inputs
     b, j = pl.program_id(0), pl.program_id(1)
     s, start = slots_ref[b], starts_ref[b]
@@ -159,8 +161,9 @@ def shift_rows_group(tables: tuple, slots: jax.Array, starts: jax.Array, *, widt
     with rows starts[b]..starts[b] + width - 1 of slot slots[b] moved to its rows 0..width - 1,
     in place, in one launch: a commit's conv windows (the accepted count's W - 1 rows), every
     GDN layer's at once. A row whose slot is outside [0, N), or whose start is 0 or past
-    L - width, moves nothing; slots are distinct. Reads and writes the moved rows alone, where
-    a gather of the windows and a `scatter_rows_group` took two launches."""
+    L - width, moves nothing; real slots are distinct. Reads and writes the moved rows alone
+    (the tables donated: else XLA copies them first), where a gather of the windows and a
+    `scatter_rows_group` took two launches."""
     tables = tuple(tables)
     op = "shift_rows"
     if not tables or any(t.ndim != 3 or t.shape[:2] != tables[0].shape[:2] for t in tables) \

@@ -235,7 +235,8 @@ class GatedDeltaNet(nnx.Module):
         caches = tuple(caches)
         n = jnp.asarray(num_accepted).astype(jnp.int32)
         if mesh is not None:  # inside the map the ops' checks see tracers: check the values here
-            for cache in caches:
+            kinds = {(c.num_slots, c.t_max): c for c in caches}  # one check per pool size
+            for cache in kinds.values():
                 ops.check_slot_args("commit", cache.state, slots, num_accepted)
         specs = tuple(gdn_cache_specs(cache) for cache in caches)
         return shard_call(mesh, _commit, {}, (caches, slots, n), (specs, P(), P()), specs)
@@ -249,6 +250,11 @@ class GatedDeltaNet(nnx.Module):
         return shard_call(mesh, _reset, {}, (cache, slots), (specs, P()), specs)
 
 
+def _window_rows(cache: GDNCache) -> int:
+    """W - 1: the committed rows of the cache's conv buffer [S, W - 1 + T_max, C]."""
+    return cache.conv.shape[1] - cache.t_max
+
+
 def _commit(_params, caches: tuple, slots, n) -> tuple:
     """`GatedDeltaNet.commit_layers` on one device's heads (no parameters: `shard_call`'s first
     arg): each layer's state by `ops.commit`; the conv windows (rows n..n+W-2 of the verify's
@@ -259,15 +265,12 @@ def _commit(_params, caches: tuple, slots, n) -> tuple:
         gather = slot_index(slots, cache.num_slots)[0]
         inter = None if cache.inter is None else cache.inter[gather]
         out.append(cache.replace(state=ops.commit(cache.state, slots, n, inter)))
-    def width(c):  # W - 1
-        return c.conv.shape[1] - c.t_max
-
-    first = (caches[0].conv.shape[:2], width(caches[0]))
-    alike = [i for i, c in enumerate(caches) if (c.conv.shape[:2], width(c)) == first]
+    first = (caches[0].conv.shape[:2], _window_rows(caches[0]))
+    alike = [i for i, c in enumerate(caches) if (c.conv.shape[:2], _window_rows(c)) == first]
     for group in [alike] + [[i] for i in range(len(caches)) if i not in alike]:
         scatter = slot_index(slots, caches[group[0]].num_slots)[2]
         convs = shift_positions_group(tuple(caches[i].conv for i in group), scatter, n,
-                                      width(caches[group[0]]))
+                                      _window_rows(caches[group[0]]))
         for i, conv in zip(group, convs):
             out[i] = out[i].replace(conv=conv)
     return tuple(out)

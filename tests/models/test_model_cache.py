@@ -138,6 +138,7 @@ def test_commit_moves_the_conv_windows_in_one_launch(model, monkeypatch):
             if 0 <= slot < NUM_SLOTS:
                 k = int(n[row])
                 np.testing.assert_array_equal(new[slot, :W1], old[slot, k:k + W1])
+                np.testing.assert_array_equal(new[slot, W1:], old[slot, W1:])
         np.testing.assert_array_equal(new[[1, 2]], old[[1, 2]])  # slots no row names
     assert launches == [len(gdn)] + [1] * len(gdn)
 

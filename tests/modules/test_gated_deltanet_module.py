@@ -244,3 +244,34 @@ def test_conv_epilogue_keeps_the_layer_output_gpu(B, T, monkeypatch):
     for on, off in zip(out["on"], out["off"]):
         assert np.all(np.isfinite(on))
         np.testing.assert_allclose(on, off, rtol=0, atol=2 ** -5 * max(1.0, np.abs(off).max()))
+
+
+@pytest.mark.parametrize("scatter", ["xla", "interpret"])
+def test_commit_layers_commits_each_cache(scatter, monkeypatch):
+    """`commit_layers` over caches of two conv widths (W = 4, 4, 2) and channel counts, in
+    intermediate mode (each layer's pool takes its own inter[n - 1]): every cache as its own
+    conv move and state commit would leave it, against numpy; through XLA and the move kernel
+    (interpreted)."""
+    monkeypatch.setenv("GDN_JAX_SCATTER", scatter)
+    jax.clear_caches()
+    rng = np.random.default_rng(4)
+    dims = [(2, 4, 16, 16, 4), (2, 4, 16, 32, 4), (2, 2, 16, 16, 2)]  # H, HV, K, V, W
+    caches = []
+    for H, HV, K, V, W in dims:
+        c = GatedDeltaNet(HIDDEN, H, HV, K, V, W, rngs=nnx.Rngs(0)).init_cache(
+            5, t_max=T_MAX, state_dtype=jnp.float32, commit_mode="intermediate")
+        caches.append(c.replace(conv=jnp.asarray(rng.standard_normal(c.conv.shape), jnp.float32),
+                                inter=jnp.asarray(rng.standard_normal(c.inter.shape),
+                                                  jnp.float32)))
+    slots, n = jnp.asarray([3, 0, -1, 4], jnp.int32), jnp.asarray([2, 0, 4, 4], jnp.int32)
+    out = GatedDeltaNet.commit_layers(caches, slots, n)
+    assert len(out) == len(caches)
+    for c, new, (*_, W) in zip(caches, out, dims):
+        conv, pool = np.asarray(c.conv).copy(), np.asarray(c.state.pool).copy()
+        for slot, k in zip(np.asarray(slots), np.asarray(n)):
+            if slot >= 0:
+                conv[slot, :W - 1] = np.asarray(c.conv)[slot, k:k + W - 1]
+                if k:
+                    pool[slot] = np.asarray(c.inter)[slot, k - 1]
+        np.testing.assert_array_equal(np.asarray(new.conv), conv)
+        np.testing.assert_array_equal(np.asarray(new.state.pool), pool)
