@@ -16,7 +16,7 @@
 #   bash bench/ab/defaults.sh 5   # session 31's unmeasured changes, their GPU tests and a tree
 #                                 # A/B of a 48-layer verify (its commit included): 55e4345
 #                                 # (before), 441082e (the candidates' gating in the scatter's
-#                                 # launch), 1e1888d (+ every GDN layer's conv window moved by
+#                                 # launch), 4ab6bcf (+ every GDN layer's conv window moved by
 #                                 # one launch at commit, not a gather and a row copy a layer).
 #                                 # Make the trees here first (`bash bench/ab/tree.sh make REV`
 #                                 # for each) and carry devtmp/trees; keep what is faster
@@ -95,7 +95,7 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
         tests/ops/test_scatter.py tests/ops/test_ops_gpu.py tests/ops/test_ops_ring_gpu.py \
         tests/models/test_model_cache.py 2>&1 | tail -5
     lap
-    for rev in 55e4345 441082e 1e1888d; do  # kernel time of a 48-layer verify, launches listed
+    for rev in 55e4345 441082e 4ab6bcf; do  # kernel time of a 48-layer verify, launches listed
         bash bench/ab/tree.sh run "$rev" profile_step.py --out "$OUT/gating_$rev" \
             --family qwen3_5_text --layers 48 --batches 1,32 --programs verify 2>&1 | tail -40
         lap
