@@ -229,9 +229,9 @@ class GatedDeltaNet(nnx.Module):
         """`commit` of several layers' caches by one (slots, num_accepted): a model's GDN layers
         after a verify. Their conv windows move in one launch (`gdn_jax.ops.scatter.
         shift_positions_group`: in place, the moved rows alone) where each layer took a gather
-        and a row-copy launch; caches with another conv buffer shape [S, L] or width than the
-        first go in launches of their own. mesh: as `commit`, one for all (a model's layers
-        share theirs). Returns the caches, in order."""
+        and a row-copy launch (one launch per conv buffer shape [S, L] and width among the
+        caches). mesh: as `commit`, one for all (a model's layers share theirs). Returns the
+        caches, in order."""
         caches = tuple(caches)
         n = jnp.asarray(num_accepted).astype(jnp.int32)
         if mesh is not None:  # inside the map the ops' checks see tracers: check the values here
@@ -258,16 +258,17 @@ def _window_rows(cache: GDNCache) -> int:
 def _commit(_params, caches: tuple, slots, n) -> tuple:
     """`GatedDeltaNet.commit_layers` on one device's heads (no parameters: `shard_call`'s first
     arg): each layer's state by `ops.commit`; the conv windows (rows n..n+W-2 of the verify's
-    [window | T inputs] to rows 0..W-2) of the layers with the first's buffer shape in one
-    write, the others' in one each."""
+    [window | T inputs] to rows 0..W-2) of the layers of one buffer shape and width in one
+    move."""
     out = []
     for cache in caches:
         gather = slot_index(slots, cache.num_slots)[0]
         inter = None if cache.inter is None else cache.inter[gather]
         out.append(cache.replace(state=ops.commit(cache.state, slots, n, inter)))
-    first = (caches[0].conv.shape[:2], _window_rows(caches[0]))
-    alike = [i for i, c in enumerate(caches) if (c.conv.shape[:2], _window_rows(c)) == first]
-    for group in [alike] + [[i] for i in range(len(caches)) if i not in alike]:
+    groups = {}  # one launch per conv buffer shape [S, L] and window
+    for i, c in enumerate(caches):
+        groups.setdefault((c.conv.shape[:2], _window_rows(c)), []).append(i)
+    for group in groups.values():
         scatter = slot_index(slots, caches[group[0]].num_slots)[2]
         convs = shift_positions_group(tuple(caches[i].conv for i in group), scatter, n,
                                       _window_rows(caches[group[0]]))
