@@ -20,6 +20,11 @@
 #                                 # one launch at commit, not a gather and a row copy a layer).
 #                                 # Make the trees here first (`bash bench/ab/tree.sh make REV`
 #                                 # for each) and carry devtmp/trees; keep what is faster
+#   bash bench/ab/defaults.sh 6   # why the 128-row projections (a B = 32 verify) stay at 33-52%
+#                                 # of copy, Triton and Mosaic alike (12-03: gate / up 18.8 /
+#                                 # 25.0 us against a 9.7 us floor, out_proj 11.9 / 13.4 against
+#                                 # 3.9): ncu's speed-of-light, occupancy, warp-state and memory
+#                                 # sections of each kernel, caches flushed
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -27,7 +32,7 @@
 # `ops.conv.project_conv_step`'s bounds; pairs=split -> `ops.moe.pairs_mode`'s; the router's
 # fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4 or 5}
+part=${1:?1, 2, 3, 4, 5 or 6}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -100,6 +105,21 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
         bash bench/ab/tree.sh run "$rev" profile_step.py --out "$OUT/gating_$rev" \
             --family qwen3_5_text --layers 48 --batches 1,32 --programs verify 2>&1 | tail -40
         lap
+    done
+    ;;
+6)
+    for shape in mlp_gate_up out_proj; do
+        for kernel in gdn_projection_group gdn_projection_mgpu; do
+            timeout 240 ncu --clock-control none --cache-control all -k "regex:^$kernel" \
+                --launch-skip 8 --launch-count 3 --section SpeedOfLight --section Occupancy \
+                --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+                --section ComputeWorkloadAnalysis --csv --page details \
+                python bench/bench_projection.py --out "$OUT/proj_$shape" --rows 128 \
+                --shapes k_proj --reps 2 --groups --groups-only "$shape" --mosaic 128:4 \
+                > "$OUT/ncu_${shape}_$kernel.csv" 2> "$OUT/ncu_${shape}_$kernel.err"
+            echo "$shape $kernel: rc $?, $(wc -l < "$OUT/ncu_${shape}_$kernel.csv") lines"
+            lap
+        done
     done
     ;;
 esac
