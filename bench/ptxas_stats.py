@@ -84,6 +84,8 @@ def compile_stats(ir: str, num_warps: int, arch: int = 90, num_stages: int = 1) 
             out.update(dots=ttgir.count("tt.dot"), convert_layouts=ttgir.count("ttg.convert_layout"),
                        local_allocs=ttgir.count("ttg.local_alloc"),
                        async_copies=ttgir.count("ttg.async_copy_global_to_local"))
+    # the tensor-core form: wgmma (Hopper's, asynchronous) or mma.sync (Ampere's, in SM90 too)
+    out.update(wgmma=src.count("wgmma.mma_async"), mma_sync=src.count("mma.sync"))
     ptx = os.path.join(work, "kernel.ptx")
     with open(ptx, "w") as fh:
         fh.write(src)
