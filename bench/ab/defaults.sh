@@ -100,8 +100,10 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
         tests/ops/test_scatter.py tests/ops/test_ops_gpu.py tests/ops/test_ops_ring_gpu.py \
         tests/models/test_model_cache.py 2>&1 | tail -5
     lap
-    # kernel time of a 48-layer verify, launches listed (REVS: fewer trees where time is short)
+    # kernel time of a 48-layer verify, launches listed (REVS: fewer trees where time is short;
+    # SOON: a tree only while the call has run fewer seconds, so a short call keeps what it has)
     for rev in ${REVS:-55e4345 441082e 4ab6bcf}; do
+        (( $(date +%s) - t0 < ${SOON:-100000} )) || { echo "skipped $rev: SOON"; continue; }
         bash bench/ab/tree.sh run "$rev" profile_step.py --out "$OUT/gating_$rev" \
             --family qwen3_5_text --layers 48 --batches 1,32 --programs verify 2>&1 | tail -40
         lap
