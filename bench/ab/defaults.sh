@@ -110,9 +110,9 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
     done
     ;;
 6)
-    for shape in mlp_gate_up out_proj; do
+    for shape in ${SHAPES:-mlp_gate_up out_proj}; do
         for kernel in gdn_projection_group gdn_projection_mgpu; do
-            timeout 240 ncu --clock-control none --cache-control all -k "regex:^$kernel" \
+            timeout ${NCU_S:-240} ncu --clock-control none --cache-control all -k "regex:^$kernel" \
                 --launch-skip 8 --launch-count 3 --section SpeedOfLight --section Occupancy \
                 --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
                 --section ComputeWorkloadAnalysis --csv --page details \
