@@ -24,7 +24,11 @@
 #                                 # of copy, Triton and Mosaic alike (12-03: gate / up 18.8 /
 #                                 # 25.0 us against a 9.7 us floor, out_proj 11.9 / 13.4 against
 #                                 # 3.9): ncu's speed-of-light, occupancy, warp-state and memory
-#                                 # sections of each kernel, caches flushed
+#                                 # sections of each kernel, caches flushed. Gate / up ran on an
+#                                 # H100 (2026-12-06, bench/results/ncu_projection128-h100-*):
+#                                 # Triton's 80 CTAs leave SMs idle (SM active 46% of the
+#                                 # cycles), Mosaic's warps stall half their cycles at a CTA
+#                                 # barrier
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -109,16 +113,33 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
         lap
     done
     ;;
-6)
-    for shape in ${SHAPES:-mlp_gate_up out_proj}; do
+6)  # under ncu the JAX profiler (bench_projection's timer) crashes (CUPTI): a plain loop here
+    for shape in ${SHAPES:-gate_up out_proj}; do
         for kernel in gdn_projection_group gdn_projection_mgpu; do
-            timeout ${NCU_S:-240} ncu --clock-control none --cache-control all -k "regex:^$kernel" \
-                --launch-skip 8 --launch-count 3 --section SpeedOfLight --section Occupancy \
-                --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
-                --section ComputeWorkloadAnalysis --csv --page details \
-                python bench/bench_projection.py --out "$OUT/proj_$shape" --rows 128 \
-                --shapes k_proj --reps 2 --groups --groups-only "$shape" --mosaic 128:4 \
-                > "$OUT/ncu_${shape}_$kernel.csv" 2> "$OUT/ncu_${shape}_$kernel.err"
+            timeout ${NCU_S:-120} ncu --clock-control none --cache-control all \
+                -k "regex:^$kernel" --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+                --section Occupancy --section LaunchStats --section WarpStateStats \
+                --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis --csv \
+                --page details python - "$kernel" "$shape" > "$OUT/ncu_${shape}_$kernel.csv" \
+                2> "$OUT/ncu_${shape}_$kernel.err" <<'PY'
+import sys, jax, jax.numpy as jnp, numpy as np
+from gdn_jax import kernels
+from gdn_jax.ops import projection
+kernel, shape, M = sys.argv[1], sys.argv[2], 128
+K, widths = {"gate_up": (2048, (5120, 5120)), "out_proj": (4096, (2048,))}[shape]
+rng = np.random.default_rng(0)
+x = jnp.asarray(rng.standard_normal((M, K)), jnp.bfloat16)
+ws = tuple(jnp.asarray(rng.standard_normal((K, n)) * 0.02, jnp.bfloat16) for n in widths)
+if kernel == "gdn_projection_group":
+    cfg = projection.config_for(M, K, widths)
+    f = jax.jit(lambda x, ws: kernels.project_group(x, ws, config=cfg))
+else:
+    cfg = projection.mosaic_config_for(M, K, widths)
+    f = jax.jit(lambda x, ws: kernels.project_group_mgpu(x, ws, config=cfg))
+print(kernel, shape, M, cfg)
+for _ in range(8):
+    jax.block_until_ready(f(x, ws))
+PY
             echo "$shape $kernel: rc $?, $(wc -l < "$OUT/ncu_${shape}_$kernel.csv") lines"
             lap
         done
