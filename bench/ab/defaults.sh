@@ -13,7 +13,8 @@
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
 #   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE)
-#   bash bench/ab/defaults.sh 5   # session 31's unmeasured changes, their GPU tests and a tree
+#   bash bench/ab/defaults.sh 5   # (ran 2026-12-06 on an H100 with REVS="4ab6bcf 55e4345":
+#                                 # kept, README) session 31's changes, their GPU tests and a tree
 #                                 # A/B of a 48-layer verify (its commit included): 55e4345
 #                                 # (before), 441082e (the candidates' gating in the scatter's
 #                                 # launch), 4ab6bcf (+ every GDN layer's conv window moved by
