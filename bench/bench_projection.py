@@ -6,6 +6,8 @@ verify.
     python bench/bench_projection.py --out DIR --sweep            # + a config sweep per case
     python bench/bench_projection.py --out DIR --rows 1,32 --shapes out_proj,lm_head
     python bench/bench_projection.py --out DIR --rows 1 --groups   # + one launch per group
+    python bench/bench_projection.py --out DIR --rows 128 --groups --group-configs 128:64:2:8:3
+                                                     # + the group's launch at other configs
 
 Shapes (hidden 2048; GDN H = 16, HV = 32, K = V = 128; attention 16 heads of 256, 2 KV heads;
 MLP 5120; vocab 248320), as [K, N] = [in, out]: in_proj_qkvz 2048 x 12288, in_proj_ba 2048 x 64,
@@ -96,6 +98,10 @@ def parse_args(argv=None):
                    help="with --groups: also the Mosaic GPU stream-K kernel "
                         "(kernels.project_group_mgpu) at these block_n:stages configs, e.g. "
                         "128:4,64:6 (block_n:stages[:CTAs per SM]; its fp32 output's zeros and the cast to bf16 counted)")
+    p.add_argument("--group-configs", default="",
+                   help="with --groups: also the one-launch kernel at these configs, "
+                        "block_n:block_k:splits:num_warps:num_stages each, e.g. "
+                        "128:64:2:8:3,64:64:1:4:4 (one_<config>_us; the split sums counted)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
     return p.parse_args(argv)
 
@@ -226,6 +232,19 @@ def _groups(args, rng, dtype, copy, sms):
                         x, ws, config=config, interpret=args.interpret)),
                     "floor_us": nbytes / copy / 1e3}
             case["one_pct_copy"] = 100 * case["floor_us"] / case["one_us"]
+            for text in filter(None, args.group_configs.split(",")):
+                bn, bk, splits, warps, stages = map(int, text.split(":"))
+                gcfg = kernels.ProjectionConfig(block_n=bn, block_k=bk, splits=splits,
+                                                num_warps=warps, num_stages=stages,
+                                                swap_ab=config.swap_ab)
+                why = kernels.projection_misfit(M, K, widths, dtype, gcfg)
+                case[f"one_{text}_us"] = None if why else time_of(
+                    lambda x, ws, c=gcfg: kernels.project_group(x, ws, config=c,
+                                                                interpret=args.interpret))
+                if not why:
+                    print(f"{'':22s} {M:4d} one {text:14s} {case[f'one_{text}_us']:8.1f} us "
+                          f"{100 * case['floor_us'] / case[f'one_{text}_us']:6.1f} %copy",
+                          flush=True)
             for text in filter(None, args.mosaic.split(",")):
                 bn, stages, *per_sm = map(int, text.split(":"))
                 mcfg = kernels.MosaicProjectionConfig(block_n=bn, stages=stages,
