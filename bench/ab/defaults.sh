@@ -30,6 +30,9 @@
 #                                 # Triton's 80 CTAs leave SMs idle (SM active 46% of the
 #                                 # cycles), Mosaic's warps stall half their cycles at a CTA
 #                                 # barrier
+#   bash bench/ab/defaults.sh 7   # the 128-row groups at other configs: split K with 3 stages
+#                                 # (96 KB: 2 CTAs per SM, every SM busy), 64-column blocks;
+#                                 # faster than the dispatch's -> `config_for`'s wide rule
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -37,7 +40,7 @@
 # `ops.conv.project_conv_step`'s bounds; pairs=split -> `ops.moe.pairs_mode`'s; the router's
 # fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5 or 6}
+part=${1:?1, 2, 3, 4, 5, 6 or 7}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -145,5 +148,12 @@ PY
             lap
         done
     done
+    ;;
+7)
+    python bench/bench_projection.py --out "$OUT/groups128" --rows 128 --shapes k_proj --reps 3 \
+        --groups --groups-only mlp_gate_up,gdn_in,attn_qkv,out_proj,down_proj \
+        --group-configs 128:64:2:8:3,128:64:1:8:3,128:64:4:8:3,64:64:1:8:3,64:64:2:8:3,64:128:2:8:3 \
+        --mosaic 128:4 2>&1 | tail -40
+    lap
     ;;
 esac
