@@ -153,7 +153,7 @@ PY
     python bench/bench_projection.py --out "$OUT/groups128" --rows 128 --shapes k_proj --reps 3 \
         --groups --groups-only mlp_gate_up,gdn_in,attn_qkv,out_proj,down_proj \
         --group-configs 128:64:2:8:3,128:64:1:8:3,128:64:4:8:3,64:64:1:8:3,64:64:2:8:3 \
-        --mosaic 128:4 2>&1 | tail -40
+        --mosaic 128:4,128:5,128:6 2>&1 | tail -40
     lap
     ;;
 esac
