@@ -237,33 +237,31 @@ def _groups(args, rng, dtype, copy, sms):
                 gcfg = kernels.ProjectionConfig(block_n=bn, block_k=bk, splits=splits,
                                                 num_warps=warps, num_stages=stages,
                                                 swap_ab=config.swap_ab)
-                why = kernels.projection_misfit(M, K, widths, dtype, gcfg)
-                case[f"one_{text}_us"] = None if why else time_of(
+                _record(case, f"one_{text}_us", None if kernels.projection_misfit(
+                    M, K, widths, dtype, gcfg) else time_of(
                     lambda x, ws, c=gcfg: kernels.project_group(x, ws, config=c,
-                                                                interpret=args.interpret))
-                if not why:
-                    print(f"{'':22s} {M:4d} one {text:14s} {case[f'one_{text}_us']:8.1f} us "
-                          f"{100 * case['floor_us'] / case[f'one_{text}_us']:6.1f} %copy",
-                          flush=True)
+                                                                interpret=args.interpret)))
             for text in filter(None, args.mosaic.split(",")):
                 bn, stages, *per_sm = map(int, text.split(":"))
                 mcfg = kernels.MosaicProjectionConfig(block_n=bn, stages=stages,
                                                       ctas=sms * (per_sm or [1])[0])
-                why = kernels.projection_mgpu_misfit(M, K, widths, dtype, mcfg)
-                if why:
-                    case[f"mosaic_{text}_us"] = None
-                    continue
-                case[f"mosaic_{text}_us"] = time_of(lambda x, ws, c=mcfg: [
-                    y.astype(dtype) for y in kernels.project_group_mgpu(
-                        x, ws, config=c, interpret=args.interpret)])
-                print(f"{'':22s} {M:4d} mosaic {text:8s} {case[f'mosaic_{text}_us']:8.1f} us "
-                      f"{100 * case['floor_us'] / case[f'mosaic_{text}_us']:6.1f} %copy",
-                      flush=True)
+                _record(case, f"mosaic_{text}_us", None if kernels.projection_mgpu_misfit(
+                    M, K, widths, dtype, mcfg) else time_of(lambda x, ws, c=mcfg: [
+                        y.astype(dtype) for y in kernels.project_group_mgpu(
+                            x, ws, config=c, interpret=args.interpret)]))
             cases.append(case)
             print(f"{name:22s} {M:4d} {nbytes / 1e6:7.1f} {case['xla_us']:8.1f} "
                   f"{case['apart_us']:8.1f} {case['one_us']:8.1f} {case['one_pct_copy']:6.1f} "
                   f"{case['config']}", flush=True)
     return cases
+
+
+def _record(case, key, us):
+    """case[key] = us (None: the config does not fit), printed beside the group's floor."""
+    case[key] = us
+    if us is not None:
+        print(f"{'':22s} {case['M']:4d} {key[:-3]:22s} {us:8.1f} us "
+              f"{100 * case['floor_us'] / us:6.1f} %copy", flush=True)
 
 
 def _cfg(c):
