@@ -21,6 +21,8 @@ first, so it also wins over `-W error`). It matches that one message and nothing
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import warnings
 
 from jax import lax
@@ -66,7 +68,13 @@ class TuningConfig:
 
 def pallas_call(kernel, *, name: str, config, interpret: bool, **kwargs):
     """`pl.pallas_call` with the Triton compiler params of `config` (never Mosaic GPU): its
-    num_warps and num_stages (a TuningConfig, or any kernel's config that has them)."""
+    num_warps and num_stages (a TuningConfig, or any kernel's config that has them). Where
+    `TRIGGER_VAR` says "early", each program first lets the next kernel launch (`_TRIGGER`)."""
+    trigger = os.environ.get(TRIGGER_VAR) or "off"
+    if trigger not in TRIGGERS:
+        raise ValueError(f"{TRIGGER_VAR}: expected one of {list(TRIGGERS)}, got {trigger!r}")
+    if trigger == "early" and not interpret:
+        kernel = _triggering(kernel)
     return pl.pallas_call(
         kernel,
         name=name,
@@ -75,6 +83,34 @@ def pallas_call(kernel, *, name: str, config, interpret: bool, **kwargs):
                                                 num_stages=config.num_stages),
         **kwargs,
     )
+
+
+# Programmatic dependent launch: on Hopper and later XLA launches every Pallas-Triton kernel with
+# the programmatic-serialisation attribute and puts `griddepcontrol.wait` first in it (jax 0.11's
+# XLA: xla_gpu_enable_pdl, on by default), so the kernel after it may launch before it ends; but
+# with no trigger that launch waits until every program of this one has exited. "early": each
+# program runs `griddepcontrol.launch_dependents` first (after XLA's wait), so the next kernel's
+# launch overlaps this one's run; its programs then wait at their own entry as before, so the
+# trigger orders nothing (the wait still covers the whole of this grid and its stores). "off"
+# (the default): no trigger.
+TRIGGER_VAR = "GDN_JAX_PDL_TRIGGER"
+TRIGGERS = ("off", "early")
+_TRIGGER = Primitive("gdn_jax_launch_dependents")
+_TRIGGER.multiple_results = True
+_TRIGGER.def_impl(lambda: [])
+_TRIGGER.def_abstract_eval(lambda: [])
+
+
+def _triggering(kernel):
+    """The kernel with `_TRIGGER` bound first (its rules: `_install_trigger`)."""
+    if not TRIGGERS_LAUNCH:
+        return kernel
+
+    @functools.wraps(kernel)
+    def body(*refs, **kw):
+        _TRIGGER.bind()
+        return kernel(*refs, **kw)
+    return body
 
 
 # The marker: the identity on a fori_loop's index, naming the stages its Triton loop takes.
@@ -141,6 +177,34 @@ def _install_loop_stages() -> bool:
 
 
 PIPELINES_LOOPS = _install_loop_stages()
+
+
+def _install_trigger() -> bool:
+    """`_TRIGGER`'s rules: kept by the kernel's dead-code pass (it has no output: its effect is
+    the point) and lowered to an inline `griddepcontrol.launch_dependents` that Triton may not
+    drop (not pure; its one scalar result is unused); False where jax's internals differ."""
+    try:
+        from jax._src.interpreters import partial_eval as pe
+        from jax._src.lib.mlir.dialects import arith as arith_dialect
+        from jax._src.lib.triton import dialect as tt
+        from jax._src.pallas.triton import lowering as triton_lowering
+        ir = triton_lowering.ir
+        pe.dce_rules[_TRIGGER] = lambda used_outs, eqn: ([], eqn)
+    except (ImportError, AttributeError):
+        return False
+
+    def rule(ctx):
+        i32 = ir.IntegerType.get_signless(32)
+        zero = arith_dialect.constant(i32, 0)
+        tt.elementwise_inline_asm([i32], "griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
+                                  constraints="=r,r", pure=False, packed_element=1, args=[zero])
+        return []
+
+    triton_lowering.triton_lowering_rules[_TRIGGER] = rule
+    return True
+
+
+TRIGGERS_LAUNCH = _install_trigger()
 
 
 def triton_ir(lowered) -> list[str]:

@@ -160,6 +160,46 @@ def test_pipelined_loop_marks_its_own_loop(shape, cuda_lowering):
                      _no_carry: ["scf.for", STAGES]}[shape]  # (an empty yield is not printed)
 
 
+@pytest.mark.parametrize("trigger", [None, "off", "early"])
+def test_pdl_trigger_leads_each_program(trigger, monkeypatch, cuda_lowering):
+    """GDN_JAX_PDL_TRIGGER=early puts one `griddepcontrol.launch_dependents` first in the kernel
+    (impure inline asm: Triton keeps it although its result is unused); unset or "off", none;
+    the interpreter runs the kernel as it is."""
+    if trigger is None:
+        monkeypatch.delenv(_pallas.TRIGGER_VAR, raising=False)
+    else:
+        monkeypatch.setenv(_pallas.TRIGGER_VAR, trigger)
+
+    def kernel(x_ref, o_ref):
+        o_ref[...] = x_ref[...].astype(jnp.float32) * 2
+
+    def call(x, interpret=False):
+        return _pallas.pallas_call(kernel, name="twice", config=TuningConfig(),
+                                   interpret=interpret,
+                                   out_shape=jax.ShapeDtypeStruct((128,), jnp.float32))(x)
+
+    with cuda_lowering("NVIDIA H100 80GB HBM3"):
+        lowered = jax.jit(call).trace(jax.ShapeDtypeStruct((128,), jnp.bfloat16)).lower(
+            lowering_platforms=("cuda",))
+    [ir] = _pallas.triton_ir(lowered)
+    asm = re.findall(r"tt\.elementwise_inline_asm \"griddepcontrol\.launch_dependents;.*"
+                     r"pure = false", ir)
+    assert _pallas.TRIGGERS_LAUNCH and len(asm) == (trigger == "early")
+    if asm:  # before the kernel's first load
+        assert ir.index("griddepcontrol") < ir.index("tt.load")
+    x = jnp.asarray(np.random.default_rng(1).standard_normal(128), jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(call, static_argnames="interpret")(x, interpret=True)),
+        np.asarray(x, np.float32) * 2)
+
+
+def test_pdl_trigger_rejects_unknown_values(monkeypatch):
+    monkeypatch.setenv(_pallas.TRIGGER_VAR, "late")
+    with pytest.raises(ValueError, match="GDN_JAX_PDL_TRIGGER: expected one of"):
+        _pallas.pallas_call(lambda x_ref, o_ref: None, name="k", config=TuningConfig(),
+                            interpret=False, out_shape=jax.ShapeDtypeStruct((8,), jnp.float32))
+
+
 @pytest.mark.parametrize("kind", DEVICES)
 def test_projection_gemv_loop_says_its_stages(kind, lowered_off_and_on):
     """The one-row GEMV's loop (no tt.dot) says its stages; the tile form's loop does not need
