@@ -24,6 +24,8 @@ epilogue, by default up to 32 rows),
 CUDA cores: none, the fused prologues' launches, or all),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
 cache write in one launch before the attention kernel, or as XLA's steps),
+`trigger=early|off` (GDN_JAX_PDL_TRIGGER: each Triton kernel's programs trigger the next
+kernel's programmatic launch first, the default, or not),
 `router=auto|xla` (GDN_JAX_MOE_ROUTER: the MoE router's softmax, top k and renormalisation in
 the one-launch kernel `gdn_jax.kernels.route`, the default, or as XLA's launches),
 `shared=auto|apart|fold`
@@ -42,6 +44,10 @@ is summed by name and divided by the calls: kernel time per call, by kernel, bes
 per call, so the gap (launches, host syncs, idle) shows, and summed by kind of work
 (`gdn_jax.profiling.kernel_category`: matmul, gdn, attention, moe, scatter, copy, other).
 Kernels of every GPU are counted (with TP the per-device sums are divided by the device count).
+On Hopper and later XLA launches kernels as programmatic dependent launches (PDL): a kernel's
+time then includes its programs waiting at its entry for the one before it, so summed kernel
+times of variants that change launches compare less well than chained step times
+(bench_speculative.py; the 2026-12-06 PDL trigger gained 5.4% of a B = 1 decode there).
 On CPU the device planes are absent and the table is empty.
 """
 
@@ -97,7 +103,8 @@ _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "groups": "GDN_JAX_PROJECTION_GROUPS", "conv": "GDN_JAX_CONV",
               "conv_epilogue": "GDN_JAX_CONV_EPILOGUE",
               "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE",
-              "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE", "router": "GDN_JAX_MOE_ROUTER",
+              "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE", "trigger": "GDN_JAX_PDL_TRIGGER",
+              "router": "GDN_JAX_MOE_ROUTER",
               "shared": "GDN_JAX_MOE_SHARED", "gemv": "GDN_JAX_PROJECTION_GEMV",
               "glu": "GDN_JAX_PROJECTION_GLU",
               "pairs": "GDN_JAX_MOE_PAIRS"}

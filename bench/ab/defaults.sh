@@ -5,7 +5,10 @@
 # the GLU above 32 rows stays off (H200, B = 32 verify, 64-column blocks: still slower). Left:
 #
 #   bash bench/ab/defaults.sh 1   # the new kernels' GPU tests; PDL in the compiled PTX; the
-#                                 # B = 1 dense decode step under each switch
+#                                 # B = 1 dense decode step under each switch (ran 2026-12-06
+#                                 # on an H100: tests pass, prologue=row no faster, 3414.4
+#                                 # against 3402.8 us; the PTX probe found no dump: XLA puts
+#                                 # its PDL wait in every Triton kernel on Hopper, README)
 #   bash bench/ab/defaults.sh 2   # the epilogues at B = 1 and 32 on an H200 (its B = 1 verify
 #                                 # gave the GLU 15.24 us a layer where 12-04's gate / up took
 #                                 # 12.94 + the product: is the GLU slower there at few rows?);
@@ -32,7 +35,10 @@
 #                                 # barrier
 #   bash bench/ab/defaults.sh 7   # the 128-row groups at other configs: split K with 3 stages
 #                                 # (96 KB: 2 CTAs per SM, every SM busy), 64-column blocks;
-#                                 # faster than the dispatch's -> `config_for`'s wide rule
+#                                 # faster than the dispatch's -> `config_for`'s wide rule (ran
+#                                 # 2026-12-06 on an H100: the dispatch's config is the fastest
+#                                 # for all five groups, Mosaic's too; rule kept,
+#                                 # bench/results/bench_projection-h100-groups128_configs-*)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;

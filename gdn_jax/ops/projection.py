@@ -489,6 +489,10 @@ def config_for(M: int, K: int, N, *, sm_count: int = 132) -> kernels.ProjectionC
     sums, against XLA's 13.2, 11.3 and 23.7 us (bench/results/bench_projection-h200-rows128_wide-
     2026-12-02.json). The dispatch sends all but the LM head there (`LONE_MAX_N`): in the
     48-layer model's B = 32 verify XLA runs it by cuBLAS in 260 against the kernel's 292 us.
+    Re-swept on an H100 (2026-12-06): 2 or 4 slices at 3 stages (2 CTAs per SM), 64-column
+    blocks and the Mosaic kernel all ran slower than this rule's config for each 128-row group
+    (gate / up 22.0 us against 24.6-31.8, out_proj 12.7 against 14.0-30.2: bench/results/
+    bench_projection-h100-groups128_configs-2026-12-06.json).
 
     One row runs as a GEMV where GDN_JAX_PROJECTION_GEMV is "on" (`GEMVS`; off by default)."""
     widths = (N,) if isinstance(N, int) else tuple(N)

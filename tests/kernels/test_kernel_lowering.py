@@ -162,9 +162,9 @@ def test_pipelined_loop_marks_its_own_loop(shape, cuda_lowering):
 
 @pytest.mark.parametrize("trigger", [None, "off", "early"])
 def test_pdl_trigger_leads_each_program(trigger, monkeypatch, cuda_lowering):
-    """GDN_JAX_PDL_TRIGGER=early puts one `griddepcontrol.launch_dependents` first in the kernel
-    (impure inline asm: Triton keeps it although its result is unused); unset or "off", none;
-    the interpreter runs the kernel as it is."""
+    """GDN_JAX_PDL_TRIGGER=early (the default: unset) puts one `griddepcontrol.launch_dependents`
+    first in the kernel (impure inline asm: Triton keeps it although its result is unused); "off",
+    none; the interpreter runs the kernel as it is."""
     if trigger is None:
         monkeypatch.delenv(_pallas.TRIGGER_VAR, raising=False)
     else:
@@ -184,7 +184,7 @@ def test_pdl_trigger_leads_each_program(trigger, monkeypatch, cuda_lowering):
     [ir] = _pallas.triton_ir(lowered)
     asm = re.findall(r"tt\.elementwise_inline_asm \"griddepcontrol\.launch_dependents;.*"
                      r"pure = false", ir)
-    assert _pallas.TRIGGERS_LAUNCH and len(asm) == (trigger == "early")
+    assert _pallas.TRIGGERS_LAUNCH and len(asm) == (trigger != "off")
     if asm:  # before the kernel's first load
         assert ir.index("griddepcontrol") < ir.index("tt.load")
     x = jnp.asarray(np.random.default_rng(1).standard_normal(128), jnp.bfloat16)
