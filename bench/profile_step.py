@@ -24,8 +24,8 @@ epilogue, by default up to 32 rows),
 CUDA cores: none, the fused prologues' launches, or all),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
 cache write in one launch before the attention kernel, or as XLA's steps),
-`trigger=early|off` (GDN_JAX_PDL_TRIGGER: each Triton kernel's programs trigger the next
-kernel's programmatic launch first, the default, or not),
+`trigger=auto|early|off` (GDN_JAX_PDL_TRIGGER: each Triton kernel's programs trigger the next
+kernel's programmatic launch first on an SM90+ GPU, the default, always, or never),
 `router=auto|xla` (GDN_JAX_MOE_ROUTER: the MoE router's softmax, top k and renormalisation in
 the one-launch kernel `gdn_jax.kernels.route`, the default, or as XLA's launches),
 `shared=auto|apart|fold`

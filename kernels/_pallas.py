@@ -25,6 +25,7 @@ import functools
 import os
 import warnings
 
+import jax
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
@@ -68,12 +69,12 @@ class TuningConfig:
 
 def pallas_call(kernel, *, name: str, config, interpret: bool, **kwargs):
     """`pl.pallas_call` with the Triton compiler params of `config` (never Mosaic GPU): its
-    num_warps and num_stages (a TuningConfig, or any kernel's config that has them). Unless
-    `TRIGGER_VAR` says "off", each program first lets the next kernel launch (`_TRIGGER`)."""
-    trigger = os.environ.get(TRIGGER_VAR) or "early"
+    num_warps and num_stages (a TuningConfig, or any kernel's config that has them). On an
+    SM90+ GPU (`TRIGGER_VAR`), each program first lets the next kernel launch (`_TRIGGER`)."""
+    trigger = os.environ.get(TRIGGER_VAR) or "auto"
     if trigger not in TRIGGERS:
         raise ValueError(f"{TRIGGER_VAR}: expected one of {list(TRIGGERS)}, got {trigger!r}")
-    if trigger == "early" and not interpret:
+    if not interpret and (trigger == "early" or (trigger == "auto" and _launches_dependents())):
         kernel = _triggering(kernel)
     return pl.pallas_call(
         kernel,
@@ -89,20 +90,30 @@ def pallas_call(kernel, *, name: str, config, interpret: bool, **kwargs):
 # the programmatic-serialisation attribute and puts `griddepcontrol.wait` first in it (jax 0.11's
 # XLA: xla_gpu_enable_pdl, on by default; kept as programmatic edges in its CUDA graphs), so the
 # kernel after it may launch before it ends; but with no trigger that launch waits until every
-# program of this one has exited. "early" (the default): each program runs
-# `griddepcontrol.launch_dependents` first (after XLA's wait), so the next kernel's launch
-# overlaps this one's run; its programs still wait at their entry for the whole of this grid and
-# its stores, so the trigger orders nothing. A no-op where the launch is not programmatic (older
-# GPUs, XLA without PDL). "off": no trigger. Measured on an H100, 48-layer dense step, chained
+# program of this one has exited. "early": each program runs `griddepcontrol.launch_dependents`
+# first (after XLA's wait), so the next kernel's launch overlaps this one's run; its programs
+# still wait at their entry for the whole of this grid and its stores, so the trigger orders
+# nothing, and it is a no-op where the launch is not programmatic (XLA without PDL). "auto" (the
+# default): "early" where the first device is a GPU of compute capability 9.0 or more (ptxas
+# takes `griddepcontrol` from sm_90 only; "early" asserts the target does, as the CPU lowering
+# tests do), else "off": no trigger. Measured on an H100, 48-layer dense step, chained
 # calls, two runs each, interleaved: B = 1 decode 3.455 / 3.452 -> 3.273 / 3.264 ms (-5.4%),
 # verify 3.635 -> 3.578, round 4.947 -> 4.885; B = 32 decode 4.726 -> 4.723 (bench/results/
 # bench_speculative-h100-qwen3_5_text-b1*-pdl_trigger_*-2026-12-06.json).
 TRIGGER_VAR = "GDN_JAX_PDL_TRIGGER"
-TRIGGERS = ("off", "early")
+TRIGGERS = ("auto", "early", "off")
+_PDL_CAPABILITY = 9  # griddepcontrol's: sm_90 and later
 _TRIGGER = Primitive("gdn_jax_launch_dependents")
 _TRIGGER.multiple_results = True
 _TRIGGER.def_impl(lambda: [])
 _TRIGGER.def_abstract_eval(lambda: [])
+
+
+def _launches_dependents() -> bool:
+    """Whether the first device is a CUDA GPU whose kernels may trigger their dependents."""
+    device = jax.devices()[0]
+    major = str(getattr(device, "compute_capability", "")).partition(".")[0]
+    return device.platform == "gpu" and major.isdigit() and int(major) >= _PDL_CAPABILITY
 
 
 def _triggering(kernel):

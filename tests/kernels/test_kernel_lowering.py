@@ -160,11 +160,12 @@ def test_pipelined_loop_marks_its_own_loop(shape, cuda_lowering):
                      _no_carry: ["scf.for", STAGES]}[shape]  # (an empty yield is not printed)
 
 
-@pytest.mark.parametrize("trigger", [None, "off", "early"])
+@pytest.mark.parametrize("trigger", [None, "auto", "off", "early"])
 def test_pdl_trigger_leads_each_program(trigger, monkeypatch, cuda_lowering):
-    """GDN_JAX_PDL_TRIGGER=early (the default: unset) puts one `griddepcontrol.launch_dependents`
-    first in the kernel (impure inline asm: Triton keeps it although its result is unused); "off",
-    none; the interpreter runs the kernel as it is."""
+    """GDN_JAX_PDL_TRIGGER=early puts one `griddepcontrol.launch_dependents` first in the kernel
+    (impure inline asm: Triton keeps it although its result is unused); "off", none; "auto" (the
+    default: unset) too on this CPU machine, whose first device is no SM90+ GPU (ptxas would
+    refuse the instruction for an older one); the interpreter runs the kernel as it is."""
     if trigger is None:
         monkeypatch.delenv(_pallas.TRIGGER_VAR, raising=False)
     else:
@@ -184,13 +185,28 @@ def test_pdl_trigger_leads_each_program(trigger, monkeypatch, cuda_lowering):
     [ir] = _pallas.triton_ir(lowered)
     asm = re.findall(r"tt\.elementwise_inline_asm \"griddepcontrol\.launch_dependents;.*"
                      r"pure = false", ir)
-    assert _pallas.TRIGGERS_LAUNCH and len(asm) == (trigger != "off")
+    assert _pallas.TRIGGERS_LAUNCH and len(asm) == (trigger == "early")
     if asm:  # before the kernel's first load
         assert ir.index("griddepcontrol") < ir.index("tt.load")
     x = jnp.asarray(np.random.default_rng(1).standard_normal(128), jnp.bfloat16)
     np.testing.assert_array_equal(
         np.asarray(jax.jit(call, static_argnames="interpret")(x, interpret=True)),
         np.asarray(x, np.float32) * 2)
+
+
+@pytest.mark.parametrize("platform, capability, triggers", [
+    ("gpu", "9.0", True), ("gpu", "10.0", True), ("gpu", "12.1", True), ("gpu", "8.9", False),
+    ("gpu", None, False), ("cpu", None, False)])
+def test_pdl_trigger_auto_needs_sm90(platform, capability, triggers, monkeypatch):
+    """"auto" triggers on the GPUs whose ptxas takes `griddepcontrol` (sm_90 on), never before."""
+    class FakeDevice:
+        pass
+    device = FakeDevice()
+    device.platform = platform
+    if capability is not None:
+        device.compute_capability = capability
+    monkeypatch.setattr(_pallas.jax, "devices", lambda *a: [device])
+    assert _pallas._launches_dependents() is triggers
 
 
 def test_pdl_trigger_rejects_unknown_values(monkeypatch):
