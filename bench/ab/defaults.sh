@@ -15,7 +15,8 @@
 #                                 # the MoE's pair forms at B = 1
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
-#   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE)
+#   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE;
+#                                 # an H200: the MoE model runs out of an H100's memory)
 #   bash bench/ab/defaults.sh 5   # (ran 2026-12-06 on an H100 with REVS="4ab6bcf 55e4345":
 #                                 # kept, README) session 31's changes, their GPU tests and a tree
 #                                 # A/B of a 48-layer verify (its commit included): 55e4345
@@ -39,6 +40,11 @@
 #                                 # 2026-12-06 on an H100: the dispatch's config is the fastest
 #                                 # for all five groups, Mosaic's too; rule kept,
 #                                 # bench/results/bench_projection-h100-groups128_configs-*)
+#   bash bench/ab/defaults.sh 8   # switches A/B by chained step time (bench_speculative, not
+#                                 # summed kernel times, which PDL blurs): each of VARIANTS
+#                                 # (words "name:ENV=V,ENV=V"; default the prologue at one
+#                                 # row against the views) at BATCHES (default 1), ROUNDS (2)
+#                                 # times, interleaved; the table's lines prefixed by the name
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -46,7 +52,7 @@
 # `ops.conv.project_conv_step`'s bounds; pairs=split -> `ops.moe.pairs_mode`'s; the router's
 # fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6 or 7}
+part=${1:?1, 2, 3, 4, 5, 6, 7 or 8}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -161,5 +167,16 @@ PY
         --group-configs 128:64:2:8:3,128:64:1:8:3,128:64:4:8:3,64:64:1:8:3,64:64:2:8:3 \
         --mosaic 128:4,128:5,128:6 2>&1 | tail -40
     lap
+    ;;
+8)
+    for round in $(seq "${ROUNDS:-2}"); do
+        for v in ${VARIANTS:-views: row:GDN_JAX_PROJECTION_PROLOGUE=row}; do
+            name=${v%%:*} settings=${v#*:}
+            env ${settings//,/ } python bench/bench_speculative.py --out "$OUT/ab_${name}_$round" \
+                --batches "${BATCHES:-1}" 2>&1 | grep -E "^ +[0-9]+ +[0-9]+ |Error" \
+                | sed "s/^/$name /"
+            lap
+        done
+    done
     ;;
 esac
