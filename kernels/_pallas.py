@@ -204,7 +204,8 @@ def _install_trigger() -> bool:
         from jax._src.lib.triton import dialect as tt
         from jax._src.pallas.triton import lowering as triton_lowering
         ir = triton_lowering.ir
-        pe.dce_rules[_TRIGGER] = lambda used_outs, eqn: ([], eqn)
+        # (used_outs, eqn) to jax 0.11, (used_outs, live_ins, eqn) from 0.12: the eqn is last
+        pe.dce_rules[_TRIGGER] = lambda *args: ([], args[-1])
     except (ImportError, AttributeError):
         return False
 
