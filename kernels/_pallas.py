@@ -96,10 +96,14 @@ def pallas_call(kernel, *, name: str, config, interpret: bool, **kwargs):
 # nothing, and it is a no-op where the launch is not programmatic (XLA without PDL). "auto" (the
 # default): "early" where the first device is a GPU of compute capability 9.0 or more (ptxas
 # takes `griddepcontrol` from sm_90 only; "early" asserts the target does, as the CPU lowering
-# tests do), else "off": no trigger. Measured on an H100, 48-layer dense step, chained
-# calls, two runs each, interleaved: B = 1 decode 3.455 / 3.452 -> 3.273 / 3.264 ms (-5.4%),
-# verify 3.635 -> 3.578, round 4.947 -> 4.885; B = 32 decode 4.726 -> 4.723 (bench/results/
-# bench_speculative-h100-qwen3_5_text-b1*-pdl_trigger_*-2026-12-06.json).
+# tests do), else "off": no trigger. The kernel after ours may then run beside it up to its wait,
+# so no load of it may come before that wait: XLA keeps its own successors' loads off the
+# invariant (`ld.global.nc`) path for that reason; Triton emits plain `ld.global` and `cp.async`
+# here, and offline (sm_90, a stand-in wait first in the Triton IR) the decode, conv, attention
+# and projection kernels' PTX have every global load after it. Measured on an H100, 48-layer
+# dense step, chained calls, two runs each, interleaved: B = 1 decode 3.455 / 3.452 -> 3.273 /
+# 3.264 ms (-5.4%), verify 3.635 -> 3.578, round 4.947 -> 4.885; B = 32 decode 4.726 -> 4.723
+# (bench/results/bench_speculative-h100-qwen3_5_text-b1*-pdl_trigger_*-2026-12-06.json).
 TRIGGER_VAR = "GDN_JAX_PDL_TRIGGER"
 TRIGGERS = ("auto", "early", "off")
 _PDL_CAPABILITY = 9  # griddepcontrol's: sm_90 and later
