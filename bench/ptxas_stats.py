@@ -5,7 +5,7 @@
     python bench/ptxas_stats.py --kernel projection|projection-group|projection-swiglu|
                                 projection-gated-norm|moe-gate-up|moe-down|moe-b1-gate-up|
                                 moe-b1-down|attention|conv|in-proj|projection-conv|
-                                projection-glu [--T 4] [--gemv] [--pairs split]
+                                projection-glu [--T 4] [--gemv] [--pairs split] [--pdl]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks; --gemv:
         the one-row projections as a GEMV)
 
@@ -18,6 +18,10 @@ bytes, the number of `tt.dot` and `ttg.convert_layout` ops, and the async copies
 software-pipelined loads (2026-12-05: none in the one-row GEMV form, whose loop has no tt.dot,
 until the loop said its stages: Pallas's loops carry no `tt.num_stages`, without which Triton
 pipelines only a dot's operands; `kernels._pallas.pipelined_fori_loop`).
+--pdl checks the launch trigger (`gdn_jax.kernels._pallas`, PDL): with a stand-in for the wait
+XLA puts first in each kernel, whether every global load of the PTX comes after that wait
+(2026-12-06: every kernel here, `wait_before_loads True`:
+bench/results/ptxas_stats-sm90-pdl_order-2026-12-06.log).
 XLA's own Triton may schedule a little differently (2026-12-01: ring bv128 w4 255 registers here
 and in ncu on the H200, replay bv16 w1 128 in both, decode bv32 w1 227 here against 168 there);
 the runner's ncu `launch__registers_per_thread` is the final word.
@@ -86,6 +90,9 @@ def compile_stats(ir: str, num_warps: int, arch: int = 90, num_stages: int = 1) 
                        async_copies=ttgir.count("ttg.async_copy_global_to_local"))
     # the tensor-core form: wgmma (Hopper's, asynchronous) or mma.sync (Ampere's, in SM90 too)
     out.update(wgmma=src.count("wgmma.mma_async"), mma_sync=src.count("mma.sync"))
+    if "griddepcontrol.wait" in src:  # --pdl: does any global load come before the wait?
+        loads = [m.start() for m in re.finditer(r"\b(ld\.global|cp\.async\.c)", src)]
+        out.update(wait_before_loads=not loads or src.index("griddepcontrol.wait") < min(loads))
     ptx = os.path.join(work, "kernel.ptx")
     with open(ptx, "w") as fh:
         fh.write(src)
@@ -220,6 +227,26 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "til
                                        S((B,), jnp.int32), S((B, T), jnp.int32)), {}, config)
 
 
+def _stand_in_wait():
+    """XLA puts `griddepcontrol.wait` first in each Triton kernel when it compiles it for a Hopper
+    GPU (PDL): here the launch trigger's Triton rule emits that wait before the trigger."""
+    from jax._src.lib.mlir.dialects import arith
+    from jax._src.lib.triton import dialect as tt
+    from jax._src.pallas.triton import lowering
+
+    from gdn_jax.kernels import _pallas
+
+    def rule(ctx):
+        i32 = lowering.ir.IntegerType.get_signless(32)
+        tt.elementwise_inline_asm(
+            [i32], "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
+            constraints="=r,r", pure=False, packed_element=1, args=[arith.constant(i32, 0)])
+        return []
+
+    lowering.triton_lowering_rules[_pallas._TRIGGER] = rule
+    os.environ[_pallas.TRIGGER_VAR] = "early"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -233,7 +260,13 @@ def main(argv=None):
     p.add_argument("--gemv", action="store_true", help="one-row projections as a GEMV")
     p.add_argument("--pairs", default="tile", choices=("tile", "row", "split"),
                    help="moe-b1-*: GDN_JAX_MOE_PAIRS's mode")
+    p.add_argument("--pdl", action="store_true",
+                   help="put a stand-in for XLA's griddepcontrol.wait first in each kernel, with "
+                        "the launch trigger (kernels._pallas), and say whether every global load "
+                        "of the PTX comes after it")
     args = p.parse_args(argv)
+    if args.pdl:
+        _stand_in_wait()
     if args.kernel in MODEL_KERNELS:
         fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T, args.gemv,
                                                            args.pairs)
