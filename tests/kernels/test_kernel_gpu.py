@@ -45,6 +45,27 @@ def on_hopper(on_gpu):
     return on_gpu
 
 
+def test_decode_triggers_its_successor_on_hopper_gpu(on_gpu, monkeypatch, make_case, reference,
+                                                   assert_rows, assert_named_slots):
+    """On an SM90+ GPU the default (`GDN_JAX_PDL_TRIGGER` unset: auto) puts the launch trigger
+    first in the kernel, and the kernel so compiled is correct."""
+    import jax
+
+    from gdn_jax.kernels import _pallas
+
+    if int(on_gpu.compute_capability.split(".")[0]) < 9:
+        pytest.skip(f"the trigger needs compute capability >= 9.0, got {on_gpu.compute_capability}")
+    monkeypatch.delenv(_pallas.TRIGGER_VAR, raising=False)
+    case = make_case(seed=3, B=8, T=1, t_max=4, pool_dtype=BF16, in_dtype=BF16, **REAL)
+    call = jax.jit(lambda *a: decode(*a, config=TuningConfig(16, 1)))
+    [ir] = _pallas.triton_ir(call.trace(*case.kernel_args()).lower())
+    assert "griddepcontrol.launch_dependents" in ir
+    o, pool = call(*case.kernel_args())
+    o_ref, pool_ref = reference(case, "decode")
+    assert_rows("o", case, o, o_ref)
+    assert_named_slots("pool", case, pool, pool_ref)
+
+
 @pytest.mark.parametrize("block_v", [64, 128])
 @pytest.mark.parametrize("tiles_per_cta", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("stages", [2, 3, 4])
