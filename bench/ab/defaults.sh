@@ -44,7 +44,11 @@
 #                                 # summed kernel times, which PDL blurs): each of VARIANTS
 #                                 # (words "name:ENV=V,ENV=V"; default the prologue at one
 #                                 # row against the views) at BATCHES (default 1), ROUNDS (2)
-#                                 # times, interleaved; the table's lines prefixed by the name
+#                                 # times, interleaved; the table's lines prefixed by the name.
+#                                 # Next: VARIANTS="mosaic: triton:GDN_JAX_BACKEND=triton"
+#                                 # BATCHES=1,32 (a verify's GDN kernel in Triton keeps the
+#                                 # PDL chain, a Mosaic call likely breaks it twice: B = 1
+#                                 # verify gained 1.6% from the trigger where decode gained 5.4%)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
