@@ -39,7 +39,12 @@
 #                                 # faster than the dispatch's -> `config_for`'s wide rule (ran
 #                                 # 2026-12-06 on an H100: the dispatch's config is the fastest
 #                                 # for all five groups, Mosaic's too; rule kept,
-#                                 # bench/results/bench_projection-h100-groups128_configs-*)
+#                                 # bench/results/bench_projection-h100-groups128_configs-*).
+#                                 # Next: GROUP_CONFIGS=256:64:2:8:3,256:64:1:8:3 (each of the
+#                                 # 80 CTAs re-reads all of x, as many bytes as its weight
+#                                 # tiles at 128 columns: 256 columns in 2 K slices read
+#                                 # 768 KB a CTA where 1 MB now; offline sm_90: 171 registers,
+#                                 # no spill, 144 KB; 4 stages pass the kernel's 160 KB)
 #   bash bench/ab/defaults.sh 8   # switches A/B by chained step time (bench_speculative, not
 #                                 # summed kernel times, which PDL blurs): each of VARIANTS
 #                                 # (words "name:ENV=V,ENV=V"; default the prologue at one
@@ -166,10 +171,11 @@ PY
     done
     ;;
 7)
+    swept=128:64:2:8:3,128:64:1:8:3,128:64:4:8:3,64:64:1:8:3,64:64:2:8:3  # (2026-12-06)
     python bench/bench_projection.py --out "$OUT/groups128" --rows 128 --shapes k_proj --reps 3 \
         --groups --groups-only mlp_gate_up,gdn_in,attn_qkv,out_proj,down_proj \
-        --group-configs 128:64:2:8:3,128:64:1:8:3,128:64:4:8:3,64:64:1:8:3,64:64:2:8:3 \
-        --mosaic 128:4,128:5,128:6 2>&1 | tail -40
+        --group-configs "${GROUP_CONFIGS:-$swept}" \
+        --mosaic "${MOSAIC_CONFIGS:-128:4,128:5,128:6}" 2>&1 | tail -40
     lap
     ;;
 8)
