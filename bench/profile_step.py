@@ -47,7 +47,9 @@ Kernels of every GPU are counted (with TP the per-device sums are divided by the
 On Hopper and later XLA launches kernels as programmatic dependent launches (PDL): a kernel's
 time then includes its programs waiting at its entry for the one before it, so summed kernel
 times of variants that change launches compare less well than chained step times
-(bench_speculative.py; the 2026-12-06 PDL trigger gained 5.4% of a B = 1 decode there).
+(bench_speculative.py; the 2026-12-06 PDL trigger gained 5.4% of a B = 1 decode there); the
+"active" time (`gdn_jax.profiling.KernelTrace.active_ns`: the union of the kernels' intervals,
+overlaps counted once, idle gaps left out) is the profile's figure to compare.
 On CPU the device planes are absent and the table is empty.
 """
 
@@ -173,6 +175,7 @@ def main(argv=None):
                 wall = time.perf_counter() - t0
             per = {k: v / calls / max(trace.gpus, 1) / 1e3 for k, v in trace.totals.items()}
             busy = sum(per.values())
+            active = (trace.active_ns() or 0.0) / calls / 1e3  # overlapping launches once
             ranked = sorted(per.items(), key=lambda kv: -kv[1])
             top = ranked[:args.top]
             # launches per call by name: a fusion in the scanned layer body runs once per layer
@@ -182,13 +185,14 @@ def main(argv=None):
             row = {"B": B, "program": name, "variant": variant, **paths,
                    "options": options, "compile_s": compile_s,
                    "wall_us_per_call": wall / calls * 1e6, "kernel_us_per_call": busy,
+                   "active_us_per_call": active,
                    "kernels_per_call": launches, "by_category_us": kinds, "top": top,
                    "kernels_us": dict(ranked),
                    "launches_per_call": {k: each.get(k, 0) for k, _ in ranked}}
             results.append(row)
             print(f"\nB={B} {name} [{variant}]: wall {wall / calls * 1e6:9.1f} us/call, kernels "
-                  f"{busy:9.1f} us/call, {launches:.0f} kernels/call ({len(per)} distinct), "
-                  f"compiled in {compile_s:.0f} s", flush=True)
+                  f"{busy:9.1f} us/call ({active:.1f} active), {launches:.0f} kernels/call "
+                  f"({len(per)} distinct), compiled in {compile_s:.0f} s", flush=True)
             if kinds:
                 print("   by kind (us): " + ", ".join(f"{k} {v:.1f}" for k, v in kinds.items()))
             for k, v in top:

@@ -4,12 +4,18 @@
         jax.block_until_ready(f(x))
     trace.totals  # {kernel name: ns}, every GPU of the process
     trace.busy_ns()  # their sum per GPU
+    trace.active_ns()  # per GPU, the time some kernel ran (overlaps counted once)
     kernel_seconds(f, (x,), reps=5, names=("gdn_moe_down",))  # per call: (all, {name: share})
     by_category(trace.totals)  # {"matmul": ns, "gdn": ns, ...}: what kind of work the time is
 
 The trace's XSpace is read with `jax.profiler.ProfileData`; the kernels are the events of the
 "Stream" lines of the `/device:GPU:N` planes (the XLA-op and module lines summarise them). On CPU
 there are no such planes: the totals stay empty and `busy_ns()` is None.
+
+On Hopper and later XLA launches kernels as programmatic dependent launches (PDL): a kernel may
+start while the one before it runs, its programs waiting at its entry, and that wait is part of
+its traced duration. Summed durations (`busy_ns`) then count the overlap twice; `active_ns`, the
+union of the kernels' intervals, counts it once (and leaves the idle gaps out).
 """
 
 from __future__ import annotations
@@ -29,10 +35,15 @@ class KernelTrace:
     totals: dict = dataclasses.field(default_factory=dict)  # kernel name -> ns, all GPUs
     counts: dict = dataclasses.field(default_factory=dict)  # kernel name -> launches, all GPUs
     gpus: int = 0  # device planes seen
+    active: float = 0.0  # ns some kernel ran, summed over the GPUs
 
     def busy_ns(self) -> float | None:
         """Kernel time summed over kernels, per GPU (None where no GPU plane was traced)."""
         return sum(self.totals.values()) / self.gpus if self.gpus else None
+
+    def active_ns(self) -> float | None:
+        """The time at least one kernel ran, per GPU (None where no GPU plane was traced)."""
+        return self.active / self.gpus if self.gpus else None
 
     def share_ns(self, name: str) -> float:
         """The time of the kernels named `name` or `name_...` (XLA's `__2` copies, a name's
@@ -45,18 +56,32 @@ def read_trace(trace_dir: str) -> KernelTrace:
     """The kernel totals of the profile(s) written under trace_dir."""
     totals: dict = collections.defaultdict(float)
     counts: dict = collections.defaultdict(int)
-    gpus = 0
+    gpus, active = 0, 0.0
     for path in glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True):
         for plane in jax.profiler.ProfileData.from_file(path).planes:
             if not plane.name.startswith("/device:GPU:"):
                 continue
             gpus += 1
+            spans = []
             for line in plane.lines:
                 if "stream" in line.name.lower():
                     for event in line.events:
                         totals[event.name] += event.duration_ns
                         counts[event.name] += 1
-    return KernelTrace(dict(totals), dict(counts), gpus)
+                        spans.append((event.start_ns, event.start_ns + event.duration_ns))
+            active += union_ns(spans)
+    return KernelTrace(dict(totals), dict(counts), gpus, active)
+
+
+def union_ns(spans) -> float:
+    """The length of the union of (start, end) intervals: overlapping kernels counted once."""
+    total, reach = 0.0, None
+    for start, end in sorted(spans):
+        if reach is None or start > reach:
+            total, reach = total + end - start, end
+        elif end > reach:
+            total, reach = total + end - reach, end
+    return total
 
 
 # (category, name fragments), first match wins: our Pallas kernels by their names, then XLA's and
@@ -116,3 +141,4 @@ def kernel_trace():
             yield trace
         result = read_trace(tmp)
     trace.totals, trace.counts, trace.gpus = result.totals, result.counts, result.gpus
+    trace.active = result.active

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from gdn_jax.profiling import (CATEGORIES, KernelTrace, by_category, kernel_category,
-                               kernel_seconds, kernel_trace)
+                               kernel_seconds, kernel_trace, union_ns)
 
 
 def _work():
@@ -21,7 +21,7 @@ def test_no_gpu_planes_on_cpu():
     f, x = _work()
     with kernel_trace() as trace:
         jax.block_until_ready(f(x))
-    assert trace.totals == {} and trace.busy_ns() is None
+    assert trace.totals == {} and trace.busy_ns() is None and trace.active_ns() is None
 
 
 def test_kernel_seconds_is_none_on_cpu():
@@ -42,6 +42,21 @@ def test_a_names_share_takes_its_copies_and_variants_per_gpu():
     assert KernelTrace(totals={"a": 1.0}).share_ns("a") == 0.0  # no GPU traced
 
 
+@pytest.mark.parametrize("spans, union", [
+    ([], 0.0), ([(0, 10)], 10.0), ([(0, 10), (20, 25)], 15.0),
+    ([(0, 10), (5, 12)], 12.0),                  # a launch that starts before the last ends (PDL)
+    ([(5, 12), (0, 10), (30, 31)], 13.0),        # any order
+    ([(0, 20), (2, 5), (6, 8)], 20.0),           # inside another
+    ([(0, 10), (10, 15)], 15.0)])                # back to back
+def test_union_counts_overlapping_kernels_once(spans, union):
+    assert union_ns(spans) == union
+
+
+def test_active_time_is_per_gpu():
+    assert KernelTrace(active=30.0, gpus=2).active_ns() == 15.0
+    assert KernelTrace(active=30.0).active_ns() is None  # no GPU traced
+
+
 @pytest.mark.gpu
 def test_kernel_seconds_of_a_program():
     f, x = _work()
@@ -57,6 +72,7 @@ def test_kernels_of_a_program():
             jax.block_until_ready(f(x))
     assert trace.gpus >= 1
     assert trace.busy_ns() > 0
+    assert 0 < trace.active_ns() <= trace.busy_ns() * (1 + 1e-9)
     assert len(trace.totals) >= 1, trace.totals
 
 
