@@ -12,6 +12,10 @@ on the loop index) that wrappers of Pallas-Triton's `scan` and `while` lowering 
 fori_loop lowers through one or the other) turn into the attribute; where jax's internals differ
 (another version), the loop lowers as a plain one.
 
+On an SM90+ GPU `pallas_call` also puts a `griddepcontrol.launch_dependents` first in each
+kernel (`TRIGGER_VAR`, programmatic dependent launch: the next kernel launches while this one
+runs; the comment above `TRIGGER_VAR` says why that is safe and what it gained).
+
 The deprecation warning is raised when XLA lowers the kernel, which happens inside whatever
 `jax.jit` the caller wraps around us, long after our functions have returned. So the filter is
 installed for the whole process when this module is imported (`warnings.filterwarnings` puts it
