@@ -24,6 +24,8 @@ epilogue, by default up to 32 rows),
 CUDA cores: none, the fused prologues' launches, or all),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
 cache write in one launch before the attention kernel, or as XLA's steps),
+`combine=xla|kernel` (GDN_JAX_ATTENTION_COMBINE: the attention kernel's splits combined and the
+sigmoid gate applied by XLA's two fusions, the default, or in one launch),
 `trigger=auto|early|off` (GDN_JAX_PDL_TRIGGER: each Triton kernel's programs trigger the next
 kernel's programmatic launch first on an SM90+ GPU, the default, always, or never),
 `router=auto|xla` (GDN_JAX_MOE_ROUTER: the MoE router's softmax, top k and renormalisation in
@@ -106,6 +108,7 @@ _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "conv_epilogue": "GDN_JAX_CONV_EPILOGUE",
               "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE",
               "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE", "trigger": "GDN_JAX_PDL_TRIGGER",
+              "combine": "GDN_JAX_ATTENTION_COMBINE",
               "router": "GDN_JAX_MOE_ROUTER",
               "shared": "GDN_JAX_MOE_SHARED", "gemv": "GDN_JAX_PROJECTION_GEMV",
               "glu": "GDN_JAX_PROJECTION_GLU",

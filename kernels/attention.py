@@ -119,14 +119,21 @@ def decode_attention(q, k_cache, v_cache, slots, pos, *,
     return _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("T", "num_heads", "config", "interpret"))
-def decode_attention_rows(qr, pr, k_cache, v_cache, slots, *, T: int, num_heads: int,
+@functools.partial(jax.jit, static_argnames=("T", "num_heads", "gate", "config", "interpret"))
+def decode_attention_rows(qr, pr, k_cache, v_cache, slots, gate_parts=None, *, T: int,
+                          num_heads: int, gate: tuple | None = None,
                           config: AttentionConfig = AttentionConfig(), interpret: bool = False):
     """`decode_attention` on queries already laid out as its programs read them
     (`attention_prologue` writes them so): qr [B, nKV, R, hd] in the cache's dtype, row t * G + g
     the query of head h * G + g at token t (G = num_heads / nKV, R = dot_rows(T * G), rows past
     T * G finite); pr [B, nKV, R] int32 their positions (-1: attends nothing). Returns
-    o [B, T, num_heads, hd] in the cache's dtype."""
+    o [B, T, num_heads, hd] in the cache's dtype.
+
+    With gate_parts [S, B * T, N] (a projection's split-K partial sums, S = 1: its output) and
+    gate = (start, stride), head i's gate at columns start + i * stride: the output is
+    o * sigmoid(gate) [B, T, num_heads * hd] instead, the splits combined and gated in one launch
+    (`_combine_kernel`) where XLA took two; the roundings are XLA's path's (the partials' sum,
+    o and the sigmoid rounded to the cache's dtype, then their product)."""
     B, nKV, R, hd = qr.shape if qr.ndim == 4 else (None,) * 4
     G = num_heads // max(1, k_cache.shape[2])
     if (qr.ndim != 4 or R != dot_rows(T * G) or pr.shape != (B, nKV, R) or pr.dtype != jnp.int32
@@ -137,11 +144,56 @@ def decode_attention_rows(qr, pr, k_cache, v_cache, slots, *, T: int, num_heads:
                          f"{list(pr.shape)}, k_cache {k_cache.dtype}{list(k_cache.shape)}")
     _check(jax.ShapeDtypeStruct((B, T, num_heads, hd), qr.dtype), k_cache, v_cache, slots,
            jax.ShapeDtypeStruct((B, T), jnp.int32), config)
-    return _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret).astype(qr.dtype)
+    if gate is None:
+        return _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config,
+                            interpret).astype(qr.dtype)
+    start, stride = gate
+    if (gate_parts.ndim != 3 or gate_parts.shape[1] != B * T
+            or start + (num_heads - 1) * stride + hd > gate_parts.shape[2]):
+        raise ValueError(f"decode_attention_rows: gate_parts [S, B * T = {B * T}, N] holding "
+                         f"{num_heads} heads of {hd} columns from {start}, {stride} apart "
+                         f"expected, got {list(gate_parts.shape)}")
+    acc, m, l = _attend_parts(qr, pr, k_cache, v_cache, slots, config, interpret)
+    return _pallas.pallas_call(
+        functools.partial(_combine_kernel, T=T, G=G, start=start, stride=stride),
+        name=f"gdn_attention_combine_t{T}", config=_COMBINE, interpret=interpret,
+        grid=(B * T, num_heads),
+        out_shape=jax.ShapeDtypeStruct((B * T, num_heads * hd), qr.dtype),
+    )(acc, m, l, gate_parts).reshape(B, T, num_heads * hd)
 
 
-def _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret):
-    """The kernel on laid-out rows, its splits combined: o [B, T, nKV * G, hd] fp32."""
+_COMBINE = AttentionConfig(block_l=16, num_warps=4)  # one program a (token, head): hd values
+
+
+def _combine_kernel(acc_ref, m_ref, l_ref, gate_ref, y_ref, *, T: int, G: int, start: int,
+                    stride: int):
+    """Program (m, head): token t = m % T of row b = m // T, query head `head` (of KV head
+    head // G): its splits' online-softmax states combined as `_attend_rows` does, rounded to y's
+    dtype, times sigmoid(gate) (gate: its columns' partials added in fp32 and rounded first)."""
+    m, head = pl.program_id(0), pl.program_id(1)
+    b, t = m // T, m % T
+    h, r = head // G, t * G + head % G
+    splits, hd = acc_ref.shape[2], acc_ref.shape[4]
+    dtype = y_ref.dtype
+    tops = [m_ref[b, h, s, r] for s in range(splits)]
+    top = functools.reduce(jnp.maximum, tops)
+    num, den = jnp.zeros((hd,), _F32), jnp.float32(0.0)
+    for s in range(splits):  # a split past the row's length left m = _NEG, l = 0: weight 0
+        w = jnp.exp(tops[s] - top)
+        num = num + acc_ref[b, h, s, r, :] * w
+        den = den + l_ref[b, h, s, r] * w
+    o = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0).astype(dtype)
+    cols = pl.ds(start + head * stride, hd)
+    gate = gate_ref[0, m, cols].astype(_F32)
+    for s in range(1, gate_ref.shape[0]):
+        gate = gate + gate_ref[s, m, cols].astype(_F32)
+    sig = jax.nn.sigmoid(gate.astype(dtype).astype(_F32)).astype(dtype)
+    y_ref[m, pl.ds(head * hd, hd)] = (o.astype(_F32) * sig.astype(_F32)).astype(dtype)
+
+
+def _attend_parts(qr, pr, k_cache, v_cache, slots, config, interpret):
+    """The kernel on laid-out rows: each split's online-softmax state, (acc [B, nKV, splits, R,
+    hd], m, l [B, nKV, splits, R]) fp32."""
     B, nKV, R, hd = qr.shape
     L = k_cache.shape[1]
     chunk = -(-L // (config.splits * config.block_l)) * config.block_l
@@ -156,6 +208,13 @@ def _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret):
         grid=(B, nKV, config.splits),
         out_shape=out_shape,
     )(slots.astype(jnp.int32), pr, qr, k_cache, v_cache)
+    return acc, m, l
+
+
+def _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret):
+    """The kernel on laid-out rows, its splits combined: o [B, T, nKV * G, hd] fp32."""
+    B, nKV, R, hd = qr.shape
+    acc, m, l = _attend_parts(qr, pr, k_cache, v_cache, slots, config, interpret)
     # the splits' online-softmax states, combined; a padding slot's rows (no key read) give
     # zeros (the padding query rows past T x G are sliced off below)
     top = jnp.max(m, axis=2, keepdims=True)

@@ -53,7 +53,10 @@
 #                                 # Next: VARIANTS="mosaic: triton:GDN_JAX_BACKEND=triton"
 #                                 # BATCHES=1,32 (a verify's GDN kernel in Triton keeps the
 #                                 # PDL chain, a Mosaic call likely breaks it twice: B = 1
-#                                 # verify gained 1.6% from the trigger where decode gained 5.4%)
+#                                 # verify gained 1.6% from the trigger where decode gained 5.4%);
+#                                 # VARIANTS="xla: kernel:GDN_JAX_ATTENTION_COMBINE=kernel"
+#                                 # BATCHES=1,32 (two XLA fusions an attention layer, which
+#                                 # never trigger early, for one launch that does)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;

@@ -164,12 +164,17 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
         srcs = tuple(attention_ops.Source(y.reshape(1, B * T, -1), 0, s)
                      for y, s in zip((qg, k, v), strides)) if fused else ()
     if fused and attention_ops.prologue_misfit(cache.k, hd, rotary_dim, dtype, srcs) is None:
-        # the norms, RoPE and the cache write in one launch, then the attention kernel
+        # the norms, RoPE and the cache write in one launch, then the attention kernel (and,
+        # where GDN_JAX_ATTENTION_COMBINE asks, one launch for its splits' combine and the gate)
+        in_kernel = attention_ops.combines_in_kernel()
+        gate_src = srcs[0]._replace(start=srcs[0].start + hd) if in_kernel else None
         o, ck, cv = attention_ops.prologue_attention(
             *srcs, p["q_norm"], p["k_norm"], inv_freq(rotary_dim, rope_theta), cache.lengths,
-            cache.k, cache.v, slots, n, T=T, num_heads=nH, eps=eps)
-        gate = qg.value() if views is not None else qg
-        gate = gate.reshape(B, T, nH, 2 * hd)[..., hd:].reshape(B, T, nH * hd)
+            cache.k, cache.v, slots, n, T=T, num_heads=nH, eps=eps, gate=gate_src)
+        gate = None
+        if not in_kernel:
+            gate = qg.value() if views is not None else qg
+            gate = gate.reshape(B, T, nH, 2 * hd)[..., hd:].reshape(B, T, nH * hd)
         return _gated_out(o, gate, p, cache, ck, cv, scatter, valid, n, B=B, T=T, nH=nH, hd=hd,
                           mm=mm, tp=tp, partials=partials, advance=advance)
     if views is not None:
@@ -200,9 +205,11 @@ def _attention_body(p, x, cache: KVCache, slots, n, *, num_heads, num_kv_heads, 
 
 def _gated_out(o, gate, p, cache, ck, cv, scatter, valid, n, *, B, T, nH, hd, mm, tp, partials,
                advance):
-    """o_proj(o * sigmoid(gate)) (reduced over tp, or as partials) and the cache with its new
-    k / v and, where advance, lengths."""
-    o = o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate)
+    """o_proj(o * sigmoid(gate)) (reduced over tp, or as partials; gate None: o is gated already)
+    and the cache with its new k / v and, where advance, lengths."""
+    o = o.reshape(B, T, nH * hd)
+    if gate is not None:
+        o = o * jax.nn.sigmoid(gate)
     if tp is not None:
         y = psum(mm(o, p["o"]))
         y = y[None] if partials else y

@@ -24,6 +24,10 @@ _WAVES = 2
 # steps (tests and A/B runs)
 PROLOGUE_VAR = "GDN_JAX_ATTENTION_PROLOGUE"
 PROLOGUES = ("auto", "off")
+# "kernel": `prologue_attention` with a gate combines the attention kernel's splits and applies
+# the sigmoid gate in one launch; "xla" (the default, until measured on a GPU): XLA's two fusions
+COMBINE_VAR = "GDN_JAX_ATTENTION_COMBINE"
+COMBINES = ("xla", "kernel")
 Source = kernels.Source  # where `prologue_attention` reads a projection's heads
 
 
@@ -90,14 +94,23 @@ def prologue_misfit(k_cache, head_dim: int, rotary_dim: int, dtype, sources=()) 
     return misfit(k_cache) or kernels.attention_prologue_misfit(head_dim, rotary_dim, sources)
 
 
+def combines_in_kernel() -> bool:
+    """Whether `prologue_attention` takes the gate (GDN_JAX_ATTENTION_COMBINE, `COMBINES`)."""
+    wish = os.environ.get(COMBINE_VAR) or "xla"
+    if wish not in COMBINES:
+        raise ValueError(f"{COMBINE_VAR} expected one of {COMBINES}, got {wish!r}")
+    return wish == "kernel"
+
+
 def prologue_attention(q_src, k_src, v_src, q_norm, k_norm, inv_freq, lengths, k_cache, v_cache,
-                       slots, n, *, T: int, num_heads: int, eps: float,
+                       slots, n, *, T: int, num_heads: int, eps: float, gate=None,
                        interpret: bool | None = None):
     """`kernels.attention_prologue` (the q / k norms, RoPE and the cache write of T tokens per row,
     from the q / k / v projection's `kernels.Source`s) then `kernels.decode_attention_rows`: two
     launches where XLA's steps take about ten. Arguments as the prologue's (its docstring); check
     `prologue_misfit` first. Returns (o [B, T, num_heads, hd] in the cache's dtype, k_cache,
-    v_cache)."""
+    v_cache); with gate, the `Source` of the heads' gates (rows B * T), o * sigmoid(gate)
+    [B, T, num_heads * hd] in place of o (`kernels.decode_attention_rows`)."""
     if interpret is None:
         interpret = not Device.of().runs_triton
     qr, pr, k_cache, v_cache = kernels.attention_prologue(
@@ -105,6 +118,7 @@ def prologue_attention(q_src, k_src, v_src, q_norm, k_norm, inv_freq, lengths, k
         num_heads=num_heads, eps=eps, interpret=interpret)
     B, nKV, L = qr.shape[0], k_cache.shape[2], k_cache.shape[1]
     config = config_for(B, nKV, L, T * (num_heads // nKV), sm_count=sm_count())
+    gated = {} if gate is None else dict(gate_parts=gate.parts, gate=(gate.start, gate.stride))
     o = kernels.decode_attention_rows(qr, pr, k_cache, v_cache, slots, T=T, num_heads=num_heads,
-                                      config=config, interpret=interpret)
+                                      config=config, interpret=interpret, **gated)
     return o, k_cache, v_cache

@@ -16,6 +16,7 @@ import pytest
 
 from gdn_jax import kernels
 from gdn_jax.kernels import AttentionConfig
+from gdn_jax.kernels._common import dot_rows
 
 BF16 = jnp.bfloat16
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -70,6 +71,65 @@ def test_attention_matches_float64_interpret(T, config):
     _assert_close(o, *_reference(q, k, v, slots, pos))
 
 
+def _rows(q, pos, nKV):
+    """q and pos laid out as `decode_attention_rows` reads them (as `decode_attention` does)."""
+    B, T, nH, hd = q.shape
+    G = nH // nKV
+    R = dot_rows(T * G)
+    qr = q.reshape(B, T, nKV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, nKV, T * G, hd)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
+    pr = jnp.broadcast_to(pos[:, None, :, None], (B, nKV, T, G)).reshape(B, nKV, T * G)
+    return qr, jnp.pad(pr, ((0, 0), (0, 0), (0, R - T * G)), constant_values=-1)
+
+
+@pytest.mark.parametrize("T, gate_splits", [(1, 1), (4, 2)])
+@pytest.mark.parametrize("config", [AttentionConfig(16, 1, 4, 1), AttentionConfig(16, 3, 4, 1)],
+                         ids=["one-split", "three-splits"])
+def test_rows_combined_and_gated_in_one_launch(T, gate_splits, config):
+    """decode_attention_rows(..., gate=) against XLA's combine of the same kernel's splits, then
+    o * sigmoid(gate) as the module writes it (the gate's partials added in fp32 and rounded, o
+    and the sigmoid rounded, their product rounded): XLA may keep o and the sigmoid in fp32 inside
+    its fusion (excess precision) where the kernel rounds each, so the two differ by up to those
+    two roundings and the product's, 2**-8 relative each: |got - want| <= 2**-6 |want|. The
+    padding row's output zeros."""
+    _check_gated(T, gate_splits, config, B=4, nH=4, nKV=2, hd=32, L=75, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, gate_splits, splits", [(1, 4, 8), (4, 1, 5)])
+def test_rows_combined_and_gated_in_one_launch_gpu(T, gate_splits, splits, on_gpu):
+    """As above, compiled, at Qwen3.5's heads (16 of 256, 2 KV heads), B = 8."""
+    _check_gated(T, gate_splits, AttentionConfig(64, splits), B=8, nH=16, nKV=2, hd=256, L=680,
+                 interpret=False)
+
+
+def _check_gated(T, gate_splits, config, *, B, nH, nKV, hd, L, interpret):
+    q, k, v, slots, pos = _case(7 + T, B=B, T=T, nH=nH, nKV=nKV, hd=hd, S=10, L=L)
+    rng = np.random.default_rng(T)
+    start, stride = hd, 2 * hd  # the gates interleaved with the queries, as Qwen3.5's q_proj
+    parts = jnp.asarray(rng.standard_normal((gate_splits, B * T, nH * stride)), jnp.float32)
+    qr, pr = _rows(q, pos, nKV)
+    got = kernels.decode_attention_rows(qr, pr, k, v, slots, parts, T=T, num_heads=nH,
+                                        gate=(start, stride), config=config, interpret=interpret)
+    o = kernels.decode_attention(q, k, v, slots, pos, config=config, interpret=interpret)
+    gate = parts.sum(0).astype(BF16).reshape(B, T, nH, stride)[..., start:start + hd]
+    want = np.asarray(o.reshape(B, T, nH * hd) * jax.nn.sigmoid(gate.reshape(B, T, nH * hd)),
+                      np.float64)
+    assert got.shape == (B, T, nH * hd) and got.dtype == BF16
+    err = np.abs(np.asarray(got, np.float64) - want)
+    assert np.all(err <= 2.0 ** -6 * np.abs(want)), f"max err {err.max():.3g}"
+    assert np.all(np.asarray(got[1]) == 0) and np.abs(want).max() > 0.1  # padding row: zeros
+
+
+def test_rows_refuse_a_gate_outside_its_columns():
+    q, k, v, slots, pos = _case(1, B=4, T=1, nH=4, nKV=2, hd=32, S=6, L=75)
+    qr, pr = _rows(q, pos, 2)
+    with pytest.raises(ValueError, match=r"gate_parts \[S, B \* T = 4, N\] holding 4 heads"):
+        kernels.decode_attention_rows(qr, pr, k, v, slots, jnp.ones((1, 4, 200), jnp.float32),
+                                      T=1, num_heads=4, gate=(32, 64), config=AttentionConfig(16),
+                                      interpret=True)
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(k=(6, 75, 2, 16)), r"q \[B, T, nH, hd\] and k_cache"),
     (dict(v=(6, 74, 2, 32)), r"v_cache expected k_cache's"),
@@ -97,6 +157,13 @@ def test_attention_lowers_for_cuda(kind, cuda_lowering):
         text = kernels.decode_attention.trace(*args, config=AttentionConfig(64, 4)).lower(
             lowering_platforms=("cuda",)).as_text()
     assert TRITON_CALL in text
+    gated = (S((32, 2, 16, 256), BF16), S((32, 2, 16), jnp.int32), S((40, 680, 2, 256), BF16),
+             S((40, 680, 2, 256), BF16), S((32,), jnp.int32), S((1, 32, 8192), jnp.float32))
+    with cuda_lowering(kind):  # Qwen3.5's attention at B = 32 decode, the gated combine after
+        text = kernels.decode_attention_rows.trace(
+            *gated, T=1, num_heads=16, gate=(256, 512), config=AttentionConfig(64, 4)).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert text.count(TRITON_CALL) == 2 and "gdn_attention_combine_t1" in text
 
 
 @pytest.mark.gpu
