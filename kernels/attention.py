@@ -132,8 +132,9 @@ def decode_attention_rows(qr, pr, k_cache, v_cache, slots, gate_parts=None, *, T
     With gate_parts [S, B * T, N] (a projection's split-K partial sums, S = 1: its output) and
     gate = (start, stride), head i's gate at columns start + i * stride: the output is
     o * sigmoid(gate) [B, T, num_heads * hd] instead, the splits combined and gated in one launch
-    (`_combine_kernel`) where XLA took two; the roundings are XLA's path's (the partials' sum,
-    o and the sigmoid rounded to the cache's dtype, then their product)."""
+    (`_combine_kernel`) where XLA took two, rounding where the module's XLA path writes a cast
+    (the partials' sum, o and the sigmoid to the cache's dtype, then their product; XLA itself
+    may keep o and the sigmoid in fp32 inside its fusion)."""
     B, nKV, R, hd = qr.shape if qr.ndim == 4 else (None,) * 4
     G = num_heads // max(1, k_cache.shape[2])
     if (qr.ndim != 4 or R != dot_rows(T * G) or pr.shape != (B, nKV, R) or pr.dtype != jnp.int32
