@@ -230,20 +230,9 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "til
 def _stand_in_wait():
     """XLA puts `griddepcontrol.wait` first in each Triton kernel when it compiles it for a Hopper
     GPU (PDL): here the launch trigger's Triton rule emits that wait before the trigger."""
-    from jax._src.lib.mlir.dialects import arith
-    from jax._src.lib.triton import dialect as tt
-    from jax._src.pallas.triton import lowering
-
     from gdn_jax.kernels import _pallas
 
-    def rule(ctx):
-        i32 = lowering.ir.IntegerType.get_signless(32)
-        tt.elementwise_inline_asm(
-            [i32], "griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
-            constraints="=r,r", pure=False, packed_element=1, args=[arith.constant(i32, 0)])
-        return []
-
-    lowering.triton_lowering_rules[_pallas._TRIGGER] = rule
+    _pallas.trigger_rule("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;")
     os.environ[_pallas.TRIGGER_VAR] = "early"
 
 

@@ -202,29 +202,35 @@ def _install_loop_stages() -> bool:
 PIPELINES_LOOPS = _install_loop_stages()
 
 
-def _install_trigger() -> bool:
-    """`_TRIGGER`'s rules: kept by the kernel's dead-code pass (it has no output: its effect is
-    the point) and lowered to an inline `griddepcontrol.launch_dependents` that Triton may not
-    drop (not pure; its one scalar result is unused); False where jax's internals differ."""
-    try:
-        from jax._src.interpreters import partial_eval as pe
-        from jax._src.lib.mlir.dialects import arith as arith_dialect
-        from jax._src.lib.triton import dialect as tt
-        from jax._src.pallas.triton import lowering as triton_lowering
-        ir = triton_lowering.ir
-        # (used_outs, eqn) to jax 0.11, (used_outs, live_ins, eqn) from 0.12: the eqn is last
-        pe.dce_rules[_TRIGGER] = lambda *args: ([], args[-1])
-    except (ImportError, AttributeError):
-        return False
+def trigger_rule(asm: str):
+    """A Triton lowering rule for `_TRIGGER` that emits the PTX `asm` inline, where Triton may
+    not drop it (not pure; its one scalar result is unused). `_install_trigger` installs it for
+    `griddepcontrol.launch_dependents;`; bench/ptxas_stats.py --pdl puts a wait before that."""
+    from jax._src.lib.mlir.dialects import arith as arith_dialect
+    from jax._src.lib.triton import dialect as tt
+    from jax._src.pallas.triton import lowering as triton_lowering
 
     def rule(ctx):
-        i32 = ir.IntegerType.get_signless(32)
-        zero = arith_dialect.constant(i32, 0)
-        tt.elementwise_inline_asm([i32], "griddepcontrol.launch_dependents;\n\tmov.b32 $0, $1;",
-                                  constraints="=r,r", pure=False, packed_element=1, args=[zero])
+        i32 = triton_lowering.ir.IntegerType.get_signless(32)
+        tt.elementwise_inline_asm([i32], asm + "\n\tmov.b32 $0, $1;", constraints="=r,r",
+                                  pure=False, packed_element=1,
+                                  args=[arith_dialect.constant(i32, 0)])
         return []
 
     triton_lowering.triton_lowering_rules[_TRIGGER] = rule
+
+
+def _install_trigger() -> bool:
+    """`_TRIGGER`'s rules: kept by the kernel's dead-code pass (it has no output: its effect is
+    the point) and lowered to an inline `griddepcontrol.launch_dependents` (`trigger_rule`);
+    False where jax's internals differ."""
+    try:
+        from jax._src.interpreters import partial_eval as pe
+        # (used_outs, eqn) to jax 0.11, (used_outs, live_ins, eqn) from 0.12: the eqn is last
+        pe.dce_rules[_TRIGGER] = lambda *args: ([], args[-1])
+        trigger_rule("griddepcontrol.launch_dependents;")
+    except (ImportError, AttributeError):
+        return False
     return True
 
 
