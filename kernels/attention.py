@@ -103,20 +103,30 @@ def _kernel(slots_ref, pos_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, blo
 def decode_attention(q, k_cache, v_cache, slots, pos, *,
                      config: AttentionConfig = AttentionConfig(), interpret: bool = False):
     """Module docstring."""
-    B, T, nH, hd = q.shape
-    S, L, nKV, _ = k_cache.shape
+    B, T, nH, _ = q.shape
+    nKV = k_cache.shape[2]
     _check(q, k_cache, v_cache, slots, pos, config)
     if B == 0 or T == 0:  # nothing to launch (a grid of size 0 may not launch on a GPU)
         return jnp.zeros(q.shape, q.dtype)
-    G = nH // nKV
-    R = dot_rows(T * G)  # the query rows of one program, padded for the tensor cores
-    # [B, nKV, R, hd]: row t * G + g is token t of query head h * G + g; pad rows attend nothing
+    qr, pr = query_rows(q.astype(k_cache.dtype), pos, nKV)
+    return _attend_rows(qr, pr, k_cache, v_cache, slots, T, nH // nKV, config,
+                        interpret).astype(q.dtype)
+
+
+def query_rows(q, pos, num_kv_heads: int):
+    """q [B, T, nH, hd] and pos [B, T] laid out as `decode_attention_rows` reads them: qr
+    [B, nKV, R, hd], row t * G + g token t of query head h * G + g (G = nH / nKV), padded with
+    zero rows to R = dot_rows(T * G) for the tensor cores; pr [B, nKV, R] int32 their positions,
+    -1 on the pad rows (they attend nothing)."""
+    B, T, nH, hd = q.shape
+    nKV, G = num_kv_heads, nH // num_kv_heads
+    R = dot_rows(T * G)
     qr = q.reshape(B, T, nKV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, nKV, T * G, hd)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - T * G), (0, 0))).astype(k_cache.dtype)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
     pr = jnp.broadcast_to(pos.astype(jnp.int32)[:, None, :, None], (B, nKV, T, G))
     pr = jnp.pad(pr.reshape(B, nKV, T * G), ((0, 0), (0, 0), (0, R - T * G)),
                  constant_values=-1)
-    return _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret).astype(q.dtype)
+    return qr, pr
 
 
 @functools.partial(jax.jit, static_argnames=("T", "num_heads", "gate", "config", "interpret"))
@@ -183,13 +193,19 @@ def _combine_kernel(acc_ref, m_ref, l_ref, gate_ref, y_ref, *, T: int, G: int, s
         w = jnp.exp(tops[s] - top)
         num = num + acc_ref[b, h, s, r, :] * w
         den = den + l_ref[b, h, s, r] * w
-    o = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0).astype(dtype)
+    o = _normalized(num, den).astype(dtype)
     cols = pl.ds(start + head * stride, hd)
     gate = gate_ref[0, m, cols].astype(_F32)
     for s in range(1, gate_ref.shape[0]):
         gate = gate + gate_ref[s, m, cols].astype(_F32)
     sig = jax.nn.sigmoid(gate.astype(dtype).astype(_F32)).astype(dtype)
     y_ref[m, pl.ds(head * hd, hd)] = (o.astype(_F32) * sig.astype(_F32)).astype(dtype)
+
+
+def _normalized(num, den):
+    """The combined splits' output num / den, zeros where den is 0 (a padding slot's rows, which
+    read no key: never a NaN)."""
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
 
 
 def _attend_parts(qr, pr, k_cache, v_cache, slots, config, interpret):
@@ -222,7 +238,7 @@ def _attend_rows(qr, pr, k_cache, v_cache, slots, T, G, config, interpret):
     w = jnp.exp(m - top)
     num = jnp.sum(acc * w[..., None], axis=2)
     den = jnp.sum(l * w, axis=2)
-    o = jnp.where(den[..., None] > 0, num / jnp.where(den > 0, den, 1)[..., None], 0)
+    o = _normalized(num, den[..., None])
     o = o[:, :, :T * G].reshape(B, nKV, T, G, hd).transpose(0, 2, 1, 3, 4)
     return o.reshape(B, T, nKV * G, hd)
 

@@ -16,7 +16,7 @@ import pytest
 
 from gdn_jax import kernels
 from gdn_jax.kernels import AttentionConfig
-from gdn_jax.kernels._common import dot_rows
+from gdn_jax.kernels.attention import query_rows
 
 BF16 = jnp.bfloat16
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -71,17 +71,6 @@ def test_attention_matches_float64_interpret(T, config):
     _assert_close(o, *_reference(q, k, v, slots, pos))
 
 
-def _rows(q, pos, nKV):
-    """q and pos laid out as `decode_attention_rows` reads them (as `decode_attention` does)."""
-    B, T, nH, hd = q.shape
-    G = nH // nKV
-    R = dot_rows(T * G)
-    qr = q.reshape(B, T, nKV, G, hd).transpose(0, 2, 1, 3, 4).reshape(B, nKV, T * G, hd)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, R - T * G), (0, 0)))
-    pr = jnp.broadcast_to(pos[:, None, :, None], (B, nKV, T, G)).reshape(B, nKV, T * G)
-    return qr, jnp.pad(pr, ((0, 0), (0, 0), (0, R - T * G)), constant_values=-1)
-
-
 @pytest.mark.parametrize("T, gate_splits", [(1, 1), (4, 2)])
 @pytest.mark.parametrize("config", [AttentionConfig(16, 1, 4, 1), AttentionConfig(16, 3, 4, 1)],
                          ids=["one-split", "three-splits"])
@@ -108,7 +97,7 @@ def _check_gated(T, gate_splits, config, *, B, nH, nKV, hd, L, interpret):
     rng = np.random.default_rng(T)
     start, stride = hd, 2 * hd  # the gates interleaved with the queries, as Qwen3.5's q_proj
     parts = jnp.asarray(rng.standard_normal((gate_splits, B * T, nH * stride)), jnp.float32)
-    qr, pr = _rows(q, pos, nKV)
+    qr, pr = query_rows(q, pos, nKV)
     got = kernels.decode_attention_rows(qr, pr, k, v, slots, parts, T=T, num_heads=nH,
                                         gate=(start, stride), config=config, interpret=interpret)
     o = kernels.decode_attention(q, k, v, slots, pos, config=config, interpret=interpret)
@@ -123,7 +112,7 @@ def _check_gated(T, gate_splits, config, *, B, nH, nKV, hd, L, interpret):
 
 def test_rows_refuse_a_gate_outside_its_columns():
     q, k, v, slots, pos = _case(1, B=4, T=1, nH=4, nKV=2, hd=32, S=6, L=75)
-    qr, pr = _rows(q, pos, 2)
+    qr, pr = query_rows(q, pos, 2)
     with pytest.raises(ValueError, match=r"gate_parts \[S, B \* T = 4, N\] holding 4 heads"):
         kernels.decode_attention_rows(qr, pr, k, v, slots, jnp.ones((1, 4, 200), jnp.float32),
                                       T=1, num_heads=4, gate=(32, 64), config=AttentionConfig(16),
