@@ -83,9 +83,10 @@ STEPS = [(5, [5, 2, 3], True), (1, None, True), (4, None, False)]  # (T, lengths
 
 def _run_steps(where, monkeypatch, var, levels):
     """impl "pallas" over STEPS (after a prefill: decode and verify, ragged lengths, slots
-    [2, -1, 0] with a padding row) once per level of the environment variable var: {level:
-    (outputs, cache)}. CPU: small heads in the interpreter; GPU: Qwen3.5's (16 query heads, 2
-    KV heads of 256, RoPE over 64)."""
+    [2, -1, 0] with a padding row) once per level of the environment variable var: ({level:
+    (outputs, cache)}, the stale cache [k, v] each run started from, a call of the last run's
+    layer). CPU: small heads in the interpreter; GPU: Qwen3.5's (16 query heads, 2 KV heads of
+    256, RoPE over 64)."""
     if where == "gpu" and jax.devices()[0].platform != "gpu":
         pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform}")
     hidden, nH, nKV, hd, rot = (64, 4, 2, 32, 16) if where == "cpu" else (2048, 16, 2, 256, 64)
@@ -107,9 +108,7 @@ def _run_steps(where, monkeypatch, var, levels):
             y, cache = attn(x, cache, slots, lengths=lengths, advance=advance)
             ys.append(np.asarray(y, np.float64))
         runs[level] = ys, cache
-    runs["stale"] = stale
-    runs["call"] = lambda: attn(xs[1], cache, slots)
-    return runs
+    return runs, stale, lambda: attn(xs[1], cache, slots)
 
 
 def _assert_outputs_agree(ref, got):
@@ -132,9 +131,9 @@ def test_prologue_kernel_matches_the_xla_steps(where, monkeypatch):
     real = kernels.attention_prologue
     monkeypatch.setattr(kernels, "attention_prologue",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
-    runs = _run_steps(where, monkeypatch, attention_ops.PROLOGUE_VAR, ("off", "auto"))
+    runs, stale, call = _run_steps(where, monkeypatch, attention_ops.PROLOGUE_VAR, ("off", "auto"))
     assert len(calls) == len(STEPS)  # the kernel ran at "auto" on every call, never at "off"
-    (ref, ref_cache), (got, cache), stale = runs["off"], runs["auto"], runs["stale"]
+    (ref, ref_cache), (got, cache) = runs["off"], runs["auto"]
     np.testing.assert_array_equal(cache.v, ref_cache.v)
     np.testing.assert_array_equal(cache.lengths, ref_cache.lengths)
     k, ref_k = np.asarray(cache.k, np.float32), np.asarray(ref_cache.k, np.float32)
@@ -143,7 +142,7 @@ def test_prologue_kernel_matches_the_xla_steps(where, monkeypatch):
     _assert_outputs_agree(ref, got)
     monkeypatch.setenv(attention_ops.PROLOGUE_VAR, "fast")
     with pytest.raises(ValueError, match="GDN_JAX_ATTENTION_PROLOGUE expected one of"):
-        runs["call"]()
+        call()
 
 
 @pytest.mark.parametrize("where", WHERE)
@@ -156,7 +155,7 @@ def test_combine_kernel_matches_the_xla_combine(where, monkeypatch):
     real = kernels.decode_attention_rows
     monkeypatch.setattr(kernels, "decode_attention_rows",
                         lambda *a, **k: calls.append("gate" in k) or real(*a, **k))
-    runs = _run_steps(where, monkeypatch, attention_ops.COMBINE_VAR, ("xla", "kernel"))
+    runs, _, call = _run_steps(where, monkeypatch, attention_ops.COMBINE_VAR, ("xla", "kernel"))
     assert calls == [False] * len(STEPS) + [True] * len(STEPS)
     (ref, ref_cache), (got, cache) = runs["xla"], runs["kernel"]
     np.testing.assert_array_equal(cache.k, ref_cache.k)
@@ -164,4 +163,4 @@ def test_combine_kernel_matches_the_xla_combine(where, monkeypatch):
     _assert_outputs_agree(ref, got)
     monkeypatch.setenv(attention_ops.COMBINE_VAR, "fast")
     with pytest.raises(ValueError, match="GDN_JAX_ATTENTION_COMBINE expected one of"):
-        runs["call"]()
+        call()
