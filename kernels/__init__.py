@@ -73,7 +73,7 @@ from ._common import MAX_T, POOL_DTYPES, Dims, Dtypes, pow2_block
 from ._mgpu import MAX_K as MOSAIC_MAX_K
 from ._mgpu import MosaicConfig
 from ._mgpu import head_dims_misfit as mosaic_head_dims_misfit
-from ._pallas import TuningConfig
+from ._pallas import TuningConfig, capability
 from ._ring_wy_mgpu import MAX_T as MOSAIC_RING_MAX_T
 from ._tokens_mgpu import MAX_T as MOSAIC_MAX_T
 from ._tokens_mgpu import MODES as MOSAIC_MODES
@@ -119,7 +119,7 @@ __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOS
            "Dtypes", "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "NormConfig",
            "ProjectionConfig", "PrologueConfig", "ScatterConfig", "Source", "TuningConfig",
            "add_rms_norm", "add_rms_norm_misfit", "attention_prologue",
-           "attention_prologue_misfit", "conv_step", "decode", "decode_attention",
+           "attention_prologue_misfit", "capability", "conv_step", "decode", "decode_attention",
            "decode_attention_rows", "decode_mgpu", "fold",
            "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
            "project", "project_conv", "project_gated_norm", "project_glu", "project_group",

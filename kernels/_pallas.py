@@ -117,11 +117,20 @@ _TRIGGER.def_impl(lambda: [])
 _TRIGGER.def_abstract_eval(lambda: [])
 
 
+def capability(device=None) -> tuple[int, int] | None:
+    """(major, minor) of `device` (default: the first device) where it is a GPU that says its
+    compute capability ("9.0" -> (9, 0)); None elsewhere (CPU, or a GPU that does not say)."""
+    device = device or jax.devices()[0]
+    cap = getattr(device, "compute_capability", None)
+    if device.platform != "gpu" or not isinstance(cap, str) or not cap[:1].isdigit():
+        return None
+    major, _, minor = cap.partition(".")
+    return int(major), int(minor or 0)
+
+
 def _launches_dependents() -> bool:
     """Whether the first device is a CUDA GPU whose kernels may trigger their dependents."""
-    device = jax.devices()[0]
-    major = str(getattr(device, "compute_capability", "")).partition(".")[0]
-    return device.platform == "gpu" and major.isdigit() and int(major) >= _PDL_CAPABILITY
+    return (capability() or (0,))[0] >= _PDL_CAPABILITY
 
 
 def _triggering(kernel):

@@ -49,12 +49,8 @@ class Device:
     @classmethod
     def of(cls, device=None) -> "Device":
         device = device or jax.devices()[0]
-        cap = getattr(device, "compute_capability", None)
-        parsed = None
-        if device.platform == "gpu" and isinstance(cap, str) and cap[:1].isdigit():
-            major, _, minor = cap.partition(".")
-            parsed = (int(major), int(minor or 0))
-        return cls(device.platform, parsed, getattr(device, "device_kind", device.platform))
+        return cls(device.platform, kernels.capability(device),
+                   getattr(device, "device_kind", device.platform))
 
     def __str__(self):
         cap = "" if self.capability is None else f", capability {'.'.join(map(str, self.capability))}"
