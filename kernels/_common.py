@@ -296,6 +296,14 @@ def load_token(tok: TokenRefs, r: Row, t: int):
     return q, k, v, g, beta
 
 
+def token_gates(a_ref, b_ref, A_log_ref, dt_bias_ref, b, hv, T: int):
+    """Tokens 0..T - 1 of row b at value head hv: their (g, beta), fp32 scalars, log1p in
+    Kahan's form (the Mosaic GPU kernels', which have no log1p)."""
+    A_log, dt_bias = A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32)
+    return [rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32), A_log,
+                      dt_bias, log1p=rec.log1p_kahan) for t in range(T)]
+
+
 def load_state(pool_ref, r: Row):
     """The tile pool[slot, hv, cols, :] in fp32: [BV, K]."""
     return pool_ref[r.slot, r.hv, r.cols, :].astype(_F32)

@@ -47,7 +47,6 @@ from jax.experimental import pallas as pl
 
 from . import _common as cm
 from . import _mgpu as mg
-from . import _recurrence as rec
 from . import _wy_mgpu as wy
 from ._mgpu import MosaicConfig
 
@@ -86,9 +85,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
         plgpu.commit_smem()
 
         def scalars(t):
-            gates = [rec.gates(a_ref[t.b, j, t.hv].astype(_F32), b_ref[t.b, j, t.hv].astype(_F32),
-                               A_log_ref[t.hv].astype(_F32), dt_bias_ref[t.hv].astype(_F32),
-                               log1p=rec.log1p_kahan) for j in range(T)]
+            gates = cm.token_gates(a_ref, b_ref, A_log_ref, dt_bias_ref, t.b, t.hv, T)
             cslot = jnp.clip(t.slot, 0, N - 1)
             cand_gates = [(cand_g_ref[cslot, j, t.hv].astype(_F32),
                            cand_beta_ref[cslot, j, t.hv].astype(_F32)) for j in range(t_max)]

@@ -122,9 +122,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         plgpu.commit_smem()
 
         def scalars(t):
-            gates = [rec.gates(a_ref[t.b, j, t.hv].astype(_F32), b_ref[t.b, j, t.hv].astype(_F32),
-                               A_log_ref[t.hv].astype(_F32), dt_bias_ref[t.hv].astype(_F32),
-                               log1p=rec.log1p_kahan) for j in range(T)]
+            gates = cm.token_gates(a_ref, b_ref, A_log_ref, dt_bias_ref, t.b, t.hv, T)
             cslot = jnp.clip(t.slot, 0, N - 1)
             return gates, [cand_g_ref[cslot, l, t.hv].astype(_F32) for l in range(W)]
 

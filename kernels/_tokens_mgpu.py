@@ -235,9 +235,7 @@ def tokens_body(refs, *, mode: Mode, dims: cm.Dims, config: MosaicConfig, interp
                 issue_ahead(i)
 
             # Scalars first: their GMEM latency overlaps the TMA wait below.
-            gates = [rec.gates(a_ref[b, t, hv].astype(_F32), b_ref[b, t, hv].astype(_F32),
-                               A_log_ref[hv].astype(_F32), dt_bias_ref[hv].astype(_F32),
-                               log1p=rec.log1p_kahan) for t in range(T)]
+            gates = cm.token_gates(a_ref, b_ref, A_log_ref, dt_bias_ref, b, hv, T)
             n = pending(slot, live)
             here = Tile(i, s, b, hv, cols, slot, n, in_range, live)
 
