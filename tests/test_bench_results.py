@@ -12,7 +12,8 @@ FIELDS = {"metric", "value", "unit", "target", "device", "date", "source"}
 
 
 def test_headline_entries_follow_the_convention():
-    entries = json.load(open(HEADLINE))
+    with open(HEADLINE) as f:
+        entries = json.load(f)
     assert isinstance(entries, list) and entries
     metrics = [e.get("metric") for e in entries]
     assert len(set(metrics)) == len(metrics), f"a metric twice: {sorted(metrics)}"

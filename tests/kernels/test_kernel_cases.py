@@ -188,7 +188,7 @@ def device_for(request):
             return
         dev = request.getfixturevalue("on_gpu")
         if case.family == "mosaic":
-            cap = tuple(int(x) for x in dev.compute_capability.split("."))
+            cap = kernels.capability(dev)
             if cap < (9, 0):
                 pytest.skip(f"the Mosaic GPU kernels need compute capability >= 9.0, got {cap}")
             if case.config.wy and cap[0] != 9:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import pytest
 
-from gdn_jax.kernels import MosaicConfig, TuningConfig, decode, decode_mgpu, mosaic_unavailable
+from gdn_jax.kernels import (MosaicConfig, TuningConfig, capability, decode, decode_mgpu,
+                             mosaic_unavailable)
 
 pytestmark = pytest.mark.gpu
 
@@ -37,7 +38,7 @@ def test_decode_tuning_grid_gpu(block_v, num_warps, on_gpu, make_case, reference
 @pytest.fixture
 def on_hopper(on_gpu):
     """Skip unless the GPU can run Mosaic GPU kernels (capability >= 9.0, Mosaic imports)."""
-    cap = tuple(int(x) for x in on_gpu.compute_capability.split("."))
+    cap = capability(on_gpu)
     if cap < (9, 0):
         pytest.skip(f"the Mosaic GPU kernels need compute capability >= 9.0, got {cap}")
     if mosaic_unavailable() is not None:
@@ -53,7 +54,7 @@ def test_decode_triggers_its_successor_on_hopper_gpu(on_gpu, monkeypatch, make_c
 
     from gdn_jax.kernels import _pallas
 
-    if int(on_gpu.compute_capability.split(".")[0]) < 9:
+    if capability(on_gpu) < (9, 0):
         pytest.skip(f"the trigger needs compute capability >= 9.0, got {on_gpu.compute_capability}")
     monkeypatch.delenv(_pallas.TRIGGER_VAR, raising=False)
     jax.clear_caches()  # the trigger is read at trace time: no trace of another setting reused
