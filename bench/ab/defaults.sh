@@ -12,7 +12,11 @@
 #   bash bench/ab/defaults.sh 2   # the epilogues at B = 1 and 32 on an H200 (its B = 1 verify
 #                                 # gave the GLU 15.24 us a layer where 12-04's gate / up took
 #                                 # 12.94 + the product: is the GLU slower there at few rows?);
-#                                 # the MoE's pair forms at B = 1
+#                                 # the MoE's pair forms at B = 1 (ran 2026-12-06 on an H100,
+#                                 # 20 layers: split lost by chained step time, decode 1.773 /
+#                                 # 1.773 against tile's 1.712 / 1.726 ms, verify 2.96 against
+#                                 # 2.77; row lost in the profile, 3177 against 2973 us of
+#                                 # kernels: "tile" stays, README)
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
 #   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE;
@@ -50,13 +54,13 @@
 #                                 # (words "name:ENV=V,ENV=V"; default the prologue at one
 #                                 # row against the views) at BATCHES (default 1), ROUNDS (2)
 #                                 # times, interleaved; the table's lines prefixed by the name.
-#                                 # Next: VARIANTS="mosaic: triton:GDN_JAX_BACKEND=triton"
-#                                 # BATCHES=1,32 (a verify's GDN kernel in Triton keeps the
-#                                 # PDL chain, a Mosaic call likely breaks it twice: B = 1
-#                                 # verify gained 1.6% from the trigger where decode gained 5.4%);
-#                                 # VARIANTS="xla: kernel:GDN_JAX_ATTENTION_COMBINE=kernel"
-#                                 # BATCHES=1,32 (two XLA fusions an attention layer, which
-#                                 # never trigger early, for one launch that does)
+#                                 # Ran 2026-12-06 on an H100, twice each, interleaved: the
+#                                 # ring verify at B = 32 in Mosaic GPU against Triton (the
+#                                 # latter keeps the PDL chain): 5.86 / 5.85 against 6.77 /
+#                                 # 6.83 ms, Mosaic stays; GDN_JAX_ATTENTION_COMBINE=kernel
+#                                 # against xla at B = 1 and 32: within the runs' spread
+#                                 # (decode 3.197 against 3.204 / 3.207 ms at B = 1, verify
+#                                 # 6.252 against 6.213 / 6.237 at B = 32), xla stays
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -76,6 +80,11 @@ profile() {  # profile FAMILY LAYERS BATCHES PROGRAMS NAME VARIANT...
     lap
 }
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+# 2026-12-06 the runner's editable install no longer mapped gdn_jax.kernels (ModuleNotFoundError
+# from the repo root and from bench/ scripts): import the checkout itself, its kernels linked in
+# as the install maps them (tree.sh does the same for its trees; the link is .gitignore'd)
+[[ -e gdn_jax/kernels ]] || ln -s ../kernels gdn_jax/kernels
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case $part in
 1)
     timeout 240 python -m pytest -q -m gpu -x tests/kernels/test_kernel_projection_conv.py \

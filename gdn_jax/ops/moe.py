@@ -40,8 +40,8 @@ of 16 of their own, where apart reads its weights once).
 
 GDN_JAX_MOE_PAIRS (PAIRS_VAR; `pairs_mode`) says how the kernels take a block per pair: "tile"
 (the default) forms each block's whole 16-row tile, "row" its one real row alone, "split" also
-cuts the gate / up's K in two, the down forming silu(gate) * up from the partial sums (unmeasured
-on a GPU yet: `PAIRS_VAR`'s comment).
+cuts the gate / up's K in two, the down forming silu(gate) * up from the partial sums (both
+slower than "tile" on an H100: `PAIRS_VAR`'s comment).
 """
 
 from __future__ import annotations
@@ -70,10 +70,12 @@ PAIRS_VAR = "GDN_JAX_MOE_PAIRS"
 # that took 13.9 us where the plain down takes 7.4 (`config_for`); as one row it takes 64
 # registers and 40 KB of shared memory a program, against the plain down's 54 and 40 KB, not 113
 # and 96 KB (offline, sm_90: bench/ptxas_stats.py --kernel moe-b1-down --pairs split; the plain
-# down, "tile" and "row", stages its blocks' rows as they are: no prologue). Unmeasured
-# on a GPU (no runner was lent on 2026-12-05): compare `bench/profile_step.py --family
-# qwen3_5_moe_text --batches 1 --variant tile --variant row:pairs=row --variant
-# split:pairs=split`.
+# down, "tile" and "row", stages its blocks' rows as they are: no prologue). Measured on an H100,
+# 2026-12-06, 20-layer 35B-shaped model at B = 1: by chained step time split's decode took 1.773
+# / 1.773 ms against tile's 1.712 / 1.726 (two runs each, interleaved), its verify 2.96 against
+# 2.77 (bench/results/bench_speculative-h100-qwen3_5_moe_text-20layers-b1-pairs_*); row's kernels
+# summed 3177 against tile's 2973 us a decode (profile_step-h100-qwen3_5_moe_text-20layers-b1-
+# pairs-2026-12-06.json; PDL blurs per-kernel times). "tile" stays the default.
 PAIRS = ("tile", "row", "split")
 
 
