@@ -33,8 +33,6 @@ the one-launch kernel `gdn_jax.kernels.route`, the default, or as XLA's launches
 `shared=auto|apart|fold`
 (GDN_JAX_MOE_SHARED: the MoE shared expert in the routed experts' launches at small token
 counts, the default, as a SwiGLU of its own, or in the routed launches at any count),
-`pairs=tile|row|split` (GDN_JAX_MOE_PAIRS: a block per pair formed as its whole 16-row tile, the
-default, as its one row, or as one row with the gate / up split in two K slices),
 `moe=auto|gather|grouped|pallas` (set_expert_path), `attention=auto|xla|pallas`
 (set_attention_impl) or `KEY=VALUE`, an XLA option compiled into that variant's programs alone
 (`compiler_options`; e.g. the command-buffer options). Variants run one after another on the
@@ -111,8 +109,7 @@ _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "combine": "GDN_JAX_ATTENTION_COMBINE",
               "router": "GDN_JAX_MOE_ROUTER",
               "shared": "GDN_JAX_MOE_SHARED", "gemv": "GDN_JAX_PROJECTION_GEMV",
-              "glu": "GDN_JAX_PROJECTION_GLU",
-              "pairs": "GDN_JAX_MOE_PAIRS"}
+              "glu": "GDN_JAX_PROJECTION_GLU"}
 _PATHS = (*_ENV_PATHS, "moe", "attention")
 
 

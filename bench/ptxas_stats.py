@@ -5,7 +5,7 @@
     python bench/ptxas_stats.py --kernel projection|projection-group|projection-swiglu|
                                 projection-gated-norm|moe-gate-up|moe-down|moe-b1-gate-up|
                                 moe-b1-down|attention|conv|in-proj|projection-conv|
-                                projection-glu [--T 4] [--gemv] [--pairs split] [--pdl]
+                                projection-glu [--T 4] [--gemv] [--pdl]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks; --gemv:
         the one-row projections as a GEMV)
 
@@ -137,11 +137,11 @@ MODEL_KERNELS = ("projection", "projection-group", "projection-swiglu", "project
                  "in-proj", "projection-conv", "projection-glu")
 
 
-def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "tile"):
+def model_kernel_call(kernel: str, T: int, gemv: bool = False):
     """(fn, args, kwargs, config) of one of the model's kernels at Qwen3.5 shapes: the out_proj
     at one row (plain; or GDN's, its output norm in the launch), the MLP down at one row with
     silu * up formed from the gate / up group's two partial sums, the 35B-A3B experts (256,
-    top 8) at B = 8 (and at B = 1, the shared expert folded, in a GDN_JAX_MOE_PAIRS mode `pairs`),
+    top 8) at B = 8 (and at B = 1, the shared expert folded),
     attention at B = 32 over 4K. gemv: the projections' config as a GEMV."""
     import dataclasses
 
@@ -195,18 +195,14 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False, pairs: str = "til
                 dict(widths=(2048, 2048, 4096), keep=keep), config)
     if kernel.startswith("moe-b1"):  # B = 1 decode, the shared expert folded (ops.moe.routed)
         E, H, I, k = 256, 2048, 512, 8
-        split = pairs == "split"
-        up, down = moe.default_configs(k, 1, E, H, I, shared=True, split=split)
-        rows, one = (k + 1) * up.block_m, dict(shared_blocks=1, pair_blocks=pairs != "tile")
+        up, down = moe.default_configs(k, 1, E, H, I, shared=True)
+        rows = (k + 1) * up.block_m
         if kernel == "moe-b1-gate-up":
             return (kernels.grouped_matmul, (S((1, H), bf), S((E, H, I), bf), S((k,), jnp.int32)),
                     dict(w_up=S((E, H, I), bf), row_token=S((rows,), jnp.int32),
-                         w_shared=S((H, I), bf), w_up_shared=S((H, I), bf), **one), up)
-        x = S((2, rows, 2 * I), jnp.float32) if split else S((rows, I), bf)
-        swiglu = dict(swiglu=True, row_token=S((rows,), jnp.int32), num_tokens=1, **one) \
-            if split else dict(shared_blocks=1)
-        return (kernels.grouped_matmul, (x, S((E, I, H), bf), S((k,), jnp.int32)),
-                dict(w_shared=S((I, H), bf), **swiglu), down)
+                         w_shared=S((H, I), bf), w_up_shared=S((H, I), bf), shared_blocks=1), up)
+        return (kernels.grouped_matmul, (S((rows, I), bf), S((E, I, H), bf), S((k,), jnp.int32)),
+                dict(w_shared=S((I, H), bf), shared_blocks=1), down)
     if kernel.startswith("moe"):
         pairs, E = 8 * 8, 256
         K, N = (2048, 512) if kernel == "moe-gate-up" else (512, 2048)
@@ -247,8 +243,6 @@ def main(argv=None):
     p.add_argument("--num-warps", type=int, default=4)
     p.add_argument("--arch", type=int, default=90, help="SM version for ptxas (90: Hopper)")
     p.add_argument("--gemv", action="store_true", help="one-row projections as a GEMV")
-    p.add_argument("--pairs", default="tile", choices=("tile", "row", "split"),
-                   help="moe-b1-*: GDN_JAX_MOE_PAIRS's mode")
     p.add_argument("--pdl", action="store_true",
                    help="put a stand-in for XLA's griddepcontrol.wait first in each kernel, with "
                         "the launch trigger (kernels._pallas), and say whether every global load "
@@ -257,8 +251,7 @@ def main(argv=None):
     if args.pdl:
         _stand_in_wait()
     if args.kernel in MODEL_KERNELS:
-        fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T, args.gemv,
-                                                           args.pairs)
+        fn, call_args, kwargs, config = model_kernel_call(args.kernel, args.T, args.gemv)
         for ir in triton_ir(fn, call_args, config=config, **kwargs):
             stats = compile_stats(ir, config.num_warps, args.arch, config.num_stages)
             print(f"{args.kernel} {config}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))

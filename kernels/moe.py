@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_launch_fields, column_index, in_row_zero
+from ._common import check_launch_fields, column_index
 
 _F32 = jnp.float32
 MOE_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -226,7 +226,7 @@ def plan_pairs(ids: jax.Array, block_m: int, *, shared: bool = False) -> Blocks:
 
 
 def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, gather, swiglu,
-            num_tokens, shared, shared_blocks, pair_blocks):
+            num_tokens, shared, shared_blocks):
     """Program (g, n, s): rows of block g times column block n of w[block_expert[g]], over the
     K slice s (k_split rows of w from s * k_split). With gather (refs: row_token first) the rows
     are x's rows row_token[g * block_m + i], zeros where that is no token (padding); with swiglu
@@ -256,38 +256,30 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
         else:
             o_ref[rows, cols] = value.astype(o_ref.dtype)
 
-    def x_rows(k0, at, token, real):  # x's tile of the block rows at, in w's dtype
+    def x_rows(k0, token, real):  # x's tile of the block's rows, in w's dtype
         if gather:  # indices on both axes: the interpreter takes no array-and-slice mix
             return plgpu.load(x_ref.at[token[:, None], column_index(k0, block_k)],
                               mask=real[:, None], other=0)
         if swiglu:  # with row_token only the real rows load: most rows are padding
             def summed(col):
                 cs = pl.ds(col, block_k)
-                parts = [(x_ref[j, at, cs] if row_token_ref is None else plgpu.load(
-                    x_ref.at[jnp.int32(j), at, cs], mask=real[:, None], other=0))
+                parts = [(x_ref[j, rows, cs] if row_token_ref is None else plgpu.load(
+                    x_ref.at[jnp.int32(j), rows, cs], mask=real[:, None], other=0))
                     .astype(_F32) for j in range(x_ref.shape[0])]
                 return functools.reduce(lambda a, b: a + b, parts)
             return _silu_mul(summed(k0), summed(K + k0)).astype(stack[0].dtype)
-        return x_ref[at, pl.ds(k0, block_k)]
+        return x_ref[rows, pl.ds(k0, block_k)]
 
-    def run(tile, one_row: bool = False):  # tile(ref, ks, cols): this block's expert's tile
-        # one_row: the block's one pair, in its row 0, formed alone (the tile's other rows
-        # zeros), where the whole tile would load and transform block_m - 1 padding rows each
-        # K-step
-        at = pl.ds(g * block_m, 1) if one_row else rows
+    def run(tile):  # tile(ref, ks, cols): this block's expert's tile
         token, real = None, None
         if row_token_ref is not None:  # a padding row's address: masked, never read
-            token = row_token_ref[at]
+            token = row_token_ref[rows]
             real = (token >= 0) & (token < (x_ref.shape[0] if gather else num_tokens))
             token = jnp.where(real, token, 0)
 
-        def x_tile(k0):
-            x = x_rows(k0, at, token, real)
-            return in_row_zero(x, block_m) if one_row else x
-
         def step(i, accs):
             k0 = s * k_split + i * block_k
-            x, ks, cols = x_tile(k0), pl.ds(k0, block_k), pl.ds(n * block_n, block_n)
+            x, ks, cols = x_rows(k0, token, real), pl.ds(k0, block_k), pl.ds(n * block_n, block_n)
             dot = lambda ref: lax.dot_general(x, tile(ref, ks, cols), (((1,), (0,)), ((), ())),
                                               preferred_element_type=_F32)
             return tuple(a + dot(j) for j, a in enumerate(accs))
@@ -300,12 +292,9 @@ def _kernel(block_expert_ref, *refs, block_m, block_n, block_k, k_split, gated, 
         else:
             store(0, _silu_mul(*accs) if gated else accs[0])
 
-    pl.when((e >= 0) & (e < E))(lambda: run(lambda j, ks, cols: stack[j][e, ks, cols],
-                                            one_row=pair_blocks))
-    if shared:  # one token's shared block holds it in its row 0 too
-        one_token = (x_ref.shape[0] if gather else num_tokens) == 1
-        pl.when(e == E)(lambda: run(lambda j, ks, cols: lone[j][ks, cols],
-                                    one_row=pair_blocks and one_token))
+    pl.when((e >= 0) & (e < E))(lambda: run(lambda j, ks, cols: stack[j][e, ks, cols]))
+    if shared:
+        pl.when(e == E)(lambda: run(lambda j, ks, cols: lone[j][ks, cols]))
 
     @pl.when((e < 0) | (e >= E + int(shared)))
     def _():
@@ -319,12 +308,12 @@ def _silu_mul(gate, up):
 
 
 @functools.partial(jax.jit, static_argnames=("config", "swiglu", "num_tokens", "shared_blocks",
-                                             "pair_blocks", "interpret", "name"))
+                                             "interpret", "name"))
 def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
                    w_up: jax.Array | None = None, row_token: jax.Array | None = None,
                    swiglu: bool = False, num_tokens: int | None = None,
                    w_shared: jax.Array | None = None, w_up_shared: jax.Array | None = None,
-                   shared_blocks: int = 0, pair_blocks: bool = False,
+                   shared_blocks: int = 0,
                    config: MoEConfig = MoEConfig(), interpret: bool = False,
                    name: str | None = None) -> jax.Array:
     """x: [G * block_m, K], w (and w_up): [E, K, N], block_expert: [G] int32 -> [G * block_m, N]
@@ -346,17 +335,8 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
     a block whose expert is E multiplies by it (a MoE block's shared expert, run as the k + 1-th
     expert of every token). shared_blocks (with w_shared): that many blocks more after
     block_expert's, the shared expert's (`Blocks.shared_blocks`): G counts them in the shapes
-    above, block_expert is then [G - shared_blocks].
-
-    pair_blocks (with row_token): each of block_expert's blocks holds one pair, in its row 0
-    (`plan_pairs`; its other rows are taken as padding, whatever row_token says): the kernel
-    forms that row's x alone, the tile's other rows zeros, where the whole tile's would load
-    and transform block_m - 1 padding rows each K-step (the same result; a shared block's tile
-    is formed whole unless there is one token)."""
+    above, block_expert is then [G - shared_blocks]."""
     _check(x, w, w_up, block_expert, row_token, swiglu, num_tokens, config, shared_blocks)
-    if pair_blocks and row_token is None:
-        raise ValueError("grouped_matmul: pair_blocks (each block's pair in its row 0) needs "
-                         "row_token, got None")
     _check_shared(w, w_up, w_shared, w_up_shared, shared_blocks)
     shared = w_shared is not None
     N = w.shape[2]
@@ -373,8 +353,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, block_expert: jax.Array, *,
         functools.partial(_kernel, block_m=config.block_m, block_n=config.block_n,
                           block_k=config.block_k, k_split=w.shape[1] // S, gated=gated,
                           gather=gather, swiglu=swiglu, num_tokens=num_tokens if swiglu else None,
-                          shared=shared, shared_blocks=shared_blocks,
-                          pair_blocks=bool(pair_blocks)),
+                          shared=shared, shared_blocks=shared_blocks),
         name=name or ("gdn_moe_gate_up" if gated else "gdn_moe_down"),
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,

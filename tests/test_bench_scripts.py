@@ -24,7 +24,7 @@ def _run(script, *args):
 def test_profile_step_runs_every_program_and_variant(tmp_path):
     _run("profile_step.py", "--smoke", "--out", str(tmp_path), "--batches", "2",
          "--variant", "base",
-         "--variant", "paths:moe=gather;attention=xla;projection=xla;gemv=on;pairs=split",
+         "--variant", "paths:moe=gather;attention=xla;projection=xla;gemv=on;shared=apart",
          "--hlo")
     [result] = [p for p in os.listdir(tmp_path) if p.startswith("profile_step")]
     rows = json.load(open(tmp_path / result))["results"]

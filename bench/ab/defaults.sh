@@ -16,7 +16,7 @@
 #                                 # 20 layers: split lost by chained step time, decode 1.773 /
 #                                 # 1.773 against tile's 1.712 / 1.726 ms, verify 2.96 against
 #                                 # 2.77; row lost in the profile, 3177 against 2973 us of
-#                                 # kernels: "tile" stays, README)
+#                                 # kernels: both forms dropped, `ops.moe.config_for`)
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
 #   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE;
@@ -65,7 +65,7 @@
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
 # glu_off / conv_off below views at a row count -> `ops.projection._glu`'s and
-# `ops.conv.project_conv_step`'s bounds; pairs=split -> `ops.moe.pairs_mode`'s; the router's
+# `ops.conv.project_conv_step`'s bounds; the router's
 # fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
 part=${1:?1, 2, 3, 4, 5, 6, 7 or 8}
@@ -109,8 +109,6 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
 2)
     profile qwen3_5_text 48 1,32 decode,verify dense_ep views glu_off:glu=off \
         conv_off:conv_epilogue=off 'apart:conv_epilogue=off;glu=off'
-    profile qwen3_5_moe_text 40 1 decode moe_b1 tile row:pairs=row split:pairs=split \
-        'split_row:pairs=split;prologue=row' 'split_apart:pairs=split;conv_epilogue=off'
     ;;
 3)
     python bench/bench_moe.py --out "$OUT/router" --tokens 1,4 --router-warps 1,2,4,8 2>&1 \

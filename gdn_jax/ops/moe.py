@@ -37,16 +37,10 @@ apart, kernels per call, bench/results/profile_step-h200-qwen3_5_moe_text-
 columns_barrier-2026-12-04.json): B = 1 decode 3095 -> 3048 us, verify 4692 -> 4593; B = 32 decode
 14181 -> 14260, verify 21368 -> 21482 (there the shared expert's 32 or 128 tokens take blocks
 of 16 of their own, where apart reads its weights once).
-
-GDN_JAX_MOE_PAIRS (PAIRS_VAR; `pairs_mode`) says how the kernels take a block per pair: "tile"
-(the default) forms each block's whole 16-row tile, "row" its one real row alone, "split" also
-cuts the gate / up's K in two, the down forming silu(gate) * up from the partial sums (both
-slower than "tile" on an H100: `PAIRS_VAR`'s comment).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import jax
@@ -61,22 +55,6 @@ from gdn_jax.ops.residual_norm import WeightedRows
 
 ROUTER_VAR = "GDN_JAX_MOE_ROUTER"
 SHARED_VAR = "GDN_JAX_MOE_SHARED"
-PAIRS_VAR = "GDN_JAX_MOE_PAIRS"
-# How `routed` runs a block per pair (`one_block_per_pair`: decode and verify at small B), where
-# each block's 16-row tile holds one real row: "tile" (the default) forms the whole tile, "row"
-# forms the one row alone (`kernels.grouped_matmul(pair_blocks=True)`), "split" also cuts the
-# gate / up call's K in two (64-column blocks: 11.3 against 14.0 us a layer, B = 1 decode, H200,
-# 2026-12-04) and the down call forms silu(gate) * up from their partial sums: as a whole tile
-# that took 13.9 us where the plain down takes 7.4 (`config_for`); as one row it takes 64
-# registers and 40 KB of shared memory a program, against the plain down's 54 and 40 KB, not 113
-# and 96 KB (offline, sm_90: bench/ptxas_stats.py --kernel moe-b1-down --pairs split; the plain
-# down, "tile" and "row", stages its blocks' rows as they are: no prologue). Measured on an H100,
-# 2026-12-06, 20-layer 35B-shaped model at B = 1: by chained step time split's decode took 1.773
-# / 1.773 ms against tile's 1.712 / 1.726 (two runs each, interleaved), its verify 2.96 against
-# 2.77 (bench/results/bench_speculative-h100-qwen3_5_moe_text-20layers-b1-pairs_*); row's kernels
-# summed 3177 against tile's 2973 us a decode (profile_step-h100-qwen3_5_moe_text-20layers-b1-
-# pairs-2026-12-06.json; PDL blurs per-kernel times). "tile" stays the default.
-PAIRS = ("tile", "row", "split")
 
 
 def runs_compiled(dtype, hidden: int, intermediate: int) -> bool:
@@ -111,7 +89,12 @@ def config_for(pairs: int, num_experts: int, K: int, N: int, *,
     decode at B = 1 (bench/results/profile_step-h200-qwen3_5_moe_text-b1-moe_split_k-*.json):
     gate / up at 64 columns in 2 slices took 11.3 us a layer where this config takes 14.0, but
     the down call forming silu(gate) * up from the fp32 partial sums took 13.9 where it takes
-    7.4 from h: the step 3373 vs 3208 us of kernels."""
+    7.4 from h: the step 3373 vs 3208 us of kernels. With that down forming h from only the
+    real rows, and with each block's one real row formed alone (not its 16-row tile), both
+    were slower again on an H100, 2026-12-06, 20-layer 35B-shaped model at B = 1 (chained
+    decode 1.773 ms split against 1.712-1.726 whole; row's kernels 3177 against 2973 us a
+    decode: bench/results/*-h100-qwen3_5_moe_text-20layers-b1-pairs*-2026-12-06.json) and
+    were dropped (they were GDN_JAX_MOE_PAIRS=split and =row)."""
     block_m = 16 if pairs <= 16 * num_experts else 64
     blocks = pairs if one_block_per_pair(pairs, num_experts) else \
         _moe.num_blocks(pairs, num_experts, block_m)
@@ -162,21 +145,18 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
         lone = dict(gate=dict(w_shared=s_gate, w_up_shared=s_up), down=dict(w_shared=s_down))
     if interpret is None:
         interpret = not Device.of().runs_triton
-    pairs = pairs_mode(ids.size, E)
     up_cfg, down_cfg = configs or default_configs(ids.size, T, E, H, I,
-                                                  shared=shared is not None,
-                                                  split=pairs == "split")
+                                                  shared=shared is not None)
     if up_cfg.block_m != down_cfg.block_m:
         raise ValueError(f"routed: configs expected one block_m, got {up_cfg.block_m} and "
                          f"{down_cfg.block_m}")
     blocks = plan_blocks(ids, E, up_cfg.block_m, shared=shared is not None)
-    one_row = pairs != "tile"  # each routed block's pair in its row 0 (plan_pairs)
     h = kernels.grouped_matmul(x, w_gate, blocks.block_expert, w_up=w_up,
                                row_token=blocks.row_token, shared_blocks=blocks.shared_blocks,
-                               pair_blocks=one_row, config=up_cfg, interpret=interpret,
+                               config=up_cfg, interpret=interpret,
                                **lone.get("gate", {}))
-    split = dict(swiglu=True, row_token=blocks.row_token, num_tokens=T,
-                 pair_blocks=one_row) if up_cfg.splits > 1 else {}
+    split = dict(swiglu=True, row_token=blocks.row_token, num_tokens=T) \
+        if up_cfg.splits > 1 else {}
     y = kernels.grouped_matmul(h, w_down, blocks.block_expert, shared_blocks=blocks.shared_blocks,
                                config=down_cfg, interpret=interpret, **split,
                                **lone.get("down", {}))
@@ -186,26 +166,14 @@ def routed(x, weights, ids, w_gate, w_up, w_down, *, shared=None,
 
 
 def default_configs(pairs: int, tokens: int, num_experts: int, H: int, I: int, *,
-                    shared: bool = False, split: bool = False, sm_count: int | None = None):
+                    shared: bool = False, sm_count: int | None = None):
     """`routed`'s (gate / up, down) configs (`config_for`) for `pairs` routed pairs of `tokens`
     tokens over num_experts experts of [H, I]; shared: one more expert, every token's pair
-    more. split: the gate / up's K in two slices of column blocks up to 64 wide (PAIRS_VAR's
-    "split"), where H takes them. sm_count: this device's by default."""
+    more. sm_count: this device's by default."""
     sms = sm_count or _sm_count()
     pairs, experts = pairs + shared * tokens, num_experts + shared
-    up = config_for(pairs, experts, H, I, sm_count=sms)
-    if split and H % (2 * up.block_k) == 0:
-        up = dataclasses.replace(up, block_n=pow2_tile(I, 64), splits=2)
-    return up, config_for(pairs, experts, I, H, sm_count=sms)
-
-
-def pairs_mode(pairs: int, num_experts: int) -> str:
-    """PAIRS_VAR's mode (`PAIRS`) for a MoE call of `pairs` routed pairs: "tile" unless each
-    pair gets a block of its own (`one_block_per_pair`). Read at trace time."""
-    wish = os.environ.get(PAIRS_VAR) or "tile"
-    if wish not in PAIRS:
-        raise ValueError(f"{PAIRS_VAR}: expected one of {list(PAIRS)}, got {wish!r}")
-    return wish if one_block_per_pair(pairs, num_experts) else "tile"
+    return (config_for(pairs, experts, H, I, sm_count=sms),
+            config_for(pairs, experts, I, H, sm_count=sms))
 
 
 def plan_blocks(ids, num_experts: int, block_m: int, *, shared: bool = False) -> _moe.Blocks:

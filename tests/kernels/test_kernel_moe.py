@@ -274,52 +274,6 @@ def test_grouped_matmul_swiglu_loads_only_token_rows_interpret():
     assert not got[pad].any() and np.abs(want[~pad]).min() > 0
 
 
-@pytest.mark.parametrize("T", [1, 3])
-@pytest.mark.parametrize("splits", [1, 2])
-def test_pair_blocks_form_row_zero_alone_interpret(T, splits):
-    """pair_blocks (plan_pairs' blocks, a shared expert's blocks after them): bit for bit the
-    whole tile's calls, which the tests above hold to float64 -- the gated call gathering rows
-    by token (split or not) and the down call's swiglu from the split partial sums, their
-    padding rows NaN-poisoned -- every token row nonzero (random rows: a wrong row or K-step
-    moves it), every padding row zero."""
-    k, E, K, N = 2, 8, 128, 64
-    rng = np.random.default_rng(60 + T)
-    b = moe.plan_pairs(_ids(rng, T, k, E), 16, shared=True)
-    x = jnp.asarray(rng.standard_normal((T, K)), jnp.bfloat16)
-    wg, wu = (jnp.asarray(rng.standard_normal((E, K, N)) * K ** -0.5, jnp.bfloat16)
-              for _ in range(2))
-    sg, su = (jnp.asarray(rng.standard_normal((K, N)) * K ** -0.5, jnp.bfloat16)
-              for _ in range(2))
-    wd = jnp.asarray(rng.standard_normal((E, N, K)) * N ** -0.5, jnp.bfloat16)
-    sd = jnp.asarray(rng.standard_normal((N, K)) * N ** -0.5, jnp.bfloat16)
-    common = dict(row_token=b.row_token, shared_blocks=b.shared_blocks, interpret=True)
-    up = dict(w_up=wu, w_shared=sg, w_up_shared=su, config=MoEConfig(16, 32, 32, splits=splits),
-              **common)
-    h = kernels.grouped_matmul(x, wg, b.block_expert, pair_blocks=True, **up)
-    np.testing.assert_array_equal(
-        np.asarray(h), np.asarray(kernels.grouped_matmul(x, wg, b.block_expert, **up)))
-    pad = np.asarray(b.row_token) == T
-    rows = np.asarray(h if splits == 1 else h[0])
-    assert np.abs(rows[~pad]).min() > 0 and not rows[pad].any()
-    if splits > 1:
-        poisoned = jnp.asarray(np.where(pad[None, :, None], np.nan, np.asarray(h)), jnp.float32)
-        down = dict(swiglu=True, num_tokens=T, w_shared=sd, config=MoEConfig(16, 32, 16),
-                    **common)
-        y = np.asarray(kernels.grouped_matmul(poisoned, wd, b.block_expert, pair_blocks=True,
-                                              **down))
-        np.testing.assert_array_equal(
-            y, np.asarray(kernels.grouped_matmul(poisoned, wd, b.block_expert, **down)))
-        assert np.abs(y[~pad]).min() > 0 and not y[pad].any()
-
-
-def test_pair_blocks_need_row_token():
-    with pytest.raises(ValueError, match="pair_blocks .* needs row_token"):
-        kernels.grouped_matmul(jnp.ones((16, 64), jnp.bfloat16),
-                               jnp.ones((2, 64, 32), jnp.bfloat16), jnp.zeros((1,), jnp.int32),
-                               pair_blocks=True,
-                               config=MoEConfig(16, 32, 32), interpret=True)
-
-
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 def test_grouped_matmul_shared_expert_is_expert_e_interpret(gated):
     """w_shared: blocks numbered E (one past w's experts) multiply by it; blocks past E, like
@@ -535,25 +489,20 @@ def test_grouped_matmul_gather_lowers_for_cuda(kind, cuda_lowering):
 
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
 def test_grouped_matmul_split_k_lowers_for_cuda(kind, cuda_lowering):
-    """A decode step's split gate / up (rows by token) and the down call's swiglu prologue, as
-    whole tiles and with pair_blocks (another kernel: one row formed)."""
+    """A decode step's split gate / up (rows by token) and the down call's swiglu prologue."""
     S = jax.ShapeDtypeStruct
     w, wd = S((256, 2048, 512), jnp.bfloat16), S((256, 512, 2048), jnp.bfloat16)
     split = MoEConfig(16, 64, 128, splits=2)
-    texts = []
     with cuda_lowering(kind):
-        for pair_blocks in (False, True):
-            up = kernels.grouped_matmul.trace(
-                S((1, 2048), jnp.bfloat16), w, S((8,), jnp.int32), w_up=w,
-                row_token=S((8 * 16,), jnp.int32), pair_blocks=pair_blocks, config=split).lower(
-                    lowering_platforms=("cuda",)).as_text()
-            down = kernels.grouped_matmul.trace(
-                S((2, 8 * 16, 1024), jnp.float32), wd, S((8,), jnp.int32), swiglu=True,
-                row_token=S((8 * 16,), jnp.int32), num_tokens=1, pair_blocks=pair_blocks,
-                config=MoEConfig(16, 64, 128)).lower(lowering_platforms=("cuda",)).as_text()
-            texts.append((up, down))
-    assert all(TRITON_CALL in text for pair in texts for text in pair)
-    assert all(a != b for a, b in zip(*texts))
+        up = kernels.grouped_matmul.trace(
+            S((1, 2048), jnp.bfloat16), w, S((8,), jnp.int32), w_up=w,
+            row_token=S((8 * 16,), jnp.int32), config=split).lower(
+                lowering_platforms=("cuda",)).as_text()
+        down = kernels.grouped_matmul.trace(
+            S((2, 8 * 16, 1024), jnp.float32), wd, S((8,), jnp.int32), swiglu=True,
+            row_token=S((8 * 16,), jnp.int32), num_tokens=1,
+            config=MoEConfig(16, 64, 128)).lower(lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in up and TRITON_CALL in down
 
 
 @pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])

@@ -86,10 +86,10 @@ def test_routed_split_k_matches_per_expert_sum(T, k, E, splits):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 4, 32])
-def test_routed_matches_per_expert_sum_gpu(T, monkeypatch):
+def test_routed_matches_per_expert_sum_gpu(T):
     """The 35B's experts at decode token counts, with the dispatch's configs and with gate / up
     split in two (the down forming h from the partial sums, only the token rows loaded); with
-    the shared expert as the k + 1-th in every GDN_JAX_MOE_PAIRS mode."""
+    the shared expert as the k + 1-th."""
     if jax.devices()[0].platform != "gpu":
         pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform!r}")
     args = _case(T, T, 8, 256, 2048, 512)
@@ -101,10 +101,8 @@ def test_routed_matches_per_expert_sum_gpu(T, monkeypatch):
     s_ref, s_scale = _reference(args[0], sw[:, None], jnp.zeros((T, 1), jnp.int32), sg[None],
                                 su[None], sd[None])
     x, w, *rest = args
-    for mode in moe.PAIRS:
-        monkeypatch.setenv(moe.PAIRS_VAR, mode)
-        _assert_close(moe.routed(x, _with(w, sw), *rest, shared=(sg, su, sd)), ref[0] + s_ref,
-                      ref[1] + s_scale)
+    _assert_close(moe.routed(x, _with(w, sw), *rest, shared=(sg, su, sd)), ref[0] + s_ref,
+                  ref[1] + s_scale)
 
 
 def _shared_case(seed, T, H, I):
@@ -139,38 +137,26 @@ def test_routed_runs_a_shared_expert_as_one_more(T, k, E, splits):
     _assert_close(out, ref + s_ref, scale + s_scale)
 
 
-@pytest.mark.parametrize("mode", moe.PAIRS)
 @pytest.mark.parametrize("T, k, E", [(1, 8, 64), (3, 4, 64), (12, 4, 8)],
                          ids=["one-token", "pairs-3-tokens", "plan"])
-def test_routed_pairs_modes_match_per_expert_sum(mode, T, k, E, monkeypatch):
-    """GDN_JAX_MOE_PAIRS: each block's one row formed alone ("row"), and the gate / up split in
-    two with the down forming h from its partial sums ("split"), with a shared expert (its one
-    token's block formed as one row too): the same bound as the whole tiles; the grouped plan
-    (12 tokens) keeps its tiles (the mode reads "tile" there)."""
+def test_routed_default_configs_with_a_shared_expert(T, k, E, monkeypatch):
+    """routed's own configs (a block per pair, or the grouped plan at 12 tokens) with a shared
+    expert: two unsplit launches, the same bound as the per-expert reference."""
     x, w, ids, wg, wu, wd = _case(13 * T, T, k, E, 256, 64)
     sg, su, sd, sw = _shared_case(T, T, 256, 64)
-    monkeypatch.setenv(moe.PAIRS_VAR, mode)
     calls, kernel = [], kernels.grouped_matmul
 
-    def recorded(*args, **kwargs):  # what routed asks of the kernel: the mode's work
-        calls.append((kwargs.get("pair_blocks", False), kwargs["config"].splits))
+    def recorded(*args, **kwargs):  # what routed asks of the kernel
+        calls.append(kwargs["config"].splits)
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(kernels, "grouped_matmul", recorded)
     out = moe.routed(x, _with(w, sw), ids, wg, wu, wd, shared=(sg, su, sd))
-    took = mode if E == 64 else "tile"
-    assert calls == {"tile": [(False, 1), (False, 1)], "row": [(True, 1), (False, 1)],
-                     "split": [(True, 2), (True, 1)]}[took]
+    assert calls == [1, 1]
     ref, scale = _reference(x, w, ids, wg, wu, wd)
     s_ref, s_scale = _reference(x, sw[:, None], jnp.zeros((T, 1), jnp.int32), sg[None],
                                 su[None], sd[None])
     _assert_close(out, ref + s_ref, scale + s_scale)
-
-
-def test_routed_rejects_a_bad_pairs_mode(monkeypatch):
-    monkeypatch.setenv(moe.PAIRS_VAR, "rows")
-    with pytest.raises(ValueError, match="GDN_JAX_MOE_PAIRS: expected one of"):
-        moe.routed(*_case(0, 1, 2, 64, 64, 32))
 
 
 def test_routed_rejects_a_bad_shared_expert():
