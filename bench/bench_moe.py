@@ -98,14 +98,24 @@ def _cfg(c: kmoe.MoEConfig) -> list[int]:
     return [getattr(c, f) for f in _FIELDS]
 
 
-def _grid(args, base: kmoe.MoEConfig, K: int, N: int) -> list[kmoe.MoEConfig]:
+# Hopper's shared memory a CTA, less a margin for Triton's own scratch: a config whose pipeline
+# buffers pass it fails to compile, and one failure would end the sweep's single profile
+_SMEM_BYTES = 220 * 1024
+
+
+def _grid(args, base: kmoe.MoEConfig, K: int, N: int,
+          gated: bool = False) -> list[kmoe.MoEConfig]:
+    """The sweep's configs that take [K, N] experts and whose stages' buffers (an x tile and
+    one weight tile, two with gated: bf16) fit `_SMEM_BYTES`."""
     ints = lambda text: [int(v) for v in text.split(",") if v]
     grid = [dataclasses.replace(base, block_n=bn, block_k=bk, splits=s, num_warps=w,
                                 num_stages=st)
             for bn, bk, s, w, st in itertools.product(
                 ints(args.sweep_block_n), ints(args.sweep_block_k), ints(args.sweep_splits),
                 ints(args.sweep_warps), ints(args.sweep_stages))]
-    return [c for c in grid if not c.misfit(K, N)]
+    fits = lambda c: c.num_stages * 2 * c.block_k * (c.block_m + (1 + gated) * c.block_n) \
+        <= _SMEM_BYTES
+    return [c for c in grid if not c.misfit(K, N) and fits(c)]
 
 
 def main(argv=None):
@@ -224,7 +234,7 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us):
                                  interpret=args.interpret, **up_lone) for x, b in zip(xs, blocks)]
     runs = []  # (kernel, config, name, jitted program, its argument)
     for which, base, K, N in (("gate_up", configs[0], H, I), ("down", configs[1], I, H)):
-        for j, c in enumerate(_grid(args, base, K, N)):
+        for j, c in enumerate(_grid(args, base, K, N, gated=which == "gate_up")):
             name = f"{which}_sweep{j}x"
             if which == "gate_up":
                 fn = jax.jit(lambda xs, c=c, name=name: [kernels.grouped_matmul(

@@ -61,6 +61,17 @@
 #                                 # against xla at B = 1 and 32: within the runs' spread
 #                                 # (decode 3.197 against 3.204 / 3.207 ms at B = 1, verify
 #                                 # 6.252 against 6.213 / 6.237 at B = 32), xla stays
+#   bash bench/ab/defaults.sh 9   # the MoE kernels' configs at a B = 1 decode (256 experts,
+#                                 # top 8, the shared expert folded), each config its own
+#                                 # program, every call a fresh routing (from HBM, not L2; one
+#                                 # layer's experts: fits an H100): 12-05's H200 profile had the
+#                                 # gate / up at 57% of copy (15.5 us a layer against 8.9),
+#                                 # 144 programs of [2048, 32] x 2 streaming 16 KB a stage in
+#                                 # 3 stages, where 64-column blocks in two K slices (32 KB a
+#                                 # stage) took 11.3 us: more bytes in flight a program (deeper
+#                                 # stages, block_k 256) may get there without partial sums.
+#                                 # A winner -> `ops.moe.config_for`, then A/B by part 8's
+#                                 # chained step time (20 layers on an H100)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -68,7 +79,7 @@
 # `ops.conv.project_conv_step`'s bounds; the router's
 # fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6, 7 or 8}
+part=${1:?1, 2, 3, 4, 5, 6, 7, 8 or 9}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -198,5 +209,11 @@ PY
             lap
         done
     done
+    ;;
+9)
+    python bench/bench_moe.py --out "$OUT/moe_b1_sweep" --tokens 1 --shared --sweep \
+        --router-warps '' --sweep-block-n 32,64 --sweep-block-k 64,128,256 --sweep-splits 1 \
+        --sweep-warps 2,4 --sweep-stages 3,4,5,6 2>&1 | tail -30
+    lap
     ;;
 esac
