@@ -91,9 +91,10 @@ profile() {  # profile FAMILY LAYERS BATCHES PROGRAMS NAME VARIANT...
     lap
 }
 python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-# 2026-12-06 the runner's editable install no longer mapped gdn_jax.kernels (ModuleNotFoundError
-# from the repo root and from bench/ scripts): import the checkout itself, its kernels linked in
-# as the install maps them (tree.sh does the same for its trees; the link is .gitignore'd)
+# 2026-12-06, after `pip install -e .` (pip, not `python -m pip`: perhaps another interpreter's)
+# python found no gdn_jax.kernels from the repo root and no gdn_jax from bench/ scripts: import
+# the checkout itself whatever is installed, its kernels linked in as the install maps them
+# (tree.sh does the same for its trees; the link is .gitignore'd)
 [[ -e gdn_jax/kernels ]] || ln -s ../kernels gdn_jax/kernels
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case $part in
