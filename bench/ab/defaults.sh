@@ -11,8 +11,8 @@
 #                                 # its PDL wait in every Triton kernel on Hopper, README)
 #   bash bench/ab/defaults.sh 2   # the epilogues at B = 1 and 32 on an H200 (its B = 1 verify
 #                                 # gave the GLU 15.24 us a layer where 12-04's gate / up took
-#                                 # 12.94 + the product: is the GLU slower there at few rows?);
-#                                 # the MoE's pair forms at B = 1 (ran 2026-12-06 on an H100,
+#                                 # 12.94 + the product: is the GLU slower there at few rows?)
+#                                 # (it ran the MoE's pair forms at B = 1 too: on an H100,
 #                                 # 20 layers: split lost by chained step time, decode 1.773 /
 #                                 # 1.773 against tile's 1.712 / 1.726 ms, verify 2.96 against
 #                                 # 2.77; row lost in the profile, 3177 against 2973 us of
@@ -76,8 +76,8 @@
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
 # glu_off / conv_off below views at a row count -> `ops.projection._glu`'s and
-# `ops.conv.project_conv_step`'s bounds; the router's
-# fastest warps -> `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
+# `ops.conv.project_conv_step`'s bounds; the router's fastest warps ->
+# `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
 part=${1:?1, 2, 3, 4, 5, 6, 7, 8 or 9}
 : "${OUT:?set OUT}"

@@ -101,8 +101,9 @@ def test_routed_matches_per_expert_sum_gpu(T):
     s_ref, s_scale = _reference(args[0], sw[:, None], jnp.zeros((T, 1), jnp.int32), sg[None],
                                 su[None], sd[None])
     x, w, *rest = args
-    _assert_close(moe.routed(x, _with(w, sw), *rest, shared=(sg, su, sd)), ref[0] + s_ref,
-                  ref[1] + s_scale)
+    for configs in (None, split):  # the shared blocks past the routed ones, split or not
+        _assert_close(moe.routed(x, _with(w, sw), *rest, shared=(sg, su, sd), configs=configs),
+                      ref[0] + s_ref, ref[1] + s_scale)
 
 
 def _shared_case(seed, T, H, I):
