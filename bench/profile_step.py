@@ -4,6 +4,8 @@ JAX's profiler (no ncu, no TensorBoard: the trace's XSpace is read with jax.prof
     python bench/profile_step.py --out DIR                       # dense, B = 1 and 32
     python bench/profile_step.py --out DIR --family qwen3_next --experts 512 --batches 1
     python bench/profile_step.py --out DIR --smoke               # tiny model on CPU (the script)
+    python bench/profile_step.py --out DIR --layers 48 --batches 32 --commit-mode ring  # the
+                                           # speculative loop's mode from RING_FROM_BATCH rows
     python bench/profile_step.py --out DIR --layers 48 --programs decode \
         --variant xla:projection=xla --variant kernel --variant graphs:xla_gpu_graph_min_graph_size=1
 
@@ -72,6 +74,7 @@ from flax import nnx  # noqa: E402
 import bench_speculative as bs  # noqa: E402
 from gdn_jax.modules.attention import set_attention_impl  # noqa: E402
 from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
+from gdn_jax.ops import GDNState  # noqa: E402
 from gdn_jax.profiling import by_category, kernel_trace  # noqa: E402
 
 
@@ -91,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--calls", type=int, default=10, help="chained calls per traced program")
     p.add_argument("--top", type=int, default=12, help="kernels listed per program")
     p.add_argument("--programs", default="decode,verify,round", help="which programs to trace")
+    p.add_argument("--commit-mode", default="replay", choices=("replay", "ring", "intermediate"),
+                   help="the GDN layers' commit mode (bench_speculative's --commit-mode): ring "
+                        "is what the speculative loop runs from RING_FROM_BATCH rows on Hopper")
     p.add_argument("--hlo", action="store_true",
                    help="also write each program's optimized HLO (the profile's kernel names are "
                         "its fusions and custom calls)")
@@ -151,9 +157,11 @@ def main(argv=None):
         set_expert_path(model, paths.get("moe", "auto"))
         set_attention_impl(model, paths.get("attention", "auto"))
         graphdef, params = nnx.split(model)
-        progs = bs.chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens)
+        progs = bs.chains(graphdef, d, config.vocab_size, buf_tokens=buf_tokens,
+                          commit_mode=args.commit_mode)
         jax.clear_caches()  # every path is chosen at trace time: retrace every variant
-        cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=jnp.bfloat16)
+        cache = model.init_cache(B, max_len, t_max=d + 1, state_dtype=jnp.bfloat16,
+                                 commit_mode=args.commit_mode)
         tok = jnp.asarray(np.random.default_rng(B).integers(0, config.vocab_size, B), jnp.int32)
         for name in args.programs.split(","):
             cache = bs._reset(cache, args.context)
@@ -182,7 +190,11 @@ def main(argv=None):
             each = {k: v / calls / max(trace.gpus, 1) for k, v in trace.counts.items()}
             launches = sum(each.values())
             kinds = {k: v for k, v in by_category(per).items() if v}
-            row = {"B": B, "program": name, "variant": variant, **paths,
+            # the GDN layers' mode as the traced cache has it (not as asked)
+            modes = sorted({x.commit_mode for x in jax.tree.leaves(
+                cache, is_leaf=lambda x: isinstance(x, GDNState)) if isinstance(x, GDNState)})
+            row = {"B": B, "program": name, "variant": variant, "commit_mode": ",".join(modes),
+                   **paths,
                    "options": options, "compile_s": compile_s,
                    "wall_us_per_call": wall / calls * 1e6, "kernel_us_per_call": busy,
                    "active_us_per_call": active,

@@ -34,6 +34,15 @@ def test_profile_step_runs_every_program_and_variant(tmp_path):
     assert sum(p.startswith("hlo-") for p in os.listdir(tmp_path)) == 6
 
 
+def test_profile_step_runs_ring_mode(tmp_path):
+    _run("profile_step.py", "--smoke", "--out", str(tmp_path), "--batches", "2",
+         "--programs", "verify,round", "--commit-mode", "ring")
+    [result] = [p for p in os.listdir(tmp_path) if p.startswith("profile_step")]
+    rows = json.load(open(tmp_path / result))["results"]
+    assert [(r["program"], r["commit_mode"]) for r in rows] == [("verify", "ring"),
+                                                                ("round", "ring")]
+
+
 def test_l2_prefetch_probe_runs_each_variant(tmp_path):
     _run("l2_prefetch.py", "--smoke", "--interpret", "--out", str(tmp_path))
     cases = json.load(open(tmp_path / "l2_prefetch.json"))["cases"]

@@ -72,6 +72,11 @@
 #                                 # stages, block_k 256) may get there without partial sums.
 #                                 # A winner -> `ops.moe.config_for`, then A/B by part 8's
 #                                 # chained step time (20 layers on an H100)
+#   bash bench/ab/defaults.sh 10  # where a ring-mode verify's time goes at B = 32, the loop's
+#                                 # mode there (profile_step had traced replay only): ncu,
+#                                 # 2026-12-04, gave the ring op 44.4 us a call against 33.8 of
+#                                 # kernel (10.5 us of XLA appends and counts) where the plain
+#                                 # decode is 21.8; in the step, which launches stay per layer?
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -79,7 +84,7 @@
 # `ops.conv.project_conv_step`'s bounds; the router's fastest warps ->
 # `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6, 7, 8 or 9}
+part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9 or 10}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -215,6 +220,11 @@ PY
     python bench/bench_moe.py --out "$OUT/moe_b1_sweep" --tokens 1 --shared --sweep \
         --router-warps '' --sweep-block-n 32,64 --sweep-block-k 64,128,256 --sweep-splits 1 \
         --sweep-warps 2,4 --sweep-stages 3,4,5,6 2>&1 | tail -30
+    lap
+    ;;
+10)
+    python bench/profile_step.py --out "$OUT/ring_b32" --family qwen3_5_text --layers 48 \
+        --batches 32 --programs verify,round --commit-mode ring --top 30 2>&1 | tail -70
     lap
     ;;
 esac
