@@ -74,7 +74,6 @@ from flax import nnx  # noqa: E402
 import bench_speculative as bs  # noqa: E402
 from gdn_jax.modules.attention import set_attention_impl  # noqa: E402
 from gdn_jax.modules.mlp import set_expert_path  # noqa: E402
-from gdn_jax.ops import GDNState  # noqa: E402
 from gdn_jax.profiling import by_category, kernel_trace  # noqa: E402
 
 
@@ -191,9 +190,7 @@ def main(argv=None):
             launches = sum(each.values())
             kinds = {k: v for k, v in by_category(per).items() if v}
             # the GDN layers' mode as the traced cache has it (not as asked)
-            modes = sorted({x.commit_mode for x in jax.tree.leaves(
-                cache, is_leaf=lambda x: isinstance(x, GDNState)) if isinstance(x, GDNState)})
-            row = {"B": B, "program": name, "variant": variant, "commit_mode": ",".join(modes),
+            row = {"B": B, "program": name, "variant": variant, "commit_mode": cache.commit_mode,
                    **paths,
                    "options": options, "compile_s": compile_s,
                    "wall_us_per_call": wall / calls * 1e6, "kernel_us_per_call": busy,

@@ -134,7 +134,7 @@ class ModelCache:
 
     @property
     def commit_mode(self) -> str | None:
-        """The GDN layers' commit mode ("replay" | "intermediate"); None without GDN layers.
+        """The GDN layers' commit mode (one of `COMMIT_MODES`); None without GDN layers.
         Raises ValueError when the layers disagree."""
         modes = {c.commit_mode for c in self._gdn()}
         if len(modes) > 1:
