@@ -39,6 +39,7 @@ import itertools
 import json
 import os
 import platform
+import re
 import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
@@ -89,6 +90,28 @@ def _seconds(fn, args, reps, names=()):
     profiler (`gdn_jax.profiling.kernel_seconds`); (0.0, {}) where no GPU was traced (CPU)."""
     total, mine = kernel_seconds(fn, args, reps, names)
     return total or 0.0, mine
+
+
+def _jit(fn, max_constant: int = 4096):
+    """jax.jit(fn), refusing on its first call a program that compiles in a constant of more than
+    max_constant bytes. jit embeds the arrays a function closes over in its HLO: closed-over
+    expert stacks (0.5 GB each at the real shape) made every program compile for a minute and
+    the sweep's profile pass the profiler's 2 GB limit (2026-12-06, H100: every config read 0 us).
+    The programs take every array as an argument instead."""
+    jitted = jax.jit(fn)
+    checked = []
+
+    def call(*args):
+        if not checked:
+            hlo = jitted.lower(*args).as_text()
+            largest = max((len(h) // 2 for h in re.findall(r'dense<"0x([0-9A-Fa-f]+)"', hlo)),
+                          default=0)
+            if largest > max_constant:
+                raise SystemExit(f"bench_moe: a program embeds a {largest}-byte constant (an "
+                                 "array it closes over): pass it as an argument")
+            checked.append(True)
+        return jitted(*args)
+    return call
 
 
 _FIELDS = ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages")
@@ -162,10 +185,10 @@ def main(argv=None):
         configs = moe.default_configs(P, T, E, H, I, shared=bool(lone), sm_count=sms)
 
         def routed_us(cfgs):
-            fn = jax.jit(lambda xs, ws, ids: [moe.routed(
-                x, w, i, wg, wu, wd, interpret=args.interpret, configs=cfgs, shared=lone)
+            fn = _jit(lambda xs, ws, ids, experts, lone: [moe.routed(
+                x, w, i, *experts, interpret=args.interpret, configs=cfgs, shared=lone)
                 for x, w, i in zip(xs, ws, ids)])
-            total, mine = _seconds(fn, (xs, weights, ids), args.reps,
+            total, mine = _seconds(fn, (xs, weights, ids, (wg, wu, wd), lone), args.reps,
                                    ("gdn_moe_gate_up", "gdn_moe_down"))
             return total / L * 1e6, {n: v / L * 1e6 for n, v in mine.items()}
 
@@ -207,7 +230,7 @@ def _router(args, T, E, k, L, rng, hidden=None) -> dict:
     gates = [(bf16(T, hidden), bf16(hidden)) if hidden else None for _ in range(L)]
     parts = dict(parts_dtype=jnp.bfloat16) if S else {}
     warps = [int(w) for w in args.router_warps.split(",") if w]
-    fns = {w: jax.jit(lambda ls, w=w: [kernels.route(
+    fns = {w: _jit(lambda ls, w=w: [kernels.route(
         lg, k=k, shared_gate=g, interpret=args.interpret, num_warps=w, **parts)
         for lg, g in zip(ls, gates)]) for w in warps}
     every = lambda *_: [jax.block_until_ready(fn(logits)) for fn in fns.values()]
@@ -227,27 +250,31 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us):
     blocks = [moe.plan_blocks(i, E, bm, shared=bool(lone)) for i in ids]
     up_lone = dict(w_shared=lone[0], w_up_shared=lone[1]) if lone else {}
     down_lone = dict(w_shared=lone[2]) if lone else {}
-    if lone:  # every plan here has the same shared_blocks (a static argument)
-        up_lone["shared_blocks"] = down_lone["shared_blocks"] = blocks[0].shared_blocks
+    # every plan here has the same shared_blocks (a static argument: not in the programs' inputs)
+    up_blocks = down_blocks = dict(shared_blocks=blocks[0].shared_blocks) if lone else {}
     hs = [kernels.grouped_matmul(x, wg, b.block_expert, w_up=wu, row_token=b.row_token,
                                  config=dataclasses.replace(configs[0], splits=1),
-                                 interpret=args.interpret, **up_lone) for x, b in zip(xs, blocks)]
-    runs = []  # (kernel, config, name, jitted program, its argument)
+                                 interpret=args.interpret, **up_lone, **up_blocks)
+          for x, b in zip(xs, blocks)]
+    runs = []  # (kernel, config, name, jitted program, its arguments)
     for which, base, K, N in (("gate_up", configs[0], H, I), ("down", configs[1], I, H)):
         for j, c in enumerate(_grid(args, base, K, N, gated=which == "gate_up")):
             name = f"{which}_sweep{j}x"
             if which == "gate_up":
-                fn = jax.jit(lambda xs, c=c, name=name: [kernels.grouped_matmul(
+                fn = _jit(lambda xs, wg, wu, lone, c=c, name=name: [kernels.grouped_matmul(
                     x, wg, b.block_expert, w_up=wu, row_token=b.row_token, config=c,
-                    name=name, interpret=args.interpret, **up_lone) for x, b in zip(xs, blocks)])
+                    name=name, interpret=args.interpret, **lone, **up_blocks)
+                    for x, b in zip(xs, blocks)])
+                inputs = (xs, wg, wu, up_lone)
             else:
-                fn = jax.jit(lambda hs, c=c, name=name: [kernels.grouped_matmul(
+                fn = _jit(lambda hs, wd, lone, c=c, name=name: [kernels.grouped_matmul(
                     h, wd, b.block_expert, config=c, name=name, interpret=args.interpret,
-                    **down_lone) for h, b in zip(hs, blocks)])
-            runs.append((which, c, name, fn, xs if which == "gate_up" else hs))
+                    **lone, **down_blocks) for h, b in zip(hs, blocks)])
+                inputs = (hs, wd, down_lone)
+            runs.append((which, c, name, fn, inputs))
     # one profile (a profiler session costs seconds); each config its own program, run one
     # after another (in one program XLA may interleave the configs' calls)
-    every = lambda *_: [jax.block_until_ready(fn(a)) for _, _, _, fn, a in runs]
+    every = lambda *_: [jax.block_until_ready(fn(*a)) for _, _, _, fn, a in runs]
     _, mine = _seconds(every, (), args.reps, [r[2] for r in runs])
     out = {}
     for which in ("gate_up", "down"):

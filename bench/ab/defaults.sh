@@ -71,12 +71,22 @@
 #                                 # stage) took 11.3 us: more bytes in flight a program (deeper
 #                                 # stages, block_k 256) may get there without partial sums.
 #                                 # A winner -> `ops.moe.config_for`, then A/B by part 8's
-#                                 # chained step time (20 layers on an H100)
+#                                 # chained step time (20 layers on an H100). (2026-12-06, H100:
+#                                 # never finished -- every program embedded the expert stacks
+#                                 # as constants, minute-long compiles and a profile past 2 GB;
+#                                 # fixed in bench_moe, unrun since: bench/results/bench_moe-
+#                                 # h100-b1-sweep_closure_constants-2026-12-06.log)
 #   bash bench/ab/defaults.sh 10  # where a ring-mode verify's time goes at B = 32, the loop's
 #                                 # mode there (profile_step had traced replay only): ncu,
 #                                 # 2026-12-04, gave the ring op 44.4 us a call against 33.8 of
 #                                 # kernel (10.5 us of XLA appends and counts) where the plain
 #                                 # decode is 21.8; in the step, which launches stay per layer?
+#                                 # (ran 2026-12-06 on an H100 with --hlo: per GDN layer the
+#                                 # ring kernel 31.0 us, gdn_scatter_rows, the b / a slices
+#                                 # and XLA's gated norm before out_proj; per layer the MLP's
+#                                 # silu(gate) * up: bench/results/profile_step-h100-qwen3_5_
+#                                 # text-b32-ring-2026-12-06.json; other kernels' times there
+#                                 # are PDL-blurred)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
