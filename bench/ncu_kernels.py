@@ -57,6 +57,7 @@ import argparse
 import dataclasses
 import csv
 import io
+import functools
 import itertools
 import json
 import os
@@ -356,7 +357,9 @@ def _ring_case(c, args, timer, rng, mk, toks):
         c.update(dataclasses.asdict(dispatch.tuning("verify", backend, state_dtype=dtype, B=B,
                                                     V=V, mode="ring")))
 
-    def call(st, count):
+    def call(st, count, toks, slots):
+        # the tokens and slots are arguments: closed over, jit would embed them as constants
+        # (16 MB at B = 256, T = 4) and XLA could fold the op's gating and slot glue away
         st = st.replace(count=count)
         if choice is not None:  # a swept config: the op's kernel path with that config
             from gdn_jax.ops import _pallas
@@ -368,7 +371,7 @@ def _ring_case(c, args, timer, rng, mk, toks):
             o, st, _ = ops.verify(*toks, st, slots, backend=backend)
         return st, o
 
-    f = jax.jit(call, donate_argnums=0)
+    f = functools.partial(jax.jit(call, donate_argnums=0), toks=toks, slots=slots)
     try:
         st, _ = jax.block_until_ready(f(st, count))
     except Exception as e:  # noqa: BLE001 - a config that does not compile: record, go on
