@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -132,6 +133,11 @@ def parse_args(argv=None):
                    help="MoE experts (gdn_jax.modules.mlp.set_expert_path): the model's choice "
                         "(auto), always gathered, always the grouped matmuls (lax.ragged_dot), "
                         "or the grouped Pallas kernel (gdn_jax.ops.moe)")
+    p.add_argument("--moe-configs", default=None, metavar="BENCH_MOE_JSON",
+                   help="the routed experts' kernel configs: at each token count a bench_moe "
+                        "--sweep JSON has a case for, its best (gate / up, down) pair in place "
+                        "of gdn_jax.ops.moe.default_configs' (an A/B of a sweep's winner by "
+                        "step time before it goes into config_for)")
     args = p.parse_args(argv)
     args.layers = args.layers or FULL_DEPTH[args.family]
     if args.layers < 2:
@@ -375,8 +381,35 @@ def build(config, dtype, tp: int):
         return random_model(config, dtype)
 
 
+def swept_moe_configs(path: str) -> dict:
+    """{tokens: (gate / up, down) `MoEConfig`s}: the best pair of each swept case of a
+    bench_moe JSON (its configs' fields in bench_moe's `_FIELDS` order)."""
+    from gdn_jax.kernels.moe import MoEConfig
+    fields = ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages")
+    cases = json.load(open(path))["cases"]
+    best = {c["tokens"]: tuple(MoEConfig(**dict(zip(fields, c["sweep"][k][0][0])))
+                               for k in ("gate_up", "down"))
+            for c in cases if c.get("sweep", {}).get("gate_up") and c["sweep"].get("down")}
+    if not best:
+        raise SystemExit(f"--moe-configs: {path} has no swept case (bench_moe --sweep)")
+    return best
+
+
+def use_moe_configs(best: dict) -> None:
+    """`gdn_jax.ops.moe.default_configs` returns best[tokens] where it has that token count
+    (this process only: traced from here on)."""
+    from gdn_jax.ops import moe
+    default = moe.default_configs
+
+    def configs(pairs, tokens, *args, **kwargs):
+        return best.get(tokens) or default(pairs, tokens, *args, **kwargs)
+    moe.default_configs = configs
+
+
 def main(argv=None):
     args = parse_args(argv)
+    moe_configs = swept_moe_configs(args.moe_configs) if args.moe_configs else {}
+    use_moe_configs(moe_configs)
     t_start = time.perf_counter()
     from bench_kernels import copy_bandwidth
     copy = copy_bandwidth(args.copy_gib, args.smoke)
@@ -421,7 +454,9 @@ def main(argv=None):
                      "state_dtype": "bfloat16", "commit_mode": args.commit_mode, "draft": d,
                      "accept_length_forced": accept,
                      "context": args.context, "max_len": max_len, "chain": chain, "reps": reps,
-                     "tp": list(tps), "smoke": args.smoke, "argv": sys.argv[1:]},
+                     "tp": list(tps), "smoke": args.smoke, "argv": sys.argv[1:],
+                     "moe_configs": {str(t): [dataclasses.asdict(c) for c in pair]
+                                     for t, pair in moe_configs.items()}},
         "method": "per call = median over reps of (t(2n) - t(n)) / n, fori_loop chain, cache "
                   "donated; naive = median t(n) / n; no_comm: the blocks' psums traced as the "
                   "identity",

@@ -98,6 +98,35 @@ def test_bench_speculative_ring_mode_compares_with_plain_decode(tmp_path):
     assert row["tokens_per_s"]["plain"] == 2 / plain * 1e3
 
 
+def test_bench_speculative_takes_a_sweeps_moe_configs(tmp_path, monkeypatch):
+    """--moe-configs: each swept token count's best (gate / up, down) pair replaces
+    `ops.moe.default_configs`' there, and only there; a JSON with no sweep is refused."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import bench_speculative as bs
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    from gdn_jax.kernels.moe import MoEConfig
+    from gdn_jax.ops import moe
+
+    sweep = {"gate_up": [[[16, 64, 256, 1, 8, 5], 9.0], [[16, 32, 128, 1, 4, 3], 12.0]],
+             "down": [[[16, 64, 64, 1, 2, 4], 4.0]]}
+    path = tmp_path / "bench_moe.json"
+    path.write_text(json.dumps({"cases": [{"tokens": 1, "sweep": sweep}, {"tokens": 4}]}))
+    best = bs.swept_moe_configs(str(path))
+    assert best == {1: (MoEConfig(16, 64, 256, num_warps=8, num_stages=5, splits=1),
+                        MoEConfig(16, 64, 64, num_warps=2, num_stages=4, splits=1))}
+    monkeypatch.setattr(moe, "default_configs", moe.default_configs)  # restored after
+    shape = dict(num_experts=256, H=2048, I=512, shared=True, sm_count=132)
+    before = moe.default_configs(32, 4, **shape)
+    bs.use_moe_configs(best)
+    assert moe.default_configs(8, 1, **shape) == best[1]
+    assert moe.default_configs(32, 4, **shape) == before != best[1]
+    path.write_text(json.dumps({"cases": [{"tokens": 1}]}))
+    with pytest.raises(SystemExit, match="no swept case"):
+        bs.swept_moe_configs(str(path))
+
+
 def test_random_model_is_drawn_into_its_shards():
     """`bench_speculative.random_model(..., mesh)`: every parameter is born with the sharding
     `param_specs` gives it (no device ever holds a split parameter whole), and the model runs."""

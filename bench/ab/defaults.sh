@@ -70,12 +70,14 @@
 #                                 # 3 stages, where 64-column blocks in two K slices (32 KB a
 #                                 # stage) took 11.3 us: more bytes in flight a program (deeper
 #                                 # stages, block_k 256) may get there without partial sums.
-#                                 # A winner -> `ops.moe.config_for`, then A/B by part 8's
-#                                 # chained step time (20 layers on an H100). (2026-12-06, H100:
-#                                 # never finished -- every program embedded the expert stacks
-#                                 # as constants, minute-long compiles and a profile past 2 GB;
-#                                 # fixed in bench_moe, unrun since: bench/results/bench_moe-
-#                                 # h100-b1-sweep_closure_constants-2026-12-06.log)
+#                                 # The part then runs the best pair against the defaults by
+#                                 # chained step time (bench_speculative --moe-configs, 20
+#                                 # layers, twice each); a winner -> `ops.moe.config_for`.
+#                                 # (2026-12-06, H100: the sweep never finished -- every
+#                                 # program embedded the expert stacks as constants, minute-long
+#                                 # compiles and a profile past 2 GB; fixed in bench_moe, unrun
+#                                 # since: bench/results/bench_moe-h100-b1-sweep_closure_
+#                                 # constants-2026-12-06.log)
 #   bash bench/ab/defaults.sh 10  # where a ring-mode verify's time goes at B = 32, the loop's
 #                                 # mode there (profile_step had traced replay only): ncu,
 #                                 # 2026-12-04, gave the ring op 44.4 us a call against 33.8 of
@@ -226,11 +228,20 @@ PY
         done
     done
     ;;
-9)
+9)  # then the best pair against the defaults by chained step time, 20 layers (fits an H100)
     python bench/bench_moe.py --out "$OUT/moe_b1_sweep" --tokens 1 --shared --sweep \
         --router-warps '' --sweep-block-n 32,64 --sweep-block-k 64,128,256 --sweep-splits 1 \
         --sweep-warps 2,4 --sweep-stages 3,4,5,6 2>&1 | tail -30
     lap
+    for round in 1 2; do
+        for v in defaults swept; do
+            extra=(); [[ $v == swept ]] && extra=(--moe-configs "$OUT/moe_b1_sweep/bench_moe.json")
+            python bench/bench_speculative.py --out "$OUT/moe_ab_${v}_$round" --batches 1 \
+                --family qwen3_5_moe_text --layers 20 "${extra[@]}" 2>&1 \
+                | grep -E "^ +[0-9]+ +[0-9]+ |Error" | sed "s/^/$v /"
+            lap
+        done
+    done
     ;;
 10)
     python bench/profile_step.py --out "$OUT/ring_b32" --family qwen3_5_text --layers 48 \
