@@ -230,8 +230,8 @@ PY
     ;;
 9)  # then the best pair against the defaults by chained step time, 20 layers (fits an H100)
     python bench/bench_moe.py --out "$OUT/moe_b1_sweep" --tokens 1 --shared --sweep \
-        --router-warps '' --sweep-block-n 32,64 --sweep-block-k 64,128,256 --sweep-splits 1 \
-        --sweep-warps 2,4 --sweep-stages 3,4,5,6 2>&1 | tail -30
+        --router-warps '' --sweep-block-n 32,64 --sweep-block-k 128,256 --sweep-splits 1 \
+        --sweep-warps 4 --sweep-stages 3,4,5,6 2>&1 | tail -30
     lap
     for round in 1 2; do
         for v in defaults swept; do
