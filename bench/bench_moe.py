@@ -121,6 +121,12 @@ def _cfg(c: kmoe.MoEConfig) -> list[int]:
     return [getattr(c, f) for f in _FIELDS]
 
 
+def best_pair(sweep: dict) -> tuple[kmoe.MoEConfig, kmoe.MoEConfig]:
+    """The fastest (gate / up, down) configs of a case's sweep (its lists fastest first)."""
+    return tuple(kmoe.MoEConfig(**dict(zip(_FIELDS, sweep[w][0][0])))
+                 for w in ("gate_up", "down"))
+
+
 # Hopper's shared memory a CTA, less a margin for Triton's own scratch: a config whose pipeline
 # buffers pass it fails to compile, and one failure would end the sweep's single profile
 _SMEM_BYTES = 220 * 1024
@@ -251,10 +257,10 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us):
     up_lone = dict(w_shared=lone[0], w_up_shared=lone[1]) if lone else {}
     down_lone = dict(w_shared=lone[2]) if lone else {}
     # every plan here has the same shared_blocks (a static argument: not in the programs' inputs)
-    up_blocks = down_blocks = dict(shared_blocks=blocks[0].shared_blocks) if lone else {}
+    plan = dict(shared_blocks=blocks[0].shared_blocks) if lone else {}
     hs = [kernels.grouped_matmul(x, wg, b.block_expert, w_up=wu, row_token=b.row_token,
                                  config=dataclasses.replace(configs[0], splits=1),
-                                 interpret=args.interpret, **up_lone, **up_blocks)
+                                 interpret=args.interpret, **up_lone, **plan)
           for x, b in zip(xs, blocks)]
     runs = []  # (kernel, config, name, jitted program, its arguments)
     for which, base, K, N in (("gate_up", configs[0], H, I), ("down", configs[1], I, H)):
@@ -263,13 +269,13 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us):
             if which == "gate_up":
                 fn = _jit(lambda xs, wg, wu, lone, c=c, name=name: [kernels.grouped_matmul(
                     x, wg, b.block_expert, w_up=wu, row_token=b.row_token, config=c,
-                    name=name, interpret=args.interpret, **lone, **up_blocks)
+                    name=name, interpret=args.interpret, **lone, **plan)
                     for x, b in zip(xs, blocks)])
                 inputs = (xs, wg, wu, up_lone)
             else:
                 fn = _jit(lambda hs, wd, lone, c=c, name=name: [kernels.grouped_matmul(
                     h, wd, b.block_expert, config=c, name=name, interpret=args.interpret,
-                    **lone, **down_blocks) for h, b in zip(hs, blocks)])
+                    **lone, **plan) for h, b in zip(hs, blocks)])
                 inputs = (hs, wd, down_lone)
             runs.append((which, c, name, fn, inputs))
     # one profile (a profiler session costs seconds); each config its own program, run one
@@ -289,7 +295,7 @@ def _sweep(args, case, configs, ids, xs, wg, wu, wd, lone, routed_us):
         raise SystemExit("bench_moe: every config of a sweep grid misfits the expert's dims")
     # the down sweep ran on a bf16 h: where the best gate / up splits, this pairs it with a
     # down config never timed on partial sums (its prologue, 2026-12-04: 7.4 -> 13.9 us)
-    best = tuple(kmoe.MoEConfig(**dict(zip(_FIELDS, out[w][0][0]))) for w in ("gate_up", "down"))
+    best = best_pair(out)
     us, mine = routed_us(best)
     out["routed_best"] = {"configs": [_cfg(c) for c in best], "routed_us": us,
                           "gate_up_us": mine.get("gdn_moe_gate_up"),

@@ -75,6 +75,7 @@ from flax import nnx  # noqa: E402
 from jax import lax  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
+from bench_moe import best_pair  # noqa: E402
 from gdn_jax import speculative as S  # noqa: E402
 from gdn_jax.benchmark import time_chain  # noqa: E402
 from gdn_jax.models import ModelConfig, Qwen3NextForCausalLM  # noqa: E402
@@ -383,13 +384,10 @@ def build(config, dtype, tp: int):
 
 def swept_moe_configs(path: str) -> dict:
     """{tokens: (gate / up, down) `MoEConfig`s}: the best pair of each swept case of a
-    bench_moe JSON (its configs' fields in bench_moe's `_FIELDS` order)."""
-    from gdn_jax.kernels.moe import MoEConfig
-    fields = ("block_m", "block_n", "block_k", "splits", "num_warps", "num_stages")
+    bench_moe JSON (`bench_moe.best_pair`)."""
     cases = json.load(open(path))["cases"]
-    best = {c["tokens"]: tuple(MoEConfig(**dict(zip(fields, c["sweep"][k][0][0])))
-                               for k in ("gate_up", "down"))
-            for c in cases if c.get("sweep", {}).get("gate_up") and c["sweep"].get("down")}
+    best = {c["tokens"]: best_pair(c["sweep"]) for c in cases
+            if c.get("sweep", {}).get("gate_up") and c["sweep"].get("down")}
     if not best:
         raise SystemExit(f"--moe-configs: {path} has no swept case (bench_moe --sweep)")
     return best
@@ -409,7 +407,8 @@ def use_moe_configs(best: dict) -> None:
 def main(argv=None):
     args = parse_args(argv)
     moe_configs = swept_moe_configs(args.moe_configs) if args.moe_configs else {}
-    use_moe_configs(moe_configs)
+    if moe_configs:
+        use_moe_configs(moe_configs)
     t_start = time.perf_counter()
     from bench_kernels import copy_bandwidth
     copy = copy_bandwidth(args.copy_gib, args.smoke)
