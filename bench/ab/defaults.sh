@@ -89,6 +89,10 @@
 #                                 # silu(gate) * up: bench/results/profile_step-h100-qwen3_5_
 #                                 # text-b32-ring-2026-12-06.json; other kernels' times there
 #                                 # are PDL-blurred)
+#   bash bench/ab/defaults.sh 11  # what caps the 128-row projections at 33-52% of copy: the
+#                                 # weight's TMA stream alone, with each unit's [128, bk] x tile
+#                                 # beside it (as many bytes again, from L2), and the Mosaic
+#                                 # kernel, at 1 and 2 CTAs an SM (bench/probe_stream.py)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -96,7 +100,7 @@
 # `ops.conv.project_conv_step`'s bounds; the router's fastest warps ->
 # `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9 or 10}
+part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10 or 11}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -246,6 +250,11 @@ PY
 10)
     python bench/profile_step.py --out "$OUT/ring_b32" --family qwen3_5_text --layers 48 \
         --batches 32 --programs verify,round --commit-mode ring --top 30 2>&1 | tail -70
+    lap
+    ;;
+11)  # the 128-row projections' ceiling: TMA streams of the weight alone, with each unit's x
+    # tile beside, and the Mosaic kernel itself, side by side (bench/probe_stream.py, ~3 min)
+    timeout 400 python bench/probe_stream.py --out "$OUT/probe_stream" 2>&1 | tail -45
     lap
     ;;
 esac

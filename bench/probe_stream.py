@@ -1,0 +1,213 @@
+"""How fast can a CTA grid stream a weight through TMA, and what does a 128-row x tile beside each
+weight tile cost? A probe for the 128-row projections (a B = 32 verify), not a library path.
+
+At 128 rows every projection kernel measured here reads its weight at 33-52% of copy, Triton,
+Mosaic GPU and XLA's GEMMs alike (bench/results/bench_projection-h200-rows128_wide-2026-12-02.json;
+ncu on an H100, 2026-12-06: the Mosaic kernel's one warpgroup waits at its TMA barrier half its
+cycles, DRAM at 64% of peak, L2 at 67%). Each unit of those kernels loads a [bk, bn] weight tile
+from HBM and the [128, bk] x tile of the same K step, which at bn = 128 is as many bytes again
+(from L2). This probe streams the same tiles with no math:
+
+    w      the weight tiles alone, stream-K over the grid (`kernels.project_group_mgpu`'s order:
+           column block after column block, K steps in order), `stages` in flight per CTA
+    w+x    the same plus each unit's [128, bk] x tile (the kernel's loads, without its wgmma)
+    kernel `kernels.project_group_mgpu` itself on the same weight (bn, stages as the case's)
+
+at CTAs per SM (1 or 2), tile shapes and stage counts. Kernel time from JAX's profiler, each
+call reading `copies` distinct weights (more bytes than L2 holds); GB/s of weight read.
+
+    python bench/probe_stream.py --out DIR
+    python bench/probe_stream.py --out DIR --smoke --interpret    # the script on CPU
+JSON: DIR/probe_stream.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+import os
+import platform
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax import lax  # noqa: E402
+from jax.experimental import pallas as pl  # noqa: E402
+
+from gdn_jax import kernels  # noqa: E402
+from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
+from gdn_jax.kernels import _mgpu as mg  # noqa: E402
+from gdn_jax.ops.dispatch import sm_count  # noqa: E402
+from gdn_jax.profiling import kernel_seconds  # noqa: E402
+
+_BF16 = jnp.bfloat16
+MODES = ("w", "w+x", "kernel")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", default="2048x10240", help="KxN of the weight (gate / up: 10240)")
+    p.add_argument("--rows", type=int, default=128, help="x's rows (w+x, kernel)")
+    p.add_argument("--tiles", default="64x128,64x256,128x128", help="bk x bn weight tiles")
+    p.add_argument("--stages", default="2,4,6")
+    p.add_argument("--per-sm", default="1,2", help="CTAs per SM (where SMEM takes them)")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--copies", type=int, default=0, help="distinct weights per call "
+                   "(0: enough for 4x a 50 MB L2)")
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--interpret", action="store_true")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU)")
+    return p.parse_args(argv)
+
+
+def _smem_bytes(bk: int, bn: int, stages: int, rows: int, with_x: bool) -> int:
+    tiles = [stages * bk * bn * 2] + ([stages * rows * bk * 2] if with_x else [])
+    return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT
+               for n in tiles + [8 * stages, mg.REDUCTION_SCRATCH_BYTES])
+
+
+def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, interpret):
+    w_ref, x_ref, _ = refs  # the last: a sink that keeps the launch in the program
+    plgpu = mg.plgpu
+    KS = K // bk
+    units = N // bn * KS
+    per = -(-units // ctas)
+    c = lax.axis_index("cta")
+    lo, hi = c * units // ctas, (c + 1) * units // ctas
+
+    def body(w_smem, x_smem, bars):
+        def issue(i):
+            u = lo + i
+            j, kk, s = u // KS, u % KS, i % stages
+
+            @pl.when(u < hi)
+            def _():
+                plgpu.copy_gmem_to_smem(w_ref.at[pl.ds(kk * bk, bk), pl.ds(j * bn, bn)],
+                                        w_smem.at[s], bars.at[s])
+                if with_x:
+                    plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(kk * bk, bk)], x_smem.at[s],
+                                            bars.at[s])
+
+        for i in range(min(stages, per)):
+            issue(i)
+
+        @pl.loop(0, per)
+        def _(i):
+            @pl.when(lo + i < hi)
+            def _():
+                plgpu.barrier_wait(bars.at[i % stages])
+            if per > stages:  # the stage is free at once: nothing reads it
+                issue(i + stages)
+
+    rows = x_ref.shape[0]
+    pl.run_scoped(
+        body,
+        mg.smem_tile((stages, bk, bn), _BF16, interpret=interpret),
+        mg.smem_tile((stages, rows, bk) if with_x else (1, 8, 64), _BF16, interpret=interpret),
+        plgpu.Barrier(num_arrivals=2 if with_x else 1, num_barriers=stages),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("bk", "bn", "stages", "ctas", "with_x",
+                                             "interpret"))
+def stream(ws, x, *, bk, bn, stages, ctas, with_x, interpret):
+    """Each weight of ws ([K, N] bf16) streamed once (module docstring) -> [len(ws)] fp32 sinks."""
+    out = []
+    for w in ws:
+        K, N = w.shape
+        units = N // bn * (K // bk)
+        grid = (min(ctas, units),)
+        body = functools.partial(_body, K=K, N=N, bk=bk, bn=bn, stages=stages, ctas=grid[0],
+                                 with_x=with_x, interpret=interpret)
+
+        def stateful(refs, body=body, grid=grid):
+            mg.core_map(lambda: body(refs), grid=grid,
+                        name=f"probe_stream_{bk}x{bn}_s{stages}{'_x' if with_x else ''}",
+                        interpret=interpret)
+
+        *_, sink = pl.run_state(stateful)((w, x, jnp.zeros((1,), jnp.float32)))
+        out.append(sink[0])
+    return jnp.stack(out)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def _kernel_chain(ws, x, *, config, interpret):
+    return jnp.stack([kernels.project_group_mgpu(x, (w,), config=config, interpret=interpret)[0]
+                      [0, 0] for w in ws])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    if args.smoke:
+        args.shape, args.rows, args.tiles, args.stages, args.reps = "128x256", 16, "64x128", \
+            "2", 1
+    K, N = (int(v) for v in args.shape.split("x"))
+    dev = jax.devices()[0]
+    gpu = dev.platform == "gpu"
+    sms = sm_count() if gpu else 4
+    copy = copy_bandwidth(1 << 30 if gpu else 1 << 24)
+    weight_bytes = K * N * 2
+    copies = args.copies or (1 if args.smoke else max(2, -(-200_000_000 // weight_bytes)))
+    rng = np.random.default_rng(0)
+    ws = tuple(jnp.asarray(rng.standard_normal((K, N)) * 0.02, _BF16) for _ in range(copies))
+    x = jnp.asarray(rng.standard_normal((args.rows, K)), _BF16)
+    result = {"bench": "probe_stream", "device": dev.device_kind, "jax": jax.__version__,
+              "python": platform.python_version(), "argv": sys.argv[1:], "copy_gbps": copy,
+              "K": K, "N": N, "rows": args.rows, "copies": copies, "sms": sms,
+              "timer": "jax profiler (CUPTI), kernel time per weight, median of reps",
+              "cases": []}
+    print(f"{dev.device_kind}, copy {copy:.0f} GB/s, w [{K}, {N}] bf16 x {copies}, "
+          f"x [{args.rows}, {K}]")
+    print(f"{'mode':7} {'bk x bn':>8} {'stages':>6} {'ctas':>5} {'us':>8} {'GB/s':>7} "
+          f"{'% copy':>6}")
+    modes = args.modes.split(",")
+    for tile, stages, per_sm, mode in itertools.product(
+            args.tiles.split(","), [int(s) for s in args.stages.split(",")],
+            [int(s) for s in args.per_sm.split(",")], modes):
+        bk, bn = (int(v) for v in tile.split("x"))
+        case = {"mode": mode, "bk": bk, "bn": bn, "stages": stages, "ctas": per_sm * sms}
+        if mode == "kernel":
+            if per_sm != 1 or bk != 64:  # the kernel: one CTA per SM, K steps of 64
+                continue
+            config = kernels.MosaicProjectionConfig(block_n=bn, stages=stages, ctas=sms)
+            why = kernels.projection_mgpu_misfit(args.rows, K, (N,), _BF16, config)
+            fn = functools.partial(_kernel_chain, config=config, interpret=args.interpret)
+        else:
+            with_x = mode == "w+x"
+            need = _smem_bytes(bk, bn, stages, args.rows, with_x)
+            why = (f"{need} bytes of SMEM for {per_sm} CTAs an SM" if need * per_sm >
+                   mg.SMEM_BYTES else None)
+            fn = functools.partial(stream, bk=bk, bn=bn, stages=stages, ctas=per_sm * sms,
+                                   with_x=with_x, interpret=args.interpret)
+        if why:
+            case["skipped"] = why
+            result["cases"].append(case)
+            continue
+        f = jax.jit(fn)
+        samples = []
+        for _ in range(args.reps):
+            t, _ = kernel_seconds(f, (ws, x), reps=1)
+            samples.append(t)
+        if None in samples:  # no GPU traced (the interpreter)
+            jax.block_until_ready(f(ws, x))
+            case["us"] = None
+        else:
+            us = float(np.median(samples)) / copies * 1e6
+            case.update(us=us, gbps=weight_bytes / us / 1e3,
+                        pct_copy=100 * weight_bytes / us / 1e3 / copy)
+            print(f"{mode:7} {bk:>3} x {bn:<3} {stages:>6} {case['ctas']:>5} {us:8.2f} "
+                  f"{case['gbps']:7.0f} {case['pct_copy']:6.1f}")
+        result["cases"].append(case)
+    with open(os.path.join(args.out, "probe_stream.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
