@@ -73,7 +73,7 @@ def _smem_bytes(bk: int, bn: int, stages: int, rows: int, with_x: bool) -> int:
 
 
 def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, interpret):
-    w_ref, x_ref, _ = refs  # the last: a sink that keeps the launch in the program
+    w_ref, x_ref, sink_ref = refs  # sink [bk, bn]: CTA 0's last tile, so the launch is kept
     plgpu = mg.plgpu
     KS = K // bk
     units = N // bn * KS
@@ -105,6 +105,11 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, interpret):
             if per > stages:  # the stage is free at once: nothing reads it
                 issue(i + stages)
 
+        @pl.when(c == 0)
+        def _():
+            plgpu.copy_smem_to_gmem(w_smem.at[0], sink_ref)
+            plgpu.wait_smem_to_gmem(0)
+
     rows = x_ref.shape[0]
     pl.run_scoped(
         body,
@@ -131,8 +136,8 @@ def stream(ws, x, *, bk, bn, stages, ctas, with_x, interpret):
                         name=f"probe_stream_{bk}x{bn}_s{stages}{'_x' if with_x else ''}",
                         interpret=interpret)
 
-        *_, sink = pl.run_state(stateful)((w, x, jnp.zeros((1,), jnp.float32)))
-        out.append(sink[0])
+        *_, sink = pl.run_state(stateful)((w, x, jnp.zeros((bk, bn), _BF16)))
+        out.append(sink[0, 0].astype(jnp.float32))
     return jnp.stack(out)
 
 
