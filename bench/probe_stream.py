@@ -46,7 +46,7 @@ from gdn_jax.ops.dispatch import sm_count  # noqa: E402
 from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 _BF16 = jnp.bfloat16
-MODES = ("w", "w+x", "kernel")
+MODES = ("w", "w+x", "w+x+mma", "kernel")
 
 
 def parse_args(argv=None):
@@ -72,7 +72,7 @@ def _smem_bytes(bk: int, bn: int, stages: int, rows: int, with_x: bool) -> int:
                for n in tiles + [8 * stages, mg.REDUCTION_SCRATCH_BYTES])
 
 
-def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, interpret):
+def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, interpret):
     w_ref, x_ref, sink_ref = refs  # sink [bk, bn]: CTA 0's last tile, so the launch is kept
     plgpu = mg.plgpu
     KS = K // bk
@@ -80,8 +80,9 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, interpret):
     per = -(-units // ctas)
     c = lax.axis_index("cta")
     lo, hi = c * units // ctas, (c + 1) * units // ctas
+    rows = x_ref.shape[0]
 
-    def body(w_smem, x_smem, bars):
+    def body(w_smem, x_smem, bars, acc):
         def issue(i):
             u = lo + i
             j, kk, s = u // KS, u % KS, i % stages
@@ -94,34 +95,57 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, interpret):
                     plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(kk * bk, bk)], x_smem.at[s],
                                             bars.at[s])
 
-        for i in range(min(stages, per)):
+        for i in range(min(stages - (1 if mma else 0), per)):
             issue(i)
+
+        if mma:
+            acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
         @pl.loop(0, per)
         def _(i):
             @pl.when(lo + i < hi)
             def _():
                 plgpu.barrier_wait(bars.at[i % stages])
-            if per > stages:  # the stage is free at once: nothing reads it
+                if mma:  # the kernel's product and wait, no epilogue
+                    if interpret:
+                        acc[...] += jnp.dot(x_smem[i % stages].astype(jnp.float32),
+                                            w_smem[i % stages].astype(jnp.float32))
+                    else:
+                        plgpu.wgmma(acc, x_smem.at[i % stages], w_smem.at[i % stages])
+                        plgpu.wgmma_wait(1)
+            if mma and per > stages - 1:  # as the kernel: the previous unit's stage
+                issue(i + stages - 1)
+            elif not mma and per > stages:  # the stage is free at once: nothing reads it
                 issue(i + stages)
+
+        if mma and not interpret:
+            plgpu.wgmma_wait(0)
 
         @pl.when(c == 0)
         def _():
+            if mma:  # the products' first rows out through the stage, so they are kept too
+                y = acc[...].astype(_BF16)
+                if rows >= bk:
+                    w_smem[0] = y[:bk]
+                else:
+                    w_smem[0, :rows] = y
+                plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(w_smem.at[0], sink_ref)
             plgpu.wait_smem_to_gmem(0)
 
-    rows = x_ref.shape[0]
     pl.run_scoped(
         body,
         mg.smem_tile((stages, bk, bn), _BF16, interpret=interpret),
         mg.smem_tile((stages, rows, bk) if with_x else (1, 8, 64), _BF16, interpret=interpret),
         plgpu.Barrier(num_arrivals=2 if with_x else 1, num_barriers=stages),
+        (plgpu.SMEM((rows, bn), jnp.float32) if interpret else plgpu.ACC((rows, bn), jnp.float32))
+        if mma else plgpu.SMEM((8,), jnp.float32),
     )
 
 
-@functools.partial(jax.jit, static_argnames=("bk", "bn", "stages", "ctas", "with_x",
+@functools.partial(jax.jit, static_argnames=("bk", "bn", "stages", "ctas", "with_x", "mma",
                                              "interpret"))
-def stream(ws, x, *, bk, bn, stages, ctas, with_x, interpret):
+def stream(ws, x, *, bk, bn, stages, ctas, with_x, interpret, mma=False):
     """Each weight of ws ([K, N] bf16) streamed once (module docstring) -> [len(ws)] fp32 sinks."""
     out = []
     for w in ws:
@@ -129,11 +153,12 @@ def stream(ws, x, *, bk, bn, stages, ctas, with_x, interpret):
         units = N // bn * (K // bk)
         grid = (min(ctas, units),)
         body = functools.partial(_body, K=K, N=N, bk=bk, bn=bn, stages=stages, ctas=grid[0],
-                                 with_x=with_x, interpret=interpret)
+                                 with_x=with_x, mma=mma, interpret=interpret)
 
         def stateful(refs, body=body, grid=grid):
             mg.core_map(lambda: body(refs), grid=grid,
-                        name=f"probe_stream_{bk}x{bn}_s{stages}{'_x' if with_x else ''}",
+                        name=f"probe_stream_{bk}x{bn}_s{stages}{'_x' if with_x else ''}"
+                        f"{'_mma' if mma else ''}",
                         interpret=interpret)
 
         *_, sink = pl.run_state(stateful)((w, x, jnp.zeros((bk, bn), _BF16)))
@@ -185,12 +210,14 @@ def main(argv=None):
             why = kernels.projection_mgpu_misfit(args.rows, K, (N,), _BF16, config)
             fn = functools.partial(_kernel_chain, config=config, interpret=args.interpret)
         else:
-            with_x = mode == "w+x"
+            with_x, mma = mode != "w", mode == "w+x+mma"
             need = _smem_bytes(bk, bn, stages, args.rows, with_x)
             why = (f"{need} bytes of SMEM for {per_sm} CTAs an SM" if need * per_sm >
                    mg.SMEM_BYTES else None)
+            if mma and (args.rows * bn > 128 * 128 or bk != 64):
+                why = f"a [{args.rows}, {bn}] accumulator, K steps of {bk}: not the kernel's"
             fn = functools.partial(stream, bk=bk, bn=bn, stages=stages, ctas=per_sm * sms,
-                                   with_x=with_x, interpret=args.interpret)
+                                   with_x=with_x, mma=mma, interpret=args.interpret)
         if why:
             case["skipped"] = why
             result["cases"].append(case)

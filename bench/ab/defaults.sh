@@ -77,7 +77,13 @@
 #                                 # program embedded the expert stacks as constants, minute-long
 #                                 # compiles and a profile past 2 GB; fixed in bench_moe, unrun
 #                                 # since: bench/results/bench_moe-h100-b1-sweep_closure_
-#                                 # constants-2026-12-06.log)
+#                                 # constants-2026-12-06.log). Ran later that day on an H100:
+#                                 # the sweep's best pair (gate / up 32 x 256 in 5 stages,
+#                                 # down 64 x 128 in 5) lost to the defaults by chained step
+#                                 # time, decode 1.835 / 1.832 against 1.757 / 1.754 ms
+#                                 # (verify and round within 0.3%): the defaults stay
+#                                 # (bench/results/bench_speculative-h100-qwen3_5_moe_text-
+#                                 # 20layers-b1-moe_configs_*-2026-12-06.json)
 #   bash bench/ab/defaults.sh 10  # where a ring-mode verify's time goes at B = 32, the loop's
 #                                 # mode there (profile_step had traced replay only): ncu,
 #                                 # 2026-12-04, gave the ring op 44.4 us a call against 33.8 of
