@@ -14,7 +14,9 @@ from HBM and the [128, bk] x tile of the same K step, which at bn = 128 is as ma
     kernel `kernels.project_group_mgpu` itself on the same weight (bn, stages as the case's)
 
 at CTAs per SM (1 or 2), tile shapes and stage counts. Kernel time from JAX's profiler, each
-call reading `copies` distinct weights (more bytes than L2 holds); GB/s of weight read.
+call reading `copies` distinct weights (more bytes than L2 holds): `us` the launch itself,
+`call_us` with the call's other kernels (the kernel's zeroed output, slices); GB/s of weight read
+in `us`.
 
     python bench/probe_stream.py --out DIR
     python bench/probe_stream.py --out DIR --smoke --interpret    # the script on CPU
@@ -195,8 +197,8 @@ def main(argv=None):
               "cases": []}
     print(f"{dev.device_kind}, copy {copy:.0f} GB/s, w [{K}, {N}] bf16 x {copies}, "
           f"x [{args.rows}, {K}]")
-    print(f"{'mode':7} {'bk x bn':>8} {'stages':>6} {'ctas':>5} {'us':>8} {'GB/s':>7} "
-          f"{'% copy':>6}")
+    print(f"{'mode':7} {'bk x bn':>8} {'stages':>6} {'ctas':>5} {'us':>8} {'call us':>8} "
+          f"{'GB/s':>7} {'% copy':>6}")
     modes = args.modes.split(",")
     for tile, stages, per_sm, mode in itertools.product(
             args.tiles.split(","), [int(s) for s in args.stages.split(",")],
@@ -223,19 +225,21 @@ def main(argv=None):
             result["cases"].append(case)
             continue
         f = jax.jit(fn)
-        samples = []
+        name = "gdn_projection_mgpu" if mode == "kernel" else "probe_stream"
+        calls, own = [], []
         for _ in range(args.reps):
-            t, _ = kernel_seconds(f, (ws, x), reps=1)
-            samples.append(t)
-        if None in samples:  # no GPU traced (the interpreter)
-            jax.block_until_ready(f(ws, x))
+            t, shares = kernel_seconds(f, (ws, x), reps=1, names=(name,))
+            calls.append(t)
+            own.append(shares.get(name))
+        if None in calls:  # no GPU traced (the interpreter)
             case["us"] = None
-        else:
-            us = float(np.median(samples)) / copies * 1e6
-            case.update(us=us, gbps=weight_bytes / us / 1e3,
+        else:  # the launch alone (the kernel's output memset and slices apart), per weight
+            us = float(np.median(own)) / copies * 1e6
+            case.update(us=us, call_us=float(np.median(calls)) / copies * 1e6,
+                        gbps=weight_bytes / us / 1e3,
                         pct_copy=100 * weight_bytes / us / 1e3 / copy)
             print(f"{mode:7} {bk:>3} x {bn:<3} {stages:>6} {case['ctas']:>5} {us:8.2f} "
-                  f"{case['gbps']:7.0f} {case['pct_copy']:6.1f}")
+                  f"{case['call_us']:8.2f} {case['gbps']:7.0f} {case['pct_copy']:6.1f}")
         result["cases"].append(case)
     with open(os.path.join(args.out, "probe_stream.json"), "w") as f:
         json.dump(result, f, indent=1)
