@@ -11,7 +11,11 @@ from HBM and the [128, bk] x tile of the same K step, which at bn = 128 is as ma
     w      the weight tiles alone, stream-K over the grid (`kernels.project_group_mgpu`'s order:
            column block after column block, K steps in order), `stages` in flight per CTA
     w+x    the same plus each unit's [128, bk] x tile (the kernel's loads, without its wgmma)
+    w+x+mma  the same plus the kernel's product and wait per unit (`plgpu.wgmma`, wait(1)),
+           no epilogue: `kernel` less this is what the kernel's column-block sums cost
     kernel `kernels.project_group_mgpu` itself on the same weight (bn, stages as the case's)
+    kernel-out128  the same with a column block's sum leaving in one [128, bn] store (its
+           `_OUT_ROWS` patched) instead of two 64-row stores through one buffer
 
 at CTAs per SM (1 or 2), tile shapes and stage counts. Kernel time from JAX's profiler, each
 call reading `copies` distinct weights (more bytes than L2 holds): `us` the launch itself,
@@ -44,11 +48,12 @@ from jax.experimental import pallas as pl  # noqa: E402
 from gdn_jax import kernels  # noqa: E402
 from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
 from gdn_jax.kernels import _mgpu as mg  # noqa: E402
+from gdn_jax.kernels import projection_mgpu  # noqa: E402
 from gdn_jax.ops.dispatch import sm_count  # noqa: E402
 from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 _BF16 = jnp.bfloat16
-MODES = ("w", "w+x", "w+x+mma", "kernel")
+MODES = ("w", "w+x", "w+x+mma", "kernel", "kernel-out128")
 
 
 def parse_args(argv=None):
@@ -200,14 +205,17 @@ def main(argv=None):
     print(f"{'mode':7} {'bk x bn':>8} {'stages':>6} {'ctas':>5} {'us':>8} {'call us':>8} "
           f"{'GB/s':>7} {'% copy':>6}")
     modes = args.modes.split(",")
+    out_rows = projection_mgpu._OUT_ROWS
     for tile, stages, per_sm, mode in itertools.product(
             args.tiles.split(","), [int(s) for s in args.stages.split(",")],
             [int(s) for s in args.per_sm.split(",")], modes):
         bk, bn = (int(v) for v in tile.split("x"))
         case = {"mode": mode, "bk": bk, "bn": bn, "stages": stages, "ctas": per_sm * sms}
-        if mode == "kernel":
+        if mode.startswith("kernel"):
             if per_sm != 1 or bk != 64:  # the kernel: one CTA per SM, K steps of 64
                 continue
+            jax.clear_caches()  # the module constant below is read at trace time
+            projection_mgpu._OUT_ROWS = 128 if mode == "kernel-out128" else out_rows
             config = kernels.MosaicProjectionConfig(block_n=bn, stages=stages, ctas=sms)
             why = kernels.projection_mgpu_misfit(args.rows, K, (N,), _BF16, config)
             fn = functools.partial(_kernel_chain, config=config, interpret=args.interpret)
@@ -225,7 +233,7 @@ def main(argv=None):
             result["cases"].append(case)
             continue
         f = jax.jit(fn)
-        name = "gdn_projection_mgpu" if mode == "kernel" else "probe_stream"
+        name = "gdn_projection_mgpu" if mode.startswith("kernel") else "probe_stream"
         calls, own = [], []
         for _ in range(args.reps):
             t, shares = kernel_seconds(f, (ws, x), reps=1, names=(name,))
