@@ -13,6 +13,10 @@ from HBM and the [128, bk] x tile of the same K step, which at bn = 128 is as ma
     w+x    the same plus each unit's [128, bk] x tile (the kernel's loads, without its wgmma)
     w+x+mma  the same plus the kernel's product and wait per unit (`plgpu.wgmma`, wait(1)),
            no epilogue: `kernel` less this is what the kernel's column-block sums cost
+    w+x+mma+add    the same plus the kernel's epilogue: at a column block's last K step and at
+           the CTA's last unit, the accumulator out through a [64, bn] fp32 buffer by TMA
+           reduce-adds (64 rows at a time), zeroed for the next block
+    w+x+mma+store  the same with plain TMA stores (wrong sums: what the reduction costs)
     kernel `kernels.project_group_mgpu` itself on the same weight (bn, stages as the case's)
     kernel-out128  the same with a column block's sum leaving in one [128, bn] store (its
            `_OUT_ROWS` patched) instead of two 64-row stores through one buffer
@@ -53,7 +57,7 @@ from gdn_jax.ops.dispatch import sm_count  # noqa: E402
 from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 _BF16 = jnp.bfloat16
-MODES = ("w", "w+x", "w+x+mma", "kernel", "kernel-out128")
+MODES = ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store", "kernel", "kernel-out128")
 
 
 def parse_args(argv=None):
@@ -80,8 +84,9 @@ def _smem_bytes(bk: int, bn: int, stages: int, rows: int, with_x: bool) -> int:
                for n in tiles + [8 * stages, mg.REDUCTION_SCRATCH_BYTES])
 
 
-def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, interpret):
-    w_ref, x_ref, sink_ref = refs  # sink [bk, bn]: CTA 0's last tile, so the launch is kept
+def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
+    # sink [bk, bn]: CTA 0's last tile, so the launch is kept; out [rows, N] fp32 (epi)
+    w_ref, x_ref, sink_ref, out_ref = refs
     plgpu = mg.plgpu
     KS = K // bk
     units = N // bn * KS
@@ -90,7 +95,22 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, interpret):
     lo, hi = c * units // ctas, (c + 1) * units // ctas
     rows = x_ref.shape[0]
 
-    def body(w_smem, x_smem, bars, acc):
+    def epilogue(j, acc, out_smem):
+        y = acc[...]
+        if interpret:
+            out_ref[:, pl.ds(j * bn, bn)] = y
+        else:
+            for r in range(0, rows, 64):
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                out_smem[...] = y[r:r + 64] if rows > 64 else y
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, min(64, rows - r))],
+                                        out_ref.at[pl.ds(r, min(64, rows - r)),
+                                                   pl.ds(j * bn, bn)],
+                                        **({"reduction_op": "add"} if epi == "add" else {}))
+        acc[...] = jnp.zeros(acc.shape, jnp.float32)
+
+    def body(w_smem, x_smem, bars, acc, out_smem):
         def issue(i):
             u = lo + i
             j, kk, s = u // KS, u % KS, i % stages
@@ -123,11 +143,19 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, interpret):
                         plgpu.wgmma_wait(1)
             if mma and per > stages - 1:  # as the kernel: the previous unit's stage
                 issue(i + stages - 1)
+            if epi:
+                u = lo + i
+
+                @pl.when((u < hi) & ((u % KS == KS - 1) | (u + 1 == hi)))
+                def _():
+                    epilogue(u // KS, acc, out_smem)
             elif not mma and per > stages:  # the stage is free at once: nothing reads it
                 issue(i + stages)
 
         if mma and not interpret:
             plgpu.wgmma_wait(0)
+            if epi:
+                plgpu.wait_smem_to_gmem(0)
 
         @pl.when(c == 0)
         def _():
@@ -148,12 +176,14 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, interpret):
         plgpu.Barrier(num_arrivals=2 if with_x else 1, num_barriers=stages),
         (plgpu.SMEM((rows, bn), jnp.float32) if interpret else plgpu.ACC((rows, bn), jnp.float32))
         if mma else plgpu.SMEM((8,), jnp.float32),
+        mg.smem_tile((64, bn), jnp.float32, interpret=interpret) if epi
+        else plgpu.SMEM((8,), jnp.float32),
     )
 
 
 @functools.partial(jax.jit, static_argnames=("bk", "bn", "stages", "ctas", "with_x", "mma",
-                                             "interpret"))
-def stream(ws, x, *, bk, bn, stages, ctas, with_x, interpret, mma=False):
+                                             "epi", "interpret"))
+def stream(ws, x, *, bk, bn, stages, ctas, with_x, interpret, mma=False, epi=None):
     """Each weight of ws ([K, N] bf16) streamed once (module docstring) -> [len(ws)] fp32 sinks."""
     out = []
     for w in ws:
@@ -161,16 +191,18 @@ def stream(ws, x, *, bk, bn, stages, ctas, with_x, interpret, mma=False):
         units = N // bn * (K // bk)
         grid = (min(ctas, units),)
         body = functools.partial(_body, K=K, N=N, bk=bk, bn=bn, stages=stages, ctas=grid[0],
-                                 with_x=with_x, mma=mma, interpret=interpret)
+                                 with_x=with_x, mma=mma, epi=epi, interpret=interpret)
 
         def stateful(refs, body=body, grid=grid):
             mg.core_map(lambda: body(refs), grid=grid,
                         name=f"probe_stream_{bk}x{bn}_s{stages}{'_x' if with_x else ''}"
-                        f"{'_mma' if mma else ''}",
+                        f"{'_mma' if mma else ''}{'_' + epi if epi else ''}",
                         interpret=interpret)
 
-        *_, sink = pl.run_state(stateful)((w, x, jnp.zeros((bk, bn), _BF16)))
-        out.append(sink[0, 0].astype(jnp.float32))
+        y = jnp.zeros((x.shape[0], N) if epi else (1,), jnp.float32)
+        *_, sink, y = pl.run_state(stateful)((w, x, jnp.zeros((bk, bn), _BF16), y))
+        out.append(sink[0, 0].astype(jnp.float32) + y[0, 0] if epi else sink[0, 0].astype(
+            jnp.float32))
     return jnp.stack(out)
 
 
@@ -222,14 +254,15 @@ def main(argv=None):
             why = kernels.projection_mgpu_misfit(args.rows, K, (N,), _BF16, config)
             fn = functools.partial(_kernel_chain, config=config, interpret=args.interpret)
         else:
-            with_x, mma = mode != "w", mode == "w+x+mma"
-            need = _smem_bytes(bk, bn, stages, args.rows, with_x)
+            with_x, mma = mode != "w", mode.startswith("w+x+mma")
+            epi = mode.split("+")[3] if mode.count("+") == 3 else None
+            need = _smem_bytes(bk, bn, stages, args.rows, with_x) + (64 * bn * 4 if epi else 0)
             why = (f"{need} bytes of SMEM for {per_sm:g} CTAs an SM" if need * -(-ctas // sms) >
                    mg.SMEM_BYTES else None)
             if mma and (args.rows * bn > 128 * 128 or bk != 64):
                 why = f"a [{args.rows}, {bn}] accumulator, K steps of {bk}: not the kernel's"
             fn = functools.partial(stream, bk=bk, bn=bn, stages=stages, ctas=ctas,
-                                   with_x=with_x, mma=mma, interpret=args.interpret)
+                                   with_x=with_x, mma=mma, epi=epi, interpret=args.interpret)
         if why:
             case["skipped"] = why
             result["cases"].append(case)

@@ -56,8 +56,9 @@ def test_stream_probe_runs_each_mode(tmp_path):
     cases = json.load(open(tmp_path / "probe_stream.json"))["cases"]
     # the Mosaic kernel only at one CTA an SM (its grid)
     assert [(c["mode"], c["ctas"]) for c in cases] == [
-        ("w", 4), ("w+x", 4), ("w+x+mma", 4), ("kernel", 4), ("kernel-out128", 4), ("w", 8),
-        ("w+x", 8), ("w+x+mma", 8)]
+        *((m, 4) for m in ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store", "kernel",
+                           "kernel-out128")),
+        *((m, 8) for m in ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store"))]
 
 
 def test_bench_moe_sweeps_each_kernel_and_counts_touched_experts(tmp_path):
