@@ -17,6 +17,8 @@ from HBM and the [128, bk] x tile of the same K step, which at bn = 128 is as ma
            the CTA's last unit, the accumulator out through a [64, bn] fp32 buffer by TMA
            reduce-adds (64 rows at a time), zeroed for the next block
     w+x+mma+store  the same with plain TMA stores (wrong sums: what the reduction costs)
+    w+x+mma+tma    the reduce-adds alone (the buffer as it is, the accumulator untouched)
+    w+x+mma+acc    the accumulator into the buffer and zeroed alone (no TMA)
     kernel `kernels.project_group_mgpu` itself on the same weight (bn, stages as the case's)
     kernel-out128  the same with a column block's sum leaving in one [128, bn] store (its
            `_OUT_ROWS` patched) instead of two 64-row stores through one buffer
@@ -57,7 +59,8 @@ from gdn_jax.ops.dispatch import sm_count  # noqa: E402
 from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 _BF16 = jnp.bfloat16
-MODES = ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store", "kernel", "kernel-out128")
+MODES = ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store", "w+x+mma+tma", "w+x+mma+acc",
+         "kernel", "kernel-out128")
 
 
 def parse_args(argv=None):
@@ -96,19 +99,27 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
     rows = x_ref.shape[0]
 
     def epilogue(j, acc, out_smem):
-        y = acc[...]
+        # epi: "add" the kernel's; "store" plain stores; "tma" the reduce-adds alone (out_smem as
+        # it is, the accumulator untouched); "acc" the accumulator into out_smem and zeroed, no
+        # TMA
         if interpret:
-            out_ref[:, pl.ds(j * bn, bn)] = y
-        else:
-            for r in range(0, rows, 64):
+            out_ref[:, pl.ds(j * bn, bn)] = acc[...]
+            acc[...] = jnp.zeros(acc.shape, jnp.float32)
+            return
+        y = acc[...] if epi != "tma" else None
+        for r in range(0, rows, 64):
+            n = min(64, rows - r)
+            if epi != "acc":
                 plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            if y is not None:
                 out_smem[...] = y[r:r + 64] if rows > 64 else y
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, min(64, rows - r))],
-                                        out_ref.at[pl.ds(r, min(64, rows - r)),
-                                                   pl.ds(j * bn, bn)],
-                                        **({"reduction_op": "add"} if epi == "add" else {}))
-        acc[...] = jnp.zeros(acc.shape, jnp.float32)
+            if epi != "acc":
+                plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, n)],
+                                        out_ref.at[pl.ds(r, n), pl.ds(j * bn, bn)],
+                                        **({} if epi == "store" else {"reduction_op": "add"}))
+        if y is not None:
+            acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
     def body(w_smem, x_smem, bars, acc, out_smem):
         def issue(i):

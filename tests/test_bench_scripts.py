@@ -55,10 +55,9 @@ def test_stream_probe_runs_each_mode(tmp_path):
     _run("probe_stream.py", "--smoke", "--interpret", "--out", str(tmp_path), "--per-sm", "1,2")
     cases = json.load(open(tmp_path / "probe_stream.json"))["cases"]
     # the Mosaic kernel only at one CTA an SM (its grid)
+    streams = ("w", "w+x", "w+x+mma", *(f"w+x+mma+{e}" for e in ("add", "store", "tma", "acc")))
     assert [(c["mode"], c["ctas"]) for c in cases] == [
-        *((m, 4) for m in ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store", "kernel",
-                           "kernel-out128")),
-        *((m, 8) for m in ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store"))]
+        *((m, 4) for m in (*streams, "kernel", "kernel-out128")), *((m, 8) for m in streams)]
 
 
 def test_bench_moe_sweeps_each_kernel_and_counts_touched_experts(tmp_path):
