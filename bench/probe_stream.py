@@ -257,11 +257,11 @@ def main(argv=None):
         ctas = max(1, round(per_sm * sms))
         case = {"mode": mode, "bk": bk, "bn": bn, "stages": stages, "ctas": ctas}
         if mode.startswith("kernel"):
-            if per_sm != 1 or bk != 64:  # the kernel: one CTA per SM, K steps of 64
+            if per_sm > 1 or bk != 64:  # the kernel: at most one CTA an SM, K steps of 64
                 continue
             jax.clear_caches()  # the module constant below is read at trace time
             projection_mgpu._OUT_ROWS = 128 if mode == "kernel-out128" else out_rows
-            config = kernels.MosaicProjectionConfig(block_n=bn, stages=stages, ctas=sms)
+            config = kernels.MosaicProjectionConfig(block_n=bn, stages=stages, ctas=ctas)
             why = kernels.projection_mgpu_misfit(args.rows, K, (N,), _BF16, config)
             fn = functools.partial(_kernel_chain, config=config, interpret=args.interpret)
         else:
