@@ -19,6 +19,9 @@ from HBM and the [128, bk] x tile of the same K step, which at bn = 128 is as ma
     w+x+mma+store  the same with plain TMA stores (wrong sums: what the reduction costs)
     w+x+mma+tma    the reduce-adds alone (the buffer as it is, the accumulator untouched)
     w+x+mma+acc    the accumulator into the buffer and zeroed alone (no TMA)
+    w+x+mma+nested +add's work with the epilogue out of the unit loop: a loop over the CTA's
+           column blocks around a loop over the block's K steps in its range, the sum's store
+           after the inner loop (not under a condition inside the loop of wgmmas)
     kernel `kernels.project_group_mgpu` itself on the same weight (bn, stages as the case's)
     kernel-out128  the same with a column block's sum leaving in one [128, bn] store (its
            `_OUT_ROWS` patched) instead of two 64-row stores through one buffer
@@ -60,7 +63,7 @@ from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 _BF16 = jnp.bfloat16
 MODES = ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store", "w+x+mma+tma", "w+x+mma+acc",
-         "kernel", "kernel-out128")
+         "w+x+mma+nested", "kernel", "kernel-out128")
 
 
 def parse_args(argv=None):
@@ -106,7 +109,7 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
             out_ref[:, pl.ds(j * bn, bn)] = acc[...]
             acc[...] = jnp.zeros(acc.shape, jnp.float32)
             return
-        y = acc[...] if epi != "tma" else None
+        y = acc[...] if epi != "tma" else None  # "nested": as "add"
         for r in range(0, rows, 64):
             n = min(64, rows - r)
             if epi != "acc":
@@ -140,12 +143,12 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
         if mma:
             acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
-        @pl.loop(0, per)
-        def _(i):
-            @pl.when(lo + i < hi)
+        def unit(i, guard=True):  # unit lo + i's tiles waited for, its product; the previous
+            # unit's stage reloaded (guard: the unit may be past the CTA's range)
+            @(pl.when(lo + i < hi) if guard else (lambda f: f()))
             def _():
                 plgpu.barrier_wait(bars.at[i % stages])
-                if mma:  # the kernel's product and wait, no epilogue
+                if mma:  # the kernel's product and wait
                     if interpret:
                         acc[...] += jnp.dot(x_smem[i % stages].astype(jnp.float32),
                                             w_smem[i % stages].astype(jnp.float32))
@@ -154,14 +157,27 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
                         plgpu.wgmma_wait(1)
             if mma and per > stages - 1:  # as the kernel: the previous unit's stage
                 issue(i + stages - 1)
-            if epi:
-                u = lo + i
-
-                @pl.when((u < hi) & ((u % KS == KS - 1) | (u + 1 == hi)))
-                def _():
-                    epilogue(u // KS, acc, out_smem)
             elif not mma and per > stages:  # the stage is free at once: nothing reads it
                 issue(i + stages)
+
+        if epi == "nested":
+            @pl.loop(lo // KS, (hi - 1) // KS + 1)
+            def _(j):
+                @pl.loop(jnp.maximum(lo, j * KS) - lo, jnp.minimum(hi, (j + 1) * KS) - lo)
+                def _(i):
+                    unit(i, guard=False)
+
+                epilogue(j, acc, out_smem)
+        else:
+            @pl.loop(0, per)
+            def _(i):
+                unit(i)
+                if epi:
+                    u = lo + i
+
+                    @pl.when((u < hi) & ((u % KS == KS - 1) | (u + 1 == hi)))
+                    def _():
+                        epilogue(u // KS, acc, out_smem)
 
         if mma and not interpret:
             plgpu.wgmma_wait(0)
