@@ -22,6 +22,13 @@ from HBM and the [128, bk] x tile of the same K step, which at bn = 128 is as ma
     w+x+mma+nested +add's work with the epilogue out of the unit loop: a loop over the CTA's
            column blocks around a loop over the block's K steps in its range, the sum's store
            after the inner loop (not under a condition inside the loop of wgmmas)
+    w+x+mma+scoped1  +nested with an accumulator of the block's own (`pl.run_scoped`, zeroed
+           as it is allocated; none carried from block to block)
+    w+x+mma+scoped0  the same with each product waited for at once (wgmma wait(0), as JAX's
+           Hopper matmul does), so its stage reloads at once: `stages` loads ahead, not one less
+    (ptxas, 2026-12-06, H100: C7515 "wgmma.mma_async instructions are serialized due to non
+    wgmma instructions defining accumulator registers" in +add, +nested and the kernel, not in
+    w+x+mma: MOSAIC_GPU_DUMP_PTXAS=1 prints it)
     kernel `kernels.project_group_mgpu` itself on the same weight (bn, stages as the case's)
     kernel-out128  the same with a column block's sum leaving in one [128, bn] store (its
            `_OUT_ROWS` patched) instead of two 64-row stores through one buffer
@@ -63,7 +70,7 @@ from gdn_jax.profiling import kernel_seconds  # noqa: E402
 
 _BF16 = jnp.bfloat16
 MODES = ("w", "w+x", "w+x+mma", "w+x+mma+add", "w+x+mma+store", "w+x+mma+tma", "w+x+mma+acc",
-         "w+x+mma+nested", "kernel", "kernel-out128")
+         "w+x+mma+nested", "w+x+mma+scoped1", "w+x+mma+scoped0", "kernel", "kernel-out128")
 
 
 def parse_args(argv=None):
@@ -101,13 +108,14 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
     lo, hi = c * units // ctas, (c + 1) * units // ctas
     rows = x_ref.shape[0]
 
-    def epilogue(j, acc, out_smem):
+    def epilogue(j, acc, out_smem, zero=True):
         # epi: "add" the kernel's; "store" plain stores; "tma" the reduce-adds alone (out_smem as
         # it is, the accumulator untouched); "acc" the accumulator into out_smem and zeroed, no
         # TMA
         if interpret:
             out_ref[:, pl.ds(j * bn, bn)] = acc[...]
-            acc[...] = jnp.zeros(acc.shape, jnp.float32)
+            if zero:
+                acc[...] = jnp.zeros(acc.shape, jnp.float32)
             return
         y = acc[...] if epi != "tma" else None  # "nested": as "add"
         for r in range(0, rows, 64):
@@ -121,7 +129,7 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
                 plgpu.copy_smem_to_gmem(out_smem.at[pl.ds(0, n)],
                                         out_ref.at[pl.ds(r, n), pl.ds(j * bn, bn)],
                                         **({} if epi == "store" else {"reduction_op": "add"}))
-        if y is not None:
+        if y is not None and zero:
             acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
     def body(w_smem, x_smem, bars, acc, out_smem):
@@ -137,14 +145,16 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
                     plgpu.copy_gmem_to_smem(x_ref.at[:, pl.ds(kk * bk, bk)], x_smem.at[s],
                                             bars.at[s])
 
-        for i in range(min(stages - (1 if mma else 0), per)):
+        wait_all = epi == "scoped0"  # each product waited for at once: its stage is free
+        ahead = stages - (1 if mma and not wait_all else 0)  # loads issued ahead of the unit
+        for i in range(min(ahead, per)):
             issue(i)
 
         if mma:
             acc[...] = jnp.zeros(acc.shape, jnp.float32)
 
-        def unit(i, guard=True):  # unit lo + i's tiles waited for, its product; the previous
-            # unit's stage reloaded (guard: the unit may be past the CTA's range)
+        def unit(i, guard=True, acc=acc):  # unit lo + i's tiles waited for, its product; a
+            # free stage reloaded (guard: the unit may be past the CTA's range)
             @(pl.when(lo + i < hi) if guard else (lambda f: f()))
             def _():
                 plgpu.barrier_wait(bars.at[i % stages])
@@ -154,11 +164,9 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
                                             w_smem[i % stages].astype(jnp.float32))
                     else:
                         plgpu.wgmma(acc, x_smem.at[i % stages], w_smem.at[i % stages])
-                        plgpu.wgmma_wait(1)
-            if mma and per > stages - 1:  # as the kernel: the previous unit's stage
-                issue(i + stages - 1)
-            elif not mma and per > stages:  # the stage is free at once: nothing reads it
-                issue(i + stages)
+                        plgpu.wgmma_wait(0 if wait_all else 1)
+            if per > ahead:  # mma: as the kernel, the previous unit's stage; else this one
+                issue(i + ahead)
 
         if epi == "nested":
             @pl.loop(lo // KS, (hi - 1) // KS + 1)
@@ -168,6 +176,21 @@ def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):
                     unit(i, guard=False)
 
                 epilogue(j, acc, out_smem)
+        elif epi in ("scoped0", "scoped1"):
+            @pl.loop(lo // KS, (hi - 1) // KS + 1)
+            def _(j):
+                def block(block_acc):
+                    if interpret:
+                        block_acc[...] = jnp.zeros(block_acc.shape, jnp.float32)
+
+                    @pl.loop(jnp.maximum(lo, j * KS) - lo, jnp.minimum(hi, (j + 1) * KS) - lo)
+                    def _(i):
+                        unit(i, guard=False, acc=block_acc)
+
+                    epilogue(j, block_acc, out_smem, zero=False)
+
+                pl.run_scoped(block, plgpu.SMEM((rows, bn), jnp.float32) if interpret
+                              else plgpu.ACC((rows, bn), jnp.float32))
         else:
             @pl.loop(0, per)
             def _(i):

@@ -125,7 +125,7 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
     lo, hi = c * units // G, (c + 1) * units // G
     rows = pl.ds(0, M)
 
-    def body(x_smem, w_smem, out_smem, bars, acc):
+    def body(x_smem, w_smem, out_smem, bars):
         def issue(i):  # unit lo + i's loads into stage i % ST
             u = lo + i
             j, kk, s = u // KS, u % KS, i % ST
@@ -140,39 +140,45 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
                         plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds((j - first) * BN, BN)],
                                                 w_smem.at[s], bars.at[s])
 
-        for i in range(min(ST - 1, per)):
+        for i in range(min(ST, per)):
             issue(i)
-        _zero(acc)
 
-        # The column blocks of the CTA's units, each a loop over its K steps in the range, the
-        # sum out after it: no condition inside the loop of wgmmas. With the sum's store under a
-        # `pl.when` in one loop over the units, gate / up at 128 rows took 23.8 us on an H100
-        # where its loads and wgmmas alone took 15.5 (bench/results/probe_stream-h100-*).
-        @pl.loop(lo // KS, (hi - 1) // KS + 1)
-        def _(j):
+        def block(j, acc):  # column block j's K steps in the CTA's range; its sum out
+            if interpret:
+                _zero(acc)
+
             @pl.loop(jnp.maximum(lo, j * KS) - lo, jnp.minimum(hi, (j + 1) * KS) - lo)
             def _(i):
                 s = i % ST
                 plgpu.barrier_wait(bars.at[s])
                 _mma(acc, x_smem.at[s], w_smem.at[s], interpret)
-                # the product of unit i - 1 is done: its stage takes unit i + ST - 1's loads
-                if per > ST - 1:
-                    issue(i + ST - 1)
+                if per > ST:  # the product is done: its stage takes unit i + ST's loads
+                    issue(i + ST)
 
-            y = acc[...]  # the column block's sum here goes out
+            y = acc[...]
             if interpret:
                 cols = pl.ds(j * BN, BN)
                 out_ref[:, cols] = out_ref[:, cols] + y[:M]
-            else:  # in slices of 64 rows through out_smem: a smaller buffer, more stages
-                for lo_row in range(0, M, _OUT_ROWS):
-                    n = min(_OUT_ROWS, M - lo_row)
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem's last store
-                    out_smem[...] = y if BM == _OUT_ROWS else y[lo_row:lo_row + _OUT_ROWS]
-                    plgpu.commit_smem()
-                    plgpu.copy_smem_to_gmem(
-                        out_smem.at[pl.ds(0, n)],
-                        out_ref.at[pl.ds(lo_row, n), pl.ds(j * BN, BN)], reduction_op="add")
-            _zero(acc)
+                return
+            for lo_row in range(0, M, _OUT_ROWS):  # in slices of 64 rows through out_smem:
+                n = min(_OUT_ROWS, M - lo_row)     # a smaller buffer, more stages
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # out_smem's last store
+                out_smem[...] = y if BM == _OUT_ROWS else y[lo_row:lo_row + _OUT_ROWS]
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(
+                    out_smem.at[pl.ds(0, n)],
+                    out_ref.at[pl.ds(lo_row, n), pl.ds(j * BN, BN)], reduction_op="add")
+
+        # A loop over the CTA's column blocks, each with an accumulator of its own (zeroed as it
+        # is allocated) and its K steps in a loop of their own, every product waited for at
+        # once: ptxas serialized the wgmmas where one accumulator, zeroed after each block's
+        # sum, ran through a single loop over the units (C7515 "non wgmma instructions defining
+        # accumulator registers"): gate / up at 128 rows 23.5 us on an H100 where the same
+        # loads and wgmmas without the sums took 15.6 (bench/results/probe_stream-h100-*).
+        @pl.loop(lo // KS, (hi - 1) // KS + 1)
+        def _(j):
+            pl.run_scoped(functools.partial(block, j),
+                          plgpu.SMEM((BM, BN), _F32) if interpret else plgpu.ACC((BM, BN), _F32))
 
         if not interpret:
             plgpu.wait_smem_to_gmem(0)
@@ -183,7 +189,6 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
         mg.smem_tile((ST, BK, BN), _BF16, interpret=interpret),
         mg.smem_tile((_OUT_ROWS, BN), _F32, interpret=interpret),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
-        plgpu.SMEM((BM, BN), _F32) if interpret else plgpu.ACC((BM, BN), _F32),
     )
 
 
@@ -192,14 +197,14 @@ def _zero(acc):
 
 
 def _mma(acc, x, w, interpret: bool):
-    """acc += x @ w (x [BM, BK], w [BK, BN] bf16 SMEM refs); on the GPU an async wgmma, after
-    which the previous unit's is waited for (its stage may then be reloaded)."""
+    """acc += x @ w (x [BM, BK], w [BK, BN] bf16 SMEM refs), waited for (its stage is then free
+    for the next loads)."""
     if interpret:
         acc[...] = acc[...] + lax.dot(x[...].astype(_F32), w[...].astype(_F32),
                                       precision=lax.Precision.HIGHEST)
         return
     mg.plgpu.wgmma(acc, x, w)
-    mg.plgpu.wgmma_wait(1)
+    mg.plgpu.wgmma_wait(0)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "name"))

@@ -56,7 +56,8 @@ def test_stream_probe_runs_each_mode(tmp_path):
     cases = json.load(open(tmp_path / "probe_stream.json"))["cases"]
     # the Mosaic kernel only at one CTA an SM (its grid)
     streams = ("w", "w+x", "w+x+mma",
-               *(f"w+x+mma+{e}" for e in ("add", "store", "tma", "acc", "nested")))
+               *(f"w+x+mma+{e}" for e in ("add", "store", "tma", "acc", "nested", "scoped1",
+                                          "scoped0")))
     assert [(c["mode"], c["ctas"]) for c in cases] == [
         *((m, 4) for m in (*streams, "kernel", "kernel-out128")), *((m, 8) for m in streams)]
 
