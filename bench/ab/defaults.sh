@@ -98,7 +98,14 @@
 #   bash bench/ab/defaults.sh 11  # what caps the 128-row projections at 33-52% of copy: the
 #                                 # weight's TMA stream alone, with each unit's [128, bk] x tile
 #                                 # beside it (as many bytes again, from L2), and the Mosaic
-#                                 # kernel, at 1 and 2 CTAs an SM (bench/probe_stream.py)
+#                                 # kernel, at 1 and 2 CTAs an SM (bench/probe_stream.py).
+#                                 # Ran 2026-12-06 on an H100 (gate / up, 4 stages): the tiles
+#                                 # stream at 89% of copy, with the kernel's wgmmas at 87-88%,
+#                                 # the kernel at 57.5%: its epilogue, where ptxas serialized
+#                                 # the wgmmas (C7515), bench/results/probe_stream-h100-*
+#   bash bench/ab/defaults.sh 12  # the kernel rebuilt without that (688a155): GPU tests, ptxas,
+#                                 # the probe, the groups against Triton at 32 / 64 / 128 rows,
+#                                 # and the B = 32 step with it wherever it fits (~7 min)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -106,7 +113,7 @@
 # `ops.conv.project_conv_step`'s bounds; the router's fastest warps ->
 # `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10 or 11}
+part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 or 12}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -257,6 +264,31 @@ PY
     python bench/profile_step.py --out "$OUT/ring_b32" --family qwen3_5_text --layers 48 \
         --batches 32 --programs verify,round --commit-mode ring --top 30 2>&1 | tail -70
     lap
+    ;;
+12)  # the Hopper projection kernel without the wgmma serialization (688a155): its GPU tests;
+    # ptxas's C7515 and the probe's side by side; the five groups at 32, 64 and 128 rows,
+    # Triton's one launch against the Mosaic kernel; then the dense B = 32 step with the Mosaic
+    # kernel wherever it fits (GDN_JAX_PROJECTION=mosaic) against the defaults, twice each
+    timeout 150 python -m pytest -q -m gpu -x tests/kernels/test_kernel_projection_mgpu.py 2>&1 \
+        | tail -2
+    lap
+    MOSAIC_GPU_DUMP_PTXAS=1 timeout 100 python bench/probe_stream.py --out "$OUT/probe" \
+        --tiles 64x128,64x64 --stages 4,6 --per-sm 1 --reps 3 \
+        --modes w+x+mma,w+x+mma+add,w+x+mma+scoped1,w+x+mma+scoped0,kernel > "$OUT/probe.log" 2>&1
+    grep -E "^w\+x|^kernel|copy" "$OUT/probe.log"
+    grep -E "C7515" "$OUT/probe.log" | sed 's/.*function//' | sort | uniq -c
+    lap
+    python bench/bench_projection.py --out "$OUT/groups" --rows 32,64,128 --shapes k_proj \
+        --reps 3 --groups --groups-only mlp_gate_up,gdn_in,attn_qkv,out_proj,down_proj \
+        --mosaic "${MOSAIC_CONFIGS:-128:4,128:6,64:6}" 2>&1 | tail -30
+    lap
+    for round in 1 2; do
+        for v in default: mosaic:GDN_JAX_PROJECTION=mosaic; do
+            env ${v#*:} python bench/bench_speculative.py --out "$OUT/ab_${v%%:*}_$round" \
+                --batches 32 2>&1 | grep -E "^ +[0-9]+ +[0-9]+ |Error" | sed "s/^/${v%%:*} /"
+            lap
+        done
+    done
     ;;
 11)  # the 128-row projections' ceiling: TMA streams of the weight alone, with each unit's x
     # tile beside, and the Mosaic kernel itself, side by side (bench/probe_stream.py, ~3 min)
