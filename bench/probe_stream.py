@@ -93,8 +93,7 @@ def parse_args(argv=None):
 
 def _smem_bytes(bk: int, bn: int, stages: int, rows: int, with_x: bool) -> int:
     tiles = [stages * bk * bn * 2] + ([stages * rows * bk * 2] if with_x else [])
-    return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT
-               for n in tiles + [8 * stages, mg.REDUCTION_SCRATCH_BYTES])
+    return mg.aligned_bytes(tiles + [8 * stages, mg.REDUCTION_SCRATCH_BYTES])
 
 
 def _body(refs, *, K, N, bk, bn, stages, ctas, with_x, mma, epi, interpret):

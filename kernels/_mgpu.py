@@ -38,6 +38,12 @@ HEAD_DIM_MULTIPLE = 64  # the WGMMA register layout's rows and columns
 REDUCTION_SCRATCH_BYTES = 2048  # CompilerParams.reduction_scratch_bytes' default, reserved too
 
 
+def aligned_bytes(buffers) -> int:
+    """The SMEM a CTA allocates for scoped buffers of these byte sizes: each rounded up to
+    `SMEM_ALIGNMENT`, as Pallas lays them out."""
+    return sum(-(-n // SMEM_ALIGNMENT) * SMEM_ALIGNMENT for n in buffers)
+
+
 def unavailable() -> str | None:
     """None when Mosaic GPU kernels can be built with this jax, else why not."""
     if JAX_VERSION < MIN_JAX:
@@ -134,7 +140,7 @@ class MosaicConfig:
         buffers = [ST * BV * K * ps, ST * T * K * xs, ST * T * K * xs, ST * T * BV * xs,
                    ST * pending * K * cs, ST * pending * BV * cs, T * BV * xs,
                    out_tiles * BV * K * ps, 8 * ST, 8 * ST, REDUCTION_SCRATCH_BYTES]
-        return sum(-(-n // SMEM_ALIGNMENT) * SMEM_ALIGNMENT for n in buffers if n)
+        return aligned_bytes(buffers)
 
 
 # ------------------------------------------------------------------------------------------------

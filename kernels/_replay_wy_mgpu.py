@@ -190,7 +190,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
                ST * dims.T * BV * 2, ST * wy.value_rows(dims.t_max + 1, BV) * BV * 2,
                dims.T * BV * 2, wy.ROWS * BV * 4, wy.ROWS * wy.TOKEN_ROWS * 4,
                8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
-    return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
+    return mg.aligned_bytes(buffers)
 
 
 def replay_call(dims: cm.Dims, config: MosaicConfig, interpret: bool, *args):

@@ -237,7 +237,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
                ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4,
                rows * (RING_ROW + W) * 4, 8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
-    return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
+    return mg.aligned_bytes(buffers)
 
 
 def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool, *args):

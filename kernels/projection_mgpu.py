@@ -80,7 +80,7 @@ class MosaicProjectionConfig:
         buffers = [self.stages * bm * self.block_k * 2, self.stages * self.block_k *
                    self.block_n * 2, _OUT_ROWS * self.block_n * 4, 8 * self.stages,
                    mg.REDUCTION_SCRATCH_BYTES]
-        return sum(-(-n // mg.SMEM_ALIGNMENT) * mg.SMEM_ALIGNMENT for n in buffers)
+        return mg.aligned_bytes(buffers)
 
 
 def block_m(M: int) -> int:
@@ -144,8 +144,8 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
             issue(i)
 
         def block(j, acc):  # column block j's K steps in the CTA's range; its sum out
-            if interpret:
-                _zero(acc)
+            if interpret:  # the GPU's accumulator starts as zeros, the interpreter's SMEM not
+                acc[...] = jnp.zeros(acc.shape, _F32)
 
             @pl.loop(jnp.maximum(lo, j * KS) - lo, jnp.minimum(hi, (j + 1) * KS) - lo)
             def _(i):
@@ -190,10 +190,6 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
         mg.smem_tile((_OUT_ROWS, BN), _F32, interpret=interpret),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
     )
-
-
-def _zero(acc):
-    acc[...] = jnp.zeros(acc.shape, _F32)
 
 
 def _mma(acc, x, w, interpret: bool):
