@@ -282,7 +282,7 @@ PY
         --reps 3 --groups --groups-only mlp_gate_up,gdn_in,attn_qkv,out_proj,down_proj \
         --mosaic "${MOSAIC_CONFIGS:-128:4,128:6,64:6}" 2>&1 | tail -30
     lap
-    for round in 1 2; do
+    for round in ${ROUNDS:-1 2}; do
         for v in default: mosaic:GDN_JAX_PROJECTION=mosaic; do
             env ${v#*:} python bench/bench_speculative.py --out "$OUT/ab_${v%%:*}_$round" \
                 --batches 32 2>&1 | grep -E "^ +[0-9]+ +[0-9]+ |Error" | sed "s/^/${v%%:*} /"
