@@ -2,6 +2,7 @@
 or profile, every path setting they take, and the JSON they write. The numbers mean nothing here;
 a script that breaks on the runner costs device time, so it breaks here first."""
 
+import importlib
 import json
 import os
 import subprocess
@@ -257,3 +258,50 @@ def test_ab_swap_replaces_a_module_everywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["swapped", "swapped"]
     assert "GDN_JAX_AB_SWAP: gdn_jax.kernels._ring_wy_mgpu" in proc.stderr
+
+
+_PTXAS_TEXT = """\
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 871 by compiler to allow use \
+of registers in GMMA in function 'proj_kernel'
+ptxas info    : (C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized \
+due to non wgmma instructions defining accumulator registers of a wgmma between start and end of \
+the pipeline stage in the function 'proj_kernel'
+ptxas info    : Compiling entry function 'proj_kernel' for 'sm_90a'
+ptxas info    : Function properties for proj_kernel
+    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads
+ptxas info    : Used 154 registers, used 2 barriers, 1 bytes smem
+ptxas warning : Registers are spilled to local memory in function 'verify_kernel', 84 bytes \
+spill stores, 104 bytes spill loads
+ptxas info    : Compiling entry function 'verify_kernel' for 'sm_90a'
+ptxas info    : Function properties for verify_kernel
+    80 bytes stack frame, 84 bytes spill stores, 104 bytes spill loads
+ptxas info    : Used 255 registers, used 2 barriers, 80 bytes cumulative stack size, 1 bytes smem
+"""
+
+
+def test_ptxas_report_reads_registers_spills_and_warnings():
+    """bench/ptxas_report.py: each function ptxas compiled, with its registers, spill bytes and
+    warning codes (ptxas 13's wording, 2026-12-06)."""
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import ptxas_report
+    finally:
+        sys.path.remove(os.path.join(ROOT, "bench"))
+    rows = {r["function"]: r for r in ptxas_report._summary(_PTXAS_TEXT)}
+    assert rows["proj_kernel"] == {"function": "proj_kernel", "arch": "sm_90a", "registers": 154,
+                                   "spill_bytes": 0, "warnings": ["C7519", "C7515"]}
+    assert rows["verify_kernel"]["registers"] == 255
+    assert rows["verify_kernel"]["spill_bytes"] == 188 and rows["verify_kernel"]["warnings"] == []
+
+
+def test_ptxas_report_says_what_it_needs_without_the_cuda_plugin():
+    """Without jax's CUDA plugin (CI's CPU jax) the script stops at once, saying what to install."""
+    for plugin in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
+        try:
+            importlib.import_module(plugin)
+        except ImportError:
+            continue
+        pytest.skip(f"{plugin} is installed: the script would compile for real")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "ptxas_report.py")],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode != 0 and "no CUDA plugin" in proc.stderr, proc.stderr[-2000:]
