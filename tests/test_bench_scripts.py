@@ -174,13 +174,17 @@ def test_random_model_is_drawn_into_its_shards():
     assert np.isfinite(np.asarray(out.logits, np.float32)).all()
 
 
-def _ncu_kernels():
+def _bench_module(name):
+    """bench/<name>.py imported as a module (bench/ is not a package)."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
-        import ncu_kernels
+        return importlib.import_module(name)
     finally:
         sys.path.remove(os.path.join(ROOT, "bench"))
-    return ncu_kernels
+
+
+def _ncu_kernels():
+    return _bench_module("ncu_kernels")
 
 
 def test_ncu_sweeps_keep_to_batches_dtypes_and_ops(monkeypatch):
@@ -282,12 +286,7 @@ ptxas info    : Used 255 registers, used 2 barriers, 80 bytes cumulative stack s
 def test_ptxas_report_reads_registers_spills_and_warnings():
     """bench/ptxas_report.py: each function ptxas compiled, with its registers, spill bytes and
     warning codes (ptxas 13's wording, 2026-12-06)."""
-    sys.path.insert(0, os.path.join(ROOT, "bench"))
-    try:
-        import ptxas_report
-    finally:
-        sys.path.remove(os.path.join(ROOT, "bench"))
-    rows = {r["function"]: r for r in ptxas_report._summary(_PTXAS_TEXT)}
+    rows = {r["function"]: r for r in _bench_module("ptxas_report")._summary(_PTXAS_TEXT)}
     assert rows["proj_kernel"] == {"function": "proj_kernel", "arch": "sm_90a", "registers": 154,
                                    "spill_bytes": 0, "warnings": ["C7519", "C7515"]}
     assert rows["verify_kernel"]["registers"] == 255
