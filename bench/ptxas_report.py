@@ -13,10 +13,14 @@ step, fails as it must. On the runner the real driver answers (the runner's own 
 Needs the CUDA plugin's compiler: a Python with `jax[cuda13]` (or cuda12), e.g. jax 0.11.2 on
 Python 3.12 here (pip install "jax[cuda13]==0.11.2" flax), plus a C compiler where there is no
 libcuda. 2026-12-06: it found C7515 in the 128-row projection kernel of 06c0273 (gate / up at 57%
-of copy on an H100, bench/results/probe_stream-h100-*) and none in 688a155's.
+of copy on an H100, bench/results/probe_stream-h100-*) and none in 688a155's. `--sass` counts each
+kernel's SASS instructions (nvdisasm, from pip's nvidia-cuda-nvdisasm, beside ptxas): an
+issue-bound kernel's form can be compared without a GPU (2026-12-07: the T = 4 ring kernel,
+2832 -> 2704 instructions, FFMA 296 -> 168, with its ring part in the token groups' layout).
 
     python bench/ptxas_report.py            # every kernel the lowering tests lower
     python bench/ptxas_report.py -k projection_mgpu --out /tmp/ptxas   # some; JSON too
+    python bench/ptxas_report.py -k verify_ring_mgpu --sass            # + SASS counts
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ def _parse():
     p.add_argument("--cc", default="9.0", help="compute capability the stub driver answers")
     p.add_argument("--out", help="a folder for ptxas_report.json")
     p.add_argument("--full", action="store_true", help="print ptxas's whole output")
+    p.add_argument("--sass", action="store_true",
+                   help="also count each kernel's SASS instructions, by opcode (needs nvdisasm "
+                        "beside ptxas: pip install nvidia-cuda-nvdisasm)")
     return p.parse_args()
 
 
@@ -133,9 +140,23 @@ def _summary(text: str) -> list[dict]:
     return list(rows.values())
 
 
+def _sass_counts(text: str) -> dict[str, dict]:
+    """Per function in a MOSAIC_GPU_DUMP_SASS listing: its instruction count and the commonest
+    opcodes (static: a loop's body once, a branch's both sides)."""
+    counts = {}
+    parts = re.split(r"//-+ \.text\.(\w+) -+", text)
+    for name, body in zip(parts[1::2], parts[2::2]):
+        ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", body)
+        top = sorted(set(ops), key=lambda o: -ops.count(o))[:8]
+        counts[name] = {"instructions": len(ops), "opcodes": {o: ops.count(o) for o in top}}
+    return counts
+
+
 def main():
     args = _parse()
     compile_fn = _compiler()
+    if args.sass:
+        os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"  # read by the compiler at each compile
     import pytest
     from jax.experimental.mosaic.gpu import core
 
@@ -155,6 +176,8 @@ def main():
             if args.full:
                 print(text)
             found = _summary(text)
+            for row in found:
+                row.update(_sass_counts(text).get(row["function"], {}))
             if not found:
                 err = next((line for line in text.splitlines() if "rror" in line), text[-200:])
                 found = [{"function": "?", "error": err.strip()}]
@@ -166,6 +189,9 @@ def main():
             continue
         print(f"{r['function'][:48]:48} {r.get('arch', ''):>7} {r.get('registers') or '':>5} "
               f"{r.get('spill_bytes', 0):>6}  {' '.join(sorted(set(r['warnings'])))}")
+        if "instructions" in r:
+            print(f"    {r['instructions']} SASS instructions: "
+                  + ", ".join(f"{o} {n}" for o, n in r["opcodes"].items()))
     if args.out:
         import jax
         out = pathlib.Path(args.out)

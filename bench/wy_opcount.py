@@ -3,11 +3,13 @@
     python bench/wy_opcount.py [--block-v 64] [--cases ring:4:16,ring:8:16,replay:4:3]
 
 The Mosaic ring and replay kernels (`kernels._ring_wy_mgpu`, `kernels._replay_wy_mgpu`) run, per
-tile, `_wy_mgpu.solve` (and the ring's `ring_scales` / `ring_row`) on fp32 scalars read from the
+tile, `_wy_mgpu.solve` (and the ring's `ring_scales` / `after_ring`) on fp32 scalars read from the
 Gram in SMEM and on [block_v] vectors (rows of the state's products, values). This traces that
 math as plain JAX and counts its operations by shape: vector ops ([block_v]: 2 registers a
-thread in the WGMMA row layout at block_v = 64), scalar arithmetic, and scalar reads (each a
-shared-memory load in the kernel). Set against the kernel's time per tile (ncu), it says how
+thread in the WGMMA row layout at block_v = 64), group ops ([block_v, 8], 8 columns of PT^T: 4
+registers a thread in the WGMMA layout), scalar arithmetic, and scalar reads (each a
+shared-memory load in the kernel). Offline sm_90a SASS (bench/ptxas_report.py with
+MOSAIC_GPU_DUMP_SASS=1) counts what they compile to. Set against the kernel's time per tile (ncu), it says how
 much of a tile is this instruction stream and how much is waiting.
 """
 
@@ -35,8 +37,12 @@ def count(kind: str, T: int, W: int, block_v: int) -> dict:
             c, e_n = ring.ring_scales(n, [cand_g[l] for l in range(W)],
                                       lambda l: gram[ring.RING_ROW + l, ring.RING_ROW + l])
             w = [cl * U[l] for l, cl in enumerate(c)]
-            row = functools.partial(ring.ring_row, e_n=e_n, w=w, row=lambda r: PT[r],
-                                    gram=lambda r, l: gram[r, ring.RING_ROW + l])
+            groups = wy.column_groups(PT[:ring.RING_ROW].T)
+            groups = groups[:1] + [ring.after_ring(
+                block, e_n, w, lambda l, g=g: gram[ring.RING_ROW + l,
+                                                   g * wy.GROUP:(g + 1) * wy.GROUP])
+                for g, block in enumerate(groups) if g]
+            row = wy.token_rows(groups)
             return wy.solve(jnp.int32(0), gates, [], lambda r, cc: gram[r, cc], row,
                             lambda j: V[j], K)
         cand = [(cand_g[j], beta[0]) for j in range(W)]
@@ -49,10 +55,13 @@ def count(kind: str, T: int, W: int, block_v: int) -> dict:
     counts = collections.Counter()
     for eqn in jax.make_jaxpr(algebra)(*args).jaxpr.eqns:
         shape = eqn.outvars[0].aval.shape
-        if eqn.primitive.name == "slice":
-            continue  # the index arithmetic of a scalar read: counted as the read (squeeze)
+        if eqn.primitive.name in ("slice", "broadcast_in_dim", "transpose"):
+            continue  # a scalar read's index arithmetic (counted as the read: squeeze), or
+            # register moves (a group's columns, a broadcast of a vector or scalar)
         if eqn.primitive.name == "squeeze":
             counts["scalar reads" if shape == () else "vector reads"] += 1
+        elif shape == (block_v, wy.GROUP):
+            counts["group ops"] += 1
         elif shape == (block_v,):
             counts["vector ops"] += 1
         elif shape == ():
@@ -67,12 +76,13 @@ def main(argv=None):
                    help="kind:T:W (W: the ring's size, or replay's pending candidates), "
                         "comma-separated")
     args = p.parse_args(argv)
-    print(f"{'case':<14} {'vector ops':>10} {'vector reads':>12} {'scalar ops':>10} "
-          f"{'scalar reads':>12}")
+    print(f"{'case':<14} {'vector ops':>10} {'group ops':>9} {'vector reads':>12} "
+          f"{'scalar ops':>10} {'scalar reads':>12}")
     for case in args.cases.split(","):
         kind, T, W = case.split(":")
         c = count(kind, int(T), int(W), args.block_v)
-        print(f"{case:<14} {c.get('vector ops', 0):>10} {c.get('vector reads', 0):>12} "
+        print(f"{case:<14} {c.get('vector ops', 0):>10} {c.get('group ops', 0):>9} "
+              f"{c.get('vector reads', 0):>12} "
               f"{c.get('scalar ops', 0):>10} {c.get('scalar reads', 0):>12}")
 
 

@@ -75,14 +75,18 @@ def ring_scales(n, ring_g, norm2):
     return c, tail
 
 
-def ring_row(r, e_n, w, row, gram):
-    """Row r of X's product with S_R: e^{G_n} S0 x_r + sum_l (kraw_l . x_r) w_l, [BV] fp32.
+def after_ring(block, e_n, w, gram_cols):
+    """An 8-column group of PT^T (S0's products with 8 rows x_r of X, [BV, 8] fp32) -> the same
+    group of S_R's products: e^{G_n} S0 x_r + sum_l (kraw_l . x_r) w_l.
 
-    w: the ring's W fold weights w_l = c_l u_l ([BV] fp32; zeros for a dead entry); row(r):
-    S0 x_r, [BV] fp32; gram(r, l): X row r . ring key l."""
-    acc = e_n * row(r)
+    w: the ring's W fold weights w_l = c_l u_l ([BV] fp32; zeros for a dead entry);
+    gram_cols(l): the 8 rows' products with ring key l, [8] fp32. Each term is an outer product
+    in the group's own layout (a thread holds 2 rows x 2 columns), where a [BV] vector per X row
+    and term would repeat every product on the 4 threads that hold a row."""
+    acc = e_n * block
     for l, wl in enumerate(w):
-        acc = acc + gram(r, l) * wl
+        acc = acc + (lax.broadcast_in_dim(wl, block.shape, (0,))
+                     * lax.broadcast_in_dim(gram_cols(l), block.shape, (1,)))
     return acc
 
 
@@ -103,6 +107,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
     plgpu = mg.plgpu
     WG = None if interpret else plgpu.Layout.WGMMA
     VVEC = None if interpret else WG.reduce(1)
+    VCOL = None if interpret else WG.reduce(0)
 
     tile = functools.partial(cm.Tile.at, slots_ref=slots_ref, HV=HV, NV=NV, total=B * HV * NV,
                              num_slots=N)
@@ -144,17 +149,24 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         def math(t, s, n, values):
             gates, ring_g = values
             cols = pl.ds(t.iv * BV, BV)
-            # the state rows' products with X's token rows, in registers
-            pt_row = wy.token_rows(
-                wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret))
 
             def ring_u(l):  # a dead entry reads the zero row W
                 return mg.load(ru_smem.at[s, jnp.where(l < n, l, W)], VVEC, interpret=interpret)
 
+            def gram_cols(first, l):  # X rows first..first + 7 against ring key l, [8] fp32
+                return mg.load(gram_smem.at[RING_ROW + l, pl.ds(first, wy.GROUP)], VCOL,
+                               interpret=interpret)
+
             c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
             w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
-            ring_part = functools.partial(ring_row, e_n=e_n, w=w, row=pt_row,
-                                          gram=lambda r, l: gram_smem[r, RING_ROW + l])
+            # the state after the ring: its products with X's key and query rows, in registers
+            # (the candidates' group, rows 0..7, is unused in ring mode)
+            blocks = wy.column_groups(
+                wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret))
+            blocks = blocks[:1] + [
+                after_ring(block, e_n, w, functools.partial(gram_cols, g * wy.GROUP))
+                for g, block in enumerate(blocks) if g]
+            ring_part = wy.token_rows(blocks)
             outs, _, _, us = wy.solve(
                 jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc], ring_part,
                 lambda j: mg.load(v_smem.at[s, j], VVEC, interpret=interpret).astype(_F32), K)

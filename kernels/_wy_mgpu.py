@@ -110,20 +110,25 @@ def times_t(xs, other, interpret: bool):
     return pl.run_scoped(product, plgpu.ACC((xs.shape[0], other.shape[0]), _F32))
 
 
-def token_rows(PTT):
-    """PT^T = S0 @ X[:n]^T [BV, n] fp32 (in registers) -> row(r): X row r's product with the
-    state, [BV] fp32, its column r taken by a masked sum along the row (in the WGMMA layout's
-    reduce(1), the [BV] vectors' layout) over r's 8-column group: no trip through SMEM. H200,
-    ring verify at B = 32: one third faster than X @ S0^T staged through an SMEM buffer and
-    read back as rows (bench/results/sweep_ring_mgpu_smem_pt-h200-2026-12-03.log); the group
-    rather than all n columns: 262.9 -> 242.5 us at B = 256
-    (bench/results/ring_mgpu_issue-h200-2026-12-03.json)."""
-    col = lax.broadcasted_iota(jnp.int32, (PTT.shape[0], GROUP), 1)
+def column_groups(PTT):
+    """PT^T = S0 @ X[:n]^T [BV, n] fp32 (in registers) -> its 8-column groups, [BV, 8] each (X's
+    row groups; slices without strides: Mosaic)."""
+    return [lax.slice(PTT, (0, start), (PTT.shape[0], start + GROUP))
+            for start in range(0, PTT.shape[1], GROUP)]
+
+
+def token_rows(groups):
+    """`column_groups` (in registers) -> row(r): X row r's product with the state, [BV] fp32,
+    its column taken by a masked sum along the row of r's group (in the WGMMA layout's
+    reduce(1), the [BV] vectors' layout): no trip through SMEM. H200, ring verify at B = 32: one
+    third faster than X @ S0^T staged through an SMEM buffer and read back as rows
+    (bench/results/sweep_ring_mgpu_smem_pt-h200-2026-12-03.log); over r's group rather than all
+    n columns: 262.9 -> 242.5 us at B = 256 (bench/results/ring_mgpu_issue-h200-2026-12-03.json)."""
+    col = lax.broadcasted_iota(jnp.int32, groups[0].shape, 1)
 
     def row(r):  # r: a static row index
-        start = r // GROUP * GROUP
-        group = lax.slice(PTT, (0, start), (PTT.shape[0], start + GROUP))  # no strides: Mosaic
-        return jnp.sum(jnp.where(col == r - start, group, jnp.zeros_like(group)), axis=1)
+        group = groups[r // GROUP]
+        return jnp.sum(jnp.where(col == r % GROUP, group, jnp.zeros_like(group)), axis=1)
 
     return row
 

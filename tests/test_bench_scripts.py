@@ -293,6 +293,25 @@ def test_ptxas_report_reads_registers_spills_and_warnings():
     assert rows["verify_kernel"]["spill_bytes"] == 188 and rows["verify_kernel"]["warnings"] == []
 
 
+_SASS_TEXT = """\
+//--------------------- .text.ring_kernel --------------------------
+        /*0000*/                   LDC R1, c[0x0][0x28] ;
+        /*0010*/                   FFMA R2, R3, R4, R5 ;
+.L_x_1:
+        /*0020*/               @P0 FFMA R2, R3, R4, R2 ;
+        /*0030*/              @!P1 BRA `(.L_x_1) ;
+//--------------------- .text.other_kernel --------------------------
+        /*0000*/                   EXIT ;
+"""
+
+
+def test_ptxas_report_counts_sass_by_function_and_opcode():
+    """`--sass`: each function's instructions in nvdisasm's listing, predicated ones included."""
+    counts = _bench_module("ptxas_report")._sass_counts(_SASS_TEXT)
+    assert counts["ring_kernel"] == {"instructions": 4, "opcodes": {"FFMA": 2, "LDC": 1, "BRA": 1}}
+    assert counts["other_kernel"]["instructions"] == 1
+
+
 def test_ptxas_report_says_what_it_needs_without_the_cuda_plugin():
     """Without jax's CUDA plugin (CI's CPU jax) the script stops at once, saying what to install."""
     for plugin in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):

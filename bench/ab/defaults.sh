@@ -106,6 +106,14 @@
 #   bash bench/ab/defaults.sh 12  # the kernel rebuilt without that (688a155): GPU tests, ptxas,
 #                                 # the probe, the groups against Triton at 32 / 64 / 128 rows,
 #                                 # and the B = 32 step with it wherever it fits (~7 min)
+#   bash bench/ab/defaults.sh 13  # the Mosaic ring kernel's ring part as outer products in the
+#                                 # token groups' own layout (`_ring_wy_mgpu.after_ring`; offline
+#                                 # sm_90a SASS: the T = 4, W = 16 tile 2327 -> 2190
+#                                 # instructions, 296 -> 168 FFMA): its GPU tests, then its
+#                                 # kernel time against the tree of REV (default e0a5d8e, the
+#                                 # [BV]-vector form) at B = 32 and 256, ROUNDS times
+#                                 # interleaved. Make the tree here first (`bash bench/ab/tree.sh
+#                                 # make e0a5d8e`) and carry devtmp/trees (~4 min)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -113,7 +121,7 @@
 # `ops.conv.project_conv_step`'s bounds; the router's fastest warps ->
 # `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11 or 12}
+part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 or 13}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -286,6 +294,23 @@ PY
         for v in default: mosaic:GDN_JAX_PROJECTION=mosaic; do
             env ${v#*:} python bench/bench_speculative.py --out "$OUT/ab_${v%%:*}_$round" \
                 --batches 32 2>&1 | grep -E "^ +[0-9]+ +[0-9]+ |Error" | sed "s/^/${v%%:*} /"
+            lap
+        done
+    done
+    ;;
+13)  # the ring kernel before / after `after_ring`: GPU tests, then kernel and call time in one
+    # process a side (JAX's profiler), the sides interleaved
+    timeout 200 python -m pytest -q -m gpu -x tests/kernels/test_kernel_ring.py \
+        tests/ops/test_ops_ring_gpu.py 2>&1 | tail -3
+    lap
+    before=$PWD/devtmp/trees/${REV:-e0a5d8e}
+    [[ -d $before ]] || { echo "no tree $before: make it here and carry devtmp/trees"; exit 2; }
+    for round in ${ROUNDS:-1 2}; do
+        for side in before after; do
+            path=$PYTHONPATH; [[ $side == before ]] && path=$before:$PYTHONPATH
+            PYTHONPATH=$path timeout 200 python bench/ncu_kernels.py --ring --batches 32,256 \
+                --dtypes bfloat16 --timer jax --out "$OUT/ring_${side}_$round" 2>&1 \
+                | grep -E "ring|decode|Error" | sed "s/^/$side /"
             lap
         done
     done

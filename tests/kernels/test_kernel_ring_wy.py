@@ -1,4 +1,4 @@
-"""The math of ring mode's matrix form (`kernels._ring_wy_mgpu`: `ring_scales`, `ring_row`, with
+"""The math of ring mode's matrix form (`kernels._ring_wy_mgpu`: `ring_scales`, `after_ring`, with
 `_wy_mgpu.solve` for the new tokens) as plain JAX, against the float64 recurrence: the
 kernel's per-row algebra, apart from its products.
 
@@ -61,8 +61,13 @@ def test_ring_rows_and_solve_match_the_recurrence(n, W, T, decay):
     # a dead entry's u reads a zero row in the kernel
     w = [cl * jnp.asarray(ring_u[l] if l < n else np.zeros(BV), jnp.float32)
          for l, cl in enumerate(c)]
-    rows = lambda r: ring.ring_row(r, e_n, w, lambda r: PT[r],
-                                   lambda r, l: gram[r, ring.RING_ROW + l])
+    # the groups of PT^T as the kernel holds them, the ring's part added to the tokens' groups
+    groups = wy.column_groups(PT[:ring.RING_ROW].T)
+    groups = groups[:1] + [
+        ring.after_ring(block, e_n, w, lambda l, g=g: gram[ring.RING_ROW + l,
+                                                            g * wy.GROUP:(g + 1) * wy.GROUP])
+        for g, block in enumerate(groups) if g]
+    rows = wy.token_rows(groups)
     outs, _, _, us = wy.solve(jnp.int32(0), [(jnp.float32(t[3]), jnp.float32(t[4]))
                                              for t in tokens], [],
                               lambda r, cc: gram[r, cc], rows,
