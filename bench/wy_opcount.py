@@ -8,16 +8,15 @@ Gram in SMEM and on [block_v] vectors (rows of the state's products, values). Th
 math as plain JAX and counts its operations by shape: vector ops ([block_v]: 2 registers a
 thread in the WGMMA row layout at block_v = 64), group ops ([block_v, 8], 8 columns of PT^T: 4
 registers a thread in the WGMMA layout), scalar arithmetic, and scalar reads (each a
-shared-memory load in the kernel). Offline sm_90a SASS (bench/ptxas_report.py with
-MOSAIC_GPU_DUMP_SASS=1) counts what they compile to. Set against the kernel's time per tile (ncu), it says how
-much of a tile is this instruction stream and how much is waiting.
+shared-memory load in the kernel); `bench/ptxas_report.py --sass` counts what they compile to.
+Set against the kernel's time per tile (ncu), it says how much of a tile is this instruction
+stream and how much is waiting.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import functools
 
 K = 128
 
@@ -34,17 +33,15 @@ def count(kind: str, T: int, W: int, block_v: int) -> dict:
     def algebra(gram, PT, V, U, cand_g, g, beta, n):
         gates = [(g[j], beta[j]) for j in range(T)]
         if kind == "ring":
+            R = ring.x_rows(T).pending
             c, e_n = ring.ring_scales(n, [cand_g[l] for l in range(W)],
-                                      lambda l: gram[ring.RING_ROW + l, ring.RING_ROW + l])
+                                      lambda l: gram[R + l, R + l])
             w = [cl * U[l] for l, cl in enumerate(c)]
-            groups = wy.column_groups(PT[:ring.RING_ROW].T)
-            groups = groups[:1] + [ring.after_ring(
-                block, e_n, w, lambda l, g=g: gram[ring.RING_ROW + l,
-                                                   g * wy.GROUP:(g + 1) * wy.GROUP])
-                for g, block in enumerate(groups) if g]
-            row = wy.token_rows(groups)
+            row = wy.token_rows([ring.after_ring(
+                block, e_n, w, lambda l, g=g: gram[R + l, g * wy.GROUP:(g + 1) * wy.GROUP])
+                for g, block in enumerate(wy.column_groups(PT[:R].T))])
             return wy.solve(jnp.int32(0), gates, [], lambda r, cc: gram[r, cc], row,
-                            lambda j: V[j], K)
+                            lambda j: V[j], K, x_rows=ring.x_rows(T))
         cand = [(cand_g[j], beta[0]) for j in range(W)]
         return wy.solve(n, gates, cand, lambda r, cc: gram[r, cc], lambda r: PT[r],
                         lambda j: V[j], K, select=wy.zeros_already)

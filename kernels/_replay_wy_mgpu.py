@@ -141,7 +141,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, interpret: bool):
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, pl.ds(t.iv * BV, BV)])
 
         loads = wy.Loads(pool_ref, v_ref, k_ref, q_ref, cand_k_ref, cand_v_ref, st_smem, v_smem,
-                         xin_smem, cv_smem, 0)
+                         xin_smem, cv_smem, wy.REPLAY_ROWS)
         wy.run_tiles(first=first, tiles=PER, stages=ST, block_v=BV, group=group,
                      group_tiles=group * NV, tile=tile, pending=pending, loads=loads,
                      scalars=scalars, build_x=build_x, math=math, pad=pad, bars=bars,

@@ -13,13 +13,14 @@ S_R x = e^{G_n} (S0 x) + sum_l (kraw_l . x) w_l -- the first term a column of PT
 the second the Gram of X's rows with the ring's keys against the w. The T new tokens are then
 solved from S_R by `_wy_mgpu.solve` (no candidates), which also gives their u for the ring.
 
-    X    = [0 (rows 0..7); keys (8..15); queries (16..23); ring keys (24..24 + W)]   [64, K]
-    PT^T = S0 @ X[:24]^T     [BV, 24] fp32 (bf16 x bf16: exact in the fp32 accumulator), held in
+    X    = [keys (0..); queries (P/2..); ring keys (P..P + W)]   [64, K]
+                             (P = 8 while T <= 4, else 16: `x_rows`)
+    PT^T = S0 @ X[:P]^T      [BV, P] fp32 (bf16 x bf16: exact in the fp32 accumulator), held in
                              registers: token row r's [BV] vector is its column r, taken by a
                              masked sum along the row (no SMEM round trip, no SMEM buffer: one
                              third faster than X @ S0^T staged through SMEM, and the CTA's SMEM
-                             fits two per SM)
-    Gram = X @ X[:24 + W]^T  [64, 24 + W] fp32: the tokens' products, and the ring keys' norms
+                             fits two per SM), the ring's part added first (`after_ring`)
+    Gram = X @ X[:P + W]^T   [64, P + W] fp32: the tokens' products, and the ring keys' norms
 
 The pool is read, not written, except where the call folds (n > 0 and n + reserve > W: this
 call's tokens would not fit after the committed ones): there S_R, the third product W^T @ X'
@@ -47,12 +48,21 @@ from . import _wy_mgpu as wy
 from ._mgpu import MosaicConfig
 
 _F32, _BF16 = jnp.float32, jnp.bfloat16
-RING_ROW = wy.TOKEN_ROWS         # X's first ring row
-RINGS = (16, 32)                 # the ring sizes W (powers of two >= 16) X has rows for: 64 - 24
+RINGS = (16, 32)                 # the ring sizes W (powers of two >= 16) X has rows for: 64 - 16
 MAX_T = wy.MAX_T                 # the most tokens one call takes
 # The ring's part of each token row is unrolled over the W entries (2T rows x W terms): at
 # T = 8, W = 32 Mosaic's layout inference recurses past Python's limit while lowering (jax 0.10.2)
 MAX_T_TIMES_W = 128
+
+
+
+
+def x_rows(T: int) -> wy.Rows:
+    """X's rows in ring mode: the keys, then the queries, in one 8-row group while T <= 4 (two
+    beyond), then the ring's keys -- the fewest columns of PT^T to carry through the ring's part
+    and the token rows (replay's layout, with its empty candidates' group, took 24)."""
+    half = wy.GROUP // 2 if T <= wy.GROUP // 2 else wy.GROUP
+    return wy.Rows(key=0, query=half, pending=2 * half)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -103,7 +113,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
     NV = V // BV
     group = HV // H
-    USED = RING_ROW + W  # X rows that can hold data: the Gram's columns
+    ROWS = x_rows(T)
+    RING_ROW = ROWS.pending  # X's first ring row
+    USED = RING_ROW + W      # X rows that can hold data: the Gram's columns
     plgpu = mg.plgpu
     WG = None if interpret else plgpu.Layout.WGMMA
     VVEC = None if interpret else WG.reduce(1)
@@ -160,16 +172,15 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
             w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
             # the state after the ring: its products with X's key and query rows, in registers
-            # (the candidates' group, rows 0..7, is unused in ring mode)
             blocks = wy.column_groups(
                 wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret))
-            blocks = blocks[:1] + [
+            ring_part = wy.token_rows([
                 after_ring(block, e_n, w, functools.partial(gram_cols, g * wy.GROUP))
-                for g, block in enumerate(blocks) if g]
-            ring_part = wy.token_rows(blocks)
+                for g, block in enumerate(blocks)])
             outs, _, _, us = wy.solve(
                 jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc], ring_part,
-                lambda j: mg.load(v_smem.at[s, j], VVEC, interpret=interpret).astype(_F32), K)
+                lambda j: mg.load(v_smem.at[s, j], VVEC, interpret=interpret).astype(_F32), K,
+                x_rows=ROWS)
             for j in range(T):
                 o_smem[j] = outs[j].astype(o_smem.dtype)
                 u_smem[j] = us[j]
@@ -194,7 +205,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
 
         loads = wy.Loads(pool_ref, v_ref, k_ref, q_ref, cand_k_ref, cand_v_ref, st_smem, v_smem,
-                         xin_smem, ru_smem, RING_ROW)
+                         xin_smem, ru_smem, ROWS)
         wy.run_tiles(first=first, tiles=PER, stages=ST, block_v=BV, group=group,
                      group_tiles=group * NV, tile=tile, pending=pending, loads=loads,
                      scalars=scalars, build_x=build_x, math=math, pad=pad, bars=bars,
@@ -248,7 +259,8 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     rows = wy.ROWS
     buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
                ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4,
-               rows * (RING_ROW + W) * 4, 8 * ST, 8 * ST, 8, 8, mg.REDUCTION_SCRATCH_BYTES]
+               rows * (x_rows(T).pending + W) * 4, 8 * ST, 8 * ST, 8, 8,
+               mg.REDUCTION_SCRATCH_BYTES]
     return mg.aligned_bytes(buffers)
 
 

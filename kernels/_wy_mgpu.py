@@ -2,8 +2,9 @@
 (`_ring_wy_mgpu`), Pallas **Mosaic GPU** on Hopper's wgmma: X's row layout, the tokens' algebra
 (`solve`), the tensor-core products and the fold, and the pipeline that walks a CTA's tiles.
 
-X is [64, K] raw bf16 in SMEM, in 8-row groups (whole SMEM tiles of rows): rows 0..7 replay's
-candidate keys, 8..15 this call's keys, 16..23 its queries, then (ring mode) the ring's keys.
+X is [64, K] raw bf16 in SMEM, in 8-row groups (whole SMEM tiles of rows), where `Rows` says:
+replay's rows 0..7 hold its candidate keys, 8..15 this call's keys, 16..23 its queries; ring mode
+packs its keys and queries into one group while T <= 4 (two beyond), then the ring's keys.
 
 The pipeline (`run_tiles`): a CTA walks `tiles_per_cta` consecutive tiles (b, hv, V block) over
 `stages` SMEM stages, each tile's state tile and values loaded `stages - 1` tiles ahead. X, X'
@@ -32,18 +33,32 @@ TOKEN_ROWS = 3 * GROUP  # X's rows up to the queries': where `solve` reads
 MAX_T = GROUP       # the most tokens (and replay candidates) one call takes
 
 
+class Rows(NamedTuple):
+    """X's first rows of this call's keys, of its queries and of the pending keys (replay's
+    candidates, the ring's committed entries)."""
+
+    key: int
+    query: int
+    pending: int
+
+
+REPLAY_ROWS = Rows(key=GROUP, query=2 * GROUP, pending=0)
+
+
 # ------------------------------------------------------------------------------------------------
 # The math, as pure functions of scalars and [BV] vectors (also run as plain JAX by the tests)
 
 
-def solve(n, gates, cand_gates, gram, row, value, K: int, select=None):
+def solve(n, gates, cand_gates, gram, row, value, K: int, select=None,
+          x_rows: Rows = REPLAY_ROWS):
     """The corrected values and outputs of the t_max candidates (the first n live) and T tokens.
 
     n: int32 scalar, the live candidates; gates: T pairs (g, beta) of fp32 scalars, the tokens';
     cand_gates: t_max such pairs of the candidates (g the log decay, gating applied);
     gram(r, c): the dot product of X rows r and c (fp32 scalar); row(r): PT row r, [BV] fp32;
     value(i): key i's value, [BV] fp32 (i < t_max: candidate i; then token i - t_max);
-    select(pred, x): x where the scalar pred holds, else zeros (default jnp.where).
+    select(pred, x): x where the scalar pred holds, else zeros (default jnp.where); x_rows:
+    where X holds the keys and queries.
     Returns (o: T [BV] fp32 outputs, w: t_max [BV] fp32 fold weights e^{G_n - G_j} rk_j u_j (0
     for a dead candidate), e^{G_n}: the candidates' total decay, an fp32 scalar, u: the T
     tokens' [BV] fp32 corrected values).
@@ -53,7 +68,7 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None):
     """
     select = select or (lambda pred, x: jnp.where(pred, x, 0.0))
     t_max, T = len(cand_gates), len(gates)
-    rows = [j for j in range(t_max)] + [GROUP + t for t in range(T)]
+    rows = [x_rows.pending + j for j in range(t_max)] + [x_rows.key + t for t in range(T)]
     live = [j < n for j in range(t_max)] + [True] * T
     # A dead candidate's data may be anything (NaN included): selects, never products, take
     # it out -- its g, beta and key scale are 0, its u exactly 0, its every coefficient 0.
@@ -81,7 +96,7 @@ def solve(n, gates, cand_gates, gram, row, value, K: int, select=None):
             w = [coef(j, x * rk[j]) * us[j]
                  for j, x in enumerate(pair + [jnp.ones((), _F32)])]
         if i >= t_max:  # token t's output, from the state after its own update
-            qr = 2 * GROUP + i - t_max
+            qr = x_rows.query + i - t_max
             rq = lax.rsqrt(gram(qr, qr) + rec.L2NORM_EPS) * K ** -0.5
             o = e0 * row(qr)
             for l, x in enumerate(pair + [jnp.ones((), _F32)]):
@@ -201,19 +216,19 @@ def fold_tile(w, e_n, st, xf, dst, *, first: int, layout, interpret: bool):
 class Loads(NamedTuple):
     """What a CTA's tiles load, and where (refs). The pending tokens (replay's candidates, the
     ring's committed entries) are read only where a slot has some: their per-tile data (values,
-    or the ring's u) into `pend_v` rows 0.., their keys into X's staging rows `pend_row`.."""
+    or the ring's u) into `pend_v` rows 0.., their keys into X's staging rows x_rows.pending..."""
 
     pool: object     # [N, HV, V, K] GMEM -> st [ST, BV, K]
     v: object        # [B, T, HV, V] -> vs [ST, T, BV]
-    k: object        # [B, T, H, K] -> xin rows GROUP..
-    q: object        # [B, T, H, K] -> xin rows 2 GROUP..
-    cand_k: object   # [N, W, H, K] -> xin rows pend_row..
+    k: object        # [B, T, H, K] -> xin rows x_rows.key..
+    q: object        # [B, T, H, K] -> xin rows x_rows.query..
+    cand_k: object   # [N, W, H, K] -> xin rows x_rows.pending..
     cand_v: object   # [N, W, HV, V] -> pend_v [ST, > W, BV]
     st: object
     vs: object
     xin: object
     pend_v: object
-    pend_row: int
+    x_rows: Rows
 
 
 def run_tiles(*, first, tiles: int, stages: int, block_v: int, group: int, group_tiles: int,
@@ -254,15 +269,15 @@ def run_tiles(*, first, tiles: int, stages: int, block_v: int, group: int, group
 
         @pl.when(t.live)
         def _():
-            mg.plgpu.copy_gmem_to_smem(L.k.at[t.b, :, hk, :], L.xin.at[pl.ds(GROUP, T)],
+            mg.plgpu.copy_gmem_to_smem(L.k.at[t.b, :, hk, :], L.xin.at[pl.ds(L.x_rows.key, T)],
                                        xbar.at[0])
-            mg.plgpu.copy_gmem_to_smem(L.q.at[t.b, :, hk, :], L.xin.at[pl.ds(2 * GROUP, T)],
-                                       xbar.at[0])
+            mg.plgpu.copy_gmem_to_smem(L.q.at[t.b, :, hk, :],
+                                       L.xin.at[pl.ds(L.x_rows.query, T)], xbar.at[0])
 
         @pl.when(pending(t.slot, t.live) > 0)
         def _():
             mg.plgpu.copy_gmem_to_smem(L.cand_k.at[t.slot, :, hk, :],
-                                       L.xin.at[pl.ds(L.pend_row, W)], xpbar.at[0])
+                                       L.xin.at[pl.ds(L.x_rows.pending, W)], xpbar.at[0])
 
     plgpu = mg.plgpu
     issue_x(0)

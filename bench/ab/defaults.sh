@@ -105,15 +105,24 @@
 #                                 # the wgmmas (C7515), bench/results/probe_stream-h100-*
 #   bash bench/ab/defaults.sh 12  # the kernel rebuilt without that (688a155): GPU tests, ptxas,
 #                                 # the probe, the groups against Triton at 32 / 64 / 128 rows,
-#                                 # and the B = 32 step with it wherever it fits (~7 min)
+#                                 # and the B = 32 step with it wherever it fits (~7 min). Ran
+#                                 # 2026-12-07 on an H100 (ROUNDS=1, MOSAIC_CONFIGS=128:4,64:6):
+#                                 # tests pass; the kernel still 23.3 us against w+x+mma's 15.8
+#                                 # (no C7515 now: the probe's own +add mode, 24.1, is as slow);
+#                                 # the step with it 5.596 / 9.136 ms (decode / round) against
+#                                 # 4.742 / 7.809: MOSAIC_ROWS stays empty (bench/results/
+#                                 # *-h100-*rebuilt_688a155*, *-b32-projection_*-2026-12-07)
 #   bash bench/ab/defaults.sh 13  # the Mosaic ring kernel's ring part as outer products in the
 #                                 # token groups' own layout (`_ring_wy_mgpu.after_ring`; offline
-#                                 # sm_90a SASS: the T = 4, W = 16 tile 2327 -> 2190
+#                                 # sm_90a SASS: the T = 4, W = 16 kernel 2832 -> 2704
 #                                 # instructions, 296 -> 168 FFMA): its GPU tests, then its
 #                                 # kernel time against the tree of REV (default e0a5d8e, the
 #                                 # [BV]-vector form) at B = 32 and 256, ROUNDS times
 #                                 # interleaved. Make the tree here first (`bash bench/ab/tree.sh
-#                                 # make e0a5d8e`) and carry devtmp/trees (~4 min)
+#                                 # make e0a5d8e`) and carry devtmp/trees (~7 min). Ran
+#                                 # 2026-12-07 on an H100 with the rows packed too (`x_rows`):
+#                                 # tests pass; B = 256 verify 214.1 -> 199.9 us, ring decode
+#                                 # 166.8 -> 155.3 (bench/results/ncu_kernels-h100-ring_after_*)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;

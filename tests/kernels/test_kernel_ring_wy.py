@@ -49,34 +49,33 @@ def test_ring_rows_and_solve_match_the_recurrence(n, W, T, decay):
         want_u.append(u)
         want_o.append(S @ (_normalise(q) * K ** -0.5))
 
-    # X as the kernel lays it out: keys and queries in groups of wy.GROUP rows, then the ring
-    X = np.zeros((ring.RING_ROW + W, K))
-    X[wy.GROUP:wy.GROUP + T] = [t[1] for t in tokens]
-    X[2 * wy.GROUP:2 * wy.GROUP + T] = [t[0] for t in tokens]
-    X[ring.RING_ROW:ring.RING_ROW + n] = ring_k[:n]  # the kernel zeroes the dead entries' rows
+    # X as the kernel lays it out (`x_rows`): keys, queries, then the ring
+    rows = ring.x_rows(T)
+    R = rows.pending
+    X = np.zeros((R + W, K))
+    X[rows.key:rows.key + T] = [t[1] for t in tokens]
+    X[rows.query:rows.query + T] = [t[0] for t in tokens]
+    X[R:R + n] = ring_k[:n]  # the kernel zeroes the dead entries' rows
     X = jnp.asarray(X, jnp.float32)
     PT, gram = X @ jnp.asarray(S0, jnp.float32).T, X @ X.T
     c, e_n = ring.ring_scales(jnp.int32(n), [jnp.float32(g) for g in ring_g],
-                              lambda l: gram[ring.RING_ROW + l, ring.RING_ROW + l])
+                              lambda l: gram[R + l, R + l])
     # a dead entry's u reads a zero row in the kernel
     w = [cl * jnp.asarray(ring_u[l] if l < n else np.zeros(BV), jnp.float32)
          for l, cl in enumerate(c)]
-    # the groups of PT^T as the kernel holds them, the ring's part added to the tokens' groups
-    groups = wy.column_groups(PT[:ring.RING_ROW].T)
-    groups = groups[:1] + [
-        ring.after_ring(block, e_n, w, lambda l, g=g: gram[ring.RING_ROW + l,
-                                                            g * wy.GROUP:(g + 1) * wy.GROUP])
-        for g, block in enumerate(groups) if g]
-    rows = wy.token_rows(groups)
+    # the groups of PT^T as the kernel holds them, the ring's part added
+    token_rows = wy.token_rows([
+        ring.after_ring(block, e_n, w, lambda l, g=g: gram[R + l, g * wy.GROUP:(g + 1) * wy.GROUP])
+        for g, block in enumerate(wy.column_groups(PT[:R].T))])
     outs, _, _, us = wy.solve(jnp.int32(0), [(jnp.float32(t[3]), jnp.float32(t[4]))
                                              for t in tokens], [],
-                              lambda r, cc: gram[r, cc], rows,
-                              lambda t: jnp.asarray(tokens[t][2], jnp.float32), K)
+                              lambda r, cc: gram[r, cc], token_rows,
+                              lambda t: jnp.asarray(tokens[t][2], jnp.float32), K, x_rows=rows)
 
     for got, want in ((outs, want_o), (us, want_u)):
         got, want = np.array([np.asarray(x) for x in got]), np.array(want)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
     got_SR = np.asarray(e_n * jnp.asarray(S0, jnp.float32)
-                        + sum(jnp.outer(w[l], X[ring.RING_ROW + l]) for l in range(W)))
+                        + sum(jnp.outer(w[l], X[R + l]) for l in range(W)))
     np.testing.assert_allclose(got_SR, want_SR, rtol=1e-5, atol=1e-5 * np.abs(want_SR).max())
     assert all(not np.any(np.asarray(c[l])) for l in range(n, W))  # a dead entry adds nothing
