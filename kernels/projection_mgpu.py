@@ -174,7 +174,9 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
         # once: ptxas serialized the wgmmas where one accumulator, zeroed after each block's
         # sum, ran through a single loop over the units (C7515 "non wgmma instructions defining
         # accumulator registers"): gate / up at 128 rows 23.5 us on an H100 where the same
-        # loads and wgmmas without the sums took 15.6 (bench/results/probe_stream-h100-*).
+        # loads and wgmmas without the sums took 15.6 (bench/results/probe_stream-h100-*). Not
+        # the cause, it turned out: 23.3 us without C7515 (bench/results/probe_stream-h100-
+        # rebuilt_688a155-2026-12-07.json), as slow as the loads, products and sums alone.
         @pl.loop(lo // KS, (hi - 1) // KS + 1)
         def _(j):
             pl.run_scoped(functools.partial(block, j),

@@ -130,6 +130,9 @@ LONE_MAX_N = 8192
 # H200 (its zeros and fp32 -> bf16 cast counted) it trails the Triton kernel at 32 and 128 rows for
 # every group of the model: MLP gate / up 17.1 vs 15.5 and 25.0 vs 18.8 us, in_proj_qkvz 19.0 vs
 # 17.5 and 28.4 vs 17.6 (bench/results/bench_projection-h200-mosaic_groups-2026-12-03.json).
+# Rebuilt without ptxas's wgmma serialization (688a155), on an H100 2026-12-07: gate / up at 128
+# rows still 23.3 us, and the 48-layer B = 32 decode with it wherever it fits 5.596 ms against
+# 4.742 (bench/results/bench_speculative-h100-qwen3_5_text-b32-projection_*-2026-12-07.json).
 MOSAIC_ROWS = frozenset()
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
