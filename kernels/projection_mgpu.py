@@ -175,8 +175,9 @@ def _body(refs, *, M: int, K: int, firsts: tuple, config: MosaicProjectionConfig
         # sum, ran through a single loop over the units (C7515 "non wgmma instructions defining
         # accumulator registers"): gate / up at 128 rows 23.5 us on an H100 where the same
         # loads and wgmmas without the sums took 15.6 (bench/results/probe_stream-h100-*). Not
-        # the cause, it turned out: 23.3 us without C7515 (bench/results/probe_stream-h100-
-        # rebuilt_688a155-2026-12-07.json), as slow as the loads, products and sums alone.
+        # the cause, it turned out: 23.3 us without C7515, as slow as the probe's loads and
+        # products with the epilogue's TMA reduce-adds, serialized or not (+add, +scoped0/1:
+        # 23.2-24.8; bench/results/probe_stream-h100-rebuilt_688a155-2026-12-07.json).
         @pl.loop(lo // KS, (hi - 1) // KS + 1)
         def _(j):
             pl.run_scoped(functools.partial(block, j),
