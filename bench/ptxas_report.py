@@ -175,9 +175,9 @@ def main():
             text = _compile_capturing(compile_fn, module, pathlib.Path(tmp))
             if args.full:
                 print(text)
-            found = _summary(text)
+            found, sass = _summary(text), _sass_counts(text)
             for row in found:
-                row.update(_sass_counts(text).get(row["function"], {}))
+                row.update(sass.get(row["function"], {}))
             if not found:
                 err = next((line for line in text.splitlines() if "rror" in line), text[-200:])
                 found = [{"function": "?", "error": err.strip()}]

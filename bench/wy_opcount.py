@@ -37,9 +37,8 @@ def count(kind: str, T: int, W: int, block_v: int) -> dict:
             c, e_n = ring.ring_scales(n, [cand_g[l] for l in range(W)],
                                       lambda l: gram[R + l, R + l])
             w = [cl * U[l] for l, cl in enumerate(c)]
-            row = wy.token_rows([ring.after_ring(
-                block, e_n, w, lambda l, g=g: gram[R + l, g * wy.GROUP:(g + 1) * wy.GROUP])
-                for g, block in enumerate(wy.column_groups(PT[:R].T))])
+            row = ring.token_rows_after_ring(
+                PT[:R].T, e_n, w, lambda first, l: gram[R + l, first:first + wy.GROUP])
             return wy.solve(jnp.int32(0), gates, [], lambda r, cc: gram[r, cc], row,
                             lambda j: V[j], K, x_rows=ring.x_rows(T))
         cand = [(cand_g[j], beta[0]) for j in range(W)]

@@ -55,8 +55,6 @@ MAX_T = wy.MAX_T                 # the most tokens one call takes
 MAX_T_TIMES_W = 128
 
 
-
-
 def x_rows(T: int) -> wy.Rows:
     """X's rows in ring mode: the keys, then the queries, in one 8-row group while T <= 4 (two
     beyond), then the ring's keys -- the fewest columns of PT^T to carry through the ring's part
@@ -98,6 +96,14 @@ def after_ring(block, e_n, w, gram_cols):
         acc = acc + (lax.broadcast_in_dim(wl, block.shape, (0,))
                      * lax.broadcast_in_dim(gram_cols(l), block.shape, (1,)))
     return acc
+
+
+def token_rows_after_ring(PTT, e_n, w, gram_cols):
+    """PT^T = S0 @ X[:P]^T [BV, P] fp32 (in registers) -> row(r): X row r's product with S_R,
+    [BV] fp32 (`_wy_mgpu.token_rows` of each 8-column group `after_ring`). gram_cols(first, l):
+    X rows first..first + 7 against ring key l, [8] fp32."""
+    return wy.token_rows([after_ring(block, e_n, w, functools.partial(gram_cols, g * wy.GROUP))
+                          for g, block in enumerate(wy.column_groups(PTT))])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -172,11 +178,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
             c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
             w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
             # the state after the ring: its products with X's key and query rows, in registers
-            blocks = wy.column_groups(
-                wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret))
-            ring_part = wy.token_rows([
-                after_ring(block, e_n, w, functools.partial(gram_cols, g * wy.GROUP))
-                for g, block in enumerate(blocks)])
+            ring_part = token_rows_after_ring(
+                wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret), e_n, w,
+                gram_cols)
             outs, _, _, us = wy.solve(
                 jnp.zeros((), jnp.int32), gates, [], lambda r, cc: gram_smem[r, cc], ring_part,
                 lambda j: mg.load(v_smem.at[s, j], VVEC, interpret=interpret).astype(_F32), K,

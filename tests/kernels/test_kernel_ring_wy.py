@@ -64,9 +64,8 @@ def test_ring_rows_and_solve_match_the_recurrence(n, W, T, decay):
     w = [cl * jnp.asarray(ring_u[l] if l < n else np.zeros(BV), jnp.float32)
          for l, cl in enumerate(c)]
     # the groups of PT^T as the kernel holds them, the ring's part added
-    token_rows = wy.token_rows([
-        ring.after_ring(block, e_n, w, lambda l, g=g: gram[R + l, g * wy.GROUP:(g + 1) * wy.GROUP])
-        for g, block in enumerate(wy.column_groups(PT[:R].T))])
+    token_rows = ring.token_rows_after_ring(
+        PT[:R].T, e_n, w, lambda first, l: gram[R + l, first:first + wy.GROUP])
     outs, _, _, us = wy.solve(jnp.int32(0), [(jnp.float32(t[3]), jnp.float32(t[4]))
                                              for t in tokens], [],
                               lambda r, cc: gram[r, cc], token_rows,
