@@ -116,13 +116,16 @@
 #                                 # token groups' own layout (`_ring_wy_mgpu.after_ring`; offline
 #                                 # sm_90a SASS: the T = 4, W = 16 kernel 2832 -> 2704
 #                                 # instructions, 296 -> 168 FFMA): its GPU tests, then its
-#                                 # kernel time against the tree of REV (default e0a5d8e, the
+#                                 # kernel time against the tree of REV (e0a5d8e then, the
 #                                 # [BV]-vector form) at B = 32 and 256, ROUNDS times
 #                                 # interleaved. Make the tree here first (`bash bench/ab/tree.sh
-#                                 # make e0a5d8e`) and carry devtmp/trees (~7 min). Ran
+#                                 # make REV`) and carry devtmp/trees (~7 min). Ran
 #                                 # 2026-12-07 on an H100 with the rows packed too (`x_rows`):
 #                                 # tests pass; B = 256 verify 214.1 -> 199.9 us, ring decode
-#                                 # 166.8 -> 155.3 (bench/results/ncu_kernels-h100-ring_after_*)
+#                                 # 166.8 -> 155.3 (bench/results/ncu_kernels-h100-ring_after_*).
+#                                 # Next, REV=aca63ea: the ring scales c_l and e^{G_n} once a
+#                                 # value head, kept in SMEM for its second tile (offline: the
+#                                 # second tile 2592 -> 2320 instructions, the first 2696)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -307,12 +310,12 @@ PY
         done
     done
     ;;
-13)  # the ring kernel before / after `after_ring`: GPU tests, then kernel and call time in one
+13)  # the ring kernel before / after a change (REV): GPU tests, then kernel and call time in one
     # process a side (JAX's profiler), the sides interleaved
     timeout 200 python -m pytest -q -m gpu -x tests/kernels/test_kernel_ring.py \
         tests/ops/test_ops_ring_gpu.py 2>&1 | tail -3
     lap
-    before=$PWD/devtmp/trees/${REV:-e0a5d8e}
+    before=$PWD/devtmp/trees/${REV:-aca63ea}
     [[ -d $before ]] || { echo "no tree $before: make it here and carry devtmp/trees"; exit 2; }
     for round in ${ROUNDS:-1 2}; do
         for side in before after; do
