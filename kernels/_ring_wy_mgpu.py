@@ -132,13 +132,12 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
     pending = functools.partial(cm.tile_pending, count_ref, t_max=W, num_slots=N)
 
     def body(st_smem, xin_smem, x_smem, xf_smem, v_smem, ru_smem, o_smem, u_smem, gram_smem,
-             scale_smem, bars, pbars, xbar, xpbar):
+             bars, pbars, xbar, xpbar):
         # st_smem [ST, BV, K] pool tiles; xin_smem [64, K] X as loaded (plain); x_smem and
         # xf_smem [64, K] the wgmma operands X and X' (tiled), built once per key group;
         # v_smem [ST, T, BV]; ru_smem [ST, > W, BV] fp32 the ring's u (row W stays zero: a
         # dead entry reads it); o_smem [T, BV], u_smem [T, BV] fp32; gram_smem [64, USED]
-        # fp32: the Gram, read back as scalars; scale_smem [W + 1] fp32: the value head's ring
-        # scales c and e^{G_n}
+        # fp32: the Gram, read back as scalars
         first = lax.axis_index("cta") * PER
         xin_smem[...] = jnp.zeros((wy.ROWS, K), _BF16)  # rows no load fills: finite products
         for s in range(ST):
@@ -176,17 +175,13 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
                 return mg.load(gram_smem.at[RING_ROW + l, pl.ds(first, wy.GROUP)], VCOL,
                                interpret=interpret)
 
-            # c and e^{G_n} belong to the value head (slot, hv): computed at its first tile in
-            # the run, kept in SMEM for the next (tiles run in (b, hv, iv) order). All threads
-            # store the same scalars and the loop's head is a warpgroup barrier: no race
-            @pl.when((t.iv == 0) | ((t.b * HV + t.hv) * NV + t.iv == first))
-            def _():
-                c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
-                for l, cl in enumerate([*c, e_n]):
-                    scale_smem[l] = cl
-
-            e_n = scale_smem[W]
-            w = [scale_smem[l] * ring_u(l) for l in range(W)]  # the fold weights, [BV] each
+            # c and e^{G_n} depend on (slot, hv) only, yet each of its tiles computes them:
+            # kept in SMEM for a value head's second tile (offline SASS: that tile 2592 -> ~2320
+            # instructions) the kernel ran 7% slower (H100, B = 256 verify 198.7 -> 212 us,
+            # bench/results/ncu_kernels-h100-ring_scales_smem_*): this scalar work hides under
+            # the tile's wgmma and load latency
+            c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
+            w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
             # the state after the ring: its products with X's key and query rows, in registers
             ring_part = token_rows_after_ring(
                 wy.times_t(st_smem.at[s], x_smem.at[pl.ds(0, RING_ROW)], interpret), e_n, w,
@@ -236,7 +231,6 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         plgpu.SMEM((T, BV), o_ref.dtype),
         plgpu.SMEM((T, BV), _F32),
         plgpu.SMEM((wy.ROWS, USED), _F32),
-        plgpu.SMEM((W + 1,), _F32),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.Barrier(num_arrivals=1, num_barriers=ST),
         plgpu.Barrier(num_arrivals=2, num_barriers=1),
@@ -274,7 +268,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
     rows = wy.ROWS
     buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
                ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4,
-               rows * (x_rows(T).pending + W) * 4, (W + 1) * 4, 8 * ST, 8 * ST, 8, 8,
+               rows * (x_rows(T).pending + W) * 4, 8 * ST, 8 * ST, 8, 8,
                mg.REDUCTION_SCRATCH_BYTES]
     return mg.aligned_bytes(buffers)
 

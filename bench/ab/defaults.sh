@@ -123,9 +123,12 @@
 #                                 # 2026-12-07 on an H100 with the rows packed too (`x_rows`):
 #                                 # tests pass; B = 256 verify 214.1 -> 199.9 us, ring decode
 #                                 # 166.8 -> 155.3 (bench/results/ncu_kernels-h100-ring_after_*).
-#                                 # Next, REV=aca63ea: the ring scales c_l and e^{G_n} once a
-#                                 # value head, kept in SMEM for its second tile (offline: the
-#                                 # second tile 2592 -> 2320 instructions, the first 2696)
+#                                 # Then REV=aca63ea against the ring scales c_l and e^{G_n}
+#                                 # once a value head, kept in SMEM for its second tile
+#                                 # (89a9fae; offline, that tile 2592 -> ~2320 instructions):
+#                                 # 2026-12-07 on an H100, 7% slower (B = 256 verify fold 20%
+#                                 # 198.7 -> 212, ring decode 154 -> 162 us), reverted
+#                                 # (bench/results/ncu_kernels-h100-ring_scales_smem_*)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
