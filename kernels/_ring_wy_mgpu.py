@@ -177,9 +177,10 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
 
             # c and e^{G_n} depend on (slot, hv) only, yet each of its tiles computes them:
             # kept in SMEM for a value head's second tile (offline SASS: that tile 2592 -> ~2320
-            # instructions) the kernel ran 7% slower (H100, B = 256 verify 198.7 -> 212 us,
-            # bench/results/ncu_kernels-h100-ring_scales_smem_*): this scalar work hides under
-            # the tile's wgmma and load latency
+            # instructions) the kernel ran 5-7% slower (H100, B = 256 verify 198.7 -> 212 us):
+            # waits on the SMEM reads (ncu: short-scoreboard stalls 0.22 -> 0.39 an issue, issue
+            # slots busy 57 -> 52%) cost more than the skipped ALU work, which ptxas interleaves
+            # (bench/results/ncu_kernels-h100-ring_scales_{smem,stalls}_*)
             c, e_n = ring_scales(n, ring_g, lambda l: gram_smem[RING_ROW + l, RING_ROW + l])
             w = [cl * ring_u(l) for l, cl in enumerate(c)]  # the fold weights, [BV] each
             # the state after the ring: its products with X's key and query rows, in registers
