@@ -245,10 +245,11 @@ def _round(model, c: _Carry, slots, max_new, key_loop, cfg: SpecConfig) -> _Carr
         buf, n_out, done, _ = _emit(c, nxt[:, None], n_acc + 1, max_new, cfg)
     else:
         # 1. MTP extend over the pairs accepted last round; draft 1 from the last pair
-        m = model.mtp_forward(c.mtp_tok, c.mtp_hid, cache, live_slots, mode="verify")
+        m = model.mtp_forward(c.mtp_tok, c.mtp_hid, cache, live_slots, mode="verify",
+                              logits_at=c.mtp_n - 1)
         cache = model.commit_mtp(m.cache, live_slots, c.mtp_n)
         mtp_lengths = cache.mtp[0].lengths
-        logits, h = _pick(m.logits, c.mtp_n - 1), _pick(m.hidden, c.mtp_n - 1)
+        logits, h = m.logits[:, 0], _pick(m.hidden, c.mtp_n - 1)
         drafts, qs = [], []
         for j in range(d):
             if j > 0:  # 2. chained draft steps (provisional KV entries)

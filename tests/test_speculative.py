@@ -190,14 +190,16 @@ class OracleMTP(Qwen3NextForCausalLM):
         super().__init__(config, rngs=rngs)
 
     def mtp_forward(self, next_tokens, hidden, cache, slots, *, mode="decode", lengths=None,
-                    layer=0):
+                    layer=0, logits_at=None):
         out = super().mtp_forward(next_tokens, hidden, cache, slots, mode=mode, lengths=lengths,
-                                  layer=layer)
+                                  layer=layer, logits_at=logits_at)
         B, T = next_tokens.shape
         table = self.table[...] + self.shift[...]
         start = cache.mtp[layer].lengths[jnp.clip(slots, 0, cache.mtp[layer].num_slots - 1)]
         pos = jnp.clip(start[:, None] + jnp.arange(T)[None, :] + 2, 0, table.shape[1] - 1)
         tok = jnp.take_along_axis(table, pos, axis=1) % self.config.vocab_size
+        if logits_at is not None:
+            tok = jnp.take_along_axis(tok, logits_at[:, None], axis=1)
         logits = 30.0 * jax.nn.one_hot(tok, self.config.vocab_size, dtype=jnp.float32)
         return out._replace(logits=logits)
 

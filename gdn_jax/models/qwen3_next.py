@@ -166,9 +166,14 @@ def _check_mode(mode: str, T: int, lengths):
         raise ValueError(f"lengths is for prefill only (mode {mode!r})")
 
 
-def _check_mtp_inputs(next_tokens, hidden, hidden_size: int):
+def _check_mtp_inputs(next_tokens, hidden, hidden_size: int, logits_at=None):
     """Pairs (token t + 1, hidden at t): one hidden per token, before anything is traced."""
     tok, hid = tuple(jnp.shape(next_tokens)), tuple(jnp.shape(hidden))
+    if logits_at is not None and (tuple(jnp.shape(logits_at)) != tok[:1]
+                                  or not jnp.issubdtype(jnp.result_type(logits_at), jnp.integer)):
+        raise ValueError(f"mtp_forward: logits_at expected an integer array of shape [B] = "
+                         f"{tok[:1]}, got shape {tuple(jnp.shape(logits_at))} dtype "
+                         f"{jnp.result_type(logits_at)}")
     if len(tok) != 2:
         raise ValueError(f"mtp_forward: next_tokens expected shape [B, T], got shape {tok}")
     if hid != tok + (hidden_size,):
@@ -426,18 +431,21 @@ class Qwen3NextForCausalLM(nnx.Module):
     # ---- MTP head
 
     def mtp_forward(self, next_tokens, hidden, cache: ModelCache, slots, *, mode: str = "decode",
-                    lengths=None, layer: int = 0) -> ModelOutput:
+                    lengths=None, layer: int = 0, logits_at=None) -> ModelOutput:
         """One MTP draft step with MTP layer `layer` (chained drafting: step % num layers).
 
         next_tokens: [B, T] int32, the token after each position of `hidden`; hidden: [B, T,
         hidden] target hidden after the final norm (or the previous step's MTP hidden). Modes as
         `__call__` on the MTP layer's own KV cache (positions = its committed length).
-        Returns ModelOutput(logits, h_out (after mtp.norm), cache).
+        logits_at: None, or [B] int32 in 0..T - 1, the one position of each row whose logits
+        are wanted (the speculative loop's extend drafts from each row's last kept pair): the
+        LM head then reads B rows, not B x T, and the logits are [B, 1, vocab].
+        Returns ModelOutput(logits, h_out (after mtp.norm) [B, T, hidden], cache).
         """
         if self.mtp is None:
             raise ValueError("mtp_forward: this model has no MTP head (load with with_mtp=True "
                              "from a checkpoint that has mtp.* weights)")
-        _check_mtp_inputs(next_tokens, hidden, self.config.hidden_size)
+        _check_mtp_inputs(next_tokens, hidden, self.config.hidden_size, logits_at)
         _check_mode(mode, next_tokens.shape[1], lengths)
         if not 0 <= layer < len(self.mtp.layers):
             raise ValueError(f"mtp_forward: layer expected 0..{len(self.mtp.layers) - 1}, got "
@@ -445,7 +453,9 @@ class Qwen3NextForCausalLM(nnx.Module):
         h, c = self.mtp(self.embed(next_tokens), hidden, cache.mtp[layer], slots, layer=layer,
                         mode=mode, lengths=lengths)
         mtp = cache.mtp[:layer] + (c,) + cache.mtp[layer + 1:]
-        return ModelOutput(self.logits(h), h, cache.replace(mtp=mtp))
+        at = h if logits_at is None else jnp.take_along_axis(
+            h, jnp.asarray(logits_at, jnp.int32)[:, None, None], axis=1)
+        return ModelOutput(self.logits(at), h, cache.replace(mtp=mtp))
 
     def commit_mtp(self, cache: ModelCache, slots, num_accepted, *, layer: int = 0) -> ModelCache:
         """Keep the first num_accepted[i] tokens of row i's last MTP verify call."""
