@@ -102,6 +102,13 @@ def parse_args(argv=None):
                    help="with --groups: also the one-launch kernel at these configs, "
                         "block_n:block_k:splits:num_warps:num_stages each, e.g. "
                         "128:64:2:8:3,64:64:1:4:4 (one_<config>_us; the split sums counted)")
+    p.add_argument("--streamk", default="",
+                   help="with --groups: also the Triton stream-K kernel "
+                        "(kernels.project_group_streamk) at these configs, "
+                        "block_n:block_k:num_warps:num_stages[:programs] each (programs: the "
+                        "SM count if left out), e.g. 128:64:8:4,128:64:8:3 (streamk_<config>_us; "
+                        "its counters' zeros counted; its error against XLA's fp32 product "
+                        "beside it)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
     return p.parse_args(argv)
 
@@ -249,6 +256,22 @@ def _groups(args, rng, dtype, copy, sms):
                     M, K, widths, dtype, mcfg) else time_of(lambda x, ws, c=mcfg: [
                         y.astype(dtype) for y in kernels.project_group_mgpu(
                             x, ws, config=c, interpret=args.interpret)]))
+            for text in filter(None, args.streamk.split(",")):
+                bn, bk, warps, stages, *programs = map(int, text.split(":"))
+                scfg = kernels.StreamKConfig(block_n=bn, block_k=bk, num_warps=warps,
+                                             num_stages=stages, programs=(programs or [sms])[0])
+                fits = kernels.projection_streamk_misfit(M, K, widths, dtype, scfg) is None
+                _record(case, f"streamk_{text}_us", time_of(
+                    lambda x, ws, c=scfg: kernels.project_group_streamk(
+                        x, ws, config=c, interpret=args.interpret)) if fits else None)
+                if fits:  # the fixup's sums checked where they ran: worst error / max |ref|
+                    ys = kernels.project_group_streamk(x, groups[0], config=scfg,
+                                                       interpret=args.interpret)
+                    refs = [_xla(x.astype(jnp.float32), w.astype(jnp.float32))
+                            for w in groups[0]]
+                    case[f"streamk_{text}_rel_err"] = max(
+                        float(jnp.max(jnp.abs(y.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
+                        for y, r in zip(ys, refs))
             cases.append(case)
             print(f"{name:22s} {M:4d} {nbytes / 1e6:7.1f} {case['xla_us']:8.1f} "
                   f"{case['apart_us']:8.1f} {case['one_us']:8.1f} {case['one_pct_copy']:6.1f} "
