@@ -38,6 +38,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
 from ._common import check_launch_fields, check_weights, column_index, dot_rows, pow2_block
+from .projection import smem_limit
 
 _F32 = jnp.float32
 STREAMK_MAX_M = 128
@@ -87,6 +88,10 @@ def misfit(M: int, K: int, widths, dtype, config: StreamKConfig) -> str | None:
         return f"M={M} rows is outside 1..{STREAMK_MAX_M}"
     if K % config.block_k:
         return f"block_k={config.block_k} does not divide K={K}"
+    smem = config.num_stages * (dot_rows(M) + config.block_n) * config.block_k * 2
+    if smem > smem_limit():
+        return (f"{config.num_stages} stages of [{dot_rows(M)} + {config.block_n}, "
+                f"{config.block_k}] tiles take {smem} B of shared memory, over {smem_limit()}")
     for n in widths:
         if pow2_block(n, config.block_n) is None:
             return f"N={n} has no power-of-two block of 16..{config.block_n} columns dividing it"

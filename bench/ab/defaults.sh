@@ -129,6 +129,15 @@
 #                                 # 2026-12-07 on an H100, 7% slower (B = 256 verify fold 20%
 #                                 # 198.7 -> 212, ring decode 154 -> 162 us), reverted
 #                                 # (bench/results/ncu_kernels-h100-ring_scales_smem_*)
+#   bash bench/ab/defaults.sh 14  # the stream-K projection (`kernels.project_group_streamk`,
+#                                 # 2f55108): its GPU tests (repeated calls, the counters'
+#                                 # fixup under real concurrency), then the model's 128-row
+#                                 # groups (a B = 32 verify), 64 and 32 rows, against the
+#                                 # one-launch kernel at the dispatch's config and XLA, at
+#                                 # STREAMK_CONFIGS (block_n:block_k:warps:stages[:programs]).
+#                                 # Faster at 128 rows -> wire it into `ops.projection` for
+#                                 # 65..128 rows, then the B = 32 verify / round by chained
+#                                 # step time (part 8's VARIANTS with a switch)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -136,7 +145,7 @@
 # `ops.conv.project_conv_step`'s bounds; the router's fastest warps ->
 # `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 or 13}
+part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13 or 14}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -282,6 +291,16 @@ PY
             lap
         done
     done
+    ;;
+14)
+    timeout 240 python -m pytest -q -m gpu -x tests/kernels/test_kernel_projection_streamk.py \
+        2>&1 | tail -3
+    lap
+    python bench/bench_projection.py --out "$OUT/streamk" --rows 128,64,32 --shapes k_proj \
+        --reps 3 --groups --groups-only mlp_gate_up,gdn_in,attn_qkv,out_proj,down_proj \
+        --streamk "${STREAMK_CONFIGS:-128:64:8:4,128:64:8:3,128:64:4:4,64:64:4:4,128:128:8:2}" \
+        2>&1 | tail -45
+    lap
     ;;
 10)
     python bench/profile_step.py --out "$OUT/ring_b32" --family qwen3_5_text --layers 48 \

@@ -88,6 +88,13 @@ def test_bad_input_names_the_problem(x_shape, w_shapes, dtype, match):
         kernels.project_group_streamk(x, ws, config=StreamKConfig(block_k=64), interpret=True)
 
 
+def test_shared_memory_over_the_limit_is_refused():
+    x, ws = jnp.ones((128, 256), jnp.bfloat16), (jnp.ones((256, 128), jnp.bfloat16),)
+    with pytest.raises(ValueError, match=r"3 stages of \[128 \+ 128, 128\] tiles take 196608 B"):
+        kernels.project_group_streamk(x, ws, config=StreamKConfig(128, 128, num_stages=3),
+                                      interpret=True)
+
+
 @pytest.mark.parametrize("field, value", [("block_n", 24), ("block_k", 8), ("programs", 0)])
 def test_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=f"StreamKConfig: {field}"):
