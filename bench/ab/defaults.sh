@@ -135,9 +135,10 @@
 #                                 # groups (a B = 32 verify), 64 and 32 rows, against the
 #                                 # one-launch kernel at the dispatch's config and XLA, at
 #                                 # STREAMK_CONFIGS (block_n:block_k:warps:stages[:programs]).
-#                                 # Faster at 128 rows -> wire it into `ops.projection` for
-#                                 # 65..128 rows, then the B = 32 verify / round by chained
-#                                 # step time (part 8's VARIANTS with a switch)
+#                                 # Then the B = 32 ring step with GDN_JAX_PROJECTION_STREAMK
+#                                 # off and on (chained step time). Faster -> its rows in
+#                                 # `ops.projection` by default, `streamk_config_for` from the
+#                                 # fastest configs
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -301,6 +302,12 @@ PY
         --streamk "${STREAMK_CONFIGS:-128:64:8:4,128:64:8:3,128:64:4:4,64:64:4:4,128:128:8:2}" \
         2>&1 | tail -45
     lap
+    for v in off on; do  # the B = 32 ring verify / round with it (GDN_JAX_PROJECTION_STREAMK)
+        GDN_JAX_PROJECTION_STREAMK=$v python bench/bench_speculative.py --out "$OUT/step_$v" \
+            --batches 32 --commit-mode ring 2>&1 | grep -E "^ +[0-9]+ +[0-9]+ |Error" \
+            | sed "s/^/streamk=$v /"
+        lap
+    done
     ;;
 10)
     python bench/profile_step.py --out "$OUT/ring_b32" --family qwen3_5_text --layers 48 \
