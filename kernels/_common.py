@@ -92,6 +92,22 @@ def check_weights(op: str, x, ws: tuple) -> tuple[int, int, tuple[int, ...]]:
     return (*x.shape, tuple(w.shape[1] for w in ws))
 
 
+def check_group(op: str, x, ws, misfit, config) -> tuple[tuple, int, int, tuple[int, ...]]:
+    """A group launch's operands: ws a non-empty tuple (or list) of weights [K, N_i] of x's
+    dtype (`check_weights`) that config takes (misfit(M, K, widths, dtype, config) -> why or
+    None) -> (ws as a tuple, M, K, widths); else a ValueError naming op, the shapes and why."""
+    if not isinstance(ws, (tuple, list)) or not ws:
+        raise ValueError(f"{op}: ws must be a non-empty tuple of [K, N] weights, got "
+                         f"{type(ws).__name__}")
+    ws = tuple(ws)
+    M, K, widths = check_weights(op, x, ws)
+    why = misfit(M, K, widths, x.dtype, config)
+    if why:
+        raise ValueError(f"{op}: x{list(x.shape)} @ {' '.join(f'w{list(w.shape)}' for w in ws)}"
+                         f" {x.dtype}: {why}")
+    return ws, M, K, widths
+
+
 MIN_DOT_ROWS = 16  # the smallest M of a tensor-core tile (tl.dot)
 
 

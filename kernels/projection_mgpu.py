@@ -38,7 +38,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from . import _mgpu as mg
-from ._common import check_weights
+from ._common import check_group
 
 _F32, _BF16 = jnp.float32, jnp.bfloat16
 ROW_MULTIPLE = 8   # x's rows: whole (8, 64) SMEM tiles of the swizzled x buffer
@@ -212,15 +212,7 @@ def project_group_mgpu(x: jax.Array, ws: tuple, *,
                        interpret: bool = False, name: str = "gdn_projection_mgpu") -> tuple:
     """x: [M, K] bf16, ws: weights [K, N_i] bf16 -> (x @ w_i [M, N_i] fp32 for each), in one
     launch (`misfit` says what it takes). name: the kernel's (what a profile shows)."""
-    if not isinstance(ws, (tuple, list)) or not ws:
-        raise ValueError(f"project_group_mgpu: ws must be a non-empty tuple of [K, N] weights, "
-                         f"got {type(ws).__name__}")
-    ws = tuple(ws)
-    M, K, widths = check_weights("project_group_mgpu", x, ws)
-    why = misfit(M, K, widths, x.dtype, config)
-    if why:
-        raise ValueError(f"project_group_mgpu: x{list(x.shape)} @ "
-                         f"{' '.join(f'w{list(w.shape)}' for w in ws)} {x.dtype}: {why}")
+    ws, M, K, widths = check_group("project_group_mgpu", x, ws, misfit, config)
     offsets = tuple(itertools.accumulate([0, *widths]))
     firsts = tuple(n // config.block_n for n in offsets)
     grid = (min(config.ctas, firsts[-1] * (K // config.block_k)),)

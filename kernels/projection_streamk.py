@@ -37,7 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_launch_fields, check_weights, column_index, dot_rows, pow2_block
+from ._common import check_group, check_launch_fields, column_index, dot_rows, pow2_block
 from .projection import smem_limit
 
 _F32 = jnp.float32
@@ -176,15 +176,7 @@ def project_group_streamk(x: jax.Array, ws: tuple, *, config: StreamKConfig = St
                           interpret: bool = False, name: str = "gdn_projection_streamk"):
     """x: [M, K] bf16 | fp16, ws: weights [K, N_i] of x's dtype -> (x @ w_i [M, N_i] x.dtype for
     each), in one launch of `programs` programs (module docstring). name: the kernel's."""
-    if not isinstance(ws, (tuple, list)) or not ws:
-        raise ValueError(f"project_group_streamk: ws must be a non-empty tuple of [K, N] "
-                         f"weights, got {type(ws).__name__}")
-    ws = tuple(ws)
-    M, K, widths = check_weights("project_group_streamk", x, ws)
-    why = misfit(M, K, widths, x.dtype, config)
-    if why:
-        shapes = " ".join(f"w{list(w.shape)}" for w in ws)
-        raise ValueError(f"project_group_streamk: x{list(x.shape)} @ {shapes} {x.dtype}: {why}")
+    ws, M, K, widths = check_group("project_group_streamk", x, ws, misfit, config)
     blocks, steps, units, programs = plan(K, widths, config)
     bm = dot_rows(M)
     held = bm if interpret else M  # the interpreter slices refs as XLA does: pad x's rows
