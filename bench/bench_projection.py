@@ -116,7 +116,11 @@ def parse_args(argv=None):
 def _kernel_seconds(fn, args, reps, main=None):
     """GPU kernel time of one call of fn(*args) (jitted), or wall time where no GPU was traced;
     with main (a kernel name), also that kernel's share: (all, main) seconds."""
-    busy, mine = kernel_seconds(fn, args, reps, () if main is None else (main,))
+    # active time: with PDL each Pallas kernel of the chain launches while the one before runs
+    # and waits at its entry, and summed durations count that wait too: since the early trigger
+    # (2026-12-06) the 128-row groups summed 40.2-48.1 us here where each kernel's own time in
+    # the step was 20.9-24.2 (H100, 2026-12-07: bench_projection-h100-streamk128-*)
+    busy, mine = kernel_seconds(fn, args, reps, () if main is None else (main,), active=True)
     if busy is not None:
         return busy if main is None else (busy, mine[main])
     t = time.perf_counter()

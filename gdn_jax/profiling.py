@@ -118,15 +118,18 @@ def by_category(totals: dict) -> dict:
     return out
 
 
-def kernel_seconds(fn, args=(), reps: int = 1, names=()) -> tuple[float | None, dict]:
+def kernel_seconds(fn, args=(), reps: int = 1, names=(), *,
+                   active: bool = False) -> tuple[float | None, dict]:
     """fn(*args) run once (to compile), then reps times under the profiler: (its kernels' time
     per call per GPU in seconds, None where no GPU was traced; {name: `share_ns(name)` per call
-    in seconds} for each of names)."""
+    in seconds} for each of names). The time: the kernels' summed durations (`busy_ns`), or with
+    active, the time some kernel ran (`active_ns`: what a chain of PDL-launched kernels takes;
+    summed, each one's wait for the one before counts too). The shares are summed durations."""
     jax.block_until_ready(fn(*args))
     with kernel_trace() as trace:
         for _ in range(reps):
             jax.block_until_ready(fn(*args))
-    busy = trace.busy_ns()
+    busy = trace.active_ns() if active else trace.busy_ns()
     if busy is None:
         return None, {}
     return busy / reps / 1e9, {n: trace.share_ns(n) / reps / 1e9 for n in names}

@@ -31,7 +31,7 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     gate, up = project_group_streamk(x, (w_gate, w_up), config=StreamKConfig(...))
                                          # Triton, up to 128 rows, stream-K over the SMs: a
                                          # column block summed by two programs is added up by
-                                         # the last to finish (a probe, not dispatched yet)
+                                         # the last to finish (measured slower: off)
     o = decode_attention(q, k_cache, v_cache, slots, pos, config=AttentionConfig(...))
                                          # attention over each row's used KV length, in place
     qr, pr, k_cache, v_cache = attention_prologue(Source(parts, start, stride), ..., T=T, ...)

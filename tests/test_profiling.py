@@ -29,6 +29,7 @@ def test_kernel_seconds_is_none_on_cpu():
         pytest.skip("checks the CPU behaviour")
     f, x = _work()
     assert kernel_seconds(f, (x,), reps=2, names=("dot",)) == (None, {})
+    assert kernel_seconds(f, (x,), reps=2, active=True) == (None, {})
 
 
 def test_a_names_share_takes_its_copies_and_variants_per_gpu():
@@ -62,6 +63,8 @@ def test_kernel_seconds_of_a_program():
     f, x = _work()
     busy, mine = kernel_seconds(f, (x,), reps=3, names=("no_such_kernel",))
     assert busy > 0 and mine == {"no_such_kernel": 0.0}
+    active, _ = kernel_seconds(f, (x,), reps=3, active=True)
+    assert 0 < active <= busy * 1.5  # another run of the same program: its union, not its sum
 
 
 @pytest.mark.gpu

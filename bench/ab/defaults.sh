@@ -136,9 +136,11 @@
 #                                 # one-launch kernel at the dispatch's config and XLA, at
 #                                 # STREAMK_CONFIGS (block_n:block_k:warps:stages[:programs]).
 #                                 # Then the B = 32 ring step with GDN_JAX_PROJECTION_STREAMK
-#                                 # off and on (chained step time). Faster -> its rows in
-#                                 # `ops.projection` by default, `streamk_config_for` from the
-#                                 # fastest configs
+#                                 # off and on (chained step time). Ran in part 2026-12-07 on
+#                                 # an H100 (tests and the 128-row groups): tests pass, the
+#                                 # kernel 1.6-2.1x slower than the one-launch kernel at every
+#                                 # group and config tried (bench/results/bench_projection-
+#                                 # h100-streamk128*): the switch stays off, the step unrun
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;

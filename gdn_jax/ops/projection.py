@@ -49,7 +49,7 @@ than the Triton kernel so far, the dispatch takes it for no rows by itself (`MOS
 
 GDN_JAX_PROJECTION_STREAMK=on sends the groups and lone weights (not the LM head) of 33 to 128
 rows (a B = 32 verify) to `kernels.project_group_streamk` instead, which cuts a call's work evenly
-over the SMs (`STREAMK_VAR`: an experiment until measured; with GDN_JAX_PROJECTION=interpret it
+over the SMs (`STREAMK_VAR`: measured slower, an experiment; with GDN_JAX_PROJECTION=interpret it
 runs in the interpreter).
 """
 
@@ -144,8 +144,9 @@ STREAMK_VAR = "GDN_JAX_PROJECTION_STREAMK"
 # weight at most LONE_MAX_N wide goes to `kernels.project_group_streamk` (one program an SM, the
 # units of work cut evenly; `streamk_config_for`) where it fits, in place of the one-launch
 # kernel, whose 80 programs of 128 columns leave 52 of an H100's SMs idle at 128 rows (ncu,
-# bench/results/ncu_projection128-h100-2026-12-06/). Unmeasured on a GPU when written
-# (bench/ab/defaults.sh 14).
+# bench/results/ncu_projection128-h100-2026-12-06/). Measured slower on an H100 (2026-12-07:
+# MLP gate / up at 128 rows 66.3 us against 40.6, out_proj 47.7 against 22.3, both PDL-summed;
+# bench/results/bench_projection-h100-streamk128-2026-12-07.json): off.
 STREAMK_VALUES = ("off", "on")
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
