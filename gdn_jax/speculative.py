@@ -8,7 +8,7 @@ program: a ragged prefill of the target (and of the MTP head over the shifted pr
 
     1. MTP extend: the pairs (target hidden h_t, token t+1) of the tokens accepted last round go
        through the MTP head in one call (its own KV cache, committed by count); the output at the
-       last accepted pair gives draft 1.
+       last accepted pair gives draft 1 (the LM head reads that pair's row alone: `logits_at`).
     2. d - 1 chained MTP decode steps (hidden := the MTP's own output, token := the last draft);
        their KV entries are provisional and are overwritten by the next round's extend.
     3. Verify: the target runs [pending token, draft 1 .. draft d] (T = d + 1) through the GDN
