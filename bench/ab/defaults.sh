@@ -140,7 +140,9 @@
 #                                 # an H100 (tests and the 128-row groups): tests pass, the
 #                                 # kernel 1.6-2.1x slower than the one-launch kernel at every
 #                                 # group and config tried (bench/results/bench_projection-
-#                                 # h100-streamk128*): the switch stays off, the step unrun
+#                                 # h100-streamk128*): the switch stays off, the step unrun.
+#                                 # Why: SHAPES=gate_up KERNELS="gdn_projection_streamk
+#                                 # gdn_projection_group" bash bench/ab/defaults.sh 6 (ncu)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -231,7 +233,7 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
     ;;
 6)  # under ncu the JAX profiler (bench_projection's timer) crashes (CUPTI): a plain loop here
     for shape in ${SHAPES:-gate_up out_proj}; do
-        for kernel in gdn_projection_group gdn_projection_mgpu; do
+        for kernel in ${KERNELS:-gdn_projection_group gdn_projection_mgpu}; do
             timeout ${NCU_S:-120} ncu --clock-control none --cache-control all \
                 -k "regex:^$kernel" --launch-skip 4 --launch-count 2 --section SpeedOfLight \
                 --section Occupancy --section LaunchStats --section WarpStateStats \
@@ -249,6 +251,9 @@ ws = tuple(jnp.asarray(rng.standard_normal((K, n)) * 0.02, jnp.bfloat16) for n i
 if kernel == "gdn_projection_group":
     cfg = projection.config_for(M, K, widths)
     f = jax.jit(lambda x, ws: kernels.project_group(x, ws, config=cfg))
+elif kernel == "gdn_projection_streamk":
+    cfg = projection.streamk_config_for(M, K, widths)
+    f = jax.jit(lambda x, ws: kernels.project_group_streamk(x, ws, config=cfg))
 else:
     cfg = projection.mosaic_config_for(M, K, widths)
     f = jax.jit(lambda x, ws: kernels.project_group_mgpu(x, ws, config=cfg))
