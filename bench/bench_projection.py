@@ -8,6 +8,8 @@ verify.
     python bench/bench_projection.py --out DIR --rows 1 --groups   # + one launch per group
     python bench/bench_projection.py --out DIR --rows 128 --groups --group-configs 128:64:2:8:3
                                                      # + the group's launch at other configs
+    python bench/bench_projection.py --out DIR --rows 128 --groups --streamk 128:64:8:4
+                                                     # + the stream-K kernel (measured slower)
 
 Shapes (hidden 2048; GDN H = 16, HV = 32, K = V = 128; attention 16 heads of 256, 2 KV heads;
 MLP 5120; vocab 248320), as [K, N] = [in, out]: in_proj_qkvz 2048 x 12288, in_proj_ba 2048 x 64,
@@ -19,8 +21,9 @@ weight: the same column blocks).
 Each case runs one jitted program of L projections of the same rows through L distinct copies of
 the weight (L copies >= 3 x the 50 MB L2, so every weight comes from HBM), repeated --reps times
 under jax.profiler; its GPU kernel time (the padding, the kernel and the sum of the partials
-included) / (L x reps) is the figure, and weight bytes / figure its bandwidth, beside the copy
-bandwidth measured in the same run (`gdn_jax.benchmark.copy_bandwidth`). Paths: `xla` (the dot
+included; the time some kernel ran, so a PDL launch's wait for the kernel before it is not
+counted twice: since 2026-12-07, summed durations before) / (L x reps) is the figure, and weight
+bytes / figure its bandwidth, beside the copy bandwidth measured in the same run (`gdn_jax.benchmark.copy_bandwidth`). Paths: `xla` (the dot
 as the modules made it so far), `xla_cublas` (the same with XLA's Triton GEMM off for this one
 program, `compiler_options`), `kernel` (the dispatch's config), and with --sweep the best of a
 coordinate search over the kernel's config (all of a grid in one profiled program, each config a kernel of its own name: the kernel alone). JSON: DIR/bench_projection.json.
