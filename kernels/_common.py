@@ -8,6 +8,7 @@ the body: a GPU BlockSpec cannot read a slot table (no scalar prefetch on GPU). 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -76,6 +77,15 @@ def pow2_block(n: int, most: int) -> int | None:
     while n % block and block > 16:
         block //= 2
     return block if n % block == 0 else None
+
+
+def column_blocks(widths, sizes) -> tuple:
+    """The programs of weights of these widths cut in column blocks of sizes[i]: ((first, last,
+    block_n, col), ...), weight i's blocks programs first..last - 1, its columns of the output
+    from col on (a group's one launch, `project_group` and `project_group_streamk`)."""
+    offsets = tuple(itertools.accumulate([0, *widths]))
+    firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
+    return tuple(zip(firsts, firsts[1:], sizes, offsets))
 
 
 def check_weights(op: str, x, ws: tuple) -> tuple[int, int, tuple[int, ...]]:

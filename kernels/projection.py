@@ -58,7 +58,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import (check_launch_fields, check_weights, column_index, dot_rows,
+from ._common import (check_launch_fields, check_weights, column_blocks, column_index, dot_rows,
                       in_row_zero, pow2_block)
 
 _F32 = jnp.float32
@@ -466,10 +466,7 @@ def call(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple, sizes, conf
     to `held_rows` (row_axes as `_launch`'s), extras and epilogue as `_kernel` takes them
     (aliases: pallas_call's input_output_aliases, numbered over sources, weights and extras;
     paired: ws a pair of one shape, sizes its one block size)."""
-    widths = [w.shape[1] for w in ws[:1 if paired else len(ws)]]
-    offsets = tuple(itertools.accumulate([0, *widths]))
-    firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
-    blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))
+    blocks = column_blocks([w.shape[1] for w in ws[:1 if paired else len(ws)]], sizes)
     rows_held = held_rows(M, config, interpret)
     if rows_held != M:
         sources = tuple(src if axis is None else jnp.pad(src, [
@@ -484,7 +481,7 @@ def call(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple, sizes, conf
         name=name,
         config=config,  # pallas_call reads num_warps and num_stages
         interpret=interpret,
-        grid=(firsts[-1], config.splits),
+        grid=(blocks[-1][1], config.splits),
         out_shape=out_shape,
         input_output_aliases=aliases or {},
     )(*sources, *ws, *extras)

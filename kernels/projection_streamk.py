@@ -38,7 +38,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_group, check_launch_fields, column_index, dot_rows, pow2_block
+from ._common import (check_group, check_launch_fields, column_blocks, column_index, dot_rows,
+                      pow2_block)
 from .projection import smem_limit
 
 _F32 = jnp.float32
@@ -72,12 +73,9 @@ def plan(K: int, widths, config: StreamKConfig):
     block_n, col): weight i's column blocks of block_n are blocks first..last - 1 and fill the
     output's columns from col on; steps = K // block_k units a block; units = blocks x steps,
     cut into `programs` ranges."""
-    sizes = [pow2_block(n, config.block_n) for n in widths]
-    offsets = tuple(itertools.accumulate([0, *widths]))
-    firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
-    blocks = tuple(zip(firsts, firsts[1:], sizes, offsets))
+    blocks = column_blocks(widths, [pow2_block(n, config.block_n) for n in widths])
     steps = K // config.block_k
-    units = firsts[-1] * steps
+    units = blocks[-1][1] * steps
     return blocks, steps, units, min(config.programs, units)
 
 
