@@ -8,8 +8,6 @@ verify.
     python bench/bench_projection.py --out DIR --rows 1 --groups   # + one launch per group
     python bench/bench_projection.py --out DIR --rows 128 --groups --group-configs 128:64:2:8:3
                                                      # + the group's launch at other configs
-    python bench/bench_projection.py --out DIR --rows 128 --groups --streamk 128:64:8:4
-                                                     # + the stream-K kernel (measured slower)
 
 Shapes (hidden 2048; GDN H = 16, HV = 32, K = V = 128; attention 16 heads of 256, 2 KV heads;
 MLP 5120; vocab 248320), as [K, N] = [in, out]: in_proj_qkvz 2048 x 12288, in_proj_ba 2048 x 64,
@@ -23,7 +21,8 @@ the weight (L copies >= 3 x the 50 MB L2, so every weight comes from HBM), repea
 under jax.profiler; its GPU kernel time (the padding, the kernel and the sum of the partials
 included; the time some kernel ran, so a PDL launch's wait for the kernel before it is not
 counted twice: since 2026-12-07, summed durations before) / (L x reps) is the figure, and weight
-bytes / figure its bandwidth, beside the copy bandwidth measured in the same run (`gdn_jax.benchmark.copy_bandwidth`). Paths: `xla` (the dot
+bytes / figure its bandwidth, beside the copy bandwidth measured in the same run
+(`gdn_jax.benchmark.copy_bandwidth`). Paths: `xla` (the dot
 as the modules made it so far), `xla_cublas` (the same with XLA's Triton GEMM off for this one
 program, `compiler_options`), `kernel` (the dispatch's config), and with --sweep the best of a
 coordinate search over the kernel's config (all of a grid in one profiled program, each config a kernel of its own name: the kernel alone). JSON: DIR/bench_projection.json.
@@ -105,13 +104,6 @@ def parse_args(argv=None):
                    help="with --groups: also the one-launch kernel at these configs, "
                         "block_n:block_k:splits:num_warps:num_stages each, e.g. "
                         "128:64:2:8:3,64:64:1:4:4 (one_<config>_us; the split sums counted)")
-    p.add_argument("--streamk", default="",
-                   help="with --groups: also the Triton stream-K kernel "
-                        "(kernels.project_group_streamk) at these configs, "
-                        "block_n:block_k:num_warps:num_stages[:programs] each (programs: the "
-                        "SM count if left out), e.g. 128:64:8:4,128:64:8:3 (streamk_<config>_us; "
-                        "its counters' zeros counted; its error against XLA's fp32 product "
-                        "beside it)")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
     return p.parse_args(argv)
 
@@ -122,7 +114,7 @@ def _kernel_seconds(fn, args, reps, main=None):
     # active time: with PDL each Pallas kernel of the chain launches while the one before runs
     # and waits at its entry, and summed durations count that wait too: since the early trigger
     # (2026-12-06) the 128-row groups summed 40.2-48.1 us here where each kernel's own time in
-    # the step was 20.9-24.2 (H100, 2026-12-07: bench_projection-h100-streamk128-*)
+    # the step was 20.9-24.2 (H100, 2026-12-07: bench/results/bench_projection-h100-streamk128-*)
     busy, mine = kernel_seconds(fn, args, reps, () if main is None else (main,), active=True)
     if busy is not None:
         return busy if main is None else (busy, mine[main])
@@ -263,22 +255,6 @@ def _groups(args, rng, dtype, copy, sms):
                     M, K, widths, dtype, mcfg) else time_of(lambda x, ws, c=mcfg: [
                         y.astype(dtype) for y in kernels.project_group_mgpu(
                             x, ws, config=c, interpret=args.interpret)]))
-            for text in filter(None, args.streamk.split(",")):
-                bn, bk, warps, stages, *programs = map(int, text.split(":"))
-                scfg = kernels.StreamKConfig(block_n=bn, block_k=bk, num_warps=warps,
-                                             num_stages=stages, programs=(programs or [sms])[0])
-                fits = kernels.projection_streamk_misfit(M, K, widths, dtype, scfg) is None
-                _record(case, f"streamk_{text}_us", time_of(
-                    lambda x, ws, c=scfg: kernels.project_group_streamk(
-                        x, ws, config=c, interpret=args.interpret)) if fits else None)
-                if fits:  # the fixup's sums checked where they ran: worst error / max |ref|
-                    ys = kernels.project_group_streamk(x, groups[0], config=scfg,
-                                                       interpret=args.interpret)
-                    refs = [_xla(x.astype(jnp.float32), w.astype(jnp.float32))
-                            for w in groups[0]]
-                    case[f"streamk_{text}_rel_err"] = max(
-                        float(jnp.max(jnp.abs(y.astype(jnp.float32) - r)) / jnp.max(jnp.abs(r)))
-                        for y, r in zip(ys, refs))
             cases.append(case)
             print(f"{name:22s} {M:4d} {nbytes / 1e6:7.1f} {case['xla_us']:8.1f} "
                   f"{case['apart_us']:8.1f} {case['one_us']:8.1f} {case['one_pct_copy']:6.1f} "

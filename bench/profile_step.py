@@ -22,8 +22,6 @@ by the conv and the output norm, "views", the default; "on" also runs the MLP's 
 output norm in the next projection's launch, "row" only where that launch has one row),
 `glu=auto|on|off` (GDN_JAX_PROJECTION_GLU: the dense MLP's silu * up in its gate / up launch's
 epilogue, by default up to 32 rows),
-`streamk=off|on` (GDN_JAX_PROJECTION_STREAMK: the 33..128-row projections through the stream-K
-kernel, `kernels.project_group_streamk`),
 `gemv=off|prologues|on` (GDN_JAX_PROJECTION_GEMV: which one-row projections run as a GEMV on the
 CUDA cores: none, the fused prologues' launches, or all),
 `attn_prologue=auto|off` (GDN_JAX_ATTENTION_PROLOGUE: the attention layers' q / k norms, RoPE and
@@ -116,7 +114,7 @@ _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "combine": "GDN_JAX_ATTENTION_COMBINE",
               "router": "GDN_JAX_MOE_ROUTER",
               "shared": "GDN_JAX_MOE_SHARED", "gemv": "GDN_JAX_PROJECTION_GEMV",
-              "glu": "GDN_JAX_PROJECTION_GLU", "streamk": "GDN_JAX_PROJECTION_STREAMK"}
+              "glu": "GDN_JAX_PROJECTION_GLU"}
 _PATHS = (*_ENV_PATHS, "moe", "attention")
 
 

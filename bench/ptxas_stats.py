@@ -3,7 +3,7 @@
     python bench/ptxas_stats.py [--kernel ring|decode|replay|intermediate] [--pool bfloat16]
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
     python bench/ptxas_stats.py --kernel projection|projection-group|projection-group-128|
-                                projection-streamk|projection-swiglu|
+                                projection-swiglu|
                                 projection-gated-norm|moe-gate-up|moe-down|moe-b1-gate-up|
                                 moe-b1-down|attention|conv|in-proj|projection-conv|
                                 projection-glu [--T 4] [--gemv] [--pdl]
@@ -133,8 +133,8 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
     return fn, args, kwargs
 
 
-MODEL_KERNELS = ("projection", "projection-group", "projection-group-128", "projection-streamk",
-                 "projection-swiglu", "projection-gated-norm",
+MODEL_KERNELS = ("projection", "projection-group", "projection-group-128", "projection-swiglu",
+                 "projection-gated-norm",
                  "moe-gate-up", "moe-down", "moe-b1-gate-up", "moe-b1-down", "attention", "conv",
                  "in-proj", "projection-conv", "projection-glu")
 
@@ -172,12 +172,9 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False):
         config = dataclasses.replace(projection.config_for(1, 2048, widths), gemv=gemv)
         return (kernels.project_group, (S((1, 2048), bf), tuple(S((2048, n), bf) for n in widths)),
                 {}, config)
-    if kernel in ("projection-group-128", "projection-streamk"):  # the MLP gate / up, 128 rows
+    if kernel == "projection-group-128":  # the MLP gate / up of a B = 32 verify
         args = (S((128, 2048), bf), (S((2048, 5120), bf),) * 2)
-        if kernel == "projection-group-128":
-            return kernels.project_group, args, {}, projection.config_for(128, 2048, (5120, 5120))
-        return (kernels.project_group_streamk, args, {},
-                projection.streamk_config_for(128, 2048, (5120, 5120)))
+        return kernels.project_group, args, {}, projection.config_for(128, 2048, (5120, 5120))
     if kernel in ("in-proj", "projection-conv"):  # GDN's in_proj of one row's T tokens: alone,
         widths = (12288, 64)               # or its conv in the launch (GDN_JAX_CONV_EPILOGUE)
         args = (S((T, 2048), bf), tuple(S((2048, n), bf) for n in widths))

@@ -28,10 +28,6 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     gate, up = project_group_mgpu(x, (w_gate, w_up), config=MosaicProjectionConfig(...))
                                          # the same on Hopper (8..128 rows, bf16): TMA, wgmma,
                                          # stream-K over the SMs; fp32 out
-    gate, up = project_group_streamk(x, (w_gate, w_up), config=StreamKConfig(...))
-                                         # Triton, up to 128 rows, stream-K over the SMs: a
-                                         # column block summed by two programs is added up by
-                                         # the last to finish (measured slower: off)
     o = decode_attention(q, k_cache, v_cache, slots, pos, config=AttentionConfig(...))
                                          # attention over each row's used KV length, in place
     qr, pr, k_cache, v_cache = attention_prologue(Source(parts, start, stride), ..., T=T, ...)
@@ -101,8 +97,6 @@ from .projection_conv import misfit as projection_conv_misfit
 from .projection_conv import project_conv
 from .projection_mgpu import MosaicProjectionConfig, project_group_mgpu
 from .projection_mgpu import misfit as projection_mgpu_misfit
-from .projection_streamk import STREAMK_MAX_M, StreamKConfig, project_group_streamk
-from .projection_streamk import misfit as projection_streamk_misfit
 from .residual_norm import NORM_DTYPES, NormConfig, add_rms_norm
 from .residual_norm import misfit as add_rms_norm_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
@@ -121,19 +115,17 @@ def mosaic_unavailable() -> str | None:
 
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
            "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "NORM_DTYPES", "POOL_DTYPES",
-           "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN", "STREAMK_MAX_M", "AttentionConfig",
-           "ConvConfig", "Dims",
+           "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN", "AttentionConfig", "ConvConfig", "Dims",
            "Dtypes", "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "NormConfig",
-           "ProjectionConfig", "PrologueConfig", "ScatterConfig", "Source", "StreamKConfig",
-           "TuningConfig",
+           "ProjectionConfig", "PrologueConfig", "ScatterConfig", "Source", "TuningConfig",
            "add_rms_norm", "add_rms_norm_misfit", "attention_prologue",
            "attention_prologue_misfit", "capability", "conv_step", "decode", "decode_attention",
            "decode_attention_rows", "decode_mgpu", "fold",
            "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
            "project", "project_conv", "project_gated_norm", "project_glu", "project_group",
-           "project_group_mgpu", "project_group_streamk", "project_swiglu",
-           "projection_block_m", "projection_conv_misfit", "projection_mgpu_misfit",
-           "projection_misfit", "projection_smem_limit", "projection_streamk_misfit",
+           "project_group_mgpu", "project_swiglu", "projection_block_m",
+           "projection_conv_misfit", "projection_mgpu_misfit", "projection_misfit",
+           "projection_smem_limit",
            "projection_source_bytes", "pow2_block", "route", "route_misfit", "route_shared_gate",
            "scatter_rows", "scatter_rows_group", "shift_rows_group", "verify_intermediate",
            "verify_intermediate_mgpu",

@@ -82,7 +82,7 @@ def pow2_block(n: int, most: int) -> int | None:
 def column_blocks(widths, sizes) -> tuple:
     """The programs of weights of these widths cut in column blocks of sizes[i]: ((first, last,
     block_n, col), ...), weight i's blocks programs first..last - 1, its columns of the output
-    from col on (a group's one launch, `project_group` and `project_group_streamk`)."""
+    from col on (a group's one launch: `project_group`; `scatter_rows_group`'s tables)."""
     offsets = tuple(itertools.accumulate([0, *widths]))
     firsts = tuple(itertools.accumulate([0, *(n // bn for n, bn in zip(widths, sizes))]))
     return tuple(zip(firsts, firsts[1:], sizes, offsets))

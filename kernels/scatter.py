@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +33,7 @@ from jax.experimental import pallas as pl
 
 from . import _pallas
 from . import _recurrence as rec
-from ._common import BlockConfig, pow2_block
+from ._common import BlockConfig, column_blocks, pow2_block
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,8 +126,7 @@ def _blocks(widths, config: ScatterConfig) -> tuple:
     """The programs of tables whose rows hold these numbers of elements, each in blocks of
     `pow2_block`: ((first, last, block), ...), table t's blocks programs first..last - 1."""
     sizes = [pow2_block(R, config.block) for R in widths]
-    firsts = list(itertools.accumulate([0, *(R // b for R, b in zip(widths, sizes))]))
-    return tuple(zip(firsts, firsts[1:], sizes))
+    return tuple(block[:3] for block in column_blocks(widths, sizes))
 
 
 def _shift_kernel(slots_ref, starts_ref, *refs, blocks, width):

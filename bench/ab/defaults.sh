@@ -129,20 +129,6 @@
 #                                 # 2026-12-07 on an H100, 7% slower (B = 256 verify fold 20%
 #                                 # 198.7 -> 212, ring decode 154 -> 162 us), reverted
 #                                 # (bench/results/ncu_kernels-h100-ring_scales_smem_*)
-#   bash bench/ab/defaults.sh 14  # the stream-K projection (`kernels.project_group_streamk`,
-#                                 # 2f55108): its GPU tests (repeated calls, the counters'
-#                                 # fixup under real concurrency), then the model's 128-row
-#                                 # groups (a B = 32 verify), 64 and 32 rows, against the
-#                                 # one-launch kernel at the dispatch's config and XLA, at
-#                                 # STREAMK_CONFIGS (block_n:block_k:warps:stages[:programs]).
-#                                 # Then the B = 32 ring step with GDN_JAX_PROJECTION_STREAMK
-#                                 # off and on (chained step time). Ran in part 2026-12-07 on
-#                                 # an H100 (tests and the 128-row groups): tests pass, the
-#                                 # kernel 1.6-2.1x slower than the one-launch kernel at every
-#                                 # group and config tried (bench/results/bench_projection-
-#                                 # h100-streamk128*): the switch stays off, the step unrun.
-#                                 # Why: SHAPES=gate_up KERNELS="gdn_projection_streamk
-#                                 # gdn_projection_group" bash bench/ab/defaults.sh 6 (ncu)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -150,7 +136,7 @@
 # `ops.conv.project_conv_step`'s bounds; the router's fastest warps ->
 # `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13 or 14}
+part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 or 13}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -251,9 +237,6 @@ ws = tuple(jnp.asarray(rng.standard_normal((K, n)) * 0.02, jnp.bfloat16) for n i
 if kernel == "gdn_projection_group":
     cfg = projection.config_for(M, K, widths)
     f = jax.jit(lambda x, ws: kernels.project_group(x, ws, config=cfg))
-elif kernel == "gdn_projection_streamk":
-    cfg = projection.streamk_config_for(M, K, widths)
-    f = jax.jit(lambda x, ws: kernels.project_group_streamk(x, ws, config=cfg))
 else:
     cfg = projection.mosaic_config_for(M, K, widths)
     f = jax.jit(lambda x, ws: kernels.project_group_mgpu(x, ws, config=cfg))
@@ -298,22 +281,6 @@ PY
                 | grep -E "^ +[0-9]+ +[0-9]+ |Error" | sed "s/^/$v /"
             lap
         done
-    done
-    ;;
-14)
-    timeout 240 python -m pytest -q -m gpu -x tests/kernels/test_kernel_projection_streamk.py \
-        2>&1 | tail -3
-    lap
-    python bench/bench_projection.py --out "$OUT/streamk" --rows 128,64,32 --shapes k_proj \
-        --reps 3 --groups --groups-only mlp_gate_up,gdn_in,attn_qkv,out_proj,down_proj \
-        --streamk "${STREAMK_CONFIGS:-128:64:8:4,128:64:8:3,128:64:4:4,64:64:4:4,128:128:8:2}" \
-        2>&1 | tail -45
-    lap
-    for v in off on; do  # the B = 32 ring verify / round with it (GDN_JAX_PROJECTION_STREAMK)
-        GDN_JAX_PROJECTION_STREAMK=$v python bench/bench_speculative.py --out "$OUT/step_$v" \
-            --batches 32 --commit-mode ring 2>&1 | grep -E "^ +[0-9]+ +[0-9]+ |Error" \
-            | sed "s/^/streamk=$v /"
-        lap
     done
     ;;
 10)

@@ -46,11 +46,6 @@ GDN_JAX_PROJECTION=mosaic (or backend="mosaic") sends a group, or a lone weight,
 kernel `kernels.project_group_mgpu` where it fits (bf16, 8..128 rows in multiples of 8, widths its
 column blocks tile; `mosaic_config_for`): its fp32 result is cast to x's dtype. Measured slower
 than the Triton kernel so far, the dispatch takes it for no rows by itself (`MOSAIC_ROWS`).
-
-GDN_JAX_PROJECTION_STREAMK=on sends the groups and lone weights (not the LM head) of 33 to 128
-rows (a B = 32 verify) to `kernels.project_group_streamk` instead, which cuts a call's work evenly
-over the SMs (`STREAMK_VAR`: measured slower, an experiment; with GDN_JAX_PROJECTION=interpret it
-runs in the interpreter).
 """
 
 from __future__ import annotations
@@ -139,15 +134,6 @@ LONE_MAX_N = 8192
 # rows still 23.3 us, and the 48-layer B = 32 decode with it wherever it fits 5.596 ms against
 # 4.742 (bench/results/bench_speculative-h100-qwen3_5_text-b32-projection_*-2026-12-07.json).
 MOSAIC_ROWS = frozenset()
-STREAMK_VAR = "GDN_JAX_PROJECTION_STREAMK"
-# "off" (the default) or "on": from AUTO_MAX_M + 1 to PROJECTION_MAX_M rows, a group or a lone
-# weight at most LONE_MAX_N wide goes to `kernels.project_group_streamk` (one program an SM, the
-# units of work cut evenly; `streamk_config_for`) where it fits, in place of the one-launch
-# kernel, whose 80 programs of 128 columns leave 52 of an H100's SMs idle at 128 rows (ncu,
-# bench/results/ncu_projection128-h100-2026-12-06/). Measured slower on an H100 (2026-12-07:
-# MLP gate / up at 128 rows 66.3 us against 40.6, out_proj 47.7 against 22.3, both PDL-summed;
-# bench/results/bench_projection-h100-streamk128-2026-12-07.json): off.
-STREAMK_VALUES = ("off", "on")
 _BLOCK_N = 64
 _WAVES = 2  # programs per SM the split-K aims for: one wave leaves the tail's SMs idle
 
@@ -185,11 +171,6 @@ def project(x: jax.Array, w: jax.Array, *, precision=None, backend: str | None =
     if mosaic is not None:
         y, = kernels.project_group_mgpu(x.reshape(M, K), (w,), config=mosaic)
         return y[None].reshape(1, *lead, N) if partials else y.astype(x.dtype).reshape(*lead, N)
-    streamk = _select_streamk(M, K, (N,), x.dtype, w.dtype, backend)
-    if streamk is not None:
-        y, = kernels.project_group_streamk(x.reshape(M, K), (w,), config=streamk[0],
-                                           interpret=streamk[1])
-        return whole(y.reshape(*lead, N))
     choice = _select(M, K, N, x.dtype, w.dtype, backend)
     if choice is None:
         return whole(lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())),
@@ -221,13 +202,6 @@ def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = Non
     if mosaic and all(w.dtype == x.dtype for w in ws):
         ys = kernels.project_group_mgpu(x.reshape(M, K), ws, config=mosaic)
         return tuple(y.astype(x.dtype).reshape(*lead, y.shape[1]) for y in ys)
-    streamk = (len(ws) > 1 and _grouping() and all(w.dtype == x.dtype for w in ws)
-               and _select_streamk(M, K, tuple(w.shape[1] for w in ws), x.dtype, x.dtype,
-                                   backend))
-    if streamk:
-        ys = kernels.project_group_streamk(x.reshape(M, K), ws, config=streamk[0],
-                                           interpret=streamk[1])
-        return tuple(y.reshape(*lead, y.shape[1]) for y in ys)
     grouped = [i for i, w in enumerate(ws) if _grouping() and wish != "xla-gemm"
                and _select(M, K, w.shape[1], x.dtype, w.dtype, backend, strict=False,
                            rows_rule=False)]
@@ -280,9 +254,7 @@ def project_group_partials(x, ws, *, backend: str | None = None) -> tuple | None
     *lead, K = x.shape
     M = math.prod(lead)
     if (not _grouping() or not _fusing(M, K, None, None, (x, *ws), backend, level="views")
-            or any(w.ndim != 2 or w.shape[0] != K or w.dtype != x.dtype for w in ws)
-            or _select_streamk(M, K, tuple(w.shape[1] for w in ws), x.dtype, x.dtype,
-                               backend)):  # that kernel writes no partial sums
+            or any(w.ndim != 2 or w.shape[0] != K or w.dtype != x.dtype for w in ws)):
         return None
     choice = _select(M, K, tuple(w.shape[1] for w in ws), x.dtype, x.dtype, backend,
                      strict=False)
@@ -601,35 +573,6 @@ def _select_mosaic(M, K, widths, x_dtype, w_dtype, backend):
     if config is None or kernels.projection_mgpu_misfit(M, K, widths, x_dtype, config):
         return None
     return config
-
-
-def _select_streamk(M, K, widths, x_dtype, w_dtype, backend):
-    """(`kernels.StreamKConfig`, interpret) for the stream-K kernel, or None where it does not
-    run (`STREAMK_VAR`): asked for, 33..128 rows, no explicit backend, the dispatch's default
-    (or the interpreter), a Triton GPU, a group or a lone weight up to LONE_MAX_N wide."""
-    value = os.environ.get(STREAMK_VAR) or "off"
-    if value not in STREAMK_VALUES:
-        raise ValueError(f"{STREAMK_VAR}: expected one of {list(STREAMK_VALUES)}, got {value!r}")
-    wish = os.environ.get(ENV_VAR) or os.environ.get(_BACKEND_VAR)
-    if (value == "off" or backend not in (None, "auto") or not AUTO_MAX_M < M
-            or wish not in (None, "auto", "interpret")
-            or jnp.dtype(x_dtype) != jnp.dtype(w_dtype)
-            or (len(widths) == 1 and widths[0] > LONE_MAX_N)
-            or (wish != "interpret" and not Device.of().runs_triton)):
-        return None
-    config = streamk_config_for(M, K, widths, sm_count=sm_count())
-    if kernels.projection_streamk_misfit(M, K, widths, x_dtype, config):
-        return None
-    return config, wish == "interpret"
-
-
-def streamk_config_for(M: int, K: int, widths, *, sm_count: int = 132):
-    """The stream-K kernel's config: [64, 128] weight tiles in 4 stages and 8 warps (the
-    one-launch kernel's 128-row tiles: 128 KB of shared memory, one program an SM), a program
-    an SM."""
-    del M, K, widths  # one config until measured (bench/ab/defaults.sh 14)
-    return kernels.StreamKConfig(block_n=128, block_k=64, programs=sm_count, num_warps=8,
-                                 num_stages=4)
 
 
 def mosaic_config_for(M: int, K: int, widths, *, sm_count: int = 132):

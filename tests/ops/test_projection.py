@@ -26,7 +26,6 @@ def _no_env(monkeypatch):
     monkeypatch.delenv(projection.GROUPS_VAR, raising=False)
     monkeypatch.delenv(projection.PROLOGUE_VAR, raising=False)
     monkeypatch.delenv(projection.GLU_VAR, raising=False)
-    monkeypatch.delenv(projection.STREAMK_VAR, raising=False)
     monkeypatch.delenv("GDN_JAX_BACKEND", raising=False)
 
 
@@ -253,46 +252,6 @@ def test_config_for_128_rows_picks_the_sweeps_splits(K, N, splits):
     rows128_wide-2026-12-02.json) for gate_proj, out_proj and in_proj_qkvz."""
     config = projection.config_for(128, K, N, sm_count=132)
     assert (config.block_n, config.block_k, config.splits) == (128, 64, splits)
-
-
-def _assert_product(ys, x, ws):
-    for y, w in zip(ys, ws):
-        ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
-        assert y.shape == ref.shape and y.dtype == jnp.bfloat16
-        err = np.abs(np.asarray(y, np.float64) - ref)
-        assert np.all(err <= BF16_EPS * np.abs(ref) + 1e-3), err.max()
-
-
-def test_streamk_on_request_above_auto_rows(monkeypatch):
-    """GDN_JAX_PROJECTION_STREAMK=on: a group and a lone weight of 33..128 rows go to the
-    stream-K kernel (interpreted here), one launch; no partial-sum views then; 32 rows, the LM
-    head's width and an explicit backend keep their paths."""
-    monkeypatch.setenv(projection.ENV_VAR, "interpret")
-    monkeypatch.setenv(projection.STREAMK_VAR, "on")
-    streamk, group = _spy(monkeypatch, "project_group_streamk"), _spy(monkeypatch,
-                                                                      "project_group")
-    rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.standard_normal((40, 128)), jnp.bfloat16)
-    ws = tuple(jnp.asarray(rng.standard_normal((128, n)) * 128 ** -0.5, jnp.bfloat16)
-               for n in (256, 64))
-    _assert_product(projection.project_group(x, ws), x, ws)
-    _assert_product([projection.project(x, ws[0])], x, ws[:1])
-    assert [len(c[0][1]) for c in streamk] == [2, 1] and not group
-    assert projection.project_group_partials(x, ws) is None
-    assert [c[1]["config"].programs for c in streamk] == [projection.sm_count()] * 2
-    streamk.clear()
-    projection.project_group(x[:32], ws)  # AUTO_MAX_M rows: the one-launch kernel
-    projection.project(x, jnp.ones((128, projection.LONE_MAX_N + 128), jnp.bfloat16))
-    projection.project(x, ws[0], backend="interpret")
-    assert not streamk and len(group) == 1
-
-
-def test_streamk_switch_rejects_other_values(monkeypatch):
-    monkeypatch.setenv(projection.STREAMK_VAR, "yes")
-    x, w = _xw((40,), 128, 64, jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"GDN_JAX_PROJECTION_STREAMK: expected one of "
-                                         r"\['off', 'on'\], got 'yes'"):
-        projection.project(x, w)
 
 
 def test_mosaic_on_request_on_hopper(fake_h200, monkeypatch):
