@@ -20,7 +20,8 @@
 #   bash bench/ab/defaults.sh 3   # the MoE router's warps; the GEMV; the speculative loop at
 #                                 # B = 1 under the candidates
 #   bash bench/ab/defaults.sh 4   # the headline's step figures (dense replay and ring, MoE;
-#                                 # an H200: the MoE model runs out of an H100's memory)
+#                                 # an H200: the MoE model runs out of an H100's memory), then
+#                                 # a B = 1 dense decode's kernels with PDL off, time allowing
 #   bash bench/ab/defaults.sh 5   # (ran 2026-12-06 on an H100 with REVS="4ab6bcf 55e4345":
 #                                 # kept, README) session 31's changes, their GPU tests and a tree
 #                                 # A/B of a 48-layer verify (its commit included): 55e4345
@@ -202,6 +203,11 @@ print(jax.jit(lambda x, w: kernels.project(jnp.tanh(x), w) * 2)(x, w).sum())" 2>
             | tail -5
         lap
     done
+    # where a B = 1 dense decode's kernel time goes there, each kernel's own (PDL off): the H200
+    # gave 1.689x the floor on 12-05 where an H100 gives 1.37 (2026-12-07), time allowing
+    (( $(date +%s) - t0 < 470 )) && timeout $(( 590 - $(date +%s) + t0 )) python \
+        bench/profile_step.py --out "$OUT/b1_pdl_off" --family qwen3_5_text --layers 48 \
+        --batches 1 --programs decode --variant 'pdl_off:xla_gpu_enable_pdl=false' 2>&1 | tail -30
     ;;
 5)
     timeout 200 python -m pytest -q -m gpu -x tests/kernels/test_kernel_scatter.py \
