@@ -3,10 +3,9 @@
     python bench/ptxas_stats.py [--kernel ring|decode|replay|intermediate] [--pool bfloat16]
                                 [--block-v 128] [--num-warps 4] [--T 4] [--arch 90]
     python bench/ptxas_stats.py --kernel projection|projection-group|projection-group-128|
-                                projection-swiglu|
-                                projection-gated-norm|moe-gate-up|moe-down|moe-b1-gate-up|
-                                moe-b1-down|attention|conv|in-proj|projection-conv|
-                                projection-glu [--T 4] [--gemv] [--pdl]
+                                projection-swiglu|projection-gated-norm|moe-gate-up|moe-down|
+                                moe-b1-gate-up|moe-b1-down|attention|conv|in-proj|
+                                projection-conv|projection-glu [--T 4] [--gemv] [--pdl]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks; --gemv:
         the one-row projections as a GEMV)
 
@@ -134,9 +133,8 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
 
 
 MODEL_KERNELS = ("projection", "projection-group", "projection-group-128", "projection-swiglu",
-                 "projection-gated-norm",
-                 "moe-gate-up", "moe-down", "moe-b1-gate-up", "moe-b1-down", "attention", "conv",
-                 "in-proj", "projection-conv", "projection-glu")
+                 "projection-gated-norm", "moe-gate-up", "moe-down", "moe-b1-gate-up",
+                 "moe-b1-down", "attention", "conv", "in-proj", "projection-conv", "projection-glu")
 
 
 def model_kernel_call(kernel: str, T: int, gemv: bool = False):
