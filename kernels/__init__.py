@@ -24,6 +24,7 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
                                          # GDN's in_proj and its conv (decode, or verify's
                                          # T tokens: keep="all"), one launch
     r, h = add_rms_norm(x_res, parts, norm_w, eps=1e-6)  # residual add + RMSNorm, one launch
+    y = gated_rms_norm(o, z, norm_w, eps=1e-6)           # GDN's output norm, one launch
     q, k, v = project_group(x, (w_q, w_k, w_v), config=ProjectionConfig(...))  # one launch
     gate, up = project_group_mgpu(x, (w_gate, w_up), config=MosaicProjectionConfig(...))
                                          # the same on Hopper (8..128 rows, bf16): TMA, wgmma,
@@ -97,7 +98,9 @@ from .projection_conv import misfit as projection_conv_misfit
 from .projection_conv import project_conv
 from .projection_mgpu import MosaicProjectionConfig, project_group_mgpu
 from .projection_mgpu import misfit as projection_mgpu_misfit
-from .residual_norm import NORM_DTYPES, NormConfig, add_rms_norm
+from .residual_norm import (NORM_DTYPES, GatedNormConfig, NormConfig, add_rms_norm,
+                            gated_rms_norm)
+from .residual_norm import gated_misfit as gated_rms_norm_misfit
 from .residual_norm import misfit as add_rms_norm_misfit
 from .ring import RING_MAX_T, RING_MIN, verify_ring
 from .router import misfit as route_misfit
@@ -116,12 +119,12 @@ def mosaic_unavailable() -> str | None:
 __all__ = ["ATTENTION_DTYPES", "ATTENTION_MAX_ROWS", "MAX_T", "MOE_DTYPES", "MOSAIC_MAX_K",
            "MOSAIC_MAX_T", "MOSAIC_MODES", "MOSAIC_RING_MAX_T", "NORM_DTYPES", "POOL_DTYPES",
            "PROJECTION_MAX_M", "RING_MAX_T", "RING_MIN", "AttentionConfig", "ConvConfig", "Dims",
-           "Dtypes", "MoEConfig", "MosaicConfig", "MosaicProjectionConfig", "NormConfig",
-           "ProjectionConfig", "PrologueConfig", "ScatterConfig", "Source", "TuningConfig",
+           "Dtypes", "GatedNormConfig", "MoEConfig", "MosaicConfig", "MosaicProjectionConfig",
+           "NormConfig", "ProjectionConfig", "PrologueConfig", "ScatterConfig", "Source", "TuningConfig",
            "add_rms_norm", "add_rms_norm_misfit", "attention_prologue",
            "attention_prologue_misfit", "capability", "conv_step", "decode", "decode_attention",
-           "decode_attention_rows", "decode_mgpu", "fold",
-           "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
+           "decode_attention_rows", "decode_mgpu", "fold", "gated_rms_norm",
+           "gated_rms_norm_misfit", "grouped_matmul", "mosaic_head_dims_misfit", "mosaic_misfit", "mosaic_unavailable",
            "project", "project_conv", "project_gated_norm", "project_glu", "project_group",
            "project_group_mgpu", "project_swiglu", "projection_block_m",
            "projection_conv_misfit", "projection_mgpu_misfit", "projection_misfit",

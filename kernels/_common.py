@@ -137,6 +137,17 @@ def column_index(start, width: int):
     return start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
 
 
+def gated_norm(o, z, weight, eps: float, dtype):
+    """GDN's output norm on a tile of heads: o, z [rows, V] fp32 (each row one head of one token),
+    weight [V] -> [rows, V] in dtype: o RMS-normalised over V, rounded to dtype, times weight
+    (rounded to the pair's promoted dtype, as XLA's product), times silu(z) in fp32
+    (`gdn_jax.ops.residual_norm.gated_rms_norm`, the formula this follows)."""
+    y = o * lax.rsqrt(jnp.mean(o * o, axis=1, keepdims=True) + eps)
+    y = weight.astype(jnp.float32)[None, :] * y.astype(dtype).astype(jnp.float32)
+    y = y.astype(jnp.promote_types(weight.dtype, dtype)).astype(jnp.float32)
+    return (y * (z * jax.nn.sigmoid(z))).astype(dtype)
+
+
 def in_row_zero(row, block_m: int):
     """row [1, K] -> [block_m, K]: the row in row 0 of a tile, zeros below (a tile whose other
     rows are padding, formed from its one real row alone)."""

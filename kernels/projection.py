@@ -59,7 +59,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
 from ._common import (check_launch_fields, check_weights, column_blocks, column_index, dot_rows,
-                      in_row_zero, pow2_block)
+                      gated_norm, in_row_zero, pow2_block)
 
 _F32 = jnp.float32
 PROJECTION_MAX_M = 128  # the most rows one call takes: all rows share one pass over the weight
@@ -306,11 +306,7 @@ def _x_tile(prologue, refs, rows, real, block_k: int, dtype, K: int, start):
     o = _load(o_ref, rows, start, block_k, real).astype(_F32)
     z = (_load(z_ref, rows, start, block_k, real) if len(z_ref.shape) == 2 else
          _summed(z_ref, rows, prologue[2] + start, block_k, real, dtype)).astype(_F32)
-    y = o * lax.rsqrt(jnp.mean(o * o, axis=1, keepdims=True) + prologue[1])
-    weight = w_ref[...]
-    y = weight.astype(_F32)[None, :] * y.astype(dtype).astype(_F32)
-    y = y.astype(jnp.promote_types(weight.dtype, dtype)).astype(_F32)
-    return (y * (z * jax.nn.sigmoid(z))).astype(dtype)
+    return gated_norm(o, z, w_ref[...], prologue[1], dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret", "name", "partials"))

@@ -62,7 +62,7 @@ from jax import lax
 from gdn_jax import kernels
 from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
 from gdn_jax.ops.dispatch import Device, sm_count
-from gdn_jax.ops.residual_norm import gated_rms_norm
+from gdn_jax.ops.residual_norm import gated_norm
 
 ENV_VAR = "GDN_JAX_PROJECTION"
 GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
@@ -309,7 +309,7 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
     reads the producer's partial sums); norm_weight: [V]; w: [H * V, N] -> [..., N]. Where the
     kernel takes the projection with K-steps of one head (and GDN_JAX_PROJECTION_PROLOGUE fuses
     the pair: "on", or "row" at one row): one launch of `kernels.project_gated_norm`; elsewhere
-    the norm in XLA (z's partial sums added there), then `project`."""
+    the norm (`residual_norm.gated_norm`: z's partial sums added there), then `project`."""
     *lead, H, V = o.shape
     M, K = math.prod(lead), H * V
     view = isinstance(z, Partials)
@@ -330,9 +330,10 @@ def gated_norm_project(o, z, norm_weight, w, eps: float, *, precision=None,
                                        z_col=z_col, config=config, interpret=choice[1],
                                        partials=partials)
         return y.reshape(-1, *lead, y.shape[-1]) if partials else y.reshape(*lead, y.shape[-1])
-    z = (z.value() if view else z).reshape(o.shape)
-    x = gated_rms_norm(o, z, norm_weight, eps).reshape(*lead, K)
-    return project(x, w, precision=precision, partials=partials, backend=backend)
+    x = gated_norm(o, z.parts if view else z.reshape(o.shape), norm_weight, eps,
+                   z_col=z.start if view else None, backend=backend)
+    return project(x.reshape(*lead, K), w, precision=precision, partials=partials,
+                   backend=backend)
 
 
 def epilogue_config(M: int, K: int, widths, dtype, backend: str | None = None, *,

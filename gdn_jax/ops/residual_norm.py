@@ -20,8 +20,11 @@ delta may also be a `WeightedRows`: a MoE block's output held as its expert rows
 row's rows and routing weights (`gdn_jax.ops.moe.routed(..., gathered=True)`), which the kernel
 gathers and weights as it loads them: the MoE combine then costs no launch of its own.
 
-`rms_norm` and `gated_rms_norm` are the two norms' XLA formulas, the modules' (`gdn_jax.modules.
-norms`) and the unfused paths' one definition.
+    y = gated_norm(o, z, weight, eps)   # GDN's output norm per V-wide head (o, z: [..., H, V])
+
+one launch of `gdn_jax.kernels.gated_rms_norm` under the same switch (z may be the in_proj's
+partial sums: `z_col`). `rms_norm` and `gated_rms_norm` are the two norms' XLA formulas, the
+modules' (`gdn_jax.modules.norms`) and the unfused paths' one definition.
 """
 
 from __future__ import annotations
@@ -134,6 +137,38 @@ def rms_norm(x, weight, eps: float):
     return (_normalize(x, eps) * (1.0 + weight.astype(_F32))).astype(x.dtype)
 
 
+def gated_norm(o, z, weight, eps: float, *, z_col: int | None = None,
+               backend: str | None = None):
+    """`gated_rms_norm(o, z, weight, eps)` per V-wide head, one launch of
+    `kernels.gated_rms_norm` on a GPU (bf16 and fp16 o; XLA's normalisation fusion of it runs at
+    ~1/3 of the copy bandwidth) where GDN_JAX_NORM allows, else XLA. o: [..., H, V]; z: [..., H,
+    V] in o's dtype, or with z_col its producer's partial sums [S, M, Nz] (M = the lead axes'
+    size; fp32, or S = 1 in o's dtype) holding z at columns z_col..z_col + H * V, added in fp32
+    and rounded to o's dtype; weight: [V] -> [..., H, V] in o's dtype. backend: None (dispatch),
+    "xla" or "interpret"."""
+    *lead, H, V = o.shape
+    M, N = math.prod(lead), H * V
+    expected = (f"[S, {M}, Nz >= z_col + {N}]" if z_col is not None
+                else f"[{', '.join(map(str, o.shape))}]")
+    if (z.shape != o.shape if z_col is None else
+            (z.ndim != 3 or z.shape[1] != M or not 0 <= z_col <= z.shape[2] - N)):
+        raise ValueError(f"gated_norm: z {expected} expected, got z{list(z.shape)}"
+                         + ("" if z_col is None else f", z_col={z_col}"))
+    if weight.shape != (V,):
+        raise ValueError(f"gated_norm: weight [V] = [{V}] expected, got weight"
+                         f"{list(weight.shape)}")
+    mode = backend if backend in ("xla", "interpret") else kernel_mode(ENV_VAR)
+    z2 = z.reshape(M, N) if z_col is None else z
+    if (mode in ("compiled", "interpret") and jnp.dtype(o.dtype) in _KERNEL_DTYPES and M
+            and not kernels.gated_rms_norm_misfit(o.reshape(M, N), z2, weight, z_col or 0)):
+        y = kernels.gated_rms_norm(o.reshape(M, N), z2, weight, eps=eps, z_col=z_col or 0,
+                                   interpret=mode == "interpret")
+        return y.reshape(o.shape)
+    if z_col is not None:  # the producer's output, as it would have returned it
+        z = z[:, :, z_col:z_col + N].astype(_F32).sum(0).astype(o.dtype).reshape(o.shape)
+    return gated_rms_norm(o, z, weight, eps)
+
+
 def gated_rms_norm(x, z, weight, eps: float):
     """The GDN output norm in XLA: `weight * rmsnorm(x)` over the last axis, rounded to x's dtype,
     then `* silu(z)` in fp32. x, z: [..., V]; weight: [V] -> [..., V] in x's dtype."""
@@ -152,5 +187,5 @@ def add_partials(x, delta):
     return x + y.astype(x.dtype)
 
 
-__all__ = ["ENV_VAR", "WeightedRows", "add_partials", "add_rms_norm", "gated_rms_norm",
-           "rms_norm"]
+__all__ = ["ENV_VAR", "WeightedRows", "add_partials", "add_rms_norm", "gated_norm",
+           "gated_rms_norm", "rms_norm"]

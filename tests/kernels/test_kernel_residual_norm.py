@@ -173,3 +173,99 @@ def test_add_rms_norm_gathers_weighted_rows_gpu(S, M, on_gpu):
     r, h = jax.jit(kernels.add_rms_norm, static_argnames=("eps",))(
         x, y, w, eps=1e-6, rows=rows, row_weights=rw)
     _check(r, h, x, parts, w, 1e-6)
+
+
+# --- the gated norm (`kernels.gated_rms_norm`) --------------------------------------------------
+# y = round(round(round(o / rms(o)) * w) * silu(z)) per V-wide head: three roundings to the
+# output's dtype, each within the dtype's unit roundoff (ULP's values) relative to the element (a
+# product: nothing cancels), plus fp32's rsqrt, mean and sigmoid (a few fp32 ulp): elementwise,
+# |y - ref| <= (3 ULP + 2**-20) |ref|, plus three of the dtype's subnormal steps (fp16's
+# subnormals round absolutely).
+# z, where given as partial sums, is their fp32 sum rounded to o's dtype in the reference too.
+
+
+def _gated_case(seed, M, H, V, dtype, S=0, z_col=0, extra=0):
+    """o [M, H * V], z ([M, H * V], or partial sums [S, M, z_col + H * V + extra] whose other
+    columns are NaN: never read), weight [V] and the float64 reference."""
+    rng = np.random.default_rng(seed)
+    N = H * V
+    o = jnp.asarray(rng.standard_normal((M, N)) * 3, dtype)
+    w = jnp.asarray(1.0 + 0.5 * rng.standard_normal(V), dtype)
+    if S:
+        parts = np.full((S, M, z_col + N + extra), np.nan, np.float32)
+        parts[:, :, z_col:z_col + N] = rng.standard_normal((S, M, N)) * 2
+        z = jnp.asarray(parts, jnp.float32 if S > 1 else dtype)
+        total = np.asarray(z, np.float32)[0, :, z_col:z_col + N]
+        for s in range(1, S):  # fp32 adds in the kernel's order: the same z, exactly
+            total = total + np.asarray(z, np.float32)[s, :, z_col:z_col + N]
+        z_val = jnp.asarray(total).astype(dtype)
+    else:
+        z = z_val = jnp.asarray(rng.standard_normal((M, N)) * 2, dtype)
+    o64 = np.asarray(o, np.float64).reshape(M, H, V)
+    y = o64 / np.sqrt((o64 * o64).mean(-1, keepdims=True) + 1e-6) * np.asarray(w, np.float64)
+    z64 = np.asarray(z_val, np.float64).reshape(M, H, V)
+    return o, z, w, (y * z64 / (1 + np.exp(-z64))).reshape(M, N)
+
+
+def _gated_check(y, ref, dtype):
+    assert y.dtype == dtype and y.shape == ref.shape
+    err = np.abs(np.asarray(y, np.float64) - ref)
+    tiny = 3 * float(jnp.finfo(dtype).smallest_subnormal)  # fp16's subnormals: absolute steps
+    assert np.all(err <= (3 * ULP[dtype] + 2.0 ** -20) * np.abs(ref) + tiny), err.max()
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32],
+                         ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("M, H, V, heads", [(1, 4, 32, 8), (5, 3, 16, 4), (3, 4, 64, 1),
+                                            (2, 2, 32, 64)])
+@pytest.mark.parametrize("S, z_col", [(0, 0), (1, 16), (3, 48)], ids=["z", "z1", "parts3"])
+def test_gated_rms_norm_matches_reference_interpret(M, H, V, heads, S, z_col, dtype):
+    """Every (token, head) row normalised on its own (a head routed to another's columns moves
+    the result by O(1)); heads above the rows, or not dividing them, fall to a divisor. The
+    interpreter fills the output with NaNs: an unwritten element fails."""
+    o, z, w, ref = _gated_case(M + H + V + S, M, H, V, dtype, S, z_col, extra=24 if S else 0)
+    y = kernels.gated_rms_norm(o, z, w, eps=1e-6, z_col=z_col,
+                               config=kernels.GatedNormConfig(heads=heads), interpret=True)
+    _gated_check(y, ref, dtype)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(weight=(24,)), r"V a power of two in 16..1024 dividing o's 128 columns"),
+    (dict(weight=(256,)), r"dividing o's 128 columns expected, got V = 256"),
+    (dict(z=(3, 64)), r"z \[M, H \* V\] = \[3, 128\] bfloat16"),
+    (dict(z_dtype=jnp.float32), r"z \[M, H \* V\] = \[3, 128\] bfloat16"),
+    (dict(z=(1, 3, 160), z_col=40), r"holding columns z_col..z_col \+ 128 expected"),
+    (dict(z=(1, 4, 160)), r"M = 3, Nz\]"),
+    (dict(z=(1, 3, 160), z_dtype=jnp.float16), r"\(fp32 or bfloat16\)"),
+    (dict(o_dtype=jnp.int32), r"o dtype int32"),
+])
+def test_gated_rms_norm_rejects_bad_input(change, match):
+    o = jnp.ones((3, 128), change.get("o_dtype", jnp.bfloat16))
+    z = jnp.ones(change.get("z", (3, 128)), change.get("z_dtype", jnp.bfloat16))
+    w = jnp.ones(change.get("weight", (32,)), jnp.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        kernels.gated_rms_norm(o, z, w, eps=1e-6, z_col=change.get("z_col", 0), interpret=True)
+    with pytest.raises(ValueError, match="heads must be a power of two"):
+        kernels.GatedNormConfig(heads=3)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 80GB HBM3", "NVIDIA B200"], ids=["H100", "B200"])
+def test_gated_rms_norm_lowers_for_cuda(kind, cuda_lowering):
+    o = jax.ShapeDtypeStruct((128, 4096), jnp.bfloat16)
+    z = jax.ShapeDtypeStruct((1, 128, 12352), jnp.float32)  # in_proj's partial sums, z at 8192
+    w = jax.ShapeDtypeStruct((128,), jnp.bfloat16)
+    with cuda_lowering(kind):
+        text = kernels.gated_rms_norm.trace(o, z, w, eps=1e-6, z_col=8192).lower(
+            lowering_platforms=("cuda",)).as_text()
+    assert TRITON_CALL in text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("S, z_col", [(0, 0), (1, 8192), (2, 8192)], ids=["z", "z1", "parts2"])
+@pytest.mark.parametrize("M", [1, 32, 128])  # a B = 1 and B = 32 decode, a B = 32 verify
+def test_gated_rms_norm_matches_reference_gpu(M, S, z_col, on_gpu):
+    """Qwen3.5's GDN: 32 value heads of 128, z in in_proj's [S, M, 12352] partial sums."""
+    o, z, w, ref = _gated_case(M + S, M, 32, 128, jnp.bfloat16, S, z_col, extra=64 if S else 0)
+    y = jax.jit(kernels.gated_rms_norm, static_argnames=("eps", "z_col"))(
+        o, z, w, eps=1e-6, z_col=z_col)
+    _gated_check(y, ref, jnp.bfloat16)

@@ -1,9 +1,12 @@
-"""`ops.residual_norm.add_rms_norm` and the model's fused residual path: the op's kernel path
-(interpreted) against its XLA path, its checks, and a decoder stack whose norms take the kernel
-against the same stack through XLA (the layer-by-layer form `DecoderLayer.__call__` keeps).
+"""`ops.residual_norm.add_rms_norm` (and `gated_norm`, GDN's output norm) and the model's fused
+residual path: the ops' kernel paths (interpreted) against their XLA paths, their checks, and a
+decoder stack whose norms take the kernels against the same stack through XLA (the layer-by-layer
+form `DecoderLayer.__call__` keeps).
 
 Tolerances: the kernel and XLA round the same fp32 values once to x's dtype; the split-K partials
 may be summed in another order, which moves a bf16 rounding by at most an ulp (2**-8 relative)."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,8 @@ import pytest
 
 from gdn_jax import kernels
 from gdn_jax.ops import projection
-from gdn_jax.ops.residual_norm import WeightedRows, add_partials, add_rms_norm
+from gdn_jax.ops.residual_norm import (WeightedRows, add_partials, add_rms_norm, gated_norm,
+                                      gated_rms_norm)
 
 
 def _case(seed, S, lead, N, dtype=jnp.bfloat16):
@@ -58,6 +62,52 @@ def test_rejects_bad_input(bad, match):
     w = jnp.ones(bad.get("weight", (64,)), jnp.float32)
     with pytest.raises(ValueError, match=match):
         add_rms_norm(x, delta, w, 1e-6, backend=bad.get("backend"))
+
+
+def _gated_case(lead, H, V, S):
+    """o [*lead, H, V], weight [V] (bf16) and z: [*lead, H, V] bf16, or (S > 0) partial sums
+    [S, M, Nz] holding z at columns 8..8 + H * V (z_col 8)."""
+    rng = np.random.default_rng(S + len(lead))
+    o = jnp.asarray(rng.standard_normal((*lead, H, V)) * 2, jnp.bfloat16)
+    w = jnp.asarray(1 + 0.5 * rng.standard_normal(V), jnp.bfloat16)
+    M = math.prod(lead)
+    z = jnp.asarray(rng.standard_normal((S, M, H * V + 24) if S else (*lead, H, V)),
+                    jnp.float32 if S > 1 else jnp.bfloat16)
+    return o, z, w
+
+
+@pytest.mark.parametrize("S", [0, 1, 3])
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])
+def test_gated_norm_kernel_path_matches_xla(lead, S):
+    """The kernel (interpreted) and XLA, z given whole or as in_proj's partial sums: the same
+    roundings, so equal up to the partials' fp32 summation order (then one bf16 ulp of z,
+    through silu, ~(1 + |z|) ulp: 2**-5 relative here; exactly equal with nothing to sum)."""
+    o, z, w = _gated_case(lead, 4, 32, S)
+    z_col = 8 if S else None
+    y = gated_norm(o, z, w, 1e-6, z_col=z_col, backend="interpret")
+    y_x = gated_norm(o, z, w, 1e-6, z_col=z_col, backend="xla")
+    assert y.shape == y_x.shape == o.shape and y.dtype == y_x.dtype == o.dtype
+    tol = 0 if S <= 1 else 2.0 ** -5
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_x, np.float32),
+                               rtol=tol, atol=tol * 1e-3)
+    z_whole = (z if not S else z[:, :, 8:8 + 128].astype(jnp.float32).sum(0)
+               .astype(jnp.bfloat16).reshape(o.shape))
+    np.testing.assert_array_equal(np.asarray(y_x), np.asarray(gated_rms_norm(o, z_whole, w,
+                                                                             1e-6)))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(z=(3, 4, 32)), r"z \[2, 3, 4, 32\] expected, got z\[3, 4, 32\]"),
+    (dict(z=(1, 6, 100), z_col=8), r"z \[S, 6, Nz >= z_col \+ 128\] expected"),
+    (dict(z=(1, 5, 200), z_col=8), r"got z\[1, 5, 200\], z_col=8"),
+    (dict(weight=(16,)), r"weight \[V\] = \[32\] expected"),
+])
+def test_gated_norm_rejects_bad_input(bad, match):
+    o = jnp.ones((2, 3, 4, 32), jnp.bfloat16)
+    z = jnp.ones(bad.get("z", (2, 3, 4, 32)), jnp.bfloat16)
+    w = jnp.ones(bad.get("weight", (32,)), jnp.bfloat16)
+    with pytest.raises(ValueError, match=match):
+        gated_norm(o, z, w, 1e-6, z_col=bad.get("z_col"), backend="interpret")
 
 
 def test_project_partials_sum_to_the_product():
