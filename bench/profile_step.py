@@ -17,6 +17,8 @@ A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xl
 `conv_epilogue=auto|on|off` (GDN_JAX_CONV_EPILOGUE: a GDN decode's or verify's conv in its
 in_proj launch, by default up to 32 rows),
 `norm=auto|xla` (GDN_JAX_NORM: each residual add and the RMSNorm after it in one kernel, or XLA),
+`gated_norm=auto|xla` (GDN_JAX_GATED_NORM: GDN's output norm before out_proj in one kernel, or
+XLA's fusion),
 `prologue=off|views|row|on` (GDN_JAX_PROJECTION_PROLOGUE: GDN's in_proj partial sums read in place
 by the conv and the output norm, "views", the default; "on" also runs the MLP's silu * up and GDN's
 output norm in the next projection's launch, "row" only where that launch has one row),
@@ -109,7 +111,8 @@ def parse_args(argv=None):
 _ENV_PATHS = {"projection": "GDN_JAX_PROJECTION", "scatter": "GDN_JAX_SCATTER",
               "groups": "GDN_JAX_PROJECTION_GROUPS", "conv": "GDN_JAX_CONV",
               "conv_epilogue": "GDN_JAX_CONV_EPILOGUE",
-              "norm": "GDN_JAX_NORM", "prologue": "GDN_JAX_PROJECTION_PROLOGUE",
+              "norm": "GDN_JAX_NORM", "gated_norm": "GDN_JAX_GATED_NORM",
+              "prologue": "GDN_JAX_PROJECTION_PROLOGUE",
               "attn_prologue": "GDN_JAX_ATTENTION_PROLOGUE", "trigger": "GDN_JAX_PDL_TRIGGER",
               "combine": "GDN_JAX_ATTENTION_COMBINE",
               "router": "GDN_JAX_MOE_ROUTER",

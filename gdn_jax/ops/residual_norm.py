@@ -22,15 +22,17 @@ gathers and weights as it loads them: the MoE combine then costs no launch of it
 
     y = gated_norm(o, z, weight, eps)   # GDN's output norm per V-wide head (o, z: [..., H, V])
 
-one launch of `gdn_jax.kernels.gated_rms_norm` under the same switch (z may be the in_proj's
-partial sums: `z_col`). `rms_norm` and `gated_rms_norm` are the two norms' XLA formulas, the
-modules' (`gdn_jax.modules.norms`) and the unfused paths' one definition.
+one launch of `gdn_jax.kernels.gated_rms_norm` under a switch of its own, GDN_JAX_GATED_NORM
+(same values; z may be the in_proj's partial sums: `z_col`). `rms_norm` and `gated_rms_norm`
+are the two norms' XLA formulas, the modules' (`gdn_jax.modules.norms`) and the unfused paths'
+one definition.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +42,7 @@ from gdn_jax import kernels
 from gdn_jax.ops.dispatch import kernel_mode
 
 ENV_VAR = "GDN_JAX_NORM"
+GATED_VAR = "GDN_JAX_GATED_NORM"  # `gated_norm`'s own switch, the same values
 _F32 = jnp.float32
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -120,6 +123,21 @@ def config_for(M: int, N: int) -> kernels.NormConfig:
 _WARPS = 16  # bench_residual_norm on the H200: best at 1-128 rows (1.6-2.0 us; 4 warps 2.0-2.7)
 
 
+def gated_config(rows: int) -> kernels.GatedNormConfig:
+    """`gated_norm`'s launch config for rows (token, head) rows: GDN_JAX_GATED_NORM_HEADS heads a
+    program where set (a sweep's knob), else _HEADS, fewer where the rows would leave fewer than
+    _PROGRAMS programs (one row of 32 heads: 32 programs of one)."""
+    heads = int(os.environ.get("GDN_JAX_GATED_NORM_HEADS") or 0)
+    if not heads:
+        heads = _HEADS
+        while heads > 1 and rows // heads < _PROGRAMS:
+            heads //= 2
+    return kernels.GatedNormConfig(heads=heads)
+
+
+_HEADS, _PROGRAMS = 8, 128  # unmeasured (2026-12-07)
+
+
 def _xla(x, delta, weight, eps):
     if delta is not None:
         x = add_partials(x, delta)
@@ -141,11 +159,11 @@ def gated_norm(o, z, weight, eps: float, *, z_col: int | None = None,
                backend: str | None = None):
     """`gated_rms_norm(o, z, weight, eps)` per V-wide head, one launch of
     `kernels.gated_rms_norm` on a GPU (bf16 and fp16 o; XLA's normalisation fusion of it runs at
-    ~1/3 of the copy bandwidth) where GDN_JAX_NORM allows, else XLA. o: [..., H, V]; z: [..., H,
-    V] in o's dtype, or with z_col its producer's partial sums [S, M, Nz] (M = the lead axes'
-    size; fp32, or S = 1 in o's dtype) holding z at columns z_col..z_col + H * V, added in fp32
-    and rounded to o's dtype; weight: [V] -> [..., H, V] in o's dtype. backend: None (dispatch),
-    "xla" or "interpret"."""
+    ~1/3 of the copy bandwidth) where GDN_JAX_GATED_NORM allows (the values of GDN_JAX_NORM),
+    else XLA. o: [..., H, V]; z: [..., H, V] in o's dtype, or with z_col its producer's partial
+    sums [S, M, Nz] (M = the lead axes' size; fp32, or S = 1 in o's dtype) holding z at columns
+    z_col..z_col + H * V, added in fp32 and rounded to o's dtype; weight: [V] -> [..., H, V] in
+    o's dtype. backend: None (dispatch), "xla" or "interpret"."""
     *lead, H, V = o.shape
     M, N = math.prod(lead), H * V
     expected = (f"[S, {M}, Nz >= z_col + {N}]" if z_col is not None
@@ -157,12 +175,12 @@ def gated_norm(o, z, weight, eps: float, *, z_col: int | None = None,
     if weight.shape != (V,):
         raise ValueError(f"gated_norm: weight [V] = [{V}] expected, got weight"
                          f"{list(weight.shape)}")
-    mode = backend if backend in ("xla", "interpret") else kernel_mode(ENV_VAR)
+    mode = backend if backend in ("xla", "interpret") else kernel_mode(GATED_VAR)
     z2 = z.reshape(M, N) if z_col is None else z
     if (mode in ("compiled", "interpret") and jnp.dtype(o.dtype) in _KERNEL_DTYPES and M
             and not kernels.gated_rms_norm_misfit(o.reshape(M, N), z2, weight, z_col or 0)):
         y = kernels.gated_rms_norm(o.reshape(M, N), z2, weight, eps=eps, z_col=z_col or 0,
-                                   interpret=mode == "interpret")
+                                   config=gated_config(M * H), interpret=mode == "interpret")
         return y.reshape(o.shape)
     if z_col is not None:  # the producer's output, as it would have returned it
         z = z[:, :, z_col:z_col + N].astype(_F32).sum(0).astype(o.dtype).reshape(o.shape)
@@ -187,5 +205,5 @@ def add_partials(x, delta):
     return x + y.astype(x.dtype)
 
 
-__all__ = ["ENV_VAR", "WeightedRows", "add_partials", "add_rms_norm", "gated_norm",
+__all__ = ["ENV_VAR", "GATED_VAR", "WeightedRows", "add_partials", "add_rms_norm", "gated_norm",
            "gated_rms_norm", "rms_norm"]
