@@ -1,8 +1,10 @@
 """A decoder layer's residual add + RMSNorm alone: XLA's fusions beside the one-launch kernel
-(gdn_jax.kernels.add_rms_norm), at the row counts of decode and verify.
+(gdn_jax.kernels.add_rms_norm), at the row counts of decode and verify; or (--gated) GDN's
+output norm before out_proj beside `gdn_jax.kernels.gated_rms_norm`.
 
     python bench/bench_residual_norm.py --out DIR                 # rows 1, 4, 32, 128
     python bench/bench_residual_norm.py --out DIR --warps 2,4,8,16 --rows 1,32
+    python bench/bench_residual_norm.py --out DIR --gated --heads 1,2,4,8,16
     python bench/bench_residual_norm.py --out DIR --interpret     # CPU smoke test of the script
 
 Each case is what a Qwen3.5-shaped layer hands its norm: x [M, 2048] bf16 (the residual), the
@@ -14,7 +16,10 @@ n warps a program). The figure is the GPU kernel time per call from JAX's profil
 of the jitted call), the median of --reps traces of --calls calls each. The bytes (partials,
 x and weight read; r and h written) over the copy bandwidth of the same run give the byte floor
 beside it, though at these sizes a kernel's latency, not its bytes, sets the time.
-JSON: DIR/bench_residual_norm.json.
+--gated: o [M, 32 x 128] bf16 (the recurrence's output), z read from in_proj's fp32 partial sums
+[1, M, 12352] at column 8192 (as the GDN layer hands them), the bf16 weight [128]; paths `xla`
+(`gated_norm(..., backend="xla")`: XLA's normalisation fusion) and `kernel_h{n}` (n heads a
+program; warps: the first of --warps). JSON: DIR/bench_residual_norm.json (gated_norm.json).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np  # noqa: E402
 from gdn_jax import kernels  # noqa: E402
 from gdn_jax.benchmark import copy_bandwidth  # noqa: E402
 from gdn_jax.ops import projection  # noqa: E402
-from gdn_jax.ops.residual_norm import add_rms_norm  # noqa: E402
+from gdn_jax.ops.residual_norm import add_rms_norm, gated_norm  # noqa: E402
 from gdn_jax.profiling import kernel_trace  # noqa: E402
 
 HIDDEN = 2048
@@ -48,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="directory for bench_residual_norm.json")
     p.add_argument("--rows", default="1,4,32,128", help="M values, comma-separated")
     p.add_argument("--warps", default="1,2,4,8,16", help="kernel num_warps values, comma-separated")
+    p.add_argument("--gated", action="store_true", help="GDN's output norm instead (docstring)")
+    p.add_argument("--heads", default="1,2,4,8,16",
+                   help="--gated: the kernel's heads a program, comma-separated")
     p.add_argument("--reps", type=int, default=5, help="profiled traces per case (median)")
     p.add_argument("--calls", type=int, default=20, help="calls per trace")
     p.add_argument("--interpret", action="store_true", help="CPU smoke test of the script")
@@ -80,7 +88,25 @@ def main(argv=None):
     results = []
     print(f"{dev.device_kind}, jax {jax.__version__}, copy {copy:.0f} GB/s")
     print(f"{'M':>4} {'S':>3} {'path':>10} {'us':>8} {'floor us':>9}")
-    for M in rows:
+    for M in rows if args.gated else ():
+        # in_proj's output as the GDN layer holds it: [1, M, 12352] fp32, z at 8192..12287
+        o = jnp.asarray(rng.standard_normal((M, 4096)), jnp.bfloat16)
+        z = jnp.asarray(rng.standard_normal((1, M, 12352)), jnp.float32)
+        gw = jnp.asarray(1 + 0.1 * rng.standard_normal(128), jnp.bfloat16)
+        nbytes = 2 * o.nbytes + 4 * M * 4096 + gw.nbytes
+        floor_us = nbytes / copy / 1e3
+        paths = {"xla": jax.jit(lambda o, z, w: gated_norm(
+            o.reshape(M, 32, 128), z, w, 1e-6, z_col=8192, backend="xla"))}
+        for n in (int(h) for h in args.heads.split(",")):
+            cfg = kernels.GatedNormConfig(heads=n, num_warps=warps[0])
+            paths[f"kernel_h{n}"] = jax.jit(
+                lambda o, z, w, cfg=cfg: kernels.gated_rms_norm(
+                    o, z, w, eps=1e-6, z_col=8192, config=cfg, interpret=args.interpret))
+        for name, fn in paths.items():
+            us = _per_call_us(fn, (o, z, gw), args.reps, args.calls)
+            results.append(dict(M=M, S=1, path=name, us=us, bytes=nbytes, floor_us=floor_us))
+            print(f"{M:4d} {1:3d} {name:>10} {us:8.2f} {floor_us:9.2f}", flush=True)
+    for M in rows if not args.gated else ():
         S = projection.config_for(M, 2 * HIDDEN, HIDDEN).splits
         x = jnp.asarray(rng.standard_normal((M, HIDDEN)), jnp.bfloat16)
         delta = jnp.asarray(rng.standard_normal((S, M, HIDDEN)), jnp.float32)
@@ -101,7 +127,7 @@ def main(argv=None):
                copy_bandwidth_GBps=copy, hidden=HIDDEN, reps=args.reps, calls=args.calls,
                timer="jax profiler (CUPTI) kernel time, median of reps" if dev.platform == "gpu"
                else "wall time (no GPU)", results=results)
-    path = os.path.join(args.out, "bench_residual_norm.json")
+    path = os.path.join(args.out, "gated_norm.json" if args.gated else "bench_residual_norm.json")
     with open(path, "w") as f:
         json.dump(out, f, indent=1)
     print(f"wrote {path}")
