@@ -17,8 +17,8 @@ A --variant is `name[:setting;...]`, each setting `projection=xla|auto|triton|xl
 `conv_epilogue=auto|on|off` (GDN_JAX_CONV_EPILOGUE: a GDN decode's or verify's conv in its
 in_proj launch, by default up to 32 rows),
 `norm=auto|xla` (GDN_JAX_NORM: each residual add and the RMSNorm after it in one kernel, or XLA),
-`gated_norm=auto|xla` (GDN_JAX_GATED_NORM: GDN's output norm before out_proj in one kernel, or
-XLA's fusion),
+`gated_norm=auto|pallas|xla` (GDN_JAX_GATED_NORM: GDN's output norm before out_proj in one
+kernel, "pallas", or XLA's fusion; "auto": `gdn_jax.ops.residual_norm.GATED_AUTO_KERNEL`),
 `prologue=off|views|row|on` (GDN_JAX_PROJECTION_PROLOGUE: GDN's in_proj partial sums read in place
 by the conv and the output norm, "views", the default; "on" also runs the MLP's silu * up and GDN's
 output norm in the next projection's launch, "row" only where that launch has one row),

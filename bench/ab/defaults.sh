@@ -130,6 +130,14 @@
 #                                 # 2026-12-07 on an H100, 7% slower (B = 256 verify fold 20%
 #                                 # 198.7 -> 212, ring decode 154 -> 162 us), reverted
 #                                 # (bench/results/ncu_kernels-h100-ring_scales_smem_*)
+#   bash bench/ab/defaults.sh 15  # GDN's output norm kernel (`kernels.gated_rms_norm`, opt-in
+#                                 # GDN_JAX_GATED_NORM=pallas until this runs): its GPU tests,
+#                                 # alone against XLA's fusion by heads a program and warps
+#                                 # (bench_residual_norm --gated), the B = 32 ring decode and
+#                                 # verify and the B = 1 decode profiled both ways with PDL off
+#                                 # (XLA's fusion_1109: 4.38 us x 36 a B = 32 verify, H100).
+#                                 # Where the kernel wins: GATED_AUTO_KERNEL = True and
+#                                 # `gated_config`'s heads from the sweep (~6 min)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -340,5 +348,24 @@ PY
     # tile beside, and the Mosaic kernel itself, side by side (bench/probe_stream.py, ~3 min)
     timeout 400 python bench/probe_stream.py --out "$OUT/probe_stream" 2>&1 | tail -45
     lap
+    ;;
+15)
+    timeout 150 python -m pytest -q -m gpu tests/kernels/test_kernel_residual_norm.py \
+        tests/ops/test_residual_norm.py -k gated 2>&1 | tail -3
+    lap
+    for w in 4 8; do
+        python bench/bench_residual_norm.py --out "$OUT/gated_w$w" --gated --rows 1,32,128 \
+            --heads 1,2,4,8,16 --warps $w 2>&1 | tail -19
+    done
+    lap
+    for b in 32 1; do
+        (( $(date +%s) - t0 < 420 )) || break
+        python bench/profile_step.py --out "$OUT/gated_b$b" --family qwen3_5_text --layers 48 \
+            --commit-mode ring --batches $b --programs "decode$( ((b > 1)) && echo ,verify)" \
+            --top 14 --variant "xla:gated_norm=xla;xla_gpu_enable_pdl=false" \
+            --variant "kernel:gated_norm=pallas;xla_gpu_enable_pdl=false" 2>&1 \
+            | grep -E "^B=|gated|fusion_|gdn_projection "
+        lap
+    done
     ;;
 esac

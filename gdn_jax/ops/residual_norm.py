@@ -23,7 +23,8 @@ gathers and weights as it loads them: the MoE combine then costs no launch of it
     y = gated_norm(o, z, weight, eps)   # GDN's output norm per V-wide head (o, z: [..., H, V])
 
 one launch of `gdn_jax.kernels.gated_rms_norm` under a switch of its own, GDN_JAX_GATED_NORM
-(same values; z may be the in_proj's partial sums: `z_col`). `rms_norm` and `gated_rms_norm`
+(same values; "auto" keeps XLA until the kernel is measured: `GATED_AUTO_KERNEL`; z may be the
+in_proj's partial sums: `z_col`). `rms_norm` and `gated_rms_norm`
 are the two norms' XLA formulas, the modules' (`gdn_jax.modules.norms`) and the unfused paths'
 one definition.
 """
@@ -43,6 +44,9 @@ from gdn_jax.ops.dispatch import kernel_mode
 
 ENV_VAR = "GDN_JAX_NORM"
 GATED_VAR = "GDN_JAX_GATED_NORM"  # `gated_norm`'s own switch, the same values
+# Whether GDN_JAX_GATED_NORM's "auto" (unset) runs the kernel: not until it is measured on a GPU
+# (none could be had on 2026-12-07; `bench/ab/defaults.sh 15` measures it): "pallas" runs it.
+GATED_AUTO_KERNEL = False
 _F32 = jnp.float32
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -159,11 +163,11 @@ def gated_norm(o, z, weight, eps: float, *, z_col: int | None = None,
                backend: str | None = None):
     """`gated_rms_norm(o, z, weight, eps)` per V-wide head, one launch of
     `kernels.gated_rms_norm` on a GPU (bf16 and fp16 o; XLA's normalisation fusion of it runs at
-    ~1/3 of the copy bandwidth) where GDN_JAX_GATED_NORM allows (the values of GDN_JAX_NORM),
-    else XLA. o: [..., H, V]; z: [..., H, V] in o's dtype, or with z_col its producer's partial
-    sums [S, M, Nz] (M = the lead axes' size; fp32, or S = 1 in o's dtype) holding z at columns
-    z_col..z_col + H * V, added in fp32 and rounded to o's dtype; weight: [V] -> [..., H, V] in
-    o's dtype. backend: None (dispatch), "xla" or "interpret"."""
+    ~1/3 of the copy bandwidth) where GDN_JAX_GATED_NORM asks ("pallas"; "auto", the default,
+    as GATED_AUTO_KERNEL says), else XLA. o: [..., H, V]; z: [..., H, V] in o's dtype, or with
+    z_col its producer's partial sums [S, M, Nz] (M = the lead axes' size; fp32, or S = 1 in o's
+    dtype) holding z at columns z_col..z_col + H * V, added in fp32 and rounded to o's dtype;
+    weight: [V] -> [..., H, V] in o's dtype. backend: None (dispatch), "xla" or "interpret"."""
     *lead, H, V = o.shape
     M, N = math.prod(lead), H * V
     expected = (f"[S, {M}, Nz >= z_col + {N}]" if z_col is not None
@@ -175,7 +179,11 @@ def gated_norm(o, z, weight, eps: float, *, z_col: int | None = None,
     if weight.shape != (V,):
         raise ValueError(f"gated_norm: weight [V] = [{V}] expected, got weight"
                          f"{list(weight.shape)}")
-    mode = backend if backend in ("xla", "interpret") else kernel_mode(GATED_VAR)
+    if backend in ("xla", "interpret"):
+        mode = backend
+    else:
+        asked = os.environ.get(GATED_VAR, "auto") not in ("", "auto")
+        mode = kernel_mode(GATED_VAR) if asked or GATED_AUTO_KERNEL else None
     z2 = z.reshape(M, N) if z_col is None else z
     if (mode in ("compiled", "interpret") and jnp.dtype(o.dtype) in _KERNEL_DTYPES and M
             and not kernels.gated_rms_norm_misfit(o.reshape(M, N), z2, weight, z_col or 0)):

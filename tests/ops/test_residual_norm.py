@@ -110,6 +110,19 @@ def test_gated_norm_rejects_bad_input(bad, match):
         gated_norm(o, z, w, 1e-6, z_col=bad.get("z_col"), backend="interpret")
 
 
+@pytest.mark.parametrize("wish, kernel", [(None, False), ("interpret", True), ("xla", False)])
+def test_gated_norm_switch(monkeypatch, wish, kernel):
+    """GDN_JAX_GATED_NORM picks the path at trace time; unset ("auto") it is XLA's fusion on this
+    CPU (and on a GPU while GATED_AUTO_KERNEL is off: the kernel is unmeasured there)."""
+    if wish:
+        monkeypatch.setenv("GDN_JAX_GATED_NORM", wish)
+    else:
+        monkeypatch.delenv("GDN_JAX_GATED_NORM", raising=False)
+    o, z, w = _gated_case((2,), 4, 32, 0)
+    jaxpr = str(jax.make_jaxpr(lambda o, z, w: gated_norm(o, z, w, 1e-6))(o, z, w))
+    assert ("pallas_call" in jaxpr) == kernel
+
+
 def test_project_partials_sum_to_the_product():
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((2, 3, 2048)), jnp.bfloat16)
