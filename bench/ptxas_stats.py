@@ -5,7 +5,8 @@
     python bench/ptxas_stats.py --kernel projection|projection-group|projection-group-128|
                                 projection-swiglu|projection-gated-norm|moe-gate-up|moe-down|
                                 moe-b1-gate-up|moe-b1-down|attention|conv|in-proj|
-                                projection-conv|projection-glu [--T 4] [--gemv] [--pdl]
+                                projection-conv|projection-glu|gated-norm [--T 4] [--gemv]
+                                [--pdl]
         (the model's kernels at the Qwen3.5 shapes, with the configs gdn_jax.ops picks; --gemv:
         the one-row projections as a GEMV)
 
@@ -134,7 +135,8 @@ def kernel_call(kernel: str, pool: str, T: int, block_v: int, num_warps: int):
 
 MODEL_KERNELS = ("projection", "projection-group", "projection-group-128", "projection-swiglu",
                  "projection-gated-norm", "moe-gate-up", "moe-down", "moe-b1-gate-up",
-                 "moe-b1-down", "attention", "conv", "in-proj", "projection-conv", "projection-glu")
+                 "moe-b1-down", "attention", "conv", "in-proj", "projection-conv", "projection-glu",
+                 "gated-norm")
 
 
 def model_kernel_call(kernel: str, T: int, gemv: bool = False):
@@ -165,6 +167,11 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False):
         return (kernels.project_gated_norm, (S((1, 4096), bf), S((2, 1, 12352), jnp.float32),
                                              S((128,), bf), S((4096, 2048), bf)),
                 dict(eps=1e-6, z_col=8192), one_row(4096, 2048))
+    if kernel == "gated-norm":  # GDN's output norm of a B = 32 verify (T x 32 rows), z in place
+        from gdn_jax.ops import residual_norm
+        return (kernels.gated_rms_norm, (S((32 * T, 4096), bf), S((1, 32 * T, 12352), jnp.float32),
+                                         S((128,), bf)),
+                dict(eps=1e-6, z_col=8192), residual_norm.gated_config(32 * T * 32))
     if kernel == "projection-group":  # attention q / k / v of one row, one launch
         widths = (8192, 512, 512)
         config = dataclasses.replace(projection.config_for(1, 2048, widths), gemv=gemv)
