@@ -8,13 +8,16 @@ the body: a GPU BlockSpec cannot read a slot table (no scalar prefetch on GPU). 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
+import operator
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from . import _recurrence as rec
 
@@ -135,6 +138,15 @@ def column_index(start, width: int):
     """[1, width] int32: columns start..start + width as an index array, for a load indexed by
     arrays on every axis (the interpreter takes no mix of arrays and slices)."""
     return start + lax.broadcasted_iota(jnp.int32, (1, width), 1)
+
+
+def summed_parts(ref, rows, cols, dtype, **masked):
+    """A tile of a [S, M, N] ref of split-K partial sums at index arrays (rows, cols), its S
+    loads added in fp32 in order and rounded to dtype: what the producer's output would have
+    held. masked: plgpu.load's mask and other (a Pallas-Triton kernel's)."""
+    parts = [plgpu.load(ref.at[jnp.int32(s), rows, cols], **masked).astype(jnp.float32)
+             for s in range(ref.shape[0])]
+    return functools.reduce(operator.add, parts).astype(dtype)
 
 
 def gated_norm(o, z, weight, eps: float, dtype):

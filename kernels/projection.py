@@ -59,7 +59,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
 from ._common import (check_launch_fields, check_weights, column_blocks, column_index, dot_rows,
-                      gated_norm, in_row_zero, pow2_block)
+                      gated_norm, in_row_zero, pow2_block, summed_parts)
 
 _F32 = jnp.float32
 PROJECTION_MAX_M = 128  # the most rows one call takes: all rows share one pass over the weight
@@ -286,9 +286,7 @@ def _load(ref, rows, start: int, block_k: int, real):
 def _summed(ref, rows, start: int, block_k: int, real, dtype):
     """The same tile of a [S, rows, N] ref of partial sums, added in fp32 and rounded to dtype
     (what the producer's output would have held)."""
-    parts = [plgpu.load(ref.at[jnp.int32(j), rows, column_index(start, block_k)], mask=real,
-                        other=0).astype(_F32) for j in range(ref.shape[0])]
-    return functools.reduce(lambda a, b: a + b, parts).astype(dtype)
+    return summed_parts(ref, rows, column_index(start, block_k), dtype, mask=real, other=0)
 
 
 def _x_tile(prologue, refs, rows, real, block_k: int, dtype, K: int, start):

@@ -48,7 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from . import _pallas
-from ._common import check_launch_fields, gated_norm, is_pow2, pow2_at_least
+from ._common import check_launch_fields, gated_norm, is_pow2, pow2_at_least, summed_parts
 
 _F32 = jnp.float32
 NORM_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
@@ -190,12 +190,8 @@ def _gated_kernel(o_ref, z_ref, w_ref, y_ref, *, H: int, V: int, heads: int, z_c
     r = pl.program_id(0) * heads + lax.broadcasted_iota(jnp.int32, (heads, 1), 0)
     m, col = r // H, (r % H) * V + lax.broadcasted_iota(jnp.int32, (1, V), 1)
     o = plgpu.load(o_ref.at[m, col])
-    if len(z_ref.shape) == 3:  # partial sums, as the producer's output would have held them
-        parts = [plgpu.load(z_ref.at[jnp.int32(s), m, z_col + col]).astype(_F32)
-                 for s in range(z_ref.shape[0])]
-        z = functools.reduce(lambda a, b: a + b, parts).astype(o.dtype)
-    else:
-        z = plgpu.load(z_ref.at[m, col])
+    z = (summed_parts(z_ref, m, z_col + col, o.dtype) if len(z_ref.shape) == 3
+         else plgpu.load(z_ref.at[m, col]))
     y = gated_norm(o.astype(_F32), z.astype(_F32), w_ref[...], eps, o.dtype)
     plgpu.store(y_ref.at[m, col], y)
 

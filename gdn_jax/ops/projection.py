@@ -62,7 +62,7 @@ from jax import lax
 from gdn_jax import kernels
 from gdn_jax.ops.dispatch import ENV_VAR as _BACKEND_VAR
 from gdn_jax.ops.dispatch import Device, sm_count
-from gdn_jax.ops.residual_norm import gated_norm
+from gdn_jax.ops.residual_norm import gated_norm, partials_value
 
 ENV_VAR = "GDN_JAX_PROJECTION"
 GROUPS_VAR = "GDN_JAX_PROJECTION_GROUPS"
@@ -234,9 +234,8 @@ class Partials(NamedTuple):
 
     def value(self) -> jax.Array:
         """[*lead, width] in dtype: the partials added in fp32 and rounded."""
-        y = self.parts[:, :, self.start:self.start + self.width]
-        y = y[0] if y.shape[0] == 1 else y.sum(0)
-        return y.astype(self.dtype).reshape(*self.lead, self.width)
+        y = partials_value(self.parts[:, :, self.start:self.start + self.width], self.dtype)
+        return y.reshape(*self.lead, self.width)
 
     def columns(self, start: int, width: int) -> "Partials":
         """The view of columns start..start + width of this one."""

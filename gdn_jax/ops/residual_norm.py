@@ -190,8 +190,8 @@ def gated_norm(o, z, weight, eps: float, *, z_col: int | None = None,
         y = kernels.gated_rms_norm(o.reshape(M, N), z2, weight, eps=eps, z_col=z_col or 0,
                                    config=gated_config(M * H), interpret=mode == "interpret")
         return y.reshape(o.shape)
-    if z_col is not None:  # the producer's output, as it would have returned it
-        z = z[:, :, z_col:z_col + N].astype(_F32).sum(0).astype(o.dtype).reshape(o.shape)
+    if z_col is not None:
+        z = partials_value(z[:, :, z_col:z_col + N], o.dtype).reshape(o.shape)
     return gated_rms_norm(o, z, weight, eps)
 
 
@@ -206,12 +206,16 @@ def gated_rms_norm(x, z, weight, eps: float):
 def add_partials(x, delta):
     """x + the block output delta holds ([S, ..., N] partial sums or a `WeightedRows`, as
     `add_rms_norm` takes), in x's dtype: the residual add with no norm after it."""
-    if isinstance(delta, WeightedRows):
-        y = delta.value()
-    else:
-        y = delta[0] if delta.shape[0] == 1 else jnp.sum(delta.astype(_F32), axis=0)
+    y = delta.value() if isinstance(delta, WeightedRows) else partials_value(delta, x.dtype)
     return x + y.astype(x.dtype)
 
 
+def partials_value(parts, dtype):
+    """Split-K partial sums [S, ...] -> their sum [...] in dtype, as the producer would have
+    returned it: added in fp32 (the one part itself where S = 1), rounded once."""
+    y = parts[0] if parts.shape[0] == 1 else jnp.sum(parts.astype(_F32), axis=0)
+    return y.astype(dtype)
+
+
 __all__ = ["ENV_VAR", "GATED_VAR", "WeightedRows", "add_partials", "add_rms_norm", "gated_norm",
-           "gated_rms_norm", "rms_norm"]
+           "gated_rms_norm", "partials_value", "rms_norm"]
