@@ -48,19 +48,21 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
     (q, k, v), conv = conv_step(x, conv, weight, slots, widths=(HK, HK, HVV), config=ConvConfig())
                                          # the GDN layer's causal conv for one token, in place
 
-    o, u, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring mode
-                                         # (cand_v: the ring's corrected values u, fp32): pool
-                                         # written only where the committed ring folds
+    o, cand_v, pool = verify_ring(...same arguments, T in 1..RING_MAX_T, reserve=...)  # ring
+                                         # mode (cand_v: the ring's corrected values u, fp32,
+                                         # this call's written in place): pool written only
+                                         # where the committed ring folds
 
     o, pool = decode_mgpu(...same arguments as decode..., config=MosaicConfig(...))  # SM90+
     o, pool = verify_replay_mgpu(...same arguments as verify_replay...)  # MosaicConfig(wy=True):
                                          # the matrix (WY) form, its state products on Hopper's
                                          # tensor cores (bf16 pool, tokens and candidates)
     o, inter = verify_intermediate_mgpu(...same arguments as verify_intermediate...)
-    o, u, pool = verify_ring_mgpu(...same arguments as verify_ring..., T <= 8, W in (16, 32),
-                                  T x W <= 128)  # ring mode in matrix form (bf16, Hopper)
+    o, cand_v, pool = verify_ring_mgpu(...same arguments as verify_ring..., T <= 8, W in
+                                  (16, 32), T x W <= 128)  # ring mode in matrix form (bf16)
 
-The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA).
+The caller owns `count` and the candidates (set count := 0, store new candidates, in XLA; the
+ring kernels write their tokens' u into the ring themselves).
 Each kernel takes its launch parameters as one frozen, hashable config (a static argument).
 
 Limits: T <= MAX_T tokens per call (the Mosaic GPU kernels: T, T_max <= MOSAIC_MAX_T); pool

@@ -25,8 +25,9 @@ solved from S_R by `_wy_mgpu.solve` (no candidates), which also gives their u fo
 The pool is read, not written, except where the call folds (n > 0 and n + reserve > W: this
 call's tokens would not fit after the committed ones): there S_R, the third product W^T @ X'
 (X' holding only the live ring keys, W split into bf16 high and low parts) accumulated onto
-e^{G_n} S0, is rounded once into the pool. The caller appends the tokens (raw key, g, u) to the
-ring (at 0 after a fold, else at n) and sets count, as for the Triton kernel.
+e^{G_n} S0, is rounded once into the pool. Each tile writes its T new u straight into the ring
+(cand_v, at 0 after a fold, else at n: no other tile reads that slot's rows of its head and
+columns); the caller appends the raw keys and gates and sets count, as for the Triton kernel.
 
 The pipeline over a CTA's tiles is replay's (`_wy_mgpu.run_tiles`): X, X' and the Gram belong to
 the key group (b, hv // (HV / H)) and are built at its first tile; each tile loads its state tile,
@@ -112,12 +113,14 @@ def token_rows_after_ring(PTT, e_n, w, gram_cols):
 
 def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool):
     (slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref, cand_k_ref,
-     cand_v_ref, cand_g_ref, pool_ref, o_ref, u_ref) = refs
-    # pool_ref [N, HV, V, K] written in place where a row folds; o_ref [B, T, HV, V] and u_ref
-    # (fp32) uninitialised in; cand_v_ref [N, W, HV, V] fp32: the ring's u
+     cand_v_ref, cand_g_ref, pool_ref, o_ref) = refs
+    # pool_ref [N, HV, V, K] written in place where a row folds; cand_v_ref [N, W, HV, V] fp32,
+    # the ring's u, read and then written (this call's u at the row's ring start); o_ref
+    # [B, T, HV, V] uninitialised in
     B, T, H, HV, K, V, N, W = dims
     BV, ST, PER = config.block_v, config.stages, config.tiles_per_cta
     NV = V // BV
+    R = max(T, reserve)      # ring rows a call writes: its T u, then zeros (an identity step)
     group = HV // H
     ROWS = x_rows(T)
     RING_ROW = ROWS.pending  # X's first ring row
@@ -136,12 +139,14 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         # st_smem [ST, BV, K] pool tiles; xin_smem [64, K] X as loaded (plain); x_smem and
         # xf_smem [64, K] the wgmma operands X and X' (tiled), built once per key group;
         # v_smem [ST, T, BV]; ru_smem [ST, > W, BV] fp32 the ring's u (row W stays zero: a
-        # dead entry reads it); o_smem [T, BV], u_smem [T, BV] fp32; gram_smem [64, USED]
-        # fp32: the Gram, read back as scalars
+        # dead entry reads it); o_smem [T, BV], u_smem [R, BV] fp32 (rows T..: zeros);
+        # gram_smem [64, USED] fp32: the Gram, read back as scalars
         first = lax.axis_index("cta") * PER
         xin_smem[...] = jnp.zeros((wy.ROWS, K), _BF16)  # rows no load fills: finite products
         for s in range(ST):
             ru_smem[s] = jnp.zeros(ru_smem.shape[1:], _F32)
+        for j in range(T, R):
+            u_smem[j] = mg.layout_cast(jnp.zeros((BV,), _F32), VVEC, interpret=interpret)
         plgpu.commit_smem()
 
         def scalars(t):
@@ -196,7 +201,9 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
                 u_smem[j] = us[j]
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
-            plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
+            # the ring's u are in ru_smem since the tile's loads landed: the fold reads those
+            start = jnp.where(n + reserve > W, 0, n)
+            plgpu.copy_smem_to_gmem(u_smem, cand_v_ref.at[t.slot, pl.ds(start, R), t.hv, cols])
 
             @pl.when((n > 0) & (n + reserve > W))
             def _():  # the fold: S_R into the pool, rounded once
@@ -204,15 +211,12 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
                              pool_ref.at[t.slot, t.hv, cols, :], first=RING_ROW, layout=WG,
                              interpret=interpret)
 
-        def pad(t):  # a padding row: zero o and u (both start uninitialised)
-            cols = pl.ds(t.iv * BV, BV)
-            zero = mg.layout_cast(jnp.zeros((BV,), _F32), VVEC, interpret=interpret)
+        def pad(t):  # a padding row: zero o (it starts uninitialised); no ring to write
+            zero = mg.layout_cast(jnp.zeros((BV,), o_smem.dtype), VVEC, interpret=interpret)
             for j in range(T):
-                o_smem[j] = zero.astype(o_smem.dtype)
-                u_smem[j] = zero
+                o_smem[j] = zero
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, cols])
-            plgpu.copy_smem_to_gmem(u_smem, u_ref.at[t.b, :, t.hv, cols])
+            plgpu.copy_smem_to_gmem(o_smem, o_ref.at[t.b, :, t.hv, pl.ds(t.iv * BV, BV)])
 
         loads = wy.Loads(pool_ref, v_ref, k_ref, q_ref, cand_k_ref, cand_v_ref, st_smem, v_smem,
                          xin_smem, ru_smem, ROWS)
@@ -230,7 +234,7 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
         plgpu.SMEM((ST, T, BV), v_ref.dtype),
         plgpu.SMEM((ST, wy.value_rows(W + 1, BV), BV), _F32),
         plgpu.SMEM((T, BV), o_ref.dtype),
-        plgpu.SMEM((T, BV), _F32),
+        plgpu.SMEM((R, BV), _F32),
         plgpu.SMEM((wy.ROWS, USED), _F32),
         plgpu.Barrier(num_arrivals=2, num_barriers=ST),
         plgpu.Barrier(num_arrivals=1, num_barriers=ST),
@@ -239,8 +243,10 @@ def _body(refs, *, dims: cm.Dims, config: MosaicConfig, reserve: int, interpret:
     )
 
 
-def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None:
-    """None when the kernel takes a ring call of these dims and dtypes, else why not."""
+def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig,
+           reserve: int = 0) -> str | None:
+    """None when the kernel takes a ring call of these dims and dtypes, else why not (reserve:
+    the ring rows a call writes where more than T, for its SMEM)."""
     bf16 = jnp.dtype(_BF16)
     if dtypes.pool != bf16 or dtypes.tokens != bf16:
         return (f"the Mosaic GPU ring kernel takes a bf16 pool and bf16 tokens (its products run "
@@ -257,18 +263,19 @@ def misfit(dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) -> str | None
     if dims.V % config.block_v:
         return f"block_v must divide V, got {config.block_v=}, V={dims.V}"
     why = mg.head_dims_misfit(dims.K, dims.V)
-    if why is None and smem_bytes(dims, config) > mg.SMEM_BYTES:
-        why = (f"{config} needs {smem_bytes(dims, config)} bytes of SMEM per CTA, more than "
-               f"{mg.SMEM_BYTES}; lower stages or block_v")
+    need = smem_bytes(dims, config, reserve)
+    if why is None and need > mg.SMEM_BYTES:
+        why = (f"{config} needs {need} bytes of SMEM per CTA, more than {mg.SMEM_BYTES}; lower "
+               f"stages or block_v")
     return why
 
 
-def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
+def smem_bytes(dims: cm.Dims, config: MosaicConfig, reserve: int = 0) -> int:
     """What one CTA allocates (bf16 pool and tokens; each buffer 1 KiB aligned)."""
     BV, ST, K, T, W = config.block_v, config.stages, dims.K, dims.T, dims.t_max
     rows = wy.ROWS
     buffers = [ST * BV * K * 2, rows * K * 2, rows * K * 2, rows * K * 2, ST * T * BV * 2,
-               ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, T * BV * 4,
+               ST * wy.value_rows(W + 1, BV) * BV * 4, T * BV * 2, max(T, reserve) * BV * 4,
                rows * (x_rows(T).pending + W) * 4, 8 * ST, 8 * ST, 8, 8,
                mg.REDUCTION_SCRATCH_BYTES]
     return mg.aligned_bytes(buffers)
@@ -276,7 +283,7 @@ def smem_bytes(dims: cm.Dims, config: MosaicConfig) -> int:
 
 def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool, *args):
     """Launch the kernel on (slots, count, q, k, v, a, b, A_log, dt_bias, cand_k, cand_v, cand_g,
-    pool) -> (o [B, T, HV, V], u [B, T, HV, V] fp32, pool), `misfit` checked by the caller."""
+    pool) -> (o [B, T, HV, V], cand_v, pool), `misfit` checked by the caller."""
     B, T, _, HV, _, V, _, W = dims
     name = (f"gdn_verify_ring{W}_wy_t{T}_mgpu_bv{config.block_v}_t{config.tiles_per_cta}"
             f"_s{config.stages}")
@@ -293,6 +300,5 @@ def ring_call(dims: cm.Dims, config: MosaicConfig, reserve: int, interpret: bool
                     approx_math=True, auto_barriers=False)
 
     o = mg.fresh_outputs((B, T, HV, V), args[2].dtype, interpret=interpret)
-    u = mg.fresh_outputs((B, T, HV, V), _F32, interpret=interpret)
-    *_, pool, o, u = pl.run_state(stateful)((*args, o, u))
-    return o, u, pool
+    *_, cand_v, _, pool, o = pl.run_state(stateful)((*args, o))
+    return o, cand_v, pool

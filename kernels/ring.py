@@ -6,11 +6,12 @@ corrected value u (fp32; `_chunk` says why a token's u outlives the call that ma
 program per (row, value head, V block) reads its state tile once, takes the products of this
 call's raw keys and queries with it, adds the ring's part through its u (`_chunk.new_tokens`: no
 solve over the ring), solves the T new tokens' u by a triangular inverse of log2(T) levels, and
-writes the T outputs and the T new u. The pool is written only when the call folds: when
-count + reserve > W (this call's tokens would not fit after the committed ones), the ring's
-committed tokens are folded into the pool (`_chunk.fold`, one rank-W product), in this same
-launch. The caller then appends the tokens (raw key, g, u) to the ring (at 0 after a fold, else at
-count) and sets count (in XLA: other programs of the row still read the ring here).
+writes the T outputs, and the T new u into the ring (cand_v, at 0 after a fold, else at count:
+only this program reads the slot's ring u of its head and columns). The pool is written only when
+the call folds: when count + reserve > W (this call's tokens would not fit after the committed
+ones), the ring's committed tokens are folded into the pool (`_chunk.fold`, one rank-W product),
+in this same launch. The caller then appends the raw keys and gates to the ring and sets count
+(in XLA: other programs of the row still read the ring's keys and gates here).
 
 kernel body `_ring_kernel` -> launcher `_ring_call` -> public `verify_ring` (jitted, pool donated).
 """
@@ -85,22 +86,37 @@ def _whole_tile(tok: cm.TokenRefs, r: cm.Row, K: int) -> ch.New:
 
 def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref,
                  dt_bias_ref, cand_k_ref, cand_v_ref, cand_g_ref, cand_beta_ref, pool_ref,
-                 o_ref, u_ref, pool_out_ref, *, num_slots, ring, group, block_v, T, reserve,
-                 prec):
-    # pool_ref / pool_out_ref: [num_slots, HV, V, K], the same buffer (aliased); o_ref, u_ref:
-    # [B, _TILE, HV, V], the whole token tile (rows T..: never written); cand_v_ref: the ring's u
+                 o_ref, cand_v_out_ref, pool_out_ref, *, num_slots, ring, group, block_v, T,
+                 reserve, prec):
+    # pool_ref / pool_out_ref: [num_slots, HV, V, K], the same buffer (aliased); cand_v_ref /
+    # cand_v_out_ref: the ring's u [num_slots, W, HV, V] fp32, aliased too; o_ref: [B, _TILE,
+    # HV, V], the whole token tile (rows T..: never written)
     del cand_beta_ref  # the ring's u hold their beta
     tok = cm.TokenRefs(q_ref, k_ref, v_ref, a_ref, b_ref, A_log_ref, dt_bias_ref)
     pend = cm.PendingRefs(count_ref, cand_k_ref, cand_v_ref, cand_g_ref, None)
     r = cm.this_row(slots_ref, num_slots=num_slots, group=group, block_v=block_v)
     K = q_ref.shape[-1]
 
-    def store_rows(o, u):
-        # the tiles' first T rows, in one masked store each: the rows past T (dead tokens) are
-        # never written (at T = 4 a quarter of the tile's bytes), and the caller reads only T
+    def store_rows(o):
+        # the tile's first T rows, in one masked store: the rows past T (dead tokens) are never
+        # written (at T = 4 a quarter of the tile's bytes), and the caller reads only T
         real = lax.broadcasted_iota(jnp.int32, (_TILE, block_v), 0) < T
         pltriton.store(o_ref.at[r.b, :, r.hv, r.cols], o.astype(o_ref.dtype), mask=real)
-        pltriton.store(u_ref.at[r.b, :, r.hv, r.cols], u, mask=real)
+
+    def store_ring_u(u, n):
+        # the T new u (then zeros up to `reserve`: identity steps) at the ring's rows start..,
+        # moved there by a one-hot product (exact: each output is one product by 1), so the
+        # store is one masked [W, BV] tile with static bounds (a dynamic row slice of the ring
+        # would be clamped into range by the interpreter)
+        R = max(T, reserve)
+        start = jnp.where(n + reserve > ring, 0, n)
+        rows = lax.broadcasted_iota(jnp.int32, (ring, _TILE), 0)
+        cols = lax.broadcasted_iota(jnp.int32, (ring, _TILE), 1)
+        move = jnp.where((rows == start + cols) & (cols < T), 1.0, 0.0).astype(_F32)
+        placed = jnp.dot(move, u, precision=lax.DotAlgorithmPreset.F32_F32_F32)
+        dest = lax.broadcasted_iota(jnp.int32, (ring, block_v), 0)
+        pltriton.store(cand_v_out_ref.at[r.slot, :, r.hv, r.cols], placed,
+                       mask=(dest >= start) & (dest < start + R))
 
     def ring_and_state(n):  # the slot's ring (n committed) and its state tile, from the refs
         live = lax.broadcasted_iota(jnp.int32, (ring,), 0) < n
@@ -120,7 +136,7 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
         run, S0 = ring_and_state(n)
         new = _new_tokens(tok, r, T, K, lax.broadcasted_iota(jnp.int32, (_TILE, block_v), 0))
         o, u, GR, g_tot = ch.new_tokens(S0, run, new, prec, size=cm.pow2_at_least(T))
-        store_rows(o, u)
+        store_rows(o)
 
         @pl.when((n > 0) & (n + reserve > ring))
         def _():
@@ -130,38 +146,42 @@ def _ring_kernel(slots_ref, count_ref, q_ref, k_ref, v_ref, a_ref, b_ref, A_log_
             run, S0 = ring_and_state(n)
             cm.store_state(pool_out_ref, r, ch.fold(S0, run, GR, g_tot, prec))
 
+        # after the fold's second read of the ring's u: the fold's products stage their operands
+        # through SMEM behind a CTA barrier, so every thread has read them before this store
+        store_ring_u(u, n)
+
     @pl.when(jnp.logical_not(r.valid))
     def _():
-        store_rows(jnp.zeros((_TILE, block_v), _F32), jnp.zeros((_TILE, block_v), _F32))
+        store_rows(jnp.zeros((_TILE, block_v), _F32))
 
 
 def _ring_call(dims: cm.Dims, config: TuningConfig, interpret: bool, reserve: int, *args):
     B, T, H, HV, _, V, N, ring = dims
-    q, pool = args[2], args[-1]
+    q, cand_v, pool = args[2], args[10], args[-1]
     if interpret:
         prec = ch.Precisions()
     else:
         prec = _GPU_F16 if jnp.dtype(q.dtype) == jnp.float16 else _GPU
     kernel = functools.partial(_ring_kernel, num_slots=N, ring=ring, group=HV // H,
                                block_v=config.block_v, T=T, reserve=reserve, prec=prec)
-    o, u, pool = pallas_call(
+    o, cand_v, pool = pallas_call(
         kernel,
         name=f"gdn_verify_ring{ring}_t{T}_bv{config.block_v}_w{config.num_warps}",
         config=config,
         interpret=interpret,
         grid=(B, HV, V // config.block_v),
         out_shape=(jax.ShapeDtypeStruct((B, _TILE, HV, V), q.dtype),
-                   jax.ShapeDtypeStruct((B, _TILE, HV, V), _F32),
+                   jax.ShapeDtypeStruct(cand_v.shape, cand_v.dtype),
                    jax.ShapeDtypeStruct(pool.shape, pool.dtype)),
-        input_output_aliases={len(args) - 1: 2},
+        input_output_aliases={10: 1, len(args) - 1: 2},
     )(*args)
-    # The outputs hold the kernel's whole [_TILE, BV] tiles, of which it writes the first T rows
-    # (a masked store: a row-by-row one would cost a reduction per row).
-    return o[:, :T], u[:, :T], pool
+    # o holds the kernel's whole [_TILE, BV] tiles, of which it writes the first T rows (a
+    # masked store: a row-by-row one would cost a reduction per row).
+    return o[:, :T], cand_v, pool
 
 
 @functools.partial(jax.jit, static_argnames=("reserve", "config", "interpret"),
-                   donate_argnames=("pool",))
+                   donate_argnames=("pool", "cand_v"))
 def verify_ring(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta, count,
                 slots, *, reserve: int, config: TuningConfig = TuningConfig(block_v=64),
                 interpret: bool = False):
@@ -173,7 +193,8 @@ def verify_ring(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, can
       a, b:      [B, T, HV] raw gate inputs; A_log, dt_bias: [HV] (gating fused, as `decode`).
       pool:      [num_slots, HV, V, K] bf16 | fp32, the folded state. Donated: updated in place.
       cand_k:    [num_slots, W, H, K] the ring's raw keys, in k's dtype; W a power of two >= 16.
-      cand_v:    [num_slots, W, HV, V] fp32: the ring's corrected values u.
+      cand_v:    [num_slots, W, HV, V] fp32: the ring's corrected values u. Donated: this
+                 call's u are written into it.
       cand_g:    [num_slots, W, HV] fp32 log decays (gating applied); cand_beta: same shape,
                  not read (a token's u holds its beta; the argument keeps the kernels' order).
       count:     [num_slots] int32: ring entries t < count[slot] are committed, not yet folded.
@@ -183,15 +204,16 @@ def verify_ring(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, can
       config:    `TuningConfig` (block_v >= 16 dividing V).
 
     For each real row: o = the outputs of the T tokens run after the count[slot] committed ring
-    tokens from pool[slot], u = their corrected values. Where count[slot] > 0 and
-    count[slot] + reserve > W, pool[slot] := the state after the ring (rounded once); elsewhere
-    the pool is not written. count and the ring are only read: the caller appends this call's
-    tokens (k, g, u) and sets count.
+    tokens from pool[slot]; their corrected values u go to cand_v[slot, start + t] (start = 0
+    where the call folds, else count[slot]; entries T..reserve - 1 after them: zeros). Where
+    count[slot] > 0 and count[slot] + reserve > W, pool[slot] := the state after the ring
+    (rounded once); elsewhere the pool is not written. count, cand_k and cand_g are only read:
+    the caller appends this call's keys and gates there and sets count.
 
     Returns:
-      o:    [B, T, HV, V] in q's dtype (zeros for padding rows).
-      u:    [B, T, HV, V] fp32 (zeros for padding rows).
-      pool: the updated pool (same buffer when donated).
+      o:      [B, T, HV, V] in q's dtype (zeros for padding rows).
+      cand_v: the ring's u with this call's (same buffer when donated; padding rows write none).
+      pool:   the updated pool (same buffer when donated).
     """
     dims = cm.check_ring("verify_ring", q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v,
                          cand_g, cand_beta, count, slots, reserve=reserve, t_hi=RING_MAX_T,

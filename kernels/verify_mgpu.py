@@ -134,7 +134,7 @@ def verify_intermediate_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v
 
 
 @functools.partial(jax.jit, static_argnames=("reserve", "config", "interpret"),
-                   donate_argnames=("pool",))
+                   donate_argnames=("pool", "cand_v"))
 def verify_ring_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
                      count, slots, *, reserve: int,
                      config: MosaicConfig = MosaicConfig(tiles_per_cta=4),
@@ -146,14 +146,15 @@ def verify_ring_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g
     cand_k [num_slots, W, H, K] bf16, cand_v its u fp32; ...), T in 1..8, W a power of two in
     16..32; config as `decode_mgpu` (`MosaicConfig`; its `wy` is replay's and not read).
 
-    Returns o [B, T, HV, V] bf16 and u [B, T, HV, V] fp32 (zeros for padding rows) and the pool,
-    written only where count[slot] > 0 and count[slot] + reserve > W (the ring folded into it).
+    Returns o [B, T, HV, V] bf16 (zeros for padding rows), cand_v with each real row's T new u
+    in its slot's ring, and the pool, written only where count[slot] > 0 and count[slot] +
+    reserve > W (the ring folded into it).
     """
     mg.require("verify_ring_mgpu")
     dims = cm.check_ring("verify_ring_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k,
                          cand_v, cand_g, cand_beta, count, slots, reserve=reserve,
                          t_hi=_ring_wy_mgpu.MAX_T, ring_min=RING_MIN)
-    why = _ring_wy_mgpu.misfit(dims, cm.Dtypes.of(q, pool, cand_k, cand_v), config)
+    why = _ring_wy_mgpu.misfit(dims, cm.Dtypes.of(q, pool, cand_k, cand_v), config, reserve)
     if why is None and not k.dtype == v.dtype == q.dtype:
         why = f"q, k and v of one dtype (bf16), got {q.dtype}, {k.dtype}, {v.dtype}"
     if why:

@@ -138,6 +138,14 @@
 #                                 # (XLA's fusion_1109: 4.38 us x 36 a B = 32 verify, H100).
 #                                 # Where the kernel wins: GATED_AUTO_KERNEL = True and
 #                                 # `gated_config`'s heads from the sweep (~6 min)
+#   bash bench/ab/defaults.sh 16  # the ring kernels writing their u into the ring (no XLA
+#                                 # append of the fp32 u: gdn_scatter_rows moved 5.3 MB a layer
+#                                 # at a B = 32 verify, 3.6 us x 36 on an H100) and the gated
+#                                 # norm, in one call: GPU tests of both, the norm alone by heads
+#                                 # (4 warps), then the B = 32 ring decode and verify profiled
+#                                 # with PDL off on this tree (norm XLA and kernel) and on REV's
+#                                 # (before the ring change; make it here with `bash
+#                                 # bench/ab/tree.sh make REV` and carry devtmp/trees) (~8 min)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -145,7 +153,7 @@
 # `ops.conv.project_conv_step`'s bounds; the router's fastest warps ->
 # `ops.moe._ROUTE_WARPS_ONE_ROW` (one row) and the 4 it keeps above.
 set -uo pipefail
-part=${1:?1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12 or 13}
+part=${1:?1 .. 16}
 : "${OUT:?set OUT}"
 t0=$(date +%s)
 lap() { echo "T $(( $(date +%s) - t0 )) s"; }
@@ -348,6 +356,27 @@ PY
     # tile beside, and the Mosaic kernel itself, side by side (bench/probe_stream.py, ~3 min)
     timeout 400 python bench/probe_stream.py --out "$OUT/probe_stream" 2>&1 | tail -45
     lap
+    ;;
+16)
+    timeout 170 python -m pytest -q -m gpu tests/kernels/test_kernel_ring.py \
+        tests/ops/test_ops_ring_gpu.py tests/kernels/test_kernel_residual_norm.py \
+        tests/ops/test_residual_norm.py -k "gated or ring" 2>&1 | tail -4
+    lap
+    python bench/bench_residual_norm.py --out "$OUT/gated_w4" --gated --rows 1,32,128 \
+        --heads 1,2,4,8,16 --warps 4 2>&1 | tail -19
+    lap
+    ring_profile() {  # ring_profile NAME VARIANT... (B = 32 decode and verify, PDL off)
+        local name=$1; shift
+        local args=(); for v in "$@"; do args+=(--variant "$v;xla_gpu_enable_pdl=false"); done
+        python bench/profile_step.py --out "$OUT/$name" --family qwen3_5_text --layers 48 \
+            --commit-mode ring --batches 32 --programs decode,verify --top 14 "${args[@]}" \
+            2>&1 | grep -E "^B=|gated|fusion_|gdn_scatter|gdn_verify_ring|Error"
+        lap
+    }
+    ring_profile after "xla:gated_norm=xla" "kernel:gated_norm=pallas"
+    before=$PWD/devtmp/trees/${REV:?the tree before the ring change}
+    [[ -d $before ]] || { echo "no tree $before: make it here and carry devtmp/trees"; exit 2; }
+    (cd "$before" && PYTHONPATH=$before:$PYTHONPATH ring_profile before "xla:gated_norm=xla")
     ;;
 15)
     timeout 150 python -m pytest -q -m gpu tests/kernels/test_kernel_residual_norm.py \

@@ -1,8 +1,9 @@
 """The ops on the Pallas kernels of `gdn_jax.kernels`: the kernels move the state, XLA the rest.
 
-The kernels read the pending candidates and read/write the pool; the small per-slot bookkeeping
-(count := 0, this call's tokens stored as the new replay candidates) is an XLA scatter here, since
-inside a kernel other programs of the same row would still be reading the old values.
+The kernels read the pending candidates and read/write the pool (and, in ring mode, write their
+tokens' u into the ring); the small per-slot bookkeeping (count := 0, this call's tokens stored
+as the new replay candidates, the ring's keys and gates) is an XLA scatter here, since inside a
+kernel other programs of the same row would still be reading the old values.
 Jitted without donation: the caller's own `jax.jit(..., donate_argnames="state")` makes the
 kernels' `input_output_aliases` update the pool in place.
 
@@ -73,13 +74,13 @@ def ring(q, k, v, a, b, A_log, dt_bias, state, slots, *, reserve, choice, interp
     """Ring mode: decode (reserve 1) and verify (reserve T_max), one kernel (`kernels.ring`, or
     `verify_ring_mgpu` where the choice is Mosaic GPU)."""
     kernel = kernels.verify_ring_mgpu if choice.backend == "mosaic" else kernels.verify_ring
-    o, u, pool = kernel(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots,
-                        reserve=reserve, config=choice.config,
-                        interpret=interpret or choice.backend == "interpret")
+    o, cand_v, pool = kernel(q, k, v, a, b, A_log, dt_bias, state.pool, *_pending(state), slots,
+                             reserve=reserve, config=choice.config,
+                             interpret=interpret or choice.backend == "interpret")
     gather, valid, scatter = slot_index(slots, state.num_slots)
-    state = _after_kernel(state, pool)
+    state = _after_kernel(state, pool).replace(cand_v=cand_v)
     _, start = ring_start(state, gather, valid, reserve)
-    state = store_ring(state, scatter, start, k, u, (a, b, A_log, dt_bias), reserve)
+    state = store_ring(state, scatter, start, k, None, (a, b, A_log, dt_bias), reserve)
     return o, set_ring_count(state, scatter, start, reserve == 1)
 
 

@@ -65,27 +65,31 @@ def store_ring(state: GDNState, scatter, start, k, u, gates, reserve: int) -> GD
     past them get g = beta = 0 and u = 0 (an exact identity step: a commit past T folds nothing
     stale).
 
-    k: [B, T, H, K]; u: [B, T, HV, V] fp32, the corrected values; gates: (a, b, A_log, dt_bias)
-    as `store_candidates`; start: [B] int32 with start + reserve <= W (`ring_start`)."""
+    k: [B, T, H, K]; u: [B, T, HV, V] fp32, the corrected values, or None where the kernel has
+    written them (`kernels.verify_ring`); gates: (a, b, A_log, dt_bias) as `store_candidates`;
+    start: [B] int32 with start + reserve <= W (`ring_start`)."""
     n = max(reserve, k.shape[1])
     pos = start[:, None] + jnp.arange(n, dtype=jnp.int32)[None, :]  # [B, n]
     return _put_candidates(state, scatter, (k, u), gates, n, pos)
 
 
 def _put_candidates(state: GDNState, scatter, kv, gates, n: int, pos=None) -> GDNState:
-    """cand_k, cand_v := kv (each [B, T, ...], zero-padded to n tokens) and cand_g, cand_beta :=
-    the gates of (a, b, A_log, dt_bias) (a and b padded with -inf: g = beta = 0) at positions pos
-    ([B, n]; None: 0..n-1) of each row's slot, one index for the four."""
+    """cand_k, cand_v := kv (each [B, T, ...], zero-padded to n tokens; a None v leaves cand_v
+    as it is) and cand_g, cand_beta := the gates of (a, b, A_log, dt_bias) (a and b padded with
+    -inf: g = beta = 0) at positions pos ([B, n]; None: 0..n-1) of each row's slot, one index
+    for them all."""
     a, b, A_log, dt_bias = gates
 
     def pad(x, fill=0):
         return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2),
                        constant_values=fill)
 
-    cand_k, cand_v, cand_g, cand_beta = write_positions_group(
-        (state.cand_k, state.cand_v, state.cand_g, state.cand_beta), scatter,
-        (*map(pad, kv), pad(a, -jnp.inf), pad(b, -jnp.inf)), pos, gating=(A_log, dt_bias))
-    return state.replace(cand_k=cand_k, cand_v=cand_v, cand_g=cand_g, cand_beta=cand_beta)
+    names = ("cand_k", "cand_v")[:1 + (kv[1] is not None)] + ("cand_g", "cand_beta")
+    new = write_positions_group(
+        tuple(getattr(state, name) for name in names), scatter,
+        (*(pad(x) for x in kv if x is not None), pad(a, -jnp.inf), pad(b, -jnp.inf)), pos,
+        gating=(A_log, dt_bias))
+    return state.replace(**dict(zip(names, new)))
 
 
 def set_ring_count(state: GDNState, scatter, start, decode: bool) -> GDNState:

@@ -3,10 +3,12 @@ against the XLA ring path.
 
 A ring-mode state with every buffer random (the ring's corrected values u too: any u is a ring's):
 committed counts over 0..W (rows that fold and rows that do not), the pool NaN-poisoned at every
-slot no real row names (it must come back bit-identical), padding rows (negative and out-of-range
-slots). The kernel's outputs, new u and pool are held against `gdn_jax.ops._xla.ring` (the
-token-by-token recurrence, which appends its u to the ring). Small heads run in the Pallas
-interpreter on CPU; the real heads (H = 16, HV = 32, K = V = 128) on the GPU.
+slot no real row names (it must come back bit-identical), the ring's u NaN past each count (the
+rows a call that does not fold writes), padding rows (negative and out-of-range slots). The
+kernel's outputs, the u it writes into the ring and the pool are held against
+`gdn_jax.ops._xla.ring` (the token-by-token recurrence, which appends its u to the ring); every
+ring entry it must not write comes back bit-identical. Small heads run in the Pallas interpreter
+on CPU; the real heads (H = 16, HV = 32, K = V = 128) on the GPU.
 
 Tolerances (normwise relative): fp32 pool and inputs 1e-5 (the interpreter runs every product at
 HIGHEST; the GPU's 16-bit products are exact and its fp32 ones run in three TF32 passes); bf16:
@@ -56,14 +58,17 @@ def _case(seed, dims, T, W, pool_dtype, in_dtype):
     return st.replace(pool=pool), slots, tok, untouched
 
 
-def _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, tol, tol_u):
-    """The kernel's o, u and pool against the XLA ring path's (`_xla.ring`) on the same call."""
+def _check(dims, st, slots, untouched, T, reserve, o, ring_u, cand_v, pool, ref_o, ref_st, tol,
+           tol_u):
+    """The kernel's o, ring u (cand_v) and pool against the XLA ring path's (`_xla.ring`) on the
+    same call; ring_u: the kernel's cand_v as it went in."""
     W = st.cand_k.shape[1]
     valid = np.asarray((slots >= 0) & (slots < dims["num_slots"]))
-    assert u.dtype == jnp.float32 and u.shape == o.shape
-    assert (np.asarray(o)[~valid] == 0).all() and (np.asarray(u)[~valid] == 0).all()
+    assert cand_v.dtype == jnp.float32 and cand_v.shape == ring_u.shape
+    assert (np.asarray(o)[~valid] == 0).all()
     assert rel_err(o[valid], np.asarray(ref_o[valid], np.float32)) <= tol
     np.testing.assert_array_equal(np.isnan(np.asarray(pool, np.float32))[untouched], True)
+    kept = np.ones(cand_v.shape[:2], bool)  # ring entries the call must leave as they were
     for row, s in enumerate(np.asarray(slots)):
         if not valid[row]:
             continue
@@ -74,9 +79,13 @@ def _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, to
             assert rel_err(pool[s], np.asarray(ref_st.pool[s], np.float32)) <= tol
         else:
             np.testing.assert_array_equal(np.asarray(pool[s]), np.asarray(st.pool[s]))
-        # the reference appended its u at the row's start in the ring (0 after a fold)
+        # the u at the row's start in the ring (0 after a fold), as the reference appended
+        # them, then zeros up to reserve (identity steps)
         start = 0 if count + reserve > W else count
-        assert rel_err(u[row], ref_st.cand_v[s, start:start + T]) <= tol_u
+        assert rel_err(cand_v[s, start:start + T], ref_st.cand_v[s, start:start + T]) <= tol_u
+        np.testing.assert_array_equal(np.asarray(cand_v[s, start + T:start + reserve]), 0.0)
+        kept[s, start:start + max(T, reserve)] = False
+    np.testing.assert_array_equal(np.asarray(cand_v)[kept], np.asarray(ring_u)[kept])
 
 
 @pytest.mark.parametrize("T,W", [(1, 16), (3, 16), (4, 16), (16, 32)])
@@ -91,13 +100,16 @@ def test_ring_kernel_matches_xla(where, pool_dtype, in_dtype, T, W):
     st, slots, tok, untouched = _case(T * 31 + W, dims, T, W, pool_dtype, in_dtype)
     reserve = T
     ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)
-    o, u, pool = kernels.verify_ring(*tok.args(), jnp.copy(st.pool), st.cand_k, st.cand_v,
-                                     st.cand_g, st.cand_beta, st.count, slots, reserve=reserve,
-                                     config=kernels.TuningConfig(dims["block_v"], 4),
-                                     interpret=where == "interpret")
+    dead = np.arange(W)[None, :] >= np.asarray(st.count)[:, None]  # [num_slots, W]
+    ring_u = jnp.where(dead[:, :, None, None], jnp.nan, st.cand_v)
+    o, cand_v, pool = kernels.verify_ring(
+        *tok.args(), jnp.copy(st.pool), st.cand_k, jnp.copy(ring_u), st.cand_g, st.cand_beta,
+        st.count, slots, reserve=reserve, config=kernels.TuningConfig(dims["block_v"], 4),
+        interpret=where == "interpret")
     tol = 1e-5 if pool_dtype == jnp.float32 else 2 * BF16_EPS
     tol_u = 1e-5 if pool_dtype == jnp.float32 else BF16_EPS
-    _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, tol, tol_u)
+    _check(dims, st, slots, untouched, T, reserve, o, ring_u, cand_v, pool, ref_o, ref_st, tol,
+           tol_u)
 
 
 # (T, W, reserve, block_v, tiles per CTA, stages, H): decode (T = 1), verify with reserve > T,
@@ -140,11 +152,13 @@ def test_ring_mgpu_kernel_matches_xla(where, T, W, reserve, block_v, tiles, stag
         dims["H"] = H
     st, slots, tok, untouched, ring = _mosaic_case(T * 37 + W + reserve, dims, T, W, reserve)
     ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)
-    o, u, pool = kernels.verify_ring_mgpu(
-        *tok.args(), jnp.copy(st.pool), *ring, st.cand_beta, st.count, slots, reserve=reserve,
-        config=kernels.MosaicConfig(block_v, tiles, stages), interpret=where == "interpret")
-    _check(dims, st, slots, untouched, T, reserve, o, u, pool, ref_o, ref_st, 2 * BF16_EPS,
-           BF16_EPS)
+    cand_k, ring_u, cand_g = ring
+    o, cand_v, pool = kernels.verify_ring_mgpu(
+        *tok.args(), jnp.copy(st.pool), cand_k, jnp.copy(ring_u), cand_g, st.cand_beta, st.count,
+        slots, reserve=reserve, config=kernels.MosaicConfig(block_v, tiles, stages),
+        interpret=where == "interpret")
+    _check(dims, st, slots, untouched, T, reserve, o, ring_u, cand_v, pool, ref_o, ref_st,
+           2 * BF16_EPS, BF16_EPS)
 
 
 @pytest.mark.skipif(_NO_MOSAIC is not None, reason=str(_NO_MOSAIC))
@@ -158,7 +172,7 @@ def test_ring_mgpu_nan_token_stays_out_of_the_pool():
     assert int(st.count[slots[bad]]) + reserve > W
     ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)
     tok = dataclasses.replace(tok, k=tok.k.at[bad, 0, 0, 0].set(jnp.nan))
-    o, u, pool = kernels.verify_ring_mgpu(
+    o, _, pool = kernels.verify_ring_mgpu(
         *tok.args(), jnp.copy(st.pool), *ring, st.cand_beta, st.count, slots, reserve=reserve,
         config=kernels.MosaicConfig(64, 2, 2), interpret=True)
     keep = np.setdiff1d(real, [bad])
