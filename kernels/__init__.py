@@ -15,7 +15,8 @@ across jax versions; `_tokens_mgpu.py` the pipeline its three kernels share).
 
     y = project(x, w, config=ProjectionConfig(...))   # x [M <= PROJECTION_MAX_M, K] @ w [K, N]:
                                          # the model's projections at the weight's read bandwidth
-    parts = project(x, w, config=..., partials=True)  # [splits, M, N] fp32, unadded
+    parts = project(x, w, config=..., partials=True)  # [splits, M, N] fp32 (unsplit: [1, M,
+                                         # N] in x's dtype), unadded
     y = project_swiglu(gate_up, w_down, config=...)    # silu(gate) * up @ w_down, one launch
     h = project_glu(x, w_gate, w_up, config=...)       # silu(x @ w_gate) * (x @ w_up),
                                          # formed in one launch's epilogue

@@ -38,8 +38,9 @@ streaming the same column block of both weights (one slice of K), and down_proj 
     h = project_glu(x, w_gate, w_up, config=config)          # silu(x @ w_gate) * (x @ w_up)
 
 gate_up is the gate / up group's output as `project_group(..., partials=True)` returns it: [S, M,
-2I] fp32 partial sums (S = 1 where the group is unsplit; an S = 1 array in w's dtype is taken
-too), summed and rounded to w's dtype as the group would have returned gate and up.
+2I] fp32 partial sums, or where the group is unsplit S = 1 in w's dtype (the product itself, as
+rounded as the group's outputs), summed and rounded to w's dtype as the group would have
+returned gate and up.
 `project_gated_norm` normalises o per head of V = norm_w's width (the RMSNorm over each V-wide
 column block, times norm_w), then multiplies by silu(z): the GDN output norm
 (`gdn_jax.ops.residual_norm.gated_rms_norm`); its K-steps are one head wide (block_k = V).
@@ -312,8 +313,9 @@ def project(x: jax.Array, w: jax.Array, *, config: ProjectionConfig = Projection
             interpret: bool = False, name: str = "gdn_projection",
             partials: bool = False) -> jax.Array:
     """x: [M, K] bf16 | fp16, w: [K, N] same dtype -> [M, N] x.dtype (fp32 accumulation).
-    name: the kernel's (what a profile shows). partials: return the [splits, M, N] fp32 partial
-    sums unadded, for a consumer that adds them itself (`add_rms_norm`: no launch for the sum)."""
+    name: the kernel's (what a profile shows). partials: return the [splits, M, N] partial sums
+    unadded (fp32; unsplit, [1, M, N] in x's dtype), for a consumer that adds them itself
+    (`add_rms_norm`: no launch for the sum)."""
     M, K = _check(x, (w,), config)
     return _launch((x,), (0,), M, K, (w,), config, interpret, name, partials)[0]
 
@@ -325,7 +327,7 @@ def project_group(x: jax.Array, ws: tuple, *, config: ProjectionConfig = Project
     """x: [M, K] bf16 | fp16, ws: weights [K, N_i] of x's dtype -> (x @ w_i [M, N_i] x.dtype for
     each), in one launch: each weight in column blocks of `pow2_block(N_i, config.block_n)`.
     name: the kernel's. partials: return the one [splits, M, sum N_i] output unadded and unsplit
-    (fp32 partial sums, S = 1 where unsplit): `project_swiglu`'s gate_up."""
+    (fp32 partial sums; where unsplit, S = 1 in x's dtype): `project_swiglu`'s gate_up."""
     if not isinstance(ws, (tuple, list)) or not ws:
         raise ValueError(f"project_group: ws must be a non-empty tuple of [K, N] weights, "
                          f"got {type(ws).__name__}")
@@ -430,7 +432,10 @@ def _launch(sources: tuple, row_axes: tuple, M: int, K: int, ws: tuple,
     offsets = tuple(itertools.accumulate([0, *widths]))
     sizes = [config.block_n] if not group else [pow2_block(n, config.block_n) for n in widths]
     rows_held = held_rows(M, config, interpret)
-    out_dtype = ws[0].dtype if config.splits == 1 and not partials else _F32
+    # unsplit, the product itself: a consumer of partials adds one slice and rounds it to this
+    # dtype, so fp32 would only double the bytes written and read (the B = 32 verify's in_proj:
+    # [1, 128, 12352] fp32, 6.3 MB a layer, read by the conv and the output norm)
+    out_dtype = ws[0].dtype if config.splits == 1 else _F32
     out = call(sources, row_axes, M, K, ws, sizes, config, interpret, name,
                jax.ShapeDtypeStruct((config.splits, rows_held, offsets[-1]), out_dtype),
                prologue=prologue)

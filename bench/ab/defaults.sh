@@ -140,12 +140,14 @@
 #                                 # `gated_config`'s heads from the sweep (~6 min)
 #   bash bench/ab/defaults.sh 16  # the ring kernels writing their u into the ring (no XLA
 #                                 # append of the fp32 u: gdn_scatter_rows moved 5.3 MB a layer
-#                                 # at a B = 32 verify, 3.6 us x 36 on an H100) and the gated
-#                                 # norm, in one call: GPU tests of both, the norm alone by heads
-#                                 # (4 warps), then the B = 32 ring decode and verify profiled
-#                                 # with PDL off on this tree (norm XLA and kernel) and on REV's
-#                                 # (before the ring change; make it here with `bash
-#                                 # bench/ab/tree.sh make REV` and carry devtmp/trees) (~8 min)
+#                                 # at a B = 32 verify, 3.6 us x 36 on an H100), unsplit
+#                                 # partials in bf16 (the B = 32 verify's in_proj wrote 6.3 MB
+#                                 # of fp32 a layer, read by the conv and the output norm) and
+#                                 # the gated norm, in one call: GPU tests, the B = 32 ring
+#                                 # decode and verify profiled with PDL off on this tree (norm
+#                                 # XLA and kernel) and on REV's (before both changes; make it
+#                                 # here with `bash bench/ab/tree.sh make REV` and carry
+#                                 # devtmp/trees), then the norm alone by heads (~7 min)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
@@ -358,12 +360,10 @@ PY
     lap
     ;;
 16)
-    timeout 170 python -m pytest -q -m gpu tests/kernels/test_kernel_ring.py \
+    timeout 120 python -m pytest -q -m gpu -x tests/kernels/test_kernel_ring.py \
         tests/ops/test_ops_ring_gpu.py tests/kernels/test_kernel_residual_norm.py \
-        tests/ops/test_residual_norm.py -k "gated or ring" 2>&1 | tail -4
-    lap
-    python bench/bench_residual_norm.py --out "$OUT/gated_w4" --gated --rows 1,32,128 \
-        --heads 1,2,4,8,16 --warps 4 2>&1 | tail -19
+        tests/ops/test_residual_norm.py tests/kernels/test_kernel_projection_prologue.py \
+        tests/kernels/test_kernel_conv.py -k "gated or ring or prologue or conv" 2>&1 | tail -4
     lap
     ring_profile() {  # ring_profile NAME VARIANT... (B = 32 decode and verify, PDL off)
         local name=$1; shift
@@ -377,6 +377,9 @@ PY
     before=$PWD/devtmp/trees/${REV:?the tree before the ring change}
     [[ -d $before ]] || { echo "no tree $before: make it here and carry devtmp/trees"; exit 2; }
     (cd "$before" && PYTHONPATH=$before:$PYTHONPATH ring_profile before "xla:gated_norm=xla")
+    (( $(date +%s) - t0 < 400 )) && python bench/bench_residual_norm.py --out "$OUT/gated_w4" \
+        --gated --rows 1,32,128 --heads 1,2,4,8,16 --warps 4 2>&1 | tail -19
+    lap
     ;;
 15)
     timeout 150 python -m pytest -q -m gpu tests/kernels/test_kernel_residual_norm.py \

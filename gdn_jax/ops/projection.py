@@ -221,7 +221,8 @@ def project_group(x: jax.Array, ws, *, precision=None, backend: str | None = Non
 
 class Partials(NamedTuple):
     """Columns start..start + width of a projection's output held as its split-K partial sums:
-    parts [S, M, N] (`kernels.project_group(..., partials=True)`: fp32, S = 1 where unsplit),
+    parts [S, M, N] (`kernels.project_group(..., partials=True)`: fp32, or S = 1 in the
+    projection's dtype where unsplit),
     unadded, for a kernel that adds them as it loads them (`ops.conv.conv_step`,
     `gated_norm_project`: no launch for the sum and the slice). lead: the axes M stands for;
     dtype: the output's. `value()` is the output itself, as `project_group` returns it (XLA)."""
@@ -418,8 +419,10 @@ def _fusing(M, K, group_widths, w, arrays, backend, level="on"):
     down = _select(M, w.shape[0], w.shape[1], x_dtype, x_dtype, backend, strict=False)
     if not group or not down or group[1] != down[1]:
         return None
-    config = _fit_stages(down[0], M, w.shape[0], w.shape[1], x_dtype,  # gate / up: fp32 partials
-                         kernels.projection_source_bytes("swiglu", 4 * group[0].splits))
+    splits = group[0].splits  # gate / up's partials: fp32 slices, or unsplit the product itself
+    parts_bytes = 4 * splits if splits > 1 else jnp.dtype(x_dtype).itemsize
+    config = _fit_stages(down[0], M, w.shape[0], w.shape[1], x_dtype,
+                         kernels.projection_source_bytes("swiglu", parts_bytes))
     return (group, config) if config else None
 
 

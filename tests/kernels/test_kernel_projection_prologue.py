@@ -109,14 +109,15 @@ def test_prologues_as_gemv_match_float64_interpret(S, config):
 @pytest.mark.parametrize("splits", [1, 2])
 def test_project_group_partials_hold_the_products_interpret(splits):
     """partials=True: one [splits, M, sum N_i] array, the weights' columns one after another,
-    whose sum over splits is each product (fp32 partials; bf16 where unsplit)."""
+    whose sum over splits is each product (fp32 partials; unsplit, the product itself in x's
+    dtype: a consumer rounds the one slice to it anyway, and fp32 would double its bytes)."""
     M, K = 3, 64
     x = jnp.asarray(np.random.default_rng(0).standard_normal((M, K)), BF16)
     ws = (_weight(1, K, 32), _weight(2, K, 64))
     config = ProjectionConfig(32, 16, splits, 4, 1)
     out = kernels.project_group(x, ws, config=config, interpret=True, partials=True)
     assert out.shape == (splits, M, 96)
-    assert out.dtype == jnp.float32  # partials are fp32 even unsplit (as project's)
+    assert out.dtype == (jnp.float32 if splits > 1 else BF16)
     total = np.asarray(out, np.float64).sum(0)
     x64 = np.asarray(x, np.float64)
     for (lo, hi), w in zip(((0, 32), (32, 96)), ws):
@@ -221,10 +222,11 @@ def test_prologues_match_float64_gpu(M, on_gpu):
                                     partials=True)
     total = np.asarray(gate_up, np.float64).sum(0)
     h = _silu(total[:, :I]) * total[:, I:]
-    # where a config's stages cannot fit the sources' tiles (fp32 gate and up at 32 rows and
-    # more) the op keeps the step in XLA: None, and nothing to run
+    # where a config's stages cannot fit the sources' tiles the op keeps the step in XLA: None,
+    # and nothing to run
     config = _fit_stages(config_for(M, I, N, sm_count=cores), M, I, N, BF16,
-                         kernels.projection_source_bytes("swiglu", 4 * gate_up.shape[0]))
+                         kernels.projection_source_bytes(
+                             "swiglu", gate_up.shape[0] * gate_up.dtype.itemsize))
     assert config is not None or M >= 32
     if config is not None:
         _assert_close(kernels.project_swiglu(gate_up, w_down, config=config), h, w_down)
