@@ -44,8 +44,11 @@ from gdn_jax.ops.dispatch import kernel_mode
 
 ENV_VAR = "GDN_JAX_NORM"
 GATED_VAR = "GDN_JAX_GATED_NORM"  # `gated_norm`'s own switch, the same values
-# Whether GDN_JAX_GATED_NORM's "auto" (unset) runs the kernel: not until it is measured on a GPU
-# (none could be had on 2026-12-07; `bench/ab/defaults.sh 15` measures it): "pallas" runs it.
+# Whether GDN_JAX_GATED_NORM's "auto" (unset) runs the kernel: not until its GPU tests have run.
+# Measured on an H100 (2026-12-07): faster at every row count, 2.19 / 2.74 us against XLA's
+# 2.76 / 3.85 at a B = 32 ring decode / verify, the chained decode 4.677 -> 4.638 ms at B = 32
+# and 3.229 -> 3.204 at B = 1 (bench/results/*gated_{xla,kernel}-2026-12-07.json); its GPU tests
+# were cut off by the call's time limit (`bench/ab/defaults.sh 15` runs them): "pallas" runs it.
 GATED_AUTO_KERNEL = False
 _F32 = jnp.float32
 _KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -139,7 +142,9 @@ def gated_config(rows: int) -> kernels.GatedNormConfig:
     return kernels.GatedNormConfig(heads=heads)
 
 
-_HEADS, _PROGRAMS = 8, 128  # unmeasured (2026-12-07)
+# alone (H100, 4 warps): 4 heads a program the fastest at 32 and 128 tokens (1.54 / 2.35 us,
+# 8: 1.67 / 2.48), 1 to 4 alike at one token (bench_residual_norm-h100-gated_heads_w4-2026-12-07)
+_HEADS, _PROGRAMS = 4, 128
 
 
 def _xla(x, delta, weight, eps):
