@@ -169,8 +169,8 @@ def model_kernel_call(kernel: str, T: int, gemv: bool = False):
                 dict(eps=1e-6, z_col=8192), one_row(4096, 2048))
     if kernel == "gated-norm":  # GDN's output norm of a B = 32 verify (T x 32 rows), z in place
         from gdn_jax.ops import residual_norm
-        return (kernels.gated_rms_norm, (S((32 * T, 4096), bf), S((1, 32 * T, 12352), jnp.float32),
-                                         S((128,), bf)),
+        return (kernels.gated_rms_norm, (S((32 * T, 4096), bf), S((1, 32 * T, 12352), bf),
+                                         S((128,), bf)),  # unsplit in_proj: bf16
                 dict(eps=1e-6, z_col=8192), residual_norm.gated_config(32 * T * 32))
     if kernel == "projection-group":  # attention q / k / v of one row, one launch
         widths = (8192, 512, 512)

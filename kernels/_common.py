@@ -274,15 +274,16 @@ def check_tokens(op, q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g
 def check_ring(op, q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g, cand_beta,
                count, slots, *, reserve: int, t_hi: int, ring_min: int) -> Dims:
     """A ring-mode call (T in 1..t_hi): the ring (cand_*) of W entries, W a power of two >=
-    ring_min, its keys in k's dtype and its u fp32; reserve in 1..W. Dims with t_max = W."""
+    ring_min, its keys in k's dtype and its u fp32; reserve in T..W (the ring rows the call
+    writes: its T tokens' and identity steps after them). Dims with t_max = W."""
     dims = check_tokens(op, q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g,
                         cand_beta, count, slots, t_lo=1, t_hi=t_hi)
     ring = dims.t_max
     if ring < ring_min or ring & (ring - 1):
         _fail(op, "cand_k", f"a ring of W entries, W a power of two >= {ring_min} "
               "([num_slots, W, H, K])", f"W = {ring}")
-    if not 1 <= reserve <= ring:
-        _fail(op, "reserve", f"1..W = {ring}", reserve)
+    if not dims.T <= reserve <= ring:
+        _fail(op, "reserve", f"T..W = {dims.T}..{ring}", reserve)
     if cand_k.dtype != k.dtype or cand_v.dtype != _F32:
         _fail(op, "cand_k, cand_v", "k's dtype and float32 (the ring's keys, its u)",
               f"{cand_k.dtype}, {cand_v.dtype}")

@@ -312,8 +312,8 @@ def misfit(mode: str, dims: cm.Dims, dtypes: cm.Dtypes, config: MosaicConfig) ->
     intermediate's ring). A pure function of its arguments: dispatch asks it before choosing
     Mosaic GPU. Ring mode (decode and verify on a ring-mode state) has its matrix-form kernel
     only (`_ring_wy_mgpu`; dims.t_max is the ring's W)."""
-    if mode == "ring":
-        return _ring_wy_mgpu.misfit(dims, dtypes, config)
+    if mode == "ring":  # any reserve up to the ring's W (a call's own is checked at its launch)
+        return _ring_wy_mgpu.misfit(dims, dtypes, config, reserve=dims.t_max)
     if mode not in MODES:
         raise ValueError(f"mosaic misfit: mode expected one of {MODES}, got {mode!r}")
     if config.wy:

@@ -125,7 +125,8 @@ def conv_step(x: jax.Array, conv: jax.Array, weight: jax.Array, slots: jax.Array
     summing to C; keep: "window" (L >= W - 1) or "all" (L >= W - 1 + T); dtype: the outputs'
     (default x's) -> (outs, conv) with outs[i]: [B, T, widths[i]] (module docstring).
 
-    x may instead be a projection's split-K partial sums [S, B, T, N] (fp32, unadded) whose
+    x may instead be a projection's split-K partial sums [S, B, T, N] (fp32, unadded; S = 1:
+    the product itself, in its dtype) whose
     columns x_col..x_col + C are the tokens' channels: added in fp32 and rounded to parts_dtype
     (the projection's output dtype) in the kernel, with no launch of their own. sides: more
     (column, width) ranges of those partial sums (width a power of two), each returned added

@@ -4,10 +4,10 @@ A pre-norm decoder layer ends each block with `x = x + block(h)` and starts the 
 `h = rms_norm(x)`. XLA runs that as two kernels a norm (the add, with the split-K sum of the
 block's last projection and the sum of squares, then the scaling: 3.5 + 1.3 us at one row on the
 H200, 96 of each in a 48-layer step), since it does not fuse a row reduction with its broadcast
-consumer. Here one program per row does all of it: it sums the projection's fp32 partials
-(`gdn_jax.kernels.project(..., partials=True)`), rounds that to x's dtype as the projection would
-have, adds the residual (rounded, as XLA's add of two bf16 arrays), and writes the new residual
-and its norm.
+consumer. Here one program per row does all of it: it sums the projection's partials (fp32,
+or unsplit the product itself: `gdn_jax.kernels.project(..., partials=True)`), rounds that to
+x's dtype as the projection would have, adds the residual (rounded, as XLA's add of two bf16
+arrays), and writes the new residual and its norm.
 
     r, h = add_rms_norm(x, delta, weight, eps=1e-6)   # r = x + sum(delta); h = rms_norm(r)
 

@@ -13,7 +13,8 @@ ones), the ring's committed tokens are folded into the pool (`_chunk.fold`, one 
 in this same launch. The caller then appends the raw keys and gates to the ring and sets count
 (in XLA: other programs of the row still read the ring's keys and gates here).
 
-kernel body `_ring_kernel` -> launcher `_ring_call` -> public `verify_ring` (jitted, pool donated).
+kernel body `_ring_kernel` -> launcher `_ring_call` -> public `verify_ring` (jitted, pool and cand_v
+donated).
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ the 35B shape at B = 1, profiled 2026-12-04: 1.6 + 1.2 + 1.1 us a layer; unmeasu
 weights[:, k] = sigmoid(x_t . w): exact products (16-bit inputs) summed in fp32, the sigmoid in
 fp32, rounded once. H must be a power of two too.
 
-The logits may come as the router projection's split-K partial sums ([S, T, N] fp32,
-`kernels.project_group(..., partials=True)`), added and rounded to the projection's dtype on
-load: XLA's reduction and cast between the two launches go.
+The logits may come as the router projection's split-K partial sums ([S, T, N] fp32, or S = 1
+in the projection's dtype: `kernels.project_group(..., partials=True)`), added and rounded to
+the projection's dtype on load: XLA's reduction and cast between the two launches go.
 """
 
 from __future__ import annotations

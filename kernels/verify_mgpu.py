@@ -147,8 +147,8 @@ def verify_ring_mgpu(q, k, v, a, b, A_log, dt_bias, pool, cand_k, cand_v, cand_g
     16..32; config as `decode_mgpu` (`MosaicConfig`; its `wy` is replay's and not read).
 
     Returns o [B, T, HV, V] bf16 (zeros for padding rows), cand_v with each real row's T new u
-    in its slot's ring, and the pool, written only where count[slot] > 0 and count[slot] +
-    reserve > W (the ring folded into it).
+    in its slot's ring (then zeros up to reserve: `verify_ring` says where), and the pool,
+    written only where count[slot] > 0 and count[slot] + reserve > W (the ring folded into it).
     """
     mg.require("verify_ring_mgpu")
     dims = cm.check_ring("verify_ring_mgpu", q, k, v, a, b, A_log, dt_bias, pool, cand_k,

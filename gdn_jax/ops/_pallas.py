@@ -5,7 +5,7 @@ tokens' u into the ring); the small per-slot bookkeeping (count := 0, this call'
 as the new replay candidates, the ring's keys and gates) is an XLA scatter here, since inside a
 kernel other programs of the same row would still be reading the old values.
 Jitted without donation: the caller's own `jax.jit(..., donate_argnames="state")` makes the
-kernels' `input_output_aliases` update the pool in place.
+kernels' `input_output_aliases` update the pool (and in ring mode the ring's u) in place.
 
 Each op takes the `dispatch.Choice` that picked it (one static argument): its backend names the
 kernel family ("triton", "mosaic"; "interpret": the Triton kernels in the Pallas interpreter) and

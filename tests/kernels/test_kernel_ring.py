@@ -88,17 +88,17 @@ def _check(dims, st, slots, untouched, T, reserve, o, ring_u, cand_v, pool, ref_
     np.testing.assert_array_equal(np.asarray(cand_v)[kept], np.asarray(ring_u)[kept])
 
 
-@pytest.mark.parametrize("T,W", [(1, 16), (3, 16), (4, 16), (16, 32)])
+@pytest.mark.parametrize("T,W,reserve", [(1, 16, 1), (3, 16, 3), (4, 16, 4), (16, 32, 16),
+                                         (3, 16, 8)])  # the last: zero rows after its tokens
 @pytest.mark.parametrize("pool_dtype,in_dtype", [(jnp.float32, jnp.float32),
                                                  (jnp.bfloat16, jnp.bfloat16)],
                          ids=["fp32", "bf16"])
 @pytest.mark.parametrize("where", ["interpret", pytest.param("gpu", marks=pytest.mark.gpu)])
-def test_ring_kernel_matches_xla(where, pool_dtype, in_dtype, T, W):
+def test_ring_kernel_matches_xla(where, pool_dtype, in_dtype, T, W, reserve):
     if where == "gpu" and jax.devices()[0].platform != "gpu":
         pytest.skip(f"needs an NVIDIA GPU; the default device is {jax.devices()[0].platform}")
     dims = SMALL if where == "interpret" else REAL
-    st, slots, tok, untouched = _case(T * 31 + W, dims, T, W, pool_dtype, in_dtype)
-    reserve = T
+    st, slots, tok, untouched = _case(T * 31 + W + reserve, dims, T, W, pool_dtype, in_dtype)
     ref_o, ref_st = _xla.ring(*tok.args(), st, slots, reserve=reserve)
     dead = np.arange(W)[None, :] >= np.asarray(st.count)[:, None]  # [num_slots, W]
     ring_u = jnp.where(dead[:, :, None, None], jnp.nan, st.cand_v)
@@ -198,8 +198,10 @@ def test_ring_mgpu_refuses_what_it_cannot_take():
         kernels.verify_ring_mgpu(*args, reserve=9, interpret=True)
     st, slots, tok, _ = _case(5, MOSAIC_SMALL, 8, 32, jnp.bfloat16, jnp.bfloat16)
     args = (*tok.args(), st.pool, st.cand_k, st.cand_v, st.cand_g, st.cand_beta, st.count, slots)
-    with pytest.raises(ValueError, match="verify_ring_mgpu: reserve expected 1..W = 32"):
+    with pytest.raises(ValueError, match=r"verify_ring_mgpu: reserve expected T..W = 8..32"):
         kernels.verify_ring_mgpu(*args, reserve=33, interpret=True)
+    with pytest.raises(ValueError, match=r"verify_ring_mgpu: reserve expected T..W = 8..32"):
+        kernels.verify_ring_mgpu(*args, reserve=7, interpret=True)
     with pytest.raises(ValueError, match="takes T x W <= 128 .*got T = 8, W = 32"):
         kernels.verify_ring_mgpu(*args, reserve=8, interpret=True)
 
