@@ -147,7 +147,11 @@
 #                                 # decode and verify profiled with PDL off on this tree (norm
 #                                 # XLA and kernel) and on REV's (before both changes; make it
 #                                 # here with `bash bench/ab/tree.sh make REV` and carry
-#                                 # devtmp/trees), then the norm alone by heads (~7 min)
+#                                 # devtmp/trees), then the norm alone by heads (~7 min). Ran
+#                                 # 2026-12-07 on an H100 (REV=aa7907d, 218 s): verify kernel
+#                                 # time 5900.9 -> 5771.8 us, decode 4626.4 -> 4646.2 (the T = 1
+#                                 # ring kernel +33 us); the norm kernel faster everywhere (4
+#                                 # heads); pytest's 120 s ended in the ring tests (they pass)
 #
 # Writes under $OUT. What each result decides (a variant's kernel time per step below the
 # default's): GDN_JAX_PROJECTION_PROLOGUE=row -> `ops.projection._prologue_level`'s default;
