@@ -220,12 +220,13 @@ def byte_model(c):
         return state + B * HV * V * K * 4 + tokens
     if c["op"] in ("ring", "ring-decode") and c["impl"] in ("gdn", "mosaic"):
         # state read, the committed ring entries read (raw k in H heads, u in fp32, g), T entries
-        # appended (k, u, g and beta: the ring's layout keeps a beta it no longer reads), the
-        # kernel's u out (fp32, read back by the append), the folding rows' state written
+        # appended (k, u, g and beta: the ring's layout keeps a beta it no longer reads; the
+        # kernel writes the u into the ring itself since 2026-12-07, before it wrote them out and
+        # the append read them back: 2 x fp32 more a token), the folding rows' state written
         read = H * K * 2 + HV * V * 4 + HV * 4
         append = H * K * 2 + HV * V * 4 + HV * 8
-        return (state + B * c["mean_fill"] * read + B * T * (append + 2 * HV * V * 4)
-                + c["fold_share"] * state + tokens)
+        return (state + B * c["mean_fill"] * read + B * T * append + c["fold_share"] * state
+                + tokens)
     if c["op"] == "ring":  # state read, ring window read, T entries appended, folding rows' state
         entry = H * K * 2 + HV * V * 2 + HV * 4  # normalised k, corrected u (bf16), log decay (fp32)
         return (state + B * c["mean_fill"] * entry + B * T * entry + c["fold_share"] * state
